@@ -1,0 +1,24 @@
+"""The one JSON module: orjson with fixed options, bytes in and bytes out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+__all__ = ["JSONDecodeError", "dumps", "loads"]
+
+JSONDecodeError = orjson.JSONDecodeError
+
+# Non-str dict keys are a programming error here, never silently coerced.
+_OPTIONS = 0
+
+
+def dumps(value: Any) -> bytes:
+    """Serialise ``value`` to compact UTF-8 JSON bytes."""
+    return orjson.dumps(value, option=_OPTIONS)
+
+
+def loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """Parse JSON; raises :class:`JSONDecodeError` (a ``ValueError``) on bad input."""
+    return orjson.loads(data)

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from stream_app.settings import Settings
+
+
+def test_defaults_are_the_documented_topics_and_exactly_once() -> None:
+    settings = Settings()
+    assert settings.topics.commands == "sessions.commands"
+    assert settings.topics.rejected == "sessions.rejected"
+    assert settings.processing_guarantee == "exactly_once"
+    # Faust would reserve 2 GiB of block cache per partition database.
+    assert settings.rocksdb.block_cache_mb * 1024 * 1024 < 2 * 1024**3
+
+
+def test_environment_overrides_with_prefix_and_bootstrap_alias(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "10.0.0.1:9092")
+    monkeypatch.setenv("STREAM_APP_TOPICS__CLOSED", "analytics.closed")
+    monkeypatch.setenv("STREAM_APP_PROCESSING_GUARANTEE", "at_least_once")
+    monkeypatch.setenv("STREAM_APP_SECURITY__SASL_PASSWORD", "hunter2")
+    settings = Settings.from_env()
+    assert settings.bootstrap_servers == "10.0.0.1:9092"
+    assert settings.topics.closed == "analytics.closed"
+    assert settings.topics.commands == "sessions.commands"
+    assert settings.processing_guarantee == "at_least_once"
+    assert settings.security.sasl_password is not None
+    assert "hunter2" not in repr(settings)
+
+
+def test_invalid_guarantee_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAM_APP_PROCESSING_GUARANTEE", "maybe_once")
+    with pytest.raises(ValidationError):
+        Settings.from_env()

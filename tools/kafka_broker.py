@@ -1,0 +1,360 @@
+#!/usr/bin/env python3
+"""Fetch, start and stop a real Apache Kafka (KRaft) cluster on loopback.
+
+Used by the test fixtures, the benchmark and ``make demo``; stdlib only, so it
+runs before the project's virtualenv exists.
+
+* ``fetch``  copies the pinned ``org.apache.kafka:kafka_2.13`` jars and their
+  runtime dependencies from Maven Central into a cache (once; later runs
+  fetch nothing).
+* ``start``  formats KRaft storage and starts N combined broker/controller
+  nodes (N=1 by default; ``--nodes 3`` gives a 3-broker cluster on one
+  machine), waits until every node answers a Kafka Metadata request, writes a
+  state file and prints the bootstrap servers.
+* ``stop``   stops the nodes named in the state file: SIGTERM, then SIGKILL
+  after a grace period, so no JVM is left behind.
+
+Python API: ``with KafkaCluster(workdir) as cluster: cluster.bootstrap_servers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+KAFKA_VERSION = "4.1.1"
+HERE = Path(__file__).resolve().parent
+POM = HERE / "kafka" / "pom.xml"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stream-app"
+STATE_FILE = "cluster.json"
+
+_LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.state.name = state.change.logger
+logger.state.level = WARN
+"""
+
+
+def jar_dir(cache: Path = DEFAULT_CACHE, version: str = KAFKA_VERSION) -> Path:
+    return cache / f"kafka-{version}" / "lib"
+
+
+def fetch(cache: Path = DEFAULT_CACHE, version: str = KAFKA_VERSION) -> Path:
+    """Copy the broker jars into the cache unless they are already there."""
+    lib = jar_dir(cache, version)
+    marker = lib / ".complete"
+    if marker.exists():
+        return lib
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise SystemExit("Maven (mvn) is needed once to fetch the Kafka broker jars")
+    tmp = lib.with_name("lib.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cmd = [
+        mvn,
+        "-q",
+        "-B",
+        "-f",
+        str(POM),
+        f"-Dkafka.version={version}",
+        "dependency:copy-dependencies",
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={tmp}",
+    ]
+    print(f"fetching Apache Kafka {version} broker jars from Maven Central ...", file=sys.stderr)
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    if not any(tmp.glob(f"kafka_2.13-{version}.jar")):
+        raise SystemExit(f"Maven did not deliver kafka_2.13-{version}.jar")
+    shutil.rmtree(lib, ignore_errors=True)
+    tmp.rename(lib)
+    marker.touch()
+    return lib
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def metadata_brokers(host: str, port: int, timeout: float = 2.0) -> int:
+    """Send a Kafka Metadata v4 request; return how many brokers the answer lists."""
+    client_id = b"stream-app-probe"
+    body = struct.pack(">hhih", 3, 4, 7, len(client_id)) + client_id
+    body += struct.pack(">i?", -1, False)  # all topics (null array), no auto-create
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(struct.pack(">i", len(body)) + body)
+        size = struct.unpack(">i", _recv_exact(s, 4))[0]
+        payload = _recv_exact(s, size)
+    correlation, _throttle, brokers = struct.unpack(">iii", payload[:12])
+    if correlation != 7:
+        raise ConnectionError("unexpected correlation id")
+    return int(brokers)
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+@dataclass
+class Node:
+    node_id: int
+    port: int
+    controller_port: int
+    data_dir: Path
+    pid: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class KafkaCluster:
+    """A KRaft cluster of ``nodes`` combined broker/controller JVMs on loopback."""
+
+    workdir: Path
+    nodes: int = 1
+    heap: str = "512m"
+    version: str = KAFKA_VERSION
+    cache: Path = DEFAULT_CACHE
+    start_timeout: float = 90.0
+    members: list[Node] = field(default_factory=list)
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(n.address for n in self.members)
+
+    def _properties(self, node: Node, voters: str) -> str:
+        replication = min(3, self.nodes)
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                f"node.id={node.node_id}",
+                f"controller.quorum.voters={voters}",
+                f"listeners=PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{node.port}",
+                "controller.listener.names=CONTROLLER",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name=PLAINTEXT",
+                f"log.dirs={node.data_dir / 'log'}",
+                "num.partitions=1",
+                f"default.replication.factor={replication}",
+                f"offsets.topic.replication.factor={replication}",
+                "offsets.topic.num.partitions=10",
+                f"transaction.state.log.replication.factor={replication}",
+                f"transaction.state.log.min.isr={min(2, replication)}",
+                "transaction.state.log.num.partitions=10",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=false",
+                "log.flush.interval.messages=9223372036854775807",
+                "",
+            ]
+        )
+
+    def start(self) -> KafkaCluster:
+        lib = fetch(self.cache, self.version)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.members = [
+            Node(i + 1, free_port(), free_port(), self.workdir / f"node-{i + 1}")
+            for i in range(self.nodes)
+        ]
+        voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.members)
+        cluster_id = _kafka_uuid()
+        classpath = f"{lib}/*"
+        java = shutil.which("java") or "java"
+        for node in self.members:
+            shutil.rmtree(node.data_dir, ignore_errors=True)
+            node.data_dir.mkdir(parents=True)
+            props = node.data_dir / "server.properties"
+            props.write_text(self._properties(node, voters))
+            log4j = node.data_dir / "log4j2.properties"
+            log4j.write_text(_LOG4J2.format(log=node.data_dir / "server.log"))
+            jvm = [
+                java,
+                f"-Xmx{self.heap}",
+                f"-Xms{self.heap}",
+                "-XX:+UseG1GC",
+                f"-Dlog4j2.configurationFile={log4j}",
+                "-cp",
+                classpath,
+            ]
+            subprocess.run(
+                [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            out = (node.data_dir / "stdout.log").open("wb")
+            proc = subprocess.Popen(
+                [*jvm, "kafka.Kafka", str(props)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            node.pid = proc.pid
+            self._procs.append(proc)
+        self._write_state()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        pending = list(self.members)
+        while pending:
+            for proc in self._procs:
+                if proc.poll() is not None:
+                    log = self.members[0].data_dir / "server.log"
+                    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+                    raise RuntimeError(f"Kafka exited with {proc.returncode}\n{tail}")
+            node = pending[0]
+            with contextlib.suppress(OSError, ConnectionError, struct.error):
+                if metadata_brokers("127.0.0.1", node.port) >= self.nodes:
+                    pending.pop(0)
+                    continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Kafka node {node.node_id} did not answer in {self.start_timeout}s"
+                )
+            time.sleep(0.2)
+
+    def _write_state(self) -> None:
+        state = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "pids": [n.pid for n in self.members],
+        }
+        (self.workdir / STATE_FILE).write_text(json.dumps(state))
+
+    def stop(self, grace: float = 20.0) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self._procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_group(proc.pid)
+                proc.wait()
+        self._procs.clear()
+        with contextlib.suppress(FileNotFoundError):
+            (self.workdir / STATE_FILE).unlink()
+
+    def __enter__(self) -> KafkaCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _kafka_uuid() -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_from_state(workdir: Path, grace: float = 20.0) -> None:
+    """Stop a cluster started by another process (``start --detach``)."""
+    state_path = workdir / STATE_FILE
+    if not state_path.exists():
+        return
+    pids = [int(p) for p in json.loads(state_path.read_text())["pids"]]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            _kill_group(pid)
+    state_path.unlink()
+
+
+@contextlib.contextmanager
+def running_cluster(workdir: Path, nodes: int = 1) -> Iterator[KafkaCluster]:
+    with KafkaCluster(workdir, nodes=nodes) as cluster:
+        yield cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("fetch", help="download the broker jars into the cache")
+    start = sub.add_parser("start", help="start a cluster and leave it running")
+    start.add_argument("--workdir", type=Path, required=True)
+    start.add_argument("--nodes", type=int, default=1)
+    start.add_argument("--heap", default="512m")
+    stop = sub.add_parser("stop", help="stop the cluster started in --workdir")
+    stop.add_argument("--workdir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.cmd == "fetch":
+        print(fetch())
+    elif args.cmd == "start":
+        began = time.monotonic()
+        cluster = KafkaCluster(args.workdir, nodes=args.nodes, heap=args.heap).start()
+        # The JVMs outlive this process: the state file lets `stop` find them.
+        cluster._procs.clear()
+        print(cluster.bootstrap_servers)
+        print(f"started {args.nodes} node(s) in {time.monotonic() - began:.1f}s", file=sys.stderr)
+    else:
+        stop_from_state(args.workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
