@@ -1,0 +1,153 @@
+"""Cost of the domain hot path against ``orjson.loads`` of the same bytes.
+
+Run: ``python bench/domain_bench.py``. For a typical command (10 cart items)
+and a 1000-item cart it measures, per operation:
+
+- ``orjson.loads`` (baseline, same bytes, same run);
+- ``decode_command`` (parse + validate);
+- ``decode + apply`` (update of an open session);
+- the whole step: decode + apply + ``encode_session`` + ``stream_app.json.dumps``
+  of every output document;
+- ``decode_session`` of the stored form;
+- ``encode_session`` (msgspec) against the orjson alternative of dumping the
+  emitted document, which motivated msgspec for the stored form.
+
+Each figure is the min and the median over repeats of ``timeit``, in
+microseconds, with its ratio to the baseline minimum.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stream_app.domain import (
+    ApplicationSettings,
+    Applied,
+    CommandContext,
+    Rejection,
+    Session,
+    UpdateCommand,
+    apply,
+    decode_command,
+    decode_session,
+    encode_session,
+    output_document,
+    session_document,
+)
+from stream_app.json import dumps
+
+REPEAT = 9
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def next_id(self) -> int:
+        self.value += 1
+        return self.value
+
+
+def command_bytes(items: int, event_id: str = "evt-2") -> bytes:
+    cart = [
+        {
+            "sku": f"SKU-{i:05d}",
+            "name": f"Product {i}",
+            "category": "groceries",
+            "quantity": i % 3 + 1,
+            "price": round(1.99 + i * 0.25, 2),
+            "attributes": {"color": "red"},
+        }
+        for i in range(items)
+    ]
+    doc = {
+        "type": "update",
+        "integrationId": "session-0001",
+        "eventId": event_id,
+        "applicationId": 1,
+        "session": {
+            "profileId": "customer-42",
+            "couponCodes": ["SUMMER10"],
+            "cartItems": cart,
+            "additionalCosts": {"shipping": {"price": 4.95}},
+            "attributes": {"ShippingCity": "Berlin"},
+            "state": "open",
+        },
+    }
+    return orjson.dumps(doc)
+
+
+def measure(func: Callable[[], object], number: int) -> tuple[float, float]:
+    runs = timeit.repeat(func, number=number, repeat=REPEAT)
+    per_op = [run / number * 1e6 for run in runs]
+    return min(per_op), statistics.median(per_op)
+
+
+def scenario(label: str, items: int, number: int) -> None:
+    raw = command_bytes(items)
+    ctx = CommandContext(1_764_100_000_000, "commands[0]@1", 1, ApplicationSettings(), _Counter())
+    create = decode_command(command_bytes(1, "evt-1"))
+    assert isinstance(create, UpdateCommand)
+    created = apply(
+        None, create, CommandContext(1_764_000_000_000, "evt-1", 1, ctx.settings, _Counter())
+    )
+    assert isinstance(created, Applied)
+    stored: Session = created.session
+
+    def decode() -> object:
+        return decode_command(raw)
+
+    def decode_apply() -> object:
+        command = decode_command(raw)
+        assert not isinstance(command, Rejection)
+        return apply(stored, command, ctx)
+
+    def full_step() -> object:
+        command = decode_command(raw)
+        assert not isinstance(command, Rejection)
+        outcome = apply(stored, command, ctx)
+        assert isinstance(outcome, Applied)
+        encode_session(outcome.session)
+        return [dumps(output_document(event, outcome.session)) for event in outcome.events]
+
+    command = decode_command(raw)
+    assert not isinstance(command, Rejection)
+    check = apply(stored, command, ctx)
+    assert isinstance(check, Applied)
+    stored_bytes = encode_session(check.session)
+
+    baseline, baseline_median = measure(lambda: orjson.loads(raw), number)
+    print(f"\n{label}: {len(raw)} bytes, {items} cart items")
+    print(f"  {'operation':<44}{'min us':>10}{'median us':>11}{'x loads':>9}")
+    print(f"  {'orjson.loads (baseline)':<44}{baseline:>10.2f}{baseline_median:>11.2f}{1:>9.1f}")
+    for name, func in (
+        ("decode_command (parse + validate)", decode),
+        ("decode + validate + apply", decode_apply),
+        ("decode + apply + encode_session + outputs", full_step),
+        ("decode_session (stored form)", lambda: decode_session(stored_bytes)),
+        ("encode_session (msgspec, stored form)", lambda: encode_session(check.session)),
+        (
+            "json.dumps(session_document) (orjson alt.)",
+            lambda: dumps(session_document(check.session)),
+        ),
+    ):
+        best, median = measure(func, number)
+        print(f"  {name:<44}{best:>10.2f}{median:>11.2f}{best / baseline:>9.1f}")
+
+
+def main() -> None:
+    print(f"python {sys.version.split()[0]}, orjson {orjson.__version__}")
+    scenario("typical command", 10, 5000)
+    scenario("large cart", 1000, 50)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Decoding raw command bytes into validated commands.
+
+:func:`decode_command` never raises: whatever the bytes, it returns a command
+or a :class:`~stream_app.domain.model.Rejection`. It enforces every rule that
+does not depend on application settings (those are checked by ``apply``).
+
+Our rules, where the spec is silent:
+
+- Unknown fields are ignored at every level (top level, ``session``, cart
+  items, return items), never fatal.
+- ``null`` for an optional field means absent (for an update: keep the stored
+  value); the one exception is an attribute value, where ``null`` deletes
+  the key.
+- A value of the wrong JSON type (a string or a boolean where a number is
+  required, a float where an integer is required, ...) is ``SCHEMA_VIOLATION``.
+- Too long strings and too many elements are ``LIMIT_EXCEEDED``; too short
+  strings (e.g. an empty coupon code) and pattern mismatches are
+  ``SCHEMA_VIOLATION``. Lengths count Unicode code points.
+- ``eventId`` must be 1..255 characters when present (an empty idempotency
+  key is a client bug).
+- ``position``, ``returnedQuantity`` and ``remainingQuantity`` sent in cart
+  items are ignored: the processor computes them.
+- Additional cost prices must be finite numbers (may be negative); item
+  ``price`` and ``weight``/``height``/``width``/``length`` must be >= 0.
+- ``returnedCartItems`` must hold 1..1000 entries, each with ``position``
+  (int >= 0) and/or ``sku`` (non-empty string), and an optional ``quantity``
+  (int >= 1).
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any, Final
+
+from stream_app.domain.model import (
+    AdditionalCost,
+    CartItem,
+    Command,
+    Product,
+    Reason,
+    Rejection,
+    ReopenCommand,
+    ReturnCommand,
+    ReturnItem,
+    SessionPatch,
+    SessionState,
+    UpdateCommand,
+)
+from stream_app.domain.rejections import InvalidCommandError, make_rejection, pointer_token
+from stream_app.json import loads
+
+__all__ = [
+    "MAX_CART_ITEMS",
+    "MAX_CART_QUANTITY",
+    "MAX_IDENTIFIERS",
+    "MAX_LOYALTY_CARDS",
+    "decode_command",
+]
+
+MAX_CART_ITEMS: Final = 1000
+MAX_CART_QUANTITY: Final = 10_000  # with flattening on; checked by apply
+MAX_IDENTIFIERS: Final = 5
+MAX_LOYALTY_CARDS: Final = 1
+MAX_RETURN_ITEMS: Final = 1000
+INT32_MAX: Final = 2**31 - 1
+
+_LOYALTY_CARD: Final = re.compile(r"[A-Za-z0-9._%+@-]+")
+_STATES: Final = {s.value: s for s in SessionState}
+_SCHEMA: Final = Reason.SCHEMA_VIOLATION
+_LIMIT: Final = Reason.LIMIT_EXCEEDED
+
+
+def decode_command(raw: bytes) -> Command | Rejection:
+    """Parse and validate one command record. Never raises."""
+    try:
+        doc = loads(raw)
+    except (ValueError, TypeError) as exc:
+        return make_rejection(Reason.MALFORMED_JSON, "", str(exc))
+    try:
+        return _command(doc)
+    except InvalidCommandError as exc:
+        return exc.rejection
+
+
+def _command(doc: Any) -> Command:
+    if type(doc) is not dict:
+        raise InvalidCommandError(_SCHEMA, "", "the command must be a JSON object")
+    kind = doc.get("type")
+    integration_id = _string(doc.get("integrationId"), "/integrationId", 1, 1000)
+    event_id = doc.get("eventId")
+    if event_id is not None:
+        event_id = _string(event_id, "/eventId", 1, 255)
+    application_id = doc.get("applicationId")
+    if application_id is not None and (
+        type(application_id) is not int or not 0 < application_id <= INT32_MAX
+    ):
+        raise InvalidCommandError(
+            _SCHEMA, "/applicationId", "applicationId must be an integer in 1..2147483647"
+        )
+    if kind == "update":
+        session = doc.get("session")
+        if type(session) is not dict:
+            raise InvalidCommandError(_SCHEMA, "/session", "session must be a JSON object")
+        return UpdateCommand(integration_id, _patch(session), event_id, application_id)
+    if kind == "return":
+        return ReturnCommand(
+            integration_id, _return_items(doc.get("returnedCartItems")), event_id, application_id
+        )
+    if kind == "reopen":
+        return ReopenCommand(integration_id, event_id, application_id)
+    raise InvalidCommandError(_SCHEMA, "/type", "type must be one of 'update', 'return', 'reopen'")
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def _string(value: Any, pointer: str, minimum: int, maximum: int | None = None) -> str:
+    if type(value) is not str:
+        raise InvalidCommandError(_SCHEMA, pointer, "must be a string")
+    size = len(value)
+    if size < minimum:
+        raise InvalidCommandError(_SCHEMA, pointer, f"must be at least {minimum} characters long")
+    if maximum is not None and size > maximum:
+        raise InvalidCommandError(_LIMIT, pointer, f"must be at most {maximum} characters long")
+    return value
+
+
+def _string_list(
+    value: Any, pointer: str, minimum: int, maximum: int | None, max_items: int | None
+) -> tuple[str, ...]:
+    if type(value) is not list:
+        raise InvalidCommandError(_SCHEMA, pointer, "must be a list of strings")
+    if max_items is not None and len(value) > max_items:
+        raise InvalidCommandError(_LIMIT, pointer, f"must have at most {max_items} items")
+    for index, element in enumerate(value):
+        _string(element, f"{pointer}/{index}", minimum, maximum)
+    return tuple(value)
+
+
+def _number(value: Any, pointer: str, *, non_negative: bool) -> int | float:
+    kind = type(value)
+    # orjson never yields NaN or infinity; bool is excluded by the exact type test.
+    if kind is not float and kind is not int:
+        raise InvalidCommandError(_SCHEMA, pointer, "must be a number")
+    if non_negative and value < 0:
+        raise InvalidCommandError(_SCHEMA, pointer, "must be greater than or equal to 0")
+    return value  # type: ignore[no-any-return]
+
+
+def _decimal(value: Any, pointer: str, *, non_negative: bool) -> Decimal:
+    kind = type(value)
+    if kind is float:
+        if non_negative and value < 0:
+            raise InvalidCommandError(_SCHEMA, pointer, "must be greater than or equal to 0")
+        return Decimal(repr(value))
+    if kind is int:
+        if non_negative and value < 0:
+            raise InvalidCommandError(_SCHEMA, pointer, "must be greater than or equal to 0")
+        return Decimal(value)
+    raise InvalidCommandError(_SCHEMA, pointer, "must be a number")
+
+
+def _object(value: Any, pointer: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise InvalidCommandError(_SCHEMA, pointer, "must be a JSON object")
+    return value
+
+
+def _costs(value: Any, pointer: str) -> dict[str, AdditionalCost]:
+    costs = _object(value, pointer)
+    result: dict[str, AdditionalCost] = {}
+    for name, cost in costs.items():
+        here = f"{pointer}/{pointer_token(name)}"
+        if type(cost) is not dict:
+            raise InvalidCommandError(_SCHEMA, here, "must be an object with a price")
+        if "price" not in cost:
+            raise InvalidCommandError(_SCHEMA, f"{here}/price", "price is required")
+        result[name] = AdditionalCost(_decimal(cost["price"], f"{here}/price", non_negative=False))
+    return result
+
+
+# --------------------------------------------------------------------------- update
+
+
+def _patch(session: dict[str, Any]) -> SessionPatch:
+    get = session.get
+    profile_id = get("profileId")
+    if profile_id is not None:
+        profile_id = _string(profile_id, "/session/profileId", 0, 1000)
+    store = get("storeIntegrationId")
+    if store is not None:
+        store = _string(store, "/session/storeIntegrationId", 1, 1000)
+    coupons = get("couponCodes")
+    if coupons is not None:
+        coupons = _string_list(coupons, "/session/couponCodes", 1, 100, None)
+    referral = get("referralCode")
+    if referral is not None:
+        referral = _string(referral, "/session/referralCode", 0, 100)
+    cards = get("loyaltyCards")
+    if cards is not None:
+        cards = _string_list(cards, "/session/loyaltyCards", 4, 108, MAX_LOYALTY_CARDS)
+        for index, card in enumerate(cards):
+            if _LOYALTY_CARD.fullmatch(card) is None:
+                raise InvalidCommandError(
+                    _SCHEMA,
+                    f"/session/loyaltyCards/{index}",
+                    "must match ^[A-Za-z0-9._%+@-]+$",
+                )
+    state = get("state")
+    if state is not None:
+        state = _STATES.get(state) if type(state) is str else None
+        if state is None:
+            raise InvalidCommandError(
+                _SCHEMA,
+                "/session/state",
+                "state must be one of 'open', 'closed', 'partially_returned', 'cancelled'",
+            )
+    items = get("cartItems")
+    if items is not None:
+        items = _cart(items)
+    costs = get("additionalCosts")
+    if costs is not None:
+        costs = _costs(costs, "/session/additionalCosts")
+    identifiers = get("identifiers")
+    if identifiers is not None:
+        identifiers = _string_list(identifiers, "/session/identifiers", 0, None, MAX_IDENTIFIERS)
+    attributes = get("attributes")
+    if attributes is not None:
+        attributes = _object(attributes, "/session/attributes")
+    return SessionPatch(
+        profile_id,
+        store,
+        coupons,
+        referral,
+        cards,
+        state,
+        items,
+        costs,
+        identifiers,
+        attributes,
+    )
+
+
+def _cart(items: Any) -> tuple[CartItem, ...]:
+    if type(items) is not list:
+        raise InvalidCommandError(_SCHEMA, "/session/cartItems", "cartItems must be a list")
+    if len(items) > MAX_CART_ITEMS:
+        raise InvalidCommandError(
+            _LIMIT, "/session/cartItems", f"at most {MAX_CART_ITEMS} cart items per command"
+        )
+    return tuple([_cart_item(item, position) for position, item in enumerate(items)])
+
+
+_MISSING: Final = object()
+
+
+def _item_pointer(position: int, field: str) -> str:
+    return f"/session/cartItems/{position}/{field}"
+
+
+def _cart_item(item: Any, position: int) -> CartItem:
+    # Hot path (up to 1000 per command): pointers are only built on failure.
+    if type(item) is not dict:
+        raise InvalidCommandError(
+            _SCHEMA, f"/session/cartItems/{position}", "a cart item must be a JSON object"
+        )
+    get = item.get
+    sku = get("sku")
+    if type(sku) is not str or not sku:
+        raise InvalidCommandError(
+            _SCHEMA, _item_pointer(position, "sku"), "sku must be a non-empty string"
+        )
+    quantity = get("quantity")
+    if type(quantity) is not int or quantity < 1:
+        raise InvalidCommandError(
+            _SCHEMA, _item_pointer(position, "quantity"), "quantity must be an integer >= 1"
+        )
+    raw_price = get("price", _MISSING)
+    kind = type(raw_price)
+    if kind is float and raw_price >= 0:
+        price = Decimal(repr(raw_price))
+    elif kind is int and raw_price >= 0:
+        price = Decimal(raw_price)
+    elif raw_price is _MISSING:
+        raise InvalidCommandError(_SCHEMA, _item_pointer(position, "price"), "price is required")
+    else:
+        price = _decimal(raw_price, _item_pointer(position, "price"), non_negative=True)
+    name = get("name")
+    if name is not None and type(name) is not str:
+        raise InvalidCommandError(_SCHEMA, _item_pointer(position, "name"), "must be a string")
+    category = get("category")
+    if category is not None and type(category) is not str:
+        raise InvalidCommandError(_SCHEMA, _item_pointer(position, "category"), "must be a string")
+    product = get("product")
+    if product is not None:
+        product_doc = _object(product, _item_pointer(position, "product"))
+        product = Product(
+            _string(product_doc.get("name"), _item_pointer(position, "product/name"), 0)
+        )
+    weight = get("weight")
+    height = get("height")
+    width = get("width")
+    length = get("length")
+    if weight is not None or height is not None or width is not None or length is not None:
+        for field, value in (
+            ("weight", weight),
+            ("height", height),
+            ("width", width),
+            ("length", length),
+        ):
+            if value is not None:
+                _number(value, _item_pointer(position, field), non_negative=True)
+    attributes = get("attributes")
+    if attributes is not None and type(attributes) is not dict:
+        raise InvalidCommandError(
+            _SCHEMA, _item_pointer(position, "attributes"), "must be a JSON object"
+        )
+    costs = get("additionalCosts")
+    if costs is not None:
+        costs = _costs(costs, _item_pointer(position, "additionalCosts"))
+    return CartItem(
+        sku,
+        quantity,
+        price,
+        position,
+        0,
+        name,
+        category,
+        product,
+        weight,
+        height,
+        width,
+        length,
+        attributes,
+        costs,
+    )
+
+
+# --------------------------------------------------------------------------- return
+
+
+def _return_items(items: Any) -> tuple[ReturnItem, ...]:
+    pointer = "/returnedCartItems"
+    if type(items) is not list:
+        raise InvalidCommandError(_SCHEMA, pointer, "returnedCartItems must be a list")
+    if not items:
+        raise InvalidCommandError(_SCHEMA, pointer, "returnedCartItems must not be empty")
+    if len(items) > MAX_RETURN_ITEMS:
+        raise InvalidCommandError(_LIMIT, pointer, f"at most {MAX_RETURN_ITEMS} returned items")
+    result = []
+    for index, item in enumerate(items):
+        base = f"{pointer}/{index}"
+        if type(item) is not dict:
+            raise InvalidCommandError(_SCHEMA, base, "a returned item must be a JSON object")
+        position = item.get("position")
+        if position is not None and (type(position) is not int or position < 0):
+            raise InvalidCommandError(
+                _SCHEMA, f"{base}/position", "position must be an integer >= 0"
+            )
+        sku = item.get("sku")
+        if sku is not None and (type(sku) is not str or not sku):
+            raise InvalidCommandError(_SCHEMA, f"{base}/sku", "sku must be a non-empty string")
+        if position is None and sku is None:
+            raise InvalidCommandError(_SCHEMA, base, "position or sku is required")
+        quantity = item.get("quantity")
+        if quantity is not None and (type(quantity) is not int or quantity < 1):
+            raise InvalidCommandError(
+                _SCHEMA, f"{base}/quantity", "quantity must be an integer >= 1"
+            )
+        result.append(ReturnItem(position, sku, quantity))
+    return tuple(result)

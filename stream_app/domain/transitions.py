@@ -1,0 +1,480 @@
+"""The customer-session state machine: ``apply(session, command, context)``.
+
+Pure: no clock (times come from ``context.timestamp_ms``), no I/O, no
+randomness (the session id comes from ``context.ids``). The same stored
+session, command and context always give the same outcome.
+
+Transitions (spec section 2), each with its Talon.One event(s):
+
+====================  ===========================  ==================  ============================
+from                  command                      to                  events
+====================  ===========================  ==================  ============================
+(none)                update, state absent/open    open                created
+(none)                update, state closed         closed              created, closed
+open                  update, state absent/open    open                updated
+open                  update, state closed         closed              closed
+open                  update, state cancelled      cancelled           cancelled
+closed                update, state cancelled      cancelled           revoked
+closed                return                       partially_returned  partially_returned
+closed                reopen                       open                reopened
+partially_returned    return                       partially_returned  partially_returned
+partially_returned    update, state cancelled      cancelled           cancelled
+====================  ===========================  ==================  ============================
+
+Everything else is ``INVALID_TRANSITION`` (or ``UNKNOWN_SESSION`` for a
+return or reopen without a session) and leaves the session untouched.
+
+Our rules, where the spec is silent:
+
+- Idempotency: an event id (``command.event_id`` or, when absent,
+  ``context.source_event_id``) among the session's last
+  :data:`~stream_app.domain.model.RECENT_EVENT_IDS` applied event ids makes
+  the command a ``Duplicate``, checked before anything else. Rejected
+  commands are not remembered, so a corrected retry with the same id applies.
+- ``updateCount`` is 1 at creation and +1 per applied command; ``updated`` is
+  the timestamp of the last applied command. Duplicates and rejections
+  change neither.
+- A cancelling update of a closed or partially returned session changes only
+  the state (a closed session cannot be modified); other fields in it are
+  ignored and not checked against the application settings. A cancelling or
+  closing update of an open session applies its other fields too.
+- Creating a session as ``cancelled`` or ``partially_returned`` is
+  ``INVALID_TRANSITION``; ``state: partially_returned`` in an update is never
+  allowed (only a return gets there).
+- ``firstSession`` is set at creation to ``profileId == ""``; the pipeline
+  overrides it for profiled sessions (``with_first_session``). Later updates
+  of ``profileId`` do not recompute it.
+- A stored session whose application or integration id differs from the
+  command's is ``APPLICATION_MISMATCH`` (the pipeline keys the store).
+- Settings-dependent checks happen here: total quantity <= 10,000 with
+  flattening on (``LIMIT_EXCEEDED``, pointer ``/session/cartItems``); allowed
+  additional cost names, session and item level
+  (``UNKNOWN_ADDITIONAL_COST``); allowed session attribute names, including
+  names sent with ``null`` (``UNKNOWN_ATTRIBUTE``, pointer
+  ``/session/attributes/<name>``).
+- Returns: a line is referenced by ``position``, by ``sku`` or both (which
+  must then name the same line, else ``SKU_MISMATCH``). A ``sku`` alone
+  names the first line with that sku that still has quantity left, counting
+  what earlier entries of the same command already claim. No ``quantity``
+  means the whole remaining quantity of the line. Entries naming the same
+  line are summed; the sum must not exceed ``remainingQuantity``
+  (``RETURN_EXCEEDS_REMAINING``). With flattening off the sum must be the
+  line's whole quantity (``PARTIAL_LINE_RETURN``). A position outside the
+  cart or an unknown sku is ``UNKNOWN_CART_ITEM``. The returned value of a
+  line is quantity x (price + the sum of its item-level additional cost
+  prices). Totals are not rewritten by returns.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from stream_app.domain.decoding import MAX_CART_QUANTITY
+from stream_app.domain.model import (
+    RECENT_EVENT_IDS,
+    AdditionalCost,
+    ApplicationSettings,
+    Applied,
+    CartItem,
+    Command,
+    CommandContext,
+    Duplicate,
+    EventName,
+    Outcome,
+    Reason,
+    Rejected,
+    ReopenCommand,
+    ReturnCommand,
+    ReturnedLine,
+    ReturnSummary,
+    Session,
+    SessionEvent,
+    SessionPatch,
+    SessionState,
+    UpdateCommand,
+)
+from stream_app.domain.numbers import EXACT, ZERO, exact
+from stream_app.domain.rejections import InvalidCommandError, pointer_token
+
+__all__ = ["apply", "cart_totals", "cost_total"]
+
+_OPEN = SessionState.OPEN
+_CLOSED = SessionState.CLOSED
+_CANCELLED = SessionState.CANCELLED
+_RETURNED = SessionState.PARTIALLY_RETURNED
+_replace = msgspec.structs.replace
+
+
+def apply(session: Session | None, command: Command, ctx: CommandContext) -> Outcome:
+    """The outcome of ``command`` on ``session`` (``None``: no stored session).
+
+    Never raises for a decoded command. ``ctx.ids.next_id()`` is called once
+    if, and only if, the outcome is ``Applied`` and creates the session.
+    """
+    event_id = command.event_id or ctx.source_event_id
+    try:
+        return _outcome(session, command, ctx, event_id)
+    except InvalidCommandError as exc:
+        return Rejected(exc.rejection)
+
+
+def _outcome(
+    session: Session | None, command: Command, ctx: CommandContext, event_id: str
+) -> Applied | Duplicate:
+    if session is not None:
+        if event_id in session.recent_event_ids:
+            return Duplicate(session)
+        if session.application_id != ctx.application_id:
+            raise InvalidCommandError(
+                Reason.APPLICATION_MISMATCH,
+                "/applicationId",
+                f"the session belongs to application {session.application_id}",
+            )
+        if session.integration_id != command.integration_id:
+            raise InvalidCommandError(
+                Reason.APPLICATION_MISMATCH,
+                "/integrationId",
+                "the stored session has another integrationId",
+            )
+    if isinstance(command, UpdateCommand):
+        if session is None:
+            return _create(command, ctx, event_id)
+        return _update(session, command, ctx, event_id)
+    if session is None:
+        raise InvalidCommandError(
+            Reason.UNKNOWN_SESSION, "/integrationId", "no session with this integrationId"
+        )
+    if isinstance(command, ReturnCommand):
+        return _return(session, command, ctx, event_id)
+    return _reopen(session, command, ctx, event_id)
+
+
+def _invalid_transition(pointer: str, details: str) -> InvalidCommandError:
+    return InvalidCommandError(Reason.INVALID_TRANSITION, pointer, details)
+
+
+def _remember(recent: tuple[str, ...], event_id: str) -> tuple[str, ...]:
+    if len(recent) >= RECENT_EVENT_IDS:
+        return (*recent[len(recent) - RECENT_EVENT_IDS + 1 :], event_id)
+    return (*recent, event_id)
+
+
+# --------------------------------------------------------------------------- totals
+
+
+def cart_totals(items: tuple[CartItem, ...]) -> tuple[Decimal, Decimal]:
+    """(cartItemTotal, cartItemAdditionalCostTotal), exact."""
+    item_total = ZERO
+    cost_total = ZERO
+    with exact(EXACT):
+        for item in items:
+            quantity = item.quantity
+            item_total += item.price * quantity
+            costs = item.additional_costs
+            if costs:
+                for cost in costs.values():
+                    cost_total += cost.price * quantity
+    return item_total, cost_total
+
+
+def cost_total(costs: dict[str, AdditionalCost]) -> Decimal:
+    total = ZERO
+    with exact(EXACT):
+        for cost in costs.values():
+            total += cost.price
+    return total
+
+
+def _grand_total(a: Decimal, b: Decimal, c: Decimal) -> Decimal:
+    with exact(EXACT):
+        return a + b + c
+
+
+# --------------------------------------------------------------------------- update
+
+
+def _check_settings(patch: SessionPatch, settings: ApplicationSettings) -> None:
+    items = patch.cart_items
+    allowed_costs = settings.additional_costs
+    if items is not None:
+        if settings.flattening:
+            quantity = sum(item.quantity for item in items)
+            if quantity > MAX_CART_QUANTITY:
+                raise InvalidCommandError(
+                    Reason.LIMIT_EXCEEDED,
+                    "/session/cartItems",
+                    f"with cart item flattening the total quantity must be at most "
+                    f"{MAX_CART_QUANTITY}, got {quantity}",
+                )
+        if allowed_costs is not None:
+            for position, item in enumerate(items):
+                if item.additional_costs:
+                    for name in item.additional_costs:
+                        if name not in allowed_costs:
+                            raise InvalidCommandError(
+                                Reason.UNKNOWN_ADDITIONAL_COST,
+                                f"/session/cartItems/{position}/additionalCosts/"
+                                f"{pointer_token(name)}",
+                                f"unknown additional cost {name!r}",
+                            )
+    if allowed_costs is not None and patch.additional_costs:
+        for name in patch.additional_costs:
+            if name not in allowed_costs:
+                raise InvalidCommandError(
+                    Reason.UNKNOWN_ADDITIONAL_COST,
+                    f"/session/additionalCosts/{pointer_token(name)}",
+                    f"unknown additional cost {name!r}",
+                )
+    allowed_attributes = settings.attributes
+    if allowed_attributes is not None and patch.attributes:
+        for name in patch.attributes:
+            if name not in allowed_attributes:
+                raise InvalidCommandError(
+                    Reason.UNKNOWN_ATTRIBUTE,
+                    f"/session/attributes/{pointer_token(name)}",
+                    f"unknown attribute {name!r}",
+                )
+
+
+def _merge_attributes(stored: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(stored)
+    for key, value in changes.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _patched_fields(session: Session | None, patch: SessionPatch) -> dict[str, Any]:
+    """The changed fields of ``session`` (or of a new session) after ``patch``."""
+    changes: dict[str, Any] = {}
+    if patch.profile_id is not None:
+        changes["profile_id"] = patch.profile_id
+    if patch.store_integration_id is not None:
+        changes["store_integration_id"] = patch.store_integration_id
+    if patch.coupon_codes is not None:
+        changes["coupon_codes"] = patch.coupon_codes
+    if patch.referral_code is not None:
+        changes["referral_code"] = patch.referral_code
+    if patch.loyalty_cards is not None:
+        changes["loyalty_cards"] = patch.loyalty_cards
+    if patch.identifiers is not None:
+        changes["identifiers"] = patch.identifiers
+    if patch.attributes is not None:
+        stored = session.attributes if session is not None else {}
+        changes["attributes"] = _merge_attributes(stored, patch.attributes)
+    items = patch.cart_items
+    costs = patch.additional_costs
+    if items is not None or costs is not None or session is None:
+        if items is not None:
+            item_total, item_cost_total = cart_totals(items)
+            changes["cart_items"] = items
+            changes["cart_item_total"] = item_total
+            changes["cart_item_additional_cost_total"] = item_cost_total
+        elif session is not None:
+            item_total = session.cart_item_total
+            item_cost_total = session.cart_item_additional_cost_total
+        else:
+            item_total = item_cost_total = ZERO
+        if costs is not None:
+            session_cost_total = cost_total(costs)
+            changes["additional_costs"] = costs
+            changes["additional_cost_total"] = session_cost_total
+        elif session is not None:
+            session_cost_total = session.additional_cost_total
+        else:
+            session_cost_total = ZERO
+        changes["total"] = _grand_total(item_total, session_cost_total, item_cost_total)
+    return changes
+
+
+def _create(command: UpdateCommand, ctx: CommandContext, event_id: str) -> Applied:
+    patch = command.session
+    state = patch.state
+    if state is None or state is _OPEN:
+        names: tuple[EventName, ...] = (EventName.CREATED,)
+        state = _OPEN
+    elif state is _CLOSED:
+        names = (EventName.CREATED, EventName.CLOSED)
+    else:
+        raise _invalid_transition("/session/state", f"a session cannot be created as {state}")
+    _check_settings(patch, ctx.settings)
+    fields = _patched_fields(None, patch)
+    profile_id: str = fields.pop("profile_id", "")
+    timestamp = ctx.timestamp_ms
+    # Allocate last: the allocator is called only for an applied creation.
+    session = Session(
+        id=ctx.ids.next_id(),
+        integration_id=command.integration_id,
+        application_id=ctx.application_id,
+        state=state,
+        created_ms=timestamp,
+        updated_ms=timestamp,
+        update_count=1,
+        first_session=profile_id == "",
+        profile_id=profile_id,
+        recent_event_ids=(event_id,),
+        **fields,
+    )
+    return Applied(session, tuple(SessionEvent(name, event_id, timestamp) for name in names))
+
+
+def _update(
+    session: Session, command: UpdateCommand, ctx: CommandContext, event_id: str
+) -> Applied:
+    patch = command.session
+    target = patch.state
+    current = session.state
+    pointer = "/session/state" if target is not None else "/type"
+    if current is _OPEN:
+        if target is None or target is _OPEN:
+            name, target = EventName.UPDATED, _OPEN
+        elif target is _CLOSED:
+            name = EventName.CLOSED
+        elif target is _CANCELLED:
+            name = EventName.CANCELLED
+        else:
+            raise _invalid_transition(pointer, "only a return makes a session partially_returned")
+        _check_settings(patch, ctx.settings)
+        changes = _patched_fields(session, patch)
+    elif target is _CANCELLED and current is not _CANCELLED:
+        # Closed or partially returned: only the state changes.
+        name = EventName.REVOKED if current is _CLOSED else EventName.CANCELLED
+        changes = {}
+    else:
+        raise _invalid_transition(
+            pointer, f"a {current} session cannot be updated to {target or 'its current state'}"
+        )
+    timestamp = ctx.timestamp_ms
+    updated = _replace(
+        session,
+        state=target,
+        updated_ms=timestamp,
+        update_count=session.update_count + 1,
+        recent_event_ids=_remember(session.recent_event_ids, event_id),
+        **changes,
+    )
+    return Applied(updated, (SessionEvent(name, event_id, timestamp),))
+
+
+# --------------------------------------------------------------------------- reopen
+
+
+def _reopen(
+    session: Session, command: ReopenCommand, ctx: CommandContext, event_id: str
+) -> Applied:
+    del command  # carries nothing beyond its identity
+    if session.state is not _CLOSED:
+        raise _invalid_transition(
+            "/type", f"only a closed session can be reopened, not {session.state}"
+        )
+    timestamp = ctx.timestamp_ms
+    updated = _replace(
+        session,
+        state=_OPEN,
+        updated_ms=timestamp,
+        update_count=session.update_count + 1,
+        recent_event_ids=_remember(session.recent_event_ids, event_id),
+    )
+    return Applied(updated, (SessionEvent(EventName.REOPENED, event_id, timestamp),))
+
+
+# --------------------------------------------------------------------------- return
+
+
+def _return(
+    session: Session, command: ReturnCommand, ctx: CommandContext, event_id: str
+) -> Applied:
+    if session.state is not _CLOSED and session.state is not _RETURNED:
+        raise _invalid_transition(
+            "/type",
+            f"only a closed or partially returned session accepts returns, not {session.state}",
+        )
+    cart = session.cart_items
+    claims: dict[int, int] = {}
+    last_pointer: dict[int, str] = {}
+    for index, entry in enumerate(command.returned_cart_items):
+        base = f"/returnedCartItems/{index}"
+        position = entry.position
+        if position is not None:
+            if position >= len(cart):
+                raise InvalidCommandError(
+                    Reason.UNKNOWN_CART_ITEM,
+                    f"{base}/position",
+                    f"the cart has {len(cart)} items, there is no position {position}",
+                )
+            if entry.sku is not None and entry.sku != cart[position].sku:
+                raise InvalidCommandError(
+                    Reason.SKU_MISMATCH,
+                    f"{base}/sku",
+                    f"the cart item at position {position} has sku {cart[position].sku!r}",
+                )
+        else:
+            position = _line_by_sku(cart, claims, entry.sku or "", f"{base}/sku")
+        line = cart[position]
+        available = line.quantity - line.returned_quantity - claims.get(position, 0)
+        quantity = entry.quantity if entry.quantity is not None else available
+        if quantity > available or quantity < 1:
+            raise InvalidCommandError(
+                Reason.RETURN_EXCEEDS_REMAINING,
+                f"{base}/quantity" if entry.quantity is not None else base,
+                f"the cart item at position {position} has {available} left to return",
+            )
+        claims[position] = claims.get(position, 0) + quantity
+        last_pointer[position] = base
+    if not ctx.settings.flattening:
+        for position, quantity in claims.items():
+            if quantity != cart[position].quantity:
+                raise InvalidCommandError(
+                    Reason.PARTIAL_LINE_RETURN,
+                    last_pointer[position],
+                    f"the cart item at position {position} can only be returned whole "
+                    f"({cart[position].quantity})",
+                )
+    new_cart = list(cart)
+    lines = []
+    total = ZERO
+    with exact(EXACT):
+        for position in sorted(claims):
+            quantity = claims[position]
+            line = cart[position]
+            new_cart[position] = _replace(line, returned_quantity=line.returned_quantity + quantity)
+            unit = line.price
+            if line.additional_costs:
+                for cost in line.additional_costs.values():
+                    unit += cost.price
+            value = unit * quantity
+            total += value
+            lines.append(ReturnedLine(position, line.sku, quantity, value))
+    timestamp = ctx.timestamp_ms
+    updated = _replace(
+        session,
+        state=_RETURNED,
+        cart_items=tuple(new_cart),
+        updated_ms=timestamp,
+        update_count=session.update_count + 1,
+        recent_event_ids=_remember(session.recent_event_ids, event_id),
+    )
+    summary = ReturnSummary(tuple(lines), total)
+    event = SessionEvent(EventName.PARTIALLY_RETURNED, event_id, timestamp, summary)
+    return Applied(updated, (event,))
+
+
+def _line_by_sku(cart: tuple[CartItem, ...], claims: dict[int, int], sku: str, pointer: str) -> int:
+    found = None
+    for position, line in enumerate(cart):
+        if line.sku == sku:
+            if line.quantity - line.returned_quantity - claims.get(position, 0) > 0:
+                return position
+            found = position
+    if found is None:
+        raise InvalidCommandError(
+            Reason.UNKNOWN_CART_ITEM, pointer, f"no cart item has sku {sku!r}"
+        )
+    raise InvalidCommandError(
+        Reason.RETURN_EXCEEDS_REMAINING, pointer, f"nothing is left to return of sku {sku!r}"
+    )

@@ -1,0 +1,188 @@
+"""Wire forms: the stored session, and the documents emitted downstream.
+
+Stored form (:func:`encode_session` / :func:`decode_session`): msgspec JSON of
+the :class:`~stream_app.domain.model.Session` struct, snake_case field names,
+decimals as strings (exact), including ``recent_event_ids``. It is an internal
+format of the state table, not a contract with consumers. msgspec is used
+here because it encodes and type-checks the nested structs in one C call
+(measured in ``bench/domain_bench.py``); everything parsed from or written to
+Kafka by the pipeline goes through ``stream_app.json``.
+
+Emitted documents (:func:`session_document`, :func:`output_document`,
+:func:`rejection_document`) are plain dicts with the spec's camelCase names,
+ready for ``stream_app.json.dumps``. Money is emitted by
+:func:`~stream_app.domain.numbers.json_number`: an integer when integral,
+otherwise the float nearest the exact decimal, which orjson prints in its
+shortest form (0.1 + 0.2 prints ``0.3``). Optional fields never set (e.g.
+``storeIntegrationId``, an item's ``name``) are omitted.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import msgspec
+
+from stream_app.domain.model import CartItem, Rejection, Session, SessionEvent
+from stream_app.domain.numbers import json_number
+from stream_app.json import loads
+
+__all__ = [
+    "decode_session",
+    "encode_session",
+    "format_timestamp",
+    "output_document",
+    "rejection_document",
+    "session_document",
+]
+
+_ENCODER: Final = msgspec.json.Encoder()
+_DECODER: Final = msgspec.json.Decoder(Session)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def encode_session(session: Session) -> bytes:
+    """The stored form of ``session`` (full fidelity)."""
+    return _ENCODER.encode(session)
+
+
+def decode_session(data: bytes) -> Session:
+    """Exact inverse of :func:`encode_session`.
+
+    Raises ``msgspec.ValidationError``/``msgspec.DecodeError`` (both
+    ``ValueError``) for bytes that are not a stored session.
+    """
+    return _DECODER.decode(data)
+
+
+def format_timestamp(timestamp_ms: int) -> str:
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-25T19:46:53.123Z``.
+
+    Raises ``OverflowError`` outside years 1..9999.
+    """
+    seconds, millis = divmod(timestamp_ms, 1000)
+    moment = _EPOCH + timedelta(seconds=seconds)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{millis:03d}Z"
+
+
+def _cart_item_document(item: CartItem) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "position": item.position,
+        "sku": item.sku,
+        "quantity": item.quantity,
+        "returnedQuantity": item.returned_quantity,
+        "remainingQuantity": item.quantity - item.returned_quantity,
+        "price": json_number(item.price),
+    }
+    if item.name is not None:
+        doc["name"] = item.name
+    if item.category is not None:
+        doc["category"] = item.category
+    if item.product is not None:
+        doc["product"] = {"name": item.product.name}
+    if item.weight is not None:
+        doc["weight"] = item.weight
+    if item.height is not None:
+        doc["height"] = item.height
+    if item.width is not None:
+        doc["width"] = item.width
+    if item.length is not None:
+        doc["length"] = item.length
+    if item.attributes is not None:
+        doc["attributes"] = item.attributes
+    if item.additional_costs is not None:
+        doc["additionalCosts"] = {
+            name: {"price": json_number(cost.price)} for name, cost in item.additional_costs.items()
+        }
+    return doc
+
+
+def session_document(session: Session) -> dict[str, Any]:
+    """The session as emitted downstream (CustomerSessionV2, camelCase)."""
+    doc: dict[str, Any] = {
+        "id": session.id,
+        "created": format_timestamp(session.created_ms),
+        "integrationId": session.integration_id,
+        "applicationId": session.application_id,
+        "profileId": session.profile_id,
+    }
+    if session.store_integration_id is not None:
+        doc["storeIntegrationId"] = session.store_integration_id
+    doc.update(
+        couponCodes=list(session.coupon_codes),
+        referralCode=session.referral_code,
+        loyaltyCards=list(session.loyalty_cards),
+        state=session.state.value,
+        cartItems=[_cart_item_document(item) for item in session.cart_items],
+        additionalCosts={
+            name: {"price": json_number(cost.price)}
+            for name, cost in session.additional_costs.items()
+        },
+        identifiers=list(session.identifiers),
+        attributes=session.attributes,
+        firstSession=session.first_session,
+        total=json_number(session.total),
+        cartItemTotal=json_number(session.cart_item_total),
+        additionalCostTotal=json_number(session.additional_cost_total),
+        cartItemAdditionalCostTotal=json_number(session.cart_item_additional_cost_total),
+        updateCount=session.update_count,
+        updated=format_timestamp(session.updated_ms),
+    )
+    return doc
+
+
+def output_document(event: SessionEvent, session: Session) -> dict[str, Any]:
+    """One output record: the event, its cause, its time, the whole session."""
+    doc: dict[str, Any] = {
+        "event": event.name.value,
+        "eventId": event.event_id,
+        "occurredAt": format_timestamp(event.timestamp_ms),
+        "applicationId": session.application_id,
+        "integrationId": session.integration_id,
+        "session": session_document(session),
+    }
+    if event.returned is not None:
+        doc["return"] = {
+            "lines": [
+                {
+                    "position": line.position,
+                    "sku": line.sku,
+                    "quantity": line.quantity,
+                    "value": json_number(line.value),
+                }
+                for line in event.returned.lines
+            ],
+            "value": json_number(event.returned.value),
+        }
+    return doc
+
+
+def rejection_document(
+    rejection: Rejection,
+    raw: bytes,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int,
+) -> dict[str, Any]:
+    """A rejected record for the rejections topic. Never raises.
+
+    Carries the reason, the Talon.One-shaped message and errors, the origin
+    (topic, partition, offset, ``receivedAt`` when the timestamp is
+    representable) and the original command: parsed as ``command`` when the
+    bytes are JSON, otherwise as ``commandBase64``.
+    """
+    doc: dict[str, Any] = rejection.to_document()
+    doc["source"] = {"topic": topic, "partition": partition, "offset": offset}
+    try:
+        doc["receivedAt"] = format_timestamp(timestamp_ms)
+    except (OverflowError, ValueError, TypeError):
+        doc["receivedAt"] = None
+    try:
+        doc["command"] = loads(raw)
+    except (ValueError, TypeError):
+        doc["commandBase64"] = base64.b64encode(bytes(raw)).decode("ascii")
+    return doc

@@ -1,0 +1,212 @@
+"""Stored and emitted forms: round trips, exact numbers, documents."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from domain_support import T0, applied, item, reject_decode, return_doc, session_in, update_doc
+
+from stream_app.domain import (
+    ApplicationSettings,
+    EventName,
+    decode_session,
+    encode_session,
+    format_timestamp,
+    output_document,
+    rejection_document,
+    session_document,
+)
+from stream_app.errors import ConfigurationError
+from stream_app.json import dumps, loads
+
+
+def test_stored_form_round_trips_exactly() -> None:
+    session = applied(
+        None,
+        update_doc(
+            {
+                "profileId": "p",
+                "storeIntegrationId": "st",
+                "couponCodes": ["A"],
+                "loyaltyCards": ["card1"],
+                "attributes": {"nested": {"list": [1, 2.5, None, "x"]}},
+                "additionalCosts": {"ship": {"price": 0.1}},
+                "cartItems": [
+                    item("A", 2, 1e20, product={"name": "P"}, weight=1.5),
+                    item("B", 1, 0.1, additionalCosts={"w": {"price": 0.2}}),
+                ],
+            }
+        ),
+    ).session
+    assert session.total == Decimal("200000000000000000000.4")
+    data = encode_session(session)
+    restored = decode_session(data)
+    assert restored == session
+    assert encode_session(restored) == data
+    assert restored.total == Decimal("200000000000000000000.4")
+
+
+def test_totals_print_exactly() -> None:
+    session = applied(
+        None, update_doc({"cartItems": [item("A", 1, 0.1), item("B", 1, 0.2)]})
+    ).session
+    text = dumps(session_document(session))
+    assert b'"cartItemTotal":0.3' in text
+    assert b'"total":0.3' in text
+    assert b"0.30000000000000004" not in text
+    integral = applied(None, update_doc({"cartItems": [item("A", 3, 0.5), item("B", 1, 1.5)]}))
+    doc = session_document(integral.session)
+    assert doc["total"] == 3
+    assert type(doc["total"]) is int
+
+
+def test_session_document_fields() -> None:
+    session = applied(
+        None,
+        update_doc({"cartItems": [item("A", 3, 2.5)], "state": "closed"}),
+        timestamp_ms=T0 + 123,
+    ).session
+    session = applied(session, return_doc([{"position": 0, "quantity": 1}])).session
+    doc = session_document(session)
+    assert set(doc) == {
+        "id",
+        "created",
+        "integrationId",
+        "applicationId",
+        "profileId",
+        "couponCodes",
+        "referralCode",
+        "loyaltyCards",
+        "state",
+        "cartItems",
+        "additionalCosts",
+        "identifiers",
+        "attributes",
+        "firstSession",
+        "total",
+        "cartItemTotal",
+        "additionalCostTotal",
+        "cartItemAdditionalCostTotal",
+        "updateCount",
+        "updated",
+    }
+    assert doc["created"] == "2025-11-25T19:46:40.123Z"
+    assert doc["state"] == "partially_returned"
+    assert doc["cartItems"] == [
+        {
+            "position": 0,
+            "sku": "A",
+            "quantity": 3,
+            "returnedQuantity": 1,
+            "remainingQuantity": 2,
+            "price": 2.5,
+        }
+    ]
+    assert doc["updateCount"] == 2
+    assert loads(dumps(doc)) == doc
+
+
+def test_output_document_for_returns() -> None:
+    closed = session_in("closed", [item("A", 3, 0.1), item("B", 1, 0.2)])
+    outcome = applied(closed, return_doc([{"position": 0, "quantity": 3}, {"sku": "B"}]))
+    event = outcome.events[0]
+    doc = output_document(event, outcome.session)
+    assert doc["event"] == EventName.PARTIALLY_RETURNED
+    assert doc["eventId"] == event.event_id
+    assert doc["occurredAt"] == format_timestamp(event.timestamp_ms)
+    assert (doc["applicationId"], doc["integrationId"]) == (1, "s-1")
+    assert doc["session"] == session_document(outcome.session)
+    assert doc["return"] == {
+        "lines": [
+            {"position": 0, "sku": "A", "quantity": 3, "value": 0.3},
+            {"position": 1, "sku": "B", "quantity": 1, "value": 0.2},
+        ],
+        "value": 0.5,
+    }
+    assert b'"value":0.5' in dumps(doc)
+    created = applied(None, update_doc({}))
+    assert "return" not in output_document(created.events[0], created.session)
+
+
+@pytest.mark.parametrize(
+    ("timestamp_ms", "text"),
+    [
+        (0, "1970-01-01T00:00:00.000Z"),
+        (1_795_981_613_123, "2026-11-29T19:46:53.123Z"),
+        (-1, "1969-12-31T23:59:59.999Z"),
+    ],
+)
+def test_format_timestamp(timestamp_ms: int, text: str) -> None:
+    assert format_timestamp(timestamp_ms) == text
+
+
+def test_rejection_document_keeps_the_command() -> None:
+    raw = dumps(update_doc({"cartItems": [item(quantity=0)]}))
+    rejection = reject_decode(loads(raw))
+    doc = rejection_document(
+        rejection, raw, topic="commands", partition=2, offset=9, timestamp_ms=T0
+    )
+    assert doc["reason"] == "SCHEMA_VIOLATION"
+    assert doc["errors"][0]["source"] == {"pointer": "/session/cartItems/0/quantity"}
+    assert doc["source"] == {"topic": "commands", "partition": 2, "offset": 9}
+    assert doc["command"] == loads(raw)
+    assert "commandBase64" not in doc
+    garbage = b"\xff\x00not json"
+    doc = rejection_document(
+        rejection, garbage, topic="t", partition=0, offset=0, timestamp_ms=10**20
+    )
+    assert base64.b64decode(doc["commandBase64"]) == garbage
+    assert "command" not in doc
+    assert doc["receivedAt"] is None
+    dumps(doc)
+
+
+def test_application_settings_from_document() -> None:
+    settings = ApplicationSettings.from_document(
+        {"flattening": False, "additionalCosts": ["ship"], "attributes": [], "extra": 1}
+    )
+    assert settings == ApplicationSettings(False, frozenset({"ship"}), frozenset())
+    assert ApplicationSettings.from_document({}) == ApplicationSettings()
+    assert ApplicationSettings.from_document({"attributes": None}).attributes is None
+    bad: object
+    for bad in ([], {"flattening": "yes"}, {"additionalCosts": "ship"}, {"attributes": [1]}):
+        with pytest.raises(ConfigurationError):
+            ApplicationSettings.from_document(bad)
+
+
+def test_domain_imports_no_streaming_framework() -> None:
+    code = (
+        "import sys, stream_app.domain; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'faust', 'aiokafka', 'mode'}); "
+        "assert not bad, bad"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_domain_sources_do_not_mention_streaming_imports() -> None:
+    import ast
+
+    package = Path(__file__).resolve().parents[2] / "stream_app" / "domain"
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                root = name.split(".")[0]
+                assert root not in {"faust", "aiokafka", "mode", "time", "random", "os"}, (
+                    path,
+                    name,
+                )
