@@ -1,0 +1,116 @@
+"""Per-application settings: a JSON file, overridden by a compacted settings topic.
+
+Every worker needs every application's settings, whichever partitions it
+owns, so each worker reads the whole settings topic with its own unassigned
+consumer (the role Faust's GlobalTable plays; a GlobalTable insists on a
+changelog named ``<app id>-<table>-changelog`` and has open recovery bugs
+with several instances, so this small reader is used instead). Workers do
+not process commands until they have read the topic to its end.
+
+Record format: key = the applicationId as ASCII digits, value = a JSON
+settings document (``{"flattening": false, "additionalCosts": [...],
+"attributes": [...]}``), a tombstone removes the override.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from stream_app import json
+from stream_app.domain import ApplicationSettings
+from stream_app.errors import ConfigurationError
+from stream_app.pipeline.kafka import client_options, partition_count
+from stream_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT = ApplicationSettings()
+
+
+class ApplicationSettingsRegistry:
+    """Settings by applicationId: topic overrides, then the file, then defaults."""
+
+    def __init__(self, from_file: dict[int, ApplicationSettings] | None = None) -> None:
+        self._from_file = dict(from_file or {})
+        self._from_topic: dict[int, ApplicationSettings] = {}
+
+    @classmethod
+    def load(cls, path: Path | None) -> ApplicationSettingsRegistry:
+        if path is None:
+            return cls()
+        try:
+            doc: Any = json.loads(path.read_bytes())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigurationError(f"cannot read application settings {path}: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ConfigurationError(f"{path}: expected an object keyed by applicationId")
+        parsed: dict[int, ApplicationSettings] = {}
+        for key, value in doc.items():
+            try:
+                parsed[int(key)] = ApplicationSettings.from_document(value)
+            except ValueError as exc:
+                raise ConfigurationError(f"{path}: bad applicationId {key!r}") from exc
+        return cls(parsed)
+
+    def settings_for(self, application_id: int) -> ApplicationSettings:
+        found = self._from_topic.get(application_id)
+        if found is None:
+            found = self._from_file.get(application_id, DEFAULT)
+        return found
+
+    def apply_record(self, key: bytes | None, value: bytes | None) -> None:
+        """Apply one settings-topic record; a bad record is logged and ignored."""
+        try:
+            application_id = int(key or b"")
+            if value is None:
+                self._from_topic.pop(application_id, None)
+                return
+            self._from_topic[application_id] = ApplicationSettings.from_document(json.loads(value))
+        except (ValueError, ConfigurationError) as exc:
+            log.warning("ignoring application settings record key=%r: %s", key, exc)
+
+
+async def follow_settings_topic(
+    settings: Settings, registry: ApplicationSettingsRegistry, ready: asyncio.Event
+) -> None:
+    """Read the settings topic from the beginning, set ``ready`` at its end, keep following."""
+    topic = settings.topics.application_settings
+    consumer = AIOKafkaConsumer(
+        **client_options(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    try:
+        count = await partition_count(client_options(settings), topic)
+        tps = [TopicPartition(topic, p) for p in range(count)]
+        if not tps:
+            log.warning("settings topic %s does not exist: file settings only", topic)
+            ready.set()
+            return
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        while True:
+            if not ready.is_set() and await _caught_up(consumer, end):
+                log.info("application settings loaded")
+                ready.set()
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    registry.apply_record(record.key, record.value)
+    finally:
+        await consumer.stop()
+
+
+async def _caught_up(consumer: AIOKafkaConsumer, end: dict[TopicPartition, int]) -> bool:
+    for tp, offset in end.items():
+        if await consumer.position(tp) < offset:
+            return False
+    return True

@@ -1,0 +1,77 @@
+"""Kafka connection options derived from :class:`~stream_app.settings.Settings`."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from stream_app.settings import Settings
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    sec = settings.security
+    if sec.protocol not in ("SSL", "SASL_SSL"):
+        return None
+    context = ssl.create_default_context(cafile=str(sec.ssl_cafile) if sec.ssl_cafile else None)
+    if sec.ssl_certfile:
+        context.load_cert_chain(
+            str(sec.ssl_certfile), str(sec.ssl_keyfile) if sec.ssl_keyfile else None
+        )
+    return context
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for aiokafka clients (admin, producer, consumer)."""
+    sec = settings.security
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "security_protocol": sec.protocol,
+    }
+    context = _ssl_context(settings)
+    if context is not None:
+        options["ssl_context"] = context
+    if sec.protocol.startswith("SASL"):
+        options["sasl_mechanism"] = sec.sasl_mechanism or "PLAIN"
+        options["sasl_plain_username"] = sec.sasl_username
+        options["sasl_plain_password"] = (
+            sec.sasl_password.get_secret_value() if sec.sasl_password else None
+        )
+    return options
+
+
+def faust_broker(settings: Settings) -> list[str]:
+    return [f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")]
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """Faust's credentials object, or None for PLAINTEXT."""
+    import faust
+
+    sec = settings.security
+    context = _ssl_context(settings)
+    if sec.protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=sec.sasl_username,
+            password=sec.sasl_password.get_secret_value() if sec.sasl_password else None,
+            ssl_context=context,
+            mechanism=sec.sasl_mechanism or "PLAIN",
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+async def partition_count(options: dict[str, Any], topic: str) -> int:
+    """How many partitions ``topic`` has (0 when it does not exist)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**options)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    for entry in described:
+        if entry.get("topic") == topic and not entry.get("error_code"):
+            return len(entry.get("partitions", ()))
+    return 0

@@ -1,0 +1,230 @@
+"""Drive real workers against the real broker: start/stop worker processes,
+produce commands, read what comes out (read_committed, like a downstream
+analytics consumer)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from stream_app import json
+from stream_app.pipeline.kafka import partition_count
+from stream_app.settings import Settings, TopicNames
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Deployment:
+    """One isolated deployment: its own topics, app id and state directory."""
+
+    bootstrap: str
+    name: str
+    data_dir: Path
+    partitions: int = 3
+    guarantee: str = "exactly_once"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def topics(self) -> TopicNames:
+        n = self.name
+        return TopicNames(
+            commands=f"{n}.commands",
+            closed=f"{n}.closed",
+            returned=f"{n}.returned",
+            cancelled=f"{n}.cancelled",
+            reopened=f"{n}.reopened",
+            rejected=f"{n}.rejected",
+            application_settings=f"{n}.application-settings",
+        )
+
+    def env(self, app_id: str | None = None, data_dir: Path | None = None) -> dict[str, str]:
+        t = self.topics
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("STREAM_APP_") and k != "KAFKA_BOOTSTRAP_SERVERS"
+        }
+        env.update(
+            {
+                "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+                "STREAM_APP_APP_ID": app_id or f"{self.name}-app",
+                "STREAM_APP_DATA_DIR": str(data_dir or self.data_dir),
+                "STREAM_APP_PARTITIONS": str(self.partitions),
+                "STREAM_APP_PROCESSING_GUARANTEE": self.guarantee,
+                "STREAM_APP_LOG_LEVEL": "INFO",
+                "STREAM_APP_TOPICS__COMMANDS": t.commands,
+                "STREAM_APP_TOPICS__CLOSED": t.closed,
+                "STREAM_APP_TOPICS__RETURNED": t.returned,
+                "STREAM_APP_TOPICS__CANCELLED": t.cancelled,
+                "STREAM_APP_TOPICS__REOPENED": t.reopened,
+                "STREAM_APP_TOPICS__REJECTED": t.rejected,
+                "STREAM_APP_TOPICS__APPLICATION_SETTINGS": t.application_settings,
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def settings(self, app_id: str | None = None) -> Settings:
+        return Settings(
+            bootstrap_servers=self.bootstrap,
+            app_id=app_id or f"{self.name}-app",
+            topics=self.topics,
+            partitions=self.partitions,
+        )
+
+    def output_topics(self) -> list[str]:
+        t = self.topics
+        return [t.closed, t.returned, t.cancelled, t.reopened, t.rejected]
+
+
+class Worker:
+    """A ``stream-app worker`` process."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_app", "worker"],
+            env=dict(env),
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+async def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(n, partitions, 1) for n in names if n not in existing]
+        if new:
+            await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+Record = tuple[bytes | None, bytes | None]
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[Record],
+    *,
+    partition: int | None = None,
+    timestamp_ms: int | None = None,
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(
+                topic, value=v, key=k, partition=partition, timestamp_ms=timestamp_ms
+            )
+            for k, v in records
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def command(kind: str, integration_id: str, **fields: Any) -> bytes:
+    return json.dumps({"type": kind, "integrationId": integration_id, **fields})
+
+
+@dataclass(frozen=True)
+class Output:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+    def doc(self) -> Any:
+        return json.loads(self.value)
+
+
+async def consume(
+    bootstrap: str,
+    topics: list[str],
+    *,
+    expect: int,
+    timeout: float = 60.0,  # noqa: ASYNC109 - a read deadline, not a cancel scope
+    settle: float = 0.0,
+) -> list[Output]:
+    """Read every topic from the beginning (read_committed) until ``expect``
+    records arrived, then keep reading ``settle`` seconds to catch extras."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    out: list[Output] = []
+    try:
+        deadline = time.monotonic() + timeout
+        tps = await _partitions(bootstrap, topics, deadline)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        settle_until: float | None = None
+        while time.monotonic() < deadline:
+            if len(out) >= expect and settle_until is None:
+                settle_until = time.monotonic() + settle
+            if settle_until is not None and time.monotonic() >= settle_until:
+                break
+            batches = await consumer.getmany(timeout_ms=200)
+            for tp, records in batches.items():
+                out.extend(
+                    Output(tp.topic, tp.partition, r.offset, r.key, r.value or b"") for r in records
+                )
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def _partitions(bootstrap: str, topics: list[str], deadline: float) -> list[TopicPartition]:
+    """Every partition of ``topics``, waiting for a worker to create them."""
+    tps: list[TopicPartition] = []
+    for topic in topics:
+        while (count := await partition_count({"bootstrap_servers": bootstrap}, topic)) == 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topic {topic} was never created")
+            await asyncio.sleep(0.2)
+        tps += [TopicPartition(topic, p) for p in range(count)]
+    return tps
