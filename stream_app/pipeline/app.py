@@ -95,6 +95,8 @@ class SessionPipeline:
         self.settings_ready = asyncio.Event()
         self._lock = asyncio.Lock()
         self._dirty = False
+        self._inside_commit = False
+        self._transactions_ended = False
         self._last_commit = time.monotonic()
         self.app = self._create_app()
         self._declare()
@@ -178,11 +180,14 @@ class SessionPipeline:
     # -- processing ------------------------------------------------------------------------
     def _agent(self, process: Callable[[SourceRecord], list[Outgoing]]) -> Callable[[Any], Any]:
         async def agent(stream: Any) -> None:
+            self._guard_commits()
             await self.settings_ready.wait()
             async for events in stream.take_events(
                 self.settings.batch_size, within=self.settings.batch_within_s
             ):
                 async with self._lock:
+                    if self._transactions_ended:
+                        continue  # shutting down: leave the batch uncommitted
                     await self._process_batch(stream, events, process)
 
         return agent
@@ -257,6 +262,32 @@ class SessionPipeline:
         return Outgoing(self.settings.topics.rejected, record.key or b"", json.dumps(doc))
 
     # -- commits ---------------------------------------------------------------------------
+    def _guard_commits(self) -> None:
+        """Route every commit, Faust's own included (rebalance, shutdown), through
+        the processing lock, so no commit ever splits a batch."""
+        consumer = self.app.consumer
+        if getattr(consumer, "_stream_app_guarded", False):
+            return
+        consumer._stream_app_guarded = True
+        faust_commit = consumer.commit
+
+        async def commit_between_batches(*args: Any, **kwargs: Any) -> bool:
+            if self._inside_commit:
+                return bool(await faust_commit(*args, **kwargs))
+            async with self._lock:
+                if self._transactions_ended:
+                    return False
+                await self.app.producer.buffer.flush()
+                committed = bool(await faust_commit(*args, **kwargs))
+                if self.app.in_transaction and kwargs.get("start_new_transaction") is False:
+                    # Faust's shutdown commit ended every transaction: from here on
+                    # nothing may be sent or committed. Unprocessed records stay
+                    # uncommitted and are processed again after the restart.
+                    self._transactions_ended = True
+                return committed
+
+        consumer.commit = commit_between_batches
+
     async def _commit_timer(self) -> None:
         if self._dirty and not self._lock.locked():
             async with self._lock:
@@ -269,7 +300,11 @@ class SessionPipeline:
         # Changelog writes wait in Faust's producer buffer: send them into the
         # transaction before it commits.
         await self.app.producer.buffer.flush()
-        await self.app.consumer.commit()
+        self._inside_commit = True
+        try:
+            await self.app.consumer.commit()
+        finally:
+            self._inside_commit = False
         if not self.app.in_transaction:
             await self.app.producer.flush()
         self._dirty = False

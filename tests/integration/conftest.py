@@ -1,0 +1,42 @@
+"""Integration fixtures: every test here runs against the real Kafka broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import Deployment, Worker, create_topics
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration/" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def deployment(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> Deployment:
+    d = Deployment(kafka_bootstrap, unique_name("it"), tmp_path / "state")
+    asyncio.run(create_topics(kafka_bootstrap, [d.topics.commands], d.partitions))
+    return d
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Start workers; every one still running at teardown is stopped (or killed)."""
+    started: list[Worker] = []
+
+    def start(d: Deployment, app_id: str | None = None, data_dir: Path | None = None) -> Worker:
+        worker = Worker(d.env(app_id, data_dir), tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.stop(timeout=30)
