@@ -265,7 +265,7 @@ class SessionPipeline:
     def _guard_commits(self) -> None:
         """Route every commit, Faust's own included (rebalance, shutdown), through
         the processing lock, so no commit ever splits a batch."""
-        consumer = self.app.consumer
+        consumer: Any = self.app.consumer
         if getattr(consumer, "_stream_app_guarded", False):
             return
         consumer._stream_app_guarded = True

@@ -181,7 +181,8 @@ async def test_every_transition_and_rejection_through_kafka(
     assert session["total"] == 0.8
     assert session["updateCount"] == 3
     assert session["firstSession"] is True  # anonymous
-    assert isinstance(session["id"], int) and session["id"] > 0
+    assert isinstance(session["id"], int)
+    assert session["id"] > 0
     assert b'"cartItemTotal":0.8' in json.dumps(session)
 
     second_return = docs["t-return"][2]
