@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     #: Commands taken from the stream per batch, and the longest wait to fill one.
     batch_size: int = Field(default=500, ge=1)
     batch_within_s: float = Field(default=0.05, gt=0)
+    #: How long the group waits for a silent (crashed) worker before its
+    #: partitions move; Kafka's own default is 45 s.
+    session_timeout_s: float = Field(default=30.0, ge=6.0)
     web_enabled: bool = False
     web_port: int = Field(default=6066, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

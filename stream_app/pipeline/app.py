@@ -121,6 +121,7 @@ class SessionPipeline:
             producer_max_batch_size=256 * 1024,
             stream_buffer_maxsize=max(4096, s.batch_size * 2),
             table_standby_replicas=0,
+            broker_session_timeout=s.session_timeout_s,
             web_enabled=s.web_enabled,
             web_port=s.web_port,
             web_host="127.0.0.1",

@@ -64,6 +64,7 @@ class Deployment:
                 "STREAM_APP_PARTITIONS": str(self.partitions),
                 "STREAM_APP_PROCESSING_GUARANTEE": self.guarantee,
                 "STREAM_APP_LOG_LEVEL": "INFO",
+                "STREAM_APP_SESSION_TIMEOUT_S": "8",
                 "STREAM_APP_TOPICS__COMMANDS": t.commands,
                 "STREAM_APP_TOPICS__CLOSED": t.closed,
                 "STREAM_APP_TOPICS__RETURNED": t.returned,

@@ -1,0 +1,126 @@
+"""State survives restarts: from the local RocksDB store, from the changelog
+alone, and across a hard crash mid-stream with exactly-once outputs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.integration.harness import Deployment, Worker, command, consume, produce
+
+
+def _rocksdb_files(data_dir: Path) -> list[Path]:
+    return [*data_dir.rglob("*.sst"), *data_dir.rglob("CURRENT")]
+
+
+async def test_worker_continues_from_table_state_local_and_from_changelog(
+    deployment: Deployment, workers: Callable[..., Worker], tmp_path: Path
+) -> None:
+    t = deployment.topics
+    cart = [{"sku": "lamp", "quantity": 1, "price": 25.5}]
+    await produce(
+        deployment.bootstrap,
+        t.commands,
+        [
+            (b"cart-1", command("update", "cart-1", eventId="a1", session={"cartItems": cart})),
+            (b"cart-1", command("update", "cart-1", eventId="a2", session={"couponCodes": ["X"]})),
+        ],
+    )
+    first = workers(deployment)
+    # The two updates emit nothing downstream; a marker session tells us run 1 is done.
+    await produce(
+        deployment.bootstrap,
+        t.commands,
+        [
+            (b"marker-1", command("update", "marker-1", session={"state": "closed"})),
+        ],
+    )
+    await consume(deployment.bootstrap, [t.closed], expect=1, timeout=90)
+    assert first.stop() == 0, first.log_tail()
+    assert _rocksdb_files(deployment.data_dir), "the session table is not in RocksDB"
+
+    # Run 2, same data directory: RocksDB state continues.
+    second = workers(deployment)
+    await produce(
+        deployment.bootstrap,
+        t.commands,
+        [
+            (b"cart-1", command("update", "cart-1", eventId="a3", session={"state": "closed"})),
+        ],
+    )
+    outputs = await consume(deployment.bootstrap, [t.closed], expect=2, timeout=90)
+    closed = {o.doc()["integrationId"]: o.doc() for o in outputs}
+    session = closed["cart-1"]["session"]
+    assert session["updateCount"] == 3
+    assert session["cartItems"][0]["sku"] == "lamp"
+    assert session["couponCodes"] == ["X"]
+    assert second.stop() == 0, second.log_tail()
+
+    # Run 3, empty data directory: the table is rebuilt from its changelog.
+    third = workers(deployment, data_dir=tmp_path / "fresh-state")
+    await produce(
+        deployment.bootstrap,
+        t.commands,
+        [
+            (b"cart-1", command("reopen", "cart-1", eventId="a4")),
+        ],
+    )
+    reopened = await consume(deployment.bootstrap, [t.reopened], expect=1, timeout=90)
+    again = reopened[0].doc()["session"]
+    assert again["updateCount"] == 4
+    assert again["id"] == session["id"]
+    assert again["total"] == 25.5
+    assert third.stop() == 0, third.log_tail()
+
+
+async def test_hard_crash_mid_stream_loses_and_duplicates_nothing(
+    deployment: Deployment, workers: Callable[..., Worker]
+) -> None:
+    """SIGKILL the worker while it works through 4,000 sessions (open, then close),
+    start another: every session is closed exactly once for a read_committed
+    consumer, and the closes carry the state the opens left."""
+    t = deployment.topics
+    n = 4000
+    records = []
+    for i in range(n):
+        iid = f"s-{i:05d}"
+        records.append(
+            (
+                iid.encode(),
+                command(
+                    "update",
+                    iid,
+                    eventId=f"{iid}-open",
+                    session={"cartItems": [{"sku": "book", "quantity": 1 + i % 3, "price": 12.25}]},
+                ),
+            )
+        )
+    for i in range(n):
+        iid = f"s-{i:05d}"
+        records.append(
+            (
+                iid.encode(),
+                command("update", iid, eventId=f"{iid}-close", session={"state": "closed"}),
+            )
+        )
+    await produce(deployment.bootstrap, t.commands, records)
+
+    victim = workers(deployment)
+    seen = await consume(deployment.bootstrap, [t.closed], expect=200, timeout=120)
+    assert len(seen) < n, "the worker finished before it could be killed"
+    victim.kill()
+
+    workers(deployment)
+    outputs = await consume(deployment.bootstrap, [t.closed], expect=n, timeout=240, settle=3)
+    counts = Counter(o.doc()["integrationId"] for o in outputs)
+    assert len(counts) == n
+    duplicated = {iid: c for iid, c in counts.items() if c > 1}
+    assert not duplicated
+    for out in outputs:
+        doc = out.doc()
+        i = int(doc["integrationId"][2:])
+        assert doc["session"]["cartItemTotal"] == 12.25 * (1 + i % 3)
+        assert doc["session"]["updateCount"] == 2
+    ids = [o.doc()["session"]["id"] for o in outputs]
+    assert len(set(ids)) == n
