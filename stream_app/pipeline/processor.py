@@ -5,11 +5,13 @@ production, dicts in unit tests), each returning the records to send:
 
 * :class:`CommandProcessor` (stage 1, keyed by ``integrationId``): decodes a
   command, re-keys it if it arrived on the wrong key, applies it to the stored
-  session with the domain core, stores the result, and returns rejections and
-  envelopes for stage 2.
+  session with the domain core, stores the result, and returns rejections,
+  the downstream records of anonymous sessions, and envelopes for stage 2.
 * :class:`ProfileProcessor` (stage 2, keyed by ``(applicationId, profileId)``):
-  decides ``firstSession`` for profiled sessions and writes the downstream
-  records.
+  decides ``firstSession`` for profiled sessions and writes their downstream
+  records. (Anonymous sessions are always first sessions and skip it; a
+  session that gains a profile later therefore moves from one path to the
+  other, and only its outputs across that switch may reorder.)
 
 Contract on crash and rebalance: the tables and the sends of one record are in
 the same Kafka transaction under ``exactly_once`` (Faust's per-partition
@@ -221,11 +223,7 @@ class CommandProcessor:
     ) -> list[Outgoing]:
         out: list[Outgoing] = []
         profiled = after.profile_id != ""
-        route_key = (
-            profile_key(after.application_id, after.profile_id)
-            if profiled
-            else after.integration_id.encode()
-        )
+        route_key = profile_key(after.application_id, after.profile_id)
         if profiled and (before is None or before.profile_id != after.profile_id):
             claim = {"kind": "claim", "integrationId": after.integration_id}
             out.append(Outgoing(self.profile_topic, route_key, json.dumps(claim)))
@@ -233,11 +231,18 @@ class CommandProcessor:
             channel = EVENT_CHANNEL.get(event.name)
             if channel is None:
                 continue
+            if not profiled:
+                # Anonymous sessions are always first sessions: no profile state
+                # to consult, so they skip stage 2.
+                topic: str = getattr(self.topics, channel)
+                self.metrics.emitted[channel] = self.metrics.emitted.get(channel, 0) + 1
+                doc = json.dumps(output_document(event, after))
+                out.append(Outgoing(topic, after.integration_id.encode(), doc))
+                continue
             envelope = {
                 "kind": "emit",
                 "channel": channel,
                 "integrationId": after.integration_id,
-                "profiled": profiled,
                 "output": output_document(event, after),
             }
             out.append(Outgoing(self.profile_topic, route_key, json.dumps(envelope)))
@@ -288,8 +293,7 @@ class ProfileProcessor:
                 self.first_sessions[key] = integration_id
             return []
         output: dict[str, Any] = envelope["output"]
-        if envelope["profiled"]:
-            output["session"]["firstSession"] = self.first_sessions.get(key) == integration_id
+        output["session"]["firstSession"] = self.first_sessions.get(key) == integration_id
         channel: str = envelope["channel"]
         topic: str = getattr(self.topics, channel)
         self.metrics.emitted[channel] = self.metrics.emitted.get(channel, 0) + 1

@@ -1,0 +1,129 @@
+"""The pipeline's per-record logic with dict tables: no broker, no Faust."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from stream_app import json
+from stream_app.domain import ApplicationSettings
+from stream_app.pipeline.processor import (
+    ORIGIN_HEADER,
+    CommandProcessor,
+    Outgoing,
+    PartitionSequenceAllocator,
+    ProfileProcessor,
+    SessionIdSpaceExhaustedError,
+    SourceRecord,
+)
+from stream_app.settings import TopicNames
+
+TOPICS = TopicNames()
+REKEY = "app-sessions.rekeyed"
+PROFILES = "app-sessions.by-profile"
+
+
+def stage1(partitions: int = 4) -> CommandProcessor:
+    return CommandProcessor(
+        topics=TOPICS,
+        rekey_topic=REKEY,
+        profile_topic=PROFILES,
+        sessions={},
+        allocator=PartitionSequenceAllocator({}, partitions),
+        settings_for=lambda _app: ApplicationSettings(),
+        default_application_id=1,
+    )
+
+
+def record(
+    value: bytes | None,
+    key: bytes | None,
+    *,
+    partition: int = 0,
+    offset: int = 0,
+    topic: str = TOPICS.commands,
+    headers: tuple[tuple[str, bytes], ...] = (),
+) -> SourceRecord:
+    return SourceRecord(topic, partition, offset, 1_764_000_000_000 + offset, key, value, headers)
+
+
+def cmd(iid: str, **fields: Any) -> bytes:
+    return json.dumps({"type": "update", "integrationId": iid, **fields})
+
+
+def test_mis_keyed_command_is_re_keyed_with_its_origin_and_applied_from_there() -> None:
+    p = stage1()
+    out = p.process(record(cmd("s1", session={"state": "closed"}), b"wrong", partition=2, offset=7))
+    assert [(o.topic, o.key) for o in out] == [(REKEY, b"s1")]
+    assert p.metrics.rekeyed == 1
+    assert p.sessions == {}
+    rekeyed = record(
+        out[0].value, out[0].key, partition=1, offset=0, topic=REKEY, headers=out[0].headers
+    )
+    closed = p.process(rekeyed)
+    assert [o.topic for o in closed] == [TOPICS.closed]
+    doc = json.loads(closed[0].value)
+    assert doc["eventId"] == f"{TOPICS.commands}-2-7"  # where it first arrived
+    assert doc["occurredAt"].startswith("2025-11-24T")
+    assert out[0].headers[0][0] == ORIGIN_HEADER
+
+
+def test_ids_interleave_partitions_and_never_collide() -> None:
+    allocator = PartitionSequenceAllocator({}, partitions=3)
+    ids = []
+    for partition in (0, 1, 2, 0, 1, 2, 0):
+        allocator.partition = partition
+        ids.append(allocator.next_id())
+    assert ids == [1, 2, 3, 4, 5, 6, 7]
+    assert len(set(ids)) == len(ids)
+
+
+def test_id_space_exhaustion_is_an_error_not_a_reused_id() -> None:
+    allocator = PartitionSequenceAllocator({b"p0": b"%d" % (2**31 // 2)}, partitions=2)
+    with pytest.raises(SessionIdSpaceExhaustedError):
+        allocator.next_id()
+
+
+def test_anonymous_outputs_go_straight_downstream_profiled_ones_through_stage_2() -> None:
+    p = stage1()
+    anon = p.process(record(cmd("a", session={"state": "closed"}), b"a"))
+    assert [o.topic for o in anon] == [TOPICS.closed]
+    assert json.loads(anon[0].value)["session"]["firstSession"] is True
+    profiled = p.process(
+        record(cmd("b", session={"profileId": "alice", "state": "closed"}), b"b", offset=1)
+    )
+    assert [o.topic for o in profiled] == [PROFILES, PROFILES]  # claim, then the close
+    assert {o.key for o in profiled} == {b"1\x1falice"}
+
+
+def test_stage_2_marks_only_the_first_claimant_of_a_profile_first() -> None:
+    p1 = stage1()
+    stage2 = ProfileProcessor(topics=TOPICS, first_sessions={})
+    sent: list[Outgoing] = []
+    for n, iid in enumerate(("s-1", "s-2")):
+        for out in p1.process(
+            record(
+                cmd(iid, session={"profileId": "bob", "state": "closed"}), iid.encode(), offset=n
+            )
+        ):
+            sent += stage2.process(record(out.value, out.key, topic=PROFILES))
+    flags = {
+        json.loads(o.value)["integrationId"]: json.loads(o.value)["session"]["firstSession"]
+        for o in sent
+    }
+    assert flags == {"s-1": True, "s-2": False}
+    assert all(o.topic == TOPICS.closed for o in sent)
+
+
+def test_duplicates_and_rejections_are_counted_and_rejections_keep_the_bytes() -> None:
+    p = stage1()
+    first = p.process(record(cmd("d", eventId="e1", session={"state": "closed"}), b"d"))
+    again = p.process(record(cmd("d", eventId="e1", session={"state": "closed"}), b"d", offset=1))
+    assert len(first) == 1
+    assert again == []
+    assert p.metrics.duplicates == 1
+    bad = p.process(record(b"\xff", b"d", offset=2))
+    assert [o.topic for o in bad] == [TOPICS.rejected]
+    assert json.loads(bad[0].value)["source"]["offset"] == 2
+    assert p.metrics.rejected == 1
