@@ -26,7 +26,7 @@ test: lint
 	$(BIN)/pytest
 
 demo: install
-	$(BIN)/python -m stream_app.demo
+	$(BIN)/python tools/demo.py
 
 bench: install
 	$(BIN)/python bench/domain_bench.py
