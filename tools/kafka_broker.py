@@ -217,13 +217,13 @@ class KafkaCluster:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            out = (node.data_dir / "stdout.log").open("wb")
-            proc = subprocess.Popen(
-                [*jvm, "kafka.Kafka", str(props)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            with (node.data_dir / "stdout.log").open("wb") as out:  # the JVM keeps its own fd
+                proc = subprocess.Popen(
+                    [*jvm, "kafka.Kafka", str(props)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             node.pid = proc.pid
             self._procs.append(proc)
         self._write_state()
@@ -289,9 +289,14 @@ class KafkaCluster:
 
 
 def _kafka_uuid() -> str:
+    """A random Kafka cluster id; never one starting with '-', which the
+    storage tool would read as an option."""
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _kill_group(pid: int) -> None:
