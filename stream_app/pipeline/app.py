@@ -200,7 +200,12 @@ class SessionPipeline:
         process: Callable[[SourceRecord], list[Outgoing]],
     ) -> None:
         producer = self.app.producer
+        assigned = self.app.consumer.assignment()
         for event in events:
+            if event.message.tp not in assigned:
+                # Revoked while buffered: its new owner processes it; neither
+                # send nor ack it here (its transaction producer is gone).
+                continue
             record = _record(event)
             # Table writes go to the changelog partition of the *current event*;
             # take_events fills its buffer in another task, so set it here.
@@ -232,7 +237,8 @@ class SessionPipeline:
             finally:
                 _current_event.reset(token)
         for event in events:
-            await stream.ack(event)
+            if event.message.tp in assigned:
+                await stream.ack(event)
         self._dirty = True
         if time.monotonic() - self._last_commit >= self.settings.batch_within_s:
             await self._commit_locked()
