@@ -177,6 +177,7 @@ class SessionPipeline:
         )
         app.task(self._follow_settings)
         app.timer(0.1)(self._commit_timer)
+        app.timer(30.0)(self._log_metrics)
 
     # -- processing ------------------------------------------------------------------------
     def _agent(self, process: Callable[[SourceRecord], list[Outgoing]]) -> Callable[[Any], Any]:
@@ -316,6 +317,13 @@ class SessionPipeline:
             await self.app.producer.flush()
         self._dirty = False
         self._last_commit = time.monotonic()
+
+    async def _log_metrics(self) -> None:
+        m = self.metrics
+        log.info(
+            "metrics: applied=%d duplicates=%d rejected=%d rekeyed=%d emitted=%s",
+            m.applied, m.duplicates, m.rejected, m.rekeyed, m.emitted,
+        )
 
     async def _follow_settings(self) -> None:
         await follow_settings_topic(self.settings, self.registry, self.settings_ready)

@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.integration.harness import Deployment, Worker, command, consume, produce
 
 
@@ -74,12 +76,13 @@ async def test_worker_continues_from_table_state_local_and_from_changelog(
     assert third.stop() == 0, third.log_tail()
 
 
-async def test_hard_crash_mid_stream_loses_and_duplicates_nothing(
-    deployment: Deployment, workers: Callable[..., Worker]
+@pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
+async def test_stop_mid_stream_loses_and_duplicates_nothing(
+    deployment: Deployment, workers: Callable[..., Worker], stop: str
 ) -> None:
-    """SIGKILL the worker while it works through 4,000 sessions (open, then close),
-    start another: every session is closed exactly once for a read_committed
-    consumer, and the closes carry the state the opens left."""
+    """Kill (or gracefully stop) the worker while it works through 4,000 sessions
+    (open, then close), start another: every session is closed exactly once for a
+    read_committed consumer, and the closes carry the state the opens left."""
     t = deployment.topics
     n = 4000
     records = []
@@ -109,7 +112,10 @@ async def test_hard_crash_mid_stream_loses_and_duplicates_nothing(
     victim = workers(deployment)
     seen = await consume(deployment.bootstrap, [t.closed], expect=200, timeout=120)
     assert len(seen) < n, "the worker finished before it could be killed"
-    victim.kill()
+    if stop == "sigkill":
+        victim.kill()
+    else:
+        assert victim.stop() == 0, victim.log_tail()
 
     workers(deployment)
     outputs = await consume(deployment.bootstrap, [t.closed], expect=n, timeout=240, settle=3)

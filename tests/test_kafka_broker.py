@@ -1,0 +1,47 @@
+"""The broker script's cache and probes (the broker itself runs in tests/integration)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools import kafka_broker
+
+
+def test_a_cached_broker_is_not_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lib = kafka_broker.jar_dir(tmp_path)
+    lib.mkdir(parents=True)
+    (lib / ".complete").touch()
+
+    def no_download(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("fetch ran a download although the jars are cached")
+
+    monkeypatch.setattr(subprocess, "run", no_download)
+    assert kafka_broker.fetch(tmp_path) == lib
+
+
+def test_cluster_ids_are_never_read_as_options() -> None:
+    ids = {kafka_broker._kafka_uuid() for _ in range(2000)}
+    assert len(ids) == 2000
+    assert not any(i.startswith("-") for i in ids)
+
+
+def test_metadata_probe_fails_cleanly_when_nothing_listens() -> None:
+    port = kafka_broker.free_port()
+    with pytest.raises(ConnectionRefusedError):
+        kafka_broker.metadata_brokers("127.0.0.1", port, timeout=0.5)
+
+
+def test_three_node_cluster_configuration_replicates_internal_topics(tmp_path: Path) -> None:
+    cluster = kafka_broker.KafkaCluster(tmp_path, nodes=3)
+    node = kafka_broker.Node(2, 9001, 9002, tmp_path / "node-2")
+    props = cluster._properties(node, "1@127.0.0.1:1,2@127.0.0.1:2,3@127.0.0.1:3")
+    assert "node.id=2" in props
+    assert "transaction.state.log.replication.factor=3" in props
+    assert "transaction.state.log.min.isr=2" in props
+    assert "auto.create.topics.enable=false" in props
