@@ -38,7 +38,6 @@ from stream_app.domain.model import (
     SessionPatch,
     SessionState,
     UpdateCommand,
-    with_first_session,
 )
 from stream_app.domain.transitions import apply
 from stream_app.domain.wire import (
@@ -85,5 +84,4 @@ __all__ = [
     "output_document",
     "rejection_document",
     "session_document",
-    "with_first_session",
 ]

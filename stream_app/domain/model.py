@@ -52,7 +52,6 @@ __all__ = [
     "SessionPatch",
     "SessionState",
     "UpdateCommand",
-    "with_first_session",
 ]
 
 #: How many of the most recent applied event ids a session remembers for
@@ -240,13 +239,6 @@ class Session(msgspec.Struct, frozen=True, gc=False):
     additional_cost_total: Decimal = Decimal(0)
     cart_item_additional_cost_total: Decimal = Decimal(0)
     recent_event_ids: tuple[str, ...] = ()
-
-
-def with_first_session(session: Session, first: bool) -> Session:
-    """A copy of ``session`` with ``first_session`` set (the pipeline's second stage)."""
-    if session.first_session is first:
-        return session
-    return msgspec.structs.replace(session, first_session=first)
 
 
 # --------------------------------------------------------------------------- commands

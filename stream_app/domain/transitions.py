@@ -41,9 +41,10 @@ Our rules, where the spec is silent:
 - Creating a session as ``cancelled`` or ``partially_returned`` is
   ``INVALID_TRANSITION``; ``state: partially_returned`` in an update is never
   allowed (only a return gets there).
-- ``firstSession`` is set at creation to ``profileId == ""``; the pipeline
-  overrides it for profiled sessions (``with_first_session``). Later updates
-  of ``profileId`` do not recompute it.
+- ``firstSession`` is set at creation to ``profileId == ""``. For profiled
+  sessions that stored value is a placeholder: the pipeline's profile stage
+  decides the emitted value (also after a ``profileId`` change), since it
+  needs state keyed by profile.
 - A stored session whose application or integration id differs from the
   command's is ``APPLICATION_MISMATCH`` (the pipeline keys the store).
 - Settings-dependent checks happen here: total quantity <= 10,000 with

@@ -33,7 +33,6 @@ from stream_app.domain import (
     Session,
     SessionState,
     apply,
-    with_first_session,
 )
 
 E = EventName
@@ -144,8 +143,6 @@ def test_creation_sets_identity_times_and_counters() -> None:
 def test_first_session_false_for_profiles_until_pipeline_decides() -> None:
     session = applied(None, update_doc({"profileId": "p-1"})).session
     assert session.first_session is False
-    assert with_first_session(session, True).first_session is True
-    assert with_first_session(session, False) is session
 
 
 def test_update_count_and_updated_follow_applied_commands_only() -> None:
