@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Deployment, Worker, command, consume, produce
+from tests.integration.harness import (
+    Deployment,
+    Worker,
+    command,
+    consume,
+    produce,
+    topic_configs,
+)
 
 
 def _rocksdb_files(data_dir: Path) -> list[Path]:
@@ -41,6 +48,14 @@ async def test_worker_continues_from_table_state_local_and_from_changelog(
     await consume(deployment.bootstrap, [t.closed], expect=1, timeout=90)
     assert first.stop() == 0, first.log_tail()
     assert _rocksdb_files(deployment.data_dir), "the session table is not in RocksDB"
+    app_id = deployment.env()["STREAM_APP_APP_ID"]
+    changelogs = [
+        f"{app_id}-{table}-changelog" for table in ("sessions", "session-ids", "first-sessions")
+    ]
+    configs = await topic_configs(deployment.bootstrap, changelogs)
+    assert {name: c["cleanup.policy"] for name, c in configs.items()} == dict.fromkeys(
+        changelogs, "compact"
+    )
 
     # Run 2, same data directory: RocksDB state continues.
     second = workers(deployment)
