@@ -21,16 +21,29 @@ committing. So here:
   changes, their outputs and their offsets, or nothing.
 
 Under ``at_least_once`` the same code sends with the plain producer.
+
+Local state after a crash
+-------------------------
+RocksDB is written as records are processed, before their transaction
+commits, so after a crash the local store can hold state of aborted
+transactions (a session "closed" by a batch whose close was never
+committed). A worker therefore marks a clean stop (all batches committed,
+stores closed) in ``<data_dir>/clean-shutdown``; a worker that finds its
+table directory without that mark discards it and rebuilds the tables from
+their (read_committed) changelogs, as Kafka Streams does under exactly-once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import faust
 from faust.streams import _current_event
@@ -39,7 +52,7 @@ from stream_app.pipeline.application_settings import (
     ApplicationSettingsRegistry,
     follow_settings_topic,
 )
-from stream_app.pipeline.kafka import faust_broker, faust_credentials
+from stream_app.pipeline.kafka import committed_offsets_between, faust_broker, faust_credentials
 from stream_app.pipeline.processor import (
     CommandProcessor,
     Metrics,
@@ -54,6 +67,7 @@ from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+CLEAN_SHUTDOWN_MARK = "clean-shutdown"
 _NEVER = 10.0**9  # seconds / events: Faust's own commit triggers are switched off
 _RAW: dict[str, Any] = {
     "key_type": bytes,
@@ -96,6 +110,8 @@ class SessionPipeline:
         self._lock = asyncio.Lock()
         self._dirty = False
         self._inside_commit = False
+        self._next_offset: dict[Any, int] = {}
+        self._resync: dict[Any, deque[int]] = {}
         self._transactions_ended = False
         self._last_commit = time.monotonic()
         self.app = self._create_app()
@@ -175,6 +191,10 @@ class SessionPipeline:
         app.agent(self.by_profile, name="session-profiles")(
             self._agent(self.profile_processor.process)
         )
+        # mode's Signal types want a ``signal=`` keyword these handlers ignore.
+        cast(Any, app.on_before_shutdown).connect(self._mark_clean_shutdown)
+        cast(Any, app.on_partitions_assigned).connect(self._on_rebalance)
+        cast(Any, app.on_partitions_revoked).connect(self._on_rebalance)
         app.task(self._follow_settings)
         app.timer(0.1)(self._commit_timer)
         app.timer(30.0)(self._log_metrics)
@@ -184,7 +204,8 @@ class SessionPipeline:
         async def agent(stream: Any) -> None:
             self._guard_commits()
             await self.settings_ready.wait()
-            async for events in stream.take_events(
+            # noack_take: this agent acks exactly the events it processed.
+            async for events in stream.noack_take(
                 self.settings.batch_size, within=self.settings.batch_within_s
             ):
                 async with self._lock:
@@ -202,11 +223,15 @@ class SessionPipeline:
     ) -> None:
         producer = self.app.producer
         assigned = self.app.consumer.assignment()
+        processed: list[Any] = []
         for event in events:
             if event.message.tp not in assigned:
                 # Revoked while buffered: its new owner processes it; neither
                 # send nor ack it here (its transaction producer is gone).
                 continue
+            if not await self._in_sequence(event.message):
+                continue
+            processed.append(event)
             record = _record(event)
             # Table writes go to the changelog partition of the *current event*;
             # take_events fills its buffer in another task, so set it here.
@@ -237,12 +262,69 @@ class SessionPipeline:
                     )
             finally:
                 _current_event.reset(token)
-        for event in events:
-            if event.message.tp in assigned:
-                await stream.ack(event)
+        for event in processed:
+            await stream.ack(event)
         self._dirty = True
         if time.monotonic() - self._last_commit >= self.settings.batch_within_s:
             await self._commit_locked()
+
+    async def _in_sequence(self, message: Any) -> bool:
+        """Whether ``message`` is the next record of its partition to process.
+
+        After a crash, Faust can hand over records fetched *before* its
+        post-assignment seek to the committed offset (from where a dead
+        worker's aborted transaction had read to), and then drops the
+        re-fetched records below them as already read: processing such a record
+        would skip the ones before it for good. So the first record of each
+        partition after an assignment is checked against the committed offset;
+        on a jump, the committed records in between are listed, the partition
+        is sought back, and exactly those are processed, in order, before
+        anything else of that partition. Records delivered twice are dropped.
+        Dropped records are neither processed nor acknowledged.
+        """
+        tp, offset = message.tp, message.offset
+        pending = self._resync.get(tp)
+        if pending is not None:
+            if offset != pending[0]:
+                return False
+            pending.popleft()
+            if not pending:
+                del self._resync[tp]
+        elif tp in self._next_offset:
+            if offset < self._next_offset[tp]:
+                return False
+        else:
+            consumer: Any = self.app.consumer
+            processed = consumer._acked_index[tp]  # processed, not yet committed
+            if offset in processed:
+                return False
+            committed = consumer._committed_offset.get(tp)
+            if committed is not None and offset > committed:
+                skipped = [
+                    o
+                    for o in await committed_offsets_between(
+                        self.settings, tp.topic, tp.partition, committed, offset
+                    )
+                    if o not in processed
+                ]
+                if skipped:
+                    log.warning(
+                        "%s[%d]: got offset %d before %d earlier record(s) from %d: seeking back",
+                        tp.topic,
+                        tp.partition,
+                        offset,
+                        len(skipped),
+                        committed,
+                    )
+                    await consumer.seek(tp, skipped[0])
+                    self._resync[tp] = deque(skipped)
+                    return False
+        self._next_offset[tp] = offset + 1
+        return True
+
+    async def _on_rebalance(self, sender: Any, *args: Any, **kwargs: Any) -> None:
+        self._next_offset.clear()
+        self._resync.clear()
 
     def _transactional_id(self, record: SourceRecord) -> str | None:
         if not self.app.in_transaction:
@@ -318,11 +400,48 @@ class SessionPipeline:
         self._dirty = False
         self._last_commit = time.monotonic()
 
+    # -- local state ------------------------------------------------------------------------
+    @property
+    def _clean_shutdown_mark(self) -> Path:
+        return self.settings.data_dir / CLEAN_SHUTDOWN_MARK
+
+    def discard_state_after_unclean_stop(self) -> bool:
+        """Before the worker starts: drop local tables a crash may have left ahead
+        of the committed changelog. Returns whether anything was discarded."""
+        tabledir = Path(self.app.conf.tabledir)
+        mark = self._clean_shutdown_mark
+        discarded = False
+        if tabledir.exists() and not mark.exists():
+            log.warning(
+                "the last worker on %s did not stop cleanly: discarding local table state, "
+                "it is rebuilt from the changelog topics",
+                tabledir,
+            )
+            shutil.rmtree(tabledir)
+            discarded = True
+        mark.unlink(missing_ok=True)
+        return discarded
+
+    async def _mark_clean_shutdown(
+        self, sender: Any, *args: Any, signal: Any = None, **kwargs: Any
+    ) -> None:
+        # Faust has committed and closed the stores by now (App.on_stop). Under
+        # exactly_once the final commit must have ended the transactions.
+        if self.app.in_transaction and not self._transactions_ended:
+            log.warning("final commit did not complete: local state will be rebuilt")
+            return
+        self._clean_shutdown_mark.parent.mkdir(parents=True, exist_ok=True)
+        self._clean_shutdown_mark.touch()
+
     async def _log_metrics(self) -> None:
         m = self.metrics
         log.info(
             "metrics: applied=%d duplicates=%d rejected=%d rekeyed=%d emitted=%s",
-            m.applied, m.duplicates, m.rejected, m.rekeyed, m.emitted,
+            m.applied,
+            m.duplicates,
+            m.rejected,
+            m.rekeyed,
+            m.emitted,
         )
 
     async def _follow_settings(self) -> None:
@@ -337,4 +456,5 @@ def create_worker(settings: Settings) -> faust.Worker:
     """A Faust worker for the pipeline, with the app's topics created first."""
     asyncio.run(ensure_topics(settings))
     pipeline = create_pipeline(settings)
+    pipeline.discard_state_after_unclean_stop()
     return faust.Worker(pipeline.app, loglevel=settings.log_level.lower())

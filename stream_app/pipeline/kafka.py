@@ -75,3 +75,32 @@ async def partition_count(options: dict[str, Any], topic: str) -> int:
         if entry.get("topic") == topic and not entry.get("error_code"):
             return len(entry.get("partitions", ()))
     return 0
+
+
+async def committed_offsets_between(
+    settings: Settings, topic: str, partition: int, start: int, end: int
+) -> list[int]:
+    """Offsets of the committed records in ``[start, end)`` of one partition."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        **client_options(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    offsets: list[int] = []
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        while await consumer.position(tp) < end:
+            batch = await consumer.getmany(tp, timeout_ms=2000)
+            records = batch.get(tp) or []
+            if not records:
+                break
+            offsets += [r.offset for r in records if r.offset < end]
+    finally:
+        await consumer.stop()
+    return offsets
