@@ -20,22 +20,11 @@ def configure_logging(level: str) -> None:
     )
 
 
-def dump_tasks(signum: int, frame: object) -> None:
-    """SIGUSR1: print every asyncio task's stack (py-spy cannot see coroutines)."""
-    import asyncio
-
-    for task in asyncio.all_tasks():
-        print(f"--- {task!r}", file=sys.stderr)
-        task.print_stack(file=sys.stderr)
-
-
 def run_worker(settings: Settings) -> None:
-    """Run one Faust worker until SIGTERM/SIGINT; Faust handles those signals."""
-    import signal
-
+    """Run one Faust worker until SIGTERM/SIGINT; Faust handles those signals
+    (and SIGUSR1, which logs every task's stack)."""
     from stream_app.pipeline.app import create_worker
 
-    signal.signal(signal.SIGUSR1, dump_tasks)
     create_worker(settings).execute_from_commandline()
 
 
