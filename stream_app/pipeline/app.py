@@ -48,6 +48,8 @@ from typing import Any, cast
 import faust
 from faust.streams import _current_event
 
+from stream_app import json
+from stream_app.domain import ErrorDetail, Reason, Rejection, rejection_document
 from stream_app.pipeline.application_settings import (
     ApplicationSettingsRegistry,
     follow_settings_topic,
@@ -234,7 +236,7 @@ class SessionPipeline:
             processed.append(event)
             record = _record(event)
             # Table writes go to the changelog partition of the *current event*;
-            # take_events fills its buffer in another task, so set it here.
+            # noack_take fills its buffer in another task, so set it here.
             token = _current_event.set(weakref.ref(event))
             try:
                 try:
@@ -333,9 +335,6 @@ class SessionPipeline:
         return f"{self.app.conf.id}-{group}-{record.partition}"
 
     def _internal_error(self, record: SourceRecord, exc: Exception) -> Outgoing:
-        from stream_app import json
-        from stream_app.domain import ErrorDetail, Reason, Rejection, rejection_document
-
         rejection = Rejection(
             reason=Reason.INTERNAL_ERROR,
             message=f"the processor failed on this record: {type(exc).__name__}",
