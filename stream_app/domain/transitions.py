@@ -68,6 +68,7 @@ Our rules, where the spec is silent:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -199,7 +200,6 @@ def _grand_total(a: Decimal, b: Decimal, c: Decimal) -> Decimal:
 
 def _check_settings(patch: SessionPatch, settings: ApplicationSettings) -> None:
     items = patch.cart_items
-    allowed_costs = settings.additional_costs
     if items is not None:
         if settings.flattening:
             quantity = sum(item.quantity for item in items)
@@ -210,34 +210,46 @@ def _check_settings(patch: SessionPatch, settings: ApplicationSettings) -> None:
                     f"with cart item flattening the total quantity must be at most "
                     f"{MAX_CART_QUANTITY}, got {quantity}",
                 )
-        if allowed_costs is not None:
+        if settings.additional_costs is not None:
             for position, item in enumerate(items):
-                if item.additional_costs:
-                    for name in item.additional_costs:
-                        if name not in allowed_costs:
-                            raise InvalidCommandError(
-                                Reason.UNKNOWN_ADDITIONAL_COST,
-                                f"/session/cartItems/{position}/additionalCosts/"
-                                f"{pointer_token(name)}",
-                                f"unknown additional cost {name!r}",
-                            )
-    if allowed_costs is not None and patch.additional_costs:
-        for name in patch.additional_costs:
-            if name not in allowed_costs:
-                raise InvalidCommandError(
+                _require_known(
+                    item.additional_costs,
+                    settings.additional_costs,
                     Reason.UNKNOWN_ADDITIONAL_COST,
-                    f"/session/additionalCosts/{pointer_token(name)}",
-                    f"unknown additional cost {name!r}",
+                    f"/session/cartItems/{position}/additionalCosts",
+                    "additional cost",
                 )
-    allowed_attributes = settings.attributes
-    if allowed_attributes is not None and patch.attributes:
-        for name in patch.attributes:
-            if name not in allowed_attributes:
-                raise InvalidCommandError(
-                    Reason.UNKNOWN_ATTRIBUTE,
-                    f"/session/attributes/{pointer_token(name)}",
-                    f"unknown attribute {name!r}",
-                )
+    _require_known(
+        patch.additional_costs,
+        settings.additional_costs,
+        Reason.UNKNOWN_ADDITIONAL_COST,
+        "/session/additionalCosts",
+        "additional cost",
+    )
+    _require_known(
+        patch.attributes,
+        settings.attributes,
+        Reason.UNKNOWN_ATTRIBUTE,
+        "/session/attributes",
+        "attribute",
+    )
+
+
+def _require_known(
+    names: Iterable[str] | None,
+    allowed: frozenset[str] | None,
+    reason: Reason,
+    pointer: str,
+    what: str,
+) -> None:
+    """Reject the first name not in ``allowed`` (``None`` allows every name)."""
+    if allowed is None or not names:
+        return
+    for name in names:
+        if name not in allowed:
+            raise InvalidCommandError(
+                reason, f"{pointer}/{pointer_token(name)}", f"unknown {what} {name!r}"
+            )
 
 
 def _merge_attributes(stored: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
