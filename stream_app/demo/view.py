@@ -12,7 +12,6 @@ when ``should_stop`` says so.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
@@ -24,6 +23,7 @@ import orjson
 
 from stream_app import json
 from stream_app.demo.traffic import OUTPUT_KINDS
+from stream_app.pipeline.kafka import wait_for_partitions
 from stream_app.settings import Settings
 
 __all__ = ["ViewResult", "pretty", "shorten", "watch"]
@@ -99,31 +99,6 @@ def shorten(kind: str, doc: Any) -> str:
     return " ".join(parts)
 
 
-async def _partitions(
-    options: dict[str, Any], topics: list[str], deadline: float
-) -> list[Any] | None:
-    """Every partition of ``topics``, waiting for them to exist; None at the deadline."""
-    from aiokafka import TopicPartition
-
-    from stream_app.pipeline.kafka import partition_count
-
-    assigned: list[Any] = []
-    for topic in topics:
-        while True:
-            try:
-                count = await partition_count(options, topic)
-            except Exception as exc:  # the broker is not reachable yet
-                log.debug("partition lookup of %s failed: %s", topic, exc)
-                count = 0
-            if count:
-                break
-            if time.monotonic() > deadline:
-                return None
-            await asyncio.sleep(0.5)
-        assigned += [TopicPartition(topic, p) for p in range(count)]
-    return assigned
-
-
 async def watch(
     settings: Settings,
     *,
@@ -155,7 +130,7 @@ async def watch(
         )
 
     out(f"watching {', '.join(by_name)} (read_committed) for at most {seconds:.0f}s")
-    partitions = await _partitions(options, list(by_name), deadline)
+    partitions = await wait_for_partitions(options, list(by_name), deadline)
     if partitions is None:
         return result("the output topics do not exist")
     consumer = AIOKafkaConsumer(

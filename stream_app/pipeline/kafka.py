@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
 from stream_app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -104,3 +107,30 @@ async def committed_offsets_between(
     finally:
         await consumer.stop()
     return offsets
+
+
+async def wait_for_partitions(
+    options: dict[str, Any], topics: list[str], deadline: float
+) -> list[Any] | None:
+    """Every partition of ``topics``, waiting for the topics to be created (and the
+    broker to answer); None when ``deadline`` (``time.monotonic()``) passes first."""
+    import asyncio
+    import time
+
+    from aiokafka import TopicPartition
+
+    partitions: list[Any] = []
+    for topic in topics:
+        while True:
+            try:
+                count = await partition_count(options, topic)
+            except Exception as exc:
+                log.debug("partition lookup of %s failed: %s", topic, exc)
+                count = 0
+            if count:
+                break
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.2)
+        partitions += [TopicPartition(topic, p) for p in range(count)]
+    return partitions

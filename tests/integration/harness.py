@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from stream_app import json
-from stream_app.pipeline.kafka import partition_count
+from stream_app.pipeline.kafka import wait_for_partitions
 from stream_app.settings import Settings, TopicNames
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,7 +201,9 @@ async def consume(
     out: list[Output] = []
     try:
         deadline = time.monotonic() + timeout
-        tps = await _partitions(bootstrap, topics, deadline)
+        tps = await wait_for_partitions({"bootstrap_servers": bootstrap}, topics, deadline)
+        if tps is None:
+            raise TimeoutError(f"topics {topics} were never created")
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         settle_until: float | None = None
@@ -218,18 +220,6 @@ async def consume(
     finally:
         await consumer.stop()
     return out
-
-
-async def _partitions(bootstrap: str, topics: list[str], deadline: float) -> list[TopicPartition]:
-    """Every partition of ``topics``, waiting for a worker to create them."""
-    tps: list[TopicPartition] = []
-    for topic in topics:
-        while (count := await partition_count({"bootstrap_servers": bootstrap}, topic)) == 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"topic {topic} was never created")
-            await asyncio.sleep(0.2)
-        tps += [TopicPartition(topic, p) for p in range(count)]
-    return tps
 
 
 async def topic_configs(bootstrap: str, names: list[str]) -> dict[str, dict[str, str]]:
