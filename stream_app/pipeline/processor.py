@@ -153,6 +153,14 @@ class Metrics:
     emitted: dict[str, int] = field(default_factory=dict)
 
 
+def downstream(
+    topics: TopicNames, metrics: Metrics, channel: str, integration_id: str, value: bytes
+) -> Outgoing:
+    """The downstream record of one output, keyed by integrationId, counted."""
+    metrics.emitted[channel] = metrics.emitted.get(channel, 0) + 1
+    return Outgoing(getattr(topics, channel), integration_id.encode(), value)
+
+
 def session_key(application_id: int, integration_id: str) -> bytes:
     return b"%d\x1f%s" % (application_id, integration_id.encode())
 
@@ -234,10 +242,10 @@ class CommandProcessor:
             if not profiled:
                 # Anonymous sessions are always first sessions: no profile state
                 # to consult, so they skip stage 2.
-                topic: str = getattr(self.topics, channel)
-                self.metrics.emitted[channel] = self.metrics.emitted.get(channel, 0) + 1
                 doc = json.dumps(output_document(event, after))
-                out.append(Outgoing(topic, after.integration_id.encode(), doc))
+                out.append(
+                    downstream(self.topics, self.metrics, channel, after.integration_id, doc)
+                )
                 continue
             envelope = {
                 "kind": "emit",
@@ -294,7 +302,12 @@ class ProfileProcessor:
             return []
         output: dict[str, Any] = envelope["output"]
         output["session"]["firstSession"] = self.first_sessions.get(key) == integration_id
-        channel: str = envelope["channel"]
-        topic: str = getattr(self.topics, channel)
-        self.metrics.emitted[channel] = self.metrics.emitted.get(channel, 0) + 1
-        return [Outgoing(topic, integration_id, json.dumps(output))]
+        return [
+            downstream(
+                self.topics,
+                self.metrics,
+                envelope["channel"],
+                str(envelope["integrationId"]),
+                json.dumps(output),
+            )
+        ]
