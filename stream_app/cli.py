@@ -20,12 +20,15 @@ def configure_logging(level: str) -> None:
     )
 
 
-def run_worker(settings: Settings) -> None:
-    """Run one Faust worker until SIGTERM/SIGINT; Faust handles those signals
-    (and SIGUSR1, which logs every task's stack)."""
-    from stream_app.pipeline.app import create_worker
+def run_worker(settings: Settings) -> int:
+    """Run one worker until SIGTERM or SIGINT, then stop within ``shutdown_timeout_s``."""
+    import asyncio
 
-    create_worker(settings).execute_from_commandline()
+    from stream_app.worker import run
+
+    configure_logging(settings.log_level)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    return asyncio.run(run(settings))
 
 
 def run_traffic(settings: Settings, sessions: int, seed: int, rate: float | None) -> int:
@@ -63,7 +66,7 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stream-app", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("worker", help="start a Faust worker with the settings from the environment")
+    sub.add_parser("worker", help="run a worker with the settings from the environment")
     traffic = sub.add_parser(
         "traffic", help="produce deterministic sample checkout traffic to the command topic"
     )
@@ -83,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     if args.command == "worker":
-        run_worker(settings)
-        return 0
+        return run_worker(settings)
     configure_logging(settings.log_level)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     if args.command == "traffic":

@@ -1,9 +1,7 @@
 """The one typed settings object.
 
 Built once at the entry point (:func:`Settings.from_env` in the CLI) and
-passed down; nothing else in the package reads ``os.environ``. Faust's own
-environment variables are not consulted: every Faust setting the app uses is
-derived from this object in ``stream_app.pipeline.app``.
+passed down; nothing else in the package reads ``os.environ``.
 
 Environment: ``STREAM_APP_<FIELD>`` (nested with ``__``, e.g.
 ``STREAM_APP_TOPICS__CLOSED``), plus ``KAFKA_BOOTSTRAP_SERVERS``.
@@ -82,8 +80,9 @@ class Settings(BaseSettings):
     security: KafkaSecurity = KafkaSecurity()
     app_id: str = "stream-app"
     topics: TopicNames = TopicNames()
-    #: Partitions of the command topic; internal topics get the same count so
-    #: they are co-partitioned with it. Changing it re-maps keys: see README.
+    #: Partitions of the command topic when the worker creates it. When the
+    #: topic exists, its count is used instead; internal topics always get the
+    #: command topic's count. Changing it re-maps keys: see README.
     partitions: int = Field(default=6, ge=1)
     replication_factor: int = Field(default=1, ge=1)
     processing_guarantee: ProcessingGuarantee = "exactly_once"
@@ -92,14 +91,18 @@ class Settings(BaseSettings):
     #: JSON file of per-application settings: {"<applicationId>": {...}}.
     application_settings_file: Path | None = None
     rocksdb: RocksDBSettings = RocksDBSettings()
-    #: Commands taken from the stream per batch, and the longest wait to fill one.
-    batch_size: int = Field(default=500, ge=1)
-    batch_within_s: float = Field(default=0.05, gt=0)
+    #: A task commits its transaction once it holds this many records ...
+    batch_size: int = Field(default=1000, ge=1)
+    #: ... or once its transaction is this old, whichever comes first.
+    checkpoint_interval_s: float = Field(default=0.1, gt=0, le=60)
+    #: How long the producers wait to fill a batch before sending it.
+    producer_linger_ms: int = Field(default=5, ge=0, le=1000)
+    #: On SIGTERM: commit, close and exit within this bound; past it the worker
+    #: exits non-zero (its uncommitted work is redone by the next owner).
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
     #: How long the group waits for a silent (crashed) worker before its
     #: partitions move; Kafka's own default is 45 s.
     session_timeout_s: float = Field(default=30.0, ge=6.0)
-    web_enabled: bool = False
-    web_port: int = Field(default=6066, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

@@ -42,28 +42,6 @@ def client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def faust_broker(settings: Settings) -> list[str]:
-    return [f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")]
-
-
-def faust_credentials(settings: Settings) -> Any:
-    """Faust's credentials object, or None for PLAINTEXT."""
-    import faust
-
-    sec = settings.security
-    context = _ssl_context(settings)
-    if sec.protocol.startswith("SASL"):
-        return faust.SASLCredentials(
-            username=sec.sasl_username,
-            password=sec.sasl_password.get_secret_value() if sec.sasl_password else None,
-            ssl_context=context,
-            mechanism=sec.sasl_mechanism or "PLAIN",
-        )
-    if context is not None:
-        return faust.SSLCredentials(context)
-    return None
-
-
 async def partition_count(options: dict[str, Any], topic: str) -> int:
     """How many partitions ``topic`` has (0 when it does not exist)."""
     from aiokafka.admin import AIOKafkaAdminClient
@@ -78,35 +56,6 @@ async def partition_count(options: dict[str, Any], topic: str) -> int:
         if entry.get("topic") == topic and not entry.get("error_code"):
             return len(entry.get("partitions", ()))
     return 0
-
-
-async def committed_offsets_between(
-    settings: Settings, topic: str, partition: int, start: int, end: int
-) -> list[int]:
-    """Offsets of the committed records in ``[start, end)`` of one partition."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(
-        **client_options(settings),
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-    )
-    await consumer.start()
-    offsets: list[int] = []
-    try:
-        tp = TopicPartition(topic, partition)
-        consumer.assign([tp])
-        consumer.seek(tp, start)
-        while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=2000)
-            records = batch.get(tp) or []
-            if not records:
-                break
-            offsets += [r.offset for r in records if r.offset < end]
-    finally:
-        await consumer.stop()
-    return offsets
 
 
 async def wait_for_partitions(

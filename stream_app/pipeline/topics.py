@@ -1,9 +1,11 @@
-"""The topics the app owns, and their creation.
+"""The topics the app uses, and their creation.
 
-The broker runs with automatic topic creation off, so the app declares every
-topic it reads or writes before the worker starts. Faust itself creates the
-changelog topics of its tables (compacted, never time-retained) and its
-assignor's leader topic.
+The command topic decides the partition count: when it exists (an operator
+created it), its count is adopted; otherwise the worker creates it with
+``Settings.partitions``. Every internal topic (the re-key and by-profile
+topics, and each store's changelog) must have that same count, because a
+task owns partition ``p`` of all of them at once. A disagreement is a
+:class:`~stream_app.errors.ConfigurationError` naming the topics and counts.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from stream_app.errors import ConfigurationError
 from stream_app.pipeline.kafka import client_options
 from stream_app.settings import Settings
 
@@ -23,12 +26,20 @@ _COMPACTED = {"cleanup.policy": "compact"}
 # Outputs are analytics history, kept by the cluster's default retention.
 _DEFAULT: dict[str, str] = {}
 
+#: The stores, in the order of their tasks: stage 1 owns the first two.
+SESSIONS_STORE = "sessions"
+SESSION_IDS_STORE = "session-ids"
+FIRST_SESSIONS_STORE = "first-sessions"
+STORES = (SESSIONS_STORE, SESSION_IDS_STORE, FIRST_SESSIONS_STORE)
+
 
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     name: str
     partitions: int
     config: dict[str, str]
+    #: Must have exactly the command topic's partition count.
+    co_partitioned: bool
 
 
 def rekey_topic(settings: Settings) -> str:
@@ -41,30 +52,75 @@ def profile_topic(settings: Settings) -> str:
     return f"{settings.app_id}-sessions.by-profile"
 
 
-def topic_specs(settings: Settings) -> list[TopicSpec]:
+def changelog_topic(settings: Settings, store: str) -> str:
+    """The compacted topic behind a store (Kafka Streams' naming)."""
+    return f"{settings.app_id}-{store}-changelog"
+
+
+def topic_specs(settings: Settings, partitions: int) -> list[TopicSpec]:
+    """Every topic the worker reads or writes, for a command topic of ``partitions``."""
     t = settings.topics
-    p = settings.partitions
-    # Internal topics are co-partitioned with the command topic (same count).
-    specs = [TopicSpec(t.commands, p, _DEFAULT)]
+    p = partitions
+    specs = [TopicSpec(t.commands, p, _DEFAULT, co_partitioned=True)]
     specs += [
-        TopicSpec(name, p, _DEFAULT)
+        TopicSpec(name, p, _DEFAULT, co_partitioned=False)
         for name in (t.closed, t.returned, t.cancelled, t.reopened, t.rejected)
     ]
-    specs.append(TopicSpec(t.application_settings, 1, _COMPACTED))
-    specs.append(TopicSpec(rekey_topic(settings), p, _DEFAULT))
-    specs.append(TopicSpec(profile_topic(settings), p, _DEFAULT))
+    specs.append(TopicSpec(t.application_settings, 1, _COMPACTED, co_partitioned=False))
+    specs.append(TopicSpec(rekey_topic(settings), p, _DEFAULT, co_partitioned=True))
+    specs.append(TopicSpec(profile_topic(settings), p, _DEFAULT, co_partitioned=True))
+    specs += [
+        TopicSpec(changelog_topic(settings, store), p, _COMPACTED, co_partitioned=True)
+        for store in STORES
+    ]
     return specs
 
 
-async def ensure_topics(settings: Settings) -> list[str]:
-    """Create the topics that are missing; return the names created."""
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+    """Partition counts of those of ``names`` that exist."""
+    counts: dict[str, int] = {}
+    for entry in await admin.describe_topics(names):
+        if not entry.get("error_code") and entry.get("partitions"):
+            counts[entry["topic"]] = len(entry["partitions"])
+    return counts
+
+
+async def ensure_topics(settings: Settings) -> int:
+    """Create the missing topics; return the partition count every task uses.
+
+    Raises ConfigurationError when an existing co-partitioned topic disagrees
+    with the command topic's count.
+    """
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
-    created: list[str] = []
     try:
         existing = set(await admin.list_topics())
-        missing = [s for s in topic_specs(settings) if s.name not in existing]
-        for spec in missing:
+        names = [s.name for s in topic_specs(settings, settings.partitions)]
+        counts = await _partition_counts(admin, [n for n in names if n in existing])
+        partitions = counts.get(settings.topics.commands, settings.partitions)
+        if settings.topics.commands in counts and partitions != settings.partitions:
+            log.info(
+                "command topic %s exists with %d partitions: using %d for every internal topic",
+                settings.topics.commands,
+                partitions,
+                partitions,
+            )
+        specs = topic_specs(settings, partitions)
+        mismatched = [
+            f"{s.name} has {counts[s.name]}"
+            for s in specs
+            if s.co_partitioned and s.name in counts and counts[s.name] != partitions
+        ]
+        if mismatched:
+            raise ConfigurationError(
+                f"partition counts disagree: command topic {settings.topics.commands} has "
+                f"{partitions}, but {', '.join(mismatched)}; internal topics must have the "
+                "command topic's count (re-partitioning is a migration, not a setting)"
+            )
+        created: list[str] = []
+        for spec in specs:
+            if spec.name in existing:
+                continue
             try:
                 await admin.create_topics(
                     [
@@ -83,4 +139,4 @@ async def ensure_topics(settings: Settings) -> list[str]:
         await admin.close()
     if created:
         log.info("created topics: %s", ", ".join(created))
-    return created
+    return partitions

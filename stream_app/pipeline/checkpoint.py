@@ -1,0 +1,243 @@
+"""The commit protocol of one task: one Kafka transaction at a time.
+
+A *task* is the unit of work and ownership: one partition number of one
+stage (stage 1: ``commands[p]`` and ``rekeyed[p]``; stage 2:
+``by-profile[p]``), its stores' partition ``p`` and its own transactional
+producer. :class:`Checkpoint` is one transaction of one task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.structs import TopicPartition
+
+from stream_app.errors import StreamAppError
+from stream_app.pipeline.processor import Outgoing
+from stream_app.pipeline.store import StoreOverlay
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(StreamAppError):
+    """The transaction did not commit; nothing of it is visible or stored.
+
+    The task must drop its overlays and continue from its committed offsets.
+    """
+
+
+class TaskFencedError(CheckpointError):
+    """Another worker has taken this task over (its producer was fenced).
+
+    Nothing of the transaction is visible; the task is no longer ours.
+    """
+
+
+class StoreWriteError(StreamAppError):
+    """The transaction committed but RocksDB could not be written.
+
+    Kafka holds the truth; the task must restore its stores from the changelog.
+    """
+
+
+class Producer(Protocol):
+    """What a checkpoint needs of an aiokafka producer (transactional or not)."""
+
+    async def begin_transaction(self) -> None: ...
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Any = None,
+    ) -> asyncio.Future[Any]: ...
+
+    async def flush(self) -> None: ...
+
+    async def send_offsets_to_transaction(
+        self, offsets: dict[TopicPartition, int], group_id: str
+    ) -> None: ...
+
+    async def commit_transaction(self) -> None: ...
+
+    async def abort_transaction(self) -> None: ...
+
+
+#: Commits consumer offsets outside a transaction (at_least_once).
+OffsetCommitter = Callable[[dict[TopicPartition, int]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ChangelogStore:
+    """A store partition seen through its overlay, and the changelog partition behind it."""
+
+    overlay: StoreOverlay
+    changelog: TopicPartition
+
+
+class Checkpoint:
+    """One transaction of one task. The order is the contract:
+
+    1. The processors read and write through each store's :class:`StoreOverlay`;
+       nothing touches RocksDB while a transaction is open.
+    2. :meth:`send` puts outputs into the task's transaction (begun on the
+       first send); :meth:`consumed` records how far each input was read.
+    3. :meth:`commit`, inside the same transaction: one changelog record per
+       changed key of each store, then the consumed offsets
+       (``send_offsets_to_transaction``); every send is confirmed; then the
+       transaction commits.
+    4. **Only then** each store writes its overlay together with the
+       offset after its last changelog record, in one RocksDB write batch.
+
+    What each failure leaves behind:
+
+    * a send, the offsets or the commit fail (before 4): the transaction is
+      aborted, so a read_committed reader sees none of it, the overlays are
+      dropped and RocksDB is untouched: :class:`CheckpointError`; the task
+      continues from its committed offsets;
+    * the producer is fenced (another worker owns the task now): the same,
+      as :class:`TaskFencedError`; the task is closed, not continued;
+    * a crash between 3 and 4: RocksDB is behind the changelog; the restore
+      at the next start reads the changelog (read_committed) from the stored
+      offset to its end and catches up. Local state is never ahead of Kafka.
+
+    Under ``at_least_once`` (``exactly_once=False``) step 3 sends, flushes,
+    confirms, then commits the offsets with the consumer; a crash after the
+    changelog writes and before the offsets is absorbed by the eventId memory.
+    """
+
+    def __init__(
+        self,
+        producer: Producer,
+        stores: Mapping[str, ChangelogStore],
+        *,
+        group_id: str,
+        exactly_once: bool,
+        commit_offsets: OffsetCommitter | None = None,
+    ) -> None:
+        if not exactly_once and commit_offsets is None:
+            raise ValueError("at_least_once needs an offset committer")
+        self._producer = producer
+        self.stores = stores
+        self._group_id = group_id
+        self._exactly_once = exactly_once
+        self._commit_offsets = commit_offsets
+        self._in_transaction = False
+        self._sends: list[asyncio.Future[Any]] = []
+        self.offsets: dict[TopicPartition, int] = {}
+        #: Records consumed in this transaction.
+        self.records = 0
+        self.closed = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.offsets and not self._sends
+
+    async def _begin(self) -> None:
+        if self._exactly_once and not self._in_transaction:
+            await self._producer.begin_transaction()
+            self._in_transaction = True
+
+    def consumed(self, tp: TopicPartition, offset: int) -> None:
+        """``offset`` of ``tp`` has been processed (its outputs sent)."""
+        self.offsets[tp] = offset + 1
+        self.records += 1
+
+    async def send(self, out: Outgoing) -> None:
+        """Send one output inside the transaction.
+
+        Raises what the client raises for a record it refuses before sending
+        (e.g. ``MessageSizeTooLargeError``); the transaction is then intact.
+        """
+        await self._begin()
+        try:
+            future = await self._producer.send(
+                out.topic, out.value, out.key, headers=list(out.headers) or None
+            )
+        except ProducerFenced as exc:
+            await self._fail(abort=False)
+            raise TaskFencedError(f"producer fenced: {exc}") from exc
+        self._sends.append(future)
+
+    async def commit(self) -> None:
+        """Steps 3 and 4 of the protocol above."""
+        if self.closed:
+            raise CheckpointError("checkpoint already committed or aborted")
+        last_changelog: dict[str, asyncio.Future[Any]] = {}
+        try:
+            if not self.empty or any(s.overlay.changes for s in self.stores.values()):
+                await self._begin()
+            for name, store in self.stores.items():
+                for key, value in store.overlay.changes.items():
+                    future = await self._producer.send(
+                        store.changelog.topic, value, key, partition=store.changelog.partition
+                    )
+                    self._sends.append(future)
+                    last_changelog[name] = future
+            await self._producer.flush()
+            for future in self._sends:
+                await future  # raises the first failed send
+            if self._exactly_once:
+                if self._in_transaction:
+                    if self.offsets:
+                        await self._producer.send_offsets_to_transaction(
+                            dict(self.offsets), self._group_id
+                        )
+                    await self._producer.commit_transaction()
+                    self._in_transaction = False
+            elif self.offsets:
+                assert self._commit_offsets is not None  # noqa: S101 - checked in __init__
+                await self._commit_offsets(dict(self.offsets))
+        except ProducerFenced as exc:
+            await self._fail(abort=False)
+            raise TaskFencedError(f"producer fenced: {exc}") from exc
+        except (KafkaError, OSError) as exc:
+            await self._fail()
+            raise CheckpointError(f"{type(exc).__name__}: {exc}") from exc
+        self.closed = True
+        # Step 4: the transaction is committed; now, and only now, RocksDB.
+        try:
+            for name, store in self.stores.items():
+                last = last_changelog.get(name)
+                if last is not None:
+                    store.overlay.store.write(store.overlay.changes, last.result().offset + 1)
+                store.overlay.discard()
+        except Exception as exc:
+            raise StoreWriteError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def abort(self) -> None:
+        """End the transaction without effect: nothing visible, nothing stored."""
+        if not self.closed:
+            await self._fail()
+
+    async def _fail(self, *, abort: bool = True) -> None:
+        self.closed = True
+        for store in self.stores.values():
+            store.overlay.discard()
+        for future in self._sends:
+            _ignore_outcome(future)
+        if self._exactly_once and self._in_transaction and abort:
+            self._in_transaction = False
+            try:
+                await self._producer.abort_transaction()
+            except Exception as exc:  # the producer is replaced anyway
+                # A broken producer cannot abort; the broker aborts its transaction
+                # when the task's next producer starts, or when it times out.
+                log.debug("abort failed: %r", exc)
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    """The transaction failed: a send's own failure is no longer news."""
+    if future.done():
+        if not future.cancelled():
+            future.exception()
+    else:
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())

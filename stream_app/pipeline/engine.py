@@ -1,0 +1,404 @@
+"""The worker's engine: one consumer group member, its tasks, rebalances and stop.
+
+Contracts
+---------
+* **Processing.** One read_committed consumer in group ``<app id>``
+  (range assignor, see :mod:`stream_app.pipeline.tasks`) feeds the records
+  of each partition, in order, to the task that owns it. A task commits its
+  transaction (:class:`~stream_app.pipeline.checkpoint.Checkpoint`) when it
+  holds ``batch_size`` records or ``checkpoint_interval_s`` has passed.
+* **Assignment.** New partitions are paused at once; their task fences the
+  previous owner, restores its stores, then the inputs are sought to their
+  committed offsets (read after the fence, so a fenced owner's last commit is
+  included) and resumed. Restores run beside the processing of other tasks.
+* **Revocation.** Before the listener returns, every task of a revoked
+  partition commits its transaction (or aborts it, if the commit fails) and
+  closes. The group never waits on more than that.
+* **Fencing.** A task whose producer was fenced is dropped: another worker
+  owns it. If the group does not reassign it within a session timeout, this
+  worker leaves and rejoins the group.
+* **Stop.** :meth:`Engine.stop` ends the loop: the current transactions
+  commit, stores close, the consumer leaves the group. The CLI bounds the
+  whole stop (``shutdown_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
+from aiokafka.structs import TopicPartition
+
+from stream_app import json
+from stream_app.errors import ConfigurationError, StreamAppError
+from stream_app.pipeline.application_settings import (
+    ApplicationSettingsRegistry,
+    follow_settings_topic,
+)
+from stream_app.pipeline.checkpoint import CheckpointError, StoreWriteError, TaskFencedError
+from stream_app.pipeline.kafka import client_options
+from stream_app.pipeline.processor import (
+    CommandProcessor,
+    Metrics,
+    PartitionSequenceAllocator,
+    ProfileProcessor,
+)
+from stream_app.pipeline.store import RocksDBResources, StoreOverlay
+from stream_app.pipeline.tasks import Process, Stage, Task, TaskId
+from stream_app.pipeline.topics import (
+    FIRST_SESSIONS_STORE,
+    SESSION_IDS_STORE,
+    SESSIONS_STORE,
+    STORES,
+    changelog_topic,
+    profile_topic,
+    rekey_topic,
+)
+from stream_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_METRICS_LOG_EVERY_S: Final = 30.0
+_LAYOUT_FILE: Final = "layout.json"
+
+
+class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs the two stages for one worker until :meth:`stop`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        partitions: int,
+        registry: ApplicationSettingsRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.partitions = partitions
+        self.registry = registry or ApplicationSettingsRegistry.load(
+            settings.application_settings_file
+        )
+        self.metrics = Metrics()
+        self.stages = self._stages()
+        self._stage_of = {topic: stage for stage in self.stages for topic in stage.inputs}
+        self._changelogs = {store: changelog_topic(settings, store) for store in STORES}
+        self.state_dir = settings.data_dir / settings.app_id
+        self._resources = RocksDBResources(settings.rocksdb)
+        self._tasks: dict[TaskId, Task] = {}
+        self._task_of: dict[TopicPartition, Task] = {}
+        self._starting: dict[TaskId, asyncio.Task[None]] = {}
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._fenced_since: float | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    # -- topology --------------------------------------------------------------------------
+    def _stages(self) -> tuple[Stage, Stage]:
+        s = self.settings
+
+        def commands(partition: int, stores: Mapping[str, StoreOverlay]) -> Process:
+            return CommandProcessor(
+                topics=s.topics,
+                rekey_topic=rekey_topic(s),
+                profile_topic=profile_topic(s),
+                sessions=stores[SESSIONS_STORE],
+                allocator=PartitionSequenceAllocator(
+                    stores[SESSION_IDS_STORE], self.partitions, partition
+                ),
+                settings_for=self.registry.settings_for,
+                default_application_id=s.default_application_id,
+                metrics=self.metrics,
+            ).process
+
+        def profiles(partition: int, stores: Mapping[str, StoreOverlay]) -> Process:
+            return ProfileProcessor(
+                topics=s.topics, first_sessions=stores[FIRST_SESSIONS_STORE], metrics=self.metrics
+            ).process
+
+        return (
+            Stage(
+                "commands",
+                (s.topics.commands, rekey_topic(s)),
+                (SESSIONS_STORE, SESSION_IDS_STORE),
+                commands,
+            ),
+            Stage("profiles", (profile_topic(s),), (FIRST_SESSIONS_STORE,), profiles),
+        )
+
+    @property
+    def input_topics(self) -> list[str]:
+        return [topic for stage in self.stages for topic in stage.inputs]
+
+    def check_local_state(self) -> None:
+        """Create the state directory; refuse local state built for another partition count."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        layout = self.state_dir / _LAYOUT_FILE
+        if layout.exists():
+            recorded = json.loads(layout.read_bytes()).get("partitions")
+            if recorded != self.partitions:
+                raise ConfigurationError(
+                    f"local state in {self.state_dir} was built for {recorded} partitions, but "
+                    f"the command topic {self.settings.topics.commands} has {self.partitions}: "
+                    "use a new data directory (or app id) for a re-partitioned deployment"
+                )
+        else:
+            layout.write_bytes(json.dumps({"partitions": self.partitions}))
+
+    # -- running ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to finish the current batch, commit and stop."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        self.check_local_state()
+        ready = asyncio.Event()
+        follower = asyncio.create_task(follow_settings_topic(self.settings, self.registry, ready))
+        try:
+            await _first(ready.wait(), self._stopping.wait(), follower)
+            if follower.done():
+                follower.result()  # raises what stopped it
+            if self._stopping.is_set():
+                return
+            await self._consume()
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+
+    async def _consume(self) -> None:
+        s = self.settings
+        consumer = AIOKafkaConsumer(
+            **client_options(s),
+            group_id=s.app_id,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            session_timeout_ms=int(s.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(s.session_timeout_s * 1000 / 3),
+            max_partition_fetch_bytes=2 * 1024 * 1024,
+        )
+        self._consumer = consumer
+        await consumer.start()
+        consumer.subscribe(self.input_topics, listener=self)
+        poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
+        last_metrics = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=poll_ms, max_records=s.batch_size)
+                async with self._lock:
+                    await self._process(batches)
+                    await self._commit(due_only=True)
+                now = time.monotonic()
+                if (
+                    self._fenced_since is not None
+                    and now - self._fenced_since > s.session_timeout_s
+                ):
+                    await self._rejoin()
+                if now - last_metrics >= _METRICS_LOG_EVERY_S:
+                    last_metrics = now
+                    self.log_metrics()
+        finally:
+            await self._close(consumer)
+
+    async def _close(self, consumer: AIOKafkaConsumer) -> None:
+        starters = list(self._starting.values())
+        for starter in starters:
+            starter.cancel()
+        await asyncio.gather(*starters, return_exceptions=True)
+        async with self._lock:
+            await self._commit(due_only=False)
+            for task in list(self._tasks.values()):
+                await self._drop(task)
+        await consumer.stop()
+        self.log_metrics()
+        log.info("stopped: every transaction committed, stores closed")
+
+    def log_metrics(self) -> None:
+        m = self.metrics
+        log.info(
+            "metrics: applied=%d duplicates=%d rejected=%d rekeyed=%d emitted=%s",
+            m.applied,
+            m.duplicates,
+            m.rejected,
+            m.rekeyed,
+            m.emitted,
+        )
+
+    # -- processing and commits (callers hold the lock) --------------------------------------
+    async def _process(self, batches: Mapping[TopicPartition, list[Any]]) -> None:
+        for tp, records in batches.items():
+            task = self._task_of.get(tp)
+            if task is None or not task.active:
+                continue  # not ours (any more), or not started: its owner reads it again
+            try:
+                for record in records:
+                    await task.handle(record)
+            except TaskFencedError as exc:
+                await self._lose(task, exc)
+            except (KafkaError, CheckpointError, OSError) as exc:
+                await self._restart(task, exc)
+
+    async def _commit(self, *, due_only: bool) -> None:
+        now = time.monotonic()
+        due = [
+            task
+            for task in self._tasks.values()
+            if task.active and (task.commit_due(now) if due_only else task.checkpoint is not None)
+        ]
+        if not due:
+            return
+        results = await asyncio.gather(*(task.commit() for task in due), return_exceptions=True)
+        for task, result in zip(due, results, strict=True):
+            if isinstance(result, TaskFencedError):
+                await self._lose(task, result)
+            elif isinstance(result, CheckpointError | StoreWriteError):
+                await self._restart(task, result)
+            elif isinstance(result, BaseException):
+                raise result
+
+    async def _lose(self, task: Task, exc: BaseException) -> None:
+        log.warning("%s: fenced, another worker owns this task now: dropping it (%s)", task.id, exc)
+        await self._drop(task)
+        if self._fenced_since is None:
+            self._fenced_since = time.monotonic()
+
+    async def _restart(self, task: Task, exc: BaseException) -> None:
+        log.warning(
+            "%s: transaction failed (%s): aborted; restarting the task from its committed offsets",
+            task.id,
+            exc,
+        )
+        await self._drop(task)
+        self._begin_start(task.stage, task.partition)
+
+    async def _drop(self, task: Task) -> None:
+        self._tasks.pop(task.id, None)
+        for tp in task.inputs:
+            if self._task_of.get(tp) is task:
+                del self._task_of[tp]
+        await task.close()
+
+    async def _rejoin(self) -> None:
+        """A fenced task was never reassigned: leave and rejoin the group."""
+        assert self._consumer is not None  # noqa: S101 - consuming
+        log.warning("fenced tasks were not reassigned within the session timeout: rejoining")
+        self._fenced_since = None
+        async with self._lock:
+            await self._commit(due_only=False)
+            for task in list(self._tasks.values()):
+                await self._drop(task)
+        self._consumer.unsubscribe()
+        self._consumer.subscribe(self.input_topics, listener=self)
+
+    # -- starting tasks --------------------------------------------------------------------
+    def _begin_start(self, stage: Stage, partition: int) -> None:
+        assert self._consumer is not None  # noqa: S101 - consuming
+        task = Task(
+            stage,
+            partition,
+            settings=self.settings,
+            changelogs=self._changelogs,
+            state_dir=self.state_dir,
+            resources=self._resources,
+            commit_offsets=self._consumer.commit,
+        )
+        self._tasks[task.id] = task
+        for tp in task.inputs:
+            self._task_of[tp] = task
+        self._consumer.pause(*task.inputs)
+        self._starting[task.id] = asyncio.create_task(self._start(task))
+
+    async def _start(self, task: Task) -> None:
+        consumer = self._consumer
+        assert consumer is not None  # noqa: S101 - consuming
+        backoff = 0.5
+        try:
+            while True:
+                try:
+                    restored = await task.start()
+                    positions: dict[TopicPartition, int] = {}
+                    for tp in task.inputs:
+                        committed = await consumer.committed(tp)
+                        if committed is None:
+                            committed = (await consumer.beginning_offsets([tp]))[tp]
+                        positions[tp] = committed
+                    break
+                except (KafkaError, OSError, StreamAppError) as exc:
+                    log.warning(
+                        "%s: could not start (%r): retrying in %.1f s", task.id, exc, backoff
+                    )
+                    await task.close()
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+            async with self._lock:
+                if self._tasks.get(task.id) is not task:
+                    await task.close()
+                    return
+                for tp, offset in positions.items():
+                    consumer.seek(tp, offset)
+                task.activate(positions)
+                consumer.resume(*task.inputs)
+            log.info(
+                "%s: started at %s (restored %d changelog records)",
+                task.id,
+                ", ".join(f"{tp.topic}@{offset}" for tp, offset in positions.items()),
+                restored,
+            )
+        except asyncio.CancelledError:
+            await task.close()
+            raise
+        finally:
+            if self._starting.get(task.id) is asyncio.current_task():
+                del self._starting[task.id]
+
+    # -- ConsumerRebalanceListener ---------------------------------------------------------
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Commit (or abort) and close every task of a revoked partition."""
+        gone = {self._task_of[tp].id for tp in revoked if tp in self._task_of}
+        starters = [self._starting[i] for i in gone if i in self._starting]
+        for starter in starters:
+            starter.cancel()
+        await asyncio.gather(*starters, return_exceptions=True)
+        async with self._lock:
+            for task_id in gone:
+                task = self._tasks.get(task_id)
+                if task is None:
+                    continue
+                if task.active and task.checkpoint is not None:
+                    try:
+                        await task.commit()
+                    except (CheckpointError, StoreWriteError) as exc:
+                        log.warning("%s: commit on revocation failed, aborted: %s", task_id, exc)
+                await self._drop(task)
+        if gone:
+            log.info("revoked %d task(s): %s", len(gone), ", ".join(sorted(map(str, gone))))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Pause the new partitions and start their tasks (see :meth:`_start`)."""
+        self._fenced_since = None
+        wanted = {
+            (self._stage_of[tp.topic], tp.partition)
+            for tp in assigned
+            if tp.topic in self._stage_of
+        }
+        for stage, partition in sorted(wanted, key=lambda w: (w[0].name, w[1])):
+            if TaskId(stage.name, partition) not in self._tasks:
+                self._begin_start(stage, partition)
+        log.info("assigned %d task(s)", len(wanted))
+
+
+async def _first(*aws: Any) -> None:
+    """Wait until the first of ``aws`` (coroutines or tasks) is done; cancel the rest."""
+    tasks = [a if isinstance(a, asyncio.Future) else asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t, a in zip(tasks, aws, strict=True):
+            if t is not a:
+                t.cancel()

@@ -1,0 +1,186 @@
+"""Local state: one RocksDB database per store and partition, and the write overlay.
+
+Layout: ``<data_dir>/<app id>/<store>/<partition>/`` is a RocksDB database
+(rocksdict, raw bytes). Besides the data it holds one reserved key,
+:data:`CHANGELOG_OFFSET_KEY`: the changelog offset from which a restore
+continues. Data and that offset are only ever written together, in one
+``WriteBatch`` (:meth:`PartitionStore.write`), so the database is always the
+state of the changelog up to the offset it records.
+
+Processors never write RocksDB directly: they read and write through a
+:class:`StoreOverlay`, which the checkpoint writes to RocksDB after the Kafka
+transaction holding the matching changelog records has committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator, Mapping, MutableMapping
+from pathlib import Path
+from typing import Final
+
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteBufferManager
+
+from stream_app.settings import RocksDBSettings
+
+log = logging.getLogger(__name__)
+
+#: Data keys never start with NUL (they start with an applicationId or a
+#: partition tag), so this key cannot collide with one.
+CHANGELOG_OFFSET_KEY: Final = b"\x00changelog-offset"
+
+_MB: Final = 1024 * 1024
+
+
+class RocksDBResources:
+    """Memory shared by every database of one worker, bounded by settings.
+
+    One block cache and one write-buffer budget for all stores and partitions,
+    so a worker's RocksDB memory is ``block_cache_mb + write_buffer_mb x
+    max_write_buffers`` however many partitions it owns.
+    """
+
+    def __init__(self, settings: RocksDBSettings) -> None:
+        self.settings = settings
+        self.cache = Cache(settings.block_cache_mb * _MB)
+        self.write_buffers = WriteBufferManager(
+            settings.write_buffer_mb * settings.max_write_buffers * _MB, False
+        )
+
+    def options(self) -> Options:
+        s = self.settings
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        options.set_write_buffer_size(s.write_buffer_mb * _MB)
+        options.set_max_write_buffer_number(s.max_write_buffers)
+        options.set_max_open_files(s.max_open_files)
+        options.set_write_buffer_manager(self.write_buffers)
+        table = BlockBasedOptions()
+        table.set_block_cache(self.cache)
+        options.set_block_based_table_factory(table)
+        return options
+
+
+class PartitionStore:
+    """One store's RocksDB database for one partition."""
+
+    def __init__(self, path: Path, resources: RocksDBResources) -> None:
+        self.path = path
+        self._resources = resources
+        path.mkdir(parents=True, exist_ok=True)
+        self._db = Rdict(str(path), resources.options())
+
+    def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = self._db.get(key)
+        return value
+
+    def keys(self) -> Iterator[bytes]:
+        for key in self._db.keys():  # noqa: SIM118 - Rdict iterates items, keys() iterates keys
+            if isinstance(key, bytes) and key != CHANGELOG_OFFSET_KEY:
+                yield key
+
+    @property
+    def changelog_offset(self) -> int | None:
+        """The changelog offset to restore from; None for a store never written."""
+        raw = self._db.get(CHANGELOG_OFFSET_KEY)
+        return None if raw is None else int(raw)
+
+    def write(self, changes: Mapping[bytes, bytes | None], changelog_offset: int) -> None:
+        """Apply ``changes`` (None deletes) and record ``changelog_offset``, atomically."""
+        batch = WriteBatch(raw_mode=True)
+        for key, value in changes.items():
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        batch.put(CHANGELOG_OFFSET_KEY, b"%d" % changelog_offset)
+        self._db.write(batch)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def wipe(self) -> None:
+        """Close and delete this one partition's database (it is restored again)."""
+        self._db.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._db = Rdict(str(self.path), self._resources.options())
+
+
+class StoreOverlay(MutableMapping[bytes, bytes]):
+    """Uncommitted writes over a store: what the processors see and change.
+
+    Reads see the overlay first, then RocksDB. ``changes`` maps each key
+    written since the last commit to its newest value (None: deleted): one
+    changelog record per changed key, whatever the number of writes.
+    """
+
+    def __init__(self, store: PartitionStore) -> None:
+        self.store = store
+        self.changes: dict[bytes, bytes | None] = {}
+        #: Values the current record replaced (see :meth:`begin_record`).
+        self._undo: dict[bytes, bytes | _Absent | None] = {}
+
+    def __getitem__(self, key: bytes) -> bytes:
+        value = self.changes[key] if key in self.changes else self.store.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: bytes, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
+        value = self.changes[key] if key in self.changes else self.store.get(key)
+        return default if value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self.get(key) is not None
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self._remember(key)
+        self.changes[key] = value
+
+    def __delitem__(self, key: bytes) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._remember(key)
+        self.changes[key] = None
+
+    def _remember(self, key: bytes) -> None:
+        if key not in self._undo:
+            self._undo[key] = self.changes.get(key, _ABSENT)
+
+    def begin_record(self) -> None:
+        """From here, :meth:`undo_record` can take back what one record wrote."""
+        self._undo.clear()
+
+    def undo_record(self) -> None:
+        """Take back the writes since :meth:`begin_record` (a record that failed)."""
+        for key, previous in self._undo.items():
+            if isinstance(previous, _Absent):
+                self.changes.pop(key, None)
+            else:
+                self.changes[key] = previous
+        self._undo.clear()
+
+    def __iter__(self) -> Iterator[bytes]:
+        for key in self.store.keys():  # noqa: SIM118 - a store, not a dict
+            if key not in self.changes:
+                yield key
+        for key, value in self.changes.items():
+            if value is not None:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def discard(self) -> None:
+        """Forget the uncommitted writes (after a commit wrote them, or an abort)."""
+        self.changes.clear()
+        self._undo.clear()
+
+
+class _Absent:
+    """The overlay had no entry for a key (distinct from an entry deleting it)."""
+
+
+_ABSENT: Final = _Absent()

@@ -1,0 +1,365 @@
+"""Tasks: the unit of ownership, state and transactions.
+
+A task is one partition number of one stage, as in Kafka Streams:
+
+* stage 1, ``commands``: ``<commands>[p]`` and ``<app>-sessions.rekeyed[p]``,
+  with partition ``p`` of the ``sessions`` and ``session-ids`` stores;
+* stage 2, ``profiles``: ``<app>-sessions.by-profile[p]``, with partition
+  ``p`` of the ``first-sessions`` store.
+
+The consumer group uses the range assignor, so partition ``p`` of every input
+of a stage is always assigned to the same worker: one writer per store
+partition. Each task has its own transactional producer with the stable
+``transactional.id`` ``<app id>-<first input topic>-<p>``: whoever starts a
+task fences every earlier owner of it (Kafka aborts the old owner's open
+transaction and refuses its later writes), so a worker that lost a task
+cannot commit outputs, changelog records or offsets for it.
+
+Starting a task (:meth:`Task.start`), in this order: start the producer
+(fencing), restore each store from its changelog (read_committed, from the
+stored offset to the end), then the engine seeks the inputs to their
+committed offsets. Only then are records processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.structs import TopicPartition
+
+from stream_app import json
+from stream_app.domain import ErrorDetail, Reason, Rejection, rejection_document
+from stream_app.pipeline.checkpoint import ChangelogStore, Checkpoint
+from stream_app.pipeline.kafka import client_options
+from stream_app.pipeline.processor import (
+    Outgoing,
+    SessionIdSpaceExhaustedError,
+    SourceRecord,
+)
+from stream_app.pipeline.store import PartitionStore, RocksDBResources, StoreOverlay
+from stream_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: How often a long restore logs its progress.
+_RESTORE_LOG_EVERY_S: Final = 5.0
+#: How long a store whose offset is past the changelog's end waits for the
+#: end to move (transaction markers land shortly after a commit) before it
+#: is treated as corrupt and restored from scratch.
+_OFFSET_AHEAD_GRACE_S: Final = 10.0
+
+Process = Callable[[SourceRecord], list[Outgoing]]
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One processor: its input topics, its stores and how to build it."""
+
+    name: str
+    inputs: tuple[str, ...]
+    stores: tuple[str, ...]
+    #: Builds the processor of partition p over the task's store overlays.
+    build: Callable[[int, Mapping[str, StoreOverlay]], Process]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskId:
+    stage: str
+    partition: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}[{self.partition}]"
+
+
+class Task:
+    """One stage's partition: inputs, stores, producer and current transaction."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        partition: int,
+        *,
+        settings: Settings,
+        changelogs: Mapping[str, str],
+        state_dir: Path,
+        resources: RocksDBResources,
+        commit_offsets: Callable[[dict[TopicPartition, int]], Any],
+    ) -> None:
+        self.id = TaskId(stage.name, partition)
+        self.stage = stage
+        self.partition = partition
+        self.settings = settings
+        self.inputs = [TopicPartition(topic, partition) for topic in stage.inputs]
+        self._changelogs = {
+            name: TopicPartition(changelogs[name], partition) for name in stage.stores
+        }
+        self._state_dir = state_dir
+        self._resources = resources
+        self._commit_offsets = commit_offsets
+        self.exactly_once = settings.processing_guarantee == "exactly_once"
+        self.stores: dict[str, PartitionStore] = {}
+        self.overlays: dict[str, StoreOverlay] = {}
+        self.producer: AIOKafkaProducer | None = None
+        self.process: Process | None = None
+        self.checkpoint: Checkpoint | None = None
+        #: Next offset to process per input; records below it are repeats.
+        self.positions: dict[TopicPartition, int] = {}
+        self.active = False
+        self._opened_at = 0.0
+
+    @property
+    def transactional_id(self) -> str:
+        return f"{self.settings.app_id}-{self.stage.inputs[0]}-{self.partition}"
+
+    # -- life cycle ----------------------------------------------------------------------
+    async def start(self) -> int:
+        """Fence earlier owners, open and restore the stores. Returns records restored."""
+        options = client_options(self.settings)
+        if self.exactly_once:
+            self.producer = AIOKafkaProducer(
+                **options,
+                transactional_id=self.transactional_id,
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=self.settings.producer_linger_ms,
+                max_batch_size=512 * 1024,
+            )
+        else:
+            self.producer = AIOKafkaProducer(
+                **options,
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=self.settings.producer_linger_ms,
+                max_batch_size=512 * 1024,
+            )
+        # For a transactional producer, start() is InitProducerId: the fence.
+        await self.producer.start()
+        for name in self.stage.stores:
+            path = self._state_dir / name / str(self.partition)
+            self.stores[name] = PartitionStore(path, self._resources)
+        restored = await restore(self.settings, self.stores, self._changelogs, str(self.id))
+        self.overlays = {name: StoreOverlay(store) for name, store in self.stores.items()}
+        self.process = self.stage.build(self.partition, self.overlays)
+        return restored
+
+    def activate(self, positions: Mapping[TopicPartition, int]) -> None:
+        self.positions = dict(positions)
+        self.active = True
+
+    async def close(self) -> None:
+        """Stop without committing: the open transaction (if any) is aborted."""
+        self.active = False
+        if self.checkpoint is not None:
+            await self.checkpoint.abort()
+            self.checkpoint = None
+        if self.producer is not None:
+            producer, self.producer = self.producer, None
+            try:
+                await producer.stop()
+            except Exception as exc:  # closing: it is gone either way
+                log.debug("%s: producer stop failed: %r", self.id, exc)
+        for store in self.stores.values():
+            store.close()
+        self.stores.clear()
+        self.overlays.clear()
+
+    # -- processing ----------------------------------------------------------------------
+    def _current(self) -> Checkpoint:
+        if self.checkpoint is None:
+            assert self.producer is not None  # noqa: S101 - started before processing
+            self.checkpoint = Checkpoint(
+                self.producer,
+                {
+                    name: ChangelogStore(overlay, self._changelogs[name])
+                    for name, overlay in self.overlays.items()
+                },
+                group_id=self.settings.app_id,
+                exactly_once=self.exactly_once,
+                commit_offsets=None if self.exactly_once else self._commit_offsets,
+            )
+            self._opened_at = time.monotonic()
+        return self.checkpoint
+
+    async def handle(self, record: Any) -> None:
+        """Process one consumed record inside the current transaction.
+
+        A record the processor fails on becomes an INTERNAL_ERROR rejection of
+        that record alone: what it wrote is taken back, the worker goes on.
+        """
+        tp = TopicPartition(record.topic, record.partition)
+        if record.offset < self.positions.get(tp, 0):
+            return  # delivered again after a seek: already processed
+        assert self.process is not None  # noqa: S101 - started before processing
+        checkpoint = self._current()
+        source = SourceRecord(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp,
+            key=record.key,
+            value=record.value,
+            headers=tuple(record.headers or ()),
+        )
+        for overlay in self.overlays.values():
+            overlay.begin_record()
+        try:
+            outgoing = self.process(source)
+        except SessionIdSpaceExhaustedError:
+            raise
+        except Exception as exc:  # a bug must not lose the record or stop the worker
+            log.exception(
+                "%s[%d]@%d: processing failed", source.topic, source.partition, source.offset
+            )
+            for overlay in self.overlays.values():
+                overlay.undo_record()
+            outgoing = [internal_error(self.settings, source, exc)]
+        for out in outgoing:
+            try:
+                await checkpoint.send(out)
+            except MessageSizeTooLargeError as exc:
+                log.warning(
+                    "%s[%d]@%d: output to %s too large (%d bytes): rejected instead",
+                    source.topic,
+                    source.partition,
+                    source.offset,
+                    out.topic,
+                    len(out.value),
+                )
+                await checkpoint.send(internal_error(self.settings, source, exc))
+        checkpoint.consumed(tp, record.offset)
+        self.positions[tp] = record.offset + 1
+
+    def commit_due(self, now: float) -> bool:
+        c = self.checkpoint
+        if c is None or c.closed:
+            return False
+        if c.records >= self.settings.batch_size:
+            return True
+        return now - self._opened_at >= self.settings.checkpoint_interval_s
+
+    async def commit(self) -> None:
+        """Commit the current transaction (see :class:`Checkpoint`); raises its errors."""
+        checkpoint, self.checkpoint = self.checkpoint, None
+        if checkpoint is not None and not checkpoint.closed:
+            await checkpoint.commit()
+
+
+def internal_error(settings: Settings, record: SourceRecord, exc: BaseException) -> Outgoing:
+    """The rejection of a record the worker could not process (a bug, or a limit)."""
+    rejection = Rejection(
+        reason=Reason.INTERNAL_ERROR,
+        message=f"the processor failed on this record: {type(exc).__name__}",
+        errors=(ErrorDetail(title="internal error", details=str(exc)[:500], pointer=""),),
+    )
+    doc = rejection_document(
+        rejection,
+        record.value or b"",
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        timestamp_ms=record.timestamp_ms,
+    )
+    return Outgoing(settings.topics.rejected, record.key or b"", json.dumps(doc))
+
+
+async def restore(
+    settings: Settings,
+    stores: Mapping[str, PartitionStore],
+    changelogs: Mapping[str, TopicPartition],
+    label: str,
+) -> int:
+    """Bring each store up to the end of its changelog partition (read_committed).
+
+    Reads from the offset the store recorded (nothing is discarded); a store
+    whose offset lies past the changelog's end (the topic was recreated) is
+    wiped, for that partition only, and read from the beginning.
+    """
+    consumer = AIOKafkaConsumer(
+        **client_options(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    await consumer.start()
+    total = 0
+    try:
+        tps = [changelogs[name] for name in stores]
+        consumer.assign(tps)
+        end = await consumer.end_offsets(tps)
+        beginning = await consumer.beginning_offsets(tps)
+        by_tp = {changelogs[name]: store for name, store in stores.items()}
+        for tp, store in by_tp.items():
+            start = store.changelog_offset
+            if start is not None and start > end[tp]:
+                end[tp] = await _wait_for_end(consumer, tp, start)
+                if start > end[tp]:
+                    log.warning(
+                        "%s: store %s is at changelog offset %d, past the end %d of %s[%d]: "
+                        "restoring this partition from the beginning",
+                        label,
+                        store.path,
+                        start,
+                        end[tp],
+                        tp.topic,
+                        tp.partition,
+                    )
+                    store.wipe()
+                    start = None
+            consumer.seek(tp, max(start if start is not None else 0, beginning[tp]))
+        started = time.monotonic()
+        last_log = started
+        remaining = {tp for tp in tps if await consumer.position(tp) < end[tp]}
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=500, max_records=20_000)
+            for tp, records in batches.items():
+                if records:
+                    changes = {r.key: r.value for r in records if r.key is not None}
+                    by_tp[tp].write(changes, records[-1].offset + 1)
+                    total += len(records)
+            for tp in list(remaining):
+                position = await consumer.position(tp)
+                if position >= end[tp]:
+                    by_tp[tp].write({}, position)
+                    remaining.discard(tp)
+            now = time.monotonic()
+            if remaining and now - last_log >= _RESTORE_LOG_EVERY_S:
+                last_log = now
+                log.info(
+                    "%s: restoring, %d records so far (%.0f/s)",
+                    label,
+                    total,
+                    total / (now - started),
+                )
+        elapsed = time.monotonic() - started
+        if total:
+            log.info(
+                "%s: restored %d records in %.2f s (%.0f/s)",
+                label,
+                total,
+                elapsed,
+                total / max(elapsed, 1e-6),
+            )
+    finally:
+        await consumer.stop()
+    return total
+
+
+async def _wait_for_end(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int) -> int:
+    """The changelog's end, waiting up to a grace period for it to reach ``start``."""
+    deadline = time.monotonic() + _OFFSET_AHEAD_GRACE_S
+    while True:
+        end: int = (await consumer.end_offsets([tp]))[tp]
+        if end >= start or time.monotonic() > deadline:
+            return end
+        await asyncio.sleep(0.2)

@@ -1,0 +1,79 @@
+"""``stream-app worker``: topics, engine, signals and the bounded stop.
+
+Exit codes: 0 after a clean stop (SIGTERM or SIGINT); 1 when the stop did not
+finish within ``shutdown_timeout_s`` (the broker is gone, say) or the engine
+failed; 2 for a configuration error. Each of these ends with one clear line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from typing import Final
+
+from aiokafka.errors import KafkaError
+
+from stream_app.errors import ConfigurationError
+from stream_app.pipeline.engine import Engine
+from stream_app.pipeline.topics import ensure_topics
+from stream_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILED: Final = 1
+EXIT_CONFIGURATION: Final = 2
+
+
+async def run(settings: Settings) -> int:
+    try:
+        partitions = await ensure_topics(settings)
+        engine = Engine(settings, partitions)
+        engine.check_local_state()
+    except ConfigurationError as exc:
+        log.error("configuration error: %s", exc)  # noqa: TRY400 - one line, no traceback
+        return EXIT_CONFIGURATION
+    except KafkaError as exc:
+        log.error("cannot reach Kafka at %s: %r", settings.bootstrap_servers, exc)  # noqa: TRY400
+        return EXIT_FAILED
+
+    watchdog: list[threading.Timer] = []
+
+    def on_signal(signum: int) -> None:
+        if watchdog:
+            return
+        log.info(
+            "%s: stopping (bound %.0f s)", signal.Signals(signum).name, settings.shutdown_timeout_s
+        )
+        timer = threading.Timer(settings.shutdown_timeout_s, _give_up, (settings,))
+        timer.daemon = True
+        timer.start()
+        watchdog.append(timer)
+        engine.stop()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await engine.run()
+    except Exception:
+        log.exception("the worker failed")
+        return EXIT_FAILED
+    finally:
+        for timer in watchdog:
+            timer.cancel()
+    return 0
+
+
+def _give_up(settings: Settings) -> None:
+    """Runs on a thread, so it fires even if the event loop is stuck."""
+    log.error(
+        "could not stop cleanly within %.0f s (is Kafka at %s reachable?): exiting; "
+        "uncommitted records are processed again by the next owner",
+        settings.shutdown_timeout_s,
+        settings.bootstrap_servers,
+    )
+    logging.shutdown()
+    os._exit(EXIT_FAILED)
