@@ -233,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
         env = demo_environment(cluster.bootstrap_servers, DEMO_DIR / "state")
         with environment(env):
             settings = Settings.from_env()
-        created = asyncio.run(ensure_topics(settings))
-        say(f"created {len(created)} topics")
+        partitions = asyncio.run(ensure_topics(settings))
+        say(f"topics ready ({partitions} partitions each)")
         worker = Worker(env, DEMO_DIR / "worker.log")
         say(f"started worker pid {worker.pid} (log: {worker.log_path.relative_to(ROOT)})")
         summary, result = asyncio.run(

@@ -261,6 +261,10 @@ class KafkaCluster:
         }
         (self.workdir / STATE_FILE).write_text(json.dumps(state))
 
+    def detach(self) -> None:
+        """Forget the JVMs without stopping them (``stop_from_state`` finds them later)."""
+        self._procs.clear()
+
     def stop(self, grace: float = 20.0) -> None:
         for proc in self._procs:
             if proc.poll() is None:
@@ -353,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         began = time.monotonic()
         cluster = KafkaCluster(args.workdir, nodes=args.nodes, heap=args.heap).start()
         # The JVMs outlive this process: the state file lets `stop` find them.
-        cluster._procs.clear()
+        cluster.detach()
         print(cluster.bootstrap_servers)
         print(f"started {args.nodes} node(s) in {time.monotonic() - began:.1f}s", file=sys.stderr)
     else:
