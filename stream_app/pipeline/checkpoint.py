@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 from aiokafka.structs import TopicPartition
 
 from stream_app.errors import StreamAppError
@@ -70,6 +70,16 @@ class Producer(Protocol):
 
     async def abort_transaction(self) -> None: ...
 
+
+#: How a transactional producer says it can no longer be used. A fence its
+#: background sender learns (INVALID_PRODUCER_EPOCH on AddPartitionsToTxn)
+#: reaches the caller of aiokafka 0.14 not as ProducerFenced but as
+#: IllegalOperation from ``send`` and an invalid state transition
+#: (AssertionError) from ``commit_transaction``. The fake producer of
+#: tests/pipeline models this, and the zombie integration test meets it.
+#: Either way the task is no longer ours to write: it is treated as fenced,
+#: never restarted with a new producer (which would fence the new owner).
+_PRODUCER_UNUSABLE = (ProducerFenced, IllegalOperation, AssertionError)
 
 #: Commits consumer offsets outside a transaction (at_least_once).
 OffsetCommitter = Callable[[dict[TopicPartition, int]], Awaitable[None]]
@@ -162,9 +172,9 @@ class Checkpoint:
             future = await self._producer.send(
                 out.topic, out.value, out.key, headers=list(out.headers) or None
             )
-        except ProducerFenced as exc:
+        except _PRODUCER_UNUSABLE as exc:
             await self._fail(abort=False)
-            raise TaskFencedError(f"producer fenced: {exc}") from exc
+            raise TaskFencedError(self._fence_cause(exc)) from exc
         self._sends.append(future)
 
     async def commit(self) -> None:
@@ -196,9 +206,9 @@ class Checkpoint:
             elif self.offsets:
                 assert self._commit_offsets is not None  # noqa: S101 - checked in __init__
                 await self._commit_offsets(dict(self.offsets))
-        except ProducerFenced as exc:
+        except _PRODUCER_UNUSABLE as exc:
             await self._fail(abort=False)
-            raise TaskFencedError(f"producer fenced: {exc}") from exc
+            raise TaskFencedError(self._fence_cause(exc)) from exc
         except (KafkaError, OSError) as exc:
             await self._fail()
             raise CheckpointError(f"{type(exc).__name__}: {exc}") from exc
@@ -217,6 +227,13 @@ class Checkpoint:
         """End the transaction without effect: nothing visible, nothing stored."""
         if not self.closed:
             await self._fail()
+
+    def _fence_cause(self, exc: BaseException) -> str:
+        """The sends failed with the sender's own error (ProducerFenced, usually)."""
+        for future in self._sends:
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                return f"producer unusable: {future.exception()!r}"
+        return f"producer unusable: {exc!r}"
 
     async def _fail(self, *, abort: bool = True) -> None:
         self.closed = True

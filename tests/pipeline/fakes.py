@@ -1,0 +1,424 @@
+"""An in-memory Kafka for testing the commit protocol without a broker.
+
+:class:`FakeBroker` keeps one log per topic partition and the committed
+offsets of each consumer group, and behaves as a broker does where the
+checkpoint relies on it:
+
+* every record written takes the next offset of its partition, aborted
+  records included, and each transaction marker (commit or abort) takes one
+  too, so offsets have gaps a read_committed reader skips;
+* records and consumer offsets of a transaction become visible, resp.
+  committed, only when it commits; a read_committed reader stops at the first
+  record of a still-open transaction (the last stable offset);
+* starting a producer with a ``transactional_id`` already in use fences the
+  earlier one: its open transaction is aborted and every later call of it
+  raises :class:`~aiokafka.errors.ProducerFenced`.
+
+:class:`FakeProducer` satisfies :class:`stream_app.pipeline.checkpoint.Producer`.
+It buffers: ``send`` returns a pending future, and the records reach the
+log at ``flush`` (or ``commit_transaction``, which flushes first), or once
+:data:`LINGER_S` has passed in the event loop, as aiokafka's background
+sender does. Failures are injected per producer: a send whose future
+fails, a send refused at once, a call (``commit_transaction``, ...) that
+raises, and a hook run at the start of a call (e.g. to fence the producer
+exactly there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from aiokafka.errors import IllegalOperation, ProducerFenced
+from aiokafka.structs import RecordMetadata, TopicPartition
+
+from stream_app.pipeline.store import PartitionStore, RocksDBResources
+
+Marker = Literal["commit", "abort"]
+
+#: How long a sent record waits for a flush before it is sent anyway (linger_ms).
+LINGER_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One offset of a partition: a record, or a transaction marker."""
+
+    offset: int
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    #: The transaction that wrote it (None: written outside any transaction).
+    transaction: int | None = None
+    marker: Marker | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Transaction:
+    number: int
+    group_offsets: dict[str, dict[TopicPartition, int]] = field(default_factory=dict)
+    partitions: set[TopicPartition] = field(default_factory=set)
+    state: Literal["open", "committed", "aborted"] = "open"
+
+
+class FakeBroker:
+    """Logs, transactions and group offsets of one in-memory cluster."""
+
+    def __init__(self, partitions: Mapping[str, int] | None = None) -> None:
+        #: Partitions per topic; a topic not listed has one.
+        self.partitions = dict(partitions or {})
+        self._logs: dict[TopicPartition, list[LogEntry]] = defaultdict(list)
+        self._transactions: list[_Transaction] = []
+        self._committed: dict[str, dict[TopicPartition, int]] = defaultdict(dict)
+        self._owners: dict[str, FakeProducer] = {}
+
+    # -- clients -----------------------------------------------------------------------------
+    def producer(self, transactional_id: str | None = None) -> FakeProducer:
+        """A started producer; a transactional one fences the id's previous owner."""
+        if transactional_id is not None:
+            previous = self._owners.get(transactional_id)
+            if previous is not None:
+                previous.fence()
+        producer = FakeProducer(self, transactional_id)
+        if transactional_id is not None:
+            self._owners[transactional_id] = producer
+        return producer
+
+    def commit_offsets(self, group_id: str, offsets: Mapping[TopicPartition, int]) -> None:
+        """A consumer's own offset commit (outside any transaction)."""
+        self._committed[group_id].update(offsets)
+
+    # -- what readers see --------------------------------------------------------------------
+    def committed(self, group_id: str) -> dict[TopicPartition, int]:
+        return dict(self._committed[group_id])
+
+    def topic_partitions(self) -> list[TopicPartition]:
+        """Every partition written to."""
+        return sorted(tp for tp, log in self._logs.items() if log)
+
+    def log(self, tp: TopicPartition) -> list[LogEntry]:
+        """Every offset of the partition: records of any transaction, and markers."""
+        return list(self._logs[tp])
+
+    def end_offset(self, tp: TopicPartition) -> int:
+        return len(self._logs[tp])
+
+    def last_stable_offset(self, tp: TopicPartition) -> int:
+        for entry in self._logs[tp]:
+            if entry.transaction is not None and self._state(entry.transaction) == "open":
+                return entry.offset
+        return self.end_offset(tp)
+
+    def read_committed(self, tp: TopicPartition, start: int = 0) -> list[LogEntry]:
+        """The records an ``isolation_level="read_committed"`` consumer gets from ``start``."""
+        stable = self.last_stable_offset(tp)
+        return [
+            entry
+            for entry in self._logs[tp][start:stable]
+            if entry.marker is None
+            and (entry.transaction is None or self._state(entry.transaction) == "committed")
+        ]
+
+    def committed_records(self, topic: str) -> list[tuple[bytes | None, bytes | None]]:
+        """(key, value) of every record of ``topic`` a read_committed reader sees."""
+        return [
+            (entry.key, entry.value)
+            for tp in sorted(self._logs)
+            if tp.topic == topic
+            for entry in self.read_committed(tp)
+        ]
+
+    def visible_topics(self) -> set[str]:
+        """Topics in which a read_committed reader sees at least one record."""
+        return {tp.topic for tp in self._logs if self.read_committed(tp)}
+
+    # -- what producers do ------------------------------------------------------------------
+    def partition_for(self, topic: str, key: bytes | None) -> int:
+        """The default partitioner, simplified: a hash of the key (not murmur2)."""
+        return zlib.crc32(key or b"") % self.partitions.get(topic, 1)
+
+    def append(
+        self,
+        tp: TopicPartition,
+        key: bytes | None,
+        value: bytes | None,
+        headers: tuple[tuple[str, bytes], ...],
+        transaction: int | None,
+    ) -> int:
+        log = self._logs[tp]
+        log.append(LogEntry(len(log), key, value, headers, transaction))
+        if transaction is not None:
+            self._transactions[transaction].partitions.add(tp)
+        return len(log) - 1
+
+    def begin(self) -> int:
+        self._transactions.append(_Transaction(len(self._transactions)))
+        return len(self._transactions) - 1
+
+    def add_offsets(
+        self, transaction: int, group_id: str, offsets: Mapping[TopicPartition, int]
+    ) -> None:
+        self._transactions[transaction].group_offsets.setdefault(group_id, {}).update(offsets)
+
+    def end(self, transaction: int, *, commit: bool) -> None:
+        """Write the markers; a commit also commits the transaction's group offsets."""
+        txn = self._transactions[transaction]
+        if txn.state != "open":
+            raise IllegalOperation(f"transaction {transaction} already {txn.state}")
+        txn.state = "committed" if commit else "aborted"
+        marker: Marker = "commit" if commit else "abort"
+        for tp in sorted(txn.partitions):
+            log = self._logs[tp]
+            log.append(LogEntry(len(log), transaction=transaction, marker=marker))
+        if commit:
+            for group_id, offsets in txn.group_offsets.items():
+                self._committed[group_id].update(offsets)
+
+    def _state(self, transaction: int) -> str:
+        return self._transactions[transaction].state
+
+
+@dataclass(slots=True)
+class _Buffered:
+    tp: TopicPartition
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    future: asyncio.Future[RecordMetadata]
+    error: BaseException | None
+
+
+@dataclass(slots=True)
+class _Fault:
+    error: BaseException
+    topic: str | None
+
+    def matches(self, topic: str) -> bool:
+        return self.topic is None or self.topic == topic
+
+
+class FakeProducer:
+    """An aiokafka producer (transactional or not) writing to a :class:`FakeBroker`."""
+
+    def __init__(self, broker: FakeBroker, transactional_id: str | None) -> None:
+        self.broker = broker
+        self.transactional_id = transactional_id
+        #: Every call in order: "begin_transaction", "send", "flush", ...
+        self.calls: list[str] = []
+        #: Run once, at the start of the named call (before its checks).
+        self.before: dict[str, Callable[[], None]] = {}
+        self.fenced = False
+        #: What a call of a fenced producer raises: ProducerFenced (the default),
+        #: or what aiokafka 0.14 raises once its background sender has learned
+        #: of the fence (IllegalOperation from send and send_offsets_to_transaction,
+        #: AssertionError from commit and abort; the futures fail with ProducerFenced).
+        self.fence_style: Literal["ProducerFenced", "aiokafka-0.14"] = "ProducerFenced"
+        self.stopped = False
+        self._transaction: int | None = None
+        self._buffer: list[_Buffered] = []
+        self._linger: asyncio.TimerHandle | None = None
+        self._refusals: list[_Fault] = []
+        self._send_failures: list[_Fault] = []
+        self._call_failures: dict[str, BaseException] = {}
+        #: A send of the open transaction failed: it can only be aborted.
+        self._abortable: BaseException | None = None
+
+    # -- failure injection --------------------------------------------------------------------
+    def refuse_next_send(self, error: BaseException, *, topic: str | None = None) -> None:
+        """The next send (to ``topic``) raises ``error`` at once; nothing is buffered."""
+        self._refusals.append(_Fault(error, topic))
+
+    def fail_next_send(self, error: BaseException, *, topic: str | None = None) -> None:
+        """The next send (to ``topic``) is accepted; its future fails with ``error``."""
+        self._send_failures.append(_Fault(error, topic))
+
+    def fail_next(self, call: str, error: BaseException) -> None:
+        """The next ``call`` (e.g. "commit_transaction") raises ``error``."""
+        self._call_failures[call] = error
+
+    def fence(self) -> None:
+        """What the broker does when the transactional id's next producer starts."""
+        self.fenced = True
+        if self._transaction is not None:
+            self.broker.end(self._transaction, commit=False)
+            self._transaction = None
+
+    # -- observation --------------------------------------------------------------------------
+    @property
+    def in_transaction(self) -> bool:
+        return self._transaction is not None
+
+    @property
+    def buffered(self) -> int:
+        """Records sent but not yet flushed to the broker."""
+        return len(self._buffer)
+
+    # -- the Producer protocol ----------------------------------------------------------------
+    async def begin_transaction(self) -> None:
+        # Local in aiokafka (no request): a fence shows only at the next request.
+        self.calls.append("begin_transaction")
+        self._run_hook("begin_transaction")
+        self._transactional()
+        if self._transaction is not None:
+            raise IllegalOperation("a transaction is already open")
+        self._transaction = self.broker.begin()
+        self._abortable = None
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Any = None,
+    ) -> asyncio.Future[RecordMetadata]:
+        self._enter("send")
+        if self.transactional_id is not None and self._transaction is None:
+            raise IllegalOperation("Can't send messages while not in transaction")
+        refusal = _take(self._refusals, topic)
+        if refusal is not None:
+            raise refusal.error
+        if partition is None:
+            partition = self.broker.partition_for(topic, key)
+        failure = _take(self._send_failures, topic)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RecordMetadata] = loop.create_future()
+        if self._linger is None:
+            self._linger = loop.call_later(LINGER_S, self._drain)
+        self._buffer.append(
+            _Buffered(
+                TopicPartition(topic, partition),
+                key,
+                value,
+                tuple(headers or ()),
+                future,
+                None if failure is None else failure.error,
+            )
+        )
+        return future
+
+    async def flush(self) -> None:
+        self.calls.append("flush")
+        self._run_hook("flush")
+        self._drain()
+
+    async def send_offsets_to_transaction(
+        self, offsets: dict[TopicPartition, int], group_id: str
+    ) -> None:
+        self._enter("send_offsets_to_transaction")
+        self._transactional()
+        if self._transaction is None:
+            raise IllegalOperation("Not in the middle of a transaction")
+        self.broker.add_offsets(self._transaction, group_id, offsets)
+
+    async def commit_transaction(self) -> None:
+        self._enter("commit_transaction")
+        self._transactional()
+        if self._transaction is None:
+            raise IllegalOperation("Not in the middle of a transaction")
+        self._drain()
+        if self._abortable is not None:
+            raise self._abortable
+        self.broker.end(self._transaction, commit=True)
+        self._transaction = None
+
+    async def abort_transaction(self) -> None:
+        self._enter("abort_transaction")
+        self._transactional()
+        if self._transaction is None:
+            raise IllegalOperation("Not in the middle of a transaction")
+        self._drain()  # in-flight records land, and are aborted with the rest
+        self.broker.end(self._transaction, commit=False)
+        self._transaction = None
+
+    async def stop(self) -> None:
+        """Like aiokafka: an open transaction is left to the broker (to a fence or timeout)."""
+        self.calls.append("stop")
+        self._drain()
+        self.stopped = True
+
+    # -- internals ----------------------------------------------------------------------------
+    def _enter(self, call: str) -> None:
+        self.calls.append(call)
+        self._run_hook(call)
+        if self.fenced:
+            raise self._fenced_error(call)
+        error = self._call_failures.pop(call, None)
+        if error is not None:
+            raise error
+
+    def _fenced_error(self, call: str) -> BaseException:
+        error: BaseException
+        if self.fence_style == "ProducerFenced":
+            error = ProducerFenced()
+        # aiokafka 0.14: the sender task died of the fence, the transaction manager
+        # is in FATAL_ERROR and the public calls check their state first.
+        elif call == "send":
+            error = IllegalOperation("Can't send messages while not in transaction")
+        elif call == "send_offsets_to_transaction":
+            error = IllegalOperation("Not in the middle of a transaction")
+        else:
+            error = AssertionError(f"Invalid state transition FATAL_ERROR -> {call}")
+        return error
+
+    def _run_hook(self, call: str) -> None:
+        hook = self.before.pop(call, None)
+        if hook is not None:
+            hook()
+
+    def _transactional(self) -> None:
+        if self.transactional_id is None:
+            raise IllegalOperation("not a transactional producer")
+
+    def _drain(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        buffered, self._buffer = self._buffer, []
+        for record in buffered:
+            error = ProducerFenced() if self.fenced else record.error
+            if error is not None:
+                if self._transaction is not None:
+                    self._abortable = error
+                record.future.set_exception(error)
+                continue
+            offset = self.broker.append(
+                record.tp, record.key, record.value, record.headers, self._transaction
+            )
+            record.future.set_result(
+                RecordMetadata(
+                    topic=record.tp.topic,
+                    partition=record.tp.partition,
+                    topic_partition=record.tp,
+                    offset=offset,
+                    timestamp=None,
+                    timestamp_type=0,
+                    log_start_offset=0,
+                )
+            )
+
+
+def _take(faults: list[_Fault], topic: str) -> _Fault | None:
+    for i, fault in enumerate(faults):
+        if fault.matches(topic):
+            return faults.pop(i)
+    return None
+
+
+class FailingWriteStore(PartitionStore):
+    """A partition store whose writes raise while ``fail_writes`` is set (a full disk)."""
+
+    def __init__(self, path: Path, resources: RocksDBResources) -> None:
+        super().__init__(path, resources)
+        self.fail_writes = False
+
+    def write(self, changes: Mapping[bytes, bytes | None], changelog_offset: int) -> None:
+        if self.fail_writes:
+            raise OSError(28, "No space left on device")
+        super().write(changes, changelog_offset)

@@ -1,0 +1,727 @@
+"""The commit protocol of a task (Checkpoint), on an in-memory broker and real RocksDB.
+
+Every test checks the three places a user would look after a commit or a
+failure: what a read_committed consumer of the broker sees, which input
+offsets the group has committed, and what RocksDB holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+)
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from stream_app.pipeline.checkpoint import (
+    ChangelogStore,
+    Checkpoint,
+    CheckpointError,
+    StoreWriteError,
+    TaskFencedError,
+)
+from stream_app.pipeline.processor import Outgoing, SourceRecord
+from stream_app.pipeline.store import PartitionStore, RocksDBResources, StoreOverlay
+from stream_app.pipeline.tasks import Stage, Task
+from stream_app.settings import RocksDBSettings, Settings
+from tests.pipeline.fakes import FailingWriteStore, FakeBroker, FakeProducer
+
+GROUP = "app"
+TXN_ID = "app-commands-0"
+INPUT = TopicPartition("commands", 0)
+CLOSED = "sessions.closed"
+REJECTED = "sessions.rejected"
+SESSIONS = "sessions"
+IDS = "session-ids"
+CHANGELOGS = {
+    SESSIONS: TopicPartition("app-sessions-changelog", 0),
+    IDS: TopicPartition("app-session-ids-changelog", 0),
+}
+
+#: What the first (seeding) transaction stores; it consumes input offsets 0 and 1.
+SEED = {SESSIONS: {b"a": b"a1", b"b": b"b1", b"c": b"c1"}, IDS: {b"p0": b"1"}}
+SEED_OUTPUT = Outgoing(CLOSED, b"z", b"seeded")
+#: The batch under test (input offsets 2 to 4, see Rig.process_batch) ...
+BATCH_OUTPUTS = (
+    Outgoing(CLOSED, b"a", b"closed a", (("trace", b"1"),)),
+    Outgoing(CLOSED, b"d", b"closed d"),
+    Outgoing(REJECTED, b"x", b"rejected x"),
+)
+#: ... changes each store by one changelog record per key, newest value ...
+BATCH_CHANGES: dict[str, list[tuple[bytes, bytes | None]]] = {
+    SESSIONS: [(b"a", b"a3"), (b"d", b"d1"), (b"b", None)],
+    IDS: [(b"p0", b"2")],
+}
+#: ... and leaves the stores so.
+AFTER = {SESSIONS: {b"a": b"a3", b"c": b"c1", b"d": b"d1"}, IDS: {b"p0": b"2"}}
+
+OUTPUT_AND_CHANGELOG_PARTITIONS = (
+    *CHANGELOGS.values(),
+    *(TopicPartition(CLOSED, p) for p in range(3)),
+    *(TopicPartition(REJECTED, p) for p in range(2)),
+)
+
+Visible = dict[str, list[tuple[bytes | None, bytes | None]]]
+
+
+@dataclass
+class Rig:
+    """One task's pieces: a producer on the fake broker, its stores and overlays."""
+
+    broker: FakeBroker
+    producer: FakeProducer
+    stores: dict[str, PartitionStore]
+    exactly_once: bool = True
+    overlays: dict[str, StoreOverlay] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.overlays = {name: StoreOverlay(store) for name, store in self.stores.items()}
+
+    def checkpoint(
+        self, commit_offsets: Callable[[Any], Awaitable[None]] | None = None
+    ) -> Checkpoint:
+        if commit_offsets is None and not self.exactly_once:
+            commit_offsets = self.commit_offsets
+        return Checkpoint(
+            self.producer,
+            {
+                name: ChangelogStore(overlay, CHANGELOGS[name])
+                for name, overlay in self.overlays.items()
+            },
+            group_id=GROUP,
+            exactly_once=self.exactly_once,
+            commit_offsets=commit_offsets,
+        )
+
+    async def commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        self.broker.commit_offsets(GROUP, offsets)
+
+    async def seed(self) -> None:
+        """A first, committed transaction, so that later ones start from real state."""
+        checkpoint = self.checkpoint()
+        for name, data in SEED.items():
+            self.overlays[name].update(data)
+        await checkpoint.send(SEED_OUTPUT)
+        checkpoint.consumed(INPUT, 0)
+        checkpoint.consumed(INPUT, 1)
+        await checkpoint.commit()
+
+    async def process_batch(self, checkpoint: Checkpoint) -> None:
+        """Input offsets 2 to 4, written and sent as a processor would."""
+        sessions, ids = self.overlays[SESSIONS], self.overlays[IDS]
+        sessions[b"a"] = b"a2"
+        sessions[b"d"] = b"d1"
+        await checkpoint.send(BATCH_OUTPUTS[0])
+        checkpoint.consumed(INPUT, 2)
+        sessions[b"a"] = b"a3"  # the same key twice: one changelog record
+        del sessions[b"b"]
+        ids[b"p0"] = b"2"
+        await checkpoint.send(BATCH_OUTPUTS[1])
+        checkpoint.consumed(INPUT, 3)
+        await checkpoint.send(BATCH_OUTPUTS[2])
+        checkpoint.consumed(INPUT, 4)
+
+    async def process_and_commit(self, checkpoint: Checkpoint) -> None:
+        await self.process_batch(checkpoint)
+        await checkpoint.commit()
+
+    # -- what a user would look at ------------------------------------------------------------
+    def visible(self) -> Visible:
+        """Every record a read_committed consumer sees, per topic."""
+        topics = [CLOSED, REJECTED, *(tp.topic for tp in CHANGELOGS.values())]
+        return {topic: sorted(self.broker.committed_records(topic), key=repr) for topic in topics}
+
+    def stored(self) -> dict[str, tuple[dict[bytes, bytes | None], int | None]]:
+        """Each store's RocksDB data and changelog offset."""
+        return {
+            name: (contents(store), store.changelog_offset) for name, store in self.stores.items()
+        }
+
+
+def contents(store: PartitionStore) -> dict[bytes, bytes | None]:
+    return {key: store.get(key) for key in store.keys()}  # noqa: SIM118 - a store, not a dict
+
+
+def changelog_state(broker: FakeBroker, tp: TopicPartition) -> dict[bytes, bytes | None]:
+    """The state a changelog describes: its read_committed records folded from the start."""
+    state: dict[bytes, bytes | None] = {}
+    for entry in broker.read_committed(tp):
+        assert entry.key is not None
+        if entry.value is None:
+            state.pop(entry.key, None)
+        else:
+            state[entry.key] = entry.value
+    return state
+
+
+def assert_no_open_transaction(broker: FakeBroker) -> None:
+    """A transaction left open would stall every read_committed reader of its partitions."""
+    for tp in broker.topic_partitions():
+        assert broker.last_stable_offset(tp) == broker.end_offset(tp), tp
+
+
+def visible_with_batch(before: Visible) -> Visible:
+    after = {topic: list(records) for topic, records in before.items()}
+    for out in BATCH_OUTPUTS:
+        after[out.topic].append((out.key, out.value))
+    for name, changes in BATCH_CHANGES.items():
+        after[CHANGELOGS[name].topic].extend(changes)
+    return {topic: sorted(records, key=repr) for topic, records in after.items()}
+
+
+def replay_changelogs(broker: FakeBroker, stores: dict[str, PartitionStore]) -> None:
+    """What ``tasks.restore`` does, on the fake broker: read each changelog
+    (read_committed) from the store's recorded offset to its end and write it."""
+    for name, store in stores.items():
+        tp = CHANGELOGS[name]
+        records = broker.read_committed(tp, store.changelog_offset or 0)
+        if records:
+            store.write(
+                {r.key: r.value for r in records if r.key is not None}, records[-1].offset + 1
+            )
+        store.write({}, broker.end_offset(tp))
+
+
+@pytest.fixture
+def resources() -> RocksDBResources:
+    return RocksDBResources(RocksDBSettings())
+
+
+@pytest.fixture
+def broker() -> FakeBroker:
+    # Outputs spread over partitions; changelogs and inputs have one (partition 0).
+    return FakeBroker(partitions={CLOSED: 3, REJECTED: 2})  # see OUTPUT_AND_CHANGELOG_PARTITIONS
+
+
+RigFactory = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def make_rig(
+    tmp_path: Path, resources: RocksDBResources, broker: FakeBroker
+) -> AsyncIterator[RigFactory]:
+    opened: list[PartitionStore] = []
+
+    async def make(
+        *, exactly_once: bool = True, store_type: type[PartitionStore] = PartitionStore
+    ) -> Rig:
+        stores = {name: store_type(tmp_path / name / "0", resources) for name in CHANGELOGS}
+        opened.extend(stores.values())
+        producer = broker.producer(TXN_ID if exactly_once else None)
+        rig = Rig(broker, producer, stores, exactly_once)
+        await rig.seed()
+        return rig
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+# -- exactly_once: the happy path --------------------------------------------------------------
+async def test_commit_makes_outputs_changelog_and_offsets_visible_then_writes_rocksdb(
+    make_rig: RigFactory,
+) -> None:
+    rig = await make_rig()
+    visible_before = rig.visible()
+    changelog_end = {name: rig.broker.end_offset(tp) for name, tp in CHANGELOGS.items()}
+    ends = {tp: rig.broker.end_offset(tp) for tp in OUTPUT_AND_CHANGELOG_PARTITIONS}
+    checkpoint = rig.checkpoint()
+
+    await rig.process_batch(checkpoint)
+    # Step 1 of the contract: nothing reaches RocksDB or readers while the transaction is open.
+    assert {name: data for name, (data, _) in rig.stored().items()} == SEED
+    assert rig.visible() == visible_before
+    assert dict(rig.overlays[SESSIONS]) == AFTER[SESSIONS]
+
+    await checkpoint.commit()
+
+    assert rig.visible() == visible_with_batch(visible_before)
+    assert rig.broker.committed(GROUP) == {INPUT: 5}
+    for name, tp in CHANGELOGS.items():
+        new = rig.broker.read_committed(tp, changelog_end[name])
+        # one record per changed key, with its newest value; a delete is a tombstone
+        assert [(e.key, e.value) for e in new] == BATCH_CHANGES[name]
+        store = rig.stores[name]
+        assert contents(store) == AFTER[name] == changelog_state(rig.broker, tp)
+        assert store.changelog_offset == new[-1].offset + 1
+        # so a restore after this clean commit reads nothing again
+        assert rig.broker.read_committed(tp, store.changelog_offset) == []
+        assert rig.overlays[name].changes == {}
+        assert dict(rig.overlays[name]) == AFTER[name]
+    # outputs and changelog records were one transaction
+    batch_records = [
+        entry
+        for tp in OUTPUT_AND_CHANGELOG_PARTITIONS
+        for entry in rig.broker.log(tp)[ends[tp] :]
+        if entry.marker is None
+    ]
+    assert len(batch_records) == len(BATCH_OUTPUTS) + sum(map(len, BATCH_CHANGES.values()))
+    assert len({entry.transaction for entry in batch_records}) == 1
+    assert checkpoint.closed
+    assert not rig.producer.in_transaction
+    assert "abort_transaction" not in rig.producer.calls
+    assert_no_open_transaction(rig.broker)
+
+
+async def test_a_transaction_without_store_changes_leaves_the_stores_offsets_alone(
+    make_rig: RigFactory,
+) -> None:
+    rig = await make_rig()
+    stored_before = rig.stored()
+    checkpoint = rig.checkpoint()
+    await checkpoint.send(BATCH_OUTPUTS[0])
+    checkpoint.consumed(INPUT, 2)
+
+    await checkpoint.commit()
+
+    assert rig.stored() == stored_before
+    assert (b"a", b"closed a") in rig.broker.committed_records(CLOSED)
+    assert rig.broker.committed(GROUP) == {INPUT: 3}
+
+
+async def test_an_empty_checkpoint_opens_no_transaction_and_commits_once(
+    make_rig: RigFactory,
+) -> None:
+    rig = await make_rig()
+    calls_before = list(rig.producer.calls)
+    checkpoint = rig.checkpoint()
+
+    await checkpoint.commit()
+
+    new_calls = rig.producer.calls[len(calls_before) :]
+    assert not {"begin_transaction", "send", "commit_transaction"} & set(new_calls)
+    with pytest.raises(CheckpointError, match="already"):
+        await checkpoint.commit()
+
+
+async def test_an_output_refused_before_sending_leaves_the_transaction_intact(
+    make_rig: RigFactory,
+) -> None:
+    """What Task.handle relies on to send a rejection instead of a too large output."""
+    rig = await make_rig()
+    visible_before = rig.visible()
+    rig.producer.refuse_next_send(MessageSizeTooLargeError(), topic=CLOSED)
+    checkpoint = rig.checkpoint()
+    with pytest.raises(MessageSizeTooLargeError):
+        await checkpoint.send(Outgoing(CLOSED, b"huge", b"x" * 100))
+
+    await rig.process_and_commit(checkpoint)
+
+    assert rig.visible() == visible_with_batch(visible_before)
+    assert rig.broker.committed(GROUP) == {INPUT: 5}
+    assert {name: data for name, (data, _) in rig.stored().items()} == AFTER
+
+
+# -- exactly_once: failures before the commit ---------------------------------------------------
+def assert_batch_left_no_trace(
+    rig: Rig, checkpoint: Checkpoint, visible_before: Visible, stored_before: Any
+) -> None:
+    """Nothing visible, offsets and RocksDB as before, overlays dropped; and the task
+    continues from its committed offsets: redoing the batch gives each output once."""
+    assert rig.visible() == visible_before
+    assert rig.broker.committed(GROUP) == {INPUT: 2}
+    assert rig.stored() == stored_before
+    assert all(overlay.changes == {} for overlay in rig.overlays.values())
+    assert dict(rig.overlays[SESSIONS]) == SEED[SESSIONS]
+    assert checkpoint.closed
+    assert_no_open_transaction(rig.broker)
+
+
+async def assert_task_continues(rig: Rig, visible_before: Visible) -> None:
+    await rig.process_and_commit(rig.checkpoint())
+    assert rig.visible() == visible_with_batch(visible_before)
+    assert rig.broker.committed(GROUP) == {INPUT: 5}
+    assert {name: data for name, (data, _) in rig.stored().items()} == AFTER
+
+
+SEND_FAILURES = {
+    "output send times out": lambda p: p.fail_next_send(KafkaTimeoutError(), topic=CLOSED),
+    "changelog send fails": lambda p: p.fail_next_send(
+        KafkaError("NOT_ENOUGH_REPLICAS"), topic=CHANGELOGS[IDS].topic
+    ),
+    "changelog record refused": lambda p: p.refuse_next_send(
+        MessageSizeTooLargeError(), topic=CHANGELOGS[SESSIONS].topic
+    ),
+}
+
+
+@pytest.mark.parametrize("inject", SEND_FAILURES.values(), ids=SEND_FAILURES.keys())
+async def test_a_failed_send_aborts_the_transaction_and_keeps_rocksdb(
+    make_rig: RigFactory, inject: Callable[[FakeProducer], None]
+) -> None:
+    rig = await make_rig()
+    visible_before, stored_before = rig.visible(), rig.stored()
+    inject(rig.producer)
+    checkpoint = rig.checkpoint()
+
+    with pytest.raises(CheckpointError) as raised:
+        await rig.process_and_commit(checkpoint)
+
+    assert not isinstance(raised.value, TaskFencedError)
+    calls = rig.producer.calls
+    batch_calls = calls[len(calls) - calls[::-1].index("begin_transaction") :]
+    assert "commit_transaction" not in batch_calls
+    assert batch_calls[-1] == "abort_transaction"
+    assert_batch_left_no_trace(rig, checkpoint, visible_before, stored_before)
+    await assert_task_continues(rig, visible_before)
+
+
+@pytest.mark.parametrize("call", ["send_offsets_to_transaction", "commit_transaction"])
+async def test_a_failed_offsets_or_commit_request_aborts_and_keeps_rocksdb(
+    make_rig: RigFactory, call: str
+) -> None:
+    rig = await make_rig()
+    visible_before, stored_before = rig.visible(), rig.stored()
+    rig.producer.fail_next(call, KafkaError("COORDINATOR_NOT_AVAILABLE"))
+    checkpoint = rig.checkpoint()
+
+    with pytest.raises(CheckpointError) as raised:
+        await rig.process_and_commit(checkpoint)
+
+    assert not isinstance(raised.value, TaskFencedError)
+    assert rig.producer.calls[-2:] == [call, "abort_transaction"]
+    assert_batch_left_no_trace(rig, checkpoint, visible_before, stored_before)
+    await assert_task_continues(rig, visible_before)
+
+
+async def test_an_abort_that_fails_too_still_reports_the_commit_failure(
+    make_rig: RigFactory,
+) -> None:
+    rig = await make_rig()
+    visible_before, stored_before = rig.visible(), rig.stored()
+    rig.producer.fail_next("commit_transaction", KafkaError("COORDINATOR_NOT_AVAILABLE"))
+    rig.producer.fail_next("abort_transaction", KafkaTimeoutError())
+    checkpoint = rig.checkpoint()
+
+    with pytest.raises(CheckpointError, match="COORDINATOR_NOT_AVAILABLE"):
+        await rig.process_and_commit(checkpoint)
+
+    assert rig.stored() == stored_before
+    assert all(overlay.changes == {} for overlay in rig.overlays.values())
+    # The transaction hangs until the task's next producer fences this one.
+    rig.broker.producer(TXN_ID)
+    assert rig.visible() == visible_before
+    assert rig.broker.committed(GROUP) == {INPUT: 2}
+    assert_no_open_transaction(rig.broker)
+
+
+# -- exactly_once: fenced -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "call", ["send", "flush", "send_offsets_to_transaction", "commit_transaction"]
+)
+async def test_a_fenced_producer_gives_up_the_task_without_aborting(
+    make_rig: RigFactory, call: str
+) -> None:
+    rig = await make_rig()
+    visible_before, stored_before = rig.visible(), rig.stored()
+    successors: list[FakeProducer] = []
+    # Another worker starts this task (InitProducerId) just before `call`.
+    rig.producer.before[call] = lambda: successors.append(rig.broker.producer(TXN_ID))
+    checkpoint = rig.checkpoint()
+
+    with pytest.raises(TaskFencedError):
+        await rig.process_and_commit(checkpoint)
+    await checkpoint.abort()  # what Task.close does next
+
+    assert successors, "the fence happened"
+    assert "abort_transaction" not in rig.producer.calls
+    assert_batch_left_no_trace(rig, checkpoint, visible_before, stored_before)
+    # The new owner redoes the batch from the committed offsets: each output once.
+    rig.producer = successors[0]
+    await assert_task_continues(rig, visible_before)
+
+
+async def test_a_fence_learned_between_two_sends_is_a_task_fence(make_rig: RigFactory) -> None:
+    rig = await make_rig()
+    rig.producer.fence_style = "aiokafka-0.14"
+    checkpoint = rig.checkpoint()
+    await checkpoint.send(BATCH_OUTPUTS[0])  # begins the transaction
+    rig.broker.producer(TXN_ID)  # another worker takes the task over
+
+    with pytest.raises(TaskFencedError):
+        await checkpoint.send(BATCH_OUTPUTS[1])
+
+
+async def test_a_fence_learned_before_the_commit_is_a_task_fence(make_rig: RigFactory) -> None:
+    rig = await make_rig()
+    rig.producer.fence_style = "aiokafka-0.14"
+    stored_before = rig.stored()
+    checkpoint = rig.checkpoint()
+    await rig.process_batch(checkpoint)
+    rig.broker.producer(TXN_ID)  # another worker takes the task over
+
+    with pytest.raises(TaskFencedError):
+        await checkpoint.commit()  # its changelog sends meet the dead sender
+    assert rig.stored() == stored_before
+    assert all(overlay.changes == {} for overlay in rig.overlays.values())
+
+
+# -- revocation and close, through Task as the engine drives it ---------------------------------
+class CountingProcessor:
+    """Counts commands per key in the store; b"forget" deletes the key."""
+
+    def __init__(self, counts: StoreOverlay) -> None:
+        self.counts = counts
+
+    def __call__(self, record: SourceRecord) -> list[Outgoing]:
+        key = record.key or b""
+        if record.value == b"forget":
+            del self.counts[key]
+            return []
+        count = int(self.counts.get(key) or b"0") + 1
+        self.counts[key] = b"%d" % count
+        return [Outgoing(CLOSED, key, b"%s=%d" % (key, count))]
+
+
+def command(offset: int, key: bytes, value: bytes = b"cmd") -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        topic=INPUT.topic,
+        partition=INPUT.partition,
+        offset=offset,
+        timestamp=1_764_000_000_000 + offset,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=len(key),
+        serialized_value_size=len(value),
+        headers=[],
+    )
+
+
+def started_task(state_dir: Path, resources: RocksDBResources, broker: FakeBroker) -> Task:
+    """Task.start without its broker: the fake producer, the store, no restore needed."""
+    stage = Stage(
+        "commands",
+        (INPUT.topic,),
+        (SESSIONS,),
+        lambda _partition, overlays: CountingProcessor(overlays[SESSIONS]),
+    )
+    settings = Settings(app_id=GROUP, processing_guarantee="exactly_once", batch_size=1000)
+
+    async def no_offset_commits(_offsets: dict[TopicPartition, int]) -> None:
+        raise AssertionError("exactly_once commits offsets in the transaction")
+
+    task = Task(
+        stage,
+        0,
+        settings=settings,
+        changelogs={SESSIONS: CHANGELOGS[SESSIONS].topic},
+        state_dir=state_dir,
+        resources=resources,
+        commit_offsets=no_offset_commits,
+    )
+    task.producer = broker.producer(task.transactional_id)
+    task.stores = {SESSIONS: PartitionStore(state_dir / SESSIONS / "0", resources)}
+    task.overlays = {SESSIONS: StoreOverlay(task.stores[SESSIONS])}
+    task.process = stage.build(0, task.overlays)
+    task.activate({INPUT: 0})
+    return task
+
+
+async def on_revoked(task: Task) -> None:
+    """What Engine.on_partitions_revoked does for one task: commit (or abort), close."""
+    if task.active and task.checkpoint is not None:
+        # the engine logs a failure; the commit has aborted already
+        with contextlib.suppress(CheckpointError, StoreWriteError):
+            await task.commit()
+    await task.close()
+
+
+def reopened(state_dir: Path, resources: RocksDBResources) -> PartitionStore:
+    return PartitionStore(state_dir / SESSIONS / "0", resources)
+
+
+async def test_revocation_mid_batch_commits_what_was_processed(
+    tmp_path: Path, resources: RocksDBResources, broker: FakeBroker
+) -> None:
+    task = started_task(tmp_path, resources, broker)
+    producer = task.producer
+    for offset, key in enumerate([b"k1", b"k2", b"k1"]):
+        await task.handle(command(offset, key))
+    assert broker.committed_records(CLOSED) == []
+
+    await on_revoked(task)
+
+    assert sorted(broker.committed_records(CLOSED)) == [
+        (b"k1", b"k1=1"),
+        (b"k1", b"k1=2"),
+        (b"k2", b"k2=1"),
+    ]
+    assert changelog_state(broker, CHANGELOGS[SESSIONS]) == {b"k1": b"2", b"k2": b"1"}
+    assert broker.committed(GROUP) == {INPUT: 3}
+    store = reopened(tmp_path, resources)
+    assert contents(store) == {b"k1": b"2", b"k2": b"1"}
+    assert store.changelog_offset == broker.read_committed(CHANGELOGS[SESSIONS])[-1].offset + 1
+    store.close()
+    assert isinstance(producer, FakeProducer)
+    assert producer.stopped
+    assert "abort_transaction" not in producer.calls
+
+
+async def test_revocation_whose_commit_fails_aborts_and_keeps_rocksdb(
+    tmp_path: Path, resources: RocksDBResources, broker: FakeBroker
+) -> None:
+    task = started_task(tmp_path, resources, broker)
+    producer = task.producer
+    assert isinstance(producer, FakeProducer)
+    for offset, key in enumerate([b"k1", b"k2"]):
+        await task.handle(command(offset, key))
+    await task.commit()
+    await task.handle(command(2, b"k1"))
+    await task.handle(command(3, b"k2", b"forget"))
+    producer.fail_next("commit_transaction", KafkaError("COORDINATOR_LOAD_IN_PROGRESS"))
+
+    await on_revoked(task)
+
+    assert sorted(broker.committed_records(CLOSED)) == [(b"k1", b"k1=1"), (b"k2", b"k2=1")]
+    assert broker.committed(GROUP) == {INPUT: 2}
+    store = reopened(tmp_path, resources)
+    assert (
+        contents(store)
+        == {b"k1": b"1", b"k2": b"1"}
+        == changelog_state(broker, CHANGELOGS[SESSIONS])
+    )
+    store.close()
+    assert "abort_transaction" in producer.calls
+    assert_no_open_transaction(broker)
+
+
+async def test_closing_a_task_without_commit_aborts_its_transaction(
+    tmp_path: Path, resources: RocksDBResources, broker: FakeBroker
+) -> None:
+    task = started_task(tmp_path, resources, broker)
+    producer = task.producer
+    assert isinstance(producer, FakeProducer)
+    await task.handle(command(0, b"k1"))
+    await task.commit()
+    await task.handle(command(1, b"k1"))
+    await task.handle(command(2, b"k2"))
+
+    await task.close()
+
+    assert broker.committed_records(CLOSED) == [(b"k1", b"k1=1")]
+    assert broker.committed(GROUP) == {INPUT: 1}
+    assert changelog_state(broker, CHANGELOGS[SESSIONS]) == {b"k1": b"1"}
+    store = reopened(tmp_path, resources)
+    assert contents(store) == {b"k1": b"1"}
+    store.close()
+    # Aborted, not left open: an open transaction would stall read_committed readers
+    # of these partitions until the broker's transaction timeout.
+    assert "abort_transaction" in producer.calls
+    assert_no_open_transaction(broker)
+
+
+# -- a crash between the commit and the RocksDB write --------------------------------------------
+async def test_a_failed_rocksdb_write_after_the_commit_is_caught_up_from_the_changelog(
+    make_rig: RigFactory,
+) -> None:
+    rig = await make_rig(store_type=FailingWriteStore)
+    visible_before, stored_before = rig.visible(), rig.stored()
+    for store in rig.stores.values():
+        assert isinstance(store, FailingWriteStore)
+        store.fail_writes = True
+    checkpoint = rig.checkpoint()
+
+    with pytest.raises(StoreWriteError):
+        await rig.process_and_commit(checkpoint)
+    await checkpoint.abort()  # the engine drops the task: the committed transaction stays
+
+    # Kafka holds the transaction ...
+    assert rig.visible() == visible_with_batch(visible_before)
+    assert rig.broker.committed(GROUP) == {INPUT: 5}
+    assert "abort_transaction" not in rig.producer.calls
+    # ... RocksDB is behind it, never ahead ...
+    assert rig.stored() == stored_before
+    # ... and the restore at the next start catches up to exactly what was committed.
+    for store in rig.stores.values():
+        assert isinstance(store, FailingWriteStore)
+        store.fail_writes = False
+    replay_changelogs(rig.broker, rig.stores)
+    for name, tp in CHANGELOGS.items():
+        assert contents(rig.stores[name]) == AFTER[name] == changelog_state(rig.broker, tp)
+        assert rig.stores[name].changelog_offset == rig.broker.end_offset(tp)
+
+
+# -- at_least_once ---------------------------------------------------------------------------
+async def test_at_least_once_confirms_every_send_before_committing_the_offsets(
+    make_rig: RigFactory,
+) -> None:
+    rig = await make_rig(exactly_once=False)
+    visible_before = rig.visible()
+    seen_at_offset_commit: list[Visible] = []
+
+    async def commit_offsets(offsets: dict[TopicPartition, int]) -> None:
+        assert rig.producer.buffered == 0, "offsets committed before the sends were flushed"
+        seen_at_offset_commit.append(rig.visible())
+        assert rig.stored()[SESSIONS][0] == SEED[SESSIONS], "RocksDB written before the offsets"
+        rig.broker.commit_offsets(GROUP, offsets)
+
+    checkpoint = rig.checkpoint(commit_offsets)
+    await rig.process_and_commit(checkpoint)
+
+    assert seen_at_offset_commit == [visible_with_batch(visible_before)]
+    assert rig.visible() == visible_with_batch(visible_before)
+    assert rig.broker.committed(GROUP) == {INPUT: 5}
+    for name, tp in CHANGELOGS.items():
+        store = rig.stores[name]
+        assert contents(store) == AFTER[name] == changelog_state(rig.broker, tp)
+        # no transaction markers: the offset after the last record is the end
+        assert store.changelog_offset == rig.broker.end_offset(tp)
+    transactional = {"begin_transaction", "send_offsets_to_transaction", "commit_transaction"}
+    assert not transactional & set(rig.producer.calls)
+
+
+AT_LEAST_ONCE_FAILURES = {
+    "output send fails": (
+        lambda p: p.fail_next_send(KafkaTimeoutError(), topic=REJECTED),
+        None,
+    ),
+    "changelog send fails": (
+        lambda p: p.fail_next_send(KafkaError("NOT_LEADER"), topic=CHANGELOGS[SESSIONS].topic),
+        None,
+    ),
+    "offset commit fails": (lambda _p: None, CommitFailedError()),
+}
+
+
+@pytest.mark.parametrize(
+    ("inject", "offset_error"), AT_LEAST_ONCE_FAILURES.values(), ids=AT_LEAST_ONCE_FAILURES.keys()
+)
+async def test_at_least_once_commits_no_offsets_and_keeps_rocksdb_when_a_step_fails(
+    make_rig: RigFactory,
+    inject: Callable[[FakeProducer], None],
+    offset_error: BaseException | None,
+) -> None:
+    rig = await make_rig(exactly_once=False)
+    stored_before = rig.stored()
+    inject(rig.producer)
+    offset_commits: list[dict[TopicPartition, int]] = []
+
+    async def commit_offsets(offsets: dict[TopicPartition, int]) -> None:
+        offset_commits.append(offsets)
+        if offset_error is not None:
+            raise offset_error
+
+    checkpoint = rig.checkpoint(commit_offsets)
+    with pytest.raises(CheckpointError):
+        await rig.process_and_commit(checkpoint)
+
+    assert rig.broker.committed(GROUP) == {INPUT: 2}
+    assert len(offset_commits) == (0 if offset_error is None else 1)
+    assert rig.stored() == stored_before
+    assert all(overlay.changes == {} for overlay in rig.overlays.values())
+    # Without transactions the sends that succeeded are visible; RocksDB stays behind
+    # the changelog (never ahead of it) and the restore catches it up.
+    replay_changelogs(rig.broker, rig.stores)
+    for name, tp in CHANGELOGS.items():
+        assert contents(rig.stores[name]) == changelog_state(rig.broker, tp)

@@ -1,0 +1,191 @@
+"""PartitionStore (real RocksDB) and the StoreOverlay the processors write through."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stream_app.pipeline.store import (
+    CHANGELOG_OFFSET_KEY,
+    PartitionStore,
+    RocksDBResources,
+    StoreOverlay,
+)
+from stream_app.settings import RocksDBSettings
+
+
+@pytest.fixture
+def resources() -> RocksDBResources:
+    return RocksDBResources(RocksDBSettings())
+
+
+@pytest.fixture
+def store(tmp_path: Path, resources: RocksDBResources) -> Iterator[PartitionStore]:
+    store = PartitionStore(tmp_path / "sessions" / "0", resources)
+    yield store
+    store.close()
+
+
+def contents(store: PartitionStore) -> dict[bytes, bytes | None]:
+    return {key: store.get(key) for key in store.keys()}  # noqa: SIM118 - a store, not a dict
+
+
+# -- PartitionStore ----------------------------------------------------------------------------
+def test_a_new_store_is_empty_and_has_no_changelog_offset(store: PartitionStore) -> None:
+    assert contents(store) == {}
+    assert store.changelog_offset is None
+
+
+def test_write_applies_puts_and_deletes_with_the_offset_and_survives_reopening(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    store = PartitionStore(tmp_path / "sessions" / "0", resources)
+    store.write({b"a": b"1", b"b": b"2"}, 2)
+    store.write({b"a": None, b"c": b"3", b"never-written": None}, 7)
+    store.close()
+
+    again = PartitionStore(tmp_path / "sessions" / "0", resources)
+    assert contents(again) == {b"b": b"2", b"c": b"3"}
+    assert again.changelog_offset == 7
+    assert again.get(CHANGELOG_OFFSET_KEY) == b"7"  # stored, but never listed as data
+    assert CHANGELOG_OFFSET_KEY not in set(again.keys())
+    again.close()
+
+
+def test_wipe_forgets_data_and_offset(store: PartitionStore) -> None:
+    store.write({b"a": b"1"}, 3)
+    store.wipe()
+    assert contents(store) == {}
+    assert store.changelog_offset is None
+    store.write({b"b": b"2"}, 1)
+    assert contents(store) == {b"b": b"2"}
+
+
+# -- StoreOverlay ------------------------------------------------------------------------------
+@pytest.fixture
+def overlay(store: PartitionStore) -> StoreOverlay:
+    store.write({b"stored": b"s1", b"other": b"o1"}, 10)
+    return StoreOverlay(store)
+
+
+def test_reads_see_the_overlay_first_then_rocksdb_and_writes_stay_in_the_overlay(
+    store: PartitionStore, overlay: StoreOverlay
+) -> None:
+    overlay[b"stored"] = b"s2"
+    overlay[b"new"] = b"n1"
+    del overlay[b"other"]
+
+    assert overlay[b"stored"] == b"s2"
+    assert overlay.get(b"new") == b"n1"
+    assert overlay.get(b"other") is None
+    assert overlay.get(b"other", b"default") == b"default"
+    with pytest.raises(KeyError):
+        overlay[b"other"]
+    assert dict(overlay) == {b"stored": b"s2", b"new": b"n1"}
+    assert len(overlay) == 2
+    assert overlay.changes == {b"stored": b"s2", b"new": b"n1", b"other": None}
+    # RocksDB untouched until the checkpoint writes the overlay
+    assert contents(store) == {b"stored": b"s1", b"other": b"o1"}
+    assert store.changelog_offset == 10
+
+
+def test_membership(overlay: StoreOverlay) -> None:
+    overlay[b"new"] = b""  # an empty value is a value
+    del overlay[b"other"]
+    assert b"stored" in overlay
+    assert b"new" in overlay
+    assert b"other" not in overlay
+    assert b"missing" not in overlay
+    text_key: object = "stored"
+    assert text_key not in overlay  # keys are bytes
+    assert CHANGELOG_OFFSET_KEY not in list(overlay)
+
+
+def test_deleting_a_missing_key_raises_and_changes_nothing(overlay: StoreOverlay) -> None:
+    with pytest.raises(KeyError):
+        del overlay[b"missing"]
+    del overlay[b"other"]
+    with pytest.raises(KeyError):
+        del overlay[b"other"]
+    assert overlay.changes == {b"other": None}
+
+
+def test_several_writes_to_a_key_leave_one_change_with_the_newest_value(
+    overlay: StoreOverlay,
+) -> None:
+    overlay[b"stored"] = b"s2"
+    overlay[b"stored"] = b"s3"
+    del overlay[b"stored"]
+    overlay[b"new"] = b"n1"
+    del overlay[b"new"]
+    overlay[b"new"] = b"n2"
+    assert overlay.changes == {b"stored": None, b"new": b"n2"}
+
+
+def test_undo_record_takes_back_exactly_one_records_writes(
+    store: PartitionStore, overlay: StoreOverlay
+) -> None:
+    # An earlier record of the same transaction: kept.
+    overlay.begin_record()
+    overlay[b"earlier"] = b"e1"
+    overlay[b"stored"] = b"s2"
+    del overlay[b"other"]
+
+    overlay.begin_record()
+    overlay[b"first-time"] = b"f1"  # a key first written in this record
+    overlay[b"first-time"] = b"f2"
+    overlay[b"earlier"] = b"e2"  # overwrites the earlier record's value
+    overlay[b"stored"] = b"s3"
+    overlay[b"other"] = b"o2"  # re-creates what the earlier record deleted
+    overlay.undo_record()
+
+    assert overlay.changes == {b"earlier": b"e1", b"stored": b"s2", b"other": None}
+    assert b"first-time" not in overlay
+    assert dict(overlay) == {b"stored": b"s2", b"earlier": b"e1"}
+    assert contents(store) == {b"stored": b"s1", b"other": b"o1"}
+
+
+def test_undo_record_of_a_record_that_only_touched_rocksdb_keys(overlay: StoreOverlay) -> None:
+    overlay.begin_record()
+    overlay[b"stored"] = b"s2"
+    del overlay[b"other"]
+    overlay.undo_record()
+
+    assert overlay.changes == {}
+    assert dict(overlay) == {b"stored": b"s1", b"other": b"o1"}
+
+
+def test_undo_record_is_a_no_op_when_the_record_wrote_nothing_or_was_undone(
+    overlay: StoreOverlay,
+) -> None:
+    overlay[b"kept"] = b"k1"
+    overlay.begin_record()
+    overlay.undo_record()
+    overlay.undo_record()
+    assert overlay.changes == {b"kept": b"k1"}
+
+
+def test_begin_record_commits_the_previous_records_writes_to_the_transaction(
+    overlay: StoreOverlay,
+) -> None:
+    overlay.begin_record()
+    overlay[b"a"] = b"1"
+    overlay.begin_record()
+    overlay[b"b"] = b"2"
+    overlay.undo_record()
+    assert overlay.changes == {b"a": b"1"}
+
+
+def test_discard_forgets_the_changes_and_what_undo_would_restore(
+    overlay: StoreOverlay,
+) -> None:
+    overlay[b"stored"] = b"s2"
+    overlay.begin_record()
+    overlay[b"stored"] = b"s3"
+    overlay.discard()  # the transaction aborted
+    overlay[b"stored"] = b"s4"
+    overlay.undo_record()  # back to RocksDB's value, not to the discarded s2
+    assert overlay.changes == {}
+    assert overlay[b"stored"] == b"s1"
