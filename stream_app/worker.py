@@ -14,7 +14,7 @@ import signal
 import threading
 from typing import Final
 
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.engine import Engine
@@ -54,6 +54,7 @@ async def run(settings: Settings) -> int:
         engine.stop()
 
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_fences)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
@@ -65,6 +66,15 @@ async def run(settings: Settings) -> int:
         for timer in watchdog:
             timer.cancel()
     return 0
+
+
+def _quiet_fences(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """A fenced producer fails every future it still holds, and aiokafka keeps some
+    of them to itself; the engine has already logged the fence once per task."""
+    if isinstance(context.get("exception"), ProducerFenced):
+        log.debug("after a fence: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)
 
 
 def _give_up(settings: Settings) -> None:

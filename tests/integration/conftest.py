@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+import signal
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -31,12 +32,27 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     """Start workers; every one still running at teardown is stopped (or killed)."""
     started: list[Worker] = []
 
-    def start(d: Deployment, app_id: str | None = None, data_dir: Path | None = None) -> Worker:
-        worker = Worker(d.env(app_id, data_dir), tmp_path / f"worker-{len(started)}.log")
+    def start(
+        d: Deployment,
+        app_id: str | None = None,
+        data_dir: Path | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Worker:
+        """``env`` replaces the deployment's environment entirely; ``cwd`` is the
+        worker's working directory (default: the repository root)."""
+        worker = Worker(
+            d.env(app_id, data_dir) if env is None else env,
+            tmp_path / f"worker-{len(started)}.log",
+            cwd=cwd,
+        )
         started.append(worker)
         return worker
 
     yield start
     for worker in started:
         if worker.proc.poll() is None:
+            worker.signal_group(signal.SIGCONT)  # a test may have left it stopped
             worker.stop(timeout=30)
+        worker.close_log()  # also of the workers that exited by themselves

@@ -94,13 +94,17 @@ class Deployment:
 class Worker:
     """A ``stream-app worker`` process."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, cwd: Path | None = None) -> None:
+        """``cwd`` is the worker's working directory (default: the repository root);
+        relative settings such as the default data dir resolve against it. The
+        package is installed (editable) in the virtualenv, so any directory works."""
         self.log_path = log_path
+        self.cwd = cwd or ROOT
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stream_app", "worker"],
             env=dict(env),
-            cwd=ROOT,
+            cwd=self.cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -125,6 +129,19 @@ class Worker:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
+
+    def close_log(self) -> None:
+        """Close our handle on the log file (the process keeps its own)."""
+        self._log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the worker's whole process group (e.g. SIGSTOP/SIGCONT)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
 
 
 async def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:

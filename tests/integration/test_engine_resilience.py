@@ -1,0 +1,452 @@
+"""The worker under crashes, takeovers, zombies and shutdowns, seen from outside.
+
+Workers run as ``python -m stream_app worker`` subprocesses and are observed
+only through Kafka (a read_committed consumer of the output topics), their
+exit codes and their logs. What a correct deployment emits is computed with
+the pure domain core from the same demo traffic (``tests/integration/workload.py``):
+every downstream output and every rejection exactly once, with the totals the
+domain core computes, whatever happened to the workers on the way.
+
+Durations are printed (``pytest -s``) so they can be reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from stream_app.demo.traffic import Traffic, generate_traffic
+from stream_app.json import dumps
+from tests.integration.harness import Deployment, Output, Worker, create_topics
+from tests.integration.workload import (
+    Expected,
+    OutputReader,
+    Position,
+    describe_workers,
+    exactly_once_problems,
+    expected_outcome,
+    partition_counts,
+    produce_traffic_records,
+)
+
+#: 20,200 sessions of mixed lifecycles are 80,351 command records (seed 2024 gives a
+#: similar count; the test checks it).
+CHAOS_SESSIONS = 20_200
+CHAOS_MIN_COMMANDS = 80_000
+#: Every session is done within this many seconds after the last restart.
+CHAOS_COMPLETION_BOUND_S = 240.0
+#: The worker's default STREAM_APP_SHUTDOWN_TIMEOUT_S, and the slack allowed on top
+#: (process exit, our 50 ms polling).
+SHUTDOWN_BOUND_S = 10.0
+SHUTDOWN_SLACK_S = 3.0
+#: Longer than the harness's STREAM_APP_SESSION_TIMEOUT_S (8 s).
+ZOMBIE_PAUSE_S = 15.0
+
+StartWorker = Callable[..., Worker]
+
+
+def _internal_topics(app_id: str) -> list[str]:
+    return [
+        f"{app_id}-sessions.rekeyed",
+        f"{app_id}-sessions.by-profile",
+        f"{app_id}-sessions-changelog",
+        f"{app_id}-session-ids-changelog",
+        f"{app_id}-first-sessions-changelog",
+    ]
+
+
+def _report(test: str, **measures: object) -> None:
+    details = ", ".join(
+        f"{k}={v:.1f}s" if isinstance(v, float) else f"{k}={v}" for k, v in measures.items()
+    )
+    print(f"\n[resilience] {test}: {details}", file=sys.stderr)
+
+
+async def _deployment(
+    bootstrap: str, name: str, state: Path, partitions: int = 4, **env: str
+) -> Deployment:
+    d = Deployment(bootstrap, name, state, partitions=partitions, extra_env=dict(env))
+    await create_topics(bootstrap, [d.topics.commands], partitions)
+    return d
+
+
+def _assert_exactly_once(
+    reader: OutputReader, expected: Expected, d: Deployment, workers: list[Worker]
+) -> None:
+    problems = exactly_once_problems(reader.outputs, expected, d.topics, d.topics.commands)
+    assert not problems, "\n".join(problems) + "\n" + describe_workers(workers, 1500)
+
+
+def _background(traffic: Traffic, d: Deployment, rate: float) -> asyncio.Task[list[Position]]:
+    """Produce ``traffic`` at ``rate`` records/s while the test goes on."""
+    return asyncio.create_task(
+        produce_traffic_records(d.bootstrap, d.topics.commands, traffic, rate=rate)
+    )
+
+
+async def _wait_exit(worker: Worker, timeout: float) -> float | None:  # noqa: ASYNC109
+    """Seconds until the worker exited, or None if it still runs after ``timeout``."""
+    began = time.monotonic()
+    while worker.proc.poll() is None:
+        if time.monotonic() - began > timeout:
+            return None
+        await asyncio.sleep(0.05)
+    return time.monotonic() - began
+
+
+# --------------------------------------------------------------------------- 1. chaos
+
+
+@pytest.mark.timeout(600)
+async def test_three_sigkills_lose_and_duplicate_nothing(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """~80k commands of 20k sessions on 4 partitions, all produced up front; the
+    worker is SIGKILLed three times, 8 s apart, each time restarted on the same
+    data directory. Every output and rejection appears exactly once with the
+    domain core's totals, and all is done within the stated bound."""
+    d = await _deployment(kafka_bootstrap, unique_name("chaos"), tmp_path / "state")
+    traffic = generate_traffic(CHAOS_SESSIONS, seed=2024)
+    assert len(traffic.records) >= CHAOS_MIN_COMMANDS, len(traffic.records)
+    began = time.monotonic()
+    positions = await produce_traffic_records(kafka_bootstrap, d.topics.commands, traffic)
+    produced_s = time.monotonic() - began
+    expected = expected_outcome(traffic, positions)
+
+    started = time.monotonic()
+    worker = workers(d)
+    kills: list[int] = []
+    async with OutputReader(kafka_bootstrap, d.topics) as reader:
+        first_output_s = await reader.wait_for(
+            100, timeout=120, alive=[worker], what="before the first kill"
+        )
+        for n in range(3):
+            if n:
+                await reader.poll(8.0, alive=[worker])
+            kills.append(len(reader.outputs))
+            worker.kill()
+            worker = workers(d)
+        assert kills[-1] < expected.total, "the worker finished before the last kill"
+        done_s = await reader.wait_for(
+            expected.total,
+            timeout=CHAOS_COMPLETION_BOUND_S,
+            alive=[worker],
+            what=f"after the last restart (bound {CHAOS_COMPLETION_BOUND_S:.0f} s)",
+        )
+        chaos_s = time.monotonic() - started
+        await reader.poll(5.0, alive=[worker])  # late duplicates would show up here
+    _report(
+        "chaos",
+        commands=len(traffic.records),
+        expected_outputs=expected.total,
+        produce=produced_s,
+        first_outputs_after_start=first_output_s,
+        outputs_seen_at_kills=kills,
+        done_after_last_restart=done_s,
+        chaos_total=chaos_s,
+    )
+    _assert_exactly_once(reader, expected, d, [worker])
+    assert done_s <= CHAOS_COMPLETION_BOUND_S
+
+
+# --------------------------------------------------------------------------- 2. takeover
+
+
+@pytest.mark.timeout(400)
+async def test_second_worker_takes_over_from_a_killed_one(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """Two workers in one group, separate data dirs; one is SIGKILLed while
+    commands still arrive; the other takes its partitions over: exactly once."""
+    d = await _deployment(kafka_bootstrap, unique_name("takeover"), tmp_path / "state")
+    traffic = generate_traffic(5_000, seed=11)
+    victim = workers(d, data_dir=tmp_path / "state-a")
+    survivor = workers(d, data_dir=tmp_path / "state-b")
+    began = time.monotonic()
+    producing = _background(traffic, d, rate=1_000)
+    async with OutputReader(kafka_bootstrap, d.topics) as reader:
+        total = sum(len(r.outputs) for r in traffic.records)
+        await reader.wait_for(
+            total // 20, timeout=120, alive=[victim, survivor], what="before the kill"
+        )
+        at_kill = len(reader.outputs)
+        victim.kill()
+        killed = time.monotonic()
+        still_producing = not producing.done()
+        positions = await producing
+        expected = expected_outcome(traffic, positions)
+        await reader.wait_for(expected.total, timeout=180, alive=[survivor], what="after the kill")
+        takeover_s = time.monotonic() - killed
+        await reader.poll(4.0, alive=[survivor])
+    _report(
+        "takeover",
+        commands=len(traffic.records),
+        outputs_seen_at_kill=at_kill,
+        kill_after_start=killed - began,
+        done_after_kill=takeover_s,
+    )
+    assert still_producing, "commands were all produced before the kill: not mid-stream"
+    assert at_kill < expected.total
+    _assert_exactly_once(reader, expected, d, [victim, survivor])
+
+
+# --------------------------------------------------------------------------- 3. zombie
+
+
+@pytest.mark.timeout(400)
+async def test_a_paused_zombie_worker_is_shut_out_after_takeover(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """Worker A is SIGSTOPped mid-stream for longer than the session timeout; B
+    takes over; A is resumed (a zombie with open work). Outputs stay exactly
+    once, and A reports that it was fenced."""
+    d = await _deployment(
+        kafka_bootstrap,
+        unique_name("zombie"),
+        tmp_path / "state",
+        STREAM_APP_CHECKPOINT_INTERVAL_S="2",
+    )
+    traffic = generate_traffic(4_000, seed=23)
+    zombie = workers(d, data_dir=tmp_path / "state-a")
+    other = workers(d, data_dir=tmp_path / "state-b")
+    producing = _background(traffic, d, rate=500)
+    try:
+        async with OutputReader(kafka_bootstrap, d.topics) as reader:
+            total = sum(len(r.outputs) for r in traffic.records)
+            await reader.wait_for(
+                total // 20, timeout=120, alive=[zombie, other], what="before SIGSTOP"
+            )
+            at_stop = len(reader.outputs)
+            zombie.signal_group(signal.SIGSTOP)
+            await reader.poll(ZOMBIE_PAUSE_S, alive=[other])
+            during_pause = len(reader.outputs) - at_stop
+            zombie.signal_group(signal.SIGCONT)
+            resumed = time.monotonic()
+            still_producing = not producing.done()
+            positions = await producing
+            expected = expected_outcome(traffic, positions)
+            await reader.wait_for(expected.total, timeout=180, alive=[other], what="after SIGCONT")
+            done_s = time.monotonic() - resumed
+            await reader.poll(5.0, alive=[other])
+    finally:
+        zombie.signal_group(signal.SIGCONT)
+    _report(
+        "zombie",
+        commands=len(traffic.records),
+        outputs_seen_at_stop=at_stop,
+        outputs_during_pause=during_pause,
+        done_after_resume=done_s,
+        zombie_still_running=zombie.running,
+    )
+    assert still_producing, "commands were all produced before the pause: not mid-stream"
+    assert during_pause > 0, "the other worker did not take over during the pause"
+    _assert_exactly_once(reader, expected, d, [zombie, other])
+    # Topic and group names contain the test's name: only the worker's own words count.
+    log = zombie.log_path.read_text(errors="replace").replace(d.name, "<deployment>")
+    assert re.search(r"\bfenced\b", log, re.IGNORECASE), (
+        "the resumed zombie never logged that it was fenced\n" + describe_workers([zombie])
+    )
+    other_rc = other.stop(timeout=SHUTDOWN_BOUND_S + 20)
+    zombie_rc = zombie.stop(timeout=SHUTDOWN_BOUND_S + 20)
+    _report("zombie", exit_codes=(zombie_rc, other_rc))
+    assert other_rc == 0, other.log_tail()
+
+
+# --------------------------------------------------------------------------- 4. SIGTERM
+
+
+@pytest.mark.timeout(300)
+async def test_sigterm_mid_stream_exits_zero_within_the_shutdown_bound(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """SIGTERM while commands still arrive: the worker commits, closes and exits 0
+    within STREAM_APP_SHUTDOWN_TIMEOUT_S (default 10 s); after a restart nothing
+    is missing and nothing is duplicated."""
+    d = await _deployment(kafka_bootstrap, unique_name("sigterm"), tmp_path / "state")
+    traffic = generate_traffic(4_000, seed=5)
+    worker = workers(d)
+    producing = _background(traffic, d, rate=1_000)
+    async with OutputReader(kafka_bootstrap, d.topics) as reader:
+        total = sum(len(r.outputs) for r in traffic.records)
+        await reader.wait_for(total // 20, timeout=120, alive=[worker], what="before SIGTERM")
+        at_term = len(reader.outputs)
+        worker.proc.send_signal(signal.SIGTERM)
+        exit_s = await _wait_exit(worker, SHUTDOWN_BOUND_S + 30)
+        rc = worker.proc.poll()
+        still_producing = not producing.done()
+        _report("sigterm", outputs_seen_at_sigterm=at_term, exit_after_sigterm=exit_s, rc=rc)
+        assert exit_s is not None, (
+            f"still running {SHUTDOWN_BOUND_S + 30:.0f} s after SIGTERM\n"
+            + describe_workers([worker])
+        )
+        assert rc == 0, describe_workers([worker])
+        assert exit_s <= SHUTDOWN_BOUND_S + SHUTDOWN_SLACK_S, describe_workers([worker])
+        assert still_producing, "commands were all produced before SIGTERM: not mid-stream"
+
+        restarted = workers(d)
+        restart = time.monotonic()
+        positions = await producing
+        expected = expected_outcome(traffic, positions)
+        await reader.wait_for(
+            expected.total, timeout=180, alive=[restarted], what="after the restart"
+        )
+        done_s = time.monotonic() - restart
+        await reader.poll(4.0, alive=[restarted])
+    _report("sigterm", done_after_restart=done_s)
+    _assert_exactly_once(reader, expected, d, [worker, restarted])
+
+
+# --------------------------------------------------------------------------- 5. topics
+
+
+@pytest.mark.timeout(240)
+async def test_operator_created_command_topic_decides_the_partition_count(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """An operator created the command topic (4 partitions) and nothing else;
+    STREAM_APP_PARTITIONS says 6; no data dir is configured and the worker runs
+    in an empty directory. It processes the commands, creates ``var/stream-app``
+    there, and gives its internal topics the command topic's 4 partitions."""
+    name = unique_name("operator")
+    d = Deployment(kafka_bootstrap, name, tmp_path / "unused", partitions=4)
+    await create_topics(kafka_bootstrap, [d.topics.commands], 4)
+    app_id = f"{name}-app"
+    full = d.env(app_id)
+    env = {
+        k: v
+        for k, v in full.items()
+        if k in ("KAFKA_BOOTSTRAP_SERVERS", "STREAM_APP_APP_ID")
+        or k.startswith("STREAM_APP_TOPICS__")
+    }
+    env["STREAM_APP_PARTITIONS"] = "6"
+    cwd = tmp_path / "empty-cwd"
+    cwd.mkdir()
+    traffic = generate_traffic(300, seed=3)
+    positions = await produce_traffic_records(kafka_bootstrap, d.topics.commands, traffic)
+    expected = expected_outcome(traffic, positions)
+
+    worker = workers(d, env=env, cwd=cwd)
+    async with OutputReader(kafka_bootstrap, d.topics) as reader:
+        done_s = await reader.wait_for(expected.total, timeout=150, alive=[worker])
+        await reader.poll(3.0, alive=[worker])
+    _report("operator-topic", done_after_start=done_s)
+    _assert_exactly_once(reader, expected, d, [worker])
+    assert (cwd / "var" / "stream-app").is_dir(), sorted(str(p) for p in cwd.rglob("*"))
+    internal = _internal_topics(app_id)
+    counts = await partition_counts(kafka_bootstrap, [d.topics.commands, *internal])
+    assert counts == dict.fromkeys([d.topics.commands, *internal], 4)
+    assert worker.stop(timeout=SHUTDOWN_BOUND_S + 20) == 0, worker.log_tail()
+
+
+@pytest.mark.timeout(180)
+async def test_internal_topic_with_another_partition_count_is_refused(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """The command topic has 4 partitions and the re-key topic 2: the worker exits
+    non-zero quickly, with an error that names both topics and both counts."""
+    d = await _deployment(kafka_bootstrap, unique_name("mismatch"), tmp_path / "state")
+    app_id = d.env()["STREAM_APP_APP_ID"]
+    rekeyed = f"{app_id}-sessions.rekeyed"
+    await create_topics(kafka_bootstrap, [rekeyed], 2)
+    worker = workers(d)
+    exit_s = await _wait_exit(worker, 60)
+    _report("partition-mismatch", exit_after_start=exit_s, rc=worker.proc.poll())
+    assert exit_s is not None, "the worker kept running\n" + describe_workers([worker])
+    assert worker.proc.returncode != 0, describe_workers([worker])
+    log = worker.log_path.read_text(errors="replace")
+    naming = [line for line in log.splitlines() if rekeyed in line and d.topics.commands in line]
+    assert naming, "no line names both topics\n" + describe_workers([worker])
+    stripped = [line.replace(rekeyed, " ").replace(d.topics.commands, " ") for line in naming]
+    assert any(re.search(r"\b2\b", line) and re.search(r"\b4\b", line) for line in stripped), (
+        "no line names both topics with both partition counts (4 and 2):\n" + "\n".join(naming)
+    )
+    # The operator's topic is left as it was.
+    assert (await partition_counts(kafka_bootstrap, [rekeyed]))[rekeyed] == 2
+
+
+def test_the_package_runs_from_any_directory(tmp_path: Path) -> None:
+    """The harness starts ``python -m stream_app`` in arbitrary directories: that
+    works because the package is installed (editable) into the interpreter."""
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import stream_app, sys; print(stream_app.__file__)"],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).is_relative_to(Path(__file__).resolve().parents[2])
+
+
+def test_the_checker_notices_duplicates_losses_and_wrong_totals() -> None:
+    """The exactly-once check above can fail: fed outputs built from the domain
+    core's own expectations it is satisfied, and it names each kind of damage."""
+    topics = Deployment("unused:9092", "check", Path("unused")).topics
+    traffic = generate_traffic(300, seed=42)
+    positions = [(0, offset) for offset in range(len(traffic.records))]
+    expected = expected_outcome(traffic, positions)
+    outputs: list[Output] = []
+    for (kind, iid, event, updates), (state, total, items, costs, ret) in expected.outputs.items():
+        doc: dict[str, object] = {
+            "event": event,
+            "integrationId": iid,
+            "session": {
+                "updateCount": updates,
+                "state": state,
+                "total": float(total),
+                "cartItemTotal": float(items),
+                "additionalCostTotal": float(costs),
+            },
+        }
+        if ret is not None:
+            doc["return"] = {"value": float(ret)}
+        outputs.append(Output(getattr(topics, kind), 0, len(outputs), iid.encode(), dumps(doc)))
+    for (partition, offset), reason in expected.rejections.items():
+        source = {"topic": topics.commands, "partition": partition, "offset": offset}
+        doc = {"reason": reason, "source": source}
+        outputs.append(Output(topics.rejected, 0, len(outputs), b"", dumps(doc)))
+
+    def problems(outs: list[Output]) -> str:
+        return "\n".join(exactly_once_problems(outs, expected, topics, topics.commands))
+
+    assert problems(outputs) == ""
+    closed = next(o for o in outputs if o.topic == topics.closed)
+    rejection = next(o for o in outputs if o.topic == topics.rejected)
+    assert "1 outputs more than once" in problems([*outputs, closed])
+    assert "1 outputs missing" in problems([o for o in outputs if o is not closed])
+    assert "1 records rejected more than once" in problems([*outputs, rejection])
+    assert "1 rejections missing" in problems([o for o in outputs if o is not rejection])
+    mutated = closed.doc()
+    mutated["session"]["total"] += 0.01
+    wrong = Output(closed.topic, 0, closed.offset, closed.key, dumps(mutated))
+    assert "other state/totals" in problems([wrong if o is closed else o for o in outputs])
