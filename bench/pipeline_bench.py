@@ -1,7 +1,7 @@
 """End-to-end throughput of one worker on the real broker, as ratios to a
 baseline measured in the same run.
 
-    python bench/pipeline_bench.py [--sessions 20000]
+    python bench/pipeline_bench.py [--sessions 20000] [--baseline-checkout DIR]
 
 Uses KAFKA_BOOTSTRAP_SERVERS when set, otherwise starts the project's broker.
 Workload: per session, one update opening a 10-line cart and one closing
@@ -10,7 +10,10 @@ same pre-produced command topic:
 
 * baseline: a plain aiokafka loop (consume, orjson.loads, forward closes)
   with no state, no validation and no transactions;
-* stream-app worker, at_least_once and exactly_once.
+* stream-app worker, at_least_once and exactly_once;
+* with ``--baseline-checkout DIR``, also the exactly_once worker of another
+  checkout of this repository (run from DIR with DIR/.venv/bin/python), to
+  compare two versions in one run.
 
 Rate = commands per second between the first and the last downstream record,
 so worker start-up and recovery are excluded.
@@ -100,7 +103,9 @@ async def baseline(bootstrap: str, source: str, sink: str, total: int) -> None:
         await producer.stop()
 
 
-async def run(bootstrap: str, sessions: int, workdir: Path) -> None:
+async def run(
+    bootstrap: str, sessions: int, workdir: Path, other: Path | None, overrides: dict[str, str]
+) -> None:
     traffic = workload(sessions)
     total = len(traffic)
     source = Deployment(bootstrap, f"bench{int(time.time())}", workdir / "s0", PARTITIONS)
@@ -116,36 +121,57 @@ async def run(bootstrap: str, sessions: int, workdir: Path) -> None:
     first, last = await timing
     rates["baseline aiokafka loop"] = total / max(last - first, 1e-9)
 
-    for guarantee in ("at_least_once", "exactly_once"):
-        d = Deployment(bootstrap, f"{source.name}-{guarantee}", workdir / guarantee,
+    here = " (this checkout)" if other else ""
+    contenders: list[tuple[str, str, Path | None]] = [
+        ("at_least_once", f"stream-app at_least_once{here}", None),
+        ("exactly_once", f"stream-app exactly_once{here}", None),
+    ]
+    if other:
+        contenders.append(("exactly_once", f"stream-app exactly_once ({other})", other))
+    for guarantee, label, checkout in contenders:
+        tag = f"{guarantee}-checkout" if checkout else guarantee
+        d = Deployment(bootstrap, f"{source.name}-{tag}", workdir / tag,
                        PARTITIONS, guarantee,
                        extra_env={"STREAM_APP_TOPICS__COMMANDS": source.topics.commands,
-                                  "STREAM_APP_BATCH_SIZE": "1000"})
-        worker = Worker(d.env(), workdir / f"{guarantee}.log")
+                                  "STREAM_APP_BATCH_SIZE": "1000",
+                                  **({} if checkout else overrides)})
+        log = workdir / f"{tag}.log"
+        worker = Worker(d.env(), log, cwd=checkout,
+                        python=checkout / ".venv" / "bin" / "python" if checkout else None)
         try:
             first, last = await _time_outputs(bootstrap, d.topics.closed, sessions)
         finally:
             worker.stop()
-        rates[f"stream-app {guarantee}"] = total / max(last - first, 1e-9)
+        rates[label] = total / max(last - first, 1e-9)
 
     base = rates["baseline aiokafka loop"]
-    print(f"{'contender':28} {'commands/s':>12} {'ratio':>8}")
+    width = max(28, *map(len, rates))
+    print(f"{'contender':{width}} {'commands/s':>12} {'ratio':>8}")
     for name, rate in rates.items():
-        print(f"{name:28} {rate:12.0f} {rate / base:8.3f}")
+        print(f"{name:{width}} {rate:12.0f} {rate / base:8.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=20_000)
+    parser.add_argument("--baseline-checkout", type=Path, metavar="DIR",
+                        help="also measure the exactly_once worker of this checkout "
+                             "(run with DIR/.venv/bin/python from DIR)")
+    parser.add_argument("--set", action="append", default=[], metavar="STREAM_APP_X=VALUE",
+                        help="a setting for this checkout's workers (repeatable)")
     args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set)
+    other = args.baseline_checkout.resolve() if args.baseline_checkout else None
+    if other and not (other / ".venv" / "bin" / "python").exists():
+        parser.error(f"{other}/.venv/bin/python not found")
     with tempfile.TemporaryDirectory(prefix="stream-app-bench-") as tmp:
         workdir = Path(tmp)
         external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if external:
-            asyncio.run(run(external, args.sessions, workdir))
+            asyncio.run(run(external, args.sessions, workdir, other, overrides))
             return
         with KafkaCluster(workdir / "kafka") as cluster:
-            asyncio.run(run(cluster.bootstrap_servers, args.sessions, workdir))
+            asyncio.run(run(cluster.bootstrap_servers, args.sessions, workdir, other, overrides))
 
 
 if __name__ == "__main__":

@@ -94,15 +94,22 @@ class Deployment:
 class Worker:
     """A ``stream-app worker`` process."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        cwd: Path | None = None,
+        python: Path | None = None,
+    ) -> None:
         """``cwd`` is the worker's working directory (default: the repository root);
         relative settings such as the default data dir resolve against it. The
-        package is installed (editable) in the virtualenv, so any directory works."""
+        package is installed (editable) in the virtualenv, so any directory works.
+        ``python`` runs another checkout's worker (the benchmark compares two)."""
         self.log_path = log_path
         self.cwd = cwd or ROOT
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_app", "worker"],
+            [python or sys.executable, "-m", "stream_app", "worker"],
             env=dict(env),
             cwd=self.cwd,
             stdout=self._log,
