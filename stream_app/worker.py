@@ -65,6 +65,9 @@ async def run(settings: Settings) -> int:
     finally:
         for timer in watchdog:
             timer.cancel()
+    if not engine.stopped_cleanly:
+        log.error("stopped, but Kafka could not be reached to confirm it")
+        return EXIT_FAILED
     return 0
 
 

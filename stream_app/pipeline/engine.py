@@ -96,6 +96,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._stopping = asyncio.Event()
         self._fenced_since: float | None = None
         self._consumer: AIOKafkaConsumer | None = None
+        #: False when the stop could not reach Kafka (see :meth:`_close`).
+        self.stopped_cleanly = True
 
     # -- topology --------------------------------------------------------------------------
     def _stages(self) -> tuple[Stage, Stage]:
@@ -215,9 +217,19 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._commit(due_only=False)
             for task in list(self._tasks.values()):
                 await self._drop(task)
-        await consumer.stop()
+        try:
+            await consumer.stop()
+        except (KafkaError, OSError, asyncio.CancelledError) as exc:
+            # aiokafka cancels its in-flight fetch on stop, and that surfaces
+            # here when the broker is gone; only our own cancellation goes on.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            self.stopped_cleanly = False
+            log.warning("could not leave the group (is Kafka reachable?): %r", exc)
         self.log_metrics()
-        log.info("stopped: every transaction committed, stores closed")
+        if self.stopped_cleanly:
+            log.info("stopped: every transaction committed, stores closed")
 
     def log_metrics(self) -> None:
         m = self.metrics
@@ -275,7 +287,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             exc,
         )
         await self._drop(task)
-        self._begin_start(task.stage, task.partition)
+        if not self._stopping.is_set():
+            self._begin_start(task.stage, task.partition)
 
     async def _drop(self, task: Task) -> None:
         self._tasks.pop(task.id, None)
