@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     processing_guarantee: ProcessingGuarantee = "exactly_once"
     data_dir: Path = Path("var/stream-app")
     default_application_id: int = Field(default=1, gt=0, lt=2**31)
+    #: A larger command is rejected with LIMIT_EXCEEDED.
+    max_command_bytes: int = Field(default=256 * 1024, ge=1024)
+    #: An update that would make the stored session larger is rejected.
+    max_session_bytes: int = Field(default=256 * 1024, ge=1024)
     #: JSON file of per-application settings: {"<applicationId>": {...}}.
     application_settings_file: Path | None = None
     rocksdb: RocksDBSettings = RocksDBSettings()

@@ -29,8 +29,7 @@ EXIT_CONFIGURATION: Final = 2
 
 async def run(settings: Settings) -> int:
     try:
-        partitions = await ensure_topics(settings)
-        engine = Engine(settings, partitions)
+        engine = Engine(settings, await ensure_topics(settings))
         engine.check_local_state()
     except ConfigurationError as exc:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - one line, no traceback

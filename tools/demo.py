@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
         env = demo_environment(cluster.bootstrap_servers, DEMO_DIR / "state")
         with environment(env):
             settings = Settings.from_env()
-        partitions = asyncio.run(ensure_topics(settings))
+        partitions = asyncio.run(ensure_topics(settings)).partitions
         say(f"topics ready ({partitions} partitions each)")
         worker = Worker(env, DEMO_DIR / "worker.log")
         say(f"started worker pid {worker.pid} (log: {worker.log_path.relative_to(ROOT)})")

@@ -100,6 +100,15 @@ class Reason(StrEnum):
     #: Never produced by the domain: the pipeline's reason for a record on
     #: which processing itself failed (a bug), kept rather than lost.
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    #: Pipeline reason: the Kafka client could not read the record at all
+    #: (e.g. a header name that is not UTF-8); rejected by its position.
+    UNREADABLE_RECORD = "UNREADABLE_RECORD"
+    #: Pipeline reason: the record's timestamp (the session's clock) is
+    #: negative or past 9999-12-31.
+    TIMESTAMP_OUT_OF_RANGE = "TIMESTAMP_OUT_OF_RANGE"
+    #: Pipeline reason: a record on an internal topic that the worker did not
+    #: write the way it writes them (forged, or damaged); never applied.
+    INVALID_INTERNAL_RECORD = "INVALID_INTERNAL_RECORD"
 
 
 # --------------------------------------------------------------------------- settings

@@ -20,6 +20,7 @@ shortest form (0.1 + 0.2 prints ``0.3``). Optional fields never set (e.g.
 from __future__ import annotations
 
 import base64
+import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -27,9 +28,10 @@ import msgspec
 
 from stream_app.domain.model import CartItem, Rejection, Session, SessionEvent
 from stream_app.domain.numbers import json_number
-from stream_app.json import loads
+from stream_app.json import dumps, loads
 
 __all__ = [
+    "MAX_ORIGINAL_BYTES",
     "decode_session",
     "encode_session",
     "format_timestamp",
@@ -159,21 +161,41 @@ def output_document(event: SessionEvent, session: Session) -> dict[str, Any]:
     return doc
 
 
+#: How many bytes of the original value a rejection keeps by default.
+MAX_ORIGINAL_BYTES: Final = 256 * 1024
+
+
+def _base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def rejection_document(
     rejection: Rejection,
-    raw: bytes,
+    key: bytes | None,
+    value: bytes | None,
     *,
     topic: str,
     partition: int,
     offset: int,
     timestamp_ms: int,
+    max_original_bytes: int = MAX_ORIGINAL_BYTES,
 ) -> dict[str, Any]:
     """A rejected record for the rejections topic. Never raises.
 
     Carries the reason, the Talon.One-shaped message and errors, the origin
     (topic, partition, offset, ``receivedAt`` when the timestamp is
-    representable) and the original command: parsed as ``command`` when the
-    bytes are JSON, otherwise as ``commandBase64``.
+    representable) and the original record, byte for byte:
+
+    * ``keyBase64``: the key, ``null`` for a record without a key (an empty
+      key is ``""``);
+    * ``valueBase64``: the value, ``null`` for a tombstone (an empty value is
+      ``""``); ``valueLength`` and ``valueSha256`` (hex) describe the whole
+      value; past ``max_original_bytes`` only a prefix of that many bytes is
+      kept, and ``valueTruncated`` says so;
+    * ``command``: for convenience only, the value parsed as JSON when it is
+      JSON, was kept whole and can be written again (orjson writes at most
+      254 levels of nesting). Parsing loses detail (duplicate keys, big
+      numbers, ``-0``): ``valueBase64`` is the record.
     """
     doc: dict[str, Any] = rejection.to_document()
     doc["source"] = {"topic": topic, "partition": partition, "offset": offset}
@@ -181,8 +203,20 @@ def rejection_document(
         doc["receivedAt"] = format_timestamp(timestamp_ms)
     except (OverflowError, ValueError, TypeError):
         doc["receivedAt"] = None
-    try:
-        doc["command"] = loads(raw)
-    except (ValueError, TypeError):
-        doc["commandBase64"] = base64.b64encode(bytes(raw)).decode("ascii")
+    doc["keyBase64"] = None if key is None else _base64(key[:max_original_bytes])
+    if value is None:
+        doc.update(valueBase64=None, valueLength=None, valueSha256=None, valueTruncated=False)
+        return doc
+    truncated = len(value) > max_original_bytes
+    doc["valueBase64"] = _base64(value[:max_original_bytes])
+    doc["valueLength"] = len(value)
+    doc["valueSha256"] = hashlib.sha256(value).hexdigest()
+    doc["valueTruncated"] = truncated
+    if not truncated:
+        try:
+            parsed = loads(value)
+            if len(dumps({"command": parsed})) <= max_original_bytes:  # as nested below
+                doc["command"] = parsed
+        except (ValueError, TypeError):
+            pass  # not JSON, or not writable again: the bytes are in valueBase64
     return doc

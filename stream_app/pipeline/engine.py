@@ -46,6 +46,7 @@ from stream_app.pipeline.checkpoint import CheckpointError, StoreWriteError, Tas
 from stream_app.pipeline.kafka import client_options
 from stream_app.pipeline.processor import (
     CommandProcessor,
+    Limits,
     Metrics,
     PartitionSequenceAllocator,
     ProfileProcessor,
@@ -57,6 +58,7 @@ from stream_app.pipeline.topics import (
     SESSION_IDS_STORE,
     SESSIONS_STORE,
     STORES,
+    TopicLayout,
     changelog_topic,
     profile_topic,
     rekey_topic,
@@ -75,11 +77,18 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(
         self,
         settings: Settings,
-        partitions: int,
+        layout: TopicLayout,
         registry: ApplicationSettingsRegistry | None = None,
     ) -> None:
         self.settings = settings
-        self.partitions = partitions
+        self.partitions = layout.partitions
+        self.max_record_bytes = layout.max_record_bytes
+        self.limits = Limits(
+            max_command_bytes=settings.max_command_bytes,
+            max_session_bytes=settings.max_session_bytes,
+            # A rejection holds the original in base64 (4/3) and its parsed echo.
+            max_original_bytes=layout.max_record_bytes // 4,
+        )
         self.registry = registry or ApplicationSettingsRegistry.load(
             settings.application_settings_file
         )
@@ -115,11 +124,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 settings_for=self.registry.settings_for,
                 default_application_id=s.default_application_id,
                 metrics=self.metrics,
+                limits=self.limits,
             ).process
 
         def profiles(partition: int, stores: Mapping[str, StoreOverlay]) -> Process:
             return ProfileProcessor(
-                topics=s.topics, first_sessions=stores[FIRST_SESSIONS_STORE], metrics=self.metrics
+                topics=s.topics,
+                first_sessions=stores[FIRST_SESSIONS_STORE],
+                metrics=self.metrics,
+                limits=self.limits,
             ).process
 
         return (
@@ -320,6 +333,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             state_dir=self.state_dir,
             resources=self._resources,
             commit_offsets=self._consumer.commit,
+            limits=self.limits,
+            max_record_bytes=self.max_record_bytes,
         )
         self._tasks[task.id] = task
         for tp in task.inputs:

@@ -13,20 +13,37 @@ production, dicts in unit tests), each returning the records to send:
   session that gains a profile later therefore moves from one path to the
   other, and only its outputs across that switch may reorder.)
 
-Contract on crash and rebalance: the tables and the sends of one record are in
-the same Kafka transaction under ``exactly_once`` (Faust's per-partition
-transactional producers), so a record is either fully applied, stored and
-emitted, or not at all; under ``at_least_once`` a crash can re-apply the
-commands after the last committed offset, and the ``eventId`` memory of each
-session then suppresses the repeats that carry an ``eventId``.
+Contract on crash and rebalance: the store writes and the sends of one record
+are in the same Kafka transaction under ``exactly_once`` (see
+``checkpoint.py``), so a record is either fully applied, stored and emitted,
+or not at all; under ``at_least_once`` a crash can re-apply the commands
+after the last committed offset, and the ``eventId`` memory of each session
+then suppresses the repeats that carry an ``eventId``.
+
+Trust boundaries. Anyone who may write the command topic is untrusted: its
+records' headers are ignored, sizes and timestamps are bounded
+(:class:`Limits`), and a record whose key is not its ``integrationId`` or
+does not hash to the partition it arrived on (murmur2, Kafka's default
+partitioner) is re-keyed rather than applied where it would split a session.
+Records on the internal topics are checked as strictly as commands: a
+re-keyed record must carry a valid :data:`ORIGIN_HEADER`, its integrationId
+as key, and sit on that key's partition; a stage-2 envelope must have the
+exact shape stage 1 writes. Anything else is rejected with
+``INVALID_INTERNAL_RECORD`` and never applied. (A well-formed forgery on an
+internal topic cannot be told from the worker's own records: only the
+worker's principal may write them, see docs/operations.md.)
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
+
+from aiokafka.partitioner import murmur2
 
 from stream_app import json
 from stream_app.domain import (
@@ -34,7 +51,9 @@ from stream_app.domain import (
     Applied,
     CommandContext,
     Duplicate,
+    ErrorDetail,
     EventName,
+    Reason,
     Rejected,
     Rejection,
     Session,
@@ -50,8 +69,15 @@ from stream_app.settings import TopicNames
 
 log = logging.getLogger(__name__)
 
-#: Kafka header carrying where a re-keyed record first arrived.
+#: Kafka header carrying where a re-keyed record first arrived, and its
+#: original key. Honoured only on the re-key topic (see the module docstring).
 ORIGIN_HEADER: Final = "stream-app-origin"
+
+#: 9999-12-31T23:59:59.999Z: the last instant an output timestamp can name.
+MAX_TIMESTAMP_MS: Final = 253_402_300_799_999
+_MAX_OFFSET: Final = 2**63 - 1
+_MAX_TOPIC_NAME: Final = 249
+_ORIGIN_FIELDS: Final = frozenset({"topic", "partition", "offset", "timestamp", "key"})
 
 #: Which downstream topic (by TopicNames field) each emitted event goes to.
 #: Created and updated sessions are state, not analytics events: not emitted.
@@ -63,7 +89,50 @@ EVENT_CHANNEL: Final[dict[EventName, str]] = {
     EventName.REOPENED: "reopened",
 }
 
+#: The envelope channels stage 2 may write to (the downstream topics).
+_CHANNELS: Final = frozenset(EVENT_CHANNEL.values())
+
 _MAX_SESSION_ID: Final = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size bounds, end to end (documented in docs/contract.md).
+
+    Defaults fit Kafka's default 1 MiB record limit: the worker lowers
+    ``max_original_bytes`` to a quarter of the smallest limit of the topics it
+    writes (see ``stream_app.pipeline.topics``), so that a rejection (the
+    original bytes in base64, plus the parsed echo) always fits.
+    """
+
+    #: A larger command is rejected with LIMIT_EXCEEDED.
+    max_command_bytes: int = 256 * 1024
+    #: An update that would make the stored session larger is rejected, and
+    #: the session is left as it was. Outputs and changelog records of a
+    #: session stay below the record limit because of it.
+    max_session_bytes: int = 256 * 1024
+    #: How much of the original value a rejection keeps (then: a prefix).
+    max_original_bytes: int = 256 * 1024
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner picks for ``key``."""
+    hashed: int = murmur2(key)
+    return (hashed & 0x7FFFFFFF) % partitions
+
+
+def valid_timestamp(timestamp_ms: object) -> bool:
+    return type(timestamp_ms) is int and 0 <= timestamp_ms <= MAX_TIMESTAMP_MS
+
+
+def _exact_int(value: object, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def pipeline_rejection(reason: Reason, message: str, details: str, pointer: str = "") -> Rejection:
+    """A rejection the pipeline (not the domain) decides."""
+    title = reason.value.replace("_", " ").lower()
+    return Rejection(reason, message, (ErrorDetail(title, details[:500], pointer),))
 
 
 class SessionIdSpaceExhaustedError(StreamAppError):
@@ -74,7 +143,7 @@ class Outgoing(NamedTuple):
     """One record to send: the Faust layer sends these in order."""
 
     topic: str
-    key: bytes
+    key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
 
@@ -91,20 +160,40 @@ class SourceRecord:
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
 
-    def origin(self) -> SourceRecord:
-        """The record as it first arrived, if it was re-keyed (see ORIGIN_HEADER)."""
-        for name, raw in self.headers:
-            if name == ORIGIN_HEADER:
-                doc = json.loads(raw)
-                return SourceRecord(
-                    topic=str(doc["topic"]),
-                    partition=int(doc["partition"]),
-                    offset=int(doc["offset"]),
-                    timestamp_ms=int(doc["timestamp"]),
-                    key=self.key,
-                    value=self.value,
-                )
-        return self
+    def origin_from_header(self) -> SourceRecord | None:
+        """Where a re-keyed record first arrived (see ORIGIN_HEADER), with its
+        original key; None unless there is exactly one well-formed header."""
+        found = [raw for name, raw in self.headers if name == ORIGIN_HEADER]
+        if len(found) != 1 or found[0] is None:
+            return None
+        try:
+            doc = json.loads(found[0])
+        except json.JSONDecodeError:
+            return None
+        if type(doc) is not dict or set(doc) != _ORIGIN_FIELDS:
+            return None
+        topic, key = doc["topic"], doc["key"]
+        if not (
+            type(topic) is str
+            and 0 < len(topic) <= _MAX_TOPIC_NAME
+            and _exact_int(doc["partition"], 0, 2**31 - 1)
+            and _exact_int(doc["offset"], 0, _MAX_OFFSET)
+            and valid_timestamp(doc["timestamp"])
+            and (key is None or type(key) is str)
+        ):
+            return None
+        try:
+            original_key = None if key is None else base64.b64decode(key, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        return SourceRecord(
+            topic=topic,
+            partition=doc["partition"],
+            offset=doc["offset"],
+            timestamp_ms=doc["timestamp"],
+            key=original_key,
+            value=self.value,
+        )
 
     def origin_header(self) -> tuple[str, bytes]:
         doc = {
@@ -112,6 +201,7 @@ class SourceRecord:
             "partition": self.partition,
             "offset": self.offset,
             "timestamp": self.timestamp_ms,
+            "key": None if self.key is None else base64.b64encode(self.key).decode("ascii"),
         }
         return (ORIGIN_HEADER, json.dumps(doc))
 
@@ -181,19 +271,49 @@ class CommandProcessor:
     settings_for: Callable[[int], ApplicationSettings]
     default_application_id: int
     metrics: Metrics = field(default_factory=Metrics)
+    limits: Limits = Limits()
 
     def process(self, record: SourceRecord) -> list[Outgoing]:
-        raw = record.value if record.value is not None else b""
-        origin = record.origin()
+        origin = record
+        if record.topic == self.rekey_topic:
+            found = record.origin_from_header()
+            if found is None:
+                return [self._invalid_internal(record, "no valid origin header")]
+            origin = found
+        if not valid_timestamp(origin.timestamp_ms):
+            rejection = pipeline_rejection(
+                Reason.TIMESTAMP_OUT_OF_RANGE,
+                "The record's timestamp is not a time a session can have",
+                f"timestamp {origin.timestamp_ms} ms is outside 0..{MAX_TIMESTAMP_MS}",
+            )
+            return [self._reject(rejection, origin)]
+        raw = record.value
+        if raw is None:
+            rejection = pipeline_rejection(
+                Reason.MALFORMED_JSON, "The record has no value", "a tombstone is not a command"
+            )
+            return [self._reject(rejection, origin)]
+        if len(raw) > self.limits.max_command_bytes:
+            rejection = pipeline_rejection(
+                Reason.LIMIT_EXCEEDED,
+                "The command exceeds a limit",
+                f"the command is {len(raw)} bytes; at most {self.limits.max_command_bytes}",
+            )
+            return [self._reject(rejection, origin)]
         command = decode_command(raw)
         if isinstance(command, Rejection):
-            return [self._reject(command, raw, origin)]
+            return [self._reject(command, origin)]
         wanted_key = command.integration_id.encode()
-        if record.key != wanted_key and record.topic != self.rekey_topic:
+        placed = record.key == wanted_key and record.partition == partition_for(
+            wanted_key, self.allocator.partitions
+        )
+        if not placed:
+            if record.topic == self.rekey_topic:
+                return [self._invalid_internal(record, "not keyed and placed by integrationId")]
             # Applying it here would put the session on the wrong partition.
             self.metrics.rekeyed += 1
             log.info(
-                "%s[%d]@%d: key %r is not integrationId %r, re-keying",
+                "%s[%d]@%d: key %r is not integrationId %r on this partition, re-keying",
                 record.topic,
                 record.partition,
                 record.offset,
@@ -215,15 +335,25 @@ class CommandProcessor:
         )
         outcome = apply_command(session, command, context)
         if isinstance(outcome, Rejected):
-            return [self._reject(outcome.rejection, raw, origin)]
+            return [self._reject(outcome.rejection, origin)]
         if isinstance(outcome, Duplicate):
             self.metrics.duplicates += 1
             log.debug("%s[%d]@%d: duplicate eventId", origin.topic, origin.partition, origin.offset)
             return []
         assert isinstance(outcome, Applied)  # noqa: S101 - Outcome is a closed union
-        self.metrics.applied += 1
         new = outcome.session
-        self.sessions[key] = encode_session(new)
+        encoded = encode_session(new)
+        if len(encoded) > self.limits.max_session_bytes:
+            rejection = pipeline_rejection(
+                Reason.LIMIT_EXCEEDED,
+                "The command exceeds a limit",
+                f"the stored session would be {len(encoded)} bytes; "
+                f"at most {self.limits.max_session_bytes}",
+                "/session",
+            )
+            return [self._reject(rejection, origin)]
+        self.metrics.applied += 1
+        self.sessions[key] = encoded
         return self._envelopes(session, new, outcome)
 
     def _envelopes(
@@ -256,25 +386,48 @@ class CommandProcessor:
             out.append(Outgoing(self.profile_topic, route_key, json.dumps(envelope)))
         return out
 
-    def _reject(self, rejection: Rejection, raw: bytes, origin: SourceRecord) -> Outgoing:
-        self.metrics.rejected += 1
-        log.info(
-            "%s[%d]@%d: rejected %s: %s",
-            origin.topic,
-            origin.partition,
-            origin.offset,
-            rejection.reason,
-            rejection.message,
-        )
-        doc = rejection_document(
-            rejection,
-            raw,
-            topic=origin.topic,
-            partition=origin.partition,
-            offset=origin.offset,
-            timestamp_ms=origin.timestamp_ms,
-        )
-        return Outgoing(self.topics.rejected, origin.key or b"", json.dumps(doc))
+    def _reject(self, rejection: Rejection, origin: SourceRecord) -> Outgoing:
+        return reject(self.topics, self.metrics, self.limits, rejection, origin)
+
+    def _invalid_internal(self, record: SourceRecord, details: str) -> Outgoing:
+        return invalid_internal(self.topics, self.metrics, self.limits, record, details)
+
+
+def reject(
+    topics: TopicNames, metrics: Metrics, limits: Limits, rejection: Rejection, origin: SourceRecord
+) -> Outgoing:
+    """The rejection record of ``origin`` (the record as it first arrived), counted."""
+    metrics.rejected += 1
+    log.info(
+        "%s[%d]@%d: rejected %s: %s",
+        origin.topic,
+        origin.partition,
+        origin.offset,
+        rejection.reason,
+        rejection.message,
+    )
+    doc = rejection_document(
+        rejection,
+        origin.key,
+        origin.value,
+        topic=origin.topic,
+        partition=origin.partition,
+        offset=origin.offset,
+        timestamp_ms=origin.timestamp_ms,
+        max_original_bytes=limits.max_original_bytes,
+    )
+    return Outgoing(topics.rejected, origin.key, json.dumps(doc))
+
+
+def invalid_internal(
+    topics: TopicNames, metrics: Metrics, limits: Limits, record: SourceRecord, details: str
+) -> Outgoing:
+    rejection = pipeline_rejection(
+        Reason.INVALID_INTERNAL_RECORD,
+        "The record on an internal topic was not written by the worker as it writes them",
+        details,
+    )
+    return reject(topics, metrics, limits, rejection, record)
 
 
 @dataclass
@@ -286,28 +439,67 @@ class ProfileProcessor:
     claim and its outputs share a key, so its claim always precedes its own
     outputs; claims of *different* sessions race only when they were created on
     different command partitions at nearly the same time (see README).
+
+    Envelopes are checked for the exact shape stage 1 writes (kind, channel,
+    integrationId, an output whose session belongs to the record's key); any
+    other record is rejected as ``INVALID_INTERNAL_RECORD``.
     """
 
     topics: TopicNames
     first_sessions: MutableMapping[bytes, bytes]
     metrics: Metrics = field(default_factory=Metrics)
+    limits: Limits = Limits()
 
     def process(self, record: SourceRecord) -> list[Outgoing]:
+        problem = _envelope_problem(record)
+        if problem is not None:
+            return [invalid_internal(self.topics, self.metrics, self.limits, record, problem)]
         key = record.key or b""
-        envelope: dict[str, Any] = json.loads(record.value or b"{}")
-        integration_id = str(envelope["integrationId"]).encode()
+        envelope: dict[str, Any] = json.loads(record.value or b"")
+        integration_id = envelope["integrationId"]
         if envelope["kind"] == "claim":
             if key not in self.first_sessions:
-                self.first_sessions[key] = integration_id
+                self.first_sessions[key] = integration_id.encode()
             return []
         output: dict[str, Any] = envelope["output"]
-        output["session"]["firstSession"] = self.first_sessions.get(key) == integration_id
+        output["session"]["firstSession"] = self.first_sessions.get(key) == integration_id.encode()
         return [
             downstream(
-                self.topics,
-                self.metrics,
-                envelope["channel"],
-                str(envelope["integrationId"]),
-                json.dumps(output),
+                self.topics, self.metrics, envelope["channel"], integration_id, json.dumps(output)
             )
         ]
+
+
+def _envelope_problem(record: SourceRecord) -> str | None:
+    """Why ``record`` is not an envelope stage 1 could have written; None if it is."""
+    if record.key is None or b"\x1f" not in record.key or record.value is None:
+        return "key or value missing"
+    try:
+        envelope = json.loads(record.value)
+    except json.JSONDecodeError:
+        return "not JSON"
+    if type(envelope) is not dict:
+        return "not an object"
+    integration_id = envelope.get("integrationId")
+    if type(integration_id) is not str or not integration_id:
+        return "no integrationId"
+    kind = envelope.get("kind")
+    if kind == "claim":
+        return None if set(envelope) == {"kind", "integrationId"} else "unexpected fields"
+    if kind != "emit" or set(envelope) != {"kind", "channel", "integrationId", "output"}:
+        return "unknown kind or unexpected fields"
+    if envelope["channel"] not in _CHANNELS:
+        return f"unknown channel {str(envelope['channel'])[:40]!r}"
+    output = envelope["output"]
+    if type(output) is not dict or type(output.get("session")) is not dict:
+        return "no output session"
+    session = output["session"]
+    application_id, profile_id = output.get("applicationId"), session.get("profileId")
+    if (
+        output.get("integrationId") != integration_id
+        or type(application_id) is not int
+        or type(profile_id) is not str
+        or profile_key(application_id, profile_id) != record.key
+    ):
+        return "the output does not belong to this record's key"
+    return None

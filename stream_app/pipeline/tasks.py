@@ -32,17 +32,20 @@ from pathlib import Path
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.structs import TopicPartition
 
-from stream_app import json
-from stream_app.domain import ErrorDetail, Reason, Rejection, rejection_document
+from stream_app.domain import Reason
+from stream_app.errors import StreamAppError
 from stream_app.pipeline.checkpoint import ChangelogStore, Checkpoint
 from stream_app.pipeline.kafka import client_options
 from stream_app.pipeline.processor import (
+    Limits,
+    Metrics,
     Outgoing,
     SessionIdSpaceExhaustedError,
     SourceRecord,
+    pipeline_rejection,
+    reject,
 )
 from stream_app.pipeline.store import PartitionStore, RocksDBResources, StoreOverlay
 from stream_app.settings import Settings
@@ -57,6 +60,18 @@ _RESTORE_LOG_EVERY_S: Final = 5.0
 _OFFSET_AHEAD_GRACE_S: Final = 10.0
 
 Process = Callable[[SourceRecord], list[Outgoing]]
+
+#: Bytes a record needs beyond key, value and headers (record and batch framing).
+_RECORD_OVERHEAD: Final = 128
+
+
+class RecordTooLargeError(StreamAppError):
+    """An output would exceed what the topics accept: its record is rejected instead."""
+
+
+def _record_size(out: Outgoing) -> int:
+    headers = sum(len(name) + len(value) for name, value in out.headers)
+    return len(out.key or b"") + len(out.value) + headers + _RECORD_OVERHEAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +107,8 @@ class Task:
         state_dir: Path,
         resources: RocksDBResources,
         commit_offsets: Callable[[dict[TopicPartition, int]], Any],
+        limits: Limits,
+        max_record_bytes: int,
     ) -> None:
         self.id = TaskId(stage.name, partition)
         self.stage = stage
@@ -104,6 +121,9 @@ class Task:
         self._state_dir = state_dir
         self._resources = resources
         self._commit_offsets = commit_offsets
+        self.limits = limits
+        #: The largest record the written topics accept (see topics.py).
+        self.max_record_bytes = max_record_bytes
         self.exactly_once = settings.processing_guarantee == "exactly_once"
         self.stores: dict[str, PartitionStore] = {}
         self.overlays: dict[str, StoreOverlay] = {}
@@ -131,6 +151,7 @@ class Task:
                 acks="all",
                 linger_ms=self.settings.producer_linger_ms,
                 max_batch_size=512 * 1024,
+                max_request_size=self.max_record_bytes,
             )
         else:
             self.producer = AIOKafkaProducer(
@@ -139,6 +160,7 @@ class Task:
                 acks="all",
                 linger_ms=self.settings.producer_linger_ms,
                 max_batch_size=512 * 1024,
+                max_request_size=self.max_record_bytes,
             )
         # For a transactional producer, start() is InitProducerId: the fence.
         await self.producer.start()
@@ -210,6 +232,7 @@ class Task:
         )
         for overlay in self.overlays.values():
             overlay.begin_record()
+        failure: Exception | None = None
         try:
             outgoing = self.process(source)
         except SessionIdSpaceExhaustedError:
@@ -218,22 +241,20 @@ class Task:
             log.exception(
                 "%s[%d]@%d: processing failed", source.topic, source.partition, source.offset
             )
+            failure = exc
+        else:
+            too_large = [o for o in outgoing if _record_size(o) > self.max_record_bytes]
+            if too_large:
+                failure = RecordTooLargeError(
+                    f"an output to {too_large[0].topic} would be {_record_size(too_large[0])} "
+                    f"bytes; the topics take at most {self.max_record_bytes}"
+                )
+        if failure is not None:
             for overlay in self.overlays.values():
                 overlay.undo_record()
-            outgoing = [internal_error(self.settings, source, exc)]
+            outgoing = [internal_error(self.settings, self.limits, source, failure)]
         for out in outgoing:
-            try:
-                await checkpoint.send(out)
-            except MessageSizeTooLargeError as exc:
-                log.warning(
-                    "%s[%d]@%d: output to %s too large (%d bytes): rejected instead",
-                    source.topic,
-                    source.partition,
-                    source.offset,
-                    out.topic,
-                    len(out.value),
-                )
-                await checkpoint.send(internal_error(self.settings, source, exc))
+            await checkpoint.send(out)
         checkpoint.consumed(tp, record.offset)
         self.positions[tp] = record.offset + 1
 
@@ -252,22 +273,21 @@ class Task:
             await checkpoint.commit()
 
 
-def internal_error(settings: Settings, record: SourceRecord, exc: BaseException) -> Outgoing:
+def internal_error(
+    settings: Settings, limits: Limits, record: SourceRecord, exc: BaseException
+) -> Outgoing:
     """The rejection of a record the worker could not process (a bug, or a limit)."""
-    rejection = Rejection(
-        reason=Reason.INTERNAL_ERROR,
-        message=f"the processor failed on this record: {type(exc).__name__}",
-        errors=(ErrorDetail(title="internal error", details=str(exc)[:500], pointer=""),),
-    )
-    doc = rejection_document(
-        rejection,
-        record.value or b"",
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        timestamp_ms=record.timestamp_ms,
-    )
-    return Outgoing(settings.topics.rejected, record.key or b"", json.dumps(doc))
+    if isinstance(exc, RecordTooLargeError):
+        rejection = pipeline_rejection(
+            Reason.LIMIT_EXCEEDED, "The command's outputs exceed a limit", str(exc), "/session"
+        )
+    else:
+        rejection = pipeline_rejection(
+            Reason.INTERNAL_ERROR,
+            f"the processor failed on this record: {type(exc).__name__}",
+            str(exc),
+        )
+    return reject(settings.topics, Metrics(), limits, rejection, record)
 
 
 async def restore(

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Final
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from stream_app.errors import ConfigurationError
@@ -85,11 +87,26 @@ async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dic
     return counts
 
 
-async def ensure_topics(settings: Settings) -> int:
-    """Create the missing topics; return the partition count every task uses.
+@dataclass(frozen=True, slots=True)
+class TopicLayout:
+    """What the worker learns from the cluster before it starts."""
+
+    #: The command topic's partition count: every task's partition range.
+    partitions: int
+    #: The largest record every topic the worker writes accepts.
+    max_record_bytes: int
+
+
+#: Kafka's default for message.max.bytes, used when a topic's config is unreadable.
+_KAFKA_DEFAULT_MAX_MESSAGE_BYTES: Final = 1_048_588
+
+
+async def ensure_topics(settings: Settings) -> TopicLayout:
+    """Create the missing topics; return the partition count and record limit.
 
     Raises ConfigurationError when an existing co-partitioned topic disagrees
-    with the command topic's count.
+    with the command topic's count, or when the record limit is too small for
+    the configured session size.
     """
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
@@ -135,8 +152,34 @@ async def ensure_topics(settings: Settings) -> int:
                 created.append(spec.name)
             except TopicAlreadyExistsError:
                 pass  # another worker won the race
+        written = [s.name for s in specs if s.name != settings.topics.commands]
+        max_record_bytes = await _max_message_bytes(admin, written)
     finally:
         await admin.close()
     if created:
         log.info("created topics: %s", ", ".join(created))
-    return partitions
+    # A stored session becomes an output document (field names, computed totals),
+    # at most about twice its stored size; leave room for that and the envelope.
+    if settings.max_session_bytes * 3 > max_record_bytes:
+        raise ConfigurationError(
+            f"max_session_bytes {settings.max_session_bytes} is too large for the topics' "
+            f"record limit of {max_record_bytes} bytes (max.message.bytes): it may be at "
+            f"most a third of it, {max_record_bytes // 3}"
+        )
+    return TopicLayout(partitions, max_record_bytes)
+
+
+async def _max_message_bytes(admin: AIOKafkaAdminClient, names: list[str]) -> int:
+    """The smallest ``max.message.bytes`` of ``names`` (topic configs inherit the
+    broker's ``message.max.bytes``)."""
+    described = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    )
+    limits = [
+        int(entry[1])
+        for response in described
+        for resource in response.resources
+        for entry in resource[4]
+        if entry[0] == "max.message.bytes" and entry[1] is not None
+    ]
+    return min(limits, default=_KAFKA_DEFAULT_MAX_MESSAGE_BYTES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import subprocess
 import sys
 from decimal import Decimal
@@ -149,21 +150,78 @@ def test_rejection_document_keeps_the_command() -> None:
     raw = dumps(update_doc({"cartItems": [item(quantity=0)]}))
     rejection = reject_decode(loads(raw))
     doc = rejection_document(
-        rejection, raw, topic="commands", partition=2, offset=9, timestamp_ms=T0
+        rejection, b"cart-1", raw, topic="commands", partition=2, offset=9, timestamp_ms=T0
     )
     assert doc["reason"] == "SCHEMA_VIOLATION"
     assert doc["errors"][0]["source"] == {"pointer": "/session/cartItems/0/quantity"}
     assert doc["source"] == {"topic": "commands", "partition": 2, "offset": 9}
+    assert base64.b64decode(doc["valueBase64"]) == raw
+    assert base64.b64decode(doc["keyBase64"]) == b"cart-1"
+    assert doc["valueSha256"] == hashlib.sha256(raw).hexdigest()
     assert doc["command"] == loads(raw)
-    assert "commandBase64" not in doc
     garbage = b"\xff\x00not json"
     doc = rejection_document(
-        rejection, garbage, topic="t", partition=0, offset=0, timestamp_ms=10**20
+        rejection, None, garbage, topic="t", partition=0, offset=0, timestamp_ms=10**20
     )
-    assert base64.b64decode(doc["commandBase64"]) == garbage
+    assert base64.b64decode(doc["valueBase64"]) == garbage
+    assert doc["keyBase64"] is None
     assert "command" not in doc
     assert doc["receivedAt"] is None
     dumps(doc)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [(None, None), (b"", b""), (None, b""), (b"", None)],
+)
+def test_rejection_document_tells_null_from_empty(key: bytes | None, value: bytes | None) -> None:
+    doc = rejection_document(
+        reject_decode({}), key, value, topic="t", partition=0, offset=0, timestamp_ms=T0
+    )
+    assert doc["keyBase64"] == (None if key is None else "")
+    assert doc["valueBase64"] == (None if value is None else "")
+    assert doc["valueLength"] == (None if value is None else 0)
+
+
+def test_rejection_document_keeps_the_exact_bytes_json_would_lose() -> None:
+    # Duplicate keys, an integer beyond 64 bits, -0 and a long decimal: parsing
+    # changes each of them; valueBase64 keeps the record as it was.
+    raw = (
+        b'{"type":"x","a":1,"a":2,"n":123456789012345678901234567890,'
+        b'"z":-0,"d":0.1000000000000000000001}'
+    )
+    doc = rejection_document(
+        reject_decode({}), b"k", raw, topic="t", partition=0, offset=0, timestamp_ms=T0
+    )
+    assert base64.b64decode(doc["valueBase64"]) == raw
+
+
+def test_rejection_document_keeps_a_prefix_and_a_digest_past_the_cap() -> None:
+    value = b"x" * 5000
+    doc = rejection_document(
+        reject_decode({}),
+        b"k",
+        value,
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=T0,
+        max_original_bytes=1024,
+    )
+    assert base64.b64decode(doc["valueBase64"]) == value[:1024]
+    assert doc["valueTruncated"] is True
+    assert doc["valueLength"] == 5000
+    assert doc["valueSha256"] == hashlib.sha256(value).hexdigest()
+    assert "command" not in doc
+
+
+def test_rejection_document_of_json_too_deep_to_write_again_still_writes() -> None:
+    raw = b'{"type":"x","a":' + b"[" * 300 + b"]" * 300 + b"}"
+    doc = rejection_document(
+        reject_decode({}), b"k", raw, topic="t", partition=0, offset=0, timestamp_ms=T0
+    )
+    assert "command" not in doc  # orjson writes at most 254 levels
+    assert base64.b64decode(loads(dumps(doc))["valueBase64"]) == raw
 
 
 def test_application_settings_from_document() -> None:

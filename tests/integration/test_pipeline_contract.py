@@ -201,8 +201,12 @@ async def test_every_transition_and_rejection_through_kafka(
     garbage = docs["x-garbage"][0]
     assert garbage["source"]["topic"] == t.commands
     assert isinstance(garbage["source"]["offset"], int)
-    assert base64.b64decode(garbage["commandBase64"]) == b"\x00\xffnot json at all"
+    assert base64.b64decode(garbage["valueBase64"]) == b"\x00\xffnot json at all"
+    assert garbage["valueLength"] == len(b"\x00\xffnot json at all")
+    assert garbage["valueTruncated"] is False
+    assert "command" not in garbage
     typed = docs["x-typed"][0]
+    assert base64.b64decode(typed["keyBase64"]) == b"x-typed"
     assert typed["command"]["session"]["cartItems"][0]["quantity"] == "two"
     assert typed["errors"][0]["source"]["pointer"] == "/session/cartItems/0/quantity"
     over = docs["x-over"][1]

@@ -29,7 +29,7 @@ from stream_app.pipeline.checkpoint import (
     StoreWriteError,
     TaskFencedError,
 )
-from stream_app.pipeline.processor import Outgoing, SourceRecord
+from stream_app.pipeline.processor import Limits, Outgoing, SourceRecord
 from stream_app.pipeline.store import PartitionStore, RocksDBResources, StoreOverlay
 from stream_app.pipeline.tasks import Stage, Task
 from stream_app.settings import RocksDBSettings, Settings
@@ -519,6 +519,8 @@ def started_task(state_dir: Path, resources: RocksDBResources, broker: FakeBroke
         state_dir=state_dir,
         resources=resources,
         commit_offsets=no_offset_commits,
+        limits=Limits(),
+        max_record_bytes=1_048_576,
     )
     task.producer = broker.producer(task.transactional_id)
     task.stores = {SESSIONS: PartitionStore(state_dir / SESSIONS / "0", resources)}

@@ -16,6 +16,7 @@ from stream_app.pipeline.processor import (
     ProfileProcessor,
     SessionIdSpaceExhaustedError,
     SourceRecord,
+    partition_for,
 )
 from stream_app.settings import TopicNames
 
@@ -40,11 +41,14 @@ def record(
     value: bytes | None,
     key: bytes | None,
     *,
-    partition: int = 0,
+    partition: int | None = None,
     offset: int = 0,
     topic: str = TOPICS.commands,
     headers: tuple[tuple[str, bytes], ...] = (),
 ) -> SourceRecord:
+    """A record on the partition its key hashes to (4 partitions), unless told otherwise."""
+    if partition is None:
+        partition = partition_for(key or b"", 4)
     return SourceRecord(topic, partition, offset, 1_764_000_000_000 + offset, key, value, headers)
 
 
@@ -58,9 +62,7 @@ def test_mis_keyed_command_is_re_keyed_with_its_origin_and_applied_from_there() 
     assert [(o.topic, o.key) for o in out] == [(REKEY, b"s1")]
     assert p.metrics.rekeyed == 1
     assert p.sessions == {}
-    rekeyed = record(
-        out[0].value, out[0].key, partition=1, offset=0, topic=REKEY, headers=out[0].headers
-    )
+    rekeyed = record(out[0].value, out[0].key, offset=0, topic=REKEY, headers=out[0].headers)
     closed = p.process(rekeyed)
     assert [o.topic for o in closed] == [TOPICS.closed]
     doc = json.loads(closed[0].value)
