@@ -5,24 +5,58 @@ passed down; nothing else in the package reads ``os.environ``.
 
 Environment: ``STREAM_APP_<FIELD>`` (nested with ``__``, e.g.
 ``STREAM_APP_TOPICS__CLOSED``), plus ``KAFKA_BOOTSTRAP_SERVERS``.
+
+Mistakes are refused, each as one :class:`ConfigurationError` line naming
+the variable: an unknown ``STREAM_APP_*`` variable (with the closest valid
+name), a value of the wrong type or out of range, SASL without credentials,
+TLS or settings files that do not exist. Choices (log level, guarantee,
+security protocol, ...) ignore case.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stream_app.errors import ConfigurationError
+
+ENV_PREFIX = "STREAM_APP_"
 
 ProcessingGuarantee = Literal["exactly_once", "at_least_once"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
+
+
+def _case(kind: Any, value: Any) -> Any:
+    """``value`` spelled as the choice of the Literal ``kind`` it matches, ignoring case."""
+    if isinstance(value, str):
+        for choice in get_args(kind):
+            if isinstance(choice, str) and choice.lower() == value.lower():
+                return choice
+    return value
 
 
 class TopicNames(BaseModel):
     """Kafka topic names; every one is configurable."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     commands: str = "sessions.commands"
     closed: str = "sessions.closed"
@@ -34,28 +68,77 @@ class TopicNames(BaseModel):
 
 
 class KafkaSecurity(BaseModel):
-    """Broker security. PLAINTEXT today; the fields for SASL/SSL are here for later."""
+    """Broker security: PLAINTEXT, TLS (``SSL``), SASL, or SASL over TLS.
 
-    model_config = ConfigDict(frozen=True)
+    Checked together: a SASL protocol needs a mechanism, a user name and a
+    password; TLS files must exist; a client key needs its certificate.
+    A Strimzi ``KafkaUser`` secret works as it is: ``password`` for SCRAM,
+    ``user.crt``/``user.key`` for TLS client authentication.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     protocol: SecurityProtocol = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_mechanism: SaslMechanism | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
 
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_case(cls, value: Any) -> Any:
+        return _case(SecurityProtocol, value)
+
+    @field_validator("sasl_mechanism", mode="before")
+    @classmethod
+    def _mechanism_case(cls, value: Any) -> Any:
+        return _case(SaslMechanism, value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecurity:
+        sasl = self.protocol.startswith("SASL")
+        tls = self.protocol in ("SSL", "SASL_SSL")
+        if sasl:
+            missing = [
+                name
+                for name, value in (
+                    ("SASL_MECHANISM", self.sasl_mechanism),
+                    ("SASL_USERNAME", self.sasl_username),
+                    ("SASL_PASSWORD", self.sasl_password),
+                )
+                if not value
+            ]
+            if missing:
+                names = ", ".join(f"{ENV_PREFIX}SECURITY__{m}" for m in missing)
+                raise ValueError(f"protocol {self.protocol} needs {names}")
+        elif self.sasl_mechanism or self.sasl_username or self.sasl_password:
+            raise ValueError(f"SASL settings are given but the protocol is {self.protocol}")
+        files = (
+            ("SSL_CAFILE", self.ssl_cafile),
+            ("SSL_CERTFILE", self.ssl_certfile),
+            ("SSL_KEYFILE", self.ssl_keyfile),
+        )
+        if not tls and any(path for _, path in files):
+            raise ValueError(f"TLS files are given but the protocol is {self.protocol}")
+        for name, path in files:
+            if path is not None and not path.is_file():
+                raise ValueError(f"{ENV_PREFIX}SECURITY__{name}: no such file: {path}")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError(f"{ENV_PREFIX}SECURITY__SSL_KEYFILE needs SSL_CERTFILE")
+        return self
+
 
 class RocksDBSettings(BaseModel):
-    """Memory bounds of each partition's RocksDB database.
+    """Memory bounds of the worker's RocksDB databases (one per store and partition).
 
-    Faust's defaults reserve a 2 GiB block cache per partition database; these
-    are per database too, so the worst case is ``partitions x (block cache +
-    write buffers)``.
+    The block cache and the write-buffer budget are shared by all of a
+    worker's databases, so its RocksDB memory is about ``block_cache_mb +
+    write_buffer_mb x max_write_buffers`` however many partitions it owns.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     block_cache_mb: int = Field(default=32, ge=1)
     write_buffer_mb: int = Field(default=16, ge=1)
@@ -67,10 +150,10 @@ class Settings(BaseSettings):
     """Everything the worker, the demo and the tools need to know."""
 
     model_config = SettingsConfigDict(
-        env_prefix="STREAM_APP_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         frozen=True,
-        extra="ignore",
+        extra="ignore",  # unknown variables are refused by from_env, with a suggestion
     )
 
     bootstrap_servers: str = Field(
@@ -107,9 +190,93 @@ class Settings(BaseSettings):
     #: How long the group waits for a silent (crashed) worker before its
     #: partitions move; Kafka's own default is 45 s.
     session_timeout_s: float = Field(default=30.0, ge=6.0)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: LogLevel = "INFO"
+    #: ``json``: one JSON object per log line.
+    log_format: LogFormat = "text"
+    #: The worker's HTTP server: /livez, /readyz, /metrics.
+    http_host: str = "0.0.0.0"  # noqa: S104 - a pod's probes and scrapes come from outside
+    #: 0 picks a free port (tests run several workers on one machine).
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    #: Static group membership (Kafka's group.instance.id), e.g. the pod name:
+    #: a restarted worker gets its partitions back without a rebalance.
+    group_instance_id: str | None = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_case(cls, value: Any) -> Any:
+        return _case(LogLevel, value)
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _format_case(cls, value: Any) -> Any:
+        return _case(LogFormat, value)
+
+    @field_validator("processing_guarantee", mode="before")
+    @classmethod
+    def _guarantee_case(cls, value: Any) -> Any:
+        return _case(ProcessingGuarantee, value)
+
+    @field_validator("application_settings_file")
+    @classmethod
+    def _settings_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
 
     @classmethod
     def from_env(cls) -> Settings:
-        """Read the environment (the only place in the package that does)."""
-        return cls()
+        """Read the environment (the only place in the package that does).
+
+        Raises :class:`ConfigurationError`, one line, for any mistake.
+        """
+        env = os.environ
+        unknown = sorted(set(_our_variables(env)) - set(known_variables()))
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, known_variables(), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigurationError(f"unknown setting {name}{hint}")
+        try:
+            return cls()
+        except ValidationError as exc:
+            raise ConfigurationError(_one_line(exc, env)) from None
+
+
+def _our_variables(env: Mapping[str, str]) -> Iterator[str]:
+    for name in env:
+        if name.upper().startswith(ENV_PREFIX):
+            yield name.upper()
+
+
+def known_variables() -> list[str]:
+    """Every ``STREAM_APP_*`` name the settings understand."""
+    names = [f"{ENV_PREFIX}BOOTSTRAP_SERVERS"]
+    for field_name, info in Settings.model_fields.items():
+        if field_name == "bootstrap_servers":
+            continue
+        top = f"{ENV_PREFIX}{field_name.upper()}"
+        names.append(top)
+        model = info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names += [f"{top}__{sub.upper()}" for sub in model.model_fields]
+    return names
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    if loc and loc[0] == "bootstrap_servers":
+        return "KAFKA_BOOTSTRAP_SERVERS"
+    return ENV_PREFIX + "__".join(str(part).upper() for part in loc)
+
+
+def _one_line(exc: ValidationError, env: Mapping[str, str]) -> str:
+    """The first problem, as ``NAME=value: message``."""
+    error = exc.errors()[0]
+    loc = tuple(error.get("loc", ()))
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if not loc or ENV_PREFIX in message:  # a check that names its variables itself
+        return message + more
+    name = _env_name(loc)
+    given = {k.upper(): v for k, v in env.items()}.get(name)
+    shown = "" if given is None or "PASSWORD" in name else f"={given}"
+    return f"{name}{shown}: {message}{more}"

@@ -8,6 +8,7 @@ failed; 2 for a configuration error. Each of these ends with one clear line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,9 +18,11 @@ from typing import Final
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from stream_app.errors import ConfigurationError
+from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
 from stream_app.pipeline.engine import Engine
-from stream_app.pipeline.topics import ensure_topics
+from stream_app.pipeline.topics import TopicLayout, ensure_topics
 from stream_app.settings import Settings
+from stream_app.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +31,14 @@ EXIT_CONFIGURATION: Final = 2
 
 
 async def run(settings: Settings) -> int:
+    """Validate, wait for Kafka, serve HTTP and run the engine until a signal."""
     try:
-        engine = Engine(settings, await ensure_topics(settings))
-        engine.check_local_state()
+        registry = ApplicationSettingsRegistry.load(settings.application_settings_file)
     except ConfigurationError as exc:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - one line, no traceback
         return EXIT_CONFIGURATION
-    except KafkaError as exc:
-        log.error("cannot reach Kafka at %s: %r", settings.bootstrap_servers, exc)  # noqa: TRY400
-        return EXIT_FAILED
-
+    stopping = asyncio.Event()
+    engine: Engine | None = None
     watchdog: list[threading.Timer] = []
 
     def on_signal(signum: int) -> None:
@@ -50,24 +51,66 @@ async def run(settings: Settings) -> int:
         timer.daemon = True
         timer.start()
         watchdog.append(timer)
-        engine.stop()
+        stopping.set()
+        if engine is not None:
+            engine.stop()
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_fences)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
+        layout = await _wait_for_kafka(settings, stopping)
+        if layout is None:
+            return 0
+        engine = Engine(settings, layout, registry)
+        engine.check_local_state()
+    except ConfigurationError as exc:
+        log.error("configuration error: %s", exc)  # noqa: TRY400
+        return EXIT_CONFIGURATION
+    web = WebServer(settings, engine)
+    try:
+        await web.start()
+    except OSError as exc:
+        log.error(  # noqa: TRY400 - one line, no traceback
+            "cannot serve HTTP on %s:%d: %s", settings.http_host, settings.http_port, exc
+        )
+        return EXIT_FAILED
+    try:
+        if stopping.is_set():
+            engine.stop()
         await engine.run()
     except Exception:
         log.exception("the worker failed")
         return EXIT_FAILED
     finally:
+        await web.stop()
         for timer in watchdog:
             timer.cancel()
     if not engine.stopped_cleanly:
         log.error("stopped, but Kafka could not be reached to confirm it")
         return EXIT_FAILED
     return 0
+
+
+async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicLayout | None:
+    """Declare the topics, retrying an unreachable broker with backoff until it
+    answers (or the worker is told to stop: None)."""
+    backoff = 1.0
+    while not stopping.is_set():
+        try:
+            return await ensure_topics(settings)
+        except (KafkaError, OSError) as exc:
+            log.warning(
+                "Kafka at %s is not reachable (%s): retrying in %.0f s",
+                settings.bootstrap_servers,
+                type(exc).__name__,
+                backoff,
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), backoff)
+        backoff = min(backoff * 2, 30.0)
+    return None
 
 
 def _quiet_fences(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

@@ -112,7 +112,7 @@ async def watch(
     """Show the output topics until a stop condition holds (see the module doc)."""
     from aiokafka import AIOKafkaConsumer
 
-    from stream_app.pipeline.kafka import client_options
+    from stream_app.pipeline.kafka import client_options, unreachable
 
     t = settings.topics
     topics = {kind: _Topic(kind, getattr(t, kind)) for kind in OUTPUT_KINDS}
@@ -129,6 +129,9 @@ async def watch(
             stopped_because=reason,
         )
 
+    problem = await unreachable(options)
+    if problem is not None:
+        return result(problem)
     out(f"watching {', '.join(by_name)} (read_committed) for at most {seconds:.0f}s")
     partitions = await wait_for_partitions(options, list(by_name), deadline)
     if partitions is None:

@@ -63,7 +63,9 @@ from stream_app.pipeline.topics import (
     profile_topic,
     rekey_topic,
 )
+from stream_app.pipeline.unreadable import UNREADABLE, read_batch_at
 from stream_app.settings import Settings
+from stream_app.web.metrics import LatencyHistogram
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._consumer: AIOKafkaConsumer | None = None
         #: False when the stop could not reach Kafka (see :meth:`_close`).
         self.stopped_cleanly = True
+        # What /readyz and /metrics report.
+        self.latency = LatencyHistogram()
+        self.commits = 0
+        self.aborts = 0
+        self.restored_records = 0
+        #: Changelog records left to restore, by task (while it restores).
+        self.restore_remaining: dict[str, int] = {}
+        self._joined = False
+        self._rebalancing = False
 
     # -- topology --------------------------------------------------------------------------
     def _stages(self) -> tuple[Stage, Stage]:
@@ -164,6 +175,45 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         else:
             layout.write_bytes(json.dumps({"partitions": self.partitions}))
 
+    # -- what the probes and metrics see ---------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Joined the group, not rebalancing, and no task restoring."""
+        return self._joined and not self._rebalancing and not self._starting
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "joined": self._joined,
+            "rebalancing": self._rebalancing,
+            "starting": sorted(str(task_id) for task_id in self._starting),
+            "active": sorted(str(t.id) for t in self._tasks.values() if t.active),
+        }
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Records between each active input's position and its last stable offset."""
+        consumer = self._consumer
+        out: dict[tuple[str, int], int] = {}
+        if consumer is None:
+            return out
+        for task in list(self._tasks.values()):
+            if not task.active:
+                continue
+            for tp in task.inputs:
+                stable = consumer.last_stable_offset(tp)
+                if stable is not None:
+                    out[tp.topic, tp.partition] = max(0, stable - task.positions.get(tp, 0))
+        return out
+
+    def store_sizes(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(estimated keys, bytes) per open store partition."""
+        return {
+            (name, task.partition): store.sizes()
+            for task in list(self._tasks.values())
+            if task.active
+            for name, store in task.stores.items()
+        }
+
     # -- running ---------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask the loop to finish the current batch, commit and stop."""
@@ -194,6 +244,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             isolation_level="read_committed",
             auto_offset_reset="earliest",
             partition_assignment_strategy=(RangePartitionAssignor,),
+            group_instance_id=s.group_instance_id,
             session_timeout_ms=int(s.session_timeout_s * 1000),
             heartbeat_interval_ms=int(s.session_timeout_s * 1000 / 3),
             max_partition_fetch_bytes=2 * 1024 * 1024,
@@ -205,7 +256,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         last_metrics = time.monotonic()
         try:
             while not self._stopping.is_set():
-                batches = await consumer.getmany(timeout_ms=poll_ms, max_records=s.batch_size)
+                try:
+                    batches = await consumer.getmany(timeout_ms=poll_ms, max_records=s.batch_size)
+                except UNREADABLE as exc:
+                    async with self._lock:
+                        await self._read_past_the_client(consumer, exc)
+                    continue
                 async with self._lock:
                     await self._process(batches)
                     await self._commit(due_only=True)
@@ -269,6 +325,29 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             except (KafkaError, CheckpointError, OSError) as exc:
                 await self._restart(task, exc)
 
+    async def _read_past_the_client(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
+        """aiokafka could not decode a fetched record (and says not which): poll
+        each active input alone; the one that fails again is read raw from its
+        position (:mod:`~stream_app.pipeline.unreadable`), its records processed
+        or rejected, and the consumer sought past that record batch."""
+        found = False
+        for task in [t for t in self._tasks.values() if t.active]:
+            for tp in task.inputs:
+                try:
+                    records = await consumer.getmany(tp, timeout_ms=0)
+                except UNREADABLE:
+                    found = True
+                    position = task.positions[tp]
+                    raws, resume = await read_batch_at(client_options(self.settings), tp, position)
+                    for raw in raws:
+                        await task.handle_raw(raw)
+                    consumer.seek(tp, resume)
+                    task.positions[tp] = max(task.positions[tp], resume)
+                    continue
+                await self._process(records)
+        if not found:
+            raise exc
+
     async def _commit(self, *, due_only: bool) -> None:
         now = time.monotonic()
         due = [
@@ -280,6 +359,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         results = await asyncio.gather(*(task.commit() for task in due), return_exceptions=True)
         for task, result in zip(due, results, strict=True):
+            if result is None:
+                self.commits += 1
+            elif isinstance(result, CheckpointError):
+                self.aborts += 1
             if isinstance(result, TaskFencedError):
                 await self._lose(task, result)
             elif isinstance(result, CheckpointError | StoreWriteError):
@@ -335,12 +418,22 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             commit_offsets=self._consumer.commit,
             limits=self.limits,
             max_record_bytes=self.max_record_bytes,
+            latency=self.latency,
+            metrics=self.metrics,
+            restore_progress=self._restore_progress,
         )
         self._tasks[task.id] = task
         for tp in task.inputs:
             self._task_of[tp] = task
         self._consumer.pause(*task.inputs)
         self._starting[task.id] = asyncio.create_task(self._start(task))
+
+    def _restore_progress(self, task_id: TaskId, restored: int, remaining: int) -> None:
+        self.restored_records += restored
+        if remaining:
+            self.restore_remaining[str(task_id)] = remaining
+        else:
+            self.restore_remaining.pop(str(task_id), None)
 
     async def _start(self, task: Task) -> None:
         consumer = self._consumer
@@ -382,12 +475,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             await task.close()
             raise
         finally:
+            self.restore_remaining.pop(str(task.id), None)
             if self._starting.get(task.id) is asyncio.current_task():
                 del self._starting[task.id]
 
     # -- ConsumerRebalanceListener ---------------------------------------------------------
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Commit (or abort) and close every task of a revoked partition."""
+        self._rebalancing = True
         gone = {self._task_of[tp].id for tp in revoked if tp in self._task_of}
         starters = [self._starting[i] for i in gone if i in self._starting]
         for starter in starters:
@@ -410,6 +505,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Pause the new partitions and start their tasks (see :meth:`_start`)."""
         self._fenced_since = None
+        self._joined = True
+        self._rebalancing = False
         wanted = {
             (self._stage_of[tp.topic], tp.partition)
             for tp in assigned

@@ -58,6 +58,22 @@ async def partition_count(options: dict[str, Any], topic: str) -> int:
     return 0
 
 
+async def unreachable(options: dict[str, Any]) -> str | None:
+    """Why the brokers in ``options`` cannot be reached; None when they answer."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaError
+
+    admin = AIOKafkaAdminClient(**options)
+    try:
+        await admin.start()
+    except (KafkaError, OSError) as exc:
+        return (
+            f"Kafka at {options.get('bootstrap_servers')} is not reachable ({type(exc).__name__})"
+        )
+    await admin.close()
+    return None
+
+
 async def wait_for_partitions(
     options: dict[str, Any], topics: list[str], deadline: float
 ) -> list[Any] | None:

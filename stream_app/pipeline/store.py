@@ -80,6 +80,13 @@ class PartitionStore:
             if isinstance(key, bytes) and key != CHANGELOG_OFFSET_KEY:
                 yield key
 
+    def sizes(self) -> tuple[int, int]:
+        """(estimated keys, bytes in SST files and memtables)."""
+        keys = self._db.property_int_value("rocksdb.estimate-num-keys") or 0
+        files = self._db.property_int_value("rocksdb.total-sst-files-size") or 0
+        memory = self._db.property_int_value("rocksdb.cur-size-all-mem-tables") or 0
+        return int(keys), int(files) + int(memory)
+
     @property
     def changelog_offset(self) -> int | None:
         """The changelog offset to restore from; None for a store never written."""

@@ -1,0 +1,1 @@
+"""The worker's HTTP surface: probes, Prometheus metrics (and the query API)."""

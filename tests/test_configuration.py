@@ -1,0 +1,155 @@
+"""Configuration mistakes, as a user makes them: `stream-app` in a fresh process.
+
+Each mistake is one clear line on stderr and exit status 2, with no
+traceback, before any broker is contacted (the bootstrap servers point at a
+closed port, so a broker call would only show up as retries)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CLOSED_PORT = "127.0.0.1:1"
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 30) -> tuple[int, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
+    base["KAFKA_BOOTSTRAP_SERVERS"] = CLOSED_PORT
+    done = subprocess.run(
+        [sys.executable, "-m", "stream_app", *args],
+        env={**base, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return done.returncode, done.stderr + done.stdout
+
+
+def one_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"STREAM_APP_TOPICS__COMMAND": "x"},
+            "unknown setting STREAM_APP_TOPICS__COMMAND; did you mean STREAM_APP_TOPICS__COMMANDS?",
+        ),
+        ({"STREAM_APP_PARTITONS": "4"}, "did you mean STREAM_APP_PARTITIONS?"),
+        ({"STREAM_APP_PARTITIONS": "abc"}, "STREAM_APP_PARTITIONS=abc: Input should be a valid"),
+        ({"STREAM_APP_PARTITIONS": "0"}, "STREAM_APP_PARTITIONS=0: Input should be greater"),
+        ({"STREAM_APP_LOG_LEVEL": "loud"}, "STREAM_APP_LOG_LEVEL=loud"),
+        (
+            {"STREAM_APP_SECURITY__PROTOCOL": "SASL_SSL"},
+            "protocol SASL_SSL needs STREAM_APP_SECURITY__SASL_MECHANISM",
+        ),
+        (
+            {"STREAM_APP_SECURITY__SASL_PASSWORD": "hunter2"},
+            "SASL settings are given but the protocol is PLAINTEXT",
+        ),
+        (
+            {"STREAM_APP_SECURITY__PROTOCOL": "ssl", "STREAM_APP_SECURITY__SSL_CAFILE": "/no/ca.crt"},
+            "STREAM_APP_SECURITY__SSL_CAFILE: no such file: /no/ca.crt",
+        ),
+        (
+            {"STREAM_APP_APPLICATION_SETTINGS_FILE": "/no/settings.json"},
+            "STREAM_APP_APPLICATION_SETTINGS_FILE=/no/settings.json: no such file",
+        ),
+    ],
+)
+def test_a_configuration_mistake_is_one_line_and_exit_2(
+    env: dict[str, str], expected: str, tmp_path: Path
+) -> None:
+    for command in (["worker"], ["config"]):
+        code, output = run(command, env, tmp_path)
+        assert code == 2, output
+        line = one_line(output)
+        assert expected in line
+        assert "hunter2" not in output
+
+
+def test_a_bad_settings_file_is_reported_before_any_broker_call(tmp_path: Path) -> None:
+    bad = tmp_path / "apps.json"
+    bad.write_text('{"1": {"flattening": "sometimes"}')
+    code, output = run(["worker"], {"STREAM_APP_APPLICATION_SETTINGS_FILE": str(bad)}, tmp_path)
+    assert code == 2, output
+    line = one_line(output)
+    assert "configuration error" in line
+    assert str(bad) in line
+    assert "Kafka" not in output
+
+
+def test_choices_ignore_case(tmp_path: Path) -> None:
+    env = {
+        "STREAM_APP_LOG_LEVEL": "info",
+        "STREAM_APP_PROCESSING_GUARANTEE": "At_Least_Once",
+        "STREAM_APP_LOG_FORMAT": "JSON",
+    }
+    code, output = run(["config"], env, tmp_path)
+    assert code == 0, output
+    assert '"log_level": "INFO"' in output
+    assert '"processing_guarantee": "at_least_once"' in output
+    assert '"log_format": "json"' in output
+
+
+def test_config_prints_the_effective_settings_with_secrets_masked(tmp_path: Path) -> None:
+    env = {
+        "STREAM_APP_SECURITY__PROTOCOL": "SASL_PLAINTEXT",
+        "STREAM_APP_SECURITY__SASL_MECHANISM": "SCRAM-SHA-512",
+        "STREAM_APP_SECURITY__SASL_USERNAME": "worker",
+        "STREAM_APP_SECURITY__SASL_PASSWORD": "hunter2",
+        "STREAM_APP_TOPICS__CLOSED": "analytics.closed",
+    }
+    code, output = run(["config"], env, tmp_path)
+    assert code == 0, output
+    assert "hunter2" not in output
+    assert '"sasl_password": "**********"' in output
+    assert '"closed": "analytics.closed"' in output
+
+
+def test_an_unreachable_broker_is_retried_and_said_plainly(tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_app", "worker"],
+        env={**base, "KAFKA_BOOTSTRAP_SERVERS": CLOSED_PORT, "STREAM_APP_HTTP_PORT": "0"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    seen: list[str] = []
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        seen.append(line)
+        if sum("is not reachable" in s for s in seen) >= 2:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=20)
+    output = "".join(seen) + rest
+    retries = [s for s in output.splitlines() if "stream_app.worker" in s and "not reachable" in s]
+    assert len(retries) >= 2, output
+    assert f"Kafka at {CLOSED_PORT} is not reachable (KafkaConnectionError): retrying in" in retries[0]
+    assert "Traceback" not in output
+    assert proc.returncode == 0
+
+
+def test_watch_says_the_broker_is_unreachable(tmp_path: Path) -> None:
+    code, output = run(["watch", "--seconds", "5"], {}, tmp_path)
+    assert code == 1
+    assert f"Kafka at {CLOSED_PORT} is not reachable" in output
+    assert "do not exist" not in output
+    assert "Traceback" not in output
