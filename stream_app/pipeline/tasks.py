@@ -48,7 +48,9 @@ from stream_app.pipeline.processor import (
     reject,
 )
 from stream_app.pipeline.store import PartitionStore, RocksDBResources, StoreOverlay
+from stream_app.pipeline.unreadable import RawRecord
 from stream_app.settings import Settings
+from stream_app.web.metrics import LatencyHistogram
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ _RESTORE_LOG_EVERY_S: Final = 5.0
 _OFFSET_AHEAD_GRACE_S: Final = 10.0
 
 Process = Callable[[SourceRecord], list[Outgoing]]
+#: Told (task, records restored since the last call, records left) during a restore.
+RestoreProgress = Callable[["TaskId", int, int], None]
 
 #: Bytes a record needs beyond key, value and headers (record and batch framing).
 _RECORD_OVERHEAD: Final = 128
@@ -109,6 +113,9 @@ class Task:
         commit_offsets: Callable[[dict[TopicPartition, int]], Any],
         limits: Limits,
         max_record_bytes: int,
+        latency: LatencyHistogram | None = None,
+        metrics: Metrics | None = None,
+        restore_progress: RestoreProgress | None = None,
     ) -> None:
         self.id = TaskId(stage.name, partition)
         self.stage = stage
@@ -124,6 +131,9 @@ class Task:
         self.limits = limits
         #: The largest record the written topics accept (see topics.py).
         self.max_record_bytes = max_record_bytes
+        self._latency = latency or LatencyHistogram()
+        self.metrics = metrics or Metrics()
+        self._restore_progress = restore_progress
         self.exactly_once = settings.processing_guarantee == "exactly_once"
         self.stores: dict[str, PartitionStore] = {}
         self.overlays: dict[str, StoreOverlay] = {}
@@ -167,7 +177,16 @@ class Task:
         for name in self.stage.stores:
             path = self._state_dir / name / str(self.partition)
             self.stores[name] = PartitionStore(path, self._resources)
-        restored = await restore(self.settings, self.stores, self._changelogs, str(self.id))
+        progress = None
+        if self._restore_progress is not None:
+            report, task_id = self._restore_progress, self.id
+
+            def progress(restored: int, remaining: int) -> None:
+                report(task_id, restored, remaining)
+
+        restored = await restore(
+            self.settings, self.stores, self._changelogs, str(self.id), progress
+        )
         self.overlays = {name: StoreOverlay(store) for name, store in self.stores.items()}
         self.process = self.stage.build(self.partition, self.overlays)
         return restored
@@ -233,6 +252,7 @@ class Task:
         for overlay in self.overlays.values():
             overlay.begin_record()
         failure: Exception | None = None
+        began = time.perf_counter()
         try:
             outgoing = self.process(source)
         except SessionIdSpaceExhaustedError:
@@ -252,11 +272,38 @@ class Task:
         if failure is not None:
             for overlay in self.overlays.values():
                 overlay.undo_record()
-            outgoing = [internal_error(self.settings, self.limits, source, failure)]
+            outgoing = [internal_error(self.settings, self.limits, source, failure, self.metrics)]
+        self._latency.observe(time.perf_counter() - began)
         for out in outgoing:
             await checkpoint.send(out)
         checkpoint.consumed(tp, record.offset)
         self.positions[tp] = record.offset + 1
+
+    async def handle_raw(self, raw: RawRecord) -> None:
+        """A record read past the Kafka client (see ``unreadable.py``): processed
+        like any other when its headers can be read, otherwise rejected as
+        UNREADABLE_RECORD by its position, with its key and value."""
+        tp = TopicPartition(raw.topic, raw.partition)
+        if raw.offset < self.positions.get(tp, 0):
+            return
+        if raw.readable():
+            await self.handle(RecordView(raw))
+            return
+        source = SourceRecord(
+            raw.topic, raw.partition, raw.offset, raw.timestamp_ms, raw.key, raw.value
+        )
+        rejection = pipeline_rejection(
+            Reason.UNREADABLE_RECORD,
+            "The Kafka client cannot read this record",
+            "a header name is not UTF-8",
+        )
+        log.warning("%s[%d]@%d: unreadable record, rejected", raw.topic, raw.partition, raw.offset)
+        checkpoint = self._current()
+        await checkpoint.send(
+            reject(self.settings.topics, self.metrics, self.limits, rejection, source)
+        )
+        checkpoint.consumed(tp, raw.offset)
+        self.positions[tp] = raw.offset + 1
 
     def commit_due(self, now: float) -> bool:
         c = self.checkpoint
@@ -273,8 +320,47 @@ class Task:
             await checkpoint.commit()
 
 
+@dataclass(frozen=True, slots=True)
+class RecordView:
+    """A readable :class:`RawRecord` in the shape of a consumer record."""
+
+    raw: RawRecord
+
+    @property
+    def topic(self) -> str:
+        return self.raw.topic
+
+    @property
+    def partition(self) -> int:
+        return self.raw.partition
+
+    @property
+    def offset(self) -> int:
+        return self.raw.offset
+
+    @property
+    def timestamp(self) -> int:
+        return self.raw.timestamp_ms
+
+    @property
+    def key(self) -> bytes | None:
+        return self.raw.key
+
+    @property
+    def value(self) -> bytes | None:
+        return self.raw.value
+
+    @property
+    def headers(self) -> tuple[tuple[str, bytes | None], ...]:
+        return self.raw.decoded_headers()
+
+
 def internal_error(
-    settings: Settings, limits: Limits, record: SourceRecord, exc: BaseException
+    settings: Settings,
+    limits: Limits,
+    record: SourceRecord,
+    exc: BaseException,
+    metrics: Metrics | None = None,
 ) -> Outgoing:
     """The rejection of a record the worker could not process (a bug, or a limit)."""
     if isinstance(exc, RecordTooLargeError):
@@ -287,7 +373,7 @@ def internal_error(
             f"the processor failed on this record: {type(exc).__name__}",
             str(exc),
         )
-    return reject(settings.topics, Metrics(), limits, rejection, record)
+    return reject(settings.topics, metrics or Metrics(), limits, rejection, record)
 
 
 async def restore(
@@ -295,6 +381,7 @@ async def restore(
     stores: Mapping[str, PartitionStore],
     changelogs: Mapping[str, TopicPartition],
     label: str,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Bring each store up to the end of its changelog partition (read_committed).
 
@@ -340,18 +427,25 @@ async def restore(
         started = time.monotonic()
         last_log = started
         remaining = {tp for tp in tps if await consumer.position(tp) < end[tp]}
+        to_restore = 0
+        for tp in remaining:
+            to_restore += end[tp] - await consumer.position(tp)
         while remaining:
             batches = await consumer.getmany(*remaining, timeout_ms=500, max_records=20_000)
+            fetched = 0
             for tp, records in batches.items():
                 if records:
                     changes = {r.key: r.value for r in records if r.key is not None}
                     by_tp[tp].write(changes, records[-1].offset + 1)
-                    total += len(records)
+                    fetched += len(records)
+            total += fetched
             for tp in list(remaining):
                 position = await consumer.position(tp)
                 if position >= end[tp]:
                     by_tp[tp].write({}, position)
                     remaining.discard(tp)
+            if progress is not None:
+                progress(fetched, max(0, to_restore - total) if remaining else 0)
             now = time.monotonic()
             if remaining and now - last_log >= _RESTORE_LOG_EVERY_S:
                 last_log = now

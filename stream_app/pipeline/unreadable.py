@@ -1,0 +1,428 @@
+"""Read the record batch that aiokafka's consumer cannot decode.
+
+Why this exists
+---------------
+A Kafka record header name is a string on the wire, but neither the producer
+protocol nor the broker checks that it is valid UTF-8: any producer can write
+``b"\\xff\\xfe"`` as a header name and the broker stores it. aiokafka's fetcher
+decodes header names strictly (``h_key.decode("utf-8")`` in
+``aiokafka/record/default_records.py``, and the same in its C extension), so
+``AIOKafkaConsumer.getmany`` raises :class:`UnicodeDecodeError` on such a
+record, on every call, and the consumer can neither hand it out nor move past
+it; the records after it in the same batch are out of its reach too. aiokafka
+has no public option to decode leniently or to skip a record.
+
+What it does
+------------
+:func:`read_batch_at` fetches the partition itself, with its own
+:class:`~aiokafka.client.AIOKafkaClient`, a read_committed ``FetchRequest``
+to the partition leader and our own minimal parser of the v2 record-batch
+format (magic 2) that keeps header names as raw bytes. It returns the records
+of the first batch at or after an offset, each as a :class:`RawRecord`, and
+the offset right after that batch, so the caller can reject the unreadable
+records by their position, process the readable ones and seek the consumer
+past the batch.
+
+It is used **only after** ``getmany`` failed to decode a partition: it opens a
+connection per call and does none of the consumer's prefetching, so it is no
+replacement for the consumer.
+
+Contracts
+---------
+* The same records a read_committed aiokafka consumer would deliver, in the
+  same order: control batches and batches of aborted transactions are skipped
+  by the rule of aiokafka's fetcher (``PartitionRecords._unpack_records``);
+  records below the requested offset are left out.
+* Batch CRCs are checked, as the consumer does by default. A batch that cannot
+  be parsed (corrupt, magic other than 2, a codec that is not installed)
+  raises :class:`RecordBatchError`; nothing is guessed.
+* ``FetchRequest`` is the class aiokafka's consumer sends: its version is
+  negotiated per connection (the highest both sides support: v11 against
+  Kafka 4.x, which dropped Fetch v0-v3). Versions below 4 cannot read
+  committed data and are refused by aiokafka itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiokafka.codec as codec
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError, NoError, for_code
+from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.record.util import calc_crc32c
+from aiokafka.structs import TopicPartition
+
+from stream_app.errors import StreamAppError
+
+log = logging.getLogger(__name__)
+
+#: What ``AIOKafkaConsumer.getmany`` raises for a record it cannot decode: a
+#: header name that is not UTF-8 (``UnicodeDecodeError`` is a ValueError).
+UNREADABLE: Final = (UnicodeDecodeError,)
+
+#: isolation_level of a FetchRequest: 1 = read_committed.
+_READ_COMMITTED: Final = 1
+_MAX_WAIT_MS: Final = 500
+_DEFAULT_MAX_BYTES: Final = 2 * 1024 * 1024
+_ATTEMPTS: Final = 5
+_RETRY_BACKOFF_S: Final = 0.2
+
+# RecordBatch header: BaseOffset, Length, PartitionLeaderEpoch, Magic, CRC,
+# Attributes, LastOffsetDelta, FirstTimestamp, MaxTimestamp, ProducerId,
+# ProducerEpoch, BaseSequence, RecordCount.
+_BATCH_HEADER: Final = struct.Struct(">qiibIhiqqqhii")
+_LOG_OVERHEAD: Final = 12  # BaseOffset + Length: the bytes Length does not count
+_CRC_FROM: Final = 21  # the CRC covers Attributes to the end of the batch
+_MAGIC_AT: Final = 16
+_CODEC_MASK: Final = 0x07
+_TIMESTAMP_TYPE_LOG_APPEND: Final = 0x08
+_TRANSACTIONAL: Final = 0x10
+_CONTROL: Final = 0x20
+_ABORT_MARKER_TYPE: Final = 0  # control record key: version int16, type int16
+
+
+class RecordBatchError(StreamAppError):
+    """A fetched record batch that cannot be parsed (corrupt, unknown format or codec)."""
+
+
+Header = tuple[bytes, bytes | None]
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One record as the broker stores it, header names as raw bytes."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[Header, ...] = ()
+
+    def readable(self) -> bool:
+        """Whether aiokafka's consumer can decode this record: every header name is UTF-8."""
+        try:
+            self.decoded_headers()
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    def decoded_headers(self) -> tuple[tuple[str, bytes | None], ...]:
+        """The headers as aiokafka's consumer gives them (names decoded strictly).
+
+        Raises :class:`UnicodeDecodeError` when the record is not :meth:`readable`.
+        """
+        return tuple((name.decode("utf-8"), value) for name, value in self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordBatch:
+    """One v2 record batch: what the skip rules need, and its records."""
+
+    base_offset: int
+    last_offset_delta: int
+    producer_id: int
+    transactional: bool
+    control: bool
+    records: tuple[RawRecord, ...]
+
+    @property
+    def next_offset(self) -> int:
+        """Where a consumer resumes after this batch (kept even when compaction
+        removed its last records)."""
+        return self.base_offset + self.last_offset_delta + 1
+
+    def is_abort_marker(self) -> bool:
+        """A control batch whose (first) control record ends a transaction by aborting it."""
+        if not self.control or not self.records:
+            return False
+        key = self.records[0].key
+        return (
+            key is not None
+            and len(key) >= 4
+            and struct.unpack_from(">hh", key)[1] == _ABORT_MARKER_TYPE
+        )
+
+
+async def read_batch_at(
+    options: dict[str, Any],
+    tp: TopicPartition,
+    offset: int,
+    *,
+    max_bytes: int = _DEFAULT_MAX_BYTES,
+) -> tuple[list[RawRecord], int]:
+    """The committed records of the first batch of ``tp`` with records at or after
+    ``offset``, and the offset right after that batch.
+
+    ``options`` are the keyword arguments of our aiokafka clients
+    (:func:`stream_app.pipeline.kafka.client_options`). Control batches and
+    aborted batches before it are passed over. When nothing committed is there
+    yet (end of the log, or only markers), the list is empty and the offset is
+    where reading may resume (``offset`` itself when nothing was passed over).
+    The broker returns a batch whole even when it exceeds ``max_bytes``.
+
+    Raises :class:`RecordBatchError` for a batch that cannot be parsed and
+    aiokafka's :class:`~aiokafka.errors.KafkaError` when the broker refuses
+    the fetch (after retrying errors it marks as retriable).
+    """
+    client = AIOKafkaClient(**options)
+    try:
+        await client.bootstrap()
+        position = offset
+        while True:
+            message_set, aborted = await _fetch(client, tp, position, max_bytes)
+            batches = parse_record_batches(message_set, tp)
+            if not batches:
+                return [], position
+            records, after = committed_records(batches, position, aborted)
+            if records or after <= position:
+                return records, after
+            position = after  # only markers or aborted batches so far: read on
+    finally:
+        await client.close()
+
+
+def committed_records(
+    batches: Sequence[RecordBatch],
+    offset: int,
+    aborted_transactions: Sequence[tuple[int, int]] = (),
+) -> tuple[list[RawRecord], int]:
+    """The records at or after ``offset`` of the first batch that has any once
+    control and aborted batches are skipped, and the offset after that batch.
+
+    ``aborted_transactions`` are the ``(producer_id, first_offset)`` pairs of
+    the fetch response. The rule is aiokafka's fetcher's: a producer counts as
+    aborted from the first offset of its aborted transaction until its abort
+    marker; its transactional batches in between are skipped; control batches
+    are always skipped. Without such a batch the list is empty and the offset
+    is the one after the last batch passed over (``offset`` if none).
+    """
+    pending = sorted(aborted_transactions, key=lambda entry: entry[1])
+    aborted_producers: set[int] = set()
+    position = offset
+    for batch in batches:
+        while pending and pending[0][1] <= batch.base_offset:
+            aborted_producers.add(pending.pop(0)[0])
+        if batch.is_abort_marker():
+            aborted_producers.discard(batch.producer_id)
+        if batch.control or (batch.transactional and batch.producer_id in aborted_producers):
+            position = max(position, batch.next_offset)
+            continue
+        records = [record for record in batch.records if record.offset >= offset]
+        if records:
+            return records, batch.next_offset
+        position = max(position, batch.next_offset)
+    return [], position
+
+
+def parse_record_batches(message_set: bytes, tp: TopicPartition) -> list[RecordBatch]:
+    """Every complete batch of a fetched message set; a trailing partial batch
+    (the broker cuts the set at its size limit) is left out."""
+    data = memoryview(message_set)
+    batches: list[RecordBatch] = []
+    pos = 0
+    while len(data) - pos >= _BATCH_HEADER.size:
+        (length,) = struct.unpack_from(">i", data, pos + 8)
+        end = pos + _LOG_OVERHEAD + length
+        if end > len(data):
+            break
+        batches.append(_parse_batch(data[pos:end], tp))
+        pos = end
+    return batches
+
+
+def _parse_batch(batch: memoryview, tp: TopicPartition) -> RecordBatch:
+    magic = batch[_MAGIC_AT]
+    (base_offset,) = struct.unpack_from(">q", batch)
+    where = f"{tp.topic}[{tp.partition}]@{base_offset}"
+    if magic != 2:
+        raise RecordBatchError(f"{where}: record batch magic {magic}, only magic 2 is parsed")
+    (
+        _,
+        _,
+        _,
+        _,
+        crc,
+        attributes,
+        last_offset_delta,
+        first_timestamp,
+        max_timestamp,
+        producer_id,
+        _,
+        _,
+        count,
+    ) = _BATCH_HEADER.unpack_from(batch)
+    if calc_crc32c(bytes(batch[_CRC_FROM:])) != crc:
+        raise RecordBatchError(f"{where}: record batch CRC mismatch")
+    payload = _decompress(batch[_BATCH_HEADER.size :], attributes & _CODEC_MASK, where)
+
+    def timestamp(delta: int) -> int:
+        if attributes & _TIMESTAMP_TYPE_LOG_APPEND:
+            return int(max_timestamp)
+        return int(first_timestamp) + delta
+
+    records: list[RawRecord] = []
+    pos = 0
+    for _ in range(count):
+        record, pos = _parse_record(payload, pos, tp, base_offset, timestamp, where)
+        records.append(record)
+    return RecordBatch(
+        base_offset=base_offset,
+        last_offset_delta=last_offset_delta,
+        producer_id=producer_id,
+        transactional=bool(attributes & _TRANSACTIONAL),
+        control=bool(attributes & _CONTROL),
+        records=tuple(records),
+    )
+
+
+def _decompress(payload: memoryview, codec_id: int, where: str) -> bytes:
+    if codec_id == 0:
+        return bytes(payload)
+    codecs: dict[int, tuple[str, Callable[[], bool], Callable[[bytes], bytes]]] = {
+        1: ("gzip", codec.has_gzip, codec.gzip_decode),
+        2: ("snappy", codec.has_snappy, codec.snappy_decode),
+        3: ("lz4", codec.has_lz4, codec.lz4_decode),
+        4: ("zstd", codec.has_zstd, codec.zstd_decode),
+    }
+    if codec_id not in codecs:
+        raise RecordBatchError(f"{where}: unknown compression codec {codec_id}")
+    name, available, decode = codecs[codec_id]
+    if not available():
+        raise RecordBatchError(f"{where}: the {name} codec is not installed")
+    try:
+        return bytes(decode(bytes(payload)))
+    except Exception as exc:  # each codec library raises its own errors
+        raise RecordBatchError(f"{where}: {name} payload does not decompress: {exc}") from exc
+
+
+def _parse_record(
+    buf: bytes,
+    pos: int,
+    tp: TopicPartition,
+    base_offset: int,
+    timestamp: Callable[[int], int],
+    where: str,
+) -> tuple[RawRecord, int]:
+    # Record: Length varint, Attributes int8, TimestampDelta varlong,
+    # OffsetDelta varint, Key bytes, Value bytes, Headers [name bytes, value bytes]
+    length, pos = _varint(buf, pos, where)
+    start = pos
+    if length < 1 or start + length > len(buf):
+        raise RecordBatchError(f"{where}: record length {length} is out of the batch")
+    pos += 1  # attributes: unused
+    timestamp_delta, pos = _varint(buf, pos, where)
+    offset_delta, pos = _varint(buf, pos, where)
+    key, pos = _nullable_bytes(buf, pos, where)
+    value, pos = _nullable_bytes(buf, pos, where)
+    header_count, pos = _varint(buf, pos, where)
+    if header_count < 0:
+        raise RecordBatchError(f"{where}: negative header count {header_count}")
+    headers: list[Header] = []
+    for _ in range(header_count):
+        name, pos = _nullable_bytes(buf, pos, where)
+        if name is None:
+            raise RecordBatchError(f"{where}: a header without a name")
+        header_value, pos = _nullable_bytes(buf, pos, where)
+        headers.append((name, header_value))
+    if pos - start != length:
+        raise RecordBatchError(f"{where}: record length {length}, but it holds {pos - start}")
+    record = RawRecord(
+        topic=tp.topic,
+        partition=tp.partition,
+        offset=base_offset + offset_delta,
+        timestamp_ms=timestamp(timestamp_delta),
+        key=key,
+        value=value,
+        headers=tuple(headers),
+    )
+    return record, pos
+
+
+def _varint(buf: bytes, pos: int, where: str) -> tuple[int, int]:
+    """A zigzag varint (up to 64 bits) and the position after it."""
+    raw = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:  # a varlong has at most 64 bits
+            raise RecordBatchError(f"{where}: truncated or overlong varint")
+        byte = buf[pos]
+        pos += 1
+        raw |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (raw >> 1) ^ -(raw & 1), pos
+        shift += 7
+
+
+def _nullable_bytes(buf: bytes, pos: int, where: str) -> tuple[bytes | None, int]:
+    size, pos = _varint(buf, pos, where)
+    if size < 0:
+        return None, pos
+    if pos + size > len(buf):
+        raise RecordBatchError(f"{where}: a field of {size} bytes runs past the batch")
+    return buf[pos : pos + size], pos + size
+
+
+async def _fetch(
+    client: Any, tp: TopicPartition, offset: int, max_bytes: int
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """One read_committed fetch of ``tp`` at ``offset`` from its leader: the
+    message set and the aborted transactions of the response."""
+    await client.add_topic(tp.topic)
+    failure: KafkaError | None = None
+    for attempt in range(_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(_RETRY_BACKOFF_S * attempt)
+            await client.force_metadata_update()
+        leader = client.cluster.leader_for_partition(tp)
+        if leader is None or leader < 0:
+            failure = KafkaError(f"no leader known for {tp.topic}[{tp.partition}]")
+            continue
+        request = FetchRequest(
+            _MAX_WAIT_MS,
+            1,  # min_bytes: answer as soon as anything is there
+            max_bytes,
+            _READ_COMMITTED,
+            [(tp.topic, [(tp.partition, offset, max_bytes)])],
+        )
+        response = await client.send(leader, request)
+        for topic, partitions in response.topics:
+            for partition, error_code, _highwater, *part_data in partitions:
+                if (topic, partition) != (tp.topic, tp.partition):
+                    continue
+                error_type = for_code(error_code)
+                if error_type is NoError:
+                    log.debug(
+                        "%s[%d]@%d: FetchResponse v%d",
+                        tp.topic,
+                        tp.partition,
+                        offset,
+                        response.API_VERSION,
+                    )
+                    return bytes(part_data[-1] or b""), _aborted(response.API_VERSION, part_data)
+                failure = error_type(f"fetch of {tp.topic}[{tp.partition}]@{offset}")
+                if not error_type.retriable:
+                    raise failure
+        log.debug("%s[%d]@%d: fetch failed (%r), retrying", tp.topic, tp.partition, offset, failure)
+    raise failure or KafkaError(f"{tp.topic}[{tp.partition}] missing from the fetch responses")
+
+
+def _aborted(api_version: int, part_data: list[Any]) -> list[tuple[int, int]]:
+    """The aborted transactions in a partition's fetch response, whose layout
+    after the high watermark is (as in aiokafka's fetcher):
+
+    * v4:      last_stable_offset, aborted_transactions, records
+    * v5-v10:  last_stable_offset, log_start_offset, aborted_transactions, records
+    * v11:     last_stable_offset, log_start_offset, aborted_transactions,
+               preferred_read_replica, records
+    """
+    if api_version < 4:
+        raise RecordBatchError(f"FetchResponse v{api_version} cannot read committed data")
+    entries = part_data[2] if api_version >= 11 else part_data[-2]
+    return [(int(producer_id), int(first)) for producer_id, first in entries or ()]

@@ -1,0 +1,218 @@
+"""Our v2 record-batch parser (stream_app.pipeline.unreadable), on hand-built batches.
+
+No broker: batches come from the test encoder in tests/pipeline/record_batches.py.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from aiokafka.codec import has_snappy
+from aiokafka.record.memory_records import MemoryRecords
+from aiokafka.record.util import calc_crc32c
+from aiokafka.structs import TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stream_app.pipeline.unreadable import (
+    RawRecord,
+    RecordBatchError,
+    committed_records,
+    parse_record_batches,
+)
+from tests.pipeline.record_batches import GZIP, BatchRecord, control_batch, encode_batch
+
+TP = TopicPartition("commands", 2)
+BAD_NAME = b"\xff\xfe"
+T0 = 1_700_000_000_000
+
+A = BatchRecord(b"a", b'{"type":"a"}', ((b"trace", b"1"),))
+B = BatchRecord(b"b", b'{"type":"b"}', ((BAD_NAME, b"x"), (b"ok", None)), timestamp_delta=5)
+C = BatchRecord(b"c", b'{"type":"c"}', timestamp_delta=9)
+
+
+def raw(record: BatchRecord, offset: int, timestamp_ms: int) -> RawRecord:
+    return RawRecord(
+        TP.topic, TP.partition, offset, timestamp_ms, record.key, record.value, record.headers
+    )
+
+
+def test_aiokafka_cannot_decode_a_header_name_that_is_not_utf8() -> None:
+    """Pins the behaviour the module works around (pure Python or C, whichever
+    aiokafka loaded): the consumer's own batch reader raises on record B."""
+    batch = MemoryRecords(encode_batch([A, B, C], base_offset=40)).next_batch()
+    first = next(batch)
+    assert first.headers == [("trace", b"1")]
+    with pytest.raises(UnicodeDecodeError):
+        next(batch)
+
+
+def test_parses_every_record_of_a_batch_with_an_unreadable_header_name() -> None:
+    batches = parse_record_batches(encode_batch([A, B, C], base_offset=40, first_timestamp=T0), TP)
+
+    assert len(batches) == 1
+    assert batches[0].records == (raw(A, 40, T0), raw(B, 41, T0 + 5), raw(C, 42, T0 + 9))
+    assert batches[0].next_offset == 43
+    a, b, c = batches[0].records
+    assert (a.readable(), b.readable(), c.readable()) == (True, False, True)
+    assert b.headers == ((BAD_NAME, b"x"), (b"ok", None))
+    assert a.decoded_headers() == (("trace", b"1"),)
+    with pytest.raises(UnicodeDecodeError):
+        b.decoded_headers()
+
+
+def test_returns_the_records_from_the_offset_on_and_where_to_resume() -> None:
+    batches = parse_record_batches(
+        encode_batch([A, B, C], base_offset=40, first_timestamp=T0)
+        + encode_batch([A], base_offset=43, first_timestamp=T0),
+        TP,
+    )
+
+    assert committed_records(batches, 41) == ([raw(B, 41, T0 + 5), raw(C, 42, T0 + 9)], 43)
+    assert committed_records(batches, 43) == ([raw(A, 43, T0)], 44)
+
+
+def test_keeps_null_and_empty_keys_values_and_header_values_apart() -> None:
+    records = [
+        BatchRecord(None, None, ((b"", None),)),
+        BatchRecord(b"", b"", ((b"h", b""),)),
+    ]
+    (batch,) = parse_record_batches(encode_batch(records, first_timestamp=T0), TP)
+
+    assert batch.records == (raw(records[0], 0, T0), raw(records[1], 1, T0))
+
+
+def test_gzip_batch_with_an_unreadable_header_name() -> None:
+    data = encode_batch([A, B, C], base_offset=7, compression=GZIP, first_timestamp=T0)
+
+    (batch,) = parse_record_batches(data, TP)
+
+    assert batch.records == (raw(A, 7, T0), raw(B, 8, T0 + 5), raw(C, 9, T0 + 9))
+    assert committed_records([batch], 8) == ([raw(B, 8, T0 + 5), raw(C, 9, T0 + 9)], 10)
+
+
+def test_log_append_time_gives_every_record_the_batch_max_timestamp() -> None:
+    (batch,) = parse_record_batches(
+        encode_batch([A, C], first_timestamp=T0, log_append_time=True), TP
+    )
+
+    assert [r.timestamp_ms for r in batch.records] == [T0 + 9, T0 + 9]
+
+
+def test_control_batches_are_skipped() -> None:
+    data = control_batch(0, producer_id=7, commit=True) + encode_batch(
+        [A, C], base_offset=1, first_timestamp=T0
+    )
+    batches = parse_record_batches(data, TP)
+
+    assert batches[0].control
+    assert committed_records(batches, 0) == ([raw(A, 1, T0), raw(C, 2, T0 + 9)], 3)
+
+
+def test_batches_of_aborted_transactions_are_skipped() -> None:
+    data = (
+        encode_batch([A, B], base_offset=10, transactional=True, producer_id=7, first_timestamp=T0)
+        + control_batch(12, producer_id=7, commit=False)
+        + encode_batch([C], base_offset=13, transactional=True, producer_id=7, first_timestamp=T0)
+    )
+    batches = parse_record_batches(data, TP)
+
+    # As the fetch response lists it: producer 7 aborted a transaction from offset 10.
+    assert committed_records(batches, 10, [(7, 10)]) == ([raw(C, 13, T0 + 9)], 14)
+    # The marker ends the abort: producer 7's next transaction is read.
+    assert committed_records(batches, 10, []) == ([raw(A, 10, T0), raw(B, 11, T0 + 5)], 12)
+
+
+def test_an_aborted_transaction_of_another_producer_does_not_hide_a_batch() -> None:
+    (batch,) = parse_record_batches(
+        encode_batch([A], base_offset=5, transactional=True, producer_id=8, first_timestamp=T0),
+        TP,
+    )
+
+    assert committed_records([batch], 5, [(7, 0)]) == ([raw(A, 5, T0)], 6)
+
+
+def test_only_markers_and_aborted_batches_give_no_records_and_the_offset_after_them() -> None:
+    data = encode_batch([A], base_offset=3, transactional=True, producer_id=7) + control_batch(
+        4, producer_id=7, commit=False
+    )
+
+    assert committed_records(parse_record_batches(data, TP), 3, [(7, 3)]) == ([], 5)
+    assert committed_records([], 3) == ([], 3)
+
+
+def test_a_batch_emptied_by_compaction_below_the_offset_is_passed_over() -> None:
+    # Compaction kept the batch's last offset delta (2) but not its records past 20.
+    data = encode_batch([A], base_offset=20, last_offset_delta=2) + encode_batch(
+        [C], base_offset=23, first_timestamp=T0
+    )
+    batches = parse_record_batches(data, TP)
+
+    assert committed_records(batches, 21) == ([raw(C, 23, T0 + 9)], 24)
+
+
+def test_a_partial_batch_at_the_end_of_the_fetch_is_left_out() -> None:
+    whole = encode_batch([A], base_offset=0)
+    cut = encode_batch([C], base_offset=1)[:-3]
+
+    assert len(parse_record_batches(whole + cut, TP)) == 1
+    assert parse_record_batches(whole[:30], TP) == []
+
+
+def test_a_corrupt_batch_is_an_error() -> None:
+    data = bytearray(encode_batch([A, B, C]))
+    data[-1] ^= 0xFF
+
+    with pytest.raises(RecordBatchError, match="CRC"):
+        parse_record_batches(bytes(data), TP)
+
+
+def test_an_old_message_format_is_an_error() -> None:
+    data = bytearray(encode_batch([A]))
+    data[16] = 1  # magic
+
+    with pytest.raises(RecordBatchError, match="magic 1"):
+        parse_record_batches(bytes(data), TP)
+
+
+@pytest.mark.skipif(has_snappy(), reason="the snappy codec is installed here")
+def test_a_codec_that_is_not_installed_is_an_error() -> None:
+    data = bytearray(encode_batch([A]))
+    (attributes,) = struct.unpack_from(">h", data, 21)
+    struct.pack_into(">h", data, 21, attributes | 2)  # snappy
+    # The CRC must match for the codec check to be reached.
+    struct.pack_into(">I", data, 17, calc_crc32c(bytes(data[21:])))
+
+    with pytest.raises(RecordBatchError, match="snappy codec is not installed"):
+        parse_record_batches(bytes(data), TP)
+
+
+_bytes = st.binary(max_size=40)
+_records = st.lists(
+    st.builds(
+        BatchRecord,
+        key=st.none() | _bytes,
+        value=st.none() | _bytes,
+        headers=st.lists(st.tuples(_bytes, st.none() | _bytes), max_size=3).map(tuple),
+        timestamp_delta=st.integers(0, 10**6),
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@given(records=_records, base_offset=st.integers(0, 2**40), gzip=st.booleans())
+def test_every_record_comes_back_byte_for_byte(
+    records: list[BatchRecord], base_offset: int, gzip: bool
+) -> None:
+    data = encode_batch(
+        records, base_offset=base_offset, first_timestamp=T0, compression=GZIP if gzip else 0
+    )
+
+    (batch,) = parse_record_batches(data, TP)
+
+    assert batch.records == tuple(
+        raw(r, base_offset + i, T0 + r.timestamp_delta) for i, r in enumerate(records)
+    )
+    assert batch.next_offset == base_offset + len(records)
