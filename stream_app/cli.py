@@ -1,40 +1,101 @@
-"""The ``stream-app`` console script: the entry point that builds settings and logging."""
+"""The ``stream-app`` console script: the entry point that builds settings and logging.
+
+Subcommands: ``worker`` (see ``stream_app.worker``), ``traffic`` and ``watch``
+(the demo), ``send`` (through :mod:`stream_app.client`), ``tail`` and
+``topics create``. Exit codes: 0 done; 1 Kafka could not be reached or did not
+do it (retrying may help); 2 bad input (usage, an invalid command, a
+configuration error: fix it first).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import logging
+import signal
 import sys
-from collections.abc import Callable
+import textwrap
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Final, TextIO
 
+from stream_app.errors import ConfigurationError
+from stream_app.logs import configure_logging
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+DESCRIPTION: Final = """\
+Customer sessions on Kafka. Checkout systems send session commands (update,
+close, cancel, return, reopen; Talon.One's v2 field names) to the command
+topic; workers apply them, keep every session, and publish closed, returned,
+cancelled and reopened sessions for analytics. A command that cannot be
+applied goes to the rejection topic with a reason code and a pointer to the
+offending field."""
+
+EPILOG: Final = """\
+examples:
+  stream-app topics create                  declare every topic (once per cluster)
+  stream-app worker                         run a worker (start as many as you need)
+  stream-app send --type close --integration-id cart-1 --item SKU-1:2:19.99
+  echo '{"type":"reopen","integrationId":"cart-1"}' | stream-app send
+  stream-app tail closed --follow           watch closed sessions arrive
+  stream-app tail rejected                  what was rejected, and why
+
+configuration comes from the environment:
+  KAFKA_BOOTSTRAP_SERVERS                   brokers (default 127.0.0.1:9092)
+  STREAM_APP_APP_ID                         consumer group and internal topic prefix
+  STREAM_APP_TOPICS__COMMANDS ... __REJECTED  topic names (default sessions.*)
+  STREAM_APP_SECURITY__PROTOCOL, STREAM_APP_SECURITY__SASL_*, __SSL_*  broker security
+  (every setting is listed in the README's Configuration section)
+
+exit status: 0 done; 1 Kafka could not be reached or refused (retrying may
+help); 2 bad input: usage, an invalid command, a configuration error."""
+
+#: ``tail`` accepts these short names for the configured topics.
+TOPIC_ALIASES: Final = {
+    "commands": "commands",
+    "closed": "closed",
+    "returned": "returned",
+    "cancelled": "cancelled",
+    "reopened": "reopened",
+    "rejected": "rejected",
+    "application-settings": "application_settings",
+}
+
+
+def _wrap(text: str) -> str:
+    """A help paragraph, wrapped for the raw formatter (which keeps line breaks)."""
+    return textwrap.fill(text, width=79)
+
+
+def package_version() -> str:
+    try:
+        return version("stream-app")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        from stream_app import __version__
+
+        return __version__
+
+
+# --------------------------------------------------------------------------- worker, demo
 
 
 def run_worker(settings: Settings) -> int:
     """Run one worker until SIGTERM or SIGINT, then stop within ``shutdown_timeout_s``."""
-    import asyncio
-
     from stream_app.worker import run
 
-    configure_logging(settings.log_level)
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    configure_logging(settings.log_level, settings.log_format)
     return asyncio.run(run(settings))
 
 
 def run_traffic(settings: Settings, sessions: int, seed: int, rate: float | None) -> int:
     """Produce the demo's sample checkout traffic to the command topic."""
-    import asyncio
-
     from stream_app.demo.traffic import produce_traffic
 
     summary = asyncio.run(produce_traffic(settings, sessions, seed, rate))
@@ -44,13 +105,400 @@ def run_traffic(settings: Settings, sessions: int, seed: int, rate: float | None
 
 def run_watch(settings: Settings, seconds: float, settle: float | None) -> int:
     """Print a live view of the output topics; 1 when nothing arrived."""
-    import asyncio
-
     from stream_app.demo.view import watch
 
     result = asyncio.run(watch(settings, seconds=seconds, settle=settle))
     print(f"stopped: {result.stopped_because}; {result.total} output records")
     return 0 if result.total else 1
+
+
+# --------------------------------------------------------------------------- send
+
+
+class UsageError(Exception):
+    """Bad command-line input; main prints it with the usage line and exits 2."""
+
+
+def _item(text: str) -> dict[str, Any]:
+    """``SKU:QUANTITY:PRICE`` (the sku may itself contain colons)."""
+    from stream_app.client import cart_item
+
+    sku, sep, rest = text.rpartition(":")
+    sku, sep2, quantity = sku.rpartition(":")
+    if not sep or not sep2 or not sku:
+        raise argparse.ArgumentTypeError(f"expected SKU:QUANTITY:PRICE, not {text!r}")
+    try:
+        return cart_item(sku, int(quantity), Decimal(rest))
+    except (ValueError, InvalidOperation):
+        raise argparse.ArgumentTypeError(
+            f"expected SKU:QUANTITY:PRICE with an integer quantity and a number price, not {text!r}"
+        ) from None
+
+
+def _name_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    return name, value
+
+
+def _cost(text: str) -> tuple[str, Decimal]:
+    name, value = _name_value(text)
+    try:
+        return name, Decimal(value)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"expected NAME=PRICE, not {text!r}") from None
+
+
+def _attribute(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE``; VALUE is read as JSON when it is JSON (42, true, null,
+    "x", [1]), otherwise taken as a string."""
+    from stream_app import json
+
+    name, value = _name_value(text)
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _returned(text: str) -> dict[str, Any]:
+    """``POSITION[:QUANTITY]`` or ``SKU[:QUANTITY]``: digits name a position."""
+    from stream_app.client import returned_item
+
+    ref, sep, quantity_text = text.rpartition(":")
+    if not sep:
+        ref, quantity_text = text, ""
+    try:
+        quantity = int(quantity_text) if quantity_text else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected POSITION[:QUANTITY] or SKU[:QUANTITY], not {text!r}"
+        ) from None
+    if not ref:
+        raise argparse.ArgumentTypeError(
+            f"expected POSITION[:QUANTITY] or SKU[:QUANTITY]: {text!r}"
+        )
+    if ref.isdigit():
+        return returned_item(int(ref), quantity=quantity)
+    return returned_item(sku=ref, quantity=quantity)
+
+
+#: send's flags that describe session fields (update and close only).
+_SESSION_FLAGS: Final = (
+    "profile_id",
+    "store",
+    "coupon",
+    "referral_code",
+    "loyalty_card",
+    "identifier",
+    "item",
+    "cost",
+    "attribute",
+)
+
+
+def _flag_command(args: argparse.Namespace) -> dict[str, Any]:
+    from stream_app import client
+
+    kind: str = args.type
+    iid: str | None = args.integration_id
+    if not iid:
+        raise UsageError("--integration-id is required with --type")
+    common: dict[str, Any] = {"event_id": args.event_id, "application_id": args.application_id}
+    given = [f"--{flag.replace('_', '-')}" for flag in _SESSION_FLAGS if getattr(args, flag)]
+    if kind not in ("update", "close") and given:
+        raise UsageError(f"{', '.join(given)} cannot be used with --type {kind}")
+    if kind != "return" and args.return_item:
+        raise UsageError("--return-item needs --type return")
+    if kind == "return":
+        if not args.return_item:
+            raise UsageError("--type return needs at least one --return-item")
+        return client.return_command(iid, args.return_item, **common)
+    if kind == "cancel":
+        return client.cancel_command(iid, **common)
+    if kind == "reopen":
+        return client.reopen_command(iid, **common)
+    session: dict[str, Any] = {
+        "profile_id": args.profile_id,
+        "store_integration_id": args.store,
+        "coupon_codes": args.coupon,
+        "referral_code": args.referral_code,
+        "loyalty_cards": args.loyalty_card,
+        "identifiers": args.identifier,
+        "cart_items": args.item,
+        "additional_costs": dict(args.cost) if args.cost else None,
+        "attributes": dict(args.attribute) if args.attribute else None,
+    }
+    if kind == "close":
+        return client.close_command(iid, **common, **session)
+    return client.update_command(iid, **common, **session)
+
+
+def _json_command(text: str) -> dict[str, Any]:
+    from stream_app import json
+
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"the command is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise UsageError("the command must be a JSON object")
+    return doc
+
+
+def _send_command(args: argparse.Namespace, stdin: TextIO) -> dict[str, Any]:
+    building = ("type", "integration_id", "event_id", "application_id", "return_item")
+    flags_used = any(getattr(args, flag) is not None for flag in (*building, *_SESSION_FLAGS))
+    if args.command_json is not None and flags_used:
+        raise UsageError("give the command either as JSON or with flags, not both")
+    if flags_used:
+        if args.type is None:
+            raise UsageError("building a command from flags needs --type")
+        return _flag_command(args)
+    if args.command_json is not None and args.command_json != "-":
+        return _json_command(args.command_json)
+    if args.command_json is None and stdin.isatty():
+        raise UsageError("give a command: as JSON (argument or stdin) or with --type")
+    return _json_command(stdin.read())
+
+
+def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None = None) -> int:
+    """Check a command with the client and send it (or only print it, ``--dry-run``)."""
+    from aiokafka.errors import KafkaError
+
+    from stream_app.client import (
+        CommandRejectedError,
+        CommandTopicMissingError,
+        SessionClient,
+        new_event_id,
+        validate_command,
+    )
+    from stream_app.demo.view import pretty
+
+    command = _send_command(args, stdin or sys.stdin)
+    command.setdefault("eventId", None)
+    if command["eventId"] is None:
+        command["eventId"] = new_event_id()
+    try:
+        # Checked before connecting: a mistake needs no broker to be found.
+        validate_command(
+            command,
+            default_application_id=settings.default_application_id,
+            max_command_bytes=settings.max_command_bytes,
+        )
+        if args.dry_run:
+            print(pretty(command))
+            return 0
+
+        async def send() -> Any:
+            async with SessionClient(settings) as client:
+                return await client.send(command)
+
+        sent = asyncio.run(send())
+    except CommandRejectedError as exc:
+        print(f"stream-app send: not sent, the command is invalid: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandTopicMissingError as exc:
+        print(f"stream-app send: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KafkaError as exc:
+        print(
+            f"stream-app send: not sent to Kafka at {settings.bootstrap_servers}: {exc!r}; "
+            f"retry with the same eventId {command['eventId']}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(
+        f"sent {command.get('type')} of {sent.integration_id} (eventId {sent.event_id}) "
+        f"to {sent.topic}[{sent.partition}]@{sent.offset}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- tail
+
+
+def resolve_topic(settings: Settings, name: str) -> str:
+    """A short name (``closed``, ``rejected``, ...) names the configured topic;
+    anything else is a topic name."""
+    field = TOPIC_ALIASES.get(name)
+    return str(getattr(settings.topics, field)) if field else name
+
+
+def _record_document(record: Any, *, metadata: bool) -> Any:
+    from stream_app import json
+
+    value: Any
+    if record.value is None:
+        value = None
+    else:
+        try:
+            value = json.loads(record.value)
+        except json.JSONDecodeError:
+            value = {"valueBase64": base64.b64encode(record.value).decode("ascii")}
+    if not metadata:
+        return value
+    key = record.key.decode("utf-8", "replace") if record.key is not None else None
+    return {
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp": record.timestamp,
+        "key": key,
+        "value": value,
+    }
+
+
+async def tail(
+    settings: Settings,
+    topic: str,
+    *,
+    follow: bool = False,
+    from_end: bool = False,
+    limit: int | None = None,
+    metadata: bool = False,
+    out: Callable[[str], None] = print,
+) -> int:
+    """Print the records of ``topic`` as indented JSON, read_committed, without a
+    consumer group (nothing is committed). Without ``follow`` it stops at the
+    end the topic had when it started; with it, at SIGINT or SIGTERM. Returns
+    how many records it printed; raises LookupError when the topic does not exist."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from stream_app.demo.view import pretty
+    from stream_app.pipeline.kafka import client_options, partition_count
+
+    options = client_options(settings)
+    count = await partition_count(options, topic)
+    if not count:
+        raise LookupError(f"topic {topic} does not exist at {settings.bootstrap_servers}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    consumer = AIOKafkaConsumer(
+        **options, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await consumer.start()
+    printed = 0
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(count)]
+        consumer.assign(partitions)
+        if from_end:
+            await consumer.seek_to_end(*partitions)
+        else:
+            await consumer.seek_to_beginning(*partitions)
+        ends = None if follow else await consumer.end_offsets(partitions)
+        while not stop.is_set():
+            if ends is not None and all(
+                [await consumer.position(tp) >= ends[tp] for tp in partitions]
+            ):
+                break
+            batches = await consumer.getmany(timeout_ms=200)
+            for tp in sorted(batches, key=lambda tp: tp.partition):
+                for record in batches[tp]:
+                    if ends is not None and record.offset >= ends[tp]:
+                        continue
+                    out(pretty(_record_document(record, metadata=metadata)))
+                    printed += 1
+                    if limit is not None and printed >= limit:
+                        return printed
+    finally:
+        await consumer.stop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return printed
+
+
+def run_tail(settings: Settings, args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
+    topic = resolve_topic(settings, args.topic)
+
+    def out(text: str) -> None:
+        print(text, flush=True)
+
+    try:
+        asyncio.run(
+            tail(
+                settings,
+                topic,
+                follow=args.follow,
+                from_end=args.from_end,
+                limit=args.max_records,
+                metadata=args.metadata,
+                out=out,
+            )
+        )
+    except LookupError as exc:
+        print(f"stream-app tail: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KafkaError as exc:
+        print(f"stream-app tail: Kafka at {settings.bootstrap_servers}: {exc!r}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+# --------------------------------------------------------------------------- topics
+
+
+async def create_topics(settings: Settings) -> list[tuple[str, bool, int, dict[str, str]]]:
+    """Declare every topic of ``settings`` (as a worker would on start); for each:
+    (name, created now, partitions, the configs this app sets on it)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from stream_app.pipeline.kafka import client_options
+    from stream_app.pipeline.topics import ensure_topics, topic_specs
+
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    try:
+        before = set(await admin.list_topics())
+        layout = await ensure_topics(settings)
+        specs = topic_specs(settings, layout.partitions)
+        counts = {
+            entry["topic"]: len(entry.get("partitions") or ())
+            for entry in await admin.describe_topics([spec.name for spec in specs])
+            if not entry.get("error_code")
+        }
+    finally:
+        await admin.close()
+    return [
+        (spec.name, spec.name not in before, counts.get(spec.name, 0), spec.config)
+        for spec in specs
+    ]
+
+
+def run_topics_create(settings: Settings, partitions: int | None) -> int:
+    from aiokafka.errors import KafkaError
+
+    from stream_app.errors import ConfigurationError
+
+    if partitions is not None:
+        settings = settings.model_copy(update={"partitions": partitions})
+    try:
+        topics = asyncio.run(create_topics(settings))
+    except ConfigurationError as exc:
+        print(f"stream-app topics create: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KafkaError as exc:
+        print(
+            f"stream-app topics create: Kafka at {settings.bootstrap_servers}: {exc!r}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    width = max(len(name) for name, *_ in topics)
+    print(f"topics of app {settings.app_id} at {settings.bootstrap_servers}:")
+    for name, created, count, config in topics:
+        configs = " ".join(f"{k}={v}" for k, v in sorted(config.items()))
+        unit = "partition" if count == 1 else "partitions"
+        status = "created" if created else "exists"
+        print(f"  {status:<8} {name:<{width}}  {count:>3} {unit:<10} {configs}".rstrip())
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
@@ -63,19 +511,201 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     return parse
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stream-app", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("worker", help="run a worker with the settings from the environment")
+def _add_send(sub: Any) -> None:
+    send = sub.add_parser(
+        "send",
+        help="check a session command and send it to the command topic",
+        description=_wrap(
+            "Send one session command to the command topic, keyed by its integrationId, "
+            "with an eventId (generated when the command has none; reuse it to retry "
+            "safely). The command is checked first with the workers' own rules: an "
+            "invalid command is not sent, and the error names the reason code and the "
+            "offending field, as the rejection topic would. Give the command as JSON "
+            "(an argument, or stdin) or build it with --type and the flags below."
+        ),
+        epilog=(
+            "examples:\n"
+            '  stream-app send \'{"type":"update","integrationId":"cart-1",\n'
+            '                   "session":{"cartItems":[{"sku":"SKU-1","quantity":1,'
+            '"price":9.5}]}}\'\n'
+            "  stream-app send < command.json\n"
+            "  stream-app send --type update --integration-id cart-1 --profile-id alice \\\n"
+            "      --item SKU-1:2:19.99 --item SKU-2:1:5 --cost shipping=4.99 "
+            "--attribute channel=web\n"
+            "  stream-app send --type close --integration-id cart-1\n"
+            "  stream-app send --type return --integration-id cart-1 --return-item 0:1\n"
+            "  stream-app send --type cancel --integration-id cart-1\n"
+            "\n"
+            "exit status: 0 sent; 1 Kafka could not be reached (retry with the printed\n"
+            "eventId); 2 bad input (an invalid command is not sent)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    send.add_argument(
+        "command_json",
+        nargs="?",
+        metavar="JSON",
+        help="the command as a JSON object; '-' or nothing reads it from stdin",
+    )
+    send.add_argument(
+        "--dry-run", action="store_true", help="check and print the command, send nothing"
+    )
+    built = send.add_argument_group("building the command from flags")
+    built.add_argument(
+        "--type", choices=("update", "close", "cancel", "return", "reopen"), help="the command"
+    )
+    built.add_argument("--integration-id", metavar="ID", help="the session (required with --type)")
+    built.add_argument("--event-id", metavar="ID", help="idempotency key (default: generated)")
+    built.add_argument(
+        "--application-id", type=int, metavar="N", help="default: the workers' default application"
+    )
+    built.add_argument("--profile-id", metavar="ID", help="the customer profile ('' = anonymous)")
+    built.add_argument("--store", metavar="ID", help="storeIntegrationId")
+    built.add_argument("--coupon", action="append", metavar="CODE", help="a coupon code (repeat)")
+    built.add_argument("--referral-code", metavar="CODE")
+    built.add_argument("--loyalty-card", action="append", metavar="CARD")
+    built.add_argument("--identifier", action="append", metavar="ID", help="repeat for more")
+    built.add_argument(
+        "--item",
+        action="append",
+        type=_item,
+        metavar="SKU:QTY:PRICE",
+        help="a cart item (repeat; the items replace the whole cart)",
+    )
+    built.add_argument(
+        "--cost",
+        action="append",
+        type=_cost,
+        metavar="NAME=PRICE",
+        help="a session-level additional cost, e.g. shipping=4.99 (repeat)",
+    )
+    built.add_argument(
+        "--attribute",
+        action="append",
+        type=_attribute,
+        metavar="NAME=VALUE",
+        help="a session attribute; VALUE is JSON when it parses (42, true, null removes)",
+    )
+    built.add_argument(
+        "--return-item",
+        action="append",
+        type=_returned,
+        metavar="POS[:QTY]",
+        help="with --type return: a cart position (or a sku) and the quantity "
+        "(default: all that is left); repeat for more lines",
+    )
+
+
+def _add_tail(sub: Any) -> None:
+    tail_parser = sub.add_parser(
+        "tail",
+        help="print the records of a topic as JSON",
+        description=_wrap(
+            "Print the records of a topic as indented JSON, as a downstream consumer "
+            "sees them (read_committed: only committed outputs). Reads from the "
+            "beginning and stops at the current end, unless --follow. Uses no consumer "
+            "group and commits nothing."
+        ),
+        epilog=(
+            "TOPIC is a topic name, or one of: " + ", ".join(TOPIC_ALIASES) + "\n"
+            "(the topics configured by STREAM_APP_TOPICS__*).\n\n"
+            "examples:\n"
+            "  stream-app tail rejected\n"
+            "  stream-app tail closed --follow --from-end\n"
+            "  stream-app tail returned | jq '.return.value'"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tail_parser.add_argument("topic", metavar="TOPIC")
+    tail_parser.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new records until Ctrl-C"
+    )
+    tail_parser.add_argument(
+        "--from-end", action="store_true", help="skip what is there now; only new records"
+    )
+    tail_parser.add_argument(
+        "-n",
+        "--max-records",
+        type=_positive(int),
+        metavar="N",
+        help="stop after N records",
+    )
+    tail_parser.add_argument(
+        "--metadata",
+        action="store_true",
+        help="wrap each record: topic, partition, offset, timestamp, key, value",
+    )
+
+
+def _add_topics(sub: Any) -> None:
+    topics = sub.add_parser(
+        "topics",
+        help="manage the topics the app uses",
+        description="Manage the topics the app uses.",
+    )
+    actions = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        help="declare every topic with its partitions and configs",
+        description=_wrap(
+            "Create every topic the app needs, with the right partition counts and "
+            "configs (compaction for the settings topic and the state changelogs), for "
+            "clusters where applications may not create topics. Topics that exist are "
+            "kept; an internal topic whose partition count disagrees with the command "
+            "topic's is an error. Run it with the same environment as the workers "
+            "(app id and topic names decide the names). Prints every topic: created "
+            "or already there, with its partitions."
+        ),
+    )
+    create.add_argument(
+        "--partitions",
+        type=_positive(int),
+        metavar="N",
+        help="partitions of the command topic when it is created "
+        "(default: STREAM_APP_PARTITIONS, 6); an existing command topic's count wins",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stream-app",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"stream-app {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "worker",
+        help="run a worker: apply commands, publish outcomes (until Ctrl-C or SIGTERM)",
+        description=_wrap(
+            "Run one worker with the settings from the environment. Workers of one "
+            "app id share the work; start more for throughput or availability. It "
+            "creates missing topics, restores its state, and on SIGTERM or Ctrl-C "
+            "commits and stops within STREAM_APP_SHUTDOWN_TIMEOUT_S."
+        ),
+        epilog="exit status: 0 clean stop; 1 the stop timed out or the worker failed; "
+        "2 configuration error.",
+    )
     traffic = sub.add_parser(
-        "traffic", help="produce deterministic sample checkout traffic to the command topic"
+        "traffic",
+        help="produce deterministic sample checkout traffic to the command topic",
+        description=_wrap(
+            "Produce sample checkout traffic (the demo's): sessions that are updated, "
+            "closed, cancelled, returned, reopened, plus duplicates and bad records. "
+            "The same seed gives the same records."
+        ),
     )
     traffic.add_argument("--sessions", type=_positive(int), default=200, help="default: 200")
     traffic.add_argument("--seed", type=int, default=1, help="default: 1")
     traffic.add_argument(
         "--rate", type=_positive(float), default=None, help="records per second (default: max)"
     )
-    watch = sub.add_parser("watch", help="print a live view of the output topics")
+    watch = sub.add_parser(
+        "watch",
+        help="print a live view of the output topics",
+        description="Print counts and the newest records of the output topics, every second.",
+    )
     watch.add_argument("--seconds", type=_positive(float), default=60.0, help="default: 60")
     watch.add_argument(
         "--settle",
@@ -83,15 +713,53 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also stop when nothing new arrived for this many seconds",
     )
+    _add_send(sub)
+    _add_tail(sub)
+    _add_topics(sub)
+    sub.add_parser(
+        "config",
+        help="print the effective settings (secrets masked) and exit",
+        description=_wrap(
+            "Print the settings the worker would use, from the environment and the "
+            "defaults, as JSON with secrets masked. A configuration mistake is reported "
+            "as one line, with exit status 2, exactly as the worker would report it."
+        ),
+    )
+    return parser
+
+
+def run_config(settings: Settings) -> int:
+    """The effective settings as JSON; SecretStr values print as ``**********``."""
+    print(settings.model_dump_json(indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ConfigurationError as exc:
+        print(f"stream-app: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.command == "worker":
         return run_worker(settings)
-    configure_logging(settings.log_level)
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    if args.command == "config":
+        return run_config(settings)
+    configure_logging(settings.log_level, settings.log_format)
     if args.command == "traffic":
         return run_traffic(settings, int(args.sessions), args.seed, args.rate)
-    return run_watch(settings, args.seconds, args.settle)
+    if args.command == "watch":
+        return run_watch(settings, args.seconds, args.settle)
+    if args.command == "tail":
+        return run_tail(settings, args)
+    if args.command == "topics":
+        return run_topics_create(settings, args.partitions)
+    try:
+        return run_send(settings, args)
+    except UsageError as exc:
+        print(f"stream-app send: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,15 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import for_code
+from aiokafka.protocol.produce import ProduceRequest
+from aiokafka.structs import TopicPartition
 
 from stream_app import json
 from stream_app.pipeline.kafka import wait_for_partitions
 from stream_app.settings import Settings, TopicNames
+from tests.pipeline.record_batches import BatchRecord, encode_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,6 +71,7 @@ class Deployment:
                 "STREAM_APP_PROCESSING_GUARANTEE": self.guarantee,
                 "STREAM_APP_LOG_LEVEL": "INFO",
                 "STREAM_APP_SESSION_TIMEOUT_S": "8",
+                "STREAM_APP_HTTP_PORT": "0",  # several workers on one machine
                 "STREAM_APP_TOPICS__COMMANDS": t.commands,
                 "STREAM_APP_TOPICS__CLOSED": t.closed,
                 "STREAM_APP_TOPICS__RETURNED": t.returned,
@@ -261,3 +267,49 @@ async def topic_configs(bootstrap: str, names: list[str]) -> dict[str, dict[str,
         for response in described
         for resource in response.resources
     }
+
+
+def deployment_settings(d: Deployment, app_id: str | None = None) -> Settings:
+    """The deployment's settings as its workers read them. (``Deployment.settings``
+    alone keeps the default brokers: ``bootstrap_servers`` is only set through its
+    environment alias, ``KAFKA_BOOTSTRAP_SERVERS``.)"""
+    return d.settings(app_id).model_copy(update={"bootstrap_servers": d.bootstrap})
+
+
+async def produce_raw_batch(
+    bootstrap: str,
+    topic: str,
+    partition: int,
+    records: Sequence[BatchRecord],
+    *,
+    timestamp_ms: int | None = None,
+    compression: int = 0,
+) -> int:
+    """Write ``records`` as one v2 record batch, bytes exactly as given (header
+    names need not be UTF-8, which no client producer allows), and return the
+    offset of its first record. ``timestamp_ms`` is the batch's first timestamp
+    (default: now); ``compression`` 0 (none) or 1 (gzip)."""
+    first_timestamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    batch = encode_batch(records, first_timestamp=first_timestamp, compression=compression)
+    tp = TopicPartition(topic, partition)
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        deadline = time.monotonic() + 30
+        await client.add_topic(topic)
+        leader = client.cluster.leader_for_partition(tp)
+        while leader is None or leader < 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no leader for {topic}[{partition}]")
+            await asyncio.sleep(0.2)
+            await client.force_metadata_update()
+            leader = client.cluster.leader_for_partition(tp)
+        request = ProduceRequest(None, -1, 30_000, [(topic, [(partition, batch)])])
+        response = await client.send(leader, request)
+        ((_, partitions),) = response.topics
+        _, error_code, base_offset, *_ = partitions[0]
+        if error_code:
+            raise for_code(error_code)(f"produce to {topic}[{partition}]")
+        return int(base_offset)
+    finally:
+        await client.close()

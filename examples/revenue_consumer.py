@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Revenue per application, from the outputs of the customer-session workers.
+
+An analytics consumer as a downstream team would write it: it reads the
+closed, returned, cancelled and reopened topics ``read_committed`` (so it
+sees exactly the outputs the workers committed, once each), keeps a revenue
+figure per ``applicationId``, and prints it. Only ``aiokafka`` and the
+standard library; copy it and change what you need.
+
+What "revenue" means here
+-------------------------
+Revenue is what closed sessions are worth now: for each session, its
+``total`` once it is closed, minus what was returned since, and nothing for a
+session that was cancelled or is open again. ``total`` is the workers' own
+figure, before any discounts: cart items (price x quantity), item-level
+additional costs (per unit) and session-level additional costs such as
+shipping. Per output record (``event``, on the topic in brackets):
+
+==================================  ===========  ==========================================
+event                               topic        revenue change
+==================================  ===========  ==========================================
+talon_session_closed                closed       + ``session.total``
+talon_session_partially_returned    returned     - ``return.value`` (the lines returned by
+                                                 this return: quantity x (price + item
+                                                 costs); session-level costs stay)
+talon_session_revoked               cancelled    - ``session.total`` (a closed session
+                                                 cancelled: nothing was returned yet)
+talon_session_cancelled             cancelled    a partially returned session cancelled:
+                                                 - (``session.total`` - what its returns
+                                                 took back already), so it counts 0; an
+                                                 open session cancelled: 0 (never counted)
+talon_session_reopened              reopened     - ``session.total`` (the closed total; it
+                                                 counts again when it is closed again,
+                                                 with the total it has then)
+==================================  ===========  ==========================================
+
+Why these hold (the behaviour contract, sections 2, 3 and 6): every
+output carries the whole session after the command; a return does not
+rewrite the totals; a closed session cannot change until it is reopened, and
+a cancellation of a closed or partially returned session changes only its
+state, so ``session.total`` on a revoke, a cancel or a reopen is the total
+that was counted at the close. Only a closed session can be reopened, so a
+reopened session has no returns. A cancelled record with ``returnedQuantity``
+on any cart item came from a partially returned session; an open session has
+none. What its returns took back is the sum over cart items of
+``returnedQuantity x (price + item-level cost prices)``, exactly what the
+return records subtracted.
+
+Each change depends on its own record only, so the figure is the same in
+whatever order the four topics are read (they are separate topics: a
+reopen may be read before the close it undoes).
+
+Duplicates: every output carries the ``eventId`` of the command that caused
+it, unique per session (``applicationId``, ``integrationId``). With
+``exactly_once`` workers and ``read_committed`` there are none; under
+``at_least_once`` a crash can write an output again, so records are counted
+once per (applicationId, integrationId, event, eventId). Numbers are parsed
+as ``Decimal``: no binary float drift.
+
+This example keeps everything in memory and reads from the beginning each
+time, without a consumer group. A long-running job would keep the figures
+and the seen event ids in its own store and commit offsets with them.
+
+Run::
+
+    python examples/revenue_consumer.py               # read what is there, print, exit
+    python examples/revenue_consumer.py --follow      # and keep printing updates
+    python examples/revenue_consumer.py --json        # {"<applicationId>": "<revenue>"}
+
+Brokers: ``--bootstrap-servers`` or ``KAFKA_BOOTSTRAP_SERVERS`` (plaintext;
+add aiokafka's SASL/SSL options for a secured cluster). Topics: the
+``--*-topic`` options, or the workers' ``STREAM_APP_TOPICS__*`` variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+CLOSED = "talon_session_closed"
+RETURNED = "talon_session_partially_returned"
+REVOKED = "talon_session_revoked"
+CANCELLED = "talon_session_cancelled"
+REOPENED = "talon_session_reopened"
+
+ZERO = Decimal(0)
+
+
+def parse(value: bytes) -> Any:
+    """JSON with numbers as Decimal, exactly as written."""
+    return json.loads(value, parse_float=Decimal, parse_int=Decimal)
+
+
+def returned_value(session: dict[str, Any]) -> Decimal:
+    """What the returns of ``session`` took back so far."""
+    total = ZERO
+    for item in session.get("cartItems", ()):
+        returned = item.get("returnedQuantity") or ZERO
+        if returned:
+            unit = item["price"] + sum(
+                (cost["price"] for cost in (item.get("additionalCosts") or {}).values()), ZERO
+            )
+            total += returned * unit
+    return total
+
+
+def revenue_change(doc: dict[str, Any]) -> Decimal:
+    """How one output record changes its application's revenue (see the module doc)."""
+    event = doc.get("event")
+    session = doc.get("session") or {}
+    if event == CLOSED:
+        return Decimal(session["total"])
+    if event == RETURNED:
+        return -Decimal(doc["return"]["value"])
+    if event in (REVOKED, REOPENED):
+        return -Decimal(session["total"])
+    if event == CANCELLED:
+        already_returned = returned_value(session)
+        if already_returned:  # it was partially returned: take back what is left
+            return -(Decimal(session["total"]) - already_returned)
+        return ZERO  # it was open: never counted
+    return ZERO  # not a revenue event
+
+
+@dataclass
+class RevenueLedger:
+    """Revenue per applicationId; :meth:`record` counts each output once."""
+
+    revenue: dict[int, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    sessions: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+    seen: set[tuple[int, str, str, str]] = field(default_factory=set)
+    records: int = 0
+    duplicates: int = 0
+
+    def record(self, doc: dict[str, Any]) -> bool:
+        """Count one output document; False when it was counted before."""
+        application_id = int(doc["applicationId"])
+        integration_id = str(doc["integrationId"])
+        key = (application_id, integration_id, str(doc.get("event")), str(doc.get("eventId")))
+        if key in self.seen:
+            self.duplicates += 1
+            return False
+        self.seen.add(key)
+        self.records += 1
+        self.revenue[application_id] += revenue_change(doc)
+        self.sessions[application_id].add(integration_id)
+        return True
+
+    def figures(self) -> dict[int, Decimal]:
+        return {app: self.revenue[app].normalize() for app in sorted(self.revenue)}
+
+    def report(self) -> str:
+        lines = [
+            f"revenue per application ({self.records} records, "
+            f"{self.duplicates} duplicates ignored):"
+        ]
+        for app, figure in self.figures().items():
+            lines.append(f"  application {app}: {figure:f} from {len(self.sessions[app])} sessions")
+        if not self.revenue:
+            lines.append("  (no sessions yet)")
+        return "\n".join(lines)
+
+
+async def consume(
+    bootstrap_servers: str, topics: list[str], ledger: RevenueLedger, *, follow: bool, out: Any
+) -> None:
+    """Read ``topics`` from the beginning into ``ledger``: to their current end,
+    or (``follow``) until SIGINT/SIGTERM, printing each change."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",  # only what the workers committed
+    )
+    await consumer.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        partitions = await _partitions(bootstrap_servers, topics)
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        # read_committed: the end is the last stable offset (no open transaction).
+        ends = None if follow else await consumer.end_offsets(partitions)
+        while not stop.is_set():
+            if ends is not None and all(
+                [await consumer.position(tp) >= ends[tp] for tp in partitions]
+            ):
+                break
+            changed = False
+            for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+                for record in records:
+                    if ends is not None and record.offset >= ends[tp]:
+                        continue
+                    if record.value is not None:
+                        changed |= ledger.record(parse(record.value))
+            if follow and changed:
+                out(ledger.report())
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(bootstrap_servers: str, topics: list[str]) -> list[TopicPartition]:
+    """Every partition of ``topics``; each topic must exist."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        described = {entry["topic"]: entry for entry in await admin.describe_topics(topics)}
+    finally:
+        await admin.close()
+    partitions = []
+    for topic in topics:
+        entry = described.get(topic) or {}
+        if entry.get("error_code") or not entry.get("partitions"):
+            raise SystemExit(f"revenue_consumer: topic {topic} does not exist")
+        partitions += [TopicPartition(topic, p["partition"]) for p in entry["partitions"]]
+    return partitions
+
+
+def main(argv: list[str] | None = None) -> int:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        description="Print revenue per applicationId from the session output topics."
+    )
+    parser.add_argument(
+        "--bootstrap-servers", default=env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    )
+    for name in ("closed", "returned", "cancelled", "reopened"):
+        parser.add_argument(
+            f"--{name}-topic",
+            default=env(f"STREAM_APP_TOPICS__{name.upper()}", f"sessions.{name}"),
+            help="default: %(default)s",
+        )
+    parser.add_argument("--follow", action="store_true", help="keep reading until Ctrl-C")
+    parser.add_argument(
+        "--json", action="store_true", help='print {"<applicationId>": "<revenue>"} at the end'
+    )
+    args = parser.parse_args(argv)
+    topics = [args.closed_topic, args.returned_topic, args.cancelled_topic, args.reopened_topic]
+    ledger = RevenueLedger()
+
+    def out(text: str) -> None:
+        print(text, flush=True)
+
+    asyncio.run(consume(args.bootstrap_servers, topics, ledger, follow=args.follow, out=out))
+    if args.json:
+        out(json.dumps({str(app): f"{figure:f}" for app, figure in ledger.figures().items()}))
+    else:
+        out(ledger.report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,542 @@
+"""A producer client for checkout systems: build, check and send session commands.
+
+Commands are plain documents with the contract's v2 field names (what you
+would send to Talon.One's customer-session API), built by
+:func:`update_command`, :func:`close_command`, :func:`cancel_command`,
+:func:`return_command` and :func:`reopen_command`, then sent by
+:class:`SessionClient`::
+
+    async with SessionClient(Settings.from_env()) as client:
+        await client.update_session("cart-1", cart_items=[cart_item("SKU-1", 2, 19.99)])
+        await client.close_session("cart-1")
+        await client.return_items("cart-1", [returned_item(0, quantity=1)])
+
+What the client guarantees:
+
+* **Mistakes raise here, not on the rejection topic.** Every command goes
+  through the workers' own decoder (:func:`stream_app.domain.decode_command`)
+  before it is sent (and a record larger than the workers'
+  ``max_command_bytes`` is refused); a command the workers would reject for
+  its content raises :class:`CommandRejectedError` with the same reason code and JSON
+  pointer, and nothing is sent. With ``application_settings`` given, the
+  rules that depend on them (total quantity with flattening, allowed
+  additional costs and attributes) are checked too, by the domain's
+  ``apply``. Rules that depend on the stored session (the state machine,
+  return quantities, unknown sessions) can only be checked by the worker:
+  those rejections still land on the rejection topic.
+* **Keyed by integrationId**, so the commands of one session are applied in
+  the order they were sent.
+* **Idempotent retries.** Every command carries an ``eventId``: yours, or a
+  random one generated when the command is built. The producer is idempotent
+  with ``acks=all``, so its own retries never duplicate a record; if
+  :meth:`SessionClient.send` still raises (the broker was unreachable for
+  longer than the delivery timeout), send *the same command document* again:
+  the worker recognises its ``eventId`` and applies it once.
+* Money may be given as ``int``, ``float`` or ``Decimal``; it travels as a
+  JSON number, exact up to 15 significant digits (``Decimal("19.99")`` is
+  19.99 in the worker's totals).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Literal
+
+import msgspec
+
+from stream_app import json
+from stream_app.domain import (
+    ApplicationSettings,
+    CommandContext,
+    Reason,
+    Rejected,
+    Rejection,
+    SessionState,
+    UpdateCommand,
+    apply,
+    decode_command,
+)
+from stream_app.domain.rejections import make_rejection
+from stream_app.errors import StreamAppError
+from stream_app.settings import Settings
+
+__all__ = [
+    "CommandDocument",
+    "CommandRejectedError",
+    "CommandTopicMissingError",
+    "SentCommand",
+    "SessionClient",
+    "cancel_command",
+    "cart_item",
+    "close_command",
+    "new_event_id",
+    "reopen_command",
+    "return_command",
+    "returned_item",
+    "update_command",
+    "validate_command",
+]
+
+log = logging.getLogger(__name__)
+
+#: A command as sent: a JSON object with the contract's field names.
+CommandDocument = dict[str, Any]
+Money = int | float | Decimal
+SettingsLookup = ApplicationSettings | Callable[[int], ApplicationSettings]
+
+
+class CommandRejectedError(StreamAppError):
+    """The command would be rejected by the workers; it was not sent.
+
+    ``reason`` is the rejection topic's reason code, ``pointer`` the JSON
+    pointer to the offending field (``/session/cartItems/3/quantity``),
+    ``details`` the human explanation and ``rejection`` the whole domain
+    rejection (``rejection.to_document()`` is its rejection-topic form).
+    """
+
+    def __init__(self, rejection: Rejection, command: object) -> None:
+        first = rejection.errors[0] if rejection.errors else None
+        self.rejection = rejection
+        self.reason: Reason = rejection.reason
+        self.pointer = first.pointer if first else ""
+        self.details = first.details if first else rejection.message
+        self.command = command
+        super().__init__(f"{self.reason} at {self.pointer or '/'}: {self.details}")
+
+
+class CommandTopicMissingError(StreamAppError):
+    """The command topic does not exist (the cluster does not create topics on use)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SentCommand:
+    """Where a command was written. ``event_id`` is the one to reuse on a retry."""
+
+    integration_id: str
+    event_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+# --------------------------------------------------------------------------- building
+
+
+def new_event_id() -> str:
+    """A fresh idempotency key."""
+    return uuid.uuid4().hex
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: Decimals become JSON numbers, tuples and sets lists."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _costs(costs: Mapping[str, Money | Mapping[str, Any]]) -> dict[str, Any]:
+    """``{"shipping": 4.99}`` or ``{"shipping": {"price": 4.99}}`` -> the wire form."""
+    return {
+        name: _plain(cost) if isinstance(cost, Mapping) else {"price": _plain(cost)}
+        for name, cost in costs.items()
+    }
+
+
+def cart_item(
+    sku: str,
+    quantity: int,
+    price: Money,
+    *,
+    name: str | None = None,
+    category: str | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    additional_costs: Mapping[str, Money | Mapping[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One cart item. ``extra`` takes the other v2 fields as they are spelled on
+    the wire (``product={"name": ...}``, ``weight``, ``height``, ...)."""
+    item: dict[str, Any] = {"sku": sku, "quantity": quantity, "price": _plain(price)}
+    if name is not None:
+        item["name"] = name
+    if category is not None:
+        item["category"] = category
+    if attributes is not None:
+        item["attributes"] = _plain(attributes)
+    if additional_costs is not None:
+        item["additionalCosts"] = _costs(additional_costs)
+    item.update(_plain(extra))
+    return item
+
+
+def returned_item(
+    position: int | None = None, *, sku: str | None = None, quantity: int | None = None
+) -> dict[str, Any]:
+    """One entry of a return: a cart position, a sku, or both (they must agree).
+    No ``quantity`` returns all that is left of the line."""
+    item: dict[str, Any] = {}
+    if position is not None:
+        item["position"] = position
+    if sku is not None:
+        item["sku"] = sku
+    if quantity is not None:
+        item["quantity"] = quantity
+    return item
+
+
+def _envelope(
+    kind: str, integration_id: str, event_id: str | None, application_id: int | None
+) -> CommandDocument:
+    doc: CommandDocument = {
+        "type": kind,
+        "integrationId": integration_id,
+        "eventId": event_id or new_event_id(),
+    }
+    if application_id is not None:
+        doc["applicationId"] = application_id
+    return doc
+
+
+def update_command(
+    integration_id: str,
+    *,
+    event_id: str | None = None,
+    application_id: int | None = None,
+    state: Literal["open", "closed", "cancelled"] | None = None,
+    profile_id: str | None = None,
+    store_integration_id: str | None = None,
+    coupon_codes: Iterable[str] | None = None,
+    referral_code: str | None = None,
+    loyalty_cards: Iterable[str] | None = None,
+    cart_items: Iterable[Mapping[str, Any]] | None = None,
+    additional_costs: Mapping[str, Money | Mapping[str, Any]] | None = None,
+    identifiers: Iterable[str] | None = None,
+    attributes: Mapping[str, Any] | None = None,
+) -> CommandDocument:
+    """An ``update``: creates the session or changes it (PUT semantics per field).
+
+    ``None`` leaves a field out (the stored value stays); an empty list clears
+    coupons, ``""`` clears the referral code; ``cart_items`` replaces the whole
+    cart; ``attributes`` are merged key by key and a ``None`` value removes a key.
+    """
+    session: dict[str, Any] = {}
+    if profile_id is not None:
+        session["profileId"] = profile_id
+    if store_integration_id is not None:
+        session["storeIntegrationId"] = store_integration_id
+    if coupon_codes is not None:
+        session["couponCodes"] = list(coupon_codes)
+    if referral_code is not None:
+        session["referralCode"] = referral_code
+    if loyalty_cards is not None:
+        session["loyaltyCards"] = list(loyalty_cards)
+    if state is not None:
+        session["state"] = state
+    if cart_items is not None:
+        session["cartItems"] = [_plain(item) for item in cart_items]
+    if additional_costs is not None:
+        session["additionalCosts"] = _costs(additional_costs)
+    if identifiers is not None:
+        session["identifiers"] = list(identifiers)
+    if attributes is not None:
+        session["attributes"] = _plain(attributes)
+    doc = _envelope("update", integration_id, event_id, application_id)
+    doc["session"] = session
+    return doc
+
+
+def close_command(
+    integration_id: str,
+    *,
+    event_id: str | None = None,
+    application_id: int | None = None,
+    **session: Any,
+) -> CommandDocument:
+    """Close the session (checkout done); may carry the final cart and other
+    fields of :func:`update_command`. A close of an unknown session creates it
+    closed."""
+    return update_command(
+        integration_id, event_id=event_id, application_id=application_id, state="closed", **session
+    )
+
+
+def cancel_command(
+    integration_id: str, *, event_id: str | None = None, application_id: int | None = None
+) -> CommandDocument:
+    """Cancel an open session, or revoke a closed or partially returned one."""
+    doc = _envelope("update", integration_id, event_id, application_id)
+    doc["session"] = {"state": "cancelled"}
+    return doc
+
+
+def return_command(
+    integration_id: str,
+    items: Iterable[Mapping[str, Any]],
+    *,
+    event_id: str | None = None,
+    application_id: int | None = None,
+) -> CommandDocument:
+    """Return cart items of a closed (or partially returned) session; ``items``
+    from :func:`returned_item`."""
+    doc = _envelope("return", integration_id, event_id, application_id)
+    doc["returnedCartItems"] = [_plain(item) for item in items]
+    return doc
+
+
+def reopen_command(
+    integration_id: str, *, event_id: str | None = None, application_id: int | None = None
+) -> CommandDocument:
+    """Reopen a closed session (it can then be changed and closed again)."""
+    return _envelope("reopen", integration_id, event_id, application_id)
+
+
+# --------------------------------------------------------------------------- checking
+
+
+class _ProbeIds:
+    """Session ids for the local settings check, which creates a throwaway session."""
+
+    def next_id(self) -> int:
+        return 1
+
+
+def _settings_rejection(
+    command: UpdateCommand, settings: ApplicationSettings, application_id: int
+) -> Rejection | None:
+    """The rejection the settings-dependent rules give, if any.
+
+    ``apply`` checks them on every update it applies; applied to no session
+    with the state left out, it checks nothing else. A cancellation is
+    skipped: on a closed session its other fields are ignored, unchecked.
+    """
+    if command.session.state is SessionState.CANCELLED:
+        return None
+    probe = UpdateCommand(
+        command.integration_id, msgspec.structs.replace(command.session, state=None)
+    )
+    context = CommandContext(
+        timestamp_ms=0,
+        source_event_id="local-check",
+        application_id=application_id,
+        settings=settings,
+        ids=_ProbeIds(),
+    )
+    outcome = apply(None, probe, context)
+    return outcome.rejection if isinstance(outcome, Rejected) else None
+
+
+def validate_command(
+    command: Mapping[str, Any] | bytes,
+    application_settings: SettingsLookup | None = None,
+    *,
+    default_application_id: int = 1,
+    max_command_bytes: int | None = None,
+) -> bytes:
+    """The record value to send for ``command``; raises :class:`CommandRejectedError`
+    when the workers would reject it for its content (see the module docstring).
+
+    ``application_settings``: the settings of the command's application (or a
+    lookup by applicationId); ``None`` checks only the rules that hold for
+    every application. ``default_application_id`` is the workers' default,
+    for commands without ``applicationId``; ``max_command_bytes`` their limit
+    on the size of a command record.
+    """
+    raw = command if isinstance(command, bytes) else json.dumps(_plain(command))
+    if max_command_bytes is not None and len(raw) > max_command_bytes:
+        too_large = make_rejection(
+            Reason.LIMIT_EXCEEDED,
+            "",
+            f"the command is {len(raw)} bytes; at most {max_command_bytes}",
+        )
+        raise CommandRejectedError(too_large, command)
+    decoded = decode_command(raw)
+    if isinstance(decoded, Rejection):
+        raise CommandRejectedError(decoded, command)
+    if application_settings is not None and isinstance(decoded, UpdateCommand):
+        application_id = decoded.application_id or default_application_id
+        settings = (
+            application_settings
+            if isinstance(application_settings, ApplicationSettings)
+            else application_settings(application_id)
+        )
+        rejection = _settings_rejection(decoded, settings, application_id)
+        if rejection is not None:
+            raise CommandRejectedError(rejection, command)
+    return raw
+
+
+# --------------------------------------------------------------------------- sending
+
+
+class SessionClient:
+    """Sends session commands to the command topic of ``settings``.
+
+    Connection and security come from ``settings`` (as for the workers), the
+    topic from ``settings.topics.commands``. Use it as an async context
+    manager, or call :meth:`start` and :meth:`stop`. ``application_id`` is
+    put on commands built by the ``*_session`` methods when they give none;
+    ``application_settings`` enables the settings-dependent checks.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        application_id: int | None = None,
+        application_settings: SettingsLookup | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.topics.commands
+        self.application_id = application_id
+        self.application_settings = application_settings
+        self._producer: Any = None
+
+    async def start(self) -> None:
+        """Connect; raises :class:`CommandTopicMissingError` when the topic is absent."""
+        from aiokafka import AIOKafkaProducer
+
+        from stream_app.pipeline.kafka import client_options, partition_count
+
+        options = client_options(self.settings)
+        if not await partition_count(options, self.topic):
+            raise CommandTopicMissingError(
+                f"the command topic {self.topic} does not exist at "
+                f"{self.settings.bootstrap_servers}: create it with `stream-app topics create` "
+                "(or start a worker, which creates it)"
+            )
+        producer = AIOKafkaProducer(
+            **options,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=self.settings.producer_linger_ms,
+        )
+        await producer.start()
+        self._producer = producer
+
+    async def stop(self) -> None:
+        """Deliver what is pending, then disconnect."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> SessionClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def validate(self, command: Mapping[str, Any]) -> bytes:
+        """:func:`validate_command` with this client's settings."""
+        return validate_command(
+            command,
+            self.application_settings,
+            default_application_id=self.settings.default_application_id,
+            max_command_bytes=self.settings.max_command_bytes,
+        )
+
+    async def send(self, command: Mapping[str, Any]) -> SentCommand:
+        """Check ``command`` and send it, keyed by its integrationId; returns once
+        the broker has it (``acks=all``). An ``eventId`` is added when missing.
+
+        Raises :class:`CommandRejectedError` (nothing sent) or an aiokafka
+        ``KafkaError`` (send the same document again to retry).
+        """
+        if self._producer is None:
+            raise RuntimeError("the client is not started")
+        doc = dict(command)
+        if doc.get("eventId") is None:
+            doc["eventId"] = new_event_id()
+        value = self.validate(doc)
+        integration_id = str(doc["integrationId"])  # validated: a non-empty string
+        metadata = await self._producer.send_and_wait(
+            self.topic, value=value, key=integration_id.encode()
+        )
+        log.debug(
+            "sent %s %s to %s[%d]@%d",
+            doc.get("type"),
+            integration_id,
+            metadata.topic,
+            metadata.partition,
+            metadata.offset,
+        )
+        return SentCommand(
+            integration_id, str(doc["eventId"]), metadata.topic, metadata.partition, metadata.offset
+        )
+
+    async def update_session(
+        self, integration_id: str, *, event_id: str | None = None, **session: Any
+    ) -> SentCommand:
+        """Send :func:`update_command` (same keyword arguments)."""
+        session.setdefault("application_id", self.application_id)
+        return await self.send(update_command(integration_id, event_id=event_id, **session))
+
+    async def close_session(
+        self, integration_id: str, *, event_id: str | None = None, **session: Any
+    ) -> SentCommand:
+        """Send :func:`close_command`."""
+        session.setdefault("application_id", self.application_id)
+        return await self.send(close_command(integration_id, event_id=event_id, **session))
+
+    async def cancel_session(
+        self,
+        integration_id: str,
+        *,
+        event_id: str | None = None,
+        application_id: int | None = None,
+    ) -> SentCommand:
+        """Send :func:`cancel_command` (cancels an open session, revokes a closed one)."""
+        return await self.send(
+            cancel_command(
+                integration_id,
+                event_id=event_id,
+                application_id=application_id or self.application_id,
+            )
+        )
+
+    async def return_items(
+        self,
+        integration_id: str,
+        items: Iterable[Mapping[str, Any]],
+        *,
+        event_id: str | None = None,
+        application_id: int | None = None,
+    ) -> SentCommand:
+        """Send :func:`return_command`."""
+        return await self.send(
+            return_command(
+                integration_id,
+                items,
+                event_id=event_id,
+                application_id=application_id or self.application_id,
+            )
+        )
+
+    async def reopen_session(
+        self,
+        integration_id: str,
+        *,
+        event_id: str | None = None,
+        application_id: int | None = None,
+    ) -> SentCommand:
+        """Send :func:`reopen_command`."""
+        return await self.send(
+            reopen_command(
+                integration_id,
+                event_id=event_id,
+                application_id=application_id or self.application_id,
+            )
+        )

@@ -1,0 +1,155 @@
+"""``stream-app`` without a broker: help for users, the version, and ``send``
+checking commands (``--dry-run``) from JSON, stdin and flags."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from importlib.metadata import version
+from typing import Any
+
+import pytest
+
+from stream_app import json
+from stream_app.cli import main
+
+
+def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stream_app", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_help_is_written_for_users() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    out = result.stdout
+    assert "Customer sessions on Kafka" in out
+    assert "``" not in out  # no reStructuredText from a developer docstring
+    for command in ("worker", "traffic", "watch", "send", "tail", "topics"):
+        assert f"    {command} " in out
+    assert "KAFKA_BOOTSTRAP_SERVERS" in out
+    assert "exit status" in out
+    for sub in (["send"], ["tail"], ["topics", "create"], ["worker"]):
+        help_text = run(*sub, "--help").stdout
+        assert "usage: stream-app " + " ".join(sub) in help_text
+        assert "``" not in help_text
+
+
+def test_version_comes_from_the_installed_package(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"stream-app {version('stream-app')}"
+
+
+def _dry_run(*args: str, stdin: str = "") -> dict[str, Any]:
+    result = run("send", "--dry-run", *args, stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def test_send_builds_a_command_from_flags() -> None:
+    doc = _dry_run(
+        "--type=close",
+        "--integration-id=cart-1",
+        "--profile-id=alice",
+        "--item=SKU:A:2:19.99",
+        "--item=SKU-2:1:5",
+        "--cost=shipping=4.99",
+        "--attribute=channel=web",
+        "--attribute=vip=true",
+        "--coupon=SAVE10",
+    )
+    assert doc["type"] == "update"
+    assert doc["integrationId"] == "cart-1"
+    assert doc["eventId"]
+    assert doc["session"] == {
+        "profileId": "alice",
+        "couponCodes": ["SAVE10"],
+        "state": "closed",
+        "cartItems": [
+            {"sku": "SKU:A", "quantity": 2, "price": 19.99},
+            {"sku": "SKU-2", "quantity": 1, "price": 5},
+        ],
+        "additionalCosts": {"shipping": {"price": 4.99}},
+        "attributes": {"channel": "web", "vip": True},
+    }
+    returned = _dry_run(
+        "--type=return", "--integration-id=cart-1", "--return-item=1:2", "--return-item=SKU-2"
+    )
+    assert returned["returnedCartItems"] == [{"position": 1, "quantity": 2}, {"sku": "SKU-2"}]
+    cancel = _dry_run("--type=cancel", "--integration-id=cart-1", "--event-id=e-9")
+    assert cancel == {
+        "type": "update",
+        "integrationId": "cart-1",
+        "eventId": "e-9",
+        "session": {"state": "cancelled"},
+    }
+
+
+def test_send_takes_json_from_an_argument_or_stdin() -> None:
+    command = '{"type":"reopen","integrationId":"cart-1","eventId":"e-1"}'
+    assert _dry_run(command)["eventId"] == "e-1"
+    from_stdin = _dry_run(stdin='{"type":"reopen","integrationId":"cart-2"}')
+    assert from_stdin["integrationId"] == "cart-2"
+    assert from_stdin["eventId"]  # generated
+    assert _dry_run("-", stdin=command)["integrationId"] == "cart-1"
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (
+            ["--type=update", "--integration-id=c", "--item=a:two:1"],
+            "",
+            "expected SKU:QUANTITY:PRICE",
+        ),
+        (["--type=reopen", "--integration-id=c", "--coupon=X"], "", "cannot be used"),
+        (["--type=return", "--integration-id=c"], "", "at least one --return-item"),
+        (["--type=close"], "", "--integration-id is required"),
+        (['{"type":"reopen","integrationId":"c"}', "--type=close"], "", "not both"),
+        (["-"], "not json", "not valid JSON"),
+        (["-"], "[1]", "must be a JSON object"),
+    ],
+)
+def test_send_usage_errors_exit_2(args: list[str], stdin: str, message: str) -> None:
+    result = run("send", "--dry-run", *args, stdin=stdin)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_an_invalid_command_is_not_sent_and_says_why() -> None:
+    command = {
+        "type": "update",
+        "integrationId": "cart-1",
+        "session": {"cartItems": [{"sku": "a", "quantity": "two", "price": 1}]},
+    }
+    # No --dry-run and nothing listening: the check happens before any connection.
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_app", "send", json.dumps(command).decode()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "SCHEMA_VIOLATION at /session/cartItems/0/quantity" in result.stderr
+    assert "not sent" in result.stderr
+
+
+def test_send_reads_stdin_in_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"type":"reopen","integrationId":"x"}'))
+    assert main(["send", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["type"] == "reopen"

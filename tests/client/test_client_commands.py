@@ -1,0 +1,207 @@
+"""The producer client without a broker: the commands it builds and the mistakes
+it refuses, with the reason codes and pointers the workers would give."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from stream_app import json
+from stream_app.client import (
+    CommandRejectedError,
+    cancel_command,
+    cart_item,
+    close_command,
+    reopen_command,
+    return_command,
+    returned_item,
+    update_command,
+    validate_command,
+)
+from stream_app.domain import (
+    ApplicationSettings,
+    Reason,
+    ReopenCommand,
+    ReturnCommand,
+    SessionState,
+    UpdateCommand,
+    decode_command,
+)
+
+
+def test_builders_use_the_contract_field_names_and_decode_as_the_workers_do() -> None:
+    update = update_command(
+        "cart-1",
+        event_id="e-1",
+        application_id=7,
+        profile_id="alice",
+        store_integration_id="store-1",
+        coupon_codes=["SAVE10"],
+        referral_code="REF",
+        loyalty_cards=["LC-1234"],
+        cart_items=[
+            cart_item(
+                "SKU-1",
+                2,
+                Decimal("19.99"),
+                name="Shirt",
+                attributes={"color": "navy"},
+                additional_costs={"giftWrap": Decimal("2.5")},
+                product={"name": "Shirt"},
+            )
+        ],
+        additional_costs={"shipping": 4.99},
+        identifiers=["device-1"],
+        attributes={"channel": "web", "old": None},
+    )
+    assert update == {
+        "type": "update",
+        "integrationId": "cart-1",
+        "eventId": "e-1",
+        "applicationId": 7,
+        "session": {
+            "profileId": "alice",
+            "storeIntegrationId": "store-1",
+            "couponCodes": ["SAVE10"],
+            "referralCode": "REF",
+            "loyaltyCards": ["LC-1234"],
+            "cartItems": [
+                {
+                    "sku": "SKU-1",
+                    "quantity": 2,
+                    "price": 19.99,
+                    "name": "Shirt",
+                    "attributes": {"color": "navy"},
+                    "additionalCosts": {"giftWrap": {"price": 2.5}},
+                    "product": {"name": "Shirt"},
+                }
+            ],
+            "additionalCosts": {"shipping": {"price": 4.99}},
+            "identifiers": ["device-1"],
+            "attributes": {"channel": "web", "old": None},
+        },
+    }
+    decoded = decode_command(validate_command(update))
+    assert isinstance(decoded, UpdateCommand)
+    assert decoded.session.cart_items is not None
+    assert decoded.session.cart_items[0].price == Decimal("19.99")  # exact, not a binary float
+
+    closed = decode_command(validate_command(close_command("cart-1", cart_items=[])))
+    assert isinstance(closed, UpdateCommand)
+    assert closed.session.state is SessionState.CLOSED
+    cancelled = decode_command(validate_command(cancel_command("cart-1")))
+    assert isinstance(cancelled, UpdateCommand)
+    assert cancelled.session.state is SessionState.CANCELLED
+    returned = decode_command(
+        validate_command(
+            return_command("cart-1", [returned_item(0, quantity=1), returned_item(sku="SKU-1")])
+        )
+    )
+    assert isinstance(returned, ReturnCommand)
+    assert [(i.position, i.sku, i.quantity) for i in returned.returned_cart_items] == [
+        (0, None, 1),
+        (None, "SKU-1", None),
+    ]
+    assert isinstance(decode_command(validate_command(reopen_command("cart-1"))), ReopenCommand)
+
+
+def test_every_command_gets_its_own_event_id_unless_one_is_given() -> None:
+    ids = {reopen_command("cart-1")["eventId"] for _ in range(100)}
+    assert len(ids) == 100
+    assert all(isinstance(i, str) and 1 <= len(i) <= 255 for i in ids)
+    assert cancel_command("cart-1", event_id="mine")["eventId"] == "mine"
+
+
+def _session(**fields: Any) -> dict[str, Any]:
+    return {"type": "update", "integrationId": "cart-1", "eventId": "e", "session": fields}
+
+
+#: (command, reason, pointer): content mistakes the decoder finds, for every application.
+INVALID: list[tuple[dict[str, Any], Reason, str]] = [
+    (
+        _session(cartItems=[{"sku": "a", "quantity": "two", "price": 1}]),
+        Reason.SCHEMA_VIOLATION,
+        "/session/cartItems/0/quantity",
+    ),
+    (
+        _session(cartItems=[{"sku": "a", "quantity": 1}]),
+        Reason.SCHEMA_VIOLATION,
+        "/session/cartItems/0/price",
+    ),
+    (_session(couponCodes=["C" * 101]), Reason.LIMIT_EXCEEDED, "/session/couponCodes/0"),
+    (_session(loyaltyCards=["no spaces"]), Reason.SCHEMA_VIOLATION, "/session/loyaltyCards/0"),
+    (_session(identifiers=["i"] * 6), Reason.LIMIT_EXCEEDED, "/session/identifiers"),
+    (_session(state="shipped"), Reason.SCHEMA_VIOLATION, "/session/state"),
+    ({"type": "delete", "integrationId": "cart-1"}, Reason.SCHEMA_VIOLATION, "/type"),
+    ({"type": "reopen", "integrationId": ""}, Reason.SCHEMA_VIOLATION, "/integrationId"),
+    ({"type": "reopen", "integrationId": "c", "eventId": ""}, Reason.SCHEMA_VIOLATION, "/eventId"),
+    (
+        {"type": "reopen", "integrationId": "c", "applicationId": 0},
+        Reason.SCHEMA_VIOLATION,
+        "/applicationId",
+    ),
+    (
+        return_command("cart-1", [], event_id="e"),
+        Reason.SCHEMA_VIOLATION,
+        "/returnedCartItems",
+    ),
+    (
+        return_command("cart-1", [{"quantity": 1}], event_id="e"),
+        Reason.SCHEMA_VIOLATION,
+        "/returnedCartItems/0",
+    ),
+]
+
+
+@pytest.mark.parametrize(("command", "reason", "pointer"), INVALID)
+def test_a_mistake_raises_with_the_reason_and_pointer_of_the_rejection_topic(
+    command: dict[str, Any], reason: Reason, pointer: str
+) -> None:
+    with pytest.raises(CommandRejectedError) as caught:
+        validate_command(command)
+    assert caught.value.reason is reason
+    assert caught.value.pointer == pointer
+    assert caught.value.command is command
+    # The same rejection the worker's decoder builds for the same bytes.
+    assert caught.value.rejection == decode_command(json.dumps(command))
+    assert str(reason) in str(caught.value)
+
+
+def test_settings_dependent_rules_are_checked_when_the_settings_are_given() -> None:
+    big_cart = _session(cartItems=[{"sku": "a", "quantity": 10_001, "price": 1}])
+    validate_command(big_cart)  # unknown settings: flattening might be off
+    with pytest.raises(CommandRejectedError) as caught:
+        validate_command(big_cart, ApplicationSettings())
+    assert (caught.value.reason, caught.value.pointer) == (
+        Reason.LIMIT_EXCEEDED,
+        "/session/cartItems",
+    )
+    validate_command(big_cart, ApplicationSettings(flattening=False))
+
+    strict = {7: ApplicationSettings(attributes=frozenset({"city"}), additional_costs=frozenset())}
+    attribute = {**_session(attributes={"city": "Berlin", "color": None}), "applicationId": 7}
+    with pytest.raises(CommandRejectedError) as caught:
+        validate_command(attribute, strict.__getitem__)
+    assert (caught.value.reason, caught.value.pointer) == (
+        Reason.UNKNOWN_ATTRIBUTE,
+        "/session/attributes/color",
+    )
+    cost = {**_session(additionalCosts={"shipping": {"price": 1}}), "applicationId": 7}
+    with pytest.raises(CommandRejectedError) as caught:
+        validate_command(cost, strict.__getitem__)
+    assert caught.value.reason is Reason.UNKNOWN_ADDITIONAL_COST
+    # A cancellation only changes the state of a closed session: not checked.
+    validate_command(
+        {**_session(state="cancelled", attributes={"x": 1}), "applicationId": 7},
+        strict.__getitem__,
+    )
+
+
+def test_a_command_over_the_size_limit_is_refused() -> None:
+    command = _session(attributes={"blob": "x" * 2000})
+    validate_command(command, max_command_bytes=4096)
+    with pytest.raises(CommandRejectedError) as caught:
+        validate_command(command, max_command_bytes=1024)
+    assert (caught.value.reason, caught.value.pointer) == (Reason.LIMIT_EXCEEDED, "")

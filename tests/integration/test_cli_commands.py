@@ -1,0 +1,144 @@
+"""``stream-app topics create``, ``send`` and ``tail`` as a user runs them, against
+the real broker and a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tests.integration.harness import Deployment, Worker, consume, topic_configs
+
+
+def stream_app(
+    env: Mapping[str, str], *args: str, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stream_app", *args],
+        env=dict(env),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def documents(text: str) -> list[Any]:
+    """The JSON documents printed one after another (indented, as tail prints them)."""
+    decoder = json.JSONDecoder()
+    docs, index = [], 0
+    while (index := _skip_space(text, index)) < len(text):
+        doc, index = decoder.raw_decode(text, index)
+        docs.append(doc)
+    return docs
+
+
+def _skip_space(text: str, index: int) -> int:
+    while index < len(text) and text[index].isspace():
+        index += 1
+    return index
+
+
+async def test_topics_create_then_send_and_tail_through_a_worker(
+    deployment: Deployment, workers: Callable[..., Worker]
+) -> None:
+    env = deployment.env()
+    t = deployment.topics
+    app_id = env["STREAM_APP_APP_ID"]
+
+    created = await asyncio.to_thread(stream_app, env, "topics", "create")
+    assert created.returncode == 0, created.stderr
+    lines = {line.split()[1]: line.split() for line in created.stdout.splitlines()[1:]}
+    assert lines[t.commands][:4] == ["exists", t.commands, "3", "partitions"]  # made by fixture
+    assert lines[t.closed][:4] == ["created", t.closed, "3", "partitions"]
+    assert lines[t.application_settings] == [
+        "created",
+        t.application_settings,
+        "1",
+        "partition",
+        "cleanup.policy=compact",
+    ]
+    changelog = f"{app_id}-sessions-changelog"
+    assert lines[changelog][0] == "created"
+    assert len(lines) == 12
+    configs = await topic_configs(deployment.bootstrap, [t.application_settings, changelog])
+    assert configs[t.application_settings]["cleanup.policy"] == "compact"
+    assert configs[changelog]["cleanup.policy"] == "compact"
+    again = await asyncio.to_thread(stream_app, env, "topics", "create")
+    assert [line.split()[0] for line in again.stdout.splitlines()[1:]] == ["exists"] * 12
+
+    # Follow the (new, empty) rejection topic before anything is sent.
+    follower = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "stream_app", "tail", "rejected", "--follow"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        sent = await asyncio.to_thread(
+            stream_app,
+            env,
+            "send",
+            "--type=close",
+            "--integration-id=cart-1",
+            "--event-id=close-1",
+            "--item=SKU-1:2:0.1",
+            "--cost=shipping=4.9",
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout.startswith(f"sent update of cart-1 (eventId close-1) to {t.commands}[")
+        # A command the workers reject for the session's state (not the client's to know).
+        reopen = '{"type":"reopen","integrationId":"cart-2","eventId":"r-1"}'
+        sent = await asyncio.to_thread(stream_app, env, "send", stdin=reopen)
+        assert sent.returncode == 0, sent.stderr
+
+        workers(deployment)
+        await consume(deployment.bootstrap, [t.closed, t.rejected], expect=2, timeout=25)
+
+        closed = await asyncio.to_thread(stream_app, env, "tail", "closed")
+        assert closed.returncode == 0, closed.stderr
+        [output] = documents(closed.stdout)
+        assert output["event"] == "talon_session_closed"
+        assert output["eventId"] == "close-1"
+        assert output["session"]["total"] == 5.1
+        assert closed.stdout.startswith("{\n  ")  # indented for people
+
+        commands = await asyncio.to_thread(stream_app, env, "tail", t.commands, "--metadata")
+        records = documents(commands.stdout)
+        assert [(r["key"], r["value"]["eventId"]) for r in records] == [
+            ("cart-1", "close-1"),
+            ("cart-2", "r-1"),
+        ]
+        assert {"topic", "partition", "offset", "timestamp"} <= set(records[0])
+        limited = await asyncio.to_thread(stream_app, env, "tail", "commands", "-n", "1")
+        assert len(documents(limited.stdout)) == 1
+
+        skipped = await asyncio.to_thread(stream_app, env, "tail", "rejected", "--from-end")
+        assert (skipped.returncode, skipped.stdout) == (0, "")
+        await asyncio.sleep(1)  # the follower polls every 0.2 s
+    finally:
+        follower.send_signal(signal.SIGINT)
+        out, err = await asyncio.to_thread(follower.communicate, timeout=15)
+    assert follower.returncode == 0, err
+    [rejection] = documents(out)
+    assert rejection["reason"] == "UNKNOWN_SESSION"
+    assert rejection["command"]["eventId"] == "r-1"
+
+
+async def test_tail_and_send_to_a_missing_topic_exit_1(
+    deployment: Deployment, unique_name: Callable[[str], str]
+) -> None:
+    env = {**deployment.env(), "STREAM_APP_TOPICS__COMMANDS": unique_name("nothing")}
+    tail = await asyncio.to_thread(stream_app, env, "tail", "commands")
+    assert tail.returncode == 1
+    assert "does not exist" in tail.stderr
+    send = await asyncio.to_thread(stream_app, env, "send", '{"type":"reopen","integrationId":"c"}')
+    assert send.returncode == 1
+    assert "stream-app topics create" in send.stderr
