@@ -56,7 +56,10 @@ from stream_app.domain import (
     Reason,
     Rejected,
     Rejection,
+    ReopenCommand,
+    ReturnCommand,
     Session,
+    UpdateCommand,
     decode_command,
     decode_session,
     encode_session,
@@ -93,6 +96,12 @@ EVENT_CHANNEL: Final[dict[EventName, str]] = {
 _CHANNELS: Final = frozenset(EVENT_CHANNEL.values())
 
 _MAX_SESSION_ID: Final = 2**31 - 1
+
+_COMMAND_KINDS: Final[dict[type, str]] = {
+    UpdateCommand: "update",
+    ReturnCommand: "return",
+    ReopenCommand: "reopen",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,13 +243,21 @@ class PartitionSequenceAllocator:
 
 @dataclass
 class Metrics:
-    """Counters a user would watch (exposed in logs and to the demo)."""
+    """Counters a user would watch (logged, and exported on ``/metrics``)."""
 
     applied: int = 0
     duplicates: int = 0
     rejected: int = 0
     rekeyed: int = 0
     emitted: dict[str, int] = field(default_factory=dict)
+    #: Commands by (type, outcome): type update/return/reopen, or unknown when
+    #: the record is not a readable command; outcome applied, duplicate,
+    #: rejected or rekeyed.
+    commands: dict[tuple[str, str], int] = field(default_factory=dict)
+    rejections: dict[str, int] = field(default_factory=dict)
+
+    def count(self, kind: str, outcome: str) -> None:
+        self.commands[kind, outcome] = self.commands.get((kind, outcome), 0) + 1
 
 
 def downstream(
@@ -274,11 +291,18 @@ class CommandProcessor:
     limits: Limits = Limits()
 
     def process(self, record: SourceRecord) -> list[Outgoing]:
+        out, kind, outcome = self._process(record)
+        self.metrics.count(kind, outcome)
+        return out
+
+    def _process(self, record: SourceRecord) -> tuple[list[Outgoing], str, str]:
+        """The records to send, the command's type and the outcome (for metrics)."""
+        kind, rejected = "unknown", "rejected"
         origin = record
         if record.topic == self.rekey_topic:
             found = record.origin_from_header()
             if found is None:
-                return [self._invalid_internal(record, "no valid origin header")]
+                return [self._invalid_internal(record, "no valid origin header")], kind, rejected
             origin = found
         if not valid_timestamp(origin.timestamp_ms):
             rejection = pipeline_rejection(
@@ -286,30 +310,32 @@ class CommandProcessor:
                 "The record's timestamp is not a time a session can have",
                 f"timestamp {origin.timestamp_ms} ms is outside 0..{MAX_TIMESTAMP_MS}",
             )
-            return [self._reject(rejection, origin)]
+            return [self._reject(rejection, origin)], kind, rejected
         raw = record.value
         if raw is None:
             rejection = pipeline_rejection(
                 Reason.MALFORMED_JSON, "The record has no value", "a tombstone is not a command"
             )
-            return [self._reject(rejection, origin)]
+            return [self._reject(rejection, origin)], kind, rejected
         if len(raw) > self.limits.max_command_bytes:
             rejection = pipeline_rejection(
                 Reason.LIMIT_EXCEEDED,
                 "The command exceeds a limit",
                 f"the command is {len(raw)} bytes; at most {self.limits.max_command_bytes}",
             )
-            return [self._reject(rejection, origin)]
+            return [self._reject(rejection, origin)], kind, rejected
         command = decode_command(raw)
         if isinstance(command, Rejection):
-            return [self._reject(command, origin)]
+            return [self._reject(command, origin)], kind, rejected
+        kind = _COMMAND_KINDS.get(type(command), "unknown")
         wanted_key = command.integration_id.encode()
         placed = record.key == wanted_key and record.partition == partition_for(
             wanted_key, self.allocator.partitions
         )
         if not placed:
             if record.topic == self.rekey_topic:
-                return [self._invalid_internal(record, "not keyed and placed by integrationId")]
+                problem = "not keyed and placed by integrationId"
+                return [self._invalid_internal(record, problem)], kind, rejected
             # Applying it here would put the session on the wrong partition.
             self.metrics.rekeyed += 1
             log.info(
@@ -320,7 +346,8 @@ class CommandProcessor:
                 record.key,
                 wanted_key,
             )
-            return [Outgoing(self.rekey_topic, wanted_key, raw, (record.origin_header(),))]
+            rekeyed = Outgoing(self.rekey_topic, wanted_key, raw, (record.origin_header(),))
+            return [rekeyed], kind, "rekeyed"
         application_id = command.application_id or self.default_application_id
         key = session_key(application_id, command.integration_id)
         stored = self.sessions.get(key)
@@ -335,11 +362,11 @@ class CommandProcessor:
         )
         outcome = apply_command(session, command, context)
         if isinstance(outcome, Rejected):
-            return [self._reject(outcome.rejection, origin)]
+            return [self._reject(outcome.rejection, origin)], kind, rejected
         if isinstance(outcome, Duplicate):
             self.metrics.duplicates += 1
             log.debug("%s[%d]@%d: duplicate eventId", origin.topic, origin.partition, origin.offset)
-            return []
+            return [], kind, "duplicate"
         assert isinstance(outcome, Applied)  # noqa: S101 - Outcome is a closed union
         new = outcome.session
         encoded = encode_session(new)
@@ -351,10 +378,10 @@ class CommandProcessor:
                 f"at most {self.limits.max_session_bytes}",
                 "/session",
             )
-            return [self._reject(rejection, origin)]
+            return [self._reject(rejection, origin)], kind, rejected
         self.metrics.applied += 1
         self.sessions[key] = encoded
-        return self._envelopes(session, new, outcome)
+        return self._envelopes(session, new, outcome), kind, "applied"
 
     def _envelopes(
         self, before: Session | None, after: Session, outcome: Applied
@@ -398,6 +425,8 @@ def reject(
 ) -> Outgoing:
     """The rejection record of ``origin`` (the record as it first arrived), counted."""
     metrics.rejected += 1
+    reason = rejection.reason.value
+    metrics.rejections[reason] = metrics.rejections.get(reason, 0) + 1
     log.info(
         "%s[%d]@%d: rejected %s: %s",
         origin.topic,
