@@ -197,6 +197,10 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"  # noqa: S104 - a pod's probes and scrapes come from outside
     #: 0 picks a free port (tests run several workers on one machine).
     http_port: int = Field(default=8080, ge=0, le=65535)
+    #: Host name other workers use to reach this one's HTTP server (session
+    #: queries are forwarded to the owner of the key's partition, as Kafka
+    #: Streams' application.server); default: this machine's host name.
+    advertised_host: str | None = None
     #: Static group membership (Kafka's group.instance.id), e.g. the pod name:
     #: a restarted worker gets its partitions back without a rebalance.
     group_instance_id: str | None = None

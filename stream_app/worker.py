@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from typing import Final
 
@@ -76,6 +77,8 @@ async def run(settings: Settings) -> int:
             "cannot serve HTTP on %s:%d: %s", settings.http_host, settings.http_port, exc
         )
         return EXIT_FAILED
+    host = settings.advertised_host or socket.gethostname()
+    engine.assignor.url = f"http://{host}:{web.port}"
     try:
         if stopping.is_set():
             engine.stop()

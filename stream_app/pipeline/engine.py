@@ -29,10 +29,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
@@ -42,6 +42,7 @@ from stream_app.pipeline.application_settings import (
     ApplicationSettingsRegistry,
     follow_settings_topic,
 )
+from stream_app.pipeline.assignor import RoutingRangeAssignor
 from stream_app.pipeline.checkpoint import CheckpointError, StoreWriteError, TaskFencedError
 from stream_app.pipeline.kafka import client_options
 from stream_app.pipeline.processor import (
@@ -50,6 +51,8 @@ from stream_app.pipeline.processor import (
     Metrics,
     PartitionSequenceAllocator,
     ProfileProcessor,
+    partition_for,
+    session_key,
 )
 from stream_app.pipeline.store import RocksDBResources, StoreOverlay
 from stream_app.pipeline.tasks import Process, Stage, Task, TaskId
@@ -71,6 +74,19 @@ log = logging.getLogger(__name__)
 
 _METRICS_LOG_EVERY_S: Final = 30.0
 _LAYOUT_FILE: Final = "layout.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The answer of :meth:`Engine.session_lookup`."""
+
+    #: The session's partition is here: ``stored`` is its committed state (None: unknown).
+    found: bool = False
+    stored: bytes | None = None
+    #: The URL of the worker that owns the session's partition.
+    owner: str | None = None
+    #: Why no worker can answer right now (a rebalance or restore).
+    unavailable: str | None = None
 
 
 class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -118,6 +134,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.restore_remaining: dict[str, int] = {}
         self._joined = False
         self._rebalancing = False
+        #: Range assignment that also tells every worker who owns which
+        #: partition; its URL is set by the worker once HTTP is up.
+        self.assignor = RoutingRangeAssignor(url="")
 
     # -- topology --------------------------------------------------------------------------
     def _stages(self) -> tuple[Stage, Stage]:
@@ -214,6 +233,22 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             for name, store in task.stores.items()
         }
 
+    def session_lookup(self, application_id: int, integration_id: str) -> Lookup:
+        """Where the committed state of a session is: here (with its stored bytes,
+        None when unknown), at another worker's URL, or nowhere right now."""
+        partition = partition_for(integration_id.encode(), self.partitions)
+        owner = self.assignor.owner(self.settings.topics.commands, partition)
+        if not self.ready or owner is None:
+            return Lookup(unavailable="the group is rebalancing or restoring")
+        if owner != self.assignor.url:
+            return Lookup(owner=owner)
+        task = self._tasks.get(TaskId("commands", partition))
+        if task is None or not task.active:
+            return Lookup(unavailable="the session's partition is moving")
+        # RocksDB holds what committed; the open transaction's overlay is not read.
+        stored = task.stores[SESSIONS_STORE].get(session_key(application_id, integration_id))
+        return Lookup(found=True, stored=stored)
+
     # -- running ---------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask the loop to finish the current batch, commit and stop."""
@@ -243,7 +278,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
-            partition_assignment_strategy=(RangePartitionAssignor,),
+            partition_assignment_strategy=(self.assignor,),
             group_instance_id=s.group_instance_id,
             session_timeout_ms=int(s.session_timeout_s * 1000),
             heartbeat_interval_ms=int(s.session_timeout_s * 1000 / 3),

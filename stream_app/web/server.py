@@ -4,7 +4,13 @@
   rebalances, so a long restore never gets a pod killed;
 * ``GET /readyz``: 200 when every assigned task has restored and the group is
   not rebalancing, 503 (with what is pending) otherwise;
-* ``GET /metrics``: Prometheus text (see :mod:`stream_app.web.metrics`).
+* ``GET /metrics``: Prometheus text (see :mod:`stream_app.web.metrics`);
+* ``GET /v2/customer_sessions/{integrationId}?applicationId=N``: the
+  session's committed state with the contract's field names (404 when
+  unknown), answered by any worker: the owner of the key's partition answers
+  from its store, any other worker forwards the request to the owner's URL
+  from the group assignment; during a rebalance or restore the answer is a
+  clear 503, never a stale or wrong session. docs/openapi.yaml describes it.
 """
 
 from __future__ import annotations
@@ -12,11 +18,17 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from stream_app import json
+from stream_app.domain import decode_session, session_document
 from stream_app.web.metrics import EngineCollector
+
+#: Marks a request one worker forwarded to another: it is never forwarded again.
+FORWARDED_HEADER = "X-Stream-App-Forwarded"
+_FORWARD_TIMEOUT = ClientTimeout(total=5)
+_MAX_APPLICATION_ID = 2**31 - 1
 
 if TYPE_CHECKING:
     from stream_app.pipeline.engine import Engine
@@ -37,6 +49,7 @@ class WebServer:
         self.app.router.add_get("/livez", self.livez)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_get("/v2/customer_sessions/{integration_id}", self.customer_session)
         self._runner: web.AppRunner | None = None
         #: The bound port (the setting may be 0: any free port).
         self.port = settings.http_port
@@ -68,7 +81,52 @@ class WebServer:
             content_type="application/json",
         )
 
+    async def customer_session(self, request: web.Request) -> web.Response:
+        integration_id = request.match_info["integration_id"]
+        raw_app = request.query.get("applicationId")
+        application_id = self.settings.default_application_id
+        if raw_app is not None:
+            if not raw_app.isdigit() or not 0 < int(raw_app) <= _MAX_APPLICATION_ID:
+                return _problem(400, "applicationId must be an integer in 1..2147483647")
+            application_id = int(raw_app)
+        lookup = self.engine.session_lookup(application_id, integration_id)
+        if lookup.unavailable is not None:
+            return _problem(503, lookup.unavailable, retry=True)
+        if lookup.owner is not None:
+            if request.headers.get(FORWARDED_HEADER):
+                return _problem(503, "the session's owner is moving", retry=True)
+            return await self._forward(lookup.owner, request)
+        if lookup.stored is None:
+            return _problem(404, f"no session {integration_id!r} in application {application_id}")
+        document = session_document(decode_session(lookup.stored))
+        return web.Response(body=json.dumps(document), content_type="application/json")
+
+    async def _forward(self, owner: str, request: web.Request) -> web.Response:
+        url = owner.rstrip("/") + request.path_qs
+        try:
+            async with (
+                ClientSession(timeout=_FORWARD_TIMEOUT) as client,
+                client.get(url, headers={FORWARDED_HEADER: "1"}) as answer,
+            ):
+                body = await answer.read()
+                return web.Response(
+                    body=body, status=answer.status, content_type="application/json"
+                )
+        except (ClientError, TimeoutError) as exc:
+            log.warning("forwarding %s to %s failed: %r", request.path_qs, owner, exc)
+            return _problem(503, "the session's owner did not answer", retry=True)
+
     async def metrics(self, _request: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+
+def _problem(status: int, detail: str, *, retry: bool = False) -> web.Response:
+    headers = {"Retry-After": "1"} if retry else None
+    return web.Response(
+        body=json.dumps({"status": status, "detail": detail}),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )

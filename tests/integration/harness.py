@@ -72,6 +72,7 @@ class Deployment:
                 "STREAM_APP_LOG_LEVEL": "INFO",
                 "STREAM_APP_SESSION_TIMEOUT_S": "8",
                 "STREAM_APP_HTTP_PORT": "0",  # several workers on one machine
+                "STREAM_APP_ADVERTISED_HOST": "127.0.0.1",
                 "STREAM_APP_TOPICS__COMMANDS": t.commands,
                 "STREAM_APP_TOPICS__CLOSED": t.closed,
                 "STREAM_APP_TOPICS__RETURNED": t.returned,
