@@ -46,6 +46,8 @@ examples:
   echo '{"type":"reopen","integrationId":"cart-1"}' | stream-app send
   stream-app tail closed --follow           watch closed sessions arrive
   stream-app tail rejected                  what was rejected, and why
+  stream-app inspect cart-1                 a session's current state (any worker's URL)
+  stream-app config                         the effective settings, secrets masked
 
 configuration comes from the environment:
   KAFKA_BOOTSTRAP_SERVERS                   brokers (default 127.0.0.1:9092)
@@ -596,6 +598,64 @@ def _add_send(sub: Any) -> None:
     )
 
 
+def _add_inspect(sub: Any) -> None:
+    inspect = sub.add_parser(
+        "inspect",
+        help="show one session's current state, from a worker",
+        description=_wrap(
+            "Ask a worker for the stored state of one session (the query API, "
+            "GET /v2/customer_sessions/ID): any worker answers, forwarding to the one "
+            "that owns the session. Shows what has been committed; a command still in "
+            "an open transaction is not shown yet."
+        ),
+        epilog="exit status: 0 found; 1 unknown session or no worker could answer; 2 usage.",
+    )
+    inspect.add_argument("integration_id", metavar="INTEGRATION_ID")
+    inspect.add_argument(
+        "--application-id",
+        type=_positive(int),
+        default=None,
+        help="default: STREAM_APP_DEFAULT_APPLICATION_ID (1)",
+    )
+    inspect.add_argument(
+        "--url",
+        default=None,
+        help="a worker's HTTP address (default: http://127.0.0.1:STREAM_APP_HTTP_PORT)",
+    )
+
+
+def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
+    """GET the session from a worker and print it as indented JSON."""
+    from urllib.error import HTTPError, URLError
+    from urllib.parse import quote
+    from urllib.request import urlopen
+
+    base = args.url or f"http://127.0.0.1:{settings.http_port}"
+    application_id = args.application_id or settings.default_application_id
+    url = (
+        f"{base.rstrip('/')}/v2/customer_sessions/{quote(args.integration_id, safe='')}"
+        f"?applicationId={int(application_id)}"
+    )
+    if not url.startswith(("http://", "https://")):
+        print(f"stream-app inspect: error: not an http URL: {base}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with urlopen(url, timeout=10) as answer:  # noqa: S310 - http(s) checked above
+            body = answer.read()
+    except HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")
+        print(f"stream-app inspect: {exc.code}: {detail}", file=sys.stderr)
+        return EXIT_FAILED
+    except (URLError, OSError) as exc:
+        print(f"stream-app inspect: no worker answered at {base}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    from stream_app import json
+    from stream_app.demo.view import pretty
+
+    print(pretty(json.loads(body)))
+    return 0
+
+
 def _add_tail(sub: Any) -> None:
     tail_parser = sub.add_parser(
         "tail",
@@ -716,6 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_send(sub)
     _add_tail(sub)
     _add_topics(sub)
+    _add_inspect(sub)
     sub.add_parser(
         "config",
         help="print the effective settings (secrets masked) and exit",
@@ -746,6 +807,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_worker(settings)
     if args.command == "config":
         return run_config(settings)
+    if args.command == "inspect":
+        return run_inspect(settings, args)
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "traffic":
         return run_traffic(settings, int(args.sessions), args.seed, args.rate)

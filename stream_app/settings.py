@@ -154,6 +154,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         frozen=True,
         extra="ignore",  # unknown variables are refused by from_env, with a suggestion
+        populate_by_name=True,  # Settings(bootstrap_servers=...) in code and tests
     )
 
     bootstrap_servers: str = Field(

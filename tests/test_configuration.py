@@ -60,7 +60,10 @@ def one_line(output: str) -> str:
             "SASL settings are given but the protocol is PLAINTEXT",
         ),
         (
-            {"STREAM_APP_SECURITY__PROTOCOL": "ssl", "STREAM_APP_SECURITY__SSL_CAFILE": "/no/ca.crt"},
+            {
+                "STREAM_APP_SECURITY__PROTOCOL": "ssl",
+                "STREAM_APP_SECURITY__SSL_CAFILE": "/no/ca.crt",
+            },
             "STREAM_APP_SECURITY__SSL_CAFILE: no such file: /no/ca.crt",
         ),
         (
@@ -142,7 +145,9 @@ def test_an_unreachable_broker_is_retried_and_said_plainly(tmp_path: Path) -> No
     output = "".join(seen) + rest
     retries = [s for s in output.splitlines() if "stream_app.worker" in s and "not reachable" in s]
     assert len(retries) >= 2, output
-    assert f"Kafka at {CLOSED_PORT} is not reachable (KafkaConnectionError): retrying in" in retries[0]
+    assert (
+        f"Kafka at {CLOSED_PORT} is not reachable (KafkaConnectionError): retrying in" in retries[0]
+    )
     assert "Traceback" not in output
     assert proc.returncode == 0
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from stream_app.errors import ConfigurationError
 from stream_app.settings import Settings
 

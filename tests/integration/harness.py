@@ -144,6 +144,19 @@ class Worker:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
+    def http_url(self, timeout: float = 60.0) -> str:
+        """The worker's HTTP address, from its start-up log line (it may pick a free port)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                if "serving /livez /readyz /metrics on " in line:
+                    port = line.rsplit(":", 1)[1].strip()
+                    return f"http://127.0.0.1:{port}"
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"the worker never served HTTP:\n{self.log_tail()}")
+
     def close_log(self) -> None:
         """Close our handle on the log file (the process keeps its own)."""
         self._log.close()

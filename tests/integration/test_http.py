@@ -1,0 +1,210 @@
+"""The worker's HTTP surface against a real worker and broker: readiness through
+a restore, Prometheus metrics that move, and the session query API across two
+workers and a rebalance."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream_app import json
+from stream_app.pipeline.processor import partition_for
+from tests.integration.harness import ROOT, Deployment, Worker, command, consume, produce
+
+StartWorker = Callable[..., Worker]
+
+
+async def get(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as client, client.get(url) as answer:
+        body = await answer.read()
+        return answer.status, json.loads(body) if body.startswith((b"{", b"[")) else body
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition, parsed by prometheus_client's own parser."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def closing(n: int, prefix: str) -> list[tuple[bytes, bytes]]:
+    cart = [{"sku": "lamp", "quantity": 2, "price": 12.5}]
+    records = []
+    for i in range(n):
+        iid = f"{prefix}-{i:05d}"
+        records.append((iid.encode(), command("update", iid, session={"cartItems": cart})))
+        records.append((iid.encode(), command("update", iid, session={"state": "closed"})))
+    return records
+
+
+async def test_readyz_is_false_while_stores_restore_and_true_after(
+    deployment: Deployment, workers: StartWorker, tmp_path: Path
+) -> None:
+    t = deployment.topics
+    n = 15_000
+    await produce(deployment.bootstrap, t.commands, closing(n, "r"))
+    first = workers(deployment)
+    await consume(deployment.bootstrap, [t.closed], expect=n, timeout=180)
+    assert first.stop() == 0, first.log_tail()
+
+    # A worker with an empty disk must restore every session before it is ready.
+    second = workers(deployment, data_dir=tmp_path / "empty")
+    url = second.http_url()
+    seen: list[tuple[int, Any]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        live, _ = await get(f"{url}/livez")
+        assert live == 200
+        status, body = await get(f"{url}/readyz")
+        seen.append((status, body))
+        if status == 200:
+            break
+        await asyncio.sleep(0.01)
+    restoring = [b for s, b in seen if s == 503 and b["joined"] and b["starting"]]
+    assert restoring, f"never seen not-ready during the restore: {seen[:5]}"
+    assert seen[-1][0] == 200, seen[-1]
+    assert seen[-1][1]["ready"] is True
+    assert not seen[-1][1]["starting"]
+    log = second.log_tail(200_000)
+    restored = [line for line in log.splitlines() if "restored" in line and "records in" in line]
+    assert restored, log[-3000:]
+    assert second.stop() == 0, second.log_tail()
+
+
+async def test_metrics_parse_and_move_as_commands_are_processed(
+    deployment: Deployment, workers: StartWorker
+) -> None:
+    t = deployment.topics
+    worker = workers(deployment)
+    url = worker.http_url()
+    status, before_text = await get(f"{url}/metrics")
+    assert status == 200
+    before = samples(before_text.decode())
+    assert before[("stream_app_transactions_total", (("result", "committed"),))] == 0
+
+    records = closing(20, "m")
+    records += [(b"m-bad", b"not json"), (b"m-bad", command("update", "m-bad", session=[]))]
+    await produce(deployment.bootstrap, t.commands, records)
+    await consume(deployment.bootstrap, [t.closed], expect=20, timeout=90)
+    await consume(deployment.bootstrap, [t.rejected], expect=2, timeout=30)
+    deadline = time.monotonic() + 30
+    while True:
+        _, text = await get(f"{url}/metrics")
+        after = samples(text.decode())
+        applied = after.get(
+            ("stream_app_commands_total", (("outcome", "applied"), ("type", "update")))
+        )
+        if applied == 40 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert applied == 40
+    assert after[("stream_app_rejections_total", (("reason", "MALFORMED_JSON"),))] == 1
+    assert after[("stream_app_rejections_total", (("reason", "SCHEMA_VIOLATION"),))] == 1
+    assert after[("stream_app_commands_total", (("outcome", "rejected"), ("type", "unknown")))] == 2
+    assert after[("stream_app_emitted_total", (("output", "closed"),))] == 20
+    assert after[("stream_app_transactions_total", (("result", "committed"),))] > 0
+    assert after[("stream_app_processing_seconds_count", ())] >= 42
+    lag = {k: v for k, v in after.items() if k[0] == "stream_app_consumer_lag"}
+    assert lag
+    assert all(v >= 0 for v in lag.values())
+    keys = sum(v for k, v in after.items() if k[0] == "stream_app_store_keys")
+    assert keys >= 20
+    assert after[("stream_app_ready", ())] == 1
+    assert worker.stop() == 0
+
+
+async def test_any_worker_answers_a_session_query_and_a_rebalance_gives_503_never_a_wrong_one(
+    deployment: Deployment, workers: StartWorker, tmp_path: Path
+) -> None:
+    t = deployment.topics
+    n = 60
+    await produce(deployment.bootstrap, t.commands, closing(n, "q"))
+    a = workers(deployment, data_dir=tmp_path / "a")
+    b = workers(deployment, data_dir=tmp_path / "b")
+    await consume(deployment.bootstrap, [t.closed], expect=n, timeout=120)
+    urls = [a.http_url(), b.http_url()]
+    deadline = time.monotonic() + 60
+    while not all([(await get(f"{u}/readyz"))[0] == 200 for u in urls]):
+        assert time.monotonic() < deadline, "the two workers never became ready"
+        await asyncio.sleep(0.1)
+    owned = {u: set((await get(f"{u}/readyz"))[1]["active"]) for u in urls}
+    assert all(owned.values()), owned  # both workers own tasks
+
+    partitions = deployment.partitions
+    for i in range(n):
+        iid = f"q-{i:05d}"
+        owner = next(
+            u for u in urls if f"commands[{partition_for(iid.encode(), partitions)}]" in owned[u]
+        )
+        for url in urls:  # the owner, and the other one (which forwards)
+            status, doc = await get(f"{url}/v2/customer_sessions/{iid}?applicationId=1")
+            assert status == 200, (url, owner, doc)
+            assert doc["integrationId"] == iid
+            assert doc["state"] == "closed"
+            assert doc["cartItems"][0]["quantity"] == 2
+            assert doc["total"] == 25
+    assert (await get(f"{urls[0]}/v2/customer_sessions/nobody?applicationId=1"))[0] == 404
+    assert (await get(f"{urls[0]}/v2/customer_sessions/q-00001?applicationId=x"))[0] == 400
+    assert (await get(f"{urls[1]}/v2/customer_sessions/q-00001?applicationId=7"))[0] == 404
+
+    # A third worker joins: every answer during the rebalance is right or a 503.
+    c = workers(deployment, data_dir=tmp_path / "c")
+    answers: list[int] = []
+    deadline = time.monotonic() + 60
+    joined = False
+    while time.monotonic() < deadline:
+        for i in (1, 2, 3):
+            status, doc = await get(f"{urls[0]}/v2/customer_sessions/q-0000{i}?applicationId=1")
+            assert status in (200, 503), (status, doc)
+            if status == 200:
+                assert doc["integrationId"] == f"q-0000{i}"
+                assert doc["total"] == 25
+            answers.append(status)
+        if not joined:
+            try:
+                status, _body = await get(f"{c.http_url(timeout=0.1)}/readyz")
+                joined = status == 200
+            except AssertionError:
+                pass
+        elif answers[-1] == 200:
+            break
+        await asyncio.sleep(0.01)
+    assert joined, c.log_tail()
+    assert 503 in answers, "no 503 seen during the rebalance"
+    assert answers[-1] == 200
+
+    # stream-app inspect asks the query API.
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "stream_app", "inspect", "q-00007", "--url", urls[1]],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"integrationId": "q-00007"' in done.stdout
+    missing = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "stream_app", "inspect", "nobody", "--url", urls[1]],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+        check=False,
+    )
+    assert missing.returncode == 1
+    assert "404" in missing.stderr
+    for w in (a, b, c):
+        assert w.stop() == 0, w.log_tail()
