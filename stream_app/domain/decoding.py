@@ -25,6 +25,27 @@ Our rules, where the spec is silent:
 - ``returnedCartItems`` must hold 1..1000 entries, each with ``position``
   (int >= 0) and/or ``sku`` (non-empty string), and an optional ``quantity``
   (int >= 1).
+- Money inputs (item ``price``, session and item additional cost ``price``)
+  must be representable as defined in ``stream_app.domain.numbers``: as
+  decoded, within ``[-2^63, 2^63)`` (``-2^63`` only as an integer
+  literal). A larger one (``1.7e308``, an integer literal beyond 2^63) is
+  ``LIMIT_EXCEEDED`` with the pointer to that price, rather than being
+  emitted as a rounded float or ``null``.
+- Nesting depth: arrays and objects may nest at most
+  :data:`MAX_COMMAND_DEPTH` (32) levels, the command object itself being
+  level 1; equivalently, the JSON pointer of every array or object has at
+  most 31 reference tokens. The limit is enforced on the free-form values the
+  processor keeps, session ``attributes`` (level 3, so their values may nest
+  29 more levels) and cart item ``attributes`` (level 5, 27 more levels); a
+  deeper one is ``LIMIT_EXCEEDED`` with the pointer of the first array or
+  object (in document order) at level 33. Every typed field has a fixed depth
+  of at most 6, and ignored fields are never stored or emitted, so their
+  depth is not checked (a rejection carries the original bytes). Why 32:
+  every document the processor writes then nests at most 32 levels plus its
+  envelope (a rejection's ``command`` echo adds one), far below orjson's
+  writing limit of 254 and below the strictest common consumer default
+  (System.Text.Json's 64), while Talon.One attributes are flat scalars and
+  lists.
 """
 
 from __future__ import annotations
@@ -47,12 +68,14 @@ from stream_app.domain.model import (
     SessionState,
     UpdateCommand,
 )
+from stream_app.domain.numbers import MONEY_LIMIT, MONEY_LIMIT_FLOAT, json_money
 from stream_app.domain.rejections import InvalidCommandError, make_rejection, pointer_token
 from stream_app.json import loads
 
 __all__ = [
     "MAX_CART_ITEMS",
     "MAX_CART_QUANTITY",
+    "MAX_COMMAND_DEPTH",
     "MAX_IDENTIFIERS",
     "MAX_LOYALTY_CARDS",
     "decode_command",
@@ -64,6 +87,9 @@ MAX_IDENTIFIERS: Final = 5
 MAX_LOYALTY_CARDS: Final = 1
 MAX_RETURN_ITEMS: Final = 1000
 INT32_MAX: Final = 2**31 - 1
+#: Most levels of nested arrays and objects in a command, the command object
+#: being level 1 (see the module docstring for where it is enforced and why).
+MAX_COMMAND_DEPTH: Final = 32
 
 _LOYALTY_CARD: Final = re.compile(r"[A-Za-z0-9._%+@-]+")
 _STATES: Final = {s.value: s for s in SessionState}
@@ -150,15 +176,20 @@ def _number(value: Any, pointer: str, *, non_negative: bool) -> int | float:
 
 def _decimal(value: Any, pointer: str, *, non_negative: bool) -> Decimal:
     kind = type(value)
-    if kind is float:
-        if non_negative and value < 0:
-            raise InvalidCommandError(_SCHEMA, pointer, "must be greater than or equal to 0")
-        return Decimal(repr(value))
-    if kind is int:
-        if non_negative and value < 0:
-            raise InvalidCommandError(_SCHEMA, pointer, "must be greater than or equal to 0")
-        return Decimal(value)
-    raise InvalidCommandError(_SCHEMA, pointer, "must be a number")
+    if kind is not float and kind is not int:
+        raise InvalidCommandError(_SCHEMA, pointer, "must be a number")
+    if non_negative and value < 0:
+        raise InvalidCommandError(_SCHEMA, pointer, "must be greater than or equal to 0")
+    money = json_money(value)
+    if money is None:
+        raise InvalidCommandError(
+            _LIMIT,
+            pointer,
+            f"{value!r} cannot be carried exactly: money values must lie in "
+            f"-9223372036854775808..9223372036854775807 (the signed 64-bit range; "
+            f"-2^63 only written as an integer)",
+        )
+    return money
 
 
 def _object(value: Any, pointer: str) -> dict[str, Any]:
@@ -178,6 +209,46 @@ def _costs(value: Any, pointer: str) -> dict[str, AdditionalCost]:
             raise InvalidCommandError(_SCHEMA, f"{here}/price", "price is required")
         result[name] = AdditionalCost(_decimal(cost["price"], f"{here}/price", non_negative=False))
     return result
+
+
+# --------------------------------------------------------------------------- nesting depth
+
+_SESSION_ATTRIBUTES_LEVEL: Final = 3  # /session/attributes
+_ITEM_ATTRIBUTES_LEVEL: Final = 5  # /session/cartItems/<n>/attributes
+_CONTAINERS: Final = frozenset((dict, list))
+
+
+def _crossing(value: dict[str, Any] | list[Any], pointer: str, level: int) -> str | None:
+    """The pointer of the first container in ``value`` (which is at ``level``) past the limit.
+
+    Depth first in document order; never descends past the limit, so the
+    recursion is at most :data:`MAX_COMMAND_DEPTH` frames deep.
+    """
+    if level > MAX_COMMAND_DEPTH:
+        return pointer
+    members = value.items() if type(value) is dict else enumerate(value)
+    for key, member in members:
+        if type(member) in _CONTAINERS:
+            found = _crossing(member, f"{pointer}/{pointer_token(str(key))}", level + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _require_depth(value: dict[str, Any], pointer: str, level: int) -> None:
+    """Reject ``value`` (an object at ``level``) if it nests past the limit.
+
+    Callers test first whether ``value`` holds any array or object at all
+    (the common case is flat), so this runs only for nested values.
+    """
+    crossing = _crossing(value, pointer, level)
+    if crossing is not None:
+        raise InvalidCommandError(
+            _LIMIT,
+            crossing,
+            f"arrays and objects may nest at most {MAX_COMMAND_DEPTH} levels deep in a "
+            f"command (the command object is level 1); this one is level {MAX_COMMAND_DEPTH + 1}",
+        )
 
 
 # --------------------------------------------------------------------------- update
@@ -228,6 +299,10 @@ def _patch(session: dict[str, Any]) -> SessionPatch:
     attributes = get("attributes")
     if attributes is not None:
         attributes = _object(attributes, "/session/attributes")
+        for value in attributes.values():
+            if type(value) in _CONTAINERS:
+                _require_depth(attributes, "/session/attributes", _SESSION_ATTRIBUTES_LEVEL)
+                break
     return SessionPatch(
         profile_id,
         store,
@@ -278,9 +353,10 @@ def _cart_item(item: Any, position: int) -> CartItem:
         )
     raw_price = get("price", _MISSING)
     kind = type(raw_price)
-    if kind is float and raw_price >= 0:
+    # Inlined json_money (numbers.py): representable inputs are a range.
+    if kind is float and 0 <= raw_price < MONEY_LIMIT_FLOAT:
         price = Decimal(repr(raw_price))
-    elif kind is int and raw_price >= 0:
+    elif kind is int and 0 <= raw_price < MONEY_LIMIT:
         price = Decimal(raw_price)
     elif raw_price is _MISSING:
         raise InvalidCommandError(_SCHEMA, _item_pointer(position, "price"), "price is required")
@@ -312,10 +388,17 @@ def _cart_item(item: Any, position: int) -> CartItem:
             if value is not None:
                 _number(value, _item_pointer(position, field), non_negative=True)
     attributes = get("attributes")
-    if attributes is not None and type(attributes) is not dict:
-        raise InvalidCommandError(
-            _SCHEMA, _item_pointer(position, "attributes"), "must be a JSON object"
-        )
+    if attributes is not None:
+        if type(attributes) is not dict:
+            raise InvalidCommandError(
+                _SCHEMA, _item_pointer(position, "attributes"), "must be a JSON object"
+            )
+        for value in attributes.values():
+            if type(value) in _CONTAINERS:
+                _require_depth(
+                    attributes, _item_pointer(position, "attributes"), _ITEM_ATTRIBUTES_LEVEL
+                )
+                break
     costs = get("additionalCosts")
     if costs is not None:
         costs = _costs(costs, _item_pointer(position, "additionalCosts"))

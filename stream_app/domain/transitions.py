@@ -64,6 +64,21 @@ Our rules, where the spec is silent:
   cart or an unknown sku is ``UNKNOWN_CART_ITEM``. The returned value of a
   line is quantity x (price + the sum of its item-level additional cost
   prices). Totals are not rewritten by returns.
+- Exact numbers: every total and returned value must be representable as
+  defined in ``stream_app.domain.numbers`` (an integer in the signed 64-bit
+  range, or a decimal that prints exactly as the shortest form of a double;
+  e.g. any value with at most 15 significant digits below 2^63). Otherwise
+  the command is ``LIMIT_EXCEEDED`` and the session is left as it was. The
+  pointer names the input to blame when there is one: the first cart line
+  whose price x quantity is not representable (``/session/cartItems/3``),
+  or the first item-level cost whose price x quantity is not
+  (``/session/cartItems/3/additionalCosts/ship``), or, for a return, the
+  entry of the line whose value is not (``/returnedCartItems/0``).
+  Otherwise it names the total, as the field of the emitted session:
+  ``/session/cartItemTotal``, ``/session/cartItemAdditionalCostTotal``,
+  ``/session/additionalCostTotal``, ``/session/total``, or
+  ``/returnedCartItems`` for the value of a whole return. (Input prices are
+  checked by the decoder.)
 """
 
 from __future__ import annotations
@@ -98,7 +113,7 @@ from stream_app.domain.model import (
     SessionState,
     UpdateCommand,
 )
-from stream_app.domain.numbers import EXACT, ZERO, exact
+from stream_app.domain.numbers import EXACT, ZERO, exact, representable
 from stream_app.domain.rejections import InvalidCommandError, pointer_token
 
 __all__ = ["apply", "cart_totals", "cost_total"]
@@ -195,6 +210,45 @@ def _grand_total(a: Decimal, b: Decimal, c: Decimal) -> Decimal:
         return a + b + c
 
 
+def _unrepresentable(pointer: str, what: str, value: Decimal) -> InvalidCommandError:
+    return InvalidCommandError(
+        Reason.LIMIT_EXCEEDED,
+        pointer,
+        f"{what} {value:.6e} cannot be carried exactly in JSON: it must be an integer "
+        f"in the signed 64-bit range or a decimal that is the shortest form of a double "
+        f"(e.g. at most 15 significant digits, below 2^63)",
+    )
+
+
+def _require_representable_cart(
+    items: tuple[CartItem, ...], item_total: Decimal, item_cost_total: Decimal
+) -> None:
+    """Reject a cart whose totals cannot be emitted exactly, blaming a line if one is."""
+    if not representable(item_total):
+        with exact(EXACT):
+            for position, line in enumerate(items):
+                value = line.price * line.quantity
+                if not representable(value):
+                    raise _unrepresentable(
+                        f"/session/cartItems/{position}", "price x quantity", value
+                    )
+        raise _unrepresentable("/session/cartItemTotal", "cartItemTotal", item_total)
+    if not representable(item_cost_total):
+        with exact(EXACT):
+            for position, line in enumerate(items):
+                for name, cost in (line.additional_costs or {}).items():
+                    value = cost.price * line.quantity
+                    if not representable(value):
+                        raise _unrepresentable(
+                            f"/session/cartItems/{position}/additionalCosts/{pointer_token(name)}",
+                            "price x quantity",
+                            value,
+                        )
+        raise _unrepresentable(
+            "/session/cartItemAdditionalCostTotal", "cartItemAdditionalCostTotal", item_cost_total
+        )
+
+
 # --------------------------------------------------------------------------- update
 
 
@@ -285,6 +339,7 @@ def _patched_fields(session: Session | None, patch: SessionPatch) -> dict[str, A
     if items is not None or costs is not None or session is None:
         if items is not None:
             item_total, item_cost_total = cart_totals(items)
+            _require_representable_cart(items, item_total, item_cost_total)
             changes["cart_items"] = items
             changes["cart_item_total"] = item_total
             changes["cart_item_additional_cost_total"] = item_cost_total
@@ -295,13 +350,20 @@ def _patched_fields(session: Session | None, patch: SessionPatch) -> dict[str, A
             item_total = item_cost_total = ZERO
         if costs is not None:
             session_cost_total = cost_total(costs)
+            if not representable(session_cost_total):
+                raise _unrepresentable(
+                    "/session/additionalCostTotal", "additionalCostTotal", session_cost_total
+                )
             changes["additional_costs"] = costs
             changes["additional_cost_total"] = session_cost_total
         elif session is not None:
             session_cost_total = session.additional_cost_total
         else:
             session_cost_total = ZERO
-        changes["total"] = _grand_total(item_total, session_cost_total, item_cost_total)
+        total = _grand_total(item_total, session_cost_total, item_cost_total)
+        if not representable(total):
+            raise _unrepresentable("/session/total", "total", total)
+        changes["total"] = total
     return changes
 
 
@@ -461,8 +523,12 @@ def _return(
                 for cost in line.additional_costs.values():
                     unit += cost.price
             value = unit * quantity
+            if not representable(value):
+                raise _unrepresentable(last_pointer[position], "the returned value", value)
             total += value
             lines.append(ReturnedLine(position, line.sku, quantity, value))
+    if not representable(total):
+        raise _unrepresentable("/returnedCartItems", "the value of the return", total)
     timestamp = ctx.timestamp_ms
     updated = _replace(
         session,

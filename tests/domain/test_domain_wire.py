@@ -38,18 +38,18 @@ def test_stored_form_round_trips_exactly() -> None:
                 "attributes": {"nested": {"list": [1, 2.5, None, "x"]}},
                 "additionalCosts": {"ship": {"price": 0.1}},
                 "cartItems": [
-                    item("A", 2, 1e20, product={"name": "P"}, weight=1.5),
+                    item("A", 2, 12345678.9, product={"name": "P"}, weight=1.5),
                     item("B", 1, 0.1, additionalCosts={"w": {"price": 0.2}}),
                 ],
             }
         ),
     ).session
-    assert session.total == Decimal("200000000000000000000.4")
+    assert session.total == Decimal("24691358.2")
     data = encode_session(session)
     restored = decode_session(data)
     assert restored == session
     assert encode_session(restored) == data
-    assert restored.total == Decimal("200000000000000000000.4")
+    assert restored.total == Decimal("24691358.2")
 
 
 def test_totals_print_exactly() -> None:
