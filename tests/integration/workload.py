@@ -9,7 +9,8 @@
   event, updateCount) with the values a user checks (state and totals), and
   one identity per rejected record (its partition and offset) with its reason.
 * :class:`OutputReader` follows the output topics as a read_committed
-  analytics consumer, across worker crashes and restarts.
+  analytics consumer, across worker crashes and restarts, and checks each
+  record against its topic's contract (``stream_app.contract.validate_output``).
 * :func:`exactly_once_problems` compares what was read with what was expected
   and lists every duplicate, every missing and unexpected record and every
   wrong total.
@@ -32,6 +33,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from stream_app.contract import ContractViolationError, validate_output
 from stream_app.demo.traffic import OUTPUT_KINDS, Traffic
 from stream_app.domain import (
     ApplicationSettings,
@@ -276,6 +278,15 @@ class OutputReader:
         assert self._consumer is not None
         batches = await self._consumer.getmany(timeout_ms=200, max_records=5000)
         for tp, records in batches.items():
+            kind = self.kind_of[tp.topic]
+            for r in records:
+                # Every output record keeps its topic's contract (schemas/).
+                try:
+                    validate_output(kind, r.value or b"")
+                except ContractViolationError as exc:
+                    raise AssertionError(
+                        f"{tp.topic}[{tp.partition}]@{r.offset} breaks its schema: {exc}"
+                    ) from exc
             self.outputs.extend(
                 Output(tp.topic, tp.partition, r.offset, r.key, r.value or b"") for r in records
             )
