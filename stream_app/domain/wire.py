@@ -20,6 +20,7 @@ shortest form (0.1 + 0.2 prints ``0.3``). Optional fields never set (e.g.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -65,8 +66,14 @@ def format_timestamp(timestamp_ms: int) -> str:
     Raises ``OverflowError`` outside years 1..9999.
     """
     seconds, millis = divmod(timestamp_ms, 1000)
-    moment = _EPOCH + timedelta(seconds=seconds)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{millis:03d}Z"
+    return f"{_format_second(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_second(seconds: int) -> str:
+    # Records of one batch share their seconds: formatting a datetime is the
+    # slow part, so it is done once per second.
+    return f"{_EPOCH + timedelta(seconds=seconds):%Y-%m-%dT%H:%M:%S}"
 
 
 def _cart_item_document(item: CartItem) -> dict[str, Any]:

@@ -126,8 +126,17 @@ class Limits:
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner picks for ``key``."""
-    hashed: int = murmur2(key)
-    return (hashed & 0x7FFFFFFF) % partitions
+    cached = _PARTITIONS.get((key, partitions))
+    if cached is None:
+        if len(_PARTITIONS) >= _PARTITIONS_CACHED:
+            _PARTITIONS.clear()
+        hashed: int = murmur2(key)  # pure Python, ~2 µs: a session's keys repeat
+        cached = _PARTITIONS[key, partitions] = (hashed & 0x7FFFFFFF) % partitions
+    return cached
+
+
+_PARTITIONS: dict[tuple[bytes, int], int] = {}
+_PARTITIONS_CACHED: Final = 100_000
 
 
 def valid_timestamp(timestamp_ms: object) -> bool:
