@@ -73,6 +73,8 @@ from stream_app.web.metrics import LatencyHistogram
 log = logging.getLogger(__name__)
 
 _METRICS_LOG_EVERY_S: Final = 30.0
+#: How far past its position each input is read raw to find an unreadable record.
+_RAW_BATCHES_PER_INPUT: Final = 64
 _LAYOUT_FILE: Final = "layout.json"
 
 
@@ -361,25 +363,33 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 await self._restart(task, exc)
 
     async def _read_past_the_client(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
-        """aiokafka could not decode a fetched record (and says not which): poll
-        each active input alone; the one that fails again is read raw from its
-        position (:mod:`~stream_app.pipeline.unreadable`), its records processed
-        or rejected, and the consumer sought past that record batch."""
+        """aiokafka could not decode a fetched record and says not which; polling
+        again does not tell either (the failed fetch stays buffered, empty). So
+        every active input is read raw from its position
+        (:mod:`~stream_app.pipeline.unreadable`), batch by batch, up to its last
+        stable offset or the first batch holding an unreadable record: readable
+        records are processed as usual, unreadable ones rejected by position.
+        Every input is then sought to its position, which drops the consumer's
+        buffered fetches, and consumption goes on past the bad batch."""
+        options = client_options(self.settings)
         found = False
         for task in [t for t in self._tasks.values() if t.active]:
             for tp in task.inputs:
-                try:
-                    records = await consumer.getmany(tp, timeout_ms=0)
-                except UNREADABLE:
-                    found = True
-                    position = task.positions[tp]
-                    raws, resume = await read_batch_at(client_options(self.settings), tp, position)
+                end = consumer.last_stable_offset(tp)
+                for _ in range(_RAW_BATCHES_PER_INPUT):
+                    position = task.positions.get(tp, 0)
+                    if end is not None and position >= end:
+                        break
+                    raws, resume = await read_batch_at(options, tp, position)
+                    if not raws and resume <= position:
+                        break
                     for raw in raws:
                         await task.handle_raw(raw)
-                    consumer.seek(tp, resume)
-                    task.positions[tp] = max(task.positions[tp], resume)
-                    continue
-                await self._process(records)
+                    task.positions[tp] = max(task.positions.get(tp, 0), resume)
+                    if any(not raw.readable() for raw in raws):
+                        found = True
+                        break
+                consumer.seek(tp, task.positions.get(tp, 0))
         if not found:
             raise exc
 

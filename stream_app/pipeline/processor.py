@@ -49,6 +49,7 @@ from stream_app import json
 from stream_app.domain import (
     ApplicationSettings,
     Applied,
+    Command,
     CommandContext,
     Duplicate,
     ErrorDetail,
@@ -313,28 +314,12 @@ class CommandProcessor:
             if found is None:
                 return [self._invalid_internal(record, "no valid origin header")], kind, rejected
             origin = found
-        if not valid_timestamp(origin.timestamp_ms):
-            rejection = pipeline_rejection(
-                Reason.TIMESTAMP_OUT_OF_RANGE,
-                "The record's timestamp is not a time a session can have",
-                f"timestamp {origin.timestamp_ms} ms is outside 0..{MAX_TIMESTAMP_MS}",
-            )
-            return [self._reject(rejection, origin)], kind, rejected
-        raw = record.value
-        if raw is None:
-            rejection = pipeline_rejection(
-                Reason.MALFORMED_JSON, "The record has no value", "a tombstone is not a command"
-            )
-            return [self._reject(rejection, origin)], kind, rejected
-        if len(raw) > self.limits.max_command_bytes:
-            rejection = pipeline_rejection(
-                Reason.LIMIT_EXCEEDED,
-                "The command exceeds a limit",
-                f"the command is {len(raw)} bytes; at most {self.limits.max_command_bytes}",
-            )
-            return [self._reject(rejection, origin)], kind, rejected
-        command = decode_command(raw)
+        command = self._read(record.value, origin)
         if isinstance(command, Rejection):
+            if record.topic == self.rekey_topic:
+                # The worker re-keys only commands it decoded: this one is not its own.
+                problem = f"not a command the worker re-keyed ({command.reason.value})"
+                return [self._invalid_internal(record, problem)], kind, rejected
             return [self._reject(command, origin)], kind, rejected
         kind = _COMMAND_KINDS.get(type(command), "unknown")
         wanted_key = command.integration_id.encode()
@@ -355,7 +340,8 @@ class CommandProcessor:
                 record.key,
                 wanted_key,
             )
-            rekeyed = Outgoing(self.rekey_topic, wanted_key, raw, (record.origin_header(),))
+            value = record.value or b""
+            rekeyed = Outgoing(self.rekey_topic, wanted_key, value, (record.origin_header(),))
             return [rekeyed], kind, "rekeyed"
         application_id = command.application_id or self.default_application_id
         key = session_key(application_id, command.integration_id)
@@ -391,6 +377,26 @@ class CommandProcessor:
         self.metrics.applied += 1
         self.sessions[key] = encoded
         return self._envelopes(session, new, outcome), kind, "applied"
+
+    def _read(self, raw: bytes | None, origin: SourceRecord) -> Command | Rejection:
+        """The command in a record, or why there is none (timestamp, size, decoding)."""
+        if not valid_timestamp(origin.timestamp_ms):
+            return pipeline_rejection(
+                Reason.TIMESTAMP_OUT_OF_RANGE,
+                "The record's timestamp is not a time a session can have",
+                f"timestamp {origin.timestamp_ms} ms is outside 0..{MAX_TIMESTAMP_MS}",
+            )
+        if raw is None:
+            return pipeline_rejection(
+                Reason.MALFORMED_JSON, "The record has no value", "a tombstone is not a command"
+            )
+        if len(raw) > self.limits.max_command_bytes:
+            return pipeline_rejection(
+                Reason.LIMIT_EXCEEDED,
+                "The command exceeds a limit",
+                f"the command is {len(raw)} bytes; at most {self.limits.max_command_bytes}",
+            )
+        return decode_command(raw)
 
     def _envelopes(
         self, before: Session | None, after: Session, outcome: Applied

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,3 +327,103 @@ async def produce_raw_batch(
         return int(base_offset)
     finally:
         await client.close()
+
+
+@dataclass(frozen=True)
+class ToSend:
+    """One record to produce with a client producer, exactly as given: key and
+    value may be None (no key, a tombstone) or empty; ``partition`` None lets
+    the client's default partitioner pick."""
+
+    key: bytes | None
+    value: bytes | None
+    partition: int | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
+class Sent:
+    """Where a produced record landed, and its key and value as sent."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+    @property
+    def position(self) -> tuple[str, int, int]:
+        return (self.topic, self.partition, self.offset)
+
+
+async def produce_tracked(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[ToSend],
+    *,
+    max_request_size: int = 2 * 1024 * 1024,
+) -> list[Sent]:
+    """Produce ``records`` in order (with headers, explicit partitions, up to
+    ``max_request_size`` bytes) and return where each landed."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=max_request_size
+    )
+    await producer.start()
+    try:
+        todo = list(records)
+        futures = [
+            await producer.send(
+                topic,
+                value=r.value,
+                key=r.key,
+                partition=r.partition,
+                headers=list(r.headers) or None,
+            )
+            for r in todo
+        ]
+        metadata = await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return [
+        Sent(topic, m.partition, m.offset, r.key, r.value)
+        for r, m in zip(todo, metadata, strict=True)
+    ]
+
+
+async def consume_until(
+    bootstrap: str,
+    topics: list[str],
+    done: Callable[[list[Output]], bool],
+    *,
+    timeout: float = 60.0,  # noqa: ASYNC109 - a read deadline, not a cancel scope
+) -> list[Output]:
+    """Read every topic from the beginning (read_committed) until ``done`` holds
+    for what was read so far (checked after every poll), or ``timeout`` passed;
+    return what was read either way (the caller asserts)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    out: list[Output] = []
+    try:
+        deadline = time.monotonic() + timeout
+        tps = await wait_for_partitions({"bootstrap_servers": bootstrap}, topics, deadline)
+        if tps is None:
+            raise TimeoutError(f"topics {topics} were never created")
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200)
+            for tp, records in batches.items():
+                out.extend(
+                    Output(tp.topic, tp.partition, r.offset, r.key, r.value or b"") for r in records
+                )
+            if done(out):
+                break
+    finally:
+        await consumer.stop()
+    return out
