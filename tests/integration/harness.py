@@ -234,36 +234,15 @@ async def consume(
 ) -> list[Output]:
     """Read every topic from the beginning (read_committed) until ``expect``
     records arrived, then keep reading ``settle`` seconds to catch extras."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    out: list[Output] = []
-    try:
-        deadline = time.monotonic() + timeout
-        tps = await wait_for_partitions({"bootstrap_servers": bootstrap}, topics, deadline)
-        if tps is None:
-            raise TimeoutError(f"topics {topics} were never created")
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        settle_until: float | None = None
-        while time.monotonic() < deadline:
-            if len(out) >= expect and settle_until is None:
-                settle_until = time.monotonic() + settle
-            if settle_until is not None and time.monotonic() >= settle_until:
-                break
-            batches = await consumer.getmany(timeout_ms=200)
-            for tp, records in batches.items():
-                out.extend(
-                    Output(tp.topic, tp.partition, r.offset, r.key, r.value or b"") for r in records
-                )
-    finally:
-        await consumer.stop()
-    return out
+    settle_until: float | None = None
+
+    def done(out: list[Output]) -> bool:
+        nonlocal settle_until
+        if len(out) >= expect and settle_until is None:
+            settle_until = time.monotonic() + settle
+        return settle_until is not None and time.monotonic() >= settle_until
+
+    return await consume_until(bootstrap, topics, done, timeout=timeout)
 
 
 async def topic_configs(bootstrap: str, names: list[str]) -> dict[str, dict[str, str]]:
