@@ -47,6 +47,7 @@ from stream_app.pipeline.checkpoint import CheckpointError, StoreWriteError, Tas
 from stream_app.pipeline.kafka import client_options
 from stream_app.pipeline.processor import (
     CommandProcessor,
+    LatencyHistogram,
     Limits,
     Metrics,
     PartitionSequenceAllocator,
@@ -68,7 +69,6 @@ from stream_app.pipeline.topics import (
 )
 from stream_app.pipeline.unreadable import UNREADABLE, read_batch_at
 from stream_app.settings import Settings
-from stream_app.web.metrics import LatencyHistogram
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._stopping.set()
 
     async def run(self) -> None:
-        self.check_local_state()
+        """Consume until :meth:`stop`; the caller has run :meth:`check_local_state`."""
         ready = asyncio.Event()
         follower = asyncio.create_task(follow_settings_topic(self.settings, self.registry, ready))
         try:

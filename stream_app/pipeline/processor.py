@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import logging
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -268,6 +269,45 @@ class Metrics:
 
     def count(self, kind: str, outcome: str) -> None:
         self.commands[kind, outcome] = self.commands.get((kind, outcome), 0) + 1
+
+
+#: Seconds; from well below a record's usual cost to a stall.
+LATENCY_BUCKETS: Final = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.05,
+    0.25,
+    1.0,
+)
+
+
+class LatencyHistogram:
+    """Cumulative-at-export histogram of per-record processing time."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
 
 
 def downstream(

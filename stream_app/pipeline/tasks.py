@@ -39,6 +39,7 @@ from stream_app.errors import StreamAppError
 from stream_app.pipeline.checkpoint import ChangelogStore, Checkpoint
 from stream_app.pipeline.kafka import client_options
 from stream_app.pipeline.processor import (
+    LatencyHistogram,
     Limits,
     Metrics,
     Outgoing,
@@ -50,7 +51,6 @@ from stream_app.pipeline.processor import (
 from stream_app.pipeline.store import PartitionStore, RocksDBResources, StoreOverlay
 from stream_app.pipeline.unreadable import RawRecord
 from stream_app.settings import Settings
-from stream_app.web.metrics import LatencyHistogram
 
 log = logging.getLogger(__name__)
 

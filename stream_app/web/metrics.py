@@ -1,16 +1,16 @@
 """Prometheus metrics of one worker, read at scrape time.
 
 The hot path only increments plain integers (:class:`stream_app.pipeline.
-processor.Metrics`) and fills a bucket array (:class:`LatencyHistogram`);
+processor.Metrics`) and fills a bucket array (:class:`~stream_app.pipeline.
+processor.LatencyHistogram`);
 this collector turns them into Prometheus families when ``/metrics`` is
 scraped, so processing never takes a metrics lock.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -22,44 +22,6 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from stream_app.pipeline.engine import Engine
-
-#: Seconds; from well below a record's usual cost to a stall.
-LATENCY_BUCKETS: Final = (
-    0.00001,
-    0.000025,
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.05,
-    0.25,
-    1.0,
-)
-
-
-class LatencyHistogram:
-    """Cumulative-at-export histogram of per-record processing time."""
-
-    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.total += seconds
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            running += count
-            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return out
 
 
 class EngineCollector(Collector):
