@@ -1,177 +1,611 @@
-"""End-to-end throughput of one worker on the real broker, as ratios to a
-baseline measured in the same run.
+"""End-to-end throughput of exactly-once session processing on the real broker:
+the stream-app worker against Quix Streams and two raw aiokafka loops, in one run.
 
-    python bench/pipeline_bench.py [--sessions 20000] [--baseline-checkout DIR]
+    python bench/pipeline_bench.py [--sessions 100000] [--latency] [--contenders ...]
 
-Uses KAFKA_BOOTSTRAP_SERVERS when set, otherwise starts the project's broker.
-Workload: per session, one update opening a 10-line cart and one closing
-update (half the commands emit a downstream record). Each contender reads the
-same pre-produced command topic:
+``make bench`` runs it (after ``bench/domain_bench.py``). It uses
+KAFKA_BOOTSTRAP_SERVERS when set, otherwise starts the project's broker.
+See docs/performance.md for what the numbers mean.
 
-* baseline: a plain aiokafka loop (consume, orjson.loads, forward closes)
-  with no state, no validation and no transactions;
-* stream-app worker, at_least_once and exactly_once;
-* with ``--baseline-checkout DIR``, also the exactly_once worker of another
-  checkout of this repository (run from DIR with DIR/.venv/bin/python), to
-  compare two versions in one run.
+One workload (``bench/workload.py``: checkout sessions, 0.3-1.5 KB commands,
+closes, returns, cancels and duplicates interleaved through the whole topic)
+is produced once to a command topic of 6 partitions. Then each contender runs
+in its own process, one after another, each in its own consumer group and
+with its own output topics, all reading that same topic from the beginning:
 
-Rate = commands per second between the first and the last downstream record,
-so worker start-up and recovery are excluded.
+1. ``raw aiokafka loop``: consume, decode, forward closes/cancels/returns;
+2. ``raw aiokafka txn loop``: the same in transactions of 500 records
+   (or 100 ms);
+3. ``quix-streams eos``: ``bench/quix_contender.py``, from ``.venv-bench``;
+4. ``stream-app eos``: ``python -m stream_app worker``, exactly_once;
+5. ``stream-app alo``: the same, at_least_once.
+
+For each the bench reads the contender's output topics from outside:
+
+* rate = commands / (last output read with read_committed - first output
+  seen by a read_uncommitted reader). The first output is written a few
+  milliseconds after the first record is consumed (see docs/performance.md);
+  start-up, topic creation and restore are excluded;
+* CPU us per command = utime + stime of the contender's process tree
+  (``/proc/<pid>/stat``) over that same window, divided by the commands;
+* peak RSS = the largest ``VmHWM`` (``/proc/<pid>/status``) of its tree,
+  sampled every 0.2 s.
+
+The last line is ``ratio stream-app-eos/quix-eos: R`` (the rates' ratio).
+``--latency`` adds the p99 from produce to read_committed output of the
+exactly_once worker at half of its measured rate, with a paced producer;
+``--latency-control`` measures the raw transactional loop the same way, at
+the same rate: what the method itself adds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
+import platform
+import re
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-import orjson  # noqa: E402
+import aiokafka  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
+from workload import Rec, Workload, generate  # noqa: E402
 
-from tests.integration.harness import (  # noqa: E402
-    Deployment,
-    Worker,
-    command,
-    create_topics,
-    produce,
-)
-from tools.kafka_broker import KafkaCluster  # noqa: E402
+from stream_app.pipeline.kafka import wait_for_partitions  # noqa: E402
+from stream_app.settings import Settings  # noqa: E402
+from tests.integration.harness import Deployment, create_topics  # noqa: E402
+from tools.kafka_broker import KAFKA_VERSION, KafkaCluster  # noqa: E402
 
 PARTITIONS = 6
+CONTENDERS = ("raw", "raw-txn", "quix-eos", "stream-app-eos", "stream-app-alo")
+LABELS = {
+    "raw": "raw aiokafka loop",
+    "raw-txn": "raw aiokafka txn loop",
+    "quix-eos": "quix-streams exactly-once",
+    "stream-app-eos": "stream-app exactly_once",
+    "stream-app-alo": "stream-app at_least_once",
+}
+BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: A contender that has read nothing new for this long has failed.
+STALL_S = 120.0
 
 
-def workload(sessions: int) -> list[tuple[bytes, bytes]]:
-    items = [{"sku": f"sku-{j}", "quantity": 1 + j % 3, "price": 9.99} for j in range(10)]
-    out = []
-    for n in range(sessions):
-        iid = f"b-{n:07d}"
-        out.append((iid.encode(), command("update", iid, eventId=f"{iid}-1",
-                                          session={"cartItems": items, "couponCodes": ["X"]})))
-    for n in range(sessions):
-        iid = f"b-{n:07d}"
-        out.append((iid.encode(), command("update", iid, eventId=f"{iid}-2",
-                                          session={"state": "closed"})))
+# ---------------------------------------------------------------- /proc
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its live descendants."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children[ppid].append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
     return out
 
 
-async def _time_outputs(bootstrap: str, topic: str, expect: int) -> tuple[float, float]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                                auto_offset_reset="earliest", isolation_level="read_committed")
-    await consumer.start()
-    first = last = 0.0
-    seen = 0
+def cpu_seconds(root: int) -> float:
+    """utime + stime of ``root``'s process tree, plus its reaped children's."""
+    total = 0
+    for pid in _tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the ")": state is field 3, utime 14, stime 15, cutime 16, cstime 17
+        total += sum(int(f) for f in fields[11:15])
+    return total / CLK_TCK
+
+
+def peak_rss_mb(root: int) -> float:
+    """The largest VmHWM in ``root``'s process tree, in MiB."""
+    peak = 0
+    for pid in _tree(root):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        if match:
+            peak = max(peak, int(match.group(1)))
+    return peak / 1024
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    meminfo = Path("/proc/meminfo").read_text()
+    mem = re.search(r"^MemTotal:\s+(\d+) kB", meminfo, re.MULTILINE)
+    return (f"machine: {os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), "
+            f"{model.group(1).strip() if model else platform.processor()}, "
+            f"{int(mem.group(1)) / 1024 / 1024:.1f} GiB memory" if mem else "")
+
+
+def versions(kafka: str) -> str:
+    quix = "not installed"
+    if BENCH_PYTHON.exists():
+        probe = subprocess.run(
+            [str(BENCH_PYTHON), "-W", "ignore", "-c",
+             "import quixstreams, confluent_kafka;"
+             "print(quixstreams.__version__, confluent_kafka.libversion()[0])"],
+            capture_output=True, text=True, check=False)
+        if probe.returncode == 0:
+            q, rd = probe.stdout.split()
+            quix = f"{q} (librdkafka {rd})"
+    return (f"versions: python {platform.python_version()}, aiokafka {aiokafka.__version__}, "
+            f"quixstreams {quix}, kafka {kafka}")
+
+
+def load() -> str:
+    busy = subprocess.run(["pgrep", "-fc", "pytest"], capture_output=True, text=True,
+                          check=False).stdout.strip()
+    note = f", {busy} pytest processes running" if busy and busy != "0" else ""
+    return f"load average {Path('/proc/loadavg').read_text().split()[0]}{note}"
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class Result:
+    label: str
+    commands: int
+    expected: int
+    outputs: int = 0
+    start: float = 0.0  # process start (unix time)
+    first: float = 0.0  # first output seen, read_uncommitted
+    last: float = 0.0  # last expected output read, read_committed
+    cpu: float = 0.0  # CPU seconds of the tree between first and last
+    rss_mb: float = 0.0
+    logged_first: float | None = None  # FIRST_CONSUMED from the contender's log
+    error: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.commands / (self.last - self.first) if self.ok else 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu / self.commands * 1e6 if self.ok else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.last > self.first > 0
+
+
+async def _assigned(consumer: AIOKafkaConsumer, bootstrap: str, topics: list[str]) -> None:
+    """Assign every partition of ``topics`` and read them from the beginning."""
+    tps = await wait_for_partitions({"bootstrap_servers": bootstrap}, topics,
+                                    time.monotonic() + 60)
+    if tps is None:
+        raise TimeoutError(f"topics {topics} were never created")
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+
+
+async def observe(bootstrap: str, topics: list[str], proc: subprocess.Popen[bytes],
+                  result: Result) -> None:
+    """Watch a running contender until its ``expected`` outputs were read committed."""
+    first_reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                    enable_auto_commit=False,
+                                    isolation_level="read_uncommitted", fetch_max_wait_ms=50)
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                              enable_auto_commit=False, isolation_level="read_committed",
+                              fetch_max_wait_ms=50)
+    await first_reader.start()
+    await reader.start()
+    await _assigned(first_reader, bootstrap, topics)
+    await _assigned(reader, bootstrap, topics)
+    cpu_first = 0.0
+    stop = asyncio.Event()
+
+    async def watch_first() -> None:
+        nonlocal cpu_first
+        while not stop.is_set():
+            batches = await first_reader.getmany(timeout_ms=100)
+            if any(batches.values()):
+                result.first = time.time()
+                cpu_first = cpu_seconds(proc.pid)
+                return
+
+    async def sample() -> None:
+        while not stop.is_set():
+            result.rss_mb = max(result.rss_mb, peak_rss_mb(proc.pid))
+            await asyncio.sleep(0.2)
+
+    tasks = [asyncio.create_task(watch_first()), asyncio.create_task(sample())]
     try:
-        while seen < expect:
-            batches = await consumer.getmany(timeout_ms=500)
-            for records in batches.values():
-                if records and not first:
-                    first = time.monotonic()
-                seen += len(records)
-            if seen:
-                last = time.monotonic()
+        progress = time.monotonic()
+        while result.outputs < result.expected:
+            batches = await reader.getmany(timeout_ms=200)
+            got = sum(len(records) for records in batches.values())
+            now = time.monotonic()
+            if got:
+                result.outputs += got
+                progress = now
+                if result.outputs >= result.expected:
+                    result.last = time.time()
+                    result.cpu = cpu_seconds(proc.pid)
+                    result.rss_mb = max(result.rss_mb, peak_rss_mb(proc.pid))
+            elif proc.poll() is not None:
+                result.error = f"exited with {proc.returncode}"
+                return
+            elif now - progress > STALL_S:
+                result.error = f"stalled at {result.outputs}/{result.expected} outputs"
+                return
+        await tasks[0]
+        result.cpu -= cpu_first
+        # Anything past the expected count is a correctness problem: look briefly.
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            batches = await reader.getmany(timeout_ms=200)
+            result.outputs += sum(len(records) for records in batches.values())
+        if result.outputs != result.expected:
+            result.notes.append(f"{result.outputs} outputs, {result.expected} expected")
     finally:
-        await consumer.stop()
-    return first, last
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await first_reader.stop()
+        await reader.stop()
 
 
-async def baseline(bootstrap: str, source: str, sink: str, total: int) -> None:
-    consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id="bench-baseline",
-                                auto_offset_reset="earliest", max_poll_records=1000)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    await consumer.start()
+def _spawn(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _tail(log: Path, chars: int = 1500) -> str:
+    return log.read_text(errors="replace")[-chars:]
+
+
+def _first_consumed(log: Path) -> float | None:
+    match = re.search(r"^FIRST_CONSUMED (\S+)$", log.read_text(errors="replace"), re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def run_contender(bootstrap: str, result: Result, argv: list[str], env: dict[str, str],
+                        outputs: list[str], log: Path, cwd: Path = ROOT) -> Result:
+    await create_topics(bootstrap, outputs, PARTITIONS)
+    result.start = time.time()
+    proc = _spawn(argv, env, cwd, log)
+    try:
+        await observe(bootstrap, outputs, proc, result)
+    finally:
+        _stop(proc)
+    result.logged_first = _first_consumed(log)
+    if result.error:
+        result.notes.append(f"log {log}:\n{_tail(log)}")
+    return result
+
+
+# ---------------------------------------------------------------- the run
+
+
+async def produce_all(bootstrap: str, topic: str, records: list[Rec]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all",
+                                max_batch_size=256 * 1024)
     await producer.start()
-    done = 0
     try:
-        while done < total:
-            batches = await consumer.getmany(timeout_ms=500, max_records=1000)
-            for records in batches.values():
-                for r in records:
-                    doc = orjson.loads(r.value)
-                    if doc.get("session", {}).get("state") == "closed":
-                        await producer.send(sink, r.value, key=r.key)
-                done += len(records)
-        await producer.flush()
+        futures = [await producer.send(topic, r.value, key=r.key) for r in records]
+        await asyncio.gather(*futures)
     finally:
-        await consumer.stop()
         await producer.stop()
 
 
-async def run(
-    bootstrap: str, sessions: int, workdir: Path, other: Path | None, overrides: dict[str, str]
-) -> None:
-    traffic = workload(sessions)
-    total = len(traffic)
-    source = Deployment(bootstrap, f"bench{int(time.time())}", workdir / "s0", PARTITIONS)
-    await create_topics(bootstrap, [source.topics.commands, source.topics.closed + ".baseline"],
-                        PARTITIONS)
-    await produce(bootstrap, source.topics.commands, traffic)
-    print(f"{total} commands ({sessions} sessions), {PARTITIONS} partitions")
+def worker_env(bootstrap: str, name: str, workdir: Path, guarantee: str, commands: str,
+               overrides: dict[str, str]) -> Deployment:
+    return Deployment(bootstrap, name, workdir / name, PARTITIONS, guarantee,
+                      extra_env={"STREAM_APP_TOPICS__COMMANDS": commands,
+                                 "STREAM_APP_LOG_LEVEL": "WARNING", **overrides})
 
-    rates: dict[str, float] = {}
-    sink = source.topics.closed + ".baseline"
-    timing = asyncio.create_task(_time_outputs(bootstrap, sink, sessions))
-    await baseline(bootstrap, source.topics.commands, sink, total)
-    first, last = await timing
-    rates["baseline aiokafka loop"] = total / max(last - first, 1e-9)
 
-    here = " (this checkout)" if other else ""
-    contenders: list[tuple[str, str, Path | None]] = [
-        ("at_least_once", f"stream-app at_least_once{here}", None),
-        ("exactly_once", f"stream-app exactly_once{here}", None),
-    ]
-    if other:
-        contenders.append(("exactly_once", f"stream-app exactly_once ({other})", other))
-    for guarantee, label, checkout in contenders:
-        tag = f"{guarantee}-checkout" if checkout else guarantee
-        d = Deployment(bootstrap, f"{source.name}-{tag}", workdir / tag,
-                       PARTITIONS, guarantee,
-                       extra_env={"STREAM_APP_TOPICS__COMMANDS": source.topics.commands,
-                                  "STREAM_APP_BATCH_SIZE": "1000",
-                                  **({} if checkout else overrides)})
-        log = workdir / f"{tag}.log"
-        worker = Worker(d.env(), log, cwd=checkout,
-                        python=checkout / ".venv" / "bin" / "python" if checkout else None)
-        try:
-            first, last = await _time_outputs(bootstrap, d.topics.closed, sessions)
-        finally:
-            worker.stop()
-        rates[label] = total / max(last - first, 1e-9)
+async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse.Namespace,
+                   overrides: dict[str, str]) -> dict[str, Result]:
+    run_id = f"bench{int(time.time())}"
+    commands = f"{run_id}.commands"
+    await create_topics(bootstrap, [commands], PARTITIONS)
+    began = time.monotonic()
+    await produce_all(bootstrap, commands, work.records)
+    total = len(work.records)
+    print(f"produced {total} commands to {commands} ({PARTITIONS} partitions) "
+          f"in {time.monotonic() - began:.1f}s", flush=True)
+    python = sys.executable
+    results: dict[str, Result] = {}
+    for name in args.contenders:
+        label = LABELS[name]
+        sink = f"{run_id}.{name}.out"
+        if name in ("raw", "raw-txn"):
+            mode = "plain" if name == "raw" else "transactional"
+            result = Result(label, total, work.forwarded)
+            argv = [python, str(ROOT / "bench" / "raw_contender.py"), mode, bootstrap,
+                    commands, sink, f"{run_id}-{name}", "--records", str(args.txn_records)]
+            env, outputs = dict(os.environ), [sink]
+        elif name == "quix-eos":
+            if not BENCH_PYTHON.exists():
+                print(f"skipping {label}: {BENCH_PYTHON} missing (make bench creates it)")
+                continue
+            result = Result(label, total, work.expected_outputs)
+            argv = [str(BENCH_PYTHON), "-W", "ignore", str(ROOT / "bench" / "quix_contender.py"),
+                    bootstrap, commands, sink, f"{run_id}-{name}", str(workdir / name),
+                    "--commit-interval", str(args.quix_commit_interval)]
+            env, outputs = dict(os.environ), [sink]
+        else:
+            guarantee = "exactly_once" if name == "stream-app-eos" else "at_least_once"
+            d = worker_env(bootstrap, f"{run_id}-{name}", workdir, guarantee, commands,
+                           overrides)
+            result = Result(label, total, work.expected_outputs)
+            argv = [python, "-m", "stream_app", "worker"]
+            env, outputs = d.env(), d.output_topics()
+        print(f"running {label} ...", flush=True)
+        results[name] = await run_contender(bootstrap, result, argv, env, outputs,
+                                            workdir / f"{name}.log")
+        r = results[name]
+        print(f"  {'ok' if r.ok else 'FAILED: ' + r.error}; {r.rate:,.0f} commands/s; "
+              f"started after {r.first - r.start:.1f}s; {load()}", flush=True)
+    if args.baseline_checkout:
+        other: Path = args.baseline_checkout
+        d = worker_env(bootstrap, f"{run_id}-other", workdir, "exactly_once", commands, {})
+        label = f"stream-app exactly_once ({other.name})"
+        print(f"running {label} ...", flush=True)
+        results["other"] = await run_contender(
+            bootstrap, Result(label, total, work.expected_outputs),
+            [str(other / ".venv" / "bin" / "python"), "-m", "stream_app", "worker"],
+            d.env(), d.output_topics(), workdir / "other.log", cwd=other)
+    return results
 
-    base = rates["baseline aiokafka loop"]
-    width = max(28, *map(len, rates))
-    print(f"{'contender':{width}} {'commands/s':>12} {'ratio':>8}")
-    for name, rate in rates.items():
-        print(f"{name:{width}} {rate:12.0f} {rate / base:8.3f}")
+
+# ---------------------------------------------------------------- latency
+
+
+async def latency_run(bootstrap: str, rate: float, seconds: float, workdir: Path,
+                      overrides: dict[str, str], *, control: bool = False) -> str:
+    """p50/p99/max from produce to read_committed output of the exactly_once
+    worker (or, with ``control``, of the raw transactional loop: the floor of
+    this method), with commands produced at ``rate`` per second for ``seconds``."""
+    total = int(rate * seconds)
+    work = generate(max(200, int(total / 5) + 200), seed=88)
+    warmup, paced = work.records[:1000], work.records[1000:1000 + total]
+    name = f"bench{int(time.time())}-latency{'-control' if control else ''}"
+    d = worker_env(bootstrap, name, workdir, "exactly_once", f"{name}.commands", overrides)
+    log = workdir / f"{name}.log"
+    if control:
+        sink = f"{name}.out"
+        kinds = {sink: ""}
+        argv = [sys.executable, str(ROOT / "bench" / "raw_contender.py"), "transactional",
+                bootstrap, d.topics.commands, sink, name]
+        env = dict(os.environ)
+    else:
+        kinds = {getattr(d.topics, k): k for k in ("closed", "returned", "cancelled")}
+        argv, env = [sys.executable, "-m", "stream_app", "worker"], d.env()
+    await create_topics(bootstrap, [d.topics.commands, *kinds], PARTITIONS)
+
+    def tag(key: bytes | None, value: bytes | None, kind: str | None) -> tuple[object, ...]:
+        # The raw loop forwards each close/cancel/return (duplicates too) as it is.
+        return (key, value) if control else (key, kind)
+
+    sent: dict[tuple[object, ...], deque[float]] = defaultdict(deque)
+    profiled = {r.key for r in work.records if b'"profileId"' in r.value}
+    latencies: list[float] = []
+    by_profile: dict[bool, list[float]] = {True: [], False: []}
+    proc = _spawn(argv, env, ROOT, log)
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                              enable_auto_commit=False, isolation_level="read_committed",
+                              fetch_max_wait_ms=10)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, acks="all")
+    await reader.start()
+    await producer.start()
+    try:
+        await _assigned(reader, bootstrap, list(kinds))
+        # Warm up: the contender has joined and processed something before timing starts.
+        await asyncio.gather(*[await producer.send(d.topics.commands, r.value, key=r.key)
+                               for r in warmup])
+        want = sum(1 for r in warmup if (r.forwarded if control else r.output))
+        seen = 0
+        deadline = time.monotonic() + 180
+        while seen < want:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                return f"latency: the contender did not start:\n{_tail(log)}"
+            batches = await reader.getmany(timeout_ms=200)
+            seen += sum(len(v) for v in batches.values())
+        expect = sum(1 for r in paced if (r.forwarded if control else r.output))
+
+        async def pace() -> None:
+            start = time.monotonic()
+            i = 0
+            while i < len(paced):
+                due = min(len(paced), int((time.monotonic() - start) * rate) + 1)
+                while i < due:
+                    r = paced[i]
+                    if r.forwarded if control else r.output:
+                        sent[tag(r.key, r.value, r.output)].append(time.monotonic())
+                    await producer.send(d.topics.commands, r.value, key=r.key)
+                    i += 1
+                await asyncio.sleep(0.005)
+
+        pacer = asyncio.create_task(pace())
+        deadline = time.monotonic() + seconds + 120
+        while len(latencies) < expect and time.monotonic() < deadline:
+            batches = await reader.getmany(timeout_ms=100)
+            now = time.monotonic()
+            for tp, records in batches.items():
+                for rec in records:
+                    queue = sent.get(tag(rec.key, rec.value, kinds[tp.topic]))
+                    if queue:
+                        latencies.append(now - queue.popleft())
+                        by_profile[rec.key in profiled].append(latencies[-1])
+        await pacer
+    finally:
+        await producer.stop()
+        await reader.stop()
+        _stop(proc)
+    if not latencies:
+        return "latency: no output read"
+    n = len(latencies)
+    if control:
+        return (f"latency, raw aiokafka txn loop (the method's floor) at {rate:,.0f} commands/s "
+                f"for {seconds:.0f}s (transactions of 500 records or 100 ms): "
+                f"{n} outputs, {_percentiles(latencies)}")
+    settings = Settings()
+    interval = overrides.get("STREAM_APP_CHECKPOINT_INTERVAL_S", settings.checkpoint_interval_s)
+    batch = overrides.get("STREAM_APP_BATCH_SIZE", settings.batch_size)
+    return (f"latency, stream-app exactly_once at {rate:,.0f} commands/s for {seconds:.0f}s "
+            f"(checkpoint interval {interval}s, batch size {batch}): {n} outputs, "
+            f"{_percentiles(latencies)}\n"
+            f"  sessions with a profile (through stage 2): {_percentiles(by_profile[True])}\n"
+            f"  anonymous sessions: {_percentiles(by_profile[False])}")
+
+
+def _percentiles(values: list[float]) -> str:
+    if not values:
+        return "none"
+    v = sorted(values)
+    n = len(v)
+    return (f"p50 {v[n // 2] * 1e3:.1f} ms, p99 {v[n * 99 // 100] * 1e3:.1f} ms, "
+            f"max {v[-1] * 1e3:.1f} ms ({n})")
+
+
+# ---------------------------------------------------------------- report
+
+
+def report(results: dict[str, Result], work: Workload) -> None:
+    width = max(34, *(len(r.label) for r in results.values()))
+    print()
+    print(f"{'contender':{width}} {'commands/s':>11} {'CPU us/cmd':>11} {'peak RSS MB':>12} "
+          f"{'window s':>9} {'startup s':>10} {'outputs':>9}")
+    for r in results.values():
+        if not r.ok:
+            print(f"{r.label:{width}} {'FAILED':>11}  {r.error}")
+            continue
+        print(f"{r.label:{width}} {r.rate:11,.0f} {r.cpu_us:11.1f} {r.rss_mb:12.0f} "
+              f"{r.last - r.first:9.2f} {r.first - r.start:10.2f} {r.outputs:9}")
+    for r in results.values():
+        if r.logged_first and r.first:
+            print(f"  {r.label}: first record consumed (its log) "
+                  f"{(r.first - r.logged_first) * 1e3:.0f} ms before the first output was seen")
+        for note in r.notes:
+            print(f"  {r.label}: {note}")
+
+
+async def main_async(args: argparse.Namespace, bootstrap: str, kafka: str,
+                     workdir: Path) -> None:
+    overrides = dict(item.split("=", 1) for item in args.set)
+    print(machine())
+    print(versions(kafka))
+    print(load())
+    settings = Settings()
+    batch = overrides.get("STREAM_APP_BATCH_SIZE", settings.batch_size)
+    interval = overrides.get("STREAM_APP_CHECKPOINT_INTERVAL_S", settings.checkpoint_interval_s)
+    print(f"stream-app worker: batch size {batch}, checkpoint interval {interval}s; "
+          f"quix commit interval {args.quix_commit_interval}s; "
+          f"raw txn loop {args.txn_records} records or 100 ms per transaction")
+    began = time.monotonic()
+    work = generate(args.sessions)
+    print(f"workload: {work.describe()} (generated in {time.monotonic() - began:.1f}s)",
+          flush=True)
+    results = await main_run(bootstrap, work, workdir, args, overrides)
+    report(results, work)
+    eos = results.get("stream-app-eos")
+    if args.latency:
+        rate = args.latency_rate or (eos.rate / 2 if eos and eos.ok else 0)
+        if rate:
+            print(await latency_run(bootstrap, rate, args.latency_seconds, workdir, overrides),
+                  flush=True)
+            if args.latency_control:
+                print(await latency_run(bootstrap, rate, args.latency_seconds, workdir,
+                                        overrides, control=True), flush=True)
+        else:
+            print("latency: skipped (no exactly_once rate; give --latency-rate)")
+    print(load())
+    print(f"total bench time {time.monotonic() - began:.0f}s")
+    quix = results.get("quix-eos")
+    if eos and quix and eos.ok and quix.ok:
+        print(f"ratio stream-app-eos/quix-eos: {eos.rate / quix.rate:.3f}")
+    else:
+        print("ratio stream-app-eos/quix-eos: n/a")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sessions", type=int, default=20_000)
+    parser.add_argument("--sessions", type=int, default=100_000,
+                        help="sessions in the workload (about 5 commands each)")
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS),
+                        metavar="NAME", help=f"which to run, in order: {' '.join(CONTENDERS)}")
+    parser.add_argument("--txn-records", type=int, default=500,
+                        help="records per transaction of the raw txn loop")
+    parser.add_argument("--quix-commit-interval", type=float, default=1.0,
+                        help="Quix's commit_interval, seconds (its own default is 5)")
+    parser.add_argument("--latency", action="store_true",
+                        help="also measure the exactly_once worker's produce-to-output latency "
+                             "at half of its measured rate")
+    parser.add_argument("--latency-rate", type=float, default=0.0,
+                        help="commands/s for --latency instead of half the measured rate")
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--latency-control", action="store_true",
+                        help="with --latency, also the raw txn loop at the same rate "
+                             "(what the method itself adds)")
     parser.add_argument("--baseline-checkout", type=Path, metavar="DIR",
-                        help="also measure the exactly_once worker of this checkout "
-                             "(run with DIR/.venv/bin/python from DIR)")
+                        help="also run the exactly_once worker of another checkout "
+                             "(DIR/.venv/bin/python, from DIR)")
     parser.add_argument("--set", action="append", default=[], metavar="STREAM_APP_X=VALUE",
                         help="a setting for this checkout's workers (repeatable)")
     args = parser.parse_args()
-    overrides = dict(item.split("=", 1) for item in args.set)
-    other = args.baseline_checkout.resolve() if args.baseline_checkout else None
-    if other and not (other / ".venv" / "bin" / "python").exists():
-        parser.error(f"{other}/.venv/bin/python not found")
+    # aiokafka logs retriable errors (no leader yet for a partition of a topic
+    # just created) that it then retries; a real failure shows as a stall.
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    if args.baseline_checkout:
+        args.baseline_checkout = args.baseline_checkout.resolve()
+        if not (args.baseline_checkout / ".venv" / "bin" / "python").exists():
+            parser.error(f"{args.baseline_checkout}/.venv/bin/python not found")
     with tempfile.TemporaryDirectory(prefix="stream-app-bench-") as tmp:
         workdir = Path(tmp)
         external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if external:
-            asyncio.run(run(external, args.sessions, workdir, other, overrides))
+            asyncio.run(main_async(args, external, f"external ({external})", workdir))
             return
         with KafkaCluster(workdir / "kafka") as cluster:
-            asyncio.run(run(cluster.bootstrap_servers, args.sessions, workdir, other, overrides))
+            asyncio.run(main_async(args, cluster.bootstrap_servers,
+                                   f"{KAFKA_VERSION} (KRaft, one broker, this project's)",
+                                   workdir))
 
 
 if __name__ == "__main__":
