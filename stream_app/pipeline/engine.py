@@ -538,12 +538,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 task = self._tasks.get(task_id)
                 if task is None:
                     continue
-                if task.active and task.checkpoint is not None:
-                    try:
+                try:
+                    if task.active and task.checkpoint is not None:
                         await task.commit()
-                    except (CheckpointError, StoreWriteError) as exc:
-                        log.warning("%s: commit on revocation failed, aborted: %s", task_id, exc)
-                await self._drop(task)
+                        self.commits += 1
+                except Exception as exc:  # the task is closed either way, never left half-open
+                    self.aborts += 1
+                    log.warning("%s: commit on revocation failed, aborted: %r", task_id, exc)
+                finally:
+                    await self._drop(task)
         if gone:
             log.info("revoked %d task(s): %s", len(gone), ", ".join(sorted(map(str, gone))))
 
