@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 
+from stream_app.demo.traffic import interleave
+
 #: Sessions in flight at once: the interleaving window.
 WINDOW = 200
 DUPLICATE_RATE = 0.05
@@ -222,24 +224,7 @@ def generate(sessions: int, seed: int = 8) -> Workload:
             elif ending == "revoked":
                 s.cancel()
         streams.append(s.out)
-    return Workload(interleave(rng, streams), sessions)
-
-
-def interleave(rng: random.Random, streams: list[list[Rec]]) -> list[Rec]:
-    """Merge per-session streams, keeping each one's order, ``WINDOW`` at a time."""
-    pending = [list(reversed(s)) for s in reversed(streams)]
-    active: list[list[Rec]] = []
-    merged: list[Rec] = []
-    while pending or active:
-        while pending and len(active) < WINDOW:
-            active.append(pending.pop())
-        index = rng.randrange(len(active))
-        stream = active[index]
-        merged.append(stream.pop())
-        if not stream:
-            active[index] = active[-1]
-            active.pop()
-    return merged
+    return Workload(interleave(rng, streams, WINDOW), sessions)
 
 
 if __name__ == "__main__":

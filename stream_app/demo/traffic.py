@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import Enum, StrEnum
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from stream_app import json
 from stream_app.settings import Settings
@@ -58,6 +58,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: The output topics, by their field name in ``settings.topics``.
 OUTPUT_KINDS: Final = ("closed", "returned", "cancelled", "reopened", "rejected")
@@ -516,7 +518,7 @@ def generate_traffic(sessions: int, seed: int) -> Traffic:
         ghost.emit("unknown_session", doc, Expect.REJECTED, ("rejected",), duplicable=False)
         scripts.insert(rng.randint(0, len(scripts)), ghost)
 
-    records = _interleave(rng, [s.records for s in scripts])
+    records = interleave(rng, [s.records for s in scripts])
     expected: Counter[str] = Counter(dict.fromkeys(OUTPUT_KINDS, 0))
     for record in records:
         expected.update(record.outputs)
@@ -535,15 +537,15 @@ def generate_traffic(sessions: int, seed: int) -> Traffic:
     return Traffic(records, summary)
 
 
-def _interleave(rng: random.Random, streams: list[list[TrafficRecord]]) -> list[TrafficRecord]:
-    """Merge per-session streams, keeping each one's order: a window of
-    sessions is in flight at once, the next starts when one finishes."""
+def interleave(rng: random.Random, streams: list[list[T]], window: int = _IN_FLIGHT) -> list[T]:
+    """Merge per-session streams, keeping each one's order: ``window`` sessions
+    are in flight at once, the next starts when one finishes."""
     pending = [list(reversed(s)) for s in streams if s]
     pending.reverse()
-    active: list[list[TrafficRecord]] = []
-    merged: list[TrafficRecord] = []
+    active: list[list[T]] = []
+    merged: list[T] = []
     while pending or active:
-        while pending and len(active) < _IN_FLIGHT:
+        while pending and len(active) < window:
             active.append(pending.pop())
         index = rng.randrange(len(active))
         stream = active[index]
