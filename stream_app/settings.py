@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -44,12 +45,14 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
 
 
-def _case(kind: Any, value: Any) -> Any:
-    """``value`` spelled as the choice of the Literal ``kind`` it matches, ignoring case."""
-    if isinstance(value, str):
-        for choice in get_args(kind):
-            if isinstance(choice, str) and choice.lower() == value.lower():
-                return choice
+def _case(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """``value`` spelled as the choice of the field's Literal it matches, ignoring case."""
+    if isinstance(value, str) and info.field_name is not None:
+        annotation = model.model_fields[info.field_name].annotation
+        for kind in (annotation, *get_args(annotation)):  # Literal, or Literal | None
+            for choice in get_args(kind):
+                if isinstance(choice, str) and choice.lower() == value.lower():
+                    return choice
     return value
 
 
@@ -86,15 +89,10 @@ class KafkaSecurity(BaseModel):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
 
-    @field_validator("protocol", mode="before")
+    @field_validator("protocol", "sasl_mechanism", mode="before")
     @classmethod
-    def _protocol_case(cls, value: Any) -> Any:
-        return _case(SecurityProtocol, value)
-
-    @field_validator("sasl_mechanism", mode="before")
-    @classmethod
-    def _mechanism_case(cls, value: Any) -> Any:
-        return _case(SaslMechanism, value)
+    def _choice_case(cls, value: Any, info: ValidationInfo) -> Any:
+        return _case(cls, value, info)
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaSecurity:
@@ -206,20 +204,10 @@ class Settings(BaseSettings):
     #: a restarted worker gets its partitions back without a rebalance.
     group_instance_id: str | None = None
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", "processing_guarantee", mode="before")
     @classmethod
-    def _level_case(cls, value: Any) -> Any:
-        return _case(LogLevel, value)
-
-    @field_validator("log_format", mode="before")
-    @classmethod
-    def _format_case(cls, value: Any) -> Any:
-        return _case(LogFormat, value)
-
-    @field_validator("processing_guarantee", mode="before")
-    @classmethod
-    def _guarantee_case(cls, value: Any) -> Any:
-        return _case(ProcessingGuarantee, value)
+    def _choice_case(cls, value: Any, info: ValidationInfo) -> Any:
+        return _case(cls, value, info)
 
     @field_validator("application_settings_file")
     @classmethod
