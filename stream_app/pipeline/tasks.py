@@ -24,6 +24,7 @@ committed offsets. Only then are records processed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -152,38 +153,26 @@ class Task:
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> int:
         """Fence earlier owners, open and restore the stores. Returns records restored."""
-        options = client_options(self.settings)
-        if self.exactly_once:
-            self.producer = AIOKafkaProducer(
-                **options,
-                transactional_id=self.transactional_id,
-                enable_idempotence=True,
-                acks="all",
-                linger_ms=self.settings.producer_linger_ms,
-                max_batch_size=512 * 1024,
-                max_request_size=self.max_record_bytes,
-            )
-        else:
-            self.producer = AIOKafkaProducer(
-                **options,
-                enable_idempotence=True,
-                acks="all",
-                linger_ms=self.settings.producer_linger_ms,
-                max_batch_size=512 * 1024,
-                max_request_size=self.max_record_bytes,
-            )
+        self.producer = AIOKafkaProducer(
+            **client_options(self.settings),
+            # None: an idempotent producer without transactions (at_least_once).
+            transactional_id=self.transactional_id if self.exactly_once else None,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=self.settings.producer_linger_ms,
+            max_batch_size=512 * 1024,
+            max_request_size=self.max_record_bytes,
+        )
         # For a transactional producer, start() is InitProducerId: the fence.
         await self.producer.start()
         for name in self.stage.stores:
             path = self._state_dir / name / str(self.partition)
             self.stores[name] = PartitionStore(path, self._resources)
-        progress = None
-        if self._restore_progress is not None:
-            report, task_id = self._restore_progress, self.id
-
-            def progress(restored: int, remaining: int) -> None:
-                report(task_id, restored, remaining)
-
+        progress = (
+            None
+            if self._restore_progress is None
+            else functools.partial(self._restore_progress, self.id)
+        )
         restored = await restore(
             self.settings, self.stores, self._changelogs, str(self.id), progress
         )
