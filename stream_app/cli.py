@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from importlib.metadata import PackageNotFoundError, version
@@ -612,6 +613,14 @@ def _add_inspect(sub: Any) -> None:
     )
     inspect.add_argument("integration_id", metavar="INTEGRATION_ID")
     inspect.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="while the group rebalances or restores the worker answers 503 with "
+        "Retry-After; ask again for up to this long (default: 10; 0 asks once)",
+    )
+    inspect.add_argument(
         "--application-id",
         type=_positive(int),
         default=None,
@@ -639,21 +648,36 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     if not url.startswith(("http://", "https://")):
         print(f"stream-app inspect: error: not an http URL: {base}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        with urlopen(url, timeout=10) as answer:  # noqa: S310 - http(s) checked above
-            body = answer.read()
-    except HTTPError as exc:
-        detail = exc.read().decode("utf-8", "replace")
-        print(f"stream-app inspect: {exc.code}: {detail}", file=sys.stderr)
-        return EXIT_FAILED
-    except (URLError, OSError) as exc:
-        print(f"stream-app inspect: no worker answered at {base}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    deadline = time.monotonic() + max(args.wait, 0.0)
+    while True:
+        try:
+            with urlopen(url, timeout=10) as answer:  # noqa: S310 - http(s) checked above
+                body = answer.read()
+            break
+        except HTTPError as exc:
+            detail = exc.read().decode("utf-8", "replace")
+            pause = _retry_after(exc.headers.get("Retry-After")) if exc.code == 503 else None
+            if pause is not None and args.wait > 0 and time.monotonic() + pause <= deadline:
+                time.sleep(pause)
+                continue
+            print(f"stream-app inspect: {exc.code}: {detail}", file=sys.stderr)
+            return EXIT_FAILED
+        except (URLError, OSError) as exc:
+            print(f"stream-app inspect: no worker answered at {base}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     from stream_app import json
     from stream_app.demo.view import pretty
 
     print(pretty(json.loads(body)))
     return 0
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header in seconds; None when absent or a date."""
+    try:
+        return max(float(value), 0.0) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _add_tail(sub: Any) -> None:

@@ -1,0 +1,70 @@
+"""`stream-app inspect` against a fake worker: 503 with Retry-After is asked again."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import pytest
+
+from stream_app.cli import main
+
+
+class _Worker(BaseHTTPRequestHandler):
+    answers: ClassVar[list[tuple[int, bytes]]] = []
+    paths: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.paths.append(self.path)
+        status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        self.send_response(status)
+        if status == 503:
+            self.send_header("Retry-After", "0")
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+@pytest.fixture
+def worker() -> Iterator[str]:
+    _Worker.paths = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Worker)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+BUSY = (503, b'{"status":503,"detail":"the group is rebalancing or restoring"}')
+FOUND = (200, b'{"integrationId":"a/b","state":"open"}')
+
+
+def test_inspect_asks_again_while_the_group_rebalances(
+    worker: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _Worker.answers = [BUSY, BUSY, FOUND]
+    assert main(["inspect", "a/b", "--url", worker]) == 0
+    assert '"state": "open"' in capsys.readouterr().out
+    assert _Worker.paths == ["/v2/customer_sessions/a%2Fb?applicationId=1"] * 3
+
+
+def test_inspect_with_no_wait_reports_the_503(
+    worker: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _Worker.answers = [BUSY, FOUND]
+    assert main(["inspect", "a/b", "--url", worker, "--wait", "0"]) == 1
+    assert "503" in capsys.readouterr().err
+    assert len(_Worker.paths) == 1
+
+
+def test_inspect_does_not_retry_a_404(worker: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _Worker.answers = [(404, b'{"status":404}'), FOUND]
+    assert main(["inspect", "nobody", "--url", worker]) == 1
+    assert "404" in capsys.readouterr().err
+    assert len(_Worker.paths) == 1
