@@ -374,6 +374,8 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
                            overrides)
             result = Result(label, total, work.expected_outputs)
             argv = [python, "-m", "stream_app", "worker"]
+            if args.profile:
+                argv[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve() / f"{name}.prof")]
             env, outputs = d.env(), d.output_topics()
         print(f"running {label} ...", flush=True)
         results[name] = await run_contender(bootstrap, result, argv, env, outputs,
@@ -585,6 +587,8 @@ def main() -> None:
     parser.add_argument("--baseline-checkout", type=Path, metavar="DIR",
                         help="also run the exactly_once worker of another checkout "
                              "(DIR/.venv/bin/python, from DIR)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run the workers under cProfile (slower), writing DIR/<name>.prof")
     parser.add_argument("--set", action="append", default=[], metavar="STREAM_APP_X=VALUE",
                         help="a setting for this checkout's workers (repeatable)")
     args = parser.parse_args()

@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
 
 from stream_app.domain.model import (
     AdditionalCost,
@@ -98,7 +100,18 @@ _LIMIT: Final = Reason.LIMIT_EXCEEDED
 
 
 def decode_command(raw: bytes) -> Command | Rejection:
-    """Parse and validate one command record. Never raises."""
+    """Parse and validate one command record. Never raises.
+
+    Tries the typed fast path first (see "fast path" at the end of this
+    module); whatever it does not take is decided by :func:`decode_by_rules`,
+    which also words every rejection.
+    """
+    command = _fast_command(raw)
+    return command if command is not None else decode_by_rules(raw)
+
+
+def decode_by_rules(raw: bytes) -> Command | Rejection:
+    """:func:`decode_command` without the fast path (what it must agree with)."""
     try:
         doc = loads(raw)
     except (ValueError, TypeError) as exc:
@@ -453,3 +466,208 @@ def _return_items(items: Any) -> tuple[ReturnItem, ...]:
             )
         result.append(ReturnItem(position, sku, quantity))
     return tuple(result)
+
+
+# --------------------------------------------------------------------------- fast path
+#
+# msgspec decodes the bytes straight into the typed structs below, checking
+# types, lengths and ranges in C; the rules above then run only for what it
+# does not take. It takes a document only when the rules (decode_by_rules)
+# would accept it and build the very same command, and hands everything else
+# on; tests/domain/test_fast_decoding.py checks this on generated documents.
+# What it hands on:
+#
+# - no unknown fields (``forbid_unknown_fields``): msgspec would skip them
+#   without the checks orjson makes (invalid UTF-8, numbers out of range);
+#   a command with fields we ignore is read by the rules above;
+# - integers within int64: orjson reads larger ones as floats;
+# - attribute values only as scalars: nesting is checked above;
+# - money outside the representable range and negative sizes, a loyalty card
+#   not matching its pattern, an update without a session, a return entry
+#   with neither position nor sku: handed on, to be worded above.
+
+_I64: Final = 2**63
+_Int = Annotated[int, msgspec.Meta(ge=-_I64, le=_I64 - 1)]
+_Number = _Int | float
+_Scalar = str | _Int | float | bool | None
+_Count = Annotated[int, msgspec.Meta(ge=1, le=_I64 - 1)]
+
+
+class _FastCost(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    price: _Number
+
+
+class _FastItem(msgspec.Struct, forbid_unknown_fields=True, rename="camel", gc=False):
+    sku: Annotated[str, msgspec.Meta(min_length=1)]
+    quantity: _Count
+    price: _Number
+    name: str | None = None
+    category: str | None = None
+    product: Product | None = None
+    weight: _Number | None = None
+    height: _Number | None = None
+    width: _Number | None = None
+    length: _Number | None = None
+    attributes: dict[str, _Scalar] | None = None
+    additional_costs: dict[str, _FastCost] | None = None
+
+
+class _FastPatch(msgspec.Struct, forbid_unknown_fields=True, rename="camel", gc=False):
+    profile_id: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
+    store_integration_id: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)] | None = None
+    coupon_codes: tuple[Annotated[str, msgspec.Meta(min_length=1, max_length=100)], ...] | None = (
+        None
+    )
+    referral_code: Annotated[str, msgspec.Meta(max_length=100)] | None = None
+    loyalty_cards: (
+        Annotated[
+            tuple[Annotated[str, msgspec.Meta(min_length=4, max_length=108)], ...],
+            msgspec.Meta(max_length=MAX_LOYALTY_CARDS),
+        ]
+        | None
+    ) = None
+    state: Literal["open", "closed", "partially_returned", "cancelled"] | None = None
+    cart_items: Annotated[list[_FastItem], msgspec.Meta(max_length=MAX_CART_ITEMS)] | None = None
+    additional_costs: dict[str, _FastCost] | None = None
+    identifiers: Annotated[tuple[str, ...], msgspec.Meta(max_length=MAX_IDENTIFIERS)] | None = None
+    attributes: dict[str, _Scalar] | None = None
+
+
+class _FastReturnItem(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    position: Annotated[int, msgspec.Meta(ge=0, le=_I64 - 1)] | None = None
+    sku: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    quantity: _Count | None = None
+
+
+class _FastCommand(msgspec.Struct, forbid_unknown_fields=True, rename="camel", gc=False):
+    type: Literal["update", "return", "reopen"]
+    integration_id: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | None = None
+    application_id: Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)] | None = None
+    session: _FastPatch | None = None
+    returned_cart_items: (
+        Annotated[list[_FastReturnItem], msgspec.Meta(min_length=1, max_length=MAX_RETURN_ITEMS)]
+        | None
+    ) = None
+
+
+_FAST: Final = msgspec.json.Decoder(_FastCommand)
+
+
+class _HandOnError(Exception):
+    """The fast path does not take this document: the rules above decide it."""
+
+
+def _fast_command(raw: bytes) -> Command | None:
+    """The command in ``raw`` when the fast path takes it, else None."""
+    try:
+        doc = _FAST.decode(raw)
+    except ValueError:  # msgspec's DecodeError and ValidationError, UnicodeDecodeError
+        return None
+    try:
+        if doc.type == "update":
+            if doc.session is None:
+                return None
+            patch = _fast_patch(doc.session)
+            return UpdateCommand(doc.integration_id, patch, doc.event_id, doc.application_id)
+        if doc.type == "return":
+            entries = doc.returned_cart_items
+            if entries is None:
+                return None
+            items = []
+            for entry in entries:
+                if entry.position is None and entry.sku is None:
+                    return None
+                items.append(ReturnItem(entry.position, entry.sku, entry.quantity))
+            return ReturnCommand(doc.integration_id, tuple(items), doc.event_id, doc.application_id)
+        return ReopenCommand(doc.integration_id, doc.event_id, doc.application_id)
+    except _HandOnError:
+        return None
+
+
+def _fast_patch(patch: _FastPatch) -> SessionPatch:
+    cards = patch.loyalty_cards
+    if cards is not None:
+        for card in cards:
+            if _LOYALTY_CARD.fullmatch(card) is None:
+                raise _HandOnError
+    items = patch.cart_items
+    return SessionPatch(
+        patch.profile_id,
+        patch.store_integration_id,
+        patch.coupon_codes,
+        patch.referral_code,
+        cards,
+        None if patch.state is None else _STATES[patch.state],
+        None if items is None else _fast_cart(items),
+        None if patch.additional_costs is None else _fast_costs(patch.additional_costs),
+        patch.identifiers,
+        patch.attributes,
+    )
+
+
+#: Decimal(repr(price)) of recent float prices: a catalog's prices repeat.
+#: Never 0.0, which would also answer for -0.0 (equal, but another Decimal).
+_PRICES: Final[dict[float, Decimal]] = {}
+_PRICES_CACHED: Final = 4096
+
+
+def _fast_cart(items: list[_FastItem]) -> tuple[CartItem, ...]:
+    cart = []
+    prices = _PRICES
+    for position, item in enumerate(items):
+        raw_price = item.price
+        # json_money inlined, with the rules' non-negative price (see _cart_item).
+        if type(raw_price) is float:
+            price = prices.get(raw_price)
+            if price is None:
+                if not 0 < raw_price < MONEY_LIMIT_FLOAT:
+                    if raw_price != 0:  # negative, or too large
+                        raise _HandOnError
+                    price = Decimal(repr(raw_price))
+                else:
+                    if len(prices) >= _PRICES_CACHED:
+                        prices.clear()
+                    price = prices[raw_price] = Decimal(repr(raw_price))
+        elif 0 <= raw_price < MONEY_LIMIT:
+            price = Decimal(raw_price)
+        else:
+            raise _HandOnError
+        weight, height, width, length = item.weight, item.height, item.width, item.length
+        if not (weight is None and height is None and width is None and length is None) and (
+            (weight is not None and weight < 0)
+            or (height is not None and height < 0)
+            or (width is not None and width < 0)
+            or (length is not None and length < 0)
+        ):
+            raise _HandOnError
+        costs = item.additional_costs
+        cart.append(
+            CartItem(
+                item.sku,
+                item.quantity,
+                price,
+                position,
+                0,
+                item.name,
+                item.category,
+                item.product,
+                weight,
+                height,
+                width,
+                length,
+                item.attributes,
+                None if costs is None else _fast_costs(costs),
+            )
+        )
+    return tuple(cart)
+
+
+def _fast_costs(costs: dict[str, _FastCost]) -> dict[str, AdditionalCost]:
+    result = {}
+    for name, cost in costs.items():
+        money = json_money(cost.price)
+        if money is None:
+            raise _HandOnError
+        result[name] = AdditionalCost(money)
+    return result

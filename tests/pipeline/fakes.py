@@ -303,6 +303,9 @@ class FakeProducer:
         )
         return future
 
+    async def partitions_for(self, topic: str) -> set[int]:
+        return set(range(self.broker.partitions.get(topic, 1)))
+
     async def flush(self) -> None:
         self.calls.append("flush")
         self._run_hook("flush")
