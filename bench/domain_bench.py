@@ -6,6 +6,7 @@ and a 1000-item cart it measures, per operation:
 - ``orjson.loads`` (baseline, same bytes, same run);
 - ``decode_command`` (parse + validate);
 - ``decode + apply`` (update of an open session);
+- ``decode + apply + encode_session``: issue 8's domain cost (target 15 us);
 - the whole step: decode + apply + ``encode_session`` + ``stream_app.json.dumps``
   of every output document;
 - ``decode_session`` of the stored form;
@@ -110,6 +111,13 @@ def scenario(label: str, items: int, number: int) -> None:
         assert not isinstance(command, Rejection)
         return apply(stored, command, ctx)
 
+    def decode_apply_encode() -> object:
+        command = decode_command(raw)
+        assert not isinstance(command, Rejection)
+        outcome = apply(stored, command, ctx)
+        assert isinstance(outcome, Applied)
+        return encode_session(outcome.session)
+
     def full_step() -> object:
         command = decode_command(raw)
         assert not isinstance(command, Rejection)
@@ -131,6 +139,7 @@ def scenario(label: str, items: int, number: int) -> None:
     for name, func in (
         ("decode_command (parse + validate)", decode),
         ("decode + validate + apply", decode_apply),
+        ("decode + apply + encode_session", decode_apply_encode),
         ("decode + apply + encode_session + outputs", full_step),
         ("decode_session (stored form)", lambda: decode_session(stored_bytes)),
         ("encode_session (msgspec, stored form)", lambda: encode_session(check.session)),

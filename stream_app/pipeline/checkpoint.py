@@ -171,7 +171,8 @@ class Checkpoint:
         Raises what the client raises for a record it refuses before sending
         (e.g. ``MessageSizeTooLargeError``); the transaction is then intact.
         """
-        await self._begin()
+        if not self._in_transaction:
+            await self._begin()
         try:
             partition = None
             if out.key is not None:

@@ -355,8 +355,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             if task is None or not task.active:
                 continue  # not ours (any more), or not started: its owner reads it again
             try:
-                for record in records:
-                    await task.handle(record)
+                await task.handle_many(records)
             except TaskFencedError as exc:
                 await self._lose(task, exc)
             except (KafkaError, CheckpointError, OSError) as exc:

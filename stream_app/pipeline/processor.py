@@ -99,6 +99,11 @@ _CHANNELS: Final = frozenset(EVENT_CHANNEL.values())
 
 _MAX_SESSION_ID: Final = 2**31 - 1
 
+#: Decoded sessions a stage-1 processor keeps (one per partition): the
+#: sessions in flight, whose next command usually follows within a few
+#: hundred records, skip decoding their stored form. About 5 KB each.
+DECODED_SESSIONS: Final = 512
+
 _COMMAND_KINDS: Final[dict[type, str]] = {
     UpdateCommand: "update",
     ReturnCommand: "return",
@@ -339,6 +344,8 @@ class CommandProcessor:
     default_application_id: int
     metrics: Metrics = field(default_factory=Metrics)
     limits: Limits = Limits()
+    #: Recently stored or read sessions: stored bytes -> decoded (see _decode).
+    _decoded: dict[bytes, tuple[bytes, Session]] = field(default_factory=dict, repr=False)
 
     def process(self, record: SourceRecord) -> list[Outgoing]:
         out, kind, outcome = self._process(record)
@@ -386,7 +393,7 @@ class CommandProcessor:
         application_id = command.application_id or self.default_application_id
         key = session_key(application_id, command.integration_id)
         stored = self.sessions.get(key)
-        session = decode_session(stored) if stored is not None else None
+        session = None if stored is None else self._decode(key, stored)
         self.allocator.partition = record.partition
         context = CommandContext(
             timestamp_ms=origin.timestamp_ms,
@@ -416,7 +423,25 @@ class CommandProcessor:
             return [self._reject(rejection, origin)], kind, rejected
         self.metrics.applied += 1
         self.sessions[key] = encoded
+        self._remember(key, encoded, new)
         return self._envelopes(session, new, outcome), kind, "applied"
+
+    def _decode(self, key: bytes, stored: bytes) -> Session:
+        """The stored session, decoded: from the cache when its bytes are the ones
+        stored (equal bytes decode to an equal, immutable session)."""
+        cached = self._decoded.get(key)
+        if cached is not None and cached[0] == stored:
+            return cached[1]
+        session = decode_session(stored)
+        self._remember(key, stored, session)
+        return session
+
+    def _remember(self, key: bytes, stored: bytes, session: Session) -> None:
+        decoded = self._decoded
+        decoded.pop(key, None)
+        if len(decoded) >= DECODED_SESSIONS:
+            del decoded[next(iter(decoded))]  # the least recently stored or read
+        decoded[key] = (stored, session)
 
     def _read(self, raw: bytes | None, origin: SourceRecord) -> Command | Rejection:
         """The command in a record, or why there is none (timestamp, size, decoding)."""
@@ -535,11 +560,10 @@ class ProfileProcessor:
     limits: Limits = Limits()
 
     def process(self, record: SourceRecord) -> list[Outgoing]:
-        problem = _envelope_problem(record)
-        if problem is not None:
-            return [invalid_internal(self.topics, self.metrics, self.limits, record, problem)]
+        envelope = _read_envelope(record)
+        if isinstance(envelope, str):
+            return [invalid_internal(self.topics, self.metrics, self.limits, record, envelope)]
         key = record.key or b""
-        envelope: dict[str, Any] = json.loads(record.value or b"")
         integration_id = envelope["integrationId"]
         if envelope["kind"] == "claim":
             if key not in self.first_sessions:
@@ -554,8 +578,8 @@ class ProfileProcessor:
         ]
 
 
-def _envelope_problem(record: SourceRecord) -> str | None:
-    """Why ``record`` is not an envelope stage 1 could have written; None if it is."""
+def _read_envelope(record: SourceRecord) -> dict[str, Any] | str:
+    """The envelope in ``record``, or why it is not one stage 1 could have written."""
     if record.key is None or b"\x1f" not in record.key or record.value is None:
         return "key or value missing"
     try:
@@ -569,7 +593,7 @@ def _envelope_problem(record: SourceRecord) -> str | None:
         return "no integrationId"
     kind = envelope.get("kind")
     if kind == "claim":
-        return None if set(envelope) == {"kind", "integrationId"} else "unexpected fields"
+        return envelope if set(envelope) == {"kind", "integrationId"} else "unexpected fields"
     if kind != "emit" or set(envelope) != {"kind", "channel", "integrationId", "output"}:
         return "unknown kind or unexpected fields"
     if envelope["channel"] not in _CHANNELS:
@@ -586,4 +610,4 @@ def _envelope_problem(record: SourceRecord) -> str | None:
         or profile_key(application_id, profile_id) != record.key
     ):
         return "the output does not belong to this record's key"
-    return None
+    return envelope

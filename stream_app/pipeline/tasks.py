@@ -27,7 +27,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -75,8 +75,12 @@ class RecordTooLargeError(StreamAppError):
 
 
 def _record_size(out: Outgoing) -> int:
-    headers = sum(len(name) + len(value) for name, value in out.headers)
-    return len(out.key or b"") + len(out.value) + headers + _RECORD_OVERHEAD
+    size = len(out.value) + _RECORD_OVERHEAD
+    if out.key is not None:
+        size += len(out.key)
+    for name, value in out.headers:
+        size += len(name) + len(value)
+    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,54 +223,75 @@ class Task:
         return self.checkpoint
 
     async def handle(self, record: Any) -> None:
-        """Process one consumed record inside the current transaction.
+        """Process one consumed record inside the current transaction."""
+        await self.handle_many((record,))
+
+    async def handle_many(self, records: Iterable[Any]) -> None:
+        """Process consumed records of this task, in order, inside the current
+        transaction (the engine's hot loop: one call per fetched batch).
 
         A record the processor fails on becomes an INTERNAL_ERROR rejection of
         that record alone: what it wrote is taken back, the worker goes on.
         """
-        tp = TopicPartition(record.topic, record.partition)
-        if record.offset < self.positions.get(tp, 0):
-            return  # delivered again after a seek: already processed
-        assert self.process is not None  # noqa: S101 - started before processing
-        checkpoint = self._current()
-        source = SourceRecord(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            timestamp_ms=record.timestamp,
-            key=record.key,
-            value=record.value,
-            headers=tuple(record.headers or ()),
-        )
-        for overlay in self.overlays.values():
-            overlay.begin_record()
-        failure: Exception | None = None
-        began = time.perf_counter()
-        try:
-            outgoing = self.process(source)
-        except SessionIdSpaceExhaustedError:
-            raise
-        except Exception as exc:  # a bug must not lose the record or stop the worker
-            log.exception(
-                "%s[%d]@%d: processing failed", source.topic, source.partition, source.offset
+        process = self.process
+        assert process is not None  # noqa: S101 - started before processing
+        checkpoint: Checkpoint | None = None
+        overlays = tuple(self.overlays.values())
+        positions = self.positions
+        observe = self._latency.observe
+        max_bytes = self.max_record_bytes
+        clock = time.perf_counter
+        tp: TopicPartition | None = None
+        for record in records:
+            if tp is None or record.topic != tp.topic or record.partition != tp.partition:
+                tp = TopicPartition(record.topic, record.partition)
+            offset = record.offset
+            if offset < positions.get(tp, 0):
+                continue  # delivered again after a seek: already processed
+            if checkpoint is None:
+                checkpoint = self._current()
+            source = SourceRecord(
+                record.topic,
+                record.partition,
+                offset,
+                record.timestamp,
+                record.key,
+                record.value,
+                tuple(record.headers) if record.headers else (),
             )
-            failure = exc
-        else:
-            too_large = [o for o in outgoing if _record_size(o) > self.max_record_bytes]
-            if too_large:
-                failure = RecordTooLargeError(
-                    f"an output to {too_large[0].topic} would be {_record_size(too_large[0])} "
-                    f"bytes; the topics take at most {self.max_record_bytes}"
+            for overlay in overlays:
+                overlay.begin_record()
+            failure: Exception | None = None
+            began = clock()
+            try:
+                outgoing = process(source)
+            except SessionIdSpaceExhaustedError:
+                raise
+            except Exception as exc:  # a bug must not lose the record or stop the worker
+                log.exception(
+                    "%s[%d]@%d: processing failed", source.topic, source.partition, offset
                 )
-        if failure is not None:
-            for overlay in self.overlays.values():
-                overlay.undo_record()
-            outgoing = [internal_error(self.settings, self.limits, source, failure, self.metrics)]
-        self._latency.observe(time.perf_counter() - began)
-        for out in outgoing:
-            await checkpoint.send(out)
-        checkpoint.consumed(tp, record.offset)
-        self.positions[tp] = record.offset + 1
+                failure = exc
+            else:
+                for out in outgoing:
+                    size = _record_size(out)
+                    if size > max_bytes:
+                        failure = RecordTooLargeError(
+                            f"an output to {out.topic} would be {size} bytes; "
+                            f"the topics take at most {max_bytes}"
+                        )
+                        break
+            if failure is not None:
+                for overlay in overlays:
+                    overlay.undo_record()
+                outgoing = [
+                    internal_error(self.settings, self.limits, source, failure, self.metrics)
+                ]
+            observe(clock() - began)
+            for out in outgoing:
+                await checkpoint.send(out)
+            checkpoint.consumed(tp, offset)
+            positions[tp] = offset + 1
 
     async def handle_raw(self, raw: RawRecord) -> None:
         """A record read past the Kafka client (see ``unreadable.py``): processed

@@ -129,3 +129,23 @@ def test_duplicates_and_rejections_are_counted_and_rejections_keep_the_bytes() -
     assert [o.topic for o in bad] == [TOPICS.rejected]
     assert json.loads(bad[0].value)["source"]["offset"] == 2
     assert p.metrics.rejected == 1
+
+
+def test_a_session_taken_back_after_processing_is_read_again_as_stored() -> None:
+    """The decoded-session cache answers only for the bytes it decoded: when a
+    transaction is aborted (or a record's writes undone) the processor sees
+    the stored session again, not the one it had computed."""
+    p = stage1()
+    iid = "cache-1"
+    item = {"sku": "A", "quantity": 1, "price": 10}
+    p.process(record(cmd(iid, session={"cartItems": [item]}), iid.encode(), offset=1))
+    (key,) = p.sessions
+    committed = p.sessions[key]
+    p.process(
+        record(cmd(iid, session={"cartItems": [{**item, "quantity": 5}]}), iid.encode(), offset=2)
+    )
+    p.sessions[key] = committed  # the overlay dropped the second command's write
+    out = p.process(record(cmd(iid, session={"state": "closed"}), iid.encode(), offset=3))
+    (closed,) = out
+    assert json.loads(closed.value)["session"]["total"] == 10
+    assert json.loads(closed.value)["session"]["updateCount"] == 2
