@@ -69,13 +69,15 @@ from tests.integration.harness import Deployment, create_topics  # noqa: E402
 from tools.kafka_broker import KAFKA_VERSION, KafkaCluster  # noqa: E402
 
 PARTITIONS = 6
-CONTENDERS = ("raw", "raw-txn", "quix-eos", "stream-app-eos", "stream-app-alo")
+CONTENDERS = ("raw", "raw-txn", "quix-eos", "stream-app-eos", "stream-app-alo",
+              "stream-app-eos-x2")
 LABELS = {
     "raw": "raw aiokafka loop",
     "raw-txn": "raw aiokafka txn loop",
     "quix-eos": "quix-streams exactly-once",
     "stream-app-eos": "stream-app exactly_once",
     "stream-app-alo": "stream-app at_least_once",
+    "stream-app-eos-x2": "stream-app exactly_once, 2 workers",
 }
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -209,9 +211,11 @@ async def _assigned(consumer: AIOKafkaConsumer, bootstrap: str, topics: list[str
     await consumer.seek_to_beginning(*tps)
 
 
-async def observe(bootstrap: str, topics: list[str], proc: subprocess.Popen[bytes],
+async def observe(bootstrap: str, topics: list[str], procs: list[subprocess.Popen[bytes]],
                   result: Result) -> None:
-    """Watch a running contender until its ``expected`` outputs were read committed."""
+    """Watch a running contender (one process or more) until its ``expected``
+    outputs were read committed. CPU is summed over every process tree, and so
+    is peak RSS (each tree's own peak)."""
     first_reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                     enable_auto_commit=False,
                                     isolation_level="read_uncommitted", fetch_max_wait_ms=50)
@@ -231,12 +235,19 @@ async def observe(bootstrap: str, topics: list[str], proc: subprocess.Popen[byte
             batches = await first_reader.getmany(timeout_ms=100)
             if any(batches.values()):
                 result.first = time.time()
-                cpu_first = cpu_seconds(proc.pid)
+                cpu_first = sum(cpu_seconds(proc.pid) for proc in procs)
                 return
+
+    peaks = [0.0] * len(procs)
+
+    def sample_rss() -> None:
+        for i, proc in enumerate(procs):
+            peaks[i] = max(peaks[i], peak_rss_mb(proc.pid))
+        result.rss_mb = sum(peaks)
 
     async def sample() -> None:
         while not stop.is_set():
-            result.rss_mb = max(result.rss_mb, peak_rss_mb(proc.pid))
+            sample_rss()
             await asyncio.sleep(0.2)
 
     tasks = [asyncio.create_task(watch_first()), asyncio.create_task(sample())]
@@ -251,10 +262,11 @@ async def observe(bootstrap: str, topics: list[str], proc: subprocess.Popen[byte
                 progress = now
                 if result.outputs >= result.expected:
                     result.last = time.time()
-                    result.cpu = cpu_seconds(proc.pid)
-                    result.rss_mb = max(result.rss_mb, peak_rss_mb(proc.pid))
-            elif proc.poll() is not None:
-                result.error = f"exited with {proc.returncode}"
+                    result.cpu = sum(cpu_seconds(proc.pid) for proc in procs)
+                    sample_rss()
+            elif any(proc.poll() is not None for proc in procs):
+                codes = [proc.returncode for proc in procs]
+                result.error = f"exited with {codes}"
                 return
             elif now - progress > STALL_S:
                 result.error = f"stalled at {result.outputs}/{result.expected} outputs"
@@ -303,14 +315,19 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 
 
 async def run_contender(bootstrap: str, result: Result, argv: list[str], env: dict[str, str],
-                        outputs: list[str], log: Path, cwd: Path = ROOT) -> Result:
+                        outputs: list[str], log: Path, cwd: Path = ROOT,
+                        more: list[dict[str, str]] | None = None) -> Result:
+    """Run ``argv`` with ``env`` (and, for each of ``more``, one more process
+    with that environment, all in the same consumer group) until done."""
     await create_topics(bootstrap, outputs, PARTITIONS)
     result.start = time.time()
-    proc = _spawn(argv, env, cwd, log)
+    procs = [_spawn(argv, env, cwd, log)]
+    procs += [_spawn(argv, other, cwd, log) for other in more or []]
     try:
-        await observe(bootstrap, outputs, proc, result)
+        await observe(bootstrap, outputs, procs, result)
     finally:
-        _stop(proc)
+        for proc in procs:
+            _stop(proc)
     result.logged_first = _first_consumed(log)
     if result.error:
         result.notes.append(f"log {log}:\n{_tail(log)}")
@@ -350,6 +367,7 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
           f"in {time.monotonic() - began:.1f}s", flush=True)
     python = sys.executable
     results: dict[str, Result] = {}
+    more: list[dict[str, str]] | None = None
     for name in args.contenders:
         label = LABELS[name]
         sink = f"{run_id}.{name}.out"
@@ -369,7 +387,7 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
                     "--commit-interval", str(args.quix_commit_interval)]
             env, outputs = dict(os.environ), [sink]
         else:
-            guarantee = "exactly_once" if name == "stream-app-eos" else "at_least_once"
+            guarantee = "at_least_once" if name == "stream-app-alo" else "exactly_once"
             d = worker_env(bootstrap, f"{run_id}-{name}", workdir, guarantee, commands,
                            overrides)
             result = Result(label, total, work.expected_outputs)
@@ -377,9 +395,13 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
             if args.profile:
                 argv[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve() / f"{name}.prof")]
             env, outputs = d.env(), d.output_topics()
+            if name == "stream-app-eos-x2":
+                # A second worker of the same group, with its own state directory.
+                more = [d.env(data_dir=workdir / f"{run_id}-{name}-second")]
         print(f"running {label} ...", flush=True)
         results[name] = await run_contender(bootstrap, result, argv, env, outputs,
-                                            workdir / f"{name}.log")
+                                            workdir / f"{name}.log", more=more)
+        more = None
         r = results[name]
         print(f"  {'ok' if r.ok else 'FAILED: ' + r.error}; {r.rate:,.0f} commands/s; "
               f"started after {r.first - r.start:.1f}s; {load()}", flush=True)
@@ -558,6 +580,9 @@ async def main_async(args: argparse.Namespace, bootstrap: str, kafka: str,
             print("latency: skipped (no exactly_once rate; give --latency-rate)")
     print(load())
     print(f"total bench time {time.monotonic() - began:.0f}s")
+    two = results.get("stream-app-eos-x2")
+    if eos and two and eos.ok and two.ok:
+        print(f"scale-out stream-app-eos-x2/stream-app-eos: {two.rate / eos.rate:.3f}")
     quix = results.get("quix-eos")
     if eos and quix and eos.ok and quix.ok:
         print(f"ratio stream-app-eos/quix-eos: {eos.rate / quix.rate:.3f}")

@@ -66,6 +66,12 @@ Process = Callable[[SourceRecord], list[Outgoing]]
 #: Told (task, records restored since the last call, records left) during a restore.
 RestoreProgress = Callable[["TaskId", int, int], None]
 
+#: What a restore fetches at most per changelog partition and request. With
+#: 1M sessions (bench/memory_bench.py, six tasks restoring at once): 4 MiB
+#: and 5,000 records per poll gave 102k records/s and a 243 MB peak; 8 MiB,
+#: 113k/s and 348 MB; 8 MiB and 20,000 records, 118k/s and 356 MB.
+_RESTORE_FETCH_BYTES: Final = 4 * 1024 * 1024
+
 #: Bytes a record needs beyond key, value and headers (record and batch framing).
 _RECORD_OVERHEAD: Final = 128
 
@@ -409,8 +415,10 @@ async def restore(
         enable_auto_commit=False,
         isolation_level="read_committed",
         auto_offset_reset="earliest",
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-        fetch_max_bytes=64 * 1024 * 1024,
+        # Bounded so that restoring every task of a worker at once stays within
+        # the memory of the worker's normal run (docs/performance.md).
+        max_partition_fetch_bytes=_RESTORE_FETCH_BYTES,
+        fetch_max_bytes=4 * _RESTORE_FETCH_BYTES,
     )
     await consumer.start()
     total = 0
@@ -445,7 +453,7 @@ async def restore(
         for tp in remaining:
             to_restore += end[tp] - await consumer.position(tp)
         while remaining:
-            batches = await consumer.getmany(*remaining, timeout_ms=500, max_records=20_000)
+            batches = await consumer.getmany(*remaining, timeout_ms=500, max_records=5_000)
             fetched = 0
             for tp, records in batches.items():
                 if records:
