@@ -64,6 +64,15 @@ class EngineCollector(Collector):
         )
         latency.add_metric([], engine.latency.cumulative(), sum_value=engine.latency.total)
         yield latency
+        commit = HistogramMetricFamily(
+            "stream_app_commit_seconds",
+            "Time per commit round: the due tasks' transactions committed together, "
+            "while processing waits",
+        )
+        commit.add_metric(
+            [], engine.commit_latency.cumulative(), sum_value=engine.commit_latency.total
+        )
+        yield commit
         transactions = CounterMetricFamily(
             "stream_app_transactions", "Task transactions, by result", labels=["result"]
         )

@@ -114,6 +114,7 @@ async def test_metrics_parse_and_move_as_commands_are_processed(
     assert after[("stream_app_emitted_total", (("output", "closed"),))] == 20
     assert after[("stream_app_transactions_total", (("result", "committed"),))] > 0
     assert after[("stream_app_processing_seconds_count", ())] >= 42
+    assert after[("stream_app_commit_seconds_count", ())] >= 1
     lag = {k: v for k, v in after.items() if k[0] == "stream_app_consumer_lag"}
     assert lag
     assert all(v >= 0 for v in lag.values())
