@@ -160,6 +160,61 @@ async def test_three_sigkills_lose_and_duplicate_nothing(
     assert done_s <= CHAOS_COMPLETION_BOUND_S
 
 
+@pytest.mark.timeout(400)
+async def test_at_least_once_sigkills_lose_nothing(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """The same under at_least_once, smaller: three SIGKILLs mid-stream. Every
+    output and rejection appears, with the domain core's values; repeats are
+    allowed (and counted), anything missing, unexpected or wrong is not."""
+    d = await _deployment(
+        kafka_bootstrap,
+        unique_name("alo"),
+        tmp_path / "state",
+        STREAM_APP_PROCESSING_GUARANTEE="at_least_once",
+    )
+    traffic = generate_traffic(8_000, seed=7)
+    positions = await produce_traffic_records(kafka_bootstrap, d.topics.commands, traffic)
+    expected = expected_outcome(traffic, positions)
+    worker = workers(d)
+    kills: list[int] = []
+    async with OutputReader(kafka_bootstrap, d.topics) as reader:
+        await reader.wait_for(100, timeout=120, alive=[worker], what="before the first kill")
+        for n in range(3):
+            if n:  # the restarted worker is processing again
+                await reader.wait_for(
+                    len(reader.outputs) + 500, timeout=120, alive=[worker], what="progress"
+                )
+            kills.append(len(reader.outputs))
+            worker.kill()
+            worker = workers(d)
+        assert kills[-1] < expected.total, "the worker finished before the last kill"
+        await reader.wait_for(
+            expected.total, timeout=CHAOS_COMPLETION_BOUND_S, alive=[worker], what="all outputs"
+        )
+        # Repeats count towards the total: read on until nothing is missing.
+        deadline = time.monotonic() + CHAOS_COMPLETION_BOUND_S
+        while True:
+            await reader.poll(3.0, alive=[worker])
+            problems = exactly_once_problems(
+                reader.outputs, expected, d.topics, d.topics.commands, repeats_allowed=True
+            )
+            if not problems or time.monotonic() > deadline:
+                break
+    assert not problems, "\n".join(problems) + "\n" + describe_workers([worker], 1500)
+    _report(
+        "at_least_once chaos",
+        commands=len(traffic.records),
+        expected_outputs=expected.total,
+        outputs_seen_at_kills=kills,
+        outputs_read=len(reader.outputs),
+        repeats=len(reader.outputs) - expected.total,
+    )
+
+
 # --------------------------------------------------------------------------- 2. takeover
 
 
@@ -450,3 +505,14 @@ def test_the_checker_notices_duplicates_losses_and_wrong_totals() -> None:
     mutated["session"]["total"] += 0.01
     wrong = Output(closed.topic, 0, closed.offset, closed.key, dumps(mutated))
     assert "other state/totals" in problems([wrong if o is closed else o for o in outputs])
+
+    def repeats_allowed(outs: list[Output]) -> str:
+        return "\n".join(
+            exactly_once_problems(outs, expected, topics, topics.commands, repeats_allowed=True)
+        )
+
+    # at_least_once: repeats pass; losses and wrong values still fail.
+    assert repeats_allowed([*outputs, closed, rejection]) == ""
+    assert "1 outputs missing" in repeats_allowed([o for o in outputs if o is not closed])
+    assert "1 rejections missing" in repeats_allowed([o for o in outputs if o is not rejection])
+    assert "other state/totals" in repeats_allowed([*outputs, wrong])
