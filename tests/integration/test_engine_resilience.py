@@ -21,7 +21,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from stream_app.demo.traffic import Traffic, generate_traffic
 from stream_app.json import dumps
@@ -90,6 +92,25 @@ def _background(traffic: Traffic, d: Deployment, rate: float) -> asyncio.Task[li
     return asyncio.create_task(
         produce_traffic_records(d.bootstrap, d.topics.commands, traffic, rate=rate)
     )
+
+
+async def _applying(worker: Worker) -> bool:
+    """Whether ``worker`` is ready, owns a stage-1 task and has applied commands
+    (from its /readyz and /metrics)."""
+    url = worker.http_url()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/readyz") as answer:
+            ready = answer.status == 200
+            active = (await answer.json())["active"]
+        async with http.get(f"{url}/metrics") as answer:
+            metrics = await answer.text()
+    applied = sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "stream_app_commands_total" and sample.labels["outcome"] == "applied"
+    )
+    return ready and any(task.startswith("commands[") for task in active) and applied > 0
 
 
 async def _wait_exit(worker: Worker, timeout: float) -> float | None:  # noqa: ASYNC109
@@ -288,6 +309,12 @@ async def test_a_paused_zombie_worker_is_shut_out_after_takeover(
             await reader.wait_for(
                 total // 20, timeout=120, alive=[zombie, other], what="before SIGSTOP"
             )
+            # Stopped only once it owns stage-1 tasks and has applied commands: a
+            # worker paused before its first assignment would be no zombie at all.
+            deadline = time.monotonic() + 60
+            while not await _applying(zombie):
+                assert time.monotonic() < deadline, "the zombie never got to work"
+                await reader.poll(0.2, alive=[zombie, other])
             at_stop = len(reader.outputs)
             zombie.signal_group(signal.SIGSTOP)
             await reader.poll(ZOMBIE_PAUSE_S, alive=[other])
