@@ -94,20 +94,6 @@ def run_worker(settings: Settings) -> int:
     from stream_app.worker import run
 
     configure_logging(settings.log_level, settings.log_format)
-    if settings.event_loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if settings.event_loop == "uvloop":
-                print(
-                    "stream-app: configuration error: STREAM_APP_EVENT_LOOP=uvloop, "
-                    "but uvloop is not installed",
-                    file=sys.stderr,
-                )
-                return EXIT_USAGE
-        else:
-            # ~15% more commands/s than asyncio's loop in bench/pipeline_bench.py.
-            return uvloop.run(run(settings))
     return asyncio.run(run(settings))
 
 

@@ -43,7 +43,6 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
-EventLoop = Literal["auto", "uvloop", "asyncio"]
 
 
 def _case(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
@@ -204,11 +203,8 @@ class Settings(BaseSettings):
     #: Static group membership (Kafka's group.instance.id), e.g. the pod name:
     #: a restarted worker gets its partitions back without a rebalance.
     group_instance_id: str | None = None
-    #: The worker's event loop: ``auto`` is uvloop when installed (it is a
-    #: dependency except on Windows), else asyncio's own.
-    event_loop: EventLoop = "auto"
 
-    @field_validator("log_level", "log_format", "processing_guarantee", "event_loop", mode="before")
+    @field_validator("log_level", "log_format", "processing_guarantee", mode="before")
     @classmethod
     def _choice_case(cls, value: Any, info: ValidationInfo) -> Any:
         return _case(cls, value, info)

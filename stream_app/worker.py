@@ -57,7 +57,6 @@ async def run(settings: Settings) -> int:
             engine.stop()
 
     loop = asyncio.get_running_loop()
-    log.info("event loop: %s", type(loop).__module__.split(".")[0])
     loop.set_exception_handler(_quiet_fences)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

@@ -51,7 +51,6 @@ def one_line(output: str) -> str:
         ({"STREAM_APP_PARTITIONS": "abc"}, "STREAM_APP_PARTITIONS=abc: Input should be a valid"),
         ({"STREAM_APP_PARTITIONS": "0"}, "STREAM_APP_PARTITIONS=0: Input should be greater"),
         ({"STREAM_APP_LOG_LEVEL": "loud"}, "STREAM_APP_LOG_LEVEL=loud"),
-        ({"STREAM_APP_EVENT_LOOP": "trio"}, "STREAM_APP_EVENT_LOOP=trio"),
         (
             {"STREAM_APP_SECURITY__PROTOCOL": "SASL_SSL"},
             "protocol SASL_SSL needs STREAM_APP_SECURITY__SASL_MECHANISM",
@@ -100,11 +99,9 @@ def test_choices_ignore_case(tmp_path: Path) -> None:
         "STREAM_APP_LOG_LEVEL": "info",
         "STREAM_APP_PROCESSING_GUARANTEE": "At_Least_Once",
         "STREAM_APP_LOG_FORMAT": "JSON",
-        "STREAM_APP_EVENT_LOOP": "AsyncIO",
     }
     code, output = run(["config"], env, tmp_path)
     assert code == 0, output
-    assert '"event_loop": "asyncio"' in output
     assert '"log_level": "INFO"' in output
     assert '"processing_guarantee": "at_least_once"' in output
     assert '"log_format": "json"' in output
@@ -153,36 +150,6 @@ def test_an_unreachable_broker_is_retried_and_said_plainly(tmp_path: Path) -> No
     )
     assert "Traceback" not in output
     assert proc.returncode == 0
-    assert "event loop: uvloop" in output  # the default, installed with the package
-
-
-def test_uvloop_asked_for_but_missing_is_a_configuration_error(tmp_path: Path) -> None:
-    """Where uvloop cannot be installed (Windows), ``auto`` falls back to asyncio
-    and an explicit ``uvloop`` is refused in one line."""
-    hide = tmp_path / "hide"
-    hide.mkdir()
-    (hide / "uvloop.py").write_text("raise ImportError('no uvloop here')\n")
-    env = {"PYTHONPATH": str(hide)}
-    code, output = run(["worker"], {**env, "STREAM_APP_EVENT_LOOP": "uvloop"}, tmp_path)
-    assert code == 2, output
-    assert "STREAM_APP_EVENT_LOOP=uvloop, but uvloop is not installed" in one_line(output)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stream_app", "worker"],
-        env={**base, **env, "KAFKA_BOOTSTRAP_SERVERS": CLOSED_PORT, "STREAM_APP_HTTP_PORT": "0"},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not any("event loop" in s for s in seen):
-        seen.append(proc.stdout.readline())  # it goes on logging its Kafka retries
-    proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=20)
-    assert "event loop: asyncio" in "".join(seen) + rest
 
 
 def test_watch_says_the_broker_is_unreachable(tmp_path: Path) -> None:
