@@ -26,15 +26,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import random
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,13 +43,21 @@ import aiohttp  # noqa: E402
 import orjson  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
+from aiokafka.errors import GroupCoordinatorNotAvailableError  # noqa: E402
 from aiokafka.structs import TopicPartition  # noqa: E402
-from pipeline_bench import _spawn, _stop, machine, peak_rss_mb, versions  # noqa: E402
+from pipeline_bench import (  # noqa: E402
+    _spawn,
+    _stop,
+    machine,
+    peak_rss_mb,
+    versions,
+    with_broker,
+)
 from workload import CATALOG  # noqa: E402
 
 from stream_app.settings import Settings  # noqa: E402
 from tests.integration.harness import Deployment, create_topics  # noqa: E402
-from tools.kafka_broker import KAFKA_VERSION, KafkaCluster  # noqa: E402
+from tools.kafka_broker import free_port  # noqa: E402
 
 PARTITIONS = 6
 SERVED = 2000
@@ -100,8 +105,9 @@ async def produce(bootstrap: str, topic: str, sessions: int) -> int:
     return size
 
 
-async def lag(bootstrap: str, group: str, topic: str) -> int:
-    """Records of ``topic`` not yet committed by ``group``."""
+async def lag(bootstrap: str, group: str, topic: str) -> int | None:
+    """Records of ``topic`` not yet committed by ``group``; None while the group
+    coordinator is not there yet (a fresh broker creates it on first use)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await admin.start()
@@ -109,18 +115,14 @@ async def lag(bootstrap: str, group: str, topic: str) -> int:
     try:
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
         ends = await consumer.end_offsets(tps)
-        committed = await admin.list_consumer_group_offsets(group)
+        try:
+            committed = await admin.list_consumer_group_offsets(group)
+        except GroupCoordinatorNotAvailableError:
+            return None
         return sum(ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps)
     finally:
         await consumer.stop()
         await admin.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def sample_peak(
@@ -173,7 +175,7 @@ async def run(bootstrap: str, kafka: str, workdir: Path, sessions: int) -> None:
     sampler = asyncio.create_task(sample_peak(proc, peak, stop))
     group = d.env()["STREAM_APP_APP_ID"]
     try:
-        while await lag(bootstrap, group, d.topics.commands) > 0:
+        while await lag(bootstrap, group, d.topics.commands) != 0:
             if proc.poll() is not None:
                 raise RuntimeError(f"the worker exited: {log.read_text()[-2000:]}")
             await asyncio.sleep(1.0)
@@ -239,16 +241,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    with tempfile.TemporaryDirectory(prefix="stream-app-memory-") as tmp:
-        workdir = Path(tmp)
-        external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if external:
-            asyncio.run(run(external, f"external ({external})", workdir, args.sessions))
-            return
-        with KafkaCluster(workdir / "kafka") as cluster:
-            asyncio.run(run(cluster.bootstrap_servers,
-                            f"{KAFKA_VERSION} (KRaft, one broker, this project's)", workdir,
-                            args.sessions))
+    with_broker("stream-app-memory-",
+                lambda bootstrap, kafka, workdir: run(bootstrap, kafka, workdir, args.sessions))
 
 
 if __name__ == "__main__":

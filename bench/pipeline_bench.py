@@ -52,8 +52,10 @@ import sys
 import tempfile
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -625,16 +627,24 @@ def main() -> None:
         args.baseline_checkout = args.baseline_checkout.resolve()
         if not (args.baseline_checkout / ".venv" / "bin" / "python").exists():
             parser.error(f"{args.baseline_checkout}/.venv/bin/python not found")
-    with tempfile.TemporaryDirectory(prefix="stream-app-bench-") as tmp:
+    with_broker("stream-app-bench-",
+                lambda bootstrap, kafka, workdir: main_async(args, bootstrap, kafka, workdir))
+
+
+def with_broker(prefix: str,
+                run: Callable[[str, str, Path], Coroutine[Any, Any, None]]) -> None:
+    """``run(bootstrap, kafka description, work directory)`` in a temporary
+    directory, against KAFKA_BOOTSTRAP_SERVERS when set, otherwise against the
+    project's own broker started there for the run."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         workdir = Path(tmp)
         external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if external:
-            asyncio.run(main_async(args, external, f"external ({external})", workdir))
+            asyncio.run(run(external, f"external ({external})", workdir))
             return
         with KafkaCluster(workdir / "kafka") as cluster:
-            asyncio.run(main_async(args, cluster.bootstrap_servers,
-                                   f"{KAFKA_VERSION} (KRaft, one broker, this project's)",
-                                   workdir))
+            asyncio.run(run(cluster.bootstrap_servers,
+                            f"{KAFKA_VERSION} (KRaft, one broker, this project's)", workdir))
 
 
 if __name__ == "__main__":
