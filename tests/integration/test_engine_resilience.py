@@ -23,11 +23,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from stream_app.demo.traffic import Traffic, generate_traffic
 from stream_app.json import dumps
-from tests.integration.harness import Deployment, Output, Worker, create_topics
+from tests.integration.harness import Deployment, Output, Worker, create_topics, metric_samples
 from tests.integration.workload import (
     Expected,
     OutputReader,
@@ -105,10 +104,9 @@ async def _applying(worker: Worker) -> bool:
         async with http.get(f"{url}/metrics") as answer:
             metrics = await answer.text()
     applied = sum(
-        sample.value
-        for family in text_string_to_metric_families(metrics)
-        for sample in family.samples
-        if sample.name == "stream_app_commands_total" and sample.labels["outcome"] == "applied"
+        value
+        for (name, labels), value in metric_samples(metrics).items()
+        if name == "stream_app_commands_total" and ("outcome", "applied") in labels
     )
     return ready and any(task.startswith("commands[") for task in active) and applied > 0
 

@@ -13,11 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from stream_app import json
 from stream_app.pipeline.processor import partition_for
-from tests.integration.harness import ROOT, Deployment, Worker, command, consume, produce
+from tests.integration.harness import (
+    ROOT,
+    Deployment,
+    Worker,
+    command,
+    consume,
+    metric_samples,
+    produce,
+)
 
 StartWorker = Callable[..., Worker]
 
@@ -26,15 +33,6 @@ async def get(url: str) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as client, client.get(url) as answer:
         body = await answer.read()
         return answer.status, json.loads(body) if body.startswith((b"{", b"[")) else body
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a Prometheus exposition, parsed by prometheus_client's own parser."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def closing(n: int, prefix: str) -> list[tuple[bytes, bytes]]:
@@ -89,7 +87,7 @@ async def test_metrics_parse_and_move_as_commands_are_processed(
     url = worker.http_url()
     status, before_text = await get(f"{url}/metrics")
     assert status == 200
-    before = samples(before_text.decode())
+    before = metric_samples(before_text.decode())
     assert before[("stream_app_transactions_total", (("result", "committed"),))] == 0
 
     records = closing(20, "m")
@@ -100,7 +98,7 @@ async def test_metrics_parse_and_move_as_commands_are_processed(
     deadline = time.monotonic() + 30
     while True:
         _, text = await get(f"{url}/metrics")
-        after = samples(text.decode())
+        after = metric_samples(text.decode())
         applied = after.get(
             ("stream_app_commands_total", (("outcome", "applied"), ("type", "update")))
         )
