@@ -369,8 +369,8 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
           f"in {time.monotonic() - began:.1f}s", flush=True)
     python = sys.executable
     results: dict[str, Result] = {}
-    more: list[dict[str, str]] | None = None
     for name in args.contenders:
+        more: list[dict[str, str]] = []  # environments of further workers in the group
         label = LABELS[name]
         sink = f"{run_id}.{name}.out"
         if name in ("raw", "raw-txn"):
@@ -403,7 +403,6 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
         print(f"running {label} ...", flush=True)
         results[name] = await run_contender(bootstrap, result, argv, env, outputs,
                                             workdir / f"{name}.log", more=more)
-        more = None
         r = results[name]
         print(f"  {'ok' if r.ok else 'FAILED: ' + r.error}; {r.rate:,.0f} commands/s; "
               f"started after {r.first - r.start:.1f}s; {load()}", flush=True)
