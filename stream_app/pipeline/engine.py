@@ -4,16 +4,18 @@ Contracts
 ---------
 * **Processing.** One read_committed consumer in group ``<app id>``
   (range assignor, see :mod:`stream_app.pipeline.tasks`) feeds the records
-  of each partition, in order, to the task that owns it. A task commits its
-  transaction (:class:`~stream_app.pipeline.checkpoint.Checkpoint`) when it
-  holds ``batch_size`` records or ``checkpoint_interval_s`` has passed.
+  of each partition, in order, to the task that owns it. Once any task holds
+  ``batch_size`` records or ``checkpoint_interval_s`` has passed, every task's
+  transaction (:class:`~stream_app.pipeline.checkpoint.Checkpoint`) is sealed
+  and committed in one round, beside the processing of the next records; a
+  round begins only after the previous one has ended.
 * **Assignment.** New partitions are paused at once; their task fences the
   previous owner, restores its stores, then the inputs are sought to their
   committed offsets (read after the fence, so a fenced owner's last commit is
   included) and resumed. Restores run beside the processing of other tasks.
-* **Revocation.** Before the listener returns, every task of a revoked
-  partition commits its transaction (or aborts it, if the commit fails) and
-  closes. The group never waits on more than that.
+* **Revocation.** Before the listener returns, the commit round in flight
+  ends, then every task of a revoked partition commits its transaction (or
+  aborts it, if the commit fails) and closes. The group never waits on more than that.
 * **Fencing.** A task whose producer was fenced is dropped: another worker
   owns it. If the group does not reassign it within a session timeout, this
   worker leaves and rejoins the group.
@@ -28,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -76,6 +78,14 @@ _METRICS_LOG_EVERY_S: Final = 30.0
 #: How far past its position each input is read raw to find an unreadable record.
 _RAW_BATCHES_PER_INPUT: Final = 64
 _LAYOUT_FILE: Final = "layout.json"
+
+
+@dataclass(frozen=True, slots=True)
+class _Round:
+    """One commit round: the tasks whose transactions it commits, and their outcome."""
+
+    tasks: list[Task]
+    commits: asyncio.Future[list[BaseException | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,10 +140,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         # What /readyz and /metrics report.
         self.latency = LatencyHistogram()
         #: Seconds per commit round: the due tasks' transactions, committed together
-        #: while processing waits.
+        #: while processing goes on.
         self.commit_latency = LatencyHistogram()
         self.commits = 0
         self.aborts = 0
+        #: The commit round in flight (see :meth:`_commit`).
+        self._round: _Round | None = None
         self.restored_records = 0
         #: Changelog records left to restore, by task (while it restores).
         self.restore_remaining: dict[str, int] = {}
@@ -360,8 +372,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             try:
                 await task.handle_many(records)
             except TaskFencedError as exc:
+                await self._finish_round()
                 await self._lose(task, exc)
             except (KafkaError, CheckpointError, OSError) as exc:
+                await self._finish_round()
                 await self._restart(task, exc)
 
     async def _read_past_the_client(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
@@ -396,27 +410,53 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             raise exc
 
     async def _commit(self, *, due_only: bool) -> None:
-        """Commit every open transaction, or (``due_only``) all of them once any
-        one is due: one commit round per checkpoint interval, as Kafka Streams
-        commits all of a thread's tasks together. A round costs about the same
-        for one task as for twelve (the round trips overlap), and processing
-        waits for it, so rounds of single tasks, each falling due at its own
-        time, would block the loop several times per interval."""
+        """Begin a commit round of every open transaction, or (``due_only``) of
+        all of them once any one is due, as Kafka Streams commits all of a
+        thread's tasks together; without ``due_only``, wait for it too.
+
+        A round runs beside the processing: its transactions are sealed at once
+        (:meth:`Task.begin_commit`) and the records handled meanwhile go to each
+        task's next transaction, which the next round commits once this one
+        has finished. So processing waits for a round only when the next one
+        is due before it ends. A round that has ended is acted on (counted,
+        failed tasks restarted) at the next call, due or not: the loop calls
+        this at least once per checkpoint interval."""
+        if self._round is not None and self._round.commits.done():
+            await self._finish_round()
         now = time.monotonic()
-        tasks = [task for task in self._tasks.values() if task.active]
-        if due_only and not any(task.commit_due(now) for task in tasks):
+        if due_only and not any(task.commit_due(now) for task in self._tasks.values()):
             return
-        due = [task for task in tasks if task.checkpoint is not None]
-        if not due:
+        await self._finish_round()
+        due = [task for task in self._tasks.values() if task.active and task.checkpoint]
+        if due:
+            began = time.perf_counter()
+            sealed = [task.begin_commit() for task in due]  # now, before any other record
+            commits = asyncio.gather(*map(self._counted, sealed), return_exceptions=True)
+            commits.add_done_callback(
+                lambda _: self.commit_latency.observe(time.perf_counter() - began)
+            )
+            self._round = _Round(due, commits)
+        if not due_only:
+            await self._finish_round()
+
+    async def _counted(self, commit: Awaitable[None]) -> None:
+        """One transaction of a round, counted as soon as it ends."""
+        try:
+            await commit
+        except CheckpointError:
+            self.aborts += 1
+            raise
+        self.commits += 1
+
+    async def _finish_round(self) -> None:
+        """Wait for the commit round in flight, if any, and act on its outcome."""
+        current, self._round = self._round, None
+        if current is None:
             return
-        began = time.perf_counter()
-        results = await asyncio.gather(*(task.commit() for task in due), return_exceptions=True)
-        self.commit_latency.observe(time.perf_counter() - began)
-        for task, result in zip(due, results, strict=True):
-            if result is None:
-                self.commits += 1
-            elif isinstance(result, CheckpointError):
-                self.aborts += 1
+        results = await current.commits
+        for task, result in zip(current.tasks, results, strict=True):
+            if self._tasks.get(task.id) is not task:
+                continue  # dropped meanwhile (its next transaction with it)
             if isinstance(result, TaskFencedError):
                 await self._lose(task, result)
             elif isinstance(result, CheckpointError | StoreWriteError):
@@ -543,6 +583,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             starter.cancel()
         await asyncio.gather(*starters, return_exceptions=True)
         async with self._lock:
+            await self._finish_round()
             for task_id in gone:
                 task = self._tasks.get(task_id)
                 if task is None:

@@ -8,8 +8,8 @@ continues. Data and that offset are only ever written together, in one
 state of the changelog up to the offset it records.
 
 Processors never write RocksDB directly: they read and write through a
-:class:`StoreOverlay`, which the checkpoint writes to RocksDB after the Kafka
-transaction holding the matching changelog records has committed.
+:class:`StoreOverlay`, whose changes the checkpoint writes to RocksDB after
+the Kafka transaction holding the matching changelog records has committed.
 """
 
 from __future__ import annotations
@@ -118,26 +118,36 @@ class PartitionStore:
 class StoreOverlay(MutableMapping[bytes, bytes]):
     """Uncommitted writes over a store: what the processors see and change.
 
-    Reads see the overlay first, then RocksDB. ``changes`` maps each key
-    written since the last commit to its newest value (None: deleted): one
-    changelog record per changed key, whatever the number of writes.
+    Two layers over RocksDB: ``changes``, the writes of the open transaction,
+    and ``committing``, those of the transaction being committed (set aside by
+    :meth:`freeze`, dropped by :meth:`release` once RocksDB holds them). Reads
+    see ``changes``, then ``committing``, then RocksDB. Each layer maps a key
+    written to its newest value (None: deleted): one changelog record per
+    changed key and transaction, whatever the number of writes.
     """
 
     def __init__(self, store: PartitionStore) -> None:
         self.store = store
         self.changes: dict[bytes, bytes | None] = {}
+        self.committing: dict[bytes, bytes | None] = {}
         #: Values the current record replaced (see :meth:`begin_record`).
         self._undo: dict[bytes, bytes | _Absent | None] = {}
 
+    def get(self, key: bytes, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
+        changes = self.changes
+        if key in changes:
+            value = changes[key]
+        elif key in self.committing:
+            value = self.committing[key]
+        else:
+            value = self.store.get(key)
+        return default if value is None else value
+
     def __getitem__(self, key: bytes) -> bytes:
-        value = self.changes[key] if key in self.changes else self.store.get(key)
+        value = self.get(key)
         if value is None:
             raise KeyError(key)
         return value
-
-    def get(self, key: bytes, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
-        value = self.changes[key] if key in self.changes else self.store.get(key)
-        return default if value is None else value
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, bytes) and self.get(key) is not None
@@ -169,11 +179,26 @@ class StoreOverlay(MutableMapping[bytes, bytes]):
                 self.changes[key] = previous
         self._undo.clear()
 
+    def freeze(self) -> dict[bytes, bytes | None]:
+        """Set the open transaction's changes aside as ``committing`` (and return
+        them); later writes start a new layer. One transaction commits at a time."""
+        if self.committing:
+            raise RuntimeError("the previous transaction's changes are still committing")
+        frozen, self.changes = self.changes, {}
+        self.committing = frozen
+        self._undo.clear()
+        return frozen
+
+    def release(self) -> None:
+        """RocksDB now holds the ``committing`` changes: stop keeping them here."""
+        self.committing = {}
+
     def __iter__(self) -> Iterator[bytes]:
+        pending = {**self.committing, **self.changes}
         for key in self.store.keys():  # noqa: SIM118 - a store, not a dict
-            if key not in self.changes:
+            if key not in pending:
                 yield key
-        for key, value in self.changes.items():
+        for key, value in pending.items():
             if value is not None:
                 yield key
 
@@ -181,8 +206,9 @@ class StoreOverlay(MutableMapping[bytes, bytes]):
         return sum(1 for _ in self)
 
     def discard(self) -> None:
-        """Forget the uncommitted writes (after a commit wrote them, or an abort)."""
+        """Forget every uncommitted write (the transaction, and any on top of it, failed)."""
         self.changes.clear()
+        self.committing = {}
         self._undo.clear()
 
 

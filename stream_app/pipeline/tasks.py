@@ -27,7 +27,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -170,7 +170,9 @@ class Task:
             enable_idempotence=True,
             acks="all",
             linger_ms=self.settings.producer_linger_ms,
-            max_batch_size=512 * 1024,
+            # A transaction's records go out as whole batches (checkpoint.py), each
+            # within the smallest max.message.bytes of the topics written.
+            max_batch_size=min(512 * 1024, self.max_record_bytes),
             max_request_size=self.max_record_bytes,
         )
         # For a transactional producer, start() is InitProducerId: the fence.
@@ -335,9 +337,21 @@ class Task:
 
     async def commit(self) -> None:
         """Commit the current transaction (see :class:`Checkpoint`); raises its errors."""
+        await self.begin_commit()
+
+    def begin_commit(self) -> Awaitable[None]:
+        """Seal the current transaction now and return its commit to await: the
+        records handled from here on go to the next one. The caller awaits that
+        commit before it begins the next (see :meth:`Checkpoint.seal`)."""
         checkpoint, self.checkpoint = self.checkpoint, None
-        if checkpoint is not None and not checkpoint.closed:
-            await checkpoint.commit()
+        if checkpoint is None or checkpoint.closed:
+            return _nothing()
+        checkpoint.seal()
+        return checkpoint.commit()
+
+
+async def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)

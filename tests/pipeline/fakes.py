@@ -15,11 +15,11 @@ checkpoint relies on it:
   raises :class:`~aiokafka.errors.ProducerFenced`.
 
 :class:`FakeProducer` satisfies :class:`stream_app.pipeline.checkpoint.Producer`.
-It buffers: ``send`` returns a pending future, and the records reach the
-log at ``flush`` (or ``commit_transaction``, which flushes first), or once
+It buffers: ``send_batch`` returns a pending future, and the batch's records
+reach the log at ``flush`` (or ``commit_transaction``, which flushes first), or once
 :data:`LINGER_S` has passed in the event loop, as aiokafka's background
-sender does. Failures are injected per producer: a send whose future
-fails, a send refused at once, a call (``commit_transaction``, ...) that
+sender does. Failures are injected per producer: a batch whose future
+fails, a batch refused at once, a call (``commit_transaction``, ...) that
 raises, and a hook run at the start of a call (e.g. to fence the producer
 exactly there).
 """
@@ -183,12 +183,37 @@ class FakeBroker:
         return self._transactions[transaction].state
 
 
+class FakeBatch:
+    """An aiokafka ``BatchBuilder``: it takes its first record whatever its size,
+    later ones while their keys and values fit in ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.records: list[tuple[bytes | None, bytes | None, tuple[tuple[str, bytes], ...]]] = []
+        self.closed = False
+        self._size = 0
+
+    def append(
+        self, *, timestamp: int | None, key: bytes | None, value: bytes | None, headers: Any
+    ) -> object | None:
+        size = len(key or b"") + len(value or b"")
+        if self.closed or (self.records and self._size + size > self.max_bytes):
+            return None
+        self.records.append((key, value, tuple(headers)))
+        self._size += size
+        return len(self.records) - 1
+
+    def close(self) -> None:
+        self.closed = True
+
+    def record_count(self) -> int:
+        return len(self.records)
+
+
 @dataclass(slots=True)
 class _Buffered:
     tp: TopicPartition
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
+    batch: FakeBatch
     future: asyncio.Future[RecordMetadata]
     error: BaseException | None
 
@@ -208,17 +233,19 @@ class FakeProducer:
     def __init__(self, broker: FakeBroker, transactional_id: str | None) -> None:
         self.broker = broker
         self.transactional_id = transactional_id
-        #: Every call in order: "begin_transaction", "send", "flush", ...
+        #: Every call in order: "begin_transaction", "send_batch", "flush", ...
         self.calls: list[str] = []
         #: Run once, at the start of the named call (before its checks).
         self.before: dict[str, Callable[[], None]] = {}
         self.fenced = False
         #: What a call of a fenced producer raises: ProducerFenced (the default),
         #: or what aiokafka 0.14 raises once its background sender has learned
-        #: of the fence (IllegalOperation from send and send_offsets_to_transaction,
+        #: of the fence (IllegalOperation from send_batch and send_offsets_to_transaction,
         #: AssertionError from commit and abort; the futures fail with ProducerFenced).
         self.fence_style: Literal["ProducerFenced", "aiokafka-0.14"] = "ProducerFenced"
         self.stopped = False
+        #: How many bytes of keys and values a batch takes (past its first record).
+        self.batch_bytes = 16 * 1024
         self._transaction: int | None = None
         self._buffer: list[_Buffered] = []
         self._linger: asyncio.TimerHandle | None = None
@@ -230,11 +257,11 @@ class FakeProducer:
 
     # -- failure injection --------------------------------------------------------------------
     def refuse_next_send(self, error: BaseException, *, topic: str | None = None) -> None:
-        """The next send (to ``topic``) raises ``error`` at once; nothing is buffered."""
+        """The next batch sent (to ``topic``) raises ``error`` at once; nothing is buffered."""
         self._refusals.append(_Fault(error, topic))
 
     def fail_next_send(self, error: BaseException, *, topic: str | None = None) -> None:
-        """The next send (to ``topic``) is accepted; its future fails with ``error``."""
+        """The next batch sent (to ``topic``) is accepted; its future fails with ``error``."""
         self._send_failures.append(_Fault(error, topic))
 
     def fail_next(self, call: str, error: BaseException) -> None:
@@ -256,7 +283,7 @@ class FakeProducer:
     @property
     def buffered(self) -> int:
         """Records sent but not yet flushed to the broker."""
-        return len(self._buffer)
+        return sum(sent.batch.record_count() for sent in self._buffer)
 
     # -- the Producer protocol ----------------------------------------------------------------
     async def begin_transaction(self) -> None:
@@ -269,23 +296,19 @@ class FakeProducer:
         self._transaction = self.broker.begin()
         self._abortable = None
 
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Any = None,
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch(self.batch_bytes)
+
+    async def send_batch(
+        self, batch: FakeBatch, topic: str, *, partition: int
     ) -> asyncio.Future[RecordMetadata]:
-        self._enter("send")
+        self._enter("send_batch")
         if self.transactional_id is not None and self._transaction is None:
             raise IllegalOperation("Can't send messages while not in transaction")
         refusal = _take(self._refusals, topic)
         if refusal is not None:
             raise refusal.error
-        if partition is None:
-            partition = self.broker.partition_for(topic, key)
+        batch.close()
         failure = _take(self._send_failures, topic)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[RecordMetadata] = loop.create_future()
@@ -294,9 +317,7 @@ class FakeProducer:
         self._buffer.append(
             _Buffered(
                 TopicPartition(topic, partition),
-                key,
-                value,
-                tuple(headers or ()),
+                batch,
                 future,
                 None if failure is None else failure.error,
             )
@@ -362,7 +383,7 @@ class FakeProducer:
             error = ProducerFenced()
         # aiokafka 0.14: the sender task died of the fence, the transaction manager
         # is in FATAL_ERROR and the public calls check their state first.
-        elif call == "send":
+        elif call == "send_batch":
             error = IllegalOperation("Can't send messages while not in transaction")
         elif call == "send_offsets_to_transaction":
             error = IllegalOperation("Not in the middle of a transaction")
@@ -384,22 +405,24 @@ class FakeProducer:
             self._linger.cancel()
             self._linger = None
         buffered, self._buffer = self._buffer, []
-        for record in buffered:
-            error = ProducerFenced() if self.fenced else record.error
+        for sent in buffered:
+            error = ProducerFenced() if self.fenced else sent.error
             if error is not None:
                 if self._transaction is not None:
                     self._abortable = error
-                record.future.set_exception(error)
+                sent.future.set_exception(error)
                 continue
-            offset = self.broker.append(
-                record.tp, record.key, record.value, record.headers, self._transaction
-            )
-            record.future.set_result(
+            offsets = [
+                self.broker.append(sent.tp, key, value, headers, self._transaction)
+                for key, value, headers in sent.batch.records
+            ]
+            # Like aiokafka, a batch's future holds the offset of its first record.
+            sent.future.set_result(
                 RecordMetadata(
-                    topic=record.tp.topic,
-                    partition=record.tp.partition,
-                    topic_partition=record.tp,
-                    offset=offset,
+                    topic=sent.tp.topic,
+                    partition=sent.tp.partition,
+                    topic_partition=sent.tp,
+                    offset=offsets[0],
                     timestamp=None,
                     timestamp_type=0,
                     log_start_offset=0,

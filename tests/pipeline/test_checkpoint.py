@@ -298,27 +298,109 @@ async def test_an_empty_checkpoint_opens_no_transaction_and_commits_once(
     await checkpoint.commit()
 
     new_calls = rig.producer.calls[len(calls_before) :]
-    assert not {"begin_transaction", "send", "commit_transaction"} & set(new_calls)
+    assert not {"begin_transaction", "send_batch", "commit_transaction"} & set(new_calls)
     with pytest.raises(CheckpointError, match="already"):
         await checkpoint.commit()
 
 
-async def test_an_output_refused_before_sending_leaves_the_transaction_intact(
+async def test_outputs_reach_the_producer_only_at_the_commit(make_rig: RigFactory) -> None:
+    rig = await make_rig()
+    calls_before = len(rig.producer.calls)
+    checkpoint = rig.checkpoint()
+
+    await rig.process_batch(checkpoint)
+
+    assert rig.producer.calls[calls_before:] == []
+    assert not rig.producer.in_transaction
+    await checkpoint.commit()
+    new_calls = rig.producer.calls[calls_before:]
+    assert new_calls[0] == "begin_transaction"
+    assert new_calls[-2:] == ["send_offsets_to_transaction", "commit_transaction"]
+
+
+async def test_records_beyond_one_batch_go_in_further_batches_in_order(
     make_rig: RigFactory,
 ) -> None:
-    """What Task.handle relies on to send a rejection instead of a too large output."""
+    rig = await make_rig()
+    rig.producer.batch_bytes = 20  # a few records per batch
+    visible_before = rig.visible()
+    changelog = CHANGELOGS[SESSIONS]
+    changelog_end = rig.broker.end_offset(changelog)
+    checkpoint = rig.checkpoint()
+    outputs = [Outgoing(CLOSED, b"k", b"closed %d" % i) for i in range(7)]
+    for offset, out in enumerate(outputs, start=2):
+        rig.overlays[SESSIONS][b"key%d" % offset] = b"value %d" % offset
+        await checkpoint.send(out)
+        checkpoint.consumed(INPUT, offset)
+
+    await checkpoint.commit()
+
+    assert rig.producer.calls.count("send_batch") > 4
+    new = [(k, v) for k, v in rig.broker.committed_records(CLOSED) if k == b"k"]
+    assert new == [(out.key, out.value) for out in outputs]  # one key, its order kept
+    written = rig.broker.read_committed(changelog, changelog_end)
+    assert [e.key for e in written] == [b"key%d" % offset for offset in range(2, 9)]
+    store = rig.stores[SESSIONS]
+    # The offset after the last changelog record of the last batch.
+    assert store.changelog_offset == written[-1].offset + 1
+    assert contents(store) == {**SEED[SESSIONS], **{e.key: e.value for e in written}}
+    assert rig.broker.read_committed(changelog, store.changelog_offset) == []
+    assert rig.visible()[CLOSED] == sorted(
+        visible_before[CLOSED] + [(out.key, out.value) for out in outputs], key=repr
+    )
+
+
+async def test_a_sealed_transaction_commits_while_the_next_one_is_processed(
+    make_rig: RigFactory,
+) -> None:
+    """What the engine does: seal every task's transaction, commit them beside
+    the processing of the next records, which see the sealed state."""
     rig = await make_rig()
     visible_before = rig.visible()
-    rig.producer.refuse_next_send(MessageSizeTooLargeError(), topic=CLOSED)
-    checkpoint = rig.checkpoint()
-    with pytest.raises(MessageSizeTooLargeError):
-        await checkpoint.send(Outgoing(CLOSED, b"huge", b"x" * 100))
+    first = rig.checkpoint()
+    await rig.process_batch(first)
+    first.seal()
 
-    await rig.process_and_commit(checkpoint)
+    second = rig.checkpoint()
+    sessions = rig.overlays[SESSIONS]
+    assert sessions[b"d"] == b"d1"  # written by the sealed transaction
+    sessions[b"d"] = b"d2"
+    await second.send(Outgoing(CLOSED, b"d", b"closed d again"))
+    second.consumed(INPUT, 5)
+    await first.commit()
 
     assert rig.visible() == visible_with_batch(visible_before)
     assert rig.broker.committed(GROUP) == {INPUT: 5}
     assert {name: data for name, (data, _) in rig.stored().items()} == AFTER
+    assert sessions[b"d"] == b"d2"
+    await second.commit()
+    assert rig.broker.committed(GROUP) == {INPUT: 6}
+    assert contents(rig.stores[SESSIONS]) == {**AFTER[SESSIONS], b"d": b"d2"}
+    assert changelog_state(rig.broker, CHANGELOGS[SESSIONS]) == contents(rig.stores[SESSIONS])
+    with pytest.raises(CheckpointError, match="sealed"):
+        await first.send(BATCH_OUTPUTS[0])
+
+
+async def test_a_failed_commit_drops_the_transaction_processed_on_top_of_it(
+    make_rig: RigFactory,
+) -> None:
+    rig = await make_rig()
+    visible_before, stored_before = rig.visible(), rig.stored()
+    first = rig.checkpoint()
+    await rig.process_batch(first)
+    first.seal()
+    second = rig.checkpoint()
+    rig.overlays[SESSIONS][b"d"] = b"d2"
+    await second.send(Outgoing(CLOSED, b"d", b"closed d again"))
+    second.consumed(INPUT, 5)
+    rig.producer.fail_next("commit_transaction", KafkaError("COORDINATOR_NOT_AVAILABLE"))
+
+    with pytest.raises(CheckpointError):
+        await first.commit()
+    await second.abort()  # the engine restarts the task from its committed offsets
+
+    assert_batch_left_no_trace(rig, first, visible_before, stored_before)
+    await assert_task_continues(rig, visible_before)
 
 
 # -- exactly_once: failures before the commit ---------------------------------------------------
@@ -416,7 +498,7 @@ async def test_an_abort_that_fails_too_still_reports_the_commit_failure(
 
 # -- exactly_once: fenced -----------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "call", ["send", "flush", "send_offsets_to_transaction", "commit_transaction"]
+    "call", ["send_batch", "flush", "send_offsets_to_transaction", "commit_transaction"]
 )
 async def test_a_fenced_producer_gives_up_the_task_without_aborting(
     make_rig: RigFactory, call: str
@@ -440,17 +522,6 @@ async def test_a_fenced_producer_gives_up_the_task_without_aborting(
     await assert_task_continues(rig, visible_before)
 
 
-async def test_a_fence_learned_between_two_sends_is_a_task_fence(make_rig: RigFactory) -> None:
-    rig = await make_rig()
-    rig.producer.fence_style = "aiokafka-0.14"
-    checkpoint = rig.checkpoint()
-    await checkpoint.send(BATCH_OUTPUTS[0])  # begins the transaction
-    rig.broker.producer(TXN_ID)  # another worker takes the task over
-
-    with pytest.raises(TaskFencedError):
-        await checkpoint.send(BATCH_OUTPUTS[1])
-
-
 async def test_a_fence_learned_before_the_commit_is_a_task_fence(make_rig: RigFactory) -> None:
     rig = await make_rig()
     rig.producer.fence_style = "aiokafka-0.14"
@@ -460,7 +531,7 @@ async def test_a_fence_learned_before_the_commit_is_a_task_fence(make_rig: RigFa
     rig.broker.producer(TXN_ID)  # another worker takes the task over
 
     with pytest.raises(TaskFencedError):
-        await checkpoint.commit()  # its changelog sends meet the dead sender
+        await checkpoint.commit()  # its batches meet the dead sender
     assert rig.stored() == stored_before
     assert all(overlay.changes == {} for overlay in rig.overlays.values())
 
@@ -598,7 +669,7 @@ async def test_revocation_whose_commit_fails_aborts_and_keeps_rocksdb(
     assert_no_open_transaction(broker)
 
 
-async def test_closing_a_task_without_commit_aborts_its_transaction(
+async def test_closing_a_task_without_commit_sends_nothing_of_its_transaction(
     tmp_path: Path, resources: RocksDBResources, broker: FakeBroker
 ) -> None:
     task = started_task(tmp_path, resources, broker)
@@ -606,6 +677,7 @@ async def test_closing_a_task_without_commit_aborts_its_transaction(
     assert isinstance(producer, FakeProducer)
     await task.handle(command(0, b"k1"))
     await task.commit()
+    calls_after_commit = len(producer.calls)
     await task.handle(command(1, b"k1"))
     await task.handle(command(2, b"k2"))
 
@@ -617,9 +689,9 @@ async def test_closing_a_task_without_commit_aborts_its_transaction(
     store = reopened(tmp_path, resources)
     assert contents(store) == {b"k1": b"1"}
     store.close()
-    # Aborted, not left open: an open transaction would stall read_committed readers
-    # of these partitions until the broker's transaction timeout.
-    assert "abort_transaction" in producer.calls
+    # Its records were never sent, so no transaction was opened: none is left open
+    # to stall read_committed readers until the broker's transaction timeout.
+    assert producer.calls[calls_after_commit:] == ["stop"]
     assert_no_open_transaction(broker)
 
 

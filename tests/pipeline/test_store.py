@@ -189,3 +189,58 @@ def test_discard_forgets_the_changes_and_what_undo_would_restore(
     overlay.undo_record()  # back to RocksDB's value, not to the discarded s2
     assert overlay.changes == {}
     assert overlay[b"stored"] == b"s1"
+
+
+def test_frozen_changes_stay_readable_under_new_ones_until_released(
+    store: PartitionStore, overlay: StoreOverlay
+) -> None:
+    """A sealed transaction commits while the next one is processed on top of it."""
+    overlay[b"stored"] = b"s2"
+    overlay[b"new"] = b"n1"
+    del overlay[b"other"]
+    frozen = overlay.freeze()
+
+    assert frozen == {b"stored": b"s2", b"new": b"n1", b"other": None}
+    assert overlay.changes == {}
+    overlay[b"new"] = b"n2"  # the next transaction
+    overlay[b"later"] = b"l1"
+    assert overlay[b"stored"] == b"s2"  # the committing layer, not RocksDB's s1
+    assert b"other" not in overlay  # its delete too
+    assert dict(overlay) == {b"stored": b"s2", b"new": b"n2", b"later": b"l1"}
+    assert overlay.changes == {b"new": b"n2", b"later": b"l1"}  # its own changelog records
+    assert frozen == {b"stored": b"s2", b"new": b"n1", b"other": None}  # not touched
+
+    store.write(frozen, 11)  # what the checkpoint does once the transaction committed
+    overlay.release()
+    assert overlay.committing == {}
+    assert dict(overlay) == {b"stored": b"s2", b"new": b"n2", b"later": b"l1"}
+
+
+def test_undo_after_a_freeze_restores_the_committing_value(overlay: StoreOverlay) -> None:
+    overlay[b"stored"] = b"s2"
+    overlay.freeze()
+    overlay.begin_record()
+    overlay[b"stored"] = b"s3"
+    overlay.undo_record()
+    assert overlay.changes == {}
+    assert overlay[b"stored"] == b"s2"
+
+
+def test_one_transaction_commits_at_a_time(overlay: StoreOverlay) -> None:
+    overlay[b"a"] = b"1"
+    overlay.freeze()
+    overlay[b"b"] = b"2"
+    with pytest.raises(RuntimeError, match="still committing"):
+        overlay.freeze()
+    overlay.release()
+    assert overlay.freeze() == {b"b": b"2"}
+
+
+def test_discard_forgets_the_committing_layer_too(overlay: StoreOverlay) -> None:
+    """A failed commit drops the transaction processed on top of it as well."""
+    overlay[b"stored"] = b"s2"
+    overlay.freeze()
+    overlay[b"new"] = b"n1"
+    overlay.discard()
+    assert overlay.changes == {} == overlay.committing
+    assert dict(overlay) == {b"stored": b"s1", b"other": b"o1"}
