@@ -178,7 +178,7 @@ class Settings(BaseSettings):
     application_settings_file: Path | None = None
     rocksdb: RocksDBSettings = RocksDBSettings()
     #: A task commits its transaction once it holds this many records ...
-    batch_size: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=5000, ge=1)
     #: ... or once its transaction is this old, whichever comes first.
     checkpoint_interval_s: float = Field(default=0.1, gt=0, le=60)
     #: How long the producers wait to fill a batch before sending it.

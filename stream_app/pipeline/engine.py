@@ -306,6 +306,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer.subscribe(self.input_topics, listener=self)
         poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
         last_metrics = time.monotonic()
+        consumed_any = False
         try:
             while not self._stopping.is_set():
                 try:
@@ -314,6 +315,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     async with self._lock:
                         await self._read_past_the_client(consumer, exc)
                     continue
+                if batches and not consumed_any:
+                    consumed_any = True
+                    log.info("first records consumed (unix time %.6f)", time.time())
                 async with self._lock:
                     await self._process(batches)
                     await self._commit(due_only=True)
