@@ -177,9 +177,10 @@ class Settings(BaseSettings):
     #: JSON file of per-application settings: {"<applicationId>": {...}}.
     application_settings_file: Path | None = None
     rocksdb: RocksDBSettings = RocksDBSettings()
-    #: A task commits its transaction once it holds this many records ...
+    #: The tasks commit their transactions (in one round) once one of them
+    #: holds this many records (also the most records one poll returns) ...
     batch_size: int = Field(default=5000, ge=1)
-    #: ... or once its transaction is this old, whichever comes first.
+    #: ... or once one's transaction is this old, whichever comes first.
     checkpoint_interval_s: float = Field(default=0.1, gt=0, le=60)
     #: How long the producers wait to fill a batch before sending it.
     producer_linger_ms: int = Field(default=5, ge=0, le=1000)

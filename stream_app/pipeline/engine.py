@@ -15,7 +15,8 @@ Contracts
   included) and resumed. Restores run beside the processing of other tasks.
 * **Revocation.** Before the listener returns, the commit round in flight
   ends, then every task of a revoked partition commits its transaction (or
-  aborts it, if the commit fails) and closes. The group never waits on more than that.
+  aborts it, if the commit fails) and closes. The group never waits on more
+  than that.
 * **Fencing.** A task whose producer was fenced is dropped: another worker
   owns it. If the group does not reassign it within a session timeout, this
   worker leaves and rejoins the group.
@@ -139,7 +140,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.stopped_cleanly = True
         # What /readyz and /metrics report.
         self.latency = LatencyHistogram()
-        #: Seconds per commit round: the due tasks' transactions, committed together
+        #: Seconds per commit round: every task's transaction, committed together
         #: while processing goes on.
         self.commit_latency = LatencyHistogram()
         self.commits = 0
@@ -431,7 +432,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         if due_only and not any(task.commit_due(now) for task in self._tasks.values()):
             return
         await self._finish_round()
-        due = [task for task in self._tasks.values() if task.active and task.checkpoint]
+        due = [t for t in self._tasks.values() if t.active and t.checkpoint is not None]
         if due:
             began = time.perf_counter()
             sealed = [task.begin_commit() for task in due]  # now, before any other record

@@ -66,8 +66,8 @@ class EngineCollector(Collector):
         yield latency
         commit = HistogramMetricFamily(
             "stream_app_commit_seconds",
-            "Time per commit round: the due tasks' transactions committed together, "
-            "while processing waits",
+            "Time per commit round: every task's transaction committed together, "
+            "while processing goes on",
         )
         commit.add_metric(
             [], engine.commit_latency.cumulative(), sum_value=engine.commit_latency.total
