@@ -5,8 +5,9 @@ objects -- :class:`Session`, :class:`CartItem`, :class:`AdditionalCost` and the
 commands -- are frozen ``msgspec.Struct`` classes. Building a 14-field frozen
 struct costs ~0.1 us against ~1.5 us for a frozen slotted dataclass, which
 matters for a 1000-item cart, and ``msgspec.structs.replace`` is a cheap copy.
-The objects made a few times per command (context, outcomes, events,
-rejections) are frozen slotted dataclasses, as the pipeline contract states.
+So are the objects made once per command: the context, the outcome and its
+events (a frozen dataclass costs ~0.5 us to build, a struct ~0.05 us). The
+rarer ones (rejections, return summaries) are frozen slotted dataclasses.
 
 Money is :class:`decimal.Decimal` everywhere (see ``stream_app.domain.numbers``).
 Mapping fields (``attributes``, ``additional_costs``) are plain dicts so they
@@ -169,8 +170,7 @@ class SessionIdAllocator(Protocol):
     def next_id(self) -> int: ...
 
 
-@dataclass(frozen=True, slots=True)
-class CommandContext:
+class CommandContext(msgspec.Struct, frozen=True):
     """Everything besides the command that :func:`apply` needs; no clock, no I/O."""
 
     timestamp_ms: int
@@ -321,8 +321,7 @@ class ReturnSummary:
     value: Decimal
 
 
-@dataclass(frozen=True, slots=True)
-class SessionEvent:
+class SessionEvent(msgspec.Struct, frozen=True):
     name: EventName
     event_id: str
     timestamp_ms: int
@@ -354,19 +353,16 @@ class Rejection:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Applied:
+class Applied(msgspec.Struct, frozen=True):
     session: Session
     events: tuple[SessionEvent, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Duplicate:
+class Duplicate(msgspec.Struct, frozen=True):
     session: Session
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
+class Rejected(msgspec.Struct, frozen=True):
     rejection: Rejection
 
 

@@ -44,6 +44,7 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
+import msgspec
 from aiokafka.partitioner import murmur2
 
 from stream_app import json
@@ -173,8 +174,7 @@ class Outgoing(NamedTuple):
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class SourceRecord:
+class SourceRecord(msgspec.Struct, frozen=True):
     """Where a record came from, as the domain and the rejection topic need it."""
 
     topic: str
