@@ -209,9 +209,11 @@ class Result:
     def cpu_us(self) -> float:
         if not self.ok:
             return 0.0
-        # The tree's CPU at the last sample taken before the window began.
+        # The tree's CPU at the last sample taken before the window began (or
+        # the first sample, should the window begin before any was taken).
         before = [cpu for at, cpu in self.cpu_samples if at <= self.begin]
-        return (self.cpu - (before[-1] if before else 0.0)) / self.commands * 1e6
+        start = before[-1] if before else self.cpu_samples[0][1] if self.cpu_samples else 0.0
+        return (self.cpu - start) / self.commands * 1e6
 
     @property
     def ok(self) -> bool:
