@@ -377,10 +377,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             try:
                 await task.handle_many(records)
             except TaskFencedError as exc:
-                await self._finish_round()
                 await self._lose(task, exc)
             except (KafkaError, CheckpointError, OSError) as exc:
-                await self._finish_round()
                 await self._restart(task, exc)
 
     async def _read_past_the_client(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
@@ -482,11 +480,16 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             exc,
         )
         await self._drop(task)
-        if not self._stopping.is_set():
+        # Not when the round that _drop waited for has restarted it already.
+        if not self._stopping.is_set() and task.id not in self._tasks:
             self._begin_start(task.stage, task.partition)
 
     async def _drop(self, task: Task) -> None:
-        self._tasks.pop(task.id, None)
+        """Forget and close ``task``, once the commit round in flight (which may
+        hold its previous transaction, on its producer) has ended."""
+        await self._finish_round()
+        if self._tasks.get(task.id) is task:  # not a successor of the same id
+            del self._tasks[task.id]
         for tp in task.inputs:
             if self._task_of.get(tp) is task:
                 del self._task_of[tp]
@@ -595,10 +598,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     continue
                 try:
                     if task.active and task.checkpoint is not None:
-                        await task.commit()
-                        self.commits += 1
+                        await self._counted(task.commit())
                 except Exception as exc:  # the task is closed either way, never left half-open
-                    self.aborts += 1
                     log.warning("%s: commit on revocation failed, aborted: %r", task_id, exc)
                 finally:
                     await self._drop(task)
