@@ -42,7 +42,7 @@ import bisect
 import logging
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import msgspec
 from aiokafka.partitioner import murmur2
@@ -323,6 +323,16 @@ def downstream(
     return Outgoing(getattr(topics, channel), integration_id.encode(), value)
 
 
+def emit_head(channel: str, integration_id: str) -> bytes:
+    """How a stage-2 envelope of an output begins; the output document and ``}``
+    follow. The same JSON as ``{"kind": "emit", "channel": ..., "integrationId":
+    ..., "output": ...}``, written so that stage 2 finds the output's bytes."""
+    return b'{"kind":"emit","channel":%s,"integrationId":%s,"output":' % (
+        json.dumps(channel),
+        json.dumps(integration_id),
+    )
+
+
 def session_key(application_id: int, integration_id: str) -> bytes:
     return b"%d\x1f%s" % (application_id, integration_id.encode())
 
@@ -484,13 +494,12 @@ class CommandProcessor:
                     downstream(self.topics, self.metrics, channel, after.integration_id, doc)
                 )
                 continue
-            envelope = {
-                "kind": "emit",
-                "channel": channel,
-                "integrationId": after.integration_id,
-                "output": output_document(event, after),
-            }
-            out.append(Outgoing(self.profile_topic, route_key, json.dumps(envelope)))
+            envelope = (
+                emit_head(channel, after.integration_id)
+                + json.dumps(output_document(event, after))
+                + b"}"
+            )
+            out.append(Outgoing(self.profile_topic, route_key, envelope))
         return out
 
     def _reject(self, rejection: Rejection, origin: SourceRecord) -> Outgoing:
@@ -551,7 +560,9 @@ class ProfileProcessor:
 
     Envelopes are checked for the exact shape stage 1 writes (kind, channel,
     integrationId, an output whose session belongs to the record's key); any
-    other record is rejected as ``INVALID_INTERNAL_RECORD``.
+    other record is rejected as ``INVALID_INTERNAL_RECORD``. The output is
+    not rebuilt: its bytes, as stage 1 wrote them, go downstream with the
+    session's ``firstSession`` value set (see :func:`_with_first_session`).
     """
 
     topics: TopicNames
@@ -564,50 +575,122 @@ class ProfileProcessor:
         if isinstance(envelope, str):
             return [invalid_internal(self.topics, self.metrics, self.limits, record, envelope)]
         key = record.key or b""
-        integration_id = envelope["integrationId"]
-        if envelope["kind"] == "claim":
+        integration_id = envelope.integration_id
+        if envelope.output is None:  # a claim
             if key not in self.first_sessions:
                 self.first_sessions[key] = integration_id.encode()
             return []
-        output: dict[str, Any] = envelope["output"]
-        output["session"]["firstSession"] = self.first_sessions.get(key) == integration_id.encode()
-        return [
-            downstream(
-                self.topics, self.metrics, envelope["channel"], integration_id, json.dumps(output)
-            )
-        ]
+        output, at, end = envelope.output, envelope.value_at, envelope.value_end
+        first = self.first_sessions.get(key) == integration_id.encode()
+        value = output[:at] + (b"true" if first else b"false") + output[end:]
+        return [downstream(self.topics, self.metrics, envelope.channel, integration_id, value)]
 
 
-def _read_envelope(record: SourceRecord) -> dict[str, Any] | str:
+class _Envelope(NamedTuple):
+    integration_id: str
+    channel: str = ""
+    #: The output document as stage 1 wrote it; None for a claim.
+    output: bytes | None = None
+    #: Where in ``output`` the session's ``firstSession`` value starts and ends.
+    value_at: int = 0
+    value_end: int = 0
+
+
+# The shape stage 1 writes, read without building the output: msgspec checks
+# the JSON of the skipped parts too, and unknown fields are refused where
+# a second "firstSession" could hide (see _first_session_value).
+class _SessionView(msgspec.Struct, rename="camel", gc=False):
+    profile_id: str
+    first_session: bool
+
+
+class _ReturnedLineView(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    position: int
+    sku: str
+    quantity: int
+    value: int | float
+
+
+class _ReturnView(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    lines: list[_ReturnedLineView]
+    value: int | float
+
+
+class _OutputView(msgspec.Struct, forbid_unknown_fields=True, rename="camel", gc=False):
+    event: str
+    event_id: str
+    occurred_at: str
+    application_id: int
+    integration_id: str
+    session: _SessionView
+    returned: _ReturnView | None = msgspec.field(default=None, name="return")
+
+
+class _EnvelopeView(msgspec.Struct, forbid_unknown_fields=True, rename="camel", gc=False):
+    kind: str
+    integration_id: str
+    channel: str | msgspec.UnsetType = msgspec.UNSET
+    output: _OutputView | msgspec.UnsetType = msgspec.UNSET
+
+
+_ENVELOPE: Final = msgspec.json.Decoder(_EnvelopeView)
+_FIRST_SESSION: Final = b'"firstSession":'
+
+
+def _read_envelope(record: SourceRecord) -> _Envelope | str:
     """The envelope in ``record``, or why it is not one stage 1 could have written."""
     if record.key is None or b"\x1f" not in record.key or record.value is None:
         return "key or value missing"
     try:
-        envelope = json.loads(record.value)
-    except json.JSONDecodeError:
-        return "not JSON"
-    if type(envelope) is not dict:
-        return "not an object"
-    integration_id = envelope.get("integrationId")
-    if type(integration_id) is not str or not integration_id:
+        record.value.decode()  # msgspec does not check the UTF-8 of what it skips
+        view = _ENVELOPE.decode(record.value)
+    except (ValueError, RecursionError) as exc:  # DecodeError, ValidationError, UnicodeError
+        return f"not an envelope: {str(exc)[:200]}"
+    integration_id = view.integration_id
+    if not integration_id:
         return "no integrationId"
-    kind = envelope.get("kind")
-    if kind == "claim":
-        return envelope if set(envelope) == {"kind", "integrationId"} else "unexpected fields"
-    if kind != "emit" or set(envelope) != {"kind", "channel", "integrationId", "output"}:
-        return "unknown kind or unexpected fields"
-    if envelope["channel"] not in _CHANNELS:
-        return f"unknown channel {str(envelope['channel'])[:40]!r}"
-    output = envelope["output"]
-    if type(output) is not dict or type(output.get("session")) is not dict:
-        return "no output session"
-    session = output["session"]
-    application_id, profile_id = output.get("applicationId"), session.get("profileId")
+    if view.kind == "claim":
+        if view.channel is not msgspec.UNSET or view.output is not msgspec.UNSET:
+            return "unexpected fields"
+        return _Envelope(integration_id)
+    if view.kind != "emit" or view.channel is msgspec.UNSET or view.output is msgspec.UNSET:
+        return "unknown kind or missing fields"
+    if view.channel not in _CHANNELS:
+        return f"unknown channel {view.channel[:40]!r}"
+    doc = view.output
     if (
-        output.get("integrationId") != integration_id
-        or type(application_id) is not int
-        or type(profile_id) is not str
-        or profile_key(application_id, profile_id) != record.key
+        doc.integration_id != integration_id
+        or profile_key(doc.application_id, doc.session.profile_id) != record.key
     ):
         return "the output does not belong to this record's key"
-    return envelope
+    head = emit_head(view.channel, integration_id)
+    value = record.value
+    if not (value.startswith(head) and value.endswith(b"}")):
+        return "not written as stage 1 writes an envelope"
+    output = value[len(head) : -1]
+    found = _first_session_value(output)
+    if found is None:
+        return "no firstSession where stage 1 writes it"
+    return _Envelope(integration_id, view.channel, output, *found)
+
+
+def _first_session_value(output: bytes) -> tuple[int, int] | None:
+    """Where the session's ``firstSession`` value lies in ``output``.
+
+    Stage 1 writes outputs with orjson: no spaces, the session's keys in a
+    fixed order. After its ``firstSession`` come only the session's numbers
+    and timestamps and the ``return`` object, whose keys are fixed
+    (``_ReturnView``), so the last ``"firstSession":`` in the bytes is the
+    session's own. (Inside a JSON string every quote follows a backslash,
+    so those bytes never occur in one.) The value must be a literal boolean
+    ending a member, so replacing it keeps the document valid JSON.
+    """
+    at = output.rfind(_FIRST_SESSION)
+    if at < 0:
+        return None
+    at += len(_FIRST_SESSION)
+    for literal in (b"true", b"false"):
+        end = at + len(literal)
+        if output.startswith(literal, at) and output[end : end + 1] in (b",", b"}"):
+            return at, end
+    return None

@@ -118,6 +118,88 @@ def test_stage_2_marks_only_the_first_claimant_of_a_profile_first() -> None:
     assert all(o.topic == TOPICS.closed for o in sent)
 
 
+def test_stage_2_writes_stage_1s_output_with_only_first_session_set() -> None:
+    """Stage 2 passes on the output bytes stage 1 wrote, a return included,
+    changing nothing but the session's firstSession."""
+    p1 = stage1()
+    stage2 = ProfileProcessor(topics=TOPICS, first_sessions={})
+    item = {"sku": "A", "quantity": 2, "price": 1.5, "attributes": {"firstSession": True}}
+    commands = [
+        cmd("r-1", session={"profileId": "carol", "attributes": {"firstSession": "no"},
+                            "cartItems": [item], "state": "closed"}),
+        json.dumps({"type": "return", "integrationId": "r-1",
+                    "returnedCartItems": [{"position": 0, "quantity": 1}]}),
+    ]
+    written: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for n, value in enumerate(commands):
+        for out in p1.process(record(value, b"r-1", offset=n)):
+            envelope = json.loads(out.value)
+            for emitted in stage2.process(record(out.value, out.key, topic=PROFILES)):
+                written.append((envelope["output"], json.loads(emitted.value)))
+    assert [doc["event"] for _, doc in written] == [
+        "talon_session_closed",
+        "talon_session_partially_returned",
+    ]
+    for stage1_output, emitted in written:
+        assert stage1_output["session"]["firstSession"] is False
+        assert emitted == {**stage1_output, "session": {**stage1_output["session"],
+                                                        "firstSession": True}}
+    assert written[1][1]["return"]["value"] == 1.5
+
+
+def _profiled_close() -> tuple[bytes, dict[str, Any]]:
+    out = stage1().process(
+        record(cmd("f-1", session={"profileId": "dave", "state": "closed"}), b"f-1")
+    )[-1]
+    assert out.key is not None
+    return out.key, json.loads(out.value)
+
+
+def _with_output(envelope: dict[str, Any], text: str) -> bytes:
+    """The envelope with its output replaced by raw JSON text."""
+    head = json.dumps({k: v for k, v in envelope.items() if k != "output"})
+    return head[:-1] + b',"output":' + text.encode() + b"}"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "invalid UTF-8 in a string stage 2 skips",
+        "a firstSession after the session's own",
+        "firstSession not a boolean",
+        "spaces around firstSession",
+        "an unknown field next to the session",
+        "a return with an unknown field",
+    ],
+)
+def test_stage_2_rejects_an_output_it_cannot_set_first_session_in(damage: str) -> None:
+    key, envelope = _profiled_close()
+    text = json.dumps(envelope["output"]).decode()
+    tail = '"firstSession":false'
+    assert text.count(tail) == 1
+    value = {
+        "invalid UTF-8 in a string stage 2 skips": None,
+        "a firstSession after the session's own": text.replace(
+            tail, tail + ',"attributes":{"firstSession":"x"}'
+        ),
+        "firstSession not a boolean": text.replace(tail, '"firstSession":null'),
+        "spaces around firstSession": text.replace(tail, '"firstSession": false'),
+        "an unknown field next to the session": text[:-1] + ',"firstSession":false}',
+        "a return with an unknown field": text[:-1]
+        + ',"return":{"lines":[],"value":0,"firstSession":false}}',
+    }[damage]
+    raw = (
+        _with_output(envelope, text).replace(b'"state":"closed"', b'"state":"\xff"')
+        if value is None
+        else _with_output(envelope, value)
+    )
+    stage2 = ProfileProcessor(topics=TOPICS, first_sessions={})
+    assert stage2.process(record(_with_output(envelope, text), key, topic=PROFILES))  # intact
+    out = stage2.process(record(raw, key, topic=PROFILES))
+    assert [o.topic for o in out] == [TOPICS.rejected]
+    assert json.loads(out[0].value)["reason"] == "INVALID_INTERNAL_RECORD"
+
+
 def test_duplicates_and_rejections_are_counted_and_rejections_keep_the_bytes() -> None:
     p = stage1()
     first = p.process(record(cmd("d", eventId="e1", session={"state": "closed"}), b"d"))
