@@ -183,15 +183,15 @@ class CommandContext(msgspec.Struct, frozen=True):
 # --------------------------------------------------------------------------- session
 
 
-class AdditionalCost(msgspec.Struct, frozen=True, gc=False):
+class AdditionalCost(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     price: Decimal
 
 
-class Product(msgspec.Struct, frozen=True, gc=False):
+class Product(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     name: str
 
 
-class CartItem(msgspec.Struct, frozen=True, gc=False):
+class CartItem(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     """One cart line as sent, plus the processor-computed return bookkeeping.
 
     ``position`` is the 0-based index in the cart as last sent.
@@ -217,7 +217,7 @@ class CartItem(msgspec.Struct, frozen=True, gc=False):
         return self.quantity - self.returned_quantity
 
 
-class Session(msgspec.Struct, frozen=True, gc=False):
+class Session(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     """A stored customer session (Talon.One CustomerSessionV2).
 
     ``created_ms``/``updated_ms`` are record timestamps (ms since the epoch,

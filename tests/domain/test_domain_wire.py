@@ -52,6 +52,34 @@ def test_stored_form_round_trips_exactly() -> None:
     assert restored.total == Decimal("24691358.2")
 
 
+def test_stored_form_leaves_defaults_out_and_reads_sessions_stored_with_every_field() -> None:
+    session = applied(None, update_doc({"cartItems": [item("A", 1, 2.5)]})).session
+    data = encode_session(session)
+    for absent in (b"null", b'"returned_quantity"', b'"store_integration_id"', b'"product"'):
+        assert absent not in data
+    # As sessions were stored before defaults were left out: every field written.
+    every_field = (
+        b'{"id":1,"integration_id":"s-1","application_id":1,"state":"open",'
+        b'"created_ms":1764000000000,"updated_ms":1764000000000,"update_count":1,'
+        b'"first_session":true,"profile_id":"","store_integration_id":null,'
+        b'"coupon_codes":[],"referral_code":"","loyalty_cards":[],"cart_items":[{"sku":"A",'
+        b'"quantity":1,"price":"2.5","position":0,"returned_quantity":0,"name":null,'
+        b'"category":null,"product":null,"weight":null,"height":null,"width":null,'
+        b'"length":null,"attributes":null,"additional_costs":null}],"additional_costs":{},'
+        b'"identifiers":[],"attributes":{},"total":"2.5","cart_item_total":"2.5",'
+        b'"additional_cost_total":"0","cart_item_additional_cost_total":"0",'
+        b'"recent_event_ids":["e-1"]}'
+    )
+    old = decode_session(every_field)
+    assert decode_session(encode_session(old)) == old
+    assert (old.cart_items[0].price, old.total, old.store_integration_id) == (
+        Decimal("2.5"),
+        Decimal("2.5"),
+        None,
+    )
+    assert len(encode_session(old)) < len(every_field)
+
+
 def test_totals_print_exactly() -> None:
     session = applied(
         None, update_doc({"cartItems": [item("A", 1, 0.1), item("B", 1, 0.2)]})
