@@ -122,10 +122,20 @@ def json_number(value: Decimal) -> int | float:
     Exactly ``value`` when ``value`` is :func:`representable`; the domain
     never stores a money value or total that is not.
     """
-    integral = int(value)
-    if integral == value and -_I64 <= integral < _I64:
-        return integral
-    return float(value)
+    # Prices repeat (a catalog's), and converting a Decimal costs ~0.5 us.
+    # Equal decimals (2.0 and 2) have equal hashes and the same JSON number.
+    number = _NUMBERS.get(value)
+    if number is None:
+        integral = int(value)
+        number = integral if integral == value and -_I64 <= integral < _I64 else float(value)
+        if len(_NUMBERS) >= _NUMBERS_CACHED:
+            _NUMBERS.clear()
+        _NUMBERS[value] = number
+    return number
+
+
+_NUMBERS: Final[dict[Decimal, int | float]] = {}
+_NUMBERS_CACHED: Final = 4096
 
 
 exact = localcontext

@@ -144,3 +144,28 @@ def test_json_money_is_representable_of_the_decoded_number(value: int | float) -
         else -MONEY_LIMIT <= value < MONEY_LIMIT
     )
     assert in_range == (money is not None)
+
+
+def number_by_definition(value: Decimal) -> int | float:
+    """json_number's docstring, without its cache."""
+    if value == value.to_integral_value() and I64_MIN <= value <= I64_MAX:
+        return int(value)
+    return float(value)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(DECIMALS, min_size=1, max_size=8))
+def test_json_number_answers_from_its_cache_as_by_its_definition(values: list[Decimal]) -> None:
+    # Each value also in another form of the same number (2.0 and 2, -0 and 0),
+    # asked for after it: the cache answers for the value, never the form.
+    for value in values:
+        for form in (value, value.normalize(), -value, value + Decimal("0.00")):
+            number = json_number(form)
+            expected = number_by_definition(form)
+            assert (type(number), number) == (type(expected), expected)
+
+
+def test_json_number_stays_right_after_its_cache_is_emptied() -> None:
+    values = [Decimal(n) / 4 for n in range(10_000)]  # more than the cache holds
+    for _ in range(2):
+        assert [json_number(v) for v in values] == [number_by_definition(v) for v in values]
