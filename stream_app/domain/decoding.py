@@ -491,6 +491,12 @@ _Int = Annotated[int, msgspec.Meta(ge=-_I64, le=_I64 - 1)]
 _Number = _Int | float
 _Scalar = str | _Int | float | bool | None
 _Count = Annotated[int, msgspec.Meta(ge=1, le=_I64 - 1)]
+#: An item's price: non-negative and below 2^63 (MONEY_LIMIT), checked in C.
+_Price = Annotated[int, msgspec.Meta(ge=0, le=_I64 - 1)] | Annotated[
+    float, msgspec.Meta(ge=0, lt=MONEY_LIMIT_FLOAT)
+]
+#: An item's weight, height, width or length: non-negative.
+_Size = Annotated[int, msgspec.Meta(ge=0, le=_I64 - 1)] | Annotated[float, msgspec.Meta(ge=0)]
 
 
 class _FastCost(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -500,14 +506,14 @@ class _FastCost(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 class _FastItem(msgspec.Struct, forbid_unknown_fields=True, rename="camel", gc=False):
     sku: Annotated[str, msgspec.Meta(min_length=1)]
     quantity: _Count
-    price: _Number
+    price: _Price
     name: str | None = None
     category: str | None = None
     product: Product | None = None
-    weight: _Number | None = None
-    height: _Number | None = None
-    width: _Number | None = None
-    length: _Number | None = None
+    weight: _Size | None = None
+    height: _Size | None = None
+    width: _Size | None = None
+    length: _Size | None = None
     attributes: dict[str, _Scalar] | None = None
     additional_costs: dict[str, _FastCost] | None = None
 
@@ -613,34 +619,22 @@ _PRICES_CACHED: Final = 4096
 
 
 def _fast_cart(items: list[_FastItem]) -> tuple[CartItem, ...]:
+    # Prices and sizes were range-checked by msgspec (_Price, _Size): the rules'
+    # non-negative price below MONEY_LIMIT (see _cart_item) and sizes >= 0.
     cart = []
     prices = _PRICES
     for position, item in enumerate(items):
         raw_price = item.price
-        # json_money inlined, with the rules' non-negative price (see _cart_item).
         if type(raw_price) is float:
             price = prices.get(raw_price)
             if price is None:
-                if not 0 < raw_price < MONEY_LIMIT_FLOAT:
-                    if raw_price != 0:  # negative, or too large
-                        raise _HandOnError
-                    price = Decimal(repr(raw_price))
-                else:
+                price = Decimal(repr(raw_price))
+                if raw_price:  # not 0.0: it would also answer for -0.0
                     if len(prices) >= _PRICES_CACHED:
                         prices.clear()
-                    price = prices[raw_price] = Decimal(repr(raw_price))
-        elif 0 <= raw_price < MONEY_LIMIT:
-            price = Decimal(raw_price)
+                    prices[raw_price] = price
         else:
-            raise _HandOnError
-        weight, height, width, length = item.weight, item.height, item.width, item.length
-        if not (weight is None and height is None and width is None and length is None) and (
-            (weight is not None and weight < 0)
-            or (height is not None and height < 0)
-            or (width is not None and width < 0)
-            or (length is not None and length < 0)
-        ):
-            raise _HandOnError
+            price = Decimal(raw_price)
         costs = item.additional_costs
         cart.append(
             CartItem(
@@ -652,10 +646,10 @@ def _fast_cart(items: list[_FastItem]) -> tuple[CartItem, ...]:
                 item.name,
                 item.category,
                 item.product,
-                weight,
-                height,
-                width,
-                length,
+                item.weight,
+                item.height,
+                item.width,
+                item.length,
                 item.attributes,
                 None if costs is None else _fast_costs(costs),
             )
