@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stream_app import json
 from stream_app.domain import ApplicationSettings
@@ -16,6 +19,7 @@ from stream_app.pipeline.processor import (
     ProfileProcessor,
     SessionIdSpaceExhaustedError,
     SourceRecord,
+    murmur2,
     partition_for,
 )
 from stream_app.settings import TopicNames
@@ -231,3 +235,24 @@ def test_a_session_taken_back_after_processing_is_read_again_as_stored() -> None
     (closed,) = out
     assert json.loads(closed.value)["session"]["total"] == 10
     assert json.loads(closed.value)["session"]["updateCount"] == 2
+
+
+@given(st.binary(max_size=64))
+def test_murmur2_is_aiokafkas(key: bytes) -> None:
+    assert murmur2(key) == aiokafka_murmur2(key) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize(
+    ("key", "java"),
+    [  # Kafka's UtilsTest.testMurmur2: the Java client's signed 32-bit values
+        (b"21", -973932308),
+        (b"foobar", -790332482),
+        (b"a-little-bit-long-string", -985981536),
+        (b"a-little-bit-longer-string", -1486304829),
+        (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+        (b"abc", 479470107),
+    ],
+)
+def test_murmur2_is_the_java_clients(key: bytes, java: int) -> None:
+    assert murmur2(key) == java & 0xFFFFFFFF
+    assert partition_for(key, 6) == (java & 0x7FFFFFFF) % 6
