@@ -105,6 +105,8 @@ def json_money(value: int | float) -> Decimal | None:
 
 def representable(value: Decimal) -> bool:
     """Whether :func:`json_number` writes exactly ``value`` (see module docstring)."""
+    if value.is_zero():
+        return True  # an integer (and common: a cart without additional costs)
     if not value.is_finite():
         return False
     if value.adjusted() in _QUICK_ADJUSTED and _DBL_DIG.plus(value) == value:

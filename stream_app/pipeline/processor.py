@@ -435,7 +435,10 @@ class CommandProcessor:
         self.allocator.partition = record.partition
         context = CommandContext(
             timestamp_ms=origin.timestamp_ms,
-            source_event_id=f"{origin.topic}-{origin.partition}-{origin.offset}",
+            # Read by apply only for a command without an eventId.
+            source_event_id=(
+                "" if command.event_id else f"{origin.topic}-{origin.partition}-{origin.offset}"
+            ),
             application_id=application_id,
             settings=self.settings_for(application_id),
             ids=self.allocator,
