@@ -492,9 +492,10 @@ _Number = _Int | float
 _Scalar = str | _Int | float | bool | None
 _Count = Annotated[int, msgspec.Meta(ge=1, le=_I64 - 1)]
 #: An item's price: non-negative and below 2^63 (MONEY_LIMIT), checked in C.
-_Price = Annotated[int, msgspec.Meta(ge=0, le=_I64 - 1)] | Annotated[
-    float, msgspec.Meta(ge=0, lt=MONEY_LIMIT_FLOAT)
-]
+_Price = (
+    Annotated[int, msgspec.Meta(ge=0, le=_I64 - 1)]
+    | Annotated[float, msgspec.Meta(ge=0, lt=MONEY_LIMIT_FLOAT)]
+)
 #: An item's weight, height, width or length: non-negative.
 _Size = Annotated[int, msgspec.Meta(ge=0, le=_I64 - 1)] | Annotated[float, msgspec.Meta(ge=0)]
 

@@ -129,10 +129,22 @@ def test_stage_2_writes_stage_1s_output_with_only_first_session_set() -> None:
     stage2 = ProfileProcessor(topics=TOPICS, first_sessions={})
     item = {"sku": "A", "quantity": 2, "price": 1.5, "attributes": {"firstSession": True}}
     commands = [
-        cmd("r-1", session={"profileId": "carol", "attributes": {"firstSession": "no"},
-                            "cartItems": [item], "state": "closed"}),
-        json.dumps({"type": "return", "integrationId": "r-1",
-                    "returnedCartItems": [{"position": 0, "quantity": 1}]}),
+        cmd(
+            "r-1",
+            session={
+                "profileId": "carol",
+                "attributes": {"firstSession": "no"},
+                "cartItems": [item],
+                "state": "closed",
+            },
+        ),
+        json.dumps(
+            {
+                "type": "return",
+                "integrationId": "r-1",
+                "returnedCartItems": [{"position": 0, "quantity": 1}],
+            }
+        ),
     ]
     written: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for n, value in enumerate(commands):
@@ -146,8 +158,10 @@ def test_stage_2_writes_stage_1s_output_with_only_first_session_set() -> None:
     ]
     for stage1_output, emitted in written:
         assert stage1_output["session"]["firstSession"] is False
-        assert emitted == {**stage1_output, "session": {**stage1_output["session"],
-                                                        "firstSession": True}}
+        assert emitted == {
+            **stage1_output,
+            "session": {**stage1_output["session"], "firstSession": True},
+        }
     assert written[1][1]["return"]["value"] == 1.5
 
 
