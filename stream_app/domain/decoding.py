@@ -492,9 +492,12 @@ _Number = _Int | float
 _Scalar = str | _Int | float | bool | None
 _Count = Annotated[int, msgspec.Meta(ge=1, le=_I64 - 1)]
 #: An item's price: non-negative and below 2^63 (MONEY_LIMIT), checked in C.
+#: The float bound is the int MONEY_LIMIT, as in ``contract.Price``: typing
+#: caches equal ``Annotated`` types, so a float bound here would be the one
+#: the published command schema shows.
 _Price = (
     Annotated[int, msgspec.Meta(ge=0, le=_I64 - 1)]
-    | Annotated[float, msgspec.Meta(ge=0, lt=MONEY_LIMIT_FLOAT)]
+    | Annotated[float, msgspec.Meta(ge=0, lt=MONEY_LIMIT)]
 )
 #: An item's weight, height, width or length: non-negative.
 _Size = Annotated[int, msgspec.Meta(ge=0, le=_I64 - 1)] | Annotated[float, msgspec.Meta(ge=0)]
