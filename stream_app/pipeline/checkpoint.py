@@ -211,22 +211,24 @@ class Checkpoint:
             batches.append(self._producer.create_batch())
             batches[-1].append(timestamp=None, key=key, value=value, headers=headers)
 
-    def seal(self) -> None:
-        """Step 3 of the protocol above (once; :meth:`commit` calls it too)."""
+    def seal(self) -> dict[str, dict[bytes, bytes | None]]:
+        """Step 3 of the protocol above (once; :meth:`commit` calls it too).
+        Returns each store's changes, set aside."""
         if self._sealed is not None:
-            return
+            return self._sealed
         self._sealed = {}
         for name, store in self.stores.items():
             changes = self._sealed[name] = store.overlay.freeze()
             topic, partition = store.changelog
             for key, value in changes.items():
                 self._append(topic, partition, key, value, [])
+        return self._sealed
 
     async def commit(self) -> None:
         """Steps 4 and 5 of the protocol above."""
         if self.closed:
             raise CheckpointError("checkpoint already committed or aborted")
-        self.seal()
+        sealed = self.seal()
         last: dict[tuple[str, int], tuple[asyncio.Future[Any], int]] = {}
         try:
             if not self.empty and self._exactly_once:
@@ -262,7 +264,7 @@ class Checkpoint:
         # Step 5: the transaction is committed; now, and only now, RocksDB.
         try:
             for name, store in self.stores.items():
-                changes = self._sealed[name] if self._sealed else {}
+                changes = sealed[name]
                 if changes:
                     future, count = last[store.changelog.topic, store.changelog.partition]
                     # The batch's base offset, and the offset after its last record.
