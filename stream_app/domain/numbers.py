@@ -48,7 +48,7 @@ so computed totals go through :func:`representable`.
 
 from __future__ import annotations
 
-from decimal import Context, Decimal, localcontext
+from decimal import Context, Decimal
 from typing import Final
 
 __all__ = [
@@ -56,13 +56,13 @@ __all__ = [
     "MONEY_LIMIT",
     "MONEY_LIMIT_FLOAT",
     "ZERO",
-    "exact",
     "json_money",
     "json_number",
     "representable",
     "to_decimal",
 ]
 
+#: The context of exact arithmetic (see above); apply makes it current for its call.
 EXACT: Final = Context(prec=1000, Emax=999_999, Emin=-999_999)
 ZERO: Final = Decimal(0)
 _I64: Final = 1 << 63
@@ -138,7 +138,3 @@ def json_number(value: Decimal) -> int | float:
 
 _NUMBERS: Final[dict[Decimal, int | float]] = {}
 _NUMBERS_CACHED: Final = 4096
-
-
-exact = localcontext
-"""``with exact(EXACT): ...`` runs decimal arithmetic exactly."""

@@ -84,7 +84,7 @@ Our rules, where the spec is silent:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from decimal import Decimal
+from decimal import Decimal, getcontext, setcontext
 from typing import Any
 
 import msgspec
@@ -113,7 +113,7 @@ from stream_app.domain.model import (
     SessionState,
     UpdateCommand,
 )
-from stream_app.domain.numbers import EXACT, ZERO, exact, representable
+from stream_app.domain.numbers import EXACT, ZERO, representable
 from stream_app.domain.rejections import InvalidCommandError, pointer_token
 
 __all__ = ["apply"]
@@ -132,13 +132,17 @@ def apply(session: Session | None, command: Command, ctx: CommandContext) -> Out
     if, and only if, the outcome is ``Applied`` and creates the session.
     """
     event_id = command.event_id or ctx.source_event_id
+    # One exact context for all the arithmetic below, made current for the
+    # call and then the caller's again: 0.2 us, where ``with exact(EXACT)``
+    # (a copy of it) costs 0.5, about as much as a 10-line cart's sums.
+    previous = getcontext()
+    setcontext(EXACT)
     try:
-        # One exact context for all the arithmetic below (entering one costs
-        # about as much as a 10-line cart's sums).
-        with exact(EXACT):
-            return _outcome(session, command, ctx, event_id)
+        return _outcome(session, command, ctx, event_id)
     except InvalidCommandError as exc:
         return Rejected(exc.rejection)
+    finally:
+        setcontext(previous)
 
 
 def _outcome(
@@ -185,7 +189,7 @@ def _remember(recent: tuple[str, ...], event_id: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- totals
 
 
-# Everything below runs inside apply's exact(EXACT) context.
+# Everything below runs with apply's EXACT as the current decimal context.
 
 
 def cart_totals(items: tuple[CartItem, ...]) -> tuple[Decimal, Decimal]:

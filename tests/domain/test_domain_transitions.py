@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Context, Decimal, getcontext, localcontext
 from typing import Any
 
 import pytest
@@ -262,6 +262,22 @@ def test_totals_are_exact_decimals() -> None:
     assert session.cart_item_additional_cost_total == Decimal("3.7")
     assert session.additional_cost_total == Decimal("0.3")
     assert session.total == Decimal("4.6")
+
+
+def test_totals_are_exact_whatever_the_callers_decimal_context() -> None:
+    """apply computes in its own exact context and gives the caller's back,
+    after an applied command, a rejection and an unexpected exception alike."""
+    doc = update_doc({"cartItems": [item("A", 3, 123456.789), item("B", 7, 0.01)]})
+    with localcontext(Context(prec=3, traps=[])) as mine:
+        session = applied(None, doc).session
+        assert getcontext() is mine
+        assert rejected(None, update_doc({"state": "partially_returned"}))
+        assert getcontext() is mine
+        with pytest.raises(AttributeError):
+            apply(None, decode(doc), None)  # type: ignore[arg-type] # a bug's exception
+        assert getcontext() is mine
+    assert session.cart_item_total == Decimal("370370.437")
+    assert session.total == Decimal("370370.437")
 
 
 def test_additional_costs_replace_and_keep_cart_totals() -> None:
