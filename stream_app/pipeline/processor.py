@@ -41,6 +41,7 @@ import binascii
 import bisect
 import logging
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
@@ -384,7 +385,9 @@ class CommandProcessor:
     metrics: Metrics = field(default_factory=Metrics)
     limits: Limits = Limits()
     #: Recently stored or read sessions: stored bytes -> decoded (see _decode).
-    _decoded: dict[bytes, tuple[bytes, Session]] = field(default_factory=dict, repr=False)
+    _decoded: OrderedDict[bytes, tuple[bytes, Session]] = field(
+        default_factory=OrderedDict, repr=False
+    )
 
     def process(self, record: SourceRecord) -> list[Outgoing]:
         out, kind, outcome = self._process(record)
@@ -480,9 +483,12 @@ class CommandProcessor:
 
     def _remember(self, key: bytes, stored: bytes, session: Session) -> None:
         decoded = self._decoded
-        decoded.pop(key, None)
-        if len(decoded) >= DECODED_SESSIONS:
-            del decoded[next(iter(decoded))]  # the least recently stored or read
+        if key in decoded:
+            decoded.move_to_end(key)
+        elif len(decoded) >= DECODED_SESSIONS:
+            # The least recently stored or read. (A dict's first key, after many
+            # deletions at its front, is found by a scan past their slots.)
+            decoded.popitem(last=False)
         decoded[key] = (stored, session)
 
     def _read(self, raw: bytes | None, origin: SourceRecord) -> Command | Rejection:
@@ -510,7 +516,7 @@ class CommandProcessor:
     ) -> list[Outgoing]:
         out: list[Outgoing] = []
         profiled = after.profile_id != ""
-        route_key = profile_key(after.application_id, after.profile_id)
+        route_key = profile_key(after.application_id, after.profile_id) if profiled else b""
         if profiled and (before is None or before.profile_id != after.profile_id):
             claim = {"kind": "claim", "integrationId": after.integration_id}
             out.append(Outgoing(self.profile_topic, route_key, json.dumps(claim)))

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from stream_app import json
 from stream_app.domain import ApplicationSettings
 from stream_app.pipeline.processor import (
+    DECODED_SESSIONS,
     ORIGIN_HEADER,
     CommandProcessor,
     Outgoing,
@@ -249,6 +250,22 @@ def test_a_session_taken_back_after_processing_is_read_again_as_stored() -> None
     (closed,) = out
     assert json.loads(closed.value)["session"]["total"] == 10
     assert json.loads(closed.value)["session"]["updateCount"] == 2
+
+
+def test_the_decoded_session_cache_keeps_the_most_recently_used_sessions() -> None:
+    p = stage1()
+    item = {"sku": "A", "quantity": 1, "price": 10}
+    iids = [f"lru-{n}" for n in range(DECODED_SESSIONS + 3)]
+    for offset, iid in enumerate(iids):
+        p.process(record(cmd(iid, session={"cartItems": [item]}), iid.encode(), offset=offset))
+        if offset == 3:  # the first session, used again: now the most recent
+            p.process(record(cmd(iids[0], session={}), iids[0].encode(), offset=10_000))
+    cached = [key.split(b"\x1f")[1].decode() for key in p._decoded]
+    assert len(cached) == DECODED_SESSIONS
+    assert cached[-1] == iids[-1]
+    assert iids[0] in cached  # used again, so kept
+    assert not {iids[1], iids[2], iids[3]} & set(cached)  # the least recently used
+    assert iids[4] in cached
 
 
 @given(st.binary(max_size=64))
