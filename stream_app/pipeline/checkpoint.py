@@ -108,7 +108,7 @@ class Checkpoint:
 
     1. The processors read and write through each store's :class:`StoreOverlay`;
        nothing touches RocksDB while a transaction is open.
-    2. :meth:`send` appends outputs to this transaction's record batches, one
+    2. :meth:`send` (or :meth:`add`) appends outputs to this transaction's record batches, one
        list of batches per partition written; nothing reaches the producer
        yet. :meth:`consumed` records how far each input was read.
     3. :meth:`seal` ends the transaction's content: one changelog record per
@@ -183,17 +183,24 @@ class Checkpoint:
 
     async def send(self, out: Outgoing) -> None:
         """Add one output to the transaction (sent at :meth:`commit`)."""
+        if not self.add(out):
+            self._partitions[out.topic] = len(await self._producer.partitions_for(out.topic))
+            self.add(out)
+
+    def add(self, out: Outgoing) -> bool:
+        """:meth:`send` without waiting: False, and nothing added, when the
+        partition count of the output's topic is not known yet in this
+        transaction (then :meth:`send` learns it)."""
         if self._sealed is not None:
             raise CheckpointError("checkpoint already sealed")
         count = self._partitions.get(out.topic)
         if count is None:
-            count = self._partitions[out.topic] = len(
-                await self._producer.partitions_for(out.topic)
-            )
+            return False
         # The default partitioner's choice, from the cached murmur2 of stream_app's
         # keys; a record without a key goes to partition 0.
         partition = 0 if out.key is None else partition_for(out.key, count)
         self._append(out.topic, partition, out.key, out.value, list(out.headers))
+        return True
 
     def _append(
         self,

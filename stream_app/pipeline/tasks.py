@@ -297,7 +297,8 @@ class Task:
                 ]
             observe(clock() - began)
             for out in outgoing:
-                await checkpoint.send(out)
+                if not checkpoint.add(out):  # once per topic and transaction
+                    await checkpoint.send(out)
             checkpoint.consumed(tp, offset)
             positions[tp] = offset + 1
 

@@ -288,6 +288,32 @@ async def test_a_transaction_without_store_changes_leaves_the_stores_offsets_alo
     assert rig.broker.committed(GROUP) == {INPUT: 3}
 
 
+async def test_add_takes_an_output_only_once_its_topic_is_known_in_the_transaction(
+    make_rig: RigFactory,
+) -> None:
+    """``add`` is ``send`` without the wait for a topic's partition count: it
+    declines (adding nothing) until ``send`` has learnt it in this transaction."""
+    rig = await make_rig()
+    first, second, other_topic = BATCH_OUTPUTS  # closed, closed, rejected
+    checkpoint = rig.checkpoint()
+    assert not checkpoint.add(first)
+    assert checkpoint.empty
+    await checkpoint.send(first)
+    assert checkpoint.add(second)
+    assert not checkpoint.add(other_topic)
+    await checkpoint.send(other_topic)
+    checkpoint.consumed(INPUT, 4)
+    await checkpoint.commit()
+    closed = rig.broker.committed_records(CLOSED)
+    assert closed.count((b"a", b"closed a")) == closed.count((b"d", b"closed d")) == 1
+    assert rig.broker.committed_records(REJECTED).count((b"x", b"rejected x")) == 1
+    assert not rig.checkpoint().add(first)  # learnt anew in each transaction
+    sealed = rig.checkpoint()
+    sealed.seal()
+    with pytest.raises(CheckpointError):
+        sealed.add(first)
+
+
 async def test_an_empty_checkpoint_opens_no_transaction_and_commits_once(
     make_rig: RigFactory,
 ) -> None:
