@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 from aiokafka.structs import TopicPartition
@@ -22,6 +23,16 @@ from stream_app.pipeline.processor import Outgoing, partition_for
 from stream_app.pipeline.store import StoreOverlay
 
 log = logging.getLogger(__name__)
+
+#: The phases of :meth:`Checkpoint.commit`, as it times them: ``produce``
+#: (the transaction begun, its batches sent and confirmed), ``offsets`` (the
+#: consumed offsets sent to the transaction, or committed for at_least_once),
+#: ``commit`` (the transaction committed) and ``store`` (RocksDB written).
+PHASES: Final = ("produce", "offsets", "commit", "store")
+
+
+class Observer(Protocol):
+    def observe(self, seconds: float) -> None: ...
 
 
 class CheckpointError(StreamAppError):
@@ -151,6 +162,7 @@ class Checkpoint:
         group_id: str,
         exactly_once: bool,
         commit_offsets: OffsetCommitter | None = None,
+        phases: Mapping[str, Observer] | None = None,
     ) -> None:
         if not exactly_once and commit_offsets is None:
             raise ValueError("at_least_once needs an offset committer")
@@ -159,6 +171,8 @@ class Checkpoint:
         self._group_id = group_id
         self._exactly_once = exactly_once
         self._commit_offsets = commit_offsets
+        #: Where :meth:`commit` reports how long each of its :data:`PHASES` took.
+        self._phases = phases or {}
         self._in_transaction = False
         #: This transaction's records, by (topic, partition), in batches.
         self._batches: dict[tuple[str, int], list[Batch]] = {}
@@ -237,6 +251,7 @@ class Checkpoint:
             raise CheckpointError("checkpoint already committed or aborted")
         sealed = self.seal()
         last: dict[tuple[str, int], tuple[asyncio.Future[Any], int]] = {}
+        began = time.perf_counter()
         try:
             if not self.empty and self._exactly_once:
                 await self._producer.begin_transaction()
@@ -250,17 +265,21 @@ class Checkpoint:
             await self._producer.flush()
             for future in self._sends:
                 await future  # raises the first failed batch
+            began = self._observe("produce", began)
             if self._exactly_once:
                 if self._in_transaction:
                     if self.offsets:
                         await self._producer.send_offsets_to_transaction(
                             dict(self.offsets), self._group_id
                         )
+                        began = self._observe("offsets", began)
                     await self._producer.commit_transaction()
+                    began = self._observe("commit", began)
                     self._in_transaction = False
             elif self.offsets:
                 assert self._commit_offsets is not None  # noqa: S101 - checked in __init__
                 await self._commit_offsets(dict(self.offsets))
+                began = self._observe("offsets", began)
         except _PRODUCER_UNUSABLE as exc:
             await self._fail(abort=False)
             raise TaskFencedError(self._fence_cause(exc)) from exc
@@ -279,6 +298,15 @@ class Checkpoint:
                 store.overlay.release()
         except Exception as exc:
             raise StoreWriteError(f"{type(exc).__name__}: {exc}") from exc
+        self._observe("store", began)
+
+    def _observe(self, phase: str, began: float) -> float:
+        """Report ``phase`` as having taken since ``began``; returns now."""
+        now = time.perf_counter()
+        observer = self._phases.get(phase)
+        if observer is not None:
+            observer.observe(now - began)
+        return now
 
     async def abort(self) -> None:
         """End the transaction without effect: nothing visible, nothing stored."""

@@ -46,9 +46,15 @@ from stream_app.pipeline.application_settings import (
     follow_settings_topic,
 )
 from stream_app.pipeline.assignor import RoutingRangeAssignor
-from stream_app.pipeline.checkpoint import CheckpointError, StoreWriteError, TaskFencedError
+from stream_app.pipeline.checkpoint import (
+    PHASES,
+    CheckpointError,
+    StoreWriteError,
+    TaskFencedError,
+)
 from stream_app.pipeline.kafka import client_options
 from stream_app.pipeline.processor import (
+    COMMIT_BUCKETS,
     CommandProcessor,
     LatencyHistogram,
     Limits,
@@ -142,7 +148,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.latency = LatencyHistogram()
         #: Seconds per commit round: every task's transaction, committed together
         #: while processing goes on.
-        self.commit_latency = LatencyHistogram()
+        self.commit_latency = LatencyHistogram(COMMIT_BUCKETS)
+        #: Seconds per phase of the task transactions' commits (checkpoint.PHASES).
+        self.phase_latency = {phase: LatencyHistogram(COMMIT_BUCKETS) for phase in PHASES}
         self.commits = 0
         self.aborts = 0
         #: The commit round in flight (see :meth:`_commit`).
@@ -521,6 +529,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             limits=self.limits,
             max_record_bytes=self.max_record_bytes,
             latency=self.latency,
+            phases=self.phase_latency,
             metrics=self.metrics,
             restore_progress=self._restore_progress,
         )

@@ -322,6 +322,8 @@ LATENCY_BUCKETS: Final = (
     0.25,
     1.0,
 )
+#: Seconds; for commits, from a quick one to a stalled broker.
+COMMIT_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class LatencyHistogram:

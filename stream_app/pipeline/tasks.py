@@ -125,6 +125,7 @@ class Task:
         limits: Limits,
         max_record_bytes: int,
         latency: LatencyHistogram | None = None,
+        phases: Mapping[str, LatencyHistogram] | None = None,
         metrics: Metrics | None = None,
         restore_progress: RestoreProgress | None = None,
     ) -> None:
@@ -143,6 +144,8 @@ class Task:
         #: The largest record the written topics accept (see topics.py).
         self.max_record_bytes = max_record_bytes
         self._latency = latency or LatencyHistogram()
+        #: How long each phase of this task's commits took (checkpoint.PHASES).
+        self._phases = phases or {}
         self.metrics = metrics or Metrics()
         self._restore_progress = restore_progress
         self.exactly_once = settings.processing_guarantee == "exactly_once"
@@ -226,6 +229,7 @@ class Task:
                 group_id=self.settings.app_id,
                 exactly_once=self.exactly_once,
                 commit_offsets=None if self.exactly_once else self._commit_offsets,
+                phases=self._phases,
             )
             self._opened_at = time.monotonic()
         return self.checkpoint

@@ -73,6 +73,16 @@ class EngineCollector(Collector):
             [], engine.commit_latency.cumulative(), sum_value=engine.commit_latency.total
         )
         yield commit
+        phases = HistogramMetricFamily(
+            "stream_app_transaction_phase_seconds",
+            "Time per phase of a task transaction's commit: produce (its batches sent "
+            "and confirmed), offsets (the consumed offsets sent to it), commit, and "
+            "store (RocksDB written after the commit)",
+            labels=["phase"],
+        )
+        for phase, histogram in engine.phase_latency.items():
+            phases.add_metric([phase], histogram.cumulative(), sum_value=histogram.total)
+        yield phases
         transactions = CounterMetricFamily(
             "stream_app_transactions", "Task transactions, by result", labels=["result"]
         )

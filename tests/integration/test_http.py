@@ -113,6 +113,15 @@ async def test_metrics_parse_and_move_as_commands_are_processed(
     assert after[("stream_app_transactions_total", (("result", "committed"),))] > 0
     assert after[("stream_app_processing_seconds_count", ())] >= 42
     assert after[("stream_app_commit_seconds_count", ())] >= 1
+    # Each committed transaction went through every phase, in order (a scrape
+    # may catch one between two phases).
+    phases = {
+        phase: after[("stream_app_transaction_phase_seconds_count", (("phase", phase),))]
+        for phase in ("produce", "offsets", "commit", "store")
+    }
+    committed = after[("stream_app_transactions_total", (("result", "committed"),))]
+    assert phases["produce"] >= phases["commit"] >= phases["store"] >= committed >= 1
+    assert phases["offsets"] >= 1
     lag = {k: v for k, v in after.items() if k[0] == "stream_app_consumer_lag"}
     assert lag
     assert all(v >= 0 for v in lag.values())

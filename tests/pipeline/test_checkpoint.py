@@ -8,7 +8,8 @@ offsets the group has committed, and what RocksDB holds.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from stream_app.pipeline.checkpoint import (
+    PHASES,
     ChangelogStore,
     Checkpoint,
     CheckpointError,
+    Observer,
     StoreWriteError,
     TaskFencedError,
 )
@@ -87,7 +90,9 @@ class Rig:
         self.overlays = {name: StoreOverlay(store) for name, store in self.stores.items()}
 
     def checkpoint(
-        self, commit_offsets: Callable[[Any], Awaitable[None]] | None = None
+        self,
+        commit_offsets: Callable[[Any], Awaitable[None]] | None = None,
+        phases: Mapping[str, Observer] | None = None,
     ) -> Checkpoint:
         if commit_offsets is None and not self.exactly_once:
             commit_offsets = self.commit_offsets
@@ -100,6 +105,7 @@ class Rig:
             group_id=GROUP,
             exactly_once=self.exactly_once,
             commit_offsets=commit_offsets,
+            phases=phases,
         )
 
     async def commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
@@ -312,6 +318,51 @@ async def test_add_takes_an_output_only_once_its_topic_is_known_in_the_transacti
     sealed.seal()
     with pytest.raises(CheckpointError):
         sealed.add(first)
+
+
+class Durations:
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def observe(self, seconds: float) -> None:
+        self.seen.append(seconds)
+
+
+@pytest.mark.parametrize(
+    ("exactly_once", "failing", "timed"),
+    [
+        (True, None, ("produce", "offsets", "commit", "store")),
+        (False, None, ("produce", "offsets", "store")),
+        (True, "commit_transaction", ("produce", "offsets")),
+        (True, "send_offsets_to_transaction", ("produce",)),
+    ],
+)
+async def test_commit_times_each_phase_it_completes(
+    make_rig: RigFactory, exactly_once: bool, failing: str | None, timed: tuple[str, ...]
+) -> None:
+    """/metrics' stream_app_transaction_phase_seconds: each phase a commit gets
+    through is reported once, with the time it took (here the broker is slow to
+    answer the step that ends the phase under test)."""
+    rig = await make_rig(exactly_once=exactly_once)
+    durations = {phase: Durations() for phase in PHASES}
+    checkpoint = rig.checkpoint(phases=durations)
+    await rig.process_batch(checkpoint)
+    slow = "commit_transaction" if exactly_once else "flush"
+    rig.producer.before[slow] = lambda: time.sleep(0.05)
+    if failing is not None:
+        rig.producer.fail_next(failing, KafkaError("COORDINATOR_NOT_AVAILABLE"))
+        with pytest.raises(CheckpointError):
+            await checkpoint.commit()
+    else:
+        await checkpoint.commit()
+
+    assert [phase for phase in PHASES if durations[phase].seen] == list(timed)
+    assert all(len(durations[phase].seen) == 1 for phase in timed)
+    if failing is None:
+        slowest = "commit" if exactly_once else "produce"
+        times = {phase: durations[phase].seen[0] for phase in timed}
+        assert times[slowest] >= 0.05
+        assert max(times, key=times.__getitem__) == slowest
 
 
 async def test_an_empty_checkpoint_opens_no_transaction_and_commits_once(
