@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import defaultdict, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ from workload import Rec, Workload, generate  # noqa: E402
 
 from stream_app.pipeline.kafka import wait_for_partitions  # noqa: E402
 from stream_app.settings import Settings  # noqa: E402
-from tests.integration.harness import Deployment, create_topics  # noqa: E402
+from tests.integration.harness import Deployment, create_topics, metric_samples  # noqa: E402
 from tools.kafka_broker import KAFKA_VERSION, KafkaCluster  # noqa: E402
 
 PARTITIONS = 6
@@ -486,6 +487,7 @@ async def latency_run(bootstrap: str, rate: float, seconds: float, workdir: Path
     profiled = {r.key for r in work.records if b'"profileId"' in r.value}
     latencies: list[float] = []
     by_profile: dict[bool, list[float]] = {True: [], False: []}
+    anatomy = ""
     proc = _spawn(argv, env, ROOT, log)
     reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                               enable_auto_commit=False, isolation_level="read_committed",
@@ -521,6 +523,8 @@ async def latency_run(bootstrap: str, rate: float, seconds: float, workdir: Path
                     i += 1
                 await asyncio.sleep(0.005)
 
+        scraped = None if control else _worker_metrics(log)
+        began = time.monotonic()
         pacer = asyncio.create_task(pace())
         deadline = time.monotonic() + seconds + 120
         while len(latencies) < expect and time.monotonic() < deadline:
@@ -533,6 +537,8 @@ async def latency_run(bootstrap: str, rate: float, seconds: float, workdir: Path
                         latencies.append(now - queue.popleft())
                         by_profile[rec.key in profiled].append(latencies[-1])
         await pacer
+        if not control:
+            anatomy = _commit_anatomy(scraped, _worker_metrics(log), time.monotonic() - began)
     finally:
         await producer.stop()
         await reader.stop()
@@ -551,7 +557,52 @@ async def latency_run(bootstrap: str, rate: float, seconds: float, workdir: Path
             f"(checkpoint interval {interval}s, batch size {batch}): {n} outputs, "
             f"{_percentiles(latencies)}\n"
             f"  sessions with a profile (through stage 2): {_percentiles(by_profile[True])}\n"
-            f"  anonymous sessions: {_percentiles(by_profile[False])}")
+            f"  anonymous sessions: {_percentiles(by_profile[False])}\n{anatomy}")
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _worker_metrics(log: Path) -> Samples | None:
+    """The worker's /metrics now (its address from its log), or None."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "serving /livez /readyz /metrics on " in line:
+            port = line.rsplit(":", 1)[1].strip()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    return metric_samples(r.read().decode())
+            except OSError:
+                return None
+    return None
+
+
+def _commit_anatomy(before: Samples | None, after: Samples | None, seconds: float) -> str:
+    """What the worker's commits took between two scrapes of its /metrics:
+    stream_app_commit_seconds (rounds) and stream_app_transaction_phase_seconds."""
+    if before is None or after is None:
+        return "  (the worker's /metrics could not be read)"
+
+    def delta(name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    rounds = delta("stream_app_commit_seconds_count")
+    if not rounds:
+        return "  (no commit round in the window)"
+    mean = delta("stream_app_commit_seconds_sum") / rounds * 1000
+    over = {
+        bound: 1 - delta("stream_app_commit_seconds_bucket", (("le", bound),)) / rounds
+        for bound in ("0.05", "0.1")
+    }
+    phases = []
+    for phase in ("produce", "offsets", "commit", "store"):
+        labels = (("phase", phase),)
+        n = delta("stream_app_transaction_phase_seconds_count", labels)
+        total = delta("stream_app_transaction_phase_seconds_sum", labels)
+        phases.append(f"{phase} {total / n * 1000:.1f} ms" if n else f"{phase} -")
+    transactions = delta("stream_app_transaction_phase_seconds_count", (("phase", "produce"),))
+    return (f"  the worker's commit rounds: {rounds:,.0f} ({rounds / seconds:.1f}/s), mean "
+            f"{mean:.1f} ms; {over['0.05']:.0%} took over 50 ms, {over['0.1']:.0%} over 100 ms\n"
+            f"  its {transactions:,.0f} task transactions, mean per phase: " + ", ".join(phases))
 
 
 def _percentiles(values: list[float]) -> str:
