@@ -119,9 +119,10 @@ class Checkpoint:
 
     1. The processors read and write through each store's :class:`StoreOverlay`;
        nothing touches RocksDB while a transaction is open.
-    2. :meth:`send` (or :meth:`add`) appends outputs to this transaction's record batches, one
-       list of batches per partition written; nothing reaches the producer
-       yet. :meth:`consumed` records how far each input was read.
+    2. :meth:`send` (or :meth:`add`) appends outputs to this transaction's
+       record batches, one list of batches per partition written; nothing
+       reaches the producer yet. :meth:`consumed` records how far each input
+       was read.
     3. :meth:`seal` ends the transaction's content: one changelog record per
        changed key of each store joins the batches, and the overlays set
        those changes aside (:meth:`StoreOverlay.freeze`), so the task can go

@@ -327,7 +327,8 @@ COMMIT_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 
 
 class LatencyHistogram:
-    """Cumulative-at-export histogram of per-record processing time."""
+    """A cumulative-at-export histogram of durations: per-record processing,
+    commit rounds, commit phases."""
 
     def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.buckets = buckets
