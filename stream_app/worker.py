@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -79,6 +80,12 @@ async def run(settings: Settings) -> int:
         return EXIT_FAILED
     host = settings.advertised_host or socket.gethostname()
     engine.assignor.url = f"http://{host}:{web.port}"
+    # Everything alive now (modules, classes, settings: about 60,000 tracked
+    # objects) lives as long as the process. Frozen, Python's full collections
+    # skip it: they paused the event loop for 25-35 ms every few seconds under
+    # load, and take 4-7 ms frozen (docs/performance.md).
+    gc.collect()
+    gc.freeze()
     try:
         if stopping.is_set():
             engine.stop()
