@@ -66,9 +66,15 @@ import aiokafka  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 from workload import Rec, Workload, generate  # noqa: E402
 
+from stream_app.pipeline.checkpoint import PHASES  # noqa: E402
 from stream_app.pipeline.kafka import wait_for_partitions  # noqa: E402
 from stream_app.settings import Settings  # noqa: E402
-from tests.integration.harness import Deployment, create_topics, metric_samples  # noqa: E402
+from tests.integration.harness import (  # noqa: E402
+    Deployment,
+    create_topics,
+    logged_http_url,
+    metric_samples,
+)
 from tools.kafka_broker import KAFKA_VERSION, KafkaCluster  # noqa: E402
 
 PARTITIONS = 6
@@ -565,15 +571,15 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def _worker_metrics(log: Path) -> Samples | None:
     """The worker's /metrics now (its address from its log), or None."""
-    for line in log.read_text(errors="replace").splitlines():
-        if "serving /livez /readyz /metrics on " in line:
-            port = line.rsplit(":", 1)[1].strip()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    return metric_samples(r.read().decode())
-            except OSError:
-                return None
-    return None
+    url = logged_http_url(log)
+    if url is None:
+        return None
+    try:
+        # The worker's own loopback address, http://127.0.0.1:<port>, from its log.
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as answer:  # noqa: S310
+            return metric_samples(answer.read().decode())
+    except OSError:
+        return None
 
 
 def _commit_anatomy(before: Samples | None, after: Samples | None, seconds: float) -> str:
@@ -594,7 +600,7 @@ def _commit_anatomy(before: Samples | None, after: Samples | None, seconds: floa
         for bound in ("0.05", "0.1")
     }
     phases = []
-    for phase in ("produce", "offsets", "commit", "store"):
+    for phase in PHASES:
         labels = (("phase", phase),)
         n = delta("stream_app_transaction_phase_seconds_count", labels)
         total = delta("stream_app_transaction_phase_seconds_sum", labels)

@@ -149,10 +149,9 @@ class Worker:
         """The worker's HTTP address, from its start-up log line (it may pick a free port)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                if "serving /livez /readyz /metrics on " in line:
-                    port = line.rsplit(":", 1)[1].strip()
-                    return f"http://127.0.0.1:{port}"
+            url = logged_http_url(self.log_path)
+            if url is not None:
+                return url
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
@@ -407,6 +406,15 @@ async def consume_until(
     finally:
         await consumer.stop()
     return out
+
+
+def logged_http_url(log_path: Path) -> str | None:
+    """A worker's HTTP address, from the start-up line in its log; None before it."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "serving /livez /readyz /metrics on " in line:
+            port = line.rsplit(":", 1)[1].strip()
+            return f"http://127.0.0.1:{port}"
+    return None
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
