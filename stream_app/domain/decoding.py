@@ -616,8 +616,9 @@ def _fast_patch(patch: _FastPatch) -> SessionPatch:
     )
 
 
-#: Decimal(repr(price)) of recent float prices: a catalog's prices repeat.
-#: Never 0.0, which would also answer for -0.0 (equal, but another Decimal).
+#: Decimal(repr(price)) of recent float prices and additional costs: a
+#: catalog's prices repeat. Never 0.0, which would also answer for -0.0
+#: (equal, but another Decimal).
 _PRICES: Final[dict[float, Decimal]] = {}
 _PRICES_CACHED: Final = 4096
 
@@ -662,10 +663,20 @@ def _fast_cart(items: list[_FastItem]) -> tuple[CartItem, ...]:
 
 
 def _fast_costs(costs: dict[str, _FastCost]) -> dict[str, AdditionalCost]:
+    # The prices _fast_cart remembers are representable (0 <= price < 2^63),
+    # and so are those remembered here: json_money checked them.
     result = {}
+    prices = _PRICES
     for name, cost in costs.items():
-        money = json_money(cost.price)
+        raw_price = cost.price
+        money = prices.get(raw_price) if type(raw_price) is float else None
         if money is None:
-            raise _HandOnError
+            money = json_money(raw_price)
+            if money is None:
+                raise _HandOnError
+            if type(raw_price) is float and raw_price:  # not 0.0 (see _PRICES)
+                if len(prices) >= _PRICES_CACHED:
+                    prices.clear()
+                prices[raw_price] = money
         result[name] = AdditionalCost(money)
     return result

@@ -263,6 +263,40 @@ def test_the_fast_path_gives_what_the_rules_give(raw: bytes) -> None:
     _same(raw)
 
 
+@pytest.mark.parametrize(
+    "prices",
+    [
+        (0.0, -0.0, 0.0),
+        (-0.0, 0.0, -0.0),
+        (2.5, 2.5),
+        (-2.5, -2.5),
+        (9.3e18, 9.3e18),
+        (1e-320,) * 2,
+    ],
+)
+def test_remembered_prices_answer_as_the_rules_do(prices: tuple[float, ...]) -> None:
+    """The fast path remembers the decimals of float prices, item and additional
+    cost alike: a price read again, or its other zero, still decodes as the rules
+    decode it (the sign of -0.0 included)."""
+    for price in prices:
+        for where in (
+            {"additionalCosts": {"ship": {"price": price}}},
+            {
+                "cartItems": [
+                    {
+                        "sku": "s",
+                        "quantity": 1,
+                        "price": abs(price),
+                        "additionalCosts": {"wrap": {"price": price}},
+                    }
+                ]
+            },
+        ):
+            raw = orjson.dumps({"type": "update", "integrationId": "a", "session": where})
+            _same(raw)
+            assert _fast_command(raw) is not None or abs(price) >= 2**63, raw
+
+
 def test_the_fast_path_takes_the_commands_checkout_systems_send() -> None:
     """Not a vacuous agreement: typical commands do take the fast path."""
     update = {
