@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from stream_app.domain.numbers import ZERO
 from stream_app.errors import ConfigurationError
 
 __all__ = [
@@ -247,10 +248,12 @@ class Session(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     additional_costs: dict[str, AdditionalCost] = msgspec.field(default_factory=dict)
     identifiers: tuple[str, ...] = ()
     attributes: dict[str, Any] = msgspec.field(default_factory=dict)
-    total: Decimal = Decimal(0)
-    cart_item_total: Decimal = Decimal(0)
-    additional_cost_total: Decimal = Decimal(0)
-    cart_item_additional_cost_total: Decimal = Decimal(0)
+    # ZERO itself: msgspec leaves a default out only when it is that object,
+    # and apply's sums of nothing are ZERO.
+    total: Decimal = ZERO
+    cart_item_total: Decimal = ZERO
+    additional_cost_total: Decimal = ZERO
+    cart_item_additional_cost_total: Decimal = ZERO
     recent_event_ids: tuple[str, ...] = ()
 
 
