@@ -277,6 +277,8 @@ def _check_settings(patch: SessionPatch, settings: ApplicationSettings, quantity
                     f"/session/cartItems/{position}/additionalCosts",
                     "additional cost",
                 )
+    if settings.additional_costs is None and settings.attributes is None:
+        return  # every name allowed (the default): no call for each of them
     _require_known(
         patch.additional_costs,
         settings.additional_costs,
@@ -311,6 +313,8 @@ def _require_known(
 
 
 def _merge_attributes(stored: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    if None not in changes.values():  # nothing deleted: the common case
+        return {**stored, **changes}
     merged = dict(stored)
     for key, value in changes.items():
         if value is None:
