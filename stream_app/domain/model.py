@@ -225,12 +225,11 @@ class Session(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     UTC). ``recent_event_ids`` holds at most :data:`RECENT_EVENT_IDS` applied
     event ids, oldest first; it is part of the stored form, not of the emitted
     document.
-
-    ``apply`` builds it positionally, in one call (``transitions._Patched``
-    lists the fields from ``profile_id`` on): a new field goes last, after
-    ``recent_event_ids``, or into that tuple too.
     """
 
+    # apply builds it positionally, in one call (transitions._Patched lists the
+    # fields from profile_id on): a new field goes last, after recent_event_ids,
+    # or into that tuple too.
     id: int
     integration_id: str
     application_id: int
