@@ -187,6 +187,22 @@ def _remember(recent: tuple[str, ...], event_id: str) -> tuple[str, ...]:
     return (*recent, event_id)
 
 
+def _advanced(
+    session: Session, state: SessionState, timestamp: int, event_id: str, **changes: Any
+) -> Session:
+    """``session`` after one more applied command that leaves its cart's
+    totals as they are: its state, clock, count and recent event ids, and
+    ``changes``."""
+    return _replace(
+        session,
+        state=state,
+        updated_ms=timestamp,
+        update_count=session.update_count + 1,
+        recent_event_ids=_remember(session.recent_event_ids, event_id),
+        **changes,
+    )
+
+
 # --------------------------------------------------------------------------- totals
 
 
@@ -498,13 +514,7 @@ def _update(
         # Closed or partially returned: only the state changes.
         name = EventName.REVOKED if current is _CLOSED else EventName.CANCELLED
         timestamp = ctx.timestamp_ms
-        updated = _replace(
-            session,
-            state=target,
-            updated_ms=timestamp,
-            update_count=session.update_count + 1,
-            recent_event_ids=_remember(session.recent_event_ids, event_id),
-        )
+        updated = _advanced(session, target, timestamp, event_id)
     else:
         raise _invalid_transition(
             pointer, f"a {current} session cannot be updated to {target or 'its current state'}"
@@ -524,13 +534,7 @@ def _reopen(
             "/type", f"only a closed session can be reopened, not {session.state}"
         )
     timestamp = ctx.timestamp_ms
-    updated = _replace(
-        session,
-        state=_OPEN,
-        updated_ms=timestamp,
-        update_count=session.update_count + 1,
-        recent_event_ids=_remember(session.recent_event_ids, event_id),
-    )
+    updated = _advanced(session, _OPEN, timestamp, event_id)
     return Applied(updated, (SessionEvent(EventName.REOPENED, event_id, timestamp),))
 
 
@@ -605,14 +609,7 @@ def _return(
     if not representable(total):
         raise _unrepresentable("/returnedCartItems", "the value of the return", total)
     timestamp = ctx.timestamp_ms
-    updated = _replace(
-        session,
-        state=_RETURNED,
-        cart_items=tuple(new_cart),
-        updated_ms=timestamp,
-        update_count=session.update_count + 1,
-        recent_event_ids=_remember(session.recent_event_ids, event_id),
-    )
+    updated = _advanced(session, _RETURNED, timestamp, event_id, cart_items=tuple(new_cart))
     summary = ReturnSummary(tuple(lines), total)
     event = SessionEvent(EventName.PARTIALLY_RETURNED, event_id, timestamp, summary)
     return Applied(updated, (event,))
