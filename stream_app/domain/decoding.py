@@ -623,6 +623,16 @@ _PRICES: Final[dict[float, Decimal]] = {}
 _PRICES_CACHED: Final = 4096
 
 
+def _remember_price(raw_price: float, money: Decimal) -> Decimal:
+    """``money``, remembered in :data:`_PRICES` as the decimal of ``raw_price``
+    (unless it is 0.0 or -0.0); called only for prices not found there."""
+    if raw_price:
+        if len(_PRICES) >= _PRICES_CACHED:
+            _PRICES.clear()
+        _PRICES[raw_price] = money
+    return money
+
+
 def _fast_cart(items: list[_FastItem]) -> tuple[CartItem, ...]:
     # Prices and sizes were range-checked by msgspec (_Price, _Size): the rules'
     # non-negative price below MONEY_LIMIT (see _cart_item) and sizes >= 0.
@@ -633,11 +643,7 @@ def _fast_cart(items: list[_FastItem]) -> tuple[CartItem, ...]:
         if type(raw_price) is float:
             price = prices.get(raw_price)
             if price is None:
-                price = Decimal(repr(raw_price))
-                if raw_price:  # not 0.0: it would also answer for -0.0
-                    if len(prices) >= _PRICES_CACHED:
-                        prices.clear()
-                    prices[raw_price] = price
+                price = _remember_price(raw_price, Decimal(repr(raw_price)))
         else:
             price = Decimal(raw_price)
         costs = item.additional_costs
@@ -674,9 +680,7 @@ def _fast_costs(costs: dict[str, _FastCost]) -> dict[str, AdditionalCost]:
             money = json_money(raw_price)
             if money is None:
                 raise _HandOnError
-            if type(raw_price) is float and raw_price:  # not 0.0 (see _PRICES)
-                if len(prices) >= _PRICES_CACHED:
-                    prices.clear()
-                prices[raw_price] = money
+            if type(raw_price) is float:
+                _remember_price(raw_price, money)
         result[name] = AdditionalCost(money)
     return result
