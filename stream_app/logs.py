@@ -3,16 +3,71 @@
 JSON lines carry ``time``, ``level``, ``logger`` and ``message`` (and
 ``exception`` when there is one). Nothing the worker logs contains a secret:
 settings are never logged whole (``stream-app config`` masks them).
+
+The Kafka client's warnings and errors are let through once per
+:data:`CLIENT_REPEAT_WINDOW_S` for each kind of line (see
+:class:`RepeatedClientLines`): while a broker is down, each of a worker's
+clients retries every 100 ms and aiokafka logs every attempt.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Final
 
 from stream_app import json
 from stream_app.settings import LogFormat
+
+#: Seconds for which a repeated line of the Kafka client is held back.
+CLIENT_REPEAT_WINDOW_S: Final = 10.0
+#: Kinds of client lines remembered at most (then forgotten all at once).
+_KINDS_REMEMBERED: Final = 1000
+
+
+class RepeatedClientLines(logging.Filter):
+    """Lets each kind of the Kafka client's lines (its logger, level and message
+    template) through once per ``window_s``; the next one let through says how
+    many were held back.
+
+    One worker, its broker killed for ten minutes, logged 162,000 lines of
+    aiokafka's (``Unable connect to node``, ``Unable to update metadata``,
+    ``Failed fetch messages``...): about 270 per second. The worker's own lines
+    are never held back.
+    """
+
+    def __init__(
+        self,
+        window_s: float = CLIENT_REPEAT_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._clock = clock
+        #: Kind of line -> (when one was last let through, how many held back since).
+        self._kinds: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "aiokafka" and not record.name.startswith("aiokafka."):
+            return True
+        template = record.msg if isinstance(record.msg, str) else repr(type(record.msg))
+        kind = (record.name, record.levelno, template)
+        now = self._clock()
+        last = self._kinds.get(kind)
+        if last is not None and now - last[0] < self.window_s:
+            self._kinds[kind] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            held, since = last[1], now - last[0]
+            record.msg = f"{record.getMessage()} ({held} like it held back in {since:.0f} s)"
+            record.args = None
+        if len(self._kinds) >= _KINDS_REMEMBERED:
+            self._kinds.clear()
+        self._kinds[kind] = (now, 0)
+        return True
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -36,6 +91,7 @@ def configure_logging(level: str, fmt: LogFormat = "text") -> None:
         handler.setFormatter(JsonLinesFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RepeatedClientLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

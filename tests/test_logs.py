@@ -1,0 +1,90 @@
+"""The worker's logging: the Kafka client's repeated lines are held back."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from stream_app.logs import RepeatedClientLines, configure_logging
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def record(name: str, msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+
+
+def test_a_repeated_client_line_passes_once_per_window_and_then_says_how_many() -> None:
+    clock = Clock()
+    lines = RepeatedClientLines(window_s=10.0, clock=clock)
+    template = "Unable connect to node with id %s: %s"
+    passed = []
+    for attempt in range(300):  # a client retrying every 100 ms for 30 s
+        clock.now = 1000.0 + attempt * 0.1
+        r = record("aiokafka", template, 1, f"refused {attempt}")
+        if lines.filter(r):
+            passed.append(r.getMessage())
+    assert passed == [
+        "Unable connect to node with id 1: refused 0",
+        "Unable connect to node with id 1: refused 100 (99 like it held back in 10 s)",
+        "Unable connect to node with id 1: refused 200 (99 like it held back in 10 s)",
+    ]
+
+
+def test_kinds_of_client_lines_are_held_back_each_on_its_own() -> None:
+    lines = RepeatedClientLines(window_s=10.0, clock=Clock())
+    kinds = [
+        record("aiokafka", "Unable to update metadata from %s", [1]),
+        record("aiokafka.consumer.fetcher", "Unable to update metadata from %s", [1]),
+        record("aiokafka", "Unable to update metadata from %s", [1], level=logging.WARNING),
+        record("aiokafka", "Unable connect to node with id %s: %s", 1, "refused"),
+    ]
+    assert [lines.filter(r) for r in kinds] == [True, True, True, True]
+    assert [lines.filter(r) for r in kinds] == [False, False, False, False]
+
+
+def test_the_workers_own_lines_are_never_held_back() -> None:
+    lines = RepeatedClientLines(window_s=10.0, clock=Clock())
+    for name in ("stream_app.pipeline.processor", "aiokafkaesque", "root"):
+        assert all(lines.filter(record(name, "rejected %s", n)) for n in range(50))
+
+
+def test_a_line_whose_message_is_not_text_is_grouped_too() -> None:
+    lines = RepeatedClientLines(window_s=10.0, clock=Clock())
+    first = logging.LogRecord("aiokafka", logging.ERROR, __file__, 1, {"not": "text"}, None, None)
+    again = logging.LogRecord("aiokafka", logging.ERROR, __file__, 1, {"not": "text"}, None, None)
+    assert lines.filter(first)
+    assert not lines.filter(again)
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    client = logging.getLogger("aiokafka")
+    saved = (root.handlers[:], root.level, client.level)
+    yield
+    root.handlers[:], root.level = saved[0], saved[1]
+    client.setLevel(saved[2])
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_configured_logging_holds_back_an_outages_client_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO")
+    client = logging.getLogger("aiokafka.consumer.fetcher")
+    ours = logging.getLogger("stream_app.pipeline.engine")
+    for attempt in range(1000):
+        client.error("Failed fetch messages from %s: %s", 1, f"NodeNotReadyError {attempt}")
+        ours.info("still here %d", attempt)
+    err = capsys.readouterr().err
+    assert err.count("Failed fetch messages") == 1
+    assert err.count("still here") == 1000
