@@ -99,9 +99,23 @@ def run_worker(settings: Settings) -> int:
 
 def run_traffic(settings: Settings, sessions: int, seed: int, rate: float | None) -> int:
     """Produce the demo's sample checkout traffic to the command topic."""
-    from stream_app.demo.traffic import produce_traffic
+    from aiokafka.errors import KafkaError
 
-    summary = asyncio.run(produce_traffic(settings, sessions, seed, rate))
+    from stream_app.demo.traffic import produce_traffic
+    from stream_app.errors import ConfigurationError
+
+    try:
+        summary = asyncio.run(produce_traffic(settings, sessions, seed, rate))
+    except ConfigurationError as exc:
+        print(f"stream-app traffic: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KafkaError as exc:
+        print(
+            f"stream-app traffic: Kafka at {settings.bootstrap_servers}: {exc!r}; "
+            "stopped before every record was acknowledged",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     print(f"produced to {settings.topics.commands}: {summary.describe()}")
     return 0
 

@@ -152,6 +152,13 @@ def test_an_unreachable_broker_is_retried_and_said_plainly(tmp_path: Path) -> No
     assert proc.returncode == 0
 
 
+def test_traffic_says_the_broker_is_unreachable(tmp_path: Path) -> None:
+    code, output = run(["traffic", "--sessions", "1"], {}, tmp_path)
+    assert code == 1
+    assert f"stream-app traffic: Kafka at {CLOSED_PORT}: KafkaConnectionError" in output
+    assert "Traceback" not in output
+
+
 def test_watch_says_the_broker_is_unreachable(tmp_path: Path) -> None:
     code, output = run(["watch", "--seconds", "5"], {}, tmp_path)
     assert code == 1
