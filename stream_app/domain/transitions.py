@@ -485,6 +485,7 @@ def _update(
     target = patch.state
     current = session.state
     pointer = "/session/state" if target is not None else "/type"
+    timestamp = ctx.timestamp_ms
     if current is _OPEN:
         if target is None or target is _OPEN:
             name, target = EventName.UPDATED, _OPEN
@@ -497,7 +498,6 @@ def _update(
         sums = _cart_sums(patch)
         _check_settings(patch, ctx.settings, sums[0])
         fields = _patched_fields(session, patch, sums)
-        timestamp = ctx.timestamp_ms
         updated = Session(
             session.id,
             session.integration_id,
@@ -513,7 +513,6 @@ def _update(
     elif target is _CANCELLED and current is not _CANCELLED:
         # Closed or partially returned: only the state changes.
         name = EventName.REVOKED if current is _CLOSED else EventName.CANCELLED
-        timestamp = ctx.timestamp_ms
         updated = _advanced(session, target, timestamp, event_id)
     else:
         raise _invalid_transition(
