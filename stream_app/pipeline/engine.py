@@ -82,6 +82,8 @@ from stream_app.settings import Settings
 log = logging.getLogger(__name__)
 
 _METRICS_LOG_EVERY_S: Final = 30.0
+#: Of the stop's bound, left for what follows the consumer's stop (HTTP, exit).
+_LEAVE_MARGIN_S: Final = 1.0
 #: How far past its position each input is read raw to find an unreadable record.
 _RAW_BATCHES_PER_INPUT: Final = 64
 _LAYOUT_FILE: Final = "layout.json"
@@ -160,6 +162,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.restore_remaining: dict[str, int] = {}
         self._joined = False
         self._rebalancing = False
+        #: The consumer's poll in flight (see :meth:`_poll`).
+        self._polling: asyncio.Future[Any] | None = None
+        #: When a stop must be done by (set by :meth:`stop`).
+        self._stop_deadline: float | None = None
         #: Range assignment that also tells every worker who owns which
         #: partition; its URL is set by the worker once HTTP is up.
         self.assignor = RoutingRangeAssignor(url="")
@@ -277,8 +283,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
 
     # -- running ---------------------------------------------------------------------------
     def stop(self) -> None:
-        """Ask the loop to finish the current batch, commit and stop."""
+        """Ask the loop to finish the current batch, commit and stop, all within
+        ``shutdown_timeout_s`` from now (see :meth:`_leave`)."""
+        if not self._stopping.is_set():
+            self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self._stopping.set()
+        if self._polling is not None:
+            self._polling.cancel()
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; the caller has run :meth:`check_local_state`."""
@@ -319,11 +330,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             while not self._stopping.is_set():
                 try:
-                    batches = await consumer.getmany(timeout_ms=poll_ms, max_records=s.batch_size)
+                    batches = await self._poll(consumer, poll_ms)
                 except UNREADABLE as exc:
                     async with self._lock:
                         await self._read_past_the_client(consumer, exc)
                     continue
+                if batches is None:
+                    break  # told to stop
                 if batches and not consumed_any:
                     consumed_any = True
                     log.info("first records consumed (unix time %.6f)", time.time())
@@ -342,6 +355,29 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         finally:
             await self._close(consumer)
 
+    async def _poll(
+        self, consumer: AIOKafkaConsumer, timeout_ms: int
+    ) -> dict[TopicPartition, list[Any]] | None:
+        """One ``getmany``, or None once :meth:`stop` gave it up. During a
+        rebalance aiokafka's ``getmany`` waits for the new assignment, past its
+        timeout, for as long as the rebalance lasts: up to the session timeout
+        when a member was killed. No record is taken before that wait ends, so
+        cancelling it loses none."""
+        poll = asyncio.ensure_future(
+            consumer.getmany(timeout_ms=timeout_ms, max_records=self.settings.batch_size)
+        )
+        self._polling = poll
+        try:
+            batches: dict[TopicPartition, list[Any]] = await poll
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._stopping.is_set() and not (current is not None and current.cancelling()):
+                return None
+            raise
+        finally:
+            self._polling = None
+        return batches
+
     async def _close(self, consumer: AIOKafkaConsumer) -> None:
         starters = list(self._starting.values())
         for starter in starters:
@@ -352,7 +388,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             for task in list(self._tasks.values()):
                 await self._drop(task)
         try:
-            await consumer.stop()
+            await self._leave(consumer)
         except (KafkaError, OSError, asyncio.CancelledError) as exc:
             # aiokafka cancels its in-flight fetch on stop, and that surfaces
             # here when the broker is gone; only our own cancellation goes on.
@@ -364,6 +400,33 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.log_metrics()
         if self.stopped_cleanly:
             log.info("stopped: every transaction committed, stores closed")
+
+    async def _leave(self, consumer: AIOKafkaConsumer) -> None:
+        """Stop the consumer, which leaves the group, within the stop's bound.
+
+        aiokafka's ``stop`` first lets a rebalance in progress end, and one
+        ends only once every member has rejoined or timed out: after a worker
+        was killed, ``session_timeout_s`` (30 s) later. A worker in a
+        rebalance owns no task, so nothing of it is uncommitted: it waits
+        until just before its bound, then stops without leaving (the group
+        drops it after the session timeout). One that owned tasks until the
+        stop and cannot leave in time has lost Kafka: its stop is not clean."""
+        if self._stop_deadline is None:
+            await consumer.stop()
+            return
+        left = self._stop_deadline - _LEAVE_MARGIN_S - time.monotonic()
+        try:
+            await asyncio.wait_for(consumer.stop(), max(left, 0.0))
+        except TimeoutError:
+            if self._joined and not self._rebalancing:
+                raise
+            log.warning(
+                "could not leave the group in time: it is rebalancing (a worker that "
+                "is gone holds a rebalance until its session timeout) or Kafka is "
+                "unreachable. This worker owns no task, so nothing is uncommitted; "
+                "the group drops it after STREAM_APP_SESSION_TIMEOUT_S (%.0f s)",
+                self.settings.session_timeout_s,
+            )
 
     def log_metrics(self) -> None:
         m = self.metrics

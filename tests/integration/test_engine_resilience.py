@@ -396,6 +396,53 @@ async def test_sigterm_mid_stream_exits_zero_within_the_shutdown_bound(
     _assert_exactly_once(reader, expected, d, [worker, restarted])
 
 
+@pytest.mark.timeout(240)
+async def test_sigterm_while_the_group_waits_for_a_killed_worker_exits_zero(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """A worker is killed and another joins: the group rebalances, and the
+    rebalance waits for the killed one until its session timeout (30 s here,
+    the default). A worker told to stop during that rebalance owns no task:
+    it exits 0 within its bound, rather than wait for the rebalance (in
+    aiokafka's ``getmany``, then in its ``stop``) until the bound kills it."""
+    d = await _deployment(
+        kafka_bootstrap,
+        unique_name("stop-rebalance"),
+        tmp_path / "s",
+        STREAM_APP_SESSION_TIMEOUT_S="30",
+    )
+    stopping = workers(d, data_dir=tmp_path / "a")
+    victim = workers(d, data_dir=tmp_path / "b")
+    deadline = time.monotonic() + 90
+    while not (await _owns_tasks(stopping) and await _owns_tasks(victim)):
+        assert time.monotonic() < deadline, describe_workers([stopping, victim])
+        await asyncio.sleep(0.2)
+    revocations = stopping.log_tail(100_000).count("revoked ")
+    victim.kill()
+    joiner = workers(d, data_dir=tmp_path / "c")
+    while stopping.log_tail(100_000).count("revoked ") == revocations:
+        assert time.monotonic() < deadline, describe_workers([stopping, joiner])
+        await asyncio.sleep(0.05)
+    stopping.proc.send_signal(signal.SIGTERM)
+    exit_s = await _wait_exit(stopping, SHUTDOWN_BOUND_S + 30)
+    rc = stopping.proc.poll()
+    _report("stop-in-rebalance", exit_after_sigterm=exit_s, rc=rc)
+    assert exit_s is not None, describe_workers([stopping])
+    assert rc == 0, describe_workers([stopping])
+    assert exit_s <= SHUTDOWN_BOUND_S + SHUTDOWN_SLACK_S, describe_workers([stopping])
+    assert "owns no task, so nothing is uncommitted" in stopping.log_tail(), stopping.log_tail()
+
+
+async def _owns_tasks(worker: Worker) -> bool:
+    """Whether ``worker`` is ready and owns a task (from its /readyz)."""
+    url = worker.http_url()
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/readyz") as answer:
+        return answer.status == 200 and bool((await answer.json())["active"])
+
+
 # --------------------------------------------------------------------------- 5. topics
 
 
