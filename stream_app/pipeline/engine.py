@@ -82,6 +82,8 @@ from stream_app.settings import Settings
 log = logging.getLogger(__name__)
 
 _METRICS_LOG_EVERY_S: Final = 30.0
+#: Kafka's default ``heartbeat.interval.ms``.
+_HEARTBEAT_S: Final = 3.0
 #: Of the stop's bound, left for what follows the consumer's stop (HTTP, exit).
 _LEAVE_MARGIN_S: Final = 1.0
 #: How far past its position each input is read raw to find an unreadable record.
@@ -318,7 +320,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             partition_assignment_strategy=(self.assignor,),
             group_instance_id=s.group_instance_id,
             session_timeout_ms=int(s.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(s.session_timeout_s * 1000 / 3),
+            # A member learns of a rebalance from its next heartbeat, so a worker
+            # that joins or leaves moves partitions only then: Kafka's default
+            # 3 s, not a third of the session timeout (10 s).
+            heartbeat_interval_ms=int(min(_HEARTBEAT_S, s.session_timeout_s / 3) * 1000),
             max_partition_fetch_bytes=2 * 1024 * 1024,
         )
         self._consumer = consumer
