@@ -424,7 +424,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             await asyncio.wait_for(consumer.stop(), max(left, 0.0))
         except TimeoutError:
             if self._joined and not self._rebalancing:
-                raise
+                raise  # a TimeoutError is an OSError: reported by _close
             log.warning(
                 "could not leave the group in time: it is rebalancing (a worker that "
                 "is gone holds a rebalance until its session timeout) or Kafka is "
