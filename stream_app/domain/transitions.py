@@ -361,14 +361,18 @@ _NO_CART: Final = (0, ZERO, ZERO)
 
 
 def _patched_fields(
-    session: Session | None, patch: SessionPatch, sums: tuple[int, Decimal, Decimal]
+    session: Session | None, patch: SessionPatch, settings: ApplicationSettings
 ) -> _Patched:
     """The fields a patch decides, after ``patch``, of ``session`` or of a new session.
 
-    ``sums`` are :func:`cart_totals` of the patch's cart (if it has one). The
-    result goes to ``Session(...)`` positionally: building the session in one
-    call costs a third of ``replace`` with a dict of changed fields.
+    The settings' checks come first (:func:`_check_settings`), then the
+    totals': the rejections' order. The patch's cart is summed once, for both.
+    The result goes to ``Session(...)`` positionally: building the session in
+    one call costs a third of ``replace`` with a dict of changed fields.
     """
+    new_items = patch.cart_items
+    sums = _NO_CART if new_items is None else cart_totals(new_items)
+    _check_settings(patch, settings, sums[0])
     if session is None:
         profile_id = ""
         store: str | None = None
@@ -407,7 +411,6 @@ def _patched_fields(
         identifiers = patch.identifiers
     if patch.attributes is not None:
         attributes = _merge_attributes(attributes, patch.attributes)
-    new_items = patch.cart_items
     new_costs = patch.additional_costs
     if new_items is None and new_costs is None and session is not None:
         total = session.total
@@ -443,11 +446,6 @@ def _patched_fields(
     )
 
 
-def _cart_sums(patch: SessionPatch) -> tuple[int, Decimal, Decimal]:
-    items = patch.cart_items
-    return _NO_CART if items is None else cart_totals(items)
-
-
 def _create(command: UpdateCommand, ctx: CommandContext, event_id: str) -> Applied:
     patch = command.session
     state = patch.state
@@ -458,9 +456,7 @@ def _create(command: UpdateCommand, ctx: CommandContext, event_id: str) -> Appli
         names = (EventName.CREATED, EventName.CLOSED)
     else:
         raise _invalid_transition("/session/state", f"a session cannot be created as {state}")
-    sums = _cart_sums(patch)
-    _check_settings(patch, ctx.settings, sums[0])
-    fields = _patched_fields(None, patch, sums)
+    fields = _patched_fields(None, patch, ctx.settings)
     timestamp = ctx.timestamp_ms
     # Allocate last: the allocator is called only for an applied creation.
     session = Session(
@@ -495,9 +491,7 @@ def _update(
             name = EventName.CANCELLED
         else:
             raise _invalid_transition(pointer, "only a return makes a session partially_returned")
-        sums = _cart_sums(patch)
-        _check_settings(patch, ctx.settings, sums[0])
-        fields = _patched_fields(session, patch, sums)
+        fields = _patched_fields(session, patch, ctx.settings)
         updated = Session(
             session.id,
             session.integration_id,
