@@ -97,7 +97,9 @@ def run_worker(settings: Settings) -> int:
     return asyncio.run(run(settings))
 
 
-def run_traffic(settings: Settings, sessions: int, seed: int, rate: float | None) -> int:
+def run_traffic(
+    settings: Settings, sessions: int, seed: int, rate: float | None, prefix: str = ""
+) -> int:
     """Produce the demo's sample checkout traffic to the command topic."""
     from aiokafka.errors import KafkaError
 
@@ -105,7 +107,7 @@ def run_traffic(settings: Settings, sessions: int, seed: int, rate: float | None
     from stream_app.errors import ConfigurationError
 
     try:
-        summary = asyncio.run(produce_traffic(settings, sessions, seed, rate))
+        summary = asyncio.run(produce_traffic(settings, sessions, seed, rate, prefix))
     except ConfigurationError as exc:
         print(f"stream-app traffic: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -528,6 +530,14 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     return parse
 
 
+def _id_prefix(text: str) -> str:
+    from stream_app.demo.traffic import MAX_PREFIX
+
+    if len(text) > MAX_PREFIX:
+        raise argparse.ArgumentTypeError(f"at most {MAX_PREFIX} characters, not {len(text)}")
+    return text
+
+
 def _add_send(sub: Any) -> None:
     send = sub.add_parser(
         "send",
@@ -799,6 +809,13 @@ def build_parser() -> argparse.ArgumentParser:
     traffic.add_argument(
         "--rate", type=_positive(float), default=None, help="records per second (default: max)"
     )
+    traffic.add_argument(
+        "--prefix",
+        type=_id_prefix,
+        default="",
+        help="begins every integration and profile id, so that another run against the same "
+        "topics makes new sessions rather than commands for the first run's (default: none)",
+    )
     watch = sub.add_parser(
         "watch",
         help="print a live view of the output topics",
@@ -849,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_inspect(settings, args)
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "traffic":
-        return run_traffic(settings, int(args.sessions), args.seed, args.rate)
+        return run_traffic(settings, int(args.sessions), args.seed, args.rate, args.prefix)
     if args.command == "watch":
         return run_watch(settings, args.seconds, args.settle)
     if args.command == "tail":

@@ -10,6 +10,7 @@ import pytest
 
 from stream_app import json
 from stream_app.demo.traffic import (
+    MAX_PREFIX,
     OUTPUT_KINDS,
     Expect,
     Traffic,
@@ -62,6 +63,39 @@ def test_same_seed_same_records() -> None:
 
 def test_other_seed_other_records() -> None:
     assert generate(120, seed=7) != generate(120, seed=8)
+
+
+def test_a_prefix_gives_the_same_records_for_other_sessions_and_profiles() -> None:
+    """A second run with a prefix touches none of the first run's sessions or
+    profiles, and a correct processor makes of it what it made of the first."""
+    plain = generate_traffic(120, seed=7)
+    prefixed = generate_traffic(120, seed=7, prefix="run2-")
+    assert prefixed.summary.expected == plain.summary.expected
+    assert "ids prefixed 'run2-'" in prefixed.summary.describe()
+    assert "prefixed" not in plain.summary.describe()
+    assert len(prefixed.records) == len(plain.records)
+    for before, after in zip(plain.records, prefixed.records, strict=True):
+        assert after.integration_id == "run2-" + before.integration_id
+        assert after.key == (None if before.key is None else b"run2-" + before.key)
+        assert (after.kind, after.expect, after.outputs) == (
+            before.kind,
+            before.expect,
+            before.outputs,
+        )
+        if before.kind == "malformed_json":
+            continue
+        doc = json.loads(after.value)
+        assert doc["integrationId"].startswith("run2-cart-")
+        profile = doc.get("session", {}).get("profileId")
+        assert profile is None or profile.startswith("run2-customer-")
+        event_id = doc.get("eventId")
+        assert event_id is None or event_id.startswith("run2-cart-")
+
+
+def test_a_prefix_longer_than_the_ids_allow_room_for_is_refused() -> None:
+    generate(3, seed=1, prefix="p" * MAX_PREFIX)
+    with pytest.raises(ValueError, match=f"at most {MAX_PREFIX}"):
+        generate(3, seed=1, prefix="p" * (MAX_PREFIX + 1))
 
 
 def test_generate_is_the_pairs_of_the_records(traffic: Traffic) -> None:
@@ -183,12 +217,15 @@ class _Ids:
         return next(self._next)
 
 
-@pytest.mark.parametrize(("sessions", "seed"), [(300, 42), (57, 1), (1000, 9), (5, 2)])
-def test_expectations_agree_with_the_domain_core(sessions: int, seed: int) -> None:
+@pytest.mark.parametrize(
+    ("sessions", "seed", "prefix"),
+    [(300, 42, ""), (57, 1, ""), (1000, 9, ""), (5, 2, ""), (300, 42, "x" * MAX_PREFIX)],
+)
+def test_expectations_agree_with_the_domain_core(sessions: int, seed: int, prefix: str) -> None:
     """Replaying the records through decode + apply (re-keyed records go to
     their integrationId, as the pipeline does) gives exactly the expected
     outcome of every record and the summary's output counts."""
-    traffic = generate_traffic(sessions, seed)
+    traffic = generate_traffic(sessions, seed, prefix)
     stored: dict[str, Session] = {}
     ids = _Ids()
     outputs: Counter[str] = Counter(dict.fromkeys(OUTPUT_KINDS, 0))

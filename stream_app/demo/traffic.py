@@ -8,7 +8,8 @@ expected to make of each record. :func:`generate` is the plain
 
 What is in it:
 
-* sessions ``cart-000000`` ... with 1-8 cart lines (sku, name, category,
+* sessions ``cart-000000`` ... (after an optional prefix, so that another run
+  against the same topics makes new sessions) with 1-8 cart lines (sku, name, category,
   quantity, prices like ``19.99``, sometimes item attributes and item-level
   costs), coupons, referral codes, loyalty cards, session attributes and
   session-level costs such as shipping;
@@ -63,6 +64,8 @@ T = TypeVar("T")
 
 #: The output topics, by their field name in ``settings.topics``.
 OUTPUT_KINDS: Final = ("closed", "returned", "cancelled", "reopened", "rejected")
+#: Longest id prefix: ids and the eventIds made from them stay far inside their limits.
+MAX_PREFIX: Final = 100
 
 # sku, name, category, unit price
 _CATALOG: Final = (
@@ -147,6 +150,7 @@ class TrafficSummary:
 
     sessions: int
     seed: int
+    prefix: str
     records: int
     profiles: int
     profile_sessions: int
@@ -162,7 +166,8 @@ class TrafficSummary:
         kinds = ", ".join(f"{k} {self.kinds[k]}" for k in special if self.kinds.get(k))
         expected = ", ".join(f"{k} {self.expected.get(k, 0)}" for k in OUTPUT_KINDS)
         return (
-            f"{self.records} records for {self.sessions} sessions (seed {self.seed}); "
+            f"{self.records} records for {self.sessions} sessions (seed {self.seed}"
+            f"{f', ids prefixed {self.prefix!r}' if self.prefix else ''}); "
             f"{self.profile_sessions} sessions of {self.profiles} profiles "
             f"({self.repeat_profiles} with several sessions), "
             f"{self.anonymous_sessions} anonymous\n"
@@ -469,12 +474,18 @@ def _play(script: _Script, scenario: str) -> None:
         script.close()
 
 
-def generate_traffic(sessions: int, seed: int) -> Traffic:
-    """The records for ``sessions`` sessions, reproducible for a given ``seed``."""
+def generate_traffic(sessions: int, seed: int, prefix: str = "") -> Traffic:
+    """The records for ``sessions`` sessions, reproducible for a given ``seed``.
+
+    ``prefix`` begins every integration id and profile id: the same records,
+    for sessions and profiles no earlier run with another prefix touched.
+    """
     if sessions < 1:
         raise ValueError("sessions must be at least 1")
+    if len(prefix) > MAX_PREFIX:
+        raise ValueError(f"the prefix may have at most {MAX_PREFIX} characters")
     rng = random.Random(seed)  # noqa: S311 - sample data, not secrets
-    pool = [f"customer-{n:05d}" for n in range(max(1, sessions // 4))]
+    pool = [f"{prefix}customer-{n:05d}" for n in range(max(1, sessions // 4))]
     # A checkout bug: a few records keyed by something else than their
     # integrationId (the first by nothing at all). Single-record sessions.
     step = max(1, sessions // max(1, sessions // 60))
@@ -482,11 +493,11 @@ def generate_traffic(sessions: int, seed: int) -> Traffic:
     scripts: list[_Script] = []
     scenarios: Counter[str] = Counter()
     for index in range(sessions):
-        integration_id = f"cart-{index:06d}"
+        integration_id = f"{prefix}cart-{index:06d}"
         profile = rng.choice(pool) if rng.random() < 0.65 else None
         script = _Script(rng, integration_id, profile, rng.random() < 0.5)
         if index in mis_keyed:
-            key = None if mis_keyed[index] == 0 else f"CART-{index:06d}".encode()
+            key = None if mis_keyed[index] == 0 else f"{prefix}CART-{index:06d}".encode()
             script.created_closed(key=key)
             scenarios["mis_keyed"] += 1
         else:
@@ -513,7 +524,7 @@ def generate_traffic(sessions: int, seed: int) -> Traffic:
         script.emit("reopen_open", doc, Expect.REJECTED, ("rejected",), duplicable=False)
     for n in range(bad_each):
         # A return for a session that never existed, somewhere in the traffic.
-        ghost = _Script(rng, f"cart-{sessions + n:06d}", None, False)
+        ghost = _Script(rng, f"{prefix}cart-{sessions + n:06d}", None, False)
         doc = ghost.command("return", {"returnedCartItems": [{"position": 0, "quantity": 1}]})
         ghost.emit("unknown_session", doc, Expect.REJECTED, ("rejected",), duplicable=False)
         scripts.insert(rng.randint(0, len(scripts)), ghost)
@@ -525,6 +536,7 @@ def generate_traffic(sessions: int, seed: int) -> Traffic:
     summary = TrafficSummary(
         sessions=sessions,
         seed=seed,
+        prefix=prefix,
         records=len(records),
         profiles=len(profiles),
         profile_sessions=profiles.total(),
@@ -556,13 +568,13 @@ def interleave(rng: random.Random, streams: list[list[T]], window: int = _IN_FLI
     return merged
 
 
-def generate(sessions: int, seed: int) -> list[tuple[bytes | None, bytes]]:
+def generate(sessions: int, seed: int, prefix: str = "") -> list[tuple[bytes | None, bytes]]:
     """``(key, value)`` command records for ``sessions`` sessions, reproducible per ``seed``."""
-    return generate_traffic(sessions, seed).pairs()
+    return generate_traffic(sessions, seed, prefix).pairs()
 
 
 async def produce_traffic(
-    settings: Settings, sessions: int, seed: int, rate: float | None = None
+    settings: Settings, sessions: int, seed: int, rate: float | None = None, prefix: str = ""
 ) -> TrafficSummary:
     """Send the traffic to ``settings.topics.commands`` (created if missing).
 
@@ -574,7 +586,7 @@ async def produce_traffic(
     from stream_app.pipeline.kafka import client_options
     from stream_app.pipeline.topics import ensure_topics
 
-    traffic = generate_traffic(sessions, seed)
+    traffic = generate_traffic(sessions, seed, prefix)
     await ensure_topics(settings)
     topic = settings.topics.commands
     producer = AIOKafkaProducer(

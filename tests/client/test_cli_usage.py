@@ -153,3 +153,9 @@ def test_send_reads_stdin_in_process(
     monkeypatch.setattr(sys, "stdin", io.StringIO('{"type":"reopen","integrationId":"x"}'))
     assert main(["send", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["type"] == "reopen"
+
+
+def test_traffic_refuses_a_prefix_too_long_before_it_connects() -> None:
+    result = run("traffic", "--prefix", "p" * 101)
+    assert result.returncode == 2
+    assert "--prefix: at most 100 characters, not 101" in result.stderr
