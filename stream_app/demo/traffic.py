@@ -9,10 +9,10 @@ expected to make of each record. :func:`generate` is the plain
 What is in it:
 
 * sessions ``cart-000000`` ... (after an optional prefix, so that another run
-  against the same topics makes new sessions) with 1-8 cart lines (sku, name, category,
-  quantity, prices like ``19.99``, sometimes item attributes and item-level
-  costs), coupons, referral codes, loyalty cards, session attributes and
-  session-level costs such as shipping;
+  against the same topics makes new sessions) with 1-8 cart lines (sku, name,
+  category, quantity, prices like ``19.99``, sometimes item attributes and
+  item-level costs), coupons, referral codes, loyalty cards, session
+  attributes and session-level costs such as shipping;
 * about two thirds belong to a profile from a pool smaller than the number of
   sessions, so many profiles have several sessions (``firstSession`` is true
   only for the first); the rest are anonymous;
