@@ -344,7 +344,7 @@ def required_memory_mib(r: Rendering) -> float:
     partitions = command_partitions(r)
     (claim,) = r.statefulset["spec"]["volumeClaimTemplates"]
     state = mebibytes(claim["spec"]["resources"]["requests"]["storage"])
-    return 1.25 * (rocksdb + 128 + 30 * partitions + state / 100)
+    return 1.25 * (rocksdb + 128 + 18 * partitions + state / 100)
 
 
 def test_memory_is_guaranteed_and_sized_from_rocksdb(rendering: Rendering) -> None:
