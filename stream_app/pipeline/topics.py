@@ -105,8 +105,8 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
     """Create the missing topics; return the partition count and record limit.
 
     Raises ConfigurationError when an existing co-partitioned topic disagrees
-    with the command topic's count, or when the record limit is too small for
-    the configured session size.
+    with the command topic's count. (:func:`check_session_limit` checks the
+    record limit against the configured session size.)
     """
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
@@ -158,15 +158,21 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
         await admin.close()
     if created:
         log.info("created topics: %s", ", ".join(created))
+    return TopicLayout(partitions, max_record_bytes)
+
+
+def check_session_limit(settings: Settings, layout: TopicLayout) -> None:
+    """Raise ConfigurationError when a stored session could make an output larger
+    than the topics take. The worker's check: a producer of commands does not
+    need it."""
     # A stored session becomes an output document (field names, computed totals),
     # at most about twice its stored size; leave room for that and the envelope.
-    if settings.max_session_bytes * 3 > max_record_bytes:
+    if settings.max_session_bytes * 3 > layout.max_record_bytes:
         raise ConfigurationError(
             f"max_session_bytes {settings.max_session_bytes} is too large for the topics' "
-            f"record limit of {max_record_bytes} bytes (max.message.bytes): it may be at "
-            f"most a third of it, {max_record_bytes // 3}"
+            f"record limit of {layout.max_record_bytes} bytes (max.message.bytes): it may "
+            f"be at most a third of it, {layout.max_record_bytes // 3}"
         )
-    return TopicLayout(partitions, max_record_bytes)
 
 
 async def _max_message_bytes(admin: AIOKafkaAdminClient, names: list[str]) -> int:

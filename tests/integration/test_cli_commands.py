@@ -11,7 +11,11 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from stream_app.demo.traffic import generate_traffic
 from tests.integration.harness import Deployment, Worker, consume, topic_configs
+from tests.integration.workload import OutputReader
 
 
 def stream_app(
@@ -142,3 +146,43 @@ async def test_tail_and_send_to_a_missing_topic_exit_1(
     send = await asyncio.to_thread(stream_app, env, "send", '{"type":"reopen","integrationId":"c"}')
     assert send.returncode == 1
     assert "stream-app topics create" in send.stderr
+
+
+async def test_a_small_record_limit_stops_the_worker_but_not_the_traffic(
+    deployment: Deployment, workers: Callable[..., Worker]
+) -> None:
+    """An operator gave the rejection topic a record limit of 100,000 bytes, too
+    small for the default 256 KiB sessions. The worker and ``topics create``
+    refuse the configuration (exit 2); ``traffic``, which only sends commands,
+    does not care. With the session limit the message names, the worker runs."""
+    env = deployment.env()
+    t = deployment.topics
+    admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(t.rejected, 1, 1, topic_configs={"max.message.bytes": "100000"})]
+        )
+    finally:
+        await admin.close()
+
+    sent = await asyncio.to_thread(stream_app, env, "traffic", "--sessions", "20")
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.startswith(f"produced to {t.commands}: ")
+    limit = "max_session_bytes 262144 is too large for the topics' record limit of 100000 bytes"
+    created = await asyncio.to_thread(stream_app, env, "topics", "create")
+    assert created.returncode == 2
+    assert limit in created.stderr
+    assert "it may be at most a third of it, 33333" in created.stderr
+
+    refused = workers(deployment)
+    assert await asyncio.to_thread(refused.proc.wait, 60) == 2
+    assert f"configuration error: {limit}" in refused.log_tail()
+
+    expected = generate_traffic(20, seed=1).summary.expected
+    worker = workers(deployment, env={**env, "STREAM_APP_MAX_SESSION_BYTES": "33333"})
+    async with OutputReader(deployment.bootstrap, t) as reader:
+        await reader.wait_for(sum(expected.values()), timeout=120, alive=[worker])
+        await reader.poll(1.0, alive=[worker])
+    assert reader.progress() == ", ".join(f"{k} {n}" for k, n in expected.items())
+    assert worker.stop(timeout=30) == 0, worker.log_tail()
