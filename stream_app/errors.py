@@ -13,3 +13,7 @@ class StreamAppError(Exception):
 
 class ConfigurationError(StreamAppError):
     """Settings or application settings that cannot be used."""
+
+
+class StoreError(StreamAppError):
+    """A state store could not be opened."""

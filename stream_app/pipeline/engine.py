@@ -148,6 +148,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._consumer: AIOKafkaConsumer | None = None
         #: False when the stop could not reach Kafka (see :meth:`_close`).
         self.stopped_cleanly = True
+        #: What made a task's start fail for good: :meth:`run` stops and raises it.
+        self._failure: Exception | None = None
         # What /readyz and /metrics report.
         self.latency = LatencyHistogram()
         #: Seconds per commit round: every task's transaction, committed together
@@ -359,6 +361,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     self.log_metrics()
         finally:
             await self._close(consumer)
+        if self._failure is not None:
+            raise self._failure
 
     async def _poll(
         self, consumer: AIOKafkaConsumer, timeout_ms: int
@@ -653,6 +657,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         except asyncio.CancelledError:
             await task.close()
             raise
+        except Exception as exc:
+            # Not a fault that retrying mends: its partitions would stay paused
+            # for good. Stop the worker instead, committing the other tasks.
+            await task.close()
+            self._failure = exc
+            self.stop()
         finally:
             self.restore_remaining.pop(str(task.id), None)
             if self._starting.get(task.id) is asyncio.current_task():

@@ -38,6 +38,7 @@ from rocksdict import (
     WriteOptions,
 )
 
+from stream_app.errors import StoreError
 from stream_app.settings import RocksDBSettings
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,16 @@ class PartitionStore:
         self._db = self._open()
 
     def _open(self) -> Rdict:
-        db = Rdict(str(self.path), self._resources.options())
+        try:
+            db = Rdict(str(self.path), self._resources.options())
+        except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
+            hint = ""
+            if "LOCK" in str(exc):  # RocksDB's lock on the directory (its LOCK file)
+                hint = (
+                    " (another process has it open: a worker with the same data dir and "
+                    "app id that owns this partition, or has not yet let go of it)"
+                )
+            raise StoreError(f"cannot open the store at {self.path}: {exc}{hint}") from exc
         unlogged = WriteOptions()
         # The changelog is the log (module docstring). A property at run time;
         # rocksdict's stub declares it as a method.

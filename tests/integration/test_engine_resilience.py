@@ -349,6 +349,57 @@ async def test_a_paused_zombie_worker_is_shut_out_after_takeover(
     assert other_rc == 0, other.log_tail()
 
 
+@pytest.mark.timeout(300)
+async def test_stores_a_stopped_worker_still_holds_are_waited_for_not_given_up(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """Two workers started in one directory share their state directory. A is
+    SIGSTOPped: B is given A's partitions but cannot open their stores, which A
+    still has open. B says so, is not ready, and tries again, until A is killed
+    and lets go. Then B processes A's partitions too, exactly once. (Before,
+    the failed start was dropped: those partitions stayed paused for good, with
+    /readyz at 200.)"""
+    d = await _deployment(kafka_bootstrap, unique_name("locked"), tmp_path / "state")
+    traffic = generate_traffic(2_000, seed=31)
+    holder = workers(d, data_dir=tmp_path / "state")
+    other = workers(d, data_dir=tmp_path / "state")
+    producing = _background(traffic, d, rate=400)
+    try:
+        async with OutputReader(kafka_bootstrap, d.topics) as reader:
+            deadline = time.monotonic() + 90
+            while not (await _applying(holder) and await _applying(other)):
+                assert time.monotonic() < deadline, "both workers never got to work"
+                await reader.poll(0.2, alive=[holder, other])
+            holder.signal_group(signal.SIGSTOP)
+            deadline = time.monotonic() + 60
+            while "/LOCK" not in other.log_tail(200_000):  # RocksDB's lock file
+                assert time.monotonic() < deadline, (
+                    "the other worker never met the stores the stopped one holds\n"
+                    + describe_workers([other])
+                )
+                await reader.poll(0.5, alive=[other])
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{other.http_url()}/readyz") as answer,
+            ):
+                status, readiness = answer.status, await answer.json()
+            holder.kill()
+            positions = await producing
+            expected = expected_outcome(traffic, positions)
+            await reader.wait_for(expected.total, timeout=120, alive=[other], what="after kill")
+            await reader.poll(3.0, alive=[other])
+    finally:
+        holder.signal_group(signal.SIGCONT)
+    assert status == 503, readiness
+    assert readiness["starting"], readiness
+    assert "another process has it open" in other.log_tail(200_000)
+    _assert_exactly_once(reader, expected, d, [holder, other])
+    assert other.stop(timeout=SHUTDOWN_BOUND_S + 20) == 0, other.log_tail()
+
+
 # --------------------------------------------------------------------------- 4. SIGTERM
 
 

@@ -1,4 +1,5 @@
-"""The engine's local state directory, checked before any broker call."""
+"""The engine's local state directory, checked before any broker call, and a
+task start that fails for good."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.engine import Engine
+from stream_app.pipeline.tasks import TaskId
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.settings import Settings
 
@@ -28,3 +30,31 @@ def test_state_built_for_another_partition_count_is_refused(tmp_path: Path) -> N
     assert "4 partitions" in message
     assert "sessions.commands has 6" in message
     assert str(tmp_path / "shop") in message
+
+
+class _TaskThatCannotStart:
+    """Stands for a Task whose start fails for a reason retrying does not mend."""
+
+    def __init__(self) -> None:
+        self.id = TaskId("commands", 0)
+        self.closed = False
+
+    async def start(self) -> int:
+        raise RuntimeError("a bug, say")
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_start_that_fails_for_good_stops_the_engine_instead_of_pausing_it(
+    tmp_path: Path,
+) -> None:
+    """Its partitions would otherwise stay paused for good while the rest runs:
+    the engine stops (committing the other tasks) and ``run`` raises it."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine._consumer = object()  # type: ignore[assignment] - _start only checks it is set
+    task = _TaskThatCannotStart()
+    await engine._start(task)  # type: ignore[arg-type]
+    assert task.closed
+    assert engine._stopping.is_set()
+    assert isinstance(engine._failure, RuntimeError)

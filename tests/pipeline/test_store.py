@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from stream_app.errors import StoreError
 from stream_app.pipeline.store import (
     CHANGELOG_OFFSET_KEY,
     PartitionStore,
@@ -103,6 +104,33 @@ def test_a_clean_close_keeps_every_write(tmp_path: Path, resources: RocksDBResou
     assert again.changelog_offset == 500
     assert len(contents(again)) == 500
     again.close()
+
+
+def test_a_store_another_process_has_open_is_a_store_error_that_says_so(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    path = tmp_path / "sessions" / "0"
+    PartitionStore(path, resources).close()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import rocksdict, sys; db = rocksdict.Rdict({str(path)!r}); "
+            "print('open', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "open\n"
+        with pytest.raises(StoreError, match="another process has it open") as raised:
+            PartitionStore(path, resources)
+        assert str(path) in str(raised.value)
+    finally:
+        holder.communicate("", timeout=30)
+    PartitionStore(path, resources).close()  # once it let go
 
 
 def test_wipe_forgets_data_and_offset(store: PartitionStore) -> None:
