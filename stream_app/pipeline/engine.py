@@ -217,18 +217,24 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def check_local_state(self) -> None:
         """Create the state directory; refuse local state built for another partition count."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         layout = self.state_dir / _LAYOUT_FILE
-        if layout.exists():
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            if not layout.exists():
+                layout.write_bytes(json.dumps({"partitions": self.partitions}))
+                return
             recorded = json.loads(layout.read_bytes()).get("partitions")
-            if recorded != self.partitions:
-                raise ConfigurationError(
-                    f"local state in {self.state_dir} was built for {recorded} partitions, but "
-                    f"the command topic {self.settings.topics.commands} has {self.partitions}: "
-                    "use a new data directory (or app id) for a re-partitioned deployment"
-                )
-        else:
-            layout.write_bytes(json.dumps({"partitions": self.partitions}))
+        except OSError as exc:
+            raise ConfigurationError(
+                f"STREAM_APP_DATA_DIR={self.settings.data_dir}: cannot use the state "
+                f"directory {self.state_dir}: {exc}"
+            ) from exc
+        if recorded != self.partitions:
+            raise ConfigurationError(
+                f"local state in {self.state_dir} was built for {recorded} partitions, but "
+                f"the command topic {self.settings.topics.commands} has {self.partitions}: "
+                "use a new data directory (or app id) for a re-partitioned deployment"
+            )
 
     # -- what the probes and metrics see ---------------------------------------------------
     @property

@@ -58,3 +58,13 @@ async def test_a_start_that_fails_for_good_stops_the_engine_instead_of_pausing_i
     assert task.closed
     assert engine._stopping.is_set()
     assert isinstance(engine._failure, RuntimeError)
+
+
+def test_a_data_dir_that_cannot_be_a_directory_is_a_configuration_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    settings = Settings(data_dir=tmp_path / "a-file" / "state", app_id="shop")
+    with pytest.raises(ConfigurationError) as refused:
+        Engine(settings, TopicLayout(4, 1_048_588)).check_local_state()
+    message = str(refused.value)
+    assert message.startswith(f"STREAM_APP_DATA_DIR={tmp_path / 'a-file' / 'state'}: ")
+    assert "Not a directory" in message
