@@ -40,7 +40,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from stream_app import json
-from stream_app.errors import ConfigurationError, StreamAppError
+from stream_app.errors import ConfigurationError, StoreError, StreamAppError
 from stream_app.pipeline.application_settings import (
     ApplicationSettingsRegistry,
     follow_settings_topic,
@@ -411,7 +411,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             if current is not None and current.cancelling():
                 raise
             self.stopped_cleanly = False
-            log.warning("could not leave the group (is Kafka reachable?): %r", exc)
+            if isinstance(self._failure, StoreError):
+                # Each store that cannot flush takes RocksDB about a second.
+                log.warning("could not leave the group in time after %s: %r", self._failure, exc)
+            else:
+                log.warning("could not leave the group (is Kafka reachable?): %r", exc)
         self.log_metrics()
         if self.stopped_cleanly:
             log.info("stopped: every transaction committed, stores closed")
@@ -579,7 +583,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in task.inputs:
             if self._task_of.get(tp) is task:
                 del self._task_of[tp]
-        await task.close()
+        try:
+            await task.close()
+        except StoreError as exc:
+            # Its commits are in Kafka; RocksDB cannot write (no space left?), so
+            # neither could the next task: stop, closing the others.
+            log.error("%s: %s: stopping the worker", task.id, exc)  # noqa: TRY400 - one line
+            self._failure = self._failure or exc
+            self.stop()
 
     async def _rejoin(self) -> None:
         """A fenced task was never reassigned: leave and rejoin the group."""

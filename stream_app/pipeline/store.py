@@ -140,7 +140,12 @@ class PartitionStore:
         self._db.write(batch)
 
     def close(self) -> None:
-        self._db.close()
+        """Flush and close. A flush that fails (no space left on device) loses
+        nothing: the database keeps the changelog offset of what it holds."""
+        try:
+            self._db.close()
+        except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
+            raise StoreError(f"cannot close the store at {self.path}: {exc}") from exc
 
     def wipe(self) -> None:
         """Close and delete this one partition's database (it is restored again)."""

@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from stream_app.domain import Reason
-from stream_app.errors import StreamAppError
+from stream_app.errors import StoreError, StreamAppError
 from stream_app.pipeline.checkpoint import ChangelogStore, Checkpoint
 from stream_app.pipeline.kafka import client_options
 from stream_app.pipeline.processor import (
@@ -211,10 +211,16 @@ class Task:
                 await producer.stop()
             except Exception as exc:  # closing: it is gone either way
                 log.debug("%s: producer stop failed: %r", self.id, exc)
+        failed: list[StoreError] = []
         for store in self.stores.values():
-            store.close()
+            try:
+                store.close()
+            except StoreError as exc:  # the others are closed all the same
+                failed.append(exc)
         self.stores.clear()
         self.overlays.clear()
+        if failed:
+            raise failed[0]
 
     # -- processing ----------------------------------------------------------------------
     def _current(self) -> Checkpoint:

@@ -1,5 +1,5 @@
-"""The engine's local state directory, checked before any broker call, and a
-task start that fails for good."""
+"""The engine's local state directory, checked before any broker call, a task
+start that fails for good, and stores that cannot be closed."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from stream_app.errors import ConfigurationError
+from stream_app.errors import ConfigurationError, StoreError
 from stream_app.pipeline.engine import Engine
-from stream_app.pipeline.tasks import TaskId
+from stream_app.pipeline.processor import Limits
+from stream_app.pipeline.store import RocksDBResources
+from stream_app.pipeline.tasks import Stage, Task, TaskId
 from stream_app.pipeline.topics import TopicLayout
-from stream_app.settings import Settings
+from stream_app.settings import RocksDBSettings, Settings
 
 
 def test_state_directory_is_created_with_its_parents(tmp_path: Path) -> None:
@@ -68,3 +70,56 @@ def test_a_data_dir_that_cannot_be_a_directory_is_a_configuration_error(tmp_path
     message = str(refused.value)
     assert message.startswith(f"STREAM_APP_DATA_DIR={tmp_path / 'a-file' / 'state'}: ")
     assert "Not a directory" in message
+
+
+class _Store:
+    def __init__(self, fails: bool) -> None:
+        self.fails = fails
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        if self.fails:
+            raise StoreError("cannot close the store at x: IO error: No space left on device")
+
+
+async def test_a_task_closes_every_store_when_one_cannot_be_closed(tmp_path: Path) -> None:
+    stage = Stage("commands", ("commands",), ("a", "b", "c"), build=lambda *_: None)  # type: ignore[arg-type,return-value]
+    task = Task(
+        stage,
+        0,
+        settings=Settings(data_dir=tmp_path),
+        changelogs={"a": "a-changelog", "b": "b-changelog", "c": "c-changelog"},
+        state_dir=tmp_path,
+        resources=RocksDBResources(RocksDBSettings()),
+        commit_offsets=lambda _offsets: None,
+        limits=Limits(),
+        max_record_bytes=1_048_588,
+    )
+    stores = {"a": _Store(fails=False), "b": _Store(fails=True), "c": _Store(fails=False)}
+    task.stores = stores  # type: ignore[assignment]
+    with pytest.raises(StoreError, match="No space left"):
+        await task.close()
+    assert all(store.closed for store in stores.values())
+    assert task.stores == {}
+
+
+class _TaskThatCannotClose:
+    def __init__(self) -> None:
+        self.id = TaskId("commands", 1)
+        self.inputs: list[object] = []
+
+    async def close(self) -> None:
+        raise StoreError("cannot close the store at x: IO error: No space left on device")
+
+
+async def test_a_task_that_cannot_be_closed_stops_the_engine(tmp_path: Path) -> None:
+    """Dropping it (on a stop or a revocation) goes on; the engine then stops
+    and ``run`` raises the error."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(2, 1_048_588))
+    task = _TaskThatCannotClose()
+    engine._tasks[task.id] = task  # type: ignore[assignment]
+    await engine._drop(task)  # type: ignore[arg-type]
+    assert task.id not in engine._tasks
+    assert engine._stopping.is_set()
+    assert isinstance(engine._failure, StoreError)
