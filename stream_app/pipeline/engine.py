@@ -148,7 +148,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._consumer: AIOKafkaConsumer | None = None
         #: False when the stop could not reach Kafka (see :meth:`_close`).
         self.stopped_cleanly = True
-        #: What made a task's start fail for good: :meth:`run` stops and raises it.
+        #: The first fault that stopped the worker (see :meth:`_fail`); :meth:`run`
+        #: raises it once the stop is done.
         self._failure: Exception | None = None
         # What /readyz and /metrics report.
         self.latency = LatencyHistogram()
@@ -589,8 +590,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             # Its commits are in Kafka; RocksDB cannot write (no space left?), so
             # neither could the next task: stop, closing the others.
             log.error("%s: %s: stopping the worker", task.id, exc)  # noqa: TRY400 - one line
-            self._failure = self._failure or exc
-            self.stop()
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        """Stop the worker (every other task committed and closed), then have
+        :meth:`run` raise ``exc``, or the fault that came first."""
+        if self._failure is None:
+            self._failure = exc
+        self.stop()
 
     async def _rejoin(self) -> None:
         """A fenced task was never reassigned: leave and rejoin the group."""
@@ -677,9 +684,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         except Exception as exc:
             # Not a fault that retrying mends: its partitions would stay paused
             # for good. Stop the worker instead, committing the other tasks.
-            await task.close()
-            self._failure = exc
-            self.stop()
+            self._fail(exc)
+            await self._drop(task)
         finally:
             self.restore_remaining.pop(str(task.id), None)
             if self._starting.get(task.id) is asyncio.current_task():

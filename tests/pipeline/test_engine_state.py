@@ -39,6 +39,7 @@ class _TaskThatCannotStart:
 
     def __init__(self) -> None:
         self.id = TaskId("commands", 0)
+        self.inputs: list[object] = []
         self.closed = False
 
     async def start(self) -> int:
