@@ -3,10 +3,15 @@ ordered as promised, and its expectations agree with the domain core."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
 from collections import Counter, defaultdict
 from itertools import count, pairwise
+from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError, LeaderNotAvailableError
 
 from stream_app import json
 from stream_app.demo.traffic import (
@@ -17,6 +22,7 @@ from stream_app.demo.traffic import (
     TrafficRecord,
     generate,
     generate_traffic,
+    produce_traffic,
 )
 from stream_app.domain import (
     ApplicationSettings,
@@ -31,6 +37,7 @@ from stream_app.domain import (
     apply,
     decode_command,
 )
+from stream_app.settings import Settings
 
 _TOPIC_OF = {
     EventName.CLOSED: "closed",
@@ -259,3 +266,45 @@ def test_expectations_agree_with_the_domain_core(sessions: int, seed: int, prefi
     assert dict(outputs) == dict(traffic.summary.expected)
     if sessions >= 50:
         assert all(outputs[kind] > 0 for kind in OUTPUT_KINDS)
+
+
+class _OutageProducer:
+    """A broker outage: sends queue until the buffer's wait times out, then
+    every queued send fails too, as the producer gives up on them."""
+
+    def __init__(self, **_: object) -> None:
+        self.queued: list[asyncio.Future[Any]] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, topic: str, value: bytes, key: bytes | None) -> asyncio.Future[Any]:
+        if len(self.queued) == 10:
+            raise KafkaTimeoutError
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queued.append(future)
+        return future
+
+    async def stop(self) -> None:
+        for future in self.queued:
+            future.set_exception(LeaderNotAvailableError())
+        await asyncio.sleep(0)
+
+
+def test_a_failed_run_reports_one_error_not_one_per_send_in_flight(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def no_topics(settings: Settings) -> None:
+        pass
+
+    monkeypatch.setattr("aiokafka.AIOKafkaProducer", _OutageProducer)
+    monkeypatch.setattr("stream_app.pipeline.topics.ensure_topics", no_topics)
+    failed = False
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        try:
+            asyncio.run(produce_traffic(Settings(), sessions=20, seed=1))
+        except KafkaTimeoutError:
+            failed = True  # no traceback kept: it would keep the failed sends alive
+        gc.collect()
+    assert failed
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text

@@ -573,6 +573,11 @@ def generate(sessions: int, seed: int, prefix: str = "") -> list[tuple[bytes | N
     return generate_traffic(sessions, seed, prefix).pairs()
 
 
+def _observe(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def produce_traffic(
     settings: Settings, sessions: int, seed: int, rate: float | None = None, prefix: str = ""
 ) -> TrafficSummary:
@@ -595,8 +600,8 @@ async def produce_traffic(
     await producer.start()
     loop = asyncio.get_running_loop()
     began = loop.time()
+    futures: list[asyncio.Future[Any]] = []
     try:
-        futures = []
         for index, record in enumerate(traffic.records):
             if rate is not None and rate > 0:
                 delay = began + index / rate - loop.time()
@@ -604,6 +609,13 @@ async def produce_traffic(
                     await asyncio.sleep(delay)
             futures.append(await producer.send(topic, value=record.value, key=record.key))
         await asyncio.gather(*futures)
+    except BaseException:
+        # The first failure ends the run and is reported; the sends still in
+        # flight fail with it (a broker outage fails hundreds at once), and
+        # each would otherwise log "Future exception was never retrieved".
+        for future in futures:
+            future.add_done_callback(_observe)
+        raise
     finally:
         await producer.stop()
     log.info(
