@@ -85,6 +85,9 @@ async def follow_settings_topic(
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",
+        # Replaying the compacted topic from its start gives the same settings;
+        # skipping to its end (aiokafka's default) could lose some.
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     try:

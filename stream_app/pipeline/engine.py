@@ -306,6 +306,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         """Consume until :meth:`stop`; the caller has run :meth:`check_local_state`."""
         ready = asyncio.Event()
         follower = asyncio.create_task(follow_settings_topic(self.settings, self.registry, ready))
+        follower.add_done_callback(self._follower_ended)
         try:
             await _first(ready.wait(), self._stopping.wait(), follower)
             if follower.done():
@@ -314,9 +315,21 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 return
             await self._consume()
         finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            if not follower.done():
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
+
+    def _follower_ended(self, follower: asyncio.Task[None]) -> None:
+        """The application settings can no longer be followed: stop, as Kafka
+        Streams stops when its global thread dies, rather than go on applying
+        limits that may be stale (the restarted worker reads the topic again)."""
+        if follower.cancelled():
+            return
+        exc = follower.exception()
+        if isinstance(exc, Exception):
+            log.error("stopping: the application settings topic cannot be followed: %r", exc)
+            self._fail(exc)
 
     async def _consume(self) -> None:
         s = self.settings

@@ -1,13 +1,18 @@
 """The engine's local state directory, checked before any broker call, a task
-start that fails for good, and stores that cannot be closed."""
+start that fails for good, stores that cannot be closed, and a settings
+follower that dies."""
 
 from __future__ import annotations
 
+import asyncio
+from asyncio import Event
 from pathlib import Path
 
 import pytest
+from aiokafka.errors import TopicAuthorizationFailedError
 
 from stream_app.errors import ConfigurationError, StoreError
+from stream_app.pipeline import engine as engine_module
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import Limits
 from stream_app.pipeline.store import RocksDBResources
@@ -124,3 +129,24 @@ async def test_a_task_that_cannot_be_closed_stops_the_engine(tmp_path: Path) -> 
     assert task.id not in engine._tasks
     assert engine._stopping.is_set()
     assert isinstance(engine._failure, StoreError)
+
+
+async def test_a_settings_follower_that_dies_stops_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the settings are loaded, a follower that fails stops the worker
+    (every task committed) rather than leave it applying stale settings."""
+
+    async def follower_that_fails(settings: Settings, registry: object, ready: Event) -> None:
+        ready.set()
+        await asyncio.sleep(0.01)
+        raise TopicAuthorizationFailedError
+
+    async def consume_until_stopped() -> None:
+        await engine._stopping.wait()
+
+    monkeypatch.setattr(engine_module, "follow_settings_topic", follower_that_fails)
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    monkeypatch.setattr(engine, "_consume", consume_until_stopped)
+    await asyncio.wait_for(engine.run(), timeout=5)
+    assert isinstance(engine._failure, TopicAuthorizationFailedError)
