@@ -137,7 +137,10 @@ class PartitionStore:
             else:
                 batch.put(key, value)
         batch.put(CHANGELOG_OFFSET_KEY, b"%d" % changelog_offset)
-        self._db.write(batch)
+        try:
+            self._db.write(batch)
+        except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
+            raise StoreError(f"cannot write the store at {self.path}: {exc}") from exc
 
     def close(self) -> None:
         """Flush and close. A flush that fails (no space left on device) loses
@@ -149,7 +152,7 @@ class PartitionStore:
 
     def wipe(self) -> None:
         """Close and delete this one partition's database (it is restored again)."""
-        self._db.close()
+        self.close()
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self._db = self._open()

@@ -142,6 +142,27 @@ def test_wipe_forgets_data_and_offset(store: PartitionStore) -> None:
     assert contents(store) == {b"b": b"2"}
 
 
+class _FullDisk:
+    """Stands for a database whose disk is full: RocksDB refuses with a bare Exception."""
+
+    def write(self, batch: object) -> None:
+        raise Exception("IO error: No space left on device")  # as rocksdict does
+
+    def close(self) -> None:
+        raise Exception("IO error: No space left on device")
+
+
+def test_a_write_or_wipe_that_rocksdb_refuses_is_a_store_error(
+    store: PartitionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore retries a StoreError, as it retries an open that fails."""
+    monkeypatch.setattr(store, "_db", _FullDisk())
+    with pytest.raises(StoreError, match=r"cannot write the store at .*: IO error: No space"):
+        store.write({b"a": b"1"}, 1)
+    with pytest.raises(StoreError, match=r"cannot close the store at .*: IO error: No space"):
+        store.wipe()
+
+
 # -- StoreOverlay ------------------------------------------------------------------------------
 @pytest.fixture
 def overlay(store: PartitionStore) -> StoreOverlay:
