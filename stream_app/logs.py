@@ -8,6 +8,11 @@ The Kafka client's warnings and errors are let through once per
 :data:`CLIENT_REPEAT_WINDOW_S` for each kind of line (see
 :class:`RepeatedClientLines`): while a broker is down, each of a worker's
 clients retries every 100 ms and aiokafka logs every attempt.
+
+A malformed HTTP request (a URL over 8 KiB, say), which the HTTP server has
+already answered with 400, is logged as one warning line without a
+traceback (:class:`BadHttpRequests`), held back the same way: aiohttp logs
+each one as an error with its traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 from stream_app import json
 from stream_app.settings import LogFormat
@@ -51,7 +58,11 @@ class RepeatedClientLines(logging.Filter):
         self._kinds: dict[tuple[str, int, str], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name != "aiokafka" and not record.name.startswith("aiokafka."):
+        if (
+            record.name != "aiokafka"
+            and not record.name.startswith("aiokafka.")
+            and not getattr(record, BadHttpRequests.MARK, False)
+        ):
             return True
         template = record.msg if isinstance(record.msg, str) else repr(type(record.msg))
         kind = (record.name, record.levelno, template)
@@ -67,6 +78,30 @@ class RepeatedClientLines(logging.Filter):
         if len(self._kinds) >= _KINDS_REMEMBERED:
             self._kinds.clear()
         self._kinds[kind] = (now, 0)
+        return True
+
+
+class BadHttpRequests(logging.Filter):
+    """Turns the HTTP server's error for a request it could not parse, already
+    answered with 400, into one warning line: the client's fault, not the
+    worker's. Errors of the worker's own handlers keep their traceback."""
+
+    #: Set on a rewritten record, so :class:`RepeatedClientLines` holds it back too.
+    MARK: Final = "stream_app_bad_http_request"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "aiohttp.server" or not record.exc_info:
+            return True
+        exc = record.exc_info[1]
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        detail = " ".join(str(exc.message).split())[:200]
+        record.msg = "bad HTTP request from %s, answered %s: %s: %s"
+        record.args = (remote, exc.code, type(exc).__name__, detail)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        setattr(record, self.MARK, True)
         return True
 
 
@@ -91,6 +126,7 @@ def configure_logging(level: str, fmt: LogFormat = "text") -> None:
         handler.setFormatter(JsonLinesFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(BadHttpRequests())
     handler.addFilter(RepeatedClientLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -1,4 +1,5 @@
-"""The worker's logging: the Kafka client's repeated lines are held back."""
+"""The worker's logging: the Kafka client's repeated lines are held back, and
+requests the HTTP server could not parse are one warning line each."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from stream_app.logs import RepeatedClientLines, configure_logging
+from stream_app.logs import BadHttpRequests, RepeatedClientLines, configure_logging
 
 
 class Clock:
@@ -88,3 +90,37 @@ def test_configured_logging_holds_back_an_outages_client_lines(
     err = capsys.readouterr().err
     assert err.count("Failed fetch messages") == 1
     assert err.count("still here") == 1000
+
+
+def _aiohttp_error(exc: BaseException) -> logging.LogRecord:
+    """What aiohttp's server logs for a request that failed (``log_exception``)."""
+    r = record("aiohttp.server", "Error handling request from %s", "10.0.0.7")
+    r.exc_info = (type(exc), exc, None)
+    return r
+
+
+def test_a_request_the_http_server_could_not_parse_is_one_warning_line() -> None:
+    bad, lines = BadHttpRequests(), RepeatedClientLines(window_s=10.0, clock=Clock())
+    r = _aiohttp_error(LineTooLong("/v2/customer_sessions/" + "a" * 9000, "8190"))
+    assert bad.filter(r)
+    assert lines.filter(r)
+    assert r.levelno == logging.WARNING
+    assert r.exc_info is None
+    message = r.getMessage()
+    assert message.startswith("bad HTTP request from 10.0.0.7, answered 400: LineTooLong: ")
+    assert len(message) < 300
+    assert "\n" not in message
+    # A client sending them over and over is held back like a client line.
+    again = _aiohttp_error(BadHttpMessage("Invalid header value char"))
+    assert bad.filter(again)
+    assert not lines.filter(again)
+
+
+def test_an_error_of_a_request_handler_keeps_its_traceback() -> None:
+    bad, lines = BadHttpRequests(), RepeatedClientLines(window_s=10.0, clock=Clock())
+    for _ in range(3):
+        r = _aiohttp_error(KeyError("a bug in a handler"))
+        assert bad.filter(r)
+        assert lines.filter(r)
+        assert r.levelno == logging.ERROR
+        assert r.exc_info is not None
