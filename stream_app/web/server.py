@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from yarl import URL
 
 from stream_app import json
 from stream_app.domain import decode_session, session_document
@@ -102,7 +103,9 @@ class WebServer:
         return web.Response(body=json.dumps(document), content_type="application/json")
 
     async def _forward(self, owner: str, request: web.Request) -> web.Response:
-        url = owner.rstrip("/") + request.path_qs
+        # The request target exactly as it came: re-encoded, an id with an
+        # escape that is not UTF-8 ("%ff") would reach the owner as another id.
+        url = URL(owner.rstrip("/") + request.raw_path, encoded=True)
         try:
             async with (
                 ClientSession(timeout=_FORWARD_TIMEOUT) as client,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from stream_app import json
 from stream_app.pipeline.processor import partition_for
@@ -29,8 +30,10 @@ from tests.integration.harness import (
 StartWorker = Callable[..., Worker]
 
 
-async def get(url: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as client, client.get(url) as answer:
+async def get(url: str, *, raw: bool = False) -> tuple[int, Any]:
+    """``raw``: send the URL's escapes as they are, not normalised."""
+    target = URL(url, encoded=True) if raw else url
+    async with aiohttp.ClientSession() as client, client.get(target) as answer:
         body = await answer.read()
         return answer.status, json.loads(body) if body.startswith((b"{", b"[")) else body
 
@@ -164,6 +167,20 @@ async def test_any_worker_answers_a_session_query_and_a_rebalance_gives_503_neve
     assert (await get(f"{urls[0]}/v2/customer_sessions/nobody?applicationId=1"))[0] == 404
     assert (await get(f"{urls[0]}/v2/customer_sessions/q-00001?applicationId=x"))[0] == 400
     assert (await get(f"{urls[1]}/v2/customer_sessions/q-00001?applicationId=7"))[0] == 404
+    # An escape that is not UTF-8 stays in the id as it is: the worker that
+    # forwards it and the owner see the same id (re-encoded, "%FF" was another).
+    odd = [f"%ff%fe{i}" for i in range(8)]
+    owners = {
+        u
+        for iid in odd
+        for u in urls
+        if f"commands[{partition_for(iid.encode(), partitions)}]" in owned[u]
+    }
+    assert owners == set(urls)  # each worker answers for some itself, forwards the others
+    for iid in odd:
+        for url in urls:
+            status, doc = await get(f"{url}/v2/customer_sessions/{iid}", raw=True)
+            assert (status, doc["detail"]) == (404, f"no session {iid!r} in application 1")
 
     # A third worker joins: every answer during the rebalance is right or a 503.
     c = workers(deployment, data_dir=tmp_path / "c")
