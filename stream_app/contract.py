@@ -427,8 +427,12 @@ class RejectionRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, r
         ),
     ]
     key_base64: Annotated[
-        Base64 | None, msgspec.Meta(description="The original key; null when it had none.")
+        Base64 | None,
+        msgspec.Meta(
+            description="The original key (a prefix when keyTruncated); null when it had none."
+        ),
     ]
+    key_truncated: bool
     value_base64: Annotated[
         Base64 | None,
         msgspec.Meta(

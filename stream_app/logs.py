@@ -24,8 +24,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final
 
-from aiohttp.http_exceptions import HttpProcessingError
-
 from stream_app import json
 from stream_app.settings import LogFormat
 
@@ -92,6 +90,10 @@ class BadHttpRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "aiohttp.server" or not record.exc_info:
             return True
+        # Imported here: aiohttp is loaded by now, and the CLI's other commands
+        # need not load it.
+        from aiohttp.http_exceptions import HttpProcessingError
+
         exc = record.exc_info[1]
         if not isinstance(exc, HttpProcessingError):
             return True
@@ -103,6 +105,18 @@ class BadHttpRequests(logging.Filter):
         record.exc_info = record.exc_text = None
         setattr(record, self.MARK, True)
         return True
+
+
+#: Bytes of a record's key or value that a log line shows.
+EXCERPT_BYTES: Final = 100
+
+
+def excerpt(data: bytes | None) -> str:
+    """``data`` for a log line: its repr, past :data:`EXCERPT_BYTES` only the
+    start and the length (a record's key can be 1 MB)."""
+    if data is None or len(data) <= EXCERPT_BYTES:
+        return repr(data)
+    return f"{data[:EXCERPT_BYTES]!r}... ({len(data)} bytes)"
 
 
 class JsonLinesFormatter(logging.Formatter):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from stream_app.logs import BadHttpRequests, RepeatedClientLines, configure_logging
+from stream_app.logs import BadHttpRequests, RepeatedClientLines, configure_logging, excerpt
 
 
 class Clock:
@@ -124,3 +124,10 @@ def test_an_error_of_a_request_handler_keeps_its_traceback() -> None:
         assert lines.filter(r)
         assert r.levelno == logging.ERROR
         assert r.exc_info is not None
+
+
+def test_an_excerpt_shows_a_short_key_whole_and_a_long_one_in_part() -> None:
+    assert excerpt(None) == "None"
+    assert excerpt(b"cart-1") == "b'cart-1'"
+    assert excerpt(b"k" * 100) == repr(b"k" * 100)
+    assert excerpt(b"k" * 1_000_000) == f"{b'k' * 100!r}... (1000000 bytes)"

@@ -43,6 +43,7 @@ from stream_app.domain.transitions import apply
 from stream_app.domain.wire import (
     decode_session,
     encode_session,
+    fit_rejection,
     format_timestamp,
     output_document,
     rejection_document,
@@ -80,6 +81,7 @@ __all__ = [
     "decode_command",
     "decode_session",
     "encode_session",
+    "fit_rejection",
     "format_timestamp",
     "output_document",
     "rejection_document",

@@ -197,7 +197,8 @@ def rejection_document(
     representable) and the original record, byte for byte:
 
     * ``keyBase64``: the key, ``null`` for a record without a key (an empty
-      key is ``""``);
+      key is ``""``); past ``max_original_bytes`` only a prefix, and
+      ``keyTruncated`` says so;
     * ``valueBase64``: the value, ``null`` for a tombstone (an empty value is
       ``""``); ``valueLength`` and ``valueSha256`` (hex) describe the whole
       value; past ``max_original_bytes`` only a prefix of that many bytes is
@@ -214,6 +215,7 @@ def rejection_document(
     except (OverflowError, ValueError, TypeError):
         doc["receivedAt"] = None
     doc["keyBase64"] = None if key is None else _base64(key[:max_original_bytes])
+    doc["keyTruncated"] = key is not None and len(key) > max_original_bytes
     if value is None:
         doc.update(valueBase64=None, valueLength=None, valueSha256=None, valueTruncated=False)
         return doc
@@ -230,3 +232,66 @@ def rejection_document(
         except (ValueError, TypeError):
             pass  # not JSON, or not writable again: the bytes are in valueBase64
     return doc
+
+
+#: What :func:`fit_rejection` keeps of each text of a rejection, in characters.
+FITTED_TEXT_CHARS: Final = 1024
+
+
+def fit_rejection(
+    doc: dict[str, Any], key: bytes | None, value: bytes | None, max_bytes: int
+) -> tuple[bytes | None, bytes]:
+    """The record key and JSON of ``doc`` (:func:`rejection_document` of ``key``
+    and ``value``), cut down, one step after another, until the two take at
+    most ``max_bytes``. A record its topic refuses would stop its partition for
+    good; no rejection may be one. The steps:
+
+    1. the record's key (the rejected record's own) to its first
+       ``max_bytes // 64`` bytes;
+    2. ``command``, the parsed echo, left out;
+    3. ``message`` and each error's ``title``, ``details`` and ``pointer``
+       (which may quote the command: an attribute's name, say) to their first
+       :data:`FITTED_TEXT_CHARS` characters, then ``…``;
+    4. ``keyBase64`` and ``valueBase64`` to shorter prefixes (with
+       ``keyTruncated``/``valueTruncated``), halving until it fits.
+
+    The worker's limits (a quarter of the record limit for each original part)
+    make the first three enough; the last is a guarantee, not a plan.
+    """
+    encoded = dumps(doc)
+    if _size(key, encoded) <= max_bytes:
+        return key, encoded
+    original_key = key
+    if key is not None and len(key) > max_bytes // 64:
+        key = key[: max_bytes // 64]
+        encoded = dumps(doc)
+    if _size(key, encoded) > max_bytes and "command" in doc:
+        del doc["command"]
+        encoded = dumps(doc)
+    if _size(key, encoded) > max_bytes:
+        doc["message"] = _cut(doc.get("message"))
+        for error in doc.get("errors") or ():
+            error["title"] = _cut(error.get("title"))
+            error["details"] = _cut(error.get("details"))
+            if isinstance(error.get("source"), dict):
+                error["source"]["pointer"] = _cut(error["source"].get("pointer"))
+        encoded = dumps(doc)
+    keep = max_bytes
+    while _size(key, encoded) > max_bytes and keep > 0:
+        keep //= 2
+        if original_key is not None and len(original_key) > keep:
+            doc["keyBase64"], doc["keyTruncated"] = _base64(original_key[:keep]), True
+        if value is not None and len(value) > keep:
+            doc["valueBase64"], doc["valueTruncated"] = _base64(value[:keep]), True
+        encoded = dumps(doc)
+    return key, encoded
+
+
+def _size(key: bytes | None, encoded: bytes) -> int:
+    return len(encoded) + (0 if key is None else len(key))
+
+
+def _cut(text: object) -> object:
+    if isinstance(text, str) and len(text) > FITTED_TEXT_CHARS:
+        return text[:FITTED_TEXT_CHARS] + "…"
+    return text

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from stream_app import json
 from stream_app.domain import ApplicationSettings
 from stream_app.errors import ConfigurationError
+from stream_app.logs import excerpt
 from stream_app.pipeline.kafka import client_options, partition_count
 from stream_app.settings import Settings
 
@@ -72,7 +73,7 @@ class ApplicationSettingsRegistry:
                 return
             self._from_topic[application_id] = ApplicationSettings.from_document(json.loads(value))
         except (ValueError, ConfigurationError) as exc:
-            log.warning("ignoring application settings record key=%r: %s", key, exc)
+            log.warning("ignoring application settings record key=%s: %s", excerpt(key), exc)
 
 
 async def follow_settings_topic(

@@ -67,11 +67,13 @@ from stream_app.domain import (
     decode_command,
     decode_session,
     encode_session,
+    fit_rejection,
     output_document,
     rejection_document,
 )
 from stream_app.domain import apply as apply_command
 from stream_app.errors import StreamAppError
+from stream_app.logs import excerpt
 from stream_app.settings import TopicNames
 
 log = logging.getLogger(__name__)
@@ -129,8 +131,11 @@ class Limits:
     #: the session is left as it was. Outputs and changelog records of a
     #: session stay below the record limit because of it.
     max_session_bytes: int = 256 * 1024
-    #: How much of the original value a rejection keeps (then: a prefix).
+    #: How much of the original key and value a rejection keeps (then: a prefix).
     max_original_bytes: int = 256 * 1024
+    #: The most a rejection record's key and value take together: under the
+    #: rejection topic's record limit (``fit_rejection`` cuts one down to it).
+    max_rejection_bytes: int = 1_048_588 - 1024
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -425,12 +430,12 @@ class CommandProcessor:
             # Applying it here would put the session on the wrong partition.
             self.metrics.rekeyed += 1
             log.info(
-                "%s[%d]@%d: key %r is not integrationId %r on this partition, re-keying",
+                "%s[%d]@%d: key %s is not integrationId %s on this partition, re-keying",
                 record.topic,
                 record.partition,
                 record.offset,
-                record.key,
-                wanted_key,
+                excerpt(record.key),
+                excerpt(wanted_key),
             )
             value = record.value or b""
             rekeyed = Outgoing(self.rekey_topic, wanted_key, value, (record.origin_header(),))
@@ -575,7 +580,8 @@ def reject(
         timestamp_ms=origin.timestamp_ms,
         max_original_bytes=limits.max_original_bytes,
     )
-    return Outgoing(topics.rejected, origin.key, json.dumps(doc))
+    key, value = fit_rejection(doc, origin.key, origin.value, limits.max_rejection_bytes)
+    return Outgoing(topics.rejected, key, value)
 
 
 def invalid_internal(

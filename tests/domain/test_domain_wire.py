@@ -14,9 +14,13 @@ from domain_support import T0, applied, item, reject_decode, return_doc, session
 
 from stream_app.domain import (
     ApplicationSettings,
+    ErrorDetail,
     EventName,
+    Reason,
+    Rejection,
     decode_session,
     encode_session,
+    fit_rejection,
     format_timestamp,
     output_document,
     rejection_document,
@@ -257,6 +261,102 @@ def test_rejection_document_of_json_too_deep_to_write_again_still_writes() -> No
     )
     assert "command" not in doc  # orjson writes at most 254 levels
     assert base64.b64decode(loads(dumps(doc))["valueBase64"]) == raw
+
+
+#: Kafka's default record limit, and what the worker then allows a rejection.
+LIMIT = 1_048_588
+BUDGET = LIMIT - 1024
+
+
+def _rejection(key: bytes | None, value: bytes | None, rejection: Rejection) -> dict[str, object]:
+    return rejection_document(
+        rejection,
+        key,
+        value,
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=T0,
+        max_original_bytes=LIMIT // 4,
+    )
+
+
+def test_a_rejection_that_fits_is_left_as_it_is() -> None:
+    doc = _rejection(b"cart-1", b"{}", reject_decode({}))
+    assert doc["keyTruncated"] is False
+    assert fit_rejection(dict(doc), b"cart-1", b"{}", BUDGET) == (b"cart-1", dumps(doc))
+
+
+def test_a_rejection_of_a_record_with_a_huge_key_fits_the_record_limit() -> None:
+    """A 1 MB key with a 15-byte value is a record the command topic takes;
+    its rejection, keyed by that key and holding it in base64, would not fit."""
+    for size in (300_000, 700_000, 1_000_000):
+        key, value = bytes(range(256)) * (size // 256), b'{"type":"nope"}'
+        doc = _rejection(key, value, reject_decode({}))
+        assert doc["keyTruncated"] is True
+        assert base64.b64decode(doc["keyBase64"]) == key[: LIMIT // 4]
+        record_key, encoded = fit_rejection(doc, key, value, BUDGET)
+        # 300 KB and its base64 prefix fit: the record keeps its key.
+        assert record_key == (key if size == 300_000 else key[: BUDGET // 64])
+        assert len(record_key) + len(encoded) <= BUDGET
+        fitted = loads(encoded)
+        assert base64.b64decode(fitted["keyBase64"]) == key[: LIMIT // 4]
+        assert base64.b64decode(fitted["valueBase64"]) == value
+        assert fitted["command"] == {"type": "nope"}
+
+
+def test_a_rejection_whose_texts_quote_a_huge_name_fits_the_record_limit() -> None:
+    """An attribute name of 600 KB that the application does not allow (the
+    command limit raised near the record limit): its pointer and details quote
+    it, next to the value's prefix in base64."""
+    name = "a" * 600_000
+    value = dumps({"type": "update", "integrationId": "c", "session": {"attributes": {name: 1}}})
+    pointer = f"/session/attributes/{name}"
+    rejection = Rejection(
+        Reason.UNKNOWN_ATTRIBUTE,
+        "The session has an attribute the application does not allow",
+        (ErrorDetail("Unknown attribute", f"unknown attribute {name!r}", pointer),),
+    )
+    doc = _rejection(b"c", value, rejection)
+    assert len(dumps(doc)) > LIMIT
+    record_key, encoded = fit_rejection(doc, b"c", value, BUDGET)
+    assert record_key == b"c"
+    assert len(record_key) + len(encoded) <= BUDGET
+    fitted = loads(encoded)
+    assert "command" not in fitted
+    [error] = fitted["errors"]
+    assert error["source"]["pointer"] == pointer[:1024] + "…"
+    assert error["details"] == f"unknown attribute {name!r}"[:1024] + "…"
+    assert base64.b64decode(fitted["valueBase64"]) == value[: LIMIT // 4]
+    assert fitted["valueTruncated"] is True
+    assert fitted["valueSha256"] == hashlib.sha256(value).hexdigest()
+
+
+def test_a_rejection_always_fits_even_a_limit_its_originals_do_not() -> None:
+    """The last step, prefixes of the key and value, for a limit smaller than
+    the worker ever sets (it keeps a quarter of the limit of each)."""
+    for budget in (1000, 2000, 5000):
+        for key_size, value_size in ((0, 0), (10, 10_000), (10_000, 10), (6000, 6000)):
+            key, value = b"k" * key_size, b"v" * value_size
+            doc = rejection_document(
+                reject_decode({}),
+                key,
+                value,
+                topic="t",
+                partition=0,
+                offset=0,
+                timestamp_ms=T0,
+                max_original_bytes=budget,
+            )
+            record_key, encoded = fit_rejection(doc, key, value, budget)
+            assert len(record_key or b"") + len(encoded) <= budget, (budget, key_size, value_size)
+            fitted = loads(encoded)
+            assert key.startswith(base64.b64decode(fitted["keyBase64"]))
+            assert value.startswith(base64.b64decode(fitted["valueBase64"]))
+            assert fitted["keyTruncated"] == (len(base64.b64decode(fitted["keyBase64"])) < key_size)
+            assert fitted["valueTruncated"] == (
+                len(base64.b64decode(fitted["valueBase64"])) < value_size
+            )
 
 
 def test_application_settings_from_document() -> None:

@@ -502,6 +502,35 @@ async def test_commands_near_the_broker_limit(live: Live) -> None:
     assert len(after["session"]["cartItems"]) == 1
 
 
+async def test_records_with_huge_keys_are_rejected_not_a_stalled_partition(live: Live) -> None:
+    """A key of 700 KB or 1 MB with a 15-byte value is a record the command
+    topic takes. Its rejection is keyed by it and holds it in base64: written
+    as it is, it does not fit the rejection topic, and its transaction fails
+    again on every retry (the partition stalls for good). The rejection keeps
+    the key's first quarter-limit bytes (``keyTruncated``) and is keyed by a
+    prefix of it (docs/contract.md, section 11)."""
+    p = 0
+    value = b'{"type":"nope"}'
+    keys = [bytes([n]) * size for n, size in ((1, 700_000), (2, 1_000_000))]
+    sent = await live.send(live.commands, [ToSend(key, value, p) for key in keys])
+    canaries = await live.canaries(direct=(p,))
+    seen = await live.settle(
+        canaries, lambda s: s.has_closed(*canaries) and s.has_rejections(*sent)
+    )
+    live.assert_alive()
+    live.assert_canaries(seen, canaries)
+    for s in sent:
+        assert s.key is not None
+        [(out, doc)] = seen.rejections[s.position]
+        assert out.key is not None
+        assert s.key.startswith(out.key)
+        assert len(out.key) < len(s.key)
+        assert base64.b64decode(doc["keyBase64"]) == s.key[: live.cap]
+        assert doc["keyTruncated"] is True
+        assert base64.b64decode(doc["valueBase64"]) == value
+        assert doc["source"]["offset"] == s.position[2]
+
+
 async def test_a_command_just_over_the_limit_keeps_all_its_bytes(live: Live) -> None:
     """Over the command limit but under what a rejection keeps: rejected, kept
     whole (valueTruncated false)."""

@@ -76,6 +76,17 @@ def test_mis_keyed_command_is_re_keyed_with_its_origin_and_applied_from_there() 
     assert out[0].headers[0][0] == ORIGIN_HEADER
 
 
+def test_a_huge_mis_keyed_key_is_shown_in_part_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """The re-key line names the key: a 500 KB key made a 500 KB log line."""
+    p = stage1()
+    with caplog.at_level("INFO", logger="stream_app.pipeline.processor"):
+        out = p.process(record(cmd("s1", session={}), b"K" * 500_000, partition=2))
+    assert [o.key for o in out] == [b"s1"]
+    [line] = [r.getMessage() for r in caplog.records if "re-keying" in r.getMessage()]
+    assert "(500000 bytes)" in line
+    assert len(line) < 400
+
+
 def test_ids_interleave_partitions_and_never_collide() -> None:
     allocator = PartitionSequenceAllocator({}, partitions=3)
     ids = []
