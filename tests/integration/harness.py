@@ -193,8 +193,11 @@ async def produce(
     *,
     partition: int | None = None,
     timestamp_ms: int | None = None,
+    compression: str | None = None,
 ) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, acks="all", compression_type=compression
+    )
     await producer.start()
     try:
         futures = [
