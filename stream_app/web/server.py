@@ -103,9 +103,11 @@ class WebServer:
         return web.Response(body=json.dumps(document), content_type="application/json")
 
     async def _forward(self, owner: str, request: web.Request) -> web.Response:
-        # The request target exactly as it came: re-encoded, an id with an
-        # escape that is not UTF-8 ("%ff") would reach the owner as another id.
-        url = URL(owner.rstrip("/") + request.raw_path, encoded=True)
+        # The path and query with their escapes as they came (a plain string
+        # would be re-encoded: "%ff" would reach the owner as "%FF", another
+        # id); from the relative URL, so a target sent in absolute form
+        # ("GET http://host/...") is forwarded by its path too.
+        url = URL(owner.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
         try:
             async with (
                 ClientSession(timeout=_FORWARD_TIMEOUT) as client,

@@ -5,6 +5,7 @@ workers and a rebalance."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import subprocess
 import sys
 import time
@@ -181,6 +182,15 @@ async def test_any_worker_answers_a_session_query_and_a_rebalance_gives_503_neve
         for url in urls:
             status, doc = await get(f"{url}/v2/customer_sessions/{iid}", raw=True)
             assert (status, doc["detail"]) == (404, f"no session {iid!r} in application 1")
+    # A request target in absolute form is answered (and forwarded) by its path.
+    for url in urls:
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.request("GET", "http://elsewhere.example/v2/customer_sessions/q-00002")
+        answer = connection.getresponse()
+        assert answer.status == 200, (url, answer.read())
+        assert json.loads(answer.read())["integrationId"] == "q-00002"
+        connection.close()
 
     # A third worker joins: every answer during the rebalance is right or a 503.
     c = workers(deployment, data_dir=tmp_path / "c")
