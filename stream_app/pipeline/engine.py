@@ -676,7 +676,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     log.warning(
                         "%s: could not start (%r): retrying in %.1f s", task.id, exc, backoff
                     )
-                    await task.close()
+                    # A store that cannot flush (no space left) fails to close
+                    # but lets go of its database: the next attempt opens it again.
+                    with contextlib.suppress(StoreError):
+                        await task.close()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
             async with self._lock:

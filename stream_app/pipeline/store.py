@@ -22,6 +22,7 @@ in batches of 2,000).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -87,6 +88,7 @@ class PartitionStore:
         self._resources = resources
         path.mkdir(parents=True, exist_ok=True)
         self._db = self._open()
+        self._closed = False
 
     def _open(self) -> Rdict:
         try:
@@ -145,6 +147,10 @@ class PartitionStore:
     def close(self) -> None:
         """Flush and close. A flush that fails (no space left on device) loses
         nothing: the database keeps the changelog offset of what it holds."""
+        if self._closed:
+            return
+        # Closed even when this fails: RocksDB lets go of the database anyway.
+        self._closed = True
         try:
             self._db.close()
         except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
@@ -152,10 +158,14 @@ class PartitionStore:
 
     def wipe(self) -> None:
         """Close and delete this one partition's database (it is restored again)."""
-        self.close()
+        # A flush that fails (no space left) still closes the database; what
+        # it could not write is about to be deleted anyway.
+        with contextlib.suppress(StoreError):
+            self.close()
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self._db = self._open()
+        self._closed = False
 
 
 class StoreOverlay(MutableMapping[bytes, bytes]):

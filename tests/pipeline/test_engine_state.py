@@ -150,3 +150,46 @@ async def test_a_settings_follower_that_dies_stops_the_engine(
     monkeypatch.setattr(engine, "_consume", consume_until_stopped)
     await asyncio.wait_for(engine.run(), timeout=5)
     assert isinstance(engine._failure, TopicAuthorizationFailedError)
+
+
+class _TaskOnAFullDisk:
+    """A task whose first restore cannot write (no space left) and whose stores
+    then cannot flush as they close; the space is freed before its next start."""
+
+    def __init__(self) -> None:
+        self.id = TaskId("commands", 0)
+        self.inputs: list[object] = []
+        self.starts = 0
+        self.active = False
+
+    async def start(self) -> int:
+        self.starts += 1
+        if self.starts == 1:
+            raise StoreError("cannot write the store at x: IO error: No space left on device")
+        return 0
+
+    async def close(self) -> None:
+        raise StoreError("cannot close the store at x: IO error: No space left on device")
+
+    def activate(self, positions: object) -> None:
+        self.active = True
+
+
+class _Consumer:
+    def resume(self, *partitions: object) -> None:
+        pass
+
+
+async def test_a_task_whose_restore_hits_a_full_disk_is_retried_not_the_worker_stopped(
+    tmp_path: Path,
+) -> None:
+    """Its other tasks go on meanwhile (docs/operations.md, A task cannot start)."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine._consumer = _Consumer()  # type: ignore[assignment]
+    task = _TaskOnAFullDisk()
+    engine._tasks[task.id] = task  # type: ignore[assignment]
+    await engine._start(task)  # type: ignore[arg-type]
+    assert task.starts == 2
+    assert task.active
+    assert not engine._stopping.is_set()
+    assert engine._failure is None
