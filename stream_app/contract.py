@@ -413,7 +413,8 @@ class RecordSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RejectionRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel"):
     """A record that was not applied, with its reason and its original bytes.
-    Key: the original record's key (absent when it had none)."""
+    Key: the original record's key (absent when it had none); its first 1/64 of
+    the record limit when the rejection would not fit otherwise."""
 
     reason: Reason
     message: str
@@ -432,7 +433,9 @@ class RejectionRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, r
             description="The original key (a prefix when keyTruncated); null when it had none."
         ),
     ]
-    key_truncated: bool
+    key_truncated: Annotated[
+        bool, msgspec.Meta(description="keyBase64 holds only a prefix of the original key.")
+    ]
     value_base64: Annotated[
         Base64 | None,
         msgspec.Meta(
@@ -653,7 +656,11 @@ def asyncapi_document() -> dict[str, Any]:
         "rejection": _message(
             "A rejected record",
             _ref("RejectionRecord"),
-            {"type": ["string", "null"], "description": "The rejected record's own key, as sent."},
+            {
+                "type": ["string", "null"],
+                "description": "The rejected record's own key, as sent "
+                "(a prefix of a key of many KB: docs/contract.md, section 11).",
+            },
         ),
         "applicationSettings": _message(
             "Settings of one application (a tombstone removes them)",

@@ -361,7 +361,7 @@ def test_the_limits_table_states_the_code_s_limits() -> None:
         "command size (bytes)": limits.max_command_bytes,
         "stored session size (bytes)": limits.max_session_bytes,
         "original bytes kept in a rejection": MAX_MESSAGE_BYTES // 4,
-        "rejection record (key and value)": limits.max_rejection_bytes,
+        "rejection or re-keyed record": limits.max_record_bytes,
         "nesting depth of a command": MAX_COMMAND_DEPTH,
         "record timestamp (ms since the epoch)": MAX_TIMESTAMP_MS,
     }

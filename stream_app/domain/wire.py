@@ -246,36 +246,32 @@ def fit_rejection(
     most ``max_bytes``. A record its topic refuses would stop its partition for
     good; no rejection may be one. The steps:
 
-    1. the record's key (the rejected record's own) to its first
-       ``max_bytes // 64`` bytes;
-    2. ``command``, the parsed echo, left out;
-    3. ``message`` and each error's ``title``, ``details`` and ``pointer``
+    1. ``command``, the parsed echo (a convenience), left out;
+    2. ``message`` and each error's ``title``, ``details`` and ``pointer``
        (which may quote the command: an attribute's name, say) to their first
        :data:`FITTED_TEXT_CHARS` characters, then ``…``;
+    3. the record's key (the rejected record's own) to its first
+       ``max_bytes // 64`` bytes;
     4. ``keyBase64`` and ``valueBase64`` to shorter prefixes (with
-       ``keyTruncated``/``valueTruncated``), halving until it fits.
+       ``keyTruncated``/``valueTruncated``), and the texts shorter still,
+       halving until it fits: at the end only the fixed fields are left,
+       a few hundred bytes.
 
     The worker's limits (a quarter of the record limit for each original part)
-    make the first three enough; the last is a guarantee, not a plan.
+    make the first three enough at Kafka's default record limit.
     """
     encoded = dumps(doc)
     if _size(key, encoded) <= max_bytes:
         return key, encoded
     original_key = key
-    if key is not None and len(key) > max_bytes // 64:
-        key = key[: max_bytes // 64]
-        encoded = dumps(doc)
-    if _size(key, encoded) > max_bytes and "command" in doc:
+    if "command" in doc:
         del doc["command"]
         encoded = dumps(doc)
     if _size(key, encoded) > max_bytes:
-        doc["message"] = _cut(doc.get("message"))
-        for error in doc.get("errors") or ():
-            error["title"] = _cut(error.get("title"))
-            error["details"] = _cut(error.get("details"))
-            if isinstance(error.get("source"), dict):
-                error["source"]["pointer"] = _cut(error["source"].get("pointer"))
+        _cut_texts(doc, FITTED_TEXT_CHARS)
         encoded = dumps(doc)
+    if _size(key, encoded) > max_bytes and key is not None and len(key) > max_bytes // 64:
+        key = key[: max_bytes // 64]
     keep = max_bytes
     while _size(key, encoded) > max_bytes and keep > 0:
         keep //= 2
@@ -283,15 +279,26 @@ def fit_rejection(
             doc["keyBase64"], doc["keyTruncated"] = _base64(original_key[:keep]), True
         if value is not None and len(value) > keep:
             doc["valueBase64"], doc["valueTruncated"] = _base64(value[:keep]), True
+        # A character may take 6 bytes in JSON (a control character's escape).
+        _cut_texts(doc, min(FITTED_TEXT_CHARS, keep // 64))
         encoded = dumps(doc)
     return key, encoded
+
+
+def _cut_texts(doc: dict[str, Any], chars: int) -> None:
+    doc["message"] = _cut(doc.get("message"), chars)
+    for error in doc.get("errors") or ():
+        error["title"] = _cut(error.get("title"), chars)
+        error["details"] = _cut(error.get("details"), chars)
+        if isinstance(error.get("source"), dict):
+            error["source"]["pointer"] = _cut(error["source"].get("pointer"), chars)
 
 
 def _size(key: bytes | None, encoded: bytes) -> int:
     return len(encoded) + (0 if key is None else len(key))
 
 
-def _cut(text: object) -> object:
-    if isinstance(text, str) and len(text) > FITTED_TEXT_CHARS:
-        return text[:FITTED_TEXT_CHARS] + "…"
+def _cut(text: object, chars: int) -> object:
+    if isinstance(text, str) and len(text) > chars:
+        return text[:chars] + "…"
     return text

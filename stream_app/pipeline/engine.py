@@ -130,7 +130,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             # A rejection holds the original in base64 (4/3) and its parsed echo.
             max_original_bytes=layout.max_record_bytes // 4,
             # Room for the record's own overhead in its batch.
-            max_rejection_bytes=layout.max_record_bytes - 1024,
+            max_record_bytes=layout.max_record_bytes - 1024,
         )
         self.registry = registry or ApplicationSettingsRegistry.load(
             settings.application_settings_file

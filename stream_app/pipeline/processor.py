@@ -133,9 +133,10 @@ class Limits:
     max_session_bytes: int = 256 * 1024
     #: How much of the original key and value a rejection keeps (then: a prefix).
     max_original_bytes: int = 256 * 1024
-    #: The most a rejection record's key and value take together: under the
-    #: rejection topic's record limit (``fit_rejection`` cuts one down to it).
-    max_rejection_bytes: int = 1_048_588 - 1024
+    #: The most a record the worker writes for a command (a rejection, a
+    #: re-keyed record) may take, key, value and headers: the topics' record
+    #: limit less 1,024 bytes for the record's own overhead in its batch.
+    max_record_bytes: int = 1_048_588 - 1024
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -428,6 +429,19 @@ class CommandProcessor:
                 problem = "not keyed and placed by integrationId"
                 return [self._invalid_internal(record, problem)], kind, rejected
             # Applying it here would put the session on the wrong partition.
+            value = record.value or b""
+            origin_header = record.origin_header()
+            size = len(wanted_key) + len(value) + len(origin_header[0]) + len(origin_header[1])
+            if size > self.limits.max_record_bytes:
+                # Its origin header holds its key in base64: a key of
+                # hundreds of KB makes the re-keyed record too large to write.
+                rejection = pipeline_rejection(
+                    Reason.LIMIT_EXCEEDED,
+                    "The record's key is too large to re-key the command by its integrationId",
+                    f"the re-keyed record would take {size} bytes; "
+                    f"at most {self.limits.max_record_bytes}",
+                )
+                return [self._reject(rejection, record)], kind, rejected
             self.metrics.rekeyed += 1
             log.info(
                 "%s[%d]@%d: key %s is not integrationId %s on this partition, re-keying",
@@ -437,8 +451,7 @@ class CommandProcessor:
                 excerpt(record.key),
                 excerpt(wanted_key),
             )
-            value = record.value or b""
-            rekeyed = Outgoing(self.rekey_topic, wanted_key, value, (record.origin_header(),))
+            rekeyed = Outgoing(self.rekey_topic, wanted_key, value, (origin_header,))
             return [rekeyed], kind, "rekeyed"
         application_id = command.application_id or self.default_application_id
         key = session_key(application_id, command.integration_id)
@@ -580,7 +593,7 @@ def reject(
         timestamp_ms=origin.timestamp_ms,
         max_original_bytes=limits.max_original_bytes,
     )
-    key, value = fit_rejection(doc, origin.key, origin.value, limits.max_rejection_bytes)
+    key, value = fit_rejection(doc, origin.key, origin.value, limits.max_record_bytes)
     return Outgoing(topics.rejected, key, value)
 
 

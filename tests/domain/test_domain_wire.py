@@ -302,7 +302,8 @@ def test_a_rejection_of_a_record_with_a_huge_key_fits_the_record_limit() -> None
         fitted = loads(encoded)
         assert base64.b64decode(fitted["keyBase64"]) == key[: LIMIT // 4]
         assert base64.b64decode(fitted["valueBase64"]) == value
-        assert fitted["command"] == {"type": "nope"}
+        # The echo went first; it could stay only where nothing was cut.
+        assert ("command" in fitted) == (size == 300_000)
 
 
 def test_a_rejection_whose_texts_quote_a_huge_name_fits_the_record_limit() -> None:
@@ -332,31 +333,63 @@ def test_a_rejection_whose_texts_quote_a_huge_name_fits_the_record_limit() -> No
     assert fitted["valueSha256"] == hashlib.sha256(value).hexdigest()
 
 
-def test_a_rejection_always_fits_even_a_limit_its_originals_do_not() -> None:
-    """The last step, prefixes of the key and value, for a limit smaller than
-    the worker ever sets (it keeps a quarter of the limit of each)."""
-    for budget in (1000, 2000, 5000):
-        for key_size, value_size in ((0, 0), (10, 10_000), (10_000, 10), (6000, 6000)):
-            key, value = b"k" * key_size, b"v" * value_size
-            doc = rejection_document(
-                reject_decode({}),
-                key,
-                value,
-                topic="t",
-                partition=0,
-                offset=0,
-                timestamp_ms=T0,
-                max_original_bytes=budget,
-            )
-            record_key, encoded = fit_rejection(doc, key, value, budget)
-            assert len(record_key or b"") + len(encoded) <= budget, (budget, key_size, value_size)
-            fitted = loads(encoded)
-            assert key.startswith(base64.b64decode(fitted["keyBase64"]))
-            assert value.startswith(base64.b64decode(fitted["valueBase64"]))
-            assert fitted["keyTruncated"] == (len(base64.b64decode(fitted["keyBase64"])) < key_size)
-            assert fitted["valueTruncated"] == (
-                len(base64.b64decode(fitted["valueBase64"])) < value_size
-            )
+def test_leaving_out_the_echo_is_the_first_step_and_may_be_enough() -> None:
+    """A 300 KB key and a 250 KB JSON value: key, key and value in base64, and
+    the echo come to 1.26 MB; without the echo, 1.0 MB fits."""
+    key = b"k" * 300_000
+    value = dumps({"type": "update", "integrationId": "c", "session": {"a": "x" * 250_000}})
+    doc = _rejection(key, value, reject_decode({}))
+    assert "command" in doc
+    record_key, encoded = fit_rejection(doc, key, value, BUDGET)
+    assert len(record_key or b"") + len(encoded) <= BUDGET
+    fitted = loads(encoded)
+    assert "command" not in fitted
+    assert record_key == key  # nothing else was cut
+    assert base64.b64decode(fitted["valueBase64"]) == value
+    assert fitted["errors"] == doc["errors"]
+
+
+@pytest.mark.parametrize("budget", [2048, 5000, 20_000])
+@pytest.mark.parametrize(
+    ("key_size", "value_size"), [(0, 0), (10, 10_000), (10_000, 10), (6000, 6000)]
+)
+def test_a_rejection_always_fits_even_a_limit_its_originals_do_not(
+    budget: int, key_size: int, value_size: int
+) -> None:
+    """The last step, for limits smaller than the worker's own steps suit
+    (a record limit may be as low as three times the session limit): shorter
+    prefixes, whose flags say so, and texts of control characters, which JSON
+    writes six bytes each."""
+    key, value = bytes(i % 251 for i in range(key_size)), b"v" * value_size
+    rejection = Rejection(
+        Reason.UNKNOWN_ATTRIBUTE,
+        "\x01" * 3000,
+        (ErrorDetail("\x02" * 3000, "\x03" * 3000, "/session/attributes/" + "\x04" * 3000),),
+    )
+    doc = rejection_document(
+        rejection,
+        key,
+        value,
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=T0,
+        max_original_bytes=100_000,  # the prefixes are the last step's doing
+    )
+    record_key, encoded = fit_rejection(doc, key, value, budget)
+    assert len(record_key or b"") + len(encoded) <= budget
+    assert key.startswith(record_key or b"")
+    fitted = loads(encoded)
+    kept_key = base64.b64decode(fitted["keyBase64"])
+    kept_value = base64.b64decode(fitted["valueBase64"])
+    assert key.startswith(kept_key)
+    assert value.startswith(kept_value)
+    assert fitted["keyTruncated"] == (len(kept_key) < key_size)
+    assert fitted["valueTruncated"] == (len(kept_value) < value_size)
+    assert fitted["valueLength"] == value_size
+    assert record_key == key or len(record_key or b"") == budget // 64
+    if record_key != key:  # keyBase64 keeps more of the original than the record key
+        assert len(kept_key) > len(record_key or b"")
 
 
 def test_application_settings_from_document() -> None:

@@ -193,3 +193,11 @@ async def test_a_task_whose_restore_hits_a_full_disk_is_retried_not_the_worker_s
     assert task.active
     assert not engine._stopping.is_set()
     assert engine._failure is None
+
+
+def test_the_limits_of_what_the_worker_writes_follow_the_topics_record_limit(
+    tmp_path: Path,
+) -> None:
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 2_000_000))
+    assert engine.limits.max_original_bytes == 500_000
+    assert engine.limits.max_record_bytes == 2_000_000 - 1024

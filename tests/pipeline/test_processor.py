@@ -87,6 +87,27 @@ def test_a_huge_mis_keyed_key_is_shown_in_part_in_the_log(caplog: pytest.LogCapt
     assert len(line) < 400
 
 
+def test_a_command_whose_key_is_too_large_to_re_key_is_rejected_not_re_keyed() -> None:
+    """The re-keyed record's origin header holds the key in base64: an 800 KB
+    key would make a record over the limit (and, before, a rejection that
+    blamed the command's outputs, counted as re-keyed too)."""
+    p = stage1()
+    key = b"K" * 800_000
+    [out] = p.process(record(cmd("s1", session={}), key, partition=2))
+    assert out.topic == TOPICS.rejected
+    assert out.key is not None
+    assert key.startswith(out.key)
+    doc = json.loads(out.value)
+    assert doc["reason"] == "LIMIT_EXCEEDED"
+    assert doc["message"].startswith("The record's key is too large to re-key")
+    assert doc["errors"][0]["source"]["pointer"] == ""
+    assert p.metrics.rekeyed == 0
+    assert p.metrics.rejected == 1
+    # A key that fits is re-keyed as before.
+    [rekeyed] = p.process(record(cmd("s1", session={}), b"K" * 300_000, partition=2))
+    assert (rekeyed.topic, rekeyed.key) == (REKEY, b"s1")
+
+
 def test_ids_interleave_partitions_and_never_collide() -> None:
     allocator = PartitionSequenceAllocator({}, partitions=3)
     ids = []
