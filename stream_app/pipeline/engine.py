@@ -316,6 +316,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             if self._stopping.is_set():
                 return
             await self._consume()
+            if self._failure is not None:
+                # What stopped the worker, once every other task committed.
+                raise self._failure
         finally:
             if not follower.done():
                 follower.cancel()
@@ -383,8 +386,6 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     self.log_metrics()
         finally:
             await self._close(consumer)
-        if self._failure is not None:
-            raise self._failure
 
     async def _poll(
         self, consumer: AIOKafkaConsumer, timeout_ms: int

@@ -148,8 +148,9 @@ async def test_a_settings_follower_that_dies_stops_the_engine(
     monkeypatch.setattr(engine_module, "follow_settings_topic", follower_that_fails)
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
     monkeypatch.setattr(engine, "_consume", consume_until_stopped)
-    await asyncio.wait_for(engine.run(), timeout=5)
-    assert isinstance(engine._failure, TopicAuthorizationFailedError)
+    with pytest.raises(TopicAuthorizationFailedError):  # the worker exits 1
+        await asyncio.wait_for(engine.run(), timeout=5)
+    assert engine._stopping.is_set()
 
 
 class _TaskOnAFullDisk:
