@@ -101,10 +101,13 @@ class BadHttpRequests(logging.Filter):
         detail = " ".join(str(exc.message).split())[:200]
         record.msg = "bad HTTP request from %s, answered %s: %s: %s"
         record.args = (remote, exc.code, type(exc).__name__, detail)
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info = record.exc_text = None
         setattr(record, self.MARK, True)
-        return True
+        if record.levelno <= logging.WARNING:
+            return True  # aiohttp's own DEBUG line for a bad first request stays one
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        # Lowered after the logger's level check: at LOG_LEVEL=ERROR it goes.
+        return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
 
 
 #: Bytes of a record's key or value that a log line shows.

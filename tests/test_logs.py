@@ -131,3 +131,15 @@ def test_an_excerpt_shows_a_short_key_whole_and_a_long_one_in_part() -> None:
     assert excerpt(b"cart-1") == "b'cart-1'"
     assert excerpt(b"k" * 100) == repr(b"k" * 100)
     assert excerpt(b"k" * 1_000_000) == f"{b'k' * 100!r}... (1000000 bytes)"
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_a_bad_request_line_is_lowered_to_warning_never_raised() -> None:
+    configure_logging("ERROR")
+    r = _aiohttp_error(LineTooLong("/" + "a" * 9000, "8190"))
+    assert not BadHttpRequests().filter(r)  # a warning, below ERROR
+    configure_logging("DEBUG")
+    debug = _aiohttp_error(BadHttpMessage("not HTTP"))
+    debug.levelno, debug.levelname = logging.DEBUG, "DEBUG"
+    assert BadHttpRequests().filter(debug)
+    assert debug.levelno == logging.DEBUG
