@@ -143,10 +143,16 @@ def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner picks for ``key``."""
     cached = _PARTITIONS.get((key, partitions))
     if cached is None:
-        if len(_PARTITIONS) >= _PARTITIONS_CACHED:
-            _PARTITIONS.clear()
         # Pure Python, ~1 us: a session's keys repeat.
-        cached = _PARTITIONS[key, partitions] = (murmur2(key) & 0x7FFFFFFF) % partitions
+        cached = (murmur2(key) & 0x7FFFFFFF) % partitions
+        # Bounded in bytes too: a rejection is keyed by the rejected record's
+        # key, which may be 1 MB; no valid id is over 4,000 bytes.
+        if len(key) <= _CACHED_KEY_BYTES:
+            if len(_PARTITIONS) >= _PARTITIONS_CACHED or _CACHED_BYTES[0] >= _PARTITIONS_BYTES:
+                _PARTITIONS.clear()
+                _CACHED_BYTES[0] = 0
+            _PARTITIONS[key, partitions] = cached
+            _CACHED_BYTES[0] += len(key)
     return cached
 
 
@@ -181,6 +187,10 @@ def murmur2(data: bytes) -> int:
 
 _PARTITIONS: dict[tuple[bytes, int], int] = {}
 _PARTITIONS_CACHED: Final = 100_000
+#: The key bytes the cache holds at most, and the longest key it holds.
+_PARTITIONS_BYTES: Final = 8 * 1024 * 1024
+_CACHED_KEY_BYTES: Final = 4096
+_CACHED_BYTES = [0]
 
 
 def valid_timestamp(timestamp_ms: object) -> bool:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from stream_app import json
 from stream_app.domain import ApplicationSettings
+from stream_app.pipeline import processor as processor_module
 from stream_app.pipeline.processor import (
     DECODED_SESSIONS,
     ORIGIN_HEADER,
@@ -106,6 +107,19 @@ def test_a_command_whose_key_is_too_large_to_re_key_is_rejected_not_re_keyed() -
     # A key that fits is re-keyed as before.
     [rekeyed] = p.process(record(cmd("s1", session={}), b"K" * 300_000, partition=2))
     assert (rekeyed.topic, rekeyed.key) == (REKEY, b"s1")
+
+
+def test_the_partition_cache_holds_no_huge_key_and_is_bounded_in_bytes() -> None:
+    """Rejections are keyed by the rejected record's key (up to 1 MB): a stream
+    of them must not pile up in the cache of partitions."""
+    huge = b"h" * 700_000
+    assert partition_for(huge, 6) == (aiokafka_murmur2(huge) & 0x7FFFFFFF) % 6
+    assert (huge, 6) not in processor_module._PARTITIONS
+    for n in range(3000):  # 12 MB of 4 KB keys: over the 8 MB the cache may hold
+        key = b"%04d" % n * 1024
+        assert partition_for(key, 6) == (aiokafka_murmur2(key) & 0x7FFFFFFF) % 6
+    held = sum(len(key) for key, _ in processor_module._PARTITIONS)
+    assert held <= 8 * 1024 * 1024
 
 
 def test_ids_interleave_partitions_and_never_collide() -> None:
