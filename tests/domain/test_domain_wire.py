@@ -8,6 +8,7 @@ import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from domain_support import T0, applied, item, reject_decode, return_doc, session_in, update_doc
@@ -268,7 +269,12 @@ LIMIT = 1_048_588
 BUDGET = LIMIT - 1024
 
 
-def _rejection(key: bytes | None, value: bytes | None, rejection: Rejection) -> dict[str, object]:
+def _rejection(
+    key: bytes | None,
+    value: bytes | None,
+    rejection: Rejection,
+    max_original_bytes: int = LIMIT // 4,
+) -> dict[str, Any]:
     return rejection_document(
         rejection,
         key,
@@ -277,7 +283,7 @@ def _rejection(key: bytes | None, value: bytes | None, rejection: Rejection) -> 
         partition=0,
         offset=0,
         timestamp_ms=T0,
-        max_original_bytes=LIMIT // 4,
+        max_original_bytes=max_original_bytes,
     )
 
 
@@ -366,16 +372,8 @@ def test_a_rejection_always_fits_even_a_limit_its_originals_do_not(
         "\x01" * 3000,
         (ErrorDetail("\x02" * 3000, "\x03" * 3000, "/session/attributes/" + "\x04" * 3000),),
     )
-    doc = rejection_document(
-        rejection,
-        key,
-        value,
-        topic="t",
-        partition=0,
-        offset=0,
-        timestamp_ms=T0,
-        max_original_bytes=100_000,  # the prefixes are the last step's doing
-    )
+    # The prefixes are the last step's doing: the document keeps 100,000 bytes.
+    doc = _rejection(key, value, rejection, max_original_bytes=100_000)
     record_key, encoded = fit_rejection(doc, key, value, budget)
     assert len(record_key or b"") + len(encoded) <= budget
     assert key.startswith(record_key or b"")
