@@ -91,6 +91,9 @@ async def run(settings: Settings) -> int:
         if stopping.is_set():
             engine.stop()
         await engine.run()
+    except ConfigurationError as exc:  # the cluster changed under it (partitions added)
+        log.error("configuration error: %s", exc)  # noqa: TRY400 - one line, no traceback
+        return EXIT_CONFIGURATION
     except Exception:
         log.exception("the worker failed")
         return EXIT_FAILED

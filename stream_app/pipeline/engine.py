@@ -740,6 +740,24 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._fenced_since = None
         self._joined = True
         self._rebalancing = False
+        beyond = sorted(
+            f"{tp.topic}[{tp.partition}]"
+            for tp in assigned
+            if tp.topic in self._stage_of and tp.partition >= self.partitions
+        )
+        if beyond:
+            # An operator added partitions while the worker ran: its state and
+            # its internal topics are laid out for the old count, and keys now
+            # hash elsewhere. Stop, as Kafka Streams does, rather than go on
+            # with some partitions (and, before, none of stage 2's tasks).
+            self._fail(
+                ConfigurationError(
+                    f"partitions were added while the worker ran ({', '.join(beyond)}); its "
+                    f"state and internal topics have {self.partitions}: a re-partitioned "
+                    "deployment needs a new app id (docs/operations.md, Scale)"
+                )
+            )
+            return
         wanted = {
             (self._stage_of[tp.topic], tp.partition)
             for tp in assigned

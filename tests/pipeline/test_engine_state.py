@@ -9,6 +9,7 @@ from asyncio import Event
 from pathlib import Path
 
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.errors import TopicAuthorizationFailedError
 
 from stream_app.errors import ConfigurationError, StoreError
@@ -202,3 +203,32 @@ def test_the_limits_of_what_the_worker_writes_follow_the_topics_record_limit(
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 2_000_000))
     assert engine.limits.max_original_bytes == 500_000
     assert engine.limits.max_record_bytes == 2_000_000 - 1024
+
+
+class _AssignedConsumer:
+    def __init__(self) -> None:
+        self.paused: list[object] = []
+
+    def pause(self, *partitions: object) -> None:
+        self.paused.extend(partitions)
+
+
+async def test_partitions_added_while_the_worker_runs_stop_it_with_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    """Before, a worker handed command partition 6 of a topic grown from 6 to 8
+    failed in the rebalance listener, started only some tasks (none of stage
+    2's) and reported itself ready."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(6, 1_048_588))
+    consumer = _AssignedConsumer()
+    engine._consumer = consumer  # type: ignore[assignment]
+    commands = settings.topics.commands
+    await engine.on_partitions_assigned(
+        {TopicPartition(commands, 0), TopicPartition(commands, 6), TopicPartition(commands, 7)}
+    )
+    assert isinstance(engine._failure, ConfigurationError)
+    assert f"{commands}[6], {commands}[7]" in str(engine._failure)
+    assert engine._stopping.is_set()
+    assert engine._tasks == {}
+    assert consumer.paused == []
