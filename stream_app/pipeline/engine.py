@@ -728,6 +728,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 try:
                     if task.active and task.checkpoint is not None:
                         await self._counted(task.commit())
+                except TaskFencedError as exc:
+                    # A worker paused past its session timeout learns it here:
+                    # its successor's producer took over the transactional id.
+                    log.warning(
+                        "%s: fenced, another worker owns this task now: its open "
+                        "transaction is aborted (%s)",
+                        task_id,
+                        exc,
+                    )
                 except Exception as exc:  # the task is closed either way, never left half-open
                     log.warning("%s: commit on revocation failed, aborted: %r", task_id, exc)
                 finally:

@@ -14,6 +14,7 @@ from aiokafka.errors import TopicAuthorizationFailedError
 
 from stream_app.errors import ConfigurationError, StoreError
 from stream_app.pipeline import engine as engine_module
+from stream_app.pipeline.checkpoint import TaskFencedError
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import Limits
 from stream_app.pipeline.store import RocksDBResources
@@ -232,3 +233,41 @@ async def test_partitions_added_while_the_worker_runs_stop_it_with_a_configurati
     assert engine._stopping.is_set()
     assert engine._tasks == {}
     assert consumer.paused == []
+
+
+class _FencedTask:
+    """A task of a worker paused past its session timeout: its successor's
+    producer has taken over the transactional id."""
+
+    def __init__(self, commands_topic: str) -> None:
+        self.id = TaskId("commands", 0)
+        self.inputs = [TopicPartition(commands_topic, 0)]
+        self.active = True
+        self.checkpoint = object()
+        self.closed = False
+
+    async def commit(self) -> None:
+        raise TaskFencedError("producer unusable: ProducerFenced('There is a newer producer')")
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_task_found_fenced_on_revocation_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The resumed zombie learns of its fencing either from its next commit or,
+    when the rebalance comes first, from the commit on revocation: both say
+    'fenced' (the zombie integration test looks for the word)."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    task = _FencedTask(settings.topics.commands)
+    engine._tasks[task.id] = task  # type: ignore[assignment]
+    engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        await engine.on_partitions_revoked(set(task.inputs))
+    assert task.closed
+    assert engine._tasks == {}
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line.startswith("commands[0]: fenced, another worker owns this task now")
+    assert engine.aborts == 1
