@@ -220,6 +220,20 @@ class Outgoing(NamedTuple):
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+#: Bytes a record needs beyond key, value and headers (record and batch framing).
+RECORD_OVERHEAD: Final = 128
+
+
+def record_size(out: Outgoing) -> int:
+    """What ``out`` takes of a topic's record limit (``max.message.bytes``)."""
+    size = len(out.value) + RECORD_OVERHEAD
+    if out.key is not None:
+        size += len(out.key)
+    for name, value in out.headers:
+        size += len(name) + len(value)
+    return size
+
+
 class SourceRecord(msgspec.Struct, frozen=True):
     """Where a record came from, as the domain and the rejection topic need it."""
 
@@ -440,8 +454,8 @@ class CommandProcessor:
                 return [self._invalid_internal(record, problem)], kind, rejected
             # Applying it here would put the session on the wrong partition.
             value = record.value or b""
-            origin_header = record.origin_header()
-            size = len(wanted_key) + len(value) + len(origin_header[0]) + len(origin_header[1])
+            rekeyed = Outgoing(self.rekey_topic, wanted_key, value, (record.origin_header(),))
+            size = record_size(rekeyed)
             if size > self.limits.max_record_bytes:
                 # Its origin header holds its key in base64: a key of
                 # hundreds of KB makes the re-keyed record too large to write.
@@ -461,7 +475,6 @@ class CommandProcessor:
                 excerpt(record.key),
                 excerpt(wanted_key),
             )
-            rekeyed = Outgoing(self.rekey_topic, wanted_key, value, (origin_header,))
             return [rekeyed], kind, "rekeyed"
         application_id = command.application_id or self.default_application_id
         key = session_key(application_id, command.integration_id)

@@ -47,6 +47,7 @@ from stream_app.pipeline.processor import (
     SessionIdSpaceExhaustedError,
     SourceRecord,
     pipeline_rejection,
+    record_size,
     reject,
 )
 from stream_app.pipeline.store import PartitionStore, RocksDBResources, StoreOverlay
@@ -72,21 +73,9 @@ RestoreProgress = Callable[["TaskId", int, int], None]
 #: 113k/s and 348 MB; 8 MiB and 20,000 records, 118k/s and 356 MB.
 _RESTORE_FETCH_BYTES: Final = 4 * 1024 * 1024
 
-#: Bytes a record needs beyond key, value and headers (record and batch framing).
-_RECORD_OVERHEAD: Final = 128
-
 
 class RecordTooLargeError(StreamAppError):
     """An output would exceed what the topics accept: its record is rejected instead."""
-
-
-def _record_size(out: Outgoing) -> int:
-    size = len(out.value) + _RECORD_OVERHEAD
-    if out.key is not None:
-        size += len(out.key)
-    for name, value in out.headers:
-        size += len(name) + len(value)
-    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +281,7 @@ class Task:
                 failure = exc
             else:
                 for out in outgoing:
-                    size = _record_size(out)
+                    size = record_size(out)
                     if size > max_bytes:
                         failure = RecordTooLargeError(
                             f"an output to {out.topic} would be {size} bytes; "
