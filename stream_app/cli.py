@@ -468,7 +468,12 @@ async def create_topics(settings: Settings) -> list[tuple[str, bool, int, dict[s
     from aiokafka.admin import AIOKafkaAdminClient
 
     from stream_app.pipeline.kafka import client_options
-    from stream_app.pipeline.topics import check_session_limit, ensure_topics, topic_specs
+    from stream_app.pipeline.topics import (
+        check_retention,
+        check_session_limit,
+        ensure_topics,
+        topic_specs,
+    )
 
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
@@ -477,6 +482,7 @@ async def create_topics(settings: Settings) -> list[tuple[str, bool, int, dict[s
         layout = await ensure_topics(settings)
         # Created either way; said now rather than by the first worker.
         check_session_limit(settings, layout)
+        check_retention(settings, layout)
         specs = topic_specs(settings, layout.partitions)
         counts = {
             entry["topic"]: len(entry.get("partitions") or ())

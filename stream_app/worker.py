@@ -22,7 +22,12 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
 from stream_app.pipeline.engine import Engine
-from stream_app.pipeline.topics import TopicLayout, check_session_limit, ensure_topics
+from stream_app.pipeline.topics import (
+    TopicLayout,
+    check_retention,
+    check_session_limit,
+    ensure_topics,
+)
 from stream_app.settings import Settings
 from stream_app.web.server import WebServer
 
@@ -66,6 +71,7 @@ async def run(settings: Settings) -> int:
         if layout is None:
             return 0
         check_session_limit(settings, layout)
+        check_retention(settings, layout)
         engine = Engine(settings, layout, registry)
         engine.check_local_state()
     except ConfigurationError as exc:

@@ -11,6 +11,7 @@ task owns partition ``p`` of all of them at once. A disagreement is a
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -95,6 +96,9 @@ class TopicLayout:
     partitions: int
     #: The largest record every topic the worker writes accepts.
     max_record_bytes: int
+    #: Topics whose records the worker needs for ever but whose config deletes
+    #: them (see :func:`check_retention`), each with the config that does.
+    deleting: tuple[str, ...] = ()
 
 
 #: Kafka's default for message.max.bytes, used when a topic's config is unreadable.
@@ -152,13 +156,23 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
                 created.append(spec.name)
             except TopicAlreadyExistsError:
                 pass  # another worker won the race
-        written = [s.name for s in specs if s.name != settings.topics.commands]
-        max_record_bytes = await _max_message_bytes(admin, written)
+        configs = await _topic_configs(admin, [s.name for s in specs])
     finally:
         await admin.close()
     if created:
         log.info("created topics: %s", ", ".join(created))
-    return TopicLayout(partitions, max_record_bytes)
+    written = [s.name for s in specs if s.name != settings.topics.commands]
+    limits = [
+        int(c["max.message.bytes"])
+        for n in written
+        if "max.message.bytes" in (c := configs.get(n, {}))
+    ]
+    deleting = tuple(
+        f"{s.name} ({why})"
+        for s in specs
+        if s.config == _COMPACTED and (why := deletes_records(configs.get(s.name, {})))
+    )
+    return TopicLayout(partitions, min(limits, default=_KAFKA_DEFAULT_MAX_MESSAGE_BYTES), deleting)
 
 
 def check_session_limit(settings: Settings, layout: TopicLayout) -> None:
@@ -175,17 +189,44 @@ def check_session_limit(settings: Settings, layout: TopicLayout) -> None:
         )
 
 
-async def _max_message_bytes(admin: AIOKafkaAdminClient, names: list[str]) -> int:
-    """The smallest ``max.message.bytes`` of ``names`` (topic configs inherit the
-    broker's ``message.max.bytes``)."""
+def check_retention(settings: Settings, layout: TopicLayout) -> None:
+    """Raise ConfigurationError when a topic whose every key's last record the
+    worker needs (a store's changelog, the settings topic) deletes records by
+    time or size. The worker's check: a producer of commands does not need it."""
+    if layout.deleting:
+        raise ConfigurationError(
+            f"{'; '.join(layout.deleting)}: these topics would delete records the worker "
+            "needs, a changelog being its store's only copy and the settings topic every "
+            "application's settings, so a restore would silently lose sessions or settings. "
+            "Make each compacted (kafka-configs.sh --bootstrap-server "
+            f"{settings.bootstrap_servers} --alter --entity-type topics --entity-name NAME "
+            "--add-config cleanup.policy=compact), or keep its records for ever "
+            "(retention.ms=-1 and retention.bytes=-1)"
+        )
+
+
+def deletes_records(config: Mapping[str, str]) -> str | None:
+    """What in a topic's ``config`` deletes records by time or size, or None
+    (compacted, retained for ever, or the config unreadable)."""
+    policy = config.get("cleanup.policy")
+    if policy is None or "delete" not in {p.strip() for p in policy.split(",")}:
+        return None
+    for name in ("retention.ms", "retention.bytes"):
+        value = config.get(name, "-1")
+        if value != "-1":
+            return f"cleanup.policy={policy}, {name}={value}"
+    return None
+
+
+async def _topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+    """The configs of ``names`` (those it may read; a topic's config inherits the
+    broker's, e.g. ``max.message.bytes`` its ``message.max.bytes``)."""
     described = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     )
-    limits = [
-        int(entry[1])
+    # A resource: (error code, message, type, name, [(config, value, ...), ...]).
+    return {
+        resource[3]: {entry[0]: entry[1] for entry in resource[4] if entry[1] is not None}
         for response in described
         for resource in response.resources
-        for entry in resource[4]
-        if entry[0] == "max.message.bytes" and entry[1] is not None
-    ]
-    return min(limits, default=_KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
+    }

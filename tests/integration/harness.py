@@ -171,12 +171,20 @@ class Worker:
             os.killpg(self.proc.pid, sig)
 
 
-async def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
+async def create_topics(
+    bootstrap: str, names: Iterable[str], partitions: int, configs: dict[str, str] | None = None
+) -> None:
+    """Create those of ``names`` that do not exist, as an operator would (with the
+    broker's default configs unless ``configs`` are given)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(n, partitions, 1) for n in names if n not in existing]
+        new = [
+            NewTopic(n, partitions, 1, topic_configs=configs or {})
+            for n in names
+            if n not in existing
+        ]
         if new:
             await admin.create_topics(new)
     finally:

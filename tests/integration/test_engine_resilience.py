@@ -23,6 +23,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from stream_app.demo.traffic import Traffic, generate_traffic
 from stream_app.json import dumps
@@ -566,6 +568,53 @@ async def test_internal_topic_with_another_partition_count_is_refused(
     )
     # The operator's topic is left as it was.
     assert (await partition_counts(kafka_bootstrap, [rekeyed]))[rekeyed] == 2
+
+
+@pytest.mark.timeout(240)
+async def test_a_changelog_that_deletes_by_time_is_refused_until_compacted(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """An operator created the first-sessions changelog as ``kafka-topics.sh
+    --create`` does on a broker's defaults (cleanup.policy=delete, 7 days), and the
+    settings topic with delete but retention.ms=-1. The worker exits 2 naming the
+    changelog and its retention, not the settings topic (which keeps every record).
+    Once the operator compacts the changelog, as the error says, the worker runs."""
+    d = await _deployment(kafka_bootstrap, unique_name("retention"), tmp_path / "state")
+    changelog = f"{d.env()['STREAM_APP_APP_ID']}-first-sessions-changelog"
+    await create_topics(kafka_bootstrap, [changelog], d.partitions)
+    await create_topics(kafka_bootstrap, [d.topics.application_settings], 1, {"retention.ms": "-1"})
+    worker = workers(d)
+    exit_s = await _wait_exit(worker, 60)
+    _report("retention", exit_after_start=exit_s, rc=worker.proc.poll())
+    assert exit_s is not None, "the worker kept running\n" + describe_workers([worker])
+    assert worker.proc.returncode == 2, describe_workers([worker])
+    log = worker.log_path.read_text(errors="replace")
+    errors = [line for line in log.splitlines() if "configuration error" in line]
+    assert len(errors) == 1, log[-3000:]
+    assert f"{changelog} (cleanup.policy=delete, retention.ms=604800000)" in errors[0], errors
+    assert d.topics.application_settings not in errors[0], errors
+    assert "cleanup.policy=compact" in errors[0], errors
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, changelog, {"cleanup.policy": "compact"})]
+        )
+    finally:
+        await admin.close()
+    traffic = generate_traffic(100, seed=11)
+    positions = await produce_traffic_records(kafka_bootstrap, d.topics.commands, traffic)
+    expected = expected_outcome(traffic, positions)
+    again = workers(d)
+    async with OutputReader(kafka_bootstrap, d.topics) as reader:
+        await reader.wait_for(expected.total, timeout=120, alive=[again])
+        await reader.poll(2.0, alive=[again])
+    _assert_exactly_once(reader, expected, d, [again])
+    assert again.stop(timeout=SHUTDOWN_BOUND_S + 20) == 0, again.log_tail()
 
 
 def test_the_package_runs_from_any_directory(tmp_path: Path) -> None:

@@ -16,7 +16,10 @@ async def test_settings_from_file_and_topic_decide_validation(
     settings_file = tmp_path / "applications.json"
     settings_file.write_text(json.dumps({"5": {"attributes": ["city"]}}).decode())
     deployment.extra_env["STREAM_APP_APPLICATION_SETTINGS_FILE"] = str(settings_file)
-    await create_topics(deployment.bootstrap, [t.application_settings], 1)
+    # Created by an operator as docs/operations.md says: compacted.
+    await create_topics(
+        deployment.bootstrap, [t.application_settings], 1, {"cleanup.policy": "compact"}
+    )
     await produce(
         deployment.bootstrap,
         t.application_settings,
