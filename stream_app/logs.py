@@ -12,7 +12,9 @@ clients retries every 100 ms and aiokafka logs every attempt.
 A malformed HTTP request (a URL over 8 KiB, say), which the HTTP server has
 already answered with 400, is logged as one warning line without a
 traceback (:class:`BadHttpRequests`), held back the same way: aiohttp logs
-each one as an error with its traceback.
+each one as an error with its traceback. A group coordinator that is not
+ready yet, which aiokafka retries, is a warning, not an error
+(:class:`CoordinatorNotReady`).
 """
 
 from __future__ import annotations
@@ -103,11 +105,40 @@ class BadHttpRequests(logging.Filter):
         record.args = (remote, exc.code, type(exc).__name__, detail)
         record.exc_info = record.exc_text = None
         setattr(record, self.MARK, True)
-        if record.levelno <= logging.WARNING:
-            return True  # aiohttp's own DEBUG line for a bad first request stays one
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        # Lowered after the logger's level check: at LOG_LEVEL=ERROR it goes.
-        return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
+        # aiohttp's own DEBUG line for a bad first request stays one.
+        return _at_most_warning(record)
+
+
+class CoordinatorNotReady(logging.Filter):
+    """Lowers aiokafka's error for a group coordinator lookup that the broker
+    answered "not available yet", "loading" or "moved" to a warning: aiokafka
+    retries it, and it is what every new cluster answers the first group (its
+    offsets topic is being created) and a restarted broker answers while it
+    loads. Kafka's Java client logs these at DEBUG. Any other failure of the
+    lookup (authorization, connection) stays an error."""
+
+    #: COORDINATOR_LOAD_IN_PROGRESS, COORDINATOR_NOT_AVAILABLE, NOT_COORDINATOR.
+    CODES: Final = frozenset({14, 15, 16})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.name != "aiokafka.consumer.group_coordinator"
+            or record.msg != "Group Coordinator Request failed: %s"
+            or not isinstance(record.args, tuple)
+            or len(record.args) != 1
+            or getattr(record.args[0], "errno", None) not in self.CODES
+        ):
+            return True
+        return _at_most_warning(record)
+
+
+def _at_most_warning(record: logging.LogRecord) -> bool:
+    """Lowers ``record`` to WARNING if it is above; whether it is still logged."""
+    if record.levelno <= logging.WARNING:
+        return True
+    record.levelno, record.levelname = logging.WARNING, "WARNING"
+    # Lowered after the logger's level check: at LOG_LEVEL=ERROR it goes.
+    return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
 
 
 #: Bytes of a record's key or value that a log line shows.
@@ -144,9 +175,10 @@ def configure_logging(level: str, fmt: LogFormat = "text") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(BadHttpRequests())
+    handler.addFilter(CoordinatorNotReady())
     handler.addFilter(RepeatedClientLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # The Kafka client's own INFO lines would drown the worker's.
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))

@@ -1,5 +1,6 @@
-"""The worker's logging: the Kafka client's repeated lines are held back, and
-requests the HTTP server could not parse are one warning line each."""
+"""The worker's logging: the Kafka client's repeated lines are held back,
+requests the HTTP server could not parse are one warning line each, and a
+group coordinator that is not ready yet is a warning."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError
 
 from stream_app.logs import BadHttpRequests, RepeatedClientLines, configure_logging, excerpt
 
@@ -143,3 +145,35 @@ def test_a_bad_request_line_is_lowered_to_warning_never_raised() -> None:
     debug.levelno, debug.levelname = logging.DEBUG, "DEBUG"
     assert BadHttpRequests().filter(debug)
     assert debug.levelno == logging.DEBUG
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_a_coordinator_not_ready_yet_is_a_warning_and_other_lookup_failures_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What aiokafka logs, as it logs it, when the first group of a new cluster
+    looks up its coordinator (the offsets topic is still being created)."""
+    configure_logging("INFO")
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    coordinator.error("Group Coordinator Request failed: %s", GroupCoordinatorNotAvailableError())
+    coordinator.error("Group Coordinator Request failed: %s", KafkaConnectionError("refused"))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert " WARNING aiokafka.consumer.group_coordinator: " in lines[0]
+    assert "GroupCoordinatorNotAvailableError" in lines[0]
+    assert " ERROR aiokafka.consumer.group_coordinator: " in lines[1]
+    assert "KafkaConnectionError" in lines[1]
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_at_log_level_error_the_client_says_no_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("ERROR")
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    coordinator.error("Group Coordinator Request failed: %s", GroupCoordinatorNotAvailableError())
+    coordinator.warning("Heartbeat failed: %s", "the group is rebalancing")
+    coordinator.error("Group Coordinator Request failed: %s", KafkaConnectionError("refused"))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert "KafkaConnectionError" in lines[0]
