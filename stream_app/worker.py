@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
 from stream_app.pipeline.engine import Engine
+from stream_app.pipeline.kafka import client_options, refusal
 from stream_app.pipeline.topics import (
     TopicLayout,
     check_retention,
@@ -121,6 +122,13 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
         try:
             return await ensure_topics(settings)
         except (KafkaError, OSError) as exc:
+            why = await _refusal(settings, stopping)
+            if why is not None:
+                # Credentials or certificates: a retry would meet the same answer.
+                raise ConfigurationError(
+                    f"Kafka at {settings.bootstrap_servers} refuses this worker: {why} "
+                    "(see STREAM_APP_SECURITY__*)"
+                ) from exc
             log.warning(
                 "Kafka at %s is not reachable (%s): retrying in %.0f s",
                 settings.bootstrap_servers,
@@ -131,6 +139,20 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
             await asyncio.wait_for(stopping.wait(), backoff)
         backoff = min(backoff * 2, 30.0)
     return None
+
+
+async def _refusal(settings: Settings, stopping: asyncio.Event) -> str | None:
+    """Why the brokers refuse this worker (see :func:`refusal`); None, too, once
+    the worker is told to stop: the probe may wait for an unanswering broker."""
+    probe = asyncio.create_task(refusal(client_options(settings)))
+    stop = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait((probe, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not probe.done():
+            probe.cancel()
+    return probe.result() if probe.done() else None
 
 
 def _quiet_fences(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

@@ -14,6 +14,12 @@ runs before the project's virtualenv exists.
 * ``stop``   stops the nodes named in the state file: SIGTERM, then SIGKILL
   after a grace period, so no JVM is left behind.
 
+``KafkaCluster(workdir, secure=True)`` (or ``start --secure``) also opens a
+``SASL_SSL`` listener on each node, with SCRAM-SHA-512 (Strimzi's default for a
+KafkaUser) for the user :data:`SCRAM_USER`, and a broker certificate for
+127.0.0.1 signed by a CA of its own, whose certificate it writes to
+``workdir/ca.pem``. Java's ``keytool`` makes them: no other tool is needed.
+
 Python API: ``with KafkaCluster(workdir) as cluster: cluster.bootstrap_servers``.
 """
 
@@ -41,6 +47,11 @@ HERE = Path(__file__).resolve().parent
 POM = HERE / "kafka" / "pom.xml"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stream-app"
 STATE_FILE = "cluster.json"
+#: The SCRAM-SHA-512 user of a secure cluster, and its password.
+SCRAM_USER = "stream-app"
+SCRAM_PASSWORD = "s3cret: with spaces & symbols"  # noqa: S105 - a throwaway test broker's
+#: Of the keystores of a secure cluster; they live in its workdir only.
+_STORE_PASSWORD = "changeit"  # noqa: S105
 
 _LOG4J2 = """\
 status = warn
@@ -134,6 +145,8 @@ class Node:
     controller_port: int
     data_dir: Path
     pid: int | None = None
+    #: The SASL_SSL listener's port (a secure cluster's nodes only).
+    secure_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -150,6 +163,7 @@ class KafkaCluster:
     version: str = KAFKA_VERSION
     cache: Path = DEFAULT_CACHE
     start_timeout: float = 90.0
+    secure: bool = False
     members: list[Node] = field(default_factory=list)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -157,18 +171,44 @@ class KafkaCluster:
     def bootstrap_servers(self) -> str:
         return ",".join(n.address for n in self.members)
 
+    @property
+    def secure_bootstrap_servers(self) -> str:
+        """The SASL_SSL listeners of a secure cluster."""
+        return ",".join(f"127.0.0.1:{n.secure_port}" for n in self.members if n.secure_port)
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate (PEM) that signs a secure cluster's brokers."""
+        return self.workdir / "ca.pem"
+
     def _properties(self, node: Node, voters: str) -> str:
         replication = min(3, self.nodes)
+        listeners = f"PLAINTEXT://127.0.0.1:{node.port}"
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        secure: list[str] = []
+        if node.secure_port is not None:
+            listeners += f",SASL_SSL://127.0.0.1:{node.secure_port}"
+            protocols += ",SASL_SSL:SASL_SSL"
+            secure = [
+                "sasl.enabled.mechanisms=SCRAM-SHA-512",
+                "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+                "ssl.keystore.type=PKCS12",
+                f"ssl.keystore.location={self.workdir / 'broker.p12'}",
+                f"ssl.keystore.password={_STORE_PASSWORD}",
+                f"ssl.key.password={_STORE_PASSWORD}",
+            ]
         return "\n".join(
             [
                 "process.roles=broker,controller",
                 f"node.id={node.node_id}",
                 f"controller.quorum.voters={voters}",
-                f"listeners=PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{node.port}",
+                f"listeners={listeners},CONTROLLER://127.0.0.1:{node.controller_port}",
+                f"advertised.listeners={listeners}",
                 "controller.listener.names=CONTROLLER",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                f"listener.security.protocol.map={protocols}",
                 "inter.broker.listener.name=PLAINTEXT",
+                *secure,
                 f"log.dirs={node.data_dir / 'log'}",
                 "num.partitions=1",
                 f"default.replication.factor={replication}",
@@ -188,13 +228,23 @@ class KafkaCluster:
         lib = fetch(self.cache, self.version)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.members = [
-            Node(i + 1, free_port(), free_port(), self.workdir / f"node-{i + 1}")
+            Node(
+                i + 1,
+                free_port(),
+                free_port(),
+                self.workdir / f"node-{i + 1}",
+                secure_port=free_port() if self.secure else None,
+            )
             for i in range(self.nodes)
         ]
         voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.members)
         cluster_id = _kafka_uuid()
         classpath = f"{lib}/*"
         java = shutil.which("java") or "java"
+        scram: list[str] = []
+        if self.secure:
+            _tls_material(self.workdir)
+            scram = ["--add-scram", f"SCRAM-SHA-512=[name={SCRAM_USER},password={SCRAM_PASSWORD}]"]
         for node in self.members:
             shutil.rmtree(node.data_dir, ignore_errors=True)
             node.data_dir.mkdir(parents=True)
@@ -212,7 +262,16 @@ class KafkaCluster:
                 classpath,
             ]
             subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+                [
+                    *jvm,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(props),
+                    *scram,
+                ],
                 check=True,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -259,6 +318,9 @@ class KafkaCluster:
             "bootstrap_servers": self.bootstrap_servers,
             "pids": [n.pid for n in self.members],
         }
+        if self.secure:
+            state["secure_bootstrap_servers"] = self.secure_bootstrap_servers
+            state["ca_file"] = str(self.ca_file)
         (self.workdir / STATE_FILE).write_text(json.dumps(state))
 
     def detach(self) -> None:
@@ -290,6 +352,41 @@ class KafkaCluster:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _tls_material(workdir: Path) -> None:
+    """A CA (its certificate in ``workdir/ca.pem``) and a broker keystore
+    (``workdir/broker.p12``) with a certificate for 127.0.0.1 that it signs."""
+    keytool = shutil.which("keytool") or "keytool"
+    ca, broker = workdir / "ca.p12", workdir / "broker.p12"
+    for path in (ca, broker, workdir / "broker.csr", workdir / "broker.crt"):
+        path.unlink(missing_ok=True)
+    key = ["-keyalg", "RSA", "-keysize", "2048", "-validity", "30", "-storetype", "PKCS12"]
+    password = ["-storepass", _STORE_PASSWORD, "-keypass", _STORE_PASSWORD]
+    steps = [
+        ["-genkeypair", "-alias", "ca", "-dname", "CN=stream-app test CA", "-ext", "bc:c",
+         *key, "-keystore", ca, *password],
+        ["-exportcert", "-rfc", "-alias", "ca", "-keystore", ca, "-storepass", _STORE_PASSWORD,
+         "-file", workdir / "ca.pem"],
+        ["-genkeypair", "-alias", "broker", "-dname", "CN=127.0.0.1", *key,
+         "-keystore", broker, *password],
+        ["-certreq", "-alias", "broker", "-keystore", broker, "-storepass", _STORE_PASSWORD,
+         "-file", workdir / "broker.csr"],
+        ["-gencert", "-alias", "ca", "-keystore", ca, "-storepass", _STORE_PASSWORD, "-rfc",
+         "-infile", workdir / "broker.csr", "-outfile", workdir / "broker.crt",
+         "-ext", "san=ip:127.0.0.1,dns:localhost", "-validity", "30"],
+        ["-importcert", "-noprompt", "-alias", "ca", "-file", workdir / "ca.pem",
+         "-keystore", broker, "-storepass", _STORE_PASSWORD],
+        ["-importcert", "-alias", "broker", "-file", workdir / "broker.crt",
+         "-keystore", broker, "-storepass", _STORE_PASSWORD],
+    ]  # fmt: skip
+    for step in steps:
+        subprocess.run(
+            [keytool, *map(str, step)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
 
 def _kafka_uuid() -> str:
@@ -348,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--workdir", type=Path, required=True)
     start.add_argument("--nodes", type=int, default=1)
     start.add_argument("--heap", default="512m")
+    start.add_argument(
+        "--secure", action="store_true", help="also a SASL_SSL (SCRAM-SHA-512) listener"
+    )
     stop = sub.add_parser("stop", help="stop the cluster started in --workdir")
     stop.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -355,10 +455,17 @@ def main(argv: list[str] | None = None) -> int:
         print(fetch())
     elif args.cmd == "start":
         began = time.monotonic()
-        cluster = KafkaCluster(args.workdir, nodes=args.nodes, heap=args.heap).start()
+        cluster = KafkaCluster(
+            args.workdir, nodes=args.nodes, heap=args.heap, secure=args.secure
+        ).start()
         # The JVMs outlive this process: the state file lets `stop` find them.
         cluster.detach()
         print(cluster.bootstrap_servers)
+        if args.secure:
+            print(
+                f"SASL_SSL: {cluster.secure_bootstrap_servers}, SCRAM-SHA-512 user {SCRAM_USER} "
+                f"password {SCRAM_PASSWORD!r}, CA {cluster.ca_file}"
+            )
         print(f"started {args.nodes} node(s) in {time.monotonic() - began:.1f}s", file=sys.stderr)
     else:
         stop_from_state(args.workdir)

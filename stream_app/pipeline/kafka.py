@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
-from typing import Any
+from typing import Any, Final
 
 from stream_app.settings import Settings
 
@@ -67,10 +68,76 @@ async def unreachable(options: dict[str, Any]) -> str | None:
     try:
         await admin.start()
     except (KafkaError, OSError) as exc:
-        return (
-            f"Kafka at {options.get('bootstrap_servers')} is not reachable ({type(exc).__name__})"
-        )
+        servers = options.get("bootstrap_servers")
+        why = await refusal(options)
+        if why is not None:
+            return f"Kafka at {servers} refuses this client: {why}"
+        return f"Kafka at {servers} is not reachable ({type(exc).__name__})"
     await admin.close()
+    return None
+
+
+async def refusal(options: dict[str, Any], timeout_s: float = 10.0) -> str | None:
+    """Why the brokers in ``options`` refuse this client, or None when they let it
+    in or cannot be reached at all (which is worth retrying).
+
+    A refusal is a configuration mistake that no retry mends: credentials the
+    broker rejects, a SASL mechanism it does not enable, a certificate of the
+    broker's that the configured CA does not sign. aiokafka logs these as it
+    meets them, then reports only that it could not bootstrap; this connects
+    to each bootstrap server once, as the client does, to tell them apart."""
+    from aiokafka.conn import collect_hosts, create_conn
+    from aiokafka.errors import (
+        AuthenticationFailedError,
+        AuthenticationMethodNotSupported,
+        IllegalSaslStateError,
+        KafkaError,
+        SaslAuthenticationFailed,
+        UnsupportedSaslMechanismError,
+    )
+
+    refused = (
+        AuthenticationFailedError,
+        AuthenticationMethodNotSupported,
+        IllegalSaslStateError,
+        SaslAuthenticationFailed,
+        UnsupportedSaslMechanismError,
+        ssl.SSLCertVerificationError,
+    )
+    connection = {k: v for k, v in options.items() if k != "bootstrap_servers"}
+    for host, port, _family in collect_hosts(options["bootstrap_servers"], randomize=False):
+        try:
+            conn = await asyncio.wait_for(create_conn(host, port, **connection), timeout_s)
+        except refused as exc:
+            text = str(exc)  # aiokafka's broker errors name their type already
+            return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
+        except (KafkaError, OSError, TimeoutError, ValueError) as exc:
+            why = _refused_connection(exc.__cause__)
+            if why is not None:
+                return why
+            continue
+        conn.close()
+    return None
+
+
+#: The first two bytes of a TLS record: an alert, a handshake (TLS 1.0-1.3).
+_TLS_RECORDS: Final = frozenset({0x1503, 0x1603})
+
+
+def _refused_connection(cause: BaseException | None) -> str | None:
+    """What a closed connection's cause says the broker refused, if anything."""
+    if isinstance(cause, ssl.SSLError):
+        reason = cause.reason or ""
+        if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason:
+            # The broker's TLS alert: it wants a client certificate that it trusts.
+            return f"the broker refused this client's TLS certificate ({reason})"
+    # A reply's length, read from the first bytes of a TLS record.
+    length = cause.expected if isinstance(cause, asyncio.IncompleteReadError) else None
+    if length is not None and length >> 16 in _TLS_RECORDS:
+        return (
+            "the broker answered with TLS: its listener wants STREAM_APP_SECURITY__PROTOCOL "
+            "SSL or SASL_SSL"
+        )
     return None
 
 
@@ -79,7 +146,6 @@ async def wait_for_partitions(
 ) -> list[Any] | None:
     """Every partition of ``topics``, waiting for the topics to be created (and the
     broker to answer); None when ``deadline`` (``time.monotonic()``) passes first."""
-    import asyncio
     import time
 
     from aiokafka import TopicPartition

@@ -1,0 +1,106 @@
+"""Telling a broker that refuses the worker from one that cannot be reached
+(no broker: aiokafka's connection is faked; tests/integration/test_security.py
+meets the real refusals)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+import pytest
+from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
+
+from stream_app.pipeline.kafka import refusal
+
+
+class _Closed:
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _connecting(monkeypatch: pytest.MonkeyPatch, *answers: BaseException | None) -> list[str]:
+    """Fake aiokafka's ``create_conn``: the n-th server answers ``answers[n]`` (an
+    exception to raise, or None to let the client in). Returns the servers tried."""
+    tried: list[str] = []
+
+    async def create_conn(host: str, port: int, **options: Any) -> _Closed:
+        answer = answers[len(tried)]
+        tried.append(f"{host}:{port}")
+        if answer is not None:
+            raise answer
+        return _Closed()
+
+    monkeypatch.setattr("aiokafka.conn.create_conn", create_conn)
+    return tried
+
+
+def _closed_by(cause: BaseException) -> KafkaConnectionError:
+    """What aiokafka raises when the broker closed the connection, with its cause."""
+    closed = KafkaConnectionError("Connection at 127.0.0.1:9093 closed")
+    closed.__cause__ = cause
+    return closed
+
+
+def _refusal(servers: str) -> str | None:
+    return asyncio.run(refusal({"bootstrap_servers": servers, "security_protocol": "SSL"}))
+
+
+def test_rejected_credentials_are_a_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    _connecting(monkeypatch, SaslAuthenticationFailed("Invalid username or password"))
+    why = _refusal("k1:9093")
+    assert why == "[Error 58] SaslAuthenticationFailed: Invalid username or password"
+
+
+def test_a_broker_certificate_the_ca_does_not_sign_is_a_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failed = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    _connecting(monkeypatch, failed)
+    assert (_refusal("k1:9093") or "").startswith("SSLCertVerificationError: ")
+
+
+def test_a_tls_alert_about_the_client_certificate_is_a_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alert = ssl.SSLError(1, "[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate")
+    alert.reason = "SSLV3_ALERT_BAD_CERTIFICATE"
+    _connecting(monkeypatch, _closed_by(alert))
+    why = _refusal("k1:9093")
+    assert why == "the broker refused this client's TLS certificate (SSLV3_ALERT_BAD_CERTIFICATE)"
+
+
+def test_a_tls_listener_answering_a_plaintext_client_is_a_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first four bytes of a TLS alert record, 15 03 03 00, read as a length.
+    _connecting(monkeypatch, _closed_by(asyncio.IncompleteReadError(b"\x02", 0x15030300)))
+    assert "answered with TLS" in (_refusal("k1:9093") or "")
+
+
+def test_a_broker_that_cannot_be_reached_is_not_a_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connection refused, reset or closed for another cause: worth retrying.
+    Every bootstrap server is tried; one that lets the client in ends it."""
+    tried = _connecting(
+        monkeypatch,
+        ConnectionRefusedError(111, "Connect call failed"),
+        _closed_by(asyncio.IncompleteReadError(b"", 4)),
+        KafkaConnectionError("Connection at k3:9093 closed"),
+        None,
+    )
+    assert _refusal("k1:9093,k2:9093,k3:9093,k4:9093") is None
+    assert tried == ["k1:9093", "k2:9093", "k3:9093", "k4:9093"]
+
+
+def test_the_first_refusing_server_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    tried = _connecting(
+        monkeypatch,
+        ConnectionRefusedError(111, "Connect call failed"),
+        SaslAuthenticationFailed("Invalid username or password"),
+    )
+    assert "Invalid username or password" in (_refusal("k1:9093,k2:9093,k3:9093") or "")
+    assert tried == ["k1:9093", "k2:9093"]
