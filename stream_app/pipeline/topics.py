@@ -213,9 +213,19 @@ def deletes_records(config: Mapping[str, str]) -> str | None:
         return None
     for name in ("retention.ms", "retention.bytes"):
         value = config.get(name, "-1")
-        if value != "-1":
+        if not _for_ever(value):
             return f"cleanup.policy={policy}, {name}={value}"
     return None
+
+
+def _for_ever(retention: str) -> bool:
+    """Whether a retention.ms or retention.bytes value deletes nothing: -1 (or
+    any negative), or Java's Long.MAX_VALUE, which some tools write for it."""
+    try:
+        value = int(retention)
+    except ValueError:
+        return False
+    return value < 0 or value == 2**63 - 1
 
 
 async def _topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:

@@ -17,6 +17,7 @@ WEEK_MS = "604800000"
         {"cleanup.policy": "compact", "retention.ms": WEEK_MS, "retention.bytes": "-1"},
         {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"},
         {"cleanup.policy": "compact,delete", "retention.ms": "-1"},
+        {"cleanup.policy": "delete", "retention.ms": "9223372036854775807"},
         # Unreadable (no DescribeConfigs): nothing to go on.
         {},
     ],
