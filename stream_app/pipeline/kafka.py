@@ -78,8 +78,8 @@ async def unreachable(options: dict[str, Any]) -> str | None:
 
 
 async def refusal(options: dict[str, Any], timeout_s: float = 10.0) -> str | None:
-    """Why the brokers in ``options`` refuse this client, or None when they let it
-    in or cannot be reached at all (which is worth retrying).
+    """Why the brokers in ``options`` refuse this client, or None when one lets it
+    in or none can be reached (which is worth retrying), within ``timeout_s``.
 
     A refusal is a configuration mistake that no retry mends: credentials the
     broker rejects, a SASL mechanism it does not enable, a certificate of the
@@ -105,19 +105,30 @@ async def refusal(options: dict[str, Any], timeout_s: float = 10.0) -> str | Non
         ssl.SSLCertVerificationError,
     )
     connection = {k: v for k, v in options.items() if k != "bootstrap_servers"}
-    for host, port, _family in collect_hosts(options["bootstrap_servers"], randomize=False):
-        try:
-            conn = await asyncio.wait_for(create_conn(host, port, **connection), timeout_s)
-        except refused as exc:
-            text = str(exc)  # aiokafka's broker errors name their type already
-            return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
-        except (KafkaError, OSError, TimeoutError, ValueError) as exc:
-            why = _refused_connection(exc.__cause__)
-            if why is not None:
-                return why
-            continue
-        conn.close()
-    return None
+    found: str | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            for host, port, _family in collect_hosts(options["bootstrap_servers"], False):
+                try:
+                    conn = await create_conn(host, port, **connection)
+                except refused as exc:
+                    text = str(exc)  # aiokafka's broker errors name their type already
+                    named = text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
+                    found = found or named
+                    continue
+                except (KafkaError, OSError, ValueError) as exc:
+                    # A TLS alert in the handshake (TLS 1.2) is raised as it is;
+                    # one after it (TLS 1.3), as the cause of a closed connection.
+                    cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+                    found = found or _refused_connection(cause)
+                    continue
+                conn.close()
+                # One broker lets it in: another that does not yet (a new user's
+                # credentials reach each broker in turn) will.
+                return None
+    except TimeoutError:
+        pass  # the servers not tried yet do not answer: what the others said stands
+    return found
 
 
 #: The first two bytes of a TLS record: an alert, a handshake (TLS 1.0-1.3).

@@ -72,6 +72,15 @@ def test_a_tls_alert_about_the_client_certificate_is_a_refusal(
     assert why == "the broker refused this client's TLS certificate (SSLV3_ALERT_BAD_CERTIFICATE)"
 
 
+def test_a_tls_12_alert_in_the_handshake_is_a_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under TLS 1.2 the broker's alert ends the handshake: the SSLError itself."""
+    alert = ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca")
+    alert.reason = "TLSV1_ALERT_UNKNOWN_CA"
+    _connecting(monkeypatch, alert)
+    why = _refusal("k1:9093")
+    assert why == "the broker refused this client's TLS certificate (TLSV1_ALERT_UNKNOWN_CA)"
+
+
 def test_a_tls_listener_answering_a_plaintext_client_is_a_refusal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -84,7 +93,7 @@ def test_a_broker_that_cannot_be_reached_is_not_a_refusal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Connection refused, reset or closed for another cause: worth retrying.
-    Every bootstrap server is tried; one that lets the client in ends it."""
+    Every bootstrap server is tried."""
     tried = _connecting(
         monkeypatch,
         ConnectionRefusedError(111, "Connect call failed"),
@@ -96,11 +105,51 @@ def test_a_broker_that_cannot_be_reached_is_not_a_refusal(
     assert tried == ["k1:9093", "k2:9093", "k3:9093", "k4:9093"]
 
 
-def test_the_first_refusing_server_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refusing_server_decides_when_none_lets_the_client_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     tried = _connecting(
         monkeypatch,
         ConnectionRefusedError(111, "Connect call failed"),
         SaslAuthenticationFailed("Invalid username or password"),
+        ConnectionRefusedError(111, "Connect call failed"),
     )
     assert "Invalid username or password" in (_refusal("k1:9093,k2:9093,k3:9093") or "")
-    assert tried == ["k1:9093", "k2:9093"]
+    assert tried == ["k1:9093", "k2:9093", "k3:9093"]
+
+
+def test_a_broker_that_lets_the_client_in_outweighs_one_that_does_not_yet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new user's SCRAM credentials reach each broker in turn: one broker that
+    refuses them while another accepts is not a mistake to stop for."""
+    refused = SaslAuthenticationFailed("Invalid username or password")
+    tried = _connecting(monkeypatch, None, refused)
+    assert _refusal("k1:9093,k2:9093") is None
+    assert tried == ["k1:9093"]
+    _connecting(monkeypatch, refused, None)
+    assert _refusal("k1:9093,k2:9093") is None
+
+
+def test_servers_that_never_answer_leave_what_the_others_said(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tried: list[str] = []
+
+    async def create_conn(host: str, port: int, **options: Any) -> _Closed:
+        tried.append(host)
+        if host == "k1":
+            raise SaslAuthenticationFailed("Invalid username or password")
+        await asyncio.sleep(3600)  # a blackholed address
+        return _Closed()
+
+    monkeypatch.setattr("aiokafka.conn.create_conn", create_conn)
+    options = {"bootstrap_servers": "k1:9093,k2:9093", "security_protocol": "SASL_SSL"}
+    why = asyncio.run(refusal(options, timeout_s=0.2))
+    assert why is not None
+    assert "Invalid username or password" in why
+    assert tried == ["k1", "k2"]
+    tried.clear()
+    options["bootstrap_servers"] = "k2:9093,k1:9093"
+    assert asyncio.run(refusal(options, timeout_s=0.2)) is None  # k1 never asked
+    assert tried == ["k2"]
