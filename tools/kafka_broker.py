@@ -365,6 +365,7 @@ def _tls_material(workdir: Path) -> None:
     password = ["-storepass", _STORE_PASSWORD, "-keypass", _STORE_PASSWORD]
     steps = [
         ["-genkeypair", "-alias", "ca", "-dname", "CN=stream-app test CA", "-ext", "bc:c",
+         "-ext", "ku:c=keyCertSign,cRLSign",
          *key, "-keystore", ca, *password],
         ["-exportcert", "-rfc", "-alias", "ca", "-keystore", ca, "-storepass", _STORE_PASSWORD,
          "-file", workdir / "ca.pem"],
