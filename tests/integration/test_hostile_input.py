@@ -234,19 +234,21 @@ class Live:
 
         return await self.until(check, timeout)
 
-    async def held_sessions(self, keys: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    async def open_sessions(self, keys: set[tuple[str, int]]) -> set[tuple[str, int]]:
         """Those of ``keys`` (integrationId, applicationId) whose session the
-        worker holds, from its session query."""
+        worker holds, open, from its session query. (A closed one is held too,
+        for later returns: it is not counted, since its close should have come
+        out.)"""
         url = self.worker.http_url()
-        held: set[tuple[str, int]] = set()
+        found: set[tuple[str, int]] = set()
         async with aiohttp.ClientSession() as http:
             for iid, application_id in keys:
                 path = f"{url}/v2/customer_sessions/{quote(iid, safe='')}"
                 params = {"applicationId": str(application_id)}
                 async with http.get(path, params=params) as answer:
-                    if answer.status == 200:
-                        held.add((iid, application_id))
-        return held
+                    if answer.status == 200 and (await answer.json())["state"] == "open":
+                        found.add((iid, application_id))
+        return found
 
     def log(self, chars: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -1374,8 +1376,8 @@ async def test_fuzz_every_record_is_applied_a_duplicate_or_rejected(live: Live) 
     re-key topics. The worker stays alive, the canaries come out, and every
     record is accounted for: rejected once (not as INTERNAL_ERROR) with its
     exact bytes, or applied (its close came out once; or, for a valid command
-    that leaves its session open, the worker holds the session), or a repeat
-    of an applied one (a duplicate: nothing)."""
+    that leaves its session open, the worker holds the session open), or a
+    repeat of an applied one (a duplicate: nothing)."""
     records = generated_records()
     context = f"HOSTILE_FUZZ_SEED={FUZZ_SEED}, {len(records)} generated records"
     todo: list[tuple[FuzzRecord, ToSend]] = []
@@ -1401,7 +1403,7 @@ async def test_fuzz_every_record_is_applied_a_duplicate_or_rejected(live: Live) 
         if f.iid is not None and f.event_id is not None:
             first_of.setdefault((f.iid, f.event_id), f)
     canaries = await live.canaries(direct=(0, 1, 2), rekeyed=(0, 1, 2))
-    #: (integrationId, applicationId) of sessions the worker holds: see below.
+    #: (integrationId, applicationId) of sessions the worker holds open: see below.
     held: set[tuple[str, int]] = set()
 
     def outcome(seen: Seen, f: Fuzzed) -> str | None:
@@ -1426,8 +1428,8 @@ async def test_fuzz_every_record_is_applied_a_duplicate_or_rejected(live: Live) 
     # A valid command need not close its session: a mutation that makes "state"
     # an unknown field (ignored) leaves an update that opens it, with no output.
     # Each record has its own integrationId, so the worker holding that session
-    # is what says such a record was applied.
-    held |= await live.held_sessions(
+    # open is what says such a record was applied.
+    held |= await live.open_sessions(
         {(f.iid, f.application_id) for f in fuzzed if f.iid and outcome(seen, f) is None}
     )
     problems: list[str] = []
