@@ -17,7 +17,7 @@ from typing import Final
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import NoError, TopicAlreadyExistsError, for_code
 
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.kafka import client_options
@@ -139,23 +139,30 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
                 "command topic's count (re-partitioning is a migration, not a setting)"
             )
         created: list[str] = []
+        refused: list[str] = []
         for spec in specs:
             if spec.name in existing:
                 continue
-            try:
-                await admin.create_topics(
-                    [
-                        NewTopic(
-                            spec.name,
-                            num_partitions=spec.partitions,
-                            replication_factor=settings.replication_factor,
-                            topic_configs=spec.config,
-                        )
-                    ]
-                )
-                created.append(spec.name)
-            except TopicAlreadyExistsError:
-                pass  # another worker won the race
+            new = NewTopic(
+                spec.name,
+                num_partitions=spec.partitions,
+                replication_factor=settings.replication_factor,
+                topic_configs=spec.config,
+            )
+            # aiokafka returns the broker's answer for each topic; it raises none.
+            for topic_error in (await admin.create_topics([new])).topic_errors:
+                error = for_code(topic_error[1])
+                if error is NoError:
+                    created.append(spec.name)
+                elif error is not TopicAlreadyExistsError:  # another worker won the race
+                    detail = topic_error[2] if len(topic_error) > 2 else None
+                    refused.append(f"{spec.name}: {error.__name__} ({detail or error.description})")
+        if refused:
+            raise ConfigurationError(
+                f"cannot create the topics: {'; '.join(refused)}. Have an operator create "
+                "them (stream-app topics create, with a principal that may), or fix the "
+                "setting the broker names"
+            )
         configs = await _topic_configs(admin, [s.name for s in specs])
     finally:
         await admin.close()

@@ -617,6 +617,33 @@ async def test_a_changelog_that_deletes_by_time_is_refused_until_compacted(
     assert again.stop(timeout=SHUTDOWN_BOUND_S + 20) == 0, again.log_tail()
 
 
+@pytest.mark.timeout(120)
+async def test_topics_the_broker_will_not_create_stop_the_worker_naming_why(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """A replication factor the cluster cannot meet: aiokafka reports the broker's
+    refusal per topic and raises nothing. The worker used to log "created
+    topics" and run for ever with no task; it now exits 2 naming the topics
+    and the broker's reason. (A principal without Create gets the same, with
+    TopicAuthorizationFailedError, by hand against an authorizing broker.)"""
+    d = await _deployment(
+        kafka_bootstrap, unique_name("rf"), tmp_path / "state", STREAM_APP_REPLICATION_FACTOR="7"
+    )
+    worker = workers(d)
+    exit_s = await _wait_exit(worker, 60)
+    assert exit_s is not None, "the worker kept running\n" + describe_workers([worker])
+    assert worker.proc.returncode == 2, describe_workers([worker])
+    log = worker.log_path.read_text(errors="replace")
+    errors = [line for line in log.splitlines() if "configuration error" in line]
+    assert len(errors) == 1, log[-3000:]
+    assert "cannot create the topics" in errors[0], errors
+    assert f"{d.topics.closed}: InvalidReplicationFactorError" in errors[0], errors
+    assert "created topics" not in log, log[-3000:]
+
+
 def test_the_package_runs_from_any_directory(tmp_path: Path) -> None:
     """The harness starts ``python -m stream_app`` in arbitrary directories: that
     works because the package is installed (editable) into the interpreter."""
