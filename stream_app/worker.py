@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
 from stream_app.pipeline.engine import Engine
-from stream_app.pipeline.kafka import client_options, refusal
+from stream_app.pipeline.kafka import client_options, not_authorized, refusal
 from stream_app.pipeline.topics import (
     TopicLayout,
     check_retention,
@@ -98,7 +98,7 @@ async def run(settings: Settings) -> int:
         if stopping.is_set():
             engine.stop()
         await engine.run()
-    except ConfigurationError as exc:  # the cluster changed under it (partitions added)
+    except ConfigurationError as exc:  # partitions added meanwhile, or an ACL missing
         log.error("configuration error: %s", exc)  # noqa: TRY400 - one line, no traceback
         return EXIT_CONFIGURATION
     except Exception:
@@ -157,9 +157,14 @@ async def _refusal(settings: Settings, stopping: asyncio.Event) -> str | None:
 
 def _quiet_fences(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
     """A fenced producer fails every future it still holds, and aiokafka keeps some
-    of them to itself; the engine has already logged the fence once per task."""
-    if isinstance(context.get("exception"), ProducerFenced):
-        log.debug("after a fence: %s", context.get("message"))
+    of them to itself; the engine has already logged the fence once per task. So
+    it does with a refused operation (a missing ACL), which stops the worker with
+    one configuration error."""
+    exc = context.get("exception")
+    if isinstance(exc, ProducerFenced) or (
+        isinstance(exc, BaseException) and not_authorized(exc) is not None
+    ):
+        log.debug("after a fence or a refusal: %s", context.get("message"))
         return
     loop.default_exception_handler(context)
 

@@ -18,7 +18,8 @@ from typing import Any, Final, Protocol
 from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 from aiokafka.structs import TopicPartition
 
-from stream_app.errors import StreamAppError
+from stream_app.errors import ConfigurationError, StreamAppError
+from stream_app.pipeline.kafka import not_authorized
 from stream_app.pipeline.processor import Outgoing, partition_for
 from stream_app.pipeline.store import StoreOverlay
 
@@ -47,6 +48,16 @@ class TaskFencedError(CheckpointError):
 
     Nothing of the transaction is visible; the task is no longer ours.
     """
+
+
+class NotAuthorizedError(CheckpointError):
+    """The broker refused this principal an operation of the transaction (an ACL
+    is missing): nothing of it is visible, and retrying would meet the same."""
+
+    def __init__(self, cause: ConfigurationError) -> None:
+        super().__init__(str(cause))
+        #: What the worker stops with.
+        self.cause = cause
 
 
 class StoreWriteError(StreamAppError):
@@ -101,6 +112,8 @@ class Producer(Protocol):
 #: Either way the task is no longer ours to write: it is treated as fenced,
 #: never restarted with a new producer (which would fence the new owner).
 _PRODUCER_UNUSABLE = (ProducerFenced, IllegalOperation, AssertionError)
+#: How long a producer left unusable is given for its sends to say why.
+_SEND_OUTCOME_WAIT_S: Final = 2.0
 
 #: Commits consumer offsets outside a transaction (at_least_once).
 OffsetCommitter = Callable[[dict[TopicPartition, int]], Awaitable[None]]
@@ -282,10 +295,16 @@ class Checkpoint:
                 await self._commit_offsets(dict(self.offsets))
                 began = self._observe("offsets", began)
         except _PRODUCER_UNUSABLE as exc:
+            refused = await self._not_authorized(exc)
             await self._fail(abort=False)
+            if refused is not None:
+                raise NotAuthorizedError(refused) from exc
             raise TaskFencedError(self._fence_cause(exc)) from exc
         except (KafkaError, OSError) as exc:
+            refused = await self._not_authorized(exc)
             await self._fail()
+            if refused is not None:
+                raise NotAuthorizedError(refused) from exc
             raise CheckpointError(f"{type(exc).__name__}: {exc}") from exc
         self.closed = True
         # Step 5: the transaction is committed; now, and only now, RocksDB.
@@ -313,6 +332,21 @@ class Checkpoint:
         """End the transaction without effect: nothing visible, nothing stored."""
         if not self.closed:
             await self._fail()
+
+    async def _not_authorized(self, exc: BaseException) -> ConfigurationError | None:
+        """Whether the broker refused this principal something, in ``exc`` or in
+        a send. A topic it may not write ends aiokafka's transaction in the
+        background: the next call fails with IllegalOperation or AssertionError,
+        and the send's future learns why shortly after, so it is waited for."""
+        refused = not_authorized(exc)
+        if refused is None and isinstance(exc, IllegalOperation | AssertionError):
+            pending = [future for future in self._sends if not future.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=_SEND_OUTCOME_WAIT_S)
+        for future in self._sends:
+            if refused is None and future.done() and not future.cancelled():
+                refused = not_authorized(future.exception())
+        return refused
 
     def _fence_cause(self, exc: BaseException) -> str:
         """The sends failed with the sender's own error (ProducerFenced, usually)."""

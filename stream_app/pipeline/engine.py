@@ -49,10 +49,11 @@ from stream_app.pipeline.assignor import RoutingRangeAssignor
 from stream_app.pipeline.checkpoint import (
     PHASES,
     CheckpointError,
+    NotAuthorizedError,
     StoreWriteError,
     TaskFencedError,
 )
-from stream_app.pipeline.kafka import client_options
+from stream_app.pipeline.kafka import client_options, not_authorized
 from stream_app.pipeline.processor import (
     COMMIT_BUCKETS,
     CommandProcessor,
@@ -334,7 +335,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         exc = follower.exception()
         if isinstance(exc, Exception):
             log.error("stopping: the application settings topic cannot be followed: %r", exc)
-            self._fail(exc)
+            self._fail(not_authorized(exc) or exc)
 
     async def _consume(self) -> None:
         s = self.settings
@@ -367,6 +368,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     async with self._lock:
                         await self._read_past_the_client(consumer, exc)
                     continue
+                except KafkaError as exc:
+                    refused = not_authorized(exc)
+                    if refused is None:
+                        raise
+                    self._fail(refused)
+                    break
                 if batches is None:
                     break  # told to stop
                 if batches and not consumed_any:
@@ -567,7 +574,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         for task, result in zip(current.tasks, results, strict=True):
             if self._tasks.get(task.id) is not task:
                 continue  # dropped meanwhile (its next transaction with it)
-            if isinstance(result, TaskFencedError):
+            if isinstance(result, NotAuthorizedError):
+                self._fail(result.cause)
+                await self._drop(task)
+            elif isinstance(result, TaskFencedError):
                 await self._lose(task, result)
             elif isinstance(result, CheckpointError | StoreWriteError):
                 await self._restart(task, result)
@@ -674,6 +684,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                         positions[tp] = committed
                     break
                 except (KafkaError, OSError, StreamAppError) as exc:
+                    refused = not_authorized(exc)
+                    if refused is not None:
+                        raise refused from exc  # stops the worker: see below
                     log.warning(
                         "%s: could not start (%r): retrying in %.1f s", task.id, exc, backoff
                     )

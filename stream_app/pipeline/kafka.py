@@ -7,6 +7,7 @@ import logging
 import ssl
 from typing import Any, Final
 
+from stream_app.errors import ConfigurationError
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,31 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
             str(sec.ssl_certfile), str(sec.ssl_keyfile) if sec.ssl_keyfile else None
         )
     return context
+
+
+def not_authorized(exc: BaseException | None) -> ConfigurationError | None:
+    """The configuration error to stop with when ``exc`` is the broker refusing
+    this worker's principal an operation (an ACL is missing), else None. No
+    retry mends it; Kafka Streams stops on these too."""
+    from aiokafka.errors import (
+        ClusterAuthorizationFailedError,
+        GroupAuthorizationFailedError,
+        TopicAuthorizationFailedError,
+        TransactionalIdAuthorizationFailed,
+    )
+
+    refusals = (
+        ClusterAuthorizationFailedError,
+        GroupAuthorizationFailedError,
+        TopicAuthorizationFailedError,
+        TransactionalIdAuthorizationFailed,
+    )
+    if not isinstance(exc, refusals):
+        return None
+    return ConfigurationError(
+        f"Kafka does not authorize this worker's principal: {exc}; grant it the ACLs "
+        "that docs/operations.md lists (The worker's principal)"
+    )
 
 
 def client_options(settings: Settings) -> dict[str, Any]:

@@ -17,17 +17,22 @@ from typing import Any
 import pytest
 from aiokafka.errors import (
     CommitFailedError,
+    GroupAuthorizationFailedError,
+    IllegalOperation,
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    TopicAuthorizationFailedError,
 )
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from stream_app.errors import ConfigurationError
 from stream_app.pipeline.checkpoint import (
     PHASES,
     ChangelogStore,
     Checkpoint,
     CheckpointError,
+    NotAuthorizedError,
     Observer,
     StoreWriteError,
     TaskFencedError,
@@ -609,6 +614,50 @@ async def test_a_fence_learned_before_the_commit_is_a_task_fence(make_rig: RigFa
 
     with pytest.raises(TaskFencedError):
         await checkpoint.commit()  # its batches meet the dead sender
+    assert rig.stored() == stored_before
+    assert all(overlay.changes == {} for overlay in rig.overlays.values())
+
+
+# -- exactly_once: not authorized ----------------------------------------------------------------
+NOT_AUTHORIZED = {
+    # The changelog's Write ACL missing: the send's future fails.
+    "changelog send refused": lambda p: p.fail_next_send(
+        TopicAuthorizationFailedError(CHANGELOGS[SESSIONS].topic), topic=CHANGELOGS[SESSIONS].topic
+    ),
+    # As aiokafka 0.14 does it: the refusal ends its transaction in the background,
+    # so the next send raises IllegalOperation, and the refused send's future says why.
+    "a later send finds the transaction ended": lambda p: (
+        p.fail_next_send(TopicAuthorizationFailedError(CLOSED), topic=CLOSED),
+        p.refuse_next_send(
+            IllegalOperation("Can't send messages while not in transaction"), topic=REJECTED
+        ),
+    ),
+    # The group's Read ACL missing: the offsets are refused.
+    "offsets refused": lambda p: p.fail_next(
+        "send_offsets_to_transaction", GroupAuthorizationFailedError(GROUP)
+    ),
+}
+
+
+@pytest.mark.parametrize("inject", NOT_AUTHORIZED.values(), ids=NOT_AUTHORIZED.keys())
+async def test_a_refused_operation_is_not_authorized_not_a_fence_and_keeps_rocksdb(
+    make_rig: RigFactory, inject: Callable[[FakeProducer], None]
+) -> None:
+    """A missing ACL is a configuration error the worker stops on (the engine
+    takes NotAuthorizedError's cause); nothing of the batch is visible or stored."""
+    rig = await make_rig()
+    visible_before, stored_before = rig.visible(), rig.stored()
+    inject(rig.producer)
+    checkpoint = rig.checkpoint()
+
+    with pytest.raises(NotAuthorizedError) as raised:
+        await rig.process_and_commit(checkpoint)
+
+    assert isinstance(raised.value.cause, ConfigurationError)
+    assert "does not authorize this worker's principal" in str(raised.value.cause)
+    assert "AuthorizationFailed" in str(raised.value.cause)
+    assert "commit_transaction" not in rig.producer.calls[-4:]
+    assert rig.visible() == visible_before
     assert rig.stored() == stored_before
     assert all(overlay.changes == {} for overlay in rig.overlays.values())
 

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import TopicAuthorizationFailedError
+from aiokafka.errors import (
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnknownTopicOrPartitionError,
+)
 
 from stream_app.errors import ConfigurationError, StoreError
 from stream_app.pipeline import engine as engine_module
@@ -133,8 +137,19 @@ async def test_a_task_that_cannot_be_closed_stops_the_engine(tmp_path: Path) -> 
     assert isinstance(engine._failure, StoreError)
 
 
+@pytest.mark.parametrize(
+    ("death", "raised"),
+    [
+        (UnknownTopicOrPartitionError, UnknownTopicOrPartitionError),  # the worker exits 1
+        # Its ACL taken away: a configuration error (exit 2), as for the other clients.
+        (TopicAuthorizationFailedError, ConfigurationError),
+    ],
+)
 async def test_a_settings_follower_that_dies_stops_the_engine(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    death: type[Exception],
+    raised: type[Exception],
 ) -> None:
     """Once the settings are loaded, a follower that fails stops the worker
     (every task committed) rather than leave it applying stale settings."""
@@ -142,7 +157,7 @@ async def test_a_settings_follower_that_dies_stops_the_engine(
     async def follower_that_fails(settings: Settings, registry: object, ready: Event) -> None:
         ready.set()
         await asyncio.sleep(0.01)
-        raise TopicAuthorizationFailedError
+        raise death
 
     async def consume_until_stopped() -> None:
         await engine._stopping.wait()
@@ -150,7 +165,7 @@ async def test_a_settings_follower_that_dies_stops_the_engine(
     monkeypatch.setattr(engine_module, "follow_settings_topic", follower_that_fails)
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
     monkeypatch.setattr(engine, "_consume", consume_until_stopped)
-    with pytest.raises(TopicAuthorizationFailedError):  # the worker exits 1
+    with pytest.raises(raised):
         await asyncio.wait_for(engine.run(), timeout=5)
     assert engine._stopping.is_set()
 
@@ -196,6 +211,30 @@ async def test_a_task_whose_restore_hits_a_full_disk_is_retried_not_the_worker_s
     assert task.active
     assert not engine._stopping.is_set()
     assert engine._failure is None
+
+
+class _TaskRefusedItsTransactionalId(_TaskOnAFullDisk):
+    async def start(self) -> int:
+        self.starts += 1
+        raise TransactionalIdAuthorizationFailed("app-commands-0")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_task_refused_its_transactional_id_stops_the_worker_not_retried(
+    tmp_path: Path,
+) -> None:
+    """Before, it was retried every 10 s for ever, each time with a warning."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine._consumer = _Consumer()  # type: ignore[assignment]
+    task = _TaskRefusedItsTransactionalId()
+    engine._tasks[task.id] = task  # type: ignore[assignment]
+    await asyncio.wait_for(engine._start(task), timeout=5)  # type: ignore[arg-type]
+    assert task.starts == 1
+    assert engine._stopping.is_set()
+    assert isinstance(engine._failure, ConfigurationError)
+    assert "TransactionalIdAuthorizationFailed" in str(engine._failure)
 
 
 def test_the_limits_of_what_the_worker_writes_follow_the_topics_record_limit(
