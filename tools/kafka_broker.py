@@ -19,6 +19,9 @@ runs before the project's virtualenv exists.
 KafkaUser) for the user :data:`SCRAM_USER`, and a broker certificate for
 127.0.0.1 signed by a CA of its own, whose certificate it writes to
 ``workdir/ca.pem``. Java's ``keytool`` makes them: no other tool is needed.
+Such a cluster authorizes with Kafka's ``StandardAuthorizer``, as Strimzi's
+``authorization: simple`` does: the SCRAM user may do only what ACLs grant it,
+while clients of the PLAINTEXT listener (``User:ANONYMOUS``) may do anything.
 
 Python API: ``with KafkaCluster(workdir) as cluster: cluster.bootstrap_servers``.
 """
@@ -197,6 +200,8 @@ class KafkaCluster:
                 f"ssl.keystore.location={self.workdir / 'broker.p12'}",
                 f"ssl.keystore.password={_STORE_PASSWORD}",
                 f"ssl.key.password={_STORE_PASSWORD}",
+                "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                "super.users=User:ANONYMOUS",
             ]
         return "\n".join(
             [
