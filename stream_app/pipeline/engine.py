@@ -490,10 +490,18 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue  # not ours (any more), or not started: its owner reads it again
             try:
                 await task.handle_many(records)
+            except NotAuthorizedError as exc:
+                self._fail(exc.cause)
+                await self._drop(task)
             except TaskFencedError as exc:
                 await self._lose(task, exc)
             except (KafkaError, CheckpointError, OSError) as exc:
-                await self._restart(task, exc)
+                refused = not_authorized(exc)  # an output topic it may not describe
+                if refused is not None:
+                    self._fail(refused)
+                    await self._drop(task)
+                else:
+                    await self._restart(task, exc)
 
     async def _read_past_the_client(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
         """aiokafka could not decode a fetched record and says not which; polling
@@ -570,7 +578,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         current, self._round = self._round, None
         if current is None:
             return
-        results = await current.commits
+        try:
+            # Shielded: a waiter that is cancelled (a starter, as the worker
+            # stops) must not cancel the round's transactions midway.
+            results = await asyncio.shield(current.commits)
+        except asyncio.CancelledError:
+            if self._round is None:
+                self._round = current  # the next waiter acts on its outcome
+            raise
         for task, result in zip(current.tasks, results, strict=True):
             if self._tasks.get(task.id) is not task:
                 continue  # dropped meanwhile (its next transaction with it)
@@ -605,11 +620,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         """Forget and close ``task``, once the commit round in flight (which may
         hold its previous transaction, on its producer) has ended."""
         await self._finish_round()
-        if self._tasks.get(task.id) is task:  # not a successor of the same id
-            del self._tasks[task.id]
-        for tp in task.inputs:
-            if self._task_of.get(tp) is task:
-                del self._task_of[tp]
+        self._forget(task)
         try:
             await task.close()
         except StoreError as exc:
@@ -617,6 +628,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             # neither could the next task: stop, closing the others.
             log.error("%s: %s: stopping the worker", task.id, exc)  # noqa: TRY400 - one line
             self._fail(exc)
+
+    def _forget(self, task: Task) -> None:
+        """No longer route records to ``task`` (unless a successor has its id)."""
+        if self._tasks.get(task.id) is task:
+            del self._tasks[task.id]
+        for tp in task.inputs:
+            if self._task_of.get(tp) is task:
+                del self._task_of[tp]
 
     def _fail(self, exc: Exception) -> None:
         """Stop the worker (every other task committed and closed), then have
@@ -717,7 +736,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             # Not a fault that retrying mends: its partitions would stay paused
             # for good. Stop the worker instead, committing the other tasks.
             self._fail(exc)
-            await self._drop(task)
+            # It never became active, so no commit round holds a transaction of
+            # it: closed at once, not after the round in flight (this starter is
+            # cancelled as the worker stops, and must not wait on the round).
+            self._forget(task)
+            with contextlib.suppress(StoreError):
+                await task.close()
         finally:
             self.restore_remaining.pop(str(task.id), None)
             if self._starting.get(task.id) is asyncio.current_task():
@@ -750,6 +774,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                         task_id,
                         exc,
                     )
+                except NotAuthorizedError as exc:
+                    self._fail(exc.cause)
                 except Exception as exc:  # the task is closed either way, never left half-open
                     log.warning("%s: commit on revocation failed, aborted: %r", task_id, exc)
                 finally:

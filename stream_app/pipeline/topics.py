@@ -101,6 +101,9 @@ class TopicLayout:
     deleting: tuple[str, ...] = ()
 
 
+#: CreateTopics' answer when creations are throttled (aiokafka has no class for it).
+_THROTTLING_QUOTA_EXCEEDED: Final = 89
+
 #: Kafka's default for message.max.bytes, used when a topic's config is unreadable.
 _KAFKA_DEFAULT_MAX_MESSAGE_BYTES: Final = 1_048_588
 
@@ -152,10 +155,14 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
             # aiokafka returns the broker's answer for each topic; it raises none.
             for topic_error in (await admin.create_topics([new])).topic_errors:
                 error = for_code(topic_error[1])
+                detail = topic_error[2] if len(topic_error) > 2 else None
                 if error is NoError:
                     created.append(spec.name)
+                elif error.retriable or topic_error[1] == _THROTTLING_QUOTA_EXCEEDED:
+                    # The controller moved, the request timed out (the topic may
+                    # exist now), creations are throttled: the caller retries.
+                    raise error(f"creating {spec.name}: {detail or error.description}")
                 elif error is not TopicAlreadyExistsError:  # another worker won the race
-                    detail = topic_error[2] if len(topic_error) > 2 else None
                     refused.append(f"{spec.name}: {error.__name__} ({detail or error.description})")
         if refused:
             raise ConfigurationError(

@@ -310,3 +310,112 @@ async def test_a_task_found_fenced_on_revocation_says_so(
     [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert line.startswith("commands[0]: fenced, another worker owns this task now")
     assert engine.aborts == 1
+
+
+class _CommittingTask:
+    """An active task whose transaction is in a commit round."""
+
+    def __init__(self, closed: list[str]) -> None:
+        self.id = TaskId("commands", 0)
+        self.inputs: list[object] = []
+        self.active = True
+        self.checkpoint = None
+        self._closed = closed
+
+    def commit_due(self, now: float) -> bool:
+        return False
+
+    async def close(self) -> None:
+        self._closed.append("committing task closed")
+
+
+class _TaskRefusedItsChangelog:
+    """A stage-2 task whose restore is refused (no Read on its changelog)."""
+
+    def __init__(self) -> None:
+        self.id = TaskId("profiles", 0)
+        self.inputs: list[object] = []
+        self.active = False
+
+    async def start(self) -> int:
+        await asyncio.sleep(0.01)
+        raise TopicAuthorizationFailedError("app-first-sessions-changelog")
+
+    async def close(self) -> None:
+        pass
+
+
+class _LeavingConsumer(_Consumer):
+    def pause(self, *partitions: object) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_start_refused_while_a_round_commits_leaves_the_round_to_finish(
+    tmp_path: Path,
+) -> None:
+    """Before, the refused starter waited for the round outside the engine's
+    lock; the stop then cancelled the starter, and with it the other tasks'
+    transactions midway: the worker could not close them and exited 1."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine._consumer = _LeavingConsumer()  # type: ignore[assignment]
+    log: list[str] = []
+    committing = _CommittingTask(log)
+    engine._tasks[committing.id] = committing  # type: ignore[assignment]
+
+    async def commit_in_flight() -> None:
+        try:
+            await asyncio.sleep(0.5)  # EndTxn on its way
+            log.append("commit finished")
+        except asyncio.CancelledError:
+            log.append("commit cancelled")
+            raise
+
+    commits = asyncio.gather(engine._counted(commit_in_flight()), return_exceptions=True)
+    engine._round = engine_module._Round([committing], commits)  # type: ignore[list-item]
+    refused = _TaskRefusedItsChangelog()
+    engine._tasks[refused.id] = refused  # type: ignore[assignment]
+    starter = asyncio.create_task(engine._start(refused))  # type: ignore[arg-type]
+    engine._starting[refused.id] = starter
+    await asyncio.sleep(0.05)
+    assert engine._stopping.is_set()
+    assert isinstance(engine._failure, ConfigurationError)
+    assert refused.id not in engine._tasks
+    assert engine._round is not None  # still the main loop's to finish
+    await engine._close(_LeavingConsumer())  # type: ignore[arg-type]
+    assert log == ["commit finished", "committing task closed"], log
+    assert engine.commits == 1
+
+
+class _TaskRefusedAnOutputTopic:
+    def __init__(self) -> None:
+        self.id = TaskId("commands", 0)
+        self.inputs = [TopicPartition("sessions.commands", 0)]
+        self.active = True
+        self.checkpoint = None
+
+    async def handle_many(self, records: object) -> None:
+        # Checkpoint.send asks for the partitions of an output topic the principal
+        # may not describe: aiokafka's client raises this.
+        raise TopicAuthorizationFailedError("sessions.rejected")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_an_output_topic_the_worker_may_not_describe_stops_it(tmp_path: Path) -> None:
+    """Before, the task was restarted, met the same refusal, and so on for ever."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    restarts: list[int] = []
+    engine._begin_start = lambda stage, partition: restarts.append(partition)  # type: ignore[method-assign]
+    task = _TaskRefusedAnOutputTopic()
+    engine._tasks[task.id] = task  # type: ignore[assignment]
+    engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    await engine._process({task.inputs[0]: [object()]})
+    assert restarts == []
+    assert engine._stopping.is_set()
+    assert isinstance(engine._failure, ConfigurationError)
+    assert "sessions.rejected" in str(engine._failure)
+    assert task.id not in engine._tasks

@@ -1,10 +1,15 @@
-"""Which topic configs would delete records the worker needs (no broker)."""
+"""Which topic configs would delete records the worker needs, and what the
+worker makes of the broker's answer to each topic it creates (no broker)."""
 
 from __future__ import annotations
 
 import pytest
+from aiokafka.admin import NewTopic
+from aiokafka.errors import KafkaError, NotControllerError, RequestTimedOutError
+from aiokafka.protocol.admin import CreateTopicsResponse_v0, CreateTopicsResponse_v3
 
 from stream_app.errors import ConfigurationError
+from stream_app.pipeline import topics as topics_module
 from stream_app.pipeline.topics import TopicLayout, check_retention, deletes_records
 from stream_app.settings import Settings
 
@@ -66,3 +71,67 @@ def test_the_check_names_each_topic_and_the_fix() -> None:
     assert "sessions.application-settings (cleanup.policy=delete, retention.bytes=10)" in message
     assert "--bootstrap-server kafka:9092" in message
     assert "cleanup.policy=compact" in message
+
+
+def _admin_answering(code: int, version: int) -> type:
+    """An admin client whose CreateTopics answers ``code`` for every topic, in
+    the shape of response ``version`` (v0: no message)."""
+
+    class Admin:
+        def __init__(self, **options: object) -> None:
+            pass
+
+        async def start(self) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+        async def list_topics(self) -> list[str]:
+            return []
+
+        async def describe_topics(self, names: list[str]) -> list[object]:
+            return []
+
+        async def describe_configs(self, resources: list[object]) -> list[object]:
+            return []
+
+        async def create_topics(self, new: list[NewTopic]) -> object:
+            if version == 0:
+                return CreateTopicsResponse_v0(topic_errors=[(new[0].name, code)])
+            return CreateTopicsResponse_v3(
+                throttle_time_ms=0, topic_errors=[(new[0].name, code, "the broker's words")]
+            )
+
+    return Admin
+
+
+@pytest.mark.parametrize("version", [0, 3])
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (0, None),  # created
+        (36, None),  # TOPIC_ALREADY_EXISTS: another worker won the race
+        (38, ConfigurationError),  # INVALID_REPLICATION_FACTOR
+        (29, ConfigurationError),  # TOPIC_AUTHORIZATION_FAILED (no Create)
+        (41, NotControllerError),  # the controller moved: retried
+        (7, RequestTimedOutError),  # timed out, the topic may exist: retried
+        (89, KafkaError),  # THROTTLING_QUOTA_EXCEEDED: retried
+    ],
+)
+async def test_what_the_broker_answers_each_topic_it_creates(
+    monkeypatch: pytest.MonkeyPatch, code: int, outcome: type[Exception] | None, version: int
+) -> None:
+    """aiokafka's create_topics raises none of these: the worker reads them."""
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _admin_answering(code, version))
+    if outcome is None:
+        layout = await topics_module.ensure_topics(Settings())
+        assert layout.partitions == Settings().partitions
+        return
+    with pytest.raises(outcome) as raised:
+        await topics_module.ensure_topics(Settings())
+    if outcome is ConfigurationError:
+        assert "cannot create the topics: sessions.commands: " in str(raised.value)
+    else:  # worker._wait_for_kafka retries a KafkaError with backoff
+        assert isinstance(raised.value, KafkaError)
+        assert not isinstance(raised.value, ConfigurationError)
