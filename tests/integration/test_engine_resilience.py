@@ -33,8 +33,10 @@ from tests.integration.workload import (
     Expected,
     OutputReader,
     Position,
+    configuration_error,
     describe_workers,
     exactly_once_problems,
+    exited_within,
     expected_outcome,
     partition_counts,
     produce_traffic_records,
@@ -111,16 +113,6 @@ async def _applying(worker: Worker) -> bool:
         if name == "stream_app_commands_total" and ("outcome", "applied") in labels
     )
     return ready and any(task.startswith("commands[") for task in active) and applied > 0
-
-
-async def _wait_exit(worker: Worker, timeout: float) -> float | None:  # noqa: ASYNC109
-    """Seconds until the worker exited, or None if it still runs after ``timeout``."""
-    began = time.monotonic()
-    while worker.proc.poll() is None:
-        if time.monotonic() - began > timeout:
-            return None
-        await asyncio.sleep(0.05)
-    return time.monotonic() - began
 
 
 # --------------------------------------------------------------------------- 1. chaos
@@ -424,7 +416,7 @@ async def test_sigterm_mid_stream_exits_zero_within_the_shutdown_bound(
         await reader.wait_for(total // 20, timeout=120, alive=[worker], what="before SIGTERM")
         at_term = len(reader.outputs)
         worker.proc.send_signal(signal.SIGTERM)
-        exit_s = await _wait_exit(worker, SHUTDOWN_BOUND_S + 30)
+        exit_s = await exited_within(worker, SHUTDOWN_BOUND_S + 30)
         rc = worker.proc.poll()
         still_producing = not producing.done()
         _report("sigterm", outputs_seen_at_sigterm=at_term, exit_after_sigterm=exit_s, rc=rc)
@@ -480,7 +472,7 @@ async def test_sigterm_while_the_group_waits_for_a_killed_worker_exits_zero(
         assert time.monotonic() < deadline, describe_workers([stopping, joiner])
         await asyncio.sleep(0.05)
     stopping.proc.send_signal(signal.SIGTERM)
-    exit_s = await _wait_exit(stopping, SHUTDOWN_BOUND_S + 30)
+    exit_s = await exited_within(stopping, SHUTDOWN_BOUND_S + 30)
     rc = stopping.proc.poll()
     _report("stop-in-rebalance", exit_after_sigterm=exit_s, rc=rc)
     assert exit_s is not None, describe_workers([stopping])
@@ -555,7 +547,7 @@ async def test_internal_topic_with_another_partition_count_is_refused(
     rekeyed = f"{app_id}-sessions.rekeyed"
     await create_topics(kafka_bootstrap, [rekeyed], 2)
     worker = workers(d)
-    exit_s = await _wait_exit(worker, 60)
+    exit_s = await exited_within(worker, 60)
     _report("partition-mismatch", exit_after_start=exit_s, rc=worker.proc.poll())
     assert exit_s is not None, "the worker kept running\n" + describe_workers([worker])
     assert worker.proc.returncode != 0, describe_workers([worker])
@@ -586,17 +578,10 @@ async def test_a_changelog_that_deletes_by_time_is_refused_until_compacted(
     changelog = f"{d.env()['STREAM_APP_APP_ID']}-first-sessions-changelog"
     await create_topics(kafka_bootstrap, [changelog], d.partitions)
     await create_topics(kafka_bootstrap, [d.topics.application_settings], 1, {"retention.ms": "-1"})
-    worker = workers(d)
-    exit_s = await _wait_exit(worker, 60)
-    _report("retention", exit_after_start=exit_s, rc=worker.proc.poll())
-    assert exit_s is not None, "the worker kept running\n" + describe_workers([worker])
-    assert worker.proc.returncode == 2, describe_workers([worker])
-    log = worker.log_path.read_text(errors="replace")
-    errors = [line for line in log.splitlines() if "configuration error" in line]
-    assert len(errors) == 1, log[-3000:]
-    assert f"{changelog} (cleanup.policy=delete, retention.ms=604800000)" in errors[0], errors
-    assert d.topics.application_settings not in errors[0], errors
-    assert "cleanup.policy=compact" in errors[0], errors
+    error = await configuration_error(workers(d))
+    assert f"{changelog} (cleanup.policy=delete, retention.ms=604800000)" in error
+    assert d.topics.application_settings not in error
+    assert "cleanup.policy=compact" in error
 
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
@@ -633,15 +618,10 @@ async def test_topics_the_broker_will_not_create_stop_the_worker_naming_why(
         kafka_bootstrap, unique_name("rf"), tmp_path / "state", STREAM_APP_REPLICATION_FACTOR="7"
     )
     worker = workers(d)
-    exit_s = await _wait_exit(worker, 60)
-    assert exit_s is not None, "the worker kept running\n" + describe_workers([worker])
-    assert worker.proc.returncode == 2, describe_workers([worker])
-    log = worker.log_path.read_text(errors="replace")
-    errors = [line for line in log.splitlines() if "configuration error" in line]
-    assert len(errors) == 1, log[-3000:]
-    assert "cannot create the topics" in errors[0], errors
-    assert f"{d.topics.closed}: InvalidReplicationFactorError" in errors[0], errors
-    assert "created topics" not in log, log[-3000:]
+    error = await configuration_error(worker)
+    assert "cannot create the topics" in error
+    assert f"{d.topics.closed}: InvalidReplicationFactorError" in error
+    assert "created topics" not in worker.log_tail(200_000)
 
 
 def test_the_package_runs_from_any_directory(tmp_path: Path) -> None:

@@ -235,6 +235,28 @@ def describe_workers(workers: Iterable[Worker], chars: int = 3000) -> str:
     return "\n".join(parts)
 
 
+async def exited_within(worker: Worker, timeout: float) -> float | None:  # noqa: ASYNC109
+    """Seconds until ``worker`` exited, or None if it still runs after ``timeout``."""
+    began = time.monotonic()
+    while worker.proc.poll() is None:
+        if time.monotonic() - began > timeout:
+            return None
+        await asyncio.sleep(0.05)
+    return time.monotonic() - began
+
+
+async def configuration_error(worker: Worker, timeout: float = 60.0) -> str:  # noqa: ASYNC109
+    """The one ``configuration error`` line of a worker that must stop with exit 2
+    within ``timeout`` seconds (each of which is asserted)."""
+    exit_s = await exited_within(worker, timeout)
+    assert exit_s is not None, "the worker kept running\n" + describe_workers([worker])
+    assert worker.proc.returncode == 2, describe_workers([worker])
+    log = worker.log_path.read_text(errors="replace")
+    errors = [line for line in log.splitlines() if "configuration error" in line]
+    assert len(errors) == 1, log[-3000:]
+    return errors[0]
+
+
 class OutputReader:
     """Follows the five output topics from the beginning, read_committed."""
 
