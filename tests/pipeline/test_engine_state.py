@@ -18,7 +18,7 @@ from aiokafka.errors import (
 
 from stream_app.errors import ConfigurationError, StoreError
 from stream_app.pipeline import engine as engine_module
-from stream_app.pipeline.checkpoint import TaskFencedError
+from stream_app.pipeline.checkpoint import NotAuthorizedError, TaskFencedError
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import Limits
 from stream_app.pipeline.store import RocksDBResources
@@ -310,6 +310,29 @@ async def test_a_task_found_fenced_on_revocation_says_so(
     [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert line.startswith("commands[0]: fenced, another worker owns this task now")
     assert engine.aborts == 1
+
+
+class _TaskRefusedOnRevocation(_FencedTask):
+    """Its changelog's Write ACL was taken away: the commit on revocation is refused."""
+
+    async def commit(self) -> None:
+        raise NotAuthorizedError(
+            ConfigurationError("Kafka does not authorize this worker's principal: ...")
+        )
+
+
+async def test_a_commit_refused_on_revocation_stops_the_worker(tmp_path: Path) -> None:
+    """Before, it was a warning, and the worker went on until it met the refusal again."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    task = _TaskRefusedOnRevocation(settings.topics.commands)
+    engine._tasks[task.id] = task  # type: ignore[assignment]
+    engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    await engine.on_partitions_revoked(set(task.inputs))
+    assert task.closed
+    assert engine._tasks == {}
+    assert engine._stopping.is_set()
+    assert isinstance(engine._failure, ConfigurationError)
 
 
 class _CommittingTask:
