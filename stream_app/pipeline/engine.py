@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
@@ -225,13 +226,23 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             if not layout.exists():
-                layout.write_bytes(json.dumps({"partitions": self.partitions}))
+                # Written aside and renamed into place: a worker starting beside
+                # this one in the same directory never reads it half-written.
+                partial = layout.with_name(f"{layout.name}.{os.getpid()}.partial")
+                partial.write_bytes(json.dumps({"partitions": self.partitions}))
+                partial.replace(layout)
                 return
             recorded = json.loads(layout.read_bytes()).get("partitions")
         except OSError as exc:
             raise ConfigurationError(
                 f"STREAM_APP_DATA_DIR={self.settings.data_dir}: cannot use the state "
                 f"directory {self.state_dir}: {exc}"
+            ) from exc
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise ConfigurationError(
+                f"{layout} is not the layout file the worker writes ({exc}): if it was "
+                "damaged, remove it to use the local state as it is, or the whole "
+                "directory to restore from the changelogs"
             ) from exc
         if recorded != self.partitions:
             raise ConfigurationError(

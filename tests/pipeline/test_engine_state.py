@@ -45,6 +45,20 @@ def test_state_built_for_another_partition_count_is_refused(tmp_path: Path) -> N
     assert str(tmp_path / "shop") in message
 
 
+def test_the_layout_file_is_written_whole_and_a_damaged_one_is_named(tmp_path: Path) -> None:
+    """Two workers started at once in one directory: one read the file the
+    other had created but not yet written, and exited 1 with a traceback. The
+    file is now renamed into place whole; one found damaged is one clear error."""
+    settings = Settings(data_dir=tmp_path, app_id="shop")
+    Engine(settings, TopicLayout(4, 1_048_588)).check_local_state()
+    assert sorted(p.name for p in (tmp_path / "shop").iterdir()) == ["layout.json"]
+    for damaged in (b"", b"[4]", b'{"partitions": 4'):
+        (tmp_path / "shop" / "layout.json").write_bytes(damaged)
+        with pytest.raises(ConfigurationError) as refused:
+            Engine(settings, TopicLayout(4, 1_048_588)).check_local_state()
+        assert "is not the layout file the worker writes" in str(refused.value)
+
+
 class _TaskThatCannotStart:
     """Stands for a Task whose start fails for a reason retrying does not mend."""
 
