@@ -17,7 +17,7 @@ import socket
 import threading
 from typing import Final
 
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import BrokerResponseError, KafkaError, ProducerFenced
 
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
@@ -129,12 +129,20 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
                     f"Kafka at {settings.bootstrap_servers} refuses this worker: {why} "
                     "(see STREAM_APP_SECURITY__*)"
                 ) from exc
-            log.warning(
-                "Kafka at %s is not reachable (%s): retrying in %.0f s",
-                settings.bootstrap_servers,
-                type(exc).__name__,
-                backoff,
-            )
+            if isinstance(exc, BrokerResponseError):  # it answered (the controller moved, say)
+                log.warning(
+                    "Kafka at %s answered %s: retrying in %.0f s",
+                    settings.bootstrap_servers,
+                    exc,
+                    backoff,
+                )
+            else:
+                log.warning(
+                    "Kafka at %s is not reachable (%s): retrying in %.0f s",
+                    settings.bootstrap_servers,
+                    type(exc).__name__,
+                    backoff,
+                )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), backoff)
         backoff = min(backoff * 2, 30.0)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from asyncio import Event
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,38 @@ def test_watch_says_the_broker_is_unreachable(tmp_path: Path) -> None:
     assert f"Kafka at {CLOSED_PORT} is not reachable" in output
     assert "do not exist" not in output
     assert "Traceback" not in output
+
+
+async def test_a_broker_that_answers_with_a_retriable_error_is_retried_and_said_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Creating a topic just as the controller moved: the broker answered, so the
+    retry (after the first backoff, 1 s) does not say it is unreachable."""
+    from aiokafka.errors import NotControllerError
+
+    from stream_app import worker
+    from stream_app.pipeline.topics import TopicLayout
+    from stream_app.settings import Settings
+
+    answers: list[Exception | TopicLayout] = [
+        NotControllerError("creating sessions.closed: this is not the controller"),
+        TopicLayout(6, 1_048_588),
+    ]
+
+    async def ensure_topics(settings: Settings) -> TopicLayout:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def no_refusal(settings: Settings, stopping: object) -> None:
+        return None
+
+    monkeypatch.setattr(worker, "ensure_topics", ensure_topics)
+    monkeypatch.setattr(worker, "_refusal", no_refusal)
+    with caplog.at_level("WARNING", logger="stream_app.worker"):
+        layout = await worker._wait_for_kafka(Settings(bootstrap_servers="k:9092"), Event())
+    assert layout == TopicLayout(6, 1_048_588)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("Kafka at k:9092 answered [Error 41] NotControllerError: creating ")
+    assert "not reachable" not in line
