@@ -1,12 +1,14 @@
 """The engine's local state directory, checked before any broker call, a task
-start that fails for good, stores that cannot be closed, and a settings
-follower that dies."""
+start that fails for good, stores that cannot be closed, a settings follower
+that dies, fences and refusals (a missing ACL) met on a start, a commit round,
+a revocation or a send, and added partitions."""
 
 from __future__ import annotations
 
 import asyncio
 from asyncio import Event
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
@@ -25,6 +27,15 @@ from stream_app.pipeline.store import RocksDBResources
 from stream_app.pipeline.tasks import Stage, Task, TaskId
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.settings import RocksDBSettings, Settings
+
+
+def _owning(engine: Engine, *tasks: Any) -> Engine:
+    """``engine``, routing to ``tasks`` (stand-ins for Task) as if it had started them."""
+    for task in tasks:
+        engine._tasks[task.id] = task
+        for tp in task.inputs:
+            engine._task_of[tp] = task
+    return engine
 
 
 def test_state_directory_is_created_with_its_parents(tmp_path: Path) -> None:
@@ -144,7 +155,7 @@ async def test_a_task_that_cannot_be_closed_stops_the_engine(tmp_path: Path) -> 
     and ``run`` raises the error."""
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(2, 1_048_588))
     task = _TaskThatCannotClose()
-    engine._tasks[task.id] = task  # type: ignore[assignment]
+    _owning(engine, task)
     await engine._drop(task)  # type: ignore[arg-type]
     assert task.id not in engine._tasks
     assert engine._stopping.is_set()
@@ -219,7 +230,7 @@ async def test_a_task_whose_restore_hits_a_full_disk_is_retried_not_the_worker_s
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
     engine._consumer = _Consumer()  # type: ignore[assignment]
     task = _TaskOnAFullDisk()
-    engine._tasks[task.id] = task  # type: ignore[assignment]
+    _owning(engine, task)
     await engine._start(task)  # type: ignore[arg-type]
     assert task.starts == 2
     assert task.active
@@ -243,7 +254,7 @@ async def test_a_task_refused_its_transactional_id_stops_the_worker_not_retried(
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
     engine._consumer = _Consumer()  # type: ignore[assignment]
     task = _TaskRefusedItsTransactionalId()
-    engine._tasks[task.id] = task  # type: ignore[assignment]
+    _owning(engine, task)
     await asyncio.wait_for(engine._start(task), timeout=5)  # type: ignore[arg-type]
     assert task.starts == 1
     assert engine._stopping.is_set()
@@ -315,8 +326,7 @@ async def test_a_task_found_fenced_on_revocation_says_so(
     settings = Settings(data_dir=tmp_path)
     engine = Engine(settings, TopicLayout(1, 1_048_588))
     task = _FencedTask(settings.topics.commands)
-    engine._tasks[task.id] = task  # type: ignore[assignment]
-    engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    _owning(engine, task)
     with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
         await engine.on_partitions_revoked(set(task.inputs))
     assert task.closed
@@ -340,8 +350,7 @@ async def test_a_commit_refused_on_revocation_stops_the_worker(tmp_path: Path) -
     settings = Settings(data_dir=tmp_path)
     engine = Engine(settings, TopicLayout(1, 1_048_588))
     task = _TaskRefusedOnRevocation(settings.topics.commands)
-    engine._tasks[task.id] = task  # type: ignore[assignment]
-    engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    _owning(engine, task)
     await engine.on_partitions_revoked(set(task.inputs))
     assert task.closed
     assert engine._tasks == {}
@@ -400,7 +409,7 @@ async def test_a_start_refused_while_a_round_commits_leaves_the_round_to_finish(
     engine._consumer = _LeavingConsumer()  # type: ignore[assignment]
     log: list[str] = []
     committing = _CommittingTask(log)
-    engine._tasks[committing.id] = committing  # type: ignore[assignment]
+    _owning(engine, committing)
 
     async def commit_in_flight() -> None:
         try:
@@ -413,7 +422,7 @@ async def test_a_start_refused_while_a_round_commits_leaves_the_round_to_finish(
     commits = asyncio.gather(engine._counted(commit_in_flight()), return_exceptions=True)
     engine._round = engine_module._Round([committing], commits)  # type: ignore[list-item]
     refused = _TaskRefusedItsChangelog()
-    engine._tasks[refused.id] = refused  # type: ignore[assignment]
+    _owning(engine, refused)
     starter = asyncio.create_task(engine._start(refused))  # type: ignore[arg-type]
     engine._starting[refused.id] = starter
     await asyncio.sleep(0.05)
@@ -448,8 +457,7 @@ async def test_an_output_topic_the_worker_may_not_describe_stops_it(tmp_path: Pa
     restarts: list[int] = []
     engine._begin_start = lambda stage, partition: restarts.append(partition)  # type: ignore[method-assign]
     task = _TaskRefusedAnOutputTopic()
-    engine._tasks[task.id] = task  # type: ignore[assignment]
-    engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    _owning(engine, task)
     await engine._process({task.inputs[0]: [object()]})
     assert restarts == []
     assert engine._stopping.is_set()
