@@ -501,9 +501,6 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue  # not ours (any more), or not started: its owner reads it again
             try:
                 await task.handle_many(records)
-            except NotAuthorizedError as exc:
-                self._fail(exc.cause)
-                await self._drop(task)
             except TaskFencedError as exc:
                 await self._lose(task, exc)
             except (KafkaError, CheckpointError, OSError) as exc:
