@@ -129,20 +129,15 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
                     f"Kafka at {settings.bootstrap_servers} refuses this worker: {why} "
                     "(see STREAM_APP_SECURITY__*)"
                 ) from exc
-            if isinstance(exc, BrokerResponseError):  # it answered (the controller moved, say)
-                log.warning(
-                    "Kafka at %s answered %s: retrying in %.0f s",
-                    settings.bootstrap_servers,
-                    exc,
-                    backoff,
-                )
+            # A broker error is an answer (the controller moved, say); anything
+            # else, no answer at all.
+            if isinstance(exc, BrokerResponseError):
+                what = f"answered {exc}"
             else:
-                log.warning(
-                    "Kafka at %s is not reachable (%s): retrying in %.0f s",
-                    settings.bootstrap_servers,
-                    type(exc).__name__,
-                    backoff,
-                )
+                what = f"is not reachable ({type(exc).__name__})"
+            log.warning(
+                "Kafka at %s %s: retrying in %.0f s", settings.bootstrap_servers, what, backoff
+            )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), backoff)
         backoff = min(backoff * 2, 30.0)
