@@ -182,6 +182,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=5000, ge=1)
     #: ... or once one's transaction is this old, whichever comes first.
     checkpoint_interval_s: float = Field(default=0.1, gt=0, le=60)
+    #: How often the records the worker has processed are deleted from its
+    #: re-key and by-profile topics (Kafka Streams' repartition.purge.interval.ms).
+    purge_interval_s: float = Field(default=30.0, gt=0)
     #: How long the producers wait to fill a batch before sending it.
     producer_linger_ms: int = Field(default=5, ge=0, le=1000)
     #: On SIGTERM: commit, close and exit within this bound; past it the worker

@@ -66,6 +66,7 @@ from stream_app.pipeline.processor import (
     partition_for,
     session_key,
 )
+from stream_app.pipeline.purge import purger
 from stream_app.pipeline.store import RocksDBResources, StoreOverlay
 from stream_app.pipeline.tasks import Process, Stage, Task, TaskId
 from stream_app.pipeline.topics import (
@@ -178,6 +179,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         #: Range assignment that also tells every worker who owns which
         #: partition; its URL is set by the worker once HTTP is up.
         self.assignor = RoutingRangeAssignor(url="")
+        #: Deletes processed records from the re-key and by-profile topics.
+        self._purger = purger(settings)
+        self._purging: asyncio.Task[None] | None = None
+        self._purged_at = time.monotonic()
 
     # -- topology --------------------------------------------------------------------------
     def _stages(self) -> tuple[Stage, Stage]:
@@ -402,8 +407,32 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 if now - last_metrics >= _METRICS_LOG_EVERY_S:
                     last_metrics = now
                     self.log_metrics()
+                if now - self._purged_at >= s.purge_interval_s:
+                    self._purge(now)
         finally:
             await self._close(consumer)
+
+    def _purge(self, now: float) -> None:
+        """Begin purging what the tasks have committed from the re-key and
+        by-profile topics (see ``purge.py``), unless a purge is still going."""
+        if self._purging is not None and not self._purging.done():
+            return
+        self._purged_at = now
+        internal = {rekey_topic(self.settings), profile_topic(self.settings)}
+        committed = {
+            tp: offset
+            for task in self._tasks.values()
+            for tp, offset in task.committed.items()
+            if tp.topic in internal
+        }
+        self._purging = asyncio.create_task(self._purger.purge(committed))
+
+    async def _stop_purging(self) -> None:
+        purging, self._purging = self._purging, None
+        if purging is not None:
+            purging.cancel()
+            await asyncio.gather(purging, return_exceptions=True)
+        await self._purger.close()
 
     async def _poll(
         self, consumer: AIOKafkaConsumer, timeout_ms: int
@@ -429,6 +458,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         return batches
 
     async def _close(self, consumer: AIOKafkaConsumer) -> None:
+        await self._stop_purging()
         starters = list(self._starting.values())
         for starter in starters:
             starter.cancel()

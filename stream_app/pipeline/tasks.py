@@ -145,6 +145,8 @@ class Task:
         self.checkpoint: Checkpoint | None = None
         #: Next offset to process per input; records below it are repeats.
         self.positions: dict[TopicPartition, int] = {}
+        #: The offsets of the inputs this task's last transactions committed.
+        self.committed: dict[TopicPartition, int] = {}
         self.active = False
         self._opened_at = 0.0
 
@@ -347,7 +349,11 @@ class Task:
         if checkpoint is None or checkpoint.closed:
             return _nothing()
         checkpoint.seal()
-        return checkpoint.commit()
+        return self._committed(checkpoint)
+
+    async def _committed(self, checkpoint: Checkpoint) -> None:
+        await checkpoint.commit()
+        self.committed.update(checkpoint.offsets)
 
 
 async def _nothing() -> None:

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 _COMPACTED = {"cleanup.policy": "compact"}
 # Outputs are analytics history, kept by the cluster's default retention.
 _DEFAULT: dict[str, str] = {}
+#: The re-key and by-profile topics, as Kafka Streams creates its repartition
+#: topics: records are kept until the worker has processed them and purges
+#: them (see ``purge.py``), never lost to a retention shorter than an outage.
+_REPARTITION = {"cleanup.policy": "delete", "retention.ms": "-1", "segment.bytes": "52428800"}
 
 #: The stores, in the order of their tasks: stage 1 owns the first two.
 SESSIONS_STORE = "sessions"
@@ -70,8 +74,8 @@ def topic_specs(settings: Settings, partitions: int) -> list[TopicSpec]:
         for name in (t.closed, t.returned, t.cancelled, t.reopened, t.rejected)
     ]
     specs.append(TopicSpec(t.application_settings, 1, _COMPACTED, co_partitioned=False))
-    specs.append(TopicSpec(rekey_topic(settings), p, _DEFAULT, co_partitioned=True))
-    specs.append(TopicSpec(profile_topic(settings), p, _DEFAULT, co_partitioned=True))
+    specs.append(TopicSpec(rekey_topic(settings), p, _REPARTITION, co_partitioned=True))
+    specs.append(TopicSpec(profile_topic(settings), p, _REPARTITION, co_partitioned=True))
     specs += [
         TopicSpec(changelog_topic(settings, store), p, _COMPACTED, co_partitioned=True)
         for store in STORES
@@ -99,6 +103,9 @@ class TopicLayout:
     #: Topics whose records the worker needs for ever but whose config deletes
     #: them (see :func:`check_retention`), each with the config that does.
     deleting: tuple[str, ...] = ()
+    #: Internal topics whose config deletes records the worker may not have
+    #: processed yet (an operator's or an older worker's), likewise.
+    expiring: tuple[str, ...] = ()
 
 
 #: CreateTopics' answer when creations are throttled (aiokafka has no class for it).
@@ -181,12 +188,20 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
         for n in written
         if "max.message.bytes" in (c := configs.get(n, {}))
     ]
-    deleting = tuple(
-        f"{s.name} ({why})"
-        for s in specs
-        if s.config == _COMPACTED and (why := deletes_records(configs.get(s.name, {})))
+
+    def deleting(config: Mapping[str, str]) -> tuple[str, ...]:
+        return tuple(
+            f"{s.name} ({why})"
+            for s in specs
+            if s.config == config and (why := deletes_records(configs.get(s.name, {})))
+        )
+
+    return TopicLayout(
+        partitions,
+        min(limits, default=_KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
+        deleting(_COMPACTED),
+        deleting(_REPARTITION),
     )
-    return TopicLayout(partitions, min(limits, default=_KAFKA_DEFAULT_MAX_MESSAGE_BYTES), deleting)
 
 
 def check_session_limit(settings: Settings, layout: TopicLayout) -> None:
@@ -206,7 +221,8 @@ def check_session_limit(settings: Settings, layout: TopicLayout) -> None:
 def check_retention(settings: Settings, layout: TopicLayout) -> None:
     """Raise ConfigurationError when a topic whose every key's last record the
     worker needs (a store's changelog, the settings topic) deletes records by
-    time or size. The worker's check: a producer of commands does not need it."""
+    time or size; warn when an internal topic does (see ``expiring``). The
+    worker's check: a producer of commands does not need it."""
     if layout.deleting:
         raise ConfigurationError(
             f"{'; '.join(layout.deleting)}: these topics would delete records the worker "
@@ -216,6 +232,18 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
             f"{settings.bootstrap_servers} --alter --entity-type topics --entity-name NAME "
             "--add-config cleanup.policy=compact), or keep its records for ever "
             "(retention.ms=-1 and retention.bytes=-1)"
+        )
+    if layout.expiring:
+        # Safe while the workers keep up: a warning, not a refusal, so that a
+        # deployment whose topics an older worker created still starts.
+        log.warning(
+            "%s: records the workers have not processed yet are deleted after this "
+            "retention, so an outage longer than it loses commands or outputs. The worker "
+            "purges what it has processed: set retention.ms=-1 and retention.bytes=-1 "
+            "(kafka-configs.sh --bootstrap-server %s --alter --entity-type topics "
+            "--entity-name NAME --add-config retention.ms=-1,retention.bytes=-1)",
+            "; ".join(layout.expiring),
+            settings.bootstrap_servers,
         )
 
 

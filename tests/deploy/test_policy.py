@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
-from stream_app.pipeline.topics import topic_specs
+from stream_app.pipeline.topics import profile_topic, rekey_topic, topic_specs
 from stream_app.settings import Settings
 from tests.deploy.manifests import (
     Rendering,
@@ -45,10 +45,11 @@ def topic_problems(r: Rendering) -> list[str]:
             problems.append(
                 f"{name}: {kt.get('partitions')} partitions, the worker expects {spec.partitions}"
             )
-        wanted = spec.config.get("cleanup.policy", "delete")
-        actual = kt.get("config", {}).get("cleanup.policy", "delete")
-        if wanted != actual:
-            problems.append(f"{name}: cleanup.policy {actual}, the worker expects {wanted}")
+        config = kt.get("config", {})
+        for key, wanted in {"cleanup.policy": "delete", **spec.config}.items():
+            actual = str(config.get(key, "delete" if key == "cleanup.policy" else "unset"))
+            if wanted != actual:
+                problems.append(f"{name}: {key} {actual}, the worker expects {wanted}")
     return problems
 
 
@@ -58,7 +59,7 @@ def test_every_topic_the_worker_uses_has_a_kafka_topic_and_none_is_unused(
     assert topic_problems(rendering) == []
 
 
-def test_a_missing_or_unused_kafka_topic_is_caught(rendering: Rendering) -> None:
+def test_a_missing_unused_or_misconfigured_kafka_topic_is_caught(rendering: Rendering) -> None:
     changelog = f"{rendering.settings().app_id}-sessions-changelog"
     docs = [
         d
@@ -67,10 +68,16 @@ def test_a_missing_or_unused_kafka_topic_is_caught(rendering: Rendering) -> None
     ]
     extra = copy.deepcopy(rendering.of_kind("KafkaTopic")[0])
     extra["spec"]["topicName"] = "sessions.forgotten"
+    rekeyed = rekey_topic(rendering.settings())
+    docs = copy.deepcopy(docs)
+    for doc in docs:
+        if doc["kind"] == "KafkaTopic" and doc["spec"]["topicName"] == rekeyed:
+            del doc["spec"]["config"]["retention.ms"]
     broken = Rendering(rendering.name, [*docs, extra])
     assert topic_problems(broken) == [
         f"no KafkaTopic for {changelog}",
         "KafkaTopic sessions.forgotten is unused",
+        f"{rekeyed}: retention.ms unset, the worker expects -1",
     ]
 
 
@@ -155,6 +162,12 @@ def test_worker_principal_has_exactly_what_the_worker_needs(rendering: Rendering
         assert acl_allows(user, "topic", name, "Read"), name
     for name in outputs | internal:
         assert acl_allows(user, "topic", name, "Write"), name
+    purged = {s.name for s in specs if s.config.get("retention.ms") == "-1"}
+    assert purged == {rekey_topic(settings), profile_topic(settings)}
+    for name in purged:  # what it has processed (stream_app/pipeline/purge.py)
+        assert acl_allows(user, "topic", name, "Delete"), name
+    for name in {s.name for s in specs} - purged:
+        assert not acl_allows(user, "topic", name, "Delete"), name
     for spec in specs:
         assert acl_allows(user, "topic", spec.name, "Describe"), spec.name
         assert acl_allows(user, "topic", spec.name, "DescribeConfigs"), spec.name

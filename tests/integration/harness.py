@@ -273,6 +273,51 @@ async def topic_configs(bootstrap: str, names: list[str]) -> dict[str, dict[str,
     }
 
 
+async def partition_offsets(
+    bootstrap: str, group: str, topics: list[str]
+) -> dict[TopicPartition, tuple[int, int | None, int]]:
+    """(first offset, the group's committed offset, end offset) of each partition."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await consumer.start()
+    await admin.start()
+    try:
+        partitions = [
+            TopicPartition(entry["topic"], p["partition"])
+            for entry in await admin.describe_topics(topics)
+            for p in entry["partitions"]
+        ]
+        assert {tp.topic for tp in partitions} == set(topics)
+        first = await consumer.beginning_offsets(partitions)
+        end = await consumer.end_offsets(partitions)
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+        await consumer.stop()
+    return {
+        tp: (first[tp], committed[tp].offset if tp in committed else None, end[tp])
+        for tp in partitions
+    }
+
+
+async def purged_offsets(
+    bootstrap: str,
+    group: str,
+    topics: list[str],
+    timeout: float,  # noqa: ASYNC109 - a deadline for the purge, not a cancel scope
+) -> dict[TopicPartition, tuple[int, int | None, int]]:
+    """:func:`partition_offsets` once every partition the group committed an
+    offset of begins there (the worker purged it), or when ``timeout`` is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        offsets = await partition_offsets(bootstrap, group, topics)
+        if all(first == (committed or 0) for first, committed, _ in offsets.values()):
+            return offsets
+        if time.monotonic() > deadline:
+            return offsets
+        await asyncio.sleep(0.5)
+
+
 def deployment_settings(d: Deployment, app_id: str | None = None) -> Settings:
     """The deployment's settings as its workers read them. (``Deployment.settings``
     alone keeps the default brokers: ``bootstrap_servers`` is only set through its

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aiokafka.partitioner import DefaultPartitioner
 
+from stream_app.pipeline.topics import profile_topic, rekey_topic
 from tests.integration.harness import (
     Deployment,
     Output,
@@ -16,7 +17,10 @@ from tests.integration.harness import (
     Worker,
     command,
     consume,
+    create_topics,
     produce,
+    purged_offsets,
+    topic_configs,
 )
 
 
@@ -225,3 +229,55 @@ async def test_session_ids_are_unique_over_100k_sessions(
     assert len(ids) == n
     assert len(set(ids)) == n
     assert all(0 < i < 2**31 for i in ids)
+
+
+async def test_what_the_workers_processed_is_purged_from_the_internal_topics(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    workers: Callable[..., Worker],
+    tmp_path: Path,
+) -> None:
+    """The re-key and by-profile topics keep records for ever, so no retention
+    loses one a worker has not processed; what it has committed is deleted
+    (as Kafka Streams purges its repartition topics). Exactly what is below
+    the group's committed offset: nothing more, and no output lost."""
+    d = Deployment(
+        kafka_bootstrap,
+        unique_name("purge"),
+        tmp_path / "state",
+        extra_env={"STREAM_APP_PURGE_INTERVAL_S": "0.5"},
+    )
+    settings = d.settings()
+    internal = [rekey_topic(settings), profile_topic(settings)]
+    traffic = replay_traffic(200, seed=11)
+    # The odd sessions' commands under a key other than their integrationId:
+    # each of those sessions goes through the re-key topic, in order.
+    traffic = [
+        (b"wrong-" + key if key is not None and int(key[2:]) % 2 else key, value)
+        for key, value in traffic
+    ]
+    await create_topics(kafka_bootstrap, [d.topics.commands], d.partitions)
+    await produce(kafka_bootstrap, d.topics.commands, traffic)
+    worker = workers(d)
+    expected = 40 * 2 + 40 * 3 + 40 + 40 + 40 * 2
+    outputs = await consume(
+        kafka_bootstrap, d.output_topics(), expect=expected, timeout=180, settle=2
+    )
+    assert len(outputs) == expected
+    configs = await topic_configs(kafka_bootstrap, internal)
+    for topic in internal:
+        assert configs[topic]["retention.ms"] == "-1", topic
+        assert configs[topic]["cleanup.policy"] == "delete", topic
+
+    offsets = await purged_offsets(kafka_bootstrap, settings.app_id, internal, timeout=30)
+    for topic in internal:
+        written = [v for tp, v in offsets.items() if tp.topic == topic and v[2] > 0]
+        assert written, f"nothing was written to {topic}: the test tests nothing"
+    for tp, (first, committed, end) in offsets.items():
+        # Everything processed, and exactly that deleted. Past the last record
+        # are only commit markers: one per stage-1 task that wrote to it last.
+        assert committed is not None or end == 0, tp
+        assert first == (committed or 0), (tp, offsets[tp])
+        assert end - first <= d.partitions, (tp, offsets[tp])
+    assert worker.running
+    assert "purging processed records failed" not in worker.log_tail(200_000)

@@ -22,9 +22,9 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.admin import CreateAclsRequest
 
 from stream_app.demo.traffic import generate_traffic
-from stream_app.pipeline.topics import topic_specs
+from stream_app.pipeline.topics import profile_topic, rekey_topic, topic_specs
 from stream_app.settings import Settings, TopicNames
-from tests.integration.harness import Deployment, Worker
+from tests.integration.harness import Deployment, Worker, purged_offsets
 from tests.integration.workload import (
     OutputReader,
     configuration_error,
@@ -160,6 +160,7 @@ async def test_the_manifests_acls_are_enough_for_a_worker_over_sasl_ssl(
     d = Deployment(plain, "sessions", tmp_path / "state")
     env = _secure_env(d, secure_cluster)
     env.update(named)
+    env["STREAM_APP_PURGE_INTERVAL_S"] = "0.5"
     # The harness's names for a deployment called "sessions" are the manifest's.
     assert {k: v for k, v in d.env(named["STREAM_APP_APP_ID"]).items() if k in named} == named
     await create_every_topic(plain, d.settings(named["STREAM_APP_APP_ID"]), d.partitions)
@@ -173,9 +174,16 @@ async def test_the_manifests_acls_are_enough_for_a_worker_over_sasl_ssl(
         await reader.poll(2.0, alive=[worker])
     problems = exactly_once_problems(reader.outputs, expected, d.topics, d.topics.commands)
     assert not problems, "\n".join(problems) + "\n" + describe_workers([worker])
+    # What it processed is deleted from the internal topics: Delete is granted.
+    settings = d.settings(named["STREAM_APP_APP_ID"])
+    internal = [rekey_topic(settings), profile_topic(settings)]
+    offsets = await purged_offsets(plain, settings.app_id, internal, timeout=30)
+    assert any(first > 0 for first, _, _ in offsets.values()), offsets
+    assert all(first == (committed or 0) for first, committed, _ in offsets.values()), offsets
     assert worker.stop(timeout=30) == 0, worker.log_tail()
     log = worker.log_path.read_text(errors="replace")
     assert SCRAM_PASSWORD not in log
+    assert "does not let this worker delete" not in log
 
 
 @pytest.mark.timeout(180)

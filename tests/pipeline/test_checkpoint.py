@@ -795,6 +795,27 @@ async def test_revocation_whose_commit_fails_aborts_and_keeps_rocksdb(
     assert_no_open_transaction(broker)
 
 
+async def test_a_task_knows_the_offsets_kafka_has_committed_for_it(
+    tmp_path: Path, resources: RocksDBResources, broker: FakeBroker
+) -> None:
+    """What the purger may delete below (purge.py): never an offset of a
+    transaction that did not commit."""
+    task = started_task(tmp_path, resources, broker)
+    producer = task.producer
+    assert isinstance(producer, FakeProducer)
+    for offset, key in enumerate([b"k1", b"k2"]):
+        await task.handle(command(offset, key))
+    assert task.committed == {}
+    await task.commit()
+    assert task.committed == {INPUT: 2} == broker.committed(GROUP)
+    await task.handle(command(2, b"k1"))
+    producer.fail_next("commit_transaction", KafkaError("COORDINATOR_LOAD_IN_PROGRESS"))
+    with pytest.raises(CheckpointError):
+        await task.commit()
+    assert task.committed == {INPUT: 2} == broker.committed(GROUP)
+    await task.close()
+
+
 async def test_closing_a_task_without_commit_sends_nothing_of_its_transaction(
     tmp_path: Path, resources: RocksDBResources, broker: FakeBroker
 ) -> None:

@@ -464,3 +464,59 @@ async def test_an_output_topic_the_worker_may_not_describe_stops_it(tmp_path: Pa
     assert isinstance(engine._failure, ConfigurationError)
     assert "sessions.rejected" in str(engine._failure)
     assert task.id not in engine._tasks
+
+
+class _TaskThatCommitted:
+    """Stands for a Task whose transactions committed ``committed``."""
+
+    def __init__(self, stage: str, partition: int, committed: dict[TopicPartition, int]) -> None:
+        self.id = TaskId(stage, partition)
+        self.inputs = list(committed)
+        self.committed = committed
+
+
+class _SlowPurger:
+    """Records each purge it is asked for, which lasts until ``done`` is set."""
+
+    def __init__(self) -> None:
+        self.asked: list[dict[TopicPartition, int]] = []
+        self.done = Event()
+
+    async def purge(self, committed: dict[TopicPartition, int]) -> None:
+        self.asked.append(committed)
+        await self.done.wait()
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_purges_ask_for_the_internal_topics_committed_offsets_one_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """The command topic is the user's: only the re-key and by-profile topics
+    are purged (as Kafka Streams purges only its repartition topics)."""
+    settings = Settings(data_dir=tmp_path, app_id="shop")
+    commands, rekeyed = (
+        TopicPartition("sessions.commands", 1),
+        TopicPartition("shop-sessions.rekeyed", 1),
+    )
+    by_profile = TopicPartition("shop-sessions.by-profile", 1)
+    engine = _owning(
+        Engine(settings, TopicLayout(2, 1_048_588)),
+        _TaskThatCommitted("commands", 1, {commands: 40, rekeyed: 3}),
+        _TaskThatCommitted("profiles", 1, {by_profile: 7}),
+    )
+    purger = _SlowPurger()
+    engine._purger = purger  # type: ignore[assignment]
+    engine._purge(1.0)
+    await asyncio.sleep(0)
+    engine._purge(2.0)  # the first is still going: not another
+    await asyncio.sleep(0)
+    assert purger.asked == [{rekeyed: 3, by_profile: 7}]
+    purger.done.set()
+    await asyncio.sleep(0)
+    engine._purge(3.0)
+    await asyncio.sleep(0)
+    assert len(purger.asked) == 2
+    await engine._stop_purging()
+    assert engine._purging is None

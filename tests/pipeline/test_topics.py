@@ -3,8 +3,11 @@ worker makes of the broker's answer to each topic it creates (no broker)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource
 from aiokafka.errors import KafkaError, NotControllerError, RequestTimedOutError
 from aiokafka.protocol.admin import CreateTopicsResponse_v0, CreateTopicsResponse_v3
 
@@ -135,3 +138,78 @@ async def test_what_the_broker_answers_each_topic_it_creates(
     else:  # worker._wait_for_kafka retries a KafkaError with backoff
         assert isinstance(raised.value, KafkaError)
         assert not isinstance(raised.value, ConfigurationError)
+
+
+def test_the_internal_topics_are_created_to_keep_what_is_not_yet_processed() -> None:
+    """As Kafka Streams creates its repartition topics: records are kept for
+    ever, and the worker purges what it has processed (see purge.py)."""
+    settings = Settings()
+    specs = {spec.name: spec for spec in topics_module.topic_specs(settings, 6)}
+    for name in (topics_module.rekey_topic(settings), topics_module.profile_topic(settings)):
+        config = specs[name].config
+        assert config["cleanup.policy"] == "delete"
+        assert config["retention.ms"] == "-1"
+        assert deletes_records({**config, "retention.bytes": "-1"}) is None
+
+
+def _admin_with_configs(configs: dict[str, dict[str, str]]) -> type:
+    """An admin client of a cluster where every topic exists with 6 partitions,
+    and ``configs`` are the configs it describes (others: none readable)."""
+
+    class Admin:
+        def __init__(self, **options: object) -> None:
+            pass
+
+        async def start(self) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+        async def list_topics(self) -> list[str]:
+            return [spec.name for spec in topics_module.topic_specs(Settings(), 6)]
+
+        async def describe_topics(self, names: list[str]) -> list[object]:
+            return [{"topic": name, "error_code": 0, "partitions": [{}] * 6} for name in names]
+
+        async def describe_configs(self, resources: list[ConfigResource]) -> list[object]:
+            described = [
+                (0, "", 2, resource.name, [(k, v) for k, v in configs[resource.name].items()])
+                for resource in resources
+                if resource.name in configs
+            ]
+            return [SimpleNamespace(resources=described)]
+
+    return Admin
+
+
+async def test_internal_topics_that_expire_records_are_named_and_only_warned_of(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A re-key or by-profile topic an older worker or an operator created with
+    the cluster's retention loses records only in an outage longer than it:
+    the worker starts, and says so (a changelog like it is refused, above)."""
+    settings = Settings(bootstrap_servers="kafka:9092")
+    rekeyed = topics_module.rekey_topic(settings)
+    week = {"cleanup.policy": "delete", "retention.ms": WEEK_MS, "retention.bytes": "-1"}
+    configs = {
+        rekeyed: week,
+        topics_module.profile_topic(settings): {
+            "cleanup.policy": "delete",
+            "retention.ms": "-1",
+            "retention.bytes": "-1",
+        },
+        settings.topics.closed: week,  # an output: kept as the operator likes
+    }
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _admin_with_configs(configs))
+    layout = await topics_module.ensure_topics(settings)
+    assert layout.deleting == ()
+    assert layout.expiring == (f"{rekeyed} (cleanup.policy=delete, retention.ms={WEEK_MS})",)
+    with caplog.at_level("WARNING"):
+        check_retention(settings, layout)
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    message = record.getMessage()
+    assert f"{rekeyed} (cleanup.policy=delete, retention.ms={WEEK_MS})" in message
+    assert "retention.ms=-1" in message
+    assert "--bootstrap-server kafka:9092" in message
