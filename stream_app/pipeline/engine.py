@@ -458,7 +458,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         return batches
 
     async def _close(self, consumer: AIOKafkaConsumer) -> None:
-        await self._stop_purging()
+        if self._purging is not None:
+            self._purging.cancel()  # nothing to wait for before the last commits
         starters = list(self._starting.values())
         for starter in starters:
             starter.cancel()
@@ -467,6 +468,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._commit(due_only=False)
             for task in list(self._tasks.values()):
                 await self._drop(task)
+        await self._stop_purging()
         try:
             await self._leave(consumer)
         except (KafkaError, OSError, asyncio.CancelledError) as exc:

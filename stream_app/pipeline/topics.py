@@ -31,7 +31,14 @@ _DEFAULT: dict[str, str] = {}
 #: The re-key and by-profile topics, as Kafka Streams creates its repartition
 #: topics: records are kept until the worker has processed them and purges
 #: them (see ``purge.py``), never lost to a retention shorter than an outage.
-_REPARTITION = {"cleanup.policy": "delete", "retention.ms": "-1", "segment.bytes": "52428800"}
+_REPARTITION = {
+    "cleanup.policy": "delete",
+    "retention.ms": "-1",
+    # Kafka Streams leaves it to the broker's log.retention.bytes; a cluster
+    # that sets one would delete unprocessed records by size.
+    "retention.bytes": "-1",
+    "segment.bytes": "52428800",
+}
 
 #: The stores, in the order of their tasks: stage 1 owns the first two.
 SESSIONS_STORE = "sessions"

@@ -481,13 +481,19 @@ class _SlowPurger:
     def __init__(self) -> None:
         self.asked: list[dict[TopicPartition, int]] = []
         self.done = Event()
+        self.cancelled = 0
+        self.closed = 0
 
     async def purge(self, committed: dict[TopicPartition, int]) -> None:
         self.asked.append(committed)
-        await self.done.wait()
+        try:
+            await self.done.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
 
     async def close(self) -> None:
-        pass
+        self.closed += 1
 
 
 async def test_purges_ask_for_the_internal_topics_committed_offsets_one_at_a_time(
@@ -519,4 +525,15 @@ async def test_purges_ask_for_the_internal_topics_committed_offsets_one_at_a_tim
     await asyncio.sleep(0)
     assert len(purger.asked) == 2
     await engine._stop_purging()
+    assert engine._purging is None
+
+
+async def test_a_stop_cancels_the_purge_in_flight_and_closes_its_client(tmp_path: Path) -> None:
+    engine = Engine(Settings(data_dir=tmp_path, app_id="shop"), TopicLayout(1, 1_048_588))
+    purger = _SlowPurger()
+    engine._purger = purger  # type: ignore[assignment]
+    engine._purge(1.0)
+    await asyncio.sleep(0)
+    await asyncio.wait_for(engine._close(_LeavingConsumer()), 5)  # type: ignore[arg-type]
+    assert (purger.cancelled, purger.closed) == (1, 1)
     assert engine._purging is None

@@ -3,6 +3,7 @@ Kafka refuses or fails (no broker: a stand-in admin client)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -10,7 +11,7 @@ from aiokafka.admin import RecordsToDelete
 from aiokafka.errors import NotLeaderForPartitionError, TopicAuthorizationFailedError
 from aiokafka.structs import TopicPartition
 
-from stream_app.pipeline.purge import Purger
+from stream_app.pipeline.purge import FAILURES_WARNED, Purger
 
 REKEYED = TopicPartition("app-sessions.rekeyed", 0)
 BY_PROFILE = TopicPartition("app-sessions.by-profile", 3)
@@ -83,8 +84,51 @@ async def test_a_failed_purge_is_tried_again_and_never_raised(
         assert purger.purged == {}
         await purger.purge({REKEYED: 12})
     assert admin.deleted == [{REKEYED: 12}]
-    levels = [(r.levelname, "to be retried" in r.getMessage()) for r in caplog.records]
-    assert levels[:2] == [("INFO", True), ("WARNING", True)]
+    assert purger.failures == 0
+    assert [(r.levelname, "to be retried" in r.getMessage()) for r in caplog.records] == [
+        ("INFO", True),
+        ("INFO", True),
+    ]
+
+
+async def test_purges_failing_for_minutes_are_one_warning(
+    admin: Admin, purger: Purger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One partition without a leader fails every purge (aiokafka asks none
+    then): the topics would grow unnoticed behind INFO lines."""
+    admin.failures = [NotLeaderForPartitionError() for _ in range(FAILURES_WARNED + 5)]
+    with caplog.at_level(logging.INFO, "stream_app.pipeline.purge"):
+        for _ in range(FAILURES_WARNED + 5):
+            await purger.purge({REKEYED: 10, BY_PROFILE: 3})
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1
+        assert f"failed {FAILURES_WARNED} times in a row" in warnings[0]
+        assert "app-sessions.by-profile, app-sessions.rekeyed" in warnings[0]
+        assert "NotLeaderForPartitionError" in warnings[0]
+        await purger.purge({REKEYED: 10, BY_PROFILE: 3})
+    assert admin.deleted == [{REKEYED: 10, BY_PROFILE: 3}]
+    assert caplog.records[-1].getMessage() == "purging the internal topics again"
+
+
+async def test_a_purge_cancelled_while_connecting_leaves_no_client_open(
+    admin: Admin, purger: Purger
+) -> None:
+    """The worker cancels a purge in flight when it stops."""
+    connecting = asyncio.Event()
+
+    async def slow_start() -> None:
+        connecting.set()
+        await asyncio.sleep(60)
+
+    admin.start = slow_start  # type: ignore[method-assign]
+    purge = asyncio.create_task(purger.purge({REKEYED: 10}))
+    await connecting.wait()
+    purge.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await purge
+    assert admin.closed == 1
+    await purger.close()
+    assert admin.closed == 1
 
 
 async def test_a_refusal_is_one_warning_until_the_acl_is_granted(

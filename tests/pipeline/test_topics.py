@@ -148,8 +148,10 @@ def test_the_internal_topics_are_created_to_keep_what_is_not_yet_processed() -> 
     for name in (topics_module.rekey_topic(settings), topics_module.profile_topic(settings)):
         config = specs[name].config
         assert config["cleanup.policy"] == "delete"
-        assert config["retention.ms"] == "-1"
-        assert deletes_records({**config, "retention.bytes": "-1"}) is None
+        assert config["retention.ms"] == config["retention.bytes"] == "-1"
+        # Whatever the broker's log.retention.* defaults are.
+        for broker_default in ({}, {"retention.ms": WEEK_MS, "retention.bytes": "1073741824"}):
+            assert deletes_records({**broker_default, **config}) is None
 
 
 def _admin_with_configs(configs: dict[str, dict[str, str]]) -> type:
