@@ -76,29 +76,33 @@ def test_the_check_names_each_topic_and_the_fix() -> None:
     assert "cleanup.policy=compact" in message
 
 
+class _EmptyCluster:
+    """Stands for AIOKafkaAdminClient, of a cluster with no topic."""
+
+    def __init__(self, **options: object) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def list_topics(self) -> list[str]:
+        return []
+
+    async def describe_topics(self, names: list[str]) -> list[object]:
+        return []
+
+    async def describe_configs(self, resources: list[ConfigResource]) -> list[object]:
+        return []
+
+
 def _admin_answering(code: int, version: int) -> type:
     """An admin client whose CreateTopics answers ``code`` for every topic, in
     the shape of response ``version`` (v0: no message)."""
 
-    class Admin:
-        def __init__(self, **options: object) -> None:
-            pass
-
-        async def start(self) -> None:
-            pass
-
-        async def close(self) -> None:
-            pass
-
-        async def list_topics(self) -> list[str]:
-            return []
-
-        async def describe_topics(self, names: list[str]) -> list[object]:
-            return []
-
-        async def describe_configs(self, resources: list[object]) -> list[object]:
-            return []
-
+    class Admin(_EmptyCluster):
         async def create_topics(self, new: list[NewTopic]) -> object:
             if version == 0:
                 return CreateTopicsResponse_v0(topic_errors=[(new[0].name, code)])
@@ -158,16 +162,7 @@ def _admin_with_configs(configs: dict[str, dict[str, str]]) -> type:
     """An admin client of a cluster where every topic exists with 6 partitions,
     and ``configs`` are the configs it describes (others: none readable)."""
 
-    class Admin:
-        def __init__(self, **options: object) -> None:
-            pass
-
-        async def start(self) -> None:
-            pass
-
-        async def close(self) -> None:
-            pass
-
+    class Admin(_EmptyCluster):
         async def list_topics(self) -> list[str]:
             return [spec.name for spec in topics_module.topic_specs(Settings(), 6)]
 
