@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Final, TextIO
+from typing import Any, Final, NamedTuple, TextIO
 
 from stream_app.errors import ConfigurationError
 from stream_app.logs import configure_logging
@@ -462,9 +462,21 @@ def run_tail(settings: Settings, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- topics
 
 
-async def create_topics(settings: Settings) -> list[tuple[str, bool, int, dict[str, str]]]:
-    """Declare every topic of ``settings`` (as a worker would on start); for each:
-    (name, created now, partitions, the configs this app sets on it)."""
+class DeclaredTopic(NamedTuple):
+    """What ``stream-app topics create`` says of one topic."""
+
+    name: str
+    created: bool
+    partitions: int
+    #: The topic's values of the configs this app sets on the topics it
+    #: creates; None when the broker would not say (no DescribeConfigs).
+    config: dict[str, str] | None
+    #: Those of the app's configs that the (existing) topic does not have.
+    differs: dict[str, str]
+
+
+async def create_topics(settings: Settings) -> list[DeclaredTopic]:
+    """Declare every topic of ``settings`` (as a worker would on start)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     from stream_app.pipeline.kafka import client_options
@@ -472,6 +484,7 @@ async def create_topics(settings: Settings) -> list[tuple[str, bool, int, dict[s
         check_retention,
         check_session_limit,
         ensure_topics,
+        topic_configs,
         topic_specs,
     )
 
@@ -484,17 +497,26 @@ async def create_topics(settings: Settings) -> list[tuple[str, bool, int, dict[s
         check_session_limit(settings, layout)
         check_retention(settings, layout)
         specs = topic_specs(settings, layout.partitions)
+        names = [spec.name for spec in specs]
         counts = {
             entry["topic"]: len(entry.get("partitions") or ())
-            for entry in await admin.describe_topics([spec.name for spec in specs])
+            for entry in await admin.describe_topics(names)
             if not entry.get("error_code")
         }
+        configs = await topic_configs(admin, names)
     finally:
         await admin.close()
-    return [
-        (spec.name, spec.name not in before, counts.get(spec.name, 0), spec.config)
-        for spec in specs
-    ]
+    declared = []
+    for spec in specs:
+        actual = configs.get(spec.name)
+        config = None if actual is None else {k: actual.get(k, "") for k in spec.config}
+        differs = {k: v for k, v in spec.config.items() if config is not None and config[k] != v}
+        declared.append(
+            DeclaredTopic(
+                spec.name, spec.name not in before, counts.get(spec.name, 0), config, differs
+            )
+        )
+    return declared
 
 
 def run_topics_create(settings: Settings, partitions: int | None) -> int:
@@ -515,13 +537,20 @@ def run_topics_create(settings: Settings, partitions: int | None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    width = max(len(name) for name, *_ in topics)
+    width = max(len(topic.name) for topic in topics)
     print(f"topics of app {settings.app_id} at {settings.bootstrap_servers}:")
-    for name, created, count, config in topics:
-        configs = " ".join(f"{k}={v}" for k, v in sorted(config.items()))
-        unit = "partition" if count == 1 else "partitions"
-        status = "created" if created else "exists"
-        print(f"  {status:<8} {name:<{width}}  {count:>3} {unit:<10} {configs}".rstrip())
+    for topic in topics:
+        if topic.config is None:
+            configs = "(configs not readable)"
+        else:
+            configs = " ".join(f"{k}={v}" for k, v in sorted(topic.config.items()))
+        if topic.differs:
+            wanted = " ".join(f"{k}={v}" for k, v in sorted(topic.differs.items()))
+            configs += f" (the worker creates it with {wanted})"
+        unit = "partition" if topic.partitions == 1 else "partitions"
+        status = "created" if topic.created else "exists"
+        line = f"  {status:<8} {topic.name:<{width}}  {topic.partitions:>3} {unit:<10} {configs}"
+        print(line.rstrip())
     return 0
 
 

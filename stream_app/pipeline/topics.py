@@ -184,7 +184,7 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
                 "them (stream-app topics create, with a principal that may), or fix the "
                 "setting the broker names"
             )
-        configs = await _topic_configs(admin, [s.name for s in specs])
+        configs = await topic_configs(admin, [s.name for s in specs])
     finally:
         await admin.close()
     if created:
@@ -277,7 +277,7 @@ def _for_ever(retention: str) -> bool:
     return value < 0 or value == 2**63 - 1
 
 
-async def _topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+async def topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
     """The configs of ``names`` (those it may read; a topic's config inherits the
     broker's, e.g. ``max.message.bytes`` its ``message.max.bytes``)."""
     described = await admin.describe_configs(

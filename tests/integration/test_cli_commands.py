@@ -55,10 +55,43 @@ async def test_topics_create_then_send_and_tail_through_a_worker(
     t = deployment.topics
     app_id = env["STREAM_APP_APP_ID"]
 
+    # The re-key topic as an older worker created it: what the output says is
+    # its config, not the one the worker would give it.
+    rekeyed = f"{app_id}-sessions.rekeyed"
+    admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(rekeyed, 3, 1, topic_configs={"retention.ms": "86400000"})]
+        )
+    finally:
+        await admin.close()
+
     created = await asyncio.to_thread(stream_app, env, "topics", "create")
     assert created.returncode == 0, created.stderr
     lines = {line.split()[1]: line.split() for line in created.stdout.splitlines()[1:]}
     assert lines[t.commands][:4] == ["exists", t.commands, "3", "partitions"]  # made by fixture
+    assert lines[rekeyed] == [
+        "exists",
+        rekeyed,
+        "3",
+        "partitions",
+        "cleanup.policy=delete",
+        "retention.bytes=-1",
+        "retention.ms=86400000",
+        "segment.bytes=1073741824",
+        "(the",
+        "worker",
+        "creates",
+        "it",
+        "with",
+        "retention.ms=-1",
+        "segment.bytes=52428800)",
+    ]
+    assert "records the workers have not processed yet are deleted" in created.stderr
+    profiles = f"{app_id}-sessions.by-profile"
+    assert lines[profiles][0] == "created"
+    assert "retention.ms=-1" in lines[profiles]
     assert lines[t.closed][:4] == ["created", t.closed, "3", "partitions"]
     assert lines[t.application_settings] == [
         "created",
