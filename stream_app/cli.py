@@ -508,8 +508,9 @@ async def create_topics(settings: Settings) -> list[DeclaredTopic]:
         await admin.close()
     declared = []
     for spec in specs:
+        # Described, a topic has every config; none: the broker would not say.
         actual = configs.get(spec.name)
-        config = None if actual is None else {k: actual.get(k, "") for k in spec.config}
+        config = {k: actual.get(k, "") for k in spec.config} if actual else None
         differs = {k: v for k, v in spec.config.items() if config is not None and config[k] != v}
         declared.append(
             DeclaredTopic(
