@@ -467,11 +467,13 @@ class DeclaredTopic(NamedTuple):
 
     name: str
     created: bool
+    #: 0 when the broker would not describe the topic.
     partitions: int
-    #: The topic's values of the configs this app sets on the topics it
-    #: creates; None when the broker would not say (no DescribeConfigs).
+    #: The topic's values of the configs this app sets on it ("?": not
+    #: described); None when the broker would not describe its configs (no
+    #: DescribeConfigs, or a topic it does not know yet).
     config: dict[str, str] | None
-    #: Those of the app's configs that the (existing) topic does not have.
+    #: Those of the app's configs that the topic does not have.
     differs: dict[str, str]
 
 
@@ -508,15 +510,23 @@ async def create_topics(settings: Settings) -> list[DeclaredTopic]:
         await admin.close()
     declared = []
     for spec in specs:
-        # Described, a topic has every config; none: the broker would not say.
+        created = spec.name not in before
+        partitions = counts.get(spec.name, 0)
         actual = configs.get(spec.name)
-        config = {k: actual.get(k, "") for k in spec.config} if actual else None
-        differs = {k: v for k, v in spec.config.items() if config is not None and config[k] != v}
-        declared.append(
-            DeclaredTopic(
-                spec.name, spec.name not in before, counts.get(spec.name, 0), config, differs
-            )
-        )
+        if created and (actual is None or not partitions):
+            # Not known yet to the broker asked: as it was created just now.
+            actual = actual or spec.config
+            partitions = partitions or spec.partitions
+        if not spec.config:
+            config: dict[str, str] | None = {}  # nothing of it to read
+        elif actual is None:
+            config = None
+        else:
+            config = {k: actual.get(k, "?") for k in spec.config}
+        differs = {
+            k: v for k, v in spec.config.items() if config is not None and config[k] not in (v, "?")
+        }
+        declared.append(DeclaredTopic(spec.name, created, partitions, config, differs))
     return declared
 
 

@@ -278,14 +278,16 @@ def _for_ever(retention: str) -> bool:
 
 
 async def topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
-    """The configs of ``names`` (those it may read; a topic's config inherits the
-    broker's, e.g. ``max.message.bytes`` its ``message.max.bytes``)."""
+    """The configs of those of ``names`` the broker describes (a topic's config
+    inherits the broker's, e.g. ``max.message.bytes`` its ``message.max.bytes``)."""
     described = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     )
-    # A resource: (error code, message, type, name, [(config, value, ...), ...]).
+    # A resource: (error code, message, type, name, [(config, value, ...), ...]);
+    # one the broker would not describe (not authorized, not known yet) is left out.
     return {
         resource[3]: {entry[0]: entry[1] for entry in resource[4] if entry[1] is not None}
         for response in described
         for resource in response.resources
+        if not resource[0]
     }

@@ -1,0 +1,111 @@
+"""What ``stream-app topics create`` prints of each topic when the broker
+describes it, will not describe it, or does not know it yet (no broker: a
+stand-in admin client)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import aiokafka.admin
+import pytest
+from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource
+from aiokafka.protocol.admin import CreateTopicsResponse_v3
+
+from stream_app import cli
+from stream_app.pipeline import topics as topics_module
+from stream_app.pipeline.topics import changelog_topic, profile_topic, rekey_topic
+from stream_app.settings import Settings
+
+SETTINGS = Settings(bootstrap_servers="kafka:9092", app_id="shop", partitions=6)
+REKEYED = rekey_topic(SETTINGS)
+BY_PROFILE = profile_topic(SETTINGS)
+#: Created by the command, and not yet known to the broker asked about it.
+NEW_CHANGELOG = changelog_topic(SETTINGS, "first-sessions")
+#: Described with only some of the configs the app sets.
+OLD_REKEYED = {
+    "cleanup.policy": "delete",
+    "retention.ms": "86400000",
+    "segment.bytes": "1073741824",
+}
+
+
+class _Cluster:
+    """Every topic exists but :data:`NEW_CHANGELOG`; the by-profile topic's
+    configs may not be described (TOPIC_AUTHORIZATION_FAILED)."""
+
+    def __init__(self, **options: object) -> None:
+        self.names = [s.name for s in topics_module.topic_specs(SETTINGS, 6)]
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def list_topics(self) -> list[str]:
+        return [name for name in self.names if name != NEW_CHANGELOG]
+
+    async def describe_topics(self, names: list[str]) -> list[object]:
+        return [
+            {"topic": n, "error_code": 3, "partitions": []}
+            if n == NEW_CHANGELOG
+            else {"topic": n, "error_code": 0, "partitions": [{}] * 6}
+            for n in names
+        ]
+
+    async def create_topics(self, new: list[NewTopic]) -> object:
+        return CreateTopicsResponse_v3(throttle_time_ms=0, topic_errors=[(new[0].name, 0, None)])
+
+    async def describe_configs(self, resources: list[ConfigResource]) -> list[object]:
+        specs = {s.name: s.config for s in topics_module.topic_specs(SETTINGS, 6)}
+        described = []
+        for resource in resources:
+            name = resource.name
+            if name == BY_PROFILE:
+                described.append((29, "denied", 2, name, []))
+            elif name == NEW_CHANGELOG:
+                described.append((3, "unknown", 2, name, []))
+            else:
+                config = OLD_REKEYED if name == REKEYED else specs[name]
+                entries = [(k, v) for k, v in config.items()]
+                described.append((0, None, 2, name, [*entries, ("max.message.bytes", "1048588")]))
+        return [SimpleNamespace(resources=described)]
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _Cluster)
+    monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", _Cluster)
+
+
+@pytest.mark.usefixtures("cluster")
+def test_each_topic_is_shown_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run_topics_create(SETTINGS, None) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert len(lines) == 12
+    # Its own values; "?" for one not described; then what the worker would set.
+    assert lines[REKEYED].split()[:2] == ["exists", REKEYED]
+    assert lines[REKEYED].endswith(
+        "6 partitions cleanup.policy=delete retention.bytes=? retention.ms=86400000 "
+        "segment.bytes=1073741824 (the worker creates it with retention.ms=-1 "
+        "segment.bytes=52428800)"
+    )
+    assert lines[BY_PROFILE].endswith("6 partitions (configs not readable)")
+    # Created just now, not known yet to the broker asked: as it was created.
+    assert lines[NEW_CHANGELOG].split() == [
+        "created",
+        NEW_CHANGELOG,
+        "6",
+        "partitions",
+        "cleanup.policy=compact",
+    ]
+    # The app sets no config on the command topic: nothing to read or say.
+    assert lines[SETTINGS.topics.commands].split() == [
+        "exists",
+        SETTINGS.topics.commands,
+        "6",
+        "partitions",
+    ]
+    compacted = lines[changelog_topic(SETTINGS, "sessions")]
+    assert compacted.split()[-1] == "cleanup.policy=compact"
