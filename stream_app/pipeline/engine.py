@@ -180,7 +180,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         #: partition; its URL is set by the worker once HTTP is up.
         self.assignor = RoutingRangeAssignor(url="")
         #: Deletes processed records from the re-key and by-profile topics.
-        self._purger = purger(settings)
+        self.purger = purger(settings)
         self._purging: asyncio.Task[None] | None = None
         self._purged_at = time.monotonic()
 
@@ -425,14 +425,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             for tp, offset in task.committed.items()
             if tp.topic in internal
         }
-        self._purging = asyncio.create_task(self._purger.purge(committed))
+        self._purging = asyncio.create_task(self.purger.purge(committed))
 
     async def _stop_purging(self) -> None:
         purging, self._purging = self._purging, None
         if purging is not None:
             purging.cancel()
             await asyncio.gather(purging, return_exceptions=True)
-        await self._purger.close()
+        await self.purger.close()
 
     async def _poll(
         self, consumer: AIOKafkaConsumer, timeout_ms: int

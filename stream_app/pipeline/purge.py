@@ -56,6 +56,9 @@ class Purger:
         self.purged: dict[TopicPartition, int] = {}
         #: Purges failed since the last that did not.
         self.failures = 0
+        #: Purges that deleted, and that failed, since the start (for /metrics).
+        self.succeeded = 0
+        self.failed = 0
         self._warned = False
 
     async def purge(self, committed: Mapping[TopicPartition, int]) -> None:
@@ -76,6 +79,7 @@ class Purger:
             return
         if self._warned:
             log.warning("purging the internal topics again")
+        self.succeeded += 1
         self.failures = 0
         self._warned = False
         for tp, records in wanted.items():
@@ -94,6 +98,7 @@ class Purger:
         return self._admin
 
     def _failed(self, wanted: Mapping[TopicPartition, RecordsToDelete], exc: Exception) -> None:
+        self.failed += 1
         self.failures += 1
         refused = not_authorized(exc) is not None
         if self._warned:

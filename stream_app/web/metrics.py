@@ -89,6 +89,21 @@ class EngineCollector(Collector):
         transactions.add_metric(["committed"], engine.commits)
         transactions.add_metric(["aborted"], engine.aborts)
         yield transactions
+        purger = engine.purger
+        purges = CounterMetricFamily(
+            "stream_app_purges",
+            "Deletions of processed records from the re-key and by-profile topics, by result",
+            labels=["result"],
+        )
+        purges.add_metric(["succeeded"], purger.succeeded)
+        purges.add_metric(["failed"], purger.failed)
+        yield purges
+        yield GaugeMetricFamily(
+            "stream_app_purge_failures_in_a_row",
+            "Purges failed since the last that succeeded: while above 0, the re-key and "
+            "by-profile topics keep records the worker has processed",
+            value=purger.failures,
+        )
         lag = GaugeMetricFamily(
             "stream_app_consumer_lag",
             "Records not yet processed, per input partition (to the last stable offset)",

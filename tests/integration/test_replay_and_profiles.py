@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 from aiokafka.partitioner import DefaultPartitioner
 
 from stream_app.pipeline.topics import profile_topic, rekey_topic
@@ -18,6 +19,7 @@ from tests.integration.harness import (
     command,
     consume,
     create_topics,
+    metric_samples,
     produce,
     purged_offsets,
     topic_configs,
@@ -281,3 +283,11 @@ async def test_what_the_workers_processed_is_purged_from_the_internal_topics(
         assert end - first <= d.partitions, (tp, offsets[tp])
     assert worker.running
     assert "purging processed records failed" not in worker.log_tail(200_000)
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{worker.http_url()}/metrics") as answer,
+    ):
+        metrics = metric_samples((await answer.read()).decode())
+    assert metrics[("stream_app_purges_total", (("result", "succeeded"),))] >= 1
+    assert metrics[("stream_app_purges_total", (("result", "failed"),))] == 0
+    assert metrics[("stream_app_purge_failures_in_a_row", ())] == 0

@@ -513,7 +513,7 @@ async def test_purges_ask_for_the_internal_topics_committed_offsets_one_at_a_tim
         _TaskThatCommitted("profiles", 1, {by_profile: 7}),
     )
     purger = _SlowPurger()
-    engine._purger = purger  # type: ignore[assignment]
+    engine.purger = purger  # type: ignore[assignment]
     engine._purge(1.0)
     await asyncio.sleep(0)
     engine._purge(2.0)  # the first is still going: not another
@@ -531,7 +531,7 @@ async def test_purges_ask_for_the_internal_topics_committed_offsets_one_at_a_tim
 async def test_a_stop_cancels_the_purge_in_flight_and_closes_its_client(tmp_path: Path) -> None:
     engine = Engine(Settings(data_dir=tmp_path, app_id="shop"), TopicLayout(1, 1_048_588))
     purger = _SlowPurger()
-    engine._purger = purger  # type: ignore[assignment]
+    engine.purger = purger  # type: ignore[assignment]
     engine._purge(1.0)
     await asyncio.sleep(0)
     await asyncio.wait_for(engine._close(_LeavingConsumer()), 5)  # type: ignore[arg-type]
