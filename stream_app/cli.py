@@ -486,7 +486,6 @@ async def create_topics(settings: Settings) -> list[DeclaredTopic]:
         check_retention,
         check_session_limit,
         ensure_topics,
-        topic_configs,
         topic_specs,
     )
 
@@ -499,20 +498,18 @@ async def create_topics(settings: Settings) -> list[DeclaredTopic]:
         check_session_limit(settings, layout)
         check_retention(settings, layout)
         specs = topic_specs(settings, layout.partitions)
-        names = [spec.name for spec in specs]
         counts = {
             entry["topic"]: len(entry.get("partitions") or ())
-            for entry in await admin.describe_topics(names)
+            for entry in await admin.describe_topics([spec.name for spec in specs])
             if not entry.get("error_code")
         }
-        configs = await topic_configs(admin, names)
     finally:
         await admin.close()
     declared = []
     for spec in specs:
         created = spec.name not in before
         partitions = counts.get(spec.name, 0)
-        actual = configs.get(spec.name)
+        actual = layout.configs.get(spec.name)
         if created and (actual is None or not partitions):
             # Not known yet to the broker asked: as it was created just now.
             actual = actual or spec.config
@@ -523,9 +520,11 @@ async def create_topics(settings: Settings) -> list[DeclaredTopic]:
             config = None
         else:
             config = {k: actual.get(k, "?") for k in spec.config}
-        differs = {
-            k: v for k, v in spec.config.items() if config is not None and config[k] not in (v, "?")
-        }
+        differs = (
+            {}
+            if config is None
+            else {k: v for k, v in spec.config.items() if config[k] not in (v, "?")}
+        )
         declared.append(DeclaredTopic(spec.name, created, partitions, config, differs))
     return declared
 

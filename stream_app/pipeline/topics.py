@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -113,6 +113,9 @@ class TopicLayout:
     #: Internal topics whose config deletes records the worker may not have
     #: processed yet (an operator's or an older worker's), likewise.
     expiring: tuple[str, ...] = ()
+    #: Each topic's configs, as the broker described them after the topics were
+    #: created (those it would not describe are left out).
+    configs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 #: CreateTopics' answer when creations are throttled (aiokafka has no class for it).
@@ -184,7 +187,7 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
                 "them (stream-app topics create, with a principal that may), or fix the "
                 "setting the broker names"
             )
-        configs = await topic_configs(admin, [s.name for s in specs])
+        configs = await _topic_configs(admin, [s.name for s in specs])
     finally:
         await admin.close()
     if created:
@@ -208,6 +211,7 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
         min(limits, default=_KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
         deleting(_COMPACTED),
         deleting(_REPARTITION),
+        configs,
     )
 
 
@@ -277,7 +281,7 @@ def _for_ever(retention: str) -> bool:
     return value < 0 or value == 2**63 - 1
 
 
-async def topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+async def _topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
     """The configs of those of ``names`` the broker describes (a topic's config
     inherits the broker's, e.g. ``max.message.bytes`` its ``message.max.bytes``)."""
     described = await admin.describe_configs(
