@@ -311,9 +311,8 @@ async def purged_offsets(
     deadline = time.monotonic() + timeout
     while True:
         offsets = await partition_offsets(bootstrap, group, topics)
-        if all(first == (committed or 0) for first, committed, _ in offsets.values()):
-            return offsets
-        if time.monotonic() > deadline:
+        purged = all(first == (committed or 0) for first, committed, _ in offsets.values())
+        if purged or time.monotonic() > deadline:
             return offsets
         await asyncio.sleep(0.5)
 
