@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import promql_parser
 import pytest
 import yaml
 from referencing import Registry, Resource
@@ -40,7 +41,13 @@ CUSTOM_KINDS = {
     "ScaledObject",
     "TriggerAuthentication",
     "ServiceMonitor",
+    "PrometheusRule",
 }
+
+#: The alerting rules of the ``alerts`` component.
+ALERT_RULES = DEPLOY / "components" / "alerts" / "prometheusrule.yaml"
+#: Series of Prometheus' own that a rule may select.
+PROMETHEUS_SERIES = {"up"}
 
 Doc = dict[str, Any]
 
@@ -258,3 +265,45 @@ def iter_probes(container: Mapping[str, Any]) -> Iterator[tuple[str, Doc]]:
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
         if kind in container:
             yield kind, container[kind]
+
+
+def alerts(path: Path = ALERT_RULES) -> list[Doc]:
+    """Every rule of every group of a PrometheusRule file."""
+    doc = yaml.safe_load(path.read_text())
+    return [rule for group in doc["spec"]["groups"] for rule in group["rules"]]
+
+
+def selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
+    """The series a PromQL expression selects: (metric name, {label: value} of
+    its matchers). A syntax error raises ValueError, as promql_parser does."""
+    found: list[tuple[str, dict[str, str]]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            assert node.name, f"a selector without a metric name in {expr!r}"
+            matchers = {m.name: m.value for m in node.matchers.matchers}
+            found.append((node.name, matchers))
+            return
+        for child in ("lhs", "rhs", "expr", "param", "vector_selector"):
+            value = getattr(node, child, None)
+            if value is not None:
+                walk(value)
+        for arg in getattr(node, "args", None) or ():
+            walk(arg)
+
+    walk(promql_parser.parse(expr))
+    return found
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub makes of a Markdown file's headings (not of the
+    comments in its code blocks)."""
+    anchors = set()
+    fenced = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif line.startswith("#") and not fenced:
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^a-z0-9 _-]", "", title).replace(" ", "-"))
+    return anchors

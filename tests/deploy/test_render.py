@@ -70,8 +70,9 @@ def test_custom_resources_match_their_crd_schemas(rendering: Rendering) -> None:
 
 def test_prod_has_the_optional_components(renderings: dict[str, Rendering]) -> None:
     kinds = {d["kind"] for d in renderings["prod"].docs}
-    assert {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"} <= kinds
-    assert not {"ScaledObject", "ServiceMonitor"} & {d["kind"] for d in renderings["dev"].docs}
+    assert {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"} <= kinds
+    optional = {"ScaledObject", "ServiceMonitor", "PrometheusRule"}
+    assert not optional & {d["kind"] for d in renderings["dev"].docs}
 
 
 def test_a_broken_manifest_fails_strict_validation(
@@ -112,6 +113,16 @@ def test_a_broken_manifest_fails_strict_validation(
             "is not of type 'string'",
         ),
         ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(path="metrics"), "match"),
+        (
+            "PrometheusRule",
+            lambda d: d["spec"]["groups"][0]["rules"][0].update({"for": "5 minutes"}),
+            "match",
+        ),
+        (
+            "PrometheusRule",
+            lambda d: d["spec"]["groups"][0]["rules"][0].update(runbook_url="x"),
+            "Additional properties",
+        ),
     ],
 )
 def test_a_broken_custom_resource_fails_its_schema(

@@ -18,6 +18,7 @@ from yarl import URL
 
 from stream_app import json
 from stream_app.pipeline.processor import partition_for
+from tests.deploy.manifests import PROMETHEUS_SERIES, alerts, selectors
 from tests.integration.harness import (
     ROOT,
     Deployment,
@@ -132,6 +133,14 @@ async def test_metrics_parse_and_move_as_commands_are_processed(
     keys = sum(v for k, v in after.items() if k[0] == "stream_app_store_keys")
     assert keys >= 20
     assert after[("stream_app_ready", ())] == 1
+    # The alerting rules (deploy/components/alerts) match on labels these series have.
+    for rule in alerts():
+        for metric, matchers in selectors(str(rule["expr"])):
+            if metric in PROMETHEUS_SERIES:
+                continue
+            labels = {label for name, pairs in after if name == metric for label, _ in pairs}
+            assert any(name == metric for name, _ in after), (rule["alert"], metric)
+            assert set(matchers) <= labels, (rule["alert"], metric, matchers, labels)
     assert worker.stop() == 0
 
 
