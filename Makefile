@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo install lint bench bench-memory clean
+.PHONY: test demo install lint bench bench-memory check-alerts clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required"; exit 1; }
@@ -50,6 +50,11 @@ bench: install $(BENCH_STAMP)
 MEMORY_ARGS ?=
 bench-memory: install
 	$(BIN)/python bench/memory_bench.py $(MEMORY_ARGS)
+
+# The alerting rules under Prometheus' own promtool (built once with Go, ~5
+# minutes): too slow for `make test`, which checks them offline.
+check-alerts: install
+	$(BIN)/python tools/check_alerts.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) var .pytest_cache .mypy_cache .ruff_cache
