@@ -89,6 +89,10 @@ _METRICS_LOG_EVERY_S: Final = 30.0
 _HEARTBEAT_S: Final = 3.0
 #: Of the stop's bound, left for what follows the consumer's stop (HTTP, exit).
 _LEAVE_MARGIN_S: Final = 1.0
+#: How often the tasks' positions are moved past what the consumer skipped
+#: (see :meth:`Engine._pass_skipped`), and how long to wait for a position.
+_PASS_SKIPPED_EVERY_S: Final = 1.0
+_POSITION_WAIT_S: Final = 0.5
 #: How far past its position each input is read raw to find an unreadable record.
 _RAW_BATCHES_PER_INPUT: Final = 64
 _LAYOUT_FILE: Final = "layout.json"
@@ -374,7 +378,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         await consumer.start()
         consumer.subscribe(self.input_topics, listener=self)
         poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
-        last_metrics = time.monotonic()
+        last_metrics = passed_at = time.monotonic()
         consumed_any = False
         try:
             while not self._stopping.is_set():
@@ -398,6 +402,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 async with self._lock:
                     await self._process(batches)
                     await self._commit(due_only=True)
+                    if time.monotonic() - passed_at >= _PASS_SKIPPED_EVERY_S:
+                        passed_at = time.monotonic()
+                        await self._pass_skipped(consumer)
                 now = time.monotonic()
                 if (
                     self._fenced_since is not None
@@ -411,6 +418,25 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     self._purge(now)
         finally:
             await self._close(consumer)
+
+    async def _pass_skipped(self, consumer: AIOKafkaConsumer) -> None:
+        """Move each active input's position past the offsets the consumer
+        skipped after its last record: transaction markers and aborted records.
+
+        Without this a partition written in transactions (the re-key and
+        by-profile topics always, the command topic when checkout systems use
+        transactions) shows a lag of 1 at rest, its last commit marker, and
+        the lag would never say "caught up". Called between polls, with every
+        record delivered to an active task processed, so the consumer's
+        position is past nothing but such offsets."""
+        for task in [t for t in self._tasks.values() if t.active]:
+            for tp in task.inputs:
+                try:
+                    position = await asyncio.wait_for(consumer.position(tp), _POSITION_WAIT_S)
+                except (TimeoutError, KafkaError):  # resetting, or no longer assigned
+                    continue
+                if position > task.positions.get(tp, 0):
+                    task.positions[tp] = position
 
     def _purge(self, now: float) -> None:
         """Begin purging what the tasks have committed from the re-key and

@@ -143,7 +143,8 @@ class Task:
         self.producer: AIOKafkaProducer | None = None
         self.process: Process | None = None
         self.checkpoint: Checkpoint | None = None
-        #: Next offset to process per input; records below it are repeats.
+        #: Next offset to process per input; records below it are repeats. The
+        #: engine moves it past transaction markers and aborted records too.
         self.positions: dict[TopicPartition, int] = {}
         #: The offsets of the inputs this task's last transactions committed.
         self.committed: dict[TopicPartition, int] = {}

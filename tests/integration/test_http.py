@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiokafka import AIOKafkaProducer
 from yarl import URL
 
 from stream_app import json
 from stream_app.pipeline.processor import partition_for
+from stream_app.pipeline.topics import profile_topic, rekey_topic
 from tests.deploy.manifests import PROMETHEUS_SERIES, alerts, selectors
 from tests.integration.harness import (
     ROOT,
@@ -141,6 +143,58 @@ async def test_metrics_parse_and_move_as_commands_are_processed(
             labels = {label for name, pairs in after if name == metric for label, _ in pairs}
             assert any(name == metric for name, _ in after), (rule["alert"], metric)
             assert set(matchers) <= labels, (rule["alert"], metric, matchers, labels)
+    assert worker.stop() == 0
+
+
+async def test_an_idle_worker_shows_no_lag_on_inputs_written_in_transactions(
+    deployment: Deployment, workers: StartWorker
+) -> None:
+    """Every input ends in a commit marker here: the commands come from a
+    transactional producer, and the re-key and by-profile topics are the
+    worker's own transactional writes. Before, each such partition showed a
+    lag of 1 at rest, for good (the marker), and StreamAppStalled paged."""
+    t = deployment.topics
+    worker = workers(deployment)
+    cart = [{"sku": "lamp", "quantity": 1, "price": 3}]
+    records = []
+    for i in range(12):
+        iid = f"idle-{i:03d}"
+        session = {"profileId": f"p-{i % 3}", "cartItems": cart}
+        records.append((iid.encode(), command("update", iid, session=session)))
+        records.append((iid.encode(), command("update", iid, session={"state": "closed"})))
+    records.append((b"wrong-key", command("update", "idle-rekeyed", session={"state": "closed"})))
+    producer = AIOKafkaProducer(
+        bootstrap_servers=deployment.bootstrap, transactional_id=f"{t.commands}-checkout"
+    )
+    await producer.start()
+    try:
+        async with producer.transaction():
+            for key, value in records:
+                await producer.send(t.commands, value=value, key=key)
+    finally:
+        await producer.stop()
+    await consume(deployment.bootstrap, [t.closed], expect=13, timeout=90)
+
+    url = worker.http_url()
+    deadline = time.monotonic() + 30
+    while True:
+        _, text = await get(f"{url}/metrics")
+        lag = {
+            dict(labels)["topic"]: value
+            for (name, labels), value in metric_samples(text.decode()).items()
+            if name == "stream_app_consumer_lag" and value
+        }
+        topics = {
+            dict(labels)["topic"]
+            for name, labels in metric_samples(text.decode())
+            if name == "stream_app_consumer_lag"
+        }
+        if not lag or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    settings = deployment.settings()
+    assert {t.commands, rekey_topic(settings), profile_topic(settings)} <= topics
+    assert lag == {}
     assert worker.stop() == 0
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import (
+    IllegalStateError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
     UnknownTopicOrPartitionError,
@@ -537,3 +538,73 @@ async def test_a_stop_cancels_the_purge_in_flight_and_closes_its_client(tmp_path
     await asyncio.wait_for(engine._close(_LeavingConsumer()), 5)  # type: ignore[arg-type]
     assert (purger.cancelled, purger.closed) == (1, 1)
     assert engine._purging is None
+
+
+class _InputsAt:
+    """A task's inputs: ``positions`` processed so far."""
+
+    def __init__(self, task_id: TaskId, positions: dict[TopicPartition, int], active: bool) -> None:
+        self.id = task_id
+        self.inputs = list(positions)
+        self.positions = dict(positions)
+        self.active = active
+
+
+class _PositionedConsumer:
+    """Where the consumer stands on each input, and each input's last stable offset."""
+
+    def __init__(
+        self, positions: dict[TopicPartition, int | None], stable: dict[TopicPartition, int]
+    ) -> None:
+        self.positions = positions
+        self.stable = stable
+
+    async def position(self, tp: TopicPartition) -> int:
+        position = self.positions.get(tp)
+        if tp not in self.positions:
+            raise IllegalStateError(f"Partition {tp} is not assigned")
+        if position is None:  # being reset: aiokafka waits for the new position
+            await asyncio.sleep(30)
+            raise AssertionError("waited for a reset")
+        return position
+
+    def last_stable_offset(self, tp: TopicPartition) -> int:
+        return self.stable[tp]
+
+
+async def test_positions_pass_commit_markers_so_an_idle_worker_shows_no_lag(
+    tmp_path: Path,
+) -> None:
+    """Before, every input written in transactions (the re-key and by-profile
+    topics, always) showed a lag of 1 at rest, its last commit marker: the
+    worker never looked caught up, and StreamAppStalled paged on idle workers."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    marker, plain, behind, resetting, gone, idle = (TopicPartition(f"t{i}", 0) for i in range(6))
+    active = _InputsAt(
+        TaskId("commands", 0),
+        {marker: 10, plain: 5, behind: 7, resetting: 3, gone: 4},
+        active=True,
+    )
+    starting = _InputsAt(TaskId("profiles", 0), {idle: 2}, active=False)
+    _owning(engine, active, starting)
+    consumer = _PositionedConsumer(
+        # The consumer skipped the marker at 10; nothing past 5; 7 moved back
+        # by a seek; 3 being reset; ``gone`` no longer assigned.
+        {marker: 11, plain: 5, behind: 6, resetting: None, idle: 9},
+        {marker: 11, plain: 5, behind: 9, resetting: 8, gone: 4, idle: 9},
+    )
+    engine._consumer = consumer  # type: ignore[assignment]
+    assert engine.lag()[marker.topic, 0] == 1
+
+    await asyncio.wait_for(engine._pass_skipped(consumer), timeout=5)  # type: ignore[arg-type]
+
+    assert active.positions == {marker: 11, plain: 5, behind: 7, resetting: 3, gone: 4}
+    assert starting.positions == {idle: 2}  # not started: its records were not processed
+    assert engine.lag() == {
+        ("t0", 0): 0,
+        ("t1", 0): 0,
+        ("t2", 0): 2,
+        ("t3", 0): 5,
+        ("t4", 0): 0,
+    }
