@@ -113,6 +113,16 @@ _COMMAND_KINDS: Final[dict[type, str]] = {
     ReturnCommand: "return",
     ReopenCommand: "reopen",
 }
+#: Every (type, outcome) of :attr:`Metrics.commands` a command can have: a
+#: record that is no readable command is only ever rejected.
+COMMAND_SERIES: Final = (
+    *(
+        (kind, outcome)
+        for kind in _COMMAND_KINDS.values()
+        for outcome in ("applied", "duplicate", "rejected", "rekeyed")
+    ),
+    ("unknown", "rejected"),
+)
 
 
 @dataclass(frozen=True, slots=True)

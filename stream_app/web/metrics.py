@@ -20,6 +20,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from stream_app.domain import Reason
+from stream_app.pipeline.processor import COMMAND_SERIES
+
 if TYPE_CHECKING:
     from stream_app.pipeline.engine import Engine
 
@@ -38,14 +41,16 @@ class EngineCollector(Collector):
             "Commands processed, by type and outcome",
             labels=["type", "outcome"],
         )
-        for (kind, outcome), count in sorted(m.commands.items()):
-            commands.add_metric([kind, outcome], count)
+        # Every series from the start, at 0 until it moves: an alert on an
+        # increase would miss the first one if the series began at 1.
+        for kind, outcome in sorted(dict.fromkeys(COMMAND_SERIES) | m.commands.keys()):
+            commands.add_metric([kind, outcome], m.commands.get((kind, outcome), 0))
         yield commands
         rejections = CounterMetricFamily(
             "stream_app_rejections", "Records rejected, by reason", labels=["reason"]
         )
-        for reason, count in sorted(m.rejections.items()):
-            rejections.add_metric([reason], count)
+        for reason in sorted({r.value for r in Reason} | m.rejections.keys()):
+            rejections.add_metric([reason], m.rejections.get(reason, 0))
         yield rejections
         yield CounterMetricFamily(
             "stream_app_duplicates", "Commands recognised as duplicates", value=m.duplicates

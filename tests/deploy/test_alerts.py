@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
+from prometheus_client import Metric
 
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.topics import TopicLayout
@@ -37,11 +38,15 @@ _SAMPLE_SUFFIXES = {
 }
 
 
+def _families() -> list[Metric]:
+    """What a worker that has processed nothing yet exports."""
+    return list(EngineCollector(Engine(Settings(), TopicLayout(6, 1_048_588))).collect())
+
+
 def exported_series() -> set[str]:
     """The sample names the worker's ``/metrics`` can have, from its collector."""
-    engine = Engine(Settings(), TopicLayout(6, 1_048_588))
     names = set()
-    for family in EngineCollector(engine).collect():
+    for family in _families():
         names.update(family.name + suffix for suffix in _SAMPLE_SUFFIXES[family.type])
     return names
 
@@ -100,6 +105,27 @@ def test_every_alert_is_promql_over_series_the_worker_exports_with_a_runbook(
     rules = alerts()
     assert len(rules) >= 5
     assert problems(rules, exported, anchors) == []
+
+
+def test_every_series_an_alert_picks_by_label_is_there_from_the_start() -> None:
+    """At 0 before it first moves: an ``increase`` over a series that appears
+    at 1 is 0, so the first INTERNAL_ERROR, say, would not fire its alert. This
+    also checks the label values the rules match on (``result="committed"``)."""
+    samples = [(s.name, s.labels) for family in _families() for s in family.samples]
+    picked = [
+        (rule["alert"], metric, matchers)
+        for rule in alerts()
+        for metric, matchers in selectors(str(rule["expr"]))
+        if matchers and metric not in PROMETHEUS_SERIES
+    ]
+    assert len(picked) >= 3
+    for alert, metric, matchers in picked:
+        found = [
+            labels
+            for name, labels in samples
+            if name == metric and labels.items() >= matchers.items()
+        ]
+        assert found, f"{alert}: no {metric}{matchers} before anything is processed"
 
 
 @pytest.mark.parametrize(
