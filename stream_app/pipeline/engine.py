@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import TopicPartition
 
 from stream_app import json
@@ -428,15 +428,35 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         transactions) shows a lag of 1 at rest, its last commit marker, and
         the lag would never say "caught up". Called between polls, with every
         record delivered to an active task processed, so the consumer's
-        position is past nothing but such offsets."""
-        for task in [t for t in self._tasks.values() if t.active]:
-            for tp in task.inputs:
-                try:
-                    position = await asyncio.wait_for(consumer.position(tp), _POSITION_WAIT_S)
-                except (TimeoutError, KafkaError):  # resetting, or no longer assigned
-                    continue
-                if position > task.positions.get(tp, 0):
-                    task.positions[tp] = position
+        position is past nothing but such offsets. (Or past a record too large
+        to fetch: aiokafka then raises at the next poll, which stops the
+        worker; nothing is committed from these positions, only from the
+        records processed.) Positions being reset are not waited for: all are
+        asked at once, for at most ``_POSITION_WAIT_S``."""
+        inputs = [(task, tp) for task in self._tasks.values() if task.active for tp in task.inputs]
+        if not inputs or self._stopping.is_set():
+            return
+        asks = [asyncio.ensure_future(consumer.position(tp)) for _, tp in inputs]
+        try:
+            done, _ = await asyncio.wait(asks, timeout=_POSITION_WAIT_S)
+        finally:
+            for ask in asks:
+                ask.cancel()  # those still waiting; the others are done
+        for (task, tp), ask in zip(inputs, asks, strict=True):
+            if ask not in done:
+                continue
+            exc = ask.exception()
+            if isinstance(exc, IllegalStateError):
+                continue  # no longer assigned: the revocation will drop the task
+            if exc is not None:
+                # position() raises what the group coordinator met, as a poll would.
+                refused = not_authorized(exc)
+                if refused is None:
+                    raise exc
+                self._fail(refused)
+                return
+            if ask.result() > task.positions.get(tp, 0):
+                task.positions[tp] = ask.result()
 
     def _purge(self, now: float) -> None:
         """Begin purging what the tasks have committed from the re-key and

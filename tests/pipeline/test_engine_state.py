@@ -6,6 +6,7 @@ a revocation or a send, and added partitions."""
 from __future__ import annotations
 
 import asyncio
+import time
 from asyncio import Event
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import (
+    GroupAuthorizationFailedError,
     IllegalStateError,
+    KafkaConnectionError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
     UnknownTopicOrPartitionError,
@@ -551,24 +554,32 @@ class _InputsAt:
 
 
 class _PositionedConsumer:
-    """Where the consumer stands on each input, and each input's last stable offset."""
+    """Where the consumer stands on each input (None: being reset; an
+    exception: what the group coordinator met), and each last stable offset."""
 
     def __init__(
-        self, positions: dict[TopicPartition, int | None], stable: dict[TopicPartition, int]
+        self,
+        positions: dict[TopicPartition, int | Exception | None],
+        stable: dict[TopicPartition, int],
     ) -> None:
         self.positions = positions
         self.stable = stable
+        self.asked: list[TopicPartition] = []
 
     async def position(self, tp: TopicPartition) -> int:
-        position = self.positions.get(tp)
+        self.asked.append(tp)
         if tp not in self.positions:
             raise IllegalStateError(f"Partition {tp} is not assigned")
+        position = self.positions[tp]
+        if isinstance(position, Exception):
+            raise position
         if position is None:  # being reset: aiokafka waits for the new position
             await asyncio.sleep(30)
             raise AssertionError("waited for a reset")
         return position
 
     def last_stable_offset(self, tp: TopicPartition) -> int:
+        assert tp in self.positions, "aiokafka asserts the partition is assigned"
         return self.stable[tp]
 
 
@@ -578,33 +589,65 @@ async def test_positions_pass_commit_markers_so_an_idle_worker_shows_no_lag(
     """Before, every input written in transactions (the re-key and by-profile
     topics, always) showed a lag of 1 at rest, its last commit marker: the
     worker never looked caught up, and StreamAppStalled paged on idle workers."""
-    settings = Settings(data_dir=tmp_path)
-    engine = Engine(settings, TopicLayout(1, 1_048_588))
-    marker, plain, behind, resetting, gone, idle = (TopicPartition(f"t{i}", 0) for i in range(6))
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    marker, plain, behind, resetting, resetting_too, gone, idle = (
+        TopicPartition(f"t{i}", 0) for i in range(7)
+    )
     active = _InputsAt(
         TaskId("commands", 0),
-        {marker: 10, plain: 5, behind: 7, resetting: 3, gone: 4},
+        {marker: 10, plain: 5, behind: 7, resetting: 3, resetting_too: 1, gone: 4},
         active=True,
     )
     starting = _InputsAt(TaskId("profiles", 0), {idle: 2}, active=False)
     _owning(engine, active, starting)
     consumer = _PositionedConsumer(
         # The consumer skipped the marker at 10; nothing past 5; 7 moved back
-        # by a seek; 3 being reset; ``gone`` no longer assigned.
-        {marker: 11, plain: 5, behind: 6, resetting: None, idle: 9},
-        {marker: 11, plain: 5, behind: 9, resetting: 8, gone: 4, idle: 9},
+        # by a seek; two being reset; ``gone`` no longer assigned.
+        {marker: 11, plain: 5, behind: 6, resetting: None, resetting_too: None, idle: 9},
+        {marker: 11, plain: 5, behind: 9, resetting: 8, resetting_too: 1, idle: 9},
     )
     engine._consumer = consumer  # type: ignore[assignment]
+    active.inputs.remove(gone)
     assert engine.lag()[marker.topic, 0] == 1
+    active.inputs.append(gone)
 
+    began = time.monotonic()
     await asyncio.wait_for(engine._pass_skipped(consumer), timeout=5)  # type: ignore[arg-type]
+    # The two resets were waited for together, and only so long.
+    assert time.monotonic() - began < 1.5
 
-    assert active.positions == {marker: 11, plain: 5, behind: 7, resetting: 3, gone: 4}
-    assert starting.positions == {idle: 2}  # not started: its records were not processed
-    assert engine.lag() == {
-        ("t0", 0): 0,
-        ("t1", 0): 0,
-        ("t2", 0): 2,
-        ("t3", 0): 5,
-        ("t4", 0): 0,
+    assert active.positions == {
+        marker: 11,
+        plain: 5,
+        behind: 7,
+        resetting: 3,
+        resetting_too: 1,
+        gone: 4,
     }
+    assert starting.positions == {idle: 2}  # not started: its records were not processed
+    assert idle not in consumer.asked
+    active.inputs.remove(gone)  # its revocation would drop the task
+    assert engine.lag() == {("t0", 0): 0, ("t1", 0): 0, ("t2", 0): 2, ("t3", 0): 5, ("t4", 0): 0}
+    assert engine._failure is None
+
+
+async def test_a_refusal_met_asking_a_position_stops_the_worker_as_a_poll_would(
+    tmp_path: Path,
+) -> None:
+    """position() raises what the group coordinator met (aiokafka pops it):
+    swallowed, a GroupAuthorizationFailed would have waited for the next poll."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    tp = TopicPartition("t", 0)
+    _owning(engine, _InputsAt(TaskId("commands", 0), {tp: 1}, active=True))
+    refused = _PositionedConsumer({tp: GroupAuthorizationFailedError()}, {})
+    await engine._pass_skipped(refused)  # type: ignore[arg-type]
+    assert isinstance(engine._failure, ConfigurationError)
+    assert engine._stopping.is_set()
+    engine._failure = None
+    asked = _PositionedConsumer({tp: 5}, {tp: 5})
+    await engine._pass_skipped(asked)  # type: ignore[arg-type]
+    assert asked.asked == []  # stopping: nothing is asked any more
+    engine._stopping.clear()
+    broken = _PositionedConsumer({tp: KafkaConnectionError()}, {})
+    with pytest.raises(KafkaConnectionError):
+        await engine._pass_skipped(broken)  # type: ignore[arg-type]
