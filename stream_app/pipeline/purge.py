@@ -54,7 +54,7 @@ class Purger:
         self._admin: Admin | None = None
         #: The offset each partition was last truncated below.
         self.purged: dict[TopicPartition, int] = {}
-        #: Purges failed since the last that did not (or that had nothing to do).
+        #: Purges failed since the last that did not.
         self.failures = 0
         #: Purges that deleted, and that failed, since the start (for /metrics).
         self.succeeded = 0
@@ -70,10 +70,6 @@ class Purger:
             if offset > self.purged.get(tp, 0)
         }
         if not wanted:
-            # Nothing of this worker's left to delete (its partitions moved,
-            # say): no purge is failing, whatever failed before.
-            self.failures = 0
-            self._warned = False
             return
         try:
             admin = await self._started()

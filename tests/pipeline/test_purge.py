@@ -111,21 +111,6 @@ async def test_purges_failing_for_minutes_are_one_warning(
     assert caplog.records[-1].getMessage() == "purging the internal topics again"
 
 
-async def test_failures_in_a_row_end_when_nothing_is_left_to_purge(
-    admin: Admin, purger: Purger
-) -> None:
-    """The partitions that failed moved to another worker: this one has nothing
-    to delete, and stream_app_purge_failures_in_a_row (alerted on) must not
-    stay above 0 for good on an idle worker."""
-    admin.failures = [NotLeaderForPartitionError(), NotLeaderForPartitionError()]
-    await purger.purge({REKEYED: 10})
-    await purger.purge({REKEYED: 10})
-    assert purger.failures == 2
-    await purger.purge({})
-    assert (purger.failures, purger.failed, purger.succeeded) == (0, 2, 0)
-    assert admin.deleted == []
-
-
 async def test_a_purge_cancelled_while_connecting_leaves_no_client_open(
     admin: Admin, purger: Purger
 ) -> None:
