@@ -43,7 +43,7 @@ class EngineCollector(Collector):
         )
         # Every series from the start, at 0 until it moves: an alert on an
         # increase would miss the first one if the series began at 1.
-        for kind, outcome in sorted(dict.fromkeys(COMMAND_SERIES) | m.commands.keys()):
+        for kind, outcome in sorted(set(COMMAND_SERIES) | m.commands.keys()):
             commands.add_metric([kind, outcome], m.commands.get((kind, outcome), 0))
         yield commands
         rejections = CounterMetricFamily(
