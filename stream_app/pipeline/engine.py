@@ -455,8 +455,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     raise exc
                 self._fail(refused)
                 return
-            if ask.result() > task.positions.get(tp, 0):
-                task.positions[tp] = ask.result()
+            position = ask.result()
+            if position > task.positions.get(tp, 0):
+                task.positions[tp] = position
 
     def _purge(self, now: float) -> None:
         """Begin purging what the tasks have committed from the re-key and
