@@ -17,21 +17,25 @@ with its own output topics, all reading that same topic from the beginning:
 2. ``raw aiokafka txn loop``: the same in transactions of 500 records
    (or 100 ms);
 3. ``quix-streams eos``: ``bench/quix_contender.py``, from ``.venv-bench``;
-4. ``stream-app eos``: ``python -m stream_app worker``, exactly_once;
-5. ``stream-app alo``: the same, at_least_once.
+4. ``stream-app engine, Quix's work``: ``bench/engine_contender.py``, the
+   worker exactly_once with the Quix contender's work (``bench/quix_work.py``)
+   as its processor: the two engines on equal work;
+5. ``stream-app eos``: ``python -m stream_app worker``, exactly_once;
+6. ``stream-app alo``: the same, at_least_once;
+7. two exactly_once workers in one group (the scale-out).
 
 For each the bench reads the contender's output topics from outside:
 
-* rate = commands / (last output read with read_committed - first output
-  seen by a read_uncommitted reader). The first output is written a few
-  milliseconds after the first record is consumed (see docs/performance.md);
-  start-up, topic creation and restore are excluded;
+* rate = commands / (last output read with read_committed - the first record
+  consumed, as the contender logs it; or else its first output seen by a
+  read_uncommitted reader). Start-up, topic creation and restore are excluded;
 * CPU us per command = utime + stime of the contender's process tree
   (``/proc/<pid>/stat``) over that same window, divided by the commands;
 * peak RSS = the largest ``VmHWM`` (``/proc/<pid>/status``) of its tree,
   sampled every 0.2 s.
 
-The last line is ``ratio stream-app-eos/quix-eos: R`` (the rates' ratio).
+The last line is ``ratio stream-app-eos/quix-eos: R`` (the rates' ratio); the one
+before it, ``ratio engine-quix/quix-eos: R``, compares the engines on equal work.
 ``--latency`` adds the p99 from produce to read_committed output of the
 exactly_once worker at half of its measured rate, with a paced producer;
 ``--latency-control`` measures the raw transactional loop the same way, at
@@ -78,12 +82,13 @@ from tests.integration.harness import (  # noqa: E402
 from tools.kafka_broker import KAFKA_VERSION, KafkaCluster  # noqa: E402
 
 PARTITIONS = 6
-CONTENDERS = ("raw", "raw-txn", "quix-eos", "stream-app-eos", "stream-app-alo",
+CONTENDERS = ("raw", "raw-txn", "quix-eos", "engine-quix", "stream-app-eos", "stream-app-alo",
               "stream-app-eos-x2")
 LABELS = {
     "raw": "raw aiokafka loop",
     "raw-txn": "raw aiokafka txn loop",
     "quix-eos": "quix-streams exactly-once",
+    "engine-quix": "stream-app engine, Quix's work",
     "stream-app-eos": "stream-app exactly_once",
     "stream-app-alo": "stream-app at_least_once",
     "stream-app-eos-x2": "stream-app exactly_once, 2 workers",
@@ -436,6 +441,8 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
                            overrides)
             result = Result(label, total, work.expected_outputs)
             argv = [python, "-m", "stream_app", "worker"]
+            if name == "engine-quix":
+                argv[1:] = [str(ROOT / "bench" / "engine_contender.py")]
             if args.profile:
                 argv[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve() / f"{name}.prof")]
             env, outputs = d.env(), d.output_topics()
@@ -680,6 +687,9 @@ async def main_async(args: argparse.Namespace, bootstrap: str, kafka: str,
     if eos and two and eos.ok and two.ok:
         print(f"scale-out stream-app-eos-x2/stream-app-eos: {two.rate / eos.rate:.3f}")
     quix = results.get("quix-eos")
+    engine = results.get("engine-quix")
+    if engine and quix and engine.ok and quix.ok:
+        print(f"ratio engine-quix/quix-eos: {engine.rate / quix.rate:.3f}")
     if eos and quix and eos.ok and quix.ok:
         print(f"ratio stream-app-eos/quix-eos: {eos.rate / quix.rate:.3f}")
     else:
