@@ -1,4 +1,4 @@
-"""The pure customer-session domain: no Faust, no Kafka, no clock, no I/O.
+"""The pure customer-session domain: no Kafka, no clock, no I/O.
 
 ``decode_command(raw)`` turns record bytes into a command or a rejection;
 ``apply(session, command, context)`` returns the outcome: ``Applied`` (new

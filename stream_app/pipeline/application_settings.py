@@ -2,10 +2,8 @@
 
 Every worker needs every application's settings, whichever partitions it
 owns, so each worker reads the whole settings topic with its own unassigned
-consumer (the role Faust's GlobalTable plays; a GlobalTable insists on a
-changelog named ``<app id>-<table>-changelog`` and has open recovery bugs
-with several instances, so this small reader is used instead). Workers do
-not process commands until they have read the topic to its end.
+consumer (the role of a global table in Kafka Streams). Workers do not
+process commands until they have read the topic to its end.
 
 Record format: key = the applicationId as ASCII digits, value = a JSON
 settings document (``{"flattening": false, "additionalCosts": [...],

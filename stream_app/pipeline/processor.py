@@ -1,7 +1,8 @@
-"""What the workers do with one record, apart from Faust.
+"""What the workers do with one record, apart from Kafka.
 
-Two stages, both synchronous over plain mappings (the Faust tables in
-production, dicts in unit tests), each returning the records to send:
+Two stages, both synchronous over plain mappings (the tasks' RocksDB store
+overlays in production, dicts in unit tests), each returning the records to
+send:
 
 * :class:`CommandProcessor` (stage 1, keyed by ``integrationId``): decodes a
   command, re-keys it if it arrived on the wrong key, applies it to the stored
@@ -222,7 +223,7 @@ class SessionIdSpaceExhaustedError(StreamAppError):
 
 
 class Outgoing(NamedTuple):
-    """One record to send: the Faust layer sends these in order."""
+    """One record to send: the engine adds these to the task's transaction in order."""
 
     topic: str
     key: bytes | None

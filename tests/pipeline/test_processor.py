@@ -1,4 +1,4 @@
-"""The pipeline's per-record logic with dict tables: no broker, no Faust."""
+"""The pipeline's per-record logic with dict tables: no broker, no RocksDB."""
 
 from __future__ import annotations
 
