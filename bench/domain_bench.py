@@ -17,7 +17,9 @@ Each figure is the min and the median over repeats of ``timeit``, in
 microseconds, with its ratio to the baseline minimum.
 
 Last, both stages' processors run over the pipeline bench's workload with
-dict tables: the per-command cost that is ours before Kafka and RocksDB.
+dict tables: the per-command cost that is ours before Kafka and RocksDB;
+then the Quix contender's session work (``bench/quix_work.py``) over the same
+commands, for comparison.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 import timeit
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -202,6 +205,31 @@ def processors(sessions: int) -> None:
         per_command.append((time.perf_counter() - began) / len(sources) * 1e6)
     print(f"\nboth stages' processors, dict tables, the pipeline bench's workload "
           f"({len(sources):,} commands of {sessions:,} sessions): "
+          f"{min(per_command):.1f} us per command "
+          f"(min of {REPEAT_PROCESSORS} runs; median {statistics.median(per_command):.1f})")
+    quix_work(records)
+
+
+def quix_work(records: list[Any]) -> None:
+    """The Quix contender's work (``bench/quix_work.py``) over the same
+    commands, its session and its outputs in orjson: what both the Quix and
+    the engine contenders of the pipeline bench spend on the session."""
+    from quix_work import step
+
+    per_command = []
+    for _ in range(REPEAT_PROCESSORS):
+        stored: dict[bytes | None, bytes] = {}
+        began = time.perf_counter()
+        for record in records:
+            before = stored.get(record.key)
+            session, out = step(orjson.loads(record.value),
+                                None if before is None else orjson.loads(before))
+            if session is not None:
+                stored[record.key] = orjson.dumps(session)
+                if out is not None:
+                    orjson.dumps(out)
+        per_command.append((time.perf_counter() - began) / len(records) * 1e6)
+    print(f"the Quix contender's session work (bench/quix_work.py, orjson), the same commands: "
           f"{min(per_command):.1f} us per command "
           f"(min of {REPEAT_PROCESSORS} runs; median {statistics.median(per_command):.1f})")
 
