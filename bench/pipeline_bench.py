@@ -442,15 +442,14 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
                            overrides)
             result = Result(label, total, work.expected_outputs)
             argv = [python, "-m", "stream_app", "worker"]
-            if name == "engine-quix":
-                argv[1:] = [str(ROOT / "bench" / "engine_contender.py")]
-            if args.profile:
-                argv[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve() / f"{name}.prof")]
             env, outputs = d.env(), d.output_topics()
             if name == "engine-quix":
+                argv = [python, str(ROOT / "bench" / "engine_contender.py")]
                 # Only what step emits: a record it failed on, rejected by the
                 # engine as an internal error, must not count as an output.
                 outputs = [d.topics.closed, d.topics.cancelled, d.topics.returned]
+            if args.profile:
+                argv[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve() / f"{name}.prof")]
             if name == "stream-app-eos-x2":
                 # A second worker of the same group, with its own state directory.
                 more = [d.env(data_dir=workdir / f"{run_id}-{name}-second")]
