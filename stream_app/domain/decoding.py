@@ -507,13 +507,18 @@ class _FastCost(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     price: _Number
 
 
+class _FastProduct(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    # Not the domain's Product, which takes unknown fields (the stored form).
+    name: str
+
+
 class _FastItem(msgspec.Struct, forbid_unknown_fields=True, rename="camel", gc=False):
     sku: Annotated[str, msgspec.Meta(min_length=1)]
     quantity: _Count
     price: _Price
     name: str | None = None
     category: str | None = None
-    product: Product | None = None
+    product: _FastProduct | None = None
     weight: _Size | None = None
     height: _Size | None = None
     width: _Size | None = None
@@ -572,7 +577,9 @@ def _fast_command(raw: bytes) -> Command | None:
     """The command in ``raw`` when the fast path takes it, else None."""
     try:
         doc = _FAST.decode(raw)
-    except ValueError:  # msgspec's DecodeError and ValidationError, UnicodeDecodeError
+    except (ValueError, RecursionError):
+        # msgspec's DecodeError and ValidationError, UnicodeDecodeError; and
+        # nesting deeper than msgspec reads, which orjson's own limit decides.
         return None
     try:
         if doc.type == "update":
@@ -647,6 +654,7 @@ def _fast_cart(items: list[_FastItem]) -> tuple[CartItem, ...]:
         else:
             price = Decimal(raw_price)
         costs = item.additional_costs
+        product = item.product
         cart.append(
             CartItem(
                 item.sku,
@@ -656,7 +664,7 @@ def _fast_cart(items: list[_FastItem]) -> tuple[CartItem, ...]:
                 0,
                 item.name,
                 item.category,
-                item.product,
+                None if product is None else Product(product.name),
                 item.weight,
                 item.height,
                 item.width,
