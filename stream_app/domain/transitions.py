@@ -41,10 +41,11 @@ Our rules, where the spec is silent:
 - Creating a session as ``cancelled`` or ``partially_returned`` is
   ``INVALID_TRANSITION``; ``state: partially_returned`` in an update is never
   allowed (only a return gets there).
-- ``firstSession`` is set at creation to ``profileId == ""``. For profiled
-  sessions that stored value is a placeholder: the pipeline's profile stage
-  decides the emitted value (also after a ``profileId`` change), since it
-  needs state keyed by profile.
+- ``firstSession`` is set at creation to ``profileId == ""``, and to true
+  by an update that leaves the session anonymous. For profiled sessions the
+  stored value is a placeholder: the pipeline's profile stage decides the
+  emitted value (also after a ``profileId`` change), since it needs state
+  keyed by profile.
 - A stored session whose application or integration id differs from the
   command's is ``APPLICATION_MISMATCH`` (the pipeline keys the store).
 - Settings-dependent checks happen here: total quantity <= 10,000 with
@@ -500,7 +501,9 @@ def _update(
             session.created_ms,
             timestamp,
             session.update_count + 1,
-            session.first_session,
+            # An anonymous session is always a first session, also after it
+            # lost its profile (the placeholder of a profiled one stays).
+            fields[0] == "" or session.first_session,
             *fields,
             _remember(session.recent_event_ids, event_id),
         )

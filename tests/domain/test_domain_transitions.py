@@ -145,6 +145,19 @@ def test_first_session_false_for_profiles_until_pipeline_decides() -> None:
     assert session.first_session is False
 
 
+def test_a_session_that_loses_its_profile_is_a_first_session() -> None:
+    """Anonymous sessions are always first sessions (contract section 12), also
+    one created with a profile that an update then clears; one that gets a
+    profile keeps its value, which the pipeline's profile stage overrides."""
+    profiled = applied(None, update_doc({"profileId": "p-1"}, eventId="a")).session
+    anonymous = applied(profiled, update_doc({"profileId": ""}, eventId="b")).session
+    assert anonymous.first_session is True
+    closed = applied(anonymous, update_doc({"state": "closed"}, eventId="c")).session
+    assert closed.first_session is True
+    again = applied(anonymous, update_doc({"profileId": "p-2"}, eventId="d")).session
+    assert again.first_session is True
+
+
 def test_update_count_and_updated_follow_applied_commands_only() -> None:
     s1 = applied(None, update_doc({}, eventId="a")).session
     s2 = applied(s1, update_doc({}, eventId="b"), timestamp_ms=T0 + 5).session

@@ -148,6 +148,14 @@ def test_anonymous_outputs_go_straight_downstream_profiled_ones_through_stage_2(
     )
     assert [o.topic for o in profiled] == [PROFILES, PROFILES]  # claim, then the close
     assert {o.key for o in profiled} == {b"1\x1falice"}
+    # A session whose profile is cleared is anonymous from then on: straight
+    # downstream, and a first session.
+    p.process(record(cmd("c", session={"profileId": "carol"}), b"c", offset=2))
+    cleared = p.process(
+        record(cmd("c", session={"profileId": "", "state": "closed"}), b"c", offset=3)
+    )
+    assert [o.topic for o in cleared] == [TOPICS.closed]
+    assert json.loads(cleared[0].value)["session"]["firstSession"] is True
 
 
 def test_stage_2_marks_only_the_first_claimant_of_a_profile_first() -> None:
