@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -36,6 +36,18 @@ if TYPE_CHECKING:
     from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def query_document(stored: bytes) -> dict[str, Any]:
+    """A stored session as the query answers it: as in an output record, but
+    without ``firstSession`` for a profiled session. Stage 2 decides that one
+    when it writes an output (docs/contract.md, section 12); what stage 1
+    stores for it is a placeholder, and answering it would say false of a
+    profile's first session."""
+    document = session_document(decode_session(stored))
+    if document["profileId"] != "":
+        del document["firstSession"]
+    return document
 
 
 class WebServer:
@@ -99,7 +111,7 @@ class WebServer:
             return await self._forward(lookup.owner, request)
         if lookup.stored is None:
             return _problem(404, f"no session {integration_id!r} in application {application_id}")
-        document = session_document(decode_session(lookup.stored))
+        document = query_document(lookup.stored)
         return web.Response(body=json.dumps(document), content_type="application/json")
 
     async def _forward(self, owner: str, request: web.Request) -> web.Response:
