@@ -705,9 +705,21 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _drop(self, task: Task) -> None:
         """Forget and close ``task``, once the commit round in flight (which may
-        hold its previous transaction, on its producer) has ended."""
+        hold its previous transaction, on its producer) has ended; and stop its
+        starter if it is still starting."""
         await self._finish_round()
+        starter = self._starting.get(task.id) if self._tasks.get(task.id) is task else None
         self._forget(task)
+        if starter is not None and starter is not asyncio.current_task():
+            # A task restarted by the round that a revocation or a rejoin just
+            # finished, and dropped by them before it began: left to run, its
+            # starter would still take the transactional id (fencing whichever
+            # worker now owns the partition) and open the stores.
+            starter.cancel()
+            await asyncio.gather(starter, return_exceptions=True)
+            # A starter cancelled before its first step never ran its cleanup.
+            if self._starting.get(task.id) is starter:
+                del self._starting[task.id]
         try:
             await task.close()
         except StoreError as exc:

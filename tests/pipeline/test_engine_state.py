@@ -9,7 +9,7 @@ import asyncio
 import time
 from asyncio import Event
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from aiokafka import TopicPartition
@@ -24,7 +24,7 @@ from aiokafka.errors import (
 
 from stream_app.errors import ConfigurationError, StoreError
 from stream_app.pipeline import engine as engine_module
-from stream_app.pipeline.checkpoint import NotAuthorizedError, TaskFencedError
+from stream_app.pipeline.checkpoint import CheckpointError, NotAuthorizedError, TaskFencedError
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import Limits
 from stream_app.pipeline.store import RocksDBResources
@@ -338,6 +338,65 @@ async def test_a_task_found_fenced_on_revocation_says_so(
     [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert line.startswith("commands[0]: fenced, another worker owns this task now")
     assert engine.aborts == 1
+
+
+class _StartRecordingTask:
+    """Stands in for Task where the engine builds one (``_begin_start``)."""
+
+    started: ClassVar[list[TaskId]] = []
+
+    def __init__(self, stage: Stage, partition: int, **_: object) -> None:
+        self.id = TaskId(stage.name, partition)
+        self.stage = stage
+        self.partition = partition
+        self.inputs = [TopicPartition(topic, partition) for topic in stage.inputs]
+        self.active = False
+        self.checkpoint = None
+        self.closed = False
+
+    async def start(self) -> int:
+        # Task.start: InitProducerId on the task's transactional id, then the stores.
+        self.started.append(self.id)
+        return 0
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class _PausingConsumer(_Consumer):
+    def pause(self, *partitions: object) -> None:
+        pass
+
+    async def commit(self, offsets: object) -> None:
+        pass
+
+
+async def test_a_task_restarted_as_its_partition_is_revoked_never_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit round that failed ends inside the revocation, which restarts the
+    task; the revocation then drops the new task. Before, its starter went on:
+    it took the transactional id (fencing the partition's new owner, whose next
+    commit failed) and opened the stores, and stayed listed as starting."""
+    monkeypatch.setattr(engine_module, "Task", _StartRecordingTask)
+    _StartRecordingTask.started = []
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine._consumer = _PausingConsumer()  # type: ignore[assignment]
+    failing = _StartRecordingTask(engine.stages[0], 0)
+    failing.active = True
+    _owning(engine, failing)
+
+    async def failed_commit() -> None:
+        raise CheckpointError("KafkaTimeoutError")
+
+    commits = asyncio.gather(engine._counted(failed_commit()), return_exceptions=True)
+    engine._round = engine_module._Round([failing], commits)  # type: ignore[list-item]
+    await engine.on_partitions_revoked(set(failing.inputs))
+    await asyncio.sleep(0.05)
+    assert engine._tasks == {}
+    assert engine._starting == {}
+    assert _StartRecordingTask.started == []
+    assert failing.closed
 
 
 class _TaskRefusedOnRevocation(_FencedTask):
