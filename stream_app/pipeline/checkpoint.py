@@ -306,6 +306,13 @@ class Checkpoint:
             if refused is not None:
                 raise NotAuthorizedError(refused) from exc
             raise CheckpointError(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            # None known (aiokafka raises the errors above), but whatever it is,
+            # the transaction is aborted and its changes dropped like any failed
+            # one: raised as it is, it would leave the transaction open and the
+            # overlays holding what was processed on top of it.
+            await self._fail()
+            raise CheckpointError(f"unexpected {type(exc).__name__}: {exc}") from exc
         self.closed = True
         # Step 5: the transaction is committed; now, and only now, RocksDB.
         try:

@@ -557,6 +557,25 @@ async def test_a_failed_offsets_or_commit_request_aborts_and_keeps_rocksdb(
     await assert_task_continues(rig, visible_before)
 
 
+async def test_an_unexpected_error_in_the_commit_aborts_like_a_kafka_error(
+    make_rig: RigFactory,
+) -> None:
+    """Raised as it was, it left the transaction open and the overlays holding
+    what was processed on top of it, which a later commit (as the worker
+    stopped) could have written with offsets past the aborted records."""
+    rig = await make_rig()
+    visible_before, stored_before = rig.visible(), rig.stored()
+    rig.producer.fail_next("commit_transaction", RuntimeError("a bug"))
+    checkpoint = rig.checkpoint()
+
+    with pytest.raises(CheckpointError, match="unexpected RuntimeError: a bug"):
+        await rig.process_and_commit(checkpoint)
+
+    assert rig.producer.calls[-2:] == ["commit_transaction", "abort_transaction"]
+    assert_batch_left_no_trace(rig, checkpoint, visible_before, stored_before)
+    await assert_task_continues(rig, visible_before)
+
+
 async def test_an_abort_that_fails_too_still_reports_the_commit_failure(
     make_rig: RigFactory,
 ) -> None:
