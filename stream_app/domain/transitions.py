@@ -60,8 +60,8 @@ Our rules, where the spec is silent:
   what earlier entries of the same command already claim. No ``quantity``
   means the whole remaining quantity of the line. Entries naming the same
   line are summed; the sum must not exceed ``remainingQuantity``
-  (``RETURN_EXCEEDS_REMAINING``). With flattening off the sum must be the
-  line's whole quantity (``PARTIAL_LINE_RETURN``). A position outside the
+  (``RETURN_EXCEEDS_REMAINING``). With flattening off the sum must be all
+  that remains of the line (``PARTIAL_LINE_RETURN``). A position outside the
   cart or an unknown sku is ``UNKNOWN_CART_ITEM``. The returned value of a
   line is quantity x (price + the sum of its item-level additional cost
   prices). Totals are not rewritten by returns.
@@ -579,12 +579,15 @@ def _return(
         last_pointer[position] = base
     if not ctx.settings.flattening:
         for position, quantity in claims.items():
-            if quantity != cart[position].quantity:
+            # Whole: all that remains (part of it may have been returned while
+            # flattening was on).
+            remaining = cart[position].quantity - cart[position].returned_quantity
+            if quantity != remaining:
                 raise InvalidCommandError(
                     Reason.PARTIAL_LINE_RETURN,
                     last_pointer[position],
                     f"the cart item at position {position} can only be returned whole "
-                    f"({cart[position].quantity})",
+                    f"({remaining})",
                 )
     new_cart = list(cart)
     lines = []

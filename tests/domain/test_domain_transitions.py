@@ -476,6 +476,20 @@ def test_without_flattening_lines_are_returned_whole() -> None:
     assert summed.session.cart_items[0].returned_quantity == 3
 
 
+def test_flattening_turned_off_after_a_partial_return_leaves_the_rest_returnable() -> None:
+    """Whole is all that remains of the line: before, the remainder of a line
+    returned in part while flattening was on could never be returned."""
+    part = applied(_closed(), return_doc([{"position": 0, "quantity": 1}])).session
+    settings = ApplicationSettings(flattening=False)
+    still_partial = rejected(part, return_doc([{"position": 0, "quantity": 1}]), settings=settings)
+    assert still_partial.reason == Reason.PARTIAL_LINE_RETURN
+    assert "returned whole (2)" in still_partial.errors[0].details
+    rest = applied(part, return_doc([{"position": 0}]), settings=settings).session
+    assert rest.cart_items[0].remaining_quantity == 0
+    explicit = applied(part, return_doc([{"position": 0, "quantity": 2}]), settings=settings)
+    assert explicit.session.cart_items == rest.cart_items
+
+
 def test_reopen_then_close_again() -> None:
     s1 = _closed()
     s2 = applied(s1, reopen_doc()).session
