@@ -68,10 +68,12 @@ Our rules, where the spec is silent:
 - Exact numbers: every total and returned value must be representable as
   defined in ``stream_app.domain.numbers`` (an integer in the signed 64-bit
   range, or a decimal that prints exactly as the shortest form of a double;
-  e.g. any value with at most 15 significant digits below 2^63). Otherwise
-  the command is ``LIMIT_EXCEEDED`` and the session is left as it was. The
-  pointer names the input to blame when there is one: the first cart line
-  whose price x quantity is not representable (``/session/cartItems/3``),
+  e.g. any value with at most 15 significant digits below 2^63), and so must
+  the value of a line with item-level costs, quantity x (price + its cost
+  prices): what returning it whole is worth. Otherwise the command is
+  ``LIMIT_EXCEEDED`` and the session is left as it was. The pointer names
+  the input to blame when there is one: the first cart line whose price x
+  quantity, or whose value, is not representable (``/session/cartItems/3``),
   or the first item-level cost whose price x quantity is not
   (``/session/cartItems/3/additionalCosts/ship``), or, for a return, the
   entry of the line whose value is not (``/returnedCartItems/0``).
@@ -210,23 +212,26 @@ def _advanced(
 # Everything below runs with apply's EXACT as the current decimal context.
 
 
-def cart_totals(items: tuple[CartItem, ...]) -> tuple[int, Decimal, Decimal]:
-    """(total quantity, cartItemTotal, cartItemAdditionalCostTotal), exact.
+def cart_totals(items: tuple[CartItem, ...]) -> tuple[int, Decimal, Decimal, bool]:
+    """(total quantity, cartItemTotal, cartItemAdditionalCostTotal, whether any
+    line has additional costs), exact.
 
     One pass: the quantity is what the flattening limit checks.
     """
     quantities = 0
     item_total = ZERO
     cost_total = ZERO
+    costed = False
     for item in items:
         quantity = item.quantity
         quantities += quantity
         item_total += item.price * quantity
         costs = item.additional_costs
         if costs:
+            costed = True
             for cost in costs.values():
                 cost_total += cost.price * quantity
-    return quantities, item_total, cost_total
+    return quantities, item_total, cost_total, costed
 
 
 def cost_total(costs: dict[str, AdditionalCost]) -> Decimal:
@@ -247,9 +252,11 @@ def _unrepresentable(pointer: str, what: str, value: Decimal) -> InvalidCommandE
 
 
 def _require_representable_cart(
-    items: tuple[CartItem, ...], item_total: Decimal, item_cost_total: Decimal
+    items: tuple[CartItem, ...], item_total: Decimal, item_cost_total: Decimal, *, costed: bool
 ) -> None:
-    """Reject a cart whose totals cannot be emitted exactly, blaming a line if one is."""
+    """Reject a cart whose totals cannot be emitted exactly, blaming a line if one
+    is; and one with a line whose value (what returning it whole is worth) cannot
+    be, when lines have additional costs."""
     if not representable(item_total):
         for position, line in enumerate(items):
             value = line.price * line.quantity
@@ -269,6 +276,23 @@ def _require_representable_cart(
         raise _unrepresentable(
             "/session/cartItemAdditionalCostTotal", "cartItemAdditionalCostTotal", item_cost_total
         )
+    if costed:
+        # A line's unit value adds its price and its costs, which the totals
+        # above count apart: it may need more digits than either (1e15 + 0.01),
+        # and then the line could never be returned (see _return).
+        for position, line in enumerate(items):
+            costs = line.additional_costs
+            if costs:
+                unit = line.price
+                for cost in costs.values():
+                    unit += cost.price
+                value = unit * line.quantity
+                if not representable(value):
+                    raise _unrepresentable(
+                        f"/session/cartItems/{position}",
+                        "quantity x (price + the line's additional cost prices)",
+                        value,
+                    )
 
 
 # --------------------------------------------------------------------------- update
@@ -358,7 +382,7 @@ _Patched = tuple[
     Decimal,
     Decimal,
 ]
-_NO_CART: Final = (0, ZERO, ZERO)
+_NO_CART: Final = (0, ZERO, ZERO, False)
 
 
 def _patched_fields(
@@ -417,8 +441,8 @@ def _patched_fields(
         total = session.total
     else:
         if new_items is not None:
-            _, item_total, item_cost_total = sums
-            _require_representable_cart(new_items, item_total, item_cost_total)
+            _, item_total, item_cost_total, costed = sums
+            _require_representable_cart(new_items, item_total, item_cost_total, costed=costed)
             items = new_items
         if new_costs is not None:
             session_cost_total = cost_total(new_costs)

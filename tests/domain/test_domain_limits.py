@@ -188,14 +188,33 @@ def test_the_largest_totals_are_emitted_as_exact_integers() -> None:
     assert type(doc["total"]) is int
 
 
+def test_a_line_whose_value_is_unrepresentable_is_rejected_with_its_cart() -> None:
+    """Its price and its costs are counted in two totals, each fine; but
+    returning the line whole would be worth 1 + 1e-20, or 1e15 + 0.01, so the
+    line could never be returned. Refused when it is sent, at the line."""
+    for cart, costs in (
+        (
+            [
+                item("A", 1, 1, additionalCosts={"x": {"price": 1e-20}}),
+                item("B", 1, 0, additionalCosts={"x": {"price": -1e-20}}),
+            ],
+            {},
+        ),
+        (
+            [item("A", 1, 1e15, additionalCosts={"w": {"price": 0.01}})],
+            {"r": {"price": -0.01}},
+        ),
+    ):
+        doc = update_doc({"state": "closed", "cartItems": cart, "additionalCosts": costs})
+        rejection = rejected(None, doc)
+        assert (rejection.reason, rejection.errors[0].pointer) == (LIMIT, "/session/cartItems/0")
+
+
 def test_a_return_whose_line_value_is_unrepresentable_is_rejected_at_its_entry() -> None:
-    # Totals 1, 0 and 1, yet line A alone is worth 1 + 1e-20.
-    cart = [
-        item("A", 1, 1, additionalCosts={"x": {"price": 1e-20}}),
-        item("B", 1, 0, additionalCosts={"x": {"price": -1e-20}}),
-    ]
+    # cartItemTotal 1, yet line A alone is worth 3 x 0.30000000000000004.
+    cart = [item("A", 3, 0.30000000000000004), item("B", 1, 0.09999999999999988)]
     closed = session_in("closed", cart)
-    assert (closed.cart_item_total, closed.cart_item_additional_cost_total) == (1, 0)
+    assert closed.cart_item_total == 1
     rejection = rejected(closed, return_doc([{"position": 1}, {"position": 0}]))
     assert (rejection.reason, rejection.errors[0].pointer) == (LIMIT, "/returnedCartItems/1")
 
@@ -386,7 +405,15 @@ def test_an_update_is_rejected_for_its_numbers_exactly_when_one_is_unrepresentab
     )
     session_costs = sum((_exact(c["price"]) for c in costs.values()), Fraction(0))
     totals = [item_total, item_costs, session_costs, item_total + item_costs + session_costs]
-    expected_ok = all(_representable(total) for total in totals)
+    # A line with costs must be worth a representable amount too (what
+    # returning it whole is worth).
+    line_values = [
+        (_exact(x["price"]) + sum((_exact(c["price"]) for c in line_costs.values()), Fraction(0)))
+        * x["quantity"]
+        for x in cart
+        if (line_costs := x.get("additionalCosts", {}))
+    ]
+    expected_ok = all(_representable(value) for value in totals + line_values)
     outcome = apply(None, result, context())
     if not expected_ok:
         assert isinstance(outcome, Rejected)
