@@ -89,7 +89,7 @@ ReferralCode = Annotated[str, msgspec.Meta(max_length=100)]
 LoyaltyCard = Annotated[
     str, msgspec.Meta(min_length=4, max_length=108, pattern="^[A-Za-z0-9._%+@-]+$")
 ]
-Quantity = Annotated[int, msgspec.Meta(ge=1)]
+Quantity = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Position = Annotated[int, msgspec.Meta(ge=0, description="0-based index in the cart as last sent.")]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Dimension = Annotated[float, msgspec.Meta(ge=0)]

@@ -360,9 +360,12 @@ def _cart_item(item: Any, position: int) -> CartItem:
             _SCHEMA, _item_pointer(position, "sku"), "sku must be a non-empty string"
         )
     quantity = get("quantity")
-    if type(quantity) is not int or quantity < 1:
+    # A 64-bit integer, as every integer the worker writes (orjson reads up to 2^64 - 1).
+    if type(quantity) is not int or not 1 <= quantity < 2**63:
         raise InvalidCommandError(
-            _SCHEMA, _item_pointer(position, "quantity"), "quantity must be an integer >= 1"
+            _SCHEMA,
+            _item_pointer(position, "quantity"),
+            "quantity must be an integer from 1 to 2^63 - 1",
         )
     raw_price = get("price", _MISSING)
     kind = type(raw_price)
@@ -460,9 +463,9 @@ def _return_items(items: Any) -> tuple[ReturnItem, ...]:
         if position is None and sku is None:
             raise InvalidCommandError(_SCHEMA, base, "position or sku is required")
         quantity = item.get("quantity")
-        if quantity is not None and (type(quantity) is not int or quantity < 1):
+        if quantity is not None and (type(quantity) is not int or not 1 <= quantity < 2**63):
             raise InvalidCommandError(
-                _SCHEMA, f"{base}/quantity", "quantity must be an integer >= 1"
+                _SCHEMA, f"{base}/quantity", "quantity must be an integer from 1 to 2^63 - 1"
             )
         result.append(ReturnItem(position, sku, quantity))
     return tuple(result)

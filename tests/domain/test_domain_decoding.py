@@ -317,6 +317,19 @@ def test_return_and_reopen_decode() -> None:
     assert reopen.event_id == "e"
 
 
+def test_quantities_are_64_bit_integers() -> None:
+    """orjson reads integers up to 2^64 - 1; a quantity is written back as a
+    64-bit integer (in the outputs, the return's lines), so it is at most 2^63 - 1."""
+    assert decode(_item_field("quantity", 2**63 - 1))
+    for quantity in (2**63, 2**64 - 1):
+        rejection = reject_decode(_item_field("quantity", quantity))
+        assert rejection.reason is Reason.SCHEMA_VIOLATION
+        assert rejection.errors[0].pointer == "/session/cartItems/3/quantity"
+        entry = reject_decode(return_doc([{"position": 0, "quantity": quantity}]))
+        assert entry.reason is Reason.SCHEMA_VIOLATION
+        assert entry.errors[0].pointer == "/returnedCartItems/0/quantity"
+
+
 def test_rejection_document_shape() -> None:
     rejection = reject_decode(_item_field("quantity", 0))
     assert rejection.to_document() == {
