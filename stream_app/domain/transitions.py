@@ -70,7 +70,9 @@ Our rules, where the spec is silent:
   range, or a decimal that prints exactly as the shortest form of a double;
   e.g. any value with at most 15 significant digits below 2^63), and so must
   the value of a line with item-level costs, quantity x (price + its cost
-  prices): what returning it whole is worth. Otherwise the command is
+  prices): what returning it whole is worth (a line without costs is held
+  by cartItemTotal; only lines whose extra digits cancel in the total slip
+  through, and their returns are refused). Otherwise the command is
   ``LIMIT_EXCEEDED`` and the session is left as it was. The pointer names
   the input to blame when there is one: the first cart line whose price x
   quantity, or whose value, is not representable (``/session/cartItems/3``),
