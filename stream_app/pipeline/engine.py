@@ -96,6 +96,14 @@ _POSITION_WAIT_S: Final = 0.5
 #: How far past its position each input is read raw to find an unreadable record.
 _RAW_BATCHES_PER_INPUT: Final = 64
 _LAYOUT_FILE: Final = "layout.json"
+#: How often the consumer refreshes its metadata (aiokafka's default: 5
+#: minutes). A group whose leader assigned while an input topic had no
+#: metadata yet rebalances once a refresh shows it: until then its tasks
+#: cannot start (see :meth:`Engine.on_partitions_assigned`).
+_METADATA_MAX_AGE_MS: Final = 10_000
+#: How long to wait, before joining the group, for the broker to serve the
+#: metadata of input topics just created.
+_TOPICS_VISIBLE_WAIT_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,9 +381,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             # 3 s, not a third of the session timeout (10 s).
             heartbeat_interval_ms=int(min(_HEARTBEAT_S, s.session_timeout_s / 3) * 1000),
             max_partition_fetch_bytes=2 * 1024 * 1024,
+            metadata_max_age_ms=_METADATA_MAX_AGE_MS,
         )
         self._consumer = consumer
         await consumer.start()
+        await self._await_input_topics(consumer)
         consumer.subscribe(self.input_topics, listener=self)
         poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
         last_metrics = passed_at = time.monotonic()
@@ -736,6 +746,24 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             if self._task_of.get(tp) is task:
                 del self._task_of[tp]
 
+    async def _await_input_topics(self, consumer: AIOKafkaConsumer) -> None:
+        """Wait (bounded) until the broker serves the metadata of every input
+        topic. Topics the worker has just created may not show yet; a group
+        leader that assigned then would leave them out (see
+        :meth:`on_partitions_assigned`)."""
+        deadline = time.monotonic() + _TOPICS_VISIBLE_WAIT_S
+        missing: list[str] = []
+        while not self._stopping.is_set():
+            try:
+                missing = sorted(set(self.input_topics) - await consumer.topics())
+            except KafkaError as exc:
+                missing = [f"(metadata: {exc!r})"]
+            if not missing or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        if missing:
+            log.warning("joining the group before the broker shows %s", ", ".join(missing))
+
     def _fail(self, exc: Exception) -> None:
         """Stop the worker (every other task committed and closed), then have
         :meth:`run` raise ``exc``, or the fault that came first."""
@@ -910,10 +938,27 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             for tp in assigned
             if tp.topic in self._stage_of
         }
+        started = 0
         for stage, partition in sorted(wanted, key=lambda w: (w[0].name, w[1])):
+            inputs = [TopicPartition(topic, partition) for topic in stage.inputs]
+            lacking = [tp for tp in inputs if tp not in assigned]
+            if lacking:
+                # The leader assigned before it had metadata for some input
+                # topic (just created): this assignment cannot run the task. The
+                # group rebalances once the consumer's metadata shows the topic.
+                log.warning(
+                    "%s: not started: %s not assigned (no metadata yet?); waiting "
+                    "for the next rebalance",
+                    TaskId(stage.name, partition),
+                    ", ".join(f"{tp.topic}[{tp.partition}]" for tp in lacking),
+                )
+                assert self._consumer is not None  # noqa: S101 - consuming
+                self._consumer.pause(*(tp for tp in inputs if tp in assigned))
+                continue
+            started += 1
             if TaskId(stage.name, partition) not in self._tasks:
                 self._begin_start(stage, partition)
-        log.info("assigned %d task(s)", len(wanted))
+        log.info("assigned %d task(s)", started)
 
 
 async def _first(*aws: Any) -> None:

@@ -303,6 +303,59 @@ async def test_partitions_added_while_the_worker_runs_stop_it_with_a_configurati
     assert consumer.paused == []
 
 
+class _StrictConsumer:
+    """Pauses only what is assigned, as aiokafka's consumer (IllegalStateError)."""
+
+    def __init__(self, assigned: set[TopicPartition], topics: list[set[str]] | None = None) -> None:
+        self.assigned = assigned
+        self.paused: list[TopicPartition] = []
+        self._topics = topics or []
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        for tp in partitions:
+            if tp not in self.assigned:
+                raise IllegalStateError(f"No current assignment for partition {tp}")
+        self.paused.extend(partitions)
+
+    async def topics(self) -> set[str]:
+        return self._topics.pop(0) if len(self._topics) > 1 else self._topics[0]
+
+    async def commit(self, offsets: object) -> None:
+        pass
+
+
+async def test_an_assignment_made_without_an_input_topics_metadata_starts_no_task(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A leader that assigned while the internal topics it had just created had
+    no metadata yet hands out command partitions without their re-key
+    partitions. Before, the listener failed on the first task (aiokafka logs
+    and goes on), no task started, and the worker processed nothing until a
+    metadata refresh, 5 minutes later, rebalanced the group."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(2, 1_048_588))
+    assigned = {TopicPartition(settings.topics.commands, p) for p in (0, 1)}
+    consumer = _StrictConsumer(assigned)
+    engine._consumer = consumer  # type: ignore[assignment]
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        await engine.on_partitions_assigned(assigned)
+    assert engine._tasks == {}
+    assert engine._failure is None
+    assert set(consumer.paused) == assigned  # not fetched while no task reads them
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    assert "commands[0]: not started" in warnings[0]
+    assert "waiting for the next rebalance" in warnings[0]
+
+
+async def test_the_worker_joins_once_the_broker_shows_its_input_topics(tmp_path: Path) -> None:
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    everything = set(engine.input_topics)
+    consumer = _StrictConsumer(set(), [set(), {"other"}, everything | {"other"}])
+    await engine._await_input_topics(consumer)  # type: ignore[arg-type]
+    assert consumer._topics == [everything | {"other"}]  # asked until all were there
+
+
 class _FencedTask:
     """A task of a worker paused past its session timeout: its successor's
     producer has taken over the transactional id."""
