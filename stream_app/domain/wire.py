@@ -134,7 +134,9 @@ def session_document(session: Session) -> dict[str, Any]:
         },
         identifiers=list(session.identifiers),
         attributes=session.attributes,
-        firstSession=session.first_session,
+        # Anonymous: always a first session, also as stored by versions that
+        # kept a cleared profile's placeholder (false).
+        firstSession=session.first_session or session.profile_id == "",
         total=json_number(session.total),
         cartItemTotal=json_number(session.cart_item_total),
         additionalCostTotal=json_number(session.additional_cost_total),

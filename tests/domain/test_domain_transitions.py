@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Context, Decimal, getcontext, localcontext
 from typing import Any
 
+import msgspec
 import pytest
 from domain_support import (
     T0,
@@ -156,6 +157,16 @@ def test_a_session_that_loses_its_profile_is_a_first_session() -> None:
     assert closed.first_session is True
     again = applied(anonymous, update_doc({"profileId": "p-2"}, eventId="d")).session
     assert again.first_session is True
+
+
+def test_an_anonymous_session_stored_with_a_false_first_session_is_emitted_first() -> None:
+    """Earlier versions kept a cleared profile's placeholder (false) in the
+    stored session; returns, revokes and reopens carry the stored value on."""
+    from stream_app.domain import session_document
+
+    stored = msgspec.structs.replace(session_in("closed", CART), first_session=False, profile_id="")
+    returned = applied(stored, return_doc([{"position": 0, "quantity": 1}])).session
+    assert session_document(returned)["firstSession"] is True
 
 
 def test_update_count_and_updated_follow_applied_commands_only() -> None:
