@@ -29,6 +29,11 @@ from stream_app.settings import Settings
 log = logging.getLogger(__name__)
 
 DEFAULT = ApplicationSettings()
+_MAX_APPLICATION_ID = 2**31 - 1
+#: How long a settings topic without metadata is asked for again before the
+#: worker goes on with file settings only: the worker creates it just before
+#: (``ensure_topics``), and the broker may not show it at once.
+TOPIC_VISIBLE_WAIT_S = 10.0
 
 
 class ApplicationSettingsRegistry:
@@ -63,15 +68,39 @@ class ApplicationSettingsRegistry:
         return found
 
     def apply_record(self, key: bytes | None, value: bytes | None) -> None:
-        """Apply one settings-topic record; a bad record is logged and ignored."""
+        """Apply one settings-topic record. The topic is compacted, so a worker
+        that starts later sees only each key's newest record: every worker
+        must read the same settings from that alone.
+
+        * A key that is not an applicationId written plainly (``7``, not
+          ``07`` or ``+7``, which compaction keeps apart) is logged and ignored.
+        * A value that is not a settings document is logged and counts as a
+          tombstone: the application falls back to the settings file or the
+          defaults, as a worker starting after compaction would.
+        """
+        raw = key or b""
+        if not (raw.isdigit() and raw == b"%d" % int(raw) and 0 < int(raw) <= _MAX_APPLICATION_ID):
+            log.warning(
+                "ignoring application settings record key=%s: not an applicationId", excerpt(key)
+            )
+            return
+        application_id = int(raw)
+        if value is None:
+            self._from_topic.pop(application_id, None)
+            return
         try:
-            application_id = int(key or b"")
-            if value is None:
-                self._from_topic.pop(application_id, None)
-                return
-            self._from_topic[application_id] = ApplicationSettings.from_document(json.loads(value))
+            parsed = ApplicationSettings.from_document(json.loads(value))
         except (ValueError, ConfigurationError) as exc:
-            log.warning("ignoring application settings record key=%s: %s", excerpt(key), exc)
+            self._from_topic.pop(application_id, None)
+            log.warning(
+                "application settings record key=%s is not a settings document (%s): "
+                "application %d falls back to the settings file or the defaults",
+                excerpt(key),
+                exc,
+                application_id,
+            )
+            return
+        self._from_topic[application_id] = parsed
 
 
 async def follow_settings_topic(
@@ -90,7 +119,12 @@ async def follow_settings_topic(
     )
     await consumer.start()
     try:
-        count = await partition_count(client_options(settings), topic)
+        deadline = asyncio.get_running_loop().time() + TOPIC_VISIBLE_WAIT_S
+        while True:
+            count = await partition_count(client_options(settings), topic)
+            if count or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
         tps = [TopicPartition(topic, p) for p in range(count)]
         if not tps:
             log.warning("settings topic %s does not exist: file settings only", topic)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from stream_app.errors import ConfigurationError
+from stream_app.pipeline import application_settings
 from stream_app.pipeline.application_settings import DEFAULT, ApplicationSettingsRegistry
+from stream_app.settings import Settings
 
 
 def test_file_settings_apply_per_application_and_others_get_defaults(tmp_path: Path) -> None:
@@ -32,13 +36,32 @@ def test_topic_records_override_the_file_and_tombstones_restore_it(tmp_path: Pat
     assert registry.settings_for(7).flattening is False
 
 
-def test_a_bad_settings_record_is_ignored_and_the_previous_one_kept() -> None:
+def test_a_bad_settings_record_counts_as_a_tombstone(tmp_path: Path) -> None:
+    """After compaction a worker that starts sees only the bad record: the
+    running ones must end where it does (before, they kept the previous
+    override, and two workers applied different rules)."""
+    path = tmp_path / "settings.json"
+    path.write_text('{"3": {"attributes": ["city"]}}')
+    for bad in (b'{"flattening": "no"}', b"{broken"):
+        running = ApplicationSettingsRegistry.load(path)
+        running.apply_record(b"3", b'{"flattening": false}')
+        running.apply_record(b"3", bad)
+        starting = ApplicationSettingsRegistry.load(path)
+        starting.apply_record(b"3", bad)  # all that compaction left
+        assert running.settings_for(3) == starting.settings_for(3)
+        assert running.settings_for(3).flattening is True
+        assert running.settings_for(3).attributes == frozenset({"city"})  # the file's
+
+
+@pytest.mark.parametrize("key", [b"07", b"+7", b" 7", b"7 ", b"1_0", b"\xd9\xa3", b"0", b"x", b""])
+def test_a_key_that_is_not_a_plain_application_id_is_ignored(key: bytes) -> None:
+    """Compaction keeps "07" and "7" apart: read as one application, a later
+    tombstone of one would be undone on restart by the other."""
     registry = ApplicationSettingsRegistry()
-    registry.apply_record(b"3", b'{"flattening": false}')
-    registry.apply_record(b"3", b'{"flattening": "no"}')
-    registry.apply_record(b"not-a-number", b"{}")
-    registry.apply_record(b"3", b"{broken")
-    assert registry.settings_for(3).flattening is False
+    registry.apply_record(b"7", b'{"flattening": false}')
+    registry.apply_record(key, b'{"flattening": true}')
+    registry.apply_record(key, None)
+    assert registry.settings_for(7).flattening is False
 
 
 @pytest.mark.parametrize("content", ["[1]", '{"x": {}}', '{"1": {"attributes": "city"}}', "{"])
@@ -47,3 +70,59 @@ def test_an_unusable_settings_file_stops_the_worker_at_start(tmp_path: Path, con
     path.write_text(content)
     with pytest.raises(ConfigurationError):
         ApplicationSettingsRegistry.load(path)
+
+
+class _SettingsConsumer:
+    """The follower's consumer over a one-partition settings topic holding one record."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.records = [(b"7", b'{"flattening": false}')]
+        self.position_ = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def assign(self, tps: object) -> None:
+        pass
+
+    async def seek_to_beginning(self, *tps: object) -> None:
+        pass
+
+    async def end_offsets(self, tps: list[object]) -> dict[object, int]:
+        return {tp: len(self.records) for tp in tps}
+
+    async def position(self, tp: object) -> int:
+        return self.position_
+
+    async def getmany(self, timeout_ms: int) -> dict[object, list[object]]:
+        if self.position_ >= len(self.records):
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
+        self.position_ = len(self.records)
+        return {"tp": [SimpleNamespace(key=k, value=v) for k, v in self.records]}
+
+
+async def test_a_settings_topic_just_created_is_followed_once_the_broker_shows_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker creates the topic just before; the broker may not show it
+    at once. Before, the follower gave up at the first look ("does not exist:
+    file settings only") and ignored the topic for the worker's whole life."""
+    answers = [0, 0, 1]
+
+    async def partition_count(options: object, topic: str) -> int:
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "AIOKafkaConsumer", _SettingsConsumer)
+    registry = ApplicationSettingsRegistry()
+    ready = asyncio.Event()
+    follower = asyncio.create_task(
+        application_settings.follow_settings_topic(Settings(), registry, ready)
+    )
+    await asyncio.wait_for(ready.wait(), 5)
+    follower.cancel()
+    assert registry.settings_for(7).flattening is False
