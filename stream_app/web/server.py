@@ -99,7 +99,10 @@ class WebServer:
         raw_app = request.query.get("applicationId")
         application_id = self.settings.default_application_id
         if raw_app is not None:
-            if not raw_app.isdigit() or not 0 < int(raw_app) <= _MAX_APPLICATION_ID:
+            # ASCII digits only: str.isdigit() also takes "²" (int() refuses it) and "٣".
+            if not (raw_app.isascii() and raw_app.isdigit()) or not (
+                0 < int(raw_app) <= _MAX_APPLICATION_ID
+            ):
                 return _problem(400, "applicationId must be an integer in 1..2147483647")
             application_id = int(raw_app)
         lookup = self.engine.session_lookup(application_id, integration_id)
@@ -126,8 +129,13 @@ class WebServer:
                 client.get(url, headers={FORWARDED_HEADER: "1"}) as answer,
             ):
                 body = await answer.read()
+                # The owner's 503 says when to ask again: `stream-app inspect` waits on it.
+                retry_after = answer.headers.get("Retry-After")
                 return web.Response(
-                    body=body, status=answer.status, content_type="application/json"
+                    body=body,
+                    status=answer.status,
+                    content_type="application/json",
+                    headers={"Retry-After": retry_after} if retry_after is not None else None,
                 )
         except (ClientError, TimeoutError) as exc:
             log.warning("forwarding %s to %s failed: %r", request.path_qs, owner, exc)
