@@ -164,9 +164,12 @@ def _name_value(text: str) -> tuple[str, str]:
 def _cost(text: str) -> tuple[str, Decimal]:
     name, value = _name_value(text)
     try:
-        return name, Decimal(value)
+        price = Decimal(value)
     except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"expected NAME=PRICE, not {text!r}") from None
+        price = Decimal("NaN")
+    if not price.is_finite():
+        raise argparse.ArgumentTypeError(f"expected NAME=PRICE, not {text!r}")
+    return name, price
 
 
 def _attribute(text: str) -> tuple[str, Any]:

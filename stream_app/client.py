@@ -133,9 +133,15 @@ def new_event_id() -> str:
 
 
 def _plain(value: Any) -> Any:
-    """JSON-ready: Decimals become JSON numbers, tuples and sets lists."""
+    """JSON-ready: Decimals become JSON numbers (integers while they fit 64
+    bits), tuples and sets lists. Raises ValueError for an infinite or NaN
+    Decimal, which JSON cannot hold."""
     if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
+        if not value.is_finite():
+            raise ValueError(f"{value} is not a number JSON can hold")
+        if value == value.to_integral_value() and -(2**63) <= value < 2**63:
+            return int(value)
+        return float(value)  # beyond 64 bits: the workers' limits decide (LIMIT_EXCEEDED)
     if isinstance(value, Mapping):
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, list | tuple | set | frozenset):

@@ -118,6 +118,12 @@ def test_send_takes_json_from_an_argument_or_stdin() -> None:
         (['{"type":"reopen","integrationId":"c"}', "--type=close"], "", "not both"),
         (["-"], "not json", "not valid JSON"),
         (["-"], "[1]", "must be a JSON object"),
+        # Numbers JSON cannot hold (before: a traceback and exit 1, "Kafka could
+        # not be reached"), and money beyond 64 bits (before: orjson's TypeError).
+        (["--type=close", "--integration-id=c", "--item=A:1:Infinity"], "", "SKU:QUANTITY"),
+        (["--type=close", "--integration-id=c", "--cost=x=sNaN"], "", "NAME=PRICE"),
+        (["--type=close", "--integration-id=c", "--cost=x=1e20"], "", "LIMIT_EXCEEDED"),
+        (["--type=close", "--integration-id=c", "--item=A:1:1e20"], "", "LIMIT_EXCEEDED"),
     ],
 )
 def test_send_usage_errors_exit_2(args: list[str], stdin: str, message: str) -> None:

@@ -205,3 +205,18 @@ def test_a_command_over_the_size_limit_is_refused() -> None:
     with pytest.raises(CommandRejectedError) as caught:
         validate_command(command, max_command_bytes=1024)
     assert (caught.value.reason, caught.value.pointer) == (Reason.LIMIT_EXCEEDED, "")
+
+
+def test_money_beyond_64_bits_is_a_rejection_and_infinity_a_value_error() -> None:
+    """Before, a Decimal of 1e20 became an int orjson cannot write (TypeError),
+    and Infinity raised OverflowError from the builder."""
+    command = close_command("c-1", cart_items=[cart_item("A", 1, Decimal("1e20"))])
+    with pytest.raises(CommandRejectedError) as caught:
+        validate_command(command)
+    assert (caught.value.reason, caught.value.pointer) == (
+        Reason.LIMIT_EXCEEDED,
+        "/session/cartItems/0/price",
+    )
+    for value in ("Infinity", "-Infinity", "NaN", "sNaN"):
+        with pytest.raises(ValueError, match="not a number JSON can hold"):
+            cart_item("A", 1, Decimal(value))
