@@ -459,6 +459,15 @@ def run_tail(settings: Settings, args: argparse.Namespace) -> int:
     except KafkaError as exc:
         print(f"stream-app tail: Kafka at {settings.bootstrap_servers}: {exc!r}", file=sys.stderr)
         return EXIT_FAILED
+    except UnicodeDecodeError as exc:  # aiokafka's, for a header name that is not UTF-8
+        print(
+            f"stream-app tail: {topic} holds a record the Kafka client cannot read "
+            f"(a header name that is not UTF-8: {exc.reason}). The workers reject such a "
+            "command as UNREADABLE_RECORD, with its key and value: see "
+            "`stream-app tail rejected`.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     return 0
 
 
