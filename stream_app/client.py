@@ -31,7 +31,9 @@ What the client guarantees:
   with ``acks=all``, so its own retries never duplicate a record; if
   :meth:`SessionClient.send` still raises (the broker was unreachable for
   longer than the delivery timeout), send *the same command document* again:
-  the worker recognises its ``eventId`` and applies it once.
+  the worker recognises its ``eventId`` and applies it once. The helpers
+  (``update_session``, ``return_items``, ...) build a new command each call:
+  retry them with the same ``event_id=``.
 * Money may be given as ``int``, ``float`` or ``Decimal``; it travels as a
   JSON number, exact up to 15 significant digits (``Decimal("19.99")`` is
   19.99 in the worker's totals).
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
@@ -459,13 +461,24 @@ class SessionClient:
         the broker has it (``acks=all``). An ``eventId`` is added when missing.
 
         Raises :class:`CommandRejectedError` (nothing sent) or an aiokafka
-        ``KafkaError`` (send the same document again to retry).
+        ``KafkaError`` (send the same document again to retry). An ``eventId``
+        added to a mutable document is also written into it, so that a retry
+        with that document carries the same one.
+
+        The helpers below build a new command, with a new ``eventId``, on every
+        call: to retry one of them, pass the same ``event_id`` each time (chosen
+        with :func:`new_event_id` before the first try), or build the command
+        (:func:`update_command`, ...) and send that document again.
         """
         if self._producer is None:
             raise RuntimeError("the client is not started")
         doc = dict(command)
         if doc.get("eventId") is None:
             doc["eventId"] = new_event_id()
+            if isinstance(command, MutableMapping):
+                # Written into the caller's document too: sending that same
+                # document again, to retry, reuses the id (the worker applies it once).
+                command["eventId"] = doc["eventId"]
         value = self.validate(doc)
         integration_id = str(doc["integrationId"])  # validated: a non-empty string
         metadata = await self._producer.send_and_wait(

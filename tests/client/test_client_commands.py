@@ -4,16 +4,20 @@ it refuses, with the reason codes and pointers the workers would give."""
 from __future__ import annotations
 
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 
 from stream_app import json
 from stream_app.client import (
     CommandRejectedError,
+    SessionClient,
     cancel_command,
     cart_item,
     close_command,
+    new_event_id,
     reopen_command,
     return_command,
     returned_item,
@@ -29,6 +33,7 @@ from stream_app.domain import (
     UpdateCommand,
     decode_command,
 )
+from stream_app.settings import Settings
 
 
 def test_builders_use_the_contract_field_names_and_decode_as_the_workers_do() -> None:
@@ -220,3 +225,36 @@ def test_money_beyond_64_bits_is_a_rejection_and_infinity_a_value_error() -> Non
     for value in ("Infinity", "-Infinity", "NaN", "sNaN"):
         with pytest.raises(ValueError, match="not a number JSON can hold"):
             cart_item("A", 1, Decimal(value))
+
+
+class _FlakyProducer:
+    """Fails its first send after the broker has the record (a timeout), then works."""
+
+    def __init__(self) -> None:
+        self.values: list[bytes] = []
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> object:
+        self.values.append(value)
+        if len(self.values) == 1:
+            raise KafkaTimeoutError
+        return SimpleNamespace(topic=topic, partition=0, offset=len(self.values))
+
+
+async def test_a_retried_send_carries_the_same_event_id() -> None:
+    """'Send the same document again' held only for documents with an eventId:
+    one without got a new id on each try, and the worker applied it twice."""
+    client = SessionClient(Settings())
+    client._producer = producer = _FlakyProducer()
+    command: dict[str, Any] = {"type": "reopen", "integrationId": "c-1"}
+    with pytest.raises(KafkaTimeoutError):
+        await client.send(command)
+    sent = await client.send(command)
+    first, second = (json.loads(value)["eventId"] for value in producer.values)
+    assert first == second == sent.event_id == command["eventId"]
+    # A helper retried with the same event_id: the same id again.
+    client._producer = producer = _FlakyProducer()
+    event_id = new_event_id()
+    with pytest.raises(KafkaTimeoutError):
+        await client.return_items("c-1", [returned_item(0)], event_id=event_id)
+    await client.return_items("c-1", [returned_item(0)], event_id=event_id)
+    assert [json.loads(value)["eventId"] for value in producer.values] == [event_id] * 2
