@@ -24,6 +24,7 @@ from stream_app.domain import ApplicationSettings
 from stream_app.errors import ConfigurationError
 from stream_app.logs import excerpt
 from stream_app.pipeline.kafka import client_options, partition_count
+from stream_app.pipeline.unreadable import UNREADABLE, read_batch_at
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -137,12 +138,43 @@ async def follow_settings_topic(
             if not ready.is_set() and await _caught_up(consumer, end):
                 log.info("application settings loaded")
                 ready.set()
-            batches = await consumer.getmany(timeout_ms=200)
+            try:
+                batches = await consumer.getmany(timeout_ms=200)
+            except UNREADABLE:
+                await _read_past_the_client(consumer, tps, registry, client_options(settings))
+                continue
             for records in batches.values():
                 for record in records:
                     registry.apply_record(record.key, record.value)
     finally:
         await consumer.stop()
+
+
+async def _read_past_the_client(
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    registry: ApplicationSettingsRegistry,
+    options: dict[str, Any],
+) -> None:
+    """aiokafka cannot decode a fetched record (a header name that is not
+    UTF-8) and would fail on it at every poll, in every worker, until
+    compaction removed it. The settings never read headers: the next batch of
+    each partition is read raw (:mod:`~stream_app.pipeline.unreadable`) and
+    its records applied like any other, and the consumer goes on after it."""
+    for tp in tps:
+        position = await consumer.position(tp)
+        records, after = await read_batch_at(options, tp, position)
+        for record in records:
+            if not record.readable():
+                log.warning(
+                    "settings topic %s[%d]@%d: a header name is not UTF-8 (headers are "
+                    "not read): applied as any record",
+                    tp.topic,
+                    tp.partition,
+                    record.offset,
+                )
+            registry.apply_record(record.key, record.value)
+        consumer.seek(tp, after)
 
 
 async def _caught_up(consumer: AIOKafkaConsumer, end: dict[TopicPartition, int]) -> bool:

@@ -7,10 +7,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from aiokafka import TopicPartition
 
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline import application_settings
 from stream_app.pipeline.application_settings import DEFAULT, ApplicationSettingsRegistry
+from stream_app.pipeline.unreadable import RawRecord
 from stream_app.settings import Settings
 
 
@@ -126,3 +128,58 @@ async def test_a_settings_topic_just_created_is_followed_once_the_broker_shows_i
     await asyncio.wait_for(ready.wait(), 5)
     follower.cancel()
     assert registry.settings_for(7).flattening is False
+
+
+class _PoisonedSettingsConsumer(_SettingsConsumer):
+    """Its one record has a header name that is not UTF-8: aiokafka's getmany fails."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__()
+        self.sought: list[tuple[object, int]] = []
+
+    async def getmany(self, timeout_ms: int) -> dict[object, list[object]]:
+        if self.position_ < len(self.records):
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return await super().getmany(timeout_ms)
+
+    def seek(self, tp: object, offset: int) -> None:
+        self.sought.append((tp, offset))
+        self.position_ = offset
+
+
+async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, the follower died on it and stopped the worker, on every start
+    of every worker, until compaction removed the record."""
+    consumers: list[_PoisonedSettingsConsumer] = []
+
+    def consumer(*args: object, **kwargs: object) -> _PoisonedSettingsConsumer:
+        consumers.append(_PoisonedSettingsConsumer())
+        return consumers[-1]
+
+    async def partition_count(options: object, topic: str) -> int:
+        return 1
+
+    async def read_batch_at(
+        options: object, tp: TopicPartition, offset: int
+    ) -> tuple[list[RawRecord], int]:
+        record = RawRecord(
+            tp.topic, tp.partition, offset, 0, b"7", b'{"flattening": false}', ((b"\xff", b"x"),)
+        )
+        return [record], offset + 1
+
+    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "AIOKafkaConsumer", consumer)
+    monkeypatch.setattr(application_settings, "read_batch_at", read_batch_at, raising=False)
+    registry = ApplicationSettingsRegistry()
+    ready = asyncio.Event()
+    follower = asyncio.create_task(
+        application_settings.follow_settings_topic(Settings(), registry, ready)
+    )
+    await asyncio.wait_for(ready.wait(), 5)
+    assert not follower.done()  # still following
+    follower.cancel()
+    assert registry.settings_for(7).flattening is False
+    [(_, offset)] = consumers[0].sought
+    assert offset == 1
