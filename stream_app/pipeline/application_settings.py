@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -80,7 +80,13 @@ class ApplicationSettingsRegistry:
           defaults, as a worker starting after compaction would.
         """
         raw = key or b""
-        if not (raw.isdigit() and raw == b"%d" % int(raw) and 0 < int(raw) <= _MAX_APPLICATION_ID):
+        # At most 10 digits before int(): Python refuses more than 4,300 (ValueError).
+        if not (
+            0 < len(raw) <= 10
+            and raw.isdigit()
+            and raw == b"%d" % int(raw)
+            and 0 < int(raw) <= _MAX_APPLICATION_ID
+        ):
             log.warning(
                 "ignoring application settings record key=%s: not an applicationId", excerpt(key)
             )
@@ -134,6 +140,8 @@ async def follow_settings_topic(
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
+        #: Per partition, the offset after the last record applied.
+        applied = {tp: await consumer.position(tp) for tp in tps}
         while True:
             if not ready.is_set() and await _caught_up(consumer, end):
                 log.info("application settings loaded")
@@ -141,40 +149,52 @@ async def follow_settings_topic(
             try:
                 batches = await consumer.getmany(timeout_ms=200)
             except UNREADABLE:
-                await _read_past_the_client(consumer, tps, registry, client_options(settings))
+                await _read_past_the_client(consumer, applied, registry, client_options(settings))
                 continue
-            for records in batches.values():
+            for tp, records in batches.items():
                 for record in records:
                     registry.apply_record(record.key, record.value)
+                    applied[tp] = record.offset + 1
     finally:
         await consumer.stop()
 
 
+#: How many batches of a partition one raw read goes through.
+_RAW_BATCHES: Final = 64
+
+
 async def _read_past_the_client(
     consumer: AIOKafkaConsumer,
-    tps: list[TopicPartition],
+    applied: dict[TopicPartition, int],
     registry: ApplicationSettingsRegistry,
     options: dict[str, Any],
 ) -> None:
     """aiokafka cannot decode a fetched record (a header name that is not
     UTF-8) and would fail on it at every poll, in every worker, until
-    compaction removed it. The settings never read headers: the next batch of
-    each partition is read raw (:mod:`~stream_app.pipeline.unreadable`) and
-    its records applied like any other, and the consumer goes on after it."""
-    for tp in tps:
-        position = await consumer.position(tp)
-        records, after = await read_batch_at(options, tp, position)
-        for record in records:
-            if not record.readable():
-                log.warning(
-                    "settings topic %s[%d]@%d: a header name is not UTF-8 (headers are "
-                    "not read): applied as any record",
-                    tp.topic,
-                    tp.partition,
-                    record.offset,
-                )
-            registry.apply_record(record.key, record.value)
-        consumer.seek(tp, after)
+    compaction removed it. The settings never read headers: each partition is
+    read raw (:mod:`~stream_app.pipeline.unreadable`) from the last record
+    applied, up to :data:`_RAW_BATCHES` batches or its end, its records applied
+    like any other, and the consumer sought past them. From ``applied``, not
+    from the consumer's positions: a failed fetch can have moved another
+    partition's position past records it then did not return."""
+    for tp, offset in applied.items():
+        for _ in range(_RAW_BATCHES):
+            records, after = await read_batch_at(options, tp, offset)
+            for record in records:
+                if not record.readable():
+                    log.warning(
+                        "settings topic %s[%d]@%d: a header name is not UTF-8 (headers "
+                        "are not read): applied as any record",
+                        tp.topic,
+                        tp.partition,
+                        record.offset,
+                    )
+                registry.apply_record(record.key, record.value)
+            offset = after
+            if not records:
+                break
+        applied[tp] = offset
+        consumer.seek(tp, offset)
 
 
 async def _caught_up(consumer: AIOKafkaConsumer, end: dict[TopicPartition, int]) -> bool:

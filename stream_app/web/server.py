@@ -99,8 +99,9 @@ class WebServer:
         raw_app = request.query.get("applicationId")
         application_id = self.settings.default_application_id
         if raw_app is not None:
-            # ASCII digits only: str.isdigit() also takes "²" (int() refuses it) and "٣".
-            if not (raw_app.isascii() and raw_app.isdigit()) or not (
+            # At most 10 ASCII digits: str.isdigit() also takes "²" (int() refuses
+            # it) and "٣", and int() refuses more than 4,300 digits.
+            if not (len(raw_app) <= 10 and raw_app.isascii() and raw_app.isdigit()) or not (
                 0 < int(raw_app) <= _MAX_APPLICATION_ID
             ):
                 return _problem(400, "applicationId must be an integer in 1..2147483647")

@@ -55,7 +55,10 @@ def test_a_bad_settings_record_counts_as_a_tombstone(tmp_path: Path) -> None:
         assert running.settings_for(3).attributes == frozenset({"city"})  # the file's
 
 
-@pytest.mark.parametrize("key", [b"07", b"+7", b" 7", b"7 ", b"1_0", b"\xd9\xa3", b"0", b"x", b""])
+@pytest.mark.parametrize(
+    "key",
+    [b"07", b"+7", b" 7", b"7 ", b"1_0", b"\xd9\xa3", b"0", b"x", b"", b"1" * 11, b"1" * 5000],
+)
 def test_a_key_that_is_not_a_plain_application_id_is_ignored(key: bytes) -> None:
     """Compaction keeps "07" and "7" apart: read as one application, a later
     tombstone of one would be undone on restart by the other."""
@@ -104,7 +107,10 @@ class _SettingsConsumer:
             await asyncio.sleep(timeout_ms / 1000)
             return {}
         self.position_ = len(self.records)
-        return {"tp": [SimpleNamespace(key=k, value=v) for k, v in self.records]}
+        records = [
+            SimpleNamespace(offset=n, key=k, value=v) for n, (k, v) in enumerate(self.records)
+        ]
+        return {TopicPartition("settings", 0): records}
 
 
 async def test_a_settings_topic_just_created_is_followed_once_the_broker_shows_it(
@@ -164,6 +170,8 @@ async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
     async def read_batch_at(
         options: object, tp: TopicPartition, offset: int
     ) -> tuple[list[RawRecord], int]:
+        if offset >= 1:
+            return [], offset  # the end of the topic
         record = RawRecord(
             tp.topic, tp.partition, offset, 0, b"7", b'{"flattening": false}', ((b"\xff", b"x"),)
         )
@@ -183,3 +191,33 @@ async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
     assert registry.settings_for(7).flattening is False
     [(_, offset)] = consumers[0].sought
     assert offset == 1
+
+
+async def test_a_raw_read_starts_from_what_was_applied_on_every_partition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed fetch can move a partition's position past records it then
+    does not return: the raw read starts from the last record applied, not
+    from the consumer's position, and goes through several batches."""
+    reads: list[tuple[int, int]] = []
+
+    async def read_batch_at(
+        options: object, tp: TopicPartition, offset: int
+    ) -> tuple[list[RawRecord], int]:
+        reads.append((tp.partition, offset))
+        if offset >= 3:
+            return [], offset
+        value = b'{"flattening": false}' if offset == 2 else b"{}"
+        key = b"%d" % (tp.partition + 1)
+        return [RawRecord(tp.topic, tp.partition, offset, 0, key, value)], offset + 1
+
+    monkeypatch.setattr(application_settings, "read_batch_at", read_batch_at, raising=False)
+    consumer = _PoisonedSettingsConsumer()
+    registry = ApplicationSettingsRegistry()
+    applied = {TopicPartition("s", 0): 1, TopicPartition("s", 1): 0}
+    await application_settings._read_past_the_client(consumer, applied, registry, {})  # type: ignore[arg-type]
+    assert reads == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
+    assert applied == {TopicPartition("s", 0): 3, TopicPartition("s", 1): 3}
+    assert [offset for _, offset in consumer.sought] == [3, 3]
+    assert registry.settings_for(1).flattening is False
+    assert registry.settings_for(2).flattening is False
