@@ -167,7 +167,8 @@ def _cost(text: str) -> tuple[str, Decimal]:
         price = Decimal(value)
     except InvalidOperation:
         price = Decimal("NaN")
-    if not price.is_finite():
+    # JSON carries no NaN or infinity, nor a number past the largest double (1e400).
+    if not price.is_finite() or price.copy_abs() > Decimal(sys.float_info.max):
         raise argparse.ArgumentTypeError(f"expected NAME=PRICE, not {text!r}")
     return name, price
 

@@ -42,8 +42,9 @@ What the client guarantees:
 from __future__ import annotations
 
 import logging
+import sys
 import uuid
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
@@ -134,12 +135,16 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+#: Past it a Decimal is no double: the workers read such a number as infinite.
+_LARGEST_DOUBLE = Decimal(sys.float_info.max)
+
+
 def _plain(value: Any) -> Any:
     """JSON-ready: Decimals become JSON numbers (integers while they fit 64
     bits), tuples and sets lists. Raises ValueError for an infinite or NaN
     Decimal, which JSON cannot hold."""
     if isinstance(value, Decimal):
-        if not value.is_finite():
+        if not value.is_finite() or abs(value) > _LARGEST_DOUBLE:
             raise ValueError(f"{value} is not a number JSON can hold")
         if value == value.to_integral_value() and -(2**63) <= value < 2**63:
             return int(value)
@@ -461,9 +466,10 @@ class SessionClient:
         the broker has it (``acks=all``). An ``eventId`` is added when missing.
 
         Raises :class:`CommandRejectedError` (nothing sent) or an aiokafka
-        ``KafkaError`` (send the same document again to retry). An ``eventId``
-        added to a mutable document is also written into it, so that a retry
-        with that document carries the same one.
+        ``KafkaError`` (send the same document again to retry). The builders
+        give every command an ``eventId``; a document written by hand without
+        one gets a new one on each send, so give it one (:func:`new_event_id`)
+        before the first try if it may be retried.
 
         The helpers below build a new command, with a new ``eventId``, on every
         call: to retry one of them, pass the same ``event_id`` each time (chosen
@@ -475,10 +481,6 @@ class SessionClient:
         doc = dict(command)
         if doc.get("eventId") is None:
             doc["eventId"] = new_event_id()
-            if isinstance(command, MutableMapping):
-                # Written into the caller's document too: sending that same
-                # document again, to retry, reuses the id (the worker applies it once).
-                command["eventId"] = doc["eventId"]
         value = self.validate(doc)
         integration_id = str(doc["integrationId"])  # validated: a non-empty string
         metadata = await self._producer.send_and_wait(

@@ -124,6 +124,8 @@ def test_send_takes_json_from_an_argument_or_stdin() -> None:
         (["--type=close", "--integration-id=c", "--cost=x=sNaN"], "", "NAME=PRICE"),
         (["--type=close", "--integration-id=c", "--cost=x=1e20"], "", "LIMIT_EXCEEDED"),
         (["--type=close", "--integration-id=c", "--item=A:1:1e20"], "", "LIMIT_EXCEEDED"),
+        (["--type=close", "--integration-id=c", "--cost=x=1e400"], "", "NAME=PRICE"),
+        (["--type=close", "--integration-id=c", "--item=A:1:1e400"], "", "SKU:QUANTITY"),
     ],
 )
 def test_send_usage_errors_exit_2(args: list[str], stdin: str, message: str) -> None:

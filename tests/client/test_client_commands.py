@@ -222,7 +222,7 @@ def test_money_beyond_64_bits_is_a_rejection_and_infinity_a_value_error() -> Non
         Reason.LIMIT_EXCEEDED,
         "/session/cartItems/0/price",
     )
-    for value in ("Infinity", "-Infinity", "NaN", "sNaN"):
+    for value in ("Infinity", "-Infinity", "NaN", "sNaN", "1e400", "-1e400"):
         with pytest.raises(ValueError, match="not a number JSON can hold"):
             cart_item("A", 1, Decimal(value))
 
@@ -241,20 +241,25 @@ class _FlakyProducer:
 
 
 async def test_a_retried_send_carries_the_same_event_id() -> None:
-    """'Send the same document again' held only for documents with an eventId:
-    one without got a new id on each try, and the worker applied it twice."""
+    """'Send the same document again' holds for built documents (each has an
+    eventId); a helper builds a new one each call, so it is retried with the
+    same event_id. A hand-written document is not changed by send()."""
     client = SessionClient(Settings())
     client._producer = producer = _FlakyProducer()
-    command: dict[str, Any] = {"type": "reopen", "integrationId": "c-1"}
+    command = reopen_command("c-1")
     with pytest.raises(KafkaTimeoutError):
         await client.send(command)
     sent = await client.send(command)
     first, second = (json.loads(value)["eventId"] for value in producer.values)
     assert first == second == sent.event_id == command["eventId"]
-    # A helper retried with the same event_id: the same id again.
     client._producer = producer = _FlakyProducer()
     event_id = new_event_id()
     with pytest.raises(KafkaTimeoutError):
         await client.return_items("c-1", [returned_item(0)], event_id=event_id)
     await client.return_items("c-1", [returned_item(0)], event_id=event_id)
     assert [json.loads(value)["eventId"] for value in producer.values] == [event_id] * 2
+    # A template reused for several commands must not carry the first one's id.
+    client._producer = SimpleNamespace(send_and_wait=producer.send_and_wait)
+    template: dict[str, Any] = {"type": "reopen", "integrationId": "c-1"}
+    await client.send(template)
+    assert "eventId" not in template
