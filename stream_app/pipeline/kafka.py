@@ -70,8 +70,12 @@ def client_options(settings: Settings) -> dict[str, Any]:
 
 
 async def partition_count(options: dict[str, Any], topic: str) -> int:
-    """How many partitions ``topic`` has (0 when it does not exist)."""
+    """How many partitions ``topic`` has (0 when it does not exist, or the
+    broker does not show it yet). Raises aiokafka's
+    ``TopicAuthorizationFailedError`` when this principal may not describe it:
+    that is no missing topic, and no wait mends it."""
     from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import TopicAuthorizationFailedError
 
     admin = AIOKafkaAdminClient(**options)
     await admin.start()
@@ -80,8 +84,13 @@ async def partition_count(options: dict[str, Any], topic: str) -> int:
     finally:
         await admin.close()
     for entry in described:
-        if entry.get("topic") == topic and not entry.get("error_code"):
+        if entry.get("topic") != topic:
+            continue
+        code = entry.get("error_code")
+        if not code:
             return len(entry.get("partitions", ()))
+        if code == TopicAuthorizationFailedError.errno:
+            raise TopicAuthorizationFailedError(topic)
     return 0
 
 

@@ -153,3 +153,45 @@ def test_servers_that_never_answer_leave_what_the_others_said(
     options["bootstrap_servers"] = "k2:9093,k1:9093"
     assert asyncio.run(refusal(options, timeout_s=0.2)) is None  # k1 never asked
     assert tried == ["k2"]
+
+
+class _DescribingAdmin:
+    """aiokafka's admin client, answering describe_topics with ``error_code``."""
+
+    error_code = 0
+
+    def __init__(self, **options: object) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def describe_topics(self, topics: list[str]) -> list[dict[str, object]]:
+        partitions = [] if self.error_code else [{"partition": 0}, {"partition": 1}]
+        return [
+            {"topic": t, "error_code": self.error_code, "partitions": partitions} for t in topics
+        ]
+
+
+@pytest.mark.parametrize(("error_code", "expected"), [(0, 2), (3, 0), (5, 0), (29, None)])
+def test_a_topic_the_principal_may_not_describe_is_no_missing_topic(
+    monkeypatch: pytest.MonkeyPatch, error_code: int, expected: int | None
+) -> None:
+    """Before, TOPIC_AUTHORIZATION_FAILED read as 0 partitions: the settings
+    reader went on with file settings only, and `tail` said the topic did not
+    exist. UNKNOWN_TOPIC (3) and LEADER_NOT_AVAILABLE (5) are still 0."""
+    import aiokafka.admin
+    from aiokafka.errors import TopicAuthorizationFailedError
+
+    from stream_app.pipeline.kafka import partition_count
+
+    monkeypatch.setattr(_DescribingAdmin, "error_code", error_code)
+    monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", _DescribingAdmin)
+    if expected is None:
+        with pytest.raises(TopicAuthorizationFailedError):
+            asyncio.run(partition_count({}, "sessions.application-settings"))
+    else:
+        assert asyncio.run(partition_count({}, "t")) == expected
