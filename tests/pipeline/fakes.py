@@ -448,3 +448,25 @@ class FailingWriteStore(PartitionStore):
         if self.fail_writes:
             raise OSError(28, "No space left on device")
         super().write(changes, changelog_offset)
+
+
+class EmptyCluster:
+    """Stands for AIOKafkaAdminClient, of a cluster with no topic."""
+
+    def __init__(self, **options: object) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def list_topics(self) -> list[str]:
+        return []
+
+    async def describe_topics(self, names: list[str]) -> list[object]:
+        return []
+
+    async def describe_configs(self, resources: list[object]) -> list[object]:
+        return []

@@ -12,6 +12,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
 from stream_app.pipeline.kafka import refusal
+from tests.pipeline.fakes import EmptyCluster
 
 
 class _Closed:
@@ -155,21 +156,12 @@ def test_servers_that_never_answer_leave_what_the_others_said(
     assert tried == ["k2"]
 
 
-class _DescribingAdmin:
+class _DescribingAdmin(EmptyCluster):
     """aiokafka's admin client, answering describe_topics with ``error_code``."""
 
     error_code = 0
 
-    def __init__(self, **options: object) -> None:
-        pass
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def describe_topics(self, topics: list[str]) -> list[dict[str, object]]:
+    async def describe_topics(self, topics: list[str]) -> list[dict[str, object]]:  # type: ignore[override]
         partitions = [] if self.error_code else [{"partition": 0}, {"partition": 1}]
         return [
             {"topic": t, "error_code": self.error_code, "partitions": partitions} for t in topics

@@ -15,6 +15,7 @@ from stream_app.errors import ConfigurationError
 from stream_app.pipeline import topics as topics_module
 from stream_app.pipeline.topics import TopicLayout, check_retention, deletes_records
 from stream_app.settings import Settings
+from tests.pipeline.fakes import EmptyCluster
 
 WEEK_MS = "604800000"
 
@@ -76,33 +77,11 @@ def test_the_check_names_each_topic_and_the_fix() -> None:
     assert "cleanup.policy=compact" in message
 
 
-class _EmptyCluster:
-    """Stands for AIOKafkaAdminClient, of a cluster with no topic."""
-
-    def __init__(self, **options: object) -> None:
-        pass
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def list_topics(self) -> list[str]:
-        return []
-
-    async def describe_topics(self, names: list[str]) -> list[object]:
-        return []
-
-    async def describe_configs(self, resources: list[ConfigResource]) -> list[object]:
-        return []
-
-
 def _admin_answering(code: int, version: int) -> type:
     """An admin client whose CreateTopics answers ``code`` for every topic, in
     the shape of response ``version`` (v0: no message)."""
 
-    class Admin(_EmptyCluster):
+    class Admin(EmptyCluster):
         async def create_topics(self, new: list[NewTopic]) -> object:
             if version == 0:
                 return CreateTopicsResponse_v0(topic_errors=[(new[0].name, code)])
@@ -162,7 +141,7 @@ def _admin_with_configs(configs: dict[str, dict[str, str]]) -> type:
     """An admin client of a cluster where every topic exists with 6 partitions,
     and ``configs`` are the configs it describes (others: none readable)."""
 
-    class Admin(_EmptyCluster):
+    class Admin(EmptyCluster):
         async def list_topics(self) -> list[str]:
             return [spec.name for spec in topics_module.topic_specs(Settings(), 6)]
 
