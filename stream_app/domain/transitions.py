@@ -236,6 +236,15 @@ def cart_totals(items: tuple[CartItem, ...]) -> tuple[int, Decimal, Decimal, boo
     return quantities, item_total, cost_total, costed
 
 
+def unit_value(line: CartItem) -> Decimal:
+    """What one unit of ``line`` is worth: its price plus its item-level cost prices."""
+    unit = line.price
+    if line.additional_costs:
+        for cost in line.additional_costs.values():
+            unit += cost.price
+    return unit
+
+
 def cost_total(costs: dict[str, AdditionalCost]) -> Decimal:
     total = ZERO
     for cost in costs.values():
@@ -283,12 +292,8 @@ def _require_representable_cart(
         # above count apart: it may need more digits than either (1e15 + 0.01),
         # and then the line could never be returned (see _return).
         for position, line in enumerate(items):
-            costs = line.additional_costs
-            if costs:
-                unit = line.price
-                for cost in costs.values():
-                    unit += cost.price
-                value = unit * line.quantity
+            if line.additional_costs:
+                value = unit_value(line) * line.quantity
                 if not representable(value):
                     raise _unrepresentable(
                         f"/session/cartItems/{position}",
@@ -622,11 +627,7 @@ def _return(
         quantity = claims[position]
         line = cart[position]
         new_cart[position] = _replace(line, returned_quantity=line.returned_quantity + quantity)
-        unit = line.price
-        if line.additional_costs:
-            for cost in line.additional_costs.values():
-                unit += cost.price
-        value = unit * quantity
+        value = unit_value(line) * quantity
         if not representable(value):
             raise _unrepresentable(last_pointer[position], "the returned value", value)
         total += value
