@@ -15,22 +15,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream_app import json
 from stream_app.domain import ApplicationSettings
+from stream_app.domain.decoding import INT32_MAX
 from stream_app.errors import ConfigurationError
 from stream_app.logs import excerpt
 from stream_app.pipeline.kafka import client_options, partition_count
-from stream_app.pipeline.unreadable import UNREADABLE, read_batch_at
+from stream_app.pipeline.unreadable import UNREADABLE, read_past
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT = ApplicationSettings()
-_MAX_APPLICATION_ID = 2**31 - 1
 #: How long a settings topic without metadata is asked for again before the
 #: worker goes on with file settings only: the worker creates it just before
 #: (``ensure_topics``), and the broker may not show it at once.
@@ -85,7 +85,7 @@ class ApplicationSettingsRegistry:
             0 < len(raw) <= 10
             and raw.isdigit()
             and raw == b"%d" % int(raw)
-            and 0 < int(raw) <= _MAX_APPLICATION_ID
+            and 0 < int(raw) <= INT32_MAX
         ):
             log.warning(
                 "ignoring application settings record key=%s: not an applicationId", excerpt(key)
@@ -159,10 +159,6 @@ async def follow_settings_topic(
         await consumer.stop()
 
 
-#: How many batches of a partition one raw read goes through.
-_RAW_BATCHES: Final = 64
-
-
 async def _read_past_the_client(
     consumer: AIOKafkaConsumer,
     applied: dict[TopicPartition, int],
@@ -172,14 +168,13 @@ async def _read_past_the_client(
     """aiokafka cannot decode a fetched record (a header name that is not
     UTF-8) and would fail on it at every poll, in every worker, until
     compaction removed it. The settings never read headers: each partition is
-    read raw (:mod:`~stream_app.pipeline.unreadable`) from the last record
-    applied, up to :data:`_RAW_BATCHES` batches or its end, its records applied
-    like any other, and the consumer sought past them. From ``applied``, not
-    from the consumer's positions: a failed fetch can have moved another
-    partition's position past records it then did not return."""
+    read raw (:func:`~stream_app.pipeline.unreadable.read_past`) from the last
+    record applied, its records applied like any other, and the consumer
+    sought past them. From ``applied``, not from the consumer's positions: a
+    failed fetch can have moved another partition's position past records it
+    then did not return."""
     for tp, offset in applied.items():
-        for _ in range(_RAW_BATCHES):
-            records, after = await read_batch_at(options, tp, offset)
+        async for records, after in read_past(options, tp, offset):
             for record in records:
                 if not record.readable():
                     log.warning(
@@ -191,8 +186,6 @@ async def _read_past_the_client(
                     )
                 registry.apply_record(record.key, record.value)
             offset = after
-            if not records:
-                break
         applied[tp] = offset
         consumer.seek(tp, offset)
 

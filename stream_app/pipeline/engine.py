@@ -79,7 +79,7 @@ from stream_app.pipeline.topics import (
     profile_topic,
     rekey_topic,
 )
-from stream_app.pipeline.unreadable import UNREADABLE, read_batch_at
+from stream_app.pipeline.unreadable import UNREADABLE, read_past
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,6 @@ _LEAVE_MARGIN_S: Final = 1.0
 #: (see :meth:`Engine._pass_skipped`), and how long to wait for a position.
 _PASS_SKIPPED_EVERY_S: Final = 1.0
 _POSITION_WAIT_S: Final = 0.5
-#: How far past its position each input is read raw to find an unreadable record.
-_RAW_BATCHES_PER_INPUT: Final = 64
 _LAYOUT_FILE: Final = "layout.json"
 #: How often the consumer refreshes its metadata (aiokafka's default: 5
 #: minutes). A group whose leader assigned while an input topic had no
@@ -614,19 +612,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         for task in [t for t in self._tasks.values() if t.active]:
             for tp in task.inputs:
                 end = consumer.last_stable_offset(tp)
-                for _ in range(_RAW_BATCHES_PER_INPUT):
-                    position = task.positions.get(tp, 0)
-                    if end is not None and position >= end:
-                        break
-                    raws, resume = await read_batch_at(options, tp, position)
-                    if not raws and resume <= position:
-                        break
+                position = task.positions.get(tp, 0)
+                async for raws, resume in read_past(options, tp, position, end=end):
                     for raw in raws:
                         await task.handle_raw(raw)
                     task.positions[tp] = max(task.positions.get(tp, 0), resume)
-                    if any(not raw.readable() for raw in raws):
-                        found = True
-                        break
+                    found = found or any(not raw.readable() for raw in raws)
                 consumer.seek(tp, task.positions.get(tp, 0))
         if not found:
             raise exc

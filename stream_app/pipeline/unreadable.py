@@ -47,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -70,6 +70,8 @@ UNREADABLE: Final = (UnicodeDecodeError,)
 _READ_COMMITTED: Final = 1
 _MAX_WAIT_MS: Final = 500
 _DEFAULT_MAX_BYTES: Final = 2 * 1024 * 1024
+#: How many batches of one partition :func:`read_past` goes through at most.
+RAW_BATCHES: Final = 64
 _ATTEMPTS: Final = 5
 _RETRY_BACKOFF_S: Final = 0.2
 
@@ -187,6 +189,27 @@ async def read_batch_at(
             position = after  # only markers or aborted batches so far: read on
     finally:
         await client.close()
+
+
+async def read_past(
+    options: dict[str, Any], tp: TopicPartition, offset: int, *, end: int | None = None
+) -> AsyncIterator[tuple[list[RawRecord], int]]:
+    """The batches of ``tp`` from ``offset``, read raw (:func:`read_batch_at`),
+    each with the offset right after it: up to and including the first batch
+    that holds a record aiokafka's consumer cannot read, and no further than
+    ``end`` (a last stable offset), the end of the log or :data:`RAW_BATCHES`
+    batches. What reads past the client after aiokafka failed on a fetch."""
+    position = offset
+    for _ in range(RAW_BATCHES):
+        if end is not None and position >= end:
+            return
+        raws, resume = await read_batch_at(options, tp, position)
+        if not raws and resume <= position:
+            return
+        yield raws, resume
+        if any(not raw.readable() for raw in raws):
+            return
+        position = max(position, resume)
 
 
 def committed_records(

@@ -10,7 +10,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from stream_app.errors import ConfigurationError
-from stream_app.pipeline import application_settings
+from stream_app.pipeline import application_settings, unreadable
 from stream_app.pipeline.application_settings import DEFAULT, ApplicationSettingsRegistry
 from stream_app.pipeline.unreadable import RawRecord
 from stream_app.settings import Settings
@@ -179,7 +179,7 @@ async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
 
     monkeypatch.setattr(application_settings, "partition_count", partition_count)
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", consumer)
-    monkeypatch.setattr(application_settings, "read_batch_at", read_batch_at, raising=False)
+    monkeypatch.setattr(unreadable, "read_batch_at", read_batch_at)
     registry = ApplicationSettingsRegistry()
     ready = asyncio.Event()
     follower = asyncio.create_task(
@@ -211,7 +211,7 @@ async def test_a_raw_read_starts_from_what_was_applied_on_every_partition(
         key = b"%d" % (tp.partition + 1)
         return [RawRecord(tp.topic, tp.partition, offset, 0, key, value)], offset + 1
 
-    monkeypatch.setattr(application_settings, "read_batch_at", read_batch_at, raising=False)
+    monkeypatch.setattr(unreadable, "read_batch_at", read_batch_at)
     consumer = _PoisonedSettingsConsumer()
     registry = ApplicationSettingsRegistry()
     applied = {TopicPartition("s", 0): 1, TopicPartition("s", 1): 0}
