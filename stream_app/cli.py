@@ -162,14 +162,14 @@ def _name_value(text: str) -> tuple[str, str]:
 
 
 def _cost(text: str) -> tuple[str, Decimal]:
+    from stream_app.client import command_number
+
     name, value = _name_value(text)
     try:
         price = Decimal(value)
-    except InvalidOperation:
-        price = Decimal("NaN")
-    # JSON carries no NaN or infinity, nor a number past the largest double (1e400).
-    if not price.is_finite() or price.copy_abs() > Decimal(sys.float_info.max):
-        raise argparse.ArgumentTypeError(f"expected NAME=PRICE, not {text!r}")
+        command_number(price)  # one JSON can carry: not NaN, infinite or past 1e308
+    except (InvalidOperation, ValueError):
+        raise argparse.ArgumentTypeError(f"expected NAME=PRICE, not {text!r}") from None
     return name, price
 
 

@@ -64,6 +64,7 @@ from stream_app.domain import (
     apply,
     decode_command,
 )
+from stream_app.domain.numbers import json_number
 from stream_app.domain.rejections import make_rejection
 from stream_app.errors import StreamAppError
 from stream_app.settings import Settings
@@ -139,16 +140,22 @@ def new_event_id() -> str:
 _LARGEST_DOUBLE = Decimal(sys.float_info.max)
 
 
+def command_number(value: Decimal) -> int | float:
+    """The JSON number a command carries for ``value``, as the workers write
+    amounts (:func:`stream_app.domain.numbers.json_number`: an integer while
+    it fits 64 bits, else a float, which the workers' limits then judge).
+    Raises ValueError for NaN, an infinity, or a number past the largest
+    double (1e400), which JSON cannot hold."""
+    if not value.is_finite() or abs(value) > _LARGEST_DOUBLE:
+        raise ValueError(f"{value} is not a number JSON can hold")
+    return json_number(value)
+
+
 def _plain(value: Any) -> Any:
-    """JSON-ready: Decimals become JSON numbers (integers while they fit 64
-    bits), tuples and sets lists. Raises ValueError for an infinite or NaN
-    Decimal, which JSON cannot hold."""
+    """JSON-ready: Decimals become JSON numbers (:func:`command_number`),
+    tuples and sets lists."""
     if isinstance(value, Decimal):
-        if not value.is_finite() or abs(value) > _LARGEST_DOUBLE:
-            raise ValueError(f"{value} is not a number JSON can hold")
-        if value == value.to_integral_value() and -(2**63) <= value < 2**63:
-            return int(value)
-        return float(value)  # beyond 64 bits: the workers' limits decide (LIMIT_EXCEEDED)
+        return command_number(value)
     if isinstance(value, Mapping):
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
