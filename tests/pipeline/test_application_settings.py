@@ -113,6 +113,17 @@ class _SettingsConsumer:
         return {TopicPartition("settings", 0): records}
 
 
+async def _followed(registry: ApplicationSettingsRegistry) -> asyncio.Task[None]:
+    """The settings follower (over the stand-ins patched in), once it has read
+    the topic to its end."""
+    ready = asyncio.Event()
+    follower = asyncio.create_task(
+        application_settings.follow_settings_topic(Settings(), registry, ready)
+    )
+    await asyncio.wait_for(ready.wait(), 5)
+    return follower
+
+
 async def test_a_settings_topic_just_created_is_followed_once_the_broker_shows_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -127,11 +138,7 @@ async def test_a_settings_topic_just_created_is_followed_once_the_broker_shows_i
     monkeypatch.setattr(application_settings, "partition_count", partition_count)
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", _SettingsConsumer)
     registry = ApplicationSettingsRegistry()
-    ready = asyncio.Event()
-    follower = asyncio.create_task(
-        application_settings.follow_settings_topic(Settings(), registry, ready)
-    )
-    await asyncio.wait_for(ready.wait(), 5)
+    follower = await _followed(registry)
     follower.cancel()
     assert registry.settings_for(7).flattening is False
 
@@ -181,11 +188,7 @@ async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", consumer)
     monkeypatch.setattr(unreadable, "read_batch_at", read_batch_at)
     registry = ApplicationSettingsRegistry()
-    ready = asyncio.Event()
-    follower = asyncio.create_task(
-        application_settings.follow_settings_topic(Settings(), registry, ready)
-    )
-    await asyncio.wait_for(ready.wait(), 5)
+    follower = await _followed(registry)
     assert not follower.done()  # still following
     follower.cancel()
     assert registry.settings_for(7).flattening is False
