@@ -182,6 +182,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.restore_remaining: dict[str, int] = {}
         self._joined = False
         self._rebalancing = False
+        #: Tasks assigned without all of their inputs (see on_partitions_assigned):
+        #: not started, and the worker not ready, until the next rebalance.
+        self._waiting: set[TaskId] = set()
         #: The consumer's poll in flight (see :meth:`_poll`).
         self._polling: asyncio.Future[Any] | None = None
         #: When a stop must be done by (set by :meth:`stop`).
@@ -269,8 +272,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     # -- what the probes and metrics see ---------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Joined the group, not rebalancing, and no task restoring."""
-        return self._joined and not self._rebalancing and not self._starting
+        """Joined the group, not rebalancing, no task restoring, and none waiting
+        for the rest of its inputs."""
+        return self._joined and not self._rebalancing and not self._starting and not self._waiting
 
     def status(self) -> dict[str, Any]:
         return {
@@ -278,6 +282,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             "joined": self._joined,
             "rebalancing": self._rebalancing,
             "starting": sorted(str(task_id) for task_id in self._starting),
+            "waiting": sorted(str(task_id) for task_id in self._waiting),
             "active": sorted(str(t.id) for t in self._tasks.values() if t.active),
         }
 
@@ -930,6 +935,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             if tp.topic in self._stage_of
         }
         started = 0
+        self._waiting = set()
         for stage, partition in sorted(wanted, key=lambda w: (w[0].name, w[1])):
             inputs = [TopicPartition(topic, partition) for topic in stage.inputs]
             lacking = [tp for tp in inputs if tp not in assigned]
@@ -945,6 +951,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 )
                 assert self._consumer is not None  # noqa: S101 - consuming
                 self._consumer.pause(*(tp for tp in inputs if tp in assigned))
+                self._waiting.add(TaskId(stage.name, partition))
                 continue
             started += 1
             if TaskId(stage.name, partition) not in self._tasks:

@@ -346,6 +346,12 @@ async def test_an_assignment_made_without_an_input_topics_metadata_starts_no_tas
     assert len(warnings) == 2
     assert "commands[0]: not started" in warnings[0]
     assert "waiting for the next rebalance" in warnings[0]
+    # Not ready while it owns partitions it does not process (/readyz says 503).
+    assert not engine.ready
+    assert engine.status()["waiting"] == ["commands[0]", "commands[1]"]
+    await engine.on_partitions_assigned(set())  # the next assignment decides again
+    assert engine.ready
+    assert engine.status()["waiting"] == []
 
 
 async def test_the_worker_joins_once_the_broker_shows_its_input_topics(tmp_path: Path) -> None:
