@@ -124,8 +124,8 @@ async def follow_settings_topic(
         # skipping to its end (aiokafka's default) could lose some.
         auto_offset_reset="earliest",
     )
-    await consumer.start()
     try:
+        await consumer.start()  # in the try: a failed or cancelled start closes it too
         deadline = asyncio.get_running_loop().time() + TOPIC_VISIBLE_WAIT_S
         while True:
             count = await partition_count(client_options(settings), topic)

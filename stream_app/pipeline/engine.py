@@ -387,7 +387,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             metadata_max_age_ms=_METADATA_MAX_AGE_MS,
         )
         self._consumer = consumer
-        await consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:  # failed or cancelled: leave no connection open
+            await consumer.stop()
+            raise
         await self._await_input_topics(consumer)
         consumer.subscribe(self.input_topics, listener=self)
         poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
@@ -911,6 +915,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._fenced_since = None
         self._joined = True
         self._rebalancing = False
+        if self._stopping.is_set():
+            # A rebalance that ends while the worker stops: the tasks' next owner
+            # starts them. Starting them here would fence their producers and
+            # open and restore their stores, only for the stop to drop them.
+            assert self._consumer is not None  # noqa: S101 - consuming
+            self._consumer.pause(*assigned)
+            log.info("stopping: %d partition(s) assigned, no task started", len(assigned))
+            return
         beyond = sorted(
             f"{tp.topic}[{tp.partition}]"
             for tp in assigned

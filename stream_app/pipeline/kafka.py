@@ -78,8 +78,8 @@ async def partition_count(options: dict[str, Any], topic: str) -> int:
     from aiokafka.errors import TopicAuthorizationFailedError
 
     admin = AIOKafkaAdminClient(**options)
-    await admin.start()
     try:
+        await admin.start()  # in the try: a failed or cancelled start closes it too
         described = await admin.describe_topics([topic])
     finally:
         await admin.close()

@@ -441,9 +441,11 @@ async def restore(
         max_partition_fetch_bytes=_RESTORE_FETCH_BYTES,
         fetch_max_bytes=4 * _RESTORE_FETCH_BYTES,
     )
-    await consumer.start()
     total = 0
     try:
+        # Inside the try: a start that fails or is cancelled (the task dropped,
+        # the worker stopping) must not leave the consumer's connections open.
+        await consumer.start()
         tps = [changelogs[name] for name in stores]
         consumer.assign(tps)
         end = await consumer.end_offsets(tps)

@@ -354,6 +354,24 @@ async def test_an_assignment_made_without_an_input_topics_metadata_starts_no_tas
     assert engine.status()["waiting"] == []
 
 
+async def test_an_assignment_that_ends_while_the_worker_stops_starts_no_task(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM during a rebalance (another worker joining, in a black-box run):
+    before, the new assignment started its tasks (their producers fenced,
+    their stores opened and restoring) only for the stop to cancel them."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    assigned = {TopicPartition(topic, 0) for topic in engine.input_topics}
+    consumer = _StrictConsumer(assigned)
+    engine._consumer = consumer  # type: ignore[assignment]
+    engine.stop()
+    await engine.on_partitions_assigned(assigned)
+    assert engine._tasks == {}
+    assert engine._starting == {}
+    assert set(consumer.paused) == assigned
+
+
 async def test_the_worker_joins_once_the_broker_shows_its_input_topics(tmp_path: Path) -> None:
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
     everything = set(engine.input_topics)
