@@ -389,11 +389,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._consumer = consumer
         try:
             await consumer.start()
+            await self._await_input_topics(consumer)
+            consumer.subscribe(self.input_topics, listener=self)
         except BaseException:  # failed or cancelled: leave no connection open
             await consumer.stop()
             raise
-        await self._await_input_topics(consumer)
-        consumer.subscribe(self.input_topics, listener=self)
         poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
         last_metrics = passed_at = time.monotonic()
         consumed_any = False
@@ -912,17 +912,19 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Pause the new partitions and start their tasks (see :meth:`_start`)."""
-        self._fenced_since = None
-        self._joined = True
-        self._rebalancing = False
         if self._stopping.is_set():
             # A rebalance that ends while the worker stops: the tasks' next owner
             # starts them. Starting them here would fence their producers and
             # open and restore their stores, only for the stop to drop them.
+            # Still rebalancing for _leave: a worker that owns no task has
+            # nothing uncommitted if it cannot leave the group in time.
             assert self._consumer is not None  # noqa: S101 - consuming
             self._consumer.pause(*assigned)
             log.info("stopping: %d partition(s) assigned, no task started", len(assigned))
             return
+        self._fenced_since = None
+        self._joined = True
+        self._rebalancing = False
         beyond = sorted(
             f"{tp.topic}[{tp.partition}]"
             for tp in assigned

@@ -18,11 +18,14 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 
 from stream_app.pipeline import application_settings, tasks
+from stream_app.pipeline import engine as engine_module
 from stream_app.pipeline.application_settings import (
     ApplicationSettingsRegistry,
     follow_settings_topic,
 )
+from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.kafka import partition_count
+from stream_app.pipeline.topics import TopicLayout
 from stream_app.settings import Settings
 
 
@@ -46,6 +49,12 @@ class _Client:
     async def stop(self) -> None:
         self.closed = True
 
+    async def topics(self) -> set[str]:
+        return set()  # no input topic shows yet: the worker waits
+
+    def subscribe(self, topics: list[str], listener: object) -> None:
+        raise AssertionError("subscribed before its topics showed")
+
     async def close(self) -> None:
         self.closed = True
 
@@ -62,10 +71,14 @@ def _starting(settings: Settings) -> dict[str, Callable[[], Awaitable[object]]]:
             settings, ApplicationSettingsRegistry(), asyncio.Event()
         ),
         "partition count": lambda: partition_count({}, "sessions.commands"),
+        "worker's consumer": Engine(settings, TopicLayout(1, 1_048_588))._consume,
     }
 
 
-@pytest.mark.parametrize("starting", ["restore", "settings follower", "partition count"])
+STARTING = ["restore", "settings follower", "partition count", "worker's consumer"]
+
+
+@pytest.mark.parametrize("starting", STARTING)
 @pytest.mark.parametrize("never_answers", [False, True], ids=["start fails", "start cancelled"])
 async def test_a_client_whose_start_fails_or_is_cancelled_is_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, starting: str, never_answers: bool
@@ -74,6 +87,7 @@ async def test_a_client_whose_start_fails_or_is_cancelled_is_closed(
     monkeypatch.setattr(tasks, "AIOKafkaConsumer", client)
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", client)
     monkeypatch.setattr("aiokafka.admin.AIOKafkaAdminClient", client)
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", client)
     call = _starting(Settings(data_dir=tmp_path))[starting]
     running = asyncio.ensure_future(call())
     if never_answers:
@@ -86,3 +100,26 @@ async def test_a_client_whose_start_fails_or_is_cancelled_is_closed(
             await running
     assert len(client.made) == 1
     assert client.made[0].closed
+
+
+async def test_the_workers_consumer_is_closed_when_cancelled_waiting_for_its_topics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started, then cancelled while it waits (up to 10 s) for the broker to
+    show its input topics, before the loop whose end closes it."""
+
+    class Started(_clients(never_answers=False)):  # type: ignore[misc]
+        async def start(self) -> None:
+            self.starting.set()
+
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", Started)
+    running = asyncio.ensure_future(
+        Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))._consume()
+    )
+    await Started.starting.wait()
+    await asyncio.sleep(0.05)  # in the wait's first sleep
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert len(Started.made) == 1
+    assert Started.made[0].closed

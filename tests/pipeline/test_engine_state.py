@@ -365,11 +365,21 @@ async def test_an_assignment_that_ends_while_the_worker_stops_starts_no_task(
     assigned = {TopicPartition(topic, 0) for topic in engine.input_topics}
     consumer = _StrictConsumer(assigned)
     engine._consumer = consumer  # type: ignore[assignment]
+    await engine.on_partitions_revoked(set())
     engine.stop()
     await engine.on_partitions_assigned(assigned)
     assert engine._tasks == {}
     assert engine._starting == {}
     assert set(consumer.paused) == assigned
+    # Owning no task, it has nothing uncommitted: a group it cannot leave in
+    # time (the broker slow to answer LeaveGroup) is no unclean stop.
+    engine._stop_deadline = time.monotonic()
+    await engine._leave(_NeverLeaves())  # type: ignore[arg-type]  # raises if it were unclean
+
+
+class _NeverLeaves:
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
 
 
 async def test_the_worker_joins_once_the_broker_shows_its_input_topics(tmp_path: Path) -> None:
