@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
@@ -102,6 +102,9 @@ _METADATA_MAX_AGE_MS: Final = 10_000
 #: How long to wait, before joining the group, for the broker to serve the
 #: metadata of input topics just created.
 _TOPICS_VISIBLE_WAIT_S: Final = 10.0
+#: A commit round older than this, waited for, is logged (and again each
+#: time as long again passes): the brokers are unreachable or stalled.
+ROUND_WAIT_WARN_S: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,8 @@ class _Round:
 
     tasks: list[Task]
     commits: asyncio.Future[list[BaseException | None]]
+    #: ``time.monotonic()`` when it began.
+    began: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -661,6 +666,30 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         if not due_only:
             await self._finish_round()
 
+    @staticmethod
+    async def _round_outcome(current: _Round) -> list[BaseException | None]:
+        """The outcome of ``current``, waited for. A round that takes long keeps
+        the worker from processing (its next round is due), and aiokafka retries
+        its requests for as long as the brokers cannot be reached, logging only
+        its own connection errors: the worker says what that means, every
+        :data:`ROUND_WAIT_WARN_S`. ``asyncio.wait`` cancels nothing: a waiter
+        that is cancelled (a starter, as the worker stops) leaves the round's
+        transactions to finish."""
+        commits = current.commits
+        while True:
+            waited = time.monotonic() - current.began
+            timeout = ROUND_WAIT_WARN_S - waited % ROUND_WAIT_WARN_S
+            done, _ = await asyncio.wait({commits}, timeout=timeout)
+            if done:
+                return commits.result()
+            log.warning(
+                "a commit round of %d transaction(s) has waited %.0f s for Kafka; nothing "
+                "is processed until it ends (brokers unreachable or overloaded? see "
+                "aiokafka's errors above)",
+                len(current.tasks),
+                time.monotonic() - current.began,
+            )
+
     async def _counted(self, commit: Awaitable[None]) -> None:
         """One transaction of a round, counted as soon as it ends."""
         try:
@@ -676,9 +705,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         if current is None:
             return
         try:
-            # Shielded: a waiter that is cancelled (a starter, as the worker
-            # stops) must not cancel the round's transactions midway.
-            results = await asyncio.shield(current.commits)
+            results = await self._round_outcome(current)
         except asyncio.CancelledError:
             if self._round is None:
                 self._round = current  # the next waiter acts on its outcome

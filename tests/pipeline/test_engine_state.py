@@ -6,6 +6,7 @@ a revocation or a send, and added partitions."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from asyncio import Event
 from pathlib import Path
@@ -797,3 +798,44 @@ async def test_a_refusal_met_asking_a_position_stops_the_worker_as_a_poll_would(
     broken = _PositionedConsumer({tp: KafkaConnectionError()}, {})
     with pytest.raises(KafkaConnectionError):
         await engine._pass_skipped(broken)  # type: ignore[arg-type]
+
+
+async def test_a_commit_round_waiting_long_on_kafka_is_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker that cannot be reached holds a commit round (aiokafka retries
+    its transactional requests), and with it the processing. In a black-box
+    run with the broker down for two minutes, the worker's log held only
+    aiokafka's connection errors: nothing said that processing had stopped."""
+    monkeypatch.setattr(engine_module, "ROUND_WAIT_WARN_S", 0.05)
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    commits: asyncio.Future[list[BaseException | None]] = asyncio.Future()
+    engine._round = engine_module._Round([], commits)
+    finishing = asyncio.ensure_future(engine._finish_round())
+    counting = _Counting("has waited", times=2)
+    engine_module.log.addHandler(counting)
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        try:
+            await asyncio.wait_for(counting.reached.wait(), timeout=30)
+        finally:
+            engine_module.log.removeHandler(counting)
+        assert not finishing.done()
+        commits.set_result([])
+        await finishing
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "a commit round of 0 transaction(s) has waited 0 s for Kafka" in warnings[0]
+    assert "nothing is processed until it ends" in warnings[0]
+
+
+class _Counting(logging.Handler):
+    """Sets ``reached`` once ``text`` has been logged ``times`` times."""
+
+    def __init__(self, text: str, times: int) -> None:
+        super().__init__()
+        self.text, self.left, self.reached = text, times, asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.left -= 1
+            if self.left <= 0:
+                self.reached.set()
