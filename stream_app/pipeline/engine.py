@@ -102,12 +102,12 @@ _METADATA_MAX_AGE_MS: Final = 10_000
 #: How long to wait, before joining the group, for the broker to serve the
 #: metadata of input topics just created.
 _TOPICS_VISIBLE_WAIT_S: Final = 10.0
-#: A commit round older than this, waited for, is logged (and again each
-#: time as long again passes): the brokers are unreachable or stalled.
+#: A commit round older than this is logged, and again each time as long
+#: again passes: the brokers are unreachable or stalled.
 ROUND_WAIT_WARN_S: Final = 30.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Round:
     """One commit round: the tasks whose transactions it commits, and their outcome."""
 
@@ -115,6 +115,27 @@ class _Round:
     commits: asyncio.Future[list[BaseException | None]]
     #: ``time.monotonic()`` when it began.
     began: float = field(default_factory=time.monotonic)
+    #: How many times it was logged as slow (see :meth:`warn_if_slow`).
+    warned: int = 0
+
+    def next_warning_in(self) -> float:
+        """Seconds until it is old enough for its next slow-round warning."""
+        return max(0.0, (self.warned + 1) * ROUND_WAIT_WARN_S - (time.monotonic() - self.began))
+
+    def warn_if_slow(self) -> None:
+        """aiokafka retries a transaction's requests for as long as the brokers
+        cannot be reached, logging only its connection errors: say what that
+        means for the worker, once per :data:`ROUND_WAIT_WARN_S` of the round's age."""
+        if self.commits.done() or self.next_warning_in() > 0:
+            return
+        self.warned += 1
+        log.warning(
+            "a commit round of %d transaction(s) has waited %.0f s for Kafka (brokers "
+            "unreachable or overloaded? see aiokafka's errors): its outputs are not "
+            "visible until it ends, and no record is processed once the next round is due",
+            len(self.tasks),
+            time.monotonic() - self.began,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,6 +454,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     and now - self._fenced_since > s.session_timeout_s
                 ):
                     await self._rejoin()
+                if self._round is not None:
+                    self._round.warn_if_slow()  # one not waited for, with no record to process
                 if now - last_metrics >= _METRICS_LOG_EVERY_S:
                     last_metrics = now
                     self.log_metrics()
@@ -668,27 +691,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
 
     @staticmethod
     async def _round_outcome(current: _Round) -> list[BaseException | None]:
-        """The outcome of ``current``, waited for. A round that takes long keeps
-        the worker from processing (its next round is due), and aiokafka retries
-        its requests for as long as the brokers cannot be reached, logging only
-        its own connection errors: the worker says what that means, every
-        :data:`ROUND_WAIT_WARN_S`. ``asyncio.wait`` cancels nothing: a waiter
-        that is cancelled (a starter, as the worker stops) leaves the round's
-        transactions to finish."""
+        """The outcome of ``current``, waited for, warning while it is slow.
+        ``asyncio.wait`` cancels nothing: a waiter that is cancelled (a
+        starter, as the worker stops) leaves the round's transactions to finish."""
         commits = current.commits
         while True:
-            waited = time.monotonic() - current.began
-            timeout = ROUND_WAIT_WARN_S - waited % ROUND_WAIT_WARN_S
-            done, _ = await asyncio.wait({commits}, timeout=timeout)
+            done, _ = await asyncio.wait({commits}, timeout=current.next_warning_in())
             if done:
                 return commits.result()
-            log.warning(
-                "a commit round of %d transaction(s) has waited %.0f s for Kafka; nothing "
-                "is processed until it ends (brokers unreachable or overloaded? see "
-                "aiokafka's errors above)",
-                len(current.tasks),
-                time.monotonic() - current.began,
-            )
+            current.warn_if_slow()
 
     async def _counted(self, commit: Awaitable[None]) -> None:
         """One transaction of a round, counted as soon as it ends."""

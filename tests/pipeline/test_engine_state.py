@@ -824,7 +824,30 @@ async def test_a_commit_round_waiting_long_on_kafka_is_logged(
         await finishing
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "a commit round of 0 transaction(s) has waited 0 s for Kafka" in warnings[0]
-    assert "nothing is processed until it ends" in warnings[0]
+    assert "no record is processed once the next round is due" in warnings[0]
+
+
+async def test_a_commit_round_nobody_waits_for_is_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker that has caught up polls on while Kafka is down, waiting for
+    no round: the main loop asks the round in flight after each poll."""
+    commits: asyncio.Future[list[BaseException | None]] = asyncio.Future()
+    now = time.monotonic()
+    slow = engine_module._Round([], commits, began=now - engine_module.ROUND_WAIT_WARN_S - 1)
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        for _ in range(3):
+            slow.warn_if_slow()
+        engine_module._Round([], commits).warn_if_slow()  # a new one: not slow
+        slow.began -= engine_module.ROUND_WAIT_WARN_S  # one more interval
+        slow.warn_if_slow()
+        commits.set_result([])
+        slow.began -= engine_module.ROUND_WAIT_WARN_S
+        slow.warn_if_slow()  # ended: nothing to say
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert "has waited 31 s for Kafka" in warnings[0]
+    assert "has waited 61 s for Kafka" in warnings[1]
 
 
 class _Counting(logging.Handler):
