@@ -104,7 +104,7 @@ _METADATA_MAX_AGE_MS: Final = 10_000
 _TOPICS_VISIBLE_WAIT_S: Final = 10.0
 #: A commit round older than this is logged, and again each time as long
 #: again passes: the brokers are unreachable or stalled.
-ROUND_WAIT_WARN_S: Final = 30.0
+_ROUND_WAIT_WARN_S: Final = 30.0
 
 
 @dataclass(slots=True)
@@ -120,12 +120,12 @@ class _Round:
 
     def next_warning_in(self) -> float:
         """Seconds until it is old enough for its next slow-round warning."""
-        return max(0.0, (self.warned + 1) * ROUND_WAIT_WARN_S - (time.monotonic() - self.began))
+        return max(0.0, (self.warned + 1) * _ROUND_WAIT_WARN_S - (time.monotonic() - self.began))
 
     def warn_if_slow(self) -> None:
         """aiokafka retries a transaction's requests for as long as the brokers
         cannot be reached, logging only its connection errors: say what that
-        means for the worker, once per :data:`ROUND_WAIT_WARN_S` of the round's age."""
+        means for the worker, once per :data:`_ROUND_WAIT_WARN_S` of the round's age."""
         if self.commits.done() or self.next_warning_in() > 0:
             return
         self.warned += 1

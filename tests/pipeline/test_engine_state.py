@@ -807,7 +807,7 @@ async def test_a_commit_round_waiting_long_on_kafka_is_logged(
     its transactional requests), and with it the processing. In a black-box
     run with the broker down for two minutes, the worker's log held only
     aiokafka's connection errors: nothing said that processing had stopped."""
-    monkeypatch.setattr(engine_module, "ROUND_WAIT_WARN_S", 0.05)
+    monkeypatch.setattr(engine_module, "_ROUND_WAIT_WARN_S", 0.05)
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
     commits: asyncio.Future[list[BaseException | None]] = asyncio.Future()
     engine._round = engine_module._Round([], commits)
@@ -834,15 +834,15 @@ async def test_a_commit_round_nobody_waits_for_is_logged_once_per_interval(
     no round: the main loop asks the round in flight after each poll."""
     commits: asyncio.Future[list[BaseException | None]] = asyncio.Future()
     now = time.monotonic()
-    slow = engine_module._Round([], commits, began=now - engine_module.ROUND_WAIT_WARN_S - 1)
+    slow = engine_module._Round([], commits, began=now - engine_module._ROUND_WAIT_WARN_S - 1)
     with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
         for _ in range(3):
             slow.warn_if_slow()
         engine_module._Round([], commits).warn_if_slow()  # a new one: not slow
-        slow.began -= engine_module.ROUND_WAIT_WARN_S  # one more interval
+        slow.began -= engine_module._ROUND_WAIT_WARN_S  # one more interval
         slow.warn_if_slow()
         commits.set_result([])
-        slow.began -= engine_module.ROUND_WAIT_WARN_S
+        slow.began -= engine_module._ROUND_WAIT_WARN_S
         slow.warn_if_slow()  # ended: nothing to say
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 2, warnings
