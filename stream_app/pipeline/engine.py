@@ -115,7 +115,7 @@ class _Round:
     commits: asyncio.Future[list[BaseException | None]]
     #: ``time.monotonic()`` when it began.
     began: float = field(default_factory=time.monotonic)
-    #: How many times it was logged as slow (see :meth:`warn_if_slow`).
+    #: The intervals of its age already logged (see :meth:`warn_if_slow`).
     warned: int = 0
 
     def next_warning_in(self) -> float:
@@ -126,15 +126,17 @@ class _Round:
         """aiokafka retries a transaction's requests for as long as the brokers
         cannot be reached, logging only its connection errors: say what that
         means for the worker, once per :data:`_ROUND_WAIT_WARN_S` of the round's age."""
-        if self.commits.done() or self.next_warning_in() > 0:
+        age = time.monotonic() - self.began
+        if self.commits.done() or age < (self.warned + 1) * _ROUND_WAIT_WARN_S:
             return
-        self.warned += 1
+        # Once, however many intervals passed unseen (the event loop held up).
+        self.warned = int(age // _ROUND_WAIT_WARN_S)
         log.warning(
             "a commit round of %d transaction(s) has waited %.0f s for Kafka (brokers "
             "unreachable or overloaded? see aiokafka's errors): its outputs are not "
             "visible until it ends, and no record is processed once the next round is due",
             len(self.tasks),
-            time.monotonic() - self.began,
+            age,
         )
 
 
