@@ -960,6 +960,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             # nothing uncommitted if it cannot leave the group in time.
             assert self._consumer is not None  # noqa: S101 - consuming
             self._consumer.pause(*assigned)
+            self._waiting = set()  # nothing waits for a later assignment now
             log.info("stopping: %d partition(s) assigned, no task started", len(assigned))
             return
         self._fenced_since = None

@@ -366,12 +366,16 @@ async def test_an_assignment_that_ends_while_the_worker_stops_starts_no_task(
     assigned = {TopicPartition(topic, 0) for topic in engine.input_topics}
     consumer = _StrictConsumer(assigned)
     engine._consumer = consumer  # type: ignore[assignment]
+    commands = {tp for tp in assigned if tp.topic == settings.topics.commands}
+    await engine.on_partitions_assigned(commands)  # without the re-key partition: waits
+    assert engine.status()["waiting"] == ["commands[0]"]
     await engine.on_partitions_revoked(set())
     engine.stop()
     await engine.on_partitions_assigned(assigned)
     assert engine._tasks == {}
     assert engine._starting == {}
     assert set(consumer.paused) == assigned
+    assert engine.status()["waiting"] == []
     # Owning no task, it has nothing uncommitted: a group it cannot leave in
     # time (the broker slow to answer LeaveGroup) is no unclean stop.
     engine._stop_deadline = time.monotonic()
