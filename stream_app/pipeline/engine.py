@@ -126,9 +126,9 @@ class _Round:
         """aiokafka retries a transaction's requests for as long as the brokers
         cannot be reached, logging only its connection errors: say what that
         means for the worker, once per :data:`_ROUND_WAIT_WARN_S` of the round's age."""
-        age = time.monotonic() - self.began
-        if self.commits.done() or age < (self.warned + 1) * _ROUND_WAIT_WARN_S:
+        if self.commits.done() or self.next_warning_in() > 0:
             return
+        age = time.monotonic() - self.began
         # Once, however many intervals passed unseen (the event loop held up).
         self.warned = int(age // _ROUND_WAIT_WARN_S)
         log.warning(
@@ -992,6 +992,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         started = 0
         self._waiting = set()
         for stage, partition in sorted(wanted, key=lambda w: (w[0].name, w[1])):
+            task_id = TaskId(stage.name, partition)
             inputs = [TopicPartition(topic, partition) for topic in stage.inputs]
             lacking = [tp for tp in inputs if tp not in assigned]
             if lacking:
@@ -1001,15 +1002,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 log.warning(
                     "%s: not started: %s not assigned (no metadata yet?); waiting "
                     "for the next rebalance",
-                    TaskId(stage.name, partition),
+                    task_id,
                     ", ".join(f"{tp.topic}[{tp.partition}]" for tp in lacking),
                 )
                 assert self._consumer is not None  # noqa: S101 - consuming
                 self._consumer.pause(*(tp for tp in inputs if tp in assigned))
-                self._waiting.add(TaskId(stage.name, partition))
+                self._waiting.add(task_id)
                 continue
             started += 1
-            if TaskId(stage.name, partition) not in self._tasks:
+            if task_id not in self._tasks:
                 self._begin_start(stage, partition)
         log.info("assigned %d task(s)", started)
 
