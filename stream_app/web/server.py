@@ -24,12 +24,12 @@ from yarl import URL
 
 from stream_app import json
 from stream_app.domain import decode_session, session_document
+from stream_app.domain.decoding import INT32_MAX
 from stream_app.web.metrics import EngineCollector
 
 #: Marks a request one worker forwarded to another: it is never forwarded again.
 FORWARDED_HEADER = "X-Stream-App-Forwarded"
 _FORWARD_TIMEOUT = ClientTimeout(total=5)
-_MAX_APPLICATION_ID = 2**31 - 1
 
 if TYPE_CHECKING:
     from stream_app.pipeline.engine import Engine
@@ -102,7 +102,7 @@ class WebServer:
             # At most 10 ASCII digits: str.isdigit() also takes "²" (int() refuses
             # it) and "٣", and int() refuses more than 4,300 digits.
             if not (len(raw_app) <= 10 and raw_app.isascii() and raw_app.isdigit()) or not (
-                0 < int(raw_app) <= _MAX_APPLICATION_ID
+                0 < int(raw_app) <= INT32_MAX
             ):
                 return _problem(400, "applicationId must be an integer in 1..2147483647")
             application_id = int(raw_app)
