@@ -77,8 +77,9 @@ async def test_a_forwarded_503_keeps_its_retry_after_and_odd_digits_are_a_400(
         async with TestServer(WebServer(settings, engine).app) as server, ClientSession() as http:
             async with http.get(server.make_url("/v2/customer_sessions/c-1")) as answer:
                 assert (answer.status, answer.headers.get("Retry-After")) == (503, "2")
-            # "²" (int() refuses it), "٣" (Arabic-Indic 3), more digits than int() takes
-            for odd in ("%C2%B2", "%D9%A3", "1" * 5000):
+            # "²" (int() refuses it), "٣" (Arabic-Indic 3), more digits than int() takes,
+            # and the ends of the int32 range an applicationId has
+            for odd in ("%C2%B2", "%D9%A3", "1" * 5000, "0", "2147483648"):
                 path = server.make_url("/v2/customer_sessions/c-1")
                 url = URL(f"{path}?applicationId={odd}", encoded=True)
                 async with http.get(url) as answer:
