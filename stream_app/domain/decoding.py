@@ -89,6 +89,8 @@ MAX_IDENTIFIERS: Final = 5
 MAX_LOYALTY_CARDS: Final = 1
 MAX_RETURN_ITEMS: Final = 1000
 INT32_MAX: Final = 2**31 - 1
+#: Integers the worker writes are 64-bit (orjson reads up to 2^64 - 1).
+_I64: Final = 2**63
 #: Most levels of nested arrays and objects in a command, the command object
 #: being level 1 (see the module docstring for where it is enforced and why).
 MAX_COMMAND_DEPTH: Final = 32
@@ -360,8 +362,7 @@ def _cart_item(item: Any, position: int) -> CartItem:
             _SCHEMA, _item_pointer(position, "sku"), "sku must be a non-empty string"
         )
     quantity = get("quantity")
-    # A 64-bit integer, as every integer the worker writes (orjson reads up to 2^64 - 1).
-    if type(quantity) is not int or not 1 <= quantity < 2**63:
+    if type(quantity) is not int or not 1 <= quantity < _I64:
         raise InvalidCommandError(
             _SCHEMA,
             _item_pointer(position, "quantity"),
@@ -463,7 +464,7 @@ def _return_items(items: Any) -> tuple[ReturnItem, ...]:
         if position is None and sku is None:
             raise InvalidCommandError(_SCHEMA, base, "position or sku is required")
         quantity = item.get("quantity")
-        if quantity is not None and (type(quantity) is not int or not 1 <= quantity < 2**63):
+        if quantity is not None and (type(quantity) is not int or not 1 <= quantity < _I64):
             raise InvalidCommandError(
                 _SCHEMA, f"{base}/quantity", "quantity must be an integer from 1 to 2^63 - 1"
             )
@@ -489,7 +490,6 @@ def _return_items(items: Any) -> tuple[ReturnItem, ...]:
 #   not matching its pattern, an update without a session, a return entry
 #   with neither position nor sku: handed on, to be worded above.
 
-_I64: Final = 2**63
 _Int = Annotated[int, msgspec.Meta(ge=-_I64, le=_I64 - 1)]
 _Number = _Int | float
 _Scalar = str | _Int | float | bool | None
