@@ -727,6 +727,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="STREAM_APP_X=VALUE",
                         help="a setting for this checkout's workers (repeatable)")
     args = parser.parse_args()
+    if len(set(args.contenders)) < len(args.contenders):
+        # A contender's consumer group and output topics are named after it:
+        # a second run would find the first one's outputs and offsets.
+        parser.error("each contender may run once per bench run")
     # aiokafka logs retriable errors (no leader yet for a partition of a topic
     # just created) that it then retries; a real failure shows as a stall.
     logging.basicConfig(level=logging.WARNING)
