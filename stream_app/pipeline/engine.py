@@ -645,9 +645,16 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         stable offset or the first batch holding an unreadable record: readable
         records are processed as usual, unreadable ones rejected by position.
         Every input is then sought to its position, which drops the consumer's
-        buffered fetches, and consumption goes on past the bad batch."""
+        buffered fetches, and consumption goes on past the bad batch.
+
+        One poll holds up to a batch size of records, and so may fail on a
+        record more batches ahead than one raw pass reads (a backlog written
+        one record per batch): a pass that moved an input on without finding
+        it polls again, and the next pass starts where this one stopped. Only
+        a pass that moves nothing raises ``exc``: then what aiokafka cannot
+        decode is not where these inputs are read."""
         options = client_options(self.settings)
-        found = False
+        found = moved = False
         for task in [t for t in self._tasks.values() if t.active]:
             for tp in task.inputs:
                 end = consumer.last_stable_offset(tp)
@@ -657,8 +664,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                         await task.handle_raw(raw)
                     task.positions[tp] = max(task.positions.get(tp, 0), resume)
                     found = found or any(not raw.readable() for raw in raws)
+                moved = moved or task.positions.get(tp, 0) > position
                 consumer.seek(tp, task.positions.get(tp, 0))
-        if not found:
+        if not found and not moved:
             raise exc
 
     async def _commit(self, *, due_only: bool) -> None:
@@ -739,6 +747,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _lose(self, task: Task, exc: BaseException) -> None:
         log.warning("%s: fenced, another worker owns this task now: dropping it (%s)", task.id, exc)
         await self._drop(task)
+        # Until the group moves them, no task here reads them: fetched, their
+        # records would be dropped, and one aiokafka cannot decode would fail
+        # every poll with nothing to read it raw (_read_past_the_client).
+        if self._consumer is not None:
+            assigned = self._consumer.assignment()
+            self._consumer.pause(*(tp for tp in task.inputs if tp in assigned))
         if self._fenced_since is None:
             self._fenced_since = time.monotonic()
 

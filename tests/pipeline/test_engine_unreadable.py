@@ -1,0 +1,139 @@
+"""The engine reading past a record aiokafka's consumer cannot decode (a header
+name that is not UTF-8), with the raw reads served from memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from aiokafka import TopicPartition
+
+from stream_app.pipeline import unreadable
+from stream_app.pipeline.checkpoint import TaskFencedError
+from stream_app.pipeline.engine import Engine
+from stream_app.pipeline.tasks import TaskId
+from stream_app.pipeline.topics import TopicLayout
+from stream_app.pipeline.unreadable import RAW_BATCHES, RawRecord
+from stream_app.settings import Settings
+
+_POISON = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+
+class _Task:
+    """Stands for an active Task: records the raw records it is handed."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.id = TaskId("commands", tp.partition)
+        self.inputs = [tp]
+        self.active = True
+        self.checkpoint = None
+        self.positions = {tp: 0}
+        self.handled: list[int] = []
+        self.rejected: list[int] = []
+        self.closed = False
+
+    async def handle_raw(self, raw: RawRecord) -> None:
+        (self.handled if raw.readable() else self.rejected).append(raw.offset)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class _Consumer:
+    def __init__(self, assigned: set[TopicPartition]) -> None:
+        self.assigned = assigned
+        self.sought: dict[TopicPartition, int] = {}
+        self.paused: list[TopicPartition] = []
+
+    def last_stable_offset(self, tp: TopicPartition) -> int | None:
+        return None
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.sought[tp] = offset
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused.extend(partitions)
+
+
+def _single_record_batches(bad: int, end: int) -> object:
+    """A log of ``end`` records written one per batch (a producer with no
+    linger), the one at ``bad`` with a header name that is not UTF-8."""
+
+    async def read_batch_at(
+        options: object, tp: TopicPartition, offset: int
+    ) -> tuple[list[RawRecord], int]:
+        if offset >= end:
+            return [], offset
+        headers = ((b"\xff\xfe", b"x"),) if offset == bad else ()
+        return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
+
+    return read_batch_at
+
+
+async def test_a_record_more_batches_ahead_than_one_pass_reads_is_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll of up to 5,000 records failed on a record 150 single-record
+    batches ahead; a raw pass reads 64 batches. Before, the first pass found
+    nothing it could not read and raised aiokafka's error: the worker exited,
+    and each restart moved on 64 records. Now each pass moves the input on and
+    the poll is tried again; the third pass reaches the record and rejects it."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    tp = TopicPartition(settings.topics.commands, 0)
+    task = _Task(tp)
+    engine._tasks[task.id] = task  # type: ignore[assignment]
+    engine._task_of[tp] = task  # type: ignore[assignment]
+    consumer = _Consumer({tp})
+    monkeypatch.setattr(unreadable, "read_batch_at", _single_record_batches(bad=150, end=200))
+
+    for sought in (RAW_BATCHES, 2 * RAW_BATCHES):
+        await engine._read_past_the_client(consumer, _POISON)  # type: ignore[arg-type]
+        assert consumer.sought == {tp: sought}
+        assert task.positions == {tp: sought}
+        assert task.rejected == []
+    await engine._read_past_the_client(consumer, _POISON)  # type: ignore[arg-type]
+    assert task.rejected == [150]
+    assert task.handled == list(range(150))
+    assert consumer.sought == {tp: 151}
+
+
+async def test_a_pass_that_moves_no_input_raises_what_the_consumer_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every input read to its end and nothing unreadable found: what aiokafka
+    cannot decode is not where the inputs are read, and polling again would
+    fail the same way for good."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    tp = TopicPartition(settings.topics.commands, 0)
+    task = _Task(tp)
+    task.positions[tp] = 200
+    engine._tasks[task.id] = task  # type: ignore[assignment]
+    engine._task_of[tp] = task  # type: ignore[assignment]
+    monkeypatch.setattr(unreadable, "read_batch_at", _single_record_batches(bad=150, end=200))
+    with pytest.raises(UnicodeDecodeError):
+        await engine._read_past_the_client(_Consumer({tp}), _POISON)  # type: ignore[arg-type]
+
+
+async def test_a_fenced_task_s_inputs_are_paused_until_the_group_moves_them(
+    tmp_path: Path,
+) -> None:
+    """Dropped as fenced, a task no longer reads its inputs, but the consumer
+    still fetches them until the next rebalance: an undecodable record there
+    failed every poll, and the raw read, which covers active tasks only, could
+    not get past it."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(2, 1_048_588))
+    fenced = _Task(TopicPartition(settings.topics.commands, 0))
+    consumer = _Consumer({fenced.inputs[0], TopicPartition(settings.topics.commands, 1)})
+    engine._consumer = consumer  # type: ignore[assignment]
+    engine._tasks[fenced.id] = fenced  # type: ignore[assignment]
+    engine._task_of[fenced.inputs[0]] = fenced  # type: ignore[assignment]
+    await engine._lose(fenced, TaskFencedError("there is a newer producer"))  # type: ignore[arg-type]
+    assert fenced.closed
+    assert consumer.paused == fenced.inputs
+    assert engine._task_of == {}
