@@ -647,10 +647,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         Every input is then sought to its position, which drops the consumer's
         buffered fetches, and consumption goes on past the bad batch.
 
-        One poll holds up to a batch size of records, and so may fail on a
-        record more batches ahead than one raw pass reads (a backlog written
-        one record per batch): a pass that moved an input on without finding
-        it polls again, and the next pass starts where this one stopped. Only
+        One poll holds up to a batch size of records from each input, and so
+        may fail on a record further ahead than one raw pass reads
+        (:data:`~stream_app.pipeline.unreadable.RAW_RECORDS`): a pass that
+        moved an input on without finding it polls again, and the next pass
+        starts where this one stopped. Only
         a pass that moves nothing raises ``exc``: then what aiokafka cannot
         decode is not where these inputs are read."""
         options = client_options(self.settings)

@@ -14,14 +14,15 @@ has no public option to decode leniently or to skip a record.
 
 What it does
 ------------
-:func:`read_batch_at` fetches the partition itself, with its own
+:func:`read_batches_at` fetches the partition itself, with its own
 :class:`~aiokafka.client.AIOKafkaClient`, a read_committed ``FetchRequest``
 to the partition leader and our own minimal parser of the v2 record-batch
 format (magic 2) that keeps header names as raw bytes. It returns the records
-of the first batch at or after an offset, each as a :class:`RawRecord`, and
-the offset right after that batch, so the caller can reject the unreadable
-records by their position, process the readable ones and seek the consumer
-past the batch.
+of the fetched batches from an offset, up to and including the first batch
+that holds an unreadable record, each as a :class:`RawRecord`, and the offset
+right after the last of those batches, so the caller can reject the
+unreadable records by their position, process the readable ones and seek the
+consumer past the batch.
 
 It is used **only after** ``getmany`` failed to decode a partition: it opens a
 connection per call and does none of the consumer's prefetching, so it is no
@@ -47,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -70,8 +71,10 @@ UNREADABLE: Final = (UnicodeDecodeError,)
 _READ_COMMITTED: Final = 1
 _MAX_WAIT_MS: Final = 500
 _DEFAULT_MAX_BYTES: Final = 2 * 1024 * 1024
-#: How many batches of one partition :func:`read_past` goes through at most.
-RAW_BATCHES: Final = 64
+#: How many records of one partition :func:`read_past` reads, about: whole
+#: fetches, the last one taking it past. One poll of the worker's consumer
+#: holds a batch size of them (5,000 by default).
+RAW_RECORDS: Final = 5_000
 _ATTEMPTS: Final = 5
 _RETRY_BACKOFF_S: Final = 0.2
 
@@ -153,22 +156,26 @@ class RecordBatch:
         )
 
 
-async def read_batch_at(
+async def read_batches_at(
     options: dict[str, Any],
     tp: TopicPartition,
     offset: int,
     *,
     max_bytes: int = _DEFAULT_MAX_BYTES,
 ) -> tuple[list[RawRecord], int]:
-    """The committed records of the first batch of ``tp`` with records at or after
-    ``offset``, and the offset right after that batch.
+    """The committed records of ``tp`` at or after ``offset`` in the first fetch
+    that has any, up to and including the first batch that holds a record
+    aiokafka's consumer cannot read; and the offset right after the last batch
+    they come from.
 
     ``options`` are the keyword arguments of our aiokafka clients
     (:func:`stream_app.pipeline.kafka.client_options`). Control batches and
-    aborted batches before it are passed over. When nothing committed is there
-    yet (end of the log, or only markers), the list is empty and the offset is
-    where reading may resume (``offset`` itself when nothing was passed over).
-    The broker returns a batch whole even when it exceeds ``max_bytes``.
+    aborted batches are passed over. When nothing committed is there yet (end
+    of the log, or only markers), the list is empty and the offset is where
+    reading may resume (``offset`` itself when nothing was passed over). A
+    fetch holds up to ``max_bytes`` of batches, and at least one whole batch
+    however large: one fetch reads a backlog written one record per batch
+    thousands of records at a time.
 
     Raises :class:`RecordBatchError` for a batch that cannot be parsed and
     aiokafka's :class:`~aiokafka.errors.KafkaError` when the broker refuses
@@ -183,9 +190,15 @@ async def read_batch_at(
             batches = parse_record_batches(message_set, tp)
             if not batches:
                 return [], position
-            records, after = committed_records(batches, position, aborted)
-            if records or after <= position:
-                return records, after
+            found: list[RawRecord] = []
+            after = position
+            for records, next_offset in committed_batches(batches, position, aborted):
+                found += records
+                after = next_offset
+                if not all(record.readable() for record in records):
+                    break
+            if found or after <= position:
+                return found, after
             position = after  # only markers or aborted batches so far: read on
     finally:
         await client.close()
@@ -194,21 +207,24 @@ async def read_batch_at(
 async def read_past(
     options: dict[str, Any], tp: TopicPartition, offset: int, *, end: int | None = None
 ) -> AsyncIterator[tuple[list[RawRecord], int]]:
-    """The batches of ``tp`` from ``offset``, read raw (:func:`read_batch_at`),
-    each with the offset right after it: up to and including the first batch
-    that holds a record aiokafka's consumer cannot read, and no further than
-    ``end`` (a last stable offset), the end of the log or :data:`RAW_BATCHES`
-    batches. What reads past the client after aiokafka failed on a fetch."""
+    """The records of ``tp`` from ``offset``, read raw a fetch at a time
+    (:func:`read_batches_at`), each fetch's with the offset right after it: up
+    to and including the first batch that holds a record aiokafka's consumer
+    cannot read, and no further than ``end`` (a last stable offset), the end of
+    the log or about :data:`RAW_RECORDS` records. What reads past the client
+    after aiokafka failed on a fetch."""
     position = offset
-    for _ in range(RAW_BATCHES):
+    read = 0
+    while read < RAW_RECORDS:
         if end is not None and position >= end:
             return
-        raws, resume = await read_batch_at(options, tp, position)
+        raws, resume = await read_batches_at(options, tp, position)
         if not raws and resume <= position:
             return
         yield raws, resume
-        if any(not raw.readable() for raw in raws):
+        if not all(raw.readable() for raw in raws):
             return
+        read += max(len(raws), 1)  # never 0: the loop ends
         position = max(position, resume)
 
 
@@ -219,13 +235,30 @@ def committed_records(
 ) -> tuple[list[RawRecord], int]:
     """The records at or after ``offset`` of the first batch that has any once
     control and aborted batches are skipped, and the offset after that batch.
+    Without such a batch the list is empty and the offset is the one after the
+    last batch passed over (``offset`` if none). The rules are
+    :func:`committed_batches`'."""
+    position = offset
+    for records, after in committed_batches(batches, offset, aborted_transactions):
+        if records:
+            return records, after
+        position = after
+    return [], position
+
+
+def committed_batches(
+    batches: Sequence[RecordBatch],
+    offset: int,
+    aborted_transactions: Sequence[tuple[int, int]] = (),
+) -> Iterator[tuple[list[RawRecord], int]]:
+    """Each batch's records at or after ``offset``, and the offset after it
+    (never below ``offset``): an empty list for a batch passed over.
 
     ``aborted_transactions`` are the ``(producer_id, first_offset)`` pairs of
     the fetch response. The rule is aiokafka's fetcher's: a producer counts as
     aborted from the first offset of its aborted transaction until its abort
     marker; its transactional batches in between are skipped; control batches
-    are always skipped. Without such a batch the list is empty and the offset
-    is the one after the last batch passed over (``offset`` if none).
+    are always skipped.
     """
     pending = sorted(aborted_transactions, key=lambda entry: entry[1])
     aborted_producers: set[int] = set()
@@ -235,14 +268,11 @@ def committed_records(
             aborted_producers.add(pending.pop(0)[0])
         if batch.is_abort_marker():
             aborted_producers.discard(batch.producer_id)
-        if batch.control or (batch.transactional and batch.producer_id in aborted_producers):
-            position = max(position, batch.next_offset)
-            continue
-        records = [record for record in batch.records if record.offset >= offset]
-        if records:
-            return records, batch.next_offset
         position = max(position, batch.next_offset)
-    return [], position
+        if batch.control or (batch.transactional and batch.producer_id in aborted_producers):
+            yield [], position
+            continue
+        yield [record for record in batch.records if record.offset >= offset], position
 
 
 def parse_record_batches(message_set: bytes, tp: TopicPartition) -> list[RecordBatch]:

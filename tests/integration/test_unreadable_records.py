@@ -1,5 +1,5 @@
 """A record whose header name is not UTF-8, on the real broker: aiokafka's
-consumer cannot decode it, read_batch_at (stream_app.pipeline.unreadable) can.
+consumer cannot decode it, read_batches_at (stream_app.pipeline.unreadable) can.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from stream_app.pipeline.kafka import client_options
-from stream_app.pipeline.unreadable import RawRecord, read_batch_at
+from stream_app.pipeline.unreadable import RawRecord, read_batches_at
 from stream_app.settings import Settings
 from tests.integration.harness import create_topics, produce, produce_raw_batch
 from tests.pipeline.record_batches import BatchRecord
@@ -95,7 +95,7 @@ async def consume_until_error(
     return delivered, first, again
 
 
-def test_read_batch_at_reads_what_the_consumer_cannot_decode(
+def test_read_batches_at_reads_what_the_consumer_cannot_decode(
     kafka_bootstrap: str, unique_name: Callable[[str], str]
 ) -> None:
     topic = unique_name("unreadable")
@@ -120,27 +120,27 @@ def test_read_batch_at_reads_what_the_consumer_cannot_decode(
         assert delivered == []
 
         expected = [raw(tp, A, offset_a), raw(tp, B, offset_a + 1), raw(tp, C, offset_a + 2)]
-        records, next_offset = await read_batch_at(options, tp, offset_a)
+        records, next_offset = await read_batches_at(options, tp, offset_a)
         assert (records, next_offset) == (expected, offset_a + 3)
         assert [r.readable() for r in records] == [True, False, True]
 
         # From the start: the aborted record and the markers are passed over.
-        assert await read_batch_at(options, tp, 0) == (expected, offset_a + 3)
+        assert await read_batches_at(options, tp, 0) == (expected, offset_a + 3)
         # From inside the batch: the records from there on.
-        assert await read_batch_at(options, tp, offset_a + 1) == (expected[1:], offset_a + 3)
+        assert await read_batches_at(options, tp, offset_a + 1) == (expected[1:], offset_a + 3)
 
-        after, end = await read_batch_at(options, tp, offset_a + 3)
+        after, end = await read_batches_at(options, tp, offset_a + 3)
         assert [(r.offset, r.key, r.value, r.headers) for r in after] == [
             (offset_a + 3, b"d", b"after", ())
         ]
         assert end == offset_a + 4
-        assert await read_batch_at(options, tp, end) == ([], end)
+        assert await read_batches_at(options, tp, end) == ([], end)
 
     asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("compression", [1], ids=["gzip"])
-def test_read_batch_at_reads_a_compressed_unreadable_batch(
+def test_read_batches_at_reads_a_compressed_unreadable_batch(
     kafka_bootstrap: str, unique_name: Callable[[str], str], compression: int
 ) -> None:
     topic = unique_name("unreadable-gzip")
@@ -155,7 +155,7 @@ def test_read_batch_at_reads_a_compressed_unreadable_batch(
         _, first, _ = await consume_until_error(kafka_bootstrap, tp, offset_a)
         assert isinstance(first, UnicodeDecodeError)
 
-        records, next_offset = await read_batch_at(options, tp, offset_a)
+        records, next_offset = await read_batches_at(options, tp, offset_a)
         assert records == [raw(tp, A, offset_a), raw(tp, B, offset_a + 1), raw(tp, C, offset_a + 2)]
         assert next_offset == offset_a + 3
 

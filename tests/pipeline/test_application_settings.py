@@ -174,7 +174,7 @@ async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
     async def partition_count(options: object, topic: str) -> int:
         return 1
 
-    async def read_batch_at(
+    async def read_batches_at(
         options: object, tp: TopicPartition, offset: int
     ) -> tuple[list[RawRecord], int]:
         if offset >= 1:
@@ -186,7 +186,7 @@ async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
 
     monkeypatch.setattr(application_settings, "partition_count", partition_count)
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", consumer)
-    monkeypatch.setattr(unreadable, "read_batch_at", read_batch_at)
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
     registry = ApplicationSettingsRegistry()
     follower = await _followed(registry)
     assert not follower.done()  # still following
@@ -204,7 +204,7 @@ async def test_a_raw_read_starts_from_what_was_applied_on_every_partition(
     from the consumer's position, and goes through several batches."""
     reads: list[tuple[int, int]] = []
 
-    async def read_batch_at(
+    async def read_batches_at(
         options: object, tp: TopicPartition, offset: int
     ) -> tuple[list[RawRecord], int]:
         reads.append((tp.partition, offset))
@@ -214,7 +214,7 @@ async def test_a_raw_read_starts_from_what_was_applied_on_every_partition(
         key = b"%d" % (tp.partition + 1)
         return [RawRecord(tp.topic, tp.partition, offset, 0, key, value)], offset + 1
 
-    monkeypatch.setattr(unreadable, "read_batch_at", read_batch_at)
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
     consumer = _PoisonedSettingsConsumer()
     registry = ApplicationSettingsRegistry()
     applied = {TopicPartition("s", 0): 1, TopicPartition("s", 1): 0}

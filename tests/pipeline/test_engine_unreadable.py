@@ -13,7 +13,7 @@ from stream_app.pipeline.checkpoint import TaskFencedError
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.tasks import TaskId
 from stream_app.pipeline.topics import TopicLayout
-from stream_app.pipeline.unreadable import RAW_BATCHES, RawRecord
+from stream_app.pipeline.unreadable import RAW_RECORDS, RawRecord
 from stream_app.settings import Settings
 
 _POISON = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
@@ -62,7 +62,7 @@ def _single_record_batches(bad: int, end: int) -> object:
     """A log of ``end`` records written one per batch (a producer with no
     linger), the one at ``bad`` with a header name that is not UTF-8."""
 
-    async def read_batch_at(
+    async def read_batches_at(
         options: object, tp: TopicPartition, offset: int
     ) -> tuple[list[RawRecord], int]:
         if offset >= end:
@@ -70,17 +70,19 @@ def _single_record_batches(bad: int, end: int) -> object:
         headers = ((b"\xff\xfe", b"x"),) if offset == bad else ()
         return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
 
-    return read_batch_at
+    return read_batches_at
 
 
 async def test_a_record_more_batches_ahead_than_one_pass_reads_is_reached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A poll of up to 5,000 records failed on a record 150 single-record
-    batches ahead; a raw pass reads 64 batches. Before, the first pass found
-    nothing it could not read and raised aiokafka's error: the worker exited,
-    and each restart moved on 64 records. Now each pass moves the input on and
-    the poll is tried again; the third pass reaches the record and rejects it."""
+    """A poll failed on a record further ahead than a raw pass reads. Before,
+    the first pass found nothing it could not read and raised aiokafka's error:
+    the worker exited, and each restart moved on one pass. Now each pass moves
+    the input on and the poll is tried again; the third pass reaches the record
+    and rejects it. (Seen live with passes of 64 batches, since made fetches of
+    many: a poll of 5,000 records failed on a record 300 single-record batches
+    ahead.)"""
     settings = Settings(data_dir=tmp_path)
     engine = Engine(settings, TopicLayout(1, 1_048_588))
     tp = TopicPartition(settings.topics.commands, 0)
@@ -88,17 +90,18 @@ async def test_a_record_more_batches_ahead_than_one_pass_reads_is_reached(
     engine._tasks[task.id] = task  # type: ignore[assignment]
     engine._task_of[tp] = task  # type: ignore[assignment]
     consumer = _Consumer({tp})
-    monkeypatch.setattr(unreadable, "read_batch_at", _single_record_batches(bad=150, end=200))
+    bad = 2 * RAW_RECORDS + 10
+    monkeypatch.setattr(unreadable, "read_batches_at", _single_record_batches(bad, bad + 50))
 
-    for sought in (RAW_BATCHES, 2 * RAW_BATCHES):
+    for sought in (RAW_RECORDS, 2 * RAW_RECORDS):
         await engine._read_past_the_client(consumer, _POISON)  # type: ignore[arg-type]
         assert consumer.sought == {tp: sought}
         assert task.positions == {tp: sought}
         assert task.rejected == []
     await engine._read_past_the_client(consumer, _POISON)  # type: ignore[arg-type]
-    assert task.rejected == [150]
-    assert task.handled == list(range(150))
-    assert consumer.sought == {tp: 151}
+    assert task.rejected == [bad]
+    assert task.handled == list(range(bad))
+    assert consumer.sought == {tp: bad + 1}
 
 
 async def test_a_pass_that_moves_no_input_raises_what_the_consumer_raised(
@@ -114,7 +117,7 @@ async def test_a_pass_that_moves_no_input_raises_what_the_consumer_raised(
     task.positions[tp] = 200
     engine._tasks[task.id] = task  # type: ignore[assignment]
     engine._task_of[tp] = task  # type: ignore[assignment]
-    monkeypatch.setattr(unreadable, "read_batch_at", _single_record_batches(bad=150, end=200))
+    monkeypatch.setattr(unreadable, "read_batches_at", _single_record_batches(bad=150, end=200))
     with pytest.raises(UnicodeDecodeError):
         await engine._read_past_the_client(_Consumer({tp}), _POISON)  # type: ignore[arg-type]
 

@@ -6,6 +6,7 @@ No broker: batches come from the test encoder in tests/pipeline/record_batches.p
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import aiokafka.codec
 import pytest
@@ -15,6 +16,7 @@ from aiokafka.structs import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
+from stream_app.pipeline import unreadable
 from stream_app.pipeline.unreadable import (
     RawRecord,
     RecordBatchError,
@@ -218,3 +220,94 @@ def test_every_record_comes_back_byte_for_byte(
         raw(r, base_offset + i, T0 + r.timestamp_delta) for i, r in enumerate(records)
     )
     assert batch.next_offset == base_offset + len(records)
+
+
+class _Log:
+    """Stands for a partition's leader: a fetch at an offset answers every batch
+    from the one holding it, up to ``max_batches`` of them (as a byte limit
+    would), with ``aborted`` as the response's aborted transactions."""
+
+    def __init__(
+        self, batches: list[bytes], aborted: list[tuple[int, int]], max_batches: int
+    ) -> None:
+        self.batches = [(parse_record_batches(b, TP)[0], b) for b in batches]
+        self.aborted = aborted
+        self.max_batches = max_batches
+        self.fetched: list[int] = []
+
+    async def fetch(
+        self, client: object, tp: TopicPartition, offset: int, max_bytes: int
+    ) -> tuple[bytes, list[tuple[int, int]]]:
+        self.fetched.append(offset)
+        held = [data for batch, data in self.batches if batch.next_offset > offset]
+        return b"".join(held[: self.max_batches]), self.aborted
+
+
+class _Client:
+    def __init__(self, **options: object) -> None:
+        pass
+
+    async def bootstrap(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def log_of(monkeypatch: pytest.MonkeyPatch) -> Callable[..., _Log]:
+    def make(batches: list[bytes], aborted: list[tuple[int, int]], max_batches: int = 100) -> _Log:
+        log = _Log(batches, aborted, max_batches)
+        monkeypatch.setattr(unreadable, "AIOKafkaClient", _Client)
+        monkeypatch.setattr(unreadable, "_fetch", log.fetch)
+        return log
+
+    return make
+
+
+async def test_one_raw_read_returns_many_batches_up_to_the_first_unreadable_one(
+    log_of: Callable[..., _Log],
+) -> None:
+    """A backlog written one record per batch: a read returned one batch, so
+    getting past an unreadable record 3,000 records ahead took 3,000 reads
+    with a connection each. A read now returns every batch of its fetch, up
+    to and including the first that holds an unreadable record; aborted
+    transactions and markers on the way are passed over as before."""
+    batches = [encode_batch([A], base_offset=n, first_timestamp=T0) for n in range(4)]
+    batches += [
+        encode_batch([C], base_offset=4, transactional=True, producer_id=7, first_timestamp=T0),
+        control_batch(5, producer_id=7, commit=False),
+        encode_batch([B, C], base_offset=6, first_timestamp=T0),
+        encode_batch([A], base_offset=8, first_timestamp=T0),
+    ]
+    log = log_of(batches, [(7, 4)])
+    records, after = await unreadable.read_batches_at({}, TP, 1)
+    assert records == [raw(A, n, T0) for n in (1, 2, 3)] + [raw(B, 6, T0 + 5), raw(C, 7, T0 + 9)]
+    assert after == 8
+    assert log.fetched == [1]
+    assert await unreadable.read_batches_at({}, TP, 8) == ([raw(A, 8, T0)], 9)
+    assert await unreadable.read_batches_at({}, TP, 9) == ([], 9)
+
+
+async def test_a_fetch_of_markers_only_is_read_past(log_of: Callable[..., _Log]) -> None:
+    batches = [
+        encode_batch([C], base_offset=0, transactional=True, producer_id=7, first_timestamp=T0),
+        control_batch(1, producer_id=7, commit=False),
+        encode_batch([A], base_offset=2, first_timestamp=T0),
+    ]
+    log = log_of(batches, [(7, 0)], max_batches=2)
+    assert await unreadable.read_batches_at({}, TP, 0) == ([raw(A, 2, T0)], 3)
+    assert log.fetched == [0, 2]
+
+
+async def test_read_past_reads_about_raw_records_then_lets_the_caller_poll(
+    log_of: Callable[..., _Log], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unreadable, "RAW_RECORDS", 5)
+    log_of([encode_batch([A], base_offset=n, first_timestamp=T0) for n in range(20)], [], 3)
+    read = [(len(raws), after) async for raws, after in unreadable.read_past({}, TP, 0)]
+    assert read == [(3, 3), (3, 6)]
+    read = [(len(raws), after) async for raws, after in unreadable.read_past({}, TP, 0, end=4)]
+    assert read == [(3, 3), (3, 6)]  # a fetch is not cut at the end
+    read = [(len(raws), after) async for raws, after in unreadable.read_past({}, TP, 18)]
+    assert read == [(2, 20)]
