@@ -91,7 +91,7 @@ async def run(settings: Settings) -> int:
     # Everything alive now (modules, classes, settings: about 60,000 tracked
     # objects) lives as long as the process. Frozen, Python's full collections
     # skip it: they paused the event loop for 25-35 ms every few seconds under
-    # load, and take 4-7 ms frozen (docs/performance.md).
+    # load, and take 4-7 ms frozen (docs/performance-history.md).
     gc.collect()
     gc.freeze()
     try:

@@ -437,7 +437,7 @@ async def restore(
         isolation_level="read_committed",
         auto_offset_reset="earliest",
         # Bounded so that restoring every task of a worker at once stays within
-        # the memory of the worker's normal run (docs/performance.md).
+        # the memory of the worker's normal run (docs/performance-history.md).
         max_partition_fetch_bytes=_RESTORE_FETCH_BYTES,
         fetch_max_bytes=4 * _RESTORE_FETCH_BYTES,
     )
