@@ -80,15 +80,40 @@ class RocksDBResources:
         return options
 
 
+class _CorruptedStoreError(StoreError):
+    """RocksDB found the database's files inconsistent (say, some deleted)."""
+
+
 class PartitionStore:
     """One store's RocksDB database for one partition."""
 
     def __init__(self, path: Path, resources: RocksDBResources) -> None:
         self.path = path
         self._resources = resources
+        # What a delete cut short (a kill during wipe) left aside.
+        shutil.rmtree(self._aside, ignore_errors=True)
         path.mkdir(parents=True, exist_ok=True)
-        self._db = self._open()
+        try:
+            self._db = self._open()
+        except _CorruptedStoreError as exc:
+            # The changelog is the state; these files are a copy of it, and
+            # retrying the open would fail for good, its partition never read.
+            log.warning("%s: deleting it: the task restores it from its changelog", exc)
+            self._delete()
+            self._db = self._open()
         self._closed = False
+
+    @property
+    def _aside(self) -> Path:
+        return self.path.with_name(f"{self.path.name}.deleting")
+
+    def _delete(self) -> None:
+        """Delete the database's directory and make it anew, empty. Renamed
+        aside first: a delete cut short leaves no half a database behind."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.rename(self._aside)
+        shutil.rmtree(self._aside, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
 
     def _open(self) -> Rdict:
         try:
@@ -100,7 +125,10 @@ class PartitionStore:
                     " (another process has it open: a worker with the same data dir and "
                     "app id that owns this partition, or has not yet let go of it)"
                 )
-            raise StoreError(f"cannot open the store at {self.path}: {exc}{hint}") from exc
+            problem = f"cannot open the store at {self.path}: {exc}{hint}"
+            if str(exc).startswith("Corruption"):  # RocksDB's Status::Corruption
+                raise _CorruptedStoreError(problem) from exc
+            raise StoreError(problem) from exc
         unlogged = WriteOptions()
         # The changelog is the log (module docstring). A property at run time;
         # rocksdict's stub declares it as a method.
@@ -162,8 +190,7 @@ class PartitionStore:
         # it could not write is about to be deleted anyway.
         with contextlib.suppress(StoreError):
             self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._delete()
         self._db = self._open()
         self._closed = False
 

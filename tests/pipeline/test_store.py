@@ -143,6 +143,75 @@ def test_wipe_forgets_data_and_offset(store: PartitionStore) -> None:
     assert contents(store) == {b"b": b"2"}
 
 
+def _half_deleted(path: Path) -> None:
+    """What ``shutil.rmtree`` cut short by a kill can leave: RocksDB's table
+    files gone, its CURRENT, MANIFEST and log still there."""
+    for sst in path.glob("*.sst"):
+        sst.unlink()
+
+
+def test_a_store_whose_files_were_half_deleted_is_deleted_and_opens_empty(
+    tmp_path: Path, resources: RocksDBResources, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, every open raised a StoreError, which a task start retries: the
+    task never started, its partition was never read, the worker never ready.
+    The changelog holds the state, so the database is deleted and restored."""
+    path = tmp_path / "sessions" / "0"
+    first = PartitionStore(path, resources)
+    first.write({b"k%d" % n: b"v" * 100 for n in range(5_000)}, 7)
+    first.close()  # flushed to a table file
+    _half_deleted(path)
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.store"):
+        again = PartitionStore(path, resources)
+    try:
+        assert contents(again) == {}
+        assert again.changelog_offset is None  # restored from the changelog's start
+    finally:
+        again.close()
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"cannot open the store at {path}: Corruption")
+    assert warning.endswith("deleting it: the task restores it from its changelog")
+
+
+def test_a_store_another_process_has_open_is_not_deleted(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    """Only RocksDB's Corruption status deletes: a lock held is no reason to."""
+    path = tmp_path / "sessions" / "0"
+    held = PartitionStore(path, resources)
+    held.write({b"a": b"1"}, 3)
+    try:
+        with pytest.raises(StoreError, match="another process has it open"):
+            PartitionStore(path, resources)
+        assert held.get(b"a") == b"1"
+    finally:
+        held.close()
+
+
+def test_a_wipe_cut_short_leaves_no_half_database(
+    tmp_path: Path, resources: RocksDBResources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database is renamed aside before it is deleted: a kill during the
+    delete leaves the partition's directory whole or absent, and what was set
+    aside is removed when the store is next opened."""
+    path = tmp_path / "sessions" / "0"
+    store = PartitionStore(path, resources)
+    store.write({b"a": b"1"}, 3)
+    with monkeypatch.context() as killed:
+        killed.setattr("stream_app.pipeline.store.shutil.rmtree", lambda *_, **__: None)
+        store.wipe()
+    store.close()
+    aside = path.with_name("0.deleting")
+    assert aside.is_dir()
+    again = PartitionStore(path, resources)
+    try:
+        assert not aside.exists()
+        assert contents(again) == {}
+        assert again.changelog_offset is None
+    finally:
+        again.close()
+
+
 class _FullDisk:
     """Stands for a database on a full disk, as RocksDB behaves there (seen on a
     3 MB tmpfs): a write refuses with a bare Exception; a close fails to flush,
