@@ -16,4 +16,4 @@ class ConfigurationError(StreamAppError):
 
 
 class StoreError(StreamAppError):
-    """A state store could not be opened or closed."""
+    """A state store could not be opened, read, written or closed."""

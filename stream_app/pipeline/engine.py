@@ -625,38 +625,51 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             task = self._task_of.get(tp)
             if task is None or not task.active:
                 continue  # not ours (any more), or not started: its owner reads it again
-            try:
-                await task.handle_many(records)
-            except TaskFencedError as exc:
-                await self._lose(task, exc)
-            except (KafkaError, CheckpointError, OSError) as exc:
-                refused = not_authorized(exc)  # an output topic it may not describe
-                if refused is not None:
-                    self._fail(refused)
-                    await self._drop(task)
-                else:
-                    await self._restart(task, exc)
+            await self._guarded(task, task.handle_many(records))
+
+    async def _guarded(self, task: Task, work: Awaitable[object]) -> bool:
+        """Await ``work`` of ``task``; whether it succeeded. A task fenced is
+        dropped; one whose transaction, Kafka or store failed is restarted
+        from its committed offsets, its transaction aborted (an output topic
+        it may not describe stops the worker instead)."""
+        try:
+            await work
+        except TaskFencedError as exc:
+            await self._lose(task, exc)
+        except (KafkaError, CheckpointError, OSError, StoreError) as exc:
+            refused = not_authorized(exc)  # an output topic it may not describe
+            if refused is not None:
+                self._fail(refused)
+                await self._drop(task)
+            else:
+                await self._restart(task, exc)
+        else:
+            return True
+        return False
 
     async def _read_past_the_client(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
         """aiokafka could not decode a fetched record and says not which; polling
         again does not tell either (the failed fetch stays buffered, empty). So
         every active input is read raw from its position
-        (:mod:`~stream_app.pipeline.unreadable`), batch by batch, up to its last
-        stable offset or the first batch holding an unreadable record: readable
-        records are processed as usual, unreadable ones rejected by position.
-        Every input is then sought to its position, which drops the consumer's
-        buffered fetches, and consumption goes on past the bad batch.
+        (:mod:`~stream_app.pipeline.unreadable`), a fetch at a time, up to its
+        last stable offset or the first batch holding an unreadable record:
+        readable records are processed as usual, unreadable ones rejected by
+        position. Every input is then sought to its position, which drops the
+        consumer's buffered fetches, and consumption goes on past the bad batch.
 
         One poll holds up to a batch size of records from each input, and so
         may fail on a record further ahead than one raw pass reads
         (:data:`~stream_app.pipeline.unreadable.RAW_RECORDS`): a pass that
         moved an input on without finding it polls again, and the next pass
-        starts where this one stopped. Only
-        a pass that moves nothing raises ``exc``: then what aiokafka cannot
-        decode is not where these inputs are read."""
+        starts where this one stopped. Only a pass that moves nothing raises
+        ``exc``: then what aiokafka cannot decode is not where these inputs
+        are read. A task that fails in the pass is dropped or restarted as in
+        :meth:`_process`, and counts as moved: it reads its inputs again."""
         options = client_options(self.settings)
         found = moved = False
-        for task in [t for t in self._tasks.values() if t.active]:
+
+        async def read(task: Task) -> None:
+            nonlocal found, moved
             for tp in task.inputs:
                 end = consumer.last_stable_offset(tp)
                 position = task.positions.get(tp, 0)
@@ -664,9 +677,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     for raw in raws:
                         await task.handle_raw(raw)
                     task.positions[tp] = max(task.positions.get(tp, 0), resume)
-                    found = found or any(not raw.readable() for raw in raws)
+                    found = found or not all(raw.readable() for raw in raws)
                 moved = moved or task.positions.get(tp, 0) > position
-                consumer.seek(tp, task.positions.get(tp, 0))
+
+        for task in [t for t in self._tasks.values() if t.active]:
+            if await self._guarded(task, read(task)):
+                for tp in task.inputs:
+                    consumer.seek(tp, task.positions.get(tp, 0))
+            else:
+                moved = True
         if not found and not moved:
             raise exc
 

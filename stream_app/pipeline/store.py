@@ -137,7 +137,10 @@ class PartitionStore:
         return db
 
     def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = self._db.get(key)
+        try:
+            value: bytes | None = self._db.get(key)
+        except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
+            raise StoreError(f"cannot read the store at {self.path}: {exc}") from exc
         return value
 
     def keys(self) -> Iterator[bytes]:

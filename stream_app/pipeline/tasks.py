@@ -275,7 +275,9 @@ class Task:
             began = clock()
             try:
                 outgoing = process(source)
-            except SessionIdSpaceExhaustedError:
+            except (SessionIdSpaceExhaustedError, StoreError):
+                # Not the record's fault (a disk that cannot be read, say): the
+                # engine restarts the task, which reads the record again.
                 raise
             except Exception as exc:  # a bug must not lose the record or stop the worker
                 log.exception(

@@ -240,6 +240,21 @@ def test_a_write_that_rocksdb_refuses_is_a_store_error(
     store.close()  # closed already: nothing to do
 
 
+class _UnreadableDisk:
+    def get(self, key: bytes) -> bytes | None:
+        raise Exception("IO error: Input/output error: While pread")  # as rocksdict does
+
+
+def test_a_read_that_rocksdb_refuses_is_a_store_error(
+    store: PartitionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A StoreError restarts the task (engine); a bare Exception, caught as a
+    bug in the processor, rejected a valid command as INTERNAL_ERROR."""
+    monkeypatch.setattr(store, "_db", _UnreadableDisk())
+    with pytest.raises(StoreError, match=r"cannot read the store at .*: IO error: Input/output"):
+        store.get(b"a")
+
+
 def test_a_wipe_goes_on_when_the_close_before_it_cannot_flush(store: PartitionStore) -> None:
     """What the close could not write is deleted next anyway."""
     store.write({b"a": b"1"}, 3)

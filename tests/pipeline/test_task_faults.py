@@ -1,0 +1,189 @@
+"""What a task does when processing a record fails: a bug in the processor
+rejects that record; a store that cannot be read is no fault of the record,
+so the task is restarted and reads it again. And the engine's raw read past
+the client, where a task that fails is restarted like anywhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError
+
+from stream_app.errors import StoreError
+from stream_app.pipeline import unreadable
+from stream_app.pipeline.engine import Engine
+from stream_app.pipeline.processor import Limits, Outgoing, SourceRecord
+from stream_app.pipeline.store import RocksDBResources
+from stream_app.pipeline.tasks import Stage, Task, TaskId
+from stream_app.pipeline.topics import TopicLayout
+from stream_app.pipeline.unreadable import RawRecord
+from stream_app.settings import RocksDBSettings, Settings
+
+
+class _Checkpoint:
+    """Stands for the task's open transaction: what it was given."""
+
+    def __init__(self) -> None:
+        self.sent: list[Outgoing] = []
+        self.offsets: list[int] = []
+
+    def add(self, out: Outgoing) -> bool:
+        self.sent.append(out)
+        return True
+
+    async def send(self, out: Outgoing) -> None:
+        self.sent.append(out)
+
+    def consumed(self, tp: TopicPartition, offset: int) -> None:
+        self.offsets.append(offset)
+
+
+class _Record:
+    def __init__(self, topic: str, offset: int) -> None:
+        self.topic = topic
+        self.partition = 0
+        self.offset = offset
+        self.timestamp = 1_764_000_000_000
+        self.key = b"cart-1"
+        self.value = b"{}"
+        self.headers: tuple[Any, ...] = ()
+
+
+def _task(tmp_path: Path, failure: Exception) -> tuple[Task, _Checkpoint]:
+    settings = Settings(data_dir=tmp_path)
+
+    def process(record: SourceRecord) -> list[Outgoing]:
+        raise failure
+
+    stage = Stage("commands", (settings.topics.commands,), (), lambda _p, _o: process)
+    task = Task(
+        stage,
+        0,
+        settings=settings,
+        changelogs={},
+        state_dir=tmp_path,
+        resources=RocksDBResources(RocksDBSettings()),
+        commit_offsets=lambda offsets: None,
+        limits=Limits(),
+        max_record_bytes=1_048_588,
+    )
+    task.process = stage.build(0, {})
+    checkpoint = _Checkpoint()
+    task.checkpoint = checkpoint  # type: ignore[assignment]
+    return task, checkpoint
+
+
+async def test_a_store_that_cannot_be_read_fails_the_task_not_the_record(tmp_path: Path) -> None:
+    """Before, a RocksDB read error in the processor was taken for a bug in
+    it: the record, a valid command, was rejected as INTERNAL_ERROR for good."""
+    task, checkpoint = _task(tmp_path, StoreError("cannot read the store at x: IO error"))
+    with pytest.raises(StoreError):
+        await task.handle_many([_Record(task.inputs[0].topic, 5)])
+    assert checkpoint.sent == []
+    assert checkpoint.offsets == []
+    assert task.positions == {}
+
+
+async def test_a_bug_in_the_processor_rejects_that_record_and_goes_on(tmp_path: Path) -> None:
+    task, checkpoint = _task(tmp_path, RuntimeError("a bug, say"))
+    await task.handle_many([_Record(task.inputs[0].topic, 5)])
+    [rejection] = checkpoint.sent
+    assert rejection.topic == task.settings.topics.rejected
+    assert b"INTERNAL_ERROR" in rejection.value
+    assert checkpoint.offsets == [5]
+
+
+class _RawTask:
+    """Stands for an active Task in a raw read: fails, or takes what it is handed."""
+
+    def __init__(self, tp: TopicPartition, failure: Exception | None) -> None:
+        self.id = TaskId("commands", tp.partition)
+        self.inputs = [tp]
+        self.active = True
+        self.checkpoint = None
+        self.positions = {tp: 0}
+        self.failure = failure
+        self.handled: list[int] = []
+
+    async def handle_raw(self, raw: RawRecord) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.handled.append(raw.offset)
+
+
+class _Consumer:
+    def __init__(self) -> None:
+        self.sought: dict[TopicPartition, int] = {}
+
+    def last_stable_offset(self, tp: TopicPartition) -> None:
+        return None
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.sought[tp] = offset
+
+
+async def test_a_task_that_fails_in_a_raw_read_is_restarted_and_the_others_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, an error of one task in the raw read (its producer unable to
+    reach Kafka, say) left the pass, and the main loop, which stopped the
+    worker: committing, on the way, the records of that task it had already
+    processed in the pass, without their offsets."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(2, 1_048_588))
+    failing = _RawTask(TopicPartition(settings.topics.commands, 0), KafkaConnectionError("down"))
+    working = _RawTask(TopicPartition(settings.topics.commands, 1), None)
+    for task in (failing, working):
+        engine._tasks[task.id] = task  # type: ignore[assignment]
+        engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    restarted: list[object] = []
+
+    async def restart(task: object, exc: BaseException) -> None:
+        restarted.append(task)
+
+    monkeypatch.setattr(engine, "_restart", restart)
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int
+    ) -> tuple[list[RawRecord], int]:
+        if offset >= 3:
+            return [], offset
+        headers = ((b"\xff", b"x"),) if offset == 2 else ()
+        return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
+
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    consumer = _Consumer()
+    await engine._read_past_the_client(consumer, UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"))  # type: ignore[arg-type]
+    assert restarted == [failing]
+    assert working.handled == [0, 1, 2]
+    assert consumer.sought == {working.inputs[0]: 3}
+
+
+class _UnreadableStoreTask(_RawTask):
+    async def handle_many(self, records: object) -> None:
+        raise StoreError("cannot read the store at x: IO error")
+
+
+async def test_the_engine_restarts_a_task_whose_store_cannot_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task is started again from its committed offsets: its store opened
+    anew (and restored, if RocksDB finds it corrupt), its records read again."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    task = _UnreadableStoreTask(TopicPartition(settings.topics.commands, 0), None)
+    engine._tasks[task.id] = task  # type: ignore[assignment]
+    engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    restarted: list[tuple[object, BaseException]] = []
+
+    async def restart(task: object, exc: BaseException) -> None:
+        restarted.append((task, exc))
+
+    monkeypatch.setattr(engine, "_restart", restart)
+    await engine._process({task.inputs[0]: [_Record(task.inputs[0].topic, 0)]})
+    [(which, why)] = restarted
+    assert which is task
+    assert isinstance(why, StoreError)
