@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any, Final
+from collections.abc import Awaitable
+from typing import Any, Final, Protocol
 
 from stream_app.errors import ConfigurationError
 from stream_app.settings import Settings
@@ -67,6 +68,35 @@ def client_options(settings: Settings) -> dict[str, Any]:
             sec.sasl_password.get_secret_value() if sec.sasl_password else None
         )
     return options
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> Awaitable[None]: ...
+
+
+#: Stops that go on after their caller was cancelled (a reference each, so
+#: that they are not collected while they run).
+_STOPPING: set[asyncio.Future[None]] = set()
+
+
+async def stop_fully(client: _Stoppable) -> None:
+    """``client.stop()``, carried to its end even when the caller is cancelled.
+
+    aiokafka's producer and consumer mark themselves closed as their stop
+    begins: a stop cut short by a cancellation can never be finished, and its
+    background tasks and connections stay open for the life of the process.
+    Here the stop goes on in the background, and the cancellation is passed
+    on at once, as the caller (a task dropped, a worker stopping) expects."""
+    stopping = asyncio.ensure_future(client.stop())
+    _STOPPING.add(stopping)
+    stopping.add_done_callback(_stopped)
+    await asyncio.shield(stopping)
+
+
+def _stopped(stopping: asyncio.Future[None]) -> None:
+    _STOPPING.discard(stopping)
+    if not stopping.cancelled() and stopping.exception() is not None:
+        log.debug("a Kafka client's stop failed: %r", stopping.exception())
 
 
 async def partition_count(options: dict[str, Any], topic: str) -> int:

@@ -38,7 +38,7 @@ from aiokafka.structs import TopicPartition
 from stream_app.domain import Reason
 from stream_app.errors import StoreError, StreamAppError
 from stream_app.pipeline.checkpoint import ChangelogStore, Checkpoint
-from stream_app.pipeline.kafka import client_options
+from stream_app.pipeline.kafka import client_options, stop_fully
 from stream_app.pipeline.processor import (
     LatencyHistogram,
     Limits,
@@ -200,7 +200,7 @@ class Task:
         if self.producer is not None:
             producer, self.producer = self.producer, None
             try:
-                await producer.stop()
+                await stop_fully(producer)
             except Exception as exc:  # closing: it is gone either way
                 log.debug("%s: producer stop failed: %r", self.id, exc)
         failed: list[StoreError] = []
@@ -512,7 +512,7 @@ async def restore(
                 total / max(elapsed, 1e-6),
             )
     finally:
-        await consumer.stop()
+        await stop_fully(consumer)
     return total
 
 
