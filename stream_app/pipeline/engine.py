@@ -256,7 +256,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             Stage(
                 "commands",
                 (s.topics.commands, rekey_topic(s)),
-                (SESSIONS_STORE, SESSION_IDS_STORE),
+                # The id counter first: at_least_once confirms its changelog
+                # before the sessions' (Checkpoint._send_groups).
+                (SESSION_IDS_STORE, SESSIONS_STORE),
                 commands,
             ),
             Stage("profiles", (profile_topic(s),), (FIRST_SESSIONS_STORE,), profiles),

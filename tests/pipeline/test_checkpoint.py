@@ -37,9 +37,11 @@ from stream_app.pipeline.checkpoint import (
     StoreWriteError,
     TaskFencedError,
 )
+from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import Limits, Outgoing, SourceRecord
 from stream_app.pipeline.store import PartitionStore, RocksDBResources, StoreOverlay
 from stream_app.pipeline.tasks import Stage, Task
+from stream_app.pipeline.topics import SESSION_IDS_STORE, SESSIONS_STORE, TopicLayout
 from stream_app.settings import RocksDBSettings, Settings
 from tests.pipeline.fakes import FailingWriteStore, FakeBroker, FakeProducer
 
@@ -965,3 +967,52 @@ async def test_at_least_once_commits_no_offsets_and_keeps_rocksdb_when_a_step_fa
     replay_changelogs(rig.broker, rig.stores)
     for name, tp in CHANGELOGS.items():
         assert contents(rig.stores[name]) == changelog_state(rig.broker, tp)
+
+
+async def test_at_least_once_confirms_the_outputs_then_each_changelog_in_turn(
+    make_rig: RigFactory,
+) -> None:
+    """A crash cuts an at_least_once commit short anywhere. Before, every batch
+    was sent at once: the sessions' changelog could land without the outputs
+    (the replayed command, a duplicate by its eventId, never emitted them
+    again) or without the id counter's (a replayed creation took an id that a
+    session already had). Now each group is confirmed before the next is sent."""
+    rig = await make_rig(exactly_once=False)
+    steps: list[str] = []
+    send_batch, flush = rig.producer.send_batch, rig.producer.flush
+
+    async def recorded_send(batch: Any, topic: str, *, partition: int) -> Any:
+        if not steps or steps[-1] != topic:
+            steps.append(topic)
+        return await send_batch(batch, topic, partition=partition)
+
+    async def recorded_flush() -> None:
+        steps.append("flush")
+        await flush()
+
+    rig.producer.send_batch = recorded_send  # type: ignore[method-assign]
+    rig.producer.flush = recorded_flush  # type: ignore[method-assign]
+    checkpoint = rig.checkpoint()
+    await rig.process_and_commit(checkpoint)
+    outputs = steps[: steps.index("flush")]
+    assert sorted(set(outputs)) == [CLOSED, REJECTED]
+    changelogs = [store.changelog.topic for store in checkpoint.stores.values()]
+    assert steps[len(outputs) :] == ["flush", changelogs[0], "flush", changelogs[1], "flush"]
+
+
+async def test_exactly_once_sends_everything_before_one_flush(make_rig: RigFactory) -> None:
+    """In a transaction the order does not matter: all or nothing is visible."""
+    rig = await make_rig()
+    seeded = len(rig.producer.calls)
+    await rig.process_and_commit(rig.checkpoint())
+    calls = rig.producer.calls[seeded:]
+    sends = [n for n, call in enumerate(calls) if call == "send_batch"]
+    assert len(sends) > 2
+    assert calls.count("flush") == 1
+    assert calls.index("flush") > sends[-1]
+
+
+def test_the_session_id_counter_is_the_command_stage_s_first_store(tmp_path: Path) -> None:
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    commands = next(stage for stage in engine.stages if stage.name == "commands")
+    assert commands.stores == (SESSION_IDS_STORE, SESSIONS_STORE)
