@@ -683,6 +683,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 moved = moved or task.positions.get(tp, 0) > position
 
         for task in [t for t in self._tasks.values() if t.active]:
+            if self._tasks.get(task.id) is not task or not task.active:
+                continue  # dropped meanwhile, by a round that ended in a restart above
             if await self._guarded(task, read(task)):
                 for tp in task.inputs:
                     consumer.seek(tp, task.positions.get(tp, 0))
@@ -784,9 +786,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             task.id,
             exc,
         )
+        owned = self._tasks.get(task.id) is task
         await self._drop(task)
-        # Not when the round that _drop waited for has restarted it already.
-        if not self._stopping.is_set() and task.id not in self._tasks:
+        # Not a task dropped already (fenced, say: starting it again would fence
+        # its new owner), nor when the round that _drop waited for has
+        # restarted it already.
+        if owned and not self._stopping.is_set() and task.id not in self._tasks:
             self._begin_start(task.stage, task.partition)
 
     async def _drop(self, task: Task) -> None:

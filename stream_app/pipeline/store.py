@@ -101,7 +101,7 @@ class PartitionStore:
             log.warning("%s: deleting it: the task restores it from its changelog", exc)
             self._delete()
             self._db = self._open()
-        self._closed = False
+        self._closed = self._corrupted = False
 
     @property
     def _aside(self) -> Path:
@@ -140,7 +140,13 @@ class PartitionStore:
         try:
             value: bytes | None = self._db.get(key)
         except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
-            raise StoreError(f"cannot read the store at {self.path}: {exc}") from exc
+            problem = f"cannot read the store at {self.path}: {exc}"
+            if str(exc).startswith("Corruption"):  # a table block's checksum, say
+                # An open checks no data block: deleted at close, so that the
+                # task's next start restores it rather than meets this again.
+                self._corrupted = True
+                raise _CorruptedStoreError(problem) from exc
+            raise StoreError(problem) from exc
         return value
 
     def keys(self) -> Iterator[bytes]:
@@ -185,7 +191,11 @@ class PartitionStore:
         try:
             self._db.close()
         except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
-            raise StoreError(f"cannot close the store at {self.path}: {exc}") from exc
+            if not self._corrupted:
+                raise StoreError(f"cannot close the store at {self.path}: {exc}") from exc
+        if self._corrupted:
+            log.warning("%s: corrupt, deleted: the next start restores it", self.path)
+            self._delete()
 
     def wipe(self) -> None:
         """Close and delete this one partition's database (it is restored again)."""
@@ -195,7 +205,7 @@ class PartitionStore:
             self.close()
         self._delete()
         self._db = self._open()
-        self._closed = False
+        self._closed = self._corrupted = False
 
 
 class StoreOverlay(MutableMapping[bytes, bytes]):

@@ -255,6 +255,41 @@ def test_a_read_that_rocksdb_refuses_is_a_store_error(
         store.get(b"a")
 
 
+class _CorruptBlock:
+    """A database whose open went well (an open checks no data block) and
+    whose read meets a damaged one."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    def get(self, key: bytes) -> bytes | None:
+        raise Exception("Corruption: block checksum mismatch: stored = 1, computed = 2")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def test_a_store_found_corrupt_by_a_read_is_deleted_when_closed(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    """The task restarts on the read's StoreError; without the delete, its
+    next start would restore onto the same damaged files and meet the same
+    error, restarting for good."""
+    path = tmp_path / "sessions" / "0"
+    store = PartitionStore(path, resources)
+    store.write({b"a": b"1"}, 3)
+    store._db = _CorruptBlock(store._db)  # type: ignore[assignment]
+    with pytest.raises(StoreError, match=r"cannot read the store at .*: Corruption: block"):
+        store.get(b"a")
+    store.close()
+    again = PartitionStore(path, resources)
+    try:
+        assert contents(again) == {}
+        assert again.changelog_offset is None
+    finally:
+        again.close()
+
+
 def test_a_wipe_goes_on_when_the_close_before_it_cannot_flush(store: PartitionStore) -> None:
     """What the close could not write is deleted next anyway."""
     store.write({b"a": b"1"}, 3)

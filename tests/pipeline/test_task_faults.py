@@ -101,6 +101,8 @@ class _RawTask:
 
     def __init__(self, tp: TopicPartition, failure: Exception | None) -> None:
         self.id = TaskId("commands", tp.partition)
+        self.stage = "commands"  # what _begin_start is given
+        self.partition = tp.partition
         self.inputs = [tp]
         self.active = True
         self.checkpoint = None
@@ -112,6 +114,9 @@ class _RawTask:
         if self.failure is not None:
             raise self.failure
         self.handled.append(raw.offset)
+
+    async def close(self) -> None:
+        self.active = False
 
 
 class _Consumer:
@@ -187,3 +192,52 @@ async def test_the_engine_restarts_a_task_whose_store_cannot_be_read(
     [(which, why)] = restarted
     assert which is task
     assert isinstance(why, StoreError)
+
+
+async def test_a_raw_read_skips_a_task_dropped_during_the_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restarting one task waits for the commit round in flight, which can end
+    by dropping another (fenced, say). The pass used to read that one too:
+    closed, its stores closed, its producer gone."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(2, 1_048_588))
+    failing = _RawTask(TopicPartition(settings.topics.commands, 0), KafkaConnectionError("down"))
+    dropped = _RawTask(TopicPartition(settings.topics.commands, 1), None)
+    for task in (failing, dropped):
+        engine._tasks[task.id] = task  # type: ignore[assignment]
+        engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+
+    async def restart(task: object, exc: BaseException) -> None:
+        # The round that _drop waits for ends: ``dropped`` was fenced in it.
+        dropped.active = False
+        del engine._tasks[dropped.id]  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "_restart", restart)
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int
+    ) -> tuple[list[RawRecord], int]:
+        return (
+            ([RawRecord(tp.topic, tp.partition, 0, 0, b"k", b"{}")], 1)
+            if offset == 0
+            else ([], offset)
+        )
+
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    await engine._read_past_the_client(_Consumer(), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"))  # type: ignore[arg-type]
+    assert dropped.handled == []
+
+
+async def test_a_task_dropped_already_is_not_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its failure reported after it was dropped (as fenced): starting it
+    again would take its transactional id from the worker that owns it now."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    gone = _RawTask(TopicPartition(settings.topics.commands, 0), None)
+    started: list[object] = []
+    monkeypatch.setattr(engine, "_begin_start", lambda *args: started.append(args))
+    await engine._restart(gone, StoreError("cannot read the store at x"))  # type: ignore[arg-type]
+    assert started == []
