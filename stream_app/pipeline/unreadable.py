@@ -228,24 +228,6 @@ async def read_past(
         position = max(position, resume)
 
 
-def committed_records(
-    batches: Sequence[RecordBatch],
-    offset: int,
-    aborted_transactions: Sequence[tuple[int, int]] = (),
-) -> tuple[list[RawRecord], int]:
-    """The records at or after ``offset`` of the first batch that has any once
-    control and aborted batches are skipped, and the offset after that batch.
-    Without such a batch the list is empty and the offset is the one after the
-    last batch passed over (``offset`` if none). The rules are
-    :func:`committed_batches`'."""
-    position = offset
-    for records, after in committed_batches(batches, offset, aborted_transactions):
-        if records:
-            return records, after
-        position = after
-    return [], position
-
-
 def committed_batches(
     batches: Sequence[RecordBatch],
     offset: int,

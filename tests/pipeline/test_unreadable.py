@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from stream_app.pipeline import unreadable
 from stream_app.pipeline.unreadable import (
     RawRecord,
+    RecordBatch,
     RecordBatchError,
-    committed_records,
+    committed_batches,
     parse_record_batches,
 )
 from tests.pipeline.record_batches import GZIP, BatchRecord, control_batch, encode_batch
@@ -38,6 +39,20 @@ def raw(record: BatchRecord, offset: int, timestamp_ms: int) -> RawRecord:
     return RawRecord(
         TP.topic, TP.partition, offset, timestamp_ms, record.key, record.value, record.headers
     )
+
+
+def committed_records(
+    batches: list[RecordBatch], offset: int, aborted: list[tuple[int, int]] | None = None
+) -> tuple[list[RawRecord], int]:
+    """The first batch with committed records at or after ``offset``, by
+    :func:`committed_batches`' rules: its records and the offset after it; or
+    no records and the offset after the batches passed over."""
+    position = offset
+    for records, after in committed_batches(batches, offset, aborted or []):
+        if records:
+            return records, after
+        position = after
+    return [], position
 
 
 def test_aiokafka_cannot_decode_a_header_name_that_is_not_utf8() -> None:
