@@ -25,11 +25,8 @@ from stream_app.pipeline.application_settings import (
 )
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.kafka import partition_count
-from stream_app.pipeline.processor import Limits
-from stream_app.pipeline.store import RocksDBResources
-from stream_app.pipeline.tasks import Stage, Task
 from stream_app.pipeline.topics import TopicLayout
-from stream_app.settings import RocksDBSettings, Settings
+from stream_app.settings import Settings
 
 
 class _Client:
@@ -126,56 +123,3 @@ async def test_the_workers_consumer_is_closed_when_cancelled_waiting_for_its_top
         await running
     assert len(Started.made) == 1
     assert Started.made[0].closed
-
-
-class _SlowToStop:
-    """Stops as aiokafka's producer and consumer do: marked closed at once, so
-    a second ``stop`` does nothing, then its work (flush, connections)."""
-
-    def __init__(self) -> None:
-        self.closed = False
-        self.stopped = False
-        self.stopping = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def stop(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.stopping.set()
-        await self.release.wait()
-        self.stopped = True
-
-
-async def test_a_task_closed_and_cancelled_during_its_producer_s_stop_still_stops_it(
-    tmp_path: Path,
-) -> None:
-    """A task's close (its start failed, say) cancelled as its producer stops,
-    by a revocation or the worker's stop: before, the stop was cut short and,
-    the producer marked closed, never finished; its sender and connections
-    stayed open for the life of the process. Now the stop goes on."""
-    settings = Settings(data_dir=tmp_path)
-    stage = Stage("commands", (settings.topics.commands,), (), lambda _p, _o: lambda _r: [])
-    task = Task(
-        stage,
-        0,
-        settings=settings,
-        changelogs={},
-        state_dir=tmp_path,
-        resources=RocksDBResources(RocksDBSettings()),
-        commit_offsets=lambda offsets: None,
-        limits=Limits(),
-        max_record_bytes=1_048_588,
-    )
-    producer = _SlowToStop()
-    task.producer = producer  # type: ignore[assignment]
-    closing = asyncio.ensure_future(task.close())
-    await producer.stopping.wait()
-    closing.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await closing
-    assert not producer.stopped
-    producer.release.set()
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert producer.stopped

@@ -1,10 +1,13 @@
 """What a task does when processing a record fails: a bug in the processor
 rejects that record; a store that cannot be read is no fault of the record,
-so the task is restarted and reads it again. And the engine's raw read past
-the client, where a task that fails is restarted like anywhere else."""
+so the task is restarted and reads it again. The engine's raw read past the
+client, where a task that fails is restarted like anywhere else. And a task's
+close cancelled while its producer stops."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +55,9 @@ class _Record:
         self.headers: tuple[Any, ...] = ()
 
 
-def _task(tmp_path: Path, failure: Exception) -> tuple[Task, _Checkpoint]:
+def _make_task(tmp_path: Path, process: Callable[[SourceRecord], list[Outgoing]]) -> Task:
+    """A real Task of partition 0 with no stores, ``process`` as its processor."""
     settings = Settings(data_dir=tmp_path)
-
-    def process(record: SourceRecord) -> list[Outgoing]:
-        raise failure
-
     stage = Stage("commands", (settings.topics.commands,), (), lambda _p, _o: process)
     task = Task(
         stage,
@@ -71,6 +71,14 @@ def _task(tmp_path: Path, failure: Exception) -> tuple[Task, _Checkpoint]:
         max_record_bytes=1_048_588,
     )
     task.process = stage.build(0, {})
+    return task
+
+
+def _task(tmp_path: Path, failure: Exception) -> tuple[Task, _Checkpoint]:
+    def process(record: SourceRecord) -> list[Outgoing]:
+        raise failure
+
+    task = _make_task(tmp_path, process)
     checkpoint = _Checkpoint()
     task.checkpoint = checkpoint  # type: ignore[assignment]
     return task, checkpoint
@@ -119,6 +127,14 @@ class _RawTask:
         self.active = False
 
 
+def _engine_owning(tmp_path: Path, *tasks: _RawTask) -> Engine:
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(len(tasks), 1_048_588))
+    for task in tasks:
+        engine._tasks[task.id] = task  # type: ignore[assignment]
+        engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    return engine
+
+
 class _Consumer:
     def __init__(self) -> None:
         self.sought: dict[TopicPartition, int] = {}
@@ -137,13 +153,10 @@ async def test_a_task_that_fails_in_a_raw_read_is_restarted_and_the_others_go_on
     reach Kafka, say) left the pass, and the main loop, which stopped the
     worker: committing, on the way, the records of that task it had already
     processed in the pass, without their offsets."""
-    settings = Settings(data_dir=tmp_path)
-    engine = Engine(settings, TopicLayout(2, 1_048_588))
-    failing = _RawTask(TopicPartition(settings.topics.commands, 0), KafkaConnectionError("down"))
-    working = _RawTask(TopicPartition(settings.topics.commands, 1), None)
-    for task in (failing, working):
-        engine._tasks[task.id] = task  # type: ignore[assignment]
-        engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    commands = Settings().topics.commands
+    failing = _RawTask(TopicPartition(commands, 0), KafkaConnectionError("down"))
+    working = _RawTask(TopicPartition(commands, 1), None)
+    engine = _engine_owning(tmp_path, failing, working)
     restarted: list[object] = []
 
     async def restart(task: object, exc: BaseException) -> None:
@@ -200,13 +213,10 @@ async def test_a_raw_read_skips_a_task_dropped_during_the_pass(
     """Restarting one task waits for the commit round in flight, which can end
     by dropping another (fenced, say). The pass used to read that one too:
     closed, its stores closed, its producer gone."""
-    settings = Settings(data_dir=tmp_path)
-    engine = Engine(settings, TopicLayout(2, 1_048_588))
-    failing = _RawTask(TopicPartition(settings.topics.commands, 0), KafkaConnectionError("down"))
-    dropped = _RawTask(TopicPartition(settings.topics.commands, 1), None)
-    for task in (failing, dropped):
-        engine._tasks[task.id] = task  # type: ignore[assignment]
-        engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    commands = Settings().topics.commands
+    failing = _RawTask(TopicPartition(commands, 0), KafkaConnectionError("down"))
+    dropped = _RawTask(TopicPartition(commands, 1), None)
+    engine = _engine_owning(tmp_path, failing, dropped)
 
     async def restart(task: object, exc: BaseException) -> None:
         # The round that _drop waits for ends: ``dropped`` was fenced in it.
@@ -241,3 +251,44 @@ async def test_a_task_dropped_already_is_not_restarted(
     monkeypatch.setattr(engine, "_begin_start", lambda *args: started.append(args))
     await engine._restart(gone, StoreError("cannot read the store at x"))  # type: ignore[arg-type]
     assert started == []
+
+
+class _SlowToStop:
+    """Stops as aiokafka's producer and consumer do: marked closed at once, so
+    a second ``stop`` does nothing, then its work (flush, connections)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.stopped = False
+        self.stopping = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def stop(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.stopping.set()
+        await self.release.wait()
+        self.stopped = True
+
+
+async def test_a_task_closed_and_cancelled_during_its_producer_s_stop_still_stops_it(
+    tmp_path: Path,
+) -> None:
+    """A task's close (its start failed, say) cancelled as its producer stops,
+    by a revocation or the worker's stop: before, the stop was cut short and,
+    the producer marked closed, never finished; its sender and connections
+    stayed open for the life of the process. Now the stop goes on."""
+    task = _make_task(tmp_path, lambda _record: [])
+    producer = _SlowToStop()
+    task.producer = producer  # type: ignore[assignment]
+    closing = asyncio.ensure_future(task.close())
+    await producer.stopping.wait()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert not producer.stopped
+    producer.release.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert producer.stopped
