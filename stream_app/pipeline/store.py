@@ -163,9 +163,18 @@ class PartitionStore:
 
     @property
     def changelog_offset(self) -> int | None:
-        """The changelog offset to restore from; None for a store never written."""
-        raw = self._db.get(CHANGELOG_OFFSET_KEY)
-        return None if raw is None else int(raw)
+        """The changelog offset to restore from; None for a store never written.
+        Read as :meth:`get` reads (a damaged block marks the store corrupt)."""
+        raw = self.get(CHANGELOG_OFFSET_KEY)
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            self._corrupted = True
+            raise _CorruptedStoreError(
+                f"the store at {self.path} records changelog offset {raw[:40]!r}"
+            ) from None
 
     def write(self, changes: Mapping[bytes, bytes | None], changelog_offset: int) -> None:
         """Apply ``changes`` (None deletes) and record ``changelog_offset``, atomically."""

@@ -116,6 +116,9 @@ class TopicLayout:
     #: Each topic's configs, as the broker described them after the topics were
     #: created (those it would not describe are left out).
     configs: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: Internal topics of records in flight (re-key, by-profile) that compact:
+    #: a backlog would lose all but each key's newest record (check_retention).
+    compacting: tuple[str, ...] = ()
 
 
 #: CreateTopics' answer when creations are throttled (aiokafka has no class for it).
@@ -206,12 +209,18 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
             if s.config == config and (why := deletes_records(configs.get(s.name, {})))
         )
 
+    compacting = tuple(
+        f"{s.name} (cleanup.policy={policy})"
+        for s in specs
+        if s.config == _REPARTITION and (policy := compacts(configs.get(s.name, {})))
+    )
     return TopicLayout(
         partitions,
         min(limits, default=_KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
         deleting(_COMPACTED),
         deleting(_REPARTITION),
         configs,
+        compacting,
     )
 
 
@@ -244,6 +253,16 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
             "--add-config cleanup.policy=compact), or keep its records for ever "
             "(retention.ms=-1 and retention.bytes=-1)"
         )
+    if layout.compacting:
+        raise ConfigurationError(
+            f"{'; '.join(layout.compacting)}: compaction keeps only each key's newest "
+            "record, so a backlog would lose commands and outputs the workers have not "
+            "processed yet (a session's earlier commands, a profile's earlier outputs). "
+            "The workers purge what they have processed: make each delete by nothing "
+            f"(kafka-configs.sh --bootstrap-server {settings.bootstrap_servers} --alter "
+            "--entity-type topics --entity-name NAME --add-config "
+            "cleanup.policy=delete,retention.ms=-1,retention.bytes=-1)"
+        )
     if layout.expiring:
         # Safe while the workers keep up: a warning, not a refusal, so that a
         # deployment whose topics an older worker created still starts.
@@ -269,6 +288,15 @@ def deletes_records(config: Mapping[str, str]) -> str | None:
         if not _for_ever(value):
             return f"cleanup.policy={policy}, {name}={value}"
     return None
+
+
+def compacts(config: Mapping[str, str]) -> str | None:
+    """A topic's ``cleanup.policy`` when it compacts (``compact`` or
+    ``compact,delete``), else None."""
+    policy = config.get("cleanup.policy")
+    if policy is None or "compact" not in {p.strip() for p in policy.split(",")}:
+        return None
+    return policy
 
 
 def _for_ever(retention: str) -> bool:

@@ -290,6 +290,34 @@ def test_a_store_found_corrupt_by_a_read_is_deleted_when_closed(
         again.close()
 
 
+def test_a_changelog_offset_that_cannot_be_read_marks_the_store_corrupt(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    """The restore reads the offset first. Read past get's handling, a damaged
+    block there raised a bare Exception, which a task start does not retry:
+    the worker stopped, and stopped again at every start."""
+    path = tmp_path / "sessions" / "0"
+    store = PartitionStore(path, resources)
+    store.write({b"a": b"1"}, 3)
+    store._db = _CorruptBlock(store._db)  # type: ignore[assignment]
+    with pytest.raises(StoreError, match=r"cannot read the store at .*: Corruption: block"):
+        _ = store.changelog_offset
+    store.close()
+    again = PartitionStore(path, resources)
+    try:
+        assert again.changelog_offset is None
+    finally:
+        again.close()
+
+
+def test_a_changelog_offset_that_is_not_a_number_marks_the_store_corrupt(
+    store: PartitionStore,
+) -> None:
+    store._db.put(CHANGELOG_OFFSET_KEY, b"\xff\x00")
+    with pytest.raises(StoreError, match="records changelog offset"):
+        _ = store.changelog_offset
+
+
 def test_a_wipe_goes_on_when_the_close_before_it_cannot_flush(store: PartitionStore) -> None:
     """What the close could not write is deleted next anyway."""
     store.write({b"a": b"1"}, 3)

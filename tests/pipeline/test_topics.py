@@ -189,3 +189,27 @@ async def test_internal_topics_that_expire_records_are_named_and_only_warned_of(
     assert f"{rekeyed} (cleanup.policy=delete, retention.ms={WEEK_MS})" in message
     assert "retention.ms=-1" in message
     assert "--bootstrap-server kafka:9092" in message
+
+
+@pytest.mark.parametrize("policy", ["compact", "compact,delete", "delete, compact"])
+async def test_internal_topics_of_records_in_flight_that_compact_are_refused(
+    monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    """Compaction keeps each key's newest record: in a backlog the re-key topic
+    would lose a session's earlier commands, the by-profile topic a profile's
+    earlier outputs, before any worker processed them."""
+    settings = Settings(bootstrap_servers="kafka:9092")
+    rekeyed = topics_module.rekey_topic(settings)
+    forever = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+    configs = {
+        rekeyed: {**forever, "cleanup.policy": policy},
+        topics_module.profile_topic(settings): forever,
+    }
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _admin_with_configs(configs))
+    layout = await topics_module.ensure_topics(settings)
+    assert layout.compacting == (f"{rekeyed} (cleanup.policy={policy})",)
+    with pytest.raises(ConfigurationError) as refused:
+        check_retention(settings, layout)
+    message = str(refused.value)
+    assert message.startswith(f"{rekeyed} (cleanup.policy={policy}): compaction keeps")
+    assert "cleanup.policy=delete,retention.ms=-1,retention.bytes=-1" in message
