@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import aiohttp.web_protocol
 import orjson
+import pytest
 from aiohttp import ClientSession, web
+from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
@@ -84,3 +88,51 @@ async def test_a_forwarded_503_keeps_its_retry_after_and_odd_digits_are_a_400(
                 url = URL(f"{path}?applicationId={odd}", encoded=True)
                 async with http.get(url) as answer:
                     assert answer.status == 400
+
+
+async def _raw_get(server: TestServer, target: bytes) -> tuple[int, bytes]:
+    """A GET whose request line holds ``target`` as given: raw bytes that no
+    HTTP client library sends, and any sender can."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_raw_bytes_in_the_request_line_are_answered_not_a_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's C parser answers 400 to such a request line itself; its
+    pure-Python parser, used where the C extension is not (AIOHTTP_NO_EXTENSIONS,
+    a platform without wheels), passes the bytes on, as this test makes it.
+    A byte that is not UTF-8 in the id then made the key's encoding fail: a
+    500 and a traceback at ERROR per request. In the query of a request to
+    forward, it failed the forwarding request the same way. No session can
+    have such an id (404); the forward carries the applicationId alone."""
+    monkeypatch.setattr(aiohttp.web_protocol, "HttpRequestParser", HttpRequestParserPy)
+    owner = web.Application()
+    forwarded: list[str] = []
+
+    async def found(request: web.Request) -> web.Response:
+        forwarded.append(request.rel_url.raw_path_qs)
+        return web.json_response({"session": {}})
+
+    owner.router.add_get("/v2/customer_sessions/{integration_id}", found)
+    async with TestServer(owner) as owner_server:
+        settings = Settings(data_dir=tmp_path)
+        engine = Engine(settings, TopicLayout(1, 1_048_588))
+        owner_url = str(owner_server.make_url(""))
+        engine.session_lookup = lambda *_: Lookup(owner=owner_url)  # type: ignore[method-assign]
+        async with TestServer(WebServer(settings, engine).app) as server:
+            status, body = await _raw_get(server, b"/v2/customer_sessions/c-\xff")
+            assert status == 404
+            assert b"not UTF-8" in body
+            status, _ = await _raw_get(
+                server, b"/v2/customer_sessions/c-%ff?x=\xfe&applicationId=7"
+            )
+            assert status == 200
+    assert forwarded == ["/v2/customer_sessions/c-%ff?applicationId=7"]

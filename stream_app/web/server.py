@@ -106,24 +106,33 @@ class WebServer:
             ):
                 return _problem(400, "applicationId must be an integer in 1..2147483647")
             application_id = int(raw_app)
+        try:
+            integration_id.encode()
+        except UnicodeEncodeError:  # raw bytes in the request line, not UTF-8
+            return _problem(404, "no session has an integrationId that is not UTF-8")
         lookup = self.engine.session_lookup(application_id, integration_id)
         if lookup.unavailable is not None:
             return _problem(503, lookup.unavailable, retry=True)
         if lookup.owner is not None:
             if request.headers.get(FORWARDED_HEADER):
                 return _problem(503, "the session's owner is moving", retry=True)
-            return await self._forward(lookup.owner, request)
+            return await self._forward(lookup.owner, request, raw_app)
         if lookup.stored is None:
             return _problem(404, f"no session {integration_id!r} in application {application_id}")
         document = query_document(lookup.stored)
         return web.Response(body=json.dumps(document), content_type="application/json")
 
-    async def _forward(self, owner: str, request: web.Request) -> web.Response:
-        # The path and query with their escapes as they came (a plain string
-        # would be re-encoded: "%ff" would reach the owner as "%FF", another
-        # id); from the relative URL, so a target sent in absolute form
-        # ("GET http://host/...") is forwarded by its path too.
-        url = URL(owner.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
+    async def _forward(
+        self, owner: str, request: web.Request, application_id: str | None
+    ) -> web.Response:
+        # The path with its escapes as it came (a plain string would be
+        # re-encoded: "%ff" would reach the owner as "%FF", another id); from
+        # the relative URL, so a target sent in absolute form ("GET
+        # http://host/...") is forwarded by its path too. Of the query, only
+        # the applicationId checked above: other parameters mean nothing here,
+        # and raw bytes among them could not be sent on.
+        query = "" if application_id is None else f"?applicationId={application_id}"
+        url = URL(owner.rstrip("/") + request.rel_url.raw_path + query, encoded=True)
         try:
             async with (
                 ClientSession(timeout=_FORWARD_TIMEOUT) as client,
