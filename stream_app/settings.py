@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -32,7 +33,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from stream_app.errors import ConfigurationError
 
@@ -181,18 +182,20 @@ class Settings(BaseSettings):
     #: holds this many records (also the most records one poll returns) ...
     batch_size: int = Field(default=5000, ge=1)
     #: ... or once one's transaction is this old, whichever comes first.
-    checkpoint_interval_s: float = Field(default=0.1, gt=0, le=60)
+    checkpoint_interval_s: float = Field(default=0.1, gt=0, le=60, allow_inf_nan=False)
     #: How often the records the worker has processed are deleted from its
     #: re-key and by-profile topics (Kafka Streams' repartition.purge.interval.ms).
-    purge_interval_s: float = Field(default=30.0, gt=0)
+    purge_interval_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     #: How long the producers wait to fill a batch before sending it.
     producer_linger_ms: int = Field(default=5, ge=0, le=1000)
     #: On SIGTERM: commit, close and exit within this bound; past it the worker
-    #: exits non-zero (its uncommitted work is redone by the next owner).
-    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    #: exits non-zero (its uncommitted work is redone by the next owner). At
+    #: least 5 s: the last commits, the stores' flush, and 1 s to leave the group.
+    shutdown_timeout_s: float = Field(default=10.0, ge=5.0, allow_inf_nan=False)
     #: How long the group waits for a silent (crashed) worker before its
-    #: partitions move; Kafka's own default is 45 s.
-    session_timeout_s: float = Field(default=30.0, ge=6.0)
+    #: partitions move; Kafka's own default is 45 s. Brokers take 6 s to 30 min
+    #: by default (group.min/max.session.timeout.ms).
+    session_timeout_s: float = Field(default=30.0, ge=6.0, le=1800.0, allow_inf_nan=False)
     log_level: LogLevel = "INFO"
     #: ``json``: one JSON object per log line.
     log_format: LogFormat = "text"
@@ -237,6 +240,15 @@ class Settings(BaseSettings):
             return cls()
         except ValidationError as exc:
             raise ConfigurationError(_one_line(exc, env)) from None
+        except SettingsError as exc:  # a nested setting's value that is not JSON
+            field = re.search(r'field "(\w+)"', str(exc))
+            name = _env_name((field.group(1),)) if field else "a STREAM_APP_ setting"
+            given = {k.upper(): v for k, v in env.items()}.get(name)
+            shown = "" if given is None else f"={given[:80]}"
+            raise ConfigurationError(
+                f"{name}{shown}: not a JSON object; or set its fields one by one, "
+                f"as {name}__<FIELD>"
+            ) from None
 
 
 def _our_variables(env: Mapping[str, str]) -> Iterator[str]:

@@ -71,6 +71,17 @@ def one_line(output: str) -> str:
             {"STREAM_APP_APPLICATION_SETTINGS_FILE": "/no/settings.json"},
             "STREAM_APP_APPLICATION_SETTINGS_FILE=/no/settings.json: no such file",
         ),
+        # A whole nested setting that is not JSON: a traceback and exit 1 before.
+        ({"STREAM_APP_TOPICS": "x"}, "STREAM_APP_TOPICS=x: not a JSON object; or set"),
+        ({"STREAM_APP_ROCKSDB": "{bad"}, "STREAM_APP_ROCKSDB={bad: not a JSON object"),
+        # Accepted before, then: every stop unclean (no time left to leave the
+        # group), OverflowError at the join, the stop's watchdog not started,
+        # no purge ever, a join the broker refuses.
+        ({"STREAM_APP_SHUTDOWN_TIMEOUT_S": "1"}, "STREAM_APP_SHUTDOWN_TIMEOUT_S=1: Input should"),
+        ({"STREAM_APP_SESSION_TIMEOUT_S": "inf"}, "=inf: Input should be a finite number"),
+        ({"STREAM_APP_SHUTDOWN_TIMEOUT_S": "inf"}, "=inf: Input should be a finite number"),
+        ({"STREAM_APP_PURGE_INTERVAL_S": "inf"}, "=inf: Input should be a finite number"),
+        ({"STREAM_APP_SESSION_TIMEOUT_S": "3600"}, "=3600: Input should be less than or equal"),
     ],
 )
 def test_a_configuration_mistake_is_one_line_and_exit_2(
