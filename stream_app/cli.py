@@ -258,7 +258,7 @@ def _flag_command(args: argparse.Namespace) -> dict[str, Any]:
     return client.update_command(iid, **common, **session)
 
 
-def _json_command(text: str) -> dict[str, Any]:
+def _json_command(text: str | bytes) -> dict[str, Any]:
     from stream_app import json
 
     try:
@@ -283,7 +283,10 @@ def _send_command(args: argparse.Namespace, stdin: TextIO) -> dict[str, Any]:
         return _json_command(args.command_json)
     if args.command_json is None and stdin.isatty():
         raise UsageError("give a command: as JSON (argument or stdin) or with --type")
-    return _json_command(stdin.read())
+    # As bytes where there are (a pipe): JSON that is not UTF-8 is then a JSON
+    # error, not a UnicodeDecodeError of the locale's decoder.
+    buffer = getattr(stdin, "buffer", None)
+    return _json_command(stdin.read() if buffer is None else buffer.read())
 
 
 def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None = None) -> int:

@@ -369,7 +369,11 @@ def validate_command(
     for commands without ``applicationId``; ``max_command_bytes`` their limit
     on the size of a command record.
     """
-    raw = command if isinstance(command, bytes) else json.dumps(_plain(command))
+    try:
+        raw = command if isinstance(command, bytes) else json.dumps(_plain(command))
+    except json.JSONEncodeError as exc:  # an integer past 64 bits, a string with surrogates
+        unwritable = make_rejection(Reason.SCHEMA_VIOLATION, "", f"not writable as JSON: {exc}")
+        raise CommandRejectedError(unwritable, command) from None
     if max_command_bytes is not None and len(raw) > max_command_bytes:
         too_large = make_rejection(
             Reason.LIMIT_EXCEEDED,

@@ -4,6 +4,7 @@ checking commands (``--dry-run``) from JSON, stdin and flags."""
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -167,3 +168,30 @@ def test_traffic_refuses_a_prefix_too_long_before_it_connects() -> None:
     result = run("traffic", "--prefix", "p" * 101)
     assert result.returncode == 2
     assert "--prefix: at most 100 characters, not 101" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        # Under a UTF-8 locale: the locale's decoder raised UnicodeDecodeError.
+        ([], b'{"type": "update", "integrationId": "\xff"}', b"not valid JSON"),
+        # Numbers and strings JSON cannot hold as written: orjson's TypeError.
+        (["--type=update", "--integration-id=c", "--item=S:18446744073709551616:1"], b"", b""),
+        (["--type=update", "--integration-id=c", f"--application-id={2**64}"], b"", b""),
+        (["--type=update", b"--integration-id=\xff"], b"", b""),
+    ],
+)
+def test_send_of_what_is_not_json_exits_2_not_a_traceback(
+    args: list[str | bytes], stdin: bytes, message: bytes
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_app", "send", "--dry-run", *args],
+        input=stdin,
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert (message or b"SCHEMA_VIOLATION at /: not writable as JSON") in result.stderr
