@@ -136,3 +136,31 @@ async def test_raw_bytes_in_the_request_line_are_answered_not_a_500(
             )
             assert status == 200
     assert forwarded == ["/v2/customer_sessions/c-%ff?applicationId=7"]
+
+
+async def test_forwarded_queries_share_their_connections_to_the_owner(tmp_path: Path) -> None:
+    """Each forwarded query opened a client of its own (a connection, a DNS
+    lookup, on the event loop the worker processes records on), with no bound
+    on how many at once. They now share one pool, closed with the server."""
+    owner = web.Application()
+    peers: list[object] = []
+
+    async def found(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.json_response({"session": {}})
+
+    owner.router.add_get("/v2/customer_sessions/{integration_id}", found)
+    async with TestServer(owner) as owner_server:
+        settings = Settings(data_dir=tmp_path)
+        engine = Engine(settings, TopicLayout(1, 1_048_588))
+        owner_url = str(owner_server.make_url(""))
+        engine.session_lookup = lambda *_: Lookup(owner=owner_url)  # type: ignore[method-assign]
+        web_server = WebServer(settings, engine)
+        async with TestServer(web_server.app) as server, ClientSession() as http:
+            for _ in range(3):
+                async with http.get(server.make_url("/v2/customer_sessions/c-1")) as answer:
+                    assert answer.status == 200
+        assert web_server._client is None  # closed with the app
+    assert len(peers) == 3
+    assert len(set(peers)) == 1

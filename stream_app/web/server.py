@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from yarl import URL
 
@@ -30,6 +30,9 @@ from stream_app.web.metrics import EngineCollector
 #: Marks a request one worker forwarded to another: it is never forwarded again.
 FORWARDED_HEADER = "X-Stream-App-Forwarded"
 _FORWARD_TIMEOUT = ClientTimeout(total=5)
+#: Connections kept to the other workers for forwarded queries, all together:
+#: more requests wait for one (within the timeout) rather than each opening its own.
+_FORWARD_CONNECTIONS = 32
 
 if TYPE_CHECKING:
     from stream_app.pipeline.engine import Engine
@@ -63,7 +66,10 @@ class WebServer:
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/v2/customer_sessions/{integration_id}", self.customer_session)
+        self.app.on_cleanup.append(self._close_client)
         self._runner: web.AppRunner | None = None
+        #: Forwards queries to the owners (made at the first, closed with the app).
+        self._client: ClientSession | None = None
         #: The bound port (the setting may be 0: any free port).
         self.port = settings.http_port
 
@@ -133,11 +139,11 @@ class WebServer:
         # and raw bytes among them could not be sent on.
         query = "" if application_id is None else f"?applicationId={application_id}"
         url = URL(owner.rstrip("/") + request.rel_url.raw_path + query, encoded=True)
+        if self._client is None:
+            connector = TCPConnector(limit=_FORWARD_CONNECTIONS)
+            self._client = ClientSession(connector=connector, timeout=_FORWARD_TIMEOUT)
         try:
-            async with (
-                ClientSession(timeout=_FORWARD_TIMEOUT) as client,
-                client.get(url, headers={FORWARDED_HEADER: "1"}) as answer,
-            ):
+            async with self._client.get(url, headers={FORWARDED_HEADER: "1"}) as answer:
                 body = await answer.read()
                 # The owner's 503 says when to ask again: `stream-app inspect` waits on it.
                 retry_after = answer.headers.get("Retry-After")
@@ -150,6 +156,11 @@ class WebServer:
         except (ClientError, TimeoutError) as exc:
             log.warning("forwarding %s to %s failed: %r", request.path_qs, owner, exc)
             return _problem(503, "the session's owner did not answer", retry=True)
+
+    async def _close_client(self, _app: web.Application) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def metrics(self, _request: web.Request) -> web.Response:
         return web.Response(
