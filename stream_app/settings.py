@@ -209,7 +209,7 @@ class Settings(BaseSettings):
     advertised_host: str | None = None
     #: Static group membership (Kafka's group.instance.id), e.g. the pod name:
     #: a restarted worker gets its partitions back without a rebalance.
-    group_instance_id: str | None = None
+    group_instance_id: str | None = Field(default=None, min_length=1)
 
     @field_validator("log_level", "log_format", "processing_guarantee", mode="before")
     @classmethod

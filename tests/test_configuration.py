@@ -82,6 +82,8 @@ def one_line(output: str) -> str:
         ({"STREAM_APP_SHUTDOWN_TIMEOUT_S": "inf"}, "=inf: Input should be a finite number"),
         ({"STREAM_APP_PURGE_INTERVAL_S": "inf"}, "=inf: Input should be a finite number"),
         ({"STREAM_APP_SESSION_TIMEOUT_S": "3600"}, "=3600: Input should be less than or equal"),
+        # The broker refuses an empty group.instance.id at the join.
+        ({"STREAM_APP_GROUP_INSTANCE_ID": ""}, "STREAM_APP_GROUP_INSTANCE_ID=: String should"),
     ],
 )
 def test_a_configuration_mistake_is_one_line_and_exit_2(
