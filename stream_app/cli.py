@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import base64
 import logging
+import os
 import signal
 import sys
 import textwrap
@@ -472,6 +473,10 @@ def run_tail(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (`| head`): done, quietly, as cat and grep are.
+        # Python's flush of stdout at exit would fail again: it writes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from stream_app import cli
@@ -23,3 +26,36 @@ def test_tail_over_an_unreadable_record_says_so_and_exits_1(
     assert "cannot read" in err
     assert "UNREADABLE_RECORD" in err
     assert "Traceback" not in err
+
+
+_PRINTING_TAIL = """
+import sys
+from stream_app import cli
+
+async def tail(*args, out, **kwargs):
+    for n in range(100_000):
+        out(f'{{"record": {n}}}')
+
+cli.tail = tail
+sys.exit(cli.main(["tail", "commands"]))
+"""
+
+
+def test_tail_into_a_reader_that_stops_early_exits_quietly() -> None:
+    """`stream-app tail commands | head`: before, a BrokenPipeError traceback."""
+    tail = subprocess.Popen(
+        [sys.executable, "-c", _PRINTING_TAIL],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert tail.stdout is not None
+    assert tail.stderr is not None
+    first = [tail.stdout.readline(), tail.stdout.readline()]
+    tail.stdout.close()  # as head does after its lines
+    assert tail.wait(timeout=60) == 0
+    with tail.stderr:
+        err = tail.stderr.read()
+    assert first == ['{"record": 0}\n', '{"record": 1}\n']
+    assert "Traceback" not in err
+    assert "BrokenPipe" not in err
