@@ -12,6 +12,7 @@ can then forward a query to the owner of the key's partition.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -49,7 +50,8 @@ class RoutingRangeAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     def assign(
         self, cluster: Any, members: Mapping[str, ConsumerProtocolMemberMetadata]
     ) -> dict[str, ConsumerProtocolMemberAssignment]:
-        ranges = RangePartitionAssignor.assign(cluster, members)
+        subscribed = self._one_subscription(members)
+        ranges = RangePartitionAssignor.assign(cluster, subscribed)
         routes: dict[str, dict[str, str]] = {}
         for member, assignment in ranges.items():
             url = bytes(members[member].user_data or b"").decode("utf-8", "replace")
@@ -58,9 +60,37 @@ class RoutingRangeAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
                     routes.setdefault(topic, {})[str(partition)] = url
         user_data = json.dumps(routes)
         return {
-            member: ConsumerProtocolMemberAssignment(self.version, assignment.assignment, user_data)
-            for member, assignment in ranges.items()
+            member: ConsumerProtocolMemberAssignment(
+                self.version, ranges[member].assignment if member in ranges else [], user_data
+            )
+            for member in members
         }
+
+    @staticmethod
+    def _one_subscription(
+        members: Mapping[str, ConsumerProtocolMemberMetadata],
+    ) -> dict[str, ConsumerProtocolMemberMetadata]:
+        """The members that subscribe to the topics most of them do.
+
+        Ranged over members whose subscriptions differ, a topic's partitions
+        go to those that subscribe to it, so the inputs of one task would land
+        on different workers, and each would wait for a rebalance that does not
+        come. A member with other topics (another release, or settings that
+        name other topics under the same app id) gets none, and is named."""
+        topics = {member: tuple(sorted(meta.subscription)) for member, meta in members.items()}
+        counts = Counter(topics.values())
+        chosen = max(counts, key=lambda subscription: (counts[subscription], subscription))
+        apart = sorted(member for member, subscription in topics.items() if subscription != chosen)
+        if apart:
+            log.error(
+                "group members subscribe to different topics: %s get no partitions, their "
+                "subscriptions differing from the %d member(s) subscribing to %s (a worker "
+                "of another release, or with other topic settings, under the same app id?)",
+                ", ".join(f"{member} {list(topics[member])}" for member in apart),
+                counts[chosen],
+                list(chosen),
+            )
+        return {member: members[member] for member in members if topics[member] == chosen}
 
     def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
         try:
