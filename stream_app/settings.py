@@ -244,7 +244,9 @@ class Settings(BaseSettings):
             field = re.search(r'field "(\w+)"', str(exc))
             name = _env_name((field.group(1),)) if field else "a STREAM_APP_ setting"
             given = {k.upper(): v for k, v in env.items()}.get(name)
-            shown = "" if given is None else f"={given[:80]}"
+            # STREAM_APP_SECURITY's JSON may hold the SASL password: never shown.
+            secret = "SECURITY" in name or "PASSWORD" in name
+            shown = "" if given is None or secret else f"={given[:80]}"
             raise ConfigurationError(
                 f"{name}{shown}: not a JSON object; or set its fields one by one, "
                 f"as {name}__<FIELD>"

@@ -74,6 +74,8 @@ def one_line(output: str) -> str:
         # A whole nested setting that is not JSON: a traceback and exit 1 before.
         ({"STREAM_APP_TOPICS": "x"}, "STREAM_APP_TOPICS=x: not a JSON object; or set"),
         ({"STREAM_APP_ROCKSDB": "{bad"}, "STREAM_APP_ROCKSDB={bad: not a JSON object"),
+        # Not shown: the test checks that "hunter2" appears nowhere.
+        ({"STREAM_APP_SECURITY": '{"sasl_password": "hunter2"'}, "STREAM_APP_SECURITY: not a"),
         # Accepted before, then: every stop unclean (no time left to leave the
         # group), OverflowError at the join, the stop's watchdog not started,
         # no purge ever, a join the broker refuses.
