@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp.web_protocol
@@ -62,32 +64,43 @@ def test_a_profiled_session_is_answered_without_the_placeholder_first_session() 
     assert answer == {k: v for k, v in session_document(session).items() if k != "firstSession"}
 
 
-async def test_a_forwarded_503_keeps_its_retry_after_and_odd_digits_are_a_400(
-    tmp_path: Path,
-) -> None:
-    """`stream-app inspect` waits on a 503's Retry-After: forwarded from the
-    owner without it, the answer made the command give up at once."""
+@contextlib.asynccontextmanager
+async def _forwarding(
+    tmp_path: Path, answer: Callable[[web.Request], Awaitable[web.Response]]
+) -> AsyncIterator[tuple[WebServer, TestServer]]:
+    """A worker's web server whose every query belongs to another worker, the
+    owner, that answers with ``answer``: the server, and what serves it."""
     owner = web.Application()
-
-    async def restoring(_request: web.Request) -> web.Response:
-        return web.json_response({"status": 503}, status=503, headers={"Retry-After": "2"})
-
-    owner.router.add_get("/v2/customer_sessions/{integration_id}", restoring)
+    owner.router.add_get("/v2/customer_sessions/{integration_id}", answer)
     async with TestServer(owner) as owner_server:
         settings = Settings(data_dir=tmp_path)
         engine = Engine(settings, TopicLayout(1, 1_048_588))
         owner_url = str(owner_server.make_url(""))
         engine.session_lookup = lambda *_: Lookup(owner=owner_url)  # type: ignore[method-assign]
-        async with TestServer(WebServer(settings, engine).app) as server, ClientSession() as http:
-            async with http.get(server.make_url("/v2/customer_sessions/c-1")) as answer:
-                assert (answer.status, answer.headers.get("Retry-After")) == (503, "2")
-            # "²" (int() refuses it), "٣" (Arabic-Indic 3), more digits than int() takes,
-            # and the ends of the int32 range an applicationId has
-            for odd in ("%C2%B2", "%D9%A3", "1" * 5000, "0", "2147483648"):
-                path = server.make_url("/v2/customer_sessions/c-1")
-                url = URL(f"{path}?applicationId={odd}", encoded=True)
-                async with http.get(url) as answer:
-                    assert answer.status == 400
+        web_server = WebServer(settings, engine)
+        async with TestServer(web_server.app) as server:
+            yield web_server, server
+
+
+async def test_a_forwarded_503_keeps_its_retry_after_and_odd_digits_are_a_400(
+    tmp_path: Path,
+) -> None:
+    """`stream-app inspect` waits on a 503's Retry-After: forwarded from the
+    owner without it, the answer made the command give up at once."""
+
+    async def restoring(_request: web.Request) -> web.Response:
+        return web.json_response({"status": 503}, status=503, headers={"Retry-After": "2"})
+
+    async with _forwarding(tmp_path, restoring) as (_, server), ClientSession() as http:
+        async with http.get(server.make_url("/v2/customer_sessions/c-1")) as answer:
+            assert (answer.status, answer.headers.get("Retry-After")) == (503, "2")
+        # "²" (int() refuses it), "٣" (Arabic-Indic 3), more digits than int() takes,
+        # and the ends of the int32 range an applicationId has
+        for odd in ("%C2%B2", "%D9%A3", "1" * 5000, "0", "2147483648"):
+            path = server.make_url("/v2/customer_sessions/c-1")
+            url = URL(f"{path}?applicationId={odd}", encoded=True)
+            async with http.get(url) as answer:
+                assert answer.status == 400
 
 
 async def _raw_get(server: TestServer, target: bytes) -> tuple[int, bytes]:
@@ -114,27 +127,18 @@ async def test_raw_bytes_in_the_request_line_are_answered_not_a_500(
     forward, it failed the forwarding request the same way. No session can
     have such an id (404); the forward carries the applicationId alone."""
     monkeypatch.setattr(aiohttp.web_protocol, "HttpRequestParser", HttpRequestParserPy)
-    owner = web.Application()
     forwarded: list[str] = []
 
     async def found(request: web.Request) -> web.Response:
         forwarded.append(request.rel_url.raw_path_qs)
         return web.json_response({"session": {}})
 
-    owner.router.add_get("/v2/customer_sessions/{integration_id}", found)
-    async with TestServer(owner) as owner_server:
-        settings = Settings(data_dir=tmp_path)
-        engine = Engine(settings, TopicLayout(1, 1_048_588))
-        owner_url = str(owner_server.make_url(""))
-        engine.session_lookup = lambda *_: Lookup(owner=owner_url)  # type: ignore[method-assign]
-        async with TestServer(WebServer(settings, engine).app) as server:
-            status, body = await _raw_get(server, b"/v2/customer_sessions/c-\xff")
-            assert status == 404
-            assert b"not UTF-8" in body
-            status, _ = await _raw_get(
-                server, b"/v2/customer_sessions/c-%ff?x=\xfe&applicationId=7"
-            )
-            assert status == 200
+    async with _forwarding(tmp_path, found) as (_, server):
+        status, body = await _raw_get(server, b"/v2/customer_sessions/c-\xff")
+        assert status == 404
+        assert b"not UTF-8" in body
+        status, _ = await _raw_get(server, b"/v2/customer_sessions/c-%ff?x=\xfe&applicationId=7")
+        assert status == 200
     assert forwarded == ["/v2/customer_sessions/c-%ff?applicationId=7"]
 
 
@@ -142,7 +146,6 @@ async def test_forwarded_queries_share_their_connections_to_the_owner(tmp_path: 
     """Each forwarded query opened a client of its own (a connection, a DNS
     lookup, on the event loop the worker processes records on), with no bound
     on how many at once. They now share one pool, closed with the server."""
-    owner = web.Application()
     peers: list[object] = []
 
     async def found(request: web.Request) -> web.Response:
@@ -150,17 +153,10 @@ async def test_forwarded_queries_share_their_connections_to_the_owner(tmp_path: 
         peers.append(request.transport.get_extra_info("peername"))
         return web.json_response({"session": {}})
 
-    owner.router.add_get("/v2/customer_sessions/{integration_id}", found)
-    async with TestServer(owner) as owner_server:
-        settings = Settings(data_dir=tmp_path)
-        engine = Engine(settings, TopicLayout(1, 1_048_588))
-        owner_url = str(owner_server.make_url(""))
-        engine.session_lookup = lambda *_: Lookup(owner=owner_url)  # type: ignore[method-assign]
-        web_server = WebServer(settings, engine)
-        async with TestServer(web_server.app) as server, ClientSession() as http:
-            for _ in range(3):
-                async with http.get(server.make_url("/v2/customer_sessions/c-1")) as answer:
-                    assert answer.status == 200
-        assert web_server._client is None  # closed with the app
+    async with _forwarding(tmp_path, found) as (web_server, server), ClientSession() as http:
+        for _ in range(3):
+            async with http.get(server.make_url("/v2/customer_sessions/c-1")) as answer:
+                assert answer.status == 200
+    assert web_server._client is None  # closed with the app
     assert len(peers) == 3
     assert len(set(peers)) == 1
