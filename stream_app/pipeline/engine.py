@@ -105,6 +105,13 @@ _TOPICS_VISIBLE_WAIT_S: Final = 10.0
 #: A commit round older than this is logged, and again each time as long
 #: again passes: the brokers are unreachable or stalled.
 _ROUND_WAIT_WARN_S: Final = 30.0
+#: A task restarted again within this long of its last restart waits before it
+#: starts: 0.5 s, doubling, at most _RESTART_BACKOFF_MAX_S. A failure that
+#: repeats (a disk that cannot be read, a commit the broker always refuses)
+#: then restarts the task, its producer's fence and its restore, every 10 s
+#: rather than at once, again and again.
+_RESTART_QUIET_S: Final = 60.0
+_RESTART_BACKOFF_MAX_S: Final = 10.0
 
 
 @dataclass(slots=True)
@@ -185,6 +192,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._tasks: dict[TaskId, Task] = {}
         self._task_of: dict[TopicPartition, Task] = {}
         self._starting: dict[TaskId, asyncio.Task[None]] = {}
+        #: Each restarted task's last restart (monotonic) and how many in a row.
+        self._restarts: dict[TaskId, tuple[float, int]] = {}
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._fenced_since: float | None = None
@@ -792,7 +801,20 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         # its new owner), nor when the round that _drop waited for has
         # restarted it already.
         if owned and not self._stopping.is_set() and task.id not in self._tasks:
-            self._begin_start(task.stage, task.partition)
+            self._begin_start(task.stage, task.partition, delay=self._restart_delay(task.id))
+
+    def _restart_delay(self, task_id: TaskId) -> float:
+        """How long a restart of ``task_id`` waits: nothing for the first in
+        :data:`_RESTART_QUIET_S`, then 0.5 s, doubling, up to the bound."""
+        now = time.monotonic()
+        last, count = self._restarts.get(task_id, (now - _RESTART_QUIET_S, 0))
+        count = count + 1 if now - last < _RESTART_QUIET_S else 1
+        self._restarts[task_id] = (now, count)
+        if count == 1:
+            return 0.0
+        delay: float = min(0.5 * 2.0 ** (count - 2), _RESTART_BACKOFF_MAX_S)
+        log.warning("%s: restarted %d times in a row: starting in %.1f s", task_id, count, delay)
+        return delay
 
     async def _drop(self, task: Task) -> None:
         """Forget and close ``task``, once the commit round in flight (which may
@@ -865,7 +887,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._consumer.subscribe(self.input_topics, listener=self)
 
     # -- starting tasks --------------------------------------------------------------------
-    def _begin_start(self, stage: Stage, partition: int) -> None:
+    def _begin_start(self, stage: Stage, partition: int, *, delay: float = 0.0) -> None:
         assert self._consumer is not None  # noqa: S101 - consuming
         task = Task(
             stage,
@@ -886,7 +908,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in task.inputs:
             self._task_of[tp] = task
         self._consumer.pause(*task.inputs)
-        self._starting[task.id] = asyncio.create_task(self._start(task))
+        self._starting[task.id] = asyncio.create_task(self._start(task, delay))
 
     def _restore_progress(self, task_id: TaskId, restored: int, remaining: int) -> None:
         self.restored_records += restored
@@ -895,11 +917,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         else:
             self.restore_remaining.pop(str(task_id), None)
 
-    async def _start(self, task: Task) -> None:
+    async def _start(self, task: Task, delay: float = 0.0) -> None:
         consumer = self._consumer
         assert consumer is not None  # noqa: S101 - consuming
         backoff = 0.5
         try:
+            if delay:
+                await asyncio.sleep(delay)  # see _restart_delay
             while True:
                 try:
                     restored = await task.start()

@@ -16,6 +16,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
 from stream_app.errors import StoreError
+from stream_app.pipeline import engine as engine_module
 from stream_app.pipeline import unreadable
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import Limits, Outgoing, SourceRecord
@@ -292,3 +293,56 @@ async def test_a_task_closed_and_cancelled_during_its_producer_s_stop_still_stop
     for _ in range(3):
         await asyncio.sleep(0)
     assert producer.stopped
+
+
+async def test_a_task_restarted_again_and_again_waits_longer_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure that repeats (a disk that cannot be read) restarted its task
+    at once, every time: a new producer fencing the last, a new restore, in a
+    tight loop. Restarts within a minute of the last now wait 0.5 s, doubling,
+    at most 10 s; after a quiet minute the next is immediate again."""
+    commands = Settings().topics.commands
+    task = _RawTask(TopicPartition(commands, 0), None)
+    engine = _engine_owning(tmp_path, task)
+    now = [1000.0]
+    monkeypatch.setattr(engine_module.time, "monotonic", lambda: now[0])
+    delays: list[float] = []
+
+    def begin_start(stage: object, partition: int, *, delay: float = 0.0) -> None:
+        delays.append(delay)
+        engine._tasks[task.id] = task  # type: ignore[assignment]  # started again
+
+    monkeypatch.setattr(engine, "_begin_start", begin_start)
+    for _ in range(7):
+        await engine._restart(task, StoreError("cannot read the store at x"))  # type: ignore[arg-type]
+        now[0] += 5.0
+    now[0] += 60.0
+    await engine._restart(task, StoreError("cannot read the store at x"))  # type: ignore[arg-type]
+    assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 0.0]
+
+
+async def test_a_delayed_start_waits_before_it_fences_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine._consumer = object()  # type: ignore[assignment] - _start only checks it is set
+    steps: list[str] = []
+
+    async def sleep(seconds: float) -> None:
+        steps.append(f"sleep {seconds}")
+
+    class _Starting:
+        id = TaskId("commands", 0)
+        inputs: tuple[TopicPartition, ...] = ()
+
+        async def start(self) -> int:
+            steps.append("start")
+            raise RuntimeError("stop here")
+
+        async def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(engine_module.asyncio, "sleep", sleep)
+    await engine._start(_Starting(), 2.0)  # type: ignore[arg-type]
+    assert steps == ["sleep 2.0", "start"]
