@@ -163,6 +163,7 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
             )
         created: list[str] = []
         refused: list[str] = []
+        raced: list[str] = []
         for spec in specs:
             if spec.name in existing:
                 continue
@@ -182,7 +183,9 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
                     # The controller moved, the request timed out (the topic may
                     # exist now), creations are throttled: the caller retries.
                     raise error(f"creating {spec.name}: {detail or error.description}")
-                elif error is not TopicAlreadyExistsError:  # another worker won the race
+                elif error is TopicAlreadyExistsError:  # another worker won the race
+                    raced.append(spec.name)
+                else:
                     refused.append(f"{spec.name}: {error.__name__} ({detail or error.description})")
         if refused:
             raise ConfigurationError(
@@ -190,6 +193,23 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
                 "them (stream-app topics create, with a principal that may), or fix the "
                 "setting the broker names"
             )
+        if raced:
+            # Their creator chose the partition counts: check them, as those of
+            # the topics found existing above.
+            named = [s.name for s in specs if s.co_partitioned]
+            differing = [
+                f"{name} has {count}"
+                for name, count in (await _partition_counts(admin, named)).items()
+                if count != partitions
+            ]
+            if differing:
+                raise ConfigurationError(
+                    f"partition counts disagree: this worker created topics for {partitions} "
+                    f"partitions while another created some of them: {', '.join(differing)}. "
+                    "Give every worker the same STREAM_APP_PARTITIONS. Started again, a "
+                    "worker takes the command topic's count, and names any topic that "
+                    "differs from it"
+                )
         configs = await _topic_configs(admin, [s.name for s in specs])
     finally:
         await admin.close()

@@ -213,3 +213,29 @@ async def test_internal_topics_of_records_in_flight_that_compact_are_refused(
     message = str(refused.value)
     assert message.startswith(f"{rekeyed} (cleanup.policy={policy}): compaction keeps")
     assert "cleanup.policy=delete,retention.ms=-1,retention.bytes=-1" in message
+
+
+async def test_topics_another_worker_created_meanwhile_are_checked_for_their_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two workers started at once on an empty cluster, with different
+    STREAM_APP_PARTITIONS: the one that lost the race to create the command
+    topic took the other's topics as created, and ran with its own count (its
+    session ids, and where it expects keys, disagreeing with the other's)."""
+    settings = Settings(partitions=6)
+
+    class Raced(EmptyCluster):
+        async def create_topics(self, new: list[NewTopic]) -> object:
+            return CreateTopicsResponse_v3(
+                throttle_time_ms=0, topic_errors=[(new[0].name, 36, "already exists")]
+            )
+
+        async def describe_topics(self, names: list[str]) -> list[object]:
+            return [{"topic": name, "error_code": 0, "partitions": [{}] * 12} for name in names]
+
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", Raced)
+    with pytest.raises(ConfigurationError) as refused:
+        await topics_module.ensure_topics(settings)
+    message = str(refused.value)
+    assert message.startswith("partition counts disagree: this worker created topics for 6")
+    assert f"{settings.topics.commands} has 12" in message
