@@ -691,9 +691,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     found = found or not all(raw.readable() for raw in raws)
                 moved = moved or task.positions.get(tp, 0) > position
 
-        for task in [t for t in self._tasks.values() if t.active]:
+        for task in list(self._tasks.values()):
             if self._tasks.get(task.id) is not task or not task.active:
-                continue  # dropped meanwhile, by a round that ended in a restart above
+                continue  # not started, or dropped meanwhile by a round a restart above ended
             if await self._guarded(task, read(task)):
                 for tp in task.inputs:
                     consumer.seek(tp, task.positions.get(tp, 0))
