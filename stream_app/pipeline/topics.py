@@ -11,7 +11,7 @@ task owns partition ``p`` of all of them at once. A disagreement is a
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -150,11 +150,16 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
                 partitions,
             )
         specs = topic_specs(settings, partitions)
-        mismatched = [
-            f"{s.name} has {counts[s.name]}"
-            for s in specs
-            if s.co_partitioned and s.name in counts and counts[s.name] != partitions
-        ]
+
+        def differing(counts: Mapping[str, int]) -> list[str]:
+            """The co-partitioned topics among ``counts`` without ``partitions``."""
+            return [
+                f"{s.name} has {counts[s.name]}"
+                for s in specs
+                if s.co_partitioned and s.name in counts and counts[s.name] != partitions
+            ]
+
+        mismatched = differing(counts)
         if mismatched:
             raise ConfigurationError(
                 f"partition counts disagree: command topic {settings.topics.commands} has "
@@ -197,15 +202,11 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
             # Their creator chose the partition counts: check them, as those of
             # the topics found existing above.
             named = [s.name for s in specs if s.co_partitioned]
-            differing = [
-                f"{name} has {count}"
-                for name, count in (await _partition_counts(admin, named)).items()
-                if count != partitions
-            ]
-            if differing:
+            raced_apart = differing(await _partition_counts(admin, named))
+            if raced_apart:
                 raise ConfigurationError(
                     f"partition counts disagree: this worker created topics for {partitions} "
-                    f"partitions while another created some of them: {', '.join(differing)}. "
+                    f"partitions while another created some of them: {', '.join(raced_apart)}. "
                     "Give every worker the same STREAM_APP_PARTITIONS. Started again, a "
                     "worker takes the command topic's count, and names any topic that "
                     "differs from it"
@@ -222,25 +223,24 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
         if "max.message.bytes" in (c := configs.get(n, {}))
     ]
 
-    def deleting(config: Mapping[str, str]) -> tuple[str, ...]:
+    def flagged(
+        config: Mapping[str, str], why: Callable[[Mapping[str, str]], str | None]
+    ) -> tuple[str, ...]:
+        """Each topic created with ``config`` whose config as described has a
+        ``why``, named with it."""
         return tuple(
-            f"{s.name} ({why})"
+            f"{s.name} ({reason})"
             for s in specs
-            if s.config == config and (why := deletes_records(configs.get(s.name, {})))
+            if s.config == config and (reason := why(configs.get(s.name, {})))
         )
 
-    compacting = tuple(
-        f"{s.name} (cleanup.policy={policy})"
-        for s in specs
-        if s.config == _REPARTITION and (policy := compacts(configs.get(s.name, {})))
-    )
     return TopicLayout(
         partitions,
         min(limits, default=_KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
-        deleting(_COMPACTED),
-        deleting(_REPARTITION),
+        flagged(_COMPACTED, deletes_records),
+        flagged(_REPARTITION, deletes_records),
         configs,
-        compacting,
+        flagged(_REPARTITION, compacts),
     )
 
 
@@ -297,11 +297,20 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
         )
 
 
+def _cleanup_policy(config: Mapping[str, str], policy: str) -> str | None:
+    """A topic's ``cleanup.policy`` when it includes ``policy`` (``delete`` or
+    ``compact``; Kafka takes both, comma-separated), else None."""
+    policies = config.get("cleanup.policy")
+    if policies is None or policy not in {p.strip() for p in policies.split(",")}:
+        return None
+    return policies
+
+
 def deletes_records(config: Mapping[str, str]) -> str | None:
     """What in a topic's ``config`` deletes records by time or size, or None
     (compacted, retained for ever, or the config unreadable)."""
-    policy = config.get("cleanup.policy")
-    if policy is None or "delete" not in {p.strip() for p in policy.split(",")}:
+    policy = _cleanup_policy(config, "delete")
+    if policy is None:
         return None
     for name in ("retention.ms", "retention.bytes"):
         value = config.get(name, "-1")
@@ -311,12 +320,10 @@ def deletes_records(config: Mapping[str, str]) -> str | None:
 
 
 def compacts(config: Mapping[str, str]) -> str | None:
-    """A topic's ``cleanup.policy`` when it compacts (``compact`` or
-    ``compact,delete``), else None."""
-    policy = config.get("cleanup.policy")
-    if policy is None or "compact" not in {p.strip() for p in policy.split(",")}:
-        return None
-    return policy
+    """What in a topic's ``config`` compacts it (``cleanup.policy=compact`` or
+    ``compact,delete``), or None."""
+    policy = _cleanup_policy(config, "compact")
+    return None if policy is None else f"cleanup.policy={policy}"
 
 
 def _for_ever(retention: str) -> bool:
