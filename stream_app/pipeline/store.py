@@ -84,6 +84,15 @@ class _CorruptedStoreError(StoreError):
     """RocksDB found the database's files inconsistent (say, some deleted)."""
 
 
+def _rocksdb_error(problem: str, exc: Exception) -> StoreError:
+    """``problem`` as the StoreError to raise for RocksDB's ``exc``: one that
+    marks the database corrupt for RocksDB's Corruption status (files deleted,
+    a block's checksum), whose message rocksdict begins with it."""
+    if str(exc).startswith("Corruption"):
+        return _CorruptedStoreError(problem)
+    return StoreError(problem)
+
+
 class PartitionStore:
     """One store's RocksDB database for one partition."""
 
@@ -125,10 +134,7 @@ class PartitionStore:
                     " (another process has it open: a worker with the same data dir and "
                     "app id that owns this partition, or has not yet let go of it)"
                 )
-            problem = f"cannot open the store at {self.path}: {exc}{hint}"
-            if str(exc).startswith("Corruption"):  # RocksDB's Status::Corruption
-                raise _CorruptedStoreError(problem) from exc
-            raise StoreError(problem) from exc
+            raise _rocksdb_error(f"cannot open the store at {self.path}: {exc}{hint}", exc) from exc
         unlogged = WriteOptions()
         # The changelog is the log (module docstring). A property at run time;
         # rocksdict's stub declares it as a method.
@@ -140,13 +146,12 @@ class PartitionStore:
         try:
             value: bytes | None = self._db.get(key)
         except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
-            problem = f"cannot read the store at {self.path}: {exc}"
-            if str(exc).startswith("Corruption"):  # a table block's checksum, say
-                # An open checks no data block: deleted at close, so that the
-                # task's next start restores it rather than meets this again.
+            error = _rocksdb_error(f"cannot read the store at {self.path}: {exc}", exc)
+            # An open checks no data block: a corrupt one is deleted at close, so
+            # that the task's next start restores it rather than meets this again.
+            if isinstance(error, _CorruptedStoreError):
                 self._corrupted = True
-                raise _CorruptedStoreError(problem) from exc
-            raise StoreError(problem) from exc
+            raise error from exc
         return value
 
     def keys(self) -> Iterator[bytes]:
