@@ -243,13 +243,9 @@ class Settings(BaseSettings):
         except SettingsError as exc:  # a nested setting's value that is not JSON
             field = re.search(r'field "(\w+)"', str(exc))
             name = _env_name((field.group(1),)) if field else "a STREAM_APP_ setting"
-            given = {k.upper(): v for k, v in env.items()}.get(name)
-            # STREAM_APP_SECURITY's JSON may hold the SASL password: never shown.
-            secret = "SECURITY" in name or "PASSWORD" in name
-            shown = "" if given is None or secret else f"={given[:80]}"
             raise ConfigurationError(
-                f"{name}{shown}: not a JSON object; or set its fields one by one, "
-                f"as {name}__<FIELD>"
+                f"{name}{_shown(name, env)}: not a JSON object; or set its fields one by "
+                f"one, as {name}__<FIELD>"
             ) from None
 
 
@@ -288,6 +284,14 @@ def _one_line(exc: ValidationError, env: Mapping[str, str]) -> str:
     if not loc or ENV_PREFIX in message:  # a check that names its variables itself
         return message + more
     name = _env_name(loc)
+    return f"{name}{_shown(name, env)}: {message}{more}"
+
+
+def _shown(name: str, env: Mapping[str, str]) -> str:
+    """``=value`` of the variable ``name`` for an error line (its first 80
+    characters), or nothing when it is not set or may hold a secret: a SASL
+    password, alone or inside the whole of STREAM_APP_SECURITY given as JSON."""
     given = {k.upper(): v for k, v in env.items()}.get(name)
-    shown = "" if given is None or "PASSWORD" in name else f"={given}"
-    return f"{name}{shown}: {message}{more}"
+    if given is None or "PASSWORD" in name or name == f"{ENV_PREFIX}SECURITY":
+        return ""
+    return f"={given[:80]}"

@@ -76,6 +76,7 @@ def one_line(output: str) -> str:
         ({"STREAM_APP_ROCKSDB": "{bad"}, "STREAM_APP_ROCKSDB={bad: not a JSON object"),
         # Not shown: the test checks that "hunter2" appears nowhere.
         ({"STREAM_APP_SECURITY": '{"sasl_password": "hunter2"'}, "STREAM_APP_SECURITY: not a"),
+        ({"STREAM_APP_SECURITY": '"hunter2"'}, "STREAM_APP_SECURITY: Input should be a valid"),
         # Accepted before, then: every stop unclean (no time left to leave the
         # group), OverflowError at the join, the stop's watchdog not started,
         # no purge ever, a join the broker refuses.
