@@ -311,15 +311,23 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     # -- what the probes and metrics see ---------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Joined the group, not rebalancing, no task restoring, and none waiting
-        for the rest of its inputs."""
-        return self._joined and not self._rebalancing and not self._starting and not self._waiting
+        """Joined the group, not rebalancing, no task restoring, none waiting for
+        the rest of its inputs, and not stopping (a pod being stopped takes no
+        more queries: its stores close as its tasks commit and end)."""
+        return (
+            self._joined
+            and not self._rebalancing
+            and not self._starting
+            and not self._waiting
+            and not self._stopping.is_set()
+        )
 
     def status(self) -> dict[str, Any]:
         return {
             "ready": self.ready,
             "joined": self._joined,
             "rebalancing": self._rebalancing,
+            "stopping": self._stopping.is_set(),
             "starting": sorted(str(task_id) for task_id in self._starting),
             "waiting": sorted(str(task_id) for task_id in self._waiting),
             "active": sorted(str(t.id) for t in self._tasks.values() if t.active),

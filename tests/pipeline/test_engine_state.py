@@ -918,3 +918,17 @@ class _Counting(logging.Handler):
             self.left -= 1
             if self.left <= 0:
                 self.reached.set()
+
+
+def test_a_stopping_worker_is_not_ready(tmp_path: Path) -> None:
+    """A worker that SIGTERM is stopping still answered /readyz with 200 and
+    queries from stores its tasks were about to close; a load balancer kept
+    sending it queries until the pod was gone."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine._joined = True
+    assert engine.ready
+    engine.stop()
+    assert not engine.ready
+    assert engine.status()["stopping"] is True
+    lookup = engine.session_lookup(1, "cart-1")
+    assert lookup.unavailable is not None
