@@ -160,3 +160,43 @@ async def test_forwarded_queries_share_their_connections_to_the_owner(tmp_path: 
     assert web_server._client is None  # closed with the app
     assert len(peers) == 3
     assert len(set(peers)) == 1
+
+
+async def test_an_integration_id_at_its_length_limit_is_looked_up_and_forwarded(
+    tmp_path: Path,
+) -> None:
+    """1,000 code points of 4 UTF-8 bytes each, percent-escaped, make a request
+    line of about 12,000 characters. aiohttp's default limit, 8,190, answered
+    400 before the query reached the worker, and so did the owner's server
+    when another worker forwarded it."""
+    integration_id = "\U0001f6d2" * 1000
+    path = "/v2/customer_sessions/" + "%F0%9F%9B%92" * 1000
+    servers: list[WebServer] = []
+    try:
+        for name in ("owner", "forwarder"):
+            settings = Settings(data_dir=tmp_path / name, http_host="127.0.0.1", http_port=0)
+            engine = Engine(settings, TopicLayout(1, 1_048_588))
+            if servers:
+                url = f"http://127.0.0.1:{servers[0].port}"
+                engine.session_lookup = lambda *_, url=url: Lookup(owner=url)  # type: ignore[method-assign]
+            else:
+                looked_up: list[str] = []
+
+                def lookup(_app: int, wanted: str, seen: list[str] = looked_up) -> Lookup:
+                    seen.append(wanted)
+                    return Lookup(found=True)
+
+                engine.session_lookup = lookup  # type: ignore[method-assign]
+            server = WebServer(settings, engine)
+            await server.start()
+            servers.append(server)
+        async with ClientSession() as http:
+            for server in servers:
+                url = URL(f"http://127.0.0.1:{server.port}{path}?applicationId=3", encoded=True)
+                async with http.get(url) as answer:
+                    assert answer.status == 404, await answer.text()
+                    assert "no session" in (await answer.json())["detail"]
+        assert looked_up == [integration_id, integration_id]
+    finally:
+        for server in servers:
+            await server.stop()

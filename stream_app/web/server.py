@@ -33,6 +33,10 @@ _FORWARD_TIMEOUT = ClientTimeout(total=5)
 #: Connections kept to the other workers for forwarded queries, all together:
 #: more requests wait for one (within the timeout) rather than each opening its own.
 _FORWARD_CONNECTIONS = 32
+#: Bytes of a request line. aiohttp's default, 8,190, is shorter than the query
+#: of an integrationId at its limit: 1,000 code points of up to 4 UTF-8 bytes,
+#: each percent-escaped in 3 characters, is 12,000 characters of path.
+MAX_REQUEST_LINE = 16_384
 
 if TYPE_CHECKING:
     from stream_app.pipeline.engine import Engine
@@ -75,7 +79,7 @@ class WebServer:
 
     async def start(self) -> None:
         """Listen; raises OSError when the address cannot be bound."""
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, max_line_size=MAX_REQUEST_LINE)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
         await site.start()
