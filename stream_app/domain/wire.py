@@ -76,7 +76,9 @@ def format_timestamp(timestamp_ms: int) -> str:
 def _format_second(seconds: int) -> str:
     # Records of one batch share their seconds: formatting a datetime is the
     # slow part, so it is done once per second.
-    return f"{_EPOCH + timedelta(seconds=seconds):%Y-%m-%dT%H:%M:%S}"
+    # isoformat pads the year to four digits (strftime's %Y does not on glibc:
+    # year 1 was "1-01-01").
+    return (_EPOCH + timedelta(seconds=seconds)).replace(tzinfo=None).isoformat()
 
 
 def _cart_item_document(item: CartItem) -> dict[str, Any]:

@@ -180,6 +180,10 @@ def test_output_document_for_returns() -> None:
         (0, "1970-01-01T00:00:00.000Z"),
         (1_795_981_613_123, "2026-11-29T19:46:53.123Z"),
         (-1, "1969-12-31T23:59:59.999Z"),
+        # the years before 1000, as RFC 3339 writes them (a rejection's receivedAt)
+        (-62_135_596_800_000, "0001-01-01T00:00:00.000Z"),
+        (-30_610_224_000_001, "0999-12-31T23:59:59.999Z"),
+        (253_402_300_799_999, "9999-12-31T23:59:59.999Z"),
     ],
 )
 def test_format_timestamp(timestamp_ms: int, text: str) -> None:
