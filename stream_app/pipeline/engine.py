@@ -803,11 +803,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             task.id,
             exc,
         )
+        # Settled first: the round in flight may hold the task's previous
+        # transaction, and learn only now that it was fenced, or fail and
+        # restart the task itself.
+        await self._finish_round()
         owned = self._tasks.get(task.id) is task
         await self._drop(task)
         # Not a task dropped already (fenced, say: starting it again would fence
-        # its new owner), nor when the round that _drop waited for has
-        # restarted it already.
+        # its new owner), nor one the round has restarted already.
         if owned and not self._stopping.is_set() and task.id not in self._tasks:
             self._begin_start(task.stage, task.partition, delay=self._restart_delay(task.id))
 
@@ -820,7 +823,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._restarts[task_id] = (now, count)
         if count == 1:
             return 0.0
-        delay: float = min(0.5 * 2.0 ** (count - 2), _RESTART_BACKOFF_MAX_S)
+        # The exponent bounded too: 2.0 ** 1024 overflows, after some hours
+        # of a failure that repeats every 10 s.
+        delay: float = min(0.5 * 2.0 ** min(count - 2, 16), _RESTART_BACKOFF_MAX_S)
         log.warning("%s: restarted %d times in a row: starting in %.1f s", task_id, count, delay)
         return delay
 

@@ -254,6 +254,46 @@ async def test_a_task_dropped_already_is_not_restarted(
     assert started == []
 
 
+async def test_a_task_the_round_in_flight_finds_fenced_is_not_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task failed (a store read, a raw fetch) while the commit round holding
+    its previous transaction was in flight; the round then learnt that another
+    worker had fenced it. Its ownership was judged before the round settled,
+    so the task was started again: its new producer fenced the new owner."""
+    commands = Settings().topics.commands
+    task = _RawTask(TopicPartition(commands, 0), None)
+    engine = _engine_owning(tmp_path, task)
+    rounds = [True]
+
+    async def finish_round() -> None:
+        if rounds.pop() if rounds else False:
+            await engine._lose(task, RuntimeError("fenced"))  # type: ignore[arg-type]
+
+    started: list[object] = []
+    monkeypatch.setattr(engine, "_finish_round", finish_round)
+    monkeypatch.setattr(engine, "_begin_start", lambda *args, **kwargs: started.append(args))
+    await engine._restart(task, StoreError("cannot read the store at x"))  # type: ignore[arg-type]
+    assert started == []
+    assert task.id not in engine._tasks
+
+
+async def test_a_failure_that_repeats_for_hours_keeps_its_backoff_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delay's exponent grew with every restart a minute apart or less:
+    2.0 ** 1024 overflowed about 3.4 hours into a failure that repeats every
+    10 s, and the OverflowError stopped the worker."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    now = [1000.0]
+    monkeypatch.setattr(engine_module.time, "monotonic", lambda: now[0])
+    task_id = TaskId("commands", 0)
+    for _ in range(1100):
+        delay = engine._restart_delay(task_id)
+        now[0] += 12.0
+    assert delay == 10.0
+
+
 class _SlowToStop:
     """Stops as aiokafka's producer and consumer do: marked closed at once, so
     a second ``stop`` does nothing, then its work (flush, connections)."""
