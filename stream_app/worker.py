@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -78,13 +79,8 @@ async def run(settings: Settings) -> int:
     except ConfigurationError as exc:
         log.error("configuration error: %s", exc)  # noqa: TRY400
         return EXIT_CONFIGURATION
-    web = WebServer(settings, engine)
-    try:
-        await web.start()
-    except OSError as exc:
-        log.error(  # noqa: TRY400 - one line, no traceback
-            "cannot serve HTTP on %s:%d: %s", settings.http_host, settings.http_port, exc
-        )
+    web = await serve(settings, engine)
+    if web is None:
         return EXIT_FAILED
     host = settings.advertised_host or socket.gethostname()
     engine.assignor.url = f"http://{host}:{web.port}"
@@ -112,6 +108,37 @@ async def run(settings: Settings) -> int:
         log.error("stopped, but Kafka could not be reached to confirm it")
         return EXIT_FAILED
     return 0
+
+
+async def serve(settings: Settings, engine: Engine) -> WebServer | None:
+    """The worker's HTTP server, listening; None when it cannot (logged).
+
+    A second worker on one host, both on the default port, found it taken and
+    exited 1. Left unset, the port is 8080 when free and any free port
+    otherwise (the group's assignment advertises the port bound); a port set
+    explicitly is that port or nothing."""
+    web = WebServer(settings, engine)
+    try:
+        await web.start()
+    except OSError as exc:
+        if "http_port" in settings.model_fields_set or exc.errno != errno.EADDRINUSE:
+            log.error(  # noqa: TRY400 - one line, no traceback
+                "cannot serve HTTP on %s:%d: %s", settings.http_host, settings.http_port, exc
+            )
+            await web.stop()
+            return None
+        log.warning(
+            "port %d is taken (another worker on this host?): serving HTTP on a free port "
+            "instead; set STREAM_APP_HTTP_PORT to choose one",
+            settings.http_port,
+        )
+        try:
+            await web.start(port=0)
+        except OSError as again:
+            log.error("cannot serve HTTP on %s: %s", settings.http_host, again)  # noqa: TRY400
+            await web.stop()
+            return None
+    return web
 
 
 async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicLayout | None:

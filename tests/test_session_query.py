@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from stream_app.pipeline.engine import Engine, Lookup
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.settings import Settings
 from stream_app.web.server import WebServer, query_document
+from stream_app.worker import serve
 
 
 class _Ids:
@@ -200,3 +202,34 @@ async def test_an_integration_id_at_its_length_limit_is_looked_up_and_forwarded(
     finally:
         for server in servers:
             await server.stop()
+
+
+async def test_a_second_worker_on_a_host_serves_on_a_free_port_unless_one_was_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers started on one machine with nothing but
+    KAFKA_BOOTSTRAP_SERVERS set: the second found port 8080 taken and exited 1.
+    Left unset, the port is now any free one when 8080 is taken; set, it is
+    that port or an error, as before."""
+    taken = socket.socket()
+    try:
+        with contextlib.suppress(OSError):  # taken already by something else: as good
+            taken.bind(("127.0.0.1", 8080))
+            taken.listen()
+        engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+        monkeypatch.delenv("STREAM_APP_HTTP_PORT", raising=False)
+        unset = await serve(Settings(data_dir=tmp_path, http_host="127.0.0.1"), engine)
+        assert unset is not None
+        try:
+            assert unset.port not in (0, 8080)
+            async with (
+                ClientSession() as http,
+                http.get(f"http://127.0.0.1:{unset.port}/livez") as answer,
+            ):
+                assert answer.status == 200
+        finally:
+            await unset.stop()
+        chosen = Settings(data_dir=tmp_path, http_host="127.0.0.1", http_port=8080)
+        assert await serve(chosen, engine) is None
+    finally:
+        taken.close()

@@ -77,11 +77,14 @@ class WebServer:
         #: The bound port (the setting may be 0: any free port).
         self.port = settings.http_port
 
-    async def start(self) -> None:
-        """Listen; raises OSError when the address cannot be bound."""
-        self._runner = web.AppRunner(self.app, access_log=None, max_line_size=MAX_REQUEST_LINE)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
+    async def start(self, port: int | None = None) -> None:
+        """Listen on ``port`` (the setting's by default); raises OSError when
+        the address cannot be bound."""
+        if self._runner is None:
+            self._runner = web.AppRunner(self.app, access_log=None, max_line_size=MAX_REQUEST_LINE)
+            await self._runner.setup()
+        port = self.settings.http_port if port is None else port
+        site = web.TCPSite(self._runner, self.settings.http_host, port)
         await site.start()
         for address in self._runner.addresses:
             self.port = int(address[1])
