@@ -16,7 +16,9 @@ import os
 import signal
 import socket
 import threading
-from typing import Final
+from asyncio import Task
+from collections.abc import Coroutine
+from typing import Any, Final, TypeVar
 
 from aiokafka.errors import BrokerResponseError, KafkaError, ProducerFenced
 
@@ -34,6 +36,8 @@ from stream_app.settings import Settings
 from stream_app.web.server import WebServer
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EXIT_FAILED: Final = 1
 EXIT_CONFIGURATION: Final = 2
@@ -146,8 +150,14 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
     answers (or the worker is told to stop: None)."""
     backoff = 1.0
     while not stopping.is_set():
+        # A broker that accepts connections and never answers holds an attempt
+        # for aiokafka's request timeout (40 s): a stop meanwhile waited for it,
+        # outlasted the shutdown bound and exited 1.
+        attempt = await _unless_stopped(ensure_topics(settings), stopping)
+        if attempt is None:
+            return None
         try:
-            return await ensure_topics(settings)
+            return attempt.result()
         except (KafkaError, OSError) as exc:
             why = await _refusal(settings, stopping)
             if why is not None:
@@ -174,15 +184,23 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
 async def _refusal(settings: Settings, stopping: asyncio.Event) -> str | None:
     """Why the brokers refuse this worker (see :func:`refusal`); None, too, once
     the worker is told to stop: the probe may wait for an unanswering broker."""
-    probe = asyncio.create_task(refusal(client_options(settings)))
-    stop = asyncio.create_task(stopping.wait())
+    probe = await _unless_stopped(refusal(client_options(settings)), stopping)
+    return None if probe is None else probe.result()
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, T], stopping: asyncio.Event) -> Task[T] | None:
+    """``work`` run until it ends (its task, done) or the worker is told to stop
+    (None; the work cancelled, and given a second to end)."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(stopping.wait())
     try:
-        await asyncio.wait((probe, stop), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.cancel()
-        if not probe.done():
-            probe.cancel()
-    return probe.result() if probe.done() else None
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,), timeout=1.0)
+    return task if task.done() and not task.cancelled() else None
 
 
 def _quiet_fences(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +168,36 @@ def test_an_unreachable_broker_is_retried_and_said_plainly(tmp_path: Path) -> No
     )
     assert "Traceback" not in output
     assert proc.returncode == 0
+
+
+def test_a_worker_waiting_on_a_broker_that_never_answers_stops_at_once(tmp_path: Path) -> None:
+    """A listener that accepts connections and answers nothing (a broker
+    stuck, a proxy without its backend) held the first attempt for aiokafka's
+    request timeout, 40 s; SIGTERM meanwhile waited for it, hit the 10 s
+    shutdown bound and exited 1, saying uncommitted records would be processed
+    again, though the worker owned nothing."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
+    bootstrap = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_app", "worker"],
+            env={**base, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "STREAM_APP_HTTP_PORT": "0"},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(3)  # started, and connected to the listener
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        silent.close()
+    assert "could not stop cleanly" not in output
+    assert "Traceback" not in output
+    assert proc.returncode == 0, output
 
 
 def test_traffic_says_the_broker_is_unreachable(tmp_path: Path) -> None:
