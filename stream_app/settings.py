@@ -18,6 +18,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import socket
+import ssl
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -126,7 +128,36 @@ class KafkaSecurity(BaseModel):
                 raise ValueError(f"{ENV_PREFIX}SECURITY__{name}: no such file: {path}")
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError(f"{ENV_PREFIX}SECURITY__SSL_KEYFILE needs SSL_CERTFILE")
+        if tls:
+            self.ssl_context()  # files that are not PEM: here, not in a client's traceback
         return self
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of every Kafka client (None without TLS). Raises
+        ValueError naming the file that does not load."""
+        if self.protocol not in ("SSL", "SASL_SSL"):
+            return None
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None
+            )
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"{ENV_PREFIX}SECURITY__SSL_CAFILE: {self.ssl_cafile} holds no PEM "
+                f"certificate that loads ({exc})"
+            ) from None
+        if self.ssl_certfile:
+            try:
+                context.load_cert_chain(
+                    str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
+                )
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"{ENV_PREFIX}SECURITY__SSL_CERTFILE and SSL_KEYFILE: {self.ssl_certfile} "
+                    "and its key do not load as a PEM certificate with an unencrypted "
+                    f"private key ({exc})"
+                ) from None
+        return context
 
 
 class RocksDBSettings(BaseModel):
@@ -216,6 +247,17 @@ class Settings(BaseSettings):
     def _choice_case(cls, value: Any, info: ValidationInfo) -> Any:
         return _case(cls, value, info)
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _bootstrap_list(cls, value: str) -> str:
+        # aiokafka reads it only when the first client starts, and a bad port
+        # ended there in a traceback.
+        for entry in value.split(","):
+            problem = _address_problem(entry.strip())
+            if problem is not None:
+                raise ValueError(f"expected host:port, comma-separated: {problem}")
+        return value
+
     @field_validator("application_settings_file")
     @classmethod
     def _settings_file_exists(cls, value: Path | None) -> Path | None:
@@ -249,6 +291,33 @@ class Settings(BaseSettings):
             ) from None
 
 
+def _address_problem(entry: str) -> str | None:
+    """What is wrong with one bootstrap address, read as aiokafka reads it
+    (``host``, ``host:port``, ``[ipv6]``, ``[ipv6]:port`` or a bare IPv6
+    literal), or None."""
+    if not entry:
+        return "an entry is empty"
+    if entry.startswith("["):
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return f"{entry!r} is not [ipv6] or [ipv6]:port"
+        port = rest[1:] if rest else None
+    elif ":" not in entry:
+        host, port = entry, None
+    else:
+        try:
+            socket.inet_pton(socket.AF_INET6, entry)
+        except OSError:
+            host, _, port = entry.rpartition(":")
+        else:
+            return None
+    if not host:
+        return f"{entry!r} has no host"
+    if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        return f"{entry!r} has no port in 1..65535"
+    return None
+
+
 def _our_variables(env: Mapping[str, str]) -> Iterator[str]:
     for name in env:
         if name.upper().startswith(ENV_PREFIX):
@@ -272,6 +341,8 @@ def known_variables() -> list[str]:
 def _env_name(loc: tuple[int | str, ...]) -> str:
     if loc and loc[0] == "bootstrap_servers":
         return "KAFKA_BOOTSTRAP_SERVERS"
+    if loc and loc[0] in ("KAFKA_BOOTSTRAP_SERVERS", f"{ENV_PREFIX}BOOTSTRAP_SERVERS"):
+        return str(loc[0])  # read from the environment: named by the alias that held it
     return ENV_PREFIX + "__".join(str(part).upper() for part in loc)
 
 
@@ -284,6 +355,9 @@ def _one_line(exc: ValidationError, env: Mapping[str, str]) -> str:
     if not loc or ENV_PREFIX in message:  # a check that names its variables itself
         return message + more
     name = _env_name(loc)
+    other = f"{ENV_PREFIX}BOOTSTRAP_SERVERS"  # the alias that also sets it
+    if name == "KAFKA_BOOTSTRAP_SERVERS" and not _shown(name, env) and _shown(other, env):
+        name = other
     return f"{name}{_shown(name, env)}: {message}{more}"
 
 

@@ -88,6 +88,13 @@ def one_line(output: str) -> str:
         ({"STREAM_APP_SESSION_TIMEOUT_S": "3600"}, "=3600: Input should be less than or equal"),
         # The broker refuses an empty group.instance.id at the join.
         ({"STREAM_APP_GROUP_INSTANCE_ID": ""}, "STREAM_APP_GROUP_INSTANCE_ID=: String should"),
+        # aiokafka read these only as its first client started: a traceback, exit 1.
+        (
+            {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:abc"},
+            "KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:abc: expected host:port, comma-separated: "
+            "'127.0.0.1:abc' has no port in 1..65535",
+        ),
+        ({"KAFKA_BOOTSTRAP_SERVERS": ""}, "KAFKA_BOOTSTRAP_SERVERS=: expected host:port"),
     ],
 )
 def test_a_configuration_mistake_is_one_line_and_exit_2(
@@ -99,6 +106,24 @@ def test_a_configuration_mistake_is_one_line_and_exit_2(
         line = one_line(output)
         assert expected in line
         assert "hunter2" not in output
+
+
+def test_tls_files_that_do_not_load_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Files that exist but hold no PEM certificate failed in the first
+    client's ssl.create_default_context: a traceback and exit 1."""
+    bad = tmp_path / "ca.crt"
+    bad.write_text("not a certificate\n")
+    env = {"STREAM_APP_SECURITY__PROTOCOL": "SSL", "STREAM_APP_SECURITY__SSL_CAFILE": str(bad)}
+    for command in (["worker"], ["config"], ["topics", "create"]):
+        code, output = run(command, env, tmp_path)
+        assert code == 2, output
+        assert f"STREAM_APP_SECURITY__SSL_CAFILE: {bad} holds no PEM certificate" in one_line(
+            output
+        )
+    env = {"STREAM_APP_SECURITY__PROTOCOL": "SSL", "STREAM_APP_SECURITY__SSL_CERTFILE": str(bad)}
+    code, output = run(["worker"], env, tmp_path)
+    assert code == 2, output
+    assert "STREAM_APP_SECURITY__SSL_CERTFILE and SSL_KEYFILE" in one_line(output)
 
 
 def test_a_bad_settings_file_is_reported_before_any_broker_call(tmp_path: Path) -> None:

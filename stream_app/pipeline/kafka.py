@@ -14,18 +14,6 @@ from stream_app.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    sec = settings.security
-    if sec.protocol not in ("SSL", "SASL_SSL"):
-        return None
-    context = ssl.create_default_context(cafile=str(sec.ssl_cafile) if sec.ssl_cafile else None)
-    if sec.ssl_certfile:
-        context.load_cert_chain(
-            str(sec.ssl_certfile), str(sec.ssl_keyfile) if sec.ssl_keyfile else None
-        )
-    return context
-
-
 def not_authorized(exc: BaseException | None) -> ConfigurationError | None:
     """The configuration error to stop with when ``exc`` is the broker refusing
     this worker's principal an operation (an ACL is missing), else None. No
@@ -58,7 +46,7 @@ def client_options(settings: Settings) -> dict[str, Any]:
         "bootstrap_servers": settings.bootstrap_servers,
         "security_protocol": sec.protocol,
     }
-    context = _ssl_context(settings)
+    context = sec.ssl_context()
     if context is not None:
         options["ssl_context"] = context
     if sec.protocol.startswith("SASL"):
