@@ -31,14 +31,16 @@ log = logging.getLogger(__name__)
 
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
+#: 128 + SIGINT, as a shell reports a command Ctrl-C ended.
+EXIT_INTERRUPTED: Final = 130
 
 DESCRIPTION: Final = """\
 Customer sessions on Kafka. Checkout systems send session commands (update,
-close, cancel, return, reopen; Talon.One's v2 field names) to the command
-topic; workers apply them, keep every session, and publish closed, returned,
-cancelled and reopened sessions for analytics. A command that cannot be
-applied goes to the rejection topic with a reason code and a pointer to the
-offending field."""
+return, reopen; an update also closes or cancels; Talon.One's v2 field names)
+to the command topic; workers apply them, keep every session, and publish
+closed, returned, cancelled and reopened sessions for analytics. A command
+that cannot be applied goes to the rejection topic with a reason code and a
+pointer to the offending field."""
 
 EPILOG: Final = """\
 examples:
@@ -647,7 +649,9 @@ def _add_send(sub: Any) -> None:
     )
     built = send.add_argument_group("building the command from flags")
     built.add_argument(
-        "--type", choices=("update", "close", "cancel", "return", "reopen"), help="the command"
+        "--type",
+        choices=("update", "close", "cancel", "return", "reopen"),
+        help="the command; close and cancel send an update that sets the state",
     )
     built.add_argument("--integration-id", metavar="ID", help="the session (required with --type)")
     built.add_argument("--event-id", metavar="ID", help="idempotency key (default: generated)")
@@ -728,7 +732,7 @@ def _add_inspect(sub: Any) -> None:
 def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     """GET the session from a worker and print it as indented JSON."""
     from urllib.error import HTTPError, URLError
-    from urllib.parse import quote
+    from urllib.parse import quote, urlsplit
     from urllib.request import urlopen
 
     base = args.url or f"http://127.0.0.1:{settings.http_port}"
@@ -739,6 +743,11 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     )
     if not url.startswith(("http://", "https://")):
         print(f"stream-app inspect: error: not an http URL: {base}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        urlsplit(url).port  # noqa: B018 - raises ValueError for "http://[::1", a port of "x"
+    except ValueError as exc:
+        print(f"stream-app inspect: error: not a URL: {base} ({exc})", file=sys.stderr)
         return EXIT_USAGE
     deadline = time.monotonic() + max(args.wait, 0.0)
     while True:
@@ -913,7 +922,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_config(settings: Settings) -> int:
-    """The effective settings as JSON; SecretStr values print as ``**********``."""
+    """The effective settings as JSON; SecretStr values print as ``**********``.
+    The application settings file is read as the worker reads it."""
+    from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
+
+    try:
+        ApplicationSettingsRegistry.load(settings.application_settings_file)
+    except ConfigurationError as exc:
+        print(f"stream-app: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(settings.model_dump_json(indent=2))
     return 0
 
@@ -926,6 +943,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"stream-app: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        return _run(settings, args)
+    except KeyboardInterrupt:  # Ctrl-C: the worker handles it; the others just end
+        return EXIT_INTERRUPTED
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "worker":
         return run_worker(settings)
     if args.command == "config":

@@ -68,3 +68,10 @@ def test_inspect_does_not_retry_a_404(worker: str, capsys: pytest.CaptureFixture
     assert main(["inspect", "nobody", "--url", worker]) == 1
     assert "404" in capsys.readouterr().err
     assert len(_Worker.paths) == 1
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:x"])
+def test_inspect_refuses_a_url_it_cannot_read(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """urlopen raised ValueError for these: a traceback and exit 1."""
+    assert main(["inspect", "cart-1", "--url", url]) == 2
+    assert f"stream-app inspect: error: not a URL: {url}" in capsys.readouterr().err

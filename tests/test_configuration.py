@@ -129,12 +129,15 @@ def test_tls_files_that_do_not_load_are_one_line_and_exit_2(tmp_path: Path) -> N
 def test_a_bad_settings_file_is_reported_before_any_broker_call(tmp_path: Path) -> None:
     bad = tmp_path / "apps.json"
     bad.write_text('{"1": {"flattening": "sometimes"}')
-    code, output = run(["worker"], {"STREAM_APP_APPLICATION_SETTINGS_FILE": str(bad)}, tmp_path)
-    assert code == 2, output
-    line = one_line(output)
-    assert "configuration error" in line
-    assert str(bad) in line
-    assert "Kafka" not in output
+    # `config` passed it before, though its help says it reports a mistake
+    # exactly as the worker would.
+    for command in (["worker"], ["config"]):
+        code, output = run(command, {"STREAM_APP_APPLICATION_SETTINGS_FILE": str(bad)}, tmp_path)
+        assert code == 2, output
+        line = one_line(output)
+        assert "configuration error" in line
+        assert str(bad) in line
+        assert "Kafka" not in output
 
 
 def test_choices_ignore_case(tmp_path: Path) -> None:
@@ -223,6 +226,32 @@ def test_a_worker_waiting_on_a_broker_that_never_answers_stops_at_once(tmp_path:
     assert "could not stop cleanly" not in output
     assert "Traceback" not in output
     assert proc.returncode == 0, output
+
+
+@pytest.mark.parametrize("command", [["watch"], ["tail", "closed"], ["topics", "create"]])
+def test_ctrl_c_ends_a_command_quietly(command: list[str], tmp_path: Path) -> None:
+    """Ctrl-C while a command waits on a broker that does not answer printed
+    a KeyboardInterrupt traceback."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_app", *command],
+            env={**base, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{silent.getsockname()[1]}"},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        silent.close()
+    assert "Traceback" not in output
+    assert proc.returncode == 130, output
 
 
 def test_traffic_says_the_broker_is_unreachable(tmp_path: Path) -> None:
