@@ -500,8 +500,11 @@ class DeclaredTopic(NamedTuple):
     differs: dict[str, str]
 
 
-async def create_topics(settings: Settings) -> list[DeclaredTopic]:
-    """Declare every topic of ``settings`` (as a worker would on start)."""
+async def create_topics(
+    settings: Settings,
+) -> tuple[list[DeclaredTopic], ConfigurationError | None]:
+    """Declare every topic of ``settings`` (as a worker would on start): each
+    as it is now, and why a worker would refuse to start on them, if it would."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     from stream_app.pipeline.kafka import client_options
@@ -517,9 +520,14 @@ async def create_topics(settings: Settings) -> list[DeclaredTopic]:
     try:
         before = set(await admin.list_topics())
         layout = await ensure_topics(settings)
-        # Created either way; said now rather than by the first worker.
-        check_session_limit(settings, layout)
-        check_retention(settings, layout)
+        # Created either way; said now rather than by the first worker, after
+        # the table that shows the topics' configs.
+        refused = None
+        try:
+            check_session_limit(settings, layout)
+            check_retention(settings, layout)
+        except ConfigurationError as exc:
+            refused = exc
         specs = topic_specs(settings, layout.partitions)
         counts = {
             entry["topic"]: len(entry.get("partitions") or ())
@@ -549,18 +557,16 @@ async def create_topics(settings: Settings) -> list[DeclaredTopic]:
             else {k: v for k, v in spec.config.items() if config[k] not in (v, "?")}
         )
         declared.append(DeclaredTopic(spec.name, created, partitions, config, differs))
-    return declared
+    return declared, refused
 
 
 def run_topics_create(settings: Settings, partitions: int | None) -> int:
     from aiokafka.errors import KafkaError
 
-    from stream_app.errors import ConfigurationError
-
     if partitions is not None:
         settings = settings.model_copy(update={"partitions": partitions})
     try:
-        topics = asyncio.run(create_topics(settings))
+        topics, refused = asyncio.run(create_topics(settings))
     except ConfigurationError as exc:
         print(f"stream-app topics create: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -584,6 +590,9 @@ def run_topics_create(settings: Settings, partitions: int | None) -> int:
         status = "created" if topic.created else "exists"
         line = f"  {status:<8} {topic.name:<{width}}  {topic.partitions:>3} {unit:<10} {configs}"
         print(line.rstrip())
+    if refused is not None:
+        print(f"stream-app topics create: {refused}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

@@ -109,3 +109,36 @@ def test_each_topic_is_shown_as_it_is(capsys: pytest.CaptureFixture[str]) -> Non
     ]
     compacted = lines[changelog_topic(SETTINGS, "sessions")]
     assert compacted.split()[-1] == "cleanup.policy=compact"
+
+
+class _DeletingChangelog(_Cluster):
+    """The sessions changelog made on a broker's defaults: deletes after 7 days."""
+
+    async def describe_configs(self, resources: list[ConfigResource]) -> list[object]:
+        [answer] = await super().describe_configs(resources)
+        changelog = changelog_topic(SETTINGS, "sessions")
+        resources_ = [
+            (*r[:4], [("cleanup.policy", "delete"), ("retention.ms", "604800000")])
+            if r[3] == changelog
+            else r
+            for r in answer.resources
+        ]
+        return [SimpleNamespace(resources=resources_)]
+
+
+def test_a_topic_a_worker_would_refuse_is_shown_then_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, the refusal was the only output: the table of the topics'
+    configs, which says what to change, was not printed."""
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _DeletingChangelog)
+    monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", _DeletingChangelog)
+    assert cli.run_topics_create(SETTINGS, None) == 2
+    out, err = capsys.readouterr()
+    changelog = changelog_topic(SETTINGS, "sessions")
+    [line] = [line for line in out.splitlines() if changelog in line]
+    assert line.endswith(
+        "cleanup.policy=delete (the worker creates it with cleanup.policy=compact)"
+    )
+    assert err.startswith("stream-app topics create: ")
+    assert changelog in err
