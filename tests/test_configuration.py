@@ -254,6 +254,24 @@ def test_ctrl_c_ends_a_command_quietly(command: list[str], tmp_path: Path) -> No
     assert proc.returncode == 130, output
 
 
+def test_watch_keeps_to_its_seconds_with_a_broker_that_never_answers(tmp_path: Path) -> None:
+    """`watch --seconds 5` took 52 s: its first probe waited for aiokafka's
+    40 s request timeout, and more, before the deadline applied."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:  # run() gives up after 30 s
+        code, output = run(
+            ["watch", "--seconds", "3"],
+            {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{silent.getsockname()[1]}"},
+            tmp_path,
+        )
+    finally:
+        silent.close()
+    assert code == 1
+    assert "did not answer within 3s" in output
+
+
 def test_traffic_says_the_broker_is_unreachable(tmp_path: Path) -> None:
     code, output = run(["traffic", "--sessions", "1"], {}, tmp_path)
     assert code == 1

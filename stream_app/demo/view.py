@@ -12,6 +12,7 @@ when ``should_stop`` says so.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -129,7 +130,10 @@ async def watch(
             stopped_because=reason,
         )
 
-    problem = await unreachable(options)
+    try:  # a broker that accepts connections and never answers: 40 s per probe
+        problem = await asyncio.wait_for(unreachable(options), timeout=seconds)
+    except TimeoutError:
+        problem = f"Kafka at {settings.bootstrap_servers} did not answer within {seconds:.0f}s"
     if problem is not None:
         return result(problem)
     out(f"watching {', '.join(by_name)} (read_committed) for at most {seconds:.0f}s")
