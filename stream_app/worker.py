@@ -73,6 +73,7 @@ async def run(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
+        _check_data_dir(settings)
         layout = await _wait_for_kafka(settings, stopping)
         if layout is None:
             return 0
@@ -112,6 +113,25 @@ async def run(settings: Settings) -> int:
         log.error("stopped, but Kafka could not be reached to confirm it")
         return EXIT_FAILED
     return 0
+
+
+def _check_data_dir(settings: Settings) -> None:
+    """A state directory the worker cannot create or write, said before any
+    broker call (the engine checks what is in it once it knows the partitions)."""
+    state_dir = settings.data_dir / settings.app_id
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        writable = os.access(state_dir, os.W_OK | os.X_OK)
+    except OSError as exc:
+        why = str(exc)
+    else:
+        if writable:
+            return
+        why = "not writable"
+    raise ConfigurationError(
+        f"STREAM_APP_DATA_DIR={settings.data_dir}: cannot use the state directory "
+        f"{state_dir}: {why}"
+    )
 
 
 async def serve(settings: Settings, engine: Engine) -> WebServer | None:

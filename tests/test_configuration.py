@@ -126,6 +126,19 @@ def test_tls_files_that_do_not_load_are_one_line_and_exit_2(tmp_path: Path) -> N
     assert "STREAM_APP_SECURITY__SSL_CERTFILE and SSL_KEYFILE" in one_line(output)
 
 
+def test_a_data_dir_that_cannot_be_used_is_reported_before_any_broker_call(
+    tmp_path: Path,
+) -> None:
+    """Said only once Kafka answered: against an unreachable broker, never."""
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    code, output = run(["worker"], {"STREAM_APP_DATA_DIR": str(taken)}, tmp_path, timeout=20)
+    assert code == 2, output
+    line = one_line(output)
+    assert f"STREAM_APP_DATA_DIR={taken}: cannot use the state directory" in line
+    assert "Kafka" not in output
+
+
 def test_a_bad_settings_file_is_reported_before_any_broker_call(tmp_path: Path) -> None:
     bad = tmp_path / "apps.json"
     bad.write_text('{"1": {"flattening": "sometimes"}')
