@@ -110,7 +110,9 @@ class Producer(Protocol):
 #: (AssertionError) from ``commit_transaction``. The fake producer of
 #: tests/pipeline models this, and the zombie integration test meets it.
 #: Either way the task is no longer ours to write: it is treated as fenced,
-#: never restarted with a new producer (which would fence the new owner).
+#: never restarted with a new producer (which would fence the new owner);
+#: unless a send says the sender died of something else (see
+#: :meth:`Checkpoint._sender_failure`).
 _PRODUCER_UNUSABLE = (ProducerFenced, IllegalOperation, AssertionError)
 #: How long a producer left unusable is given for its sends to say why.
 _SEND_OUTCOME_WAIT_S: Final = 2.0
@@ -303,6 +305,9 @@ class Checkpoint:
             await self._fail(abort=False)
             if refused is not None:
                 raise NotAuthorizedError(refused) from exc
+            failure = self._sender_failure(exc)
+            if failure is not None:
+                raise CheckpointError(f"producer unusable: {failure!r}") from exc
             raise TaskFencedError(self._fence_cause(exc)) from exc
         except (KafkaError, OSError) as exc:
             refused = await self._not_authorized(exc)
@@ -378,6 +383,23 @@ class Checkpoint:
             if refused is None and future.done() and not future.cancelled():
                 refused = not_authorized(future.exception())
         return refused
+
+    def _sender_failure(self, exc: BaseException) -> BaseException | None:
+        """What killed the producer's sender when a send says so and it is not
+        a fence: an answer aiokafka does not expect (INVALID_PRODUCER_ID_MAPPING
+        after a long idle, INVALID_TXN_STATE, OutOfOrderSequenceNumber). The
+        task is then ours still, and restarted with a new producer; taken for
+        fenced, it was dropped, its partitions idle until the group rejoined."""
+        if isinstance(exc, ProducerFenced):
+            return None
+        failures = [
+            future.exception()
+            for future in self._sends
+            if future.done() and not future.cancelled() and future.exception() is not None
+        ]
+        if any(isinstance(failure, ProducerFenced) for failure in failures):
+            return None
+        return failures[0] if failures else None
 
     def _fence_cause(self, exc: BaseException) -> str:
         """The sends failed with the sender's own error (ProducerFenced, usually)."""

@@ -22,6 +22,7 @@ from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
     TopicAuthorizationFailedError,
 )
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -635,6 +636,41 @@ async def test_a_fence_learned_before_the_commit_is_a_task_fence(make_rig: RigFa
 
     with pytest.raises(TaskFencedError):
         await checkpoint.commit()  # its batches meet the dead sender
+    assert rig.stored() == stored_before
+    assert all(overlay.changes == {} for overlay in rig.overlays.values())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        # aiokafka's sender wraps an answer it does not expect (INVALID_PRODUCER_ID_MAPPING
+        # after a long idle, INVALID_TXN_STATE) in this, and fails every pending batch
+        KafkaError("Unexpected error during batch delivery"),
+        OutOfOrderSequenceNumber(),
+    ],
+)
+async def test_a_producer_whose_sender_died_of_something_else_is_not_fenced(
+    make_rig: RigFactory, error: KafkaError
+) -> None:
+    """The sender's failure ends aiokafka's transaction, so the next send
+    raises IllegalOperation, as a fence makes it; the batch futures say it was
+    not one. Taken for fenced, the task was dropped and its partitions stood
+    idle until the group rejoined, about a session timeout later; now it is
+    restarted (CheckpointError) with a new producer."""
+    rig = await make_rig()
+    visible_before, stored_before = rig.visible(), rig.stored()
+    rig.producer.fail_next_send(error, topic=CLOSED)
+    rig.producer.refuse_next_send(
+        IllegalOperation("Can't send messages while not in transaction"), topic=REJECTED
+    )
+    checkpoint = rig.checkpoint()
+
+    with pytest.raises(CheckpointError) as raised:
+        await rig.process_and_commit(checkpoint)
+
+    assert not isinstance(raised.value, TaskFencedError)
+    assert type(error).__name__ in str(raised.value)
+    assert rig.visible() == visible_before
     assert rig.stored() == stored_before
     assert all(overlay.changes == {} for overlay in rig.overlays.values())
 
