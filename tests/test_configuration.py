@@ -222,20 +222,23 @@ def test_a_worker_waiting_on_a_broker_that_never_answers_stops_at_once(tmp_path:
     silent.listen(16)
     base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
     bootstrap = f"127.0.0.1:{silent.getsockname()[1]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_app", "worker"],
+        env={**base, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "STREAM_APP_HTTP_PORT": "0"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_app", "worker"],
-            env={**base, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "STREAM_APP_HTTP_PORT": "0"},
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
         time.sleep(3)  # started, and connected to the listener
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=30)
     finally:
         silent.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert "could not stop cleanly" not in output
     assert "Traceback" not in output
     assert proc.returncode == 0, output
@@ -249,20 +252,26 @@ def test_ctrl_c_ends_a_command_quietly(command: list[str], tmp_path: Path) -> No
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)
     base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_app", *command],
+        env={**base, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{silent.getsockname()[1]}"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # A shell runs a background job with SIGINT ignored, and Python then
+        # keeps it so: as a terminal's Ctrl-C finds it, whatever ran pytest.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_app", *command],
-            env={**base, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{silent.getsockname()[1]}"},
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
         time.sleep(2)
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=30)
     finally:
         silent.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert "Traceback" not in output
     assert proc.returncode == 130, output
 
