@@ -1,7 +1,11 @@
 # The two commands of README.md. Each does all its own set-up on a fresh
 # machine that has Python 3.11+, Java 17+ and Maven: a virtualenv with the
 # pinned dependencies, the Kafka broker jars, and a broker on loopback.
-PYTHON ?= python3
+# The first of these that is 3.11+ (python3 may be older where python3.11 was
+# added beside it); set PYTHON=... to choose.
+ifndef PYTHON
+PYTHON := $(or $(firstword $(foreach p,python3 python3.14 python3.13 python3.12 python3.11,$(shell $(p) -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && echo $(p)))),python3)
+endif
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -9,8 +13,10 @@ STAMP  := $(VENV)/.installed
 .PHONY: test demo install lint bench bench-memory check-alerts clean
 
 $(STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required"; exit 1; }
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required: $(PYTHON) is older; run with PYTHON=/path/to/python3.11 or newer"; exit 1; }
+	# Made again when pip is missing: a venv that ensurepip failed (Debian's
+	# python3 without python3-venv) is left behind without it.
+	test -x $(BIN)/pip || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
@@ -35,7 +41,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS  ?=
 
 $(BENCH_STAMP): bench/requirements-quix.txt
-	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	test -x $(BENCH_VENV)/bin/pip || { rm -rf $(BENCH_VENV); $(PYTHON) -m venv $(BENCH_VENV); }
 	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/requirements-quix.txt
 	touch $@
 

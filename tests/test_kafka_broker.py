@@ -45,3 +45,32 @@ def test_three_node_cluster_configuration_replicates_internal_topics(tmp_path: P
     assert "transaction.state.log.replication.factor=3" in props
     assert "transaction.state.log.min.isr=2" in props
     assert "auto.create.topics.enable=false" in props
+
+
+def _fake_java(tmp_path: Path, version: str) -> Path:
+    home = tmp_path / f"jdk-{version}"
+    (home / "bin").mkdir(parents=True)
+    java = home / "bin" / "java"
+    java.write_text(f"#!/bin/sh\necho '    java.specification.version = {version}' >&2\n")
+    java.chmod(0o755)
+    return home
+
+
+@pytest.mark.parametrize("version", ["11", "1.8"])
+def test_a_java_older_than_17_is_named_before_kafka_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str
+) -> None:
+    """Kafka's jars need Java 17; an older java failed the storage format with
+    its output thrown away: a bare CalledProcessError, which the demo retried
+    as a bad cluster id."""
+    monkeypatch.setenv("JAVA_HOME", str(_fake_java(tmp_path, version)))
+    with pytest.raises(RuntimeError, match=f"Java 17\\+ is needed .* is Java {version} "):
+        kafka_broker.java_command()
+
+
+def test_java_home_is_preferred_to_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = _fake_java(tmp_path, "21")
+    monkeypatch.setenv("JAVA_HOME", str(home))
+    assert kafka_broker.java_command() == str(home / "bin" / "java")

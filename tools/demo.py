@@ -214,17 +214,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         say(f"starting the Kafka broker in {cluster.workdir.relative_to(ROOT)}")
         began = time.monotonic()
-        for attempt in (1, 2, 3):
-            try:
-                cluster.start()
-                break
-            except subprocess.CalledProcessError:
-                # StorageTool refuses a random cluster id that starts with "-"
-                # (tools/kafka_broker.py, about 1 start in 64): try another.
-                cluster.stop()
-                if attempt == 3:
-                    raise
-                say("formatting the broker storage failed; trying again with another cluster id")
+        cluster.start()  # raises, saying why (no Java 17+, a format that failed)
         pids = ", ".join(str(n.pid) for n in cluster.members)
         say(
             f"broker up at {cluster.bootstrap_servers} in {time.monotonic() - began:.1f}s "

@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 KAFKA_VERSION = "4.1.1"
 HERE = Path(__file__).resolve().parent
@@ -107,6 +108,36 @@ def fetch(cache: Path = DEFAULT_CACHE, version: str = KAFKA_VERSION) -> Path:
     tmp.rename(lib)
     marker.touch()
     return lib
+
+
+#: The class-file version Kafka's jars are built for.
+MIN_JAVA: Final = 17
+
+
+def java_command() -> str:
+    """The ``java`` to run Kafka with: ``$JAVA_HOME/bin/java`` (the one Maven
+    uses) when set, else the first on ``PATH``; raises RuntimeError, saying
+    what to do, when there is none or it is older than :data:`MIN_JAVA`."""
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if java is None or not Path(java).exists():
+        raise RuntimeError(
+            f"Java {MIN_JAVA}+ is needed to run Kafka: no java found (JAVA_HOME, PATH)"
+        )
+    shown = subprocess.run(
+        [java, "-XshowSettings:properties", "-version"], capture_output=True, text=True, check=False
+    )
+    for line in shown.stderr.splitlines():
+        name, _, value = line.strip().partition(" = ")
+        if name == "java.specification.version":
+            major = int(value.split(".")[-1] if value.startswith("1.") else value.split(".")[0])
+            if major < MIN_JAVA:
+                raise RuntimeError(
+                    f"Java {MIN_JAVA}+ is needed to run Kafka {KAFKA_VERSION}: {java} is Java "
+                    f"{value} (set JAVA_HOME to a newer one)"
+                )
+            return java
+    raise RuntimeError(f"cannot tell the version of {java}: {shown.stderr.strip()[:200]}")
 
 
 def free_port() -> int:
@@ -245,7 +276,7 @@ class KafkaCluster:
         voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.members)
         cluster_id = _kafka_uuid()
         classpath = f"{lib}/*"
-        java = shutil.which("java") or "java"
+        java = java_command()
         scram: list[str] = []
         if self.secure:
             _tls_material(self.workdir)
@@ -266,7 +297,7 @@ class KafkaCluster:
                 "-cp",
                 classpath,
             ]
-            subprocess.run(
+            formatted = subprocess.run(
                 [
                     *jvm,
                     "kafka.tools.StorageTool",
@@ -277,10 +308,16 @@ class KafkaCluster:
                     str(props),
                     *scram,
                 ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                check=False,
+                capture_output=True,
+                text=True,
             )
+            if formatted.returncode != 0:
+                raise RuntimeError(
+                    f"formatting {node.data_dir} for Kafka failed "
+                    f"(exit {formatted.returncode}): "
+                    f"{(formatted.stderr or formatted.stdout).strip()[-2000:]}"
+                )
             with (node.data_dir / "stdout.log").open("wb") as out:  # the JVM keeps its own fd
                 proc = subprocess.Popen(
                     [*jvm, "kafka.Kafka", str(props)],
