@@ -12,10 +12,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test demo install lint bench bench-memory check-alerts clean
 
+# The venv is made again when it has no pip: one that ensurepip failed
+# (Debian's python3 without python3-venv) is left behind without it.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required: $(PYTHON) is older; run with PYTHON=/path/to/python3.11 or newer"; exit 1; }
-	# Made again when pip is missing: a venv that ensurepip failed (Debian's
-	# python3 without python3-venv) is left behind without it.
 	test -x $(BIN)/pip || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
