@@ -37,6 +37,16 @@ DEFAULT = ApplicationSettings()
 TOPIC_VISIBLE_WAIT_S = 10.0
 
 
+def plain_application_id(raw: bytes) -> int | None:
+    """The applicationId ``raw`` writes plainly (``7``; not ``07``, ``+7`` or
+    `` 7``), or None."""
+    # At most 10 digits before int(): Python refuses more than 4,300 (ValueError).
+    if not (0 < len(raw) <= 10 and raw.isdigit() and raw == b"%d" % int(raw)):
+        return None
+    application_id = int(raw)
+    return application_id if 0 < application_id <= INT32_MAX else None
+
+
 class ApplicationSettingsRegistry:
     """Settings by applicationId: topic overrides, then the file, then defaults."""
 
@@ -56,10 +66,18 @@ class ApplicationSettingsRegistry:
             raise ConfigurationError(f"{path}: expected an object keyed by applicationId")
         parsed: dict[int, ApplicationSettings] = {}
         for key, value in doc.items():
+            # As the topic's keys: "07", " 7" or "1_0" were read as 7 and 10,
+            # a later one silently replacing an earlier ("7" and "07").
+            application_id = plain_application_id(key.encode())
+            if application_id is None:
+                raise ConfigurationError(
+                    f"{path}: key {key!r} is not an applicationId written plainly "
+                    f"(1..{INT32_MAX}, no sign, spaces or leading zeros)"
+                )
             try:
-                parsed[int(key)] = ApplicationSettings.from_document(value)
-            except ValueError as exc:
-                raise ConfigurationError(f"{path}: bad applicationId {key!r}") from exc
+                parsed[application_id] = ApplicationSettings.from_document(value)
+            except (ValueError, ConfigurationError) as exc:
+                raise ConfigurationError(f"{path}: application {key}: {exc}") from exc
         return cls(parsed)
 
     def settings_for(self, application_id: int) -> ApplicationSettings:
@@ -79,19 +97,12 @@ class ApplicationSettingsRegistry:
           tombstone: the application falls back to the settings file or the
           defaults, as a worker starting after compaction would.
         """
-        raw = key or b""
-        # At most 10 digits before int(): Python refuses more than 4,300 (ValueError).
-        if not (
-            0 < len(raw) <= 10
-            and raw.isdigit()
-            and raw == b"%d" % int(raw)
-            and 0 < int(raw) <= INT32_MAX
-        ):
+        application_id = plain_application_id(key or b"")
+        if application_id is None:
             log.warning(
                 "ignoring application settings record key=%s: not an applicationId", excerpt(key)
             )
             return
-        application_id = int(raw)
         if value is None:
             self._from_topic.pop(application_id, None)
             return

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from aiokafka import TopicPartition
 
+from stream_app import json
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline import application_settings, unreadable
 from stream_app.pipeline.application_settings import DEFAULT, ApplicationSettingsRegistry
@@ -74,6 +75,25 @@ def test_an_unusable_settings_file_stops_the_worker_at_start(tmp_path: Path, con
     path = tmp_path / "apps.json"
     path.write_text(content)
     with pytest.raises(ConfigurationError):
+        ApplicationSettingsRegistry.load(path)
+
+
+@pytest.mark.parametrize("key", ["07", " 8 ", "1_0", "0", "-5", "99999999999", "²"])
+def test_a_file_key_that_is_not_a_plain_application_id_stops_the_worker(
+    tmp_path: Path, key: str
+) -> None:
+    """int() read " 8 " as 8 and "1_0" as 10, and "07" as 7 (replacing "7"'s
+    settings unsaid); "0", "-5" and past the int32 range matched no command."""
+    path = tmp_path / "apps.json"
+    path.write_text(json.dumps({"7": {"flattening": False}, key: {"flattening": True}}).decode())
+    with pytest.raises(ConfigurationError, match=f"key '{key}' is not an applicationId"):
+        ApplicationSettingsRegistry.load(path)
+
+
+def test_a_bad_document_in_the_file_names_its_application(tmp_path: Path) -> None:
+    path = tmp_path / "apps.json"
+    path.write_text('{"7": {"flattening": "sometimes"}}')
+    with pytest.raises(ConfigurationError, match="application 7: "):
         ApplicationSettingsRegistry.load(path)
 
 
