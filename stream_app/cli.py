@@ -947,6 +947,11 @@ def run_config(settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        # Until the worker's own handlers are in place (its imports take about
+        # a second), SIGTERM ends it as they would: exit 0, nothing having
+        # started that needs stopping, rather than the signal's 143.
+        signal.signal(signal.SIGTERM, _stop_before_start)
     try:
         settings = Settings.from_env()
     except ConfigurationError as exc:
@@ -956,6 +961,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(settings, args)
     except KeyboardInterrupt:  # Ctrl-C: the worker handles it; the others just end
         return EXIT_INTERRUPTED
+
+
+def _stop_before_start(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:

@@ -342,3 +342,28 @@ async def test_a_broker_that_answers_with_a_retriable_error_is_retried_and_said_
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith("Kafka at k:9092 answered [Error 41] NotControllerError: creating ")
     assert "not reachable" not in line
+
+
+def test_sigterm_before_the_worker_runs_exits_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker stopped within its first second (a rolling restart right after
+    it started, in a black-box run) died of the signal, exit 143, before its
+    handlers were in place. Here the signal arrives while it starts."""
+    from stream_app import cli
+
+    def starting(settings: object) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal's handler interrupts this
+        return 1
+
+    def not_handled(_signum: int, _frame: object) -> None:
+        raise AssertionError("main installed no SIGTERM handler: the worker would die of it")
+
+    before = signal.signal(signal.SIGTERM, not_handled)  # rather than pytest dying of it
+    monkeypatch.setattr(cli, "run_worker", starting)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", CLOSED_PORT)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["worker"])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.code == 0
