@@ -304,6 +304,19 @@ def test_grace_period_exceeds_the_shutdown_bound(rendering: Rendering) -> None:
     assert grace >= bound + 5
 
 
+def test_queries_are_forwarded_to_a_name_other_pods_resolve(rendering: Rendering) -> None:
+    """Without it a worker advertised its host name, stream-app-0, which the
+    other pods cannot resolve: every forwarded query failed with a 503."""
+    env = list(rendering.env)
+    advertised = rendering.env_value("STREAM_APP_ADVERTISED_HOST")
+    service = rendering.statefulset["spec"]["serviceName"]
+    assert advertised == f"$(STREAM_APP_GROUP_INSTANCE_ID).{service}"
+    # Kubernetes expands $(NAME) only from variables defined before it.
+    assert env.index("STREAM_APP_GROUP_INSTANCE_ID") < env.index("STREAM_APP_ADVERTISED_HOST")
+    instance = rendering.env["STREAM_APP_GROUP_INSTANCE_ID"]
+    assert instance["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
 def test_static_membership_from_the_pod_name(rendering: Rendering) -> None:
     entry = rendering.env["STREAM_APP_GROUP_INSTANCE_ID"]
     assert entry["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
