@@ -7,6 +7,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp.web_protocol
 import orjson
@@ -14,6 +15,7 @@ import pytest
 from aiohttp import ClientSession, web
 from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.test_utils import TestServer
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from yarl import URL
 
 from stream_app.domain import (
@@ -28,7 +30,9 @@ from stream_app.domain import (
     session_document,
 )
 from stream_app.pipeline.engine import Engine, Lookup
-from stream_app.pipeline.topics import TopicLayout
+from stream_app.pipeline.processor import session_key
+from stream_app.pipeline.tasks import TaskId
+from stream_app.pipeline.topics import SESSIONS_STORE, TopicLayout
 from stream_app.settings import Settings
 from stream_app.web.server import WebServer, query_document
 from stream_app.worker import serve
@@ -139,9 +143,10 @@ async def test_raw_bytes_in_the_request_line_are_answered_not_a_500(
         status, body = await _raw_get(server, b"/v2/customer_sessions/c-\xff")
         assert status == 404
         assert b"not UTF-8" in body
-        status, _ = await _raw_get(server, b"/v2/customer_sessions/c-%ff?x=\xfe&applicationId=7")
+        status, _ = await _raw_get(server, b"/v2/customer_sessions/c-%c3%bf?x=\xfe&applicationId=7")
         assert status == 200
-    assert forwarded == ["/v2/customer_sessions/c-%ff?applicationId=7"]
+    # its escapes as they came (lower case), the applicationId alone of the query
+    assert forwarded == ["/v2/customer_sessions/c-%c3%bf?applicationId=7"]
 
 
 async def test_forwarded_queries_share_their_connections_to_the_owner(tmp_path: Path) -> None:
@@ -233,3 +238,72 @@ async def test_a_second_worker_on_a_host_serves_on_a_free_port_unless_one_was_se
         assert await serve(chosen, engine) is None
     finally:
         taken.close()
+
+
+async def test_ids_are_read_from_the_segment_as_sent(tmp_path: Path) -> None:
+    """Braces are valid in an integrationId; aiohttp's default route pattern
+    refused them (a text/plain 404 before the engine was asked). An escape that
+    is not UTF-8 ("%FF") was kept as its three characters by yarl, so it
+    found the session "%FF", which is asked for as "%25FF"."""
+    asked: list[str] = []
+
+    def lookup(_app: int, integration_id: str) -> Lookup:
+        asked.append(integration_id)
+        return Lookup(found=True)
+
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine.session_lookup = lookup  # type: ignore[method-assign]
+    web_server = WebServer(Settings(data_dir=tmp_path), engine)
+    async with TestServer(web_server.app) as server, ClientSession() as http:
+        for path, status in [
+            ("%7Bx%7D", 404),  # asked, and not found: 404 from the engine's answer
+            ("a%2Fb", 404),
+            ("%25FF", 404),
+            ("%FF", 404),  # not asked: no id is not UTF-8
+            ("c-%c3%bf", 404),
+        ]:
+            url = URL(str(server.make_url("/v2/customer_sessions/")) + path, encoded=True)
+            async with http.get(url) as answer:
+                assert answer.status == status
+                assert answer.content_type == "application/json"
+                detail = (await answer.json())["detail"]
+                assert ("not UTF-8" in detail) == (path == "%FF"), detail
+    assert asked == ["{x}", "a/b", "%FF", "c-\u00ff"]
+
+
+async def test_other_paths_and_methods_are_answered_as_problems(tmp_path: Path) -> None:
+    """aiohttp answered them in text/plain; docs/openapi.yaml describes every
+    error as a problem document."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    web_server = WebServer(Settings(data_dir=tmp_path), engine)
+    async with TestServer(web_server.app) as server, ClientSession() as http:
+        for path in ("/v2/customer_sessions/", "/v2/customer_sessions/a/b", "/nothing"):
+            async with http.get(server.make_url(path)) as answer:
+                assert answer.status == 404
+                assert (await answer.json())["status"] == 404
+        async with http.post(server.make_url("/v2/customer_sessions/c-1")) as answer:
+            assert answer.status == 405
+            assert answer.headers["Allow"] == "GET, HEAD"
+            assert (await answer.json())["status"] == 405
+
+
+async def test_without_a_routing_map_a_worker_answers_for_its_own_partitions(
+    tmp_path: Path,
+) -> None:
+    """An assignment whose map cannot be read (a leader of another release):
+    the log said queries were answered locally, but every one was a 503."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine._joined = True
+    engine.assignor.on_assignment(ConsumerProtocolMemberAssignment(0, [], b"not json"))
+    assert engine.assignor.routes == {}
+    lookup = engine.session_lookup(1, "cart-1")
+    assert lookup.unavailable is not None
+    assert "names no owner" in lookup.unavailable  # not here: nobody to ask
+    stored = {session_key(1, "cart-1"): b"stored"}
+
+    class _Here:
+        active = True
+        stores: ClassVar[dict[str, object]] = {SESSIONS_STORE: stored}
+
+    engine._tasks[TaskId("commands", 0)] = _Here()  # type: ignore[assignment]
+    assert engine.session_lookup(1, "cart-1") == Lookup(found=True, stored=b"stored")

@@ -100,7 +100,10 @@ class RoutingRangeAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
                 for topic, owners in doc.items()
             }
         except (ValueError, TypeError, AttributeError):
-            log.warning("assignment without a readable routing map: queries are answered locally")
+            log.warning(
+                "assignment without a readable routing map: queries are answered for this "
+                "worker's own partitions only"
+            )
             self.routes = {}
         self.generation += 1
 

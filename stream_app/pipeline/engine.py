@@ -362,12 +362,17 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         None when unknown), at another worker's URL, or nowhere right now."""
         partition = partition_for(integration_id.encode(), self.partitions)
         owner = self.assignor.owner(self.settings.topics.commands, partition)
-        if not self.ready or owner is None:
+        if not self.ready or (owner is None and self.assignor.routes):
             return Lookup(unavailable="the group is rebalancing or restoring")
-        if owner != self.assignor.url:
+        if owner is not None and owner != self.assignor.url:
             return Lookup(owner=owner)
         task = self._tasks.get(TaskId("commands", partition))
         if task is None or not task.active:
+            if owner is None:  # no map at all: a leader of another release, say
+                return Lookup(
+                    unavailable="this worker does not own the session's partition, and the "
+                    "group's assignment names no owner (a worker of another release?)"
+                )
             return Lookup(unavailable="the session's partition is moving")
         # RocksDB holds what committed; the open transaction's overlay is not read.
         stored = task.stores[SESSIONS_STORE].get(session_key(application_id, integration_id))

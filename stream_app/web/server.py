@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from yarl import URL
 
@@ -65,11 +67,15 @@ class WebServer:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(engine))
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[_problems])
         self.app.router.add_get("/livez", self.livez)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", self.metrics)
-        self.app.router.add_get("/v2/customer_sessions/{integration_id}", self.customer_session)
+        # Any segment: aiohttp's default pattern, [^{}/]+, left ids with braces
+        # (valid integrationIds) unanswerable.
+        self.app.router.add_get(
+            "/v2/customer_sessions/{integration_id:[^/]+}", self.customer_session
+        )
         self.app.on_cleanup.append(self._close_client)
         self._runner: web.AppRunner | None = None
         #: Forwards queries to the owners (made at the first, closed with the app).
@@ -108,7 +114,13 @@ class WebServer:
         )
 
     async def customer_session(self, request: web.Request) -> web.Response:
-        integration_id = request.match_info["integration_id"]
+        # The id from the segment as sent: yarl leaves an escape that is not
+        # UTF-8 as it is, so "%FF" was looked up as the three characters of
+        # another id ("%25FF").
+        try:
+            integration_id = unquote_to_bytes(request.rel_url.raw_path.rpartition("/")[2]).decode()
+        except UnicodeError:  # escaped or raw bytes that are not UTF-8
+            return _problem(404, "no session has an integrationId that is not UTF-8")
         raw_app = request.query.get("applicationId")
         application_id = self.settings.default_application_id
         if raw_app is not None:
@@ -119,10 +131,6 @@ class WebServer:
             ):
                 return _problem(400, "applicationId must be an integer in 1..2147483647")
             application_id = int(raw_app)
-        try:
-            integration_id.encode()
-        except UnicodeEncodeError:  # raw bytes in the request line, not UTF-8
-            return _problem(404, "no session has an integrationId that is not UTF-8")
         lookup = self.engine.session_lookup(application_id, integration_id)
         if lookup.unavailable is not None:
             return _problem(503, lookup.unavailable, retry=True)
@@ -173,6 +181,20 @@ class WebServer:
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+
+@web.middleware
+async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own answers for no such path or another method, as problem
+    documents like the query's other answers (docs/openapi.yaml)."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return _problem(404, "no such resource; sessions are at /v2/customer_sessions/{id}")
+    except web.HTTPMethodNotAllowed as exc:
+        response = _problem(405, f"{request.method} is not allowed here")
+        response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return response
 
 
 def _problem(status: int, detail: str, *, retry: bool = False) -> web.Response:
