@@ -599,6 +599,17 @@ def run_topics_create(settings: Settings, partitions: int | None) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _application_id(text: str) -> int:
+    """An applicationId, 1..2147483647, as the contract has it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 < value <= 2_147_483_647:
+        raise argparse.ArgumentTypeError(f"must be in 1..2147483647, not {text}")
+    return value
+
+
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = kind(text)
@@ -727,7 +738,7 @@ def _add_inspect(sub: Any) -> None:
     )
     inspect.add_argument(
         "--application-id",
-        type=_positive(int),
+        type=_application_id,
         default=None,
         help="default: STREAM_APP_DEFAULT_APPLICATION_ID (1)",
     )

@@ -75,3 +75,14 @@ def test_inspect_refuses_a_url_it_cannot_read(url: str, capsys: pytest.CaptureFi
     """urlopen raised ValueError for these: a traceback and exit 1."""
     assert main(["inspect", "cart-1", "--url", url]) == 2
     assert f"stream-app inspect: error: not a URL: {url}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("application_id", ["0", "2147483648", "x"])
+def test_inspect_refuses_an_application_id_out_of_range(
+    application_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """3000000000 was sent, the worker answered 400, and inspect exited 1."""
+    with pytest.raises(SystemExit) as usage:
+        main(["inspect", "cart-1", "--application-id", application_id])
+    assert usage.value.code == 2
+    assert "--application-id" in capsys.readouterr().err
