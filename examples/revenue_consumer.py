@@ -126,9 +126,10 @@ def revenue_change(doc: dict[str, Any]) -> Decimal:
     if event in (REVOKED, REOPENED):
         return -Decimal(session["total"])
     if event == CANCELLED:
-        already_returned = returned_value(session)
-        if already_returned:  # it was partially returned: take back what is left
-            return -(Decimal(session["total"]) - already_returned)
+        # Partially returned (counted when it closed): take back what is left.
+        # By the quantities, not the value: a free gift returned is worth 0.
+        if any(item.get("returnedQuantity") for item in session.get("cartItems", ())):
+            return -(Decimal(session["total"]) - returned_value(session))
         return ZERO  # it was open: never counted
     return ZERO  # not a revenue event
 

@@ -97,6 +97,23 @@ def test_each_record_changes_revenue_as_documented(example: ModuleType) -> None:
     assert "application 1: 47.1 from 5 sessions" in ledger.report()
 
 
+def test_a_session_whose_free_line_was_returned_is_taken_back_when_cancelled(
+    example: ModuleType,
+) -> None:
+    """The return was worth 0, so the ledger took the session for one that was
+    open when cancelled, never counted: its revenue stayed."""
+    ledger = example.RevenueLedger()
+    free = output("talon_session_closed", "s1", "e1", TOTAL)
+    free["session"]["cartItems"][1]["price"] = 0
+    returned = output("talon_session_partially_returned", "s1", "e2", TOTAL, (0, 1), 0)
+    cancelled = output("talon_session_cancelled", "s1", "e3", TOTAL, (0, 1))
+    for doc in (returned, cancelled):
+        doc["session"]["cartItems"][1]["price"] = 0
+    for doc in (free, returned, cancelled):
+        assert ledger.record(example.parse(json.dumps(doc)))
+    assert ledger.figures() == {1: Decimal(0)}
+
+
 def test_redelivered_records_are_counted_once(example: ModuleType) -> None:
     ledger = example.RevenueLedger()
     for doc in SCENARIO + SCENARIO[:4]:
