@@ -635,9 +635,12 @@ def _add_send(sub: Any) -> None:
         description=_wrap(
             "Send one session command to the command topic, keyed by its integrationId, "
             "with an eventId (generated when the command has none; reuse it to retry "
-            "safely). The command is checked first with the workers' own rules: an "
-            "invalid command is not sent, and the error names the reason code and the "
-            "offending field, as the rejection topic would. Give the command as JSON "
+            "safely). The command is checked first with the workers' rules that hold "
+            "for every application: an invalid command is not sent, and the error names "
+            "the reason code and the offending field, as the rejection topic would. The "
+            "rules an application's settings decide (allowed attributes and costs, the "
+            "quantity limit of flattening) are the workers' to apply: a command they "
+            "refuse is sent, and rejected on the rejection topic. Give the command as JSON "
             "(an argument, or stdin) or build it with --type and the flags below."
         ),
         epilog=(

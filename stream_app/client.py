@@ -212,13 +212,22 @@ def returned_item(
     return item
 
 
+def _strings(values: Iterable[str], name: str) -> list[str]:
+    """A list of strings; a string itself (a list of its characters) refused."""
+    if isinstance(values, str):
+        raise TypeError(f"{name} is a list of strings, not a string: [{values!r}]?")
+    return list(values)
+
+
 def _envelope(
     kind: str, integration_id: str, event_id: str | None, application_id: int | None
 ) -> CommandDocument:
     doc: CommandDocument = {
         "type": kind,
         "integrationId": integration_id,
-        "eventId": event_id or new_event_id(),
+        # "" is kept, for the check to refuse: a generated id in its place would
+        # make every retry of the command another command.
+        "eventId": new_event_id() if event_id is None else event_id,
     }
     if application_id is not None:
         doc["applicationId"] = application_id
@@ -253,11 +262,11 @@ def update_command(
     if store_integration_id is not None:
         session["storeIntegrationId"] = store_integration_id
     if coupon_codes is not None:
-        session["couponCodes"] = list(coupon_codes)
+        session["couponCodes"] = _strings(coupon_codes, "coupon_codes")
     if referral_code is not None:
         session["referralCode"] = referral_code
     if loyalty_cards is not None:
-        session["loyaltyCards"] = list(loyalty_cards)
+        session["loyaltyCards"] = _strings(loyalty_cards, "loyalty_cards")
     if state is not None:
         session["state"] = state
     if cart_items is not None:
@@ -265,7 +274,7 @@ def update_command(
     if additional_costs is not None:
         session["additionalCosts"] = _costs(additional_costs)
     if identifiers is not None:
-        session["identifiers"] = list(identifiers)
+        session["identifiers"] = _strings(identifiers, "identifiers")
     if attributes is not None:
         session["attributes"] = _plain(attributes)
     doc = _envelope("update", integration_id, event_id, application_id)

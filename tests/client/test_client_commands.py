@@ -119,6 +119,24 @@ def test_every_command_gets_its_own_event_id_unless_one_is_given() -> None:
     assert cancel_command("cart-1", event_id="mine")["eventId"] == "mine"
 
 
+def test_an_empty_event_id_is_refused_not_replaced() -> None:
+    """`--event-id "$ID"` with $ID unset got a new id on every retry, so a
+    retried return could apply twice; the contract refuses "" as an eventId."""
+    command = reopen_command("cart-1", event_id="")
+    assert command["eventId"] == ""
+    with pytest.raises(CommandRejectedError) as refused:
+        validate_command(command)
+    assert refused.value.pointer == "/eventId"
+
+
+@pytest.mark.parametrize("field", ["coupon_codes", "loyalty_cards", "identifiers"])
+def test_a_string_where_a_list_of_strings_goes_is_refused(field: str) -> None:
+    """update_command(coupon_codes="SUMMER24") sent eight one-letter coupons."""
+    with pytest.raises(TypeError, match=f"{field} is a list of strings, not a string"):
+        update_command("cart-1", **{field: "SUMMER24"})
+    assert update_command("cart-1", **{field: ["SUMMER24"]})["session"]
+
+
 def _session(**fields: Any) -> dict[str, Any]:
     return {"type": "update", "integrationId": "cart-1", "eventId": "e", "session": fields}
 
