@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import base64
 import logging
+import math
 import os
 import signal
 import sys
@@ -205,6 +206,9 @@ def _returned(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(
             f"expected POSITION[:QUANTITY] or SKU[:QUANTITY]: {text!r}"
         )
+    # "sku=" names a sku made of digits (an EAN, say), which would read as a position.
+    if ref.startswith("sku="):
+        return returned_item(sku=ref.removeprefix("sku="), quantity=quantity)
     if ref.isdigit():
         return returned_item(int(ref), quantity=quantity)
     return returned_item(sku=ref, quantity=quantity)
@@ -273,7 +277,7 @@ def _json_command(text: str | bytes) -> dict[str, Any]:
     return doc
 
 
-def _send_command(args: argparse.Namespace, stdin: TextIO) -> dict[str, Any]:
+def _send_command(args: argparse.Namespace, stdin: TextIO | None) -> dict[str, Any]:
     building = ("type", "integration_id", "event_id", "application_id", "return_item")
     flags_used = any(getattr(args, flag) is not None for flag in (*building, *_SESSION_FLAGS))
     if args.command_json is not None and flags_used:
@@ -284,6 +288,8 @@ def _send_command(args: argparse.Namespace, stdin: TextIO) -> dict[str, Any]:
         return _flag_command(args)
     if args.command_json is not None and args.command_json != "-":
         return _json_command(args.command_json)
+    if stdin is None:  # started with stdin closed
+        raise UsageError("no stdin: give the command as an argument or with --type")
     if args.command_json is None and stdin.isatty():
         raise UsageError("give a command: as JSON (argument or stdin) or with --type")
     # As bytes where there are (a pipe): JSON that is not UTF-8 is then a JSON
@@ -613,8 +619,22 @@ def _application_id(text: str) -> int:
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+        if not 0 < value < math.inf:  # nan is neither; inf never ends a wait
+            raise argparse.ArgumentTypeError(f"must be > 0 and finite, not {text}")
+        return value
+
+    return parse
+
+
+#: Sessions of `traffic` at most: their records are built in memory before the first is sent.
+MAX_TRAFFIC_SESSIONS: Final = 1_000_000
+
+
+def _at_most(bound: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 0 < value <= bound:
+            raise argparse.ArgumentTypeError(f"must be in 1..{bound}, not {text}")
         return value
 
     return parse
@@ -625,6 +645,10 @@ def _id_prefix(text: str) -> str:
 
     if len(text) > MAX_PREFIX:
         raise argparse.ArgumentTypeError(f"at most {MAX_PREFIX} characters, not {len(text)}")
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # bytes of the command line that are not UTF-8
+        raise argparse.ArgumentTypeError("not UTF-8") from None
     return text
 
 
@@ -713,8 +737,8 @@ def _add_send(sub: Any) -> None:
         action="append",
         type=_returned,
         metavar="POS[:QTY]",
-        help="with --type return: a cart position (or a sku) and the quantity "
-        "(default: all that is left); repeat for more lines",
+        help="with --type return: a cart position (or a sku; sku=DIGITS for a sku of "
+        "digits) and the quantity (default: all that is left); repeat for more lines",
     )
 
 
@@ -904,7 +928,12 @@ def build_parser() -> argparse.ArgumentParser:
             "The same seed gives the same records."
         ),
     )
-    traffic.add_argument("--sessions", type=_positive(int), default=200, help="default: 200")
+    traffic.add_argument(
+        "--sessions",
+        type=_at_most(MAX_TRAFFIC_SESSIONS),
+        default=200,
+        help=f"default: 200; at most {MAX_TRAFFIC_SESSIONS:,} (built in memory first)",
+    )
     traffic.add_argument("--seed", type=int, default=1, help="default: 1")
     traffic.add_argument(
         "--rate", type=_positive(float), default=None, help="records per second (default: max)"

@@ -195,3 +195,60 @@ def test_send_of_what_is_not_json_exits_2_not_a_traceback(
     assert result.returncode == 2, result.stderr
     assert b"Traceback" not in result.stderr
     assert (message or b"SCHEMA_VIOLATION at /: not writable as JSON") in result.stderr
+
+
+def test_a_return_item_of_digits_is_a_position_unless_named_a_sku() -> None:
+    """An EAN as sku could not be returned by flags: its digits read as a
+    position past the cart (UNKNOWN_CART_ITEM at the worker, after exit 0)."""
+    result = run(
+        "send", "--dry-run", "--type=return", "--integration-id=c",
+        "--return-item=3:1", "--return-item=sku=4006381333931:2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["returnedCartItems"] == [
+        {"position": 3, "quantity": 1},
+        {"sku": "4006381333931", "quantity": 2},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # nan compared false with 0 and passed: "did not answer within nans"
+        (["watch", "--seconds", "nan"], "--seconds: must be > 0 and finite, not nan"),
+        (["watch", "--seconds", "inf"], "--seconds: must be > 0 and finite, not inf"),
+        (["traffic", "--rate", "nan"], "--rate: must be > 0 and finite, not nan"),
+        # built in memory first: 1e20 sessions ran until killed
+        (["traffic", "--sessions", "99999999999999999999"], "--sessions: must be in 1..1000000"),
+    ],
+)
+def test_odd_numbers_are_usage_errors(args: list[str], message: str) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_traffic_refuses_a_prefix_that_is_not_utf8() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_app", "traffic", "--prefix", b"\xff"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"--prefix: not UTF-8" in result.stderr
+
+
+def test_send_with_stdin_closed_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_app", "send", "--dry-run"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.close(0),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "no stdin" in result.stderr
