@@ -361,12 +361,26 @@ def resolve_topic(settings: Settings, name: str) -> str:
     return str(getattr(settings.topics, field)) if field else name
 
 
-def _record_document(record: Any, *, metadata: bool) -> Any:
+def _shown_record(record: Any, *, metadata: bool) -> str:
+    """A record as tail prints it: its value as JSON, or in base64 when it is
+    not JSON or JSON that cannot be written again (nested past the 254 levels
+    orjson writes: a traceback before, and at every rerun, on that record)."""
+    from stream_app.demo.view import pretty
+
+    try:
+        return pretty(_record_document(record, metadata=metadata))
+    except TypeError:  # orjson.JSONEncodeError
+        return pretty(_record_document(record, metadata=metadata, raw=True))
+
+
+def _record_document(record: Any, *, metadata: bool, raw: bool = False) -> Any:
     from stream_app import json
 
     value: Any
     if record.value is None:
         value = None
+    elif raw:
+        value = {"valueBase64": base64.b64encode(record.value).decode("ascii")}
     else:
         try:
             value = json.loads(record.value)
@@ -401,7 +415,6 @@ async def tail(
     how many records it printed; raises LookupError when the topic does not exist."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from stream_app.demo.view import pretty
     from stream_app.pipeline.kafka import client_options, partition_count
 
     options = client_options(settings)
@@ -435,7 +448,7 @@ async def tail(
                 for record in batches[tp]:
                     if ends is not None and record.offset >= ends[tp]:
                         continue
-                    out(pretty(_record_document(record, metadata=metadata)))
+                    out(_shown_record(record, metadata=metadata))
                     printed += 1
                     if limit is not None and printed >= limit:
                         return printed

@@ -59,3 +59,22 @@ def test_tail_into_a_reader_that_stops_early_exits_quietly() -> None:
     assert first == ['{"record": 0}\n', '{"record": 1}\n']
     assert "Traceback" not in err
     assert "BrokenPipe" not in err
+
+
+def test_a_record_nested_past_what_can_be_written_again_is_shown_in_base64() -> None:
+    """Valid JSON nested 300 levels (a command's ignored field may nest 1,024)
+    parses, but orjson writes at most 254: tail failed with a traceback on it,
+    and again at every rerun."""
+    from types import SimpleNamespace
+
+    deep = b'{"type":"reopen","integrationId":"c","meta":' + b"[" * 300 + b"]" * 300 + b"}"
+    record = SimpleNamespace(
+        topic="sessions.commands", partition=0, offset=7, timestamp=0, key=b"c", value=deep
+    )
+    shown = cli._shown_record(record, metadata=True)
+    assert '"offset": 7' in shown
+    assert '"valueBase64"' in shown
+    plain = cli._shown_record(
+        SimpleNamespace(**{**vars(record), "value": b'{"a": 1}'}), metadata=False
+    )
+    assert plain == '{\n  "a": 1\n}'
