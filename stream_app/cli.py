@@ -300,7 +300,7 @@ def _send_command(args: argparse.Namespace, stdin: TextIO | None) -> dict[str, A
 
 def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     """Check a command with the client and send it (or only print it, ``--dry-run``)."""
-    from aiokafka.errors import KafkaError
+    from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
     from stream_app.client import (
         CommandRejectedError,
@@ -337,6 +337,20 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
     except CommandTopicMissingError as exc:
         print(f"stream-app send: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(
+            "stream-app send: interrupted; the command may have been sent: to send it "
+            f"again without a second effect, use its eventId {command['eventId']}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except MessageSizeTooLargeError as exc:  # a retry meets the same refusal
+        print(
+            f"stream-app send: not sent, Kafka refuses a record this large: {exc!r} (see "
+            "STREAM_APP_MAX_COMMAND_BYTES and the command topic's max.message.bytes)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     except KafkaError as exc:
         print(
             f"stream-app send: not sent to Kafka at {settings.bootstrap_servers}: {exc!r}; "
@@ -694,7 +708,8 @@ def _add_send(sub: Any) -> None:
             "  stream-app send --type cancel --integration-id cart-1\n"
             "\n"
             "exit status: 0 sent; 1 Kafka could not be reached (retry with the printed\n"
-            "eventId); 2 bad input (an invalid command is not sent)."
+            "eventId); 2 bad input (an invalid command is not sent, or a record larger\n"
+            "than Kafka takes); 130 interrupted (retry with the printed eventId)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

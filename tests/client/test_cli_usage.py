@@ -11,6 +11,7 @@ from importlib.metadata import version
 from typing import Any
 
 import pytest
+from aiokafka.errors import MessageSizeTooLargeError
 
 from stream_app import json
 from stream_app.cli import main
@@ -252,3 +253,40 @@ def test_send_with_stdin_closed_is_a_usage_error() -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "no stdin" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "said"),
+    [
+        # exit 1 said "retry", which meets the same refusal
+        (lambda: MessageSizeTooLargeError("1234567 bytes"), 2, "refuses a record this large"),
+        # exit 130, the eventId lost: the command could not be sent again safely
+        (KeyboardInterrupt, 130, "use its eventId e-42"),
+    ],
+)
+def test_send_says_what_to_do_when_kafka_refuses_or_the_user_interrupts(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    raised: Any,
+    code: int,
+    said: str,
+) -> None:
+    from stream_app import client
+
+    class _Client:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        async def __aenter__(self) -> _Client:
+            return self
+
+        async def __aexit__(self, *args: object) -> None:
+            pass
+
+        async def send(self, command: object) -> None:
+            raise raised()
+
+    monkeypatch.setattr(client, "SessionClient", _Client)
+    args = ["send", '{"type":"reopen","integrationId":"c","eventId":"e-42"}']
+    assert main(args) == code
+    assert said in capsys.readouterr().err
