@@ -1,5 +1,5 @@
 import sys
 
-from stream_app.cli import main
+from stream_app.console import main
 
 sys.exit(main())

@@ -24,6 +24,7 @@ from decimal import Decimal, InvalidOperation
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, NamedTuple, TextIO
 
+from stream_app.console import stop_before_start
 from stream_app.errors import ConfigurationError
 from stream_app.logs import configure_logging
 from stream_app.settings import Settings
@@ -841,6 +842,9 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
         except (URLError, OSError) as exc:
             print(f"stream-app inspect: no worker answered at {base}: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        except ValueError as exc:  # http.client.InvalidURL: a space, a control character
+            print(f"stream-app inspect: error: not a URL: {base} ({exc})", file=sys.stderr)
+            return EXIT_USAGE
     from stream_app import json
     from stream_app.demo.view import pretty
 
@@ -1018,11 +1022,8 @@ def run_config(settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "worker":
-        # Until the worker's own handlers are in place (its imports take about
-        # a second), SIGTERM ends it as they would: exit 0, nothing having
-        # started that needs stopping, rather than the signal's 143.
-        signal.signal(signal.SIGTERM, _stop_before_start)
+    if args.command == "worker":  # as stream_app.console does, for a call of main itself
+        signal.signal(signal.SIGTERM, stop_before_start)
     try:
         settings = Settings.from_env()
     except ConfigurationError as exc:
@@ -1032,10 +1033,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(settings, args)
     except KeyboardInterrupt:  # Ctrl-C: the worker handles it; the others just end
         return EXIT_INTERRUPTED
-
-
-def _stop_before_start(_signum: int, _frame: object) -> None:
-    raise SystemExit(0)
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:

@@ -252,8 +252,11 @@ class Settings(BaseSettings):
     def _bootstrap_list(cls, value: str) -> str:
         # aiokafka reads it only when the first client starts, and a bad port
         # ended there in a traceback.
-        for entry in value.split(","):
-            problem = _address_problem(entry.strip())
+        # Empty entries are skipped, as aiokafka's bootstrap skips what it cannot
+        # reach ("h:9092," from a template); at least one must be there.
+        entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+        for entry in entries or [""]:
+            problem = _address_problem(entry)
             if problem is not None:
                 raise ValueError(f"expected host:port, comma-separated: {problem}")
         return value
@@ -296,7 +299,7 @@ def _address_problem(entry: str) -> str | None:
     (``host``, ``host:port``, ``[ipv6]``, ``[ipv6]:port`` or a bare IPv6
     literal), or None."""
     if not entry:
-        return "an entry is empty"
+        return "no address"
     if entry.startswith("["):
         host, bracket, rest = entry[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):

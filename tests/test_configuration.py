@@ -95,6 +95,7 @@ def one_line(output: str) -> str:
             "'127.0.0.1:abc' has no port in 1..65535",
         ),
         ({"KAFKA_BOOTSTRAP_SERVERS": ""}, "KAFKA_BOOTSTRAP_SERVERS=: expected host:port"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": " , "}, "comma-separated: no address"),
     ],
 )
 def test_a_configuration_mistake_is_one_line_and_exit_2(
@@ -364,6 +365,32 @@ def test_sigterm_before_the_worker_runs_exits_zero(monkeypatch: pytest.MonkeyPat
     try:
         with pytest.raises(SystemExit) as stopped:
             cli.main(["worker"])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.code == 0
+
+
+def test_the_console_script_handles_sigterm_before_importing_the_cli(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handler in cli.main came only after the CLI's imports (a fifth of
+    a second): a SIGTERM before them still killed the worker (143)."""
+    from stream_app import cli, console
+
+    def not_handled(_signum: int, _frame: object) -> None:
+        raise AssertionError("no SIGTERM handler before the CLI ran")
+
+    def cli_main() -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 1
+
+    before = signal.signal(signal.SIGTERM, not_handled)
+    monkeypatch.setattr(cli, "main", cli_main)
+    monkeypatch.setattr(sys, "argv", ["stream-app", "worker"])
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            console.main()
     finally:
         signal.signal(signal.SIGTERM, before)
     assert stopped.value.code == 0
