@@ -807,6 +807,7 @@ def _add_inspect(sub: Any) -> None:
 
 def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     """GET the session from a worker and print it as indented JSON."""
+    from http.client import InvalidURL
     from urllib.error import HTTPError, URLError
     from urllib.parse import quote, urlsplit
     from urllib.request import urlopen
@@ -842,7 +843,7 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
         except (URLError, OSError) as exc:
             print(f"stream-app inspect: no worker answered at {base}: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        except ValueError as exc:  # http.client.InvalidURL: a space, a control character
+        except (ValueError, InvalidURL) as exc:  # a space, a control character
             print(f"stream-app inspect: error: not a URL: {base} ({exc})", file=sys.stderr)
             return EXIT_USAGE
     from stream_app import json

@@ -70,7 +70,9 @@ def test_inspect_does_not_retry_a_404(worker: str, capsys: pytest.CaptureFixture
     assert len(_Worker.paths) == 1
 
 
-@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:x"])
+@pytest.mark.parametrize(
+    "url", ["http://[::1", "http://127.0.0.1:x", "http://a b", "http://h\x01:1"]
+)
 def test_inspect_refuses_a_url_it_cannot_read(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """urlopen raised ValueError for these: a traceback and exit 1."""
     assert main(["inspect", "cart-1", "--url", url]) == 2

@@ -229,20 +229,27 @@ async def test_any_worker_answers_a_session_query_and_a_rebalance_gives_503_neve
     assert (await get(f"{urls[0]}/v2/customer_sessions/nobody?applicationId=1"))[0] == 404
     assert (await get(f"{urls[0]}/v2/customer_sessions/q-00001?applicationId=x"))[0] == 400
     assert (await get(f"{urls[1]}/v2/customer_sessions/q-00001?applicationId=7"))[0] == 404
-    # An escape that is not UTF-8 stays in the id as it is: the worker that
-    # forwards it and the owner see the same id (re-encoded, "%FF" was another).
-    odd = [f"%ff%fe{i}" for i in range(8)]
+    # Escapes as sent, in lower case: the worker that forwards and the owner
+    # read the same id (re-encoded as "%C3%BF" it would be the same, but an
+    # escape the forwarder rewrote could be another). One that is not UTF-8
+    # names no session: each worker says so itself.
+    odd = {f"%c3%bf{i}": f"\u00ff{i}" for i in range(8)}
     owners = {
         u
-        for iid in odd
+        for iid in odd.values()
         for u in urls
         if f"commands[{partition_for(iid.encode(), partitions)}]" in owned[u]
     }
     assert owners == set(urls)  # each worker answers for some itself, forwards the others
-    for iid in odd:
+    for escaped, iid in odd.items():
         for url in urls:
-            status, doc = await get(f"{url}/v2/customer_sessions/{iid}", raw=True)
+            status, doc = await get(f"{url}/v2/customer_sessions/{escaped}", raw=True)
             assert (status, doc["detail"]) == (404, f"no session {iid!r} in application 1")
+            status, doc = await get(f"{url}/v2/customer_sessions/%ff%fe", raw=True)
+            assert (status, doc["detail"]) == (
+                404,
+                "no session has an integrationId that is not UTF-8",
+            )
     # A request target in absolute form is answered (and forwarded) by its path.
     for url in urls:
         host, port = url.removeprefix("http://").split(":")
