@@ -628,6 +628,23 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _asyncapi_schema(node: Any) -> Any:
+    """A JSON Schema of msgspec's as AsyncAPI 3.0's Schema Object takes it: a
+    ``discriminator`` is the property's name (OpenAPI's is an object), and,
+    draft-07 ignoring what stands beside a ``$ref``, a ``$ref`` with other
+    keywords is put in an ``allOf``."""
+    if isinstance(node, list):
+        return [_asyncapi_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _asyncapi_schema(value) for key, value in node.items()}
+    if isinstance(out.get("discriminator"), dict):
+        out["discriminator"] = out["discriminator"]["propertyName"]
+    if "$ref" in out and len(out) > 1:
+        out = {"allOf": [{"$ref": out.pop("$ref")}], **out}
+    return out
+
+
 def asyncapi_document() -> dict[str, Any]:
     """The AsyncAPI 3.0 document of the worker: the topics it reads and writes."""
     topics = TopicNames()
@@ -639,6 +656,7 @@ def asyncapi_document() -> dict[str, Any]:
     for name, schema in zip(SCHEMA_FILES, top, strict=True):
         if "$ref" not in schema:  # the tagged unions: name them
             schemas[str(schema.get("title", name))] = schema
+    schemas = {name: _asyncapi_schema(schema) for name, schema in schemas.items()}
     by_integration_id = {
         "type": "string",
         "description": "The command's integrationId, UTF-8. Kafka's default partitioner "
@@ -658,14 +676,20 @@ def asyncapi_document() -> dict[str, Any]:
             _ref("RejectionRecord"),
             {
                 "type": ["string", "null"],
-                "description": "The rejected record's own key, as sent "
-                "(a prefix of a key of many KB: docs/contract.md, section 11).",
+                "description": "The rejected record's own key, as sent: its bytes, which "
+                "need not be UTF-8 (a prefix of a key of many KB, which may end inside a "
+                "character: docs/contract.md, section 11).",
             },
         ),
         "applicationSettings": _message(
             "Settings of one application (a tombstone removes them)",
             _ref("ApplicationSettingsRecord"),
-            {"type": "string", "pattern": "^[0-9]+$", "description": "The applicationId."},
+            {
+                "type": "string",
+                "pattern": "^[1-9][0-9]{0,9}$",
+                "description": "The applicationId written plainly, 1..2147483647 (a record "
+                "keyed otherwise, 07 say, is ignored).",
+            },
         ),
         "rekeyedCommand": _message(
             "A command that arrived with another key, re-keyed by its integrationId",

@@ -98,6 +98,23 @@ def test_asyncapi_document_names_every_topic_and_resolves_its_references() -> No
     # Each component schema in the AsyncAPI document is valid JSON Schema too.
     for component in document["components"]["schemas"].values():
         jsonschema.Draft202012Validator.check_schema(component)
+    # and an AsyncAPI 3.0 Schema Object: its discriminator is a property's name
+    # (msgspec writes OpenAPI's object), and as in draft-07 nothing stands
+    # beside a $ref, where it would be ignored (a return item's position-or-sku
+    # rule was).
+    for node in _nodes(document["components"]["schemas"]):
+        assert isinstance(node.get("discriminator", ""), str), node
+        assert "$ref" not in node or len(node) == 1, node
+
+
+def _nodes(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _nodes(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _nodes(value)
 
 
 def test_contract_names_the_pipeline_s_header_and_limits() -> None:
