@@ -198,6 +198,8 @@ class KafkaCluster:
     cache: Path = DEFAULT_CACHE
     start_timeout: float = 90.0
     secure: bool = False
+    #: group.initial.rebalance.delay.ms: 0 for quick joins in tests and the demo.
+    initial_rebalance_delay_ms: int = 0
     members: list[Node] = field(default_factory=list)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -253,7 +255,7 @@ class KafkaCluster:
                 f"transaction.state.log.replication.factor={replication}",
                 f"transaction.state.log.min.isr={min(2, replication)}",
                 "transaction.state.log.num.partitions=10",
-                "group.initial.rebalance.delay.ms=0",
+                f"group.initial.rebalance.delay.ms={self.initial_rebalance_delay_ms}",
                 "auto.create.topics.enable=false",
                 "log.flush.interval.messages=9223372036854775807",
                 "",
