@@ -46,7 +46,10 @@ def client_options(settings: Settings) -> dict[str, Any]:
         "bootstrap_servers": settings.bootstrap_servers,
         "security_protocol": sec.protocol,
     }
-    context = sec.ssl_context()
+    try:
+        context = sec.ssl_context()
+    except ValueError as exc:  # a file that loaded at start and no longer does
+        raise ConfigurationError(str(exc)) from None
     if context is not None:
         options["ssl_context"] = context
     if sec.protocol.startswith("SASL"):

@@ -187,3 +187,21 @@ def test_a_topic_the_principal_may_not_describe_is_no_missing_topic(
             asyncio.run(partition_count({}, "sessions.application-settings"))
     else:
         assert asyncio.run(partition_count({}, "t")) == expected
+
+
+def test_a_tls_file_that_stopped_loading_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checked with the settings at start; a file replaced since by one that
+    does not load (a rotation gone wrong) raised a ValueError from the next
+    client, which nothing above took for a configuration error."""
+    from stream_app.errors import ConfigurationError
+    from stream_app.pipeline.kafka import client_options
+    from stream_app.settings import KafkaSecurity, Settings
+
+    def no_longer(_self: object) -> None:
+        raise ValueError("STREAM_APP_SECURITY__SSL_CAFILE: /ca.pem holds no PEM certificate")
+
+    monkeypatch.setattr(KafkaSecurity, "ssl_context", no_longer)
+    with pytest.raises(ConfigurationError, match="holds no PEM certificate"):
+        client_options(Settings())
