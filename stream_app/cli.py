@@ -24,7 +24,7 @@ from decimal import Decimal, InvalidOperation
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, NamedTuple, TextIO
 
-from stream_app.console import stop_before_start
+from stream_app.console import remember_signals
 from stream_app.errors import ConfigurationError
 from stream_app.logs import configure_logging
 from stream_app.settings import Settings
@@ -1024,7 +1024,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "worker":  # as stream_app.console does, for a call of main itself
-        signal.signal(signal.SIGTERM, stop_before_start)
+        remember_signals()
     try:
         settings = Settings.from_env()
     except ConfigurationError as exc:

@@ -7,17 +7,29 @@ from __future__ import annotations
 import signal
 import sys
 
+#: Signals that came before the worker's own handlers were in place; the
+#: worker acts on them as soon as they are (stream_app.worker.run).
+early_signals: list[int] = []
+
 
 def main() -> int:
     if sys.argv[1:2] == ["worker"]:
-        # Until the worker's own handlers are in place (its imports take about
-        # a second), SIGTERM ends it as they would: exit 0, nothing having
-        # started that needs stopping, rather than the signal's 143.
-        signal.signal(signal.SIGTERM, stop_before_start)
+        remember_signals()
     from stream_app.cli import main as run
 
     return run()
 
 
-def stop_before_start(_signum: int, _frame: object) -> None:
-    raise SystemExit(0)
+def remember_signals() -> None:
+    """Until the worker's own handlers are in place (its imports take about a
+    second), SIGTERM is noted rather than fatal: the worker then stops at once
+    with exit 0, nothing having started that needs stopping, rather than
+    dying of the signal (143). Noted only: an exception raised wherever the
+    signal finds the process (inside a C extension's start, say) could
+    crash it."""
+    if signal.getsignal(signal.SIGTERM) is not _note:
+        signal.signal(signal.SIGTERM, _note)
+
+
+def _note(signum: int, _frame: object) -> None:
+    early_signals.append(signum)

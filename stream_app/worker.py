@@ -22,6 +22,7 @@ from typing import Any, Final, TypeVar
 
 from aiokafka.errors import BrokerResponseError, KafkaError, ProducerFenced
 
+from stream_app import console
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
 from stream_app.pipeline.engine import Engine
@@ -72,47 +73,56 @@ async def run(settings: Settings) -> int:
     loop.set_exception_handler(_quiet_fences)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    if console.early_signals:  # a SIGTERM before these handlers: stop now
+        on_signal(console.early_signals[0])
+
+    async def serve_and_run() -> int:
+        nonlocal engine
+        try:
+            _check_data_dir(settings)
+            layout = await _wait_for_kafka(settings, stopping)
+            if layout is None:
+                return 0
+            check_session_limit(settings, layout)
+            check_retention(settings, layout)
+            engine = Engine(settings, layout, registry)
+            engine.check_local_state()
+        except ConfigurationError as exc:
+            log.error("configuration error: %s", exc)  # noqa: TRY400
+            return EXIT_CONFIGURATION
+        web = await serve(settings, engine)
+        if web is None:
+            return EXIT_FAILED
+        host = settings.advertised_host or socket.gethostname()
+        engine.assignor.url = f"http://{host}:{web.port}"
+        # Everything alive now (modules, classes, settings: about 60,000 tracked
+        # objects) lives as long as the process. Frozen, Python's full collections
+        # skip it: they paused the event loop for 25-35 ms every few seconds under
+        # load, and take 4-7 ms frozen (docs/performance-history.md).
+        gc.collect()
+        gc.freeze()
+        try:
+            if stopping.is_set():
+                engine.stop()
+            await engine.run()
+        except ConfigurationError as exc:  # partitions added meanwhile, or an ACL missing
+            log.error("configuration error: %s", exc)  # noqa: TRY400 - one line, no traceback
+            return EXIT_CONFIGURATION
+        except Exception:
+            log.exception("the worker failed")
+            return EXIT_FAILED
+        finally:
+            await web.stop()
+        if not engine.stopped_cleanly:
+            log.error("stopped, but Kafka could not be reached to confirm it")
+            return EXIT_FAILED
+        return 0
+
     try:
-        _check_data_dir(settings)
-        layout = await _wait_for_kafka(settings, stopping)
-        if layout is None:
-            return 0
-        check_session_limit(settings, layout)
-        check_retention(settings, layout)
-        engine = Engine(settings, layout, registry)
-        engine.check_local_state()
-    except ConfigurationError as exc:
-        log.error("configuration error: %s", exc)  # noqa: TRY400
-        return EXIT_CONFIGURATION
-    web = await serve(settings, engine)
-    if web is None:
-        return EXIT_FAILED
-    host = settings.advertised_host or socket.gethostname()
-    engine.assignor.url = f"http://{host}:{web.port}"
-    # Everything alive now (modules, classes, settings: about 60,000 tracked
-    # objects) lives as long as the process. Frozen, Python's full collections
-    # skip it: they paused the event loop for 25-35 ms every few seconds under
-    # load, and take 4-7 ms frozen (docs/performance-history.md).
-    gc.collect()
-    gc.freeze()
-    try:
-        if stopping.is_set():
-            engine.stop()
-        await engine.run()
-    except ConfigurationError as exc:  # partitions added meanwhile, or an ACL missing
-        log.error("configuration error: %s", exc)  # noqa: TRY400 - one line, no traceback
-        return EXIT_CONFIGURATION
-    except Exception:
-        log.exception("the worker failed")
-        return EXIT_FAILED
-    finally:
-        await web.stop()
+        return await serve_and_run()
+    finally:  # on every path: a watchdog left running would end the process later
         for timer in watchdog:
             timer.cancel()
-    if not engine.stopped_cleanly:
-        log.error("stopped, but Kafka could not be reached to confirm it")
-        return EXIT_FAILED
-    return 0
 
 
 def _check_data_dir(settings: Settings) -> None:
