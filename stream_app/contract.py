@@ -628,20 +628,35 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+#: Keywords whose value maps names to schemas (the names are not keywords).
+_SCHEMA_MAPS: Final = frozenset({"properties", "patternProperties", "$defs", "dependentSchemas"})
+#: Keywords whose value is data, not a schema.
+_DATA: Final = frozenset({"examples", "default", "const", "enum"})
+
+
 def _asyncapi_schema(node: Any) -> Any:
-    """A JSON Schema of msgspec's as AsyncAPI 3.0's Schema Object takes it: a
-    ``discriminator`` is the property's name (OpenAPI's is an object), and,
-    draft-07 ignoring what stands beside a ``$ref``, a ``$ref`` with other
-    keywords is put in an ``allOf``."""
+    """A JSON Schema of msgspec's as AsyncAPI 3.0's Schema Object takes it:
+    without OpenAPI's ``discriminator`` object (AsyncAPI's is a property name,
+    which must be a required property of the schema itself: the ``oneOf`` and
+    its tags discriminate anyway), and, draft-07 ignoring what stands beside a
+    ``$ref``, a ``$ref`` with other keywords put in an ``allOf``."""
     if isinstance(node, list):
         return [_asyncapi_schema(item) for item in node]
     if not isinstance(node, dict):
         return node
-    out = {key: _asyncapi_schema(value) for key, value in node.items()}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DATA:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _asyncapi_schema(schema) for name, schema in value.items()}
+        else:
+            out[key] = _asyncapi_schema(value)
     if isinstance(out.get("discriminator"), dict):
-        out["discriminator"] = out["discriminator"]["propertyName"]
+        del out["discriminator"]
     if "$ref" in out and len(out) > 1:
-        out = {"allOf": [{"$ref": out.pop("$ref")}], **out}
+        ref = out.pop("$ref")
+        out["allOf"] = [{"$ref": ref}, *out.get("allOf", [])]
     return out
 
 

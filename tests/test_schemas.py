@@ -378,3 +378,27 @@ def test_internal_records_validate_against_their_schemas() -> None:
     ((name, header),) = rekeyed.headers
     assert name == "stream-app-origin"
     assert origin.is_valid(json.loads(header))
+
+
+def test_asyncapi_rewriting_leaves_property_names_and_data_alone() -> None:
+    """Fields named like keywords, examples, and a $ref beside an allOf."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "discriminator": {"type": "string"},
+            "$ref": {"type": "string", "examples": [{"$ref": 1, "z": 1}]},
+            "tagged": {"oneOf": [], "discriminator": {"propertyName": "kind"}},
+            "both": {"$ref": "#/a", "allOf": [{"$ref": "#/b"}], "description": "x"},
+        },
+        "required": ["discriminator", "$ref"],
+    }
+    rewritten = contract._asyncapi_schema(schema)
+    properties = rewritten["properties"]
+    assert properties["discriminator"] == {"type": "string"}
+    assert properties["$ref"] == {"type": "string", "examples": [{"$ref": 1, "z": 1}]}
+    assert properties["tagged"] == {"oneOf": []}
+    assert properties["both"] == {
+        "allOf": [{"$ref": "#/a"}, {"$ref": "#/b"}],
+        "description": "x",
+    }
+    assert rewritten["required"] == ["discriminator", "$ref"]
