@@ -259,7 +259,8 @@ class Settings(BaseSettings):
             problem = _address_problem(entry)
             if problem is not None:
                 raise ValueError(f"expected host:port, comma-separated: {problem}")
-        return value
+        # Without the empty entries: aiokafka would try to reach "" and log an ERROR.
+        return ",".join(entries)
 
     @field_validator("application_settings_file")
     @classmethod
