@@ -379,7 +379,13 @@ def test_sigterm_before_the_worker_runs_is_noted_and_stops_it_at_once(
         assert asyncio.run(asyncio.wait_for(worker.run(settings), 20)) == 0
         # Its stop's watchdog ended with it: left running, it would end the
         # process (here, pytest) when its bound ran out.
-        timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
-        assert not [t for t in timers if t.is_alive()]
+        watchdogs = [
+            t
+            for t in threading.enumerate()
+            if isinstance(t, threading.Timer) and t.function is worker._give_up
+        ]
+        for watchdog in watchdogs:
+            watchdog.join(timeout=5)  # a cancelled one ends at once; a live one waits its bound
+        assert not [t for t in watchdogs if t.is_alive()]
     finally:
         signal.signal(signal.SIGTERM, before)
