@@ -63,3 +63,9 @@ def test_the_readme_lists_every_setting() -> None:
         if not listed:
             missing.append(name)
     assert missing == []
+
+
+def test_the_bootstrap_list_loses_its_empty_entries() -> None:
+    """ "h:9092," from a template is accepted, as aiokafka accepted it, but
+    passed on as it was aiokafka tried to reach "" and logged an ERROR."""
+    assert Settings(bootstrap_servers="h:9092, ,k:9093,").bootstrap_servers == "h:9092,k:9093"
