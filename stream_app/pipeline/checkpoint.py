@@ -379,10 +379,19 @@ class Checkpoint:
             pending = [future for future in self._sends if not future.done()]
             if pending:
                 await asyncio.wait(pending, timeout=_SEND_OUTCOME_WAIT_S)
-        for future in self._sends:
-            if refused is None and future.done() and not future.cancelled():
-                refused = not_authorized(future.exception())
+        for error in self._send_errors():
+            refused = refused or not_authorized(error)
         return refused
+
+    def _send_errors(self) -> list[BaseException]:
+        """The errors of this transaction's sends that failed, in the order sent."""
+        return [
+            error
+            for future in self._sends
+            if future.done() and not future.cancelled()
+            for error in (future.exception(),)
+            if error is not None
+        ]
 
     def _sender_failure(self, exc: BaseException) -> BaseException | None:
         """What killed the producer's sender when a send says so and it is not
@@ -392,21 +401,15 @@ class Checkpoint:
         fenced, it was dropped, its partitions idle until the group rejoined."""
         if isinstance(exc, ProducerFenced):
             return None
-        failures = [
-            future.exception()
-            for future in self._sends
-            if future.done() and not future.cancelled() and future.exception() is not None
-        ]
+        failures = self._send_errors()
         if any(isinstance(failure, ProducerFenced) for failure in failures):
             return None
         return failures[0] if failures else None
 
     def _fence_cause(self, exc: BaseException) -> str:
         """The sends failed with the sender's own error (ProducerFenced, usually)."""
-        for future in self._sends:
-            if future.done() and not future.cancelled() and future.exception() is not None:
-                return f"producer unusable: {future.exception()!r}"
-        return f"producer unusable: {exc!r}"
+        failures = self._send_errors()
+        return f"producer unusable: {(failures[0] if failures else exc)!r}"
 
     async def _fail(self, *, abort: bool = True) -> None:
         self.closed = True
