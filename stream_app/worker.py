@@ -25,7 +25,7 @@ from aiokafka.errors import BrokerResponseError, KafkaError, ProducerFenced
 from stream_app import console
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
-from stream_app.pipeline.engine import Engine
+from stream_app.pipeline.engine import Engine, usable_state_dir
 from stream_app.pipeline.kafka import client_options, not_authorized, refusal
 from stream_app.pipeline.topics import (
     TopicLayout,
@@ -79,7 +79,7 @@ async def run(settings: Settings) -> int:
     async def serve_and_run() -> int:
         nonlocal engine
         try:
-            _check_data_dir(settings)
+            usable_state_dir(settings)
             layout = await _wait_for_kafka(settings, stopping)
             if layout is None:
                 return 0
@@ -123,25 +123,6 @@ async def run(settings: Settings) -> int:
     finally:  # on every path: a watchdog left running would end the process later
         for timer in watchdog:
             timer.cancel()
-
-
-def _check_data_dir(settings: Settings) -> None:
-    """A state directory the worker cannot create or write, said before any
-    broker call (the engine checks what is in it once it knows the partitions)."""
-    state_dir = settings.data_dir / settings.app_id
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        writable = os.access(state_dir, os.W_OK | os.X_OK)
-    except OSError as exc:
-        why = str(exc)
-    else:
-        if writable:
-            return
-        why = "not writable"
-    raise ConfigurationError(
-        f"STREAM_APP_DATA_DIR={settings.data_dir}: cannot use the state directory "
-        f"{state_dir}: {why}"
-    )
 
 
 async def serve(settings: Settings, engine: Engine) -> WebServer | None:

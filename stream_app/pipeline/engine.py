@@ -34,6 +34,7 @@ import os
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
@@ -279,9 +280,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def check_local_state(self) -> None:
         """Create the state directory; refuse local state built for another partition count."""
-        layout = self.state_dir / _LAYOUT_FILE
+        layout = usable_state_dir(self.settings) / _LAYOUT_FILE
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
             if not layout.exists():
                 # Written aside and renamed into place: a worker starting beside
                 # this one in the same directory never reads it half-written.
@@ -291,10 +291,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 return
             recorded = json.loads(layout.read_bytes()).get("partitions")
         except OSError as exc:
-            raise ConfigurationError(
-                f"STREAM_APP_DATA_DIR={self.settings.data_dir}: cannot use the state "
-                f"directory {self.state_dir}: {exc}"
-            ) from exc
+            raise _unusable_state_dir(self.settings, exc) from exc
         except (json.JSONDecodeError, AttributeError) as exc:
             raise ConfigurationError(
                 f"{layout} is not the layout file the worker writes ({exc}): if it was "
@@ -1096,6 +1093,27 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             if task_id not in self._tasks:
                 self._begin_start(stage, partition)
         log.info("assigned %d task(s)", started)
+
+
+def usable_state_dir(settings: Settings) -> Path:
+    """The worker's state directory (``STREAM_APP_DATA_DIR``/app id), created;
+    raises ConfigurationError, one line, when it cannot be created or written.
+    The worker checks it before any broker call, the engine again as it reads it."""
+    state_dir = settings.data_dir / settings.app_id
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")  # said as an OSError would be
+    except OSError as exc:
+        raise _unusable_state_dir(settings, exc) from exc
+    return state_dir
+
+
+def _unusable_state_dir(settings: Settings, why: OSError) -> ConfigurationError:
+    return ConfigurationError(
+        f"STREAM_APP_DATA_DIR={settings.data_dir}: cannot use the state directory "
+        f"{settings.data_dir / settings.app_id}: {why}"
+    )
 
 
 async def _first(*aws: Any) -> None:
