@@ -633,17 +633,6 @@ def run_topics_create(settings: Settings, partitions: int | None) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def _application_id(text: str) -> int:
-    """An applicationId, 1..2147483647, as the contract has it."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 < value <= 2_147_483_647:
-        raise argparse.ArgumentTypeError(f"must be in 1..2147483647, not {text}")
-    return value
-
-
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = kind(text)
@@ -654,13 +643,20 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     return parse
 
 
+#: The largest applicationId (the contract's int32 range).
+APPLICATION_ID_MAX: Final = 2_147_483_647
 #: Sessions of `traffic` at most: their records are built in memory before the first is sent.
 MAX_TRAFFIC_SESSIONS: Final = 1_000_000
 
 
 def _at_most(bound: int) -> Callable[[str], int]:
+    """An integer in 1..``bound``."""
+
     def parse(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if not 0 < value <= bound:
             raise argparse.ArgumentTypeError(f"must be in 1..{bound}, not {text}")
         return value
@@ -794,7 +790,7 @@ def _add_inspect(sub: Any) -> None:
     )
     inspect.add_argument(
         "--application-id",
-        type=_application_id,
+        type=_at_most(APPLICATION_ID_MAX),
         default=None,
         help="default: STREAM_APP_DEFAULT_APPLICATION_ID (1)",
     )
