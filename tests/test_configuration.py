@@ -6,6 +6,7 @@ closed port, so a broker call would only show up as retries)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from asyncio import Event
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,47 @@ def run(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 30) ->
         check=False,
     )
     return done.returncode, done.stderr + done.stdout
+
+
+@contextlib.contextmanager
+def silent_broker() -> Iterator[str]:
+    """The address of a listener that accepts connections and answers nothing
+    (a broker stuck, a proxy without its backend)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        yield f"127.0.0.1:{silent.getsockname()[1]}"
+    finally:
+        silent.close()
+
+
+def signalled(
+    args: list[str], env: dict[str, str], cwd: Path, signum: int, *, after: float
+) -> tuple[int, str]:
+    """`stream-app ARGS` sent ``signum`` ``after`` seconds: its exit status and
+    output (killed if it has not ended 30 s later)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_app", *args],
+        env={**base, **env},
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # A shell runs a background job with SIGINT ignored, and Python then
+        # keeps it so: as a terminal's Ctrl-C finds it, whatever ran pytest.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        time.sleep(after)
+        proc.send_signal(signum)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, output
 
 
 def one_line(output: str) -> str:
@@ -219,79 +262,38 @@ def test_a_worker_waiting_on_a_broker_that_never_answers_stops_at_once(tmp_path:
     request timeout, 40 s; SIGTERM meanwhile waited for it, hit the 10 s
     shutdown bound and exited 1, saying uncommitted records would be processed
     again, though the worker owned nothing."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
-    bootstrap = f"127.0.0.1:{silent.getsockname()[1]}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stream_app", "worker"],
-        env={**base, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "STREAM_APP_HTTP_PORT": "0"},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        time.sleep(3)  # started, and connected to the listener
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=30)
-    finally:
-        silent.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    with silent_broker() as bootstrap:
+        code, output = signalled(
+            ["worker"],
+            {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "STREAM_APP_HTTP_PORT": "0"},
+            tmp_path,
+            signal.SIGTERM,
+            after=3,  # started, and connected to the listener
+        )
     assert "could not stop cleanly" not in output
     assert "Traceback" not in output
-    assert proc.returncode == 0, output
+    assert code == 0, output
 
 
 @pytest.mark.parametrize("command", [["watch"], ["tail", "closed"], ["topics", "create"]])
 def test_ctrl_c_ends_a_command_quietly(command: list[str], tmp_path: Path) -> None:
     """Ctrl-C while a command waits on a broker that does not answer printed
     a KeyboardInterrupt traceback."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stream_app", *command],
-        env={**base, "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{silent.getsockname()[1]}"},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        # A shell runs a background job with SIGINT ignored, and Python then
-        # keeps it so: as a terminal's Ctrl-C finds it, whatever ran pytest.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
-        time.sleep(2)
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=30)
-    finally:
-        silent.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    with silent_broker() as bootstrap:
+        code, output = signalled(
+            command, {"KAFKA_BOOTSTRAP_SERVERS": bootstrap}, tmp_path, signal.SIGINT, after=2
+        )
     assert "Traceback" not in output
-    assert proc.returncode == 130, output
+    assert code == 130, output
 
 
 def test_watch_keeps_to_its_seconds_with_a_broker_that_never_answers(tmp_path: Path) -> None:
     """`watch --seconds 5` took 52 s: its first probe waited for aiokafka's
     40 s request timeout, and more, before the deadline applied."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    try:  # run() gives up after 30 s
+    with silent_broker() as bootstrap:  # run() gives up after 30 s
         code, output = run(
-            ["watch", "--seconds", "3"],
-            {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{silent.getsockname()[1]}"},
-            tmp_path,
+            ["watch", "--seconds", "3"], {"KAFKA_BOOTSTRAP_SERVERS": bootstrap}, tmp_path
         )
-    finally:
-        silent.close()
     assert code == 1
     assert "did not answer within 3s" in output
 
