@@ -406,6 +406,16 @@ def worker_env(bootstrap: str, name: str, workdir: Path, guarantee: str, command
                                  "STREAM_APP_LOG_LEVEL": "INFO", **overrides})
 
 
+#: The outputs the workload expects, and only those: a rejection or a reopen
+#: counted in their place would end a window early, and a close rejected
+#: instead of written would pass unseen.
+EXPECTED_KINDS = ("closed", "returned", "cancelled")
+
+
+def expected_topics(d: Deployment) -> list[str]:
+    return [getattr(d.topics, kind) for kind in EXPECTED_KINDS]
+
+
 async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse.Namespace,
                    overrides: dict[str, str]) -> dict[str, Result]:
     run_id = f"bench{int(time.time())}"
@@ -443,10 +453,7 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
                            overrides)
             result = Result(label, total, work.expected_outputs)
             argv = [python, "-m", "stream_app", "worker"]
-            # The outputs the workload expects, and only those: a rejection or a
-            # reopen counted in their place would end the window early, and a
-            # close rejected instead of written would pass unseen.
-            env, outputs = d.env(), [d.topics.closed, d.topics.cancelled, d.topics.returned]
+            env, outputs = d.env(), expected_topics(d)
             if name == "engine-quix":
                 argv = [python, str(ROOT / "bench" / "engine_contender.py")]
             if args.profile:
@@ -468,8 +475,7 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
         results["other"] = await run_contender(
             bootstrap, Result(label, total, work.expected_outputs),
             [str(other / ".venv" / "bin" / "python"), "-m", "stream_app", "worker"],
-            d.env(), [d.topics.closed, d.topics.cancelled, d.topics.returned],
-            workdir / "other.log", cwd=other)
+            d.env(), expected_topics(d), workdir / "other.log", cwd=other)
     return results
 
 
@@ -494,7 +500,7 @@ async def latency_run(bootstrap: str, rate: float, seconds: float, workdir: Path
                 bootstrap, d.topics.commands, sink, name]
         env = dict(os.environ)
     else:
-        kinds = {getattr(d.topics, k): k for k in ("closed", "returned", "cancelled")}
+        kinds = dict(zip(expected_topics(d), EXPECTED_KINDS, strict=True))
         argv, env = [sys.executable, "-m", "stream_app", "worker"], d.env()
     await create_topics(bootstrap, [d.topics.commands, *kinds], PARTITIONS)
 
