@@ -133,26 +133,24 @@ async def serve(settings: Settings, engine: Engine) -> WebServer | None:
     otherwise (the group's assignment advertises the port bound); a port set
     explicitly is that port or nothing."""
     web = WebServer(settings, engine)
+    port = settings.http_port
     try:
-        await web.start()
-    except OSError as exc:
-        if "http_port" in settings.model_fields_set or exc.errno != errno.EADDRINUSE:
-            log.error(  # noqa: TRY400 - one line, no traceback
-                "cannot serve HTTP on %s:%d: %s", settings.http_host, settings.http_port, exc
-            )
-            await web.stop()
-            return None
-        log.warning(
-            "port %d is taken (another worker on this host?): serving HTTP on a free port "
-            "instead; set STREAM_APP_HTTP_PORT to choose one",
-            settings.http_port,
-        )
         try:
-            await web.start(port=0)
-        except OSError as again:
-            log.error("cannot serve HTTP on %s: %s", settings.http_host, again)  # noqa: TRY400
-            await web.stop()
-            return None
+            await web.start()
+        except OSError as exc:
+            if "http_port" in settings.model_fields_set or exc.errno != errno.EADDRINUSE:
+                raise
+            log.warning(
+                "port %d is taken (another worker on this host?): serving HTTP on a free port "
+                "instead; set STREAM_APP_HTTP_PORT to choose one",
+                port,
+            )
+            port = 0
+            await web.start(port=port)
+    except OSError as exc:
+        log.error("cannot serve HTTP on %s:%d: %s", settings.http_host, port, exc)  # noqa: TRY400
+        await web.stop()
+        return None
     return web
 
 
