@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -74,3 +75,23 @@ def test_java_home_is_preferred_to_the_path(
     home = _fake_java(tmp_path, "21")
     monkeypatch.setenv("JAVA_HOME", str(home))
     assert kafka_broker.java_command() == str(home / "bin" / "java")
+
+
+def test_a_port_taken_before_kafka_binds_it_starts_the_broker_on_other_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process takes the port free_port found free, before the JVM binds it.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picked = [taken.getsockname()[1]]
+    real_free_port = kafka_broker.free_port
+
+    def racing_free_port() -> int:
+        return picked.pop() if picked else real_free_port()
+
+    monkeypatch.setattr(kafka_broker, "free_port", racing_free_port)
+    with taken, kafka_broker.KafkaCluster(tmp_path / "broker") as cluster:
+        port = cluster.members[0].port
+        assert port != taken.getsockname()[1]
+        assert kafka_broker.metadata_brokers("127.0.0.1", port) == 1

@@ -172,6 +172,15 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+class PortTakenError(RuntimeError):
+    """A node could not bind a port :func:`free_port` had found free: another
+    process took it in between."""
+
+
+#: Starts tried, with new ports each, when a port was taken before Kafka bound it.
+START_ATTEMPTS: Final = 3
+
+
 @dataclass
 class Node:
     node_id: int
@@ -263,6 +272,19 @@ class KafkaCluster:
         )
 
     def start(self) -> KafkaCluster:
+        """Start the nodes and wait until each answers. Ports are picked free
+        but bound only by the JVM, so another process can take one in
+        between: then the start is tried again with new ports."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return self._start_once()
+            except PortTakenError as exc:
+                if attempt == START_ATTEMPTS:
+                    raise
+                print(f"{exc}: starting again on other ports", file=sys.stderr)
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> KafkaCluster:
         lib = fetch(self.cache, self.version)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.members = [
@@ -341,11 +363,16 @@ class KafkaCluster:
         deadline = time.monotonic() + self.start_timeout
         pending = list(self.members)
         while pending:
-            for proc in self._procs:
+            for member, proc in zip(self.members, self._procs, strict=True):
                 if proc.poll() is not None:
-                    log = self.members[0].data_dir / "server.log"
-                    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-                    raise RuntimeError(f"Kafka exited with {proc.returncode}\n{tail}")
+                    logs = (member.data_dir / "server.log", member.data_dir / "stdout.log")
+                    text = "".join(log.read_text(errors="replace") for log in logs if log.exists())
+                    if "Address already in use" in text:
+                        raise PortTakenError(
+                            f"Kafka node {member.node_id} found a port taken "
+                            f"({member.port}, {member.controller_port} or {member.secure_port})"
+                        )
+                    raise RuntimeError(f"Kafka exited with {proc.returncode}\n{text[-3000:]}")
             node = pending[0]
             with contextlib.suppress(OSError, ConnectionError, struct.error):
                 if metadata_brokers("127.0.0.1", node.port) >= self.nodes:
