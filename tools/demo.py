@@ -12,8 +12,9 @@
 5. stops the worker (SIGTERM, SIGKILL to its process group after 30 s) and
    the broker, also on Ctrl-C, SIGTERM or any error, so no process is left.
 
-Exit status: 0 when output arrived downstream, 1 when nothing did or the demo
-failed, 130 when interrupted.
+Exit status: 0 when every output a correct processor gives arrived downstream,
+no other, and the worker ran until stopped and stopped cleanly; 1 otherwise
+(saying why), or when the demo failed; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -204,6 +205,15 @@ def print_summary(summary: TrafficSummary, result: ViewResult) -> None:
         print(pretty(sample), flush=True)
 
 
+def shortfalls(summary: TrafficSummary, result: ViewResult) -> list[str]:
+    """What differs from the outputs a correct processor gives, one line each."""
+    return [
+        f"{kind}: {result.counts.get(kind, 0)} arrived, {summary.expected.get(kind, 0)} expected"
+        for kind in OUTPUT_KINDS
+        if result.counts.get(kind, 0) != summary.expected.get(kind, 0)
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     """The demo; raises on failure. Cleans up in its own ``finally``."""
     _stop_leftovers()
@@ -231,14 +241,12 @@ def run(args: argparse.Namespace) -> int:
             produce_and_watch(settings, worker, args.sessions, args.seed, args.timeout)
         )
         print_summary(summary, result)
+        failures = shortfalls(summary, result)
         if worker.exited():
+            failures.append(f"{worker.exited()} before it was stopped")
             say(f"{worker.exited()}; the end of its log:\n{worker.log_tail()}")
-        if result.total == 0:
-            say("nothing arrived downstream")
-            if worker.proc.poll() is None:
-                print(worker.log_tail(), flush=True)
-            return 1
-        return 0
+        elif failures:
+            print(worker.log_tail(), flush=True)
     finally:
         # A second Ctrl-C must not cut the clean-up short.
         for sig in _HANDLED_SIGNALS:
@@ -251,6 +259,12 @@ def run(args: argparse.Namespace) -> int:
             cluster.stop()
             pids = ", ".join(str(n.pid) for n in cluster.members if n.pid is not None)
             say(f"broker {pids} stopped" if pids else "no broker was running")
+    if worker.proc.returncode != 0 and not failures:
+        failures.append(f"the worker stopped with status {worker.proc.returncode}")
+    if failures:
+        say("the demo FAILED: " + "; ".join(failures))
+        return 1
+    return 0
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> Any:
