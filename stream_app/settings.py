@@ -15,7 +15,9 @@ security protocol, ...) ignore case.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -262,6 +264,20 @@ class Settings(BaseSettings):
         # Without the empty entries: aiokafka would try to reach "" and log an ERROR.
         return ",".join(entries)
 
+    @field_validator("http_host", "advertised_host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        # "": every interface for http_host (aiohttp's host=""), this machine's
+        # host name for advertised_host, as unset.
+        if not value:
+            return value
+        if value.startswith("[") and value.endswith("]"):
+            value = value[1:-1]  # an IPv6 address as URLs write it
+        problem = _host_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
     @field_validator("application_settings_file")
     @classmethod
     def _settings_file_exists(cls, value: Path | None) -> Path | None:
@@ -293,6 +309,21 @@ class Settings(BaseSettings):
                 f"{name}{_shown(name, env)}: not a JSON object; or set its fields one by "
                 f"one, as {name}__<FIELD>"
             ) from None
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` is neither an IP address nor a host name, or None. (A name
+    that does not resolve is found when it is used.)"""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return None
+    if not host or any(c.isspace() or c in "/:@?#[]%\\" for c in host):
+        return f"{host!r} is not a host name or an IP address"
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        return f"{host!r} is not a host name ({exc})"
+    return None
 
 
 def _address_problem(entry: str) -> str | None:

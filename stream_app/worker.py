@@ -93,8 +93,7 @@ async def run(settings: Settings) -> int:
         web = await serve(settings, engine)
         if web is None:
             return EXIT_FAILED
-        host = settings.advertised_host or socket.gethostname()
-        engine.assignor.url = f"http://{host}:{web.port}"
+        engine.assignor.url = advertised_url(settings, web.port)
         # Everything alive now (modules, classes, settings: about 60,000 tracked
         # objects) lives as long as the process. Frozen, Python's full collections
         # skip it: they paused the event loop for 25-35 ms every few seconds under
@@ -125,6 +124,13 @@ async def run(settings: Settings) -> int:
             timer.cancel()
 
 
+def advertised_url(settings: Settings, port: int) -> str:
+    """Where other workers reach this one's HTTP server (sent to them in the
+    group's assignment, for forwarded queries)."""
+    host = settings.advertised_host or socket.gethostname()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 async def serve(settings: Settings, engine: Engine) -> WebServer | None:
     """The worker's HTTP server, listening; None when it cannot (logged).
 
@@ -147,7 +153,7 @@ async def serve(settings: Settings, engine: Engine) -> WebServer | None:
             )
             port = 0
             await web.start(port=port)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a host name IDNA refuses
         log.error("cannot serve HTTP on %s:%d: %s", settings.http_host, port, exc)  # noqa: TRY400
         await web.stop()
         return None

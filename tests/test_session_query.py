@@ -307,3 +307,19 @@ async def test_without_a_routing_map_a_worker_answers_for_its_own_partitions(
 
     engine._tasks[TaskId("commands", 0)] = _Here()  # type: ignore[assignment]
     assert engine.session_lookup(1, "cart-1") == Lookup(found=True, stored=b"stored")
+
+
+@pytest.mark.parametrize("owner", ["http://fd00::1:8080", "http://a..b:8080"])
+async def test_an_owner_url_that_cannot_be_read_is_a_503_not_a_500(
+    tmp_path: Path, owner: str
+) -> None:
+    """The owner's URL is what it advertised; a worker that advertised one
+    yarl cannot read made every query forwarded to it a 500 and a traceback."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    engine.session_lookup = lambda *_: Lookup(owner=owner)  # type: ignore[method-assign]
+    web_server = WebServer(settings, engine)
+    async with TestServer(web_server.app) as server, ClientSession() as http:
+        answer = await http.get(server.make_url("/v2/customer_sessions/c-1"))
+        assert answer.status == 503
+        assert (await answer.json())["detail"] == "the session's owner did not answer"

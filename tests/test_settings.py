@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
+from yarl import URL
 
 from stream_app.errors import ConfigurationError
 from stream_app.settings import Settings, known_variables
+from stream_app.worker import advertised_url
 
 
 def test_defaults_are_the_documented_topics_and_exactly_once() -> None:
@@ -69,3 +72,43 @@ def test_the_bootstrap_list_loses_its_empty_entries() -> None:
     """ "h:9092," from a template is accepted, as aiokafka accepted it, but
     passed on as it was aiokafka tried to reach "" and logged an ERROR."""
     assert Settings(bootstrap_servers="h:9092, ,k:9093,").bootstrap_servers == "h:9092,k:9093"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("STREAM_APP_HTTP_HOST", "a..b"),  # IDNA refuses it: aiohttp raised UnicodeError
+        ("STREAM_APP_HTTP_HOST", "x" * 64 + ".example"),
+        ("STREAM_APP_ADVERTISED_HOST", "stream-app-0.stream-app:8080"),  # a port
+        ("STREAM_APP_ADVERTISED_HOST", "http://stream-app-0"),
+        ("STREAM_APP_ADVERTISED_HOST", "two words"),
+    ],
+)
+def test_a_host_that_is_no_host_name_or_address_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """Each was accepted: the HTTP server then failed with a traceback after
+    Kafka was reached, or every query forwarded to the worker was a 500."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=f"^{name}="):
+        Settings.from_env()
+
+
+@pytest.mark.parametrize(
+    ("advertised", "url"),
+    [
+        ("stream-app-0.stream-app", "http://stream-app-0.stream-app:8080"),
+        ("10.1.2.3", "http://10.1.2.3:8080"),
+        ("fd00::1", "http://[fd00::1]:8080"),
+        ("[fd00::1]", "http://[fd00::1]:8080"),
+    ],
+)
+def test_the_advertised_url_brackets_an_ipv6_address(advertised: str, url: str) -> None:
+    assert advertised_url(Settings(advertised_host=advertised), 8080) == url
+    assert URL(url).port == 8080
+
+
+def test_an_empty_host_is_every_interface_or_this_machine() -> None:
+    settings = Settings(http_host="", advertised_host="")
+    assert settings.http_host == ""
+    assert advertised_url(settings, 1) == f"http://{socket.gethostname()}:1"

@@ -155,11 +155,13 @@ class WebServer:
         # the applicationId checked above: other parameters mean nothing here,
         # and raw bytes among them could not be sent on.
         query = "" if application_id is None else f"?applicationId={application_id}"
-        url = URL(owner.rstrip("/") + request.rel_url.raw_path + query, encoded=True)
         if self._client is None:
             connector = TCPConnector(limit=_FORWARD_CONNECTIONS)
             self._client = ClientSession(connector=connector, timeout=_FORWARD_TIMEOUT)
         try:
+            # The owner's URL is what it advertised: a worker of another
+            # version may have advertised one that cannot be read (ValueError).
+            url = URL(owner.rstrip("/") + request.rel_url.raw_path + query, encoded=True)
             async with self._client.get(url, headers={FORWARDED_HEADER: "1"}) as answer:
                 body = await answer.read()
                 # The owner's 503 says when to ask again: `stream-app inspect` waits on it.
@@ -170,7 +172,7 @@ class WebServer:
                     content_type="application/json",
                     headers={"Retry-After": retry_after} if retry_after is not None else None,
                 )
-        except (ClientError, TimeoutError) as exc:
+        except (ClientError, TimeoutError, ValueError) as exc:
             log.warning("forwarding %s to %s failed: %r", request.path_qs, owner, exc)
             return _problem(503, "the session's owner did not answer", retry=True)
 
