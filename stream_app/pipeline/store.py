@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
@@ -84,11 +85,18 @@ class _CorruptedStoreError(StoreError):
     """RocksDB found the database's files inconsistent (say, some deleted)."""
 
 
+#: How RocksDB says that CURRENT names a manifest that is not there (deleted,
+#: or CURRENT damaged): an IO error, not a Corruption, but as lasting.
+_MISSING_MANIFEST: Final = re.compile(r"^IO error: No such file or directory: .*/MANIFEST-\d+")
+
+
 def _rocksdb_error(problem: str, exc: Exception) -> StoreError:
     """``problem`` as the StoreError to raise for RocksDB's ``exc``: one that
     marks the database corrupt for RocksDB's Corruption status (files deleted,
-    a block's checksum), whose message rocksdict begins with it."""
-    if str(exc).startswith("Corruption"):
+    a block's checksum), whose message rocksdict begins with it, and for a
+    manifest that is missing."""
+    message = str(exc)
+    if message.startswith("Corruption") or _MISSING_MANIFEST.match(message):
         return _CorruptedStoreError(problem)
     return StoreError(problem)
 
@@ -193,7 +201,13 @@ class PartitionStore:
         try:
             self._db.write(batch)
         except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
-            raise StoreError(f"cannot write the store at {self.path}: {exc}") from exc
+            error = _rocksdb_error(f"cannot write the store at {self.path}: {exc}", exc)
+            # A damaged block that RocksDB's own compaction met (in keys no read
+            # asks for) fails every write from then on: deleted at close, as
+            # for a read, so that the task's next start restores it.
+            if isinstance(error, _CorruptedStoreError):
+                self._corrupted = True
+            raise error from exc
 
     def close(self) -> None:
         """Flush and close. A flush that fails (no space left on device) loses
@@ -205,8 +219,11 @@ class PartitionStore:
         try:
             self._db.close()
         except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
+            error = _rocksdb_error(f"cannot close the store at {self.path}: {exc}", exc)
+            if isinstance(error, _CorruptedStoreError):
+                self._corrupted = True
             if not self._corrupted:
-                raise StoreError(f"cannot close the store at {self.path}: {exc}") from exc
+                raise error from exc
         if self._corrupted:
             log.warning("%s: corrupt, deleted: the next start restores it", self.path)
             self._delete()

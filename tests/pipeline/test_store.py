@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,41 @@ def test_a_store_whose_files_were_half_deleted_is_deleted_and_opens_empty(
     assert warning.endswith("deleting it: the task restores it from its changelog")
 
 
+def _manifest_deleted(path: Path) -> None:
+    for manifest in path.glob("MANIFEST-*"):
+        manifest.unlink()
+
+
+def _current_names_another_manifest(path: Path) -> None:
+    (path / "CURRENT").write_text("MANIFEST-999999\n")
+
+
+@pytest.mark.parametrize("damage", [_manifest_deleted, _current_names_another_manifest])
+def test_a_store_whose_manifest_is_missing_is_deleted_and_opens_empty(
+    tmp_path: Path,
+    resources: RocksDBResources,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[Path], None],
+) -> None:
+    """RocksDB says "IO error: No such file or directory" for it, not
+    Corruption: every start of the task retried the open, every 10 s, for good."""
+    path = tmp_path / "sessions" / "0"
+    first = PartitionStore(path, resources)
+    first.write({b"k%d" % n: b"v" * 100 for n in range(5_000)}, 7)
+    first.close()
+    damage(path)
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.store"):
+        again = PartitionStore(path, resources)
+    try:
+        assert contents(again) == {}
+        assert again.changelog_offset is None
+    finally:
+        again.close()
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "No such file or directory" in warning
+    assert warning.endswith("deleting it: the task restores it from its changelog")
+
+
 def test_a_store_another_process_has_open_is_not_deleted(
     tmp_path: Path, resources: RocksDBResources
 ) -> None:
@@ -238,6 +273,58 @@ def test_a_write_that_rocksdb_refuses_is_a_store_error(
     with pytest.raises(StoreError, match=r"cannot close the store at .*: IO error: No space"):
         store.close()
     store.close()  # closed already: nothing to do
+
+
+class _CorruptCompaction:
+    """A database whose background compaction met a damaged block, in keys no
+    read asks for: RocksDB then refuses every write, and its close, with the
+    Corruption it found (seen with a flipped SST block and restore-sized writes)."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    def write(self, batch: object) -> None:
+        raise Exception("Corruption: block checksum mismatch: stored = 1, computed = 2")
+
+    def close(self) -> None:
+        self.db.close()
+        raise Exception("Corruption: block checksum mismatch: stored = 1, computed = 2")
+
+
+def test_a_store_found_corrupt_by_a_write_is_deleted_when_closed(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    """The close raised a StoreError, which stopped the worker (a task's
+    store that cannot be closed); at its next start the store opened, the
+    restore's first write failed again, and the task retried for good."""
+    path = tmp_path / "sessions" / "0"
+    store = PartitionStore(path, resources)
+    store.write({b"a": b"1"}, 3)
+    store._db = _CorruptCompaction(store._db)  # type: ignore[assignment]
+    with pytest.raises(StoreError, match=r"cannot write the store at .*: Corruption: block"):
+        store.write({b"b": b"2"}, 4)
+    store.close()  # no error: deleted
+    again = PartitionStore(path, resources)
+    try:
+        assert contents(again) == {}
+        assert again.changelog_offset is None
+    finally:
+        again.close()
+
+
+def test_a_store_whose_close_finds_it_corrupt_is_deleted(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    path = tmp_path / "sessions" / "0"
+    store = PartitionStore(path, resources)
+    store.write({b"a": b"1"}, 3)
+    store._db = _CorruptCompaction(store._db)  # type: ignore[assignment]
+    store.close()
+    again = PartitionStore(path, resources)
+    try:
+        assert again.changelog_offset is None
+    finally:
+        again.close()
 
 
 class _UnreadableDisk:
