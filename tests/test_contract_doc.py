@@ -50,6 +50,7 @@ from stream_app.domain.decoding import (
 )
 from stream_app.domain.model import RECENT_EVENT_IDS
 from stream_app.pipeline.processor import (
+    MAX_SESSION_ID,
     MAX_TIMESTAMP_MS,
     CommandProcessor,
     Limits,
@@ -363,6 +364,7 @@ def test_the_limits_table_states_the_code_s_limits() -> None:
         "original bytes kept in a rejection": MAX_MESSAGE_BYTES // 4,
         "rejection or re-keyed record": limits.max_record_bytes,
         "nesting depth of a command": MAX_COMMAND_DEPTH,
+        "session ids in a deployment": MAX_SESSION_ID,
         "record timestamp (ms since the epoch)": MAX_TIMESTAMP_MS,
     }
     assert settings.max_command_bytes == limits.max_command_bytes

@@ -102,7 +102,8 @@ EVENT_CHANNEL: Final[dict[EventName, str]] = {
 #: The envelope channels stage 2 may write to (the downstream topics).
 _CHANNELS: Final = frozenset(EVENT_CHANNEL.values())
 
-_MAX_SESSION_ID: Final = 2**31 - 1
+#: Session ids are int32 (CustomerSessionV2), shared out by partition.
+MAX_SESSION_ID: Final = 2**31 - 1
 
 #: Decoded sessions a stage-1 processor keeps (one per partition): the
 #: sessions in flight, whose next command usually follows within a few
@@ -322,8 +323,11 @@ class PartitionSequenceAllocator:
         current = self.counters.get(key)
         n = (int(current) if current is not None else 0) + 1
         session_id = (n - 1) * self.partitions + self.partition + 1
-        if session_id > _MAX_SESSION_ID:
-            raise SessionIdSpaceExhaustedError(f"partition {self.partition} has used its id space")
+        if session_id > MAX_SESSION_ID:
+            raise SessionIdSpaceExhaustedError(
+                f"partition {self.partition} has created {n - 1} sessions, all that int32 "
+                f"session ids allow with {self.partitions} partitions"
+            )
         self.counters[key] = b"%d" % n
         return session_id
 
@@ -502,7 +506,17 @@ class CommandProcessor:
             settings=self.settings_for(application_id),
             ids=self.allocator,
         )
-        outcome = apply_command(session, command, context)
+        try:
+            outcome = apply_command(session, command, context)
+        except SessionIdSpaceExhaustedError as exc:
+            # Only a creation takes an id: the partition's sessions go on.
+            rejection = pipeline_rejection(
+                Reason.LIMIT_EXCEEDED,
+                "No more sessions can be created on this partition",
+                str(exc),
+                "/integrationId",
+            )
+            return [self._reject(rejection, origin)], kind, rejected
         if isinstance(outcome, Rejected):
             return [self._reject(outcome.rejection, origin)], kind, rejected
         if isinstance(outcome, Duplicate):

@@ -44,7 +44,6 @@ from stream_app.pipeline.processor import (
     Limits,
     Metrics,
     Outgoing,
-    SessionIdSpaceExhaustedError,
     SourceRecord,
     pipeline_rejection,
     record_size,
@@ -275,7 +274,7 @@ class Task:
             began = clock()
             try:
                 outgoing = process(source)
-            except (SessionIdSpaceExhaustedError, StoreError):
+            except StoreError:
                 # Not the record's fault (a disk that cannot be read, say): the
                 # engine restarts the task, which reads the record again.
                 raise

@@ -138,6 +138,27 @@ def test_id_space_exhaustion_is_an_error_not_a_reused_id() -> None:
         allocator.next_id()
 
 
+def test_a_partition_out_of_session_ids_rejects_creations_and_updates_its_sessions() -> None:
+    """The error went through the task, which does not restart for it: the
+    worker stopped, and so did every worker that took the partition next."""
+    p = stage1()
+    existing = record(cmd("s1", session={}), b"s1", offset=0)
+    [] = p.process(existing)
+    p.allocator.counters[b"p%d" % existing.partition] = b"%d" % (2**31 // 4)
+    new_id = next(
+        i
+        for i in (f"s{n}" for n in range(2, 99))
+        if partition_for(i.encode(), 4) == existing.partition
+    )
+    [out] = p.process(record(cmd(new_id, session={}), new_id.encode(), offset=1))
+    doc = json.loads(out.value)
+    assert (out.topic, doc["reason"]) == (TOPICS.rejected, "LIMIT_EXCEEDED")
+    assert doc["errors"][0]["source"]["pointer"] == "/integrationId"
+    assert "all that int32 session ids allow with 4 partitions" in doc["errors"][0]["details"]
+    [closed] = p.process(record(cmd("s1", session={"state": "closed"}), b"s1", offset=2))
+    assert closed.topic == TOPICS.closed
+
+
 def test_anonymous_outputs_go_straight_downstream_profiled_ones_through_stage_2() -> None:
     p = stage1()
     anon = p.process(record(cmd("a", session={"state": "closed"}), b"a"))
