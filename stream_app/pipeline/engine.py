@@ -57,6 +57,7 @@ from stream_app.pipeline.checkpoint import (
 )
 from stream_app.pipeline.kafka import client_options, not_authorized
 from stream_app.pipeline.processor import (
+    BOOKKEEPING_BYTES,
     COMMIT_BUCKETS,
     CommandProcessor,
     LatencyHistogram,
@@ -176,6 +177,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.limits = Limits(
             max_command_bytes=settings.max_command_bytes,
             max_session_bytes=settings.max_session_bytes,
+            # A stored session within a third of the record limit (check_session_limit).
+            bookkeeping_bytes=max(
+                0,
+                min(BOOKKEEPING_BYTES, layout.max_record_bytes // 3 - settings.max_session_bytes),
+            ),
             # A rejection holds the original in base64 (4/3) and its parsed echo.
             max_original_bytes=layout.max_record_bytes // 4,
             # Room for the record's own overhead in its batch.

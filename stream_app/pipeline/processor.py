@@ -64,6 +64,7 @@ from stream_app.domain import (
     ReopenCommand,
     ReturnCommand,
     Session,
+    SessionPatch,
     UpdateCommand,
     decode_command,
     decode_session,
@@ -127,6 +128,11 @@ COMMAND_SERIES: Final = (
 )
 
 
+#: See :attr:`Limits.bookkeeping_bytes`: 64 eventIds of a UUID's length
+#: and a returned quantity on 1,000 lines take about a third of it.
+BOOKKEEPING_BYTES: Final = 64 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Size bounds, end to end (documented in docs/contract.md).
@@ -143,6 +149,13 @@ class Limits:
     #: the session is left as it was. Outputs and changelog records of a
     #: session stay below the record limit because of it.
     max_session_bytes: int = 256 * 1024
+    #: How far past ``max_session_bytes`` a command that only records what
+    #: happened to a session (a return, a reopen, an update of ``state``
+    #: alone) may take it: each adds remembered eventIds and returned
+    #: quantities, so a session at its limit could otherwise never be
+    #: returned, cancelled or reopened. The worker lowers it so that a stored
+    #: session stays within a third of the topics' record limit.
+    bookkeeping_bytes: int = BOOKKEEPING_BYTES
     #: How much of the original key and value a rejection keeps (then: a prefix).
     max_original_bytes: int = 256 * 1024
     #: The most a record the worker writes for a command (a rejection, a
@@ -411,6 +424,14 @@ def emit_head(channel: str, integration_id: str) -> bytes:
     )
 
 
+def _bookkeeping(command: Command) -> bool:
+    """Whether ``command`` changes no content of its session, only what is
+    recorded of it (see :attr:`Limits.bookkeeping_bytes`)."""
+    if isinstance(command, UpdateCommand):
+        return command.session == SessionPatch(state=command.session.state)
+    return isinstance(command, ReturnCommand | ReopenCommand)
+
+
 def session_key(application_id: int, integration_id: str) -> bytes:
     return b"%d\x1f%s" % (application_id, integration_id.encode())
 
@@ -527,14 +548,17 @@ class CommandProcessor:
         new = outcome.session
         encoded = encode_session(new)
         if len(encoded) > self.limits.max_session_bytes:
-            rejection = pipeline_rejection(
-                Reason.LIMIT_EXCEEDED,
-                "The command exceeds a limit",
-                f"the stored session would be {len(encoded)} bytes; "
-                f"at most {self.limits.max_session_bytes}",
-                "/session",
-            )
-            return [self._reject(rejection, origin)], kind, rejected
+            limit = self.limits.max_session_bytes
+            if _bookkeeping(command):
+                limit += self.limits.bookkeeping_bytes
+            if len(encoded) > limit:
+                rejection = pipeline_rejection(
+                    Reason.LIMIT_EXCEEDED,
+                    "The command exceeds a limit",
+                    f"the stored session would be {len(encoded)} bytes; at most {limit}",
+                    "/session",
+                )
+                return [self._reject(rejection, origin)], kind, rejected
         self.metrics.applied += 1
         self.sessions[key] = encoded
         self._remember(key, encoded, new)

@@ -49,6 +49,18 @@ def test_state_directory_is_created_with_its_parents(tmp_path: Path) -> None:
     assert (tmp_path / "not" / "there" / "yet" / "shop").is_dir()
 
 
+@pytest.mark.parametrize(
+    ("max_session_bytes", "bookkeeping_bytes"),
+    [(256 * 1024, 64 * 1024), (340_000, 1_048_588 // 3 - 340_000), (1_048_588 // 3, 0)],
+)
+def test_bookkeeping_past_the_session_limit_keeps_a_session_within_a_third_of_a_record(
+    tmp_path: Path, max_session_bytes: int, bookkeeping_bytes: int
+) -> None:
+    settings = Settings(data_dir=tmp_path, max_session_bytes=max_session_bytes)
+    limits = Engine(settings, TopicLayout(1, 1_048_588)).limits
+    assert limits.bookkeeping_bytes == bookkeeping_bytes
+
+
 def test_state_built_for_another_partition_count_is_refused(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, app_id="shop")
     Engine(settings, TopicLayout(4, 1_048_588)).check_local_state()

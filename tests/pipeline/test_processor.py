@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from stream_app.pipeline.processor import (
     DECODED_SESSIONS,
     ORIGIN_HEADER,
     CommandProcessor,
+    Limits,
     Outgoing,
     PartitionSequenceAllocator,
     ProfileProcessor,
@@ -362,3 +364,58 @@ def test_murmur2_is_aiokafkas(key: bytes) -> None:
 def test_murmur2_is_the_java_clients(key: bytes, java: int) -> None:
     assert murmur2(key) == java & 0xFFFFFFFF
     assert partition_for(key, 6) == (java & 0x7FFFFFFF) % 6
+
+
+class _AtItsLimit:
+    """A processor whose one session, c1, is as large as its limit takes."""
+
+    def __init__(self) -> None:
+        limits = Limits(max_session_bytes=4096, bookkeeping_bytes=1024)
+        self.processor = dataclasses.replace(stage1(), limits=limits)
+        self.offset = 0
+        cart = [{"sku": "a", "quantity": 2, "price": 1}]
+        for n in range(4096, 0, -1):
+            if (
+                self.reason(cmd("c1", session={"cartItems": cart, "attributes": {"n": "x" * n}}))
+                is None
+            ):
+                break
+        [stored] = self.processor.sessions.values()
+        assert 4096 - 50 < len(stored) <= 4096
+
+    def reason(self, value: bytes) -> str | None:
+        """The rejection's reason, None when applied."""
+        self.offset += 1
+        out = self.processor.process(record(value, b"c1", offset=self.offset))
+        return json.loads(out[0].value).get("reason") if out else None
+
+
+def test_a_session_at_its_size_limit_can_still_be_returned_cancelled_and_reopened() -> None:
+    """Each of these adds to the stored session (an eventId remembered, a
+    returned quantity), and each was rejected with LIMIT_EXCEEDED: a closed
+    session at its limit could never be returned, cancelled or reopened."""
+    session = _AtItsLimit()
+    returned = {
+        "type": "return",
+        "integrationId": "c1",
+        "eventId": "e4",
+        "returnedCartItems": [{"position": 0, "quantity": 1}],
+    }
+    steps = [
+        cmd("c1", eventId="e1", session={"state": "closed"}),
+        json.dumps({"type": "reopen", "integrationId": "c1", "eventId": "e2"}),
+        cmd("c1", eventId="e3", session={"state": "closed"}),
+        json.dumps(returned),
+        cmd("c1", eventId="e5", session={"state": "cancelled"}),
+    ]
+    assert [session.reason(value) for value in steps] == [None] * 5
+
+
+def test_past_its_size_limit_a_session_takes_no_content_and_bounded_bookkeeping() -> None:
+    session = _AtItsLimit()
+    assert session.reason(cmd("c1", session={"attributes": {"m": "y" * 50}})) == "LIMIT_EXCEEDED"
+    # eventIds of 255 characters: the 1,024 bytes past the limit take three
+    reasons = [
+        session.reason(cmd("c1", eventId=f"{n:0255d}", session={"state": "open"})) for n in range(6)
+    ]
+    assert reasons == [None] * 3 + ["LIMIT_EXCEEDED"] * 3
