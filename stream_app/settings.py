@@ -24,7 +24,7 @@ import socket
 import ssl
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 from pydantic import (
     AliasChoices,
@@ -61,6 +61,11 @@ def _case(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+_TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
+#: The longest app id: its internal topics' names must be Kafka names too.
+APP_ID_MAX: Final = 200
+
+
 class TopicNames(BaseModel):
     """Kafka topic names; every one is configurable."""
 
@@ -73,6 +78,27 @@ class TopicNames(BaseModel):
     reopened: str = "sessions.reopened"
     rejected: str = "sessions.rejected"
     application_settings: str = "sessions.application-settings"
+
+    @field_validator("*")
+    @classmethod
+    def _kafka_name(cls, value: str) -> str:
+        if not _TOPIC_NAME.fullmatch(value) or value in {".", ".."}:
+            raise ValueError(
+                f"{value!r} is not a Kafka topic name (1 to 249 of ASCII letters, "
+                "digits, '.', '_' and '-')"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> TopicNames:
+        # The rejection topic as the command topic: every rejection read back
+        # as a command and rejected again, for ever.
+        seen: dict[str, str] = {}
+        for field, name in self:
+            if name in seen:
+                raise ValueError(f"{seen[name]} and {field} are both {name!r}: one topic each")
+            seen[name] = field
+        return self
 
 
 class KafkaSecurity(BaseModel):
@@ -194,6 +220,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "STREAM_APP_BOOTSTRAP_SERVERS"),
     )
     security: KafkaSecurity = KafkaSecurity()
+    #: The consumer group, the prefix of the internal topics and transactional
+    #: ids, and the state directory's name: a Kafka name short enough for
+    #: "<app id>-first-sessions-changelog".
     app_id: str = "stream-app"
     topics: TopicNames = TopicNames()
     #: Partitions of the command topic when the worker creates it. When the
@@ -263,6 +292,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected host:port, comma-separated: {problem}")
         # Without the empty entries: aiokafka would try to reach "" and log an ERROR.
         return ",".join(entries)
+
+    @field_validator("app_id")
+    @classmethod
+    def _app_id(cls, value: str) -> str:
+        if not _TOPIC_NAME.fullmatch(value) or len(value) > APP_ID_MAX or value in {".", ".."}:
+            raise ValueError(
+                f"{value!r} is not an app id (1 to {APP_ID_MAX} of ASCII letters, digits, "
+                "'.', '_' and '-'): it names the group, internal topics and state directory"
+            )
+        return value
 
     @field_validator("http_host", "advertised_host")
     @classmethod

@@ -7,7 +7,7 @@ import pytest
 from yarl import URL
 
 from stream_app.errors import ConfigurationError
-from stream_app.settings import Settings, known_variables
+from stream_app.settings import Settings, TopicNames, known_variables
 from stream_app.worker import advertised_url
 
 
@@ -112,3 +112,32 @@ def test_an_empty_host_is_every_interface_or_this_machine() -> None:
     settings = Settings(http_host="", advertised_host="")
     assert settings.http_host == ""
     assert advertised_url(settings, 1) == f"http://{socket.gethostname()}:1"
+
+
+@pytest.mark.parametrize(
+    ("variables", "said"),
+    [
+        # every rejection read back as a command and rejected again, for ever
+        ({"STREAM_APP_TOPICS__REJECTED": "sessions.commands"}, "commands and rejected are both"),
+        ({"STREAM_APP_TOPICS": '{"closed": "x", "returned": "x"}'}, "closed and returned are both"),
+        ({"STREAM_APP_TOPICS__CLOSED": ""}, "is not a Kafka topic name"),
+        ({"STREAM_APP_TOPICS__CLOSED": "sessions closed"}, "is not a Kafka topic name"),
+        ({"STREAM_APP_TOPICS__CLOSED": ".."}, "is not a Kafka topic name"),
+        ({"STREAM_APP_TOPICS__CLOSED": "x" * 250}, "is not a Kafka topic name"),
+        ({"STREAM_APP_APP_ID": "my app"}, "is not an app id"),
+        ({"STREAM_APP_APP_ID": ".."}, "is not an app id"),
+        ({"STREAM_APP_APP_ID": "a" * 201}, "is not an app id"),
+    ],
+)
+def test_topic_names_are_kafka_names_one_topic_each(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], said: str
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=said):
+        Settings.from_env()
+
+
+def test_a_topic_name_kafka_takes_is_taken() -> None:
+    topics = TopicNames(closed="Analytics_closed-v2." + "x" * 229)
+    assert len(Settings(topics=topics).topics.closed) == 249
