@@ -487,7 +487,8 @@ def run_tail(settings: Settings, args: argparse.Namespace) -> int:
             tail(
                 settings,
                 topic,
-                follow=args.follow,
+                # Only records yet to come: stopping at the end now would print none.
+                follow=args.follow or args.from_end,
                 from_end=args.from_end,
                 limit=args.max_records,
                 metadata=args.metadata,
@@ -872,7 +873,7 @@ def _add_tail(sub: Any) -> None:
             "(the topics configured by STREAM_APP_TOPICS__*).\n\n"
             "examples:\n"
             "  stream-app tail rejected\n"
-            "  stream-app tail closed --follow --from-end\n"
+            "  stream-app tail closed --from-end\n"
             "  stream-app tail returned | jq '.return.value'"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -882,7 +883,9 @@ def _add_tail(sub: Any) -> None:
         "-f", "--follow", action="store_true", help="keep printing new records until Ctrl-C"
     )
     tail_parser.add_argument(
-        "--from-end", action="store_true", help="skip what is there now; only new records"
+        "--from-end",
+        action="store_true",
+        help="skip what is there now; print new records as they come (implies --follow)",
     )
     tail_parser.add_argument(
         "-n",

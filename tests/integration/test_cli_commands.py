@@ -157,9 +157,20 @@ async def test_topics_create_then_send_and_tail_through_a_worker(
         limited = await asyncio.to_thread(stream_app, env, "tail", "commands", "-n", "1")
         assert len(documents(limited.stdout)) == 1
 
-        skipped = await asyncio.to_thread(stream_app, env, "tail", "rejected", "--from-end")
-        assert (skipped.returncode, skipped.stdout) == (0, "")
-        await asyncio.sleep(1)  # the follower polls every 0.2 s
+        # Only what comes later: before, it stopped at once, having printed nothing.
+        skipping = await asyncio.to_thread(
+            subprocess.Popen,
+            [sys.executable, "-m", "stream_app", "tail", "rejected", "--from-end"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        await asyncio.sleep(3)  # started, past the rejection there; the follower polls every 0.2 s
+        assert skipping.poll() is None, "tail --from-end stopped instead of following"
+        skipping.send_signal(signal.SIGINT)
+        skipped, err = await asyncio.to_thread(skipping.communicate, timeout=15)
+        assert (skipping.returncode, skipped) == (0, ""), err
     finally:
         follower.send_signal(signal.SIGINT)
         out, err = await asyncio.to_thread(follower.communicate, timeout=15)
