@@ -63,7 +63,8 @@ configuration comes from the environment:
   (every setting is listed in the README's Configuration section)
 
 exit status: 0 done; 1 Kafka could not be reached or refused (retrying may
-help); 2 bad input: usage, an invalid command, a configuration error."""
+help); 2 bad input: usage, an invalid command, a configuration error (for the
+worker, also what a broker refuses it at start); 130 interrupted (Ctrl-C)."""
 
 #: ``tail`` accepts these short names for the configured topics.
 TOPIC_ALIASES: Final = {
@@ -1007,11 +1008,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config(settings: Settings) -> int:
     """The effective settings as JSON; SecretStr values print as ``**********``.
-    The application settings file is read as the worker reads it."""
+    The application settings file is read as the worker reads it, and the
+    data directory checked (not created)."""
     from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
+    from stream_app.pipeline.engine import usable_state_dir
 
     try:
         ApplicationSettingsRegistry.load(settings.application_settings_file)
+        usable_state_dir(settings, create=False)
     except ConfigurationError as exc:
         print(f"stream-app: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

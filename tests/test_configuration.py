@@ -184,6 +184,23 @@ def test_a_data_dir_that_cannot_be_used_is_reported_before_any_broker_call(
     assert "Kafka" not in output
 
 
+def test_config_checks_the_data_dir_as_the_worker_does_without_creating_it(
+    tmp_path: Path,
+) -> None:
+    """`config` passed a data dir the worker refuses, though its help says it
+    reports a mistake exactly as the worker would."""
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    for data_dir in (taken, taken / "below"):
+        code, output = run(["config"], {"STREAM_APP_DATA_DIR": str(data_dir)}, tmp_path)
+        assert code == 2, output
+        assert f"STREAM_APP_DATA_DIR={data_dir}: cannot use the state directory" in output
+    fresh = tmp_path / "not" / "yet"
+    code, output = run(["config"], {"STREAM_APP_DATA_DIR": str(fresh)}, tmp_path)
+    assert code == 0, output
+    assert not (tmp_path / "not").exists()
+
+
 def test_a_bad_settings_file_is_reported_before_any_broker_call(tmp_path: Path) -> None:
     bad = tmp_path / "apps.json"
     bad.write_text('{"1": {"flattening": "sometimes"}')

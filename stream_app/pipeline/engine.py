@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -1101,14 +1102,22 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("assigned %d task(s)", started)
 
 
-def usable_state_dir(settings: Settings) -> Path:
-    """The worker's state directory (``STREAM_APP_DATA_DIR``/app id), created;
-    raises ConfigurationError, one line, when it cannot be created or written.
-    The worker checks it before any broker call, the engine again as it reads it."""
+def usable_state_dir(settings: Settings, *, create: bool = True) -> Path:
+    """The worker's state directory (``STREAM_APP_DATA_DIR``/app id), created
+    (unless not ``create``: then the directory it would be created in is
+    checked); raises ConfigurationError, one line, when it cannot be created
+    or written. The worker checks it before any broker call, the engine again
+    as it reads it, ``stream-app config`` without creating it."""
     state_dir = settings.data_dir / settings.app_id
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(state_dir, os.W_OK | os.X_OK):
+        if create:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            existing = state_dir
+        else:
+            existing = next(p for p in (state_dir, *state_dir.parents) if p.exists())
+            if not existing.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
+        if not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError("not writable")  # said as an OSError would be
     except OSError as exc:
         raise _unusable_state_dir(settings, exc) from exc
