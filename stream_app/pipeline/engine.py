@@ -451,7 +451,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             await consumer.stop()
             raise
         poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
-        last_metrics = passed_at = time.monotonic()
+        last_metrics = passed_at = counted_at = time.monotonic()
         consumed_any = False
         try:
             while not self._stopping.is_set():
@@ -491,8 +491,36 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     self.log_metrics()
                 if now - self._purged_at >= s.purge_interval_s:
                     self._purge(now)
+                if now - counted_at >= _METADATA_MAX_AGE_MS / 1000:
+                    counted_at = now
+                    self._check_partition_counts(consumer)
         finally:
             await self._close(consumer)
+
+    def _check_partition_counts(self, consumer: AIOKafkaConsumer) -> None:
+        """Stop the worker when an input topic's partition count is no longer
+        the one its state is laid out for.
+
+        The rebalance that partitions added to a topic cause says so too
+        (:meth:`on_partitions_assigned`), but only a group leader that assigned
+        watches the metadata for it, and a static member that rejoins after a
+        restart is told it follows, whichever member was the leader: after a
+        rolling restart, no member may be watching. So each checks its consumer's
+        metadata (refreshed every ``_METADATA_MAX_AGE_MS``)."""
+        changed = []
+        for topic in self.input_topics:
+            partitions = consumer.partitions_for_topic(topic)
+            if partitions and len(partitions) != self.partitions:
+                changed.append(f"{topic} has {len(partitions)}")
+        if changed:
+            self._fail(
+                ConfigurationError(
+                    f"the input topics' partitions changed while the worker ran "
+                    f"({', '.join(changed)}); its state and internal topics have "
+                    f"{self.partitions}: a re-partitioned deployment needs a new app id "
+                    "(docs/operations.md, Scale)"
+                )
+            )
 
     async def _pass_skipped(self, consumer: AIOKafkaConsumer) -> None:
         """Move each active input's position past the offsets the consumer

@@ -316,6 +316,37 @@ async def test_partitions_added_while_the_worker_runs_stop_it_with_a_configurati
     assert consumer.paused == []
 
 
+class _Metadata:
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        count = self.counts.get(topic)
+        return None if count is None else set(range(count))
+
+
+@pytest.mark.parametrize("count", [8, 4])
+def test_an_input_topic_whose_partition_count_changed_stops_the_worker(
+    tmp_path: Path, count: int
+) -> None:
+    """A static member that rejoins after a restart is told it follows,
+    whichever member led: after a rolling restart no member watched the
+    metadata, and partitions added then were never assigned, nor said."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(6, 1_048_588))
+    metadata = _Metadata(dict.fromkeys(engine.input_topics, 6))
+    engine._check_partition_counts(metadata)  # type: ignore[arg-type]
+    assert engine._failure is None
+    metadata.counts.pop(settings.topics.commands)  # no metadata (yet): nothing to say
+    engine._check_partition_counts(metadata)  # type: ignore[arg-type]
+    assert engine._failure is None
+    metadata.counts[settings.topics.commands] = count
+    engine._check_partition_counts(metadata)  # type: ignore[arg-type]
+    assert isinstance(engine._failure, ConfigurationError)
+    assert f"{settings.topics.commands} has {count}" in str(engine._failure)
+    assert engine._stopping.is_set()
+
+
 class _StrictConsumer:
     """Pauses only what is assigned, as aiokafka's consumer (IllegalStateError)."""
 
