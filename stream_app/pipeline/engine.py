@@ -796,6 +796,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         except CheckpointError:
             self.aborts += 1
             raise
+        except StoreWriteError:
+            self.commits += 1  # committed: only the stores' write after it failed
+            raise
         self.commits += 1
 
     async def _finish_round(self) -> None:
@@ -835,11 +838,20 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             self._fenced_since = time.monotonic()
 
     async def _restart(self, task: Task, exc: BaseException) -> None:
-        log.warning(
-            "%s: transaction failed (%s): aborted; restarting the task from its committed offsets",
-            task.id,
-            exc,
-        )
+        if isinstance(exc, StoreWriteError):
+            log.warning(
+                "%s: transaction committed, but its stores could not be written (%s): "
+                "restarting the task, which restores them from the changelog",
+                task.id,
+                exc,
+            )
+        else:
+            log.warning(
+                "%s: transaction failed (%s): aborted; restarting the task from its "
+                "committed offsets",
+                task.id,
+                exc,
+            )
         # Settled first: the round in flight may hold the task's previous
         # transaction, and learn only now that it was fenced, or fail and
         # restart the task itself.
@@ -1040,30 +1052,44 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         await asyncio.gather(*starters, return_exceptions=True)
         async with self._lock:
             await self._finish_round()
+            # A round that failed restarted its tasks: their starters must not
+            # take a first step (the transactional id) before _drop stops them.
             for task_id in gone:
-                task = self._tasks.get(task_id)
-                if task is None:
-                    continue
-                try:
-                    if task.active and task.checkpoint is not None:
-                        await self._counted(task.commit())
-                except TaskFencedError as exc:
-                    # A worker paused past its session timeout learns it here:
-                    # its successor's producer took over the transactional id.
-                    log.warning(
-                        "%s: fenced, another worker owns this task now: its open "
-                        "transaction is aborted (%s)",
-                        task_id,
-                        exc,
-                    )
-                except NotAuthorizedError as exc:
-                    self._fail(exc.cause)
-                except Exception as exc:  # the task is closed either way, never left half-open
-                    log.warning("%s: commit on revocation failed, aborted: %r", task_id, exc)
-                finally:
-                    await self._drop(task)
+                if task_id in self._starting and task_id in self._tasks:
+                    self._starting[task_id].cancel()
+            # All at once, as a commit round: the joining worker waits for the
+            # slowest commit, not for their sum.
+            await asyncio.gather(*(self._revoke(self._tasks[i]) for i in gone if i in self._tasks))
         if gone:
             log.info("revoked %d task(s): %s", len(gone), ", ".join(sorted(map(str, gone))))
+
+    async def _revoke(self, task: Task) -> None:
+        """Commit (or abort) ``task``'s transaction and close it; raises nothing."""
+        try:
+            if task.active and task.checkpoint is not None:
+                await self._counted(task.commit())
+        except TaskFencedError as exc:
+            # A worker paused past its session timeout learns it here:
+            # its successor's producer took over the transactional id.
+            log.warning(
+                "%s: fenced, another worker owns this task now: its open "
+                "transaction is aborted (%s)",
+                task.id,
+                exc,
+            )
+        except NotAuthorizedError as exc:
+            self._fail(exc.cause)
+        except StoreWriteError as exc:
+            log.warning(
+                "%s: committed on revocation, but its stores could not be written (%s): "
+                "a later start of the task restores them from the changelog",
+                task.id,
+                exc,
+            )
+        except Exception as exc:  # the task is closed either way, never left half-open
+            log.warning("%s: commit on revocation failed, aborted: %r", task.id, exc)
+        finally:
+            await self._drop(task)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Pause the new partitions and start their tasks (see :meth:`_start`)."""

@@ -25,7 +25,12 @@ from aiokafka.errors import (
 
 from stream_app.errors import ConfigurationError, StoreError
 from stream_app.pipeline import engine as engine_module
-from stream_app.pipeline.checkpoint import CheckpointError, NotAuthorizedError, TaskFencedError
+from stream_app.pipeline.checkpoint import (
+    CheckpointError,
+    NotAuthorizedError,
+    StoreWriteError,
+    TaskFencedError,
+)
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import Limits
 from stream_app.pipeline.store import RocksDBResources
@@ -556,6 +561,50 @@ async def test_a_commit_refused_on_revocation_stops_the_worker(tmp_path: Path) -
     assert isinstance(engine._failure, ConfigurationError)
 
 
+class _TaskCommittingWithOthers:
+    """Its commit on revocation ends only once every revoked task's has begun."""
+
+    def __init__(
+        self, commands_topic: str, partition: int, begun: list[int], all_begun: Event
+    ) -> None:
+        self.id = TaskId("commands", partition)
+        self.inputs = [TopicPartition(commands_topic, partition)]
+        self.active = True
+        self.checkpoint = object()
+        self.closed = False
+        self._begun, self._all_begun = begun, all_begun
+
+    async def commit(self) -> None:
+        self._begun.append(self.id.partition)
+        if len(self._begun) == 6:
+            self._all_begun.set()
+        await self._all_begun.wait()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_revoked_tasks_commit_together_so_a_rebalance_waits_for_one_commit(
+    tmp_path: Path,
+) -> None:
+    """One after another, a joining worker waited for the sum of a revoking
+    worker's commits (12 tasks each), not for one as the README says."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(6, 1_048_588))
+    begun: list[int] = []
+    all_begun = Event()
+    tasks = [
+        _TaskCommittingWithOthers(settings.topics.commands, p, begun, all_begun) for p in range(6)
+    ]
+    _owning(engine, *tasks)
+    revoked = {tp for task in tasks for tp in task.inputs}
+    # One after another, the first commit would wait for ever (bounded here).
+    await asyncio.wait_for(engine.on_partitions_revoked(revoked), timeout=30)
+    assert sorted(begun) == list(range(6))
+    assert all(task.closed for task in tasks)
+    assert engine._tasks == {}
+
+
 class _CommittingTask:
     """An active task whose transaction is in a commit round."""
 
@@ -631,6 +680,29 @@ async def test_a_start_refused_while_a_round_commits_leaves_the_round_to_finish(
     await engine._close(_LeavingConsumer())  # type: ignore[arg-type]
     assert log == ["commit finished", "committing task closed"], log
     assert engine.commits == 1
+
+
+async def test_a_commit_whose_store_write_failed_is_counted_committed_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was logged 'transaction failed ... aborted' and counted neither
+    committed nor aborted, though its outputs were visible downstream."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+
+    async def committed_then_store_failed() -> None:
+        raise StoreWriteError("StoreError: cannot write the store at ...: No space left")
+
+    with pytest.raises(StoreWriteError):
+        await engine._counted(committed_then_store_failed())
+    assert (engine.commits, engine.aborts) == (1, 0)
+    task = _FencedTask(engine.settings.topics.commands)
+    _owning(engine, task)
+    engine.stop()  # so that the restart drops the stand-in and starts nothing
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        await engine._restart(task, StoreWriteError("StoreError: no space"))  # type: ignore[arg-type]
+    [line] = [r.getMessage() for r in caplog.records if "commands[0]" in r.getMessage()]
+    assert "transaction committed, but its stores could not be written" in line
+    assert "aborted" not in line
 
 
 class _TaskRefusedAnOutputTopic:
