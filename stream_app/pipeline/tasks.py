@@ -473,9 +473,6 @@ async def restore(
         started = time.monotonic()
         last_log = started
         remaining = {tp for tp in tps if await consumer.position(tp) < end[tp]}
-        to_restore = 0
-        for tp in remaining:
-            to_restore += end[tp] - await consumer.position(tp)
         while remaining:
             batches = await consumer.getmany(*remaining, timeout_ms=500, max_records=5_000)
             fetched = 0
@@ -485,13 +482,19 @@ async def restore(
                     by_tp[tp].write(changes, records[-1].offset + 1)
                     fetched += len(records)
             total += fetched
+            # Offsets, not records: a compacted changelog has fewer records
+            # than offsets, so counting down the records fetched from the
+            # offsets at the start stayed near that count until the end.
+            left = 0
             for tp in list(remaining):
                 position = await consumer.position(tp)
                 if position >= end[tp]:
                     by_tp[tp].write({}, position)
                     remaining.discard(tp)
+                else:
+                    left += end[tp] - position
             if progress is not None:
-                progress(fetched, max(0, to_restore - total) if remaining else 0)
+                progress(fetched, left)
             now = time.monotonic()
             if remaining and now - last_log >= _RESTORE_LOG_EVERY_S:
                 last_log = now

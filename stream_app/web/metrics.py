@@ -21,7 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from stream_app.domain import Reason
-from stream_app.pipeline.processor import COMMAND_SERIES
+from stream_app.pipeline.processor import COMMAND_SERIES, EVENT_CHANNEL
 
 if TYPE_CHECKING:
     from stream_app.pipeline.engine import Engine
@@ -61,8 +61,9 @@ class EngineCollector(Collector):
         emitted = CounterMetricFamily(
             "stream_app_emitted", "Downstream records, by output", labels=["output"]
         )
-        for channel, count in sorted(m.emitted.items()):
-            emitted.add_metric([channel], count)
+        # Every output from the start, at 0, as the commands above.
+        for channel in sorted(set(EVENT_CHANNEL.values()) | m.emitted.keys()):
+            emitted.add_metric([channel], m.emitted.get(channel, 0))
         yield emitted
         latency = HistogramMetricFamily(
             "stream_app_processing_seconds", "Time to process one record (decode, apply, encode)"
@@ -139,7 +140,8 @@ class EngineCollector(Collector):
         yield restored
         restoring = GaugeMetricFamily(
             "stream_app_restore_remaining",
-            "Changelog records left to restore, per restoring task",
+            "Changelog offsets left to restore, per restoring task (compacted "
+            "changelogs have fewer records than offsets)",
             labels=["task"],
         )
         for task, remaining in sorted(engine.restore_remaining.items()):

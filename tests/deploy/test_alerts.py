@@ -170,3 +170,16 @@ def test_worker_down_watches_the_service_the_service_monitor_scrapes(
         if s["metadata"]["labels"].items() >= monitor["spec"]["selector"]["matchLabels"].items()
     ]
     assert [s["metadata"]["name"] for s in services] == [matchers["job"]]
+
+
+def test_every_output_and_command_series_is_there_at_0_from_the_start() -> None:
+    """An alert on increase() misses the first output of a series that only
+    begins with it: the emitted counter had no series before each first output."""
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in _families()
+        for sample in family.samples
+    }
+    for output in ("closed", "returned", "cancelled", "reopened"):
+        assert samples[("stream_app_emitted_total", (("output", output),))] == 0
+    assert samples[("stream_app_commands_total", (("outcome", "applied"), ("type", "update")))] == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from aiokafka import TopicPartition
@@ -17,10 +17,11 @@ from aiokafka.errors import KafkaConnectionError
 
 from stream_app.errors import StoreError
 from stream_app.pipeline import engine as engine_module
+from stream_app.pipeline import tasks as tasks_module
 from stream_app.pipeline import unreadable
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import Limits, Outgoing, SourceRecord
-from stream_app.pipeline.store import RocksDBResources
+from stream_app.pipeline.store import PartitionStore, RocksDBResources
 from stream_app.pipeline.tasks import Stage, Task, TaskId
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.pipeline.unreadable import RawRecord
@@ -386,3 +387,68 @@ async def test_a_delayed_start_waits_before_it_fences_anything(
     monkeypatch.setattr(engine_module.asyncio, "sleep", sleep)
     await engine._start(_Starting(), 2.0)  # type: ignore[arg-type]
     assert steps == ["sleep 2.0", "start"]
+
+
+class _CompactedChangelog:
+    """A consumer of one changelog partition of 100 offsets of which compaction
+    left every tenth record, fetched five at a time."""
+
+    kept: ClassVar = list(range(0, 100, 10))
+
+    def __init__(self, **options: Any) -> None:
+        self.at = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.tp = tps[0]
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 100)
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 0)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.at = offset
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.at
+
+    async def getmany(self, *tps: TopicPartition, **kwargs: Any) -> dict[TopicPartition, list[Any]]:
+        offsets = [o for o in self.kept if o >= self.at][:5]
+        self.at = offsets[-1] + 1 if offsets and offsets[-1] != self.kept[-1] else 100
+        records = [_ChangelogRecord(b"k%d" % o, b"v", o) for o in offsets]
+        return {self.tp: records}
+
+
+class _ChangelogRecord:
+    def __init__(self, key: bytes, value: bytes, offset: int) -> None:
+        self.key, self.value, self.offset = key, value, offset
+
+
+async def test_the_restore_counts_down_what_is_left_of_a_compacted_changelog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stream_app_restore_remaining counted the records fetched down from the
+    offsets to restore: on a compacted changelog it stayed near the start's
+    count until the end, then fell to 0."""
+    monkeypatch.setattr(tasks_module, "AIOKafkaConsumer", _CompactedChangelog)
+    store = PartitionStore(tmp_path / "sessions" / "0", RocksDBResources(RocksDBSettings()))
+    reported: list[tuple[int, int]] = []
+    try:
+        restored = await tasks_module.restore(
+            Settings(),
+            {"sessions": store},
+            {"sessions": TopicPartition("app-sessions-changelog", 0)},
+            "commands[0]",
+            lambda fetched, left: reported.append((fetched, left)),
+        )
+    finally:
+        store.close()
+    assert restored == 10
+    assert reported == [(5, 59), (5, 0)]
