@@ -64,7 +64,8 @@ configuration comes from the environment:
 
 exit status: 0 done; 1 Kafka could not be reached or refused (retrying may
 help); 2 bad input: usage, an invalid command, a configuration error (for the
-worker, also what a broker refuses it at start); 130 interrupted (Ctrl-C)."""
+worker, also what a broker refuses it at start); 130 interrupted (Ctrl-C), but
+for worker and tail, which stop cleanly on it (0)."""
 
 #: ``tail`` accepts these short names for the configured topics.
 TOPIC_ALIASES: Final = {

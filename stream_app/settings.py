@@ -62,8 +62,9 @@ def _case(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
 
 
 _TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
-#: The longest app id: its internal topics' names must be Kafka names too.
-APP_ID_MAX: Final = 200
+#: The longest app id: "<app id>-first-sessions-changelog", the longest name
+#: of an internal topic, must be a Kafka name too (249 characters).
+APP_ID_MAX: Final = 224
 
 
 class TopicNames(BaseModel):
@@ -90,14 +91,17 @@ class TopicNames(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _distinct(self) -> TopicNames:
+    def _inputs_apart(self) -> TopicNames:
         # The rejection topic as the command topic: every rejection read back
-        # as a command and rejected again, for ever.
-        seen: dict[str, str] = {}
-        for field, name in self:
-            if name in seen:
-                raise ValueError(f"{seen[name]} and {field} are both {name!r}: one topic each")
-            seen[name] = field
+        # as a command and rejected again, for ever. (Outputs may share a
+        # topic: each record says what it is.)
+        for read in ("commands", "application_settings"):
+            for field, name in self:
+                if field != read and name == getattr(self, read):
+                    raise ValueError(
+                        f"{read} and {field} are both {name!r}: the worker reads {read}, "
+                        "so no other may be written to it"
+                    )
         return self
 
 

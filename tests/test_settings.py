@@ -7,7 +7,8 @@ import pytest
 from yarl import URL
 
 from stream_app.errors import ConfigurationError
-from stream_app.settings import Settings, TopicNames, known_variables
+from stream_app.pipeline.topics import topic_specs
+from stream_app.settings import APP_ID_MAX, Settings, TopicNames, known_variables
 from stream_app.worker import advertised_url
 
 
@@ -119,14 +120,14 @@ def test_an_empty_host_is_every_interface_or_this_machine() -> None:
     [
         # every rejection read back as a command and rejected again, for ever
         ({"STREAM_APP_TOPICS__REJECTED": "sessions.commands"}, "commands and rejected are both"),
-        ({"STREAM_APP_TOPICS": '{"closed": "x", "returned": "x"}'}, "closed and returned are both"),
+        ({"STREAM_APP_TOPICS": '{"closed": "x", "application_settings": "x"}'}, "are both 'x'"),
         ({"STREAM_APP_TOPICS__CLOSED": ""}, "is not a Kafka topic name"),
         ({"STREAM_APP_TOPICS__CLOSED": "sessions closed"}, "is not a Kafka topic name"),
         ({"STREAM_APP_TOPICS__CLOSED": ".."}, "is not a Kafka topic name"),
         ({"STREAM_APP_TOPICS__CLOSED": "x" * 250}, "is not a Kafka topic name"),
         ({"STREAM_APP_APP_ID": "my app"}, "is not an app id"),
         ({"STREAM_APP_APP_ID": ".."}, "is not an app id"),
-        ({"STREAM_APP_APP_ID": "a" * 201}, "is not an app id"),
+        ({"STREAM_APP_APP_ID": "a" * 225}, "is not an app id"),
     ],
 )
 def test_topic_names_are_kafka_names_one_topic_each(
@@ -136,6 +137,15 @@ def test_topic_names_are_kafka_names_one_topic_each(
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigurationError, match=said):
         Settings.from_env()
+
+
+def test_outputs_may_share_a_topic_and_the_longest_app_id_names_kafka_topics() -> None:
+    """Each output record says what it is: one topic for all four worked, and
+    refusing it would stop such a deployment at its upgrade."""
+    shared = TopicNames(closed="s.events", returned="s.events", cancelled="s.events")
+    assert Settings(topics=shared).topics.returned == "s.events"
+    longest = Settings(app_id="a" * APP_ID_MAX)
+    assert max(len(spec.name) for spec in topic_specs(longest, 6)) == 249
 
 
 def test_a_topic_name_kafka_takes_is_taken() -> None:
