@@ -1087,7 +1087,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 exc,
             )
         except Exception as exc:  # the task is closed either way, never left half-open
-            log.warning("%s: commit on revocation failed, aborted: %r", task.id, exc)
+            log.warning(
+                "%s: commit on revocation failed (%r): %s; the next owner processes its "
+                "records again",
+                task.id,
+                exc,
+                "aborted"
+                if self.settings.processing_guarantee == "exactly_once"
+                else "its outputs may be out already",  # no transaction to abort
+            )
         finally:
             await self._drop(task)
 

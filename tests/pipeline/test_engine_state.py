@@ -539,6 +539,31 @@ async def test_a_task_restarted_as_its_partition_is_revoked_never_starts(
     assert failing.closed
 
 
+class _TaskTimedOutOnRevocation(_FencedTask):
+    async def commit(self) -> None:
+        raise CheckpointError("KafkaTimeoutError")
+
+
+@pytest.mark.parametrize(
+    ("guarantee", "said"),
+    [("exactly_once", "aborted"), ("at_least_once", "its outputs may be out already")],
+)
+async def test_a_commit_failed_on_revocation_says_what_became_of_its_outputs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, guarantee: str, said: str
+) -> None:
+    """Under at_least_once there is no transaction to abort: 'aborted' told an
+    operator that outputs already visible downstream were not."""
+    settings = Settings(data_dir=tmp_path, processing_guarantee=guarantee)  # type: ignore[arg-type]
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    task = _TaskTimedOutOnRevocation(settings.topics.commands)
+    _owning(engine, task)
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        await engine.on_partitions_revoked(set(task.inputs))
+    [line] = [r.getMessage() for r in caplog.records if "revocation" in r.getMessage()]
+    assert f"KafkaTimeoutError')): {said}; the next owner processes its records again" in line
+    assert task.closed
+
+
 class _TaskRefusedOnRevocation(_FencedTask):
     """Its changelog's Write ACL was taken away: the commit on revocation is refused."""
 
