@@ -18,10 +18,11 @@ from typing import Any, Final, Protocol
 from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 from aiokafka.structs import TopicPartition
 
+from stream_app import json
 from stream_app.errors import ConfigurationError, StreamAppError
 from stream_app.pipeline.kafka import not_authorized
 from stream_app.pipeline.processor import Outgoing, partition_for
-from stream_app.pipeline.store import StoreOverlay
+from stream_app.pipeline.store import CONSUMED_KEY, StoreOverlay
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,24 @@ _SEND_OUTCOME_WAIT_S: Final = 2.0
 OffsetCommitter = Callable[[dict[TopicPartition, int]], Awaitable[None]]
 
 
+def encode_consumed(offsets: Mapping[TopicPartition, int]) -> bytes:
+    """The value of :data:`CONSUMED_KEY`: the next offset of each input."""
+    return json.dumps([[tp.topic, tp.partition, offset] for tp, offset in offsets.items()])
+
+
+def decode_consumed(value: bytes | None) -> dict[TopicPartition, int]:
+    """What :func:`encode_consumed` wrote; nothing for a value it did not write."""
+    try:
+        entries = json.loads(value) if value is not None else []
+        return {
+            TopicPartition(topic, partition): offset
+            for topic, partition, offset in entries
+            if type(topic) is str and type(partition) is int and type(offset) is int
+        }
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return {}
+
+
 @dataclass(frozen=True, slots=True)
 class ChangelogStore:
     """A store partition seen through its overlay, and the changelog partition behind it."""
@@ -163,9 +182,11 @@ class Checkpoint:
 
     Under ``at_least_once`` (``exactly_once=False``) step 4 sends, flushes and
     confirms the outputs, then each store's changelog in turn (see
-    :meth:`_send_groups`), then commits the offsets with the consumer; a crash
-    after the changelog writes and before the offsets is absorbed by the
-    eventId memory.
+    :meth:`_send_groups`), the last with the consumed offsets under
+    :data:`CONSUMED_KEY`, then commits the offsets with the consumer; after a
+    crash between the last changelog and the offsets, the task starts from
+    the offsets its restored state records (:func:`decode_consumed`), so
+    nothing its state holds is applied again; only outputs are sent again.
 
     Sending whole batches (aiokafka's ``create_batch``/``send_batch``) rather
     than record by record costs about a third of ``send`` per record, and
@@ -256,8 +277,16 @@ class Checkpoint:
         if self._sealed is not None:
             return self._sealed
         self._sealed = {}
+        last = list(self.stores)[-1] if self.stores else None
         for name, store in self.stores.items():
             changes = self._sealed[name] = store.overlay.freeze()
+            if name == last and self.offsets and not self._exactly_once:
+                # Written, and confirmed, after everything else of this commit
+                # (_send_groups): a restore that reads it knows that the state
+                # holds every record before these offsets, whether the offset
+                # commit that follows happened or not. Without it a replay
+                # re-applied them, absorbed only by each session's 64 eventIds.
+                changes[CONSUMED_KEY] = encode_consumed(self.offsets)
             topic, partition = store.changelog
             for key, value in changes.items():
                 self._append(topic, partition, key, value, [])

@@ -990,11 +990,22 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 try:
                     restored = await task.start()
                     positions: dict[TopicPartition, int] = {}
+                    held = task.consumed_positions()
                     for tp in task.inputs:
                         committed = await consumer.committed(tp)
                         if committed is None:
                             committed = (await consumer.beginning_offsets([tp]))[tp]
-                        positions[tp] = committed
+                        positions[tp] = max(committed, held.get(tp, committed))
+                        if positions[tp] > committed:
+                            log.info(
+                                "%s: %s[%d] starts at %d, past its committed offset %d: the "
+                                "restored state holds those records (a commit cut short)",
+                                task.id,
+                                tp.topic,
+                                tp.partition,
+                                positions[tp],
+                                committed,
+                            )
                     break
                 except (KafkaError, OSError, StreamAppError) as exc:
                     refused = not_authorized(exc)

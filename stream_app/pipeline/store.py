@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 #: Data keys never start with NUL (they start with an applicationId or a
 #: partition tag), so this key cannot collide with one.
 CHANGELOG_OFFSET_KEY: Final = b"\x00changelog-offset"
+#: Under at_least_once, the input offsets a task had consumed when its last
+#: store's changelog was written: in the changelog, so that a restore knows
+#: which records its state holds already (see ``Checkpoint.seal``). Reserved
+#: as the key above.
+CONSUMED_KEY: Final = b"\x00consumed"
+_RESERVED: Final = b"\x00"
 
 _MB: Final = 1024 * 1024
 
@@ -164,7 +170,7 @@ class PartitionStore:
 
     def keys(self) -> Iterator[bytes]:
         for key in self._db.keys():  # noqa: SIM118 - Rdict iterates items, keys() iterates keys
-            if isinstance(key, bytes) and key != CHANGELOG_OFFSET_KEY:
+            if isinstance(key, bytes) and not key.startswith(_RESERVED):
                 yield key
 
     def sizes(self) -> tuple[int, int]:
@@ -323,7 +329,7 @@ class StoreOverlay(MutableMapping[bytes, bytes]):
             if key not in pending:
                 yield key
         for key, value in pending.items():
-            if value is not None:
+            if value is not None and not key.startswith(_RESERVED):
                 yield key
 
     def __len__(self) -> int:

@@ -37,10 +37,17 @@ from stream_app.pipeline.checkpoint import (
     Observer,
     StoreWriteError,
     TaskFencedError,
+    decode_consumed,
+    encode_consumed,
 )
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import Limits, Outgoing, SourceRecord
-from stream_app.pipeline.store import PartitionStore, RocksDBResources, StoreOverlay
+from stream_app.pipeline.store import (
+    CONSUMED_KEY,
+    PartitionStore,
+    RocksDBResources,
+    StoreOverlay,
+)
 from stream_app.pipeline.tasks import Stage, Task
 from stream_app.pipeline.topics import SESSION_IDS_STORE, SESSIONS_STORE, TopicLayout
 from stream_app.settings import RocksDBSettings, Settings
@@ -170,6 +177,8 @@ def changelog_state(broker: FakeBroker, tp: TopicPartition) -> dict[bytes, bytes
     state: dict[bytes, bytes | None] = {}
     for entry in broker.read_committed(tp):
         assert entry.key is not None
+        if entry.key.startswith(b"\x00"):
+            continue  # reserved (CONSUMED_KEY): not the store's data
         if entry.value is None:
             state.pop(entry.key, None)
         else:
@@ -183,12 +192,15 @@ def assert_no_open_transaction(broker: FakeBroker) -> None:
         assert broker.last_stable_offset(tp) == broker.end_offset(tp), tp
 
 
-def visible_with_batch(before: Visible) -> Visible:
+def visible_with_batch(before: Visible, *, exactly_once: bool = True) -> Visible:
     after = {topic: list(records) for topic, records in before.items()}
     for out in BATCH_OUTPUTS:
         after[out.topic].append((out.key, out.value))
     for name, changes in BATCH_CHANGES.items():
         after[CHANGELOGS[name].topic].extend(changes)
+    if not exactly_once:  # the batch's consumed offsets, with the last store's changelog
+        last = CHANGELOGS[list(CHANGELOGS)[-1]].topic
+        after[last].append((CONSUMED_KEY, encode_consumed({INPUT: 5})))
     return {topic: sorted(records, key=repr) for topic, records in after.items()}
 
 
@@ -947,8 +959,8 @@ async def test_at_least_once_confirms_every_send_before_committing_the_offsets(
     checkpoint = rig.checkpoint(commit_offsets)
     await rig.process_and_commit(checkpoint)
 
-    assert seen_at_offset_commit == [visible_with_batch(visible_before)]
-    assert rig.visible() == visible_with_batch(visible_before)
+    assert seen_at_offset_commit == [visible_with_batch(visible_before, exactly_once=False)]
+    assert rig.visible() == visible_with_batch(visible_before, exactly_once=False)
     assert rig.broker.committed(GROUP) == {INPUT: 5}
     for name, tp in CHANGELOGS.items():
         store = rig.stores[name]
@@ -1003,6 +1015,36 @@ async def test_at_least_once_commits_no_offsets_and_keeps_rocksdb_when_a_step_fa
     replay_changelogs(rig.broker, rig.stores)
     for name, tp in CHANGELOGS.items():
         assert contents(rig.stores[name]) == changelog_state(rig.broker, tp)
+
+
+async def test_at_least_once_state_says_which_records_it_holds_when_the_offsets_were_not_committed(
+    make_rig: RigFactory,
+) -> None:
+    """A crash after the changelogs and before the offset commit: the task read
+    from the committed offsets again and re-applied what its restored state
+    held already, absorbed only by each session's last 64 eventIds (a replay
+    of 65 returns of one session returned 130 units). The last changelog now
+    carries the consumed offsets, and the task starts from them."""
+    rig = await make_rig(exactly_once=False)
+
+    async def crashed_before_the_offsets(offsets: dict[TopicPartition, int]) -> None:
+        raise CommitFailedError()
+
+    with pytest.raises(CheckpointError):
+        await rig.process_and_commit(rig.checkpoint(crashed_before_the_offsets))
+    assert rig.broker.committed(GROUP) == {INPUT: 2}
+    replay_changelogs(rig.broker, rig.stores)  # the restore at the next start
+    last = rig.stores[list(CHANGELOGS)[-1]]
+    assert decode_consumed(last.get(CONSUMED_KEY)) == {INPUT: 5}
+    for name, tp in CHANGELOGS.items():  # the reserved key is not the store's data
+        assert contents(rig.stores[name]) == AFTER[name] == changelog_state(rig.broker, tp)
+
+
+def test_consumed_offsets_that_cannot_be_read_are_none() -> None:
+    assert decode_consumed(None) == {}
+    assert decode_consumed(encode_consumed({INPUT: 7})) == {INPUT: 7}
+    for odd in (b"", b"{", b"{}", b'{"abc": 1}', b"[1, 2]", b'[["t", "0", 1]]', b"[[null]]"):
+        assert decode_consumed(odd) == {}
 
 
 async def test_at_least_once_confirms_the_outputs_then_each_changelog_in_turn(

@@ -236,6 +236,9 @@ class _TaskOnAFullDisk:
     async def close(self) -> None:
         raise StoreError("cannot close the store at x: IO error: No space left on device")
 
+    def consumed_positions(self) -> dict[object, int]:
+        return {}
+
     def activate(self, positions: object) -> None:
         self.active = True
 
@@ -258,6 +261,53 @@ async def test_a_task_whose_restore_hits_a_full_disk_is_retried_not_the_worker_s
     assert task.active
     assert not engine._stopping.is_set()
     assert engine._failure is None
+
+
+class _TaskWhoseStateHoldsMore:
+    """Restored, its state holds the records up to offset 9 of its input; the
+    group's committed offset is 4 (an at_least_once commit cut short)."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.id = TaskId("commands", 0)
+        self.inputs = [tp]
+        self.active = False
+        self.positions: object = None
+
+    async def start(self) -> int:
+        return 0
+
+    def consumed_positions(self) -> dict[TopicPartition, int]:
+        return {self.inputs[0]: 9}
+
+    def activate(self, positions: object) -> None:
+        self.active, self.positions = True, positions
+
+
+class _CommittedConsumer(_Consumer):
+    def __init__(self, committed: int) -> None:
+        self.offset = committed
+        self.sought: list[tuple[TopicPartition, int]] = []
+
+    async def committed(self, tp: TopicPartition) -> int:
+        return self.offset
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.sought.append((tp, offset))
+
+
+@pytest.mark.parametrize(("committed", "start"), [(4, 9), (12, 12)])
+async def test_a_task_starts_past_what_its_restored_state_holds(
+    tmp_path: Path, committed: int, start: int
+) -> None:
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    consumer = _CommittedConsumer(committed)
+    engine._consumer = consumer  # type: ignore[assignment]
+    tp = TopicPartition(engine.settings.topics.commands, 0)
+    task = _TaskWhoseStateHoldsMore(tp)
+    _owning(engine, task)
+    await engine._start(task)  # type: ignore[arg-type]
+    assert consumer.sought == [(tp, start)]
+    assert task.positions == {tp: start}
 
 
 class _TaskRefusedItsTransactionalId(_TaskOnAFullDisk):
