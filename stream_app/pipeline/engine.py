@@ -82,7 +82,7 @@ from stream_app.pipeline.topics import (
     profile_topic,
     rekey_topic,
 )
-from stream_app.pipeline.unreadable import UNREADABLE, read_past
+from stream_app.pipeline.unreadable import UNREADABLE, RecordBatchError, read_past
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.restore_remaining: dict[str, int] = {}
         self._joined = False
         self._rebalancing = False
+        #: Rebalances begun (revocations), for what was decided before one.
+        self._rebalances = 0
         #: Tasks assigned without all of their inputs (see on_partitions_assigned):
         #: not started, and the worker not ready, until the next rebalance.
         self._waiting: set[TaskId] = set()
@@ -458,8 +460,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 try:
                     batches = await self._poll(consumer, poll_ms)
                 except UNREADABLE as exc:
+                    rebalances = self._rebalances  # one may take the lock first
                     async with self._lock:
-                        await self._read_past_the_client(consumer, exc)
+                        await self._read_past_the_client(consumer, exc, rebalances)
                     continue
                 except KafkaError as exc:
                     refused = not_authorized(exc)
@@ -703,7 +706,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             return True
         return False
 
-    async def _read_past_the_client(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
+    async def _read_past_the_client(
+        self, consumer: AIOKafkaConsumer, exc: Exception, rebalances: int
+    ) -> None:
         """aiokafka could not decode a fetched record and says not which; polling
         again does not tell either (the failed fetch stays buffered, empty). So
         every active input is read raw from its position
@@ -728,12 +733,22 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             nonlocal found, moved
             for tp in task.inputs:
                 end = consumer.last_stable_offset(tp)
-                position = task.positions.get(tp, 0)
-                async for raws, resume in read_past(options, tp, position, end=end):
-                    for raw in raws:
-                        await task.handle_raw(raw)
-                    task.positions[tp] = max(task.positions.get(tp, 0), resume)
-                    found = found or not all(raw.readable() for raw in raws)
+                # A committed offset older than the log's start (the workers
+                # were down longer than the topic's retention): the consumer
+                # reset to the start, and a fetch below it would be refused.
+                begins = (await consumer.beginning_offsets([tp])).get(tp, 0)
+                task.positions[tp] = max(task.positions.get(tp, 0), begins)
+                position = task.positions[tp]
+                try:
+                    async for raws, resume in read_past(options, tp, position, end=end):
+                        for raw in raws:
+                            await task.handle_raw(raw)
+                        task.positions[tp] = max(task.positions.get(tp, 0), resume)
+                        found = found or not all(raw.readable() for raw in raws)
+                except RecordBatchError as exc:
+                    # Records this parser does not read (old message formats,
+                    # say) where aiokafka may: not this input's to pass, then.
+                    log.warning("%s[%d]: cannot read it raw: %s", tp.topic, tp.partition, exc)
                 moved = moved or task.positions.get(tp, 0) > position
 
         for task in list(self._tasks.values()):
@@ -744,7 +759,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     consumer.seek(tp, task.positions.get(tp, 0))
             else:
                 moved = True
-        if not found and not moved:
+        if not found and not moved and rebalances == self._rebalances:
+            # (After a rebalance, the failed fetch is gone with the partitions
+            # it was for, or fetched again for their new tasks: poll again.)
             raise exc
 
     async def _commit(self, *, due_only: bool) -> None:
@@ -1056,6 +1073,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Commit (or abort) and close every task of a revoked partition."""
         self._rebalancing = True
+        self._rebalances += 1
         gone = {self._task_of[tp].id for tp in revoked if tp in self._task_of}
         starters = [self._starting[i] for i in gone if i in self._starting]
         for starter in starters:

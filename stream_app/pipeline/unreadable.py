@@ -265,6 +265,12 @@ def parse_record_batches(message_set: bytes, tp: TopicPartition) -> list[RecordB
     pos = 0
     while len(data) - pos >= _BATCH_HEADER.size:
         (length,) = struct.unpack_from(">i", data, pos + 8)
+        if length < _BATCH_HEADER.size - _LOG_OVERHEAD:
+            (base_offset,) = struct.unpack_from(">q", data, pos)
+            raise RecordBatchError(
+                f"{tp.topic}[{tp.partition}]@{base_offset}: batch length {length} is "
+                "shorter than a batch header"
+            )
         end = pos + _LOG_OVERHEAD + length
         if end > len(data):
             break

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
 
 from stream_app.pipeline import unreadable
 from stream_app.pipeline.checkpoint import TaskFencedError
@@ -43,6 +44,7 @@ class _Consumer:
     def __init__(self, assigned: set[TopicPartition]) -> None:
         self.assigned = assigned
         self.sought: dict[TopicPartition, int] = {}
+        self.log_start = 0
         self.paused: list[TopicPartition] = []
 
     def last_stable_offset(self, tp: TopicPartition) -> int | None:
@@ -50,6 +52,9 @@ class _Consumer:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.sought[tp] = offset
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, self.log_start)
 
     def assignment(self) -> set[TopicPartition]:
         return self.assigned
@@ -94,11 +99,11 @@ async def test_a_record_more_batches_ahead_than_one_pass_reads_is_reached(
     monkeypatch.setattr(unreadable, "read_batches_at", _single_record_batches(bad, bad + 50))
 
     for sought in (RAW_RECORDS, 2 * RAW_RECORDS):
-        await engine._read_past_the_client(consumer, _POISON)  # type: ignore[arg-type]
+        await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
         assert consumer.sought == {tp: sought}
         assert task.positions == {tp: sought}
         assert task.rejected == []
-    await engine._read_past_the_client(consumer, _POISON)  # type: ignore[arg-type]
+    await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
     assert task.rejected == [bad]
     assert task.handled == list(range(bad))
     assert consumer.sought == {tp: bad + 1}
@@ -119,7 +124,7 @@ async def test_a_pass_that_moves_no_input_raises_what_the_consumer_raised(
     engine._task_of[tp] = task  # type: ignore[assignment]
     monkeypatch.setattr(unreadable, "read_batches_at", _single_record_batches(bad=150, end=200))
     with pytest.raises(UnicodeDecodeError):
-        await engine._read_past_the_client(_Consumer({tp}), _POISON)  # type: ignore[arg-type]
+        await engine._read_past_the_client(_Consumer({tp}), _POISON, engine._rebalances)  # type: ignore[arg-type]
 
 
 async def test_a_fenced_task_s_inputs_are_paused_until_the_group_moves_them(
@@ -140,3 +145,80 @@ async def test_a_fenced_task_s_inputs_are_paused_until_the_group_moves_them(
     assert fenced.closed
     assert consumer.paused == fenced.inputs
     assert engine._task_of == {}
+
+
+def _engine_reading(tmp_path: Path, *tps: TopicPartition) -> tuple[Engine, list[_Task]]:
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(2, 1_048_588))
+    tasks = [_Task(tp) for tp in tps]
+    for task in tasks:
+        engine._tasks[task.id] = task  # type: ignore[assignment]
+        engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    return engine, tasks
+
+
+async def test_a_position_below_the_log_start_is_read_from_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers down longer than the command topic's retention: the committed
+    offset lies before the log's start. The raw read fetched from it, the
+    broker refused (OFFSET_OUT_OF_RANGE), and the task restarted at the same
+    offset again and again."""
+    tp = TopicPartition(Settings().topics.commands, 0)
+    engine, [task] = _engine_reading(tmp_path, tp)
+    consumer = _Consumer({tp})
+    consumer.log_start = 100
+    single = _single_record_batches(bad=105, end=120)
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int
+    ) -> tuple[list[RawRecord], int]:
+        if offset < 100:
+            raise OffsetOutOfRangeError({tp: offset})
+        return await single(options, tp, offset)  # type: ignore[operator, no-any-return]
+
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
+    assert task.handled == list(range(100, 105))
+    assert task.rejected == [105]
+    assert consumer.sought == {tp: 106}
+
+
+async def test_an_input_the_raw_read_cannot_parse_is_left_to_the_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, the parser's error (an old message format it does not read,
+    where aiokafka does) stopped the worker, whichever input held the
+    undecodable record."""
+    commands = Settings().topics.commands
+    old, new = TopicPartition(commands, 0), TopicPartition(commands, 1)
+    engine, [old_task, new_task] = _engine_reading(tmp_path, old, new)
+    single = _single_record_batches(bad=3, end=10)
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int
+    ) -> tuple[list[RawRecord], int]:
+        if tp == old:
+            raise unreadable.RecordBatchError(f"{tp}@{offset}: record batch magic 1")
+        return await single(options, tp, offset)  # type: ignore[operator, no-any-return]
+
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    consumer = _Consumer({old, new})
+    await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
+    assert new_task.rejected == [3]
+    assert (old_task.handled, old_task.rejected) == ([], [])
+    assert consumer.sought == {old: 0, new: 4}
+
+
+async def test_a_pass_after_a_rebalance_polls_again_rather_than_raise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebalance that took the engine's lock between the failed poll and the
+    pass dropped the tasks: the pass, moving nothing, raised the poll's error
+    and stopped the worker, though the failed fetch went with the partitions."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    before = engine._rebalances
+    await engine.on_partitions_revoked(set())  # nothing of ours: only the count moves
+    await engine._read_past_the_client(_Consumer(set()), _POISON, before)  # type: ignore[arg-type]
+    with pytest.raises(UnicodeDecodeError):
+        await engine._read_past_the_client(_Consumer(set()), _POISON, engine._rebalances)  # type: ignore[arg-type]

@@ -140,12 +140,16 @@ def _engine_owning(tmp_path: Path, *tasks: _RawTask) -> Engine:
 class _Consumer:
     def __init__(self) -> None:
         self.sought: dict[TopicPartition, int] = {}
+        self.log_start = 0
 
     def last_stable_offset(self, tp: TopicPartition) -> None:
         return None
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.sought[tp] = offset
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, self.log_start)
 
 
 async def test_a_task_that_fails_in_a_raw_read_is_restarted_and_the_others_go_on(
@@ -176,7 +180,9 @@ async def test_a_task_that_fails_in_a_raw_read_is_restarted_and_the_others_go_on
 
     monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
     consumer = _Consumer()
-    await engine._read_past_the_client(consumer, UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"))  # type: ignore[arg-type]
+    await engine._read_past_the_client(
+        consumer, UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"), engine._rebalances
+    )  # type: ignore[arg-type]
     assert restarted == [failing]
     assert working.handled == [0, 1, 2]
     assert consumer.sought == {working.inputs[0]: 3}
@@ -237,7 +243,9 @@ async def test_a_raw_read_skips_a_task_dropped_during_the_pass(
         )
 
     monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
-    await engine._read_past_the_client(_Consumer(), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"))  # type: ignore[arg-type]
+    await engine._read_past_the_client(
+        _Consumer(), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"), engine._rebalances
+    )  # type: ignore[arg-type]
     assert dropped.handled == []
 
 

@@ -326,3 +326,12 @@ async def test_read_past_reads_about_raw_records_then_lets_the_caller_poll(
     assert read == [(3, 3), (3, 6)]  # a fetch is not cut at the end
     read = [(len(raws), after) async for raws, after in unreadable.read_past({}, TP, 18)]
     assert read == [(2, 20)]
+
+
+@pytest.mark.parametrize("length", [-5, 0, 20])
+def test_a_batch_length_shorter_than_a_header_is_a_record_batch_error(length: int) -> None:
+    """Before, struct.error or IndexError: not the error the raw read handles."""
+    data = bytearray(encode_batch([A], base_offset=7, first_timestamp=T0))
+    struct.pack_into(">i", data, 8, length)
+    with pytest.raises(RecordBatchError, match=rf"@7: batch length {length} is shorter"):
+        parse_record_batches(bytes(data), TP)
