@@ -307,6 +307,21 @@ class Settings(BaseSettings):
             )
         return value
 
+    @model_validator(mode="after")
+    def _topics_apart_from_the_internal_ones(self) -> Settings:
+        from stream_app.pipeline.topics import internal_topics  # it names them from settings
+
+        internal = set(internal_topics(self))
+        for field, name in self.topics:
+            if name in internal:
+                # Read back by the worker: a rejection on the re-key topic is
+                # rejected again, to it, for ever.
+                raise ValueError(
+                    f"topics.{field} is {name!r}, a topic the worker names itself for "
+                    f"app id {self.app_id!r} and reads"
+                )
+        return self
+
     @field_validator("http_host", "advertised_host")
     @classmethod
     def _host(cls, value: str | None) -> str | None:

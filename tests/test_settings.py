@@ -120,6 +120,12 @@ def test_an_empty_host_is_every_interface_or_this_machine() -> None:
     [
         # every rejection read back as a command and rejected again, for ever
         ({"STREAM_APP_TOPICS__REJECTED": "sessions.commands"}, "commands and rejected are both"),
+        # read back by stage 1 and rejected again, to it, for ever
+        ({"STREAM_APP_TOPICS__REJECTED": "stream-app-sessions.rekeyed"}, "the worker names"),
+        (
+            {"STREAM_APP_APP_ID": "shop", "STREAM_APP_TOPICS__CLOSED": "shop-sessions-changelog"},
+            "a topic the worker names itself for app id 'shop'",
+        ),
         ({"STREAM_APP_TOPICS": '{"closed": "x", "application_settings": "x"}'}, "are both 'x'"),
         ({"STREAM_APP_TOPICS__CLOSED": ""}, "is not a Kafka topic name"),
         ({"STREAM_APP_TOPICS__CLOSED": "sessions closed"}, "is not a Kafka topic name"),

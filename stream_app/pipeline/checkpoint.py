@@ -280,12 +280,14 @@ class Checkpoint:
         last = list(self.stores)[-1] if self.stores else None
         for name, store in self.stores.items():
             changes = self._sealed[name] = store.overlay.freeze()
-            if name == last and self.offsets and not self._exactly_once:
+            if name == last and changes and self.offsets and not self._exactly_once:
                 # Written, and confirmed, after everything else of this commit
                 # (_send_groups): a restore that reads it knows that the state
                 # holds every record before these offsets, whether the offset
                 # commit that follows happened or not. Without it a replay
                 # re-applied them, absorbed only by each session's 64 eventIds.
+                # Only with changes: a batch that changed no state changes
+                # none again (and each record would lengthen the restore).
                 changes[CONSUMED_KEY] = encode_consumed(self.offsets)
             topic, partition = store.changelog
             for key, value in changes.items():

@@ -457,10 +457,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         consumed_any = False
         try:
             while not self._stopping.is_set():
+                # Before the poll: a rebalance may begin while it fails, and
+                # take the lock before the pass below.
+                rebalances = self._rebalances
                 try:
                     batches = await self._poll(consumer, poll_ms)
                 except UNREADABLE as exc:
-                    rebalances = self._rebalances  # one may take the lock first
                     async with self._lock:
                         await self._read_past_the_client(consumer, exc, rebalances)
                     continue
@@ -989,6 +991,47 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._consumer.pause(*task.inputs)
         self._starting[task.id] = asyncio.create_task(self._start(task, delay))
 
+    async def _past_what_the_state_holds(
+        self, consumer: AIOKafkaConsumer, task: Task, positions: dict[TopicPartition, int]
+    ) -> None:
+        """Under at_least_once, move ``positions`` past the records ``task``'s
+        restored state holds (:meth:`Task.consumed_positions`: an offset
+        commit cut short after the changelogs), and commit them, so that a
+        later start, whose changelog may record other inputs only, starts
+        there too. An offset past the input's end is not this topic's (it was
+        recreated): ignored."""
+        held = {tp: o for tp, o in task.consumed_positions().items() if tp in positions}
+        ahead = {tp: o for tp, o in held.items() if o > positions[tp]}
+        if not ahead:
+            return
+        ends = await consumer.end_offsets(list(ahead))
+        for tp, offset in ahead.items():
+            if offset > ends[tp]:
+                log.warning(
+                    "%s: its state records %s[%d] consumed up to %d, past the end %d: "
+                    "another topic of that name; starting at the committed offset %d",
+                    task.id,
+                    tp.topic,
+                    tp.partition,
+                    offset,
+                    ends[tp],
+                    positions[tp],
+                )
+                continue
+            log.info(
+                "%s: %s[%d] starts at %d, past its committed offset %d: the restored "
+                "state holds those records (a commit cut short)",
+                task.id,
+                tp.topic,
+                tp.partition,
+                offset,
+                positions[tp],
+            )
+            positions[tp] = offset
+        moved = {tp: positions[tp] for tp in ahead if positions[tp] == ahead[tp]}
+        if moved:
+            await consumer.commit(moved)
+
     def _restore_progress(self, task_id: TaskId, restored: int, remaining: int) -> None:
         self.restored_records += restored
         if remaining:
@@ -1007,22 +1050,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 try:
                     restored = await task.start()
                     positions: dict[TopicPartition, int] = {}
-                    held = task.consumed_positions()
                     for tp in task.inputs:
                         committed = await consumer.committed(tp)
                         if committed is None:
                             committed = (await consumer.beginning_offsets([tp]))[tp]
-                        positions[tp] = max(committed, held.get(tp, committed))
-                        if positions[tp] > committed:
-                            log.info(
-                                "%s: %s[%d] starts at %d, past its committed offset %d: the "
-                                "restored state holds those records (a commit cut short)",
-                                task.id,
-                                tp.topic,
-                                tp.partition,
-                                positions[tp],
-                                committed,
-                            )
+                        positions[tp] = committed
+                    await self._past_what_the_state_holds(consumer, task, positions)
                     break
                 except (KafkaError, OSError, StreamAppError) as exc:
                     refused = not_authorized(exc)

@@ -71,6 +71,15 @@ def changelog_topic(settings: Settings, store: str) -> str:
     return f"{settings.app_id}-{store}-changelog"
 
 
+def internal_topics(settings: Settings) -> list[str]:
+    """The topics the worker names from its app id: it writes and reads them."""
+    return [
+        rekey_topic(settings),
+        profile_topic(settings),
+        *(changelog_topic(settings, store) for store in STORES),
+    ]
+
+
 def topic_specs(settings: Settings, partitions: int) -> list[TopicSpec]:
     """Every topic the worker reads or writes, for a command topic of ``partitions``."""
     t = settings.topics

@@ -284,23 +284,37 @@ class _TaskWhoseStateHoldsMore:
 
 
 class _CommittedConsumer(_Consumer):
-    def __init__(self, committed: int) -> None:
-        self.offset = committed
+    def __init__(self, committed: int, end: int) -> None:
+        self.offset, self.end = committed, end
         self.sought: list[tuple[TopicPartition, int]] = []
+        self.commits: list[dict[TopicPartition, int]] = []
 
     async def committed(self, tp: TopicPartition) -> int:
         return self.offset
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, self.end)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(offsets)
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.sought.append((tp, offset))
 
 
-@pytest.mark.parametrize(("committed", "start"), [(4, 9), (12, 12)])
+@pytest.mark.parametrize(
+    ("committed", "end", "start", "commits"),
+    [
+        (4, 20, 9, [9]),  # past the committed offset, and committed there for later starts
+        (12, 20, 12, []),  # the committed offset is further on
+        (4, 6, 4, []),  # past the input's end: a topic recreated under that name
+    ],
+)
 async def test_a_task_starts_past_what_its_restored_state_holds(
-    tmp_path: Path, committed: int, start: int
+    tmp_path: Path, committed: int, end: int, start: int, commits: list[int]
 ) -> None:
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
-    consumer = _CommittedConsumer(committed)
+    consumer = _CommittedConsumer(committed, end)
     engine._consumer = consumer  # type: ignore[assignment]
     tp = TopicPartition(engine.settings.topics.commands, 0)
     task = _TaskWhoseStateHoldsMore(tp)
@@ -308,6 +322,7 @@ async def test_a_task_starts_past_what_its_restored_state_holds(
     await engine._start(task)  # type: ignore[arg-type]
     assert consumer.sought == [(tp, start)]
     assert task.positions == {tp: start}
+    assert consumer.commits == [{tp: offset} for offset in commits]
 
 
 class _TaskRefusedItsTransactionalId(_TaskOnAFullDisk):
