@@ -276,21 +276,20 @@ class Checkpoint:
         Returns each store's changes, set aside."""
         if self._sealed is not None:
             return self._sealed
-        self._sealed = {}
-        last = list(self.stores)[-1] if self.stores else None
+        self._sealed = {name: store.overlay.freeze() for name, store in self.stores.items()}
+        if self.offsets and not self._exactly_once and any(self._sealed.values()):
+            # With the last store's changes, so written and confirmed after
+            # everything else of this commit (_send_groups): a restore that
+            # reads it knows that the state holds every record before these
+            # offsets, whether the offset commit that follows happened or not.
+            # Without it a replay re-applied them, absorbed only by each
+            # session's 64 eventIds. Only with a change of state: a batch that
+            # changed none changes none again (and a record on every commit
+            # would lengthen the restore).
+            self._sealed[list(self.stores)[-1]][CONSUMED_KEY] = encode_consumed(self.offsets)
         for name, store in self.stores.items():
-            changes = self._sealed[name] = store.overlay.freeze()
-            if name == last and changes and self.offsets and not self._exactly_once:
-                # Written, and confirmed, after everything else of this commit
-                # (_send_groups): a restore that reads it knows that the state
-                # holds every record before these offsets, whether the offset
-                # commit that follows happened or not. Without it a replay
-                # re-applied them, absorbed only by each session's 64 eventIds.
-                # Only with changes: a batch that changed no state changes
-                # none again (and each record would lengthen the restore).
-                changes[CONSUMED_KEY] = encode_consumed(self.offsets)
             topic, partition = store.changelog
-            for key, value in changes.items():
+            for key, value in self._sealed[name].items():
                 self._append(topic, partition, key, value, [])
         return self._sealed
 

@@ -1009,7 +1009,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             if offset > ends[tp]:
                 log.warning(
                     "%s: its state records %s[%d] consumed up to %d, past the end %d: "
-                    "another topic of that name; starting at the committed offset %d",
+                    "another topic of that name; starting at %d",
                     task.id,
                     tp.topic,
                     tp.partition,

@@ -1057,6 +1057,29 @@ async def test_at_least_once_records_the_consumed_offsets_only_with_a_change_of_
     assert rig.broker.committed(GROUP) == {INPUT: 3}
 
 
+async def test_at_least_once_records_the_consumed_offsets_with_a_change_of_any_store(
+    make_rig: RigFactory,
+) -> None:
+    """The engine's order: the id counter, then the sessions. A creation
+    rejected for its size takes an id and stores no session: with the record
+    written only with the last store's change, the replay took a second id."""
+    rig = await make_rig(exactly_once=False)
+    stores = {
+        name: ChangelogStore(rig.overlays[name], CHANGELOGS[name]) for name in (IDS, SESSIONS)
+    }
+    checkpoint = Checkpoint(
+        rig.producer, stores, group_id=GROUP, exactly_once=False, commit_offsets=rig.commit_offsets
+    )
+    rig.overlays[IDS][b"p0"] = b"2"
+    checkpoint.consumed(INPUT, 2)
+    await checkpoint.commit()
+    sessions_changelog = rig.broker.read_committed(CHANGELOGS[SESSIONS])
+    assert [(r.key, r.value) for r in sessions_changelog][-1] == (
+        CONSUMED_KEY,
+        encode_consumed({INPUT: 3}),
+    )
+
+
 def test_consumed_offsets_that_cannot_be_read_are_none() -> None:
     assert decode_consumed(None) == {}
     assert decode_consumed(encode_consumed({INPUT: 7})) == {INPUT: 7}
