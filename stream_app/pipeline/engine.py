@@ -747,10 +747,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                             await task.handle_raw(raw)
                         task.positions[tp] = max(task.positions.get(tp, 0), resume)
                         found = found or not all(raw.readable() for raw in raws)
-                except RecordBatchError as exc:
+                except RecordBatchError as unparsed:
                     # Records this parser does not read (old message formats,
                     # say) where aiokafka may: not this input's to pass, then.
-                    log.warning("%s[%d]: cannot read it raw: %s", tp.topic, tp.partition, exc)
+                    log.warning("%s[%d]: cannot read it raw: %s", tp.topic, tp.partition, unparsed)
                 moved = moved or task.positions.get(tp, 0) > position
 
         for task in list(self._tasks.values()):
