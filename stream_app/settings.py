@@ -61,7 +61,7 @@ def _case(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     return value
 
 
-_TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9._-]+")
 #: The longest app id: "<app id>-first-sessions-changelog", the longest name
 #: of an internal topic, must be a Kafka name too (249 characters).
 APP_ID_MAX: Final = 224
@@ -83,7 +83,7 @@ class TopicNames(BaseModel):
     @field_validator("*")
     @classmethod
     def _kafka_name(cls, value: str) -> str:
-        if not _TOPIC_NAME.fullmatch(value) or value in {".", ".."}:
+        if not _is_kafka_name(value):
             raise ValueError(
                 f"{value!r} is not a Kafka topic name (1 to 249 of ASCII letters, "
                 "digits, '.', '_' and '-')"
@@ -300,7 +300,7 @@ class Settings(BaseSettings):
     @field_validator("app_id")
     @classmethod
     def _app_id(cls, value: str) -> str:
-        if not _TOPIC_NAME.fullmatch(value) or len(value) > APP_ID_MAX or value in {".", ".."}:
+        if not _is_kafka_name(value, APP_ID_MAX):
             raise ValueError(
                 f"{value!r} is not an app id (1 to {APP_ID_MAX} of ASCII letters, digits, "
                 "'.', '_' and '-'): it names the group, internal topics and state directory"
@@ -367,6 +367,12 @@ class Settings(BaseSettings):
                 f"{name}{_shown(name, env)}: not a JSON object; or set its fields one by "
                 f"one, as {name}__<FIELD>"
             ) from None
+
+
+def _is_kafka_name(value: str, longest: int = 249) -> bool:
+    """Whether Kafka takes ``value`` as a topic name (or as a part of one of
+    ``longest`` characters at most)."""
+    return len(value) <= longest and bool(_TOPIC_NAME.fullmatch(value)) and value not in {".", ".."}
 
 
 def _host_problem(host: str) -> str | None:

@@ -32,6 +32,17 @@ def stream_app(
     )
 
 
+def started(env: Mapping[str, str], *args: str) -> subprocess.Popen[str]:
+    """``stream-app *args`` running, its output piped (a follower, stopped with SIGINT)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream_app", *args],
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def documents(text: str) -> list[Any]:
     """The JSON documents printed one after another (indented, as tail prints them)."""
     decoder = json.JSONDecoder()
@@ -110,14 +121,7 @@ async def test_topics_create_then_send_and_tail_through_a_worker(
     assert [line.split()[0] for line in again.stdout.splitlines()[1:]] == ["exists"] * 12
 
     # Follow the (new, empty) rejection topic before anything is sent.
-    follower = await asyncio.to_thread(
-        subprocess.Popen,
-        [sys.executable, "-m", "stream_app", "tail", "rejected", "--follow"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    follower = await asyncio.to_thread(started, env, "tail", "rejected", "--follow")
     try:
         sent = await asyncio.to_thread(
             stream_app,
@@ -158,14 +162,7 @@ async def test_topics_create_then_send_and_tail_through_a_worker(
         assert len(documents(limited.stdout)) == 1
 
         # Only what comes later: before, it stopped at once, having printed nothing.
-        skipping = await asyncio.to_thread(
-            subprocess.Popen,
-            [sys.executable, "-m", "stream_app", "tail", "rejected", "--from-end"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        skipping = await asyncio.to_thread(started, env, "tail", "rejected", "--from-end")
         await asyncio.sleep(3)  # started, past the rejection there; the follower polls every 0.2 s
         assert skipping.poll() is None, "tail --from-end stopped instead of following"
         skipping.send_signal(signal.SIGINT)

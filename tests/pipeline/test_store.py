@@ -37,6 +37,17 @@ def contents(store: PartitionStore) -> dict[bytes, bytes | None]:
     return {key: store.get(key) for key in store.keys()}  # noqa: SIM118 - a store, not a dict
 
 
+def assert_opens_empty(path: Path, resources: RocksDBResources) -> None:
+    """The store at ``path`` opens with no data and no changelog offset: its
+    task restores it from its changelog's start."""
+    again = PartitionStore(path, resources)
+    try:
+        assert contents(again) == {}
+        assert again.changelog_offset is None
+    finally:
+        again.close()
+
+
 # -- PartitionStore ----------------------------------------------------------------------------
 def test_a_new_store_is_empty_and_has_no_changelog_offset(store: PartitionStore) -> None:
     assert contents(store) == {}
@@ -162,12 +173,7 @@ def test_a_store_whose_files_were_half_deleted_is_deleted_and_opens_empty(
     first.close()  # flushed to a table file
     _half_deleted(path)
     with caplog.at_level("WARNING", logger="stream_app.pipeline.store"):
-        again = PartitionStore(path, resources)
-    try:
-        assert contents(again) == {}
-        assert again.changelog_offset is None  # restored from the changelog's start
-    finally:
-        again.close()
+        assert_opens_empty(path, resources)
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith(f"cannot open the store at {path}: Corruption")
     assert warning.endswith("deleting it: the task restores it from its changelog")
@@ -197,12 +203,7 @@ def test_a_store_whose_manifest_is_missing_is_deleted_and_opens_empty(
     first.close()
     damage(path)
     with caplog.at_level("WARNING", logger="stream_app.pipeline.store"):
-        again = PartitionStore(path, resources)
-    try:
-        assert contents(again) == {}
-        assert again.changelog_offset is None
-    finally:
-        again.close()
+        assert_opens_empty(path, resources)
     [warning] = [r.getMessage() for r in caplog.records]
     assert "No such file or directory" in warning
     assert warning.endswith("deleting it: the task restores it from its changelog")
@@ -304,12 +305,7 @@ def test_a_store_found_corrupt_by_a_write_is_deleted_when_closed(
     with pytest.raises(StoreError, match=r"cannot write the store at .*: Corruption: block"):
         store.write({b"b": b"2"}, 4)
     store.close()  # no error: deleted
-    again = PartitionStore(path, resources)
-    try:
-        assert contents(again) == {}
-        assert again.changelog_offset is None
-    finally:
-        again.close()
+    assert_opens_empty(path, resources)
 
 
 def test_a_store_whose_close_finds_it_corrupt_is_deleted(
@@ -320,11 +316,7 @@ def test_a_store_whose_close_finds_it_corrupt_is_deleted(
     store.write({b"a": b"1"}, 3)
     store._db = _CorruptCompaction(store._db)  # type: ignore[assignment]
     store.close()
-    again = PartitionStore(path, resources)
-    try:
-        assert again.changelog_offset is None
-    finally:
-        again.close()
+    assert_opens_empty(path, resources)
 
 
 class _UnreadableDisk:
@@ -369,12 +361,7 @@ def test_a_store_found_corrupt_by_a_read_is_deleted_when_closed(
     with pytest.raises(StoreError, match=r"cannot read the store at .*: Corruption: block"):
         store.get(b"a")
     store.close()
-    again = PartitionStore(path, resources)
-    try:
-        assert contents(again) == {}
-        assert again.changelog_offset is None
-    finally:
-        again.close()
+    assert_opens_empty(path, resources)
 
 
 def test_a_changelog_offset_that_cannot_be_read_marks_the_store_corrupt(
@@ -390,11 +377,7 @@ def test_a_changelog_offset_that_cannot_be_read_marks_the_store_corrupt(
     with pytest.raises(StoreError, match=r"cannot read the store at .*: Corruption: block"):
         _ = store.changelog_offset
     store.close()
-    again = PartitionStore(path, resources)
-    try:
-        assert again.changelog_offset is None
-    finally:
-        again.close()
+    assert_opens_empty(path, resources)
 
 
 def test_a_changelog_offset_that_is_not_a_number_marks_the_store_corrupt(
