@@ -428,7 +428,8 @@ async def tail(
 ) -> int:
     """Print the records of ``topic`` as indented JSON, read_committed, without a
     consumer group (nothing is committed). Without ``follow`` it stops at the
-    end the topic had when it started; with it, at SIGINT or SIGTERM. Returns
+    end the topic had when it started; with it, or ``from_end`` (which would
+    stop at once, having printed nothing), at SIGINT or SIGTERM. Returns
     how many records it printed; raises LookupError when the topic does not exist."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -454,7 +455,7 @@ async def tail(
             await consumer.seek_to_end(*partitions)
         else:
             await consumer.seek_to_beginning(*partitions)
-        ends = None if follow else await consumer.end_offsets(partitions)
+        ends = None if follow or from_end else await consumer.end_offsets(partitions)
         while not stop.is_set():
             if ends is not None and all(
                 [await consumer.position(tp) >= ends[tp] for tp in partitions]
@@ -489,8 +490,7 @@ def run_tail(settings: Settings, args: argparse.Namespace) -> int:
             tail(
                 settings,
                 topic,
-                # Only records yet to come: stopping at the end now would print none.
-                follow=args.follow or args.from_end,
+                follow=args.follow,
                 from_end=args.from_end,
                 limit=args.max_records,
                 metadata=args.metadata,

@@ -275,14 +275,12 @@ class KafkaCluster:
         """Start the nodes and wait until each answers. Ports are picked free
         but bound only by the JVM, so another process can take one in
         between: then the start is tried again with new ports."""
-        for attempt in range(1, START_ATTEMPTS + 1):
+        for _ in range(START_ATTEMPTS - 1):
             try:
                 return self._start_once()
             except PortTakenError as exc:
-                if attempt == START_ATTEMPTS:
-                    raise
                 print(f"{exc}: starting again on other ports", file=sys.stderr)
-        raise AssertionError("unreachable")
+        return self._start_once()
 
     def _start_once(self) -> KafkaCluster:
         lib = fetch(self.cache, self.version)

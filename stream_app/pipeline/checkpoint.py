@@ -22,7 +22,7 @@ from stream_app import json
 from stream_app.errors import ConfigurationError, StreamAppError
 from stream_app.pipeline.kafka import not_authorized
 from stream_app.pipeline.processor import Outgoing, partition_for
-from stream_app.pipeline.store import CONSUMED_KEY, StoreOverlay
+from stream_app.pipeline.store import CONSUMED_KEY, PartitionStore, StoreOverlay
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,14 @@ def decode_consumed(value: bytes | None) -> dict[TopicPartition, int]:
         }
     except (json.JSONDecodeError, TypeError, ValueError):
         return {}
+
+
+def recorded_consumption(stores: Mapping[str, PartitionStore]) -> dict[TopicPartition, int]:
+    """The consumed offsets :meth:`Checkpoint.seal` recorded (at_least_once),
+    read from the last of a task's restored ``stores``, where it writes them."""
+    if not stores:
+        return {}
+    return decode_consumed(list(stores.values())[-1].get(CONSUMED_KEY))
 
 
 @dataclass(frozen=True, slots=True)

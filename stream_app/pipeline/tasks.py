@@ -37,7 +37,7 @@ from aiokafka.structs import TopicPartition
 
 from stream_app.domain import Reason
 from stream_app.errors import StoreError, StreamAppError
-from stream_app.pipeline.checkpoint import ChangelogStore, Checkpoint, decode_consumed
+from stream_app.pipeline.checkpoint import ChangelogStore, Checkpoint, recorded_consumption
 from stream_app.pipeline.kafka import client_options, stop_fully
 from stream_app.pipeline.processor import (
     LatencyHistogram,
@@ -49,12 +49,7 @@ from stream_app.pipeline.processor import (
     record_size,
     reject,
 )
-from stream_app.pipeline.store import (
-    CONSUMED_KEY,
-    PartitionStore,
-    RocksDBResources,
-    StoreOverlay,
-)
+from stream_app.pipeline.store import PartitionStore, RocksDBResources, StoreOverlay
 from stream_app.pipeline.unreadable import RawRecord
 from stream_app.settings import Settings
 
@@ -195,10 +190,7 @@ class Task:
         """Under at_least_once, the input offsets the restored state holds every
         record before (see ``Checkpoint.seal``); nothing under exactly_once,
         where the committed offsets say it."""
-        if self.exactly_once or not self.stores:
-            return {}
-        last = list(self.stores.values())[-1]
-        return decode_consumed(last.get(CONSUMED_KEY))
+        return {} if self.exactly_once else recorded_consumption(self.stores)
 
     def activate(self, positions: Mapping[TopicPartition, int]) -> None:
         self.positions = dict(positions)
