@@ -494,11 +494,14 @@ class CommandProcessor:
             size = record_size(rekeyed)
             if size > self.limits.max_record_bytes:
                 # Its origin header holds its key in base64: a key of
-                # hundreds of KB makes the re-keyed record too large to write.
+                # hundreds of KB makes the re-keyed record too large to write
+                # (or, with a raised command limit, the value alone).
+                key_bytes = 0 if record.key is None else len(record.key)
                 rejection = pipeline_rejection(
                     Reason.LIMIT_EXCEEDED,
-                    "The record's key is too large to re-key the command by its integrationId",
-                    f"the re-keyed record would take {size} bytes; "
+                    "The command is too large to re-key by its integrationId",
+                    f"the re-keyed record would take {size} bytes "
+                    f"(the record's key {key_bytes}, its value {len(value)}); "
                     f"at most {self.limits.max_record_bytes}",
                 )
                 return [self._reject(rejection, record)], kind, rejected

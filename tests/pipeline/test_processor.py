@@ -102,7 +102,9 @@ def test_a_command_whose_key_is_too_large_to_re_key_is_rejected_not_re_keyed() -
     assert key.startswith(out.key)
     doc = json.loads(out.value)
     assert doc["reason"] == "LIMIT_EXCEEDED"
-    assert doc["message"].startswith("The record's key is too large to re-key")
+    assert doc["message"] == "The command is too large to re-key by its integrationId"
+    # The details say which part is large: here the key, not the value.
+    assert "(the record's key 800000, its value " in doc["errors"][0]["details"]
     assert doc["errors"][0]["source"]["pointer"] == ""
     assert p.metrics.rekeyed == 0
     assert p.metrics.rejected == 1
