@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +99,69 @@ def test_a_port_taken_before_kafka_binds_it_starts_the_broker_on_other_ports(
         port = cluster.members[0].port
         assert port != taken.getsockname()[1]
         assert kafka_broker.metadata_brokers("127.0.0.1", port) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_tied_process_dies_with_its_starter_even_on_sigkill(tmp_path: Path) -> None:
+    """Test brokers outlived a SIGKILLed pytest (or demo, or bench) and held
+    half a GiB each until someone found them. The starter here is a Python
+    process that starts a tied ``sleep`` the way ``KafkaCluster`` starts a
+    JVM, then is killed with SIGKILL."""
+    pid_file = tmp_path / "child.pid"
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "from tools.kafka_broker import tied_to_this_process\n"
+            "child = subprocess.Popen(tied_to_this_process(['sleep', '120']),"
+            " start_new_session=True)\n"
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+            "time.sleep(120)\n",
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    child = 0
+    try:
+        deadline = time.monotonic() + 20
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the starter never started its child"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        # Once the wrapper has become `sleep`, the tie is in place.
+        while Path(f"/proc/{child}/comm").read_text().strip() != "sleep":
+            assert time.monotonic() < deadline, "the child never became its command"
+            time.sleep(0.05)
+        os.kill(starter.pid, signal.SIGKILL)
+        starter.wait()
+        while _alive(child):
+            assert time.monotonic() < deadline, "the tied child outlived its killed starter"
+            time.sleep(0.05)
+    finally:
+        starter.kill()
+        starter.wait()
+        if child and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by init, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_the_cli_start_leaves_its_broker_untied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``start`` returns and leaves the broker running for ``stop``."""
+    made: list[kafka_broker.KafkaCluster] = []
+
+    def fake_start(self: kafka_broker.KafkaCluster) -> kafka_broker.KafkaCluster:
+        made.append(self)
+        return self
+
+    monkeypatch.setattr(kafka_broker.KafkaCluster, "start", fake_start)
+    assert kafka_broker.main(["start", "--workdir", "/nonexistent"]) == 0
+    assert [c.tied for c in made] == [False]
+    assert kafka_broker.KafkaCluster(Path("x")).tied

@@ -44,7 +44,11 @@ from stream_app.demo.traffic import OUTPUT_KINDS, TrafficSummary, produce_traffi
 from stream_app.demo.view import ViewResult, pretty, watch  # noqa: E402
 from stream_app.pipeline.topics import ensure_topics  # noqa: E402
 from stream_app.settings import Settings  # noqa: E402
-from tools.kafka_broker import KafkaCluster, stop_from_state  # noqa: E402
+from tools.kafka_broker import (  # noqa: E402
+    KafkaCluster,
+    stop_from_state,
+    tied_to_this_process,
+)
 
 DEMO_DIR = ROOT / "var" / "demo"
 WORKER_STOP_GRACE_S = 30.0
@@ -65,7 +69,7 @@ class Worker:
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_app", "worker"],
+            tied_to_this_process([sys.executable, "-m", "stream_app", "worker"]),
             env=env,
             cwd=ROOT,
             stdout=self._log,

@@ -10,7 +10,9 @@ runs before the project's virtualenv exists.
 * ``start``  formats KRaft storage and starts N combined broker/controller
   nodes (N=1 by default; ``--nodes 3`` gives a 3-broker cluster on one
   machine), waits until every node answers a Kafka Metadata request, writes a
-  state file and prints the bootstrap servers.
+  state file and prints the bootstrap servers. Its JVMs outlive it; those
+  of a ``KafkaCluster`` started from Python (tests, bench, demo) are killed
+  with the process that started them, even by SIGKILL (Linux).
 * ``stop``   stops the nodes named in the state file: SIGTERM, then SIGKILL
   after a grace period, so no JVM is left behind.
 
@@ -209,6 +211,9 @@ class KafkaCluster:
     secure: bool = False
     #: group.initial.rebalance.delay.ms: 0 for quick joins in tests and the demo.
     initial_rebalance_delay_ms: int = 0
+    #: The JVMs die with this process, even on SIGKILL (Linux): a killed test
+    #: run, demo or bench leaves no broker behind. ``start`` (the CLI) unties them.
+    tied: bool = True
     members: list[Node] = field(default_factory=list)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -341,8 +346,9 @@ class KafkaCluster:
                     f"{(formatted.stderr or formatted.stdout).strip()[-2000:]}"
                 )
             with (node.data_dir / "stdout.log").open("wb") as out:  # the JVM keeps its own fd
+                command = [*jvm, "kafka.Kafka", str(props)]
                 proc = subprocess.Popen(
-                    [*jvm, "kafka.Kafka", str(props)],
+                    tied_to_this_process(command) if self.tied else command,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -501,6 +507,26 @@ def stop_from_state(workdir: Path, grace: float = 20.0) -> None:
     state_path.unlink()
 
 
+#: Run as ``python -c _TIE PARENT_PID COMMAND...``: asks Linux to SIGKILL this
+#: process when the thread that started it ends (PR_SET_PDEATHSIG, kept across
+#: exec), then becomes COMMAND. If the parent already died, it exits instead.
+_TIE: Final = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def tied_to_this_process(command: list[str]) -> list[str]:
+    """``command`` such that it is killed when this process ends, however it
+    ends (Linux only; elsewhere ``command`` as it is)."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _TIE, str(os.getpid()), *command]
+
+
 @contextlib.contextmanager
 def running_cluster(workdir: Path, nodes: int = 1) -> Iterator[KafkaCluster]:
     with KafkaCluster(workdir, nodes=nodes) as cluster:
@@ -526,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "start":
         began = time.monotonic()
         cluster = KafkaCluster(
-            args.workdir, nodes=args.nodes, heap=args.heap, secure=args.secure
+            args.workdir, nodes=args.nodes, heap=args.heap, secure=args.secure, tied=False
         ).start()
         # The JVMs outlive this process: the state file lets `stop` find them.
         cluster.detach()

@@ -28,6 +28,7 @@ from stream_app import json
 from stream_app.pipeline.kafka import wait_for_partitions
 from stream_app.settings import Settings, TopicNames
 from tests.pipeline.record_batches import BatchRecord, encode_batch
+from tools.kafka_broker import tied_to_this_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,7 +118,8 @@ class Worker:
         self.cwd = cwd or ROOT
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [python or sys.executable, "-m", "stream_app", "worker"],
+            # Killed with the test run, however it ends: no worker left behind.
+            tied_to_this_process([str(python or sys.executable), "-m", "stream_app", "worker"]),
             env=dict(env),
             cwd=self.cwd,
             stdout=self._log,
