@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import ClassVar
@@ -16,6 +17,7 @@ from aiohttp import ClientSession, web
 from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.test_utils import TestServer
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.structs import TopicPartition
 from yarl import URL
 
 from stream_app.domain import (
@@ -323,3 +325,62 @@ async def test_an_owner_url_that_cannot_be_read_is_a_503_not_a_500(
         answer = await http.get(server.make_url("/v2/customer_sessions/c-1"))
         assert answer.status == 503
         assert (await answer.json())["detail"] == "the session's owner did not answer"
+
+
+class _Fetching:
+    """A consumer whose partitions Kafka last answered at the given times (ms)."""
+
+    def __init__(self, heard: dict[TopicPartition, int | None], paused: set[TopicPartition]):
+        self.heard = heard
+        self._paused = paused
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.heard)
+
+    def paused(self) -> set[TopicPartition]:
+        return self._paused
+
+    def last_poll_timestamp(self, tp: TopicPartition) -> int | None:
+        return self.heard[tp]
+
+
+def test_a_worker_kafka_has_not_answered_past_the_session_timeout_answers_no_query(
+    tmp_path: Path,
+) -> None:
+    """Past the session timeout the group may have moved the worker's
+    partitions to another, which goes on applying commands: the worker
+    answered from its stores, stale, until it reached Kafka again."""
+    settings = Settings(data_dir=tmp_path, session_timeout_s=30)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    engine._joined = True
+    stored = {session_key(1, "cart-1"): b"stored"}
+
+    class _Here:
+        id = TaskId("commands", 0)
+        active = True
+        stores: ClassVar[dict[str, object]] = {SESSIONS_STORE: stored}
+
+    engine._tasks[_Here.id] = _Here()  # type: ignore[assignment]
+    now = time.time() * 1000
+    commands, profiles = TopicPartition("commands", 0), TopicPartition("by-profile", 0)
+    consumer = _Fetching({commands: int(now - 31_000), profiles: None}, paused=set())
+    engine._consumer = consumer  # type: ignore[assignment]
+    assert engine.unheard_s() == pytest.approx(31, abs=1)
+    assert not engine.ready
+    assert engine.status()["unheard_s"] == pytest.approx(31, abs=1)
+    lookup = engine.session_lookup(1, "cart-1")
+    assert lookup.unavailable is not None
+    assert "has not reached Kafka for 31 s" in lookup.unavailable
+    # Any partition answered within the timeout: in touch, and its own.
+    consumer.heard[profiles] = int(now - 2_000)
+    assert engine.unheard_s() is None
+    assert engine.ready
+    assert engine.status()["unheard_s"] is None
+    assert engine.session_lookup(1, "cart-1") == Lookup(found=True, stored=b"stored")
+    # A paused partition is not fetched, and one never fetched yet has no
+    # time: their ages say nothing.
+    consumer.heard[profiles] = None
+    consumer._paused = {commands}
+    assert engine.unheard_s() is None
+    consumer._paused = set()
+    assert engine.unheard_s() == pytest.approx(31, abs=1)

@@ -318,22 +318,53 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     @property
     def ready(self) -> bool:
         """Joined the group, not rebalancing, no task restoring, none waiting for
-        the rest of its inputs, and not stopping (a pod being stopped takes no
-        more queries: its stores close as its tasks commit and end)."""
+        the rest of its inputs, not cut off from Kafka, and not stopping (a pod
+        being stopped takes no more queries: its stores close as its tasks
+        commit and end)."""
         return (
             self._joined
             and not self._rebalancing
             and not self._starting
             and not self._waiting
             and not self._stopping.is_set()
+            and self.unheard_s() is None
         )
 
+    def unheard_s(self, now_ms: float | None = None) -> float | None:
+        """Seconds since Kafka last answered a fetch of any partition the worker
+        reads, when that is longer than the group's session timeout; else None.
+
+        Past that timeout the group may have given this worker's partitions to
+        another, which goes on applying commands: what its stores hold may be
+        stale, so it is not ready and answers no query. (Within the timeout the
+        partitions are still its own: its stores lag, as they would under
+        load.) Partitions not being fetched (paused, or none fetched yet) say
+        nothing either way."""
+        consumer = self._consumer
+        if consumer is None or not self._joined:
+            return None
+        paused = consumer.paused()
+        heard: list[int] = []
+        for tp in consumer.assignment():
+            if tp in paused:
+                continue
+            at = consumer.last_poll_timestamp(tp)
+            if at is not None:
+                heard.append(at)
+        if not heard:
+            return None
+        now = time.time() * 1000 if now_ms is None else now_ms
+        unheard = (now - max(heard)) / 1000
+        return unheard if unheard > self.settings.session_timeout_s else None
+
     def status(self) -> dict[str, Any]:
+        unheard = self.unheard_s()
         return {
             "ready": self.ready,
             "joined": self._joined,
             "rebalancing": self._rebalancing,
             "stopping": self._stopping.is_set(),
+            "unheard_s": None if unheard is None else round(unheard, 1),
             "starting": sorted(str(task_id) for task_id in self._starting),
             "waiting": sorted(str(task_id) for task_id in self._waiting),
             "active": sorted(str(t.id) for t in self._tasks.values() if t.active),
@@ -368,6 +399,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         None when unknown), at another worker's URL, or nowhere right now."""
         partition = partition_for(integration_id.encode(), self.partitions)
         owner = self.assignor.owner(self.settings.topics.commands, partition)
+        unheard = self.unheard_s()
+        if unheard is not None:
+            return Lookup(
+                unavailable=f"this worker has not reached Kafka for {unheard:.0f} s, longer "
+                "than the group's session timeout: its partitions may have moved"
+            )
         if not self.ready or (owner is None and self.assignor.routes):
             return Lookup(unavailable="the group is rebalancing or restoring")
         if owner is not None and owner != self.assignor.url:

@@ -10,9 +10,9 @@
   unknown), answered by any worker: the owner of the key's partition answers
   from its store, any other worker forwards the request to the owner's URL
   from the group assignment; during a rebalance or restore the answer is a
-  clear 503, never a stale or wrong session (but from a worker cut off from
-  Kafka, which answers from its last commit until it learns that its
-  partitions moved). docs/openapi.yaml describes it.
+  clear 503, never a stale or wrong session (a worker that Kafka has not
+  answered for longer than the session timeout, whose partitions may have
+  moved, answers 503 too). docs/openapi.yaml describes it.
 """
 
 from __future__ import annotations
