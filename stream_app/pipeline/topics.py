@@ -13,11 +13,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import NoError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import (
+    LeaderNotAvailableError,
+    NoError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
 
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.kafka import client_options
@@ -99,13 +105,34 @@ def topic_specs(settings: Settings, partitions: int) -> list[TopicSpec]:
     return specs
 
 
-async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
-    """Partition counts of those of ``names`` that exist."""
-    counts: dict[str, int] = {}
+async def _described(
+    admin: AIOKafkaAdminClient, names: list[str], *, strict: bool = True
+) -> dict[str, list[Any]]:
+    """The partitions (with their replicas) of ``names``, every one of which
+    exists. When ``strict``, one the broker does not describe raises: not
+    authorized, a ConfigurationError; anything else (a topic just created
+    elsewhere, whose leader is not elected yet, or a broker whose metadata is
+    behind) a Kafka error the caller retries. Read as missing, the command
+    topic's count was replaced by STREAM_APP_PARTITIONS, and the internal
+    topics created to it. Otherwise such a topic is left out."""
+    described: dict[str, list[Any]] = {}
     for entry in await admin.describe_topics(names):
-        if not entry.get("error_code") and entry.get("partitions"):
-            counts[entry["topic"]] = len(entry["partitions"])
-    return counts
+        code = entry.get("error_code")
+        if not code and entry.get("partitions"):
+            described[entry["topic"]] = entry["partitions"]
+        elif strict and code == TopicAuthorizationFailedError.errno:
+            raise ConfigurationError(
+                f"Kafka does not authorize this worker's principal to describe {entry['topic']}"
+            )
+    missing = [name for name in names if name not in described]
+    if strict and missing:
+        raise LeaderNotAvailableError(f"Kafka lists but does not describe {', '.join(missing)}")
+    return described
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+    """Partition counts of ``names``, every one of which exists (see _described)."""
+    return {name: len(partitions) for name, partitions in (await _described(admin, names)).items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +155,9 @@ class TopicLayout:
     #: Internal topics of records in flight (re-key, by-profile) that compact:
     #: a backlog would lose all but each key's newest record (check_retention).
     compacting: tuple[str, ...] = ()
+    #: Topics the worker writes whose min.insync.replicas exceeds their
+    #: replicas: every write to them fails (check_retention).
+    unwritable: tuple[str, ...] = ()
 
 
 #: CreateTopics' answer when creations are throttled (aiokafka has no class for it).
@@ -197,6 +227,12 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
                     # The controller moved, the request timed out (the topic may
                     # exist now), creations are throttled: the caller retries.
                     raise error(f"creating {spec.name}: {detail or error.description}")
+                elif error is TopicAlreadyExistsError and spec.name == settings.topics.commands:
+                    # Created meanwhile, maybe with another count: the internal
+                    # topics must take its count, so start over (the caller retries).
+                    raise TopicAlreadyExistsError(
+                        f"{spec.name} was created meanwhile: reading its partition count"
+                    )
                 elif error is TopicAlreadyExistsError:  # another worker won the race
                     raced.append(spec.name)
                 else:
@@ -221,11 +257,25 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
                     "differs from it"
                 )
         configs = await _topic_configs(admin, [s.name for s in specs])
+        # Not the topics it only reads: their limits and replicas do not bound it.
+        read_only = {settings.topics.commands, settings.topics.application_settings}
+        written = [s.name for s in specs if s.name not in read_only]
+        replicas = {
+            name: min((len(p.get("replicas", ())) for p in partitions), default=0)
+            for name, partitions in (await _described(admin, written, strict=False)).items()
+        }
     finally:
         await admin.close()
     if created:
         log.info("created topics: %s", ", ".join(created))
-    written = [s.name for s in specs if s.name != settings.topics.commands]
+    unwritable = tuple(
+        f"{name} ({replicas[name]} replica{'s' if replicas[name] != 1 else ''}, "
+        f"min.insync.replicas={configs[name]['min.insync.replicas']})"
+        for name in written
+        if replicas.get(name)  # 0: the answer named none, nothing to go on
+        and configs.get(name, {}).get("min.insync.replicas", "").isdigit()
+        and int(configs[name]["min.insync.replicas"]) > replicas[name]
+    )
     limits = [
         int(c["max.message.bytes"])
         for n in written
@@ -250,6 +300,7 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
         flagged(_REPARTITION, deletes_records),
         configs,
         flagged(_REPARTITION, compacts),
+        unwritable,
     )
 
 
@@ -281,6 +332,18 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
             f"{settings.bootstrap_servers} --alter --entity-type topics --entity-name NAME "
             "--add-config cleanup.policy=compact), or keep its records for ever "
             "(retention.ms=-1 and retention.bytes=-1)"
+        )
+    if layout.unwritable:
+        # A transactional producer retries NOT_ENOUGH_REPLICAS for ever: the
+        # worker would stay up and ready and write nothing.
+        raise ConfigurationError(
+            f"{'; '.join(layout.unwritable)}: Kafka refuses every write to these topics, "
+            "which have fewer replicas than min.insync.replicas asks (the broker's default "
+            "applies to the topics the worker creates). Set STREAM_APP_REPLICATION_FACTOR "
+            "to at least min.insync.replicas and recreate them, or lower the topics' "
+            f"min.insync.replicas (kafka-configs.sh --bootstrap-server "
+            f"{settings.bootstrap_servers} --alter --entity-type topics --entity-name NAME "
+            "--add-config min.insync.replicas=N)"
         )
     if layout.compacting:
         raise ConfigurationError(

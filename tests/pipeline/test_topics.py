@@ -8,7 +8,12 @@ from types import SimpleNamespace
 import pytest
 from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource
-from aiokafka.errors import KafkaError, NotControllerError, RequestTimedOutError
+from aiokafka.errors import (
+    KafkaError,
+    LeaderNotAvailableError,
+    NotControllerError,
+    RequestTimedOutError,
+)
 from aiokafka.protocol.admin import CreateTopicsResponse_v0, CreateTopicsResponse_v3
 
 from stream_app.errors import ConfigurationError
@@ -97,7 +102,7 @@ def _admin_answering(code: int, version: int) -> type:
     ("code", "outcome"),
     [
         (0, None),  # created
-        (36, None),  # TOPIC_ALREADY_EXISTS: another worker won the race
+        (36, KafkaError),  # TOPIC_ALREADY_EXISTS: retried, to take its count (below)
         (38, ConfigurationError),  # INVALID_REPLICATION_FACTOR
         (29, ConfigurationError),  # TOPIC_AUTHORIZATION_FAILED (no Create)
         (41, NotControllerError),  # the controller moved: retried
@@ -215,27 +220,193 @@ async def test_internal_topics_of_records_in_flight_that_compact_are_refused(
     assert "cleanup.policy=delete,retention.ms=-1,retention.bytes=-1" in message
 
 
-async def test_topics_another_worker_created_meanwhile_are_checked_for_their_count(
+async def test_a_command_topic_created_meanwhile_gives_its_count_to_the_internal_topics(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two workers started at once on an empty cluster, with different
     STREAM_APP_PARTITIONS: the one that lost the race to create the command
     topic took the other's topics as created, and ran with its own count (its
-    session ids, and where it expects keys, disagreeing with the other's)."""
+    session ids, and where it expects keys, disagreeing with the other's).
+    Then it refused, but having created the internal topics to its own
+    count: every later start was refused too. Now it starts over, and takes
+    the command topic's count for every topic it creates."""
+    settings = Settings(partitions=6)
+    topics: dict[str, int] = {}
+
+    class Raced(EmptyCluster):
+        async def list_topics(self) -> list[str]:
+            return list(topics)
+
+        async def create_topics(self, new: list[NewTopic]) -> object:
+            [topic] = new
+            if topic.name == settings.topics.commands:
+                topics[topic.name] = 12  # the other worker's
+                code = 36
+            else:
+                topics[topic.name] = topic.num_partitions
+                code = 0
+            return CreateTopicsResponse_v3(
+                throttle_time_ms=0, topic_errors=[(topic.name, code, "")]
+            )
+
+        async def describe_topics(self, names: list[str]) -> list[object]:
+            return [
+                {"topic": name, "error_code": 0, "partitions": [{"replicas": [1]}] * topics[name]}
+                for name in names
+                if name in topics
+            ]
+
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", Raced)
+    with pytest.raises(KafkaError) as raced:  # worker._wait_for_kafka retries it
+        await topics_module.ensure_topics(settings)
+    assert not isinstance(raced.value, ConfigurationError)
+    assert "was created meanwhile" in str(raced.value)
+    assert topics == {settings.topics.commands: 12}  # nothing else created
+    layout = await topics_module.ensure_topics(settings)
+    assert layout.partitions == 12
+    co_partitioned = [s.name for s in topics_module.topic_specs(settings, 12) if s.co_partitioned]
+    assert {topics[name] for name in co_partitioned} == {12}
+
+
+async def test_internal_topics_another_worker_created_meanwhile_are_checked_for_their_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The command topic existed; another worker, of another
+    STREAM_APP_PARTITIONS then, created an internal topic first."""
     settings = Settings(partitions=6)
 
     class Raced(EmptyCluster):
+        async def list_topics(self) -> list[str]:
+            return [settings.topics.commands]
+
         async def create_topics(self, new: list[NewTopic]) -> object:
             return CreateTopicsResponse_v3(
                 throttle_time_ms=0, topic_errors=[(new[0].name, 36, "already exists")]
             )
 
         async def describe_topics(self, names: list[str]) -> list[object]:
-            return [{"topic": name, "error_code": 0, "partitions": [{}] * 12} for name in names]
+            return [
+                {"topic": name, "error_code": 0, "partitions": [{}] * (6 if i else 12)}
+                for name in names
+                for i in [name == settings.topics.commands]
+            ]
 
     monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", Raced)
     with pytest.raises(ConfigurationError) as refused:
         await topics_module.ensure_topics(settings)
     message = str(refused.value)
     assert message.startswith("partition counts disagree: this worker created topics for 6")
-    assert f"{settings.topics.commands} has 12" in message
+    assert f"{topics_module.rekey_topic(settings)} has 12" in message
+
+
+def _cluster(
+    partitions: dict[str, list[dict[str, object]]],
+    configs: dict[str, dict[str, str]],
+    errors: dict[str, int] | None = None,
+) -> type:
+    """An admin client of a cluster where the topics of ``partitions`` exist,
+    described with those partitions (or the error code of ``errors``), and
+    with ``configs``."""
+
+    class Admin(EmptyCluster):
+        async def list_topics(self) -> list[str]:
+            return list(partitions)
+
+        async def describe_topics(self, names: list[str]) -> list[object]:
+            return [
+                {
+                    "topic": name,
+                    "error_code": (errors or {}).get(name, 0),
+                    "partitions": [] if name in (errors or {}) else partitions[name],
+                }
+                for name in names
+            ]
+
+        async def describe_configs(self, resources: list[ConfigResource]) -> list[object]:
+            described = [
+                (0, "", 2, r.name, list(configs[r.name].items()))
+                for r in resources
+                if r.name in configs
+            ]
+            return [SimpleNamespace(resources=described)]
+
+    return Admin
+
+
+def _every_topic(replicas: int = 1, count: int = 6) -> dict[str, list[dict[str, object]]]:
+    return {
+        spec.name: [{"replicas": list(range(replicas))}] * count
+        for spec in topics_module.topic_specs(Settings(), count)
+    }
+
+
+@pytest.mark.parametrize(("code", "raised"), [(5, LeaderNotAvailableError), (3, KafkaError)])
+async def test_a_command_topic_listed_but_not_described_is_retried_not_given_a_default_count(
+    monkeypatch: pytest.MonkeyPatch, code: int, raised: type[Exception]
+) -> None:
+    """Just after an operator created it with 12 partitions, one broker listed
+    the command topic while another did not describe it yet: the worker took
+    STREAM_APP_PARTITIONS (6) for it and created every internal topic with 6,
+    and every later start was refused."""
+    settings = Settings()
+    cluster = _cluster(_every_topic(), {}, errors={settings.topics.commands: code})
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", cluster)
+    with pytest.raises(raised) as caught:  # worker._wait_for_kafka retries it
+        await topics_module.ensure_topics(settings)
+    assert not isinstance(caught.value, ConfigurationError)
+
+
+async def test_a_command_topic_the_worker_may_not_describe_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings()
+    cluster = _cluster(_every_topic(), {}, errors={settings.topics.commands: 29})
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", cluster)
+    with pytest.raises(ConfigurationError, match=r"not authorize .* describe sessions.commands"):
+        await topics_module.ensure_topics(settings)
+
+
+async def test_the_record_limit_is_that_of_the_topics_the_worker_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The settings topic, which the worker only reads, set the record limit
+    of its outputs: an operator's 64 KB settings topic refused the start."""
+    settings = Settings()
+    configs = {name: {"max.message.bytes": "1048588"} for name in _every_topic()}
+    configs[settings.topics.application_settings] = {"max.message.bytes": "65536"}
+    configs[settings.topics.commands] = {"max.message.bytes": "1000"}
+    configs[settings.topics.closed] = {"max.message.bytes": "2000000"}
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(), configs))
+    layout = await topics_module.ensure_topics(settings)
+    assert layout.max_record_bytes == 1_048_588
+    configs[topics_module.profile_topic(settings)] = {"max.message.bytes": "900000"}
+    assert (await topics_module.ensure_topics(settings)).max_record_bytes == 900_000
+
+
+async def test_topics_with_fewer_replicas_than_min_insync_replicas_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cluster whose default min.insync.replicas is 2, and the worker's
+    default replication factor of 1: Kafka refused every write with
+    NOT_ENOUGH_REPLICAS, which a transactional producer retries for ever.
+    The worker stayed up and ready and wrote nothing, saying only that its
+    commits waited."""
+    settings = Settings(bootstrap_servers="kafka:9092")
+    configs = {name: {"min.insync.replicas": "2"} for name in _every_topic()}
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(1), configs))
+    layout = await topics_module.ensure_topics(settings)
+    changelog = topics_module.changelog_topic(settings, "sessions")
+    assert f"{changelog} (1 replica, min.insync.replicas=2)" in layout.unwritable
+    # Those it only reads are no concern of the worker's.
+    assert not any(settings.topics.commands in t for t in layout.unwritable)
+    assert not any(settings.topics.application_settings in t for t in layout.unwritable)
+    with pytest.raises(ConfigurationError) as refused:
+        check_retention(settings, layout)
+    message = str(refused.value)
+    assert f"{changelog} (1 replica, min.insync.replicas=2)" in message
+    assert "STREAM_APP_REPLICATION_FACTOR" in message
+    # Enough replicas: nothing to say.
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(2), configs))
+    layout = await topics_module.ensure_topics(settings)
+    assert layout.unwritable == ()
+    check_retention(settings, layout)
