@@ -181,7 +181,11 @@ class KafkaSecurity(BaseModel):
         if self.ssl_certfile:
             try:
                 context.load_cert_chain(
-                    str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
+                    str(self.ssl_certfile),
+                    str(self.ssl_keyfile) if self.ssl_keyfile else None,
+                    # An encrypted key fails here; without a password OpenSSL
+                    # asked for one on the terminal, and every command waited.
+                    password=lambda: b"",
                 )
             except (ssl.SSLError, OSError) as exc:
                 raise ValueError(
@@ -202,10 +206,12 @@ class RocksDBSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    block_cache_mb: int = Field(default=32, ge=1)
-    write_buffer_mb: int = Field(default=16, ge=1)
-    max_write_buffers: int = Field(default=2, ge=1)
-    max_open_files: int = Field(default=256, ge=16)
+    # Upper bounds that RocksDB's own integers take (1 TiB, int32): past them
+    # the stores failed to open with an OverflowError, after Kafka was reached.
+    block_cache_mb: int = Field(default=32, ge=1, le=1024 * 1024)
+    write_buffer_mb: int = Field(default=16, ge=1, le=1024 * 1024)
+    max_write_buffers: int = Field(default=2, ge=1, le=2**31 - 1)
+    max_open_files: int = Field(default=256, ge=16, le=2**31 - 1)
 
 
 class Settings(BaseSettings):
@@ -232,8 +238,9 @@ class Settings(BaseSettings):
     #: Partitions of the command topic when the worker creates it. When the
     #: topic exists, its count is used instead; internal topics always get the
     #: command topic's count. Changing it re-maps keys: see README.
-    partitions: int = Field(default=6, ge=1)
-    replication_factor: int = Field(default=1, ge=1)
+    #: (Bounded by CreateTopics' int32 and int16: past them, a traceback.)
+    partitions: int = Field(default=6, ge=1, le=2**31 - 1)
+    replication_factor: int = Field(default=1, ge=1, le=2**15 - 1)
     processing_guarantee: ProcessingGuarantee = "exactly_once"
     data_dir: Path = Path("var/stream-app")
     default_application_id: int = Field(default=1, gt=0, lt=2**31)
@@ -251,13 +258,14 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(default=0.1, gt=0, le=60, allow_inf_nan=False)
     #: How often the records the worker has processed are deleted from its
     #: re-key and by-profile topics (Kafka Streams' repartition.purge.interval.ms).
-    purge_interval_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    purge_interval_s: float = Field(default=30.0, gt=0, le=86_400, allow_inf_nan=False)
     #: How long the producers wait to fill a batch before sending it.
     producer_linger_ms: int = Field(default=5, ge=0, le=1000)
     #: On SIGTERM: commit, close and exit within this bound; past it the worker
     #: exits non-zero (its uncommitted work is redone by the next owner). At
     #: least 5 s: the last commits, the stores' flush, and 1 s to leave the group.
-    shutdown_timeout_s: float = Field(default=10.0, ge=5.0, allow_inf_nan=False)
+    #: (At most a day: a timer of 1e10 s failed, leaving the stop unbounded.)
+    shutdown_timeout_s: float = Field(default=10.0, ge=5.0, le=86_400, allow_inf_nan=False)
     #: How long the group waits for a silent (crashed) worker before its
     #: partitions move; Kafka's own default is 45 s. Brokers take 6 s to 30 min
     #: by default (group.min/max.session.timeout.ms).
@@ -412,6 +420,11 @@ def _address_problem(entry: str) -> str | None:
             return None
     if not host:
         return f"{entry!r} has no host"
+    # "kafka..svc" (an empty label) ended in a traceback from the resolver;
+    # "PLAINTEXT://kafka:9092" (a listener) and "bad host" were retried for ever.
+    problem = _host_problem(host)
+    if problem is not None:
+        return problem
     if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         return f"{entry!r} has no port in 1..65535"
     return None

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pty
+import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -408,3 +411,52 @@ def test_sigterm_before_the_worker_runs_is_noted_and_stops_it_at_once(
         assert not [t for t in watchdogs if t.is_alive()]
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_an_encrypted_tls_key_is_one_line_not_a_passphrase_prompt(tmp_path: Path) -> None:
+    """OpenSSL asked for the key's passphrase on the terminal: every command
+    (config, send, the worker) waited for someone to type it. Run on a
+    terminal of its own, as a user runs it."""
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "the openssl command makes this test's key"
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-days", "1", "-subj", "/CN=x",
+         "-keyout", str(key), "-out", str(cert), "-passout", "pass:secret"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
+    env |= {
+        "KAFKA_BOOTSTRAP_SERVERS": CLOSED_PORT,
+        "STREAM_APP_SECURITY__PROTOCOL": "SSL",
+        "STREAM_APP_SECURITY__SSL_CERTFILE": str(cert),
+        "STREAM_APP_SECURITY__SSL_KEYFILE": str(key),
+    }
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a session of its own, the pty its terminal
+        os.chdir(tmp_path)
+        os.execve(sys.executable, [sys.executable, "-m", "stream_app", "config"], env)  # noqa: S606
+    output = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([terminal], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # EIO: the child closed the terminal (exited)
+                break
+            if not chunk:
+                break
+            output += chunk
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"config waited on its terminal: {output.decode(errors='replace')!r}")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(terminal)
+    text = output.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 2, text
+    assert "pass phrase" not in text
+    assert "STREAM_APP_SECURITY__SSL_CERTFILE and SSL_KEYFILE" in one_line(text)

@@ -83,13 +83,29 @@ def test_the_bootstrap_list_loses_its_empty_entries() -> None:
         ("STREAM_APP_ADVERTISED_HOST", "stream-app-0.stream-app:8080"),  # a port
         ("STREAM_APP_ADVERTISED_HOST", "http://stream-app-0"),
         ("STREAM_APP_ADVERTISED_HOST", "two words"),
+        # The resolver raised UnicodeError: a traceback from every command.
+        ("KAFKA_BOOTSTRAP_SERVERS", "kafka..svc:9092"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "k:9092," + "x" * 64 + ".example:9092"),
+        # Retried for ever as unreachable.
+        ("KAFKA_BOOTSTRAP_SERVERS", "PLAINTEXT://kafka:9092"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "bad host:9092"),
+        # Past CreateTopics' int32 and int16, RocksDB's integers, a timer's range.
+        ("STREAM_APP_PARTITIONS", str(2**31)),
+        ("STREAM_APP_REPLICATION_FACTOR", "32768"),
+        ("STREAM_APP_ROCKSDB__BLOCK_CACHE_MB", "100000000000000"),
+        ("STREAM_APP_ROCKSDB__WRITE_BUFFER_MB", "100000000000000"),
+        ("STREAM_APP_ROCKSDB__MAX_WRITE_BUFFERS", str(2**31)),
+        ("STREAM_APP_ROCKSDB__MAX_OPEN_FILES", str(2**31)),
+        ("STREAM_APP_SHUTDOWN_TIMEOUT_S", "1e10"),
+        ("STREAM_APP_PURGE_INTERVAL_S", "1e300"),
     ],
 )
 def test_a_host_that_is_no_host_name_or_address_is_one_line(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:
-    """Each was accepted: the HTTP server then failed with a traceback after
-    Kafka was reached, or every query forwarded to the worker was a 500."""
+    """Each was accepted: the HTTP server, the Kafka client or the stores then
+    failed with a traceback (after Kafka was reached, for most), every query
+    forwarded to the worker was a 500, or Kafka was retried for ever."""
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigurationError, match=f"^{name}="):
         Settings.from_env()
