@@ -98,10 +98,19 @@ def package_version() -> str:
 
 def run_worker(settings: Settings) -> int:
     """Run one worker until SIGTERM or SIGINT, then stop within ``shutdown_timeout_s``."""
+    import threading
+
     from stream_app.worker import run
 
     configure_logging(settings.log_level, settings.log_format)
-    return asyncio.run(run(settings))
+    # The stop's bound covers asyncio.run's end too, which waits for the
+    # loop's executor threads (a DNS lookup of 25 s held the exit that long).
+    watchdog: list[threading.Timer] = []
+    try:
+        return asyncio.run(run(settings, watchdog))
+    finally:
+        for timer in watchdog:
+            timer.cancel()
 
 
 def run_traffic(

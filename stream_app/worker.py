@@ -44,8 +44,16 @@ EXIT_FAILED: Final = 1
 EXIT_CONFIGURATION: Final = 2
 
 
-async def run(settings: Settings) -> int:
-    """Validate, wait for Kafka, serve HTTP and run the engine until a signal."""
+async def run(settings: Settings, watchdog: list[threading.Timer] | None = None) -> int:
+    """Validate, wait for Kafka, serve HTTP and run the engine until a signal.
+
+    On a signal a watchdog timer ends the process if the stop outlasts
+    ``shutdown_timeout_s``; it is put in ``watchdog`` when given, for the
+    caller to cancel once the event loop is closed (``asyncio.run`` waits
+    for its executor's threads, a resolver call among them), else cancelled
+    when this returns."""
+    own_watchdog = watchdog is None
+    timers: list[threading.Timer] = [] if watchdog is None else watchdog
     try:
         registry = ApplicationSettingsRegistry.load(settings.application_settings_file)
     except ConfigurationError as exc:
@@ -53,10 +61,9 @@ async def run(settings: Settings) -> int:
         return EXIT_CONFIGURATION
     stopping = asyncio.Event()
     engine: Engine | None = None
-    watchdog: list[threading.Timer] = []
 
     def on_signal(signum: int) -> None:
-        if watchdog:
+        if timers:
             return
         log.info(
             "%s: stopping (bound %.0f s)", signal.Signals(signum).name, settings.shutdown_timeout_s
@@ -64,7 +71,7 @@ async def run(settings: Settings) -> int:
         timer = threading.Timer(settings.shutdown_timeout_s, _give_up, (settings,))
         timer.daemon = True
         timer.start()
-        watchdog.append(timer)
+        timers.append(timer)
         stopping.set()
         if engine is not None:
             engine.stop()
@@ -120,8 +127,9 @@ async def run(settings: Settings) -> int:
     try:
         return await serve_and_run()
     finally:  # on every path: a watchdog left running would end the process later
-        for timer in watchdog:
-            timer.cancel()
+        if own_watchdog:
+            for timer in timers:
+                timer.cancel()
 
 
 def advertised_url(settings: Settings, port: int) -> str:

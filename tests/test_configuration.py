@@ -460,3 +460,45 @@ def test_an_encrypted_tls_key_is_one_line_not_a_passphrase_prompt(tmp_path: Path
     assert os.waitstatus_to_exitcode(status) == 2, text
     assert "pass phrase" not in text
     assert "STREAM_APP_SECURITY__SSL_CERTFILE and SSL_KEYFILE" in one_line(text)
+
+
+def test_the_stop_bound_covers_the_event_loop_s_end(tmp_path: Path) -> None:
+    """asyncio.run waits, once the worker's coroutine has returned, for its
+    executor's threads: a DNS lookup that took 25 s (cluster DNS down) held
+    the exit that long after a SIGTERM, past the bound, and past a pod's
+    grace period. Here every lookup takes 120 s."""
+    program = (
+        "import socket, sys, time\n"
+        "def stuck(*args, **kwargs):\n"
+        "    time.sleep(120)\n"
+        "    raise OSError('no answer')\n"
+        "socket.getaddrinfo = stuck\n"
+        "from stream_app.cli import main\n"
+        "sys.argv = ['stream-app', 'worker']\n"
+        "sys.exit(main())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
+    env |= {
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka.example:9092",
+        "STREAM_APP_SHUTDOWN_TIMEOUT_S": "5",
+        "STREAM_APP_HTTP_PORT": "0",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-c", program],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(3)  # resolving kafka.example, on an executor thread
+        worker.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        output, _ = worker.communicate(timeout=60)
+        took = time.monotonic() - began
+    finally:
+        worker.kill()
+    assert took < 20, f"exited {took:.0f} s after SIGTERM, the bound being 5 s: {output}"
+    assert worker.returncode == 1, output
+    assert "could not stop cleanly within 5 s" in output
