@@ -65,6 +65,7 @@ from stream_app.domain import (
     ReturnCommand,
     Session,
     SessionPatch,
+    SessionState,
     UpdateCommand,
     decode_command,
     decode_session,
@@ -344,6 +345,12 @@ class PartitionSequenceAllocator:
         self.counters[key] = b"%d" % n
         return session_id
 
+    def give_back(self) -> None:
+        """Take back the id :meth:`next_id` just gave on this partition: the
+        session it was for was not created after all."""
+        key = b"p%d" % self.partition
+        self.counters[key] = b"%d" % (int(self.counters[key]) - 1)
+
 
 @dataclass
 class Metrics:
@@ -424,12 +431,18 @@ def emit_head(channel: str, integration_id: str) -> bytes:
     )
 
 
-def _bookkeeping(command: Command) -> bool:
-    """Whether ``command`` changes no content of its session, only what is
-    recorded of it (see :attr:`Limits.bookkeeping_bytes`)."""
-    if isinstance(command, UpdateCommand):
-        return command.session == SessionPatch(state=command.session.state)
-    return isinstance(command, ReturnCommand | ReopenCommand)
+def _bookkeeping(command: Command, before: Session | None) -> bool:
+    """Whether ``command``, applied to ``before``, changed no content of the
+    session, only what is recorded of it (see :attr:`Limits.bookkeeping_bytes`)."""
+    if isinstance(command, ReturnCommand | ReopenCommand):
+        return True
+    if before is not None and before.state is not SessionState.OPEN:
+        # Only a cancel applies to a closed or partially returned session, and
+        # changes its state alone: whatever else it re-sends is ignored (a
+        # cancel that re-sent the whole session, as many integrations send
+        # it, was refused at the limit while the same with state alone passed).
+        return True
+    return command.session == SessionPatch(state=command.session.state)
 
 
 def session_key(application_id: int, integration_id: str) -> bytes:
@@ -552,7 +565,7 @@ class CommandProcessor:
         encoded = encode_session(new)
         if len(encoded) > self.limits.max_session_bytes:
             limit = self.limits.max_session_bytes
-            if _bookkeeping(command):
+            if _bookkeeping(command, session):
                 limit += self.limits.bookkeeping_bytes
             if len(encoded) > limit:
                 rejection = pipeline_rejection(
@@ -561,6 +574,8 @@ class CommandProcessor:
                     f"the stored session would be {len(encoded)} bytes; at most {limit}",
                     "/session",
                 )
+                if session is None:  # the creation took a session id: give it back
+                    self.allocator.give_back()
                 return [self._reject(rejection, origin)], kind, rejected
         self.metrics.applied += 1
         self.sessions[key] = encoded

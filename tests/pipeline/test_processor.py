@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stream_app import json
-from stream_app.domain import ApplicationSettings
+from stream_app.domain import ApplicationSettings, decode_session
 from stream_app.pipeline import processor as processor_module
 from stream_app.pipeline.processor import (
     DECODED_SESSIONS,
@@ -421,3 +421,42 @@ def test_past_its_size_limit_a_session_takes_no_content_and_bounded_bookkeeping(
         session.reason(cmd("c1", eventId=f"{n:0255d}", session={"state": "open"})) for n in range(6)
     ]
     assert reasons == [None] * 3 + ["LIMIT_EXCEEDED"] * 3
+
+
+@pytest.mark.parametrize("state", ["closed", "partially_returned"])
+def test_a_cancel_that_re_sends_the_session_at_its_limit_is_applied(state: str) -> None:
+    """Many integrations send the whole session with its new state. On a
+    closed or partially returned session the other fields are ignored, so the
+    stored session is the same as with the state alone; yet such a cancel was
+    refused at the limit while the one with the state alone was applied."""
+    session = _AtItsLimit()
+    assert session.reason(cmd("c1", eventId="e1", session={"state": "closed"})) is None
+    if state == "partially_returned":
+        returned = {
+            "type": "return",
+            "integrationId": "c1",
+            "eventId": "e2",
+            "returnedCartItems": [{"position": 0, "quantity": 1}],
+        }
+        assert session.reason(json.dumps(returned)) is None
+    whole = {"state": "cancelled", "couponCodes": ["X"], "attributes": {"m": "y" * 50}}
+    assert session.reason(cmd("c1", eventId="e3", session=whole)) is None
+    [stored] = session.processor.sessions.values()
+    assert decode_session(stored).state == "cancelled"
+    # An open session's content grows with what it is sent: no allowance then.
+    other = _AtItsLimit()
+    assert other.reason(cmd("c1", eventId="e1", session=whole)) == "LIMIT_EXCEEDED"
+
+
+def test_a_creation_refused_for_its_size_takes_no_session_id() -> None:
+    """The refused creation moved the partition's counter on: the next session
+    got id 11 instead of 5 (with 4 partitions), and each refusal shrank the
+    ids the partition has left."""
+    p = dataclasses.replace(stage1(), limits=Limits(max_session_bytes=2048))
+    key = b"big"
+    refused = p.process(record(cmd("big", session={"attributes": {"n": "x" * 4000}}), key))
+    assert json.loads(refused[0].value)["reason"] == "LIMIT_EXCEEDED"
+    assert p.process(record(cmd("big", session={}), key, offset=1)) == []
+    [stored] = p.sessions.values()
+    partition = partition_for(key, 4)
+    assert decode_session(stored).id == partition + 1  # the partition's first id
