@@ -647,7 +647,11 @@ def run_topics_create(settings: Settings, partitions: int | None) -> int:
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     def parse(text: str) -> float:
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:  # argparse said "invalid parse value", this function's name
+            article = "an" if kind is int else "a"
+            raise argparse.ArgumentTypeError(f"not {article} {kind.__name__}: {text!r}") from None
         if not 0 < value < math.inf:  # nan is neither; inf never ends a wait
             raise argparse.ArgumentTypeError(f"must be > 0 and finite, not {text}")
         return value
@@ -822,10 +826,15 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
 
     base = args.url or f"http://127.0.0.1:{settings.http_port}"
     application_id = args.application_id or settings.default_application_id
-    url = (
-        f"{base.rstrip('/')}/v2/customer_sessions/{quote(args.integration_id, safe='')}"
-        f"?applicationId={int(application_id)}"
-    )
+    try:
+        segment = quote(args.integration_id, safe="")
+    except UnicodeEncodeError:  # bytes of the command line that are not UTF-8
+        print(
+            f"stream-app inspect: error: the integrationId {args.integration_id!r} is not UTF-8",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    url = f"{base.rstrip('/')}/v2/customer_sessions/{segment}?applicationId={int(application_id)}"
     if not url.startswith(("http://", "https://")):
         print(f"stream-app inspect: error: not an http URL: {base}", file=sys.stderr)
         return EXIT_USAGE
@@ -857,7 +866,12 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     from stream_app import json
     from stream_app.demo.view import pretty
 
-    print(pretty(json.loads(body)))
+    try:
+        document = json.loads(body)
+    except json.JSONDecodeError:
+        print(f"stream-app inspect: {base} answered, but not as a worker does", file=sys.stderr)
+        return EXIT_FAILED
+    print(pretty(document))
     return 0
 
 

@@ -42,6 +42,7 @@ What the client guarantees:
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -156,6 +157,9 @@ def _plain(value: Any) -> Any:
     tuples and sets lists."""
     if isinstance(value, Decimal):
         return command_number(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        # orjson writes null for them: an attribute of NaN deleted the stored one.
+        raise ValueError(f"{value} is not a number a command can carry")
     if isinstance(value, Mapping):
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, list | tuple | set | frozenset):

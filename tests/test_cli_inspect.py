@@ -88,3 +88,24 @@ def test_inspect_refuses_an_application_id_out_of_range(
         main(["inspect", "cart-1", "--application-id", application_id])
     assert usage.value.code == 2
     assert "--application-id" in capsys.readouterr().err
+
+
+def test_inspect_of_something_that_is_no_worker_is_one_line(
+    worker: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --url of another service that answers 200: a JSONDecodeError traceback."""
+    _Worker.answers = [(200, b"<html>welcome</html>")]
+    assert main(["inspect", "cart-1", "--url", worker]) == 1
+    assert capsys.readouterr().err == (
+        f"stream-app inspect: {worker} answered, but not as a worker does\n"
+    )
+
+
+def test_inspect_of_an_id_that_is_not_utf8_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A command-line argument of bytes that are not UTF-8 (Python hands it on
+    as surrogates): a UnicodeEncodeError traceback."""
+    not_utf8 = b"\xff".decode("utf-8", "surrogateescape")
+    assert main(["inspect", not_utf8, "--url", "http://127.0.0.1:1"]) == 2
+    assert "is not UTF-8" in capsys.readouterr().err

@@ -219,6 +219,9 @@ def test_a_return_item_of_digits_is_a_position_unless_named_a_sku() -> None:
         (["watch", "--seconds", "nan"], "--seconds: must be > 0 and finite, not nan"),
         (["watch", "--seconds", "inf"], "--seconds: must be > 0 and finite, not inf"),
         (["traffic", "--rate", "nan"], "--rate: must be > 0 and finite, not nan"),
+        # argparse named the parser's function: "invalid parse value: 'abc'"
+        (["traffic", "--rate", "abc"], "--rate: not a float: 'abc'"),
+        (["tail", "closed", "-n", "abc"], "-n/--max-records: not an int: 'abc'"),
         # built in memory first: 1e20 sessions ran until killed
         (["traffic", "--sessions", "99999999999999999999"], "--sessions: must be in 1..1000000"),
     ],

@@ -3,6 +3,7 @@ it refuses, with the reason codes and pointers the workers would give."""
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
@@ -243,6 +244,12 @@ def test_money_beyond_64_bits_is_a_rejection_and_infinity_a_value_error() -> Non
     for value in ("Infinity", "-Infinity", "NaN", "sNaN", "1e400", "-1e400"):
         with pytest.raises(ValueError, match="not a number JSON can hold"):
             cart_item("A", 1, Decimal(value))
+    # A float NaN or infinity became JSON null: as an attribute, a deletion.
+    for number in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="not a number a command can carry"):
+            update_command("c-1", attributes={"score": number})
+        with pytest.raises(ValueError, match="not a number a command can carry"):
+            cart_item("A", 1, number)
 
 
 class _FlakyProducer:
