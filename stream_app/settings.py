@@ -129,6 +129,11 @@ class KafkaSecurity(BaseModel):
     def _choice_case(cls, value: Any, info: ValidationInfo) -> Any:
         return _case(cls, value, info)
 
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", mode="before")
+    @classmethod
+    def _empty_path(cls, value: Any) -> Any:
+        return _unset_if_empty(value)
+
     @model_validator(mode="after")
     def _consistent(self) -> KafkaSecurity:
         sasl = self.protocol.startswith("SASL")
@@ -330,6 +335,11 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @field_validator("application_settings_file", mode="before")
+    @classmethod
+    def _empty_path(cls, value: Any) -> Any:
+        return _unset_if_empty(value)
+
     @field_validator("http_host", "advertised_host")
     @classmethod
     def _host(cls, value: str | None) -> str | None:
@@ -381,6 +391,12 @@ def _is_kafka_name(value: str, longest: int = 249) -> bool:
     """Whether Kafka takes ``value`` as a topic name (or as a part of one of
     ``longest`` characters at most)."""
     return len(value) <= longest and bool(_TOPIC_NAME.fullmatch(value)) and value not in {".", ".."}
+
+
+def _unset_if_empty(value: Any) -> Any:
+    """A path variable set to "" (a template's empty value) as unset: it was
+    read as the path ".", and refused as "no such file: ."."""
+    return None if value == "" else value
 
 
 def _host_problem(host: str) -> str | None:

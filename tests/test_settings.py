@@ -173,3 +173,23 @@ def test_outputs_may_share_a_topic_and_the_longest_app_id_names_kafka_topics() -
 def test_a_topic_name_kafka_takes_is_taken() -> None:
     topics = TopicNames(closed="Analytics_closed-v2." + "x" * 229)
     assert len(Settings(topics=topics).topics.closed) == 249
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "STREAM_APP_APPLICATION_SETTINGS_FILE",
+        "STREAM_APP_SECURITY__SSL_CAFILE",
+        "STREAM_APP_SECURITY__SSL_CERTFILE",
+        "STREAM_APP_SECURITY__SSL_KEYFILE",
+    ],
+)
+def test_an_empty_path_variable_is_unset(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """As an empty STREAM_APP_ADVERTISED_HOST is: it was the path ".", refused
+    as "no such file: ." (or a TLS file without TLS)."""
+    monkeypatch.setenv(name, "")
+    settings = Settings.from_env()
+    assert settings.application_settings_file is None
+    assert settings.security.ssl_cafile is None
+    assert settings.security.ssl_certfile is None
+    assert settings.security.ssl_keyfile is None
