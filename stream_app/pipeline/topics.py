@@ -158,6 +158,8 @@ class TopicLayout:
     #: Topics the worker writes whose min.insync.replicas exceeds their
     #: replicas: every write to them fails (check_retention).
     unwritable: tuple[str, ...] = ()
+    #: What compacts the command topic, if anything (check_retention warns).
+    commands_compacted: str | None = None
 
 
 #: CreateTopics' answer when creations are throttled (aiokafka has no class for it).
@@ -301,6 +303,7 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
         configs,
         flagged(_REPARTITION, compacts),
         unwritable,
+        compacts(configs.get(settings.topics.commands, {})),
     )
 
 
@@ -354,6 +357,16 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
             f"(kafka-configs.sh --bootstrap-server {settings.bootstrap_servers} --alter "
             "--entity-type topics --entity-name NAME --add-config "
             "cleanup.policy=delete,retention.ms=-1,retention.bytes=-1)"
+        )
+    if layout.commands_compacted:
+        # The checkout systems' topic: not the worker's to refuse.
+        log.warning(
+            "the command topic %s is compacted (%s): compaction keeps only each "
+            "integrationId's newest command, so in a backlog a session's earlier commands "
+            "vanish before a worker reads them, applied or rejected by none. Make it delete "
+            "by time instead (cleanup.policy=delete)",
+            settings.topics.commands,
+            layout.commands_compacted,
         )
     if layout.expiring:
         # Safe while the workers keep up: a warning, not a refusal, so that a

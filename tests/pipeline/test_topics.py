@@ -410,3 +410,22 @@ async def test_topics_with_fewer_replicas_than_min_insync_replicas_are_refused(
     layout = await topics_module.ensure_topics(settings)
     assert layout.unwritable == ()
     check_retention(settings, layout)
+
+
+async def test_a_compacted_command_topic_is_warned_of(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Compaction keeps each integrationId's newest command: in a backlog a
+    session's earlier commands vanished, without a word, as the compacted
+    re-key topic (refused) would lose them."""
+    settings = Settings()
+    configs = {settings.topics.commands: {"cleanup.policy": "compact"}}
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(), configs))
+    layout = await topics_module.ensure_topics(settings)
+    assert layout.commands_compacted == "cleanup.policy=compact"
+    with caplog.at_level("WARNING"):
+        check_retention(settings, layout)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "the command topic sessions.commands is compacted (cleanup.policy=compact)" in warning
+    configs[settings.topics.commands] = {"cleanup.policy": "delete"}
+    assert (await topics_module.ensure_topics(settings)).commands_compacted is None
