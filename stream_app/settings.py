@@ -218,6 +218,15 @@ class RocksDBSettings(BaseModel):
     max_write_buffers: int = Field(default=2, ge=1, le=2**31 - 1)
     max_open_files: int = Field(default=256, ge=16, le=2**31 - 1)
 
+    @model_validator(mode="after")
+    def _budget(self) -> RocksDBSettings:
+        if self.write_buffer_mb * self.max_write_buffers > 1024 * 1024:
+            raise ValueError(
+                "write_buffer_mb x max_write_buffers, the write-buffer budget, may be at "
+                "most 1048576 MB (1 TiB)"
+            )
+        return self
+
 
 class Settings(BaseSettings):
     """Everything the worker, the demo and the tools need to know."""

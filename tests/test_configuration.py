@@ -434,8 +434,11 @@ def test_an_encrypted_tls_key_is_one_line_not_a_passphrase_prompt(tmp_path: Path
     }
     pid, terminal = pty.fork()
     if pid == 0:  # the child: a session of its own, the pty its terminal
-        os.chdir(tmp_path)
-        os.execve(sys.executable, [sys.executable, "-m", "stream_app", "config"], env)  # noqa: S606
+        try:
+            os.chdir(tmp_path)
+            os.execve(sys.executable, [sys.executable, "-m", "stream_app", "config"], env)  # noqa: S606
+        finally:
+            os._exit(127)  # never the rest of the test run, in a second process
     output = b""
     deadline = time.monotonic() + 30
     try:
@@ -470,6 +473,7 @@ def test_the_stop_bound_covers_the_event_loop_s_end(tmp_path: Path) -> None:
     program = (
         "import socket, sys, time\n"
         "def stuck(*args, **kwargs):\n"
+        "    print('resolving', flush=True)\n"
         "    time.sleep(120)\n"
         "    raise OSError('no answer')\n"
         "socket.getaddrinfo = stuck\n"
@@ -492,7 +496,10 @@ def test_the_stop_bound_covers_the_event_loop_s_end(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        time.sleep(3)  # resolving kafka.example, on an executor thread
+        assert worker.stdout is not None
+        for line in worker.stdout:  # the worker's log, then the lookup's word
+            if line.startswith("resolving"):
+                break  # resolving kafka.example, on an executor thread
         worker.send_signal(signal.SIGTERM)
         began = time.monotonic()
         output, _ = worker.communicate(timeout=60)

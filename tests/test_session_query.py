@@ -370,7 +370,7 @@ def test_a_worker_kafka_has_not_answered_past_the_session_timeout_answers_no_que
     assert engine.status()["unheard_s"] == pytest.approx(31, abs=1)
     lookup = engine.session_lookup(1, "cart-1")
     assert lookup.unavailable is not None
-    assert "has not reached Kafka for 31 s" in lookup.unavailable
+    assert "answered none of this worker's fetches for 31 s" in lookup.unavailable
     # Any partition answered within the timeout: in touch, and its own.
     consumer.heard[profiles] = int(now - 2_000)
     assert engine.unheard_s() is None

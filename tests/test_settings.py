@@ -4,11 +4,18 @@ import socket
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from yarl import URL
 
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.topics import topic_specs
-from stream_app.settings import APP_ID_MAX, Settings, TopicNames, known_variables
+from stream_app.settings import (
+    APP_ID_MAX,
+    RocksDBSettings,
+    Settings,
+    TopicNames,
+    known_variables,
+)
 from stream_app.worker import advertised_url
 
 
@@ -193,3 +200,11 @@ def test_an_empty_path_variable_is_unset(monkeypatch: pytest.MonkeyPatch, name: 
     assert settings.security.ssl_cafile is None
     assert settings.security.ssl_certfile is None
     assert settings.security.ssl_keyfile is None
+
+
+def test_the_write_buffer_budget_is_bounded_as_a_product() -> None:
+    """Each within its bound, their product overflowed RocksDB's integer in
+    the engine's constructor: a traceback, after Kafka was reached."""
+    with pytest.raises(ValidationError, match="write-buffer budget"):
+        RocksDBSettings(write_buffer_mb=1024 * 1024, max_write_buffers=2**31 - 1)
+    RocksDBSettings(write_buffer_mb=1024, max_write_buffers=1024)

@@ -402,8 +402,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         unheard = self.unheard_s()
         if unheard is not None:
             return Lookup(
-                unavailable=f"this worker has not reached Kafka for {unheard:.0f} s, longer "
-                "than the group's session timeout: its partitions may have moved"
+                unavailable=f"Kafka has answered none of this worker's fetches for "
+                f"{unheard:.0f} s, longer than the group's session timeout: its partitions "
+                "may have moved"
             )
         if not self.ready or (owner is None and self.assignor.routes):
             return Lookup(unavailable="the group is rebalancing or restoring")

@@ -10,6 +10,7 @@ task owns partition ``p`` of all of them at once. A disagreement is a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -169,13 +170,30 @@ _THROTTLING_QUOTA_EXCEEDED: Final = 89
 _KAFKA_DEFAULT_MAX_MESSAGE_BYTES: Final = 1_048_588
 
 
+#: Attempts at the topics, RACE_PAUSE_S apart, while another client creates
+#: them (a worker and `stream-app traffic` started together, say).
+RACE_ATTEMPTS = 10
+RACE_PAUSE_S = 1.0
+
+
 async def ensure_topics(settings: Settings) -> TopicLayout:
     """Create the missing topics; return the partition count and record limit.
 
     Raises ConfigurationError when an existing co-partitioned topic disagrees
     with the command topic's count. (:func:`check_session_limit` checks the
-    record limit against the configured session size.)
+    record limit against the configured session size.) Another client
+    creating the topics meanwhile is waited for, about RACE_ATTEMPTS seconds.
     """
+    for _ in range(RACE_ATTEMPTS - 1):
+        try:
+            return await _ensure_topics(settings)
+        except (TopicAlreadyExistsError, LeaderNotAvailableError) as exc:
+            log.info("topics being created meanwhile (%s): looking again", exc)
+            await asyncio.sleep(RACE_PAUSE_S)
+    return await _ensure_topics(settings)
+
+
+async def _ensure_topics(settings: Settings) -> TopicLayout:
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
