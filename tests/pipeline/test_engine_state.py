@@ -359,10 +359,16 @@ def test_the_limits_of_what_the_worker_writes_follow_the_topics_record_limit(
 
 class _AssignedConsumer:
     def __init__(self) -> None:
-        self.paused: list[object] = []
+        self.pausing: list[object] = []
 
     def pause(self, *partitions: object) -> None:
-        self.paused.extend(partitions)
+        self.pausing.extend(partitions)
+
+    def paused(self) -> set[object]:
+        return set(self.pausing)
+
+    def assignment(self) -> set[object]:
+        return set()
 
 
 async def test_partitions_added_while_the_worker_runs_stop_it_with_a_configuration_error(
@@ -383,7 +389,7 @@ async def test_partitions_added_while_the_worker_runs_stop_it_with_a_configurati
     assert f"{commands}[6], {commands}[7]" in str(engine._failure)
     assert engine._stopping.is_set()
     assert engine._tasks == {}
-    assert consumer.paused == []
+    assert consumer.pausing == []
 
 
 class _Metadata:
@@ -422,14 +428,23 @@ class _StrictConsumer:
 
     def __init__(self, assigned: set[TopicPartition], topics: list[set[str]] | None = None) -> None:
         self.assigned = assigned
-        self.paused: list[TopicPartition] = []
+        self.pausing: list[TopicPartition] = []
         self._topics = topics or []
 
     def pause(self, *partitions: TopicPartition) -> None:
         for tp in partitions:
             if tp not in self.assigned:
                 raise IllegalStateError(f"No current assignment for partition {tp}")
-        self.paused.extend(partitions)
+        self.pausing.extend(partitions)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.pausing)
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    def last_poll_timestamp(self, tp: TopicPartition) -> int | None:
+        return None
 
     async def topics(self) -> set[str]:
         return self._topics.pop(0) if len(self._topics) > 1 else self._topics[0]
@@ -455,7 +470,7 @@ async def test_an_assignment_made_without_an_input_topics_metadata_starts_no_tas
         await engine.on_partitions_assigned(assigned)
     assert engine._tasks == {}
     assert engine._failure is None
-    assert set(consumer.paused) == assigned  # not fetched while no task reads them
+    assert set(consumer.pausing) == assigned  # not fetched while no task reads them
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 2
     assert "commands[0]: not started" in warnings[0]
@@ -487,7 +502,7 @@ async def test_an_assignment_that_ends_while_the_worker_stops_starts_no_task(
     await engine.on_partitions_assigned(assigned)
     assert engine._tasks == {}
     assert engine._starting == {}
-    assert set(consumer.paused) == assigned
+    assert set(consumer.pausing) == assigned
     assert engine.status()["waiting"] == []
     # Owning no task, it has nothing uncommitted: a group it cannot leave in
     # time (the broker slow to answer LeaveGroup) is no unclean stop.
