@@ -867,11 +867,11 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     from stream_app.demo.view import pretty
 
     try:
-        document = json.loads(body)
-    except json.JSONDecodeError:
+        shown = pretty(json.loads(body))
+    except (json.JSONDecodeError, TypeError):  # not JSON, or nested past orjson's limit
         print(f"stream-app inspect: {base} answered, but not as a worker does", file=sys.stderr)
         return EXIT_FAILED
-    print(pretty(document))
+    print(shown)
     return 0
 
 

@@ -228,6 +228,10 @@ class RocksDBSettings(BaseModel):
         return self
 
 
+#: Where the stores live when STREAM_APP_DATA_DIR is unset (or empty).
+DEFAULT_DATA_DIR: Final = Path("var/stream-app")
+
+
 class Settings(BaseSettings):
     """Everything the worker, the demo and the tools need to know."""
 
@@ -256,7 +260,7 @@ class Settings(BaseSettings):
     partitions: int = Field(default=6, ge=1, le=2**31 - 1)
     replication_factor: int = Field(default=1, ge=1, le=2**15 - 1)
     processing_guarantee: ProcessingGuarantee = "exactly_once"
-    data_dir: Path = Path("var/stream-app")
+    data_dir: Path = DEFAULT_DATA_DIR
     default_application_id: int = Field(default=1, gt=0, lt=2**31)
     #: A larger command is rejected with LIMIT_EXCEEDED.
     max_command_bytes: int = Field(default=256 * 1024, ge=1024)
@@ -348,6 +352,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_path(cls, value: Any) -> Any:
         return _unset_if_empty(value)
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _empty_data_dir(cls, value: Any) -> Any:
+        # "" was the working directory: in a container, not the volume.
+        return DEFAULT_DATA_DIR if value == "" else value
 
     @field_validator("http_host", "advertised_host")
     @classmethod

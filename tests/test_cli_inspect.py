@@ -94,11 +94,12 @@ def test_inspect_of_something_that_is_no_worker_is_one_line(
     worker: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A --url of another service that answers 200: a JSONDecodeError traceback."""
-    _Worker.answers = [(200, b"<html>welcome</html>")]
-    assert main(["inspect", "cart-1", "--url", worker]) == 1
-    assert capsys.readouterr().err == (
-        f"stream-app inspect: {worker} answered, but not as a worker does\n"
-    )
+    for body in (b"<html>welcome</html>", b"[" * 300 + b"]" * 300):
+        _Worker.answers = [(200, body)]
+        assert main(["inspect", "cart-1", "--url", worker]) == 1
+        assert capsys.readouterr().err == (
+            f"stream-app inspect: {worker} answered, but not as a worker does\n"
+        )
 
 
 def test_inspect_of_an_id_that_is_not_utf8_is_a_usage_error(

@@ -495,6 +495,9 @@ def test_the_stop_bound_covers_the_event_loop_s_end(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
+    # The reading below ends at the worker's exit: a worker stuck elsewhere is killed.
+    guard = threading.Timer(90, worker.kill)
+    guard.start()
     try:
         assert worker.stdout is not None
         for line in worker.stdout:  # the worker's log, then the lookup's word
@@ -505,6 +508,7 @@ def test_the_stop_bound_covers_the_event_loop_s_end(tmp_path: Path) -> None:
         output, _ = worker.communicate(timeout=60)
         took = time.monotonic() - began
     finally:
+        guard.cancel()
         worker.kill()
     assert took < 20, f"exited {took:.0f} s after SIGTERM, the bound being 5 s: {output}"
     assert worker.returncode == 1, output

@@ -202,6 +202,13 @@ def test_an_empty_path_variable_is_unset(monkeypatch: pytest.MonkeyPatch, name: 
     assert settings.security.ssl_keyfile is None
 
 
+def test_an_empty_data_dir_is_the_default_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was the working directory: in a container, not the volume, so
+    every restart restored every store from its changelog."""
+    monkeypatch.setenv("STREAM_APP_DATA_DIR", "")
+    assert Settings.from_env().data_dir == Path("var/stream-app")
+
+
 def test_the_write_buffer_budget_is_bounded_as_a_product() -> None:
     """Each within its bound, their product overflowed RocksDB's integer in
     the engine's constructor: a traceback, after Kafka was reached."""
