@@ -15,9 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+)
 
 from stream_app import json
 from stream_app.domain import ApplicationSettings
@@ -121,10 +127,48 @@ class ApplicationSettingsRegistry:
         self._from_topic[application_id] = parsed
 
 
+#: Seconds between the first read's attempts while Kafka cannot be reached.
+FIRST_READ_BACKOFF_S = 1.0
+_FIRST_READ_BACKOFF_MAX_S: Final = 30.0
+
+
 async def follow_settings_topic(
     settings: Settings, registry: ApplicationSettingsRegistry, ready: asyncio.Event
 ) -> None:
-    """Read the settings topic from the beginning, set ``ready`` at its end, keep following."""
+    """Read the settings topic from the beginning, set ``ready`` at its end, keep following.
+
+    Until ``ready``, Kafka out of reach is waited for, with backoff, as the
+    worker waits for it before it declares its topics: an outage between the
+    two stopped the worker, exit 1, as if the follower had failed. Once the
+    settings are loaded, a failure ends this (and the worker)."""
+    backoff = FIRST_READ_BACKOFF_S
+    while True:
+        try:
+            await _follow(settings, registry, ready)
+        except (
+            KafkaConnectionError,
+            KafkaTimeoutError,
+            NodeNotReadyError,
+            RequestTimedOutError,
+        ) as exc:
+            if ready.is_set():
+                raise
+            log.warning(
+                "reading the application settings: Kafka at %s is not reachable (%r): "
+                "retrying in %.0f s",
+                settings.bootstrap_servers,
+                exc,
+                backoff,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _FIRST_READ_BACKOFF_MAX_S)
+        else:
+            return
+
+
+async def _follow(
+    settings: Settings, registry: ApplicationSettingsRegistry, ready: asyncio.Event
+) -> None:
     topic = settings.topics.application_settings
     consumer = AIOKafkaConsumer(
         **client_options(settings),

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 
 from stream_app import json
 from stream_app.errors import ConfigurationError
@@ -244,3 +245,51 @@ async def test_a_raw_read_starts_from_what_was_applied_on_every_partition(
     assert [offset for _, offset in consumer.sought] == [3, 3]
     assert registry.settings_for(1).flattening is False
     assert registry.settings_for(2).flattening is False
+
+
+async def test_kafka_out_of_reach_before_the_settings_are_loaded_is_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker waits for Kafka before it declares its topics; an outage
+    right after, as the follower started, stopped the worker with exit 1
+    and a traceback, as if the follower had failed."""
+    failures = [KafkaConnectionError("Unable to bootstrap"), KafkaTimeoutError()]
+
+    class _Reaching(_SettingsConsumer):
+        async def start(self) -> None:
+            if failures:
+                raise failures.pop(0)
+
+    async def partition_count(options: object, topic: str) -> int:
+        return 1
+
+    monkeypatch.setattr(application_settings, "FIRST_READ_BACKOFF_S", 0.01)
+    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "AIOKafkaConsumer", _Reaching)
+    registry = ApplicationSettingsRegistry()
+    follower = await _followed(registry)
+    assert failures == []
+    assert registry.settings_for(7).flattening is False
+    follower.cancel()
+
+
+async def test_once_the_settings_are_loaded_a_failure_ends_the_follower(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not waited for then: the worker stops rather than apply settings that
+    may be stale (docs/operations.md)."""
+
+    class _Failing(_SettingsConsumer):
+        async def getmany(self, timeout_ms: int) -> dict[object, list[object]]:
+            if self.position_ >= len(self.records):
+                raise KafkaTimeoutError
+            return await super().getmany(timeout_ms)
+
+    async def partition_count(options: object, topic: str) -> int:
+        return 1
+
+    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "AIOKafkaConsumer", _Failing)
+    follower = await _followed(ApplicationSettingsRegistry())
+    with pytest.raises(KafkaTimeoutError):
+        await asyncio.wait_for(follower, 5)
