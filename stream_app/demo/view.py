@@ -100,6 +100,26 @@ def shorten(kind: str, doc: Any) -> str:
     return " ".join(parts)
 
 
+def _kind_of(value: bytes | None, kinds: list[_Topic]) -> _Topic:
+    """Which of the kinds sharing a topic a record is, by its content: a
+    rejection has a reason, an output its event (unknown: the first kind)."""
+    from stream_app.pipeline.processor import EVENT_CHANNEL
+
+    try:
+        doc = json.loads(value or b"")
+    except json.JSONDecodeError:
+        return kinds[0]
+    if isinstance(doc, dict):
+        kind = "rejected" if "reason" in doc else None
+        for event, channel in EVENT_CHANNEL.items():
+            if doc.get("event") == event.value:
+                kind = channel
+        for topic in kinds:
+            if topic.kind == kind:
+                return topic
+    return kinds[0]
+
+
 async def watch(
     settings: Settings,
     *,
@@ -117,7 +137,10 @@ async def watch(
 
     t = settings.topics
     topics = {kind: _Topic(kind, getattr(t, kind)) for kind in OUTPUT_KINDS}
-    by_name = {topic.name: topic for topic in topics.values()}
+    #: The kinds written to each topic: several when outputs share a topic.
+    by_name: dict[str, list[_Topic]] = {}
+    for topic in topics.values():
+        by_name.setdefault(topic.name, []).append(topic)
     began = time.monotonic()
     deadline = began + seconds
     options = client_options(settings)
@@ -159,8 +182,9 @@ async def watch(
             while (wait := refresh_at - time.monotonic()) > 0:
                 batches = await consumer.getmany(timeout_ms=max(1, int(wait * 1000)))
                 for tp, records in batches.items():
-                    topic = by_name[tp.topic]
+                    kinds = by_name[tp.topic]
                     for record in records:
+                        topic = kinds[0] if len(kinds) == 1 else _kind_of(record.value, kinds)
                         topic.count += 1
                         if record.value is not None:
                             topic.latest.append(record.value)

@@ -1,0 +1,85 @@
+"""`stream-app watch` (the demo's view) over a stand-in consumer: counts by kind."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+
+from stream_app import json
+from stream_app.demo import view
+from stream_app.pipeline import kafka
+from stream_app.settings import Settings, TopicNames
+
+
+def _output(event: str) -> bytes:
+    return json.dumps({"event": event, "integrationId": "c", "session": {"state": "x"}})
+
+
+async def test_outputs_sharing_a_topic_are_counted_by_their_kind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The settings let outputs share a topic; watch counted every record on
+    it as the last kind mapped to the topic, and the others as none."""
+    shared = "sessions.outputs"
+    topics = TopicNames(closed=shared, returned=shared, cancelled=shared, reopened=shared)
+    records = [
+        _output("talon_session_closed"),
+        _output("talon_session_closed"),
+        _output("talon_session_partially_returned"),
+        _output("talon_session_revoked"),
+        _output("talon_session_cancelled"),
+        _output("talon_session_reopened"),
+    ]
+    rejection = json.dumps({"reason": "MALFORMED_JSON"})
+
+    class Consumer:
+        def __init__(self, **options: Any) -> None:
+            self.batches = [
+                {
+                    TopicPartition(shared, 0): [SimpleNamespace(value=v) for v in records],
+                    TopicPartition(topics.rejected, 0): [SimpleNamespace(value=rejection)],
+                }
+            ]
+
+        async def start(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+        def assign(self, partitions: object) -> None:
+            pass
+
+        async def seek_to_beginning(self, *partitions: object) -> None:
+            pass
+
+        async def getmany(self, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
+            return self.batches.pop() if self.batches else {}
+
+    async def reachable(options: object) -> None:
+        return None
+
+    async def partitions(options: object, names: list[str], deadline: float) -> list[object]:
+        assert sorted(names) == sorted({shared, topics.rejected})
+        return [TopicPartition(name, 0) for name in names]
+
+    monkeypatch.setattr(kafka, "unreachable", reachable)
+    monkeypatch.setattr(view, "wait_for_partitions", partitions)
+    monkeypatch.setattr("aiokafka.AIOKafkaConsumer", Consumer)
+    result = await view.watch(
+        Settings(topics=topics),
+        seconds=5,
+        expected={"closed": 2, "returned": 1, "cancelled": 2, "reopened": 1, "rejected": 1},
+        interval=0.05,
+        out=lambda _: None,
+    )
+    assert result.counts == {
+        "closed": 2,
+        "returned": 1,
+        "cancelled": 2,
+        "reopened": 1,
+        "rejected": 1,
+    }
