@@ -205,8 +205,13 @@ async def consume(
                 for record in records:
                     if ends is not None and record.offset >= ends[tp]:
                         continue
-                    if record.value is not None:
-                        changed |= ledger.record(parse(record.value))
+                    if record.value is None:
+                        continue
+                    doc = parse(record.value)
+                    # Outputs and rejections may share a topic: a rejection
+                    # (no event, no applicationId) is no revenue.
+                    if isinstance(doc, dict) and "event" in doc:
+                        changed |= ledger.record(doc)
             if follow and changed:
                 out(ledger.report())
     finally:

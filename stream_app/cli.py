@@ -948,7 +948,7 @@ def _add_topics(sub: Any) -> None:
     )
     create.add_argument(
         "--partitions",
-        type=_positive(int),
+        type=_at_most(2**31 - 1),  # CreateTopics' int32: past it, a traceback
         metavar="N",
         help="partitions of the command topic when it is created "
         "(default: STREAM_APP_PARTITIONS, 6); an existing command topic's count wins",

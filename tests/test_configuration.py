@@ -418,7 +418,8 @@ def test_an_encrypted_tls_key_is_one_line_not_a_passphrase_prompt(tmp_path: Path
     (config, send, the worker) waited for someone to type it. Run on a
     terminal of its own, as a user runs it."""
     openssl = shutil.which("openssl")
-    assert openssl is not None, "the openssl command makes this test's key"
+    if openssl is None:  # not among the prerequisites; on nearly every Linux
+        pytest.skip("the openssl command, which makes this test's key, is not installed")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-days", "1", "-subj", "/CN=x",

@@ -165,3 +165,17 @@ def test_the_cli_start_leaves_its_broker_untied(monkeypatch: pytest.MonkeyPatch)
     assert kafka_broker.main(["start", "--workdir", "/nonexistent"]) == 0
     assert [c.tied for c in made] == [False]
     assert kafka_broker.KafkaCluster(Path("x")).tied
+
+
+def test_the_secure_broker_s_keys_are_made_with_java_home_s_keytool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: the commands use $JAVA_HOME/bin/java when JAVA_HOME is set.
+    The secure broker's keys were made by the keytool on PATH: with Java
+    only under JAVA_HOME, `make test`'s secure broker failed to start."""
+    home = Path(kafka_broker.java_command()).resolve().parent.parent
+    monkeypatch.setenv("JAVA_HOME", str(home))
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    kafka_broker._tls_material(tmp_path)
+    assert (tmp_path / "ca.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
+    assert (tmp_path / "broker.p12").stat().st_size > 0

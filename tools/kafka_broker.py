@@ -432,7 +432,10 @@ class KafkaCluster:
 def _tls_material(workdir: Path) -> None:
     """A CA (its certificate in ``workdir/ca.pem``) and a broker keystore
     (``workdir/broker.p12``) with a certificate for 127.0.0.1 that it signs."""
-    keytool = shutil.which("keytool") or "keytool"
+    # The Java that runs Kafka's own: from JAVA_HOME when set, as java_command
+    # finds it (a Java only there made the PATH lookup fail).
+    beside = Path(java_command()).with_name("keytool")
+    keytool = str(beside) if beside.exists() else shutil.which("keytool") or "keytool"
     ca, broker = workdir / "ca.p12", workdir / "broker.p12"
     for path in (ca, broker, workdir / "broker.csr", workdir / "broker.crt"):
         path.unlink(missing_ok=True)

@@ -222,6 +222,8 @@ def test_a_return_item_of_digits_is_a_position_unless_named_a_sku() -> None:
         # argparse named the parser's function: "invalid parse value: 'abc'"
         (["traffic", "--rate", "abc"], "--rate: not a float: 'abc'"),
         (["tail", "closed", "-n", "abc"], "-n/--max-records: not an int: 'abc'"),
+        # CreateTopics' int32: a traceback from the request's encoding
+        (["topics", "create", "--partitions", str(2**31)], "must be in 1..2147483647"),
         # built in memory first: 1e20 sessions ran until killed
         (["traffic", "--sessions", "99999999999999999999"], "--sessions: must be in 1..1000000"),
     ],

@@ -132,3 +132,54 @@ def test_the_figure_does_not_depend_on_which_topic_is_read_first(example: Module
             for doc in by_topic[topic]:
                 ledger.record(example.parse(json.dumps(doc)))
         assert ledger.figures() == {1: Decimal("47.1"), 2: Decimal("0.3")}
+
+
+async def test_rejections_on_a_shared_topic_are_skipped(
+    example: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs and rejections may share a topic (README's settings); the
+    first rejection, which has no applicationId, killed the consumer with a
+    KeyError."""
+    closed = output("talon_session_closed", "c1", "e1", 10)
+    values = [json.dumps(closed), json.dumps({"reason": "MALFORMED_JSON", "errors": []})]
+    tp = example.TopicPartition("sessions.closed", 0)
+
+    class Consumer:
+        def __init__(self, **options: Any) -> None:
+            pass
+
+        async def start(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+        def assign(self, partitions: object) -> None:
+            pass
+
+        async def seek_to_beginning(self, *partitions: object) -> None:
+            pass
+
+        async def end_offsets(self, partitions: list[Any]) -> dict[Any, int]:
+            return {tp: len(values)}
+
+        async def position(self, partition: object) -> int:
+            return self.read
+
+        read = 0
+
+        async def getmany(self, timeout_ms: int) -> dict[Any, list[Any]]:
+            self.read = len(values)
+            return {
+                tp: [type("Record", (), {"offset": n, "value": v})() for n, v in enumerate(values)]
+            }
+
+    async def partitions(bootstrap_servers: str, topics: list[str]) -> list[Any]:
+        return [tp]
+
+    monkeypatch.setattr(example, "AIOKafkaConsumer", Consumer)
+    monkeypatch.setattr(example, "_partitions", partitions)
+    ledger = example.RevenueLedger()
+    await example.consume("k:9092", ["sessions.closed"], ledger, follow=False, out=print)
+    assert ledger.records == 1
+    assert ledger.figures() == {1: Decimal(10)}
