@@ -318,14 +318,16 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     @property
     def ready(self) -> bool:
         """Joined the group, not rebalancing, no task restoring, none waiting for
-        the rest of its inputs, not cut off from Kafka, and not stopping (a pod
-        being stopped takes no more queries: its stores close as its tasks
-        commit and end)."""
+        the rest of its inputs, none fenced (its partitions, paused, are read by
+        nobody until the group moves them or the worker rejoins), not cut off
+        from Kafka, and not stopping (a pod being stopped takes no more
+        queries: its stores close as its tasks commit and end)."""
         return (
             self._joined
             and not self._rebalancing
             and not self._starting
             and not self._waiting
+            and self._fenced_since is None
             and not self._stopping.is_set()
             and self.unheard_s() is None
         )
@@ -364,6 +366,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             "joined": self._joined,
             "rebalancing": self._rebalancing,
             "stopping": self._stopping.is_set(),
+            "fenced": self._fenced_since is not None,
             "unheard_s": None if unheard is None else round(unheard, 1),
             "starting": sorted(str(task_id) for task_id in self._starting),
             "waiting": sorted(str(task_id) for task_id in self._waiting),

@@ -45,7 +45,7 @@ class _Consumer:
         self.assigned = assigned
         self.sought: dict[TopicPartition, int] = {}
         self.log_start = 0
-        self.paused: list[TopicPartition] = []
+        self.pausing: list[TopicPartition] = []
 
     def last_stable_offset(self, tp: TopicPartition) -> int | None:
         return None
@@ -60,7 +60,13 @@ class _Consumer:
         return self.assigned
 
     def pause(self, *partitions: TopicPartition) -> None:
-        self.paused.extend(partitions)
+        self.pausing.extend(partitions)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.pausing)
+
+    def last_poll_timestamp(self, tp: TopicPartition) -> int | None:
+        return None
 
 
 def _single_record_batches(bad: int, end: int) -> object:
@@ -141,10 +147,16 @@ async def test_a_fenced_task_s_inputs_are_paused_until_the_group_moves_them(
     engine._consumer = consumer  # type: ignore[assignment]
     engine._tasks[fenced.id] = fenced  # type: ignore[assignment]
     engine._task_of[fenced.inputs[0]] = fenced  # type: ignore[assignment]
+    engine._joined = True
+    assert engine.ready
     await engine._lose(fenced, TaskFencedError("there is a newer producer"))  # type: ignore[arg-type]
     assert fenced.closed
-    assert consumer.paused == fenced.inputs
+    assert consumer.pausing == fenced.inputs
     assert engine._task_of == {}
+    # Nobody reads those partitions now: /readyz said 200, and with the task
+    # gone from the lag metric, the worker looked healthy and idle.
+    assert not engine.ready
+    assert engine.status()["fenced"] is True
 
 
 def _engine_reading(tmp_path: Path, *tps: TopicPartition) -> tuple[Engine, list[_Task]]:
