@@ -47,8 +47,9 @@ none. What its returns took back is the sum over cart items of
 return records subtracted.
 
 Each change depends on its own record only, so the figure is the same in
-whatever order the four topics are read (they are separate topics: a
-reopen may be read before the close it undoes).
+whatever order the four topics are read (a reopen may be read before the
+close it undoes). Outputs may share a topic, and rejections too: a record
+without an ``event`` is no output, and is skipped.
 
 Duplicates: every output carries the ``eventId`` of the command that caused
 it, unique per session (``applicationId``, ``integrationId``). With

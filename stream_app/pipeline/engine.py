@@ -527,6 +527,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 now = time.monotonic()
                 if (
                     self._fenced_since is not None
+                    and not self._rebalancing  # the group is moving them now
                     and now - self._fenced_since > s.session_timeout_s
                 ):
                     await self._rejoin()
@@ -1001,6 +1002,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         assert self._consumer is not None  # noqa: S101 - consuming
         log.warning("fenced tasks were not reassigned within the session timeout: rejoining")
         self._fenced_since = None
+        # Not ready until the new assignment: its tasks are dropped below, and
+        # the join that follows may begin only at the consumer's next poll.
+        self._rebalancing = True
         async with self._lock:
             await self._commit(due_only=False)
             for task in list(self._tasks.values()):

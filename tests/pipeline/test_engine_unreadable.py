@@ -65,6 +65,12 @@ class _Consumer:
     def paused(self) -> set[TopicPartition]:
         return set(self.pausing)
 
+    def unsubscribe(self) -> None:
+        self.assigned = set()
+
+    def subscribe(self, topics: list[str], listener: object) -> None:
+        self.subscribed = topics
+
     def last_poll_timestamp(self, tp: TopicPartition) -> int | None:
         return None
 
@@ -157,6 +163,13 @@ async def test_a_fenced_task_s_inputs_are_paused_until_the_group_moves_them(
     # gone from the lag metric, the worker looked healthy and idle.
     assert not engine.ready
     assert engine.status()["fenced"] is True
+    # A session timeout later, never reassigned: the worker rejoins, and is
+    # not ready until the new assignment (it said 200 while it dropped its
+    # tasks and waited for the join, reading nothing).
+    await engine._rejoin()
+    assert engine.status()["fenced"] is False
+    assert engine.status()["rebalancing"] is True
+    assert not engine.ready
 
 
 def _engine_reading(tmp_path: Path, *tps: TopicPartition) -> tuple[Engine, list[_Task]]:
