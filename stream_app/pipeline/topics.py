@@ -190,7 +190,15 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
         except (TopicAlreadyExistsError, LeaderNotAvailableError) as exc:
             log.info("topics being created meanwhile (%s): looking again", exc)
             await asyncio.sleep(RACE_PAUSE_S)
-    return await _ensure_topics(settings)
+    try:
+        return await _ensure_topics(settings)
+    except TopicAlreadyExistsError:
+        # Still there to CreateTopics and still not listed: no race, but a
+        # principal that may create topics and not describe this one.
+        raise ConfigurationError(
+            f"Kafka says the command topic {settings.topics.commands} exists, but does not "
+            "show it to this worker's principal: grant it Describe (and Read) on the topic"
+        ) from None
 
 
 async def _ensure_topics(settings: Settings) -> TopicLayout:

@@ -107,7 +107,7 @@ def _admin_answering(code: int, version: int) -> type:
     ("code", "outcome"),
     [
         (0, None),  # created
-        (36, KafkaError),  # TOPIC_ALREADY_EXISTS: retried, to take its count (below)
+        (36, ConfigurationError),  # TOPIC_ALREADY_EXISTS, never listed: see below
         (38, ConfigurationError),  # INVALID_REPLICATION_FACTOR
         (29, ConfigurationError),  # TOPIC_AUTHORIZATION_FAILED (no Create)
         (41, NotControllerError),  # the controller moved: retried
@@ -126,7 +126,9 @@ async def test_what_the_broker_answers_each_topic_it_creates(
         return
     with pytest.raises(outcome) as raised:
         await topics_module.ensure_topics(Settings())
-    if outcome is ConfigurationError:
+    if outcome is ConfigurationError and code == 36:
+        assert "grant it Describe" in str(raised.value)
+    elif outcome is ConfigurationError:
         assert "cannot create the topics: sessions.commands: " in str(raised.value)
     else:  # worker._wait_for_kafka retries a KafkaError with backoff
         assert isinstance(raised.value, KafkaError)
@@ -453,3 +455,14 @@ async def test_a_compacted_command_topic_is_warned_of(
     assert "the command topic sessions.commands is compacted (cleanup.policy=compact)" in warning
     configs[settings.topics.commands] = {"cleanup.policy": "delete"}
     assert (await topics_module.ensure_topics(settings)).commands_compacted is None
+
+
+async def test_a_command_topic_the_worker_may_create_but_not_see_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A principal with Create on the cluster and no Describe on the command
+    topic: it is never listed, and CreateTopics answers that it exists. The
+    worker retried for ever, saying that another client was creating it."""
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _admin_answering(36, 3))
+    with pytest.raises(ConfigurationError, match="grant it Describe"):
+        await topics_module.ensure_topics(Settings())
