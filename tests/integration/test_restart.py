@@ -124,6 +124,10 @@ async def test_stop_mid_stream_loses_and_duplicates_nothing(
         )
     await produce(deployment.bootstrap, t.commands, records)
 
+    # Small transactions, so that the work spans many commits: with the
+    # default batch (5,000), one commit could hold every close, and the
+    # worker was done before the test saw its first 200.
+    deployment.extra_env["STREAM_APP_BATCH_SIZE"] = "100"
     victim = workers(deployment)
     seen = await consume(deployment.bootstrap, [t.closed], expect=200, timeout=120)
     assert len(seen) < n, "the worker finished before it could be killed"
