@@ -366,7 +366,10 @@ def test_a_worker_kafka_has_not_answered_past_the_session_timeout_answers_no_que
     consumer = _Fetching({commands: int(now - 31_000), profiles: None}, paused=set())
     engine._consumer = consumer  # type: ignore[assignment]
     assert engine.unheard_s() == pytest.approx(31, abs=1)
-    assert not engine.ready
+    # Not a readiness reason: in an outage every worker would be unready at
+    # once (node drains blocked, the stall alert, which watches ready
+    # workers, silenced). The query checks it, and /readyz shows it.
+    assert engine.ready
     assert engine.status()["unheard_s"] == pytest.approx(31, abs=1)
     lookup = engine.session_lookup(1, "cart-1")
     assert lookup.unavailable is not None
@@ -384,3 +387,21 @@ def test_a_worker_kafka_has_not_answered_past_the_session_timeout_answers_no_que
     assert engine.unheard_s() is None
     consumer._paused = set()
     assert engine.unheard_s() == pytest.approx(31, abs=1)
+    # Resumed after a long pause (a restore), a partition is as old as its
+    # resumption: aiokafka keeps the time of its last fetch across a pause.
+    engine._resumed_ms[commands] = time.time() * 1000
+    assert engine.unheard_s() is None
+
+
+def test_a_query_to_a_worker_that_is_not_ready_says_why(tmp_path: Path) -> None:
+    """Every reason was answered 'the group is rebalancing or restoring'."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine._joined = True
+    engine._fenced_since = time.monotonic()
+    assert "was fenced" in str(engine.session_lookup(1, "c").unavailable)
+    engine._fenced_since = None
+    engine._waiting = {TaskId("commands", 0)}
+    assert "waits for the rest of its partitions" in str(engine.session_lookup(1, "c").unavailable)
+    engine._waiting = set()
+    engine._stopping.set()
+    assert engine.session_lookup(1, "c").unavailable == "this worker is stopping"

@@ -205,6 +205,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._fenced_since: float | None = None
+        #: When each input partition was last resumed (wall-clock ms; unheard_s).
+        self._resumed_ms: dict[TopicPartition, float] = {}
+        #: Whether the last look found the worker cut off (_note_unheard).
+        self._cut_off = False
         self._consumer: AIOKafkaConsumer | None = None
         #: False when the stop could not reach Kafka (see :meth:`_close`).
         self.stopped_cleanly = True
@@ -319,9 +323,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     def ready(self) -> bool:
         """Joined the group, not rebalancing, no task restoring, none waiting for
         the rest of its inputs, none fenced (its partitions, paused, are read by
-        nobody until the group moves them or the worker rejoins), not cut off
-        from Kafka, and not stopping (a pod being stopped takes no more
-        queries: its stores close as its tasks commit and end)."""
+        nobody until the group moves them or the worker rejoins), and not
+        stopping (a pod being stopped takes no more queries: its stores close
+        as its tasks commit and end).
+
+        Not whether Kafka answers (:meth:`unheard_s`): in an outage every
+        worker would be unready at once, which blocks node drains under the
+        PodDisruptionBudget and hides a stall from the alert that watches
+        ready workers (``StreamAppStalled``). Queries check it themselves."""
         return (
             self._joined
             and not self._rebalancing
@@ -329,8 +338,17 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             and not self._waiting
             and self._fenced_since is None
             and not self._stopping.is_set()
-            and self.unheard_s() is None
         )
+
+    def _not_ready(self) -> str:
+        """Why :attr:`ready` is False, for a query's 503."""
+        if self._stopping.is_set():
+            return "this worker is stopping"
+        if self._fenced_since is not None:
+            return "a task of this worker was fenced: it waits for the group to move it"
+        if self._waiting:
+            return "a task of this worker waits for the rest of its partitions"
+        return "the group is rebalancing or restoring"
 
     def unheard_s(self, now_ms: float | None = None) -> float | None:
         """Seconds since Kafka last answered a fetch of any partition the worker
@@ -346,13 +364,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         if consumer is None or not self._joined:
             return None
         paused = consumer.paused()
-        heard: list[int] = []
+        heard: list[float] = []
         for tp in consumer.assignment():
             if tp in paused:
                 continue
             at = consumer.last_poll_timestamp(tp)
             if at is not None:
-                heard.append(at)
+                # aiokafka keeps it across a pause: a partition resumed after
+                # a long restore is as old as its resumption, not its pause.
+                heard.append(max(at, self._resumed_ms.get(tp, 0.0)))
         if not heard:
             return None
         now = time.time() * 1000 if now_ms is None else now_ms
@@ -409,7 +429,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 f"{unheard:.0f} s, longer than the group's session timeout: its partitions "
                 "may have moved"
             )
-        if not self.ready or (owner is None and self.assignor.routes):
+        if not self.ready:
+            return Lookup(unavailable=self._not_ready())
+        if owner is None and self.assignor.routes:
             return Lookup(unavailable="the group is rebalancing or restoring")
         if owner is not None and owner != self.assignor.url:
             return Lookup(owner=owner)
@@ -494,7 +516,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             await consumer.stop()
             raise
         poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
-        last_metrics = passed_at = counted_at = time.monotonic()
+        last_metrics = passed_at = counted_at = heard_at = time.monotonic()
         consumed_any = False
         try:
             while not self._stopping.is_set():
@@ -536,6 +558,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 if now - last_metrics >= _METRICS_LOG_EVERY_S:
                     last_metrics = now
                     self.log_metrics()
+                if now - heard_at >= 1.0:
+                    heard_at = now
+                    self._note_unheard()
                 if now - self._purged_at >= s.purge_interval_s:
                     self._purge(now)
                 if now - counted_at >= _METADATA_MAX_AGE_MS / 1000:
@@ -543,6 +568,23 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     self._check_partition_counts(consumer)
         finally:
             await self._close(consumer)
+
+    def _note_unheard(self) -> None:
+        """Log once when Kafka has answered none of the worker's fetches for
+        longer than the session timeout, and once when it answers again."""
+        unheard = self.unheard_s()
+        if (unheard is not None) == self._cut_off:
+            return
+        self._cut_off = unheard is not None
+        if unheard is not None:
+            log.warning(
+                "Kafka has answered none of this worker's fetches for %.0f s, longer than "
+                "the group's session timeout: its partitions may have moved, so queries "
+                "answer 503 until Kafka answers again",
+                unheard,
+            )
+        else:
+            log.info("Kafka answers this worker's fetches again")
 
     def _check_partition_counts(self, consumer: AIOKafkaConsumer) -> None:
         """Stop the worker when an input topic's partition count is no longer
@@ -1123,6 +1165,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     consumer.seek(tp, offset)
                 task.activate(positions)
                 consumer.resume(*task.inputs)
+                resumed_ms = time.time() * 1000
+                for tp in task.inputs:
+                    self._resumed_ms[tp] = resumed_ms
             log.info(
                 "%s: started at %s (restored %d changelog records)",
                 task.id,

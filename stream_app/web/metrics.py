@@ -148,7 +148,14 @@ class EngineCollector(Collector):
             restoring.add_metric([task], remaining)
         yield restoring
         yield GaugeMetricFamily(
+            "stream_app_kafka_unheard_seconds",
+            "Seconds since Kafka last answered a fetch of the worker's partitions, once "
+            "that is longer than the session timeout (queries then answer 503); else 0",
+            value=engine.unheard_s() or 0.0,
+        )
+        yield GaugeMetricFamily(
             "stream_app_ready",
-            "1 when no task restores and the group is not rebalancing",
+            "1 when joined, not rebalancing, no task restoring, waiting or fenced, "
+            "and not stopping (/readyz)",
             value=1.0 if engine.ready else 0.0,
         )

@@ -3,8 +3,8 @@
 * ``GET /livez``: 200 while the process runs; it never depends on restores or
   rebalances, so a long restore never gets a pod killed;
 * ``GET /readyz``: 200 when every assigned task has restored and started,
-  none is fenced, the group is not rebalancing, Kafka answers and the worker
-  is not stopping (``Engine.ready``); 503, with what is pending, otherwise;
+  none is fenced, the group is not rebalancing and the worker is not
+  stopping (``Engine.ready``); 503, with what is pending, otherwise;
 * ``GET /metrics``: Prometheus text (see :mod:`stream_app.web.metrics`);
 * ``GET /v2/customer_sessions/{integrationId}?applicationId=N``: the
   session's committed state with the contract's field names (404 when
