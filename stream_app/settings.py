@@ -129,9 +129,11 @@ class KafkaSecurity(BaseModel):
     def _choice_case(cls, value: Any, info: ValidationInfo) -> Any:
         return _case(cls, value, info)
 
-    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", mode="before")
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_mechanism", mode="before")
     @classmethod
     def _empty_path(cls, value: Any) -> Any:
+        # sasl_mechanism too: "" was refused as no mechanism, while an empty
+        # username or password passed (a template that blanks them all).
         return _unset_if_empty(value)
 
     @model_validator(mode="after")

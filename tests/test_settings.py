@@ -189,6 +189,7 @@ def test_a_topic_name_kafka_takes_is_taken() -> None:
         "STREAM_APP_SECURITY__SSL_CAFILE",
         "STREAM_APP_SECURITY__SSL_CERTFILE",
         "STREAM_APP_SECURITY__SSL_KEYFILE",
+        "STREAM_APP_SECURITY__SASL_MECHANISM",
     ],
 )
 def test_an_empty_path_variable_is_unset(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
@@ -200,6 +201,7 @@ def test_an_empty_path_variable_is_unset(monkeypatch: pytest.MonkeyPatch, name: 
     assert settings.security.ssl_cafile is None
     assert settings.security.ssl_certfile is None
     assert settings.security.ssl_keyfile is None
+    assert settings.security.sasl_mechanism is None
 
 
 def test_an_empty_data_dir_is_the_default_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -83,3 +84,24 @@ async def test_outputs_sharing_a_topic_are_counted_by_their_kind(
         "reopened": 1,
         "rejected": 1,
     }
+
+
+async def test_output_topics_the_principal_may_not_describe_are_said_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The refusal was waited out (60 s by default), then reported as output
+    topics that do not exist."""
+    from aiokafka.errors import TopicAuthorizationFailedError
+
+    async def reachable(options: object) -> None:
+        return None
+
+    async def refused(options: object, topic: str) -> int:
+        raise TopicAuthorizationFailedError
+
+    monkeypatch.setattr(kafka, "unreachable", reachable)
+    monkeypatch.setattr(kafka, "partition_count", refused)
+    began = time.monotonic()
+    result = await view.watch(Settings(), seconds=30, out=lambda _: None)
+    assert time.monotonic() - began < 20  # not the 30 s wait
+    assert "does not authorize" in result.stopped_because

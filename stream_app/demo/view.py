@@ -132,6 +132,7 @@ async def watch(
 ) -> ViewResult:
     """Show the output topics until a stop condition holds (see the module doc)."""
     from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import TopicAuthorizationFailedError
 
     from stream_app.pipeline.kafka import client_options, unreachable
 
@@ -160,7 +161,10 @@ async def watch(
     if problem is not None:
         return result(problem)
     out(f"watching {', '.join(by_name)} (read_committed) for at most {seconds:.0f}s")
-    partitions = await wait_for_partitions(options, list(by_name), deadline)
+    try:
+        partitions = await wait_for_partitions(options, list(by_name), deadline)
+    except TopicAuthorizationFailedError as exc:
+        return result(f"Kafka does not authorize this principal to describe them ({exc})")
     if partitions is None:
         return result("the output topics do not exist")
     consumer = AIOKafkaConsumer(

@@ -464,8 +464,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         follower.add_done_callback(self._follower_ended)
         try:
             await _first(ready.wait(), self._stopping.wait(), follower)
-            if follower.done():
-                follower.result()  # raises what stopped it
+            if follower.done() and not follower.cancelled():
+                exc = follower.exception()
+                if exc is not None:
+                    # What stopped it; a refusal (an ACL) as a configuration
+                    # error, as _follower_ended makes it: the client's own
+                    # error was a traceback and exit 1 instead of exit 2.
+                    raise not_authorized(exc) or exc
             if self._stopping.is_set():
                 return
             await self._consume()

@@ -212,16 +212,21 @@ async def wait_for_partitions(
     options: dict[str, Any], topics: list[str], deadline: float
 ) -> list[Any] | None:
     """Every partition of ``topics``, waiting for the topics to be created (and the
-    broker to answer); None when ``deadline`` (``time.monotonic()``) passes first."""
+    broker to answer); None when ``deadline`` (``time.monotonic()``) passes first.
+    Raises TopicAuthorizationFailedError at once: no wait mends a refusal (it was
+    waited out, then reported as topics that do not exist)."""
     import time
 
     from aiokafka import TopicPartition
+    from aiokafka.errors import TopicAuthorizationFailedError
 
     partitions: list[Any] = []
     for topic in topics:
         while True:
             try:
                 count = await partition_count(options, topic)
+            except TopicAuthorizationFailedError:
+                raise
             except Exception as exc:
                 log.debug("partition lookup of %s failed: %s", topic, exc)
                 count = 0

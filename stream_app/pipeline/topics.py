@@ -269,7 +269,9 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
             raise ConfigurationError(
                 f"cannot create the topics: {'; '.join(refused)}. Have an operator create "
                 "them (stream-app topics create, with a principal that may), or fix the "
-                "setting the broker names"
+                "setting the broker names. (A topic that exists, but that this worker's "
+                "principal may not see, is refused the same way: grant it the ACLs "
+                "docs/operations.md lists.)"
             )
         if raced:
             # Their creator chose the partition counts: check them, as those of
@@ -296,6 +298,15 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
         await admin.close()
     if created:
         log.info("created topics: %s", ", ".join(created))
+    undescribed = [s.name for s in specs if s.name not in configs]
+    if undescribed:
+        log.warning(
+            "Kafka would not describe the configs of %s (no DescribeConfigs ACL?): the "
+            "worker cannot check their retention, compaction, min.insync.replicas or "
+            "record limit (it takes Kafka's default, %d bytes)",
+            ", ".join(undescribed),
+            _KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+        )
     unwritable = tuple(
         f"{name} ({replicas[name]} replica{'s' if replicas[name] != 1 else ''}, "
         f"min.insync.replicas={configs[name]['min.insync.replicas']})"

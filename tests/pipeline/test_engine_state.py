@@ -1152,3 +1152,20 @@ def test_a_stopping_worker_is_not_ready(tmp_path: Path) -> None:
     assert engine.status()["stopping"] is True
     lookup = engine.session_lookup(1, "cart-1")
     assert lookup.unavailable is not None
+
+
+async def test_a_settings_read_refused_before_the_settings_load_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The topic's read permission taken away, with records on it: the first
+    fetch is refused before the settings are loaded. The engine raised the
+    client's own error, so the worker said 'the worker failed' with a
+    traceback and exit 1, where docs/operations.md says exit 2."""
+
+    async def follower_refused(settings: Settings, registry: object, ready: Event) -> None:
+        raise TopicAuthorizationFailedError
+
+    monkeypatch.setattr(engine_module, "follow_settings_topic", follower_refused)
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    with pytest.raises(ConfigurationError, match="does not authorize"):
+        await asyncio.wait_for(engine.run(), timeout=5)

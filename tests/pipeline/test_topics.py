@@ -193,6 +193,7 @@ async def test_internal_topics_that_expire_records_are_named_and_only_warned_of(
     layout = await topics_module.ensure_topics(settings)
     assert layout.deleting == ()
     assert layout.expiring == (f"{rekeyed} (cleanup.policy=delete, retention.ms={WEEK_MS})",)
+    caplog.clear()  # the topics whose configs this cluster does not describe
     with caplog.at_level("WARNING"):
         check_retention(settings, layout)
     [record] = caplog.records
@@ -449,6 +450,7 @@ async def test_a_compacted_command_topic_is_warned_of(
     monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(), configs))
     layout = await topics_module.ensure_topics(settings)
     assert layout.commands_compacted == "cleanup.policy=compact"
+    caplog.clear()  # the topics whose configs this cluster does not describe
     with caplog.at_level("WARNING"):
         check_retention(settings, layout)
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -466,3 +468,18 @@ async def test_a_command_topic_the_worker_may_create_but_not_see_is_named(
     monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _admin_answering(36, 3))
     with pytest.raises(ConfigurationError, match="grant it Describe"):
         await topics_module.ensure_topics(Settings())
+
+
+async def test_topics_whose_configs_cannot_be_read_are_named(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without DescribeConfigs every check of this module was skipped, and
+    nothing said so."""
+    settings = Settings()
+    configs = {name: {"cleanup.policy": "delete"} for name in _every_topic()}
+    del configs[settings.topics.closed]
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(), configs))
+    with caplog.at_level("WARNING"):
+        await topics_module.ensure_topics(settings)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"Kafka would not describe the configs of {settings.topics.closed} ")
