@@ -345,7 +345,7 @@ class _Fetching:
 
 
 def test_a_worker_kafka_has_not_answered_past_the_session_timeout_answers_no_query(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Past the session timeout the group may have moved the worker's
     partitions to another, which goes on applying commands: the worker
@@ -374,6 +374,25 @@ def test_a_worker_kafka_has_not_answered_past_the_session_timeout_answers_no_que
     lookup = engine.session_lookup(1, "cart-1")
     assert lookup.unavailable is not None
     assert "answered none of this worker's fetches for 31 s" in lookup.unavailable
+    # A session another worker owns is still forwarded: the owner answers only
+    # what its own, current assignment gives it.
+    engine.assignor.url = "http://me:8080"
+    real_owner = engine.assignor.owner
+    engine.assignor.owner = lambda *_: "http://other:8080"  # type: ignore[method-assign]
+    assert engine.session_lookup(1, "cart-1") == Lookup(owner="http://other:8080")
+    engine.assignor.owner = real_owner  # type: ignore[method-assign]
+    # Said once in the log when it begins, and once when it ends.
+    with caplog.at_level("INFO", logger="stream_app.pipeline.engine"):
+        engine._note_unheard()
+        engine._note_unheard()
+        consumer.heard[commands] = int(time.time() * 1000)
+        engine._note_unheard()
+        engine._note_unheard()
+        consumer.heard[commands] = int(now - 31_000)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("Kafka has answered none of this worker's fetches for 31 s")
+    assert lines[1] == "Kafka answers this worker's fetches again"
     # Any partition answered within the timeout: in touch, and its own.
     consumer.heard[profiles] = int(now - 2_000)
     assert engine.unheard_s() is None

@@ -164,7 +164,9 @@ async def watch(
     try:
         partitions = await wait_for_partitions(options, list(by_name), deadline)
     except TopicAuthorizationFailedError as exc:
-        return result(f"Kafka does not authorize this principal to describe them ({exc})")
+        return result(
+            f"Kafka does not authorize this principal to describe the output topics ({exc})"
+        )
     if partitions is None:
         return result("the output topics do not exist")
     consumer = AIOKafkaConsumer(

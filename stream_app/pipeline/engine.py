@@ -424,6 +424,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         owner = self.assignor.owner(self.settings.topics.commands, partition)
         unheard = self.unheard_s()
         if unheard is not None:
+            if owner is not None and owner != self.assignor.url:
+                # Safe to forward: the owner answers only a session its own,
+                # current assignment gives it, and forwards nothing further.
+                return Lookup(owner=owner)
             return Lookup(
                 unavailable=f"Kafka has answered none of this worker's fetches for "
                 f"{unheard:.0f} s, longer than the group's session timeout: its partitions "
@@ -521,8 +525,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             await consumer.stop()
             raise
         poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
-        last_metrics = passed_at = counted_at = heard_at = time.monotonic()
+        last_metrics = passed_at = counted_at = time.monotonic()
         consumed_any = False
+        # Beside the loop: in an outage the loop waits on the commit round.
+        watching = asyncio.create_task(self._watch_unheard())
         try:
             while not self._stopping.is_set():
                 # Before the poll: a rebalance may begin while it fails, and
@@ -563,16 +569,19 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 if now - last_metrics >= _METRICS_LOG_EVERY_S:
                     last_metrics = now
                     self.log_metrics()
-                if now - heard_at >= 1.0:
-                    heard_at = now
-                    self._note_unheard()
                 if now - self._purged_at >= s.purge_interval_s:
                     self._purge(now)
                 if now - counted_at >= _METADATA_MAX_AGE_MS / 1000:
                     counted_at = now
                     self._check_partition_counts(consumer)
         finally:
+            watching.cancel()
             await self._close(consumer)
+
+    async def _watch_unheard(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._note_unheard()
 
     def _note_unheard(self) -> None:
         """Log once when Kafka has answered none of the worker's fetches for

@@ -19,6 +19,7 @@ from typing import Any, Final
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
     LeaderNotAvailableError,
     NoError,
     TopicAlreadyExistsError,
@@ -286,7 +287,7 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
                     "worker takes the command topic's count, and names any topic that "
                     "differs from it"
                 )
-        configs = await _topic_configs(admin, [s.name for s in specs])
+        configs, undescribed = await _topic_configs(admin, [s.name for s in specs])
         # Not the topics it only reads: their limits and replicas do not bound it.
         read_only = {settings.topics.commands, settings.topics.application_settings}
         written = [s.name for s in specs if s.name not in read_only]
@@ -298,14 +299,12 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
         await admin.close()
     if created:
         log.info("created topics: %s", ", ".join(created))
-    undescribed = [s.name for s in specs if s.name not in configs]
     if undescribed:
         log.warning(
-            "Kafka would not describe the configs of %s (no DescribeConfigs ACL?): the "
-            "worker cannot check their retention, compaction, min.insync.replicas or "
-            "record limit (it takes Kafka's default, %d bytes)",
+            "Kafka does not authorize this worker's principal to describe the configs of "
+            "%s (DescribeConfigs): the worker cannot check them (retention, compaction, "
+            "min.insync.replicas, max.message.bytes)",
             ", ".join(undescribed),
-            _KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
         )
     unwritable = tuple(
         f"{name} ({replicas[name]} replica{'s' if replicas[name] != 1 else ''}, "
@@ -458,17 +457,27 @@ def _for_ever(retention: str) -> bool:
     return value < 0 or value == 2**63 - 1
 
 
-async def _topic_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+#: DescribeConfigs' answers for a resource the principal may not describe.
+_CONFIGS_REFUSED: Final = frozenset(
+    {TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno}
+)
+
+
+async def _topic_configs(
+    admin: AIOKafkaAdminClient, names: list[str]
+) -> tuple[dict[str, dict[str, str]], list[str]]:
     """The configs of those of ``names`` the broker describes (a topic's config
-    inherits the broker's, e.g. ``max.message.bytes`` its ``message.max.bytes``)."""
+    inherits the broker's, e.g. ``max.message.bytes`` its ``message.max.bytes``),
+    and those it refused to describe (no DescribeConfigs). One it does not know
+    yet (just created, a broker behind the controller) is in neither."""
     described = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     )
-    # A resource: (error code, message, type, name, [(config, value, ...), ...]);
-    # one the broker would not describe (not authorized, not known yet) is left out.
-    return {
+    # A resource: (error code, message, type, name, [(config, value, ...), ...]).
+    resources = [resource for response in described for resource in response.resources]
+    configs = {
         resource[3]: {entry[0]: entry[1] for entry in resource[4] if entry[1] is not None}
-        for response in described
-        for resource in response.resources
+        for resource in resources
         if not resource[0]
     }
+    return configs, [resource[3] for resource in resources if resource[0] in _CONFIGS_REFUSED]
