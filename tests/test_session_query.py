@@ -393,6 +393,16 @@ def test_a_worker_kafka_has_not_answered_past_the_session_timeout_answers_no_que
     assert len(lines) == 2
     assert lines[0].startswith("Kafka has answered none of this worker's fetches for 31 s")
     assert lines[1] == "Kafka answers this worker's fetches again"
+    # Nothing to measure (every partition paused, a rejoin) is not Kafka
+    # answering again: no line, and the worker stays cut off until it does.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stream_app.pipeline.engine"):
+        engine._note_unheard()  # cut off again
+        consumer._paused = {commands, profiles}
+        engine._note_unheard()
+        consumer._paused = set()
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert engine._cut_off
     # Any partition answered within the timeout: in touch, and its own.
     consumer.heard[profiles] = int(now - 2_000)
     assert engine.unheard_s() is None

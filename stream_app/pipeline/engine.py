@@ -360,6 +360,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         partitions are still its own: its stores lag, as they would under
         load.) Partitions not being fetched (paused, or none fetched yet) say
         nothing either way."""
+        age = self._fetch_age_s(now_ms)
+        return age if age is not None and age > self.settings.session_timeout_s else None
+
+    def _fetch_age_s(self, now_ms: float | None = None) -> float | None:
+        """Seconds since Kafka last answered a fetch of any unpaused partition
+        the worker reads; None when there is none to measure."""
         consumer = self._consumer
         if consumer is None or not self._joined:
             return None
@@ -376,8 +382,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         if not heard:
             return None
         now = time.time() * 1000 if now_ms is None else now_ms
-        unheard = (now - max(heard)) / 1000
-        return unheard if unheard > self.settings.session_timeout_s else None
+        return (now - max(heard)) / 1000
 
     def status(self) -> dict[str, Any]:
         unheard = self.unheard_s()
@@ -581,21 +586,30 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _watch_unheard(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self._note_unheard()
+            try:
+                self._note_unheard()
+            except Exception:  # a log line is not worth the watch
+                log.exception("looking at the consumer's fetches failed")
 
     def _note_unheard(self) -> None:
         """Log once when Kafka has answered none of the worker's fetches for
-        longer than the session timeout, and once when it answers again."""
-        unheard = self.unheard_s()
-        if (unheard is not None) == self._cut_off:
+        longer than the session timeout, and once when it answers again (not
+        when there is just nothing to measure: every partition paused, or a
+        rejoin)."""
+        age = self._fetch_age_s()
+        if age is None:
             return
-        self._cut_off = unheard is not None
-        if unheard is not None:
+        cut_off = age > self.settings.session_timeout_s
+        if cut_off == self._cut_off:
+            return
+        self._cut_off = cut_off
+        if cut_off:
             log.warning(
                 "Kafka has answered none of this worker's fetches for %.0f s, longer than "
-                "the group's session timeout: its partitions may have moved, so queries "
-                "answer 503 until Kafka answers again",
-                unheard,
+                "the group's session timeout: its partitions may have moved, so it answers "
+                "503 for the sessions it owns (and forwards the others) until Kafka answers "
+                "again",
+                age,
             )
         else:
             log.info("Kafka answers this worker's fetches again")

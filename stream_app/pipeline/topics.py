@@ -19,7 +19,6 @@ from typing import Any, Final
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
-    ClusterAuthorizationFailedError,
     LeaderNotAvailableError,
     NoError,
     TopicAlreadyExistsError,
@@ -301,10 +300,12 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
         log.info("created topics: %s", ", ".join(created))
     if undescribed:
         log.warning(
-            "Kafka does not authorize this worker's principal to describe the configs of "
-            "%s (DescribeConfigs): the worker cannot check them (retention, compaction, "
-            "min.insync.replicas, max.message.bytes)",
+            "Kafka would not describe the configs of %s (no DescribeConfigs ACL?): the "
+            "worker cannot check their retention, compaction or "
+            "min.insync.replicas, and takes the record limit from the topics described "
+            "(Kafka's default, %d bytes, if none)",
             ", ".join(undescribed),
+            _KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
         )
     unwritable = tuple(
         f"{name} ({replicas[name]} replica{'s' if replicas[name] != 1 else ''}, "
@@ -457,10 +458,8 @@ def _for_ever(retention: str) -> bool:
     return value < 0 or value == 2**63 - 1
 
 
-#: DescribeConfigs' answers for a resource the principal may not describe.
-_CONFIGS_REFUSED: Final = frozenset(
-    {TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno}
-)
+#: DescribeConfigs' answer for a topic the broker does not know yet.
+_UNKNOWN_TOPIC: Final = 3
 
 
 async def _topic_configs(
@@ -468,8 +467,9 @@ async def _topic_configs(
 ) -> tuple[dict[str, dict[str, str]], list[str]]:
     """The configs of those of ``names`` the broker describes (a topic's config
     inherits the broker's, e.g. ``max.message.bytes`` its ``message.max.bytes``),
-    and those it refused to describe (no DescribeConfigs). One it does not know
-    yet (just created, a broker behind the controller) is in neither."""
+    and those it would not describe, each with the error (a refusal: no
+    DescribeConfigs). One it does not know yet (just created, a broker behind
+    the controller) is in neither."""
     described = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     )
@@ -480,4 +480,9 @@ async def _topic_configs(
         for resource in resources
         if not resource[0]
     }
-    return configs, [resource[3] for resource in resources if resource[0] in _CONFIGS_REFUSED]
+    errors = [
+        f"{resource[3]} ({for_code(resource[0]).__name__})"
+        for resource in resources
+        if resource[0] and resource[0] != _UNKNOWN_TOPIC
+    ]
+    return configs, errors

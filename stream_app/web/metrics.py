@@ -150,7 +150,8 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(
             "stream_app_kafka_unheard_seconds",
             "Seconds since Kafka last answered a fetch of the worker's partitions, once "
-            "that is longer than the session timeout (queries then answer 503); else 0",
+            "that is longer than the session timeout (it then answers 503 for the sessions "
+            "it owns); else 0",
             value=engine.unheard_s() or 0.0,
         )
         yield GaugeMetricFamily(

@@ -13,7 +13,8 @@
   from the group assignment; during a rebalance or restore the answer is a
   clear 503, never a stale or wrong session (a worker that Kafka has not
   answered for longer than the session timeout, whose partitions may have
-  moved, answers 503 too). docs/openapi.yaml describes it.
+  moved, answers 503 too for the sessions it owns). docs/openapi.yaml
+  describes it.
 """
 
 from __future__ import annotations

@@ -492,5 +492,6 @@ async def test_topics_whose_configs_may_not_be_read_are_named(
     with caplog.at_level("WARNING"):
         await topics_module.ensure_topics(settings)
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert f"to describe the configs of {settings.topics.returned} " in warning
+    assert f"describe the configs of {settings.topics.returned} " in warning
+    assert "TopicAuthorizationFailedError" in warning
     assert settings.topics.closed not in warning
