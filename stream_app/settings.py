@@ -131,7 +131,7 @@ class KafkaSecurity(BaseModel):
 
     @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_mechanism", mode="before")
     @classmethod
-    def _empty_path(cls, value: Any) -> Any:
+    def _empty_unset(cls, value: Any) -> Any:
         # sasl_mechanism too: "" was refused as no mechanism, while an empty
         # username or password passed (a template that blanks them all).
         return _unset_if_empty(value)
@@ -415,8 +415,8 @@ def _is_kafka_name(value: str, longest: int = 249) -> bool:
 
 
 def _unset_if_empty(value: Any) -> Any:
-    """A path variable set to "" (a template's empty value) as unset: it was
-    read as the path ".", and refused as "no such file: ."."""
+    """An optional variable set to "" (a template's empty value) as unset: a
+    path was read as ".", and refused as "no such file: ."."""
     return None if value == "" else value
 
 

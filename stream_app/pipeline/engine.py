@@ -356,10 +356,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
 
         Past that timeout the group may have given this worker's partitions to
         another, which goes on applying commands: what its stores hold may be
-        stale, so it is not ready and answers no query. (Within the timeout the
-        partitions are still its own: its stores lag, as they would under
-        load.) Partitions not being fetched (paused, or none fetched yet) say
-        nothing either way."""
+        stale, so it answers no query for them (:meth:`session_lookup`); its
+        readiness does not depend on it (:attr:`ready`). Within the timeout the
+        partitions are still its own: its stores lag, as they would under load.
+        Partitions not being fetched (paused, or none fetched yet) say nothing
+        either way."""
         age = self._fetch_age_s(now_ms)
         return age if age is not None and age > self.settings.session_timeout_s else None
 
@@ -427,9 +428,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         None when unknown), at another worker's URL, or nowhere right now."""
         partition = partition_for(integration_id.encode(), self.partitions)
         owner = self.assignor.owner(self.settings.topics.commands, partition)
+        elsewhere = owner is not None and owner != self.assignor.url
         unheard = self.unheard_s()
         if unheard is not None:
-            if owner is not None and owner != self.assignor.url:
+            if elsewhere:
                 # Safe to forward: the owner answers only a session its own,
                 # current assignment gives it, and forwards nothing further.
                 return Lookup(owner=owner)
@@ -442,7 +444,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             return Lookup(unavailable=self._not_ready())
         if owner is None and self.assignor.routes:
             return Lookup(unavailable="the group is rebalancing or restoring")
-        if owner is not None and owner != self.assignor.url:
+        if elsewhere:
             return Lookup(owner=owner)
         task = self._tasks.get(TaskId("commands", partition))
         if task is None or not task.active:

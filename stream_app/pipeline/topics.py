@@ -307,14 +307,13 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
             ", ".join(undescribed),
             _KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
         )
-    unwritable = tuple(
-        f"{name} ({replicas[name]} replica{'s' if replicas[name] != 1 else ''}, "
-        f"min.insync.replicas={configs[name]['min.insync.replicas']})"
-        for name in written
-        if replicas.get(name)  # 0: the answer named none, nothing to go on
-        and configs.get(name, {}).get("min.insync.replicas", "").isdigit()
-        and int(configs[name]["min.insync.replicas"]) > replicas[name]
-    )
+    unwritable: list[str] = []
+    for name in written:
+        have = replicas.get(name)  # 0 or None: the answer named none, nothing to go on
+        needed = configs.get(name, {}).get("min.insync.replicas", "")
+        if have and needed.isdigit() and int(needed) > have:
+            plural = "s" if have != 1 else ""
+            unwritable.append(f"{name} ({have} replica{plural}, min.insync.replicas={needed})")
     limits = [
         int(c["max.message.bytes"])
         for n in written
@@ -339,7 +338,7 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
         flagged(_REPARTITION, deletes_records),
         configs,
         flagged(_REPARTITION, compacts),
-        unwritable,
+        tuple(unwritable),
         compacts(configs.get(settings.topics.commands, {})),
     )
 
