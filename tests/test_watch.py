@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
-from typing import Any
+from typing import ClassVar
 
 import pytest
 from aiokafka import TopicPartition
@@ -13,6 +12,7 @@ from stream_app import json
 from stream_app.demo import view
 from stream_app.pipeline import kafka
 from stream_app.settings import Settings, TopicNames
+from tests.pipeline.fakes import FixedRecordsConsumer
 
 
 def _output(event: str) -> bytes:
@@ -26,7 +26,7 @@ async def test_outputs_sharing_a_topic_are_counted_by_their_kind(
     it as the last kind mapped to the topic, and the others as none."""
     shared = "sessions.outputs"
     topics = TopicNames(closed=shared, returned=shared, cancelled=shared, reopened=shared)
-    records = [
+    outputs = [
         _output("talon_session_closed"),
         _output("talon_session_closed"),
         _output("talon_session_partially_returned"),
@@ -36,29 +36,11 @@ async def test_outputs_sharing_a_topic_are_counted_by_their_kind(
     ]
     rejection = json.dumps({"reason": "MALFORMED_JSON"})
 
-    class Consumer:
-        def __init__(self, **options: Any) -> None:
-            self.batches = [
-                {
-                    TopicPartition(shared, 0): [SimpleNamespace(value=v) for v in records],
-                    TopicPartition(topics.rejected, 0): [SimpleNamespace(value=rejection)],
-                }
-            ]
-
-        async def start(self) -> None:
-            pass
-
-        async def stop(self) -> None:
-            pass
-
-        def assign(self, partitions: object) -> None:
-            pass
-
-        async def seek_to_beginning(self, *partitions: object) -> None:
-            pass
-
-        async def getmany(self, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
-            return self.batches.pop() if self.batches else {}
+    class Consumer(FixedRecordsConsumer):
+        records: ClassVar[dict[TopicPartition, list[bytes]]] = {
+            TopicPartition(shared, 0): outputs,
+            TopicPartition(topics.rejected, 0): [rejection],
+        }
 
     async def reachable(options: object) -> None:
         return None

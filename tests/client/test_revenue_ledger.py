@@ -9,11 +9,12 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from stream_app import json
+from tests.pipeline.fakes import FixedRecordsConsumer
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "revenue_consumer.py"
 
@@ -144,35 +145,8 @@ async def test_rejections_on_a_shared_topic_are_skipped(
     values = [json.dumps(closed), json.dumps({"reason": "MALFORMED_JSON", "errors": []})]
     tp = example.TopicPartition("sessions.closed", 0)
 
-    class Consumer:
-        def __init__(self, **options: Any) -> None:
-            pass
-
-        async def start(self) -> None:
-            pass
-
-        async def stop(self) -> None:
-            pass
-
-        def assign(self, partitions: object) -> None:
-            pass
-
-        async def seek_to_beginning(self, *partitions: object) -> None:
-            pass
-
-        async def end_offsets(self, partitions: list[Any]) -> dict[Any, int]:
-            return {tp: len(values)}
-
-        async def position(self, partition: object) -> int:
-            return self.read
-
-        read = 0
-
-        async def getmany(self, timeout_ms: int) -> dict[Any, list[Any]]:
-            self.read = len(values)
-            return {
-                tp: [type("Record", (), {"offset": n, "value": v})() for n, v in enumerate(values)]
-            }
+    class Consumer(FixedRecordsConsumer):
+        records: ClassVar[dict[Any, list[bytes]]] = {tp: values}
 
     async def partitions(bootstrap_servers: str, topics: list[str]) -> list[Any]:
         return [tp]

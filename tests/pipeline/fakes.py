@@ -32,7 +32,8 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import Any, ClassVar, Literal
 
 from aiokafka.errors import IllegalOperation, ProducerFenced
 from aiokafka.structs import RecordMetadata, TopicPartition
@@ -470,3 +471,42 @@ class EmptyCluster:
 
     async def describe_configs(self, resources: list[object]) -> list[object]:
         return []
+
+
+class FixedRecordsConsumer:
+    """Stands for an AIOKafkaConsumer assigned partitions that hold
+    ``records`` (partition -> values, set by a subclass): its first getmany
+    returns them all, with their offsets; later ones wait and return none."""
+
+    records: ClassVar[dict[TopicPartition, list[bytes]]] = {}
+
+    def __init__(self, **options: object) -> None:
+        self.read = False
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def assign(self, partitions: object) -> None:
+        pass
+
+    async def seek_to_beginning(self, *partitions: object) -> None:
+        pass
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: len(self.records.get(tp, [])) for tp in partitions}
+
+    async def position(self, tp: TopicPartition) -> int:
+        return len(self.records.get(tp, [])) if self.read else 0
+
+    async def getmany(self, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
+        if self.read:
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
+        self.read = True
+        return {
+            tp: [SimpleNamespace(offset=n, value=value) for n, value in enumerate(values)]
+            for tp, values in self.records.items()
+        }
