@@ -510,3 +510,15 @@ class FixedRecordsConsumer:
             tp: [SimpleNamespace(offset=n, value=value) for n, value in enumerate(values)]
             for tp, values in self.records.items()
         }
+
+
+class PartitionCounts:
+    """Stands for cluster metadata (aiokafka's ``ClusterMetadata``, or a
+    consumer's): ``partitions_for_topic`` from fixed counts per topic."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        count = self.counts.get(topic)
+        return None if count is None else set(range(count))

@@ -7,18 +7,10 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 
 from stream_app import json
 from stream_app.pipeline.assignor import RoutingRangeAssignor
+from tests.pipeline.fakes import PartitionCounts
 
 COMMANDS, REKEYED, BY_PROFILE = "sessions.commands", "app-rekeyed", "app-by-profile"
 STAGE_INPUTS = [COMMANDS, REKEYED, BY_PROFILE]
-
-
-class _Cluster:
-    def __init__(self, partitions: dict[str, int]) -> None:
-        self.partitions = partitions
-
-    def partitions_for_topic(self, topic: str) -> set[int] | None:
-        count = self.partitions.get(topic)
-        return None if count is None else set(range(count))
 
 
 def _member(url: str, topics: list[str]) -> ConsumerProtocolMemberMetadata:
@@ -30,7 +22,7 @@ def _assigned(assignment: object) -> dict[str, list[int]]:
 
 
 def test_every_input_of_a_partition_number_goes_to_one_member_with_the_routes() -> None:
-    cluster = _Cluster(dict.fromkeys(STAGE_INPUTS, 4))
+    cluster = PartitionCounts(dict.fromkeys(STAGE_INPUTS, 4))
     members = {"a": _member("http://a", STAGE_INPUTS), "b": _member("http://b", STAGE_INPUTS)}
     assigned = RoutingRangeAssignor("http://a").assign(cluster, members)
     assert _assigned(assigned["a"]) == {topic: [0, 1] for topic in STAGE_INPUTS}
@@ -50,7 +42,7 @@ def test_a_member_with_other_topics_gets_nothing_and_is_named(
     topic was ranged over the members subscribing to it, so the re-key topic's
     partitions went to another worker than the command topic's of the same
     number, and both waited, for good, for a rebalance to give them the rest."""
-    cluster = _Cluster({**dict.fromkeys(STAGE_INPUTS, 4), "other.commands": 4})
+    cluster = PartitionCounts({**dict.fromkeys(STAGE_INPUTS, 4), "other.commands": 4})
     members = {
         "a": _member("http://a", STAGE_INPUTS),
         "b": _member("http://b", STAGE_INPUTS),

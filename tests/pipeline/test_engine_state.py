@@ -37,6 +37,7 @@ from stream_app.pipeline.store import RocksDBResources
 from stream_app.pipeline.tasks import Stage, Task, TaskId
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.settings import RocksDBSettings, Settings
+from tests.pipeline.fakes import PartitionCounts
 
 
 def _owning(engine: Engine, *tasks: Any) -> Engine:
@@ -392,15 +393,6 @@ async def test_partitions_added_while_the_worker_runs_stop_it_with_a_configurati
     assert consumer.pausing == []
 
 
-class _Metadata:
-    def __init__(self, counts: dict[str, int]) -> None:
-        self.counts = counts
-
-    def partitions_for_topic(self, topic: str) -> set[int] | None:
-        count = self.counts.get(topic)
-        return None if count is None else set(range(count))
-
-
 @pytest.mark.parametrize("count", [8, 4])
 def test_an_input_topic_whose_partition_count_changed_stops_the_worker(
     tmp_path: Path, count: int
@@ -410,7 +402,7 @@ def test_an_input_topic_whose_partition_count_changed_stops_the_worker(
     metadata, and partitions added then were never assigned, nor said."""
     settings = Settings(data_dir=tmp_path)
     engine = Engine(settings, TopicLayout(6, 1_048_588))
-    metadata = _Metadata(dict.fromkeys(engine.input_topics, 6))
+    metadata = PartitionCounts(dict.fromkeys(engine.input_topics, 6))
     engine._check_partition_counts(metadata)  # type: ignore[arg-type]
     assert engine._failure is None
     metadata.counts.pop(settings.topics.commands)  # no metadata (yet): nothing to say
