@@ -62,6 +62,14 @@ def _case(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
 
 
 _TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9._-]+")
+#: What Kubernetes puts in a pod's environment for each Service of its
+#: namespace ("service links"): a Service named stream-app-api gives
+#: STREAM_APP_API_SERVICE_HOST, STREAM_APP_API_PORT=tcp://10.0.0.7:8080 and
+#: STREAM_APP_API_PORT_8080_TCP_ADDR, among others.
+_LINK_NAME: Final = re.compile(
+    r".+_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_\w+)?)"
+)
+_LINK_URL: Final = re.compile(r"(tcp|udp|sctp)://\S+")
 #: The longest app id: "<app id>-first-sessions-changelog", the longest name
 #: of an internal topic, must be a Kafka name too (249 characters).
 APP_ID_MAX: Final = 224
@@ -389,7 +397,12 @@ class Settings(BaseSettings):
         Raises :class:`ConfigurationError`, one line, for any mistake.
         """
         env = os.environ
-        unknown = sorted(set(_our_variables(env)) - set(known_variables()))
+        given = {name.upper(): value for name, value in env.items()}
+        unknown = sorted(
+            name
+            for name in set(_our_variables(env)) - set(known_variables())
+            if not _service_link(name, given[name])
+        )
         if unknown:
             name = unknown[0]
             close = difflib.get_close_matches(name, known_variables(), n=1, cutoff=0.6)
@@ -467,6 +480,15 @@ def _address_problem(entry: str) -> str | None:
     return None
 
 
+def _service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` is one of Kubernetes' service-link variables, not
+    a setting misspelt: read past, as every other variable outside the
+    settings is. (``enableServiceLinks: false`` in the pod spec avoids them.)"""
+    return bool(_LINK_NAME.fullmatch(name)) or (
+        name.endswith("_PORT") and bool(_LINK_URL.fullmatch(value))
+    )
+
+
 def _our_variables(env: Mapping[str, str]) -> Iterator[str]:
     for name in env:
         if name.upper().startswith(ENV_PREFIX):
@@ -507,7 +529,15 @@ def _one_line(exc: ValidationError, env: Mapping[str, str]) -> str:
     other = f"{ENV_PREFIX}BOOTSTRAP_SERVERS"  # the alias that also sets it
     if name == "KAFKA_BOOTSTRAP_SERVERS" and not _shown(name, env) and _shown(other, env):
         name = other
-    return f"{name}{_shown(name, env)}: {message}{more}"
+    link = ""
+    given = {k.upper(): v for k, v in env.items()}.get(name, "")
+    if _LINK_URL.fullmatch(given):
+        link = (
+            f" ({given.partition(':')[0]}://... is what Kubernetes sets for a Service named "
+            f"{name.removesuffix('_PORT').lower().replace('_', '-')}: set enableServiceLinks: "
+            "false in the pod spec)"
+        )
+    return f"{name}{_shown(name, env)}: {message}{more}{link}"
 
 
 def _shown(name: str, env: Mapping[str, str]) -> str:

@@ -53,6 +53,43 @@ def test_invalid_guarantee_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings.from_env()
 
 
+def test_kubernetes_service_links_are_read_past_not_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Service named stream-app-api (or stream-app) in the pod's namespace
+    puts these in its environment unless enableServiceLinks is false; they
+    made every pod exit 2 as "unknown setting" at its next restart."""
+    links = {
+        "STREAM_APP_API_SERVICE_HOST": "10.0.0.7",
+        "STREAM_APP_API_SERVICE_PORT": "8080",
+        "STREAM_APP_API_SERVICE_PORT_HTTP": "8080",
+        "STREAM_APP_API_PORT": "tcp://10.0.0.7:8080",
+        "STREAM_APP_API_PORT_8080_TCP": "tcp://10.0.0.7:8080",
+        "STREAM_APP_API_PORT_8080_TCP_PROTO": "tcp",
+        "STREAM_APP_API_PORT_8080_TCP_PORT": "8080",
+        "STREAM_APP_API_PORT_8080_TCP_ADDR": "10.0.0.7",
+        "STREAM_APP_SERVICE_HOST": "10.0.0.8",
+        "STREAM_APP_PORT": "tcp://10.0.0.8:8080",
+    }
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    assert Settings.from_env().http_port == 8080
+    # A misspelt setting is still refused, also one that ends in _PORT.
+    monkeypatch.setenv("STREAM_APP_HTP_PORT", "8081")
+    with pytest.raises(ConfigurationError, match="unknown setting STREAM_APP_HTP_PORT"):
+        Settings.from_env()
+
+
+def test_a_service_link_over_a_setting_says_where_it_came_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Service named stream-app-http sets STREAM_APP_HTTP_PORT itself."""
+    monkeypatch.setenv("STREAM_APP_HTTP_PORT", "tcp://10.0.0.7:8080")
+    with pytest.raises(ConfigurationError, match="enableServiceLinks: false") as raised:
+        Settings.from_env()
+    assert "a Service named stream-app-http" in str(raised.value)
+
+
 def test_the_readme_lists_every_setting() -> None:
     """`stream-app --help` promises it: every variable is in the README's table,
     by its whole name or, in the row of its group, as ``__FIELD``."""

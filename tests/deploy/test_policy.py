@@ -349,6 +349,8 @@ def test_security_context(rendering: Rendering) -> None:
     assert pod["securityContext"]["fsGroup"] == gid
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert pod["automountServiceAccountToken"] is False
+    # No STREAM_APP_* service-link variables from Services named stream-app-*.
+    assert pod["enableServiceLinks"] is False
     for container in pod["containers"]:
         ctx = container["securityContext"]
         assert ctx["readOnlyRootFilesystem"] is True
