@@ -248,7 +248,11 @@ def _flag_command(args: argparse.Namespace) -> dict[str, Any]:
     if not iid:
         raise UsageError("--integration-id is required with --type")
     common: dict[str, Any] = {"event_id": args.event_id, "application_id": args.application_id}
-    given = [f"--{flag.replace('_', '-')}" for flag in _SESSION_FLAGS if getattr(args, flag)]
+    given = [
+        f"--{flag.replace('_', '-')}"
+        for flag in _SESSION_FLAGS
+        if getattr(args, flag) is not None  # also --profile-id '' (anonymous)
+    ]
     if kind not in ("update", "close") and given:
         raise UsageError(f"{', '.join(given)} cannot be used with --type {kind}")
     if kind != "return" and args.return_item:

@@ -115,6 +115,9 @@ def test_send_takes_json_from_an_argument_or_stdin() -> None:
             "expected SKU:QUANTITY:PRICE",
         ),
         (["--type=reopen", "--integration-id=c", "--coupon=X"], "", "cannot be used"),
+        # An empty value is still given: it was dropped without a word.
+        (["--type=cancel", "--integration-id=c", "--profile-id="], "", "cannot be used"),
+        (["--type=reopen", "--integration-id=c", "--referral-code="], "", "cannot be used"),
         (["--type=return", "--integration-id=c"], "", "at least one --return-item"),
         (["--type=close"], "", "--integration-id is required"),
         (['{"type":"reopen","integrationId":"c"}', "--type=close"], "", "not both"),
