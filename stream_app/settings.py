@@ -287,6 +287,10 @@ class Settings(BaseSettings):
     #: How often the records the worker has processed are deleted from its
     #: re-key and by-profile topics (Kafka Streams' repartition.purge.interval.ms).
     purge_interval_s: float = Field(default=30.0, gt=0, le=86_400, allow_inf_nan=False)
+    #: How long the local store of a partition this worker no longer owns is
+    #: kept before it is deleted (Kafka Streams' state.cleanup.delay.ms: 10 min).
+    #: Kept, a partition coming back restores only what it missed.
+    state_cleanup_delay_s: float = Field(default=600.0, ge=0, le=2_592_000, allow_inf_nan=False)
     #: How long the producers wait to fill a batch before sending it.
     producer_linger_ms: int = Field(default=5, ge=0, le=1000)
     #: On SIGTERM: commit, close and exit within this bound; past it the worker

@@ -56,6 +56,7 @@ from stream_app.pipeline.checkpoint import (
     StoreWriteError,
     TaskFencedError,
 )
+from stream_app.pipeline.cleanup import delete_unused_stores
 from stream_app.pipeline.kafka import client_options, not_authorized
 from stream_app.pipeline.processor import (
     BOOKKEEPING_BYTES,
@@ -96,6 +97,10 @@ _LEAVE_MARGIN_S: Final = 1.0
 #: (see :meth:`Engine._pass_skipped`), and how long to wait for a position.
 _PASS_SKIPPED_EVERY_S: Final = 1.0
 _POSITION_WAIT_S: Final = 0.5
+#: How often the stores of partitions no longer owned are looked at (see
+#: cleanup.py); the first time one ``state_cleanup_delay_s`` after the start,
+#: when the worker's own partitions are assigned (and their stores in use).
+_CLEANUP_EVERY_S: Final = 60.0
 _LAYOUT_FILE: Final = "layout.json"
 #: How often the consumer refreshes its metadata (aiokafka's default: 5
 #: minutes). A group whose leader assigned while an input topic had no
@@ -247,6 +252,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.purger = purger(settings)
         self._purging: asyncio.Task[None] | None = None
         self._purged_at = time.monotonic()
+        #: When the unused stores are next looked at (see :meth:`_clean_up`).
+        self._cleanup_at = time.monotonic() + settings.state_cleanup_delay_s
 
     # -- topology --------------------------------------------------------------------------
     def _stages(self) -> tuple[Stage, Stage]:
@@ -578,6 +585,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     self.log_metrics()
                 if now - self._purged_at >= s.purge_interval_s:
                     self._purge(now)
+                if now >= self._cleanup_at:
+                    self._cleanup_at = now + min(_CLEANUP_EVERY_S, max(s.state_cleanup_delay_s, 1))
+                    self._clean_up()
                 if now - counted_at >= _METADATA_MAX_AGE_MS / 1000:
                     counted_at = now
                     self._check_partition_counts(consumer)
@@ -680,6 +690,25 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             position = ask.result()
             if position > task.positions.get(tp, 0):
                 task.positions[tp] = position
+
+    def _clean_up(self) -> None:
+        """Delete the local stores of partitions this worker has not owned for
+        ``state_cleanup_delay_s`` (see cleanup.py). Not those of its tasks, also
+        while they start; a store still open (a dropped task closing) is never
+        deleted, and a closed one was used at its close."""
+        in_use = {
+            (name, task.partition) for task in self._tasks.values() for name in task.stage.stores
+        }
+        try:
+            delete_unused_stores(
+                self.state_dir,
+                [name for stage in self.stages for name in stage.stores],
+                in_use,
+                self.settings.state_cleanup_delay_s,
+                time.time(),
+            )
+        except OSError as exc:  # the data dir unreadable: the stores will say so
+            log.warning("looking for unused local stores in %s failed: %s", self.state_dir, exc)
 
     def _purge(self, now: float) -> None:
         """Begin purging what the tasks have committed from the re-key and

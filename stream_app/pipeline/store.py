@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -56,6 +57,14 @@ CONSUMED_KEY: Final = b"\x00consumed"
 _RESERVED: Final = b"\x00"
 
 _MB: Final = 1024 * 1024
+
+#: The directories of the databases open in this process (see cleanup.py).
+_OPEN: Final[set[Path]] = set()
+
+
+def open_store_paths() -> frozenset[Path]:
+    """The (resolved) directories of the stores open in this process."""
+    return frozenset(_OPEN)
 
 
 class RocksDBResources:
@@ -125,6 +134,7 @@ class PartitionStore:
             self._delete()
             self._db = self._open()
         self._closed = self._corrupted = False
+        _OPEN.add(self.path.resolve())
 
     @property
     def _aside(self) -> Path:
@@ -230,6 +240,11 @@ class PartitionStore:
                 self._corrupted = True
             if not self._corrupted:
                 raise error from exc
+        finally:
+            _OPEN.discard(self.path.resolve())
+            # Its last use: the cleanup's delay counts from here.
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
         if self._corrupted:
             log.warning("%s: corrupt, deleted: the next start restores it", self.path)
             self._delete()
@@ -243,6 +258,7 @@ class PartitionStore:
         self._delete()
         self._db = self._open()
         self._closed = self._corrupted = False
+        _OPEN.add(self.path.resolve())
 
 
 class StoreOverlay(MutableMapping[bytes, bytes]):

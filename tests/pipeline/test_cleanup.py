@@ -1,0 +1,142 @@
+"""The cleanup of local stores of partitions no longer owned (real RocksDB,
+real files, another real process holding a lock; the clock is passed in)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from stream_app.pipeline.cleanup import delete_unused_stores
+from stream_app.pipeline.engine import Engine
+from stream_app.pipeline.store import PartitionStore, RocksDBResources
+from stream_app.pipeline.topics import TopicLayout
+from stream_app.settings import RocksDBSettings, Settings
+
+DELAY_S = 600.0
+STORES = ("sessions", "session-ids")
+
+
+@pytest.fixture
+def resources() -> RocksDBResources:
+    return RocksDBResources(RocksDBSettings())
+
+
+def used_at(path: Path, when: float) -> None:
+    os.utime(path, (when, when))
+
+
+def make_store(path: Path, resources: RocksDBResources, *, when: float | None = None) -> None:
+    store = PartitionStore(path, resources)
+    store.write({b"k": b"v"}, 7)
+    store.close()
+    if when is not None:
+        used_at(path, when)
+
+
+def test_only_stores_unused_for_longer_than_the_delay_are_deleted(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    now = time.time()
+    old = now - DELAY_S - 60
+    make_store(tmp_path / "sessions" / "0", resources, when=old)  # unowned, old: deleted
+    make_store(tmp_path / "session-ids" / "0", resources, when=old)  # the same
+    make_store(tmp_path / "sessions" / "1", resources, when=now - 60)  # recently used: kept
+    make_store(tmp_path / "sessions" / "2", resources, when=old)  # assigned: kept
+    (tmp_path / "sessions" / "notes").mkdir()  # not a partition's: never touched
+    used_at(tmp_path / "sessions" / "notes", old)
+    make_store(tmp_path / "other-store" / "3", resources, when=old)  # not a store we have
+
+    deleted = delete_unused_stores(tmp_path, STORES, {("sessions", 2)}, DELAY_S, now)
+
+    assert sorted(deleted) == [tmp_path / "session-ids" / "0", tmp_path / "sessions" / "0"]
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("*/*"))
+    assert left == ["other-store/3", "sessions/1", "sessions/2", "sessions/notes"]
+
+
+def test_a_store_open_in_this_process_is_never_deleted(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    """Also when its task is no longer assigned (a dropped task still closing)
+    and its files have not changed for long."""
+    path = tmp_path / "sessions" / "4"
+    make_store(path, resources)
+    store = PartitionStore(path, resources)  # only read: its close writes no file
+    try:
+        used_at(path, time.time() - DELAY_S - 60)
+        assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == []
+        assert store.get(b"k") == b"v"
+    finally:
+        store.close()
+    # Its close is its last use: the delay starts again.
+    assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == []
+    assert path.is_dir()
+    later = time.time() + DELAY_S + 1
+    assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, later) == [path]
+    assert not path.exists()
+
+
+def test_a_store_another_process_holds_is_left_in_place(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    """A second worker given the same data dir by mistake keeps its store."""
+    path = tmp_path / "sessions" / "5"
+    make_store(path, resources)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import rocksdict, sys; db = rocksdict.Rdict({str(path)!r}); "
+            "print('open', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "open\n"
+        used_at(path, time.time() - DELAY_S - 60)
+        assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == []
+        assert (path / "CURRENT").exists()
+    finally:
+        holder.communicate("", timeout=30)
+    used_at(path, time.time() - DELAY_S - 60)
+    assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == [path]
+
+
+def test_a_deleted_store_opens_empty_so_its_partition_restores_from_the_start(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    path = tmp_path / "sessions" / "6"
+    make_store(path, resources, when=time.time() - DELAY_S - 60)
+    assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == [path]
+    again = PartitionStore(path, resources)
+    try:
+        assert again.changelog_offset is None
+        assert again.get(b"k") is None
+    finally:
+        again.close()
+
+
+def test_the_engine_keeps_the_stores_of_its_tasks_and_deletes_the_others(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(2, 1_048_588))
+    old = time.time() - settings.state_cleanup_delay_s - 60
+    stores = [name for stage in engine.stages for name in stage.stores]
+    for name in stores:
+        for partition in (0, 1):
+            make_store(engine.state_dir / name / str(partition), resources, when=old)
+    # A task assigned (as _begin_start registers it), its stores not open yet.
+    mine = SimpleNamespace(stage=engine.stages[0], partition=1)
+    engine._tasks["commands[1]"] = mine
+    engine._clean_up()
+    left = sorted(str(p.relative_to(engine.state_dir)) for p in engine.state_dir.glob("*/*"))
+    assert left == sorted(f"{name}/1" for name in engine.stages[0].stores)
