@@ -433,9 +433,10 @@ async def restore(
 ) -> int:
     """Bring each store up to the end of its changelog partition (read_committed).
 
-    Reads from the offset the store recorded (nothing is discarded); a store
-    whose offset lies past the changelog's end (the topic was recreated) is
-    wiped, for that partition only, and read from the beginning.
+    Reads from the offset the store recorded (nothing is discarded). When a
+    store's offset lies past its changelog's end (the topic was recreated),
+    every store of the task is wiped and read from the beginning: the task's
+    stores hold one state together (the sessions and their id counter).
     """
     consumer = AIOKafkaConsumer(
         **client_options(settings),
@@ -458,14 +459,16 @@ async def restore(
         end = await consumer.end_offsets(tps)
         beginning = await consumer.beginning_offsets(tps)
         by_tp = {changelogs[name]: store for name, store in stores.items()}
+        starts = {tp: store.changelog_offset for tp, store in by_tp.items()}
         for tp, store in by_tp.items():
-            start = store.changelog_offset
+            start = starts[tp]
             if start is not None and start > end[tp]:
                 end[tp] = await _wait_for_end(consumer, tp, start)
                 if start > end[tp]:
                     log.warning(
-                        "%s: store %s is at changelog offset %d, past the end %d of %s[%d]: "
-                        "restoring this partition from the beginning",
+                        "%s: store %s is at changelog offset %d, past the end %d of %s[%d] "
+                        "(the topic was recreated): restoring every store of the task "
+                        "from the beginning",
                         label,
                         store.path,
                         start,
@@ -473,8 +476,13 @@ async def restore(
                         tp.topic,
                         tp.partition,
                     )
-                    store.wipe()
-                    start = None
+                    # All of them: a session-ids store rebuilt beside sessions
+                    # kept from before handed out their ids again.
+                    for other in by_tp.values():
+                        other.wipe()
+                    starts = dict.fromkeys(by_tp)
+                    break
+        for tp, start in starts.items():
             consumer.seek(tp, max(start if start is not None else 0, beginning[tp]))
         started = time.monotonic()
         last_log = started

@@ -460,3 +460,83 @@ async def test_the_restore_counts_down_what_is_left_of_a_compacted_changelog(
         store.close()
     assert restored == 10
     assert reported == [(5, 59), (5, 0)]
+
+
+class _TwoChangelogs:
+    """A consumer of a task's two changelog partitions: ``sessions`` with 100
+    offsets, ``session-ids`` recreated (5 offsets), all fetched at once."""
+
+    logs: ClassVar = {
+        TopicPartition("app-sessions-changelog", 0): [b"s%d" % o for o in range(100)],
+        TopicPartition("app-session-ids-changelog", 0): [b"p0"] * 5,
+    }
+
+    def __init__(self, **options: Any) -> None:
+        self.at: dict[TopicPartition, int] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        pass
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: len(self.logs[tp]) for tp in tps}
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 0)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.at[tp] = offset
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.at[tp]
+
+    async def getmany(self, *tps: TopicPartition, **kwargs: Any) -> dict[TopicPartition, list[Any]]:
+        batches = {}
+        for tp in tps:
+            keys = self.logs[tp]
+            batches[tp] = [
+                _ChangelogRecord(key, b"%d" % o, o)
+                for o, key in enumerate(keys)
+                if o >= self.at[tp]
+            ]
+            self.at[tp] = len(keys)
+        return batches
+
+
+async def test_one_recreated_changelog_rebuilds_every_store_of_the_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only session-ids' changelog was recreated (its store's offset lies past
+    its end). Wiping that store alone restarted the id counter beside the
+    sessions kept from before: session ids were handed out twice."""
+    monkeypatch.setattr(tasks_module, "AIOKafkaConsumer", _TwoChangelogs)
+    monkeypatch.setattr(tasks_module, "_OFFSET_AHEAD_GRACE_S", 0.0)  # no end to wait for
+    resources = RocksDBResources(RocksDBSettings())
+    sessions = PartitionStore(tmp_path / "sessions" / "0", resources)
+    ids = PartitionStore(tmp_path / "session-ids" / "0", resources)
+    sessions.write({b"old-session": b"x"}, 50)  # within its changelog's 100 offsets
+    ids.write({b"p0": b"40"}, 40)  # past the recreated changelog's 5
+    try:
+        restored = await tasks_module.restore(
+            Settings(),
+            {"sessions": sessions, "session-ids": ids},
+            {
+                "sessions": TopicPartition("app-sessions-changelog", 0),
+                "session-ids": TopicPartition("app-session-ids-changelog", 0),
+            },
+            "commands[0]",
+        )
+        assert restored == 105  # both from the beginning
+        assert sessions.get(b"old-session") is None
+        assert sessions.get(b"s0") == b"0"
+        assert sessions.changelog_offset == 100
+        assert ids.get(b"p0") == b"4"
+        assert ids.changelog_offset == 5
+    finally:
+        sessions.close()
+        ids.close()
