@@ -34,7 +34,8 @@ talon_session_reopened              reopened     - ``session.total`` (the closed
                                                  with the total it has then)
 ==================================  ===========  ==========================================
 
-Why these hold (the behaviour contract, sections 2, 3 and 6): every
+Why these hold (docs/contract.md: section 10, "Outputs"; sections 5 and 6,
+"Returns" and "Totals and numbers"; section 4, "The state machine"): every
 output carries the whole session after the command; a return does not
 rewrite the totals; a closed session cannot change until it is reopened, and
 a cancellation of a closed or partially returned session changes only its
@@ -51,16 +52,21 @@ whatever order the four topics are read (a reopen may be read before the
 close it undoes). Outputs may share a topic, and rejections too: a record
 without an ``event`` is no output, and is skipped.
 
-Duplicates: every output carries the ``eventId`` of the command that caused
-it, unique per session (``applicationId``, ``integrationId``). With
-``exactly_once`` workers and ``read_committed`` there are none; under
-``at_least_once`` a crash can write an output again, so records are counted
-once per (applicationId, integrationId, event, eventId). Numbers are parsed
-as ``Decimal``: no binary float drift.
+Duplicates: with ``exactly_once`` workers and ``read_committed`` there are
+none; under ``at_least_once`` a crash can write an output again, so records
+are counted once per (applicationId, integrationId, event,
+``session.updateCount``). Every applied command raises its session's
+``updateCount`` by one and publishes at most one output, which carries the
+whole session, ``updateCount`` included (docs/contract.md, sections 3, 4
+and 10), so that identifies one applied command's output. The ``eventId`` does
+not: the workers remember only the last 64 eventIds of a session (section
+9), so a command that reuses an older one is applied again, and its output
+is new revenue, not a duplicate. Numbers are parsed as ``Decimal``: no
+binary float drift.
 
 This example keeps everything in memory and reads from the beginning each
 time, without a consumer group. A long-running job would keep the figures
-and the seen event ids in its own store and commit offsets with them.
+and the seen output keys in its own store and commit offsets with them.
 
 Run::
 
@@ -141,7 +147,9 @@ class RevenueLedger:
 
     revenue: dict[int, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     sessions: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
-    seen: set[tuple[int, str, str, str]] = field(default_factory=set)
+    #: (applicationId, integrationId, event, session.updateCount) of each output
+    #: counted: one applied command's output (the module doc says why not eventId).
+    seen: set[tuple[int, str, str, int]] = field(default_factory=set)
     records: int = 0
     duplicates: int = 0
 
@@ -149,7 +157,8 @@ class RevenueLedger:
         """Count one output document; False when it was counted before."""
         application_id = int(doc["applicationId"])
         integration_id = str(doc["integrationId"])
-        key = (application_id, integration_id, str(doc.get("event")), str(doc.get("eventId")))
+        update_count = int(doc["session"]["updateCount"])
+        key = (application_id, integration_id, str(doc.get("event")), update_count)
         if key in self.seen:
             self.duplicates += 1
             return False

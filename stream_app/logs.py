@@ -9,8 +9,8 @@ The Kafka client's warnings and errors are let through once per
 :class:`RepeatedClientLines`): while a broker is down, each of a worker's
 clients retries every 100 ms and aiokafka logs every attempt.
 
-A malformed HTTP request (a URL over 8 KiB, say), which the HTTP server has
-already answered with 400, is logged as one warning line without a
+A malformed HTTP request (a request line over 16 KiB, say), which the HTTP
+server has already answered with 400, is logged as one warning line without a
 traceback (:class:`BadHttpRequests`), held back the same way: aiohttp logs
 each one as an error with its traceback. A group coordinator that is not
 ready yet, which aiokafka retries, is a warning, not an error

@@ -1,19 +1,34 @@
 """examples/revenue_consumer.py against a real worker: the revenue figure for a
-close, a partial return, a revocation and reopens, as a user runs it."""
+close, a partial return, a revocation, reopens and an eventId used again past
+the 64 a session remembers, as a user runs it."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Callable
 from decimal import Decimal
+from types import ModuleType
 
 from stream_app import json
 from stream_app.client import SessionClient, cart_item, returned_item
+from stream_app.domain.model import RECENT_EVENT_IDS
 from tests.integration.harness import ROOT, Deployment, Worker, consume, deployment_settings
 
 EXAMPLE = ROOT / "examples" / "revenue_consumer.py"
+
+
+def _example_module() -> ModuleType:
+    """The example as a module (registered: its dataclass looks itself up)."""
+    spec = importlib.util.spec_from_file_location("revenue_consumer", EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 async def test_revenue_of_closes_returns_revocations_and_reopens(
@@ -50,11 +65,31 @@ async def test_revenue_of_closes_returns_revocations_and_reopens(
         await client.close_session("s-return-cancel", event_id=close.event_id, cart_items=mixed)
         # another application
         await client.close_session("s-other", application_id=2, cart_items=[cart_item("X", 3, 0.1)])
+        # closed 10, reopened, and closed again by a command that reuses the
+        # first close's eventId after 64 more: the worker remembers only the
+        # last 64, so it applies it (a second output with that eventId): 10
+        await client.close_session(
+            "s-reuse", event_id="reuse-close", cart_items=[cart_item("CUP", 1, 10)]
+        )
+        await client.reopen_session("s-reuse")
+        for n in range(RECENT_EVENT_IDS):
+            await client.update_session("s-reuse", attributes={"n": n})
+        await client.close_session("s-reuse", event_id="reuse-close")
     workers(deployment)
     t = deployment.topics
     topics = [t.closed, t.returned, t.cancelled, t.reopened]
-    outputs = await consume(deployment.bootstrap, topics, expect=15, timeout=25)
-    assert len(outputs) == 15
+    outputs = await consume(deployment.bootstrap, topics, expect=18, timeout=25)
+    assert len(outputs) == 18
+    reused = [o.doc() for o in outputs if o.doc().get("eventId") == "reuse-close"]
+    assert [doc["session"]["updateCount"] for doc in reused] == [1, RECENT_EVENT_IDS + 3]
+
+    # An output written again (at_least_once, after a crash) counts once; the
+    # second close with a reused eventId is another output and counts.
+    example = _example_module()
+    ledger = example.RevenueLedger()
+    counted = [ledger.record(example.parse(o.value)) for o in outputs + outputs]
+    assert counted == [True] * 18 + [False] * 18
+    assert ledger.figures()[1] == Decimal("78.47")
 
     result = await asyncio.to_thread(
         subprocess.run,
@@ -80,9 +115,9 @@ async def test_revenue_of_closes_returns_revocations_and_reopens(
     )
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    # 44.97 + 15.5 + 0 + 0 + 8 + 0 + 0
+    # 44.97 + 15.5 + 0 + 0 + 8 + 0 + 0 + 10
     assert {app: Decimal(v) for app, v in figures.items()} == {
-        "1": Decimal("68.47"),
+        "1": Decimal("78.47"),
         "2": Decimal("0.3"),
     }
 
