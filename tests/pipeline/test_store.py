@@ -320,8 +320,14 @@ def test_a_store_whose_close_finds_it_corrupt_is_deleted(
 
 
 class _UnreadableDisk:
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
     def get(self, key: bytes) -> bytes | None:
         raise Exception("IO error: Input/output error: While pread")  # as rocksdict does
+
+    def close(self) -> None:  # the store's teardown may come before monkeypatch's undo
+        self.db.close()
 
 
 def test_a_read_that_rocksdb_refuses_is_a_store_error(
@@ -329,7 +335,7 @@ def test_a_read_that_rocksdb_refuses_is_a_store_error(
 ) -> None:
     """A StoreError restarts the task (engine); a bare Exception, caught as a
     bug in the processor, rejected a valid command as INTERNAL_ERROR."""
-    monkeypatch.setattr(store, "_db", _UnreadableDisk())
+    monkeypatch.setattr(store, "_db", _UnreadableDisk(store._db))
     with pytest.raises(StoreError, match=r"cannot read the store at .*: IO error: Input/output"):
         store.get(b"a")
 
