@@ -13,6 +13,7 @@ settings document (``{"flattening": false, "additionalCosts": [...],
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Final
@@ -229,18 +230,19 @@ async def _read_past_the_client(
     failed fetch can have moved another partition's position past records it
     then did not return."""
     for tp, offset in applied.items():
-        async for records, after in read_past(options, tp, offset):
-            for record in records:
-                if not record.readable():
-                    log.warning(
-                        "settings topic %s[%d]@%d: a header name is not UTF-8 (headers "
-                        "are not read): applied as any record",
-                        tp.topic,
-                        tp.partition,
-                        record.offset,
-                    )
-                registry.apply_record(record.key, record.value)
-            offset = after
+        async with contextlib.aclosing(read_past(options, tp, offset)) as reading:
+            async for records, after in reading:
+                for record in records:
+                    if not record.readable():
+                        log.warning(
+                            "settings topic %s[%d]@%d: a header name is not UTF-8 (headers "
+                            "are not read): applied as any record",
+                            tp.topic,
+                            tp.partition,
+                            record.offset,
+                        )
+                    registry.apply_record(record.key, record.value)
+                offset = after
         applied[tp] = offset
         consumer.seek(tp, offset)
 

@@ -551,8 +551,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 try:
                     batches = await self._poll(consumer, poll_ms)
                 except UNREADABLE as exc:
-                    async with self._lock:
-                        await self._read_past_the_client(consumer, exc, rebalances)
+                    await self._read_past_and_commit(consumer, exc, rebalances)
                     continue
                 except KafkaError as exc:
                     refused = not_authorized(exc)
@@ -851,6 +850,16 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             return True
         return False
 
+    async def _read_past_and_commit(
+        self, consumer: AIOKafkaConsumer, exc: Exception, rebalances: int
+    ) -> None:
+        """:meth:`_read_past_the_client`, then commit what it processed as any
+        poll's records are: a backlog of unreadable records, pass after pass,
+        held every output and offset of the worker back."""
+        async with self._lock:
+            await self._read_past_the_client(consumer, exc, rebalances)
+            await self._commit(due_only=True)
+
     async def _read_past_the_client(
         self, consumer: AIOKafkaConsumer, exc: Exception, rebalances: int
     ) -> None:
@@ -858,10 +867,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         again does not tell either (the failed fetch stays buffered, empty). So
         every active input is read raw from its position
         (:mod:`~stream_app.pipeline.unreadable`), a fetch at a time, up to its
-        last stable offset or the first batch holding an unreadable record:
-        readable records are processed as usual, unreadable ones rejected by
-        position. Every input is then sought to its position, which drops the
-        consumer's buffered fetches, and consumption goes on past the bad batch.
+        last stable offset or about ``RAW_RECORDS`` records: readable records
+        are processed as usual, unreadable ones rejected by position. Every
+        input is then sought to its position, which drops the consumer's
+        buffered fetches, and consumption goes on past the bad batches.
 
         One poll holds up to a batch size of records from each input, and so
         may fail on a record further ahead than one raw pass reads
@@ -873,23 +882,35 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         :meth:`_process`, and counts as moved: it reads its inputs again."""
         options = client_options(self.settings)
         found = moved = False
+        # A committed offset older than the log's start (the workers were down
+        # longer than the topic's retention): the consumer reset to the start,
+        # and a fetch below it would be refused. Asked once for every input:
+        # each request waits behind the consumer's fetch in flight (up to
+        # half a second), once per input before.
+        inputs = [tp for task in self._tasks.values() if task.active for tp in task.inputs]
+        beginnings: dict[TopicPartition, int] = {}
+        if inputs:
+            with contextlib.suppress(KafkaError):  # asked again per input, in read()
+                beginnings = await consumer.beginning_offsets(inputs)
 
         async def read(task: Task) -> None:
             nonlocal found, moved
             for tp in task.inputs:
                 end = consumer.last_stable_offset(tp)
-                # A committed offset older than the log's start (the workers
-                # were down longer than the topic's retention): the consumer
-                # reset to the start, and a fetch below it would be refused.
-                begins = (await consumer.beginning_offsets([tp])).get(tp, 0)
+                begins = beginnings.get(tp)
+                if begins is None:
+                    begins = (await consumer.beginning_offsets([tp])).get(tp, 0)
                 task.positions[tp] = max(task.positions.get(tp, 0), begins)
                 position = task.positions[tp]
                 try:
-                    async for raws, resume in read_past(options, tp, position, end=end):
-                        for raw in raws:
-                            await task.handle_raw(raw)
-                        task.positions[tp] = max(task.positions.get(tp, 0), resume)
-                        found = found or not all(raw.readable() for raw in raws)
+                    async with contextlib.aclosing(
+                        read_past(options, tp, position, end=end)
+                    ) as reading:
+                        async for raws, resume in reading:
+                            for raw in raws:
+                                await task.handle_raw(raw)
+                            task.positions[tp] = max(task.positions.get(tp, 0), resume)
+                            found = found or not all(raw.readable() for raw in raws)
                 except RecordBatchError as unparsed:
                     # Records this parser does not read (old message formats,
                     # say) where aiokafka may: not this input's to pass, then.

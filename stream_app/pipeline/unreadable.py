@@ -24,9 +24,13 @@ right after the last of those batches, so the caller can reject the
 unreadable records by their position, process the readable ones and seek the
 consumer past the batch.
 
-It is used **only after** ``getmany`` failed to decode a partition: it opens a
-connection per call and does none of the consumer's prefetching, so it is no
-replacement for the consumer.
+:func:`read_past` reads on, fetch after fetch over one client, past any
+number of unreadable batches, up to about :data:`RAW_RECORDS` records: a
+backlog of unreadable records, one per batch (a producer with no linger),
+took a pass, a new connection and a failed poll each.
+
+It is used **only after** ``getmany`` failed to decode a partition: it does
+none of the consumer's prefetching, so it is no replacement for the consumer.
 
 Contracts
 ---------
@@ -48,7 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -69,7 +73,9 @@ UNREADABLE: Final = (UnicodeDecodeError,)
 
 #: isolation_level of a FetchRequest: 1 = read_committed.
 _READ_COMMITTED: Final = 1
-_MAX_WAIT_MS: Final = 500
+#: A raw read takes what is there: at a log's end, waiting (the broker's long
+#: poll) cost every input a pass reads to its end half a second.
+_MAX_WAIT_MS: Final = 0
 _DEFAULT_MAX_BYTES: Final = 2 * 1024 * 1024
 #: How many records of one partition :func:`read_past` reads, about: whole
 #: fetches, the last one taking it past. One poll of the worker's consumer
@@ -162,6 +168,8 @@ async def read_batches_at(
     offset: int,
     *,
     max_bytes: int = _DEFAULT_MAX_BYTES,
+    client: AIOKafkaClient | None = None,
+    past_unreadable: bool = False,
 ) -> tuple[list[RawRecord], int]:
     """The committed records of ``tp`` at or after ``offset`` in the first fetch
     that has any, up to and including the first batch that holds a record
@@ -179,11 +187,16 @@ async def read_batches_at(
 
     Raises :class:`RecordBatchError` for a batch that cannot be parsed and
     aiokafka's :class:`~aiokafka.errors.KafkaError` when the broker refuses
-    the fetch (after retrying errors it marks as retriable).
+    the fetch (after retrying errors it marks as retriable). Fetches with
+    ``client`` when given (bootstrapped, left open), else with its own; with
+    ``past_unreadable``, returns every committed record of the fetch.
     """
-    client = AIOKafkaClient(**options)
+    own = client is None
+    if client is None:
+        client = AIOKafkaClient(**options)
     try:
-        await client.bootstrap()
+        if own:
+            await client.bootstrap()
         position = offset
         while True:
             message_set, aborted = await _fetch(client, tp, position, max_bytes)
@@ -195,37 +208,43 @@ async def read_batches_at(
             for records, next_offset in committed_batches(batches, position, aborted):
                 found += records
                 after = next_offset
-                if not all(record.readable() for record in records):
+                if not past_unreadable and not all(record.readable() for record in records):
                     break
             if found or after <= position:
                 return found, after
             position = after  # only markers or aborted batches so far: read on
     finally:
-        await client.close()
+        if own:
+            await client.close()
 
 
 async def read_past(
     options: dict[str, Any], tp: TopicPartition, offset: int, *, end: int | None = None
-) -> AsyncIterator[tuple[list[RawRecord], int]]:
+) -> AsyncGenerator[tuple[list[RawRecord], int], None]:
     """The records of ``tp`` from ``offset``, read raw a fetch at a time
-    (:func:`read_batches_at`), each fetch's with the offset right after it: up
-    to and including the first batch that holds a record aiokafka's consumer
-    cannot read, and no further than ``end`` (a last stable offset), the end of
-    the log or about :data:`RAW_RECORDS` records. What reads past the client
-    after aiokafka failed on a fetch."""
-    position = offset
-    read = 0
-    while read < RAW_RECORDS:
-        if end is not None and position >= end:
-            return
-        raws, resume = await read_batches_at(options, tp, position)
-        if not raws and resume <= position:
-            return
-        yield raws, resume
-        if not all(raw.readable() for raw in raws):
-            return
-        read += max(len(raws), 1)  # never 0: the loop ends
-        position = max(position, resume)
+    (:func:`read_batches_at`, over one client), each fetch's with the offset
+    right after it, no further than ``end`` (a last stable offset), the end of
+    the log or about :data:`RAW_RECORDS` records: past every unreadable
+    record on the way. What reads past the client after aiokafka failed on a
+    fetch. (Close it with ``contextlib.aclosing`` when not read to its end.)"""
+    client = AIOKafkaClient(**options)
+    try:
+        await client.bootstrap()
+        position = offset
+        read = 0
+        while read < RAW_RECORDS:
+            if end is not None and position >= end:
+                return
+            raws, resume = await read_batches_at(
+                options, tp, position, client=client, past_unreadable=True
+            )
+            if not raws and resume <= position:
+                return
+            yield raws, resume
+            read += max(len(raws), 1)  # never 0: the loop ends
+            position = max(position, resume)
+    finally:
+        await client.close()
 
 
 def committed_batches(

@@ -522,3 +522,21 @@ class PartitionCounts:
     def partitions_for_topic(self, topic: str) -> set[int] | None:
         count = self.counts.get(topic)
         return None if count is None else set(range(count))
+
+
+class IdleKafkaClient:
+    """Stands for ``AIOKafkaClient`` where the raw reads it would serve
+    (``unreadable.read_batches_at``) are stood in for themselves: counts the
+    clients made and closed."""
+
+    made = 0
+    closed = 0
+
+    def __init__(self, **options: object) -> None:
+        type(self).made += 1
+
+    async def bootstrap(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        type(self).closed += 1

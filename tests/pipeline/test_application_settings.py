@@ -16,6 +16,13 @@ from stream_app.pipeline import application_settings, unreadable
 from stream_app.pipeline.application_settings import DEFAULT, ApplicationSettingsRegistry
 from stream_app.pipeline.unreadable import RawRecord
 from stream_app.settings import Settings
+from tests.pipeline.fakes import IdleKafkaClient
+
+
+@pytest.fixture(autouse=True)
+def _no_raw_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_past's own client, idle: its reads are stood in for below."""
+    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
 
 
 def test_file_settings_apply_per_application_and_others_get_defaults(tmp_path: Path) -> None:
@@ -196,7 +203,7 @@ async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
         return 1
 
     async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int
+        options: object, tp: TopicPartition, offset: int, **client: object
     ) -> tuple[list[RawRecord], int]:
         if offset >= 1:
             return [], offset  # the end of the topic
@@ -226,7 +233,7 @@ async def test_a_raw_read_starts_from_what_was_applied_on_every_partition(
     reads: list[tuple[int, int]] = []
 
     async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int
+        options: object, tp: TopicPartition, offset: int, **client: object
     ) -> tuple[list[RawRecord], int]:
         reads.append((tp.partition, offset))
         if offset >= 3:

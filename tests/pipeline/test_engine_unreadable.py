@@ -16,6 +16,14 @@ from stream_app.pipeline.tasks import TaskId
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.pipeline.unreadable import RAW_RECORDS, RawRecord
 from stream_app.settings import Settings
+from tests.pipeline.fakes import IdleKafkaClient
+
+
+@pytest.fixture(autouse=True)
+def _no_raw_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_past's own client, idle: its reads are stood in for below."""
+    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
+
 
 _POISON = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
 
@@ -46,6 +54,7 @@ class _Consumer:
         self.sought: dict[TopicPartition, int] = {}
         self.log_start = 0
         self.pausing: list[TopicPartition] = []
+        self.asked: list[list[TopicPartition]] = []
 
     def last_stable_offset(self, tp: TopicPartition) -> int | None:
         return None
@@ -54,6 +63,7 @@ class _Consumer:
         self.sought[tp] = offset
 
     async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        self.asked.append(list(tps))
         return dict.fromkeys(tps, self.log_start)
 
     def assignment(self) -> set[TopicPartition]:
@@ -80,7 +90,7 @@ def _single_record_batches(bad: int, end: int) -> object:
     linger), the one at ``bad`` with a header name that is not UTF-8."""
 
     async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int
+        options: object, tp: TopicPartition, offset: int, **client: object
     ) -> tuple[list[RawRecord], int]:
         if offset >= end:
             return [], offset
@@ -117,8 +127,8 @@ async def test_a_record_more_batches_ahead_than_one_pass_reads_is_reached(
         assert task.rejected == []
     await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
     assert task.rejected == [bad]
-    assert task.handled == list(range(bad))
-    assert consumer.sought == {tp: bad + 1}
+    assert task.handled == [*range(bad), *range(bad + 1, bad + 50)]  # and on, to the end
+    assert consumer.sought == {tp: bad + 50}
 
 
 async def test_a_pass_that_moves_no_input_raises_what_the_consumer_raised(
@@ -195,7 +205,7 @@ async def test_a_position_below_the_log_start_is_read_from_the_start(
     single = _single_record_batches(bad=105, end=120)
 
     async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int
+        options: object, tp: TopicPartition, offset: int, **client: object
     ) -> tuple[list[RawRecord], int]:
         if offset < 100:
             raise OffsetOutOfRangeError({tp: offset})
@@ -203,9 +213,9 @@ async def test_a_position_below_the_log_start_is_read_from_the_start(
 
     monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
     await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
-    assert task.handled == list(range(100, 105))
+    assert task.handled == [*range(100, 105), *range(106, 120)]
     assert task.rejected == [105]
-    assert consumer.sought == {tp: 106}
+    assert consumer.sought == {tp: 120}
 
 
 async def test_an_input_the_raw_read_cannot_parse_is_left_to_the_client(
@@ -220,7 +230,7 @@ async def test_an_input_the_raw_read_cannot_parse_is_left_to_the_client(
     single = _single_record_batches(bad=3, end=10)
 
     async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int
+        options: object, tp: TopicPartition, offset: int, **client: object
     ) -> tuple[list[RawRecord], int]:
         if tp == old:
             raise unreadable.RecordBatchError(f"{tp}@{offset}: record batch magic 1")
@@ -231,7 +241,7 @@ async def test_an_input_the_raw_read_cannot_parse_is_left_to_the_client(
     await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
     assert new_task.rejected == [3]
     assert (old_task.handled, old_task.rejected) == ([], [])
-    assert consumer.sought == {old: 0, new: 4}
+    assert consumer.sought == {old: 0, new: 10}
 
 
 async def test_a_pass_after_a_rebalance_polls_again_rather_than_raise(
@@ -247,3 +257,64 @@ async def test_a_pass_after_a_rebalance_polls_again_rather_than_raise(
     await engine._read_past_the_client(_Consumer(set()), _POISON, before)  # type: ignore[arg-type]
     with pytest.raises(UnicodeDecodeError):
         await engine._read_past_the_client(_Consumer(set()), _POISON, engine._rebalances)  # type: ignore[arg-type]
+
+
+def _unreadable_backlog(start: int, end: int) -> object:
+    """A log whose records from ``start`` to ``end`` were each written in a
+    batch of its own (a producer with no linger), every one with a header
+    name that is not UTF-8."""
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        assert client.get("client") is not None, "a client per fetch"
+        if offset >= end:
+            return [], offset
+        headers = ((b"\xff\xfe", b"x"),) if offset >= start else ()
+        return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
+
+    return read_batches_at
+
+
+async def test_a_backlog_of_unreadable_batches_is_read_past_in_one_pass_then_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer wrote thousands of such records, one per batch. A pass
+    stopped after the first, with a client of its own for each fetch, and
+    the loop went back to poll without committing: one failed poll, one pass
+    and one connection per record, while nothing the worker processed was
+    committed, on any partition, until the backlog ended."""
+    tp = TopicPartition(Settings().topics.commands, 0)
+    engine, [task] = _engine_reading(tmp_path, tp)
+    monkeypatch.setattr(unreadable, "read_batches_at", _unreadable_backlog(10, 1_010))
+    commits: list[bool] = []
+
+    async def commit(*, due_only: bool) -> None:
+        commits.append(due_only)
+
+    monkeypatch.setattr(engine, "_commit", commit)
+    made = IdleKafkaClient.made
+    consumer = _Consumer({tp})
+    await engine._read_past_and_commit(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
+    assert task.handled == list(range(10))
+    assert task.rejected == list(range(10, 1_010))
+    assert consumer.sought == {tp: 1_010}
+    assert IdleKafkaClient.made - made == 1
+    assert IdleKafkaClient.closed == IdleKafkaClient.made
+    assert commits == [True]
+
+
+async def test_a_pass_asks_for_every_input_s_log_start_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ListOffsets waits behind the consumer's fetch in flight (up to
+    half a second): asked per input, a pass over twelve inputs took six
+    seconds before it committed anything."""
+    commands = Settings().topics.commands
+    tps = [TopicPartition(commands, p) for p in range(2)]
+    engine, tasks = _engine_reading(tmp_path, *tps)
+    monkeypatch.setattr(unreadable, "read_batches_at", _single_record_batches(bad=3, end=5))
+    consumer = _Consumer(set(tps))
+    await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
+    assert consumer.asked == [tps]
+    assert [task.rejected for task in tasks] == [[3], [3]]

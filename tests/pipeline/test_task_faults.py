@@ -26,6 +26,7 @@ from stream_app.pipeline.tasks import Stage, Task, TaskId
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.pipeline.unreadable import RawRecord
 from stream_app.settings import RocksDBSettings, Settings
+from tests.pipeline.fakes import IdleKafkaClient
 
 
 class _Checkpoint:
@@ -171,7 +172,7 @@ async def test_a_task_that_fails_in_a_raw_read_is_restarted_and_the_others_go_on
     monkeypatch.setattr(engine, "_restart", restart)
 
     async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int
+        options: object, tp: TopicPartition, offset: int, **client: object
     ) -> tuple[list[RawRecord], int]:
         if offset >= 3:
             return [], offset
@@ -179,6 +180,7 @@ async def test_a_task_that_fails_in_a_raw_read_is_restarted_and_the_others_go_on
         return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
 
     monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
     consumer = _Consumer()
     await engine._read_past_the_client(
         consumer, UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"), engine._rebalances

@@ -328,6 +328,27 @@ async def test_read_past_reads_about_raw_records_then_lets_the_caller_poll(
     assert read == [(2, 20)]
 
 
+async def test_read_past_reads_a_backlog_of_unreadable_batches_a_fetch_at_a_time(
+    log_of: Callable[..., _Log], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 unreadable records, one per batch: read_past stopped at the first of
+    each fetch, so it fetched (and parsed up to 2 MiB) once per record, about
+    11 ms each against a real broker; and made a client per fetch."""
+    made: list[object] = []
+
+    class _Counted(_Client):
+        def __init__(self, **options: object) -> None:
+            made.append(self)
+
+    backlog = [encode_batch([B], base_offset=n, first_timestamp=T0) for n in range(300)]
+    log = log_of(backlog, [], 100)
+    monkeypatch.setattr(unreadable, "AIOKafkaClient", _Counted)  # over log_of's
+    read = [(len(raws), after) async for raws, after in unreadable.read_past({}, TP, 0)]
+    assert read == [(100, 100), (100, 200), (100, 300)]
+    assert log.fetched == [0, 100, 200, 300]  # the last finds the end
+    assert len(made) == 1
+
+
 @pytest.mark.parametrize("length", [-5, 0, 20])
 def test_a_batch_length_shorter_than_a_header_is_a_record_batch_error(length: int) -> None:
     """Before, struct.error or IndexError: not the error the raw read handles."""
