@@ -19,6 +19,7 @@ from typing import Any, Final
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
+    KafkaError,
     LeaderNotAvailableError,
     NoError,
     TopicAlreadyExistsError,
@@ -104,6 +105,16 @@ def topic_specs(settings: Settings, partitions: int) -> list[TopicSpec]:
         for store in STORES
     ]
     return specs
+
+
+async def _brokers(admin: AIOKafkaAdminClient) -> int:
+    """How many brokers the cluster has, or 0 when it would not say."""
+    try:
+        cluster = await admin.describe_cluster()
+    except KafkaError as exc:
+        log.debug("describing the cluster failed: %r", exc)
+        return 0
+    return len(cluster.get("brokers") or ())
 
 
 async def _described(
@@ -286,6 +297,7 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
                     "worker takes the command topic's count, and names any topic that "
                     "differs from it"
                 )
+        brokers = await _brokers(admin) if created and settings.replication_factor == 1 else 0
         configs, undescribed = await _topic_configs(admin, [s.name for s in specs])
         # Not the topics it only reads: their limits and replicas do not bound it.
         read_only = {settings.topics.commands, settings.topics.application_settings}
@@ -298,6 +310,17 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
         await admin.close()
     if created:
         log.info("created topics: %s", ", ".join(created))
+    if brokers > 1:
+        # Kafka Streams takes the broker's default.replication.factor; the
+        # CreateTopics versions aiokafka sends (up to v3) cannot ask for it.
+        log.warning(
+            "created %s with one replica each (STREAM_APP_REPLICATION_FACTOR=1) on a "
+            "cluster of %d brokers: losing one broker's disk loses their records. Set "
+            "STREAM_APP_REPLICATION_FACTOR (3 is usual) and raise theirs with "
+            "kafka-reassign-partitions",
+            ", ".join(created),
+            brokers,
+        )
     if undescribed:
         log.warning(
             "Kafka would not describe the configs of %s (no DescribeConfigs ACL?): the "

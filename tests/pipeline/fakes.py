@@ -472,6 +472,9 @@ class EmptyCluster:
     async def describe_configs(self, resources: list[object]) -> list[object]:
         return []
 
+    async def describe_cluster(self) -> dict[str, object]:
+        return {"brokers": [{"node_id": 1, "host": "127.0.0.1", "port": 9092}]}
+
 
 class FixedRecordsConsumer:
     """Stands for an AIOKafkaConsumer assigned partitions that hold

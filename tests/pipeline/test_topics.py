@@ -3,6 +3,7 @@ worker makes of the broker's answer to each topic it creates (no broker)."""
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -133,6 +134,38 @@ async def test_what_the_broker_answers_each_topic_it_creates(
     else:  # worker._wait_for_kafka retries a KafkaError with backoff
         assert isinstance(raised.value, KafkaError)
         assert not isinstance(raised.value, ConfigurationError)
+
+
+@pytest.mark.parametrize(
+    ("brokers", "replication_factor", "warned"), [(3, 1, True), (1, 1, False), (3, 3, False)]
+)
+async def test_topics_created_with_one_replica_on_a_cluster_of_several_are_warned_of(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    brokers: int,
+    replication_factor: int,
+    warned: bool,
+) -> None:
+    """The default of 1 made changelogs and outputs on a 3-broker cluster that
+    one lost disk destroys, without a word (Kafka Streams takes the broker's
+    default.replication.factor, which aiokafka's CreateTopics cannot ask for)."""
+
+    class Cluster(_admin_answering(0, 3)):  # type: ignore[misc]
+        async def describe_cluster(self) -> dict[str, object]:
+            return {"brokers": [{"node_id": n} for n in range(brokers)]}
+
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", Cluster)
+    settings = Settings(replication_factor=replication_factor)
+    with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
+        await topics_module.ensure_topics(settings)
+    lines = [r.getMessage() for r in caplog.records if "one replica" in r.getMessage()]
+    if warned:
+        assert len(lines) == 1
+        assert f"cluster of {brokers} brokers" in lines[0]
+        assert settings.topics.closed in lines[0]
+        assert "STREAM_APP_REPLICATION_FACTOR" in lines[0]
+    else:
+        assert lines == []
 
 
 def test_the_internal_topics_are_created_to_keep_what_is_not_yet_processed() -> None:
