@@ -238,6 +238,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._rebalancing = False
         #: Rebalances begun (revocations), for what was decided before one.
         self._rebalances = 0
+        #: Tasks restarted after a failure (a commit that failed, a fence, an error).
+        self.task_restarts = 0
         #: Tasks assigned without all of their inputs (see on_partitions_assigned):
         #: not started, and the worker not ready, until the next rebalance.
         self._waiting: set[TaskId] = set()
@@ -405,6 +407,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             "waiting": sorted(str(task_id) for task_id in self._waiting),
             "active": sorted(str(t.id) for t in self._tasks.values() if t.active),
         }
+
+    @property
+    def rebalances(self) -> int:
+        """Rebalances this worker took part in (each began with a revocation,
+        empty or not)."""
+        return self._rebalances
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Records between each active input's position and its last stable offset."""
@@ -1053,6 +1061,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         last, count = self._restarts.get(task_id, (now - _RESTART_QUIET_S, 0))
         count = count + 1 if now - last < _RESTART_QUIET_S else 1
         self._restarts[task_id] = (now, count)
+        self.task_restarts += 1
         if count == 1:
             return 0.0
         # The exponent bounded too: 2.0 ** 1024 overflows, after some hours

@@ -110,6 +110,19 @@ class EngineCollector(Collector):
             "by-profile topics keep records the worker has processed",
             value=purger.failures,
         )
+        rebalances = CounterMetricFamily(
+            "stream_app_rebalances",
+            "Consumer-group rebalances this worker took part in; each stops and restarts "
+            "its tasks: a steady rise is a rebalance storm",
+        )
+        rebalances.add_metric([], engine.rebalances)
+        yield rebalances
+        restarts = CounterMetricFamily(
+            "stream_app_task_restarts",
+            "Tasks restarted after a failure (a failed commit, a fence, a store error)",
+        )
+        restarts.add_metric([], engine.task_restarts)
+        yield restarts
         lag = GaugeMetricFamily(
             "stream_app_consumer_lag",
             "Records not yet processed, per input partition (to the last stable offset)",
