@@ -8,19 +8,36 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Final
 
 import pytest
 
 from tools.kafka_broker import KafkaCluster
 
+#: The broker the integration tests use instead of starting their own, when set.
+#: A variable of the tests' own, read once here, before :func:`_no_deployment_environment`
+#: removes it with the other ``STREAM_APP_*``: a ``KAFKA_BOOTSTRAP_SERVERS`` exported
+#: for the application (a shell that just ran the demo) no longer points the tests
+#: at some other cluster.
+EXTERNAL_BOOTSTRAP_SERVERS: Final = os.environ.get("STREAM_APP_TEST_BOOTSTRAP_SERVERS", "")
+
+
+@pytest.fixture(autouse=True)
+def _no_deployment_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the shell's ``STREAM_APP_*`` or ``KAFKA_BOOTSTRAP_SERVERS``: they
+    would change ``Settings()`` (and what a subprocess inherits), so that a result
+    depended on where pytest was started. A test that wants one sets it itself."""
+    for name in list(os.environ):
+        if name.startswith("STREAM_APP_") or name == "KAFKA_BOOTSTRAP_SERVERS":
+            monkeypatch.delenv(name)
+
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Bootstrap servers of a real Kafka broker: ``KAFKA_BOOTSTRAP_SERVERS`` when set,
-    otherwise the project's own KRaft broker, started once per session."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external
+    """Bootstrap servers of a real Kafka broker: ``STREAM_APP_TEST_BOOTSTRAP_SERVERS``
+    when set, otherwise the project's own KRaft broker, started once per session."""
+    if EXTERNAL_BOOTSTRAP_SERVERS:
+        yield EXTERNAL_BOOTSTRAP_SERVERS
         return
     with KafkaCluster(tmp_path_factory.mktemp("kafka")) as cluster:
         yield cluster.bootstrap_servers

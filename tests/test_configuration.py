@@ -417,9 +417,14 @@ def test_an_encrypted_tls_key_is_one_line_not_a_passphrase_prompt(tmp_path: Path
     """OpenSSL asked for the key's passphrase on the terminal: every command
     (config, send, the worker) waited for someone to type it. Run on a
     terminal of its own, as a user runs it."""
+    # Not skipped without it: a skip would pass the run with this untested. (The
+    # cryptography package, which could make the key in-process, is not a
+    # dependency of the project.)
     openssl = shutil.which("openssl")
-    if openssl is None:  # not among the prerequisites; on nearly every Linux
-        pytest.skip("the openssl command, which makes this test's key, is not installed")
+    assert openssl is not None, (
+        "this test makes its encrypted key with the openssl command: install it (it is "
+        "on nearly every Linux, and on CI)"
+    )
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-days", "1", "-subj", "/CN=x",
@@ -505,12 +510,19 @@ def test_the_stop_bound_covers_the_event_loop_s_end(tmp_path: Path) -> None:
             if line.startswith("resolving"):
                 break  # resolving kafka.example, on an executor thread
         worker.send_signal(signal.SIGTERM)
-        began = time.monotonic()
-        output, _ = worker.communicate(timeout=60)
-        took = time.monotonic() - began
+        try:
+            # Held by the lookup, the exit would come 120 s later: well past this,
+            # which leaves the 5 s bound room on a loaded machine.
+            output, _ = worker.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            output, _ = worker.communicate()
+            pytest.fail(
+                "still running 20 s after SIGTERM, past the documented bound "
+                f"(STREAM_APP_SHUTDOWN_TIMEOUT_S=5): {output}"
+            )
     finally:
         guard.cancel()
         worker.kill()
-    assert took < 20, f"exited {took:.0f} s after SIGTERM, the bound being 5 s: {output}"
     assert worker.returncode == 1, output
     assert "could not stop cleanly within 5 s" in output

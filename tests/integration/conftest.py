@@ -29,7 +29,11 @@ def deployment(
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    """Start workers; every one still running at teardown is stopped (or killed)."""
+    """Start workers; every one still running at teardown is stopped (or killed).
+
+    Then each must have exited 0, or as the test said (``Worker.expect_exit``),
+    unless the test killed it: a worker that crashed, or exited 1 on SIGTERM,
+    fails the test even where the test itself did not look at its exit."""
     started: list[Worker] = []
 
     def start(
@@ -51,8 +55,16 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
         return worker
 
     yield start
+    wrong: list[str] = []
     for worker in started:
         if worker.proc.poll() is None:
             worker.signal_group(signal.SIGCONT)  # a test may have left it stopped
-            worker.stop(timeout=30)
+            worker.stop(timeout=30)  # SIGKILLed after that: not 0 either
         worker.close_log()  # also of the workers that exited by themselves
+        rc = worker.proc.returncode
+        if worker.expected_exit is not None and rc != worker.expected_exit:
+            wrong.append(
+                f"worker pid {worker.proc.pid} exited {rc}, not {worker.expected_exit}; "
+                f"{worker.log_path}:\n{worker.log_tail(3000)}"
+            )
+    assert not wrong, "\n".join(wrong)

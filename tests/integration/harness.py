@@ -116,6 +116,9 @@ class Worker:
         ``python`` runs another checkout's worker (the benchmark compares two)."""
         self.log_path = log_path
         self.cwd = cwd or ROOT
+        #: The exit status the ``workers`` fixture holds this worker to at teardown
+        #: (see :meth:`expect_exit`); none once the test killed it on purpose.
+        self.expected_exit: int | None = 0
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             # Killed with the test run, however it ends: no worker left behind.
@@ -139,10 +142,19 @@ class Worker:
         return self.proc.returncode
 
     def kill(self) -> None:
+        """SIGKILL, on purpose: its exit status says nothing about the worker."""
+        self.expected_exit = None
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self._log.close()
+
+    def expect_exit(self, code: int) -> None:
+        """Say that this worker is meant to exit with ``code`` (say 2, for a
+        configuration it refuses), rather than 0: the ``workers`` fixture fails
+        the test at teardown on any other status, so that a worker that crashed
+        or failed its stop cannot pass unnoticed in a test that did not look."""
+        self.expected_exit = code
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -168,7 +180,10 @@ class Worker:
         return self.proc.poll() is None
 
     def signal_group(self, sig: signal.Signals) -> None:
-        """Send ``sig`` to the worker's whole process group (e.g. SIGSTOP/SIGCONT)."""
+        """Send ``sig`` to the worker's whole process group (e.g. SIGSTOP/SIGCONT;
+        SIGKILL counts as :meth:`kill`)."""
+        if sig == signal.SIGKILL:
+            self.expected_exit = None
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
 

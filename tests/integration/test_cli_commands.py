@@ -141,7 +141,10 @@ async def test_topics_create_then_send_and_tail_through_a_worker(
         assert sent.returncode == 0, sent.stderr
 
         workers(deployment)
-        await consume(deployment.bootstrap, [t.closed, t.rejected], expect=2, timeout=25)
+        processed = await consume(
+            deployment.bootstrap, [t.closed, t.rejected], expect=2, timeout=25
+        )
+        assert sorted(o.topic for o in processed) == sorted([t.closed, t.rejected]), processed
 
         closed = await asyncio.to_thread(stream_app, env, "tail", "closed")
         assert closed.returncode == 0, closed.stderr
@@ -217,6 +220,7 @@ async def test_a_small_record_limit_stops_the_worker_but_not_the_traffic(
     assert "it may be at most a third of it, 33333" in created.stderr
 
     refused = workers(deployment)
+    refused.expect_exit(2)
     assert await asyncio.to_thread(refused.proc.wait, 60) == 2
     assert f"configuration error: {limit}" in refused.log_tail()
 

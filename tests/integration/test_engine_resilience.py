@@ -170,7 +170,6 @@ async def test_three_sigkills_lose_and_duplicate_nothing(
         chaos_total=chaos_s,
     )
     _assert_exactly_once(reader, expected, d, [worker])
-    assert done_s <= CHAOS_COMPLETION_BOUND_S
 
 
 @pytest.mark.timeout(400)
@@ -415,17 +414,23 @@ async def test_sigterm_mid_stream_exits_zero_within_the_shutdown_bound(
         total = sum(len(r.outputs) for r in traffic.records)
         await reader.wait_for(total // 20, timeout=120, alive=[worker], what="before SIGTERM")
         at_term = len(reader.outputs)
+        # Mid-stream is when the signal is sent: read after the exit, this would
+        # say whether the producer outlived the shutdown.
+        still_producing = not producing.done()
         worker.proc.send_signal(signal.SIGTERM)
         exit_s = await exited_within(worker, SHUTDOWN_BOUND_S + 30)
         rc = worker.proc.poll()
-        still_producing = not producing.done()
         _report("sigterm", outputs_seen_at_sigterm=at_term, exit_after_sigterm=exit_s, rc=rc)
         assert exit_s is not None, (
             f"still running {SHUTDOWN_BOUND_S + 30:.0f} s after SIGTERM\n"
             + describe_workers([worker])
         )
         assert rc == 0, describe_workers([worker])
-        assert exit_s <= SHUTDOWN_BOUND_S + SHUTDOWN_SLACK_S, describe_workers([worker])
+        assert exit_s <= SHUTDOWN_BOUND_S + SHUTDOWN_SLACK_S, (
+            f"exited {exit_s:.1f} s after SIGTERM: past the documented shutdown bound "
+            f"(STREAM_APP_SHUTDOWN_TIMEOUT_S, {SHUTDOWN_BOUND_S:.0f} s, "
+            f"+{SHUTDOWN_SLACK_S:.0f} s slack)\n" + describe_workers([worker])
+        )
         assert still_producing, "commands were all produced before SIGTERM: not mid-stream"
 
         restarted = workers(d)
@@ -477,7 +482,11 @@ async def test_sigterm_while_the_group_waits_for_a_killed_worker_exits_zero(
     _report("stop-in-rebalance", exit_after_sigterm=exit_s, rc=rc)
     assert exit_s is not None, describe_workers([stopping])
     assert rc == 0, describe_workers([stopping])
-    assert exit_s <= SHUTDOWN_BOUND_S + SHUTDOWN_SLACK_S, describe_workers([stopping])
+    assert exit_s <= SHUTDOWN_BOUND_S + SHUTDOWN_SLACK_S, (
+        f"exited {exit_s:.1f} s after SIGTERM: past the documented shutdown bound "
+        f"(STREAM_APP_SHUTDOWN_TIMEOUT_S, {SHUTDOWN_BOUND_S:.0f} s, "
+        f"+{SHUTDOWN_SLACK_S:.0f} s slack)\n" + describe_workers([stopping])
+    )
     assert "owns no task, so nothing is uncommitted" in stopping.log_tail(), stopping.log_tail()
 
 
@@ -547,6 +556,7 @@ async def test_internal_topic_with_another_partition_count_is_refused(
     rekeyed = f"{app_id}-sessions.rekeyed"
     await create_topics(kafka_bootstrap, [rekeyed], 2)
     worker = workers(d)
+    worker.expect_exit(2)  # a configuration error
     exit_s = await exited_within(worker, 60)
     _report("partition-mismatch", exit_after_start=exit_s, rc=worker.proc.poll())
     assert exit_s is not None, "the worker kept running\n" + describe_workers([worker])
@@ -578,7 +588,9 @@ async def test_a_changelog_that_deletes_by_time_is_refused_until_compacted(
     changelog = f"{d.env()['STREAM_APP_APP_ID']}-first-sessions-changelog"
     await create_topics(kafka_bootstrap, [changelog], d.partitions)
     await create_topics(kafka_bootstrap, [d.topics.application_settings], 1, {"retention.ms": "-1"})
-    error = await configuration_error(workers(d))
+    refused = workers(d)
+    refused.expect_exit(2)
+    error = await configuration_error(refused)
     assert f"{changelog} (cleanup.policy=delete, retention.ms=604800000)" in error
     assert d.topics.application_settings not in error
     assert "cleanup.policy=compact" in error
@@ -618,6 +630,7 @@ async def test_topics_the_broker_will_not_create_stop_the_worker_naming_why(
         kafka_bootstrap, unique_name("rf"), tmp_path / "state", STREAM_APP_REPLICATION_FACTOR="7"
     )
     worker = workers(d)
+    worker.expect_exit(2)
     error = await configuration_error(worker)
     assert "cannot create the topics" in error
     assert f"{d.topics.closed}: InvalidReplicationFactorError" in error

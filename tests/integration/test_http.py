@@ -59,7 +59,8 @@ async def test_readyz_is_false_while_stores_restore_and_true_after(
     n = 15_000
     await produce(deployment.bootstrap, t.commands, closing(n, "r"))
     first = workers(deployment)
-    await consume(deployment.bootstrap, [t.closed], expect=n, timeout=180)
+    closed = await consume(deployment.bootstrap, [t.closed], expect=n, timeout=180)
+    assert len(closed) == n, f"{len(closed)} of {n} closed\n{first.log_tail()}"
     assert first.stop() == 0, first.log_tail()
 
     # A worker with an empty disk must restore every session before it is ready.
@@ -100,8 +101,10 @@ async def test_metrics_parse_and_move_as_commands_are_processed(
     records = closing(20, "m")
     records += [(b"m-bad", b"not json"), (b"m-bad", command("update", "m-bad", session=[]))]
     await produce(deployment.bootstrap, t.commands, records)
-    await consume(deployment.bootstrap, [t.closed], expect=20, timeout=90)
-    await consume(deployment.bootstrap, [t.rejected], expect=2, timeout=30)
+    closed = await consume(deployment.bootstrap, [t.closed], expect=20, timeout=90)
+    assert len(closed) == 20, worker.log_tail()
+    rejected = await consume(deployment.bootstrap, [t.rejected], expect=2, timeout=30)
+    assert len(rejected) == 2, worker.log_tail()
     deadline = time.monotonic() + 30
     while True:
         _, text = await get(f"{url}/metrics")
@@ -173,7 +176,8 @@ async def test_an_idle_worker_shows_no_lag_on_inputs_written_in_transactions(
                 await producer.send(t.commands, value=value, key=key)
     finally:
         await producer.stop()
-    await consume(deployment.bootstrap, [t.closed], expect=13, timeout=90)
+    closed = await consume(deployment.bootstrap, [t.closed], expect=13, timeout=90)
+    assert len(closed) == 13, worker.log_tail()
 
     settings = deployment.settings()
     inputs = {t.commands, rekey_topic(settings), profile_topic(settings)}
@@ -204,7 +208,8 @@ async def test_any_worker_answers_a_session_query_and_a_rebalance_gives_503_neve
     await produce(deployment.bootstrap, t.commands, closing(n, "q"))
     a = workers(deployment, data_dir=tmp_path / "a")
     b = workers(deployment, data_dir=tmp_path / "b")
-    await consume(deployment.bootstrap, [t.closed], expect=n, timeout=120)
+    closed = await consume(deployment.bootstrap, [t.closed], expect=n, timeout=120)
+    assert len(closed) == n, f"{len(closed)} of {n} closed\n{a.log_tail()}\n{b.log_tail()}"
     urls = [a.http_url(), b.http_url()]
     deadline = time.monotonic() + 60
     while not all([(await get(f"{u}/readyz"))[0] == 200 for u in urls]):

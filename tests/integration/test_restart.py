@@ -3,6 +3,7 @@ alone, and across a hard crash mid-stream with exactly-once outputs."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,12 @@ from tests.integration.harness import (
 
 def _rocksdb_files(data_dir: Path) -> list[Path]:
     return [*data_dir.rglob("*.sst"), *data_dir.rglob("CURRENT")]
+
+
+def _restored(worker: Worker) -> list[int]:
+    """Changelog records each of ``worker``'s task starts restored (its log says)."""
+    log = worker.log_path.read_text(errors="replace")
+    return [int(n) for n in re.findall(r"\(restored (\d+) changelog records\)", log)]
 
 
 async def test_worker_continues_from_table_state_local_and_from_changelog(
@@ -45,7 +52,8 @@ async def test_worker_continues_from_table_state_local_and_from_changelog(
             (b"marker-1", command("update", "marker-1", session={"state": "closed"})),
         ],
     )
-    await consume(deployment.bootstrap, [t.closed], expect=1, timeout=90)
+    marker = await consume(deployment.bootstrap, [t.closed], expect=1, timeout=90)
+    assert [o.doc()["integrationId"] for o in marker] == ["marker-1"], first.log_tail()
     assert first.stop() == 0, first.log_tail()
     assert _rocksdb_files(deployment.data_dir), "the session table is not in RocksDB"
     app_id = deployment.env()["STREAM_APP_APP_ID"]
@@ -73,6 +81,10 @@ async def test_worker_continues_from_table_state_local_and_from_changelog(
     assert session["cartItems"][0]["sku"] == "lamp"
     assert session["couponCodes"] == ["X"]
     assert second.stop() == 0, second.log_tail()
+    # From RocksDB, not the changelog: every task started restoring nothing.
+    restored = _restored(second)
+    assert restored, second.log_tail()
+    assert not any(restored), second.log_tail()
 
     # Run 3, empty data directory: the table is rebuilt from its changelog.
     third = workers(deployment, data_dir=tmp_path / "fresh-state")
@@ -89,6 +101,7 @@ async def test_worker_continues_from_table_state_local_and_from_changelog(
     assert again["id"] == session["id"]
     assert again["total"] == 25.5
     assert third.stop() == 0, third.log_tail()
+    assert sum(_restored(third)) > 0, third.log_tail()  # from the changelog, this time
 
 
 @pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
@@ -130,7 +143,9 @@ async def test_stop_mid_stream_loses_and_duplicates_nothing(
     deployment.extra_env["STREAM_APP_BATCH_SIZE"] = "100"
     victim = workers(deployment)
     seen = await consume(deployment.bootstrap, [t.closed], expect=200, timeout=120)
+    assert len(seen) >= 200, f"only {len(seen)} closed before the stop\n{victim.log_tail()}"
     assert len(seen) < n, "the worker finished before it could be killed"
+    assert victim.running, f"the worker exited before the stop\n{victim.log_tail()}"
     if stop == "sigkill":
         victim.kill()
     else:

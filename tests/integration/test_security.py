@@ -6,7 +6,7 @@ password, no CA, TLS spoken to by a plaintext client, a missing ACL) each stop
 the worker at once with one error saying which.
 
 The module starts its own secure broker (``tools/kafka_broker.py --secure``),
-whatever ``KAFKA_BOOTSTRAP_SERVERS`` says: the test's own clients use its
+whatever ``STREAM_APP_TEST_BOOTSTRAP_SERVERS`` says: the test's own clients use its
 PLAINTEXT listener (a super user, as an operator), the worker only the
 SASL_SSL one."""
 

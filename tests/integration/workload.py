@@ -248,6 +248,7 @@ async def exited_within(worker: Worker, timeout: float) -> float | None:  # noqa
 async def configuration_error(worker: Worker, timeout: float = 60.0) -> str:  # noqa: ASYNC109
     """The one ``configuration error`` line of a worker that must stop with exit 2
     within ``timeout`` seconds (each of which is asserted)."""
+    worker.expect_exit(2)  # what the teardown checks too
     exit_s = await exited_within(worker, timeout)
     assert exit_s is not None, "the worker kept running\n" + describe_workers([worker])
     assert worker.proc.returncode == 2, describe_workers([worker])
