@@ -57,6 +57,9 @@ class _Cluster:
     async def create_topics(self, new: list[NewTopic]) -> object:
         return CreateTopicsResponse_v3(throttle_time_ms=0, topic_errors=[(new[0].name, 0, None)])
 
+    async def describe_cluster(self) -> dict[str, object]:
+        return {"brokers": [{"node_id": 1}]}
+
     async def describe_configs(self, resources: list[ConfigResource]) -> list[object]:
         specs = {s.name: s.config for s in topics_module.topic_specs(SETTINGS, 6)}
         described = []

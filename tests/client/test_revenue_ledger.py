@@ -40,13 +40,15 @@ def output(
     app: int = 1,
 ) -> dict[str, Any]:
     """An output document as the workers write it (only what revenue reads):
-    two lines, 2 x 10 with a 1.5 per-unit item cost and 1 x 5.25; shipping 4."""
+    two lines, 2 x 10 with a 1.5 per-unit item cost and 1 x 5.25; shipping 4.
+    The n-th command of a session has eventId "e<n>" and is its n-th update."""
     doc: dict[str, Any] = {
         "event": event,
         "eventId": event_id,
         "applicationId": app,
         "integrationId": iid,
         "session": {
+            "updateCount": int(event_id.removeprefix("e")),
             "total": total,
             "cartItems": [
                 {
@@ -121,6 +123,25 @@ def test_redelivered_records_are_counted_once(example: ModuleType) -> None:
         ledger.record(example.parse(json.dumps(doc)))
     assert ledger.duplicates == 4
     assert ledger.figures()[1] == Decimal("47.1")
+
+
+def test_an_event_id_reused_after_64_commands_is_new_revenue(example: ModuleType) -> None:
+    """A session remembers its last 64 eventIds: a close reusing an older one
+    is applied again, and the ledger, which counted once per eventId, dropped
+    it as a duplicate."""
+    ledger = example.RevenueLedger()
+    first = output("talon_session_closed", "s1", "e1", TOTAL)
+    reopened = output("talon_session_reopened", "s1", "e2", TOTAL)
+    again = output("talon_session_closed", "s1", "e67", 20.1)
+    for doc in (first, reopened, again):
+        doc["eventId"] = "close" if doc is not reopened else "reopen"
+    assert [ledger.record(example.parse(json.dumps(d))) for d in (first, reopened, again)] == [
+        True,
+        True,
+        True,
+    ]
+    assert ledger.figures() == {1: Decimal("20.1")}
+    assert not ledger.record(example.parse(json.dumps(again)))  # redelivered: once
 
 
 def test_the_figure_does_not_depend_on_which_topic_is_read_first(example: ModuleType) -> None:
