@@ -3,7 +3,7 @@
 Contracts
 ---------
 * **Processing.** One read_committed consumer in group ``<app id>``
-  (range assignor, see :mod:`stream_app.pipeline.tasks`) feeds the records
+  (sticky assignor, see :mod:`stream_app.pipeline.assignor`) feeds the records
   of each partition, in order, to the task that owns it. Once any task holds
   ``batch_size`` records or ``checkpoint_interval_s`` has passed, every task's
   transaction (:class:`~stream_app.pipeline.checkpoint.Checkpoint`) is sealed
@@ -48,7 +48,7 @@ from stream_app.pipeline.application_settings import (
     ApplicationSettingsRegistry,
     follow_settings_topic,
 )
-from stream_app.pipeline.assignor import RoutingRangeAssignor
+from stream_app.pipeline.assignor import RoutingRangeAssignor, RoutingStickyAssignor
 from stream_app.pipeline.checkpoint import (
     PHASES,
     CheckpointError,
@@ -247,9 +247,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._polling: asyncio.Future[Any] | None = None
         #: When a stop must be done by (set by :meth:`stop`).
         self._stop_deadline: float | None = None
-        #: Range assignment that also tells every worker who owns which
-        #: partition; its URL is set by the worker once HTTP is up.
-        self.assignor = RoutingRangeAssignor(url="")
+        #: Sticky assignment that also tells every worker who owns which
+        #: partition; its URL is set by the worker once HTTP is up. Range
+        #: assignment, sharing its routing, for a group with a worker of an
+        #: earlier release (see assignor.py).
+        self.assignor = RoutingStickyAssignor(url="")
+        self._range_assignor = RoutingRangeAssignor(routing=self.assignor.routing)
         #: Deletes processed records from the re-key and by-profile topics.
         self.purger = purger(settings)
         self._purging: asyncio.Task[None] | None = None
@@ -528,7 +531,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
-            partition_assignment_strategy=(self.assignor,),
+            partition_assignment_strategy=(self.assignor, self._range_assignor),
             group_instance_id=s.group_instance_id,
             session_timeout_ms=int(s.session_timeout_s * 1000),
             # A member learns of a rebalance from its next heartbeat, so a worker
