@@ -48,7 +48,7 @@ from stream_app.pipeline.application_settings import (
     ApplicationSettingsRegistry,
     follow_settings_topic,
 )
-from stream_app.pipeline.assignor import RoutingRangeAssignor, RoutingStickyAssignor
+from stream_app.pipeline.assignor import RoutingAssignor
 from stream_app.pipeline.checkpoint import (
     PHASES,
     CheckpointError,
@@ -248,11 +248,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         #: When a stop must be done by (set by :meth:`stop`).
         self._stop_deadline: float | None = None
         #: Sticky assignment that also tells every worker who owns which
-        #: partition; its URL is set by the worker once HTTP is up. Range
-        #: assignment, sharing its routing, for a group with a worker of an
-        #: earlier release (see assignor.py).
-        self.assignor = RoutingStickyAssignor(url="")
-        self._range_assignor = RoutingRangeAssignor(routing=self.assignor.routing)
+        #: partition; its URL is set by the worker once HTTP is up.
+        self.assignor = RoutingAssignor(url="")
         #: Deletes processed records from the re-key and by-profile topics.
         self.purger = purger(settings)
         self._purging: asyncio.Task[None] | None = None
@@ -531,7 +528,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
-            partition_assignment_strategy=(self.assignor, self._range_assignor),
+            partition_assignment_strategy=(self.assignor,),
             group_instance_id=s.group_instance_id,
             session_timeout_ms=int(s.session_timeout_s * 1000),
             # A member learns of a rebalance from its next heartbeat, so a worker

@@ -7,8 +7,8 @@ A task is one partition number of one stage, as in Kafka Streams:
 * stage 2, ``profiles``: ``<app>-sessions.by-profile[p]``, with partition
   ``p`` of the ``first-sessions`` store.
 
-The consumer group's assignors (sticky, or range) give partition ``p`` of
-every input of a stage to the same worker: one writer per store partition.
+The consumer group's assignor gives partition ``p`` of every input of a
+stage to the same worker: one writer per store partition.
 Each task has its own transactional producer with the stable
 ``transactional.id`` ``<app id>-<first input topic>-<p>``: whoever starts a
 task fences every earlier owner of it (Kafka aborts the old owner's open

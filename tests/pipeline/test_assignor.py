@@ -6,7 +6,7 @@ import pytest
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 
 from stream_app import json
-from stream_app.pipeline.assignor import RoutingRangeAssignor, RoutingStickyAssignor, sticky_shares
+from stream_app.pipeline.assignor import RoutingAssignor, sticky_shares
 from tests.pipeline.fakes import PartitionCounts
 
 COMMANDS, REKEYED, BY_PROFILE = "sessions.commands", "app-rekeyed", "app-by-profile"
@@ -24,7 +24,7 @@ def _assigned(assignment: object) -> dict[str, list[int]]:
 def test_every_input_of_a_partition_number_goes_to_one_member_with_the_routes() -> None:
     cluster = PartitionCounts(dict.fromkeys(STAGE_INPUTS, 4))
     members = {"a": _member("http://a", STAGE_INPUTS), "b": _member("http://b", STAGE_INPUTS)}
-    assigned = RoutingRangeAssignor("http://a").assign(cluster, members)
+    assigned = RoutingAssignor("http://a").assign(cluster, members)
     assert _assigned(assigned["a"]) == {topic: [0, 1] for topic in STAGE_INPUTS}
     assert _assigned(assigned["b"]) == {topic: [2, 3] for topic in STAGE_INPUTS}
     routes = json.loads(assigned["a"].user_data)
@@ -49,7 +49,7 @@ def test_a_member_with_other_topics_gets_nothing_and_is_named(
         "c": _member("http://c", ["other.commands", REKEYED, BY_PROFILE]),
     }
     with caplog.at_level("ERROR"):
-        assigned = RoutingRangeAssignor("http://a").assign(cluster, members)
+        assigned = RoutingAssignor("http://a").assign(cluster, members)
     assert _assigned(assigned["a"]) == {topic: [0, 1] for topic in STAGE_INPUTS}
     assert _assigned(assigned["b"]) == {topic: [2, 3] for topic in STAGE_INPUTS}
     assert _assigned(assigned["c"]) == {}
@@ -58,40 +58,35 @@ def test_a_member_with_other_topics_gets_nothing_and_is_named(
     assert "'other.commands'" in error.getMessage()
 
 
-def _claiming(url: str, owned: list[int], topics: list[str] = STAGE_INPUTS) -> object:
-    return ConsumerProtocolMemberMetadata(
-        0, sorted(topics), json.dumps({"url": url, "owned": owned})
-    )
-
-
 def _moved(before: dict[str, list[int]], after: dict[str, list[int]]) -> int:
     owner = {p: m for m, ps in before.items() for p in ps}
     return sum(1 for m, ps in after.items() for p in ps if owner.get(p) != m)
 
 
 @pytest.mark.parametrize(
-    ("partitions", "before", "after"),
-    [(12, 2, 3), (12, 5, 6), (12, 9, 10), (12, 3, 2), (6, 1, 2), (12, 10, 2)],
+    ("partitions", "before", "after", "least"),
+    [(12, 2, 3, 4), (12, 5, 6, 2), (12, 9, 10, 1), (12, 3, 2, 4), (6, 1, 2, 3), (12, 10, 2, 8)],
 )
 def test_a_change_of_the_group_s_size_moves_only_what_balance_needs(
-    partitions: int, before: int, after: int
+    partitions: int, before: int, after: int, least: int
 ) -> None:
     """Range assignment moved 6 of 12 partitions from 2 members to 3 (4 must
     move), 9 from 5 to 6 (2 must), 7 from 9 to 10 (1 must): each a restore on
-    its new worker. The sticky assignor moves only those."""
+    its new worker."""
     names = [f"stream-app-{i}" for i in range(max(before, after))]
     had = sticky_shares(partitions, {n: [] for n in names[:before]})
     now = sticky_shares(partitions, {n: had.get(n, []) for n in names[:after]})
     assert sorted(p for ps in now.values() for p in ps) == list(range(partitions))
     assert {len(ps) for ps in now.values()} <= {partitions // after, -(-partitions // after)}
-    # The fewest moves: what members over their new share give up, and
-    # (growing) what the new members take.
-    share_max = -(-partitions // after)
-    necessary = sum(max(0, len(had.get(n, [])) - share_max) for n in names[:after]) + sum(
-        len(ps) for n, ps in had.items() if n not in now
-    )
-    necessary = max(necessary, sum(len(ps) for n, ps in now.items() if n not in had))
-    assert _moved(had, now) == necessary
+    assert _moved(had, now) == least
+
+
+def test_a_new_group_is_assigned_as_by_range() -> None:
+    assert sticky_shares(8, {"b": [], "a": [], "c": []}) == {
+        "a": [0, 1, 2],
+        "b": [3, 4, 5],
+        "c": [6, 7],
+    }
 
 
 def test_stale_or_odd_claims_still_give_every_partition_once() -> None:
@@ -99,44 +94,40 @@ def test_stale_or_odd_claims_still_give_every_partition_once() -> None:
     the partition count, a member with no claim."""
     shares = sticky_shares(6, {"a": [0, 1, 2, 9], "b": [2, 3], "c": [], "d": [0]})
     assert sorted(p for ps in shares.values() for p in ps) == list(range(6))
-    assert shares["a"][:2] == [0, 1]  # a keeps two of its own (its share)
+    assert shares["a"] == [0, 1]  # its share: two of its own
     assert 3 in shares["b"]
     assert all(1 <= len(ps) <= 2 for ps in shares.values())
 
 
-def test_the_sticky_assignor_gives_each_number_s_inputs_together_with_routes() -> None:
-    cluster = PartitionCounts(dict.fromkeys(STAGE_INPUTS, 6))
-    members = {
-        "m-a": _claiming("http://a", [3, 4, 5]),
-        "m-b": _claiming("http://b", [0, 1, 2]),
-        "m-c": _claiming("http://c", []),
-    }
-    assigned = RoutingStickyAssignor("http://a").assign(cluster, members)
-    a, b, c = (_assigned(assigned[m]) for m in ("m-a", "m-b", "m-c"))
-    for topic in STAGE_INPUTS:  # every input of a number on one member
-        assert a[topic] == a[COMMANDS]
-        assert b[topic] == b[COMMANDS]
-        assert c[topic] == c[COMMANDS]
-    assert set(a[COMMANDS]) <= {3, 4, 5}
-    assert set(b[COMMANDS]) <= {0, 1, 2}
-    assert len(a[COMMANDS]) == len(b[COMMANDS]) == len(c[COMMANDS]) == 2
-    routes = json.loads(assigned["m-c"].user_data)
-    assert {routes[COMMANDS][str(p)] for p in c[COMMANDS]} == {"http://c"}
-    assert {routes[BY_PROFILE][str(p)] for p in a[COMMANDS]} == {"http://a"}
+def test_the_leader_gives_each_worker_back_what_its_url_owned() -> None:
+    """Whichever member leads, it holds the last routing map: the members'
+    URLs say what each had, with no change to the protocol (a group with a
+    worker of an earlier release agrees on it)."""
+    cluster = PartitionCounts(dict.fromkeys(STAGE_INPUTS, 12))
+    two = {"m-a": _member("http://a", STAGE_INPUTS), "m-b": _member("http://b", STAGE_INPUTS)}
+    leader = RoutingAssignor("http://a")
+    leader.on_assignment(leader.assign(cluster, two)["m-a"])
+    assert leader.owner(COMMANDS, 11) == "http://b"
+    # A third worker joins; the other worker leads now, with the same map.
+    three = {**two, "m-c": _member("http://c", STAGE_INPUTS)}
+    other = RoutingAssignor("http://b")
+    other.on_assignment(leader.assign(cluster, two)["m-b"])
+    assigned = {m: _assigned(a) for m, a in other.assign(cluster, three).items()}
+    before = {"m-a": list(range(6)), "m-b": list(range(6, 12))}
+    after = {m: a[COMMANDS] for m, a in assigned.items()}
+    assert _moved(before, after) == 4  # range: 6
+    assert set(after["m-a"]) <= set(before["m-a"])
+    assert set(after["m-b"]) <= set(before["m-b"])
+    for member, topics in assigned.items():  # every input of a number together
+        assert all(topics[t] == topics[COMMANDS] for t in STAGE_INPUTS), member
 
 
-def test_a_worker_offers_sticky_then_range_sharing_one_routing() -> None:
-    """A group with a worker of an earlier release (range only) agrees on
-    range; the routes and what this worker owns are kept either way, and
-    its sticky claim carries what range gave it."""
-    sticky = RoutingStickyAssignor("http://a")
-    ranged = RoutingRangeAssignor(routing=sticky.routing)
+def test_a_url_two_members_advertise_claims_nothing() -> None:
+    """Workers left to advertise one address (a misconfigured host) cannot be
+    told apart by it: they are assigned as new members, never one partition twice."""
     cluster = PartitionCounts(dict.fromkeys(STAGE_INPUTS, 4))
-    members = {"a": _member("http://a", STAGE_INPUTS), "b": _member("http://b", STAGE_INPUTS)}
-    ranged.on_assignment(ranged.assign(cluster, members)["a"])
-    assert sticky.owner(COMMANDS, 3) == "http://b"
-    assert sticky.generation == 1
-    claim = json.loads(sticky.metadata(STAGE_INPUTS).user_data)
-    assert claim == {"url": "http://a", "owned": [0, 1]}
-    sticky.url = "http://a2"
-    assert ranged.url == "http://a2"
+    same = {"m-a": _member("http://x", STAGE_INPUTS), "m-b": _member("http://x", STAGE_INPUTS)}
+    assignor = RoutingAssignor("http://x")
+    assignor.on_assignment(assignor.assign(cluster, same)["m-a"])
+    assigned = {m: _assigned(a)[COMMANDS] for m, a in assignor.assign(cluster, same).items()}
+    assert assigned == {"m-a": [0, 1], "m-b": [2, 3]}
