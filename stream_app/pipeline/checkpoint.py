@@ -141,8 +141,8 @@ def decode_consumed(value: bytes | None) -> dict[TopicPartition, int]:
 
 
 def recorded_consumption(stores: Mapping[str, PartitionStore]) -> dict[TopicPartition, int]:
-    """The consumed offsets :meth:`Checkpoint.seal` recorded, read from the
-    last of a task's restored ``stores``, where it writes them."""
+    """The consumed offsets :meth:`Checkpoint.seal` recorded (at_least_once),
+    read from the last of a task's restored ``stores``, where it writes them."""
     if not stores:
         return {}
     return decode_consumed(list(stores.values())[-1].get(CONSUMED_KEY))
@@ -195,8 +195,6 @@ class Checkpoint:
     crash between the last changelog and the offsets, the task starts from
     the offsets its restored state records (:func:`decode_consumed`), so
     nothing its state holds is applied again; only outputs are sent again.
-    Under ``exactly_once`` the consumed offsets go in the transaction too, so
-    that the state still knows them if the group's offsets are lost.
 
     Sending whole batches (aiokafka's ``create_batch``/``send_batch``) rather
     than record by record costs about a third of ``send`` per record, and
@@ -287,15 +285,11 @@ class Checkpoint:
         if self._sealed is not None:
             return self._sealed
         self._sealed = {name: store.overlay.freeze() for name, store in self.stores.items()}
-        if self.offsets and any(self._sealed.values()):
-            # With the last store's changes. Under at_least_once, written and
-            # confirmed after everything else of this commit (_send_groups): a
-            # restore that reads it knows that the state holds every record
-            # before these offsets, whether the offset commit that follows
-            # happened or not. Under exactly_once, in the transaction with the
-            # offsets: the state still knows them when the group's offsets are
-            # gone (expired after offsets.retention.minutes with no member, or
-            # deleted), where the task started at the topics' beginning again.
+        if self.offsets and not self._exactly_once and any(self._sealed.values()):
+            # With the last store's changes, so written and confirmed after
+            # everything else of this commit (_send_groups): a restore that
+            # reads it knows that the state holds every record before these
+            # offsets, whether the offset commit that follows happened or not.
             # Without it a replay re-applied them, absorbed only by each
             # session's 64 eventIds. Only with a change of state: a batch that
             # changed none changes none again (and a record on every commit

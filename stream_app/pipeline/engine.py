@@ -1170,12 +1170,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _past_what_the_state_holds(
         self, consumer: AIOKafkaConsumer, task: Task, positions: dict[TopicPartition, int]
     ) -> None:
-        """Move ``positions`` past the records ``task``'s restored state holds
-        (:meth:`Task.consumed_positions`: under at_least_once, an offset commit
-        cut short after the changelogs; under either, the group's offsets
-        expired or deleted), and commit them, so that a later start, whose
-        changelog may record other inputs only, starts there too. An offset
-        past the input's end is not this topic's (it was recreated): ignored."""
+        """Under at_least_once, move ``positions`` past the records ``task``'s
+        restored state holds (:meth:`Task.consumed_positions`: an offset
+        commit cut short after the changelogs), and commit them, so that a
+        later start, whose changelog may record other inputs only, starts
+        there too. An offset past the input's end is not this topic's (it was
+        recreated): ignored."""
         held = {tp: o for tp, o in task.consumed_positions().items() if tp in positions}
         ahead = {tp: o for tp, o in held.items() if o > positions[tp]}
         if not ahead:

@@ -187,10 +187,10 @@ class Task:
         return restored
 
     def consumed_positions(self) -> dict[TopicPartition, int]:
-        """The input offsets the restored state holds every record before (see
-        ``Checkpoint.seal``). Under exactly_once the committed offsets say as
-        much, unless the group's offsets are gone (expired or deleted)."""
-        return recorded_consumption(self.stores)
+        """Under at_least_once, the input offsets the restored state holds every
+        record before (see ``Checkpoint.seal``); nothing under exactly_once,
+        where the committed offsets say it."""
+        return {} if self.exactly_once else recorded_consumption(self.stores)
 
     def activate(self, positions: Mapping[TopicPartition, int]) -> None:
         self.positions = dict(positions)
