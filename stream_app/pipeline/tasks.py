@@ -476,10 +476,13 @@ async def restore(
                         tp.topic,
                         tp.partition,
                     )
-                    # All of them: a session-ids store rebuilt beside sessions
-                    # kept from before handed out their ids again.
+                    # All of them, as Kafka Streams wipes a corrupted task's
+                    # state: the task's stores hold one state together. This
+                    # one last: a wipe cut short (a kill) is found again.
                     for other in by_tp.values():
-                        other.wipe()
+                        if other is not store:
+                            other.wipe()
+                    store.wipe()
                     starts = dict.fromkeys(by_tp)
                     break
         for tp, start in starts.items():

@@ -513,10 +513,20 @@ class _TwoChangelogs:
 async def test_one_recreated_changelog_rebuilds_every_store_of_the_task(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Only session-ids' changelog was recreated (its store's offset lies past
-    its end). Wiping that store alone restarted the id counter beside the
-    sessions kept from before: session ids were handed out twice."""
+    """Session-ids' changelog was recreated (its store's offset lies past its
+    end): every store of the task is rebuilt from its changelog, as Kafka
+    Streams wipes a corrupted task, not that one alone beside a sessions store
+    holding what its changelog may no longer have (``old-session``). That
+    store is wiped last: a kill in between leaves it to be found again."""
     monkeypatch.setattr(tasks_module, "AIOKafkaConsumer", _TwoChangelogs)
+    wiped: list[str] = []
+    wipe = PartitionStore.wipe
+
+    def recorded(store: PartitionStore) -> None:
+        wiped.append(store.path.parent.name)
+        wipe(store)
+
+    monkeypatch.setattr(PartitionStore, "wipe", recorded)
     monkeypatch.setattr(tasks_module, "_OFFSET_AHEAD_GRACE_S", 0.0)  # no end to wait for
     resources = RocksDBResources(RocksDBSettings())
     sessions = PartitionStore(tmp_path / "sessions" / "0", resources)
@@ -526,10 +536,10 @@ async def test_one_recreated_changelog_rebuilds_every_store_of_the_task(
     try:
         restored = await tasks_module.restore(
             Settings(),
-            {"sessions": sessions, "session-ids": ids},
+            {"session-ids": ids, "sessions": sessions},  # the engine's order
             {
-                "sessions": TopicPartition("app-sessions-changelog", 0),
                 "session-ids": TopicPartition("app-session-ids-changelog", 0),
+                "sessions": TopicPartition("app-sessions-changelog", 0),
             },
             "commands[0]",
         )
@@ -539,6 +549,7 @@ async def test_one_recreated_changelog_rebuilds_every_store_of_the_task(
         assert sessions.changelog_offset == 100
         assert ids.get(b"p0") == b"4"
         assert ids.changelog_offset == 5
+        assert wiped == ["sessions", "session-ids"]
     finally:
         sessions.close()
         ids.close()
