@@ -347,6 +347,9 @@ async def test_read_past_reads_a_backlog_of_unreadable_batches_a_fetch_at_a_time
     assert read == [(100, 100), (100, 200), (100, 300)]
     assert log.fetched == [0, 100, 200, 300]  # the last finds the end
     assert len(made) == 1
+    # An input read up to its last stable offset: no connection at all.
+    assert [r async for r in unreadable.read_past({}, TP, 300, end=300)] == []
+    assert len(made) == 1
 
 
 @pytest.mark.parametrize("length", [-5, 0, 20])
