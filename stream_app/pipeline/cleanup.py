@@ -23,7 +23,6 @@ beginning of its changelog: slower, never wrong.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
@@ -35,6 +34,9 @@ from pathlib import Path
 from stream_app.pipeline.store import open_store_paths
 
 log = logging.getLogger(__name__)
+
+#: What a store directory is renamed to before it is deleted (as PartitionStore does).
+_ASIDE = ".deleting"
 
 
 def unused_stores(
@@ -49,11 +51,7 @@ def unused_stores(
     before ``now`` (a Unix time)."""
     opened = open_store_paths()
     for name in store_names:
-        try:
-            children = sorted((state_dir / name).iterdir())
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for child in children:
+        for child in _children(state_dir / name):
             if not child.name.isdigit() or (name, int(child.name)) in in_use:
                 continue
             if child.resolve() in opened:
@@ -66,6 +64,48 @@ def unused_stores(
                 yield child
 
 
+def set_aside_unused_stores(
+    state_dir: Path,
+    store_names: Collection[str],
+    in_use: Collection[tuple[str, int]],
+    delay_s: float,
+    now: float,
+) -> list[Path]:
+    """Rename what :func:`unused_stores` finds aside (``<partition>.deleting``),
+    unless another process holds a store's RocksDB lock; and return those
+    and the aside directories a delete cut short left behind, for
+    :func:`remove` to delete. Renaming is quick, deleting a large store is
+    not: the engine renames between two awaits and deletes in a thread. A
+    directory that cannot be renamed is logged and left for the next time."""
+    aside = [
+        child
+        for name in store_names
+        for child in _children(state_dir / name)
+        if child.name.endswith(_ASIDE) and child.name.removesuffix(_ASIDE).isdigit()
+    ]
+    moved = []
+    for path in unused_stores(state_dir, store_names, in_use, delay_s, now):
+        try:
+            if _set_aside_unless_locked(path):
+                moved.append(path)
+        except OSError as exc:
+            log.warning("cannot delete the unused store %s: %s", path, exc)
+    if moved:
+        log.info(
+            "deleting %d local store(s) of partitions this worker has not owned for %.0f s: %s",
+            len(moved),
+            delay_s,
+            ", ".join(str(p.relative_to(state_dir)) for p in moved),
+        )
+    return aside + [_aside(path) for path in moved]
+
+
+def remove(paths: Collection[Path]) -> None:
+    """Delete the directories :func:`set_aside_unused_stores` returned."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def delete_unused_stores(
     state_dir: Path,
     store_names: Collection[str],
@@ -73,34 +113,32 @@ def delete_unused_stores(
     delay_s: float,
     now: float,
 ) -> list[Path]:
-    """Delete what :func:`unused_stores` finds, unless another process holds
-    a store's RocksDB lock. Returns the directories deleted; a directory that
-    cannot be deleted is logged and left for the next time."""
-    deleted = []
-    for path in unused_stores(state_dir, store_names, in_use, delay_s, now):
-        try:
-            if _delete_unless_locked(path):
-                deleted.append(path)
-        except OSError as exc:
-            log.warning("cannot delete the unused store %s: %s", path, exc)
-    if deleted:
-        log.info(
-            "deleted %d local store(s) of partitions this worker has not owned for %.0f s: %s",
-            len(deleted),
-            delay_s,
-            ", ".join(str(p.relative_to(state_dir)) for p in deleted),
-        )
-    return deleted
+    """:func:`set_aside_unused_stores`, then :func:`remove`, at once. Returns the
+    store directories deleted (by their partitions' names)."""
+    aside = set_aside_unused_stores(state_dir, store_names, in_use, delay_s, now)
+    remove(aside)
+    return sorted(path.with_name(path.name.removesuffix(_ASIDE)) for path in aside)
 
 
-def _delete_unless_locked(path: Path) -> bool:
-    """Delete ``path`` holding its RocksDB lock (the LOCK file's POSIX lock,
-    the one RocksDB takes), or leave it when another process holds that lock.
+def _children(directory: Path) -> list[Path]:
+    try:
+        return sorted(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f"{path.name}{_ASIDE}")
+
+
+def _set_aside_unless_locked(path: Path) -> bool:
+    """Rename ``path`` aside holding its RocksDB lock (the LOCK file's POSIX
+    lock, the one RocksDB takes), or leave it when another process holds that lock.
 
     Never called for a store open in this process: POSIX locks belong to the
     process, so this one's would succeed and its close would drop RocksDB's.
     """
-    aside = path.with_name(f"{path.name}.deleting")
+    aside = _aside(path)
     try:
         fd = os.open(path / "LOCK", os.O_RDWR)
     except FileNotFoundError:  # never opened as a database, or half deleted
@@ -114,14 +152,12 @@ def _delete_unless_locked(path: Path) -> bool:
                     log.info("%s is open in another process: left in place", path)
                     return False
                 raise
-        # Renamed first, as PartitionStore deletes: a delete cut short leaves
-        # no half a database under the partition's name (the next open of
-        # that partition, or the next cleanup, removes what is aside).
+        # Renamed, as PartitionStore deletes: a delete cut short leaves no
+        # half a database under the partition's name (the next open of that
+        # partition, or the next cleanup, removes what is aside).
         shutil.rmtree(aside, ignore_errors=True)
         path.rename(aside)
     finally:
         if fd is not None:
             os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(aside)
     return True

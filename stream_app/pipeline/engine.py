@@ -56,7 +56,7 @@ from stream_app.pipeline.checkpoint import (
     StoreWriteError,
     TaskFencedError,
 )
-from stream_app.pipeline.cleanup import delete_unused_stores
+from stream_app.pipeline.cleanup import remove, set_aside_unused_stores
 from stream_app.pipeline.kafka import client_options, not_authorized
 from stream_app.pipeline.processor import (
     BOOKKEEPING_BYTES,
@@ -256,6 +256,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._purged_at = time.monotonic()
         #: When the unused stores are next looked at (see :meth:`_clean_up`).
         self._cleanup_at = time.monotonic() + settings.state_cleanup_delay_s
+        #: The deletion in a thread of the stores last set aside.
+        self._removing: asyncio.Task[None] | None = None
 
     # -- topology --------------------------------------------------------------------------
     def _stages(self) -> tuple[Stage, Stage]:
@@ -703,11 +705,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         ``state_cleanup_delay_s`` (see cleanup.py). Not those of its tasks, also
         while they start; a store still open (a dropped task closing) is never
         deleted, and a closed one was used at its close."""
+        if self._rebalancing:  # its stores closed now, its partitions maybe back soon
+            return
+        if self._removing is not None and not self._removing.done():
+            return
         in_use = {
             (name, task.partition) for task in self._tasks.values() for name in task.stage.stores
         }
         try:
-            delete_unused_stores(
+            aside = set_aside_unused_stores(
                 self.state_dir,
                 [name for stage in self.stages for name in stage.stores],
                 in_use,
@@ -716,6 +722,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             )
         except OSError as exc:  # the data dir unreadable: the stores will say so
             log.warning("looking for unused local stores in %s failed: %s", self.state_dir, exc)
+            return
+        if aside:
+            # Deleting a large store takes a while: not on the event loop.
+            self._removing = asyncio.create_task(asyncio.to_thread(remove, aside))
 
     def _purge(self, now: float) -> None:
         """Begin purging what the tasks have committed from the re-key and

@@ -124,7 +124,7 @@ def test_a_deleted_store_opens_empty_so_its_partition_restores_from_the_start(
         again.close()
 
 
-def test_the_engine_keeps_the_stores_of_its_tasks_and_deletes_the_others(
+async def test_the_engine_keeps_the_stores_of_its_tasks_and_deletes_the_others(
     tmp_path: Path, resources: RocksDBResources
 ) -> None:
     settings = Settings(data_dir=tmp_path)
@@ -137,6 +137,28 @@ def test_the_engine_keeps_the_stores_of_its_tasks_and_deletes_the_others(
     # A task assigned (as _begin_start registers it), its stores not open yet.
     mine = SimpleNamespace(stage=engine.stages[0], partition=1)
     engine._tasks["commands[1]"] = mine
+    engine._rebalancing = True  # a rebalance: what it closed may come back at once
     engine._clean_up()
+    assert engine._removing is None
+    assert len(list(engine.state_dir.glob("*/*"))) == 2 * len(stores)
+    engine._rebalancing = False
+    engine._clean_up()  # renamed aside at once, deleted in a thread
+    left = sorted(str(p.relative_to(engine.state_dir)) for p in engine.state_dir.glob("*/[0-9]"))
+    assert left == sorted(f"{name}/1" for name in engine.stages[0].stores)
+    assert engine._removing is not None
+    await engine._removing
     left = sorted(str(p.relative_to(engine.state_dir)) for p in engine.state_dir.glob("*/*"))
     assert left == sorted(f"{name}/1" for name in engine.stages[0].stores)
+
+
+def test_what_a_delete_cut_short_left_aside_is_deleted(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    """A kill during a delete left ``<partition>.deleting``, which only the
+    next open of that partition removed: on a pod that no longer owns it, never."""
+    make_store(tmp_path / "sessions" / "7", resources)
+    (tmp_path / "sessions" / "7").rename(tmp_path / "sessions" / "7.deleting")
+    assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == [
+        tmp_path / "sessions" / "7"
+    ]
+    assert list((tmp_path / "sessions").iterdir()) == []
