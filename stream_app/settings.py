@@ -66,9 +66,7 @@ _TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9._-]+")
 #: namespace ("service links"): a Service named stream-app-api gives
 #: STREAM_APP_API_SERVICE_HOST, STREAM_APP_API_PORT=tcp://10.0.0.7:8080 and
 #: STREAM_APP_API_PORT_8080_TCP_ADDR, among others.
-_LINK_NAME: Final = re.compile(
-    r".+_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_\w+)?)"
-)
+_LINK_PORT: Final = re.compile(r".+_PORT_\d+_(?:TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?")
 _LINK_URL: Final = re.compile(r"(tcp|udp|sctp)://\S+")
 #: The longest app id: "<app id>-first-sessions-changelog", the longest name
 #: of an internal topic, must be a Kafka name too (249 characters).
@@ -485,12 +483,33 @@ def _address_problem(entry: str) -> str | None:
 
 
 def _service_link(name: str, value: str) -> bool:
-    """Whether ``name=value`` is one of Kubernetes' service-link variables, not
-    a setting misspelt: read past, as every other variable outside the
+    """Whether ``name=value`` is one of Kubernetes' service-link variables, as
+    Kubernetes writes them (an IP address, a port number, ``tcp://ip:port``),
+    not a setting misspelt: read past, as every other variable outside the
     settings is. (``enableServiceLinks: false`` in the pod spec avoids them.)"""
-    return bool(_LINK_NAME.fullmatch(name)) or (
-        name.endswith("_PORT") and bool(_LINK_URL.fullmatch(value))
-    )
+    if name.endswith("_SERVICE_HOST"):
+        return _is_ip(value)
+    if "_SERVICE_PORT" in name and re.fullmatch(r".+_SERVICE_PORT(_\w+)?", name):
+        return value.isdigit()
+    link = _LINK_PORT.fullmatch(name)
+    if link is not None:
+        suffix = link.group(1)
+        if suffix == "_PROTO":
+            return value in ("tcp", "udp", "sctp")
+        if suffix == "_PORT":
+            return value.isdigit()
+        if suffix == "_ADDR":
+            return _is_ip(value)
+        return bool(_LINK_URL.fullmatch(value))
+    return name.endswith("_PORT") and bool(_LINK_URL.fullmatch(value))
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _our_variables(env: Mapping[str, str]) -> Iterator[str]:
@@ -535,7 +554,7 @@ def _one_line(exc: ValidationError, env: Mapping[str, str]) -> str:
         name = other
     link = ""
     given = {k.upper(): v for k, v in env.items()}.get(name, "")
-    if _LINK_URL.fullmatch(given):
+    if name.startswith(ENV_PREFIX) and name.endswith("_PORT") and _LINK_URL.fullmatch(given):
         link = (
             f" ({given.partition(':')[0]}://... is what Kubernetes sets for a Service named "
             f"{name.removesuffix('_PORT').lower().replace('_', '-')}: set enableServiceLinks: "

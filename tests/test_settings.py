@@ -74,10 +74,18 @@ def test_kubernetes_service_links_are_read_past_not_refused(
     for name, value in links.items():
         monkeypatch.setenv(name, value)
     assert Settings.from_env().http_port == 8080
-    # A misspelt setting is still refused, also one that ends in _PORT.
-    monkeypatch.setenv("STREAM_APP_HTP_PORT", "8081")
-    with pytest.raises(ConfigurationError, match="unknown setting STREAM_APP_HTP_PORT"):
-        Settings.from_env()
+    # A misspelt setting is still refused, also one named like a service link
+    # but with a value Kubernetes would not write there.
+    for name, value in [
+        ("STREAM_APP_HTP_PORT", "8081"),
+        ("STREAM_APP_SERVICE_PORT", "http"),
+        ("STREAM_APP_HTTP_SERVICE_HOST", "worker-0.example"),
+        ("STREAM_APP_API_PORT_8080_TCP_PROTO", "http"),
+    ]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigurationError, match=f"unknown setting {name}"):
+            Settings.from_env()
+        monkeypatch.delenv(name)
 
 
 def test_a_service_link_over_a_setting_says_where_it_came_from(
@@ -88,6 +96,12 @@ def test_a_service_link_over_a_setting_says_where_it_came_from(
     with pytest.raises(ConfigurationError, match="enableServiceLinks: false") as raised:
         Settings.from_env()
     assert "a Service named stream-app-http" in str(raised.value)
+    # Not said of a URL given where Kubernetes writes none.
+    monkeypatch.delenv("STREAM_APP_HTTP_PORT")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "tcp://kafka:9092")
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env()
+    assert "Service" not in str(raised.value)
 
 
 def test_the_readme_lists_every_setting() -> None:
