@@ -297,7 +297,6 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
                     "worker takes the command topic's count, and names any topic that "
                     "differs from it"
                 )
-        brokers = await _brokers(admin) if created and settings.replication_factor == 1 else 0
         configs, undescribed = await _topic_configs(admin, [s.name for s in specs])
         # Not the topics it only reads: their limits and replicas do not bound it.
         read_only = {settings.topics.commands, settings.topics.application_settings}
@@ -306,6 +305,8 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
             name: min((len(p.get("replicas", ())) for p in partitions), default=0)
             for name, partitions in (await _described(admin, written, strict=False)).items()
         }
+        single = [name for name in written if replicas.get(name) == 1]
+        brokers = await _brokers(admin) if single else 0
     finally:
         await admin.close()
     if created:
@@ -314,11 +315,12 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
         # Kafka Streams takes the broker's default.replication.factor; the
         # CreateTopics versions aiokafka sends (up to v3) cannot ask for it.
         log.warning(
-            "created %s with one replica each (STREAM_APP_REPLICATION_FACTOR=1) on a "
-            "cluster of %d brokers: losing one broker's disk loses their records. Set "
-            "STREAM_APP_REPLICATION_FACTOR (3 is usual) and raise theirs with "
+            "%s %s one replica on a cluster of %d brokers: losing one broker's disk "
+            "loses their records. Set STREAM_APP_REPLICATION_FACTOR (3 is usual; the "
+            "default is 1) before the topics are created, or raise theirs with "
             "kafka-reassign-partitions",
-            ", ".join(created),
+            ", ".join(single),
+            "has" if len(single) == 1 else "have",
             brokers,
         )
     if undescribed:

@@ -148,9 +148,15 @@ async def test_topics_created_with_one_replica_on_a_cluster_of_several_are_warne
 ) -> None:
     """The default of 1 made changelogs and outputs on a 3-broker cluster that
     one lost disk destroys, without a word (Kafka Streams takes the broker's
-    default.replication.factor, which aiokafka's CreateTopics cannot ask for)."""
+    default.replication.factor, which aiokafka's CreateTopics cannot ask for).
+    Said from the replicas the topics have, so also of topics created before."""
 
     class Cluster(_admin_answering(0, 3)):  # type: ignore[misc]
+        async def describe_topics(self, names: list[str]) -> list[object]:
+            replicas = list(range(replication_factor))
+            partitions = [{"partition": p, "replicas": replicas} for p in range(6)]
+            return [{"topic": n, "error_code": 0, "partitions": partitions} for n in names]
+
         async def describe_cluster(self) -> dict[str, object]:
             return {"brokers": [{"node_id": n} for n in range(brokers)]}
 
