@@ -66,7 +66,7 @@ _TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9._-]+")
 #: namespace ("service links"): a Service named stream-app-api gives
 #: STREAM_APP_API_SERVICE_HOST, STREAM_APP_API_PORT=tcp://10.0.0.7:8080 and
 #: STREAM_APP_API_PORT_8080_TCP_ADDR, among others.
-_LINK_PORT: Final = re.compile(r".+_PORT_\d+_(?:TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?")
+_LINK_PORT: Final = re.compile(r"(.+)_PORT_\d+_(?:TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?")
 _LINK_URL: Final = re.compile(r"(tcp|udp|sctp)://\S+")
 #: The longest app id: "<app id>-first-sessions-changelog", the longest name
 #: of an internal topic, must be a Kafka name too (249 characters).
@@ -403,7 +403,7 @@ class Settings(BaseSettings):
         unknown = sorted(
             name
             for name in set(_our_variables(env)) - set(known_variables())
-            if not _service_link(name, given[name])
+            if not _service_link(name, given[name], given)
         )
         if unknown:
             name = unknown[0]
@@ -482,26 +482,36 @@ def _address_problem(entry: str) -> str | None:
     return None
 
 
-def _service_link(name: str, value: str) -> bool:
+def _service_link(name: str, value: str, given: Mapping[str, str]) -> bool:
     """Whether ``name=value`` is one of Kubernetes' service-link variables, as
-    Kubernetes writes them (an IP address, a port number, ``tcp://ip:port``),
-    not a setting misspelt: read past, as every other variable outside the
-    settings is. (``enableServiceLinks: false`` in the pod spec avoids them.)"""
+    Kubernetes writes them for a Service ``X`` with a cluster IP: always
+    ``X_SERVICE_HOST`` (the IP) beside the others (a port number,
+    ``tcp://ip:port``, a protocol), so a lone ``STREAM_APP_SERVICE_PORT=9090``
+    is a setting guessed, refused. Links are read past, as every other
+    variable outside the settings is. (``enableServiceLinks: false`` in the
+    pod spec avoids them.)"""
     if name.endswith("_SERVICE_HOST"):
         return _is_ip(value)
-    if "_SERVICE_PORT" in name and re.fullmatch(r".+_SERVICE_PORT(_\w+)?", name):
-        return value.isdigit()
+    service = re.fullmatch(r"(.+)_SERVICE_PORT(?:_\w+)?", name)
     link = _LINK_PORT.fullmatch(name)
-    if link is not None:
-        suffix = link.group(1)
+    if service is not None:
+        prefix, fits = service.group(1), value.isdigit()
+    elif link is not None:
+        suffix = link.group(2)
+        prefix = link.group(1)
         if suffix == "_PROTO":
-            return value in ("tcp", "udp", "sctp")
-        if suffix == "_PORT":
-            return value.isdigit()
-        if suffix == "_ADDR":
-            return _is_ip(value)
-        return bool(_LINK_URL.fullmatch(value))
-    return name.endswith("_PORT") and bool(_LINK_URL.fullmatch(value))
+            fits = value in ("tcp", "udp", "sctp")
+        elif suffix == "_PORT":
+            fits = value.isdigit()
+        elif suffix == "_ADDR":
+            fits = _is_ip(value)
+        else:
+            fits = bool(_LINK_URL.fullmatch(value))
+    elif name.endswith("_PORT"):
+        prefix, fits = name.removesuffix("_PORT"), bool(_LINK_URL.fullmatch(value))
+    else:
+        return False
+    return fits and _is_ip(given.get(f"{prefix}_SERVICE_HOST", ""))
 
 
 def _is_ip(value: str) -> bool:

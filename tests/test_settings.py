@@ -81,6 +81,9 @@ def test_kubernetes_service_links_are_read_past_not_refused(
         ("STREAM_APP_SERVICE_PORT", "http"),
         ("STREAM_APP_HTTP_SERVICE_HOST", "worker-0.example"),
         ("STREAM_APP_API_PORT_8080_TCP_PROTO", "http"),
+        # Values Kubernetes writes, but no Service's host beside them: a guess.
+        ("STREAM_APP_HTTP_SERVICE_PORT", "9090"),
+        ("STREAM_APP_WEB_PORT_9090_TCP_PORT", "9090"),
     ]:
         monkeypatch.setenv(name, value)
         with pytest.raises(ConfigurationError, match=f"unknown setting {name}"):

@@ -9,7 +9,8 @@ assignment's user data. Any worker can then forward a query to the owner of
 the key's partition.
 
 That map also makes the assignment sticky, as Kafka Streams' is: the leader
-(whichever member it is: every member holds the last map) gives each member
+(any member that was in the last generation holds its map; one that just
+started holds none, and assigns as by range) gives each member
 back the partition numbers its URL owned, as far as a balanced share allows
 (:func:`sticky_shares`). Range assignment moved most partitions whenever the
 group changed size (2 to 3 members over 12 partitions: 6, where 4 must

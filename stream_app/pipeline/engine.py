@@ -32,6 +32,7 @@ import contextlib
 import errno
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
@@ -257,7 +258,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         #: When the unused stores are next looked at (see :meth:`_clean_up`).
         self._cleanup_at = time.monotonic() + settings.state_cleanup_delay_s
         #: The deletion in a thread of the stores last set aside.
-        self._removing: asyncio.Task[None] | None = None
+        self._removing: threading.Thread | None = None
 
     # -- topology --------------------------------------------------------------------------
     def _stages(self) -> tuple[Stage, Stage]:
@@ -707,7 +708,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         deleted, and a closed one was used at its close."""
         if self._rebalancing:  # its stores closed now, its partitions maybe back soon
             return
-        if self._removing is not None and not self._removing.done():
+        if self._removing is not None and self._removing.is_alive():
             return
         in_use = {
             (name, task.partition) for task in self._tasks.values() for name in task.stage.stores
@@ -724,8 +725,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             log.warning("looking for unused local stores in %s failed: %s", self.state_dir, exc)
             return
         if aside:
-            # Deleting a large store takes a while: not on the event loop.
-            self._removing = asyncio.create_task(asyncio.to_thread(remove, aside))
+            # Deleting a large store takes a while: not on the event loop, nor
+            # in the default executor, which asyncio.run waits for at the end
+            # of a stop. A daemon thread stopped by the exit leaves the rest
+            # aside, for the next cleanup.
+            self._removing = threading.Thread(
+                target=remove, args=(aside,), name="stream-app-cleanup", daemon=True
+            )
+            self._removing.start()
 
     def _purge(self, now: float) -> None:
         """Begin purging what the tasks have committed from the re-key and

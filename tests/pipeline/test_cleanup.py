@@ -124,7 +124,7 @@ def test_a_deleted_store_opens_empty_so_its_partition_restores_from_the_start(
         again.close()
 
 
-async def test_the_engine_keeps_the_stores_of_its_tasks_and_deletes_the_others(
+def test_the_engine_keeps_the_stores_of_its_tasks_and_deletes_the_others(
     tmp_path: Path, resources: RocksDBResources
 ) -> None:
     settings = Settings(data_dir=tmp_path)
@@ -146,7 +146,7 @@ async def test_the_engine_keeps_the_stores_of_its_tasks_and_deletes_the_others(
     left = sorted(str(p.relative_to(engine.state_dir)) for p in engine.state_dir.glob("*/[0-9]"))
     assert left == sorted(f"{name}/1" for name in engine.stages[0].stores)
     assert engine._removing is not None
-    await engine._removing
+    engine._removing.join(30)
     left = sorted(str(p.relative_to(engine.state_dir)) for p in engine.state_dir.glob("*/*"))
     assert left == sorted(f"{name}/1" for name in engine.stages[0].stores)
 
