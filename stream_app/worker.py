@@ -42,6 +42,12 @@ T = TypeVar("T")
 
 EXIT_FAILED: Final = 1
 EXIT_CONFIGURATION: Final = 2
+#: Retries of a Kafka that does not answer at the start: the first after 1 s,
+#: doubling up to 5 s. (Up to 30 s before: a worker started during an outage
+#: waited that long after Kafka was back. Kafka's clients reconnect within
+#: reconnect.backoff.max.ms, 1 s.)
+KAFKA_RETRY_FIRST_S: Final = 1.0
+KAFKA_RETRY_MAX_S: Final = 5.0
 
 
 async def run(settings: Settings, watchdog: list[threading.Timer] | None = None) -> int:
@@ -171,7 +177,7 @@ async def serve(settings: Settings, engine: Engine) -> WebServer | None:
 async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicLayout | None:
     """Declare the topics, retrying an unreachable broker with backoff until it
     answers (or the worker is told to stop: None)."""
-    backoff = 1.0
+    backoff = KAFKA_RETRY_FIRST_S
     while not stopping.is_set():
         # A broker that accepts connections and never answers holds an attempt
         # for aiokafka's request timeout (40 s): a stop meanwhile waited for it,
@@ -200,7 +206,7 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
             )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), backoff)
-        backoff = min(backoff * 2, 30.0)
+        backoff = min(backoff * 2, KAFKA_RETRY_MAX_S)
     return None
 
 

@@ -18,8 +18,9 @@ import sys
 import threading
 import time
 from asyncio import Event
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -331,6 +332,49 @@ def test_watch_says_the_broker_is_unreachable(tmp_path: Path) -> None:
     assert f"Kafka at {CLOSED_PORT} is not reachable" in output
     assert "do not exist" not in output
     assert "Traceback" not in output
+
+
+async def test_an_unreachable_kafka_is_retried_at_most_every_few_seconds(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker started during an outage waited up to 30 s between attempts,
+    so up to 30 s after Kafka was back: now the waits double up to 5 s."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from stream_app import worker
+    from stream_app.pipeline.topics import TopicLayout
+    from stream_app.settings import Settings
+
+    failures = 6
+    answers: list[Exception | TopicLayout] = [
+        *(KafkaConnectionError("down") for _ in range(failures)),
+        TopicLayout(6, 1_048_588),
+    ]
+
+    async def ensure_topics(settings: Settings) -> TopicLayout:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def no_refusal(settings: Settings, stopping: object) -> None:
+        return None
+
+    monkeypatch.setattr(worker, "ensure_topics", ensure_topics)
+    monkeypatch.setattr(worker, "_refusal", no_refusal)
+    waits: list[float] = []
+
+    async def waited(awaitable: Coroutine[Any, Any, Any], timeout: float) -> None:  # noqa: ASYNC109 - asyncio.wait_for's
+        waits.append(timeout)  # the wait between attempts, not waited here
+        awaitable.close()
+        raise TimeoutError
+
+    monkeypatch.setattr(worker.asyncio, "wait_for", waited)
+    with caplog.at_level("WARNING", logger="stream_app.worker"):
+        layout = await worker._wait_for_kafka(Settings(bootstrap_servers="k:9092"), Event())
+    assert layout == TopicLayout(6, 1_048_588)
+    assert waits == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    assert len(caplog.records) == failures
 
 
 async def test_a_broker_that_answers_with_a_retriable_error_is_retried_and_said_so(
