@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from stream_app.pipeline.store import open_store_paths
@@ -39,85 +40,74 @@ log = logging.getLogger(__name__)
 _ASIDE = ".deleting"
 
 
-def unused_stores(
-    state_dir: Path,
-    store_names: Collection[str],
-    in_use: Collection[tuple[str, int]],
-    delay_s: float,
-    now: float,
-) -> Iterator[Path]:
-    """The store directories under ``state_dir`` that are neither open nor in
-    ``in_use`` (store name, partition) and were last used more than ``delay_s``
-    before ``now`` (a Unix time)."""
-    opened = open_store_paths()
-    for name in store_names:
-        for child in _children(state_dir / name):
-            if not child.name.isdigit() or (name, int(child.name)) in in_use:
-                continue
-            if child.resolve() in opened:
-                continue
+@dataclass(frozen=True)
+class StoreCleaner:
+    """The cleanup of one worker's stores: ``store_names`` under ``state_dir``,
+    deleted once unused for ``delay_s``."""
+
+    state_dir: Path
+    store_names: tuple[str, ...]
+    delay_s: float
+
+    def unused(self, in_use: Collection[tuple[str, int]], now: float) -> Iterator[Path]:
+        """The store directories that are neither open nor in ``in_use`` (store
+        name, partition) and were last used more than the delay before ``now``
+        (a Unix time)."""
+        opened = open_store_paths()
+        for name in self.store_names:
+            for child in _children(self.state_dir / name):
+                if not child.name.isdigit() or (name, int(child.name)) in in_use:
+                    continue
+                if child.resolve() in opened:
+                    continue
+                try:
+                    used = child.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if now - used > self.delay_s:
+                    yield child
+
+    def set_aside(self, in_use: Collection[tuple[str, int]], now: float) -> list[Path]:
+        """Rename what :meth:`unused` finds aside (``<partition>.deleting``),
+        unless another process holds a store's RocksDB lock; and return those
+        and the aside directories a delete cut short left behind, for
+        :func:`remove` to delete. Renaming is quick, deleting a large store is
+        not: the engine renames between two awaits and deletes in a thread. A
+        directory that cannot be renamed is logged and left for the next time."""
+        aside = [
+            child
+            for name in self.store_names
+            for child in _children(self.state_dir / name)
+            if child.name.endswith(_ASIDE) and child.name.removesuffix(_ASIDE).isdigit()
+        ]
+        moved = []
+        for path in self.unused(in_use, now):
             try:
-                used = child.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if now - used > delay_s:
-                yield child
+                if _set_aside_unless_locked(path):
+                    moved.append(path)
+            except OSError as exc:
+                log.warning("cannot delete the unused store %s: %s", path, exc)
+        if moved:
+            log.info(
+                "deleting %d local store(s) of partitions this worker has not owned for %.0f s: %s",
+                len(moved),
+                self.delay_s,
+                ", ".join(str(p.relative_to(self.state_dir)) for p in moved),
+            )
+        return aside + [_aside(path) for path in moved]
 
-
-def set_aside_unused_stores(
-    state_dir: Path,
-    store_names: Collection[str],
-    in_use: Collection[tuple[str, int]],
-    delay_s: float,
-    now: float,
-) -> list[Path]:
-    """Rename what :func:`unused_stores` finds aside (``<partition>.deleting``),
-    unless another process holds a store's RocksDB lock; and return those
-    and the aside directories a delete cut short left behind, for
-    :func:`remove` to delete. Renaming is quick, deleting a large store is
-    not: the engine renames between two awaits and deletes in a thread. A
-    directory that cannot be renamed is logged and left for the next time."""
-    aside = [
-        child
-        for name in store_names
-        for child in _children(state_dir / name)
-        if child.name.endswith(_ASIDE) and child.name.removesuffix(_ASIDE).isdigit()
-    ]
-    moved = []
-    for path in unused_stores(state_dir, store_names, in_use, delay_s, now):
-        try:
-            if _set_aside_unless_locked(path):
-                moved.append(path)
-        except OSError as exc:
-            log.warning("cannot delete the unused store %s: %s", path, exc)
-    if moved:
-        log.info(
-            "deleting %d local store(s) of partitions this worker has not owned for %.0f s: %s",
-            len(moved),
-            delay_s,
-            ", ".join(str(p.relative_to(state_dir)) for p in moved),
-        )
-    return aside + [_aside(path) for path in moved]
+    def delete(self, in_use: Collection[tuple[str, int]], now: float) -> list[Path]:
+        """:meth:`set_aside`, then :func:`remove`, at once. Returns the store
+        directories deleted (by their partitions' names)."""
+        aside = self.set_aside(in_use, now)
+        remove(aside)
+        return sorted(path.with_name(path.name.removesuffix(_ASIDE)) for path in aside)
 
 
 def remove(paths: Collection[Path]) -> None:
-    """Delete the directories :func:`set_aside_unused_stores` returned."""
+    """Delete the directories :meth:`StoreCleaner.set_aside` returned."""
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def delete_unused_stores(
-    state_dir: Path,
-    store_names: Collection[str],
-    in_use: Collection[tuple[str, int]],
-    delay_s: float,
-    now: float,
-) -> list[Path]:
-    """:func:`set_aside_unused_stores`, then :func:`remove`, at once. Returns the
-    store directories deleted (by their partitions' names)."""
-    aside = set_aside_unused_stores(state_dir, store_names, in_use, delay_s, now)
-    remove(aside)
-    return sorted(path.with_name(path.name.removesuffix(_ASIDE)) for path in aside)
 
 
 def _children(directory: Path) -> list[Path]:

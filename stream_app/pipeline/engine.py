@@ -57,7 +57,7 @@ from stream_app.pipeline.checkpoint import (
     StoreWriteError,
     TaskFencedError,
 )
-from stream_app.pipeline.cleanup import remove, set_aside_unused_stores
+from stream_app.pipeline.cleanup import StoreCleaner, remove
 from stream_app.pipeline.kafka import client_options, not_authorized
 from stream_app.pipeline.processor import (
     BOOKKEEPING_BYTES,
@@ -255,7 +255,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.purger = purger(settings)
         self._purging: asyncio.Task[None] | None = None
         self._purged_at = time.monotonic()
-        #: When the unused stores are next looked at (see :meth:`_clean_up`).
+        #: Deletes the stores of partitions no longer owned (see :meth:`_clean_up`).
+        self.cleaner = StoreCleaner(
+            self.state_dir,
+            tuple(name for stage in self.stages for name in stage.stores),
+            settings.state_cleanup_delay_s,
+        )
+        #: When the unused stores are next looked at.
         self._cleanup_at = time.monotonic() + settings.state_cleanup_delay_s
         #: The deletion in a thread of the stores last set aside.
         self._removing: threading.Thread | None = None
@@ -714,13 +720,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             (name, task.partition) for task in self._tasks.values() for name in task.stage.stores
         }
         try:
-            aside = set_aside_unused_stores(
-                self.state_dir,
-                [name for stage in self.stages for name in stage.stores],
-                in_use,
-                self.settings.state_cleanup_delay_s,
-                time.time(),
-            )
+            aside = self.cleaner.set_aside(in_use, time.time())
         except OSError as exc:  # the data dir unreadable: the stores will say so
             log.warning("looking for unused local stores in %s failed: %s", self.state_dir, exc)
             return

@@ -27,9 +27,12 @@ exactly there).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
+import sys
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -543,3 +546,26 @@ class IdleKafkaClient:
 
     async def close(self) -> None:
         type(self).closed += 1
+
+
+@contextlib.contextmanager
+def held_by_another_process(path: Path) -> Iterator[None]:
+    """The RocksDB database at ``path`` held open by another process (as a second
+    worker given the same data dir would) for the ``with`` block."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import rocksdict, sys; db = rocksdict.Rdict({str(path)!r}); "
+            "print('open', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "open\n"
+        yield
+    finally:
+        holder.communicate("", timeout=30)

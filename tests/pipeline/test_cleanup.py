@@ -4,19 +4,18 @@ real files, another real process holding a lock; the clock is passed in)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from stream_app.pipeline.cleanup import delete_unused_stores
+from stream_app.pipeline.cleanup import StoreCleaner
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.store import PartitionStore, RocksDBResources
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.settings import RocksDBSettings, Settings
+from tests.pipeline.fakes import held_by_another_process
 
 DELAY_S = 600.0
 STORES = ("sessions", "session-ids")
@@ -25,6 +24,11 @@ STORES = ("sessions", "session-ids")
 @pytest.fixture
 def resources() -> RocksDBResources:
     return RocksDBResources(RocksDBSettings())
+
+
+@pytest.fixture
+def cleaner(tmp_path: Path) -> StoreCleaner:
+    return StoreCleaner(tmp_path, STORES, DELAY_S)
 
 
 def used_at(path: Path, when: float) -> None:
@@ -40,7 +44,7 @@ def make_store(path: Path, resources: RocksDBResources, *, when: float | None = 
 
 
 def test_only_stores_unused_for_longer_than_the_delay_are_deleted(
-    tmp_path: Path, resources: RocksDBResources
+    tmp_path: Path, resources: RocksDBResources, cleaner: StoreCleaner
 ) -> None:
     now = time.time()
     old = now - DELAY_S - 60
@@ -52,7 +56,7 @@ def test_only_stores_unused_for_longer_than_the_delay_are_deleted(
     used_at(tmp_path / "sessions" / "notes", old)
     make_store(tmp_path / "other-store" / "3", resources, when=old)  # not a store we have
 
-    deleted = delete_unused_stores(tmp_path, STORES, {("sessions", 2)}, DELAY_S, now)
+    deleted = cleaner.delete({("sessions", 2)}, now)
 
     assert sorted(deleted) == [tmp_path / "session-ids" / "0", tmp_path / "sessions" / "0"]
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("*/*"))
@@ -60,7 +64,7 @@ def test_only_stores_unused_for_longer_than_the_delay_are_deleted(
 
 
 def test_a_store_open_in_this_process_is_never_deleted(
-    tmp_path: Path, resources: RocksDBResources
+    tmp_path: Path, resources: RocksDBResources, cleaner: StoreCleaner
 ) -> None:
     """Also when its task is no longer assigned (a dropped task still closing)
     and its files have not changed for long."""
@@ -69,53 +73,38 @@ def test_a_store_open_in_this_process_is_never_deleted(
     store = PartitionStore(path, resources)  # only read: its close writes no file
     try:
         used_at(path, time.time() - DELAY_S - 60)
-        assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == []
+        assert cleaner.delete(set(), time.time()) == []
         assert store.get(b"k") == b"v"
     finally:
         store.close()
     # Its close is its last use: the delay starts again.
-    assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == []
+    assert cleaner.delete(set(), time.time()) == []
     assert path.is_dir()
     later = time.time() + DELAY_S + 1
-    assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, later) == [path]
+    assert cleaner.delete(set(), later) == [path]
     assert not path.exists()
 
 
 def test_a_store_another_process_holds_is_left_in_place(
-    tmp_path: Path, resources: RocksDBResources
+    tmp_path: Path, resources: RocksDBResources, cleaner: StoreCleaner
 ) -> None:
     """A second worker given the same data dir by mistake keeps its store."""
     path = tmp_path / "sessions" / "5"
     make_store(path, resources)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import rocksdict, sys; db = rocksdict.Rdict({str(path)!r}); "
-            "print('open', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline() == "open\n"
+    with held_by_another_process(path):
         used_at(path, time.time() - DELAY_S - 60)
-        assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == []
+        assert cleaner.delete(set(), time.time()) == []
         assert (path / "CURRENT").exists()
-    finally:
-        holder.communicate("", timeout=30)
     used_at(path, time.time() - DELAY_S - 60)
-    assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == [path]
+    assert cleaner.delete(set(), time.time()) == [path]
 
 
 def test_a_deleted_store_opens_empty_so_its_partition_restores_from_the_start(
-    tmp_path: Path, resources: RocksDBResources
+    tmp_path: Path, resources: RocksDBResources, cleaner: StoreCleaner
 ) -> None:
     path = tmp_path / "sessions" / "6"
     make_store(path, resources, when=time.time() - DELAY_S - 60)
-    assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == [path]
+    assert cleaner.delete(set(), time.time()) == [path]
     again = PartitionStore(path, resources)
     try:
         assert again.changelog_offset is None
@@ -152,13 +141,11 @@ def test_the_engine_keeps_the_stores_of_its_tasks_and_deletes_the_others(
 
 
 def test_what_a_delete_cut_short_left_aside_is_deleted(
-    tmp_path: Path, resources: RocksDBResources
+    tmp_path: Path, resources: RocksDBResources, cleaner: StoreCleaner
 ) -> None:
     """A kill during a delete left ``<partition>.deleting``, which only the
     next open of that partition removed: on a pod that no longer owns it, never."""
     make_store(tmp_path / "sessions" / "7", resources)
     (tmp_path / "sessions" / "7").rename(tmp_path / "sessions" / "7.deleting")
-    assert delete_unused_stores(tmp_path, STORES, set(), DELAY_S, time.time()) == [
-        tmp_path / "sessions" / "7"
-    ]
+    assert cleaner.delete(set(), time.time()) == [tmp_path / "sessions" / "7"]
     assert list((tmp_path / "sessions").iterdir()) == []

@@ -19,6 +19,7 @@ from stream_app.pipeline.store import (
     StoreOverlay,
 )
 from stream_app.settings import RocksDBSettings
+from tests.pipeline.fakes import held_by_another_process
 
 
 @pytest.fixture
@@ -123,25 +124,10 @@ def test_a_store_another_process_has_open_is_a_store_error_that_says_so(
 ) -> None:
     path = tmp_path / "sessions" / "0"
     PartitionStore(path, resources).close()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import rocksdict, sys; db = rocksdict.Rdict({str(path)!r}); "
-            "print('open', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline() == "open\n"
+    with held_by_another_process(path):
         with pytest.raises(StoreError, match="another process has it open") as raised:
             PartitionStore(path, resources)
         assert str(path) in str(raised.value)
-    finally:
-        holder.communicate("", timeout=30)
     PartitionStore(path, resources).close()  # once it let go
 
 
