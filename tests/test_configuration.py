@@ -20,9 +20,12 @@ import time
 from asyncio import Event
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from stream_app.pipeline.topics import TopicLayout
 
 CLOSED_PORT = "127.0.0.1:1"
 
@@ -334,6 +337,25 @@ def test_watch_says_the_broker_is_unreachable(tmp_path: Path) -> None:
     assert "Traceback" not in output
 
 
+def _kafka_answers(monkeypatch: pytest.MonkeyPatch, answers: list[Exception | TopicLayout]) -> None:
+    """The worker's start-up topic declarations answered, in turn, by ``answers``
+    (an exception is raised), and no broker refusing its credentials."""
+    from stream_app import worker
+    from stream_app.settings import Settings
+
+    async def ensure_topics(settings: Settings) -> TopicLayout:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def no_refusal(settings: Settings, stopping: object) -> None:
+        return None
+
+    monkeypatch.setattr(worker, "ensure_topics", ensure_topics)
+    monkeypatch.setattr(worker, "_refusal", no_refusal)
+
+
 async def test_an_unreachable_kafka_is_retried_at_most_every_few_seconds(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -351,17 +373,7 @@ async def test_an_unreachable_kafka_is_retried_at_most_every_few_seconds(
         TopicLayout(6, 1_048_588),
     ]
 
-    async def ensure_topics(settings: Settings) -> TopicLayout:
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    async def no_refusal(settings: Settings, stopping: object) -> None:
-        return None
-
-    monkeypatch.setattr(worker, "ensure_topics", ensure_topics)
-    monkeypatch.setattr(worker, "_refusal", no_refusal)
+    _kafka_answers(monkeypatch, answers)
     waits: list[float] = []
 
     async def waited(awaitable: Coroutine[Any, Any, Any], timeout: float) -> None:  # noqa: ASYNC109 - asyncio.wait_for's
@@ -393,17 +405,7 @@ async def test_a_broker_that_answers_with_a_retriable_error_is_retried_and_said_
         TopicLayout(6, 1_048_588),
     ]
 
-    async def ensure_topics(settings: Settings) -> TopicLayout:
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    async def no_refusal(settings: Settings, stopping: object) -> None:
-        return None
-
-    monkeypatch.setattr(worker, "ensure_topics", ensure_topics)
-    monkeypatch.setattr(worker, "_refusal", no_refusal)
+    _kafka_answers(monkeypatch, answers)
     with caplog.at_level("WARNING", logger="stream_app.worker"):
         layout = await worker._wait_for_kafka(Settings(bootstrap_servers="k:9092"), Event())
     assert layout == TopicLayout(6, 1_048_588)
