@@ -15,7 +15,6 @@ security protocol, ...) ignore case.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import ipaddress
 import os
@@ -438,8 +437,7 @@ def _unset_if_empty(value: Any) -> Any:
 def _host_problem(host: str) -> str | None:
     """Why ``host`` is neither an IP address nor a host name, or None. (A name
     that does not resolve is found when it is used.)"""
-    with contextlib.suppress(ValueError):
-        ipaddress.ip_address(host)
+    if _is_ip(host):
         return None
     if not host or any(c.isspace() or c in "/:@?#[]%\\" for c in host):
         return f"{host!r} is not a host name or an IP address"
