@@ -23,6 +23,7 @@ output record strictly, e.g. in a consumer's tests or the integration tests.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -571,7 +572,7 @@ _KAFKA_BINDING: Final = "0.5.0"
 
 
 def _schema_document(name: str, model: Any) -> dict[str, Any]:
-    schema = msgspec.json.schema(model)
+    schema = _clean_descriptions(msgspec.json.schema(model))
     return {
         "$schema": JSON_SCHEMA_DIALECT,
         **schema,
@@ -634,6 +635,28 @@ _SCHEMA_MAPS: Final = frozenset({"properties", "patternProperties", "$defs", "de
 _DATA: Final = frozenset({"examples", "default", "const", "enum"})
 
 
+def _clean_descriptions(node: Any) -> Any:
+    """``node`` with every schema's description as :func:`inspect.cleandoc`
+    leaves it. msgspec takes a class's docstring as it is, and Python 3.13
+    strips the indentation of docstrings where 3.11 and 3.12 keep it: the
+    files must be the same whatever Python writes them."""
+    if isinstance(node, list):
+        return [_clean_descriptions(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DATA:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _clean_descriptions(schema) for name, schema in value.items()}
+        elif key == "description" and isinstance(value, str):
+            out[key] = inspect.cleandoc(value)
+        else:
+            out[key] = _clean_descriptions(value)
+    return out
+
+
 def _asyncapi_schema(node: Any) -> Any:
     """A JSON Schema of msgspec's as AsyncAPI 3.0's Schema Object takes it:
     without OpenAPI's ``discriminator`` object (AsyncAPI's is a property name,
@@ -671,7 +694,9 @@ def asyncapi_document() -> dict[str, Any]:
     for name, schema in zip(SCHEMA_FILES, top, strict=True):
         if "$ref" not in schema:  # the tagged unions: name them
             schemas[str(schema.get("title", name))] = schema
-    schemas = {name: _asyncapi_schema(schema) for name, schema in schemas.items()}
+    schemas = {
+        name: _asyncapi_schema(_clean_descriptions(schema)) for name, schema in schemas.items()
+    }
     by_integration_id = {
         "type": "string",
         "description": "The command's integrationId, UTF-8. Kafka's default partitioner "
