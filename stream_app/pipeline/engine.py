@@ -686,10 +686,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         asks = [asyncio.ensure_future(consumer.position(tp)) for _, tp in inputs]
         try:
-            done, _ = await asyncio.wait(asks, timeout=_POSITION_WAIT_S)
+            done, waiting = await asyncio.wait(asks, timeout=_POSITION_WAIT_S)
         finally:
             for ask in asks:
                 ask.cancel()  # those still waiting; the others are done
+        if waiting:
+            # Unwound before the pass ends, not at some later turn of the
+            # event loop, in the middle of the next poll or a rebalance.
+            await asyncio.wait(waiting, timeout=_POSITION_WAIT_S)
         for (task, tp), ask in zip(inputs, asks, strict=True):
             if ask not in done:
                 continue
