@@ -163,11 +163,15 @@ def _item(text: str) -> dict[str, Any]:
     if not sep or not sep2 or not sku:
         raise argparse.ArgumentTypeError(f"expected SKU:QUANTITY:PRICE, not {text!r}")
     try:
-        return cart_item(sku, int(quantity), Decimal(rest))
+        count, price = int(quantity), Decimal(rest)
     except (ValueError, InvalidOperation):
         raise argparse.ArgumentTypeError(
             f"expected SKU:QUANTITY:PRICE with an integer quantity and a number price, not {text!r}"
         ) from None
+    try:
+        return cart_item(sku, count, price)
+    except ValueError as exc:  # NaN, or a price JSON cannot carry exactly
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _name_value(text: str) -> tuple[str, str]:
@@ -183,9 +187,12 @@ def _cost(text: str) -> tuple[str, Decimal]:
     name, value = _name_value(text)
     try:
         price = Decimal(value)
-        command_number(price)  # one JSON can carry: not NaN, infinite or past 1e308
-    except (InvalidOperation, ValueError):
+    except InvalidOperation:
         raise argparse.ArgumentTypeError(f"expected NAME=PRICE, not {text!r}") from None
+    try:
+        command_number(price)  # one JSON carries exactly: not NaN, infinite, 1e400 or 0.1000…01
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     return name, price
 
 
@@ -331,6 +338,7 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
     command.setdefault("eventId", None)
     if command["eventId"] is None:
         command["eventId"] = new_event_id()
+    sending = False  # set once connected: from then on the command may go out
     try:
         # Checked before connecting: a mistake needs no broker to be found.
         validate_command(
@@ -343,7 +351,9 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
             return 0
 
         async def send() -> Any:
+            nonlocal sending
             async with SessionClient(settings) as client:
+                sending = True
                 return await client.send(command)
 
         sent = asyncio.run(send())
@@ -368,9 +378,20 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
         )
         return EXIT_USAGE
     except KafkaError as exc:
+        if not sending:  # connecting failed: nothing went out
+            print(
+                f"stream-app send: not sent to Kafka at {settings.bootstrap_servers}: "
+                f"{exc!r}; retry with the same eventId {command['eventId']}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        # The broker may have written it and the answer been lost: a retry
+        # with a new eventId (the same flags again) would apply it twice.
         print(
-            f"stream-app send: not sent to Kafka at {settings.bootstrap_servers}: {exc!r}; "
-            f"retry with the same eventId {command['eventId']}",
+            f"stream-app send: the command may have been sent to Kafka at "
+            f"{settings.bootstrap_servers}: {exc!r}; to send it again without a second "
+            f'effect, use its eventId {command["eventId"]} (--event-id, or "eventId" in '
+            "the document)",
             file=sys.stderr,
         )
         return EXIT_FAILED

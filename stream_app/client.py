@@ -18,10 +18,11 @@ What the client guarantees:
   before it is sent (and a record larger than the workers'
   ``max_command_bytes`` is refused); a command the workers would reject for
   its content raises :class:`CommandRejectedError` with the same reason code and JSON
-  pointer, and nothing is sent. With ``application_settings`` given, the
-  rules that depend on them (total quantity with flattening, allowed
-  additional costs and attributes) are checked too, by the domain's
-  ``apply``. Rules that depend on the stored session (the state machine,
+  pointer, and nothing is sent. The domain's ``apply`` checks an update's
+  lines and totals too (an amount that cannot be written exactly), and, with
+  ``application_settings`` given, the rules that depend on them (total
+  quantity with flattening, allowed additional costs and attributes). Rules
+  that depend on the stored session (the state machine,
   return quantities, unknown sessions) can only be checked by the worker:
   those rejections still land on the rejection topic.
 * **Keyed by integrationId**, so the commands of one session are applied in
@@ -30,13 +31,15 @@ What the client guarantees:
   random one generated when the command is built. The producer is idempotent
   with ``acks=all``, so its own retries never duplicate a record; if
   :meth:`SessionClient.send` still raises (the broker was unreachable for
-  longer than the delivery timeout), send *the same command document* again:
+  longer than the request timeout), send *the same command document* again:
   the worker recognises its ``eventId`` and applies it once. The helpers
   (``update_session``, ``return_items``, ...) build a new command each call:
   retry them with the same ``event_id=``.
 * Money may be given as ``int``, ``float`` or ``Decimal``; it travels as a
-  JSON number, exact up to 15 significant digits (``Decimal("19.99")`` is
-  19.99 in the worker's totals).
+  JSON number (``Decimal("19.99")`` is 19.99 in the worker's totals). A
+  ``Decimal`` that a JSON number cannot carry exactly (more significant
+  digits than a double keeps, such as ``Decimal("0.1000000000000000001")``)
+  raises ``ValueError`` rather than being rounded.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from stream_app.domain import (
     apply,
     decode_command,
 )
-from stream_app.domain.numbers import json_number
+from stream_app.domain.numbers import MONEY_LIMIT, json_number, representable
 from stream_app.domain.rejections import make_rejection
 from stream_app.errors import StreamAppError
 from stream_app.settings import Settings
@@ -145,11 +148,19 @@ def command_number(value: Decimal) -> int | float:
     """The JSON number a command carries for ``value``, as the workers write
     amounts (:func:`stream_app.domain.numbers.json_number`: an integer while
     it fits 64 bits, else a float, which the workers' limits then judge).
-    Raises ValueError for NaN, an infinity, or a number past the largest
-    double (1e400), which JSON cannot hold."""
+    Raises ValueError for NaN, an infinity, a number past the largest double
+    (1e400), which JSON cannot hold, and a number below 2^63 that the workers
+    would read as another (more significant digits than a double keeps):
+    money is never rounded on its way."""
     if not value.is_finite() or abs(value) > _LARGEST_DOUBLE:
         raise ValueError(f"{value} is not a number JSON can hold")
-    return json_number(value)
+    number = json_number(value)
+    if abs(value) < MONEY_LIMIT and not representable(value):
+        raise ValueError(
+            f"{value} cannot travel exactly as a JSON number: the workers would read "
+            f"{number!r}; round it first"
+        )
+    return number
 
 
 def _plain(value: Any) -> Any:
@@ -334,6 +345,10 @@ def reopen_command(
 # --------------------------------------------------------------------------- checking
 
 
+#: The settings under which ``apply`` refuses least.
+_ANY_APPLICATION = ApplicationSettings(flattening=False)
+
+
 class _ProbeIds:
     """Session ids for the local settings check, which creates a throwaway session."""
 
@@ -384,7 +399,8 @@ def validate_command(
     """
     try:
         raw = command if isinstance(command, bytes) else json.dumps(_plain(command))
-    except json.JSONEncodeError as exc:  # an integer past 64 bits, a string with surrogates
+    except (json.JSONEncodeError, ValueError) as exc:
+        # An integer past 64 bits, a string with surrogates, NaN, an inexact Decimal.
         unwritable = make_rejection(Reason.SCHEMA_VIOLATION, "", f"not writable as JSON: {exc}")
         raise CommandRejectedError(unwritable, command) from None
     if max_command_bytes is not None and len(raw) > max_command_bytes:
@@ -397,13 +413,25 @@ def validate_command(
     decoded = decode_command(raw)
     if isinstance(decoded, Rejection):
         raise CommandRejectedError(decoded, command)
-    if application_settings is not None and isinstance(decoded, UpdateCommand):
+    if isinstance(decoded, UpdateCommand):
+        if decoded.session.state is SessionState.PARTIALLY_RETURNED:
+            # Refused whatever the stored session is: only a return makes one.
+            never = make_rejection(
+                Reason.INVALID_TRANSITION,
+                "/session/state",
+                "only a return makes a session partially_returned",
+            )
+            raise CommandRejectedError(never, command)
         application_id = decoded.application_id or default_application_id
-        settings = (
-            application_settings
-            if isinstance(application_settings, ApplicationSettings)
-            else application_settings(application_id)
-        )
+        if application_settings is None:
+            # Every name allowed and no flattening limit: what is refused then
+            # (a line or total that cannot be written exactly) is refused in
+            # every application.
+            settings = _ANY_APPLICATION
+        elif isinstance(application_settings, ApplicationSettings):
+            settings = application_settings
+        else:
+            settings = application_settings(application_id)
         rejection = _settings_rejection(decoded, settings, application_id)
         if rejection is not None:
             raise CommandRejectedError(rejection, command)
@@ -455,7 +483,11 @@ class SessionClient:
             acks="all",
             linger_ms=self.settings.producer_linger_ms,
         )
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()  # its connections, and no "Unclosed" at exit
+            raise
         self._producer = producer
 
     async def stop(self) -> None:
@@ -475,6 +507,9 @@ class SessionClient:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    def _application(self, application_id: int | None) -> int | None:
+        return self.application_id if application_id is None else application_id
 
     def validate(self, command: Mapping[str, Any]) -> bytes:
         """:func:`validate_command` with this client's settings."""
@@ -526,14 +561,16 @@ class SessionClient:
         self, integration_id: str, *, event_id: str | None = None, **session: Any
     ) -> SentCommand:
         """Send :func:`update_command` (same keyword arguments)."""
-        session.setdefault("application_id", self.application_id)
+        if session.get("application_id") is None:
+            session["application_id"] = self.application_id
         return await self.send(update_command(integration_id, event_id=event_id, **session))
 
     async def close_session(
         self, integration_id: str, *, event_id: str | None = None, **session: Any
     ) -> SentCommand:
         """Send :func:`close_command`."""
-        session.setdefault("application_id", self.application_id)
+        if session.get("application_id") is None:
+            session["application_id"] = self.application_id
         return await self.send(close_command(integration_id, event_id=event_id, **session))
 
     async def cancel_session(
@@ -548,7 +585,7 @@ class SessionClient:
             cancel_command(
                 integration_id,
                 event_id=event_id,
-                application_id=application_id or self.application_id,
+                application_id=self._application(application_id),
             )
         )
 
@@ -566,7 +603,7 @@ class SessionClient:
                 integration_id,
                 items,
                 event_id=event_id,
-                application_id=application_id or self.application_id,
+                application_id=self._application(application_id),
             )
         )
 
@@ -582,6 +619,6 @@ class SessionClient:
             reopen_command(
                 integration_id,
                 event_id=event_id,
-                application_id=application_id or self.application_id,
+                application_id=self._application(application_id),
             )
         )

@@ -11,7 +11,7 @@ from importlib.metadata import version
 from typing import Any
 
 import pytest
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, MessageSizeTooLargeError
 
 from stream_app import json
 from stream_app.cli import main
@@ -125,18 +125,22 @@ def test_send_takes_json_from_an_argument_or_stdin() -> None:
         (["-"], "[1]", "must be a JSON object"),
         # Numbers JSON cannot hold (before: a traceback and exit 1, "Kafka could
         # not be reached"), and money beyond 64 bits (before: orjson's TypeError).
-        (["--type=close", "--integration-id=c", "--item=A:1:Infinity"], "", "SKU:QUANTITY"),
-        (["--type=close", "--integration-id=c", "--cost=x=sNaN"], "", "NAME=PRICE"),
+        (["--type=close", "--integration-id=c", "--item=A:1:Infinity"], "", "JSON can hold"),
+        (["--type=close", "--integration-id=c", "--cost=x=sNaN"], "", "JSON can hold"),
         (["--type=close", "--integration-id=c", "--cost=x=1e20"], "", "LIMIT_EXCEEDED"),
         (["--type=close", "--integration-id=c", "--item=A:1:1e20"], "", "LIMIT_EXCEEDED"),
-        (["--type=close", "--integration-id=c", "--cost=x=1e400"], "", "NAME=PRICE"),
-        (["--type=close", "--integration-id=c", "--item=A:1:1e400"], "", "SKU:QUANTITY"),
+        (["--type=close", "--integration-id=c", "--cost=x=1e400"], "", "JSON can hold"),
+        (["--type=close", "--integration-id=c", "--item=A:1:1e400"], "", "JSON can hold"),
+        (["--type=close", "--integration-id=c", "--cost=x=money"], "", "expected NAME=PRICE"),
+        # Before: sent, and applied as 0.1.
+        (["--type=close", "--integration-id=c", "--item=A:1:0.10000000000000001"], "", "read 0.1"),
     ],
 )
 def test_send_usage_errors_exit_2(args: list[str], stdin: str, message: str) -> None:
     result = run("send", "--dry-run", *args, stdin=stdin)
     assert result.returncode == 2
-    assert message in result.stderr
+    # The error line, not the usage above it (which names SKU:QUANTITY:PRICE too).
+    assert message in result.stderr.strip().splitlines()[-1]
     assert result.stdout == ""
 
 
@@ -270,6 +274,9 @@ def test_send_with_stdin_closed_is_a_usage_error() -> None:
         (lambda: MessageSizeTooLargeError("1234567 bytes"), 2, "refuses a record this large"),
         # exit 130, the eventId lost: the command could not be sent again safely
         (KeyboardInterrupt, 130, "use its eventId e-42"),
+        # It said "not sent" and "retry", though the broker may have written it:
+        # the same flags again (a new eventId) would apply it twice.
+        (KafkaTimeoutError, 1, "may have been sent to Kafka at 127.0.0.1:9092: "),
     ],
 )
 def test_send_says_what_to_do_when_kafka_refuses_or_the_user_interrupts(
@@ -298,3 +305,25 @@ def test_send_says_what_to_do_when_kafka_refuses_or_the_user_interrupts(
     args = ["send", '{"type":"reopen","integrationId":"c","eventId":"e-42"}']
     assert main(args) == code
     assert said in capsys.readouterr().err
+
+
+def test_send_that_cannot_connect_says_not_sent(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stream_app import client
+
+    class _Unreachable:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        async def __aenter__(self) -> _Unreachable:
+            raise KafkaConnectionError("no broker")
+
+        async def __aexit__(self, *args: object) -> None:
+            pass
+
+    monkeypatch.setattr(client, "SessionClient", _Unreachable)
+    assert main(["send", '{"type":"reopen","integrationId":"c","eventId":"e-7"}']) == 1
+    err = capsys.readouterr().err
+    assert "not sent to Kafka" in err
+    assert "may have been sent" not in err

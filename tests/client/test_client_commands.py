@@ -288,3 +288,93 @@ async def test_a_retried_send_carries_the_same_event_id() -> None:
     template: dict[str, Any] = {"type": "reopen", "integrationId": "c-1"}
     await client.send(template)
     assert "eventId" not in template
+
+
+def test_a_line_or_total_refused_in_every_application_is_refused_without_settings() -> None:
+    """Before, without application_settings nothing ran apply: a close whose
+    line value overflows, or whose total cannot be written exactly, was sent
+    and landed on the rejection topic."""
+    overflow = close_command("c-1", cart_items=[cart_item("A", 2, 5 * 10**18)])
+    with pytest.raises(CommandRejectedError) as caught:
+        validate_command(overflow)
+    assert (caught.value.reason, caught.value.pointer) == (
+        Reason.LIMIT_EXCEEDED,
+        "/session/cartItems/0",
+    )
+    inexact = update_command(
+        "c-1",
+        cart_items=[cart_item("A", 1, 1)],
+        additional_costs={"rounding": {"price": 1e-20}},
+    )
+    with pytest.raises(CommandRejectedError) as caught:
+        validate_command(inexact)
+    assert caught.value.reason is Reason.LIMIT_EXCEEDED
+    # Only a return makes a session partially returned, whatever it was.
+    with pytest.raises(CommandRejectedError) as caught:
+        validate_command(_session(state="partially_returned"))
+    assert (caught.value.reason, caught.value.pointer) == (
+        Reason.INVALID_TRANSITION,
+        "/session/state",
+    )
+
+
+def test_a_decimal_a_json_number_cannot_carry_is_refused_not_rounded() -> None:
+    """Before, Decimal("0.1000000000000000001") went out as 0.1, and the
+    workers applied another amount than the one given."""
+    for value in ("0.1000000000000000001", "12345678901234567.89", "1E-400"):
+        with pytest.raises(ValueError, match="cannot travel exactly"):
+            cart_item("A", 1, Decimal(value))
+    assert cart_item("A", 1, Decimal("19.99"))["price"] == 19.99
+    assert cart_item("A", 1, Decimal("12345678901234567"))["price"] == 12345678901234567
+    # A hand-written document: refused as the builders refuse, not a bare ValueError.
+    for number in (Decimal("0.1000000000000000001"), math.nan):
+        with pytest.raises(CommandRejectedError) as caught:
+            validate_command(_session(attributes={"score": number}))
+        assert caught.value.reason is Reason.SCHEMA_VIOLATION
+
+
+async def test_every_helper_takes_the_clients_application_when_given_none() -> None:
+    """Before, update_session and close_session kept an explicit None (the
+    workers' default application) where the other helpers took the client's:
+    a session created in one application was returned in another."""
+    client = SessionClient(Settings(), application_id=7)
+    producer = _FlakyProducer()
+    producer.values.append(b"")  # no failure
+    client._producer = producer
+    await client.update_session("c-1", application_id=None, cart_items=[cart_item("A", 1, 1)])
+    await client.close_session("c-1", application_id=None)
+    await client.return_items("c-1", [returned_item(0)], application_id=None)
+    await client.cancel_session("c-1", application_id=None)
+    await client.reopen_session("c-1", application_id=None)
+    await client.reopen_session("c-1", application_id=3)
+    sent = [json.loads(value)["applicationId"] for value in producer.values[1:]]
+    assert sent == [7, 7, 7, 7, 7, 3]
+
+
+async def test_a_start_that_fails_stops_its_producer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, a failed start left the producer open: each retry of start()
+    kept another one's connections, and asyncio warned of it at exit."""
+    import aiokafka
+
+    from stream_app.pipeline import kafka
+
+    stopped: list[bool] = []
+
+    class _Producer:
+        def __init__(self, **options: object) -> None:
+            pass
+
+        async def start(self) -> None:
+            raise KafkaTimeoutError
+
+        async def stop(self) -> None:
+            stopped.append(True)
+
+    async def one_partition(options: object, topic: str) -> int:
+        return 1
+
+    monkeypatch.setattr(aiokafka, "AIOKafkaProducer", _Producer)
+    monkeypatch.setattr(kafka, "partition_count", one_partition)
+    with pytest.raises(KafkaTimeoutError):
+        await SessionClient(Settings()).start()
+    assert stopped == [True]
