@@ -31,8 +31,9 @@ from stream_app.domain import (
     encode_session,
     session_document,
 )
+from stream_app.errors import StoreError
 from stream_app.pipeline.engine import Engine, Lookup
-from stream_app.pipeline.processor import session_key
+from stream_app.pipeline.processor import partition_for, session_key
 from stream_app.pipeline.tasks import TaskId
 from stream_app.pipeline.topics import SESSIONS_STORE, TopicLayout
 from stream_app.settings import Settings
@@ -429,8 +430,99 @@ def test_a_query_to_a_worker_that_is_not_ready_says_why(tmp_path: Path) -> None:
     engine._fenced_since = time.monotonic()
     assert "was fenced" in str(engine.session_lookup(1, "c").unavailable)
     engine._fenced_since = None
-    engine._waiting = {TaskId("commands", 0)}
-    assert "waits for the rest of its partitions" in str(engine.session_lookup(1, "c").unavailable)
-    engine._waiting = set()
+    engine._rebalancing = True
+    assert "rebalancing" in str(engine.session_lookup(1, "c").unavailable)
+    engine._rebalancing = False
     engine._stopping.set()
     assert engine.session_lookup(1, "c").unavailable == "this worker is stopping"
+
+
+def test_a_worker_with_a_task_restoring_forwards_and_answers_what_it_can(tmp_path: Path) -> None:
+    """A worker with one task restoring (up to half an hour after a scale-out)
+    answered every query 503 'the group is rebalancing or restoring',
+    sessions owned by ready workers and by its own active tasks too."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(2, 1_048_588))
+    engine._joined = True
+    engine.assignor.url = "http://me:8080"
+    here, restoring = (partition_for(f"cart-{n}".encode(), 2) for n in (1, 2))
+    assert here != restoring
+    stored = {session_key(1, "cart-1"): b"stored"}
+
+    class _Here:
+        active = True
+        stores: ClassVar[dict[str, object]] = {SESSIONS_STORE: stored}
+
+    class _Restoring:
+        active = False
+        stores: ClassVar[dict[str, object]] = {}
+
+    engine._tasks[TaskId("commands", here)] = _Here()  # type: ignore[assignment]
+    engine._tasks[TaskId("commands", restoring)] = _Restoring()  # type: ignore[assignment]
+    engine._starting[TaskId("commands", restoring)] = None  # type: ignore[assignment]
+    assert not engine.ready
+    engine.assignor.owner = lambda *_: "http://me:8080"  # type: ignore[method-assign]
+    assert engine.session_lookup(1, "cart-1") == Lookup(found=True, stored=b"stored")
+    assert engine.session_lookup(1, "cart-2") == Lookup(
+        unavailable="the session's partition is restoring on this worker"
+    )
+    engine.assignor.owner = lambda *_: "http://other:8080"  # type: ignore[method-assign]
+    assert engine.session_lookup(1, "cart-2") == Lookup(owner="http://other:8080")
+    engine._starting.clear()
+
+
+def test_a_store_that_cannot_be_read_is_a_503_not_a_500(tmp_path: Path) -> None:
+    """A read error (a corrupt block, say) escaped the query: aiohttp's
+    plain-text 500 and a traceback for every query of the partition."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine._joined = True
+
+    class _Broken:
+        def get(self, key: bytes) -> bytes | None:
+            raise StoreError("Corruption: block checksum mismatch")
+
+    class _Here:
+        active = True
+        stores: ClassVar[dict[str, object]] = {SESSIONS_STORE: _Broken()}
+
+    engine._tasks[TaskId("commands", 0)] = _Here()  # type: ignore[assignment]
+    lookup = engine.session_lookup(1, "cart-1")
+    assert lookup.unavailable == (
+        "the session's store cannot be read: Corruption: block checksum mismatch"
+    )
+
+
+async def test_a_forwarded_answer_keeps_the_owners_content_type(tmp_path: Path) -> None:
+    """Every forwarded answer was labelled application/json: the owner's
+    plain-text 400 (aiohttp's own) reached the client as JSON it could not parse."""
+
+    async def plain(_request: web.Request) -> web.Response:
+        return web.Response(status=400, text="Bad Request")
+
+    async with (
+        _forwarding(tmp_path, plain) as (_, server),
+        ClientSession() as http,
+        http.get(server.make_url("/v2/customer_sessions/c-1")) as answer,
+    ):
+        assert answer.status == 400
+        assert answer.content_type == "text/plain"
+        assert await answer.text() == "Bad Request"
+
+
+async def test_a_raw_hash_in_the_id_is_refused_not_forwarded_as_another_id(
+    tmp_path: Path,
+) -> None:
+    """Forwarded, 'a#frag' reached the owner as 'a' in the default
+    application (yarl took the rest for a fragment): another session."""
+    asked: list[str] = []
+
+    async def owner(request: web.Request) -> web.Response:
+        asked.append(request.rel_url.raw_path)
+        return web.json_response({})
+
+    async with _forwarding(tmp_path, owner) as (_, server):
+        status, body = await _raw_get(server, b"/v2/customer_sessions/a#frag?applicationId=2")
+        assert status == 400, body
+        assert b"%23" in body
+        status, _ = await _raw_get(server, b"/v2/customer_sessions/a%23frag?applicationId=2")
+        assert status == 200
+    assert asked == ["/v2/customer_sessions/a%23frag"]

@@ -464,22 +464,39 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 f"{unheard:.0f} s, longer than the group's session timeout: its partitions "
                 "may have moved"
             )
-        if not self.ready:
+        if (
+            not self._joined
+            or self._rebalancing
+            or self._fenced_since is not None
+            or self._stopping.is_set()
+        ):
+            # The routing map is not current. (A task of this worker restoring,
+            # or waiting for its other inputs, leaves it current: the sessions
+            # of other workers are still forwarded, and this worker's active
+            # tasks answer.)
             return Lookup(unavailable=self._not_ready())
         if owner is None and self.assignor.routes:
             return Lookup(unavailable="the group is rebalancing or restoring")
         if elsewhere:
             return Lookup(owner=owner)
-        task = self._tasks.get(TaskId("commands", partition))
+        task_id = TaskId("commands", partition)
+        task = self._tasks.get(task_id)
         if task is None or not task.active:
             if owner is None:  # no map at all: a leader of another release, say
                 return Lookup(
                     unavailable="this worker does not own the session's partition, and the "
                     "group's assignment names no owner (a worker of another release?)"
                 )
+            if task is not None and task_id in self._starting:
+                return Lookup(unavailable="the session's partition is restoring on this worker")
             return Lookup(unavailable="the session's partition is moving")
         # RocksDB holds what committed; the open transaction's overlay is not read.
-        stored = task.stores[SESSIONS_STORE].get(session_key(application_id, integration_id))
+        try:
+            stored = task.stores[SESSIONS_STORE].get(session_key(application_id, integration_id))
+        except StoreError as exc:
+            # The task meets it at its next write, and restarts (a corrupt
+            # store is restored from its changelog).
+            return Lookup(unavailable=f"the session's store cannot be read: {exc}")
         return Lookup(found=True, stored=stored)
 
     # -- running ---------------------------------------------------------------------------

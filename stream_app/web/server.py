@@ -121,8 +121,13 @@ class WebServer:
         # The id from the segment as sent: yarl leaves an escape that is not
         # UTF-8 as it is, so "%FF" was looked up as the three characters of
         # another id ("%25FF").
+        segment = request.rel_url.raw_path.rpartition("/")[2]
+        if "#" in segment:
+            # Not valid in a request target; a forwarded one would lose what
+            # follows it (a fragment), and the owner look up another id.
+            return _problem(400, "a '#' in an integrationId must be sent escaped, as %23")
         try:
-            integration_id = unquote_to_bytes(request.rel_url.raw_path.rpartition("/")[2]).decode()
+            integration_id = unquote_to_bytes(segment).decode()
         except UnicodeError:  # escaped or raw bytes that are not UTF-8
             return _problem(404, "no session has an integrationId that is not UTF-8")
         raw_app = request.query.get("applicationId")
@@ -166,14 +171,15 @@ class WebServer:
             url = URL(owner.rstrip("/") + request.rel_url.raw_path + query, encoded=True)
             async with self._client.get(url, headers={FORWARDED_HEADER: "1"}) as answer:
                 body = await answer.read()
-                # The owner's 503 says when to ask again: `stream-app inspect` waits on it.
-                retry_after = answer.headers.get("Retry-After")
-                return web.Response(
-                    body=body,
-                    status=answer.status,
-                    content_type="application/json",
-                    headers={"Retry-After": retry_after} if retry_after is not None else None,
-                )
+                # The owner's 503 says when to ask again: `stream-app inspect`
+                # waits on it. Its type as it says (a problem document, a
+                # session, or aiohttp's own plain-text 400).
+                headers = {
+                    name: answer.headers[name]
+                    for name in ("Content-Type", "Retry-After")
+                    if name in answer.headers
+                }
+                return web.Response(body=body, status=answer.status, headers=headers)
         except (ClientError, TimeoutError, ValueError) as exc:
             log.warning("forwarding %s to %s failed: %r", request.path_qs, owner, exc)
             return _problem(503, "the session's owner did not answer", retry=True)
