@@ -203,9 +203,16 @@ def _attribute(text: str) -> tuple[str, Any]:
 
     name, value = _name_value(text)
     try:
-        return name, json.loads(value)
+        parsed = json.loads(value)
     except json.JSONDecodeError:
         return name, value
+    if type(parsed) is float and Decimal(repr(parsed)) != Decimal(value.strip()):
+        # An id of 24 digits read as 1.2345678901234569e+23: refused, not changed.
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {value.strip()} cannot travel exactly as a JSON number; "
+            f"to send it as text, quote it: {name}='\"{value.strip()}\"'"
+        )
+    return name, parsed
 
 
 def _returned(text: str) -> dict[str, Any]:
@@ -796,7 +803,8 @@ def _add_send(sub: Any) -> None:
         action="append",
         type=_attribute,
         metavar="NAME=VALUE",
-        help="a session attribute; VALUE is JSON when it parses (42, true, null removes)",
+        help="a session attribute; VALUE is JSON when it parses (42, true, null removes; a "
+        "number a double cannot hold exactly is refused: quote it)",
     )
     built.add_argument(
         "--return-item",
