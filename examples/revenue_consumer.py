@@ -61,12 +61,27 @@ whole session, ``updateCount`` included (docs/contract.md, sections 3, 4
 and 10), so that identifies one applied command's output. The ``eventId`` does
 not: the workers remember only the last 64 eventIds of a session (section
 9), so a command that reuses an older one is applied again, and its output
-is new revenue, not a duplicate. Numbers are parsed as ``Decimal``: no
-binary float drift.
+is new revenue, not a duplicate. These keys are remembered for the last
+``--dedupe-window`` outputs (100,000) of each partition read: a crash writes
+again only what followed the worker's last commit, a few thousand records at
+most on an output topic with the command topic's partition count (the
+workers create them so). With other partition counts several workers write
+to one output partition: raise the window to what they write in the longest
+outage you expect, or set 0 to remember every output (about 300 bytes each,
+for ever). Numbers are parsed as ``Decimal`` and summed exactly (no 28-digit
+rounding, no binary float drift).
 
 This example keeps everything in memory and reads from the beginning each
-time, without a consumer group. A long-running job would keep the figures
-and the seen output keys in its own store and commit offsets with them.
+time, without a consumer group, so it needs the whole history: it refuses to
+run on a topic whose first records are gone (retention or a deletion; the
+workers create the output topics with the cluster's default retention, so
+set ``retention.ms=-1`` on them for this example), and stops if records are
+deleted while it reads. Several copies each count everything. A figure is
+each topic read to its end as found at the start, not one snapshot of all
+four: a reopen committed just after its close can be counted without it;
+``--follow`` prints figures along the way, with the same caveat. A
+long-running job would keep the figures, the seen output keys and the
+offsets together in its own store, per partition, and resume from them.
 
 Run::
 
@@ -87,13 +102,13 @@ import json
 import os
 import signal
 import sys
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import MAX_PREC, Context, Decimal, Inexact, InvalidOperation, localcontext
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import OffsetOutOfRangeError
 
 CLOSED = "talon_session_closed"
 RETURNED = "talon_session_partially_returned"
@@ -102,6 +117,12 @@ CANCELLED = "talon_session_cancelled"
 REOPENED = "talon_session_reopened"
 
 ZERO = Decimal(0)
+#: Sums as exact as their terms: the default context keeps 28 digits, so a
+#: figure of 1e11 plus a total of 0.30000000000000004 would be rounded (and
+#: depend on the order the topics are read in).
+EXACT = Context(prec=MAX_PREC, traps=[Inexact, InvalidOperation])
+#: Output keys remembered per partition read (see the module doc).
+DEDUPE_WINDOW = 100_000
 
 
 def parse(value: bytes) -> Any:
@@ -146,30 +167,40 @@ class RevenueLedger:
     """Revenue per applicationId; :meth:`record` counts each output once."""
 
     revenue: dict[int, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
-    sessions: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
-    #: (applicationId, integrationId, event, session.updateCount) of each output
-    #: counted: one applied command's output (the module doc says why not eventId).
-    seen: set[tuple[int, str, str, int]] = field(default_factory=set)
+    #: Outputs counted per applicationId.
+    counted: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    #: How many output keys to remember per partition read; 0: every one.
+    window: int = DEDUPE_WINDOW
+    #: (applicationId, integrationId, event, session.updateCount) of the last
+    #: ``window`` outputs counted, per partition read: one applied command's
+    #: output (the module doc says why not eventId, and why a window).
+    seen: dict[Any, OrderedDict[tuple[int, str, str, int], None]] = field(default_factory=dict)
     records: int = 0
     duplicates: int = 0
 
-    def record(self, doc: dict[str, Any]) -> bool:
-        """Count one output document; False when it was counted before."""
+    def record(self, doc: dict[str, Any], source: Any = None) -> bool:
+        """Count one output document read from ``source`` (its topic
+        partition); False when it was counted before."""
         application_id = int(doc["applicationId"])
         integration_id = str(doc["integrationId"])
         update_count = int(doc["session"]["updateCount"])
         key = (application_id, integration_id, str(doc.get("event")), update_count)
-        if key in self.seen:
+        recent = self.seen.setdefault(source, OrderedDict())
+        if key in recent:
             self.duplicates += 1
             return False
-        self.seen.add(key)
+        recent[key] = None
+        if self.window and len(recent) > self.window:
+            recent.popitem(last=False)
         self.records += 1
-        self.revenue[application_id] += revenue_change(doc)
-        self.sessions[application_id].add(integration_id)
+        with localcontext(EXACT):
+            self.revenue[application_id] += revenue_change(doc)
+        self.counted[application_id] += 1
         return True
 
     def figures(self) -> dict[int, Decimal]:
-        return {app: self.revenue[app].normalize() for app in sorted(self.revenue)}
+        with localcontext(EXACT):
+            return {app: self.revenue[app].normalize() for app in sorted(self.revenue)}
 
     def report(self) -> str:
         lines = [
@@ -177,7 +208,7 @@ class RevenueLedger:
             f"{self.duplicates} duplicates ignored):"
         ]
         for app, figure in self.figures().items():
-            lines.append(f"  application {app}: {figure:f} from {len(self.sessions[app])} sessions")
+            lines.append(f"  application {app}: {figure:f} from {self.counted[app]} outputs")
         if not self.revenue:
             lines.append("  (no sessions yet)")
         return "\n".join(lines)
@@ -185,14 +216,18 @@ class RevenueLedger:
 
 async def consume(
     bootstrap_servers: str, topics: list[str], ledger: RevenueLedger, *, follow: bool, out: Any
-) -> None:
+) -> bool:
     """Read ``topics`` from the beginning into ``ledger``: to their current end,
-    or (``follow``) until SIGINT/SIGTERM, printing each change."""
+    or (``follow``) until SIGINT/SIGTERM, printing each change. Whether it
+    read to the end (False: stopped before, the figure is partial)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",  # only what the workers committed
+        # Records deleted while they are read: stop, rather than jump to the
+        # end (aiokafka's default) and print a figure without them.
+        auto_offset_reset="none",
     )
     await consumer.start()
     stop = asyncio.Event()
@@ -200,8 +235,16 @@ async def consume(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        partitions = await _partitions(bootstrap_servers, topics)
+        partitions = await _partitions(consumer, topics)
         consumer.assign(partitions)
+        gone = {tp: n for tp, n in (await consumer.beginning_offsets(partitions)).items() if n}
+        if gone:
+            first = ", ".join(f"{tp.topic}[{tp.partition}] from {n}" for tp, n in gone.items())
+            raise SystemExit(
+                f"revenue_consumer: the first records are gone ({first}): a figure "
+                "without them would be wrong. This example needs the whole history "
+                "(retention.ms=-1 on the output topics; see its docstring)."
+            )
         await consumer.seek_to_beginning(*partitions)
         # read_committed: the end is the last stable offset (no open transaction).
         ends = None if follow else await consumer.end_offsets(partitions)
@@ -209,9 +252,15 @@ async def consume(
             if ends is not None and all(
                 [await consumer.position(tp) >= ends[tp] for tp in partitions]
             ):
-                break
+                return True
             changed = False
-            for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+            try:
+                batches = await consumer.getmany(timeout_ms=200)
+            except OffsetOutOfRangeError as exc:
+                raise SystemExit(
+                    f"revenue_consumer: records were deleted while being read ({exc}): no figure"
+                ) from None
+            for tp, records in batches.items():
                 for record in records:
                     if ends is not None and record.offset >= ends[tp]:
                         continue
@@ -221,27 +270,28 @@ async def consume(
                     # Outputs and rejections may share a topic: a rejection
                     # (no event, no applicationId) is no revenue.
                     if isinstance(doc, dict) and "event" in doc:
-                        changed |= ledger.record(doc)
+                        changed |= ledger.record(doc, tp)
             if follow and changed:
                 out(ledger.report())
+        return follow  # stopped: the end of a follow, or a one-shot cut short
     finally:
         await consumer.stop()
 
 
-async def _partitions(bootstrap_servers: str, topics: list[str]) -> list[TopicPartition]:
-    """Every partition of ``topics``; each topic must exist."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
-    try:
-        described = {entry["topic"]: entry for entry in await admin.describe_topics(topics)}
-    finally:
-        await admin.close()
+async def _partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
+    """Every partition of ``topics``; each topic must exist. (From the list of
+    all topics: a request naming a missing topic would have a broker with
+    auto.create.topics.enable create it.)"""
+    existing = await consumer.topics()
     partitions = []
     for topic in topics:
-        entry = described.get(topic) or {}
-        if entry.get("error_code") or not entry.get("partitions"):
-            raise SystemExit(f"revenue_consumer: topic {topic} does not exist")
-        partitions += [TopicPartition(topic, p["partition"]) for p in entry["partitions"]]
+        numbers = consumer.partitions_for_topic(topic) if topic in existing else None
+        if not numbers:
+            raise SystemExit(
+                f"revenue_consumer: topic {topic} does not exist (or this principal "
+                "may not describe it)"
+            )
+        partitions += [TopicPartition(topic, p) for p in sorted(numbers)]
     return partitions
 
 
@@ -261,16 +311,30 @@ def main(argv: list[str] | None = None) -> int:
         )
     parser.add_argument("--follow", action="store_true", help="keep reading until Ctrl-C")
     parser.add_argument(
+        "--dedupe-window",
+        type=int,
+        default=DEDUPE_WINDOW,
+        help="output keys remembered per partition to drop at_least_once "
+        "duplicates; 0: every one (default: %(default)s; see the module doc)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help='print {"<applicationId>": "<revenue>"} at the end'
     )
     args = parser.parse_args(argv)
     topics = [args.closed_topic, args.returned_topic, args.cancelled_topic, args.reopened_topic]
-    ledger = RevenueLedger()
+    if args.dedupe_window < 0:
+        parser.error("--dedupe-window must be 0 or more")
+    ledger = RevenueLedger(window=args.dedupe_window)
 
     def out(text: str) -> None:
         print(text, flush=True)
 
-    asyncio.run(consume(args.bootstrap_servers, topics, ledger, follow=args.follow, out=out))
+    whole = asyncio.run(
+        consume(args.bootstrap_servers, topics, ledger, follow=args.follow, out=out)
+    )
+    if not whole:
+        print("revenue_consumer: stopped before the end: no figure", file=sys.stderr)
+        return 130
     if args.json:
         out(json.dumps({str(app): f"{figure:f}" for app, figure in ledger.figures().items()}))
     else:

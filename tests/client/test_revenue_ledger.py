@@ -3,8 +3,11 @@ change, duplicates, and a figure that does not depend on the order of topics."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import itertools
+import os
+import signal
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -97,7 +100,7 @@ def test_each_record_changes_revenue_as_documented(example: ModuleType) -> None:
     for doc in SCENARIO:
         assert ledger.record(example.parse(json.dumps(doc)))
     assert ledger.figures() == {1: Decimal("47.1"), 2: Decimal("0.3")}  # 20.1 + 27; 0.1 + 0.2
-    assert "application 1: 47.1 from 5 sessions" in ledger.report()
+    assert "application 1: 47.1 from 11 outputs" in ledger.report()
 
 
 def test_a_session_whose_free_line_was_returned_is_taken_back_when_cancelled(
@@ -169,12 +172,125 @@ async def test_rejections_on_a_shared_topic_are_skipped(
     class Consumer(FixedRecordsConsumer):
         records: ClassVar[dict[Any, list[bytes]]] = {tp: values}
 
-    async def partitions(bootstrap_servers: str, topics: list[str]) -> list[Any]:
+    async def partitions(consumer: object, topics: list[str]) -> list[Any]:
         return [tp]
 
     monkeypatch.setattr(example, "AIOKafkaConsumer", Consumer)
     monkeypatch.setattr(example, "_partitions", partitions)
     ledger = example.RevenueLedger()
-    await example.consume("k:9092", ["sessions.closed"], ledger, follow=False, out=print)
+    assert await example.consume("k:9092", ["sessions.closed"], ledger, follow=False, out=print)
     assert ledger.records == 1
     assert ledger.figures() == {1: Decimal(10)}
+
+
+def test_sums_are_exact_whatever_order_the_topics_are_read_in(example: ModuleType) -> None:
+    """Decimal's default 28 digits rounded a figure of 1e11 plus a total such
+    as 0.30000000000000004 (a checkout's 0.1 + 0.2, accepted by the workers):
+    99999999999.99999999999999996 or 100000000000 by the order of topics."""
+    big = output("talon_session_closed", "big", "e1", 1e11)
+    odd = output("talon_session_closed", "odd", "e1", 0.30000000000000004)
+    revoked = output("talon_session_revoked", "odd", "e2", 0.30000000000000004)
+    for order in ((big, odd, revoked), (revoked, big, odd), (odd, revoked, big)):
+        ledger = example.RevenueLedger()
+        for doc in order:
+            ledger.record(example.parse(json.dumps(doc)))
+        assert ledger.figures() == {1: Decimal(100_000_000_000)}
+
+
+def test_output_keys_are_remembered_per_partition_for_a_window(example: ModuleType) -> None:
+    """Every key was kept for ever: about 300 bytes per output, gigabytes after
+    weeks of --follow. A duplicate comes soon after its original, on its
+    partition (see the module doc)."""
+    ledger = example.RevenueLedger(window=2)
+    first, second, third = (output("talon_session_closed", f"s{n}", "e1", TOTAL) for n in range(3))
+    assert ledger.record(first, "p0")
+    assert ledger.record(first, "p1")  # another partition's window
+    assert not ledger.record(first, "p0")
+    assert ledger.record(second, "p0")
+    assert ledger.record(third, "p0")
+    assert not ledger.record(third, "p0")
+    assert ledger.record(first, "p0")  # past the window: forgotten
+    assert len(ledger.seen["p0"]) == 2
+    unbounded = example.RevenueLedger(window=0)
+    for n in range(5):
+        unbounded.record(output("talon_session_closed", f"s{n}", "e1", TOTAL), "p0")
+    assert len(unbounded.seen["p0"]) == 5
+
+
+class _Topics(FixedRecordsConsumer):
+    """Metadata of all topics: ``sessions.closed`` with one partition."""
+
+    async def topics(self) -> set[str]:
+        return {"sessions.closed"}
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return {0} if topic == "sessions.closed" else None
+
+
+async def test_a_topic_is_looked_up_among_all_not_by_name(
+    example: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A metadata request naming the topic has a broker with
+    auto.create.topics.enable (Apache Kafka's default) create a mistyped one."""
+    monkeypatch.setattr(example, "AIOKafkaConsumer", _Topics)
+    ledger = example.RevenueLedger()
+    assert await example.consume("k:9092", ["sessions.closed"], ledger, follow=False, out=print)
+    with pytest.raises(SystemExit, match=r"topic sessions\.closd does not exist"):
+        await example.consume("k:9092", ["sessions.closd"], ledger, follow=False, out=print)
+
+
+async def test_a_history_that_lost_its_first_records_gives_no_figure(
+    example: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read from the beginning after retention, a return or a revoke whose
+    close was deleted subtracted from nothing: a negative figure, printed."""
+    tp = example.TopicPartition("sessions.closed", 0)
+
+    class Retained(_Topics):
+        async def beginning_offsets(self, partitions: list[Any]) -> dict[Any, int]:
+            return dict.fromkeys(partitions, 1200)
+
+    ledger = example.RevenueLedger()
+    monkeypatch.setattr(example, "AIOKafkaConsumer", Retained)
+    with pytest.raises(SystemExit, match=r"records are gone \(sessions\.closed\[0\] from 1200"):
+        await example.consume("k:9092", [tp.topic], ledger, follow=False, out=print)
+
+    class Deleting(_Topics):
+        records: ClassVar[dict[Any, list[bytes]]] = {tp: [b"{}"]}
+
+        async def getmany(self, timeout_ms: int) -> dict[Any, list[Any]]:
+            raise example.OffsetOutOfRangeError({tp: 0})
+
+    monkeypatch.setattr(example, "AIOKafkaConsumer", Deleting)
+    with pytest.raises(SystemExit, match="deleted while being read"):
+        await example.consume("k:9092", [tp.topic], ledger, follow=False, out=print)
+
+
+async def test_a_one_shot_run_stopped_before_the_end_prints_no_figure(
+    example: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job deadline or Ctrl-C printed the part read so far as the figure,
+    with exit status 0."""
+    tp = example.TopicPartition("sessions.closed", 0)
+    closed = json.dumps(output("talon_session_closed", "c1", "e1", 10))
+
+    class Stopped(_Topics):
+        records: ClassVar[dict[Any, list[bytes]]] = {tp: [closed, closed]}
+
+        async def getmany(self, timeout_ms: int) -> dict[Any, list[Any]]:
+            os.kill(os.getpid(), signal.SIGTERM)  # the stop comes before the end
+            await asyncio.sleep(0.05)
+            return {}
+
+    monkeypatch.setattr(example, "AIOKafkaConsumer", Stopped)
+    ledger = example.RevenueLedger()
+    assert not await example.consume("k:9092", [tp.topic], ledger, follow=False, out=print)
+
+    async def cut_short(*args: object, **kwargs: object) -> bool:
+        return False
+
+    monkeypatch.setattr(example, "consume", cut_short)
+    assert await asyncio.to_thread(example.main, ["--json"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "stopped before the end: no figure" in captured.err

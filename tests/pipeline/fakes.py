@@ -501,6 +501,11 @@ class FixedRecordsConsumer:
     async def seek_to_beginning(self, *partitions: object) -> None:
         pass
 
+    async def beginning_offsets(
+        self, partitions: list[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        return dict.fromkeys(partitions, 0)
+
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: len(self.records.get(tp, [])) for tp in partitions}
 
