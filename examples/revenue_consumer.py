@@ -108,6 +108,7 @@ from decimal import MAX_PREC, Context, Decimal, Inexact, InvalidOperation, local
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import OffsetOutOfRangeError
 
 CLOSED = "talon_session_closed"
@@ -235,7 +236,7 @@ async def consume(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        partitions = await _partitions(consumer, topics)
+        partitions = await _partitions(bootstrap_servers, topics)
         consumer.assign(partitions)
         gone = {tp: n for tp, n in (await consumer.beginning_offsets(partitions)).items() if n}
         if gone:
@@ -278,20 +279,29 @@ async def consume(
         await consumer.stop()
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
-    """Every partition of ``topics``; each topic must exist. (From the list of
-    all topics: a request naming a missing topic would have a broker with
-    auto.create.topics.enable create it.)"""
-    existing = await consumer.topics()
+async def _partitions(bootstrap_servers: str, topics: list[str]) -> list[TopicPartition]:
+    """Every partition of ``topics``; each topic must exist. (Looked for among
+    all topics first: a request naming a missing topic would have a broker
+    with auto.create.topics.enable, Kafka's default, create it.)"""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        for topic in topics:
+            if topic not in existing:
+                raise SystemExit(
+                    f"revenue_consumer: topic {topic} does not exist (or this principal "
+                    "may not describe it)"
+                )
+        described = {entry["topic"]: entry for entry in await admin.describe_topics(topics)}
+    finally:
+        await admin.close()
     partitions = []
     for topic in topics:
-        numbers = consumer.partitions_for_topic(topic) if topic in existing else None
-        if not numbers:
-            raise SystemExit(
-                f"revenue_consumer: topic {topic} does not exist (or this principal "
-                "may not describe it)"
-            )
-        partitions += [TopicPartition(topic, p) for p in sorted(numbers)]
+        entry = described.get(topic) or {}
+        if entry.get("error_code") or not entry.get("partitions"):
+            raise SystemExit(f"revenue_consumer: Kafka does not describe topic {topic}")
+        partitions += [TopicPartition(topic, p["partition"]) for p in entry["partitions"]]
     return partitions
 
 

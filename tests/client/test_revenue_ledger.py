@@ -172,7 +172,7 @@ async def test_rejections_on_a_shared_topic_are_skipped(
     class Consumer(FixedRecordsConsumer):
         records: ClassVar[dict[Any, list[bytes]]] = {tp: values}
 
-    async def partitions(consumer: object, topics: list[str]) -> list[Any]:
+    async def partitions(bootstrap_servers: str, topics: list[str]) -> list[Any]:
         return [tp]
 
     monkeypatch.setattr(example, "AIOKafkaConsumer", Consumer)
@@ -217,14 +217,31 @@ def test_output_keys_are_remembered_per_partition_for_a_window(example: ModuleTy
     assert len(unbounded.seen["p0"]) == 5
 
 
+class _Admin:
+    """Stands for the admin client of a cluster with ``sessions.closed`` (one
+    partition): the topics it was asked to describe."""
+
+    described: ClassVar[list[list[str]]] = []
+
+    def __init__(self, **options: object) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def list_topics(self) -> list[str]:
+        return ["sessions.closed"]
+
+    async def describe_topics(self, topics: list[str]) -> list[dict[str, Any]]:
+        self.described.append(topics)
+        return [{"topic": t, "error_code": 0, "partitions": [{"partition": 0}]} for t in topics]
+
+
 class _Topics(FixedRecordsConsumer):
-    """Metadata of all topics: ``sessions.closed`` with one partition."""
-
-    async def topics(self) -> set[str]:
-        return {"sessions.closed"}
-
-    def partitions_for_topic(self, topic: str) -> set[int] | None:
-        return {0} if topic == "sessions.closed" else None
+    """A consumer of the cluster ``_Admin`` stands for."""
 
 
 async def test_a_topic_is_looked_up_among_all_not_by_name(
@@ -232,11 +249,13 @@ async def test_a_topic_is_looked_up_among_all_not_by_name(
 ) -> None:
     """A metadata request naming the topic has a broker with
     auto.create.topics.enable (Apache Kafka's default) create a mistyped one."""
+    monkeypatch.setattr(example, "AIOKafkaAdminClient", _Admin)
     monkeypatch.setattr(example, "AIOKafkaConsumer", _Topics)
     ledger = example.RevenueLedger()
     assert await example.consume("k:9092", ["sessions.closed"], ledger, follow=False, out=print)
     with pytest.raises(SystemExit, match=r"topic sessions\.closd does not exist"):
         await example.consume("k:9092", ["sessions.closd"], ledger, follow=False, out=print)
+    assert _Admin.described == [["sessions.closed"]]  # never the missing name
 
 
 async def test_a_history_that_lost_its_first_records_gives_no_figure(
@@ -251,6 +270,7 @@ async def test_a_history_that_lost_its_first_records_gives_no_figure(
             return dict.fromkeys(partitions, 1200)
 
     ledger = example.RevenueLedger()
+    monkeypatch.setattr(example, "AIOKafkaAdminClient", _Admin)
     monkeypatch.setattr(example, "AIOKafkaConsumer", Retained)
     with pytest.raises(SystemExit, match=r"records are gone \(sessions\.closed\[0\] from 1200"):
         await example.consume("k:9092", [tp.topic], ledger, follow=False, out=print)
@@ -282,6 +302,7 @@ async def test_a_one_shot_run_stopped_before_the_end_prints_no_figure(
             await asyncio.sleep(0.05)
             return {}
 
+    monkeypatch.setattr(example, "AIOKafkaAdminClient", _Admin)
     monkeypatch.setattr(example, "AIOKafkaConsumer", Stopped)
     ledger = example.RevenueLedger()
     assert not await example.consume("k:9092", [tp.topic], ledger, follow=False, out=print)
