@@ -487,16 +487,22 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     unavailable="this worker does not own the session's partition, and the "
                     "group's assignment names no owner (a worker of another release?)"
                 )
-            if task is not None and task_id in self._starting:
+            if task_id in self._starting:
                 return Lookup(unavailable="the session's partition is restoring on this worker")
+            if task_id in self._waiting:
+                return Lookup(
+                    unavailable="the session's partition waits for the rest of its task's "
+                    "partitions on this worker"
+                )
             return Lookup(unavailable="the session's partition is moving")
         # RocksDB holds what committed; the open transaction's overlay is not read.
         try:
             stored = task.stores[SESSIONS_STORE].get(session_key(application_id, integration_id))
         except StoreError as exc:
-            # The task meets it at its next write, and restarts (a corrupt
-            # store is restored from its changelog).
-            return Lookup(unavailable=f"the session's store cannot be read: {exc}")
+            # Corrupt: the loop restarts the task, which restores the store
+            # (_restart_corrupted). The path is for the log, not for clients.
+            log.warning("%s: a query could not read its store: %s", task.id, exc)
+            return Lookup(unavailable="the session's store cannot be read (see the worker's log)")
         return Lookup(found=True, stored=stored)
 
     # -- running ---------------------------------------------------------------------------
@@ -601,6 +607,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 async with self._lock:
                     await self._process(batches)
                     await self._commit(due_only=True)
+                    await self._restart_corrupted()
                     if time.monotonic() - passed_at >= _PASS_SKIPPED_EVERY_S:
                         passed_at = time.monotonic()
                         await self._pass_skipped(consumer)
@@ -1066,6 +1073,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         if self._fenced_since is None:
             self._fenced_since = time.monotonic()
 
+    async def _restart_corrupted(self) -> None:
+        """Restart the tasks a query found a corrupt store of: their records
+        may never read the damaged block, and every query of it would be a
+        503 until the task next closed."""
+        for task in list(self._tasks.values()):
+            if task.active and any(store.corrupted for store in task.stores.values()):
+                await self._restart(task, StoreError("a query found a store corrupt"))
+
     async def _restart(self, task: Task, exc: BaseException) -> None:
         if isinstance(exc, StoreWriteError):
             log.warning(
@@ -1074,6 +1089,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 task.id,
                 exc,
             )
+        elif isinstance(exc, StoreError):
+            log.warning("%s: %s: restarting the task, which deletes and restores it", task.id, exc)
         else:
             log.warning(
                 "%s: transaction failed (%s): aborted; restarting the task from its "

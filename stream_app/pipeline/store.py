@@ -178,6 +178,11 @@ class PartitionStore:
             raise error from exc
         return value
 
+    @property
+    def corrupted(self) -> bool:
+        """A read met RocksDB's ``Corruption``: deleted at close, then restored."""
+        return self._corrupted
+
     def keys(self) -> Iterator[bytes]:
         for key in self._db.keys():  # noqa: SIM118 - Rdict iterates items, keys() iterates keys
             if isinstance(key, bytes) and not key.startswith(_RESERVED):

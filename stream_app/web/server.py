@@ -121,12 +121,13 @@ class WebServer:
         # The id from the segment as sent: yarl leaves an escape that is not
         # UTF-8 as it is, so "%FF" was looked up as the three characters of
         # another id ("%25FF").
-        segment = request.rel_url.raw_path.rpartition("/")[2]
-        if "#" in segment:
-            # Not valid in a request target; a forwarded one would lose what
-            # follows it (a fragment), and the owner look up another id.
+        if "#" in request.raw_path:
+            # Not valid in a request target. Where it goes depends on the HTTP
+            # parser and on whether a query follows (the id, the fragment, the
+            # query dropped); forwarded, what follows it is cut off: another id.
             return _problem(400, "a '#' in an integrationId must be sent escaped, as %23")
         try:
+            segment = request.rel_url.raw_path.rpartition("/")[2]
             integration_id = unquote_to_bytes(segment).decode()
         except UnicodeError:  # escaped or raw bytes that are not UTF-8
             return _problem(404, "no session has an integrationId that is not UTF-8")
