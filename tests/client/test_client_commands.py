@@ -378,3 +378,27 @@ async def test_a_start_that_fails_stops_its_producer(monkeypatch: pytest.MonkeyP
     with pytest.raises(KafkaTimeoutError):
         await SessionClient(Settings()).start()
     assert stopped == [True]
+
+
+def test_a_total_the_stored_session_decides_is_left_to_the_worker() -> None:
+    """An update that replaces the cart but not the costs: the workers add the
+    stored session's costs to its total, and a negative one can make it exact
+    where the cart's alone is not. The probe refused what the worker applies."""
+    items = [
+        cart_item("A", 1, Decimal("12345678901234.5")),
+        cart_item("FEE", 1, 0, additional_costs={"handling": Decimal("0.0025")}),
+    ]
+    create = update_command(
+        "c-1", cart_items=items, additional_costs={"rounding": Decimal("-0.0025")}
+    )
+    validate_command(create)
+    items_only = update_command("c-1", cart_items=items)
+    validate_command(items_only)
+    # Both given, the total is the command's own: refused here.
+    inexact = update_command("c-1", cart_items=items, additional_costs={})
+    with pytest.raises(CommandRejectedError) as caught:
+        validate_command(inexact)
+    assert (caught.value.reason, caught.value.pointer) == (
+        Reason.LIMIT_EXCEEDED,
+        "/session/total",
+    )
