@@ -94,17 +94,24 @@ async def partition_count(options: dict[str, Any], topic: str) -> int:
     """How many partitions ``topic`` has (0 when it does not exist, or the
     broker does not show it yet). Raises aiokafka's
     ``TopicAuthorizationFailedError`` when this principal may not describe it:
-    that is no missing topic, and no wait mends it."""
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.errors import TopicAuthorizationFailedError
+    that is no missing topic, and no wait mends it.
 
-    admin = AIOKafkaAdminClient(**options)
+    Asked with auto-creation off: aiokafka's ``describe_topics`` has a broker
+    with ``auto.create.topics.enable`` (Kafka's default) create a missing
+    topic, with the broker's partition count and configs, and a command
+    topic's partition count is permanent."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.errors import TopicAuthorizationFailedError
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    client = AIOKafkaClient(**options)
     try:
-        await admin.start()  # in the try: a failed or cancelled start closes it too
-        described = await admin.describe_topics([topic])
+        await client.bootstrap()  # in the try: a failed or cancelled start closes it too
+        request = MetadataRequest([topic], allow_auto_topic_creation=False)
+        response = await client.send(client.get_random_node(), request)
     finally:
-        await admin.close()
-    for entry in described:
+        await client.close()
+    for entry in response.to_object()["topics"]:
         if entry.get("topic") != topic:
             continue
         code = entry.get("error_code")

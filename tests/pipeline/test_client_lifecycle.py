@@ -46,6 +46,9 @@ class _Client:
             await asyncio.Event().wait()
         raise KafkaConnectionError("Unable to bootstrap from [('k1', 9092)]")
 
+    async def bootstrap(self) -> None:  # aiokafka's AIOKafkaClient starts so
+        await self.start()
+
     async def stop(self) -> None:
         self.closed = True
 
@@ -87,6 +90,7 @@ async def test_a_client_whose_start_fails_or_is_cancelled_is_closed(
     monkeypatch.setattr(tasks, "AIOKafkaConsumer", client)
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", client)
     monkeypatch.setattr("aiokafka.admin.AIOKafkaAdminClient", client)
+    monkeypatch.setattr("aiokafka.client.AIOKafkaClient", client)
     monkeypatch.setattr(engine_module, "AIOKafkaConsumer", client)
     monkeypatch.setattr(application_settings, "FIRST_READ_BACKOFF_S", 0.01)
     call = _starting(Settings(data_dir=tmp_path))[starting]

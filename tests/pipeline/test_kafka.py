@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, ClassVar
 
 import pytest
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
 from stream_app.pipeline.kafka import refusal
-from tests.pipeline.fakes import EmptyCluster
 
 
 class _Closed:
@@ -156,16 +156,31 @@ def test_servers_that_never_answer_leave_what_the_others_said(
     assert tried == ["k2"]
 
 
-class _DescribingAdmin(EmptyCluster):
-    """aiokafka's admin client, answering describe_topics with ``error_code``."""
+class _MetadataClient:
+    """aiokafka's client, answering a metadata request with ``error_code``:
+    the requests it was sent."""
 
     error_code = 0
+    sent: ClassVar[list[Any]] = []
 
-    async def describe_topics(self, topics: list[str]) -> list[dict[str, object]]:  # type: ignore[override]
-        partitions = [] if self.error_code else [{"partition": 0}, {"partition": 1}]
-        return [
-            {"topic": t, "error_code": self.error_code, "partitions": partitions} for t in topics
-        ]
+    def __init__(self, **options: object) -> None:
+        pass
+
+    async def bootstrap(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def get_random_node(self) -> int:
+        return 1
+
+    async def send(self, node_id: int, request: Any) -> Any:
+        self.sent.append(request)
+        code = self.error_code
+        partitions = [] if code else [{"partition": 0}, {"partition": 1}]
+        topics = [{"topic": t, "error_code": code, "partitions": partitions} for t in ["t"]]
+        return SimpleNamespace(to_object=lambda: {"topics": topics})
 
 
 @pytest.mark.parametrize(("error_code", "expected"), [(0, 2), (3, 0), (5, 0), (29, None)])
@@ -175,18 +190,35 @@ def test_a_topic_the_principal_may_not_describe_is_no_missing_topic(
     """Before, TOPIC_AUTHORIZATION_FAILED read as 0 partitions: the settings
     reader went on with file settings only, and `tail` said the topic did not
     exist. UNKNOWN_TOPIC (3) and LEADER_NOT_AVAILABLE (5) are still 0."""
-    import aiokafka.admin
+    import aiokafka.client
     from aiokafka.errors import TopicAuthorizationFailedError
 
     from stream_app.pipeline.kafka import partition_count
 
-    monkeypatch.setattr(_DescribingAdmin, "error_code", error_code)
-    monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", _DescribingAdmin)
+    monkeypatch.setattr(_MetadataClient, "error_code", error_code)
+    monkeypatch.setattr(aiokafka.client, "AIOKafkaClient", _MetadataClient)
     if expected is None:
         with pytest.raises(TopicAuthorizationFailedError):
-            asyncio.run(partition_count({}, "sessions.application-settings"))
+            asyncio.run(partition_count({}, "t"))
     else:
         assert asyncio.run(partition_count({}, "t")) == expected
+
+
+def test_a_topic_is_looked_up_without_creating_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiokafka's describe_topics asks with auto-creation on: on a broker with
+    auto.create.topics.enable (Kafka's default), `stream-app tail`, `send` or
+    a checkout's SessionClient created a missing command topic, with the
+    broker's one partition, for good."""
+    import aiokafka.client
+    from aiokafka.protocol.metadata import MetadataRequest_v5
+
+    from stream_app.pipeline.kafka import partition_count
+
+    monkeypatch.setattr(aiokafka.client, "AIOKafkaClient", _MetadataClient)
+    _MetadataClient.sent.clear()
+    asyncio.run(partition_count({}, "t"))
+    (request,) = _MetadataClient.sent
+    assert request.build(MetadataRequest_v5).allow_auto_topic_creation is False
 
 
 def test_a_tls_file_that_stopped_loading_is_a_configuration_error(
