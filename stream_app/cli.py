@@ -485,7 +485,13 @@ async def tail(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     consumer = AIOKafkaConsumer(
-        **options, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
+        **options,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        # Records deleted under it (retention, the workers' purge of their
+        # internal topics): on from the first left, not silently to the end.
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     printed = 0
@@ -518,10 +524,42 @@ async def tail(
     return printed
 
 
+def _kafka_failed(command: str, settings: Settings, exc: BaseException) -> int:
+    """Say why Kafka failed ``command``; the exit status. Brokers that refuse
+    this client (credentials, a SASL mechanism, a CA) are a configuration
+    mistake, exit 2, as the worker says; aiokafka reports them only as
+    "Unable to bootstrap", which reads as an outage to retry."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from stream_app.pipeline.kafka import client_options, refusal
+
+    servers = settings.bootstrap_servers
+    if isinstance(exc, KafkaConnectionError):
+        why = asyncio.run(refusal(client_options(settings), timeout_s=5.0))
+        if why is not None:
+            print(
+                f"stream-app {command}: Kafka at {servers} refuses this client: {why}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    print(f"stream-app {command}: Kafka at {servers}: {exc!r}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def run_tail(settings: Settings, args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
 
+    from stream_app.settings import is_kafka_name
+
     topic = resolve_topic(settings, args.topic)
+    if not is_kafka_name(topic):
+        shown = topic.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        print(
+            f"stream-app tail: '{shown}' is no topic name and no short name "
+            f"({', '.join(TOPIC_ALIASES)})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
     def out(text: str) -> None:
         print(text, flush=True)
@@ -542,8 +580,7 @@ def run_tail(settings: Settings, args: argparse.Namespace) -> int:
         print(f"stream-app tail: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KafkaError as exc:
-        print(f"stream-app tail: Kafka at {settings.bootstrap_servers}: {exc!r}", file=sys.stderr)
-        return EXIT_FAILED
+        return _kafka_failed("tail", settings, exc)
     except UnicodeDecodeError as exc:  # aiokafka's, for a header name that is not UTF-8
         print(
             f"stream-app tail: {topic} holds a record the Kafka client cannot read "
@@ -649,11 +686,7 @@ def run_topics_create(settings: Settings, partitions: int | None) -> int:
         print(f"stream-app topics create: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KafkaError as exc:
-        print(
-            f"stream-app topics create: Kafka at {settings.bootstrap_servers}: {exc!r}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+        return _kafka_failed("topics create", settings, exc)
     width = max(len(topic.name) for topic in topics)
     print(f"topics of app {settings.app_id} at {settings.bootstrap_servers}:")
     for topic in topics:
@@ -695,6 +728,17 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
 APPLICATION_ID_MAX: Final = 2_147_483_647
 #: Sessions of `traffic` at most: their records are built in memory before the first is sent.
 MAX_TRAFFIC_SESSIONS: Final = 1_000_000
+
+
+def _seconds(text: str) -> float:
+    """A wait: 0 or more seconds, finite (``inf`` never ends one, ``nan`` none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, not {text}")
+    return value
 
 
 def _at_most(bound: int) -> Callable[[str], int]:
@@ -831,7 +875,7 @@ def _add_inspect(sub: Any) -> None:
     inspect.add_argument("integration_id", metavar="INTEGRATION_ID")
     inspect.add_argument(
         "--wait",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="while the group rebalances or restores the worker answers 503 with "
@@ -853,9 +897,10 @@ def _add_inspect(sub: Any) -> None:
 def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     """GET the session from a worker and print it as indented JSON."""
     from http.client import InvalidURL
+    from ipaddress import ip_address
     from urllib.error import HTTPError, URLError
     from urllib.parse import quote, urlsplit
-    from urllib.request import urlopen
+    from urllib.request import ProxyHandler, build_opener, urlopen
 
     base = args.url or f"http://127.0.0.1:{settings.http_port}"
     application_id = args.application_id or settings.default_application_id
@@ -876,10 +921,18 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"stream-app inspect: error: not a URL: {base} ({exc})", file=sys.stderr)
         return EXIT_USAGE
-    deadline = time.monotonic() + max(args.wait, 0.0)
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    # A worker on this machine is never asked through $http_proxy, which
+    # answered for it (a corporate proxy's 502); others as urllib does.
+    get = build_opener(ProxyHandler({})).open if loopback else urlopen
+    deadline = time.monotonic() + args.wait
     while True:
         try:
-            with urlopen(url, timeout=10) as answer:  # noqa: S310 - http(s) checked above
+            with get(url, timeout=10) as answer:
                 body = answer.read()
             break
         except HTTPError as exc:
@@ -924,11 +977,15 @@ def _add_tail(sub: Any) -> None:
             "Print the records of a topic as indented JSON, as a downstream consumer "
             "sees them (read_committed: only committed outputs). Reads from the "
             "beginning and stops at the current end, unless --follow. Uses no consumer "
-            "group and commits nothing."
+            "group and commits nothing. A value that is not JSON is printed as "
+            '{"valueBase64": "..."}; a tombstone as null.'
         ),
         epilog=(
             "TOPIC is a topic name, or one of: " + ", ".join(TOPIC_ALIASES) + "\n"
             "(the topics configured by STREAM_APP_TOPICS__*).\n\n"
+            "exit status: 0 done (or stopped by Ctrl-C); 1 no such topic, or Kafka\n"
+            "out of reach or failing; 2 usage, or Kafka refuses this client's\n"
+            "credentials.\n\n"
             "examples:\n"
             "  stream-app tail rejected\n"
             "  stream-app tail closed --from-end\n"
@@ -976,7 +1033,15 @@ def _add_topics(sub: Any) -> None:
             "kept; an internal topic whose partition count disagrees with the command "
             "topic's is an error. Run it with the same environment as the workers "
             "(app id and topic names decide the names). Prints every topic: created "
-            "or already there, with its partitions."
+            "or already there, with its partitions and the configs the app sets (and, "
+            "where they differ, what the worker would have created it with)."
+        ),
+        epilog=_wrap(
+            "exit status: 0 every topic is as the workers need it; 1 Kafka out of "
+            "reach or failing; 2 usage, Kafka refusing this client's credentials, "
+            "an internal topic with another partition count, topics the broker "
+            "would not create, or (after the table) topics a worker would refuse "
+            "to start on."
         ),
     )
     create.add_argument(

@@ -88,7 +88,7 @@ class TopicNames(BaseModel):
     @field_validator("*")
     @classmethod
     def _kafka_name(cls, value: str) -> str:
-        if not _is_kafka_name(value):
+        if not is_kafka_name(value):
             raise ValueError(
                 f"{value!r} is not a Kafka topic name (1 to 249 of ASCII letters, "
                 "digits, '.', '_' and '-')"
@@ -337,7 +337,7 @@ class Settings(BaseSettings):
     @field_validator("app_id")
     @classmethod
     def _app_id(cls, value: str) -> str:
-        if not _is_kafka_name(value, APP_ID_MAX):
+        if not is_kafka_name(value, APP_ID_MAX):
             raise ValueError(
                 f"{value!r} is not an app id (1 to {APP_ID_MAX} of ASCII letters, digits, "
                 "'.', '_' and '-'): it names the group, internal topics and state directory"
@@ -422,7 +422,7 @@ class Settings(BaseSettings):
             ) from None
 
 
-def _is_kafka_name(value: str, longest: int = 249) -> bool:
+def is_kafka_name(value: str, longest: int = 249) -> bool:
     """Whether Kafka takes ``value`` as a topic name (or as a part of one of
     ``longest`` characters at most)."""
     return len(value) <= longest and bool(_TOPIC_NAME.fullmatch(value)) and value not in {".", ".."}

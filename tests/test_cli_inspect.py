@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
@@ -110,3 +111,29 @@ def test_inspect_of_an_id_that_is_not_utf8_is_a_usage_error(
     not_utf8 = b"\xff".decode("utf-8", "surrogateescape")
     assert main(["inspect", not_utf8, "--url", "http://127.0.0.1:1"]) == 2
     assert "is not UTF-8" in capsys.readouterr().err
+
+
+def test_a_worker_on_this_machine_is_not_asked_through_a_proxy(
+    worker: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """urllib sent the query for 127.0.0.1 to $http_proxy: on a machine with a
+    corporate proxy, its 502 was the answer."""
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:1")  # nothing listens there
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    # urlopen keeps the opener it first built, with the proxies of that time.
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    _Worker.answers = [FOUND]
+    assert main(["inspect", "a/b", "--url", worker]) == 0
+    assert _Worker.paths == ["/v2/customer_sessions/a%2Fb?applicationId=1"]
+
+
+@pytest.mark.parametrize("wait", ["nan", "inf", "-1"])
+def test_a_wait_that_never_ends_or_is_none_is_a_usage_error(
+    wait: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """inf retried a 503 for ever."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["inspect", "a", "--wait", wait])
+    assert stopped.value.code == 2
+    assert ">= 0 and finite" in capsys.readouterr().err

@@ -78,3 +78,47 @@ def test_a_record_nested_past_what_can_be_written_again_is_shown_in_base64() -> 
         SimpleNamespace(**{**vars(record), "value": b'{"a": 1}'}), metadata=False
     )
     assert plain == '{\n  "a": 1\n}'
+
+
+@pytest.mark.parametrize("topic", ["", "a b", "x" * 250, "\udcff"])
+def test_a_topic_that_cannot_be_one_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], topic: str
+) -> None:
+    """Before, 'does not exist' and exit 1 after asking Kafka (a name that is
+    not UTF-8: a traceback)."""
+    assert cli.main(["tail", topic]) == cli.EXIT_USAGE
+    assert "is no topic name" in capsys.readouterr().err
+
+
+async def _unable_to_bootstrap(*args: object, **kwargs: object) -> None:
+    from aiokafka.errors import KafkaConnectionError
+
+    raise KafkaConnectionError("Unable to bootstrap from [('k1', 9093)]")
+
+
+@pytest.mark.parametrize(
+    ("command", "replace"),
+    [(["tail", "commands"], "tail"), (["topics", "create"], "create_topics")],
+)
+def test_brokers_that_refuse_the_credentials_are_said_so(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    replace: str,
+) -> None:
+    """aiokafka reports refused credentials as 'Unable to bootstrap': exit 1,
+    an outage to retry, where the worker says what was refused, exit 2."""
+    from stream_app.pipeline import kafka
+
+    refused: list[str | None] = ["SaslAuthenticationFailed: Invalid username or password"]
+
+    async def refusal(options: object, timeout_s: float = 10.0) -> str | None:
+        return refused[0]
+
+    monkeypatch.setattr(cli, replace, _unable_to_bootstrap)
+    monkeypatch.setattr(kafka, "refusal", refusal)
+    assert cli.main(command) == cli.EXIT_USAGE
+    assert "refuses this client: SaslAuthenticationFailed" in capsys.readouterr().err
+    refused[0] = None  # unreachable: worth retrying
+    assert cli.main(command) == cli.EXIT_FAILED
+    assert "Unable to bootstrap" in capsys.readouterr().err
