@@ -120,6 +120,8 @@ _ROUND_WAIT_WARN_S: Final = 30.0
 #: then restarts the task, its producer's fence and its restore, every 10 s
 #: rather than at once, again and again.
 _RESTART_QUIET_S: Final = 60.0
+#: What :meth:`Engine._restart` is given for a store a query found corrupt.
+_CORRUPT_READ: Final = StoreError("a query found a store corrupt")
 _RESTART_BACKOFF_MAX_S: Final = 10.0
 
 
@@ -1079,18 +1081,22 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         503 until the task next closed."""
         for task in list(self._tasks.values()):
             if task.active and any(store.corrupted for store in task.stores.values()):
-                await self._restart(task, StoreError("a query found a store corrupt"))
+                await self._restart(task, _CORRUPT_READ)
 
     async def _restart(self, task: Task, exc: BaseException) -> None:
-        if isinstance(exc, StoreWriteError):
+        if exc is _CORRUPT_READ:
+            log.warning(
+                "%s: a query found a store corrupt: restarting the task, which deletes and "
+                "restores it",
+                task.id,
+            )
+        elif isinstance(exc, StoreWriteError):
             log.warning(
                 "%s: transaction committed, but its stores could not be written (%s): "
                 "restarting the task, which restores them from the changelog",
                 task.id,
                 exc,
             )
-        elif isinstance(exc, StoreError):
-            log.warning("%s: %s: restarting the task, which deletes and restores it", task.id, exc)
         else:
             log.warning(
                 "%s: transaction failed (%s): aborted; restarting the task from its "

@@ -1177,3 +1177,40 @@ async def test_a_settings_read_refused_before_the_settings_load_is_a_configurati
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
     with pytest.raises(ConfigurationError, match="does not authorize"):
         await asyncio.wait_for(engine.run(), timeout=5)
+
+
+async def test_the_main_loop_restarts_a_task_whose_store_a_query_found_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corrupt block that only queries read left their sessions 503 until
+    the task next closed: the loop now restarts the task after its next poll."""
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", _IdleConsumer)
+    monkeypatch.setattr(engine_module, "_TOPICS_VISIBLE_WAIT_S", 0.0)
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+
+    class _Store:
+        corrupted = True
+
+    class _Task:
+        id = TaskId("commands", 0)
+        active = True
+        stores: ClassVar[dict[str, object]] = {"sessions": _Store()}
+
+        def commit_due(self, now: float) -> bool:
+            return False  # nothing to commit: the poll is what brings the restart
+
+    engine._tasks[_Task.id] = _Task()  # type: ignore[assignment]
+    restarted = asyncio.Event()
+
+    async def restart(task: object, exc: BaseException) -> None:
+        assert exc is engine_module._CORRUPT_READ
+        engine._tasks.clear()
+        restarted.set()
+
+    engine._restart = restart  # type: ignore[method-assign]
+    running = asyncio.ensure_future(engine._consume())
+    try:
+        await asyncio.wait_for(restarted.wait(), timeout=10)
+    finally:
+        engine.stop()
+        await running
