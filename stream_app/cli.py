@@ -198,21 +198,58 @@ def _cost(text: str) -> tuple[str, Decimal]:
 
 def _attribute(text: str) -> tuple[str, Any]:
     """``NAME=VALUE``; VALUE is read as JSON when it is JSON (42, true, null,
-    "x", [1]), otherwise taken as a string."""
+    "x", [1]), otherwise taken as a string. A number in it that a command
+    cannot carry exactly (24 digits, 1e400) is refused, not changed."""
+    import json as exact_json
+
     from stream_app import json
 
     name, value = _name_value(text)
     try:
+        exact = exact_json.loads(
+            value, parse_float=Decimal, parse_int=Decimal, parse_constant=_not_json
+        )
+    except ValueError:  # not JSON (or NaN, Infinity): text
+        return name, value
+    try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
-        return name, value
-    if type(parsed) is float and Decimal(repr(parsed)) != Decimal(value.strip()):
-        # An id of 24 digits read as 1.2345678901234569e+23: refused, not changed.
+        parsed = _UNREADABLE
+    if parsed is _UNREADABLE or not _same_numbers(parsed, exact):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: {value.strip()} cannot travel exactly as a JSON number; "
+            f"{text!r}: a number in {value.strip()} cannot travel exactly as a JSON number; "
             f"to send it as text, quote it: {name}='\"{value.strip()}\"'"
         )
     return name, parsed
+
+
+_UNREADABLE = object()
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _same_numbers(parsed: Any, exact: Any) -> bool:
+    """Whether ``parsed`` (as a command carries it) holds the numbers of
+    ``exact`` (the same JSON, its numbers as Decimal) exactly."""
+    if isinstance(exact, Decimal):
+        if type(parsed) is int:
+            return Decimal(parsed) == exact
+        return type(parsed) is float and Decimal(repr(parsed)) == exact
+    if isinstance(exact, list):
+        return (
+            isinstance(parsed, list)
+            and len(parsed) == len(exact)
+            and all(_same_numbers(p, e) for p, e in zip(parsed, exact, strict=True))
+        )
+    if isinstance(exact, dict):
+        return (
+            isinstance(parsed, dict)
+            and parsed.keys() == exact.keys()
+            and all(_same_numbers(parsed[k], v) for k, v in exact.items())
+        )
+    return True
 
 
 def _returned(text: str) -> dict[str, Any]:
@@ -848,7 +885,7 @@ def _add_send(sub: Any) -> None:
         type=_attribute,
         metavar="NAME=VALUE",
         help="a session attribute; VALUE is JSON when it parses (42, true, null removes; a "
-        "number a double cannot hold exactly is refused: quote it)",
+        "number in it that a double cannot hold exactly is refused: quote it)",
     )
     built.add_argument(
         "--return-item",

@@ -22,9 +22,11 @@ What the client guarantees:
   lines and totals too (an amount that cannot be written exactly), and, with
   ``application_settings`` given, the rules that depend on them (total
   quantity with flattening, allowed additional costs and attributes). Rules
-  that depend on the stored session (the state machine,
-  return quantities, unknown sessions) can only be checked by the worker:
-  those rejections still land on the rejection topic.
+  that depend on the stored session (the state machine, return quantities,
+  unknown sessions, and the session total of an update that replaces only
+  one of ``cartItems`` and ``additionalCosts``, which adds the stored other)
+  can only be checked by the worker: those rejections still land on the
+  rejection topic.
 * **Keyed by integrationId**, so the commands of one session are applied in
   the order they were sent.
 * **Idempotent retries.** Every command carries an ``eventId``: yours, or a
@@ -39,8 +41,7 @@ What the client guarantees:
   JSON number (``Decimal("19.99")`` is 19.99 in the worker's totals). A
   ``Decimal`` that a JSON number cannot carry exactly (more significant
   digits than a double keeps, such as ``Decimal("0.1000000000000000001")``)
-  raises ``ValueError`` rather than being rounded. (Below 2^63: a larger
-  amount is refused as the workers refuse it, ``LIMIT_EXCEEDED``.)
+  raises ``ValueError`` rather than being rounded.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from stream_app.domain import (
     apply,
     decode_command,
 )
-from stream_app.domain.numbers import MONEY_LIMIT, json_number, representable
+from stream_app.domain.numbers import json_number
 from stream_app.domain.rejections import make_rejection
 from stream_app.errors import StreamAppError
 from stream_app.settings import Settings
@@ -150,13 +151,14 @@ def command_number(value: Decimal) -> int | float:
     amounts (:func:`stream_app.domain.numbers.json_number`: an integer while
     it fits 64 bits, else a float, which the workers' limits then judge).
     Raises ValueError for NaN, an infinity, a number past the largest double
-    (1e400), which JSON cannot hold, and a number below 2^63 that the workers
-    would read as another (more significant digits than a double keeps):
-    money is never rounded on its way."""
+    (1e400), which JSON cannot hold, and a number the workers would read as
+    another (more significant digits than a double keeps): nothing is
+    rounded on its way."""
     if not value.is_finite() or abs(value) > _LARGEST_DOUBLE:
         raise ValueError(f"{value} is not a number JSON can hold")
     number = json_number(value)
-    if abs(value) < MONEY_LIMIT and not representable(value):
+    written = Decimal(number) if type(number) is int else Decimal(repr(number))
+    if written != value:
         raise ValueError(
             f"{value} cannot travel exactly as a JSON number: the workers would read "
             f"{number!r}; round it first"

@@ -134,6 +134,8 @@ def test_send_takes_json_from_an_argument_or_stdin() -> None:
         (["--type=close", "--integration-id=c", "--cost=x=money"], "", "expected NAME=PRICE"),
         # Before: sent as 1.2345678901234569e+23, another id.
         (["--type=update", "--integration-id=c", "--attribute=r=" + "9" * 24], "", "quote"),
+        (["--type=update", "--integration-id=c", "--attribute=r=[" + "9" * 24 + "]"], "", "quote"),
+        (["--type=update", "--integration-id=c", "--attribute=r=1e400"], "", "quote"),
         # Before: sent, and applied as 0.1.
         (["--type=close", "--integration-id=c", "--item=A:1:0.10000000000000001"], "", "read 0.1"),
     ],

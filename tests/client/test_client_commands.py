@@ -326,6 +326,12 @@ def test_a_decimal_a_json_number_cannot_carry_is_refused_not_rounded() -> None:
             cart_item("A", 1, Decimal(value))
     assert cart_item("A", 1, Decimal("19.99"))["price"] == 19.99
     assert cart_item("A", 1, Decimal("12345678901234567"))["price"] == 12345678901234567
+    # Past 2^63 too: an attribute's Decimal went out as 1.2345678901234569e+23.
+    with pytest.raises(ValueError, match="cannot travel exactly"):
+        update_command("c-1", attributes={"ref": Decimal("123456789012345678901234")})
+    assert update_command("c-1", attributes={"big": Decimal("1e20")})["session"]["attributes"]
+    for same in ("-0", "1E+2", "5E-324", "9223372036854775807"):
+        assert cart_item("A", 1, Decimal(same))
     # A hand-written document: refused as the builders refuse, not a bare ValueError.
     for number in (Decimal("0.1000000000000000001"), math.nan):
         with pytest.raises(CommandRejectedError) as caught:
