@@ -63,25 +63,30 @@ not: the workers remember only the last 64 eventIds of a session (section
 9), so a command that reuses an older one is applied again, and its output
 is new revenue, not a duplicate. These keys are remembered for the last
 ``--dedupe-window`` outputs (100,000) of each partition read: a crash writes
-again only what followed the worker's last commit, a few thousand records at
-most on an output topic with the command topic's partition count (the
-workers create them so). With other partition counts several workers write
-to one output partition: raise the window to what they write in the longest
-outage you expect, or set 0 to remember every output (about 300 bytes each,
-for ever). Numbers are parsed as ``Decimal`` and summed exactly (no 28-digit
-rounding, no binary float drift).
+again only what followed the worker's last commit, a checkpoint interval or
+two of its outputs (``STREAM_APP_CHECKPOINT_INTERVAL_S``, 0.1 s: a few
+thousand records at most) on an output topic with the command topic's
+partition count (the workers create them so). With a longer interval, or
+other partition counts (several workers then write to one output
+partition), raise the window to what is written there in that time, or in
+the longest outage you expect; 0 remembers every output. Each key takes
+about 300 bytes: a full window, 30 MB per partition read. Numbers are
+parsed as ``Decimal`` and summed exactly (no 28-digit rounding, no binary
+float drift).
 
 This example keeps everything in memory and reads from the beginning each
 time, without a consumer group, so it needs the whole history: it refuses to
 run on a topic whose first records are gone (retention or a deletion; the
 workers create the output topics with the cluster's default retention, so
-set ``retention.ms=-1`` on them for this example), and stops if records are
-deleted while it reads. Several copies each count everything. A figure is
-each topic read to its end as found at the start, not one snapshot of all
-four: a reopen committed just after its close can be counted without it;
-``--follow`` prints figures along the way, with the same caveat. A
-long-running job would keep the figures, the seen output keys and the
-offsets together in its own store, per partition, and resume from them.
+set ``retention.ms=-1`` and ``retention.bytes=-1`` on them for this
+example), and stops if records are deleted while it reads. Compaction
+deletes records without that sign: an output topic must not compact.
+Several copies each count everything. A figure is each topic read to its
+end as found at the start, not one snapshot of all four: a reopen committed
+just after its close can be counted without it; ``--follow`` prints figures
+along the way, with the same caveat. A long-running job would keep the
+figures, the seen output keys and the offsets together in its own store,
+per partition, and resume from them.
 
 Run::
 
@@ -244,9 +249,13 @@ async def consume(
             raise SystemExit(
                 f"revenue_consumer: the first records are gone ({first}): a figure "
                 "without them would be wrong. This example needs the whole history "
-                "(retention.ms=-1 on the output topics; see its docstring)."
+                "(retention.ms=-1 and retention.bytes=-1 on the output topics; see its "
+                "docstring)."
             )
-        await consumer.seek_to_beginning(*partitions)
+        for tp in partitions:
+            # Offset 0, not "the beginning": records deleted after the check
+            # above make the first fetch out of range, not silently skipped.
+            consumer.seek(tp, 0)
         # read_committed: the end is the last stable offset (no open transaction).
         ends = None if follow else await consumer.end_offsets(partitions)
         while not stop.is_set():

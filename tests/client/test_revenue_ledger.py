@@ -275,15 +275,26 @@ async def test_a_history_that_lost_its_first_records_gives_no_figure(
     with pytest.raises(SystemExit, match=r"records are gone \(sessions\.closed\[0\] from 1200"):
         await example.consume("k:9092", [tp.topic], ledger, follow=False, out=print)
 
+    made: list[Any] = []
+
     class Deleting(_Topics):
         records: ClassVar[dict[Any, list[bytes]]] = {tp: [b"{}"]}
 
+        def __init__(self, **options: object) -> None:
+            super().__init__(**options)
+            made.append(self)
+
         async def getmany(self, timeout_ms: int) -> dict[Any, list[Any]]:
+            # What aiokafka raises for a fetch below the first offset left,
+            # with no reset to jump by.
+            assert self.options["auto_offset_reset"] == "none"
+            assert self.seeks == [(tp, 0)]  # not "the beginning", wherever it is by then
             raise example.OffsetOutOfRangeError({tp: 0})
 
     monkeypatch.setattr(example, "AIOKafkaConsumer", Deleting)
     with pytest.raises(SystemExit, match="deleted while being read"):
         await example.consume("k:9092", [tp.topic], ledger, follow=False, out=print)
+    assert len(made) == 1
 
 
 async def test_a_one_shot_run_stopped_before_the_end_prints_no_figure(

@@ -488,6 +488,8 @@ class FixedRecordsConsumer:
 
     def __init__(self, **options: object) -> None:
         self.read = False
+        self.options = options
+        self.seeks: list[tuple[TopicPartition, int]] = []
 
     async def start(self) -> None:
         pass
@@ -500,6 +502,9 @@ class FixedRecordsConsumer:
 
     async def seek_to_beginning(self, *partitions: object) -> None:
         pass
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.seeks.append((partition, offset))
 
     async def beginning_offsets(
         self, partitions: list[TopicPartition]
