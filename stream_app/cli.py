@@ -200,29 +200,64 @@ def _attribute(text: str) -> tuple[str, Any]:
     """``NAME=VALUE``; VALUE is read as JSON when it is JSON (42, true, null,
     "x", [1]), otherwise taken as a string. A number in it that a command
     cannot carry exactly (24 digits, 1e400) is refused, not changed."""
-    import json as exact_json
-
     from stream_app import json
 
     name, value = _name_value(text)
     try:
-        exact = exact_json.loads(
-            value, parse_float=Decimal, parse_int=Decimal, parse_constant=_not_json
-        )
-    except ValueError:  # not JSON (or NaN, Infinity): text
-        return name, value
-    try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
-        parsed = _UNREADABLE
-    if parsed is _UNREADABLE or not _same_numbers(parsed, exact):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: a number in {value.strip()} cannot travel exactly as a JSON number; "
-            f"to send it as text, quote it: {name}='\"{value.strip()}\"'"
-        )
+        if _beyond_a_double(value):
+            raise argparse.ArgumentTypeError(_inexact(text, name, value)) from None
+        return name, value  # not JSON: text
+    exact = _exactly(value)
+    if exact is not _UNREADABLE and not _same_numbers(parsed, exact):
+        raise argparse.ArgumentTypeError(_inexact(text, name, value))
     return name, parsed
 
 
+def _inexact(text: str, name: str, value: str) -> str:
+    return (
+        f"{text!r}: a number in {value.strip()} cannot travel exactly as a JSON number; "
+        f"to send it as text, quote it: {name}='\"{value.strip()}\"'"
+    )
+
+
+def _exactly(value: str) -> Any:
+    """``value`` read as JSON with its numbers as Decimal; _UNREADABLE when the
+    standard library cannot (NaN, nesting deeper than it reads)."""
+    import json as exact_json
+
+    try:
+        return exact_json.loads(
+            value, parse_float=Decimal, parse_int=Decimal, parse_constant=_not_json
+        )
+    except (ValueError, RecursionError):
+        return _UNREADABLE
+
+
+def _beyond_a_double(value: str) -> bool:
+    """Whether ``value`` is JSON that orjson refused for a number past the
+    largest double (1e400), not for what it is (text, say)."""
+    exact = _exactly(value)
+    if exact is _UNREADABLE:
+        return False
+    try:
+        return _any_number(exact, lambda n: abs(n) > _LARGEST_DOUBLE)
+    except RecursionError:
+        return False
+
+
+def _any_number(value: Any, test: Callable[[Decimal], bool]) -> bool:
+    if isinstance(value, Decimal):
+        return test(value)
+    if isinstance(value, list):
+        return any(_any_number(item, test) for item in value)
+    if isinstance(value, dict):
+        return any(_any_number(item, test) for item in value.values())
+    return False
+
+
+_LARGEST_DOUBLE = Decimal(sys.float_info.max)
 _UNREADABLE = object()
 
 
@@ -232,7 +267,15 @@ def _not_json(constant: str) -> Any:
 
 def _same_numbers(parsed: Any, exact: Any) -> bool:
     """Whether ``parsed`` (as a command carries it) holds the numbers of
-    ``exact`` (the same JSON, its numbers as Decimal) exactly."""
+    ``exact`` (the same JSON, its numbers as Decimal) exactly. (Nested too
+    deep to compare: the workers refuse it past 29 levels anyway.)"""
+    try:
+        return _same(parsed, exact)
+    except RecursionError:
+        return True
+
+
+def _same(parsed: Any, exact: Any) -> bool:
     if isinstance(exact, Decimal):
         if type(parsed) is int:
             return Decimal(parsed) == exact
@@ -241,13 +284,13 @@ def _same_numbers(parsed: Any, exact: Any) -> bool:
         return (
             isinstance(parsed, list)
             and len(parsed) == len(exact)
-            and all(_same_numbers(p, e) for p, e in zip(parsed, exact, strict=True))
+            and all(_same(p, e) for p, e in zip(parsed, exact, strict=True))
         )
     if isinstance(exact, dict):
         return (
             isinstance(parsed, dict)
             and parsed.keys() == exact.keys()
-            and all(_same_numbers(parsed[k], v) for k, v in exact.items())
+            and all(_same(parsed[k], v) for k, v in exact.items())
         )
     return True
 
@@ -352,7 +395,10 @@ def _send_command(args: argparse.Namespace, stdin: TextIO | None) -> dict[str, A
     if flags_used:
         if args.type is None:
             raise UsageError("building a command from flags needs --type")
-        return _flag_command(args)
+        try:
+            return _flag_command(args)
+        except ValueError as exc:  # what the builders refuse (nested too deep)
+            raise UsageError(str(exc)) from None
     if args.command_json is not None and args.command_json != "-":
         return _json_command(args.command_json)
     if stdin is None:  # started with stdin closed

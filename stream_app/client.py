@@ -144,6 +144,7 @@ def new_event_id() -> str:
 
 #: Past it a Decimal is no double: the workers read such a number as infinite.
 _LARGEST_DOUBLE = Decimal(sys.float_info.max)
+_U64 = 2**64
 
 
 def command_number(value: Decimal) -> int | float:
@@ -157,6 +158,8 @@ def command_number(value: Decimal) -> int | float:
     if not value.is_finite() or abs(value) > _LARGEST_DOUBLE:
         raise ValueError(f"{value} is not a number JSON can hold")
     number = json_number(value)
+    if type(number) is float and 0 <= value < _U64 and value == value.to_integral_value():
+        number = int(value)  # 2^63..2^64-1: orjson writes them exactly (the limits judge)
     written = Decimal(number) if type(number) is int else Decimal(repr(number))
     if written != value:
         raise ValueError(
@@ -168,16 +171,23 @@ def command_number(value: Decimal) -> int | float:
 
 def _plain(value: Any) -> Any:
     """JSON-ready: Decimals become JSON numbers (:func:`command_number`),
-    tuples and sets lists."""
+    tuples and sets lists. Raises ValueError for what a command cannot carry."""
+    try:
+        return _json_ready(value)
+    except RecursionError:  # the workers refuse more than 29 levels anyway
+        raise ValueError("nested deeper than a command can carry") from None
+
+
+def _json_ready(value: Any) -> Any:
     if isinstance(value, Decimal):
         return command_number(value)
     if isinstance(value, float) and not math.isfinite(value):
         # orjson writes null for them: an attribute of NaN deleted the stored one.
         raise ValueError(f"{value} is not a number a command can carry")
     if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: _json_ready(item) for key, item in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [_plain(item) for item in value]
+        return [_json_ready(item) for item in value]
     return value
 
 

@@ -106,6 +106,9 @@ def test_send_takes_json_from_an_argument_or_stdin() -> None:
     assert _dry_run("-", stdin=command)["integrationId"] == "cart-1"
 
 
+DEEP = "[" * 999 + "]" * 999
+
+
 @pytest.mark.parametrize(
     ("args", "stdin", "message"),
     [
@@ -136,6 +139,8 @@ def test_send_takes_json_from_an_argument_or_stdin() -> None:
         (["--type=update", "--integration-id=c", "--attribute=r=" + "9" * 24], "", "quote"),
         (["--type=update", "--integration-id=c", "--attribute=r=[" + "9" * 24 + "]"], "", "quote"),
         (["--type=update", "--integration-id=c", "--attribute=r=1e400"], "", "quote"),
+        # Before: a RecursionError traceback.
+        (["--type=update", "--integration-id=c", f"--attribute=r={DEEP}"], "", "deeper"),
         # Before: sent, and applied as 0.1.
         (["--type=close", "--integration-id=c", "--item=A:1:0.10000000000000001"], "", "read 0.1"),
     ],
@@ -331,3 +336,16 @@ def test_send_that_cannot_connect_says_not_sent(
     err = capsys.readouterr().err
     assert "not sent to Kafka" in err
     assert "may have been sent" not in err
+
+
+def test_an_attribute_is_text_unless_it_is_json_a_command_carries_exactly() -> None:
+    """Refused for its numbers only: a lone surrogate escape was refused as 'a
+    number ... cannot travel exactly', and quoting it as told sent another text."""
+    attributes = _dry_run(
+        "--type=update",
+        "--integration-id=c",
+        '--attribute=s="\\ud800"',
+        "--attribute=n=9223372036854775808",
+        "--attribute=open=[[[",
+    )["session"]["attributes"]
+    assert attributes == {"s": '"\\ud800"', "n": 9223372036854775808, "open": "[[["}

@@ -332,6 +332,9 @@ def test_a_decimal_a_json_number_cannot_carry_is_refused_not_rounded() -> None:
     assert update_command("c-1", attributes={"big": Decimal("1e20")})["session"]["attributes"]
     for same in ("-0", "1E+2", "5E-324", "9223372036854775807"):
         assert cart_item("A", 1, Decimal(same))
+    # 2^63..2^64-1 travel as integers (orjson writes them exactly).
+    big = update_command("c-1", attributes={"n": Decimal(2**64 - 1)})
+    assert big["session"]["attributes"] == {"n": 2**64 - 1}
     # A hand-written document: refused as the builders refuse, not a bare ValueError.
     for number in (Decimal("0.1000000000000000001"), math.nan):
         with pytest.raises(CommandRejectedError) as caught:
