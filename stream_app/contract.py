@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -635,52 +635,58 @@ _SCHEMA_MAPS: Final = frozenset({"properties", "patternProperties", "$defs", "de
 _DATA: Final = frozenset({"examples", "default", "const", "enum"})
 
 
+def _each_schema(node: Any, fix: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    """``node`` with ``fix`` applied to each of its objects, innermost first:
+    the names of a map of schemas (``properties``) are no keywords, and data
+    (``examples``, ``const``) is left as it is."""
+    if isinstance(node, list):
+        return [_each_schema(item, fix) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DATA:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _each_schema(schema, fix) for name, schema in value.items()}
+        else:
+            out[key] = _each_schema(value, fix)
+    return fix(out)
+
+
 def _clean_descriptions(node: Any) -> Any:
     """``node`` with every schema's description as :func:`inspect.cleandoc`
     leaves it. msgspec takes a class's docstring as it is, and Python 3.13
     strips the indentation of docstrings where 3.11 and 3.12 keep it: the
     files must be the same whatever Python writes them."""
-    if isinstance(node, list):
-        return [_clean_descriptions(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if key in _DATA:
-            out[key] = value
-        elif key in _SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: _clean_descriptions(schema) for name, schema in value.items()}
-        elif key == "description" and isinstance(value, str):
-            out[key] = inspect.cleandoc(value)
-        else:
-            out[key] = _clean_descriptions(value)
-    return out
+    return _each_schema(node, _cleaned)
+
+
+def _cleaned(schema: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(schema.get("description"), str):
+        schema["description"] = inspect.cleandoc(schema["description"])
+    return schema
 
 
 def _asyncapi_schema(node: Any) -> Any:
-    """A JSON Schema of msgspec's as AsyncAPI 3.0's Schema Object takes it:
-    without OpenAPI's ``discriminator`` object (AsyncAPI's is a property name,
-    which must be a required property of the schema itself: the ``oneOf`` and
-    its tags discriminate anyway), and, draft-07 ignoring what stands beside a
-    ``$ref``, a ``$ref`` with other keywords put in an ``allOf``."""
-    if isinstance(node, list):
-        return [_asyncapi_schema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if key in _DATA:
-            out[key] = value
-        elif key in _SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: _asyncapi_schema(schema) for name, schema in value.items()}
-        else:
-            out[key] = _asyncapi_schema(value)
-    if isinstance(out.get("discriminator"), dict):
-        del out["discriminator"]
-    if "$ref" in out and len(out) > 1:
-        ref = out.pop("$ref")
-        out["allOf"] = [{"$ref": ref}, *out.get("allOf", [])]
-    return out
+    """``node`` as AsyncAPI 3.0 takes it (:func:`_for_asyncapi`)."""
+    return _each_schema(node, _for_asyncapi)
+
+
+def _for_asyncapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON Schema object of msgspec's as AsyncAPI 3.0's Schema Object takes
+    it: without OpenAPI's ``discriminator`` object (AsyncAPI's is a property
+    name, which must be a required property of the schema itself: the
+    ``oneOf`` and its tags discriminate anyway), and, draft-07 ignoring what
+    stands beside a ``$ref``, a ``$ref`` with other keywords put in an
+    ``allOf``. Its description cleaned, as in the schema files."""
+    schema = _cleaned(schema)
+    if isinstance(schema.get("discriminator"), dict):
+        del schema["discriminator"]
+    if "$ref" in schema and len(schema) > 1:
+        ref = schema.pop("$ref")
+        schema["allOf"] = [{"$ref": ref}, *schema.get("allOf", [])]
+    return schema
 
 
 def asyncapi_document() -> dict[str, Any]:
@@ -694,9 +700,7 @@ def asyncapi_document() -> dict[str, Any]:
     for name, schema in zip(SCHEMA_FILES, top, strict=True):
         if "$ref" not in schema:  # the tagged unions: name them
             schemas[str(schema.get("title", name))] = schema
-    schemas = {
-        name: _asyncapi_schema(_clean_descriptions(schema)) for name, schema in schemas.items()
-    }
+    schemas = {name: _asyncapi_schema(schema) for name, schema in schemas.items()}
     by_integration_id = {
         "type": "string",
         "description": "The command's integrationId, UTF-8. Kafka's default partitioner "
