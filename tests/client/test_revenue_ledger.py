@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import pytest
 
 from stream_app import json
-from tests.pipeline.fakes import FixedRecordsConsumer
+from tests.pipeline.fakes import EmptyCluster, FixedRecordsConsumer
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "revenue_consumer.py"
 
@@ -217,20 +217,11 @@ def test_output_keys_are_remembered_per_partition_for_a_window(example: ModuleTy
     assert len(unbounded.seen["p0"]) == 5
 
 
-class _Admin:
+class _Admin(EmptyCluster):
     """Stands for the admin client of a cluster with ``sessions.closed`` (one
     partition): the topics it was asked to describe."""
 
     described: ClassVar[list[list[str]]] = []
-
-    def __init__(self, **options: object) -> None:
-        pass
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
     async def list_topics(self) -> list[str]:
         return ["sessions.closed"]

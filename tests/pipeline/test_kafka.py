@@ -13,6 +13,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
 from stream_app.pipeline.kafka import refusal
+from tests.pipeline.fakes import IdleKafkaClient
 
 
 class _Closed:
@@ -156,21 +157,12 @@ def test_servers_that_never_answer_leave_what_the_others_said(
     assert tried == ["k2"]
 
 
-class _MetadataClient:
+class _MetadataClient(IdleKafkaClient):
     """aiokafka's client, answering a metadata request with ``error_code``:
     the requests it was sent."""
 
     error_code = 0
     sent: ClassVar[list[Any]] = []
-
-    def __init__(self, **options: object) -> None:
-        pass
-
-    async def bootstrap(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
     def get_random_node(self) -> int:
         return 1

@@ -24,6 +24,7 @@ from stream_app.pipeline.unreadable import (
     committed_batches,
     parse_record_batches,
 )
+from tests.pipeline.fakes import IdleKafkaClient
 from tests.pipeline.record_batches import GZIP, BatchRecord, control_batch, encode_batch
 
 TP = TopicPartition("commands", 2)
@@ -258,22 +259,11 @@ class _Log:
         return b"".join(held[: self.max_batches]), self.aborted
 
 
-class _Client:
-    def __init__(self, **options: object) -> None:
-        pass
-
-    async def bootstrap(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def log_of(monkeypatch: pytest.MonkeyPatch) -> Callable[..., _Log]:
     def make(batches: list[bytes], aborted: list[tuple[int, int]], max_batches: int = 100) -> _Log:
         log = _Log(batches, aborted, max_batches)
-        monkeypatch.setattr(unreadable, "AIOKafkaClient", _Client)
+        monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
         monkeypatch.setattr(unreadable, "_fetch", log.fetch)
         return log
 
@@ -336,7 +326,7 @@ async def test_read_past_reads_a_backlog_of_unreadable_batches_a_fetch_at_a_time
     11 ms each against a real broker; and made a client per fetch."""
     made: list[object] = []
 
-    class _Counted(_Client):
+    class _Counted(IdleKafkaClient):
         def __init__(self, **options: object) -> None:
             made.append(self)
 
