@@ -351,11 +351,16 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         worker would be unready at once, which blocks node drains under the
         PodDisruptionBudget and hides a stall from the alert that watches
         ready workers (``StreamAppStalled``). Queries check it themselves."""
+        return self._routing_current and not self._starting and not self._waiting
+
+    @property
+    def _routing_current(self) -> bool:
+        """Whether the group's routing map holds for this worker's queries:
+        joined, not rebalancing, no task fenced, not stopping. (Tasks
+        restoring or waiting for their other inputs leave it current.)"""
         return (
             self._joined
             and not self._rebalancing
-            and not self._starting
-            and not self._waiting
             and self._fenced_since is None
             and not self._stopping.is_set()
         )
@@ -466,16 +471,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 f"{unheard:.0f} s, longer than the group's session timeout: its partitions "
                 "may have moved"
             )
-        if (
-            not self._joined
-            or self._rebalancing
-            or self._fenced_since is not None
-            or self._stopping.is_set()
-        ):
-            # The routing map is not current. (A task of this worker restoring,
-            # or waiting for its other inputs, leaves it current: the sessions
-            # of other workers are still forwarded, and this worker's active
-            # tasks answer.)
+        if not self._routing_current:
+            # A task of this worker restoring or waiting does not stop the
+            # rest: other workers' sessions are forwarded, active tasks answer.
             return Lookup(unavailable=self._not_ready())
         if owner is None and self.assignor.routes:
             return Lookup(unavailable="the group is rebalancing or restoring")
