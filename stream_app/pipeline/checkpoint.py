@@ -44,6 +44,16 @@ class CheckpointError(StreamAppError):
     """
 
 
+class CommitOutcomeUnknownError(CheckpointError):
+    """The commit was sent, but its answer was lost (a broker restarted, a
+    connection dropped, the producer's sender died): the broker may have
+    committed the transaction or not. Nothing of it is stored.
+
+    Either way the task must restart: the restore and the committed offsets,
+    both read from Kafka, agree on whichever outcome the broker recorded.
+    """
+
+
 class TaskFencedError(CheckpointError):
     """Another worker has taken this task over (its producer was fenced).
 
@@ -177,11 +187,15 @@ class Checkpoint:
 
     What each failure leaves behind:
 
-    * a send, the offsets or the commit fail (before 5): the transaction is
-      aborted, so a read_committed reader sees none of it, the overlays are
-      dropped and RocksDB is untouched: :class:`CheckpointError`; the task
-      continues from its committed offsets (so does any work done on top of
-      this checkpoint: it is dropped with the overlays);
+    * a send or the offsets fail (before 5): the transaction is aborted, so
+      a read_committed reader sees none of it, the overlays are dropped and
+      RocksDB is untouched: :class:`CheckpointError`; the task continues from
+      its committed offsets (so does any work done on top of this checkpoint:
+      it is dropped with the overlays);
+    * the commit itself fails: the same, but the broker may have committed
+      it before the answer was lost, as :class:`CommitOutcomeUnknownError`;
+      the restarted task reads the changelog and its committed offsets from
+      Kafka, which agree on the outcome the broker recorded;
     * the producer is fenced (another worker owns the task now): the same,
       as :class:`TaskFencedError`; the task is closed, not continued;
     * a crash between 4 and 5: RocksDB is behind the changelog; the restore
@@ -308,6 +322,8 @@ class Checkpoint:
         sealed = self.seal()
         last: dict[tuple[str, int], tuple[asyncio.Future[Any], int]] = {}
         began = time.perf_counter()
+        #: The commit was asked for: from then on a failure leaves its outcome open.
+        committing = False
         try:
             if not self.empty and self._exactly_once:
                 await self._producer.begin_transaction()
@@ -331,6 +347,7 @@ class Checkpoint:
                             dict(self.offsets), self._group_id
                         )
                         began = self._observe("offsets", began)
+                    committing = True
                     await self._producer.commit_transaction()
                     began = self._observe("commit", began)
                     self._in_transaction = False
@@ -345,21 +362,21 @@ class Checkpoint:
                 raise NotAuthorizedError(refused) from exc
             failure = self._sender_failure(exc)
             if failure is not None:
-                raise CheckpointError(f"producer unusable: {failure!r}") from exc
+                raise _failed(committing, f"producer unusable: {failure!r}") from exc
             raise TaskFencedError(self._fence_cause(exc)) from exc
         except (KafkaError, OSError) as exc:
             refused = await self._not_authorized(exc)
             await self._fail()
             if refused is not None:
                 raise NotAuthorizedError(refused) from exc
-            raise CheckpointError(f"{type(exc).__name__}: {exc}") from exc
+            raise _failed(committing, f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             # None known (aiokafka raises the errors above), but whatever it is,
             # the transaction is aborted and its changes dropped like any failed
             # one: raised as it is, it would leave the transaction open and the
             # overlays holding what was processed on top of it.
             await self._fail()
-            raise CheckpointError(f"unexpected {type(exc).__name__}: {exc}") from exc
+            raise _failed(committing, f"unexpected {type(exc).__name__}: {exc}") from exc
         self.closed = True
         # Step 5: the transaction is committed; now, and only now, RocksDB.
         try:
@@ -463,6 +480,14 @@ class Checkpoint:
                 # A broken producer cannot abort; the broker aborts its transaction
                 # when the task's next producer starts, or when it times out.
                 log.debug("abort failed: %r", exc)
+
+
+def _failed(committing: bool, why: str) -> CheckpointError:
+    """What a failed transaction raises: once its commit was asked for (under
+    exactly_once), the broker may have committed it regardless."""
+    if committing:
+        return CommitOutcomeUnknownError(f"{why} (the commit was sent: it may have been made)")
+    return CheckpointError(why)
 
 
 def _ignore_outcome(future: asyncio.Future[Any]) -> None:

@@ -53,6 +53,7 @@ from stream_app.pipeline.assignor import RoutingAssignor
 from stream_app.pipeline.checkpoint import (
     PHASES,
     CheckpointError,
+    CommitOutcomeUnknownError,
     NotAuthorizedError,
     StoreWriteError,
     TaskFencedError,
@@ -232,6 +233,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.phase_latency = {phase: LatencyHistogram(COMMIT_BUCKETS) for phase in PHASES}
         self.commits = 0
         self.aborts = 0
+        #: Transactions whose commit was sent but not answered: committed or not,
+        #: the task restarted and read the outcome from Kafka.
+        self.commits_unknown = 0
         #: The commit round in flight (see :meth:`_commit`).
         self._round: _Round | None = None
         self.restored_records = 0
@@ -1029,6 +1033,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         """One transaction of a round, counted as soon as it ends."""
         try:
             await commit
+        except CommitOutcomeUnknownError:
+            self.commits_unknown += 1
+            raise
         except CheckpointError:
             self.aborts += 1
             raise
@@ -1092,6 +1099,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             log.warning(
                 "%s: transaction committed, but its stores could not be written (%s): "
                 "restarting the task, which restores them from the changelog",
+                task.id,
+                exc,
+            )
+        elif isinstance(exc, CommitOutcomeUnknownError):
+            log.warning(
+                "%s: the commit's answer was lost (%s): restarting the task, which "
+                "reads from Kafka whether the transaction was committed",
                 task.id,
                 exc,
             )
@@ -1383,6 +1397,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             log.warning(
                 "%s: committed on revocation, but its stores could not be written (%s): "
                 "a later start of the task restores them from the changelog",
+                task.id,
+                exc,
+            )
+        except CommitOutcomeUnknownError as exc:
+            log.warning(
+                "%s: commit on revocation sent, but its answer was lost (%s): the next "
+                "owner starts from what Kafka recorded",
                 task.id,
                 exc,
             )

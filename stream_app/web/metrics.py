@@ -94,6 +94,8 @@ class EngineCollector(Collector):
         )
         transactions.add_metric(["committed"], engine.commits)
         transactions.add_metric(["aborted"], engine.aborts)
+        # Sent but unanswered: the restarted task read from Kafka which it was.
+        transactions.add_metric(["unknown"], engine.commits_unknown)
         yield transactions
         purger = engine.purger
         purges = CounterMetricFamily(

@@ -256,6 +256,8 @@ class FakeProducer:
         self._refusals: list[_Fault] = []
         self._send_failures: list[_Fault] = []
         self._call_failures: dict[str, BaseException] = {}
+        #: The next commit is made at the broker, then raises this (its answer lost).
+        self._lost_commit_answer: BaseException | None = None
         #: A send of the open transaction failed: it can only be aborted.
         self._abortable: BaseException | None = None
 
@@ -271,6 +273,13 @@ class FakeProducer:
     def fail_next(self, call: str, error: BaseException) -> None:
         """The next ``call`` (e.g. "commit_transaction") raises ``error``."""
         self._call_failures[call] = error
+
+    def lose_next_commit_answer(self, error: BaseException) -> None:
+        """The next commit is made at the broker, but its answer is lost: the call
+        raises ``error`` (what aiokafka raises when a broker restart cuts the
+        EndTxn's answer and the coordinator's lookup after it), and the producer
+        is left with no transaction it could abort."""
+        self._lost_commit_answer = error
 
     def fence(self) -> None:
         """What the broker does when the transactional id's next producer starts."""
@@ -355,6 +364,9 @@ class FakeProducer:
             raise self._abortable
         self.broker.end(self._transaction, commit=True)
         self._transaction = None
+        lost, self._lost_commit_answer = self._lost_commit_answer, None
+        if lost is not None:
+            raise lost
 
     async def abort_transaction(self) -> None:
         self._enter("abort_transaction")

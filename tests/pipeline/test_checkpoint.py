@@ -33,6 +33,7 @@ from stream_app.pipeline.checkpoint import (
     ChangelogStore,
     Checkpoint,
     CheckpointError,
+    CommitOutcomeUnknownError,
     NotAuthorizedError,
     Observer,
     StoreWriteError,
@@ -567,9 +568,38 @@ async def test_a_failed_offsets_or_commit_request_aborts_and_keeps_rocksdb(
         await rig.process_and_commit(checkpoint)
 
     assert not isinstance(raised.value, TaskFencedError)
+    # A failed commit may have been made by the broker all the same (see below).
+    assert isinstance(raised.value, CommitOutcomeUnknownError) == (call == "commit_transaction")
     assert rig.producer.calls[-2:] == [call, "abort_transaction"]
     assert_batch_left_no_trace(rig, checkpoint, visible_before, stored_before)
     await assert_task_continues(rig, visible_before)
+
+
+async def test_a_commit_made_whose_answer_is_lost_leaves_rocksdb_to_the_changelog(
+    make_rig: RigFactory,
+) -> None:
+    """A broker restart can cut the EndTxn's answer after the commit is made.
+    The worker cannot tell it from a commit not made: the checkpoint says the
+    outcome is unknown (not "aborted") and writes nothing to RocksDB, so the
+    restarted task takes both its state and its offsets from Kafka, which
+    agree that the batch is in."""
+    rig = await make_rig()
+    visible_before, stored_before = rig.visible(), rig.stored()
+    rig.producer.lose_next_commit_answer(KafkaError("Unexpected error during batch delivery"))
+    checkpoint = rig.checkpoint()
+
+    with pytest.raises(CommitOutcomeUnknownError, match="may have been made"):
+        await rig.process_and_commit(checkpoint)
+
+    assert checkpoint.closed
+    assert rig.stored() == stored_before
+    assert all(overlay.changes == {} for overlay in rig.overlays.values())
+    # What Kafka holds: the batch committed, outputs, changelog and offsets together.
+    assert rig.visible() == visible_with_batch(visible_before)
+    assert rig.broker.committed(GROUP) == {INPUT: 5}
+    for name, data in AFTER.items():
+        assert changelog_state(rig.broker, CHANGELOGS[name]) == data
+    assert_no_open_transaction(rig.broker)
 
 
 async def test_an_unexpected_error_in_the_commit_aborts_like_a_kafka_error(

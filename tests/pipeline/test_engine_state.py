@@ -27,6 +27,7 @@ from stream_app.errors import ConfigurationError, StoreError
 from stream_app.pipeline import engine as engine_module
 from stream_app.pipeline.checkpoint import (
     CheckpointError,
+    CommitOutcomeUnknownError,
     NotAuthorizedError,
     StoreWriteError,
     TaskFencedError,
@@ -636,6 +637,32 @@ async def test_a_commit_failed_on_revocation_says_what_became_of_its_outputs(
     assert task.closed
 
 
+class _TaskAnswerLostOnRevocation(_FencedTask):
+    async def commit(self) -> None:
+        raise CommitOutcomeUnknownError(
+            "KafkaError: ... (the commit was sent: it may have been made)"
+        )
+
+
+async def test_a_commit_whose_answer_was_lost_on_revocation_is_not_called_aborted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker restart can cut a commit's answer after the commit is made:
+    'aborted' (and the abort counter) told an operator that outputs visible
+    downstream were not."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    task = _TaskAnswerLostOnRevocation(settings.topics.commands)
+    _owning(engine, task)
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        await engine.on_partitions_revoked(set(task.inputs))
+    [line] = [r.getMessage() for r in caplog.records if "revocation" in r.getMessage()]
+    assert "answer was lost" in line
+    assert "aborted" not in line
+    assert (engine.commits, engine.aborts, engine.commits_unknown) == (0, 0, 1)
+    assert task.closed
+
+
 class _TaskRefusedOnRevocation(_FencedTask):
     """Its changelog's Write ACL was taken away: the commit on revocation is refused."""
 
@@ -799,6 +826,31 @@ async def test_a_commit_whose_store_write_failed_is_counted_committed_and_said_s
         await engine._restart(task, StoreWriteError("StoreError: no space"))  # type: ignore[arg-type]
     [line] = [r.getMessage() for r in caplog.records if "commands[0]" in r.getMessage()]
     assert "transaction committed, but its stores could not be written" in line
+    assert "aborted" not in line
+
+
+async def test_a_commit_whose_answer_was_lost_is_counted_apart_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker restart can cut a commit's answer after the commit is made: it
+    was logged 'transaction failed ... aborted' and counted as an abort."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+
+    async def answer_lost() -> None:
+        raise CommitOutcomeUnknownError(
+            "KafkaError: ... (the commit was sent: it may have been made)"
+        )
+
+    with pytest.raises(CommitOutcomeUnknownError):
+        await engine._counted(answer_lost())
+    assert (engine.commits, engine.aborts, engine.commits_unknown) == (0, 0, 1)
+    task = _FencedTask(engine.settings.topics.commands)
+    _owning(engine, task)
+    engine.stop()  # so that the restart drops the stand-in and starts nothing
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        await engine._restart(task, CommitOutcomeUnknownError("KafkaError"))  # type: ignore[arg-type]
+    [line] = [r.getMessage() for r in caplog.records if "commands[0]" in r.getMessage()]
+    assert "the commit's answer was lost" in line
     assert "aborted" not in line
 
 
