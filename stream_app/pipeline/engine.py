@@ -103,6 +103,10 @@ _POSITION_WAIT_S: Final = 0.5
 #: cleanup.py); the first time one ``state_cleanup_delay_s`` after the start,
 #: when the worker's own partitions are assigned (and their stores in use).
 _CLEANUP_EVERY_S: Final = 60.0
+#: How often the stores not written since the last time are flushed (see
+#: RocksDBResources.flush_idle): a quiet store is flushed 10-20 s after its
+#: last write.
+_FLUSH_IDLE_EVERY_S: Final = 10.0
 _LAYOUT_FILE: Final = "layout.json"
 #: How often the consumer refreshes its metadata (aiokafka's default: 5
 #: minutes). A group whose leader assigned while an input topic had no
@@ -583,7 +587,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             await consumer.stop()
             raise
         poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
-        last_metrics = passed_at = counted_at = time.monotonic()
+        last_metrics = passed_at = counted_at = flushed_at = time.monotonic()
         consumed_any = False
         # Beside the loop: in an outage the loop waits on the commit round.
         watching = asyncio.create_task(self._watch_unheard())
@@ -635,6 +639,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 if now - counted_at >= _METADATA_MAX_AGE_MS / 1000:
                     counted_at = now
                     self._check_partition_counts(consumer)
+                if now - flushed_at >= _FLUSH_IDLE_EVERY_S:
+                    flushed_at = now
+                    self._resources.flush_idle()
         finally:
             watching.cancel()
             await self._close(consumer)

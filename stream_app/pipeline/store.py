@@ -15,7 +15,8 @@ Writes skip RocksDB's write-ahead log, as Kafka Streams' stores do: the
 changelog is the log. A crash loses the writes not yet flushed to SST files,
 and since each batch carries its offset and RocksDB flushes whole batches in
 order, what survives is the state of the changelog up to the offset it
-records; the restore reads the rest again. A clean close flushes everything.
+records; the restore reads the rest again. A clean close flushes everything,
+and :meth:`RocksDBResources.flush_idle` flushes the databases that fell quiet.
 Without the log a write costs about half (1.6 -> 0.7 us per 900-byte record
 in batches of 2,000).
 """
@@ -72,7 +73,8 @@ class RocksDBResources:
 
     One block cache and one write-buffer budget for all stores and partitions,
     so a worker's RocksDB memory is ``block_cache_mb + write_buffer_mb x
-    max_write_buffers`` however many partitions it owns.
+    max_write_buffers`` however many partitions it owns, provided
+    :meth:`flush_idle` is called every few seconds.
     """
 
     def __init__(self, settings: RocksDBSettings) -> None:
@@ -81,6 +83,22 @@ class RocksDBResources:
         self.write_buffers = WriteBufferManager(
             settings.write_buffer_mb * settings.max_write_buffers * _MB, False
         )
+        #: The databases open on these resources.
+        self.stores: set[PartitionStore] = set()
+
+    def flush_idle(self) -> int:
+        """Flush, in RocksDB's background threads, the memtables of the open
+        databases not written since the last call; returns how many.
+
+        RocksDB's write-buffer manager makes a database flush only while that
+        database is written: one that falls quiet (restored, or a partition
+        with little traffic) kept its memtables, up to ``write_buffer_mb``
+        each, so the budget held only while every database was busy (twelve
+        databases written in turn held 116 MiB of memtables against a budget
+        of 32). A quiet database's flush also bounds what a crash loses of it,
+        as the stores skip the write-ahead log: its restore reads less again.
+        """
+        return sum(store.flush_if_idle() for store in list(self.stores))
 
     def options(self) -> Options:
         s = self.settings
@@ -134,7 +152,10 @@ class PartitionStore:
             self._delete()
             self._db = self._open()
         self._closed = self._corrupted = False
+        #: Written since the last :meth:`flush_if_idle`.
+        self._written = False
         _OPEN.add(self.path.resolve())
+        resources.stores.add(self)
 
     @property
     def _aside(self) -> Path:
@@ -219,6 +240,7 @@ class PartitionStore:
             else:
                 batch.put(key, value)
         batch.put(CHANGELOG_OFFSET_KEY, b"%d" % changelog_offset)
+        self._written = True
         try:
             self._db.write(batch)
         except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
@@ -230,6 +252,23 @@ class PartitionStore:
                 self._corrupted = True
             raise error from exc
 
+    def flush_if_idle(self) -> bool:
+        """Begin a flush of the memtable if it holds writes and none came since
+        the last call (see :meth:`RocksDBResources.flush_idle`); whether it did.
+        A flush that fails is logged: the next write says why, and its task
+        restarts."""
+        written, self._written = self._written, False
+        if written or self._closed:
+            return False
+        try:
+            if not self._db.property_int_value("rocksdb.num-entries-active-mem-table"):
+                return False
+            self._db.flush(wait=False)
+        except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
+            log.warning("cannot flush the store at %s: %s", self.path, exc)
+            return False
+        return True
+
     def close(self) -> None:
         """Flush and close. A flush that fails (no space left on device) loses
         nothing: the database keeps the changelog offset of what it holds."""
@@ -237,6 +276,7 @@ class PartitionStore:
             return
         # Closed even when this fails: RocksDB lets go of the database anyway.
         self._closed = True
+        self._resources.stores.discard(self)
         try:
             self._db.close()
         except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
@@ -264,6 +304,7 @@ class PartitionStore:
         self._db = self._open()
         self._closed = self._corrupted = False
         _OPEN.add(self.path.resolve())
+        self._resources.stores.add(self)
 
 
 class StoreOverlay(MutableMapping[bytes, bytes]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,93 @@ def test_a_killed_writer_leaves_the_data_of_exactly_the_offset_it_recorded(
         assert set(store.keys()) == {b"k%07d" % n for n in range(offset)}
     finally:
         store.close()
+
+
+_FLUSHED_THEN_KILLED_WRITER = """
+import os, sys, time
+from pathlib import Path
+from stream_app.pipeline.store import PartitionStore, RocksDBResources
+from stream_app.settings import RocksDBSettings
+resources = RocksDBResources(RocksDBSettings())
+store = PartitionStore(Path(sys.argv[1]), resources)
+for batch in range(20):
+    first = batch * 100
+    store.write({b"k%07d" % n: b"v" * 900 for n in range(first, first + 100)}, first + 100)
+assert resources.flush_idle() == 0  # written since the last call
+assert resources.flush_idle() == 1  # quiet since: flushed in the background
+deadline = time.monotonic() + 20
+pending = "rocksdb.num-immutable-mem-table"
+while store._db.property_int_value(pending) and time.monotonic() < deadline:
+    time.sleep(0.05)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_quiet_store_flushed_keeps_its_writes_through_a_kill(tmp_path: Path) -> None:
+    """Without the write-ahead log, a store that fell quiet lost to a kill -9
+    every write since its last flush, which only a full memtable or a close
+    made: its restore read it all again."""
+    path = tmp_path / "sessions" / "0"
+    killed = subprocess.run(
+        [sys.executable, "-c", _FLUSHED_THEN_KILLED_WRITER, str(path)],
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    store = PartitionStore(path, RocksDBResources(RocksDBSettings()))
+    try:
+        assert store.changelog_offset == 2000
+        assert len(list(store.keys())) == 2000
+    finally:
+        store.close()
+
+
+def _memtables(stores: list[PartitionStore]) -> int:
+    return sum(
+        store._db.property_int_value("rocksdb.cur-size-all-mem-tables") or 0 for store in stores
+    )
+
+
+def test_quiet_stores_are_flushed_so_the_write_buffer_budget_holds_for_any_number(
+    tmp_path: Path,
+) -> None:
+    """RocksDB's write-buffer manager makes only the database being written
+    flush: twelve written in turn, each then quiet, kept about a memtable each,
+    six times this budget of 2 MiB."""
+    resources = RocksDBResources(RocksDBSettings(write_buffer_mb=1, max_write_buffers=2))
+    budget = 2 * 1024 * 1024
+    stores = [PartitionStore(tmp_path / "sessions" / str(p), resources) for p in range(12)]
+    try:
+        offset = 0
+        for store in stores:
+            for _ in range(100):  # about 0.9 MB: less than a memtable
+                store.write({b"k%08d" % (offset + n): b"v" * 900 for n in range(10)}, offset + 10)
+                offset += 10
+            resources.flush_idle()  # every store before this one is quiet now
+        deadline = time.monotonic() + 20
+        while _memtables(stores) > budget and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _memtables(stores) <= budget
+        assert [store.changelog_offset for store in stores] == [1000 * (p + 1) for p in range(12)]
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_only_open_stores_written_and_then_quiet_are_flushed(
+    store: PartitionStore, resources: RocksDBResources
+) -> None:
+    assert resources.stores == {store}
+    assert resources.flush_idle() == 0  # nothing in its memtable
+    store.write({b"a": b"1"}, 1)
+    assert resources.flush_idle() == 0  # written since the last call
+    assert resources.flush_idle() == 1
+    assert resources.flush_idle() == 0  # flushed: nothing left to flush
+    assert contents(store) == {b"a": b"1"}
+    store.wipe()
+    assert resources.stores == {store}
+    store.close()
+    assert resources.stores == set()
 
 
 def test_a_clean_close_keeps_every_write(tmp_path: Path, resources: RocksDBResources) -> None:
