@@ -486,7 +486,24 @@ async def restore(
                     starts = dict.fromkeys(by_tp)
                     break
         for tp, start in starts.items():
-            consumer.seek(tp, max(start if start is not None else 0, beginning[tp]))
+            begins = beginning[tp]
+            if (start or 0) < begins:
+                # Deleted (DeleteRecords, or a retention set after the worker
+                # started: topics.py refuses one at the start): what the gap
+                # held of its keys is gone from Kafka too. Said, not hidden.
+                log.warning(
+                    "%s: store %s needs %s[%d] from offset %d, but it begins at %d: the "
+                    "records between were deleted, and the sessions they changed last "
+                    "are %s",
+                    label,
+                    by_tp[tp].path,
+                    tp.topic,
+                    tp.partition,
+                    start or 0,
+                    begins,
+                    "missing" if start is None else "as the store held them before",
+                )
+            consumer.seek(tp, max(start or 0, begins))
         started = time.monotonic()
         last_log = started
         remaining = {tp for tp in tps if await consumer.position(tp) < end[tp]}

@@ -464,6 +464,63 @@ async def test_the_restore_counts_down_what_is_left_of_a_compacted_changelog(
     assert reported == [(5, 59), (5, 0)]
 
 
+class _TruncatedChangelog(_CompactedChangelog):
+    """The same, with its first 40 offsets deleted (DeleteRecords)."""
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 40)
+
+
+@pytest.mark.parametrize(("recorded", "said"), [(None, "missing"), (20, "as the store held")])
+async def test_a_restore_that_needs_deleted_changelog_records_says_so(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    recorded: int | None,
+    said: str,
+) -> None:
+    """It read on from the changelog's new beginning without a word, the
+    sessions the deleted records had changed last left out or stale."""
+    monkeypatch.setattr(tasks_module, "AIOKafkaConsumer", _TruncatedChangelog)
+    store = PartitionStore(tmp_path / "sessions" / "0", RocksDBResources(RocksDBSettings()))
+    if recorded is not None:
+        store.write({b"k10": b"old"}, recorded)
+    try:
+        with caplog.at_level("WARNING", logger="stream_app.pipeline.tasks"):
+            restored = await tasks_module.restore(
+                Settings(),
+                {"sessions": store},
+                {"sessions": TopicPartition("app-sessions-changelog", 0)},
+                "commands[0]",
+            )
+        assert restored == 6  # offsets 40, 50, ..., 90
+        assert store.changelog_offset == 100
+    finally:
+        store.close()
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line.startswith("commands[0]: store ")
+    assert f"app-sessions-changelog[0] from offset {recorded or 0}, but it begins at 40" in line
+    assert said in line
+
+
+async def test_a_restore_from_the_beginning_of_a_whole_changelog_says_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(tasks_module, "AIOKafkaConsumer", _CompactedChangelog)
+    store = PartitionStore(tmp_path / "sessions" / "0", RocksDBResources(RocksDBSettings()))
+    try:
+        with caplog.at_level("WARNING", logger="stream_app.pipeline.tasks"):
+            await tasks_module.restore(
+                Settings(),
+                {"sessions": store},
+                {"sessions": TopicPartition("app-sessions-changelog", 0)},
+                "commands[0]",
+            )
+    finally:
+        store.close()
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
+
+
 class _TwoChangelogs:
     """A consumer of a task's two changelog partitions: ``sessions`` with 100
     offsets, ``session-ids`` recreated (5 offsets), all fetched at once."""
