@@ -38,16 +38,18 @@ class Observer(Protocol):
 
 
 class CheckpointError(StreamAppError):
-    """The transaction did not commit; nothing of it is visible or stored.
+    """The transaction did not commit (for :class:`CommitOutcomeUnknownError`:
+    may not have); nothing of it is stored.
 
-    The task must drop its overlays and continue from its committed offsets.
+    The task must drop its overlays and continue from what Kafka committed.
     """
 
 
 class CommitOutcomeUnknownError(CheckpointError):
-    """The commit was sent, but its answer was lost (a broker restarted, a
-    connection dropped, the producer's sender died): the broker may have
-    committed the transaction or not. Nothing of it is stored.
+    """The commit failed with no answer to say whether it was made: aiokafka
+    raises the same error for a refusal as for an answer a broker restart cut
+    off (its sender died), so the broker may have committed the transaction
+    or not. Nothing of it is stored.
 
     Either way the task must restart: the restore and the committed offsets,
     both read from Kafka, agree on whichever outcome the broker recorded.
@@ -363,7 +365,10 @@ class Checkpoint:
             failure = self._sender_failure(exc)
             if failure is not None:
                 raise _failed(committing, f"producer unusable: {failure!r}") from exc
-            raise TaskFencedError(self._fence_cause(exc)) from exc
+            cause = self._fence_cause(exc)
+            if committing:  # a retry of a commit made can meet the new owner's fence
+                cause += " (the commit was sent: it may have been made)"
+            raise TaskFencedError(cause) from exc
         except (KafkaError, OSError) as exc:
             refused = await self._not_authorized(exc)
             await self._fail()

@@ -587,10 +587,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             await consumer.stop()
             raise
         poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
-        last_metrics = passed_at = counted_at = flushed_at = time.monotonic()
+        last_metrics = passed_at = counted_at = time.monotonic()
         consumed_any = False
         # Beside the loop: in an outage the loop waits on the commit round.
         watching = asyncio.create_task(self._watch_unheard())
+        # Beside it too: a rebalance or an outage holds the loop up.
+        flushing = asyncio.create_task(self._flush_quiet_stores())
         try:
             while not self._stopping.is_set():
                 # Before the poll: a rebalance may begin while it fails, and
@@ -639,12 +641,18 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 if now - counted_at >= _METADATA_MAX_AGE_MS / 1000:
                     counted_at = now
                     self._check_partition_counts(consumer)
-                if now - flushed_at >= _FLUSH_IDLE_EVERY_S:
-                    flushed_at = now
-                    self._resources.flush_idle()
         finally:
             watching.cancel()
+            flushing.cancel()
             await self._close(consumer)
+
+    async def _flush_quiet_stores(self) -> None:
+        while True:
+            await asyncio.sleep(_FLUSH_IDLE_EVERY_S)
+            try:
+                self._resources.flush_idle()
+            except Exception:  # a flush is not worth the worker: the next write says more
+                log.exception("flushing the stores not written lately failed")
 
     async def _watch_unheard(self) -> None:
         while True:
@@ -1111,8 +1119,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             )
         elif isinstance(exc, CommitOutcomeUnknownError):
             log.warning(
-                "%s: the commit's answer was lost (%s): restarting the task, which "
-                "reads from Kafka whether the transaction was committed",
+                "%s: the commit failed with no answer to say whether it was made (%s): "
+                "restarting the task, which reads from Kafka what was committed",
                 task.id,
                 exc,
             )
@@ -1409,8 +1417,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             )
         except CommitOutcomeUnknownError as exc:
             log.warning(
-                "%s: commit on revocation sent, but its answer was lost (%s): the next "
-                "owner starts from what Kafka recorded",
+                "%s: commit on revocation failed with no answer to say whether it was "
+                "made (%s): the next owner starts from what Kafka committed",
                 task.id,
                 exc,
             )

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import weakref
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Final
@@ -83,8 +84,9 @@ class RocksDBResources:
         self.write_buffers = WriteBufferManager(
             settings.write_buffer_mb * settings.max_write_buffers * _MB, False
         )
-        #: The databases open on these resources.
-        self.stores: set[PartitionStore] = set()
+        #: The databases open on these resources (weak: one dropped without a
+        #: close, by a task whose close was cancelled, is let go of by RocksDB).
+        self.stores: weakref.WeakSet[PartitionStore] = weakref.WeakSet()
 
     def flush_idle(self) -> int:
         """Flush, in RocksDB's background threads, the memtables of the open
@@ -260,10 +262,14 @@ class PartitionStore:
         written, self._written = self._written, False
         if written or self._closed:
             return False
+        db = self._db
         try:
-            if not self._db.property_int_value("rocksdb.num-entries-active-mem-table"):
+            # One flush in flight: another would wait for it, holding the event loop.
+            if db.property_int_value("rocksdb.num-immutable-mem-table") or not (
+                db.property_int_value("rocksdb.num-entries-active-mem-table")
+            ):
                 return False
-            self._db.flush(wait=False)
+            db.flush(wait=False)
         except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
             log.warning("cannot flush the store at %s: %s", self.path, exc)
             return False

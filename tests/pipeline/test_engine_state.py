@@ -657,7 +657,7 @@ async def test_a_commit_whose_answer_was_lost_on_revocation_is_not_called_aborte
     with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
         await engine.on_partitions_revoked(set(task.inputs))
     [line] = [r.getMessage() for r in caplog.records if "revocation" in r.getMessage()]
-    assert "answer was lost" in line
+    assert "no answer to say whether it was made" in line
     assert "aborted" not in line
     assert (engine.commits, engine.aborts, engine.commits_unknown) == (0, 0, 1)
     assert task.closed
@@ -850,7 +850,7 @@ async def test_a_commit_whose_answer_was_lost_is_counted_apart_and_said_so(
     with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
         await engine._restart(task, CommitOutcomeUnknownError("KafkaError"))  # type: ignore[arg-type]
     [line] = [r.getMessage() for r in caplog.records if "commands[0]" in r.getMessage()]
-    assert "the commit's answer was lost" in line
+    assert "the commit failed with no answer to say whether it was made" in line
     assert "aborted" not in line
 
 
@@ -1266,3 +1266,35 @@ async def test_the_main_loop_restarts_a_task_whose_store_a_query_found_corrupt(
     finally:
         engine.stop()
         await running
+
+
+class _FlakyFlushes:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.third = asyncio.Event()
+
+    def flush_idle(self) -> int:
+        self.calls += 1
+        if self.calls == 3:
+            self.third.set()
+        if self.calls == 1:
+            raise StoreError("cannot flush")
+        return 0
+
+
+async def test_quiet_stores_are_flushed_beside_the_loop_and_a_failure_stops_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Beside the loop, which a rebalance or an outage holds up: a store that
+    fell quiet then was flushed only after it (README: 10-20 s)."""
+    monkeypatch.setattr(engine_module, "_FLUSH_IDLE_EVERY_S", 0.01)
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    flushes = _FlakyFlushes()
+    engine._resources = flushes  # type: ignore[assignment]
+    flushing = asyncio.create_task(engine._flush_quiet_stores())
+    with caplog.at_level("ERROR", logger="stream_app.pipeline.engine"):
+        await asyncio.wait_for(flushes.third.wait(), timeout=30)
+    flushing.cancel()
+    assert [r.getMessage() for r in caplog.records] == [
+        "flushing the stores not written lately failed"
+    ]
