@@ -719,11 +719,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         transactions) shows a lag of 1 at rest, its last commit marker, and
         the lag would never say "caught up". Called between polls, with every
         record delivered to an active task processed, so the consumer's
-        position is past nothing but such offsets. (Or past a record too large
-        to fetch: aiokafka then raises at the next poll, which stops the
-        worker; nothing is committed from these positions, only from the
-        records processed.) Positions being reset are not waited for: all are
-        asked at once, for at most ``_POSITION_WAIT_S``."""
+        position is past nothing but such offsets. (Or past a batch too large
+        to fetch: aiokafka then raises at a later poll, and the read past the
+        client begins at the task's last record processed, not here; nothing
+        is committed from these positions, only from the records processed.)
+        Positions being reset are not waited for: all are asked at once, for
+        at most ``_POSITION_WAIT_S``."""
         inputs = [(task, tp) for task in self._tasks.values() if task.active for tp in task.inputs]
         if not inputs or self._stopping.is_set():
             return
@@ -937,7 +938,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     ) -> None:
         """aiokafka could not decode a fetched record and says not which; polling
         again does not tell either (the failed fetch stays buffered, empty). So
-        every active input is read raw from its position
+        every active input is read raw from its last record processed
         (:mod:`~stream_app.pipeline.unreadable`), a fetch at a time, up to its
         last stable offset or about ``RAW_RECORDS`` records: readable records
         are processed as usual, unreadable ones rejected by position. Every
@@ -972,8 +973,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 begins = beginnings.get(tp)
                 if begins is None:
                     begins = (await consumer.beginning_offsets([tp])).get(tp, 0)
-                task.positions[tp] = max(task.positions.get(tp, 0), begins)
-                position = task.positions[tp]
+                # From the last record processed, not from the consumer's
+                # position: aiokafka moves that one past a batch too large to
+                # fetch whole, and _pass_skipped follows it. Between the two lie
+                # only offsets it did not deliver, which the raw read passes
+                # again (markers, aborted records) or delivers (that batch).
+                handled, passed = task.handled.get(tp, 0), task.positions.get(tp, 0)
+                task.positions[tp] = position = max(handled, begins)
                 try:
                     async with contextlib.aclosing(
                         read_past(options, tp, position, end=end)
@@ -987,7 +993,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     # Records this parser does not read (old message formats,
                     # say) where aiokafka may: not this input's to pass, then.
                     log.warning("%s[%d]: cannot read it raw: %s", tp.topic, tp.partition, unparsed)
-                moved = moved or task.positions.get(tp, 0) > position
+                moved = (
+                    moved
+                    or task.handled.get(tp, 0) > handled
+                    or task.positions.get(tp, 0) > max(passed, position)
+                )
 
         for task in list(self._tasks.values()):
             if self._tasks.get(task.id) is not task or not task.active:

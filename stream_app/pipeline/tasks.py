@@ -145,6 +145,9 @@ class Task:
         #: Next offset to process per input; records below it are repeats. The
         #: engine moves it past transaction markers and aborted records too.
         self.positions: dict[TopicPartition, int] = {}
+        #: The offset after the last record processed per input: where a read
+        #: past the consumer begins (see Engine._read_past_the_client).
+        self.handled: dict[TopicPartition, int] = {}
         #: The offsets of the inputs this task's last transactions committed.
         self.committed: dict[TopicPartition, int] = {}
         self.active = False
@@ -194,6 +197,7 @@ class Task:
 
     def activate(self, positions: Mapping[TopicPartition, int]) -> None:
         self.positions = dict(positions)
+        self.handled = dict(positions)
         self.active = True
 
     async def close(self) -> None:
@@ -253,6 +257,7 @@ class Task:
         checkpoint: Checkpoint | None = None
         overlays = tuple(self.overlays.values())
         positions = self.positions
+        handled = self.handled
         observe = self._latency.observe
         max_bytes = self.max_record_bytes
         clock = time.perf_counter
@@ -309,7 +314,7 @@ class Task:
                 if not checkpoint.add(out):  # once per topic and transaction
                     await checkpoint.send(out)
             checkpoint.consumed(tp, offset)
-            positions[tp] = offset + 1
+            positions[tp] = handled[tp] = offset + 1
 
     async def handle_raw(self, raw: RawRecord) -> None:
         """A record read past the Kafka client (see ``unreadable.py``): processed
@@ -335,7 +340,7 @@ class Task:
             reject(self.settings.topics, self.metrics, self.limits, rejection, source)
         )
         checkpoint.consumed(tp, raw.offset)
-        self.positions[tp] = raw.offset + 1
+        self.positions[tp] = self.handled[tp] = raw.offset + 1
 
     def commit_due(self, now: float) -> bool:
         c = self.checkpoint

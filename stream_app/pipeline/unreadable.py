@@ -32,6 +32,14 @@ took a pass, a new connection and a failed poll each.
 It is used **only after** ``getmany`` failed to decode a partition: it does
 none of the consumer's prefetching, so it is no replacement for the consumer.
 
+The same read passes a batch larger than the consumer's fetch size (a command
+topic whose ``max.message.bytes`` is above it). The broker sends an oversized
+batch whole only for the first partition of a fetch response with data; for
+any other, its first bytes, on which aiokafka raises ``RecordTooLargeError``
+and moves its position one past the batch's offset. A raw read fetches one
+partition at a time, so it is always sent whole, and its records are
+processed (a command over the size limit, rejected as ``LIMIT_EXCEEDED``).
+
 Contracts
 ---------
 * The same records a read_committed aiokafka consumer would deliver, in the
@@ -58,7 +66,13 @@ from typing import Any, Final
 
 import aiokafka.codec as codec
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaError, NoError, for_code
+from aiokafka.errors import (
+    CorruptRecordException,
+    KafkaError,
+    NoError,
+    RecordTooLargeError,
+    for_code,
+)
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.record.util import calc_crc32c
 from aiokafka.structs import TopicPartition
@@ -67,9 +81,14 @@ from stream_app.errors import StreamAppError
 
 log = logging.getLogger(__name__)
 
-#: What ``AIOKafkaConsumer.getmany`` raises for a record it cannot decode: a
-#: header name that is not UTF-8 (``UnicodeDecodeError`` is a ValueError).
-UNREADABLE: Final = (UnicodeDecodeError,)
+#: What ``AIOKafkaConsumer.getmany`` raises for records it cannot hand over and
+#: a raw read may: a header name that is not UTF-8 (``UnicodeDecodeError`` is
+#: a ValueError; aiokafka's pure-Python reader, used when its C extension
+#: cannot load, raises it as ``CorruptRecordException``, as it does for a
+#: batch really corrupt, which the raw read refuses in turn:
+#: :class:`RecordBatchError`), and a batch larger than the fetch size
+#: (``RecordTooLargeError``, see the module docstring).
+UNREADABLE: Final = (UnicodeDecodeError, CorruptRecordException, RecordTooLargeError)
 
 #: isolation_level of a FetchRequest: 1 = read_committed.
 _READ_COMMITTED: Final = 1

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from stream_app.demo.traffic import Traffic, generate_traffic
+from stream_app.domain import Reason
 from stream_app.json import dumps
 from tests.integration.harness import Deployment, Output, Worker, create_topics, metric_samples
 from tests.integration.workload import (
@@ -539,6 +541,52 @@ async def test_operator_created_command_topic_decides_the_partition_count(
     internal = _internal_topics(app_id)
     counts = await partition_counts(kafka_bootstrap, [d.topics.commands, *internal])
     assert counts == dict.fromkeys([d.topics.commands, *internal], 4)
+    assert worker.stop(timeout=SHUTDOWN_BOUND_S + 20) == 0, worker.log_tail()
+
+
+@pytest.mark.timeout(240)
+async def test_a_command_batch_larger_than_the_fetch_size_is_rejected_not_a_crash(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    workers: StartWorker,
+) -> None:
+    """A command topic that takes records of up to 4 MiB, above the worker's
+    fetch size of 2 MiB per partition, holds a 3 MB command first on one
+    partition and a backlog on every partition: the command is rejected as
+    LIMIT_EXCEEDED, and every other one is processed exactly once.
+
+    Kafka documents that it sends an oversized batch whole only to the first
+    partition of a fetch response with data, and the first bytes of it to the
+    others, on which aiokafka raises RecordTooLargeError (that case is
+    test_engine_unreadable.py's). The Kafka 4.1 broker here sent it whole in
+    every fetch tried (40, from one partition among six with data)."""
+    partitions = 6
+    d = Deployment(kafka_bootstrap, unique_name("too-large"), tmp_path / "state", partitions)
+    await create_topics(
+        kafka_bootstrap, [d.topics.commands], partitions, {"max.message.bytes": str(4 * 1024**2)}
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, acks="all", max_request_size=4 * 1024**2
+    )
+    await producer.start()
+    try:
+        big = await producer.send_and_wait(
+            d.topics.commands, b"x" * 3_000_000, key=b"big", partition=2
+        )
+    finally:
+        await producer.stop()
+    traffic = generate_traffic(1_500, seed=8)
+    positions = await produce_traffic_records(kafka_bootstrap, d.topics.commands, traffic)
+    expected = expected_outcome(traffic, positions)
+    expected.rejections[big.partition, big.offset] = str(Reason.LIMIT_EXCEEDED)
+    expected.per_kind["rejected"] += 1
+
+    worker = workers(d)
+    async with OutputReader(kafka_bootstrap, d.topics) as reader:
+        await reader.wait_for(expected.total, timeout=150, alive=[worker])
+        await reader.poll(3.0, alive=[worker])
+    _assert_exactly_once(reader, expected, d, [worker])
     assert worker.stop(timeout=SHUTDOWN_BOUND_S + 20) == 0, worker.log_tail()
 
 

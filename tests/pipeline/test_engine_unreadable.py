@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import OffsetOutOfRangeError
+from aiokafka.errors import OffsetOutOfRangeError, RecordTooLargeError
 
 from stream_app.pipeline import unreadable
 from stream_app.pipeline.checkpoint import TaskFencedError
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.tasks import TaskId
 from stream_app.pipeline.topics import TopicLayout
-from stream_app.pipeline.unreadable import RAW_RECORDS, RawRecord
+from stream_app.pipeline.unreadable import RAW_RECORDS, UNREADABLE, RawRecord
 from stream_app.settings import Settings
 from tests.pipeline.fakes import IdleKafkaClient
 
@@ -37,12 +37,18 @@ class _Task:
         self.active = True
         self.checkpoint = None
         self.positions = {tp: 0}
-        self.handled: list[int] = []
+        #: As Task's: the offset after the last record processed.
+        self.handled = {tp: 0}
+        self.processed: list[int] = []
         self.rejected: list[int] = []
         self.closed = False
 
     async def handle_raw(self, raw: RawRecord) -> None:
-        (self.handled if raw.readable() else self.rejected).append(raw.offset)
+        tp = TopicPartition(raw.topic, raw.partition)
+        if raw.offset < self.positions.get(tp, 0):
+            return
+        (self.processed if raw.readable() else self.rejected).append(raw.offset)
+        self.positions[tp] = self.handled[tp] = raw.offset + 1
 
     async def close(self) -> None:
         self.closed = True
@@ -127,7 +133,7 @@ async def test_a_record_more_batches_ahead_than_one_pass_reads_is_reached(
         assert task.rejected == []
     await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
     assert task.rejected == [bad]
-    assert task.handled == [*range(bad), *range(bad + 1, bad + 50)]  # and on, to the end
+    assert task.processed == [*range(bad), *range(bad + 1, bad + 50)]  # and on, to the end
     assert consumer.sought == {tp: bad + 50}
 
 
@@ -141,7 +147,7 @@ async def test_a_pass_that_moves_no_input_raises_what_the_consumer_raised(
     engine = Engine(settings, TopicLayout(1, 1_048_588))
     tp = TopicPartition(settings.topics.commands, 0)
     task = _Task(tp)
-    task.positions[tp] = 200
+    task.positions[tp] = task.handled[tp] = 200
     engine._tasks[task.id] = task  # type: ignore[assignment]
     engine._task_of[tp] = task  # type: ignore[assignment]
     monkeypatch.setattr(unreadable, "read_batches_at", _single_record_batches(bad=150, end=200))
@@ -213,7 +219,7 @@ async def test_a_position_below_the_log_start_is_read_from_the_start(
 
     monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
     await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
-    assert task.handled == [*range(100, 105), *range(106, 120)]
+    assert task.processed == [*range(100, 105), *range(106, 120)]
     assert task.rejected == [105]
     assert consumer.sought == {tp: 120}
 
@@ -240,7 +246,7 @@ async def test_an_input_the_raw_read_cannot_parse_is_left_to_the_client(
     consumer = _Consumer({old, new})
     await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
     assert new_task.rejected == [3]
-    assert (old_task.handled, old_task.rejected) == ([], [])
+    assert (old_task.processed, old_task.rejected) == ([], [])
     assert consumer.sought == {old: 0, new: 10}
 
 
@@ -296,7 +302,7 @@ async def test_a_backlog_of_unreadable_batches_is_read_past_in_one_pass_then_com
     made = IdleKafkaClient.made
     consumer = _Consumer({tp})
     await engine._read_past_and_commit(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
-    assert task.handled == list(range(10))
+    assert task.processed == list(range(10))
     assert task.rejected == list(range(10, 1_010))
     assert consumer.sought == {tp: 1_010}
     assert IdleKafkaClient.made - made == 1
@@ -318,3 +324,54 @@ async def test_a_pass_asks_for_every_input_s_log_start_at_once(
     await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
     assert consumer.asked == [tps]
     assert [task.rejected for task in tasks] == [[3], [3]]
+
+
+async def test_a_batch_too_large_to_fetch_is_read_raw_from_the_last_record_processed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command topic whose max.message.bytes is above the consumer's fetch
+    size: the broker sends such a batch whole only to the first partition of
+    a fetch response; aiokafka, handed its first bytes, raised
+    RecordTooLargeError, which stopped the worker (and each worker the
+    partition went to after it), and moved its position one past the batch,
+    where _pass_skipped followed it. The raw read fetches one partition at a
+    time, so the broker sends it whole."""
+    tp = TopicPartition(Settings().topics.commands, 0)
+    too_large = RecordTooLargeError(
+        "There are some messages at [Partition=Offset]: %s=%s whose size is larger than "
+        "the fetch size %s and hence cannot be ever returned.",
+        tp,
+        40,
+        2 * 1024 * 1024,
+    )
+    assert isinstance(too_large, UNREADABLE)  # the engine's loop reads past it
+    engine, [task] = _engine_reading(tmp_path, tp)
+    task.handled[tp] = 40
+    task.positions[tp] = 41
+    monkeypatch.setattr(unreadable, "read_batches_at", _single_record_batches(bad=-1, end=60))
+    consumer = _Consumer({tp})
+    await engine._read_past_the_client(consumer, too_large, engine._rebalances)  # type: ignore[arg-type]
+    assert task.processed == list(range(40, 60))
+    assert consumer.sought == {tp: 60}
+
+
+async def test_a_pass_that_only_passes_skipped_markers_again_moves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read from the last record processed, a pass goes over the transaction
+    markers the consumer had passed already: that is no progress, or a pass
+    that finds nothing would poll again, and fail again, for ever."""
+    tp = TopicPartition(Settings().topics.commands, 0)
+    engine, [task] = _engine_reading(tmp_path, tp)
+    task.handled[tp] = 40
+    task.positions[tp] = 45  # offsets 40-44: markers and aborted records
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        return [], max(offset, 45)
+
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    with pytest.raises(UnicodeDecodeError):
+        await engine._read_past_the_client(_Consumer({tp}), _POISON, engine._rebalances)  # type: ignore[arg-type]
+    assert task.positions == {tp: 45}

@@ -118,13 +118,17 @@ class _RawTask:
         self.active = True
         self.checkpoint = None
         self.positions = {tp: 0}
+        #: As Task's: the offset after the last record processed.
+        self.handled = {tp: 0}
         self.failure = failure
-        self.handled: list[int] = []
+        self.processed: list[int] = []
 
     async def handle_raw(self, raw: RawRecord) -> None:
         if self.failure is not None:
             raise self.failure
-        self.handled.append(raw.offset)
+        self.processed.append(raw.offset)
+        tp = TopicPartition(raw.topic, raw.partition)
+        self.positions[tp] = self.handled[tp] = raw.offset + 1
 
     async def close(self) -> None:
         self.active = False
@@ -186,7 +190,7 @@ async def test_a_task_that_fails_in_a_raw_read_is_restarted_and_the_others_go_on
         consumer, UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"), engine._rebalances
     )  # type: ignore[arg-type]
     assert restarted == [failing]
-    assert working.handled == [0, 1, 2]
+    assert working.processed == [0, 1, 2]
     assert consumer.sought == {working.inputs[0]: 3}
 
 
@@ -248,7 +252,7 @@ async def test_a_raw_read_skips_a_task_dropped_during_the_pass(
     await engine._read_past_the_client(
         _Consumer(), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"), engine._rebalances
     )  # type: ignore[arg-type]
-    assert dropped.handled == []
+    assert dropped.processed == []
 
 
 async def test_a_task_dropped_already_is_not_restarted(
