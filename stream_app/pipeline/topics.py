@@ -117,6 +117,29 @@ async def _brokers(admin: AIOKafkaAdminClient) -> int:
     return len(cluster.get("brokers") or ())
 
 
+async def _broker_min_insync_replicas(admin: AIOKafkaAdminClient) -> str:
+    """The ``min.insync.replicas`` a topic created without one gets (the
+    broker's), or "" when the cluster would not say."""
+    try:
+        cluster = await admin.describe_cluster()
+        node = (cluster.get("brokers") or [{}])[0].get("node_id")
+        if node is None:
+            return ""
+        described = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.BROKER, str(node))]
+        )
+    except KafkaError as exc:
+        log.debug("describing a broker's configs failed: %r", exc)
+        return ""
+    for response in described:
+        for resource in response.resources:
+            if not resource[0]:
+                for entry in resource[4]:
+                    if entry[0] == "min.insync.replicas" and entry[1] is not None:
+                        return str(entry[1])
+    return ""
+
+
 async def _described(
     admin: AIOKafkaAdminClient, names: list[str], *, strict: bool = True
 ) -> dict[str, list[Any]]:
@@ -298,15 +321,24 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
                     "differs from it"
                 )
         configs, undescribed = await _topic_configs(admin, [s.name for s in specs])
-        # Not the topics it only reads: their limits and replicas do not bound it.
+        # Not the topics it only reads: their limits do not bound it, nor
+        # their replicas, unless this worker created them, with its own
+        # replication factor (the command topic, when an operator had not).
         read_only = {settings.topics.commands, settings.topics.application_settings}
         written = [s.name for s in specs if s.name not in read_only]
+        replicated = [s.name for s in specs if s.name not in read_only or s.name in created]
         replicas = {
             name: min((len(p.get("replicas", ())) for p in partitions), default=0)
-            for name, partitions in (await _described(admin, written, strict=False)).items()
+            for name, partitions in (await _described(admin, replicated, strict=False)).items()
         }
-        single = [name for name in written if replicas.get(name) == 1]
+        single = [name for name in replicated if replicas.get(name) == 1]
         brokers = await _brokers(admin) if single else 0
+        # A topic just created may not be known yet to the broker that answers
+        # DescribeConfigs: it has the broker's min.insync.replicas.
+        insync = {name: configs.get(name, {}).get("min.insync.replicas", "") for name in replicated}
+        if any(name in created and not insync[name] for name in replicated):
+            default = await _broker_min_insync_replicas(admin)
+            insync = {n: v or (default if n in created else "") for n, v in insync.items()}
     finally:
         await admin.close()
     if created:
@@ -333,9 +365,9 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
             _KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
         )
     unwritable: list[str] = []
-    for name in written:
+    for name in replicated:
         have = replicas.get(name)  # 0 or None: the answer named none, nothing to go on
-        needed = configs.get(name, {}).get("min.insync.replicas", "")
+        needed = insync[name]
         if have and needed.isdigit() and int(needed) > have:
             plural = "s" if have != 1 else ""
             unwritable.append(f"{name} ({have} replica{plural}, min.insync.replicas={needed})")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from aiokafka.admin import NewTopic
-from aiokafka.admin.config_resource import ConfigResource
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     KafkaError,
     LeaderNotAvailableError,
@@ -447,6 +447,93 @@ async def test_the_record_limit_is_that_of_the_topics_the_worker_writes(
     assert layout.max_record_bytes == 1_048_588
     configs[topics_module.profile_topic(settings)] = {"max.message.bytes": "900000"}
     assert (await topics_module.ensure_topics(settings)).max_record_bytes == 900_000
+
+
+def _creating_cluster(
+    replicas: int,
+    *,
+    topic_insync: str | None,
+    broker_insync: str | None,
+    brokers: int = 1,
+) -> type:
+    """An admin client of a cluster with no topic, which creates them with
+    ``replicas`` each; it describes their min.insync.replicas as
+    ``topic_insync`` (None: not yet, as a broker behind the controller), and
+    the broker's as ``broker_insync``."""
+
+    class Admin(EmptyCluster):
+        def __init__(self, **options: object) -> None:
+            self.topics: list[str] = []
+
+        async def list_topics(self) -> list[str]:
+            return list(self.topics)
+
+        async def create_topics(self, new: list[NewTopic]) -> object:
+            self.topics.extend(topic.name for topic in new)
+            return CreateTopicsResponse_v3(
+                throttle_time_ms=0, topic_errors=[(topic.name, 0, None) for topic in new]
+            )
+
+        async def describe_topics(self, names: list[str]) -> list[object]:
+            partitions = [{"partition": p, "replicas": list(range(replicas))} for p in range(6)]
+            return [
+                {"topic": name, "error_code": 0, "partitions": partitions}
+                for name in names
+                if name in self.topics
+            ]
+
+        async def describe_configs(self, resources: list[ConfigResource]) -> list[object]:
+            described = []
+            for r in resources:
+                if r.resource_type is ConfigResourceType.BROKER and broker_insync is not None:
+                    described.append((0, "", 4, r.name, [("min.insync.replicas", broker_insync)]))
+                elif r.resource_type is ConfigResourceType.TOPIC and topic_insync is not None:
+                    described.append((0, "", 2, r.name, [("min.insync.replicas", topic_insync)]))
+            return [SimpleNamespace(resources=described)]
+
+        async def describe_cluster(self) -> dict[str, object]:
+            return {"brokers": [{"node_id": n} for n in range(brokers)]}
+
+    return Admin
+
+
+@pytest.mark.parametrize(
+    ("topic_insync", "broker_insync"), [("2", None), (None, "2")], ids=["described", "not-yet"]
+)
+async def test_the_command_and_settings_topics_the_worker_created_are_checked_too(
+    monkeypatch: pytest.MonkeyPatch, topic_insync: str | None, broker_insync: str | None
+) -> None:
+    """Created by the worker with its replication factor of 1 on a cluster
+    whose min.insync.replicas is 2, they were left out as topics it only
+    reads: the operator recreated the topics the refusal named, and checkout
+    systems then had every write to the command topic refused. And a broker
+    that did not know the topics just created yet described no
+    min.insync.replicas for them: the worker started, and wrote nothing."""
+    settings = Settings()
+    cluster = _creating_cluster(1, topic_insync=topic_insync, broker_insync=broker_insync)
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", cluster)
+    layout = await topics_module.ensure_topics(settings)
+    for name in (
+        settings.topics.commands,
+        settings.topics.application_settings,
+        topics_module.changelog_topic(settings, "sessions"),
+    ):
+        assert f"{name} (1 replica, min.insync.replicas=2)" in layout.unwritable
+    with pytest.raises(ConfigurationError, match=settings.topics.commands):
+        check_retention(settings, layout)
+
+
+async def test_the_command_topic_the_worker_created_is_warned_of_with_one_replica(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings()
+    cluster = _creating_cluster(1, topic_insync="1", broker_insync="1", brokers=3)
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", cluster)
+    with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
+        await topics_module.ensure_topics(settings)
+    [line] = [r.getMessage() for r in caplog.records if "one replica" in r.getMessage()]
+    assert settings.topics.commands in line
+    assert settings.topics.application_settings in line
 
 
 async def test_topics_with_fewer_replicas_than_min_insync_replicas_are_refused(
