@@ -343,6 +343,15 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
         await admin.close()
     if created:
         log.info("created topics: %s", ", ".join(created))
+    if settings.topics.commands in created:
+        # Kafka Streams refuses a missing source topic; a name mistyped here
+        # would give a worker that runs, ready, and reads nothing.
+        log.warning(
+            "the command topic %s did not exist: created it (%d partitions). If the "
+            "checkout systems write another topic, set STREAM_APP_TOPICS__COMMANDS to it",
+            settings.topics.commands,
+            partitions,
+        )
     if brokers > 1:
         # Kafka Streams takes the broker's default.replication.factor; the
         # CreateTopics versions aiokafka sends (up to v3) cannot ask for it.

@@ -621,3 +621,24 @@ async def test_topics_whose_configs_may_not_be_read_are_named(
     assert f"describe the configs of {settings.topics.returned} " in warning
     assert "TopicAuthorizationFailedError" in warning
     assert settings.topics.closed not in warning
+
+
+async def test_a_command_topic_the_worker_creates_is_said_at_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Said at INFO among the other topics created, a mistyped
+    STREAM_APP_TOPICS__COMMANDS gave a worker that ran, ready, and read
+    nothing (Kafka Streams refuses a missing source topic)."""
+    settings = Settings()
+    cluster = _creating_cluster(1, topic_insync="1", broker_insync="1")
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", cluster)
+    with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
+        await topics_module.ensure_topics(settings)
+    [line] = [r.getMessage() for r in caplog.records if "did not exist" in r.getMessage()]
+    assert line.startswith(f"the command topic {settings.topics.commands} did not exist")
+    assert "STREAM_APP_TOPICS__COMMANDS" in line
+    caplog.clear()
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(), {}))
+    with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
+        await topics_module.ensure_topics(settings)
+    assert not [r for r in caplog.records if "did not exist" in r.getMessage()]
