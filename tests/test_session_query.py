@@ -312,6 +312,27 @@ async def test_without_a_routing_map_a_worker_answers_for_its_own_partitions(
     assert engine.session_lookup(1, "cart-1") == Lookup(found=True, stored=b"stored")
 
 
+def test_a_worker_answers_for_its_active_partitions_whatever_the_map_says(
+    tmp_path: Path,
+) -> None:
+    """A static member restarted with another advertised address (a pod IP)
+    gets its assignment back without a rebalance, and the routing map with
+    its old address: it forwarded its own sessions there, and got no answer."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    engine._joined = True
+    engine.assignor.url = "http://10.0.0.7:8080"
+    engine.assignor.owner = lambda *_: "http://10.0.0.2:8080"  # type: ignore[method-assign]
+    assert engine.session_lookup(1, "cart-1") == Lookup(owner="http://10.0.0.2:8080")
+    stored = {session_key(1, "cart-1"): b"stored"}
+
+    class _Here:
+        active = True
+        stores: ClassVar[dict[str, object]] = {SESSIONS_STORE: stored}
+
+    engine._tasks[TaskId("commands", 0)] = _Here()  # type: ignore[assignment]
+    assert engine.session_lookup(1, "cart-1") == Lookup(found=True, stored=b"stored")
+
+
 @pytest.mark.parametrize("owner", ["http://fd00::1:8080", "http://a..b:8080"])
 async def test_an_owner_url_that_cannot_be_read_is_a_503_not_a_500(
     tmp_path: Path, owner: str

@@ -483,12 +483,17 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             # A task of this worker restoring or waiting does not stop the
             # rest: other workers' sessions are forwarded, active tasks answer.
             return Lookup(unavailable=self._not_ready())
-        if owner is None and self.assignor.routes:
-            return Lookup(unavailable="the group is rebalancing or restoring")
-        if elsewhere:
-            return Lookup(owner=owner)
         task_id = TaskId("commands", partition)
         task = self._tasks.get(task_id)
+        active = task is not None and task.active
+        # Active here, the partition is this worker's in the current
+        # generation, whatever the map says: a static member restarted with
+        # another advertised address gets its assignment back, and the map
+        # with its old address, without a rebalance.
+        if owner is None and self.assignor.routes and not active:
+            return Lookup(unavailable="the group is rebalancing or restoring")
+        if elsewhere and not active:
+            return Lookup(owner=owner)
         if task is None or not task.active:
             if owner is None:  # no map at all: a leader of another release, say
                 return Lookup(
