@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.errors import CorruptRecordException, IllegalStateError, KafkaError
 from aiokafka.structs import TopicPartition
 
 from stream_app import json
@@ -85,7 +85,12 @@ from stream_app.pipeline.topics import (
     profile_topic,
     rekey_topic,
 )
-from stream_app.pipeline.unreadable import UNREADABLE, RecordBatchError, read_past
+from stream_app.pipeline.unreadable import (
+    UNREADABLE,
+    RecordBatchError,
+    read_past,
+    undecodable_header,
+)
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -608,6 +613,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 except UNREADABLE as exc:
                     await self._read_past_and_commit(consumer, exc, rebalances)
                     continue
+                except CorruptRecordException as exc:
+                    if not undecodable_header(exc):
+                        raise
+                    await self._read_past_and_commit(consumer, exc, rebalances)
+                    continue
                 except KafkaError as exc:
                     refused = not_authorized(exc)
                     if refused is None:
@@ -724,10 +734,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         transactions) shows a lag of 1 at rest, its last commit marker, and
         the lag would never say "caught up". Called between polls, with every
         record delivered to an active task processed, so the consumer's
-        position is past nothing but such offsets. (Or past a batch too large
-        to fetch: aiokafka then raises at a later poll, and the read past the
-        client begins at the task's last record processed, not here; nothing
-        is committed from these positions, only from the records processed.)
+        position is past nothing but such offsets. (Or past a batch handed to
+        aiokafka cut short, if a broker ever does: it then raises at a later
+        poll, and the read past the client begins at the task's last record
+        processed, not here; nothing is committed from these positions, only
+        from the records processed.)
         Positions being reset are not waited for: all are asked at once, for
         at most ``_POSITION_WAIT_S``."""
         inputs = [(task, tp) for task in self._tasks.values() if task.active for tp in task.inputs]

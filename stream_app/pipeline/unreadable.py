@@ -33,12 +33,14 @@ It is used **only after** ``getmany`` failed to decode a partition: it does
 none of the consumer's prefetching, so it is no replacement for the consumer.
 
 The same read passes a batch larger than the consumer's fetch size (a command
-topic whose ``max.message.bytes`` is above it). The broker sends an oversized
-batch whole only for the first partition of a fetch response with data; for
-any other, its first bytes, on which aiokafka raises ``RecordTooLargeError``
-and moves its position one past the batch's offset. A raw read fetches one
-partition at a time, so it is always sent whole, and its records are
-processed (a command over the size limit, rejected as ``LIMIT_EXCEEDED``).
+topic whose ``max.message.bytes`` is above it), should aiokafka ever be
+handed one cut short: it then raises ``RecordTooLargeError`` and moves its
+position one past the batch's offset. (Kafka sends such a batch whole when
+it comes first in a fetch response and, since Fetch v3, nothing of it
+otherwise: the Kafka 4.1 broker of the tests never cut one. A guard, then.)
+A raw read fetches one partition at a time, so the batch comes whole, and
+its records are processed (a command over the size limit, rejected as
+``LIMIT_EXCEEDED``).
 
 Contracts
 ---------
@@ -83,12 +85,19 @@ log = logging.getLogger(__name__)
 
 #: What ``AIOKafkaConsumer.getmany`` raises for records it cannot hand over and
 #: a raw read may: a header name that is not UTF-8 (``UnicodeDecodeError`` is
-#: a ValueError; aiokafka's pure-Python reader, used when its C extension
-#: cannot load, raises it as ``CorruptRecordException``, as it does for a
-#: batch really corrupt, which the raw read refuses in turn:
-#: :class:`RecordBatchError`), and a batch larger than the fetch size
+#: a ValueError; see also :func:`undecodable_header`) and a batch cut short
 #: (``RecordTooLargeError``, see the module docstring).
-UNREADABLE: Final = (UnicodeDecodeError, CorruptRecordException, RecordTooLargeError)
+UNREADABLE: Final = (UnicodeDecodeError, RecordTooLargeError)
+
+
+def undecodable_header(exc: BaseException) -> bool:
+    """Whether ``exc`` is how aiokafka's pure-Python reader (used when its C
+    extension cannot load) reports a header name that is not UTF-8: a
+    ``CorruptRecordException`` caused by the ``UnicodeDecodeError``. Any other
+    one is a batch really corrupt (its CRC), which a raw read cannot pass
+    either: the worker stops on it, naming it, as Kafka Streams does."""
+    return isinstance(exc, CorruptRecordException) and isinstance(exc.__cause__, UnicodeDecodeError)
+
 
 #: isolation_level of a FetchRequest: 1 = read_committed.
 _READ_COMMITTED: Final = 1

@@ -556,11 +556,11 @@ async def test_a_command_batch_larger_than_the_fetch_size_is_rejected_not_a_cras
     partition and a backlog on every partition: the command is rejected as
     LIMIT_EXCEEDED, and every other one is processed exactly once.
 
-    Kafka documents that it sends an oversized batch whole only to the first
-    partition of a fetch response with data, and the first bytes of it to the
-    others, on which aiokafka raises RecordTooLargeError (that case is
-    test_engine_unreadable.py's). The Kafka 4.1 broker here sent it whole in
-    every fetch tried (40, from one partition among six with data)."""
+    Kafka sends an oversized batch whole when it comes first in a fetch
+    response and, since Fetch v3, nothing of it otherwise: the Kafka 4.1
+    broker here sent it whole in every fetch tried (40, from one partition
+    among six with data). A batch cut short, on which aiokafka would raise
+    RecordTooLargeError, is test_engine_unreadable.py's case."""
     partitions = 6
     d = Deployment(kafka_bootstrap, unique_name("too-large"), tmp_path / "state", partitions)
     await create_topics(

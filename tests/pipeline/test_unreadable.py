@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import aiokafka.codec
 import pytest
+from aiokafka.errors import CorruptRecordException
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
 from aiokafka.structs import TopicPartition
@@ -349,3 +350,31 @@ def test_a_batch_length_shorter_than_a_header_is_a_record_batch_error(length: in
     struct.pack_into(">i", data, 8, length)
     with pytest.raises(RecordBatchError, match=rf"@7: batch length {length} is shorter"):
         parse_record_batches(bytes(data), TP)
+
+
+def _read_in_pure_python(batch: bytes) -> Exception:
+    """What aiokafka's pure-Python reader (used when its C extension cannot
+    load) raises reading ``batch``."""
+    from aiokafka.record.default_records import _DefaultRecordBatchPy
+
+    try:
+        list(_DefaultRecordBatchPy(bytearray(batch)))
+    except Exception as exc:  # what it raises is the point
+        return exc
+    raise AssertionError("read without an error")
+
+
+def test_only_a_header_name_the_pure_python_reader_cannot_decode_is_read_past() -> None:
+    """Without aiokafka's C extension a header name that is not UTF-8 comes as
+    CorruptRecordException, not UnicodeDecodeError: it stopped the worker. A
+    batch really corrupt raises it too, which a raw read cannot pass either
+    (and passing it, the worker went on polling and failing for ever)."""
+    header = encode_batch([BatchRecord(b"k", b"v", ((b"\xff\xfe", b"x"),))])
+    raised = _read_in_pure_python(header)
+    assert type(raised).__name__ == "CorruptRecordException"
+    assert unreadable.undecodable_header(raised)
+    assert not unreadable.undecodable_header(CorruptRecordException("Invalid CRC"))
+    good = encode_batch([BatchRecord(b"k", b"v")])
+    truncated = good[:-1]
+    assert not unreadable.undecodable_header(_read_in_pure_python(truncated))
+    assert not isinstance(CorruptRecordException("Invalid CRC"), unreadable.UNREADABLE)
