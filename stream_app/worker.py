@@ -182,7 +182,7 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
         # A broker that accepts connections and never answers holds an attempt
         # for aiokafka's request timeout (40 s): a stop meanwhile waited for it,
         # outlasted the shutdown bound and exited 1.
-        attempt = await _unless_stopped(ensure_topics(settings), stopping)
+        attempt = await _unless_stopped(ensure_topics(settings, worker=True), stopping)
         if attempt is None:
             return None
         try:

@@ -343,7 +343,8 @@ def _kafka_answers(monkeypatch: pytest.MonkeyPatch, answers: list[Exception | To
     from stream_app import worker
     from stream_app.settings import Settings
 
-    async def ensure_topics(settings: Settings) -> TopicLayout:
+    async def ensure_topics(settings: Settings, *, worker: bool = False) -> TopicLayout:
+        assert worker
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer

@@ -210,8 +210,12 @@ RACE_ATTEMPTS = 10
 RACE_PAUSE_S = 1.0
 
 
-async def ensure_topics(settings: Settings) -> TopicLayout:
+async def ensure_topics(settings: Settings, *, worker: bool = False) -> TopicLayout:
     """Create the missing topics; return the partition count and record limit.
+
+    ``worker``: the caller is a worker, which says at WARNING that it had to
+    create the command topic (``stream-app topics create`` and ``traffic``
+    mean to).
 
     Raises ConfigurationError when an existing co-partitioned topic disagrees
     with the command topic's count. (:func:`check_session_limit` checks the
@@ -220,12 +224,12 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
     """
     for _ in range(RACE_ATTEMPTS - 1):
         try:
-            return await _ensure_topics(settings)
+            return await _ensure_topics(settings, worker=worker)
         except (TopicAlreadyExistsError, LeaderNotAvailableError) as exc:
             log.info("topics being created meanwhile (%s): looking again", exc)
             await asyncio.sleep(RACE_PAUSE_S)
     try:
-        return await _ensure_topics(settings)
+        return await _ensure_topics(settings, worker=worker)
     except TopicAlreadyExistsError:
         # Still there to CreateTopics and still not listed: no race, but a
         # principal that may create topics and not describe this one.
@@ -235,7 +239,7 @@ async def ensure_topics(settings: Settings) -> TopicLayout:
         ) from None
 
 
-async def _ensure_topics(settings: Settings) -> TopicLayout:
+async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
@@ -321,12 +325,12 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
                     "differs from it"
                 )
         configs, undescribed = await _topic_configs(admin, [s.name for s in specs])
-        # Not the topics it only reads: their limits do not bound it, nor
-        # their replicas, unless this worker created them, with its own
-        # replication factor (the command topic, when an operator had not).
+        # Not the topics it only reads: their limits do not bound it. Their
+        # replicas are checked (checkout systems write the command topic) but
+        # refused only when this start created them (see check_retention).
         read_only = {settings.topics.commands, settings.topics.application_settings}
         written = [s.name for s in specs if s.name not in read_only]
-        replicated = [s.name for s in specs if s.name not in read_only or s.name in created]
+        replicated = [s.name for s in specs]
         replicas = {
             name: min((len(p.get("replicas", ())) for p in partitions), default=0)
             for name, partitions in (await _described(admin, replicated, strict=False)).items()
@@ -343,7 +347,7 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
         await admin.close()
     if created:
         log.info("created topics: %s", ", ".join(created))
-    if settings.topics.commands in created:
+    if worker and settings.topics.commands in created:
         # Kafka Streams refuses a missing source topic; a name mistyped here
         # would give a worker that runs, ready, and reads nothing.
         log.warning(
@@ -374,12 +378,27 @@ async def _ensure_topics(settings: Settings) -> TopicLayout:
             _KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
         )
     unwritable: list[str] = []
+    unwritable_read: list[str] = []
     for name in replicated:
         have = replicas.get(name)  # 0 or None: the answer named none, nothing to go on
         needed = insync[name]
         if have and needed.isdigit() and int(needed) > have:
             plural = "s" if have != 1 else ""
-            unwritable.append(f"{name} ({have} replica{plural}, min.insync.replicas={needed})")
+            problem = f"{name} ({have} replica{plural}, min.insync.replicas={needed})"
+            if name in read_only and name not in created:
+                unwritable_read.append(problem)
+            else:
+                unwritable.append(problem)
+    if unwritable_read:
+        # Not the worker's to refuse (an operator made them): its own start
+        # goes on, but their writers' does not.
+        log.warning(
+            "%s: Kafka refuses the writes of checkout systems and settings writers "
+            "(acks=all) to these topics, which have fewer replicas than "
+            "min.insync.replicas asks. Raise their replicas (kafka-reassign-partitions) or "
+            "lower their min.insync.replicas",
+            "; ".join(unwritable_read),
+        )
     limits = [
         int(c["max.message.bytes"])
         for n in written

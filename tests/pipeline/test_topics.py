@@ -411,7 +411,7 @@ async def test_a_command_topic_described_a_moment_later_is_waited_for(
         async def describe_topics(self, names: list[str]) -> list[object]:
             described = await super().describe_topics(names)
             if settings.topics.commands in names:
-                code = answers.pop(0)
+                code = answers.pop(0) if answers else 0  # then its replicas are asked
                 for entry in described:
                     if entry["topic"] == settings.topics.commands and code:
                         entry["error_code"], entry["partitions"] = code, []
@@ -550,7 +550,8 @@ async def test_topics_with_fewer_replicas_than_min_insync_replicas_are_refused(
     layout = await topics_module.ensure_topics(settings)
     changelog = topics_module.changelog_topic(settings, "sessions")
     assert f"{changelog} (1 replica, min.insync.replicas=2)" in layout.unwritable
-    # Those it only reads are no concern of the worker's.
+    # Those it only reads, an operator made: not the worker's to refuse (warned
+    # of: see below).
     assert not any(settings.topics.commands in t for t in layout.unwritable)
     assert not any(settings.topics.application_settings in t for t in layout.unwritable)
     with pytest.raises(ConfigurationError) as refused:
@@ -633,12 +634,32 @@ async def test_a_command_topic_the_worker_creates_is_said_at_warning(
     cluster = _creating_cluster(1, topic_insync="1", broker_insync="1")
     monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", cluster)
     with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
-        await topics_module.ensure_topics(settings)
+        await topics_module.ensure_topics(settings)  # stream-app topics create, traffic
+    assert not [r for r in caplog.records if "did not exist" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
+        await topics_module.ensure_topics(settings, worker=True)
     [line] = [r.getMessage() for r in caplog.records if "did not exist" in r.getMessage()]
     assert line.startswith(f"the command topic {settings.topics.commands} did not exist")
     assert "STREAM_APP_TOPICS__COMMANDS" in line
     caplog.clear()
     monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(), {}))
     with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
-        await topics_module.ensure_topics(settings)
+        await topics_module.ensure_topics(settings, worker=True)
     assert not [r for r in caplog.records if "did not exist" in r.getMessage()]
+
+
+async def test_command_and_settings_topics_an_operator_made_unwritable_are_warned_of(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checked only on the start that created them: the next start (the
+    first refused, and restarted) said nothing of them, and the operator,
+    recreating the topics the refusal named, left the command topic
+    refusing every write of the checkout systems."""
+    settings = Settings()
+    configs = {name: {"min.insync.replicas": "2"} for name in _every_topic()}
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(1), configs))
+    with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
+        await topics_module.ensure_topics(settings)
+    [line] = [r.getMessage() for r in caplog.records if "checkout systems" in r.getMessage()]
+    assert line.startswith(f"{settings.topics.commands} (1 replica, min.insync.replicas=2)")
+    assert settings.topics.application_settings in line
