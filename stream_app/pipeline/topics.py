@@ -381,6 +381,8 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
     unwritable_read: list[str] = []
     for name in replicated:
         have = replicas.get(name)  # 0 or None: the answer named none, nothing to go on
+        if not have and name in created:  # not shown yet by the broker that answered
+            have = settings.replication_factor
         needed = insync[name]
         if have and needed.isdigit() and int(needed) > have:
             plural = "s" if have != 1 else ""
