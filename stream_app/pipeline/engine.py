@@ -615,6 +615,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     continue
                 except CorruptRecordException as exc:
                     if not undecodable_header(exc):
+                        await self._name_the_corrupt_batch(consumer, exc)
                         raise
                     await self._read_past_and_commit(consumer, exc, rebalances)
                     continue
@@ -660,6 +661,28 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             watching.cancel()
             flushing.cancel()
             await self._close(consumer)
+
+    async def _name_the_corrupt_batch(
+        self, consumer: AIOKafkaConsumer, exc: CorruptRecordException
+    ) -> None:
+        """Say where the batch is that no client can read (its CRC does not
+        match): aiokafka names its partition only, and leaves the position
+        there, the offset an operator needs to decide what to do."""
+        for tp in consumer.assignment():
+            if repr(tp) not in str(exc):
+                continue
+            try:
+                position: int | str = await asyncio.wait_for(consumer.position(tp), 1.0)
+            except Exception:  # the error below is what matters
+                position = "unknown"
+            log.error(
+                "%s[%d]: the record batch at offset %s is corrupt (%s): no Kafka client can "
+                "read it, and the worker stops (docs/operations.md, A worker is down)",
+                tp.topic,
+                tp.partition,
+                position,
+                exc,
+            )
 
     async def _flush_quiet_stores(self) -> None:
         while True:

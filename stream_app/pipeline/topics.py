@@ -335,7 +335,13 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
             name: min((len(p.get("replicas", ())) for p in partitions), default=0)
             for name, partitions in (await _described(admin, replicated, strict=False)).items()
         }
-        single = [name for name in replicated if replicas.get(name) == 1]
+        # Not of the topics an operator made for the worker to read: Kafka
+        # Streams says nothing of its source topics' replicas either.
+        single = [
+            name
+            for name in replicated
+            if replicas.get(name) == 1 and (name not in read_only or name in created)
+        ]
         brokers = await _brokers(admin) if single else 0
         # A topic just created may not be known yet to the broker that answers
         # DescribeConfigs: it has the broker's min.insync.replicas.

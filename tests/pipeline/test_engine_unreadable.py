@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import OffsetOutOfRangeError, RecordTooLargeError
+from aiokafka.errors import CorruptRecordException, OffsetOutOfRangeError, RecordTooLargeError
 
 from stream_app.pipeline import unreadable
 from stream_app.pipeline.checkpoint import TaskFencedError
@@ -375,3 +375,25 @@ async def test_a_pass_that_only_passes_skipped_markers_again_moves_nothing(
     with pytest.raises(UnicodeDecodeError):
         await engine._read_past_the_client(_Consumer({tp}), _POISON, engine._rebalances)  # type: ignore[arg-type]
     assert task.positions == {tp: 45}
+
+
+async def test_a_corrupt_batch_is_named_with_its_offset_before_the_worker_stops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiokafka names the partition of a batch whose CRC does not match, not
+    the offset an operator needs: it leaves its position there."""
+    tp = TopicPartition(Settings().topics.commands, 3)
+    engine, _ = _engine_reading(tmp_path)
+
+    class _Positioned(_Consumer):
+        async def position(self, tp: TopicPartition) -> int:
+            return 1234
+
+    consumer = _Positioned({tp, TopicPartition(tp.topic, 4)})
+    with caplog.at_level("ERROR", logger="stream_app.pipeline.engine"):
+        await engine._name_the_corrupt_batch(
+            consumer,  # type: ignore[arg-type]
+            CorruptRecordException(f"Invalid CRC - {tp!r}"),
+        )
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"{tp.topic}[3]: the record batch at offset 1234 is corrupt")

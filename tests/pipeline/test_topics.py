@@ -665,3 +665,24 @@ async def test_command_and_settings_topics_an_operator_made_unwritable_are_warne
     [line] = [r.getMessage() for r in caplog.records if "checkout systems" in r.getMessage()]
     assert line.startswith(f"{settings.topics.commands} (1 replica, min.insync.replicas=2)")
     assert settings.topics.application_settings in line
+
+
+async def test_operator_made_topics_with_one_replica_are_not_the_worker_s_to_warn_of(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its advice, to set STREAM_APP_REPLICATION_FACTOR before the topics are
+    created, does nothing for topics an operator made (Kafka Streams says
+    nothing of its source topics' replicas either)."""
+    settings = Settings(replication_factor=3)
+    topics = _every_topic(3)
+    for name in (settings.topics.commands, settings.topics.application_settings):
+        topics[name] = [{"replicas": [0]}] * 6
+
+    class ThreeBrokers(_cluster(topics, {})):  # type: ignore[misc]
+        async def describe_cluster(self) -> dict[str, object]:
+            return {"brokers": [{"node_id": n} for n in range(3)]}
+
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", ThreeBrokers)
+    with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
+        await topics_module.ensure_topics(settings, worker=True)
+    assert [r.getMessage() for r in caplog.records if "one replica" in r.getMessage()] == []
