@@ -290,6 +290,21 @@ async def test_other_paths_and_methods_are_answered_as_problems(tmp_path: Path) 
             assert (await answer.json())["status"] == 405
 
 
+class _ActiveTask:
+    """Stands for an active stage-1 Task whose sessions store is ``store``."""
+
+    def __init__(self, partition: int, store: object) -> None:
+        self.id = TaskId("commands", partition)
+        self.active = True
+        self.stores = {SESSIONS_STORE: store}
+
+
+def _answering(engine: Engine, store: object, partition: int = 0) -> None:
+    """``engine`` owns ``partition`` with an active task reading ``store``."""
+    task = _ActiveTask(partition, store)
+    engine._tasks[task.id] = task  # type: ignore[assignment]
+
+
 async def test_without_a_routing_map_a_worker_answers_for_its_own_partitions(
     tmp_path: Path,
 ) -> None:
@@ -302,13 +317,7 @@ async def test_without_a_routing_map_a_worker_answers_for_its_own_partitions(
     lookup = engine.session_lookup(1, "cart-1")
     assert lookup.unavailable is not None
     assert "names no owner" in lookup.unavailable  # not here: nobody to ask
-    stored = {session_key(1, "cart-1"): b"stored"}
-
-    class _Here:
-        active = True
-        stores: ClassVar[dict[str, object]] = {SESSIONS_STORE: stored}
-
-    engine._tasks[TaskId("commands", 0)] = _Here()  # type: ignore[assignment]
+    _answering(engine, {session_key(1, "cart-1"): b"stored"})
     assert engine.session_lookup(1, "cart-1") == Lookup(found=True, stored=b"stored")
 
 
@@ -323,13 +332,7 @@ def test_a_worker_answers_for_its_active_partitions_whatever_the_map_says(
     engine.assignor.url = "http://10.0.0.7:8080"
     engine.assignor.owner = lambda *_: "http://10.0.0.2:8080"  # type: ignore[method-assign]
     assert engine.session_lookup(1, "cart-1") == Lookup(owner="http://10.0.0.2:8080")
-    stored = {session_key(1, "cart-1"): b"stored"}
-
-    class _Here:
-        active = True
-        stores: ClassVar[dict[str, object]] = {SESSIONS_STORE: stored}
-
-    engine._tasks[TaskId("commands", 0)] = _Here()  # type: ignore[assignment]
+    _answering(engine, {session_key(1, "cart-1"): b"stored"})
     assert engine.session_lookup(1, "cart-1") == Lookup(found=True, stored=b"stored")
 
 
@@ -375,14 +378,7 @@ def test_a_worker_kafka_has_not_answered_past_the_session_timeout_answers_no_que
     settings = Settings(data_dir=tmp_path, session_timeout_s=30)
     engine = Engine(settings, TopicLayout(1, 1_048_588))
     engine._joined = True
-    stored = {session_key(1, "cart-1"): b"stored"}
-
-    class _Here:
-        id = TaskId("commands", 0)
-        active = True
-        stores: ClassVar[dict[str, object]] = {SESSIONS_STORE: stored}
-
-    engine._tasks[_Here.id] = _Here()  # type: ignore[assignment]
+    _answering(engine, {session_key(1, "cart-1"): b"stored"})
     now = time.time() * 1000
     commands, profiles = TopicPartition("commands", 0), TopicPartition("by-profile", 0)
     consumer = _Fetching({commands: int(now - 31_000), profiles: None}, paused=set())
@@ -467,17 +463,12 @@ def test_a_worker_with_a_task_restoring_forwards_and_answers_what_it_can(tmp_pat
     engine.assignor.url = "http://me:8080"
     here, restoring = (partition_for(f"cart-{n}".encode(), 2) for n in (1, 2))
     assert here != restoring
-    stored = {session_key(1, "cart-1"): b"stored"}
-
-    class _Here:
-        active = True
-        stores: ClassVar[dict[str, object]] = {SESSIONS_STORE: stored}
+    _answering(engine, {session_key(1, "cart-1"): b"stored"}, here)
 
     class _Restoring:
         active = False
         stores: ClassVar[dict[str, object]] = {}
 
-    engine._tasks[TaskId("commands", here)] = _Here()  # type: ignore[assignment]
     engine._tasks[TaskId("commands", restoring)] = _Restoring()  # type: ignore[assignment]
     engine._starting[TaskId("commands", restoring)] = None  # type: ignore[assignment]
     assert not engine.ready
@@ -506,12 +497,7 @@ def test_a_store_that_cannot_be_read_is_a_503_not_a_500(tmp_path: Path) -> None:
         def get(self, key: bytes) -> bytes | None:
             raise StoreError("Corruption: block checksum mismatch")
 
-    class _Here:
-        id = TaskId("commands", 0)
-        active = True
-        stores: ClassVar[dict[str, object]] = {SESSIONS_STORE: _Broken()}
-
-    engine._tasks[TaskId("commands", 0)] = _Here()  # type: ignore[assignment]
+    _answering(engine, _Broken())
     lookup = engine.session_lookup(1, "cart-1")
     # The store's path is for the log, not for any HTTP client.
     assert lookup.unavailable == "the session's store cannot be read (see the worker's log)"

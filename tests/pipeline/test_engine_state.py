@@ -806,51 +806,50 @@ async def test_a_start_refused_while_a_round_commits_leaves_the_round_to_finish(
     assert engine.commits == 1
 
 
-async def test_a_commit_whose_store_write_failed_is_counted_committed_and_said_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("error", "counted", "said"),
+    [
+        # It was logged 'transaction failed ... aborted' and counted neither
+        # committed nor aborted, though its outputs were visible downstream.
+        (
+            StoreWriteError("StoreError: cannot write the store at ...: No space left"),
+            (1, 0, 0),
+            "transaction committed, but its stores could not be written",
+        ),
+        # A broker restart can cut a commit's answer after the commit is made:
+        # it was logged 'transaction failed ... aborted' and counted as an abort.
+        (
+            CommitOutcomeUnknownError(
+                "KafkaError: ... (the commit was sent: it may have been made)"
+            ),
+            (0, 0, 1),
+            "the commit failed with no answer to say whether it was made",
+        ),
+    ],
+    ids=["store-write-failed", "answer-lost"],
+)
+async def test_a_commit_that_may_have_been_made_is_not_counted_or_said_aborted(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+    counted: tuple[int, int, int],
+    said: str,
 ) -> None:
-    """It was logged 'transaction failed ... aborted' and counted neither
-    committed nor aborted, though its outputs were visible downstream."""
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
 
-    async def committed_then_store_failed() -> None:
-        raise StoreWriteError("StoreError: cannot write the store at ...: No space left")
+    async def failing() -> None:
+        raise error
 
-    with pytest.raises(StoreWriteError):
-        await engine._counted(committed_then_store_failed())
-    assert (engine.commits, engine.aborts) == (1, 0)
+    with pytest.raises(type(error)):
+        await engine._counted(failing())
+    assert (engine.commits, engine.aborts, engine.commits_unknown) == counted
     task = _FencedTask(engine.settings.topics.commands)
     _owning(engine, task)
     engine.stop()  # so that the restart drops the stand-in and starts nothing
     with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
-        await engine._restart(task, StoreWriteError("StoreError: no space"))  # type: ignore[arg-type]
+        await engine._restart(task, error)  # type: ignore[arg-type]
     [line] = [r.getMessage() for r in caplog.records if "commands[0]" in r.getMessage()]
-    assert "transaction committed, but its stores could not be written" in line
-    assert "aborted" not in line
-
-
-async def test_a_commit_whose_answer_was_lost_is_counted_apart_and_said_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A broker restart can cut a commit's answer after the commit is made: it
-    was logged 'transaction failed ... aborted' and counted as an abort."""
-    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
-
-    async def answer_lost() -> None:
-        raise CommitOutcomeUnknownError(
-            "KafkaError: ... (the commit was sent: it may have been made)"
-        )
-
-    with pytest.raises(CommitOutcomeUnknownError):
-        await engine._counted(answer_lost())
-    assert (engine.commits, engine.aborts, engine.commits_unknown) == (0, 0, 1)
-    task = _FencedTask(engine.settings.topics.commands)
-    _owning(engine, task)
-    engine.stop()  # so that the restart drops the stand-in and starts nothing
-    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
-        await engine._restart(task, CommitOutcomeUnknownError("KafkaError"))  # type: ignore[arg-type]
-    [line] = [r.getMessage() for r in caplog.records if "commands[0]" in r.getMessage()]
-    assert "the commit failed with no answer to say whether it was made" in line
+    assert said in line
     assert "aborted" not in line
 
 
