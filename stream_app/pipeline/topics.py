@@ -324,29 +324,28 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
                     "worker takes the command topic's count, and names any topic that "
                     "differs from it"
                 )
-        configs, undescribed = await _topic_configs(admin, [s.name for s in specs])
+        configs, undescribed = await _topic_configs(admin, names)
         # Not the topics it only reads: their limits do not bound it. Their
         # replicas are checked (checkout systems write the command topic) but
         # refused only when this start created them (see check_retention).
         read_only = {settings.topics.commands, settings.topics.application_settings}
         written = [s.name for s in specs if s.name not in read_only]
-        replicated = [s.name for s in specs]
         replicas = {
             name: min((len(p.get("replicas", ())) for p in partitions), default=0)
-            for name, partitions in (await _described(admin, replicated, strict=False)).items()
+            for name, partitions in (await _described(admin, names, strict=False)).items()
         }
         # Not of the topics an operator made for the worker to read: Kafka
         # Streams says nothing of its source topics' replicas either.
         single = [
             name
-            for name in replicated
+            for name in names
             if replicas.get(name) == 1 and (name not in read_only or name in created)
         ]
         brokers = await _brokers(admin) if single else 0
         # A topic just created may not be known yet to the broker that answers
         # DescribeConfigs: it has the broker's min.insync.replicas.
-        insync = {name: configs.get(name, {}).get("min.insync.replicas", "") for name in replicated}
-        if any(name in created and not insync[name] for name in replicated):
+        insync = {name: configs.get(name, {}).get("min.insync.replicas", "") for name in names}
+        if any(name in created and not insync[name] for name in names):
             default = await _broker_min_insync_replicas(admin)
             insync = {n: v or (default if n in created else "") for n, v in insync.items()}
     finally:
@@ -385,7 +384,7 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
         )
     unwritable: list[str] = []
     unwritable_read: list[str] = []
-    for name in replicated:
+    for name in names:
         have = replicas.get(name)  # 0 or None: the answer named none, nothing to go on
         if not have and name in created:  # not shown yet by the broker that answered
             have = settings.replication_factor
