@@ -92,6 +92,19 @@ def _assert_exactly_once(
     assert not problems, "\n".join(problems) + "\n" + describe_workers(workers, 1500)
 
 
+async def _all_once_then_stopped(
+    d: Deployment, worker: Worker, expected: Expected, *, within_s: float, settle_s: float
+) -> None:
+    """``worker`` writes every expected output exactly once, all within
+    ``within_s`` (read on for ``settle_s`` after the last), then stops
+    cleanly on SIGTERM."""
+    async with OutputReader(d.bootstrap, d.topics) as reader:
+        await reader.wait_for(expected.total, timeout=within_s, alive=[worker])
+        await reader.poll(settle_s, alive=[worker])
+    _assert_exactly_once(reader, expected, d, [worker])
+    assert worker.stop(timeout=SHUTDOWN_BOUND_S + 20) == 0, worker.log_tail()
+
+
 def _background(traffic: Traffic, d: Deployment, rate: float) -> asyncio.Task[list[Position]]:
     """Produce ``traffic`` at ``rate`` records/s while the test goes on."""
     return asyncio.create_task(
@@ -582,12 +595,7 @@ async def test_a_command_batch_larger_than_the_fetch_size_is_rejected_not_a_cras
     expected.rejections[big.partition, big.offset] = str(Reason.LIMIT_EXCEEDED)
     expected.per_kind["rejected"] += 1
 
-    worker = workers(d)
-    async with OutputReader(kafka_bootstrap, d.topics) as reader:
-        await reader.wait_for(expected.total, timeout=150, alive=[worker])
-        await reader.poll(3.0, alive=[worker])
-    _assert_exactly_once(reader, expected, d, [worker])
-    assert worker.stop(timeout=SHUTDOWN_BOUND_S + 20) == 0, worker.log_tail()
+    await _all_once_then_stopped(d, workers(d), expected, within_s=150, settle_s=3.0)
 
 
 @pytest.mark.timeout(180)
@@ -654,12 +662,7 @@ async def test_a_changelog_that_deletes_by_time_is_refused_until_compacted(
     traffic = generate_traffic(100, seed=11)
     positions = await produce_traffic_records(kafka_bootstrap, d.topics.commands, traffic)
     expected = expected_outcome(traffic, positions)
-    again = workers(d)
-    async with OutputReader(kafka_bootstrap, d.topics) as reader:
-        await reader.wait_for(expected.total, timeout=120, alive=[again])
-        await reader.poll(2.0, alive=[again])
-    _assert_exactly_once(reader, expected, d, [again])
-    assert again.stop(timeout=SHUTDOWN_BOUND_S + 20) == 0, again.log_tail()
+    await _all_once_then_stopped(d, workers(d), expected, within_s=120, settle_s=2.0)
 
 
 @pytest.mark.timeout(120)
