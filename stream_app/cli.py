@@ -277,9 +277,9 @@ def _same_numbers(parsed: Any, exact: Any) -> bool:
 
 def _same(parsed: Any, exact: Any) -> bool:
     if isinstance(exact, Decimal):
-        if type(parsed) is int:
-            return Decimal(parsed) == exact
-        return type(parsed) is float and Decimal(repr(parsed)) == exact
+        from stream_app.domain.numbers import to_decimal
+
+        return type(parsed) in (int, float) and to_decimal(parsed) == exact
     if isinstance(exact, list):
         return (
             isinstance(parsed, list)

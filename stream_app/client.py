@@ -70,7 +70,7 @@ from stream_app.domain import (
     apply,
     decode_command,
 )
-from stream_app.domain.numbers import json_number
+from stream_app.domain.numbers import json_number, to_decimal
 from stream_app.domain.rejections import make_rejection
 from stream_app.errors import StreamAppError
 from stream_app.settings import Settings
@@ -160,8 +160,7 @@ def command_number(value: Decimal) -> int | float:
     number = json_number(value)
     if type(number) is float and 0 <= value < _U64 and value == value.to_integral_value():
         number = int(value)  # 2^63..2^64-1: orjson writes them exactly (the limits judge)
-    written = Decimal(number) if type(number) is int else Decimal(repr(number))
-    if written != value:
+    if to_decimal(number) != value:
         raise ValueError(
             f"{value} cannot travel exactly as a JSON number: the workers would read "
             f"{number!r}; round it first"
