@@ -34,7 +34,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -685,20 +685,16 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             )
 
     async def _flush_quiet_stores(self) -> None:
-        while True:
-            await asyncio.sleep(_FLUSH_IDLE_EVERY_S)
-            try:
-                self._resources.flush_idle()
-            except Exception:  # a flush is not worth the worker: the next write says more
-                log.exception("flushing the stores not written lately failed")
+        # A flush is not worth the worker: the next write says more.
+        await _every(
+            _FLUSH_IDLE_EVERY_S,
+            self._resources.flush_idle,
+            "flushing the stores not written lately failed",
+        )
 
     async def _watch_unheard(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                self._note_unheard()
-            except Exception:  # a log line is not worth the watch
-                log.exception("looking at the consumer's fetches failed")
+        # A log line is not worth the watch.
+        await _every(1.0, self._note_unheard, "looking at the consumer's fetches failed")
 
     def _note_unheard(self) -> None:
         """Log once when Kafka has answered none of the worker's fetches for
@@ -1587,3 +1583,15 @@ async def _first(*aws: Any) -> None:
         for t, a in zip(tasks, aws, strict=True):
             if t is not a:
                 t.cancel()
+
+
+async def _every(seconds: float, action: Callable[[], object], failed: str) -> None:
+    """Run ``action`` every ``seconds``, beside the engine's loop, until
+    cancelled; a failure of it is logged as ``failed``, and the next turn
+    comes all the same."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            action()
+        except Exception:
+            log.exception(failed)
