@@ -529,15 +529,19 @@ def _record_document(record: Any, *, metadata: bool, raw: bool = False) -> Any:
             value = {"valueBase64": base64.b64encode(record.value).decode("ascii")}
     if not metadata:
         return value
-    key = record.key.decode("utf-8", "replace") if record.key is not None else None
-    return {
+    shown: dict[str, Any] = {
         "topic": record.topic,
         "partition": record.partition,
         "offset": record.offset,
         "timestamp": record.timestamp,
-        "key": key,
-        "value": value,
     }
+    try:
+        shown["key"] = record.key.decode() if record.key is not None else None
+    except UnicodeDecodeError:
+        # Decoded with replacement characters, two such keys looked the same.
+        shown["keyBase64"] = base64.b64encode(record.key).decode("ascii")
+    shown["value"] = value
+    return shown
 
 
 async def tail(
@@ -1095,7 +1099,10 @@ def _add_tail(sub: Any) -> None:
     tail_parser.add_argument(
         "--metadata",
         action="store_true",
-        help="wrap each record: topic, partition, offset, timestamp, key, value",
+        help=(
+            "wrap each record: topic, partition, offset, timestamp, key (keyBase64 when "
+            "it is not UTF-8), value"
+        ),
     )
 
 

@@ -122,3 +122,21 @@ def test_brokers_that_refuse_the_credentials_are_said_so(
     refused[0] = None  # unreachable: worth retrying
     assert cli.main(command) == cli.EXIT_FAILED
     assert "Unable to bootstrap" in capsys.readouterr().err
+
+
+def test_a_key_that_is_not_utf8_is_shown_in_base64() -> None:
+    """Before, decoded with replacement characters: keys b"\\xff" and b"\\xfe"
+    both read as "\\ufffd", and the bytes a rejection names could not be found."""
+    from types import SimpleNamespace
+
+    shown = [
+        cli._record_document(
+            SimpleNamespace(topic="t", partition=0, offset=n, timestamp=0, key=key, value=b"{}"),
+            metadata=True,
+        )
+        for n, key in enumerate([b"\xff", b"\xfe", b"cart-1", None])
+    ]
+    assert [doc.get("keyBase64") for doc in shown[:2]] == ["/w==", "/g=="]
+    assert all("key" not in doc for doc in shown[:2])
+    assert [doc["key"] for doc in shown[2:]] == ["cart-1", None]
+    assert all("keyBase64" not in doc for doc in shown[2:])
