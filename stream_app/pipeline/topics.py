@@ -140,6 +140,26 @@ async def _broker_min_insync_replicas(admin: AIOKafkaAdminClient) -> str:
     return ""
 
 
+async def _refuse_unwritable_creations(
+    admin: AIOKafkaAdminClient, settings: Settings, missing: list[str]
+) -> None:
+    """Raise ConfigurationError, before anything is created, when ``missing``
+    would be created with fewer replicas than the broker's
+    ``min.insync.replicas``: Kafka would refuse every write to them. Found
+    only after creating them, the refusal left the topics behind, and each
+    later start refused them again until an operator deleted them."""
+    if not missing:
+        return
+    needed = await _broker_min_insync_replicas(admin)
+    if needed.isdigit() and int(needed) > settings.replication_factor:
+        raise ConfigurationError(
+            f"the broker's min.insync.replicas is {needed}, more than "
+            f"STREAM_APP_REPLICATION_FACTOR={settings.replication_factor}: Kafka would refuse "
+            f"every write to the topics this would create ({', '.join(missing)}), so none "
+            f"was created. Set STREAM_APP_REPLICATION_FACTOR to at least {needed}"
+        )
+
+
 async def _described(
     admin: AIOKafkaAdminClient, names: list[str], *, strict: bool = True
 ) -> dict[str, list[Any]]:
@@ -271,6 +291,9 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
                 f"{partitions}, but {', '.join(mismatched)}; internal topics must have the "
                 "command topic's count (re-partitioning is a migration, not a setting)"
             )
+        await _refuse_unwritable_creations(
+            admin, settings, [s.name for s in specs if s.name not in existing]
+        )
         created: list[str] = []
         refused: list[str] = []
         raced: list[str] = []
@@ -342,12 +365,10 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
             if replicas.get(name) == 1 and (name not in read_only or name in created)
         ]
         brokers = await _brokers(admin) if single else 0
-        # A topic just created may not be known yet to the broker that answers
-        # DescribeConfigs: it has the broker's min.insync.replicas.
+        # A topic just created and not known yet to the broker that answers
+        # DescribeConfigs has the broker's min.insync.replicas, which
+        # _refuse_unwritable_creations checked before creating it.
         insync = {name: configs.get(name, {}).get("min.insync.replicas", "") for name in names}
-        if any(name in created and not insync[name] for name in names):
-            default = await _broker_min_insync_replicas(admin)
-            insync = {n: v or (default if n in created else "") for n, v in insync.items()}
     finally:
         await admin.close()
     if created:

@@ -4,7 +4,9 @@ worker makes of the broker's answer to each topic it creates (no broker)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiokafka.admin import NewTopic
@@ -499,20 +501,16 @@ def _creating_cluster(
     return Admin
 
 
-@pytest.mark.parametrize(
-    ("topic_insync", "broker_insync"), [("2", None), (None, "2")], ids=["described", "not-yet"]
-)
 async def test_the_command_and_settings_topics_the_worker_created_are_checked_too(
-    monkeypatch: pytest.MonkeyPatch, topic_insync: str | None, broker_insync: str | None
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Created by the worker with its replication factor of 1 on a cluster
     whose min.insync.replicas is 2, they were left out as topics it only
     reads: the operator recreated the topics the refusal named, and checkout
-    systems then had every write to the command topic refused. And a broker
-    that did not know the topics just created yet described no
-    min.insync.replicas for them: the worker started, and wrote nothing."""
+    systems then had every write to the command topic refused. (Here the
+    broker does not say its own min.insync.replicas, only the topics'.)"""
     settings = Settings()
-    cluster = _creating_cluster(1, topic_insync=topic_insync, broker_insync=broker_insync)
+    cluster = _creating_cluster(1, topic_insync="2", broker_insync=None)
     monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", cluster)
     layout = await topics_module.ensure_topics(settings)
     for name in (
@@ -523,6 +521,38 @@ async def test_the_command_and_settings_topics_the_worker_created_are_checked_to
         assert f"{name} (1 replica, min.insync.replicas=2)" in layout.unwritable
     with pytest.raises(ConfigurationError, match=settings.topics.commands):
         check_retention(settings, layout)
+
+
+@pytest.mark.parametrize("topic_insync", ["2", None], ids=["described", "not-yet"])
+async def test_topics_the_broker_s_min_insync_replicas_would_make_unwritable_are_not_created(
+    monkeypatch: pytest.MonkeyPatch, topic_insync: str | None
+) -> None:
+    """Refused only after creating them, the worker (and `topics create`)
+    left the topics behind, and every later start refused them again until
+    an operator deleted them. And a broker that did not know the topics just
+    created yet described no min.insync.replicas for them: the worker
+    started, and wrote nothing."""
+    admins: list[Any] = []
+
+    def recorded(replicas: int) -> Callable[..., Any]:
+        cluster = _creating_cluster(replicas, topic_insync=topic_insync, broker_insync="2")
+        return lambda **options: admins.append(cluster(**options)) or admins[-1]
+
+    settings = Settings()
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", recorded(1))
+    with pytest.raises(ConfigurationError) as refused:
+        await topics_module.ensure_topics(settings)
+    assert [admin.topics for admin in admins] == [[]]
+    message = str(refused.value)
+    assert message.startswith("the broker's min.insync.replicas is 2, more than ")
+    assert settings.topics.commands in message
+    assert "STREAM_APP_REPLICATION_FACTOR to at least 2" in message
+    # Enough replicas: created.
+    admins.clear()
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", recorded(2))
+    layout = await topics_module.ensure_topics(Settings(replication_factor=2))
+    assert len(admins[0].topics) == len(_every_topic())
+    assert layout.unwritable == ()
 
 
 async def test_the_command_topic_the_worker_created_is_warned_of_with_one_replica(
