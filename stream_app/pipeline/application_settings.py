@@ -43,6 +43,9 @@ DEFAULT = ApplicationSettings()
 #: worker goes on with file settings only: the worker creates it just before
 #: (``ensure_topics``), and the broker may not show it at once.
 TOPIC_VISIBLE_WAIT_S = 10.0
+#: How often the follower's metadata, and so the settings topic's partition
+#: count, is refreshed (the engine's input topics are watched as often).
+METADATA_MAX_AGE_MS: Final = 10_000
 
 
 def plain_application_id(raw: bytes) -> int | None:
@@ -180,6 +183,7 @@ async def _follow(
         # Replaying the compacted topic from its start gives the same settings;
         # skipping to its end (aiokafka's default) could lose some.
         auto_offset_reset="earliest",
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
     try:
         await consumer.start()  # in the try: a failed or cancelled start closes it too
@@ -217,8 +221,38 @@ async def _follow(
                 for record in records:
                     registry.apply_record(record.key, record.value)
                     applied[tp] = record.offset + 1
+            await _follow_added_partitions(consumer, topic, applied)
     finally:
         await consumer.stop()
+
+
+async def _follow_added_partitions(
+    consumer: AIOKafkaConsumer, topic: str, applied: dict[TopicPartition, int]
+) -> None:
+    """Follow, from their start, partitions added to the settings topic since
+    they were assigned. The rest go on from what was applied (a new
+    assignment resets every position). Before, only the partitions of the
+    worker's start were read, and settings written to a partition added
+    later never applied, without a word."""
+    known = consumer.partitions_for_topic(topic) or set()
+    added = [
+        TopicPartition(topic, p) for p in sorted(known) if TopicPartition(topic, p) not in applied
+    ]
+    if not added:
+        return
+    log.warning(
+        "settings topic %s has %d partitions now, %d more than when it was first read: "
+        "following them from their start",
+        topic,
+        len(known),
+        len(added),
+    )
+    consumer.assign([*applied, *added])
+    for tp, offset in applied.items():
+        consumer.seek(tp, offset)
+    await consumer.seek_to_beginning(*added)
+    for tp in added:
+        applied[tp] = await consumer.position(tp)
 
 
 async def _read_past_the_client(

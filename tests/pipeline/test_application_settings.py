@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -121,6 +122,9 @@ class _SettingsConsumer:
     def assign(self, tps: object) -> None:
         pass
 
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0}
+
     async def seek_to_beginning(self, *tps: object) -> None:
         pass
 
@@ -186,6 +190,96 @@ class _PoisonedSettingsConsumer(_SettingsConsumer):
     def seek(self, tp: object, offset: int) -> None:
         self.sought.append((tp, offset))
         self.position_ = offset
+
+
+class _GrowingSettingsConsumer:
+    """A settings topic of one partition, to which an operator adds a second
+    holding a record for application 8 once the first has been read."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.records = {
+            0: [(b"7", b'{"flattening": false}')],
+            1: [(b"8", b'{"flattening": false}')],
+        }
+        self.partitions = {0}
+        self.positions: dict[TopicPartition, int] = {}
+        self.assignments: list[list[TopicPartition]] = []
+        self.sought: list[tuple[TopicPartition, int]] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.assignments.append(list(tps))
+        self.positions = {}  # as aiokafka's: every position reset
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return set(self.partitions)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.sought.append((tp, offset))
+        self.positions[tp] = offset
+
+    async def seek_to_beginning(self, *tps: TopicPartition) -> None:
+        for tp in tps:
+            self.positions[tp] = 0
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: len(self.records[tp.partition]) for tp in tps}
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
+
+    async def getmany(self, timeout_ms: int) -> dict[TopicPartition, list[object]]:
+        await asyncio.sleep(0.01)
+        batches = {}
+        for tp, position in self.positions.items():
+            records = self.records[tp.partition]
+            if position < len(records):
+                batches[tp] = [
+                    SimpleNamespace(offset=n, key=k, value=v)
+                    for n, (k, v) in enumerate(records)
+                    if n >= position
+                ]
+                self.positions[tp] = len(records)
+        self.partitions = {0, 1}  # added once the first poll has returned
+        return batches
+
+
+async def test_partitions_added_to_the_settings_topic_are_followed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the partitions of the worker's start were read: settings written
+    to a partition added later never applied, and nothing said so."""
+    consumers: list[_GrowingSettingsConsumer] = []
+
+    def consumer(*args: object, **kwargs: object) -> _GrowingSettingsConsumer:
+        consumers.append(_GrowingSettingsConsumer())
+        return consumers[-1]
+
+    async def partition_count(options: object, topic: str) -> int:
+        return 1
+
+    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "AIOKafkaConsumer", consumer)
+    registry = ApplicationSettingsRegistry()
+    with caplog.at_level(logging.WARNING):
+        follower = await _followed(registry)
+        for _ in range(100):
+            if registry.settings_for(8).flattening is False:
+                break
+            await asyncio.sleep(0.01)
+    follower.cancel()
+    assert registry.settings_for(7).flattening is False
+    assert registry.settings_for(8).flattening is False
+    topic = Settings().topics.application_settings
+    first, second = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    assert consumers[0].assignments == [[first], [first, second]]
+    assert consumers[0].sought == [(first, 1)]  # not read again from its start
+    assert "has 2 partitions now, 1 more" in caplog.text
 
 
 async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
