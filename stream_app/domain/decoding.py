@@ -186,6 +186,11 @@ def _number(value: Any, pointer: str, *, non_negative: bool) -> int | float:
         raise InvalidCommandError(_SCHEMA, pointer, "must be a number")
     if non_negative and value < 0:
         raise InvalidCommandError(_SCHEMA, pointer, "must be greater than or equal to 0")
+    if kind is int and not -_I64 <= value < _I64:
+        # Written out as read, it would fail a consumer that binds it to a long.
+        raise InvalidCommandError(
+            _LIMIT, pointer, "must lie in the signed 64-bit range, as integers the worker writes"
+        )
     return value  # type: ignore[no-any-return]
 
 
@@ -300,7 +305,7 @@ def _patch(session: dict[str, Any]) -> SessionPatch:
             raise InvalidCommandError(
                 _SCHEMA,
                 "/session/state",
-                "state must be one of 'open', 'closed', 'partially_returned', 'cancelled'",
+                "state must be one of 'open', 'closed', 'cancelled'",
             )
     items = get("cartItems")
     if items is not None:

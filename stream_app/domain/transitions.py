@@ -256,7 +256,7 @@ def _unrepresentable(pointer: str, what: str, value: Decimal) -> InvalidCommandE
     return InvalidCommandError(
         Reason.LIMIT_EXCEEDED,
         pointer,
-        f"{what} {value:.6e} cannot be carried exactly in JSON: it must be an integer "
+        f"{what} {value} cannot be carried exactly in JSON: it must be an integer "
         f"in the signed 64-bit range or a decimal that is the shortest form of a double "
         f"(e.g. at most 15 significant digits, below 2^63)",
     )

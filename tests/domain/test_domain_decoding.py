@@ -133,6 +133,10 @@ CASES: dict[str, tuple[dict[str, Any], Reason | None, str]] = {
     "product no name": (_item_field("product", {}), SCHEMA, "/session/cartItems/3/product/name"),
     "weight ok": (_item_field("weight", 1.5), OK, ""),
     "weight negative": (_item_field("weight", -1), SCHEMA, "/session/cartItems/3/weight"),
+    # Written out as read, past a long: a Java consumer failed on it.
+    "weight 2^63 - 1": (_item_field("weight", 2**63 - 1), OK, ""),
+    "weight 2^63": (_item_field("weight", 2**63), LIMIT, "/session/cartItems/3/weight"),
+    "length 2^64 - 1": (_item_field("length", 2**64 - 1), LIMIT, "/session/cartItems/3/length"),
     "height str": (_item_field("height", "1"), SCHEMA, "/session/cartItems/3/height"),
     "width bool": (_item_field("width", True), SCHEMA, "/session/cartItems/3/width"),
     "length ok": (_item_field("length", 0), OK, ""),
