@@ -151,8 +151,8 @@ class Limits:
     #: session stay below the record limit because of it.
     max_session_bytes: int = 256 * 1024
     #: How far past ``max_session_bytes`` a command that only records what
-    #: happened to a session (a return, a reopen, an update of ``state``
-    #: alone) may take it: each adds remembered eventIds and returned
+    #: happened to a session (a return, a reopen, an update that changes
+    #: ``state`` alone) may take it: each adds remembered eventIds and returned
     #: quantities, so a session at its limit could otherwise never be
     #: returned, cancelled or reopened. The worker lowers it so that a stored
     #: session stays within a third of the topics' record limit.
@@ -431,18 +431,41 @@ def emit_head(channel: str, integration_id: str) -> bytes:
     )
 
 
-def _bookkeeping(command: Command, before: Session | None) -> bool:
-    """Whether ``command``, applied to ``before``, changed no content of the
-    session, only what is recorded of it (see :attr:`Limits.bookkeeping_bytes`)."""
+def _bookkeeping(command: Command, before: Session | None, after: Session) -> bool:
+    """Whether ``command``, applied to ``before`` and giving ``after``, changed
+    no content of the session, only what is recorded of it (see
+    :attr:`Limits.bookkeeping_bytes`)."""
     if isinstance(command, ReturnCommand | ReopenCommand):
         return True
-    if before is not None and before.state is not SessionState.OPEN:
+    if before is None:
+        return False
+    if before.state is not SessionState.OPEN:
         # Only a cancel applies to a closed or partially returned session, and
         # changes its state alone: whatever else it re-sends is ignored (a
         # cancel that re-sent the whole session, as many integrations send
         # it, was refused at the limit while the same with state alone passed).
         return True
-    return command.session == SessionPatch(state=command.session.state)
+    # A close or cancel that re-sends the session as it is (as many
+    # integrations send one) changes its state alone, as one with state alone.
+    return command.session == SessionPatch(state=command.session.state) or _content(
+        before
+    ) == _content(after)
+
+
+def _content(session: Session) -> tuple[object, ...]:
+    """What a session holds apart from its state and what is recorded of it
+    (timestamps, update count, remembered eventIds)."""
+    return (
+        session.profile_id,
+        session.store_integration_id,
+        session.coupon_codes,
+        session.referral_code,
+        session.loyalty_cards,
+        session.cart_items,
+        session.additional_costs,
+        session.identifiers,
+        session.attributes,
+    )
 
 
 def session_key(application_id: int, integration_id: str) -> bytes:
@@ -565,7 +588,7 @@ class CommandProcessor:
         encoded = encode_session(new)
         if len(encoded) > self.limits.max_session_bytes:
             limit = self.limits.max_session_bytes
-            if _bookkeeping(command, session):
+            if _bookkeeping(command, session, new):
                 limit += self.limits.bookkeeping_bytes
             if len(encoded) > limit:
                 rejection = pipeline_rejection(

@@ -448,6 +448,25 @@ def test_a_cancel_that_re_sends_the_session_at_its_limit_is_applied(state: str) 
     assert other.reason(cmd("c1", eventId="e1", session=whole)) == "LIMIT_EXCEEDED"
 
 
+@pytest.mark.parametrize("state", ["closed", "cancelled"])
+def test_an_open_session_at_its_limit_closed_by_re_sending_it_whole_is_applied(state: str) -> None:
+    """A close or cancel re-sending the session as it is changes its state
+    alone, as one with the state alone; yet it was refused at the limit,
+    while the one with the state alone was applied."""
+    session = _AtItsLimit()
+    [stored] = session.processor.sessions.values()
+    n = len(decode_session(stored).attributes["n"])
+    cart = [{"sku": "a", "quantity": 2, "price": 1}]
+    whole = {"state": state, "cartItems": cart, "attributes": {"n": "x" * n}}
+    assert session.reason(cmd("c1", eventId="e1", session=whole)) is None
+    [stored] = session.processor.sessions.values()
+    assert decode_session(stored).state == state
+    # The same with any content changed takes no allowance.
+    other = _AtItsLimit()
+    changed = {**whole, "cartItems": [{"sku": "a", "quantity": 3, "price": 1}]}
+    assert other.reason(cmd("c1", eventId="e1", session=changed)) == "LIMIT_EXCEEDED"
+
+
 def test_a_creation_refused_for_its_size_takes_no_session_id() -> None:
     """The refused creation moved the partition's counter on: the next session
     got id 11 instead of 5 (with 4 partitions), and each refusal shrank the
