@@ -122,7 +122,18 @@ def test_keda_reads_the_workers_group_and_topics(rendering: Rendering) -> None:
             meta = trigger["metadata"]
             assert meta["consumerGroup"] == settings.app_id
             assert meta["topic"] in topics
-            assert meta["bootstrapServers"] == rendering.env_value("KAFKA_BOOTSTRAP_SERVERS")
+            # The worker's service, named so that it resolves in KEDA's own
+            # namespace (a short name failed there: no autoscaling, one pod).
+            worker = rendering.env_value("KAFKA_BOOTSTRAP_SERVERS")
+            for mine, keda in zip(
+                worker.split(","), meta["bootstrapServers"].split(","), strict=True
+            ):
+                host, port = keda.rsplit(":", 1)
+                assert host.endswith(".svc"), keda
+                assert (host.split(".")[0], port) == (
+                    mine.rsplit(":", 1)[0].split(".")[0],
+                    mine.rsplit(":", 1)[1],
+                )
             assert meta.get("allowIdleConsumers", "false") == "false"
             auth = auths[trigger["authenticationRef"]["name"]]
             refs = {t["parameter"]: t for t in auth["spec"]["secretTargetRef"]}
