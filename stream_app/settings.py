@@ -439,7 +439,14 @@ def _host_problem(host: str) -> str | None:
     that does not resolve is found when it is used.)"""
     if _is_ip(host):
         return None
-    if not host or any(c.isspace() or c in "/:@?#[]%\\" for c in host):
+    if "$(" in host:
+        # Kubernetes expands $(VAR) only for a VAR defined earlier in the env
+        # list; an overlay's patch moves the entries it patches to its front.
+        return (
+            f"{host!r} holds a $(VAR) that was not expanded: define the variable it "
+            "names before this one in the container's env"
+        )
+    if not host or any(c.isascii() and not (c.isalnum() or c in "-._") for c in host):
         return f"{host!r} is not a host name or an IP address"
     try:
         host.encode("idna")

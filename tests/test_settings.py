@@ -144,6 +144,7 @@ def test_the_bootstrap_list_loses_its_empty_entries() -> None:
         ("STREAM_APP_ADVERTISED_HOST", "stream-app-0.stream-app:8080"),  # a port
         ("STREAM_APP_ADVERTISED_HOST", "http://stream-app-0"),
         ("STREAM_APP_ADVERTISED_HOST", "two words"),
+        ("STREAM_APP_ADVERTISED_HOST", "cart$(x)"),
         # The resolver raised UnicodeError: a traceback from every command.
         ("KAFKA_BOOTSTRAP_SERVERS", "kafka..svc:9092"),
         ("KAFKA_BOOTSTRAP_SERVERS", "k:9092," + "x" * 64 + ".example:9092"),
@@ -184,6 +185,18 @@ def test_a_host_that_is_no_host_name_or_address_is_one_line(
 def test_the_advertised_url_brackets_an_ipv6_address(advertised: str, url: str) -> None:
     assert advertised_url(Settings(advertised_host=advertised), 8080) == url
     assert URL(url).port == 8080
+
+
+def test_a_kubernetes_variable_left_unexpanded_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An overlay patching STREAM_APP_ADVERTISED_HOST moved it before the
+    STREAM_APP_GROUP_INSTANCE_ID it names, which Kubernetes then left as it
+    was: every pod advertised the same URL, and believed it owned every
+    partition of the routing map."""
+    monkeypatch.setenv("STREAM_APP_ADVERTISED_HOST", "$(STREAM_APP_GROUP_INSTANCE_ID).stream-app")
+    with pytest.raises(ConfigurationError, match=r"\$\(VAR\) that was not expanded"):
+        Settings.from_env()
+    monkeypatch.setenv("STREAM_APP_ADVERTISED_HOST", "bücher.example")  # IDNA: a name
+    assert Settings.from_env().advertised_host == "bücher.example"
 
 
 def test_an_empty_host_is_every_interface_or_this_machine() -> None:

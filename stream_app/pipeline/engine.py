@@ -118,6 +118,8 @@ _LAYOUT_FILE: Final = "layout.json"
 #: metadata yet rebalances once a refresh shows it: until then its tasks
 #: cannot start (see :meth:`Engine.on_partitions_assigned`).
 _METADATA_MAX_AGE_MS: Final = 10_000
+#: aiokafka's request timeout, raised for long session timeouts (see _consume).
+_REQUEST_TIMEOUT_MS: Final = 40_000
 #: How long to wait, before joining the group, for the broker to serve the
 #: metadata of input topics just created.
 _TOPICS_VISIBLE_WAIT_S: Final = 10.0
@@ -581,6 +583,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             partition_assignment_strategy=(self.assignor,),
             group_instance_id=s.group_instance_id,
             session_timeout_ms=int(s.session_timeout_s * 1000),
+            # The broker holds a JoinGroup for up to the rebalance timeout
+            # (aiokafka's: the session timeout) while other members rejoin; a
+            # shorter request timeout dropped it and marked the coordinator
+            # dead. As the Java client gives its JoinGroup: 5 s more.
+            request_timeout_ms=max(_REQUEST_TIMEOUT_MS, int(s.session_timeout_s * 1000) + 5000),
             # A member learns of a rebalance from its next heartbeat, so a worker
             # that joins or leaves moves partitions only then: Kafka's default
             # 3 s, not a third of the session timeout (10 s).

@@ -68,6 +68,37 @@ def test_bookkeeping_past_the_session_limit_keeps_a_session_within_a_third_of_a_
     assert limits.bookkeeping_bytes == bookkeeping_bytes
 
 
+@pytest.mark.parametrize(("session_timeout_s", "request_timeout_ms"), [(30, 40_000), (45, 50_000)])
+async def test_the_group_consumer_waits_out_a_joingroup_the_broker_holds(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    session_timeout_s: float,
+    request_timeout_ms: int,
+) -> None:
+    """With the shipped StatefulSet's 45 s session timeout (aiokafka's
+    rebalance timeout), a JoinGroup the broker held while others rejoined
+    outlasted the 40 s request timeout: dropped, the coordinator marked dead."""
+    made: list[dict[str, Any]] = []
+
+    class Consumer:
+        def __init__(self, **options: Any) -> None:
+            made.append(options)
+
+        async def start(self) -> None:
+            raise KafkaConnectionError("no broker here")
+
+        async def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", Consumer)
+    settings = Settings(data_dir=tmp_path, session_timeout_s=session_timeout_s)
+    with pytest.raises(KafkaConnectionError):
+        await Engine(settings, TopicLayout(1, 1_048_588))._consume()
+    [options] = made
+    assert options["session_timeout_ms"] == session_timeout_s * 1000
+    assert options["request_timeout_ms"] == request_timeout_ms
+
+
 def test_state_built_for_another_partition_count_is_refused(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, app_id="shop")
     Engine(settings, TopicLayout(4, 1_048_588)).check_local_state()
