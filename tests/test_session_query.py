@@ -570,3 +570,52 @@ async def test_a_raw_hash_in_the_id_is_refused_not_forwarded_as_another_id(
         status, _ = await _raw_get(server, b"/v2/customer_sessions/a%23frag?applicationId=2")
         assert status == 200
     assert asked == ["/v2/customer_sessions/a%23frag"]
+
+
+@pytest.mark.parametrize("owner_answers", ["redirect", "plain 200", "500"])
+async def test_an_owner_that_answers_as_no_worker_does_is_a_503(
+    tmp_path: Path, owner_answers: str
+) -> None:
+    """A redirect was followed, to any host, with the forwarded mark, and a
+    200 in plain text from whatever answered the owner's address (a proxy,
+    another service) was relayed as the session's answer."""
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.match_info["integration_id"] == "c-2":
+            return web.json_response({"integrationId": "c-2"})
+        if owner_answers == "redirect":  # to a session the owner answers 200
+            raise web.HTTPFound("/v2/customer_sessions/c-2")
+        if owner_answers == "plain 200":
+            return web.Response(text="a page")
+        return web.Response(status=500, text="oops")
+
+    async with (
+        _forwarding(tmp_path, answer) as (_, server),
+        ClientSession() as http,
+        http.get(server.make_url("/v2/customer_sessions/c-1")) as reply,
+    ):
+        assert (reply.status, reply.headers.get("Retry-After")) == (503, "1")
+        assert (await reply.json())["detail"] == "the session's owner did not answer"
+
+
+async def test_a_connection_that_sends_nothing_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's default kept an idle or half-sent connection open for an
+    hour, one file descriptor each: enough of them and the worker's RocksDB
+    and Kafka connections could open none."""
+    from stream_app.web import server as server_module
+
+    monkeypatch.setattr(server_module, "KEEPALIVE_S", 0.3)
+    settings = Settings(data_dir=tmp_path, http_host="127.0.0.1", http_port=0)
+    web_server = WebServer(settings, Engine(settings, TopicLayout(1, 1_048_588)))
+    await web_server.start()
+    try:
+        idle = await asyncio.open_connection("127.0.0.1", web_server.port)
+        half = await asyncio.open_connection("127.0.0.1", web_server.port)
+        half[1].write(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+        for reader, writer in (idle, half):
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+            writer.close()
+    finally:
+        await web_server.stop()

@@ -66,6 +66,7 @@ class RoutingAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     ) -> dict[str, ConsumerProtocolMemberAssignment]:
         subscribed = self._one_subscription(members)
         urls = {member: _url(meta) for member, meta in subscribed.items()}
+        _name_shared_urls(urls)
         topics = sorted({topic for meta in subscribed.values() for topic in meta.subscription})
         counts = {topic: len(cluster.partitions_for_topic(topic) or ()) for topic in topics}
         numbers = sticky_shares(max(counts.values(), default=0), self._had(urls))
@@ -183,3 +184,19 @@ def sticky_shares(partitions: int, had: Mapping[str, list[int]]) -> dict[str, li
         share = base + (member in more)
         kept[member].extend(next(free) for _ in range(share - len(kept[member])))
     return {member: sorted(numbers) for member, numbers in kept.items()}
+
+
+def _name_shared_urls(urls: Mapping[str, str]) -> None:
+    """Say, at ERROR, which members advertise one URL: each takes every
+    partition of the routing map that names it for its own, and answers the
+    queries of those it does not hold 503 ("moving") for ever."""
+    advertised = Counter(url for url in urls.values() if url)
+    shared = sorted(url for url, count in advertised.items() if count > 1)
+    for url in shared:
+        log.error(
+            "group members %s all advertise %s: session queries for their partitions "
+            "cannot be routed. Give each worker its own STREAM_APP_ADVERTISED_HOST (or "
+            "port): its own host name, not a Service's",
+            ", ".join(sorted(member for member, mine in urls.items() if mine == url)),
+            url,
+        )

@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
@@ -43,6 +43,15 @@ _FORWARD_CONNECTIONS = 32
 #: of an integrationId at its limit: 1,000 code points of up to 4 UTF-8 bytes,
 #: each percent-escaped in 3 characters, is 12,000 characters of path.
 MAX_REQUEST_LINE = 16_384
+#: Seconds a connection may sit idle, or half-sent, before it is closed.
+#: aiohttp's default, 3,630, let silent connections hold one file descriptor
+#: each for an hour: enough of them and RocksDB and Kafka could open none.
+KEEPALIVE_S = 15.0
+#: Seconds a stop waits for requests in progress (a forward waits up to 5 s
+#: for its owner): within the worker's shutdown bound, after the engine's.
+_STOP_WAIT_S = 0.5
+#: What a worker answers a query with (a session, a problem document).
+_ANSWERS: Final = frozenset({200, 400, 404, 503})
 
 if TYPE_CHECKING:
     from stream_app.pipeline.engine import Engine
@@ -91,7 +100,13 @@ class WebServer:
         """Listen on ``port`` (the setting's by default); raises OSError when
         the address cannot be bound."""
         if self._runner is None:
-            self._runner = web.AppRunner(self.app, access_log=None, max_line_size=MAX_REQUEST_LINE)
+            self._runner = web.AppRunner(
+                self.app,
+                access_log=None,
+                max_line_size=MAX_REQUEST_LINE,
+                keepalive_timeout=KEEPALIVE_S,
+                shutdown_timeout=_STOP_WAIT_S,
+            )
             await self._runner.setup()
         port = self.settings.http_port if port is None else port
         site = web.TCPSite(self._runner, self.settings.http_host, port)
@@ -170,7 +185,22 @@ class WebServer:
             # The owner's URL is what it advertised: a worker of another
             # version may have advertised one that cannot be read (ValueError).
             url = URL(owner.rstrip("/") + request.rel_url.raw_path + query, encoded=True)
-            async with self._client.get(url, headers={FORWARDED_HEADER: "1"}) as answer:
+            # Not redirected: whatever answers the owner's address with a
+            # redirect (a proxy, an ingress, another service) is no worker.
+            async with self._client.get(
+                url, headers={FORWARDED_HEADER: "1"}, allow_redirects=False
+            ) as answer:
+                if answer.status not in _ANSWERS or (
+                    answer.status == 200 and answer.content_type != "application/json"
+                ):
+                    log.warning(
+                        "forwarding %s to %s: answered %d %s, as no worker answers",
+                        request.path_qs,
+                        owner,
+                        answer.status,
+                        answer.content_type,
+                    )
+                    return _problem(503, "the session's owner did not answer", retry=True)
                 body = await answer.read()
                 # The owner's 503 says when to ask again: `stream-app inspect`
                 # waits on it. Its type as it says (a problem document, a

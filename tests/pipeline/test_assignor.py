@@ -122,12 +122,26 @@ def test_the_leader_gives_each_worker_back_what_its_url_owned() -> None:
         assert all(topics[t] == topics[COMMANDS] for t in STAGE_INPUTS), member
 
 
-def test_a_url_two_members_advertise_claims_nothing() -> None:
+def test_a_url_two_members_advertise_claims_nothing_and_is_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Workers left to advertise one address (a misconfigured host) cannot be
-    told apart by it: they are assigned as new members, never one partition twice."""
+    told apart by it: they are assigned as new members, never one partition
+    twice. Each then took the other's partitions for its own and answered
+    their queries 503 for ever, and nothing said why."""
     cluster = PartitionCounts(dict.fromkeys(STAGE_INPUTS, 4))
-    same = {"m-a": _member("http://x", STAGE_INPUTS), "m-b": _member("http://x", STAGE_INPUTS)}
+    same = {
+        "m-a": _member("http://x", STAGE_INPUTS),
+        "m-b": _member("http://x", STAGE_INPUTS),
+        "m-c": _member("http://c", STAGE_INPUTS),
+    }
     assignor = RoutingAssignor("http://x")
-    assignor.on_assignment(assignor.assign(cluster, same)["m-a"])
+    with caplog.at_level("ERROR"):
+        first = assignor.assign(cluster, same)
+    assignor.on_assignment(first["m-a"])
+    [error] = caplog.records
+    assert error.getMessage().startswith("group members m-a, m-b all advertise http://x: ")
+    assert "STREAM_APP_ADVERTISED_HOST" in error.getMessage()
     assigned = {m: _assigned(a)[COMMANDS] for m, a in assignor.assign(cluster, same).items()}
-    assert assigned == {"m-a": [0, 1], "m-b": [2, 3]}
+    assert sorted(p for ps in assigned.values() for p in ps) == [0, 1, 2, 3]
+    assert assigned["m-c"] == _assigned(first["m-c"])[COMMANDS]  # its own, by the map
