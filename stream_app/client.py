@@ -142,6 +142,8 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+#: aiokafka's default max_request_size.
+_KAFKA_MAX_REQUEST = 1_048_576
 #: Past it a Decimal is no double: the workers read such a number as infinite.
 _LARGEST_DOUBLE = Decimal(sys.float_info.max)
 _U64 = 2**64
@@ -507,6 +509,10 @@ class SessionClient:
             enable_idempotence=True,
             acks="all",
             linger_ms=self.settings.producer_linger_ms,
+            # A command validate() takes must fit a request: aiokafka's default
+            # (1 MiB) refused one under a raised STREAM_APP_MAX_COMMAND_BYTES,
+            # and for good. Room for its key (an integrationId) and framing.
+            max_request_size=max(_KAFKA_MAX_REQUEST, self.settings.max_command_bytes + 16_384),
         )
         try:
             await producer.start()

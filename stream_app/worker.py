@@ -13,6 +13,7 @@ import errno
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -60,6 +61,7 @@ async def run(settings: Settings, watchdog: list[threading.Timer] | None = None)
     when this returns."""
     own_watchdog = watchdog is None
     timers: list[threading.Timer] = [] if watchdog is None else watchdog
+    raise_open_files_limit()
     try:
         registry = ApplicationSettingsRegistry.load(settings.application_settings_file)
     except ConfigurationError as exc:
@@ -136,6 +138,27 @@ async def run(settings: Settings, watchdog: list[threading.Timer] | None = None)
         if own_watchdog:
             for timer in timers:
                 timer.cancel()
+
+
+#: The most open files a worker asks for when its hard limit is unlimited.
+_OPEN_FILES: Final = 1 << 20
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit of open files to the hard one, as Go's runtime does
+    for every program. A worker holds a RocksDB database per store of each
+    partition it owns (up to ``STREAM_APP_ROCKSDB__MAX_OPEN_FILES`` files
+    each), its Kafka connections and its HTTP clients; the soft limit many
+    container runtimes set, 1,024, left it failing with EMFILE as its stores
+    grew."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = _OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            log.debug("open files: soft limit raised from %d to %d", soft, wanted)
+    except (ValueError, OSError) as exc:
+        log.debug("open files: the soft limit stays as it is (%r)", exc)
 
 
 def advertised_url(settings: Settings, port: int) -> str:

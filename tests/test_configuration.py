@@ -573,3 +573,26 @@ def test_the_stop_bound_covers_the_event_loop_s_end(tmp_path: Path) -> None:
         worker.kill()
     assert worker.returncode == 1, output
     assert "could not stop cleanly within 5 s" in output
+
+
+_OPEN_FILES_PROBE = """
+import resource
+from stream_app.worker import raise_open_files_limit
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+raise_open_files_limit()
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
+"""
+
+
+def test_the_worker_raises_its_open_files_limit_to_the_hard_one() -> None:
+    """Many container runtimes set a soft limit of 1,024 open files: a worker
+    owning many partitions' stores, or held by idle HTTP clients, failed with
+    EMFILE. Go's runtime raises it for every program; so does the worker."""
+    probe = subprocess.run(
+        [sys.executable, "-c", _OPEN_FILES_PROBE], capture_output=True, text=True, check=True
+    )
+    soft, hard = (int(n) for n in probe.stdout.split())
+    assert soft > 64
+    assert soft == hard or hard < 0  # RLIM_INFINITY: a bounded number instead

@@ -389,6 +389,43 @@ async def test_a_start_that_fails_stops_its_producer(monkeypatch: pytest.MonkeyP
     assert stopped == [True]
 
 
+@pytest.mark.parametrize(
+    ("max_command_bytes", "at_least"), [(256 * 1024, 1_048_576), (4 << 20, 4 << 20)]
+)
+async def test_the_producer_takes_any_command_validate_takes(
+    monkeypatch: pytest.MonkeyPatch, max_command_bytes: int, at_least: int
+) -> None:
+    """aiokafka's 1 MiB request limit refused, for good, a command that a
+    raised STREAM_APP_MAX_COMMAND_BYTES let validate() take."""
+    import aiokafka
+
+    from stream_app.pipeline import kafka
+
+    made: list[dict[str, object]] = []
+
+    class _Producer:
+        def __init__(self, **options: object) -> None:
+            made.append(options)
+
+        async def start(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+    async def one_partition(options: object, topic: str) -> int:
+        return 1
+
+    monkeypatch.setattr(aiokafka, "AIOKafkaProducer", _Producer)
+    monkeypatch.setattr(kafka, "partition_count", one_partition)
+    client = SessionClient(Settings(max_command_bytes=max_command_bytes))
+    await client.start()
+    await client.stop()
+    [options] = made
+    assert isinstance(options["max_request_size"], int)
+    assert options["max_request_size"] >= max(at_least, max_command_bytes + 4096)
+
+
 def test_a_total_the_stored_session_decides_is_left_to_the_worker() -> None:
     """An update that replaces the cart but not the costs: the workers add the
     stored session's costs to its total, and a negative one can make it exact
