@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,3 +99,54 @@ async def test_settings_from_file_and_topic_decide_validation(
     )
     rejected = {(o.key or b"").decode(): o.doc() for o in outputs if o.topic == t.rejected}
     assert rejected["s5-attr"]["errors"][0]["source"]["pointer"] == "/session/attributes/color"
+
+
+async def test_settings_on_a_partition_added_later_reach_the_running_worker(
+    deployment: Deployment, workers: Callable[..., Worker]
+) -> None:
+    """Only the settings topic's partitions of the worker's start were read:
+    settings written to a partition added later never applied, and nothing
+    said so."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+
+    t = deployment.topics
+    await create_topics(
+        deployment.bootstrap, [t.application_settings], 1, {"cleanup.policy": "compact"}
+    )
+    await produce(deployment.bootstrap, t.application_settings, [(b"7", b"{}")], partition=0)
+    worker = workers(deployment)
+
+    def giftwrapped(iid: str) -> tuple[bytes, bytes]:
+        return iid.encode(), command(
+            "update",
+            iid,
+            applicationId=9,
+            eventId=f"{iid}-u",
+            session={"additionalCosts": {"giftwrap": {"price": 2}}, "state": "closed"},
+        )
+
+    # Running, with application 9 taking any cost name.
+    await produce(deployment.bootstrap, t.commands, [giftwrapped("before")])
+    [applied] = await consume(deployment.bootstrap, [t.closed], expect=1, timeout=120)
+    assert applied.key == b"before"
+    admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_partitions({t.application_settings: NewPartitions(2)})
+    finally:
+        await admin.close()
+    await produce(
+        deployment.bootstrap,
+        t.application_settings,
+        [(b"9", json.dumps({"additionalCosts": ["shipping"]}))],
+        partition=1,
+    )
+    # Within a metadata refresh (10 s) the worker follows the new partition.
+    deadline = asyncio.get_running_loop().time() + 60
+    while "has 2 partitions now" not in worker.log_tail(100_000):
+        assert asyncio.get_running_loop().time() < deadline, worker.log_tail()
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(1)  # its records read (polls of 0.2 s)
+    await produce(deployment.bootstrap, t.commands, [giftwrapped("after")])
+    [rejected] = await consume(deployment.bootstrap, [t.rejected], expect=1, timeout=60)
+    assert (rejected.key, rejected.doc()["reason"]) == (b"after", "UNKNOWN_ADDITIONAL_COST")
