@@ -572,7 +572,7 @@ async def test_a_raw_hash_in_the_id_is_refused_not_forwarded_as_another_id(
     assert asked == ["/v2/customer_sessions/a%23frag"]
 
 
-@pytest.mark.parametrize("owner_answers", ["redirect", "plain 200", "500"])
+@pytest.mark.parametrize("owner_answers", ["redirect", "plain 200", "502"])
 async def test_an_owner_that_answers_as_no_worker_does_is_a_503(
     tmp_path: Path, owner_answers: str
 ) -> None:
@@ -587,7 +587,7 @@ async def test_an_owner_that_answers_as_no_worker_does_is_a_503(
             raise web.HTTPFound("/v2/customer_sessions/c-2")
         if owner_answers == "plain 200":
             return web.Response(text="a page")
-        return web.Response(status=500, text="oops")
+        return web.Response(status=502, text="bad gateway")  # a proxy's
 
     async with (
         _forwarding(tmp_path, answer) as (_, server),

@@ -253,10 +253,15 @@ def cost_total(costs: dict[str, AdditionalCost]) -> Decimal:
 
 
 def _unrepresentable(pointer: str, what: str, value: Decimal) -> InvalidCommandError:
+    # Exact (as rounded, 0.90000000000000012 read as the 0.9 it is not), but
+    # cut short: 1e18 and 1e-300 on two lines sum to 319 digits.
+    shown = str(value)
+    if len(shown) > 40:
+        shown = f"{shown[:40]}... ({len(value.as_tuple().digits)} digits)"
     return InvalidCommandError(
         Reason.LIMIT_EXCEEDED,
         pointer,
-        f"{what} {value} cannot be carried exactly in JSON: it must be an integer "
+        f"{what} {shown} cannot be carried exactly in JSON: it must be an integer "
         f"in the signed 64-bit range or a decimal that is the shortest form of a double "
         f"(e.g. at most 15 significant digits, below 2^63)",
     )

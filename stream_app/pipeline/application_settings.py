@@ -242,7 +242,10 @@ async def _follow_added_partitions(
         return
     log.warning(
         "settings topic %s has %d partitions now, %d more than when it was first read: "
-        "following them from their start",
+        "following them from their start. Applications' settings now hash to other "
+        "partitions than their older records, and a later start may apply either last: "
+        "recreate the topic with one partition, write the settings again and restart the "
+        "workers (docs/contract.md, section 7)",
         topic,
         len(known),
         len(added),

@@ -120,6 +120,7 @@ _LAYOUT_FILE: Final = "layout.json"
 _METADATA_MAX_AGE_MS: Final = 10_000
 #: aiokafka's request timeout, raised for long session timeouts (see _consume).
 _REQUEST_TIMEOUT_MS: Final = 40_000
+_REQUEST_TIMEOUT_CAP_MS: Final = 65_000
 #: How long to wait, before joining the group, for the broker to serve the
 #: metadata of input topics just created.
 _TOPICS_VISIBLE_WAIT_S: Final = 10.0
@@ -586,8 +587,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             # The broker holds a JoinGroup for up to the rebalance timeout
             # (aiokafka's: the session timeout) while other members rejoin; a
             # shorter request timeout dropped it and marked the coordinator
-            # dead. As the Java client gives its JoinGroup: 5 s more.
-            request_timeout_ms=max(_REQUEST_TIMEOUT_MS, int(s.session_timeout_s * 1000) + 5000),
+            # dead. As the Java client gives its JoinGroup: 5 s more. aiokafka
+            # has one timeout for every request, so capped: a broker gone
+            # silent holds a fetch or a heartbeat that long.
+            request_timeout_ms=min(
+                max(_REQUEST_TIMEOUT_MS, int(s.session_timeout_s * 1000) + 5000),
+                _REQUEST_TIMEOUT_CAP_MS,
+            ),
             # A member learns of a rebalance from its next heartbeat, so a worker
             # that joins or leaves moves partitions only then: Kafka's default
             # 3 s, not a third of the session timeout (10 s).
@@ -747,7 +753,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     f"the input topics' partitions changed while the worker ran "
                     f"({', '.join(changed)}); its state and internal topics have "
                     f"{self.partitions}: a re-partitioned deployment needs a new app id "
-                    "(docs/operations.md, Scale)"
+                    "(docs/operations.md, Migrate)"
                 )
             )
 
@@ -1517,7 +1523,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 ConfigurationError(
                     f"partitions were added while the worker ran ({', '.join(beyond)}); its "
                     f"state and internal topics have {self.partitions}: a re-partitioned "
-                    "deployment needs a new app id (docs/operations.md, Scale)"
+                    "deployment needs a new app id (docs/operations.md, Migrate)"
                 )
             )
             return

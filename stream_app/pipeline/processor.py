@@ -445,27 +445,39 @@ def _bookkeeping(command: Command, before: Session | None, after: Session) -> bo
         # cancel that re-sent the whole session, as many integrations send
         # it, was refused at the limit while the same with state alone passed).
         return True
+    patch = command.session
+    if patch == SessionPatch(state=patch.state):
+        return True
     # A close or cancel that re-sends the session as it is (as many
     # integrations send one) changes its state alone, as one with state alone.
-    return command.session == SessionPatch(state=command.session.state) or _content(
-        before
-    ) == _content(after)
+    # Compared as written, not as Python values: 1, 1.0 and true are equal
+    # to Python, and are stored and emitted apart.
+    return patch.state in _ENDINGS and _content(before) == _content(after)
 
 
-def _content(session: Session) -> tuple[object, ...]:
+#: The states an update of an open session may end it in.
+_ENDINGS: Final = frozenset({SessionState.CLOSED, SessionState.CANCELLED})
+
+
+def _content(session: Session) -> bytes:
     """What a session holds apart from its state and what is recorded of it
-    (timestamps, update count, remembered eventIds)."""
-    return (
-        session.profile_id,
-        session.store_integration_id,
-        session.coupon_codes,
-        session.referral_code,
-        session.loyalty_cards,
-        session.cart_items,
-        session.additional_costs,
-        session.identifiers,
-        session.attributes,
+    (timestamps, update count, remembered eventIds), as JSON."""
+    return _CONTENT.encode(
+        (
+            session.profile_id,
+            session.store_integration_id,
+            session.coupon_codes,
+            session.referral_code,
+            session.loyalty_cards,
+            session.cart_items,
+            session.additional_costs,
+            session.identifiers,
+            session.attributes,
+        )
     )
+
+
+_CONTENT: Final = msgspec.json.Encoder()
 
 
 def session_key(application_id: int, integration_id: str) -> bytes:

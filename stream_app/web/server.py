@@ -50,8 +50,9 @@ KEEPALIVE_S = 15.0
 #: Seconds a stop waits for requests in progress (a forward waits up to 5 s
 #: for its owner): within the worker's shutdown bound, after the engine's.
 _STOP_WAIT_S = 0.5
-#: What a worker answers a query with (a session, a problem document).
-_ANSWERS: Final = frozenset({200, 400, 404, 503})
+#: What a worker answers a query with (a session, a problem document, or
+#: aiohttp's own 400 and 500).
+_ANSWERS: Final = frozenset({200, 400, 404, 500, 503})
 
 if TYPE_CHECKING:
     from stream_app.pipeline.engine import Engine

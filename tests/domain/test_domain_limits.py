@@ -468,3 +468,16 @@ def test_every_applied_return_has_representable_values(
     else:
         assert isinstance(outcome, Rejected)
         assert outcome.rejection.reason is LIMIT
+
+
+def test_a_value_that_cannot_be_carried_is_named_exactly_and_briefly() -> None:
+    """Printed as 9.000000e-1, 0.90000000000000012 read as the 0.9 it is not;
+    printed whole, 1e18 and 1e-300 on two lines made a 518-character text."""
+    from stream_app.domain.transitions import _unrepresentable
+
+    near = _unrepresentable("/p", "the returned value", Decimal("0.90000000000000012"))
+    assert "the returned value 0.90000000000000012 cannot" in str(near)
+    long = Decimal("1" + "0" * 18 + "." + "0" * 299 + "1")
+    text = str(_unrepresentable("/p", "cartItemTotal", long))
+    assert "cartItemTotal 1000000000000000000.00000000000000000000... (319 digits) cannot" in text
+    assert len(text) < 300

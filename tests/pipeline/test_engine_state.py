@@ -68,7 +68,9 @@ def test_bookkeeping_past_the_session_limit_keeps_a_session_within_a_third_of_a_
     assert limits.bookkeeping_bytes == bookkeeping_bytes
 
 
-@pytest.mark.parametrize(("session_timeout_s", "request_timeout_ms"), [(30, 40_000), (45, 50_000)])
+@pytest.mark.parametrize(
+    ("session_timeout_s", "request_timeout_ms"), [(30, 40_000), (45, 50_000), (600, 65_000)]
+)
 async def test_the_group_consumer_waits_out_a_joingroup_the_broker_holds(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

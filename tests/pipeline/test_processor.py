@@ -461,10 +461,16 @@ def test_an_open_session_at_its_limit_closed_by_re_sending_it_whole_is_applied(s
     assert session.reason(cmd("c1", eventId="e1", session=whole)) is None
     [stored] = session.processor.sessions.values()
     assert decode_session(stored).state == state
-    # The same with any content changed takes no allowance.
-    other = _AtItsLimit()
-    changed = {**whole, "cartItems": [{"sku": "a", "quantity": 3, "price": 1}]}
-    assert other.reason(cmd("c1", eventId="e1", session=changed)) == "LIMIT_EXCEEDED"
+    # The same with any content changed takes no allowance: a price equal to
+    # Python but stored otherwise (1.0 for 1) is a change too, and so is a
+    # re-send that does not end the session.
+    for changed in (
+        {**whole, "cartItems": [{"sku": "a", "quantity": 3, "price": 1}]},
+        {**whole, "cartItems": [{"sku": "a", "quantity": 2, "price": 1.0}]},
+        {key: value for key, value in whole.items() if key != "state"},
+    ):
+        other = _AtItsLimit()
+        assert other.reason(cmd("c1", eventId="e1", session=changed)) == "LIMIT_EXCEEDED"
 
 
 def test_a_creation_refused_for_its_size_takes_no_session_id() -> None:
