@@ -4,7 +4,7 @@ Subcommands: ``worker`` (see ``stream_app.worker``), ``traffic`` and ``watch``
 (the demo), ``send`` (through :mod:`stream_app.client`), ``tail`` and
 ``topics create``. Exit codes: 0 done; 1 Kafka could not be reached or did not
 do it (retrying may help); 2 bad input (usage, an invalid command, a
-configuration error: fix it first).
+configuration error, credentials or certificates Kafka refuses: fix it first).
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ configuration comes from the environment:
   STREAM_APP_SECURITY__PROTOCOL, STREAM_APP_SECURITY__SASL_*, __SSL_*  broker security
   (every setting is listed in the README's Configuration section)
 
-exit status: 0 done; 1 Kafka could not be reached or refused (retrying may
-help); 2 bad input: usage, an invalid command, a configuration error (for the
-worker, also what a broker refuses it at start); 130 interrupted (Ctrl-C), but
+exit status: 0 done; 1 Kafka could not be reached or failed (retrying may
+help); 2 bad input: usage, an invalid command, a configuration error, or
+credentials, certificates or ACLs a broker refuses; 130 interrupted (Ctrl-C), but
 for worker and tail, which stop cleanly on it (0)."""
 
 #: ``tail`` accepts these short names for the configured topics.
@@ -128,22 +128,27 @@ def run_traffic(
         print(f"stream-app traffic: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KafkaError as exc:
-        print(
-            f"stream-app traffic: Kafka at {settings.bootstrap_servers}: {exc!r}; "
-            "stopped before every record was acknowledged",
-            file=sys.stderr,
+        return _kafka_failed(
+            "traffic", settings, exc, "; stopped before every record was acknowledged"
         )
-        return EXIT_FAILED
     print(f"produced to {settings.topics.commands}: {summary.describe()}")
     return 0
 
 
 def run_watch(settings: Settings, seconds: float, settle: float | None) -> int:
     """Print a live view of the output topics; 1 when nothing arrived."""
+    from aiokafka.errors import KafkaError
+
     from stream_app.demo.view import watch
 
-    result = asyncio.run(watch(settings, seconds=seconds, settle=settle))
-    print(f"stopped: {result.stopped_because}; {result.total} output records")
+    try:
+        result = asyncio.run(watch(settings, seconds=seconds, settle=settle))
+    except KafkaError as exc:
+        return _kafka_failed("watch", settings, exc)
+    print(
+        f"stopped: {result.stopped_because}; {result.total} output records",
+        file=sys.stdout if result.total else sys.stderr,
+    )
     return 0 if result.total else 1
 
 
@@ -423,6 +428,7 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
         validate_command,
     )
     from stream_app.demo.view import pretty
+    from stream_app.pipeline.kafka import not_authorized
 
     command = _send_command(args, stdin or sys.stdin)
     command.setdefault("eventId", None)
@@ -468,6 +474,14 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
         )
         return EXIT_USAGE
     except KafkaError as exc:
+        why = _refused(settings, exc) if not sending or not_authorized(exc) else None
+        if why is not None:  # refused, not lost: a retry meets the same refusal
+            print(
+                f"stream-app send: not sent, Kafka at {settings.bootstrap_servers} refuses "
+                f"this client: {why}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         if not sending:  # connecting failed: nothing went out
             print(
                 f"stream-app send: not sent to Kafka at {settings.bootstrap_servers}: "
@@ -559,18 +573,58 @@ async def tail(
     end the topic had when it started; with it, or ``from_end`` (which would
     stop at once, having printed nothing), at SIGINT or SIGTERM. Returns
     how many records it printed; raises LookupError when the topic does not exist."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from stream_app.pipeline.kafka import client_options, partition_count
+    from stream_app.pipeline.kafka import client_options
 
     options = client_options(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    this = asyncio.current_task()
+
+    def stopped() -> None:
+        # Whatever is awaited ends now: a broker that does not answer held
+        # the connection, and Ctrl-C did nothing for 40 s, or killed it.
+        stop.set()
+        if this is not None:
+            this.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopped)
+    printed = [0]
+
+    def shown(text: str) -> None:
+        out(text)
+        printed[0] += 1
+
+    try:
+        await _tail(settings, options, topic, follow, from_end, limit, metadata, shown, printed)
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return printed[0]
+
+
+async def _tail(
+    settings: Settings,
+    options: dict[str, Any],
+    topic: str,
+    follow: bool,
+    from_end: bool,
+    limit: int | None,
+    metadata: bool,
+    out: Callable[[str], None],
+    printed: list[int],
+) -> None:
+    """:func:`tail`'s reading, ``printed[0]`` counting what ``out`` printed."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from stream_app.pipeline.kafka import partition_count
+
     count = await partition_count(options, topic)
     if not count:
         raise LookupError(f"topic {topic} does not exist at {settings.bootstrap_servers}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     consumer = AIOKafkaConsumer(
         **options,
         group_id=None,
@@ -580,9 +634,8 @@ async def tail(
         # internal topics): on from the first left, not silently to the end.
         auto_offset_reset="earliest",
     )
-    await consumer.start()
-    printed = 0
     try:
+        await consumer.start()  # in the try: a start cut short closes it too
         partitions = [TopicPartition(topic, p) for p in range(count)]
         consumer.assign(partitions)
         if from_end:
@@ -590,7 +643,7 @@ async def tail(
         else:
             await consumer.seek_to_beginning(*partitions)
         ends = None if follow or from_end else await consumer.end_offsets(partitions)
-        while not stop.is_set():
+        while True:
             if ends is not None and all(
                 [await consumer.position(tp) >= ends[tp] for tp in partitions]
             ):
@@ -601,36 +654,42 @@ async def tail(
                     if ends is not None and record.offset >= ends[tp]:
                         continue
                     out(_shown_record(record, metadata=metadata))
-                    printed += 1
-                    if limit is not None and printed >= limit:
-                        return printed
+                    if limit is not None and printed[0] >= limit:
+                        return
     finally:
         await consumer.stop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-    return printed
 
 
-def _kafka_failed(command: str, settings: Settings, exc: BaseException) -> int:
-    """Say why Kafka failed ``command``; the exit status. Brokers that refuse
-    this client (credentials, a SASL mechanism, a CA) are a configuration
-    mistake, exit 2, as the worker says; aiokafka reports them only as
-    "Unable to bootstrap", which reads as an outage to retry."""
+def _kafka_failed(command: str, settings: Settings, exc: BaseException, then: str = "") -> int:
+    """Say why Kafka failed ``command`` (and ``then``, what that left undone);
+    the exit status. Brokers that refuse this client (credentials, a SASL
+    mechanism, a CA, an ACL) are a configuration mistake, exit 2, as the
+    worker says; aiokafka reports most of them only as "Unable to
+    bootstrap", which reads as an outage to retry."""
+    servers = settings.bootstrap_servers
+    why = _refused(settings, exc)
+    if why is not None:
+        print(
+            f"stream-app {command}: Kafka at {servers} refuses this client: {why}{then}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    print(f"stream-app {command}: Kafka at {servers}: {exc!r}{then}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _refused(settings: Settings, exc: BaseException) -> str | None:
+    """What of this client Kafka refuses, when that is why ``exc`` was raised."""
     from aiokafka.errors import KafkaConnectionError
 
-    from stream_app.pipeline.kafka import client_options, refusal
+    from stream_app.pipeline.kafka import client_options, not_authorized, refusal
 
-    servers = settings.bootstrap_servers
+    denied = not_authorized(exc)
+    if denied is not None:
+        return str(denied)
     if isinstance(exc, KafkaConnectionError):
-        why = asyncio.run(refusal(client_options(settings), timeout_s=5.0))
-        if why is not None:
-            print(
-                f"stream-app {command}: Kafka at {servers} refuses this client: {why}",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-    print(f"stream-app {command}: Kafka at {servers}: {exc!r}", file=sys.stderr)
-    return EXIT_FAILED
+        return asyncio.run(refusal(client_options(settings), timeout_s=5.0))
+    return None
 
 
 def run_tail(settings: Settings, args: argparse.Namespace) -> int:
@@ -884,8 +943,9 @@ def _add_send(sub: Any) -> None:
             "  stream-app send --type cancel --integration-id cart-1\n"
             "\n"
             "exit status: 0 sent; 1 Kafka could not be reached (retry with the printed\n"
-            "eventId); 2 bad input (an invalid command is not sent, or a record larger\n"
-            "than Kafka takes); 130 interrupted (retry with the printed eventId)."
+            "eventId); 2 bad input (an invalid command is not sent, a record larger\n"
+            "than Kafka takes, or credentials, certificates or ACLs Kafka refuses);\n"
+            "130 interrupted (retry with the printed eventId)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -1249,6 +1309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(settings, args)
     except KeyboardInterrupt:  # Ctrl-C: the worker handles it; the others just end
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`config | head`; `send` once Kafka took the
+        # command): done, quietly, as cat and grep are. Python's flush of
+        # stdout at exit would fail again: it writes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:

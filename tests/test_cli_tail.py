@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -140,3 +144,100 @@ def test_a_key_that_is_not_utf8_is_shown_in_base64() -> None:
     assert all("key" not in doc for doc in shown[:2])
     assert [doc["key"] for doc in shown[2:]] == ["cart-1", None]
     assert all("keyBase64" not in doc for doc in shown[2:])
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "name"),
+    [
+        (["traffic", "--sessions", "1"], "stream_app.demo.traffic", "produce_traffic"),
+        (["watch", "--seconds", "1"], "stream_app.demo.view", "watch"),
+        (
+            ["send", '{"type": "reopen", "integrationId": "c"}'],
+            "stream_app.client",
+            "SessionClient",
+        ),
+    ],
+)
+def test_send_traffic_and_watch_say_a_refusal_as_tail_does(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    module: str,
+    name: str,
+) -> None:
+    """send and traffic said a refused password or CA was an outage ("retry",
+    exit 1); watch failed with a traceback. Now as tail: exit 2, saying what
+    was refused; an outage stays exit 1."""
+    import importlib
+
+    from stream_app.pipeline import kafka
+
+    refused: list[str | None] = ["SaslAuthenticationFailed: Invalid username or password"]
+
+    async def refusal(options: object, timeout_s: float = 10.0) -> str | None:
+        return refused[0]
+
+    class _Unreachable:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        async def __aenter__(self) -> None:
+            await _unable_to_bootstrap()
+
+        async def __aexit__(self, *args: object) -> None:
+            pass
+
+    failing = _Unreachable if name == "SessionClient" else _unable_to_bootstrap
+    monkeypatch.setattr(importlib.import_module(module), name, failing)
+    monkeypatch.setattr(kafka, "refusal", refusal)
+    assert cli.main(command) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "refuses this client: SaslAuthenticationFailed" in err
+    assert "retry" not in err
+    assert "Traceback" not in err
+    refused[0] = None  # unreachable: worth retrying
+    assert cli.main(command) == cli.EXIT_FAILED
+    assert "Unable to bootstrap" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_any_command_quietly() -> None:
+    """`stream-app config | head -3`: a BrokenPipeError traceback, exit 1
+    (only tail handled it)."""
+    config = subprocess.Popen(
+        [sys.executable, "-m", "stream_app", "config"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "KAFKA_BOOTSTRAP_SERVERS": "k:9092"},
+    )
+    assert config.stdout is not None
+    assert config.stderr is not None
+    config.stdout.close()  # before it writes: as head does, when it has its lines
+    assert config.wait(timeout=60) == 0
+    with config.stderr:
+        assert b"Traceback" not in config.stderr.read()
+
+
+def test_tail_stops_at_ctrl_c_while_a_broker_does_not_answer() -> None:
+    """Its Ctrl-C handler was installed once connected: against a broker that
+    does not answer, SIGINT killed it (130), and SIGTERM too (143), where
+    tail promises 0; past that point, a signal waited for the 40 s timeout."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            tail = subprocess.Popen(
+                [sys.executable, "-m", "stream_app", "tail", "closed", "--follow"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={
+                    **os.environ,
+                    "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{silent.getsockname()[1]}",
+                },
+            )
+            time.sleep(3)  # started, and waiting on the broker
+            assert tail.poll() is None
+            tail.send_signal(signum)
+            _, err = tail.communicate(timeout=15)
+            assert tail.returncode == 0, err
+            assert b"Traceback" not in err
+    finally:
+        silent.close()
