@@ -15,12 +15,13 @@ import base64
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, NamedTuple, TextIO
 
@@ -159,6 +160,27 @@ class UsageError(Exception):
     """Bad command-line input; main prints it with the usage line and exits 2."""
 
 
+#: Numbers as JSON writes them, in ASCII: int() and Decimal() also take
+#: "1_000" and other scripts' digits (Arabic-Indic ones, say), which no one means on a command line.
+_INTEGER: Final = re.compile(r"[+-]?[0-9]+")
+#: Infinity and NaN pass, for the message that says JSON cannot hold them.
+_NUMBER: Final = re.compile(
+    r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?|inf(?:inity)?|s?nan)", re.I
+)
+
+
+def _integer(text: str) -> int:
+    if _INTEGER.fullmatch(text) is None:
+        raise ValueError(f"not an integer: {text!r}")
+    return int(text)
+
+
+def _decimal(text: str) -> Decimal:
+    if _NUMBER.fullmatch(text) is None:
+        raise ValueError(f"not a number: {text!r}")
+    return Decimal(text)
+
+
 def _item(text: str) -> dict[str, Any]:
     """``SKU:QUANTITY:PRICE`` (the sku may itself contain colons)."""
     from stream_app.client import cart_item
@@ -168,8 +190,8 @@ def _item(text: str) -> dict[str, Any]:
     if not sep or not sep2 or not sku:
         raise argparse.ArgumentTypeError(f"expected SKU:QUANTITY:PRICE, not {text!r}")
     try:
-        count, price = int(quantity), Decimal(rest)
-    except (ValueError, InvalidOperation):
+        count, price = _integer(quantity), _decimal(rest)
+    except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected SKU:QUANTITY:PRICE with an integer quantity and a number price, not {text!r}"
         ) from None
@@ -191,8 +213,8 @@ def _cost(text: str) -> tuple[str, Decimal]:
 
     name, value = _name_value(text)
     try:
-        price = Decimal(value)
-    except InvalidOperation:
+        price = _decimal(value)
+    except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=PRICE, not {text!r}") from None
     try:
         command_number(price)  # one JSON carries exactly: not NaN, infinite, 1e400 or 0.1000…01
@@ -308,7 +330,7 @@ def _returned(text: str) -> dict[str, Any]:
     if not sep:
         ref, quantity_text = text, ""
     try:
-        quantity = int(quantity_text) if quantity_text else None
+        quantity = _integer(quantity_text) if quantity_text else None
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected POSITION[:QUANTITY] or SKU[:QUANTITY], not {text!r}"
@@ -320,7 +342,7 @@ def _returned(text: str) -> dict[str, Any]:
     # "sku=" names a sku made of digits (an EAN, say), which would read as a position.
     if ref.startswith("sku="):
         return returned_item(sku=ref.removeprefix("sku="), quantity=quantity)
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():
         return returned_item(int(ref), quantity=quantity)
     return returned_item(sku=ref, quantity=quantity)
 
@@ -392,7 +414,9 @@ def _json_command(text: str | bytes) -> dict[str, Any]:
     return doc
 
 
-def _send_command(args: argparse.Namespace, stdin: TextIO | None) -> dict[str, Any]:
+def _send_command(
+    args: argparse.Namespace, stdin: TextIO | None, max_command_bytes: int
+) -> dict[str, Any]:
     building = ("type", "integration_id", "event_id", "application_id", "return_item")
     flags_used = any(getattr(args, flag) is not None for flag in (*building, *_SESSION_FLAGS))
     if args.command_json is not None and flags_used:
@@ -413,7 +437,13 @@ def _send_command(args: argparse.Namespace, stdin: TextIO | None) -> dict[str, A
     # As bytes where there are (a pipe): JSON that is not UTF-8 is then a JSON
     # error, not a UnicodeDecodeError of the locale's decoder.
     buffer = getattr(stdin, "buffer", None)
-    return _json_command(stdin.read() if buffer is None else buffer.read())
+    # Read up to a bound: `yes | stream-app send` grew until memory ran out.
+    # Generous, as a command written with indentation is larger than sent.
+    most = max(16 * max_command_bytes, 16 * 1024 * 1024)
+    text = stdin.read(most + 1) if buffer is None else buffer.read(most + 1)
+    if len(text) > most:
+        raise UsageError(f"stdin holds more than {most} bytes: no command is that large")
+    return _json_command(text)
 
 
 def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None = None) -> int:
@@ -430,7 +460,7 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
     from stream_app.demo.view import pretty
     from stream_app.pipeline.kafka import not_authorized
 
-    command = _send_command(args, stdin or sys.stdin)
+    command = _send_command(args, stdin or sys.stdin, settings.max_command_bytes)
     command.setdefault("eventId", None)
     if command["eventId"] is None:
         command["eventId"] = new_event_id()
@@ -1003,7 +1033,8 @@ def _add_send(sub: Any) -> None:
         type=_returned,
         metavar="POS[:QTY]",
         help="with --type return: a cart position (or a sku; sku=DIGITS for a sku of "
-        "digits) and the quantity (default: all that is left); repeat for more lines",
+        "digits; a sku with colons ends with ':' or ':QTY') and the quantity (default: "
+        "all that is left); repeat for more lines",
     )
 
 

@@ -11,7 +11,12 @@ from importlib.metadata import version
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    TopicAuthorizationFailedError,
+)
 
 from stream_app import json
 from stream_app.cli import main
@@ -181,6 +186,16 @@ def test_send_reads_stdin_in_process(
     assert json.loads(capsys.readouterr().out)["type"] == "reopen"
 
 
+def test_send_reads_no_more_of_stdin_than_a_command_can_be(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`yes | stream-app send` grew until memory ran out: stdin was read whole
+    before the size was checked."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" " * (16 * 1024 * 1024 + 1)))
+    assert main(["send", "--dry-run"]) == 2
+    assert "stdin holds more than 16777216 bytes" in capsys.readouterr().err
+
+
 def test_traffic_refuses_a_prefix_too_long_before_it_connects() -> None:
     result = run("traffic", "--prefix", "p" * 101)
     assert result.returncode == 2
@@ -242,6 +257,10 @@ def test_a_return_item_of_digits_is_a_position_unless_named_a_sku() -> None:
         (["topics", "create", "--partitions", str(2**31)], "must be in 1..2147483647"),
         # built in memory first: 1e20 sessions ran until killed
         (["traffic", "--sessions", "99999999999999999999"], "--sessions: must be in 1..1000000"),
+        # int() and Decimal() take "1_000" and other scripts' digits
+        (["send", "--type=update", "--integration-id=c", "--item=x:1_000:1"], "SKU:QUANTITY"),
+        (["send", "--type=update", "--integration-id=c", "--item=x:\u0661:3"], "SKU:QUANTITY"),
+        (["send", "--type=update", "--integration-id=c", "--cost=ship=1_0"], "NAME=PRICE"),
     ],
 )
 def test_odd_numbers_are_usage_errors(args: list[str], message: str) -> None:
@@ -286,6 +305,8 @@ def test_send_with_stdin_closed_is_a_usage_error() -> None:
         # It said "not sent" and "retry", though the broker may have written it:
         # the same flags again (a new eventId) would apply it twice.
         (KafkaTimeoutError, 1, "may have been sent to Kafka at 127.0.0.1:9092: "),
+        # A missing Write ACL: refused, not lost. It said "may have been sent".
+        (TopicAuthorizationFailedError, 2, "not sent, Kafka at 127.0.0.1:9092 refuses"),
     ],
 )
 def test_send_says_what_to_do_when_kafka_refuses_or_the_user_interrupts(
