@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import select
 import signal
 import sys
 import textwrap
@@ -150,6 +151,8 @@ def run_watch(settings: Settings, seconds: float, settle: float | None) -> int:
         f"stopped: {result.stopped_because}; {result.total} output records",
         file=sys.stdout if result.total else sys.stderr,
     )
+    if result.refused:
+        return EXIT_USAGE
     return 0 if result.total else 1
 
 
@@ -607,14 +610,18 @@ async def tail(
 
     options = client_options(settings)
     stop = asyncio.Event()
+    closing = asyncio.Event()
     loop = asyncio.get_running_loop()
     this = asyncio.current_task()
 
     def stopped() -> None:
         # Whatever is awaited ends now: a broker that does not answer held
-        # the connection, and Ctrl-C did nothing for 40 s, or killed it.
+        # the connection, and Ctrl-C did nothing for 40 s, or killed it. Once
+        # only, and not the consumer's close.
+        if stop.is_set():
+            return
         stop.set()
-        if this is not None:
+        if this is not None and not closing.is_set():
             this.cancel()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -626,9 +633,12 @@ async def tail(
         printed[0] += 1
 
     try:
-        await _tail(settings, options, topic, follow, from_end, limit, metadata, shown, printed)
+        await _tail(
+            settings, options, topic, follow, from_end, limit, metadata, shown, printed, closing
+        )
     except asyncio.CancelledError:
-        if not stop.is_set():
+        # Ours, from the signal, unless the caller's came too.
+        if not stop.is_set() or this is None or this.uncancel() > 0:
             raise
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -646,8 +656,10 @@ async def _tail(
     metadata: bool,
     out: Callable[[str], None],
     printed: list[int],
+    closing: asyncio.Event,
 ) -> None:
-    """:func:`tail`'s reading, ``printed[0]`` counting what ``out`` printed."""
+    """:func:`tail`'s reading, ``printed[0]`` counting what ``out`` printed;
+    ``closing`` set once it closes its consumer."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from stream_app.pipeline.kafka import partition_count
@@ -687,6 +699,7 @@ async def _tail(
                     if limit is not None and printed[0] >= limit:
                         return
     finally:
+        closing.set()
         await consumer.stop()
 
 
@@ -714,9 +727,10 @@ def _refused(settings: Settings, exc: BaseException) -> str | None:
 
     from stream_app.pipeline.kafka import client_options, not_authorized, refusal
 
-    denied = not_authorized(exc)
-    if denied is not None:
-        return str(denied)
+    if not_authorized(exc) is not None:
+        # Not the worker's advice (to grant the worker's ACLs): this client
+        # needs only what it does.
+        return f"{exc} (grant this client's principal that access)"
     if isinstance(exc, KafkaConnectionError):
         return asyncio.run(refusal(client_options(settings), timeout_s=5.0))
     return None
@@ -1337,15 +1351,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stream-app: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return _run(settings, args)
+        code = _run(settings, args)
+        sys.stdout.flush()  # here, not at exit: a pipe's reader may be gone
     except KeyboardInterrupt:  # Ctrl-C: the worker handles it; the others just end
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (`config | head`; `send` once Kafka took the
-        # command): done, quietly, as cat and grep are. Python's flush of
-        # stdout at exit would fail again: it writes nowhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        # Python's flush at exit would fail again: the stream writes nowhere.
+        gone = _reader_gone(sys.stdout)
+        stream = sys.stdout if gone else sys.stderr
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        # stdout's reader went away (`config | head`; `send` once Kafka took
+        # the command): done, quietly, as cat and grep are. stderr's: a
+        # failure that could not be said is still a failure.
+        return 0 if gone else EXIT_FAILED
+    return code
+
+
+def _reader_gone(stream: TextIO) -> bool:
+    """Whether ``stream`` is a pipe whose reader has closed it."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:

@@ -200,21 +200,55 @@ def test_send_traffic_and_watch_say_a_refusal_as_tail_does(
     assert "Unable to bootstrap" in capsys.readouterr().err
 
 
-def test_a_reader_that_stops_early_ends_any_command_quietly() -> None:
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_a_reader_that_stops_early_ends_any_command_quietly(unbuffered: str) -> None:
     """`stream-app config | head -3`: a BrokenPipeError traceback, exit 1
-    (only tail handled it)."""
+    (only tail handled it); block-buffered, the same at exit: exit 120."""
     config = subprocess.Popen(
         [sys.executable, "-m", "stream_app", "config"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "KAFKA_BOOTSTRAP_SERVERS": "k:9092"},
+        env={**os.environ, "PYTHONUNBUFFERED": unbuffered, "KAFKA_BOOTSTRAP_SERVERS": "k:9092"},
     )
     assert config.stdout is not None
     assert config.stderr is not None
     config.stdout.close()  # before it writes: as head does, when it has its lines
     assert config.wait(timeout=60) == 0
     with config.stderr:
-        assert b"Traceback" not in config.stderr.read()
+        err = config.stderr.read()
+    assert b"Traceback" not in err
+    assert b"Exception ignored" not in err
+
+
+def test_a_failure_that_cannot_be_said_is_still_a_failure() -> None:
+    """With stderr's reader gone, the failure's message raised BrokenPipeError,
+    which was taken for stdout's reader gone: exit 0."""
+    send = subprocess.Popen(
+        [sys.executable, "-m", "stream_app", "send", "--dry-run", "not json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert send.stdout is not None
+    assert send.stderr is not None
+    send.stderr.close()
+    assert send.wait(timeout=60) != 0
+    send.stdout.close()
+
+
+def test_watch_refused_by_kafka_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """watch's probe says a refusal itself: it was a stop reason like any
+    other, exit 1, where every other command says exit 2."""
+    from stream_app.pipeline import kafka
+
+    async def refused(options: object) -> str:
+        return "Kafka at k:9092 refuses this client: SaslAuthenticationFailed: no"
+
+    monkeypatch.setattr(kafka, "unreachable", refused)
+    assert cli.main(["watch", "--seconds", "1"]) == cli.EXIT_USAGE
+    assert "refuses this client: SaslAuthenticationFailed" in capsys.readouterr().err
 
 
 def test_tail_stops_at_ctrl_c_while_a_broker_does_not_answer() -> None:

@@ -53,6 +53,9 @@ class ViewResult:
     samples: Mapping[str, list[Any]]
     elapsed: float
     stopped_because: str
+    #: Kafka refuses this client (credentials, certificates, an ACL): a
+    #: configuration mistake, which waiting longer does not mend.
+    refused: bool = False
 
     @property
     def total(self) -> int:
@@ -146,12 +149,13 @@ async def watch(
     deadline = began + seconds
     options = client_options(settings)
 
-    def result(reason: str) -> ViewResult:
+    def result(reason: str, *, refused: bool = False) -> ViewResult:
         return ViewResult(
             counts={k: v.count for k, v in topics.items()},
             samples={k: [_parse(raw) for raw in v.latest] for k, v in topics.items()},
             elapsed=time.monotonic() - began,
             stopped_because=reason,
+            refused=refused,
         )
 
     try:  # a broker that accepts connections and never answers: 40 s per probe
@@ -159,13 +163,14 @@ async def watch(
     except TimeoutError:
         problem = f"Kafka at {settings.bootstrap_servers} did not answer within {seconds:.0f}s"
     if problem is not None:
-        return result(problem)
+        return result(problem, refused=" refuses this client: " in problem)
     out(f"watching {', '.join(by_name)} (read_committed) for at most {seconds:.0f}s")
     try:
         partitions = await wait_for_partitions(options, list(by_name), deadline)
     except TopicAuthorizationFailedError as exc:
         return result(
-            f"Kafka does not authorize this principal to describe the output topics ({exc})"
+            f"Kafka does not authorize this principal to describe the output topics ({exc})",
+            refused=True,
         )
     if partitions is None:
         return result("the output topics do not exist")
