@@ -61,16 +61,21 @@ whole session, ``updateCount`` included (docs/contract.md, sections 3, 4
 and 10), so that identifies one applied command's output. The ``eventId`` does
 not: the workers remember only the last 64 eventIds of a session (section
 9), so a command that reuses an older one is applied again, and its output
-is new revenue, not a duplicate. These keys are remembered for the last
-``--dedupe-window`` outputs (100,000) of each partition read: a crash writes
-again only what followed the worker's last commit, a checkpoint interval or
-two of its outputs (``STREAM_APP_CHECKPOINT_INTERVAL_S``, 0.1 s: a few
-thousand records at most) on an output topic with the command topic's
-partition count (the workers create them so). With a longer interval, or
-other partition counts (several workers then write to one output
-partition), raise the window to what is written there in that time, or in
-the longest outage you expect; 0 remembers every output. Each key takes
-about 300 bytes: a full window, 30 MB per partition read. Numbers are
+is new revenue, not a duplicate. (Under ``at_least_once`` a replay can
+also apply a re-keyed command and the commands around it in another order,
+docs/contract.md section 9: those outputs come again with other
+``updateCount`` values, and are counted again. Run the workers with
+``exactly_once`` for revenue.) These keys are remembered for the last
+``--dedupe-window`` outputs (100,000) of each partition read. A crash of a
+worker writes again what followed its last commit, but not only right away:
+the outputs of profiled sessions are written by the second stage, whose
+task for one by-profile partition writes to every output partition, and
+that task comes back only after the group's session timeout and its
+restore, while the other workers go on writing to the same partitions. So
+the window must hold what an output partition receives during the longest
+outage of a worker you expect (session timeout plus restore): about its
+output rate times that time. 0 remembers every output. Each key takes about
+300 bytes: a full window, 30 MB per partition read. Numbers are
 parsed as ``Decimal`` and summed exactly (no 28-digit rounding, no binary
 float drift).
 
