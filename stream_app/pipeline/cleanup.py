@@ -27,17 +27,18 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from stream_app.pipeline.store import open_store_paths
+from stream_app.pipeline.store import (
+    aside_partition,
+    open_store_paths,
+    remove_aside,
+    set_aside,
+)
 
 log = logging.getLogger(__name__)
-
-#: What a store directory is renamed to before it is deleted (as PartitionStore does).
-_ASIDE = ".deleting"
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,10 @@ class StoreCleaner:
         opened = open_store_paths()
         for name in self.store_names:
             for child in _children(self.state_dir / name):
-                if not child.name.isdigit() or (name, int(child.name)) in in_use:
+                # ASCII digits: "٣" is a digit to str.isdigit(), and int() reads 3.
+                if not (child.name.isascii() and child.name.isdigit()):
+                    continue
+                if (name, int(child.name)) in in_use:
                     continue
                 if child.resolve() in opened:
                     continue
@@ -78,15 +82,19 @@ class StoreCleaner:
             child
             for name in self.store_names
             for child in _children(self.state_dir / name)
-            if child.name.endswith(_ASIDE) and child.name.removesuffix(_ASIDE).isdigit()
+            if aside_partition(child.name) is not None
         ]
-        moved = []
+        moved: list[Path] = []
+        renamed: list[Path] = []
         for path in self.unused(in_use, now):
             try:
-                if _set_aside_unless_locked(path):
-                    moved.append(path)
+                target = _set_aside_unless_locked(path)
             except OSError as exc:
                 log.warning("cannot delete the unused store %s: %s", path, exc)
+                continue
+            if target is not None:
+                moved.append(path)
+                renamed.append(target)
         if moved:
             log.info(
                 "deleting %d local store(s) of partitions this worker has not owned for %.0f s: %s",
@@ -94,20 +102,20 @@ class StoreCleaner:
                 self.delay_s,
                 ", ".join(str(p.relative_to(self.state_dir)) for p in moved),
             )
-        return aside + [_aside(path) for path in moved]
+        return aside + renamed
 
     def delete(self, in_use: Collection[tuple[str, int]], now: float) -> list[Path]:
         """:meth:`set_aside`, then :func:`remove`, at once. Returns the store
         directories deleted (by their partitions' names)."""
         aside = self.set_aside(in_use, now)
         remove(aside)
-        return sorted(path.with_name(path.name.removesuffix(_ASIDE)) for path in aside)
+        return sorted({path.with_name(str(aside_partition(path.name))) for path in aside})
 
 
 def remove(paths: Collection[Path]) -> None:
     """Delete the directories :meth:`StoreCleaner.set_aside` returned."""
     for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_aside(path)
 
 
 def _children(directory: Path) -> list[Path]:
@@ -117,18 +125,14 @@ def _children(directory: Path) -> list[Path]:
         return []
 
 
-def _aside(path: Path) -> Path:
-    return path.with_name(f"{path.name}{_ASIDE}")
-
-
-def _set_aside_unless_locked(path: Path) -> bool:
+def _set_aside_unless_locked(path: Path) -> Path | None:
     """Rename ``path`` aside holding its RocksDB lock (the LOCK file's POSIX
-    lock, the one RocksDB takes), or leave it when another process holds that lock.
+    lock, the one RocksDB takes), or leave it when another process holds that
+    lock (None). The aside directory's path.
 
     Never called for a store open in this process: POSIX locks belong to the
     process, so this one's would succeed and its close would drop RocksDB's.
     """
-    aside = _aside(path)
     try:
         fd = os.open(path / "LOCK", os.O_RDWR)
     except FileNotFoundError:  # never opened as a database, or half deleted
@@ -140,14 +144,12 @@ def _set_aside_unless_locked(path: Path) -> bool:
             except OSError as exc:
                 if exc.errno in (errno.EACCES, errno.EAGAIN):
                     log.info("%s is open in another process: left in place", path)
-                    return False
+                    return None
                 raise
         # Renamed, as PartitionStore deletes: a delete cut short leaves no
         # half a database under the partition's name (the next open of that
         # partition, or the next cleanup, removes what is aside).
-        shutil.rmtree(aside, ignore_errors=True)
-        path.rename(aside)
+        return set_aside(path)
     finally:
         if fd is not None:
             os.close(fd)
-    return True

@@ -24,6 +24,7 @@ in batches of 2,000).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -136,6 +137,64 @@ def _rocksdb_error(problem: str, exc: Exception) -> StoreError:
     return StoreError(problem)
 
 
+#: What a store directory is renamed to before it is deleted: ``<partition>.deleting``,
+#: or ``<partition>.deleting.<n>`` while an earlier one could not be deleted.
+ASIDE: Final = ".deleting"
+_ASIDE_NAME: Final = re.compile(r"([0-9]+)\.deleting(?:\.[0-9]+)?", re.ASCII)
+#: Aside directories whose delete failed, said once each.
+_UNDELETABLE: set[Path] = set()
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename the store directory ``path`` aside, for :func:`remove_aside`;
+    None when it is gone. Beside an aside directory that could not be
+    deleted (a file it may not remove, a failing disk), under a new name:
+    the rename onto it failed, and the store's task could never start again."""
+    for n in range(1000):
+        aside = path.with_name(f"{path.name}{ASIDE}" + (f".{n}" if n else ""))
+        try:
+            path.rename(aside)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue
+        return aside
+    raise OSError(errno.EEXIST, f"cannot set {path} aside: 1,000 aside names are taken")
+
+
+def aside_partition(name: str) -> int | None:
+    """The partition of an aside directory's ``name``; None when it is not one."""
+    matched = _ASIDE_NAME.fullmatch(name)
+    return None if matched is None else int(matched.group(1))
+
+
+def aside_of(path: Path) -> list[Path]:
+    """The aside directories of the store directory ``path``."""
+    try:
+        siblings = list(path.parent.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(
+        s
+        for s in siblings
+        if s.name.startswith(f"{path.name}{ASIDE}") and aside_partition(s.name) is not None
+    )
+
+
+def remove_aside(aside: Path) -> None:
+    """Delete an aside directory, saying once, at WARNING, if it cannot be."""
+    shutil.rmtree(aside, ignore_errors=True)
+    if aside.exists() and aside not in _UNDELETABLE:
+        _UNDELETABLE.add(aside)
+        log.warning(
+            "cannot delete %s, a store set aside: its files' permissions, or a "
+            "read-only or failing disk? Left on disk, and tried again at each cleanup",
+            aside,
+        )
+
+
 class PartitionStore:
     """One store's RocksDB database for one partition."""
 
@@ -143,7 +202,8 @@ class PartitionStore:
         self.path = path
         self._resources = resources
         # What a delete cut short (a kill during wipe) left aside.
-        shutil.rmtree(self._aside, ignore_errors=True)
+        for leftover in aside_of(path):
+            remove_aside(leftover)
         path.mkdir(parents=True, exist_ok=True)
         try:
             self._db = self._open()
@@ -159,16 +219,12 @@ class PartitionStore:
         _OPEN.add(self.path.resolve())
         resources.stores.add(self)
 
-    @property
-    def _aside(self) -> Path:
-        return self.path.with_name(f"{self.path.name}.deleting")
-
     def _delete(self) -> None:
         """Delete the database's directory and make it anew, empty. Renamed
         aside first: a delete cut short leaves no half a database behind."""
-        with contextlib.suppress(FileNotFoundError):
-            self.path.rename(self._aside)
-        shutil.rmtree(self._aside, ignore_errors=True)
+        aside = set_aside(self.path)
+        if aside is not None:
+            remove_aside(aside)
         self.path.mkdir(parents=True, exist_ok=True)
 
     def _open(self) -> Rdict:

@@ -140,6 +140,33 @@ async def _broker_min_insync_replicas(admin: AIOKafkaAdminClient) -> str:
     return ""
 
 
+_FIRST: Final = "-first"
+
+
+def _refuse_a_shared_changelog(settings: Settings, existing: set[str]) -> None:
+    """Raise ConfigurationError when another app id's topics exist whose
+    changelog names collide with this one's: app ``X-first``'s sessions
+    changelog is app ``X``'s first-sessions changelog
+    (``X-first-sessions-changelog``). Started together, each restored the
+    other's records into its store, and compaction and tombstones of one
+    overwrote the other's sessions."""
+    app = settings.app_id
+    others = [app + _FIRST]
+    if app.endswith(_FIRST):
+        others.append(app.removesuffix(_FIRST))
+    for other in others:
+        if {f"{other}-sessions.rekeyed", f"{other}-sessions.by-profile"} & existing:
+            first = min(app, other, key=len)
+            of_first = settings.model_copy(update={"app_id": first})
+            shared = changelog_topic(of_first, FIRST_SESSIONS_STORE)
+            raise ConfigurationError(
+                f"app ids {app} and {other} share the topic {shared} (the sessions changelog "
+                f"of {first}{_FIRST}, the first-sessions changelog of {first}), and app "
+                f"{other}'s topics exist on this cluster: give this app another id "
+                "(STREAM_APP_APP_ID)"
+            )
+
+
 async def _refuse_unwritable_creations(
     admin: AIOKafkaAdminClient, settings: Settings, missing: list[str]
 ) -> None:
@@ -264,6 +291,7 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        _refuse_a_shared_changelog(settings, existing)
         names = [s.name for s in topic_specs(settings, settings.partitions)]
         counts = await _partition_counts(admin, [n for n in names if n in existing])
         partitions = counts.get(settings.topics.commands, settings.partitions)

@@ -149,3 +149,48 @@ def test_what_a_delete_cut_short_left_aside_is_deleted(
     (tmp_path / "sessions" / "7").rename(tmp_path / "sessions" / "7.deleting")
     assert cleaner.delete(set(), time.time()) == [tmp_path / "sessions" / "7"]
     assert list((tmp_path / "sessions").iterdir()) == []
+
+
+def test_names_of_other_digits_are_no_partitions(
+    tmp_path: Path, resources: RocksDBResources, cleaner: StoreCleaner
+) -> None:
+    """str.isdigit() takes "²" and "٣" (Arabic-Indic three): int() refused the
+    first, and the ValueError stopped the worker at every cleanup; the second
+    was read as partition 3, and deleted."""
+    old = time.time() - DELAY_S - 60
+    for name in ("\u00b2", "\u0663"):
+        (tmp_path / "sessions" / name).mkdir(parents=True)
+        used_at(tmp_path / "sessions" / name, old)
+    assert cleaner.delete(set(), time.time()) == []
+    assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == ["\u00b2", "\u0663"]
+
+
+def test_a_store_set_aside_that_cannot_be_deleted_is_said_and_blocks_nothing(
+    tmp_path: Path,
+    resources: RocksDBResources,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """rmtree failing (a file it may not remove, a failing disk) was silent,
+    and left <partition>.deleting behind: the next rename onto it failed, and
+    a corrupt store of that partition could never be deleted, so its task
+    never started."""
+    from stream_app.pipeline import store as store_module
+
+    cleaner = StoreCleaner(tmp_path, STORES, DELAY_S)
+    make_store(tmp_path / "sessions" / "3", resources, when=time.time() - DELAY_S - 60)
+    real_rmtree = store_module.shutil.rmtree
+    monkeypatch.setattr(store_module.shutil, "rmtree", lambda *a, **k: None)  # deletes nothing
+    with caplog.at_level("WARNING"):
+        assert cleaner.delete(set(), time.time()) == [tmp_path / "sessions" / "3"]
+        assert cleaner.delete(set(), time.time()) == [tmp_path / "sessions" / "3"]
+    [warning] = [r.getMessage() for r in caplog.records if "cannot delete" in r.getMessage()]
+    assert "sessions/3.deleting, a store set aside" in warning  # once, not at each cleanup
+    # The partition's store comes back, is deleted again, and is set aside
+    # beside what is stuck: its task starts.
+    make_store(tmp_path / "sessions" / "3", resources)
+    again = store_module.set_aside(tmp_path / "sessions" / "3")
+    assert again == tmp_path / "sessions" / "3.deleting.1"
+    monkeypatch.setattr(store_module.shutil, "rmtree", real_rmtree)
+    PartitionStore(tmp_path / "sessions" / "3", resources).close()  # removes what is aside
+    assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == ["3"]

@@ -716,3 +716,17 @@ async def test_operator_made_topics_with_one_replica_are_not_the_worker_s_to_war
     with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
         await topics_module.ensure_topics(settings, worker=True)
     assert [r.getMessage() for r in caplog.records if "one replica" in r.getMessage()] == []
+
+
+@pytest.mark.parametrize(("app_id", "other"), [("shop-first", "shop"), ("shop", "shop-first")])
+async def test_an_app_id_whose_changelog_is_another_app_s_is_refused(
+    monkeypatch: pytest.MonkeyPatch, app_id: str, other: str
+) -> None:
+    """App shop-first's sessions changelog is app shop's first-sessions
+    changelog: each restored the other's records into its store, and the
+    compaction and tombstones of one overwrote the other's sessions."""
+    theirs = Settings(app_id=other)
+    existing = [topics_module.rekey_topic(theirs), topics_module.profile_topic(theirs)]
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(existing, {}))
+    with pytest.raises(ConfigurationError, match="share the topic shop-first-sessions-changelog"):
+        await topics_module.ensure_topics(Settings(app_id=app_id))
