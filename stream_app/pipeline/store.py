@@ -157,7 +157,9 @@ def set_aside(path: Path) -> Path | None:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            # The name taken by a directory that could not be deleted, or by
+            # a file or a link (a store directory that was a link, set aside).
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                 raise
             continue
         return aside
@@ -185,8 +187,14 @@ def aside_of(path: Path) -> list[Path]:
 
 def remove_aside(aside: Path) -> None:
     """Delete an aside directory, saying once, at WARNING, if it cannot be."""
-    shutil.rmtree(aside, ignore_errors=True)
-    if aside.exists() and aside not in _UNDELETABLE:
+    if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+        with contextlib.suppress(FileNotFoundError):
+            aside.unlink()  # rmtree refuses both; a link's target is not ours
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+    if not aside.exists() and not aside.is_symlink():
+        _UNDELETABLE.discard(aside)  # said again if it sticks again
+    elif aside not in _UNDELETABLE:
         _UNDELETABLE.add(aside)
         log.warning(
             "cannot delete %s, a store set aside: its files' permissions, or a "

@@ -144,27 +144,57 @@ _FIRST: Final = "-first"
 
 
 def _refuse_a_shared_changelog(settings: Settings, existing: set[str]) -> None:
-    """Raise ConfigurationError when another app id's topics exist whose
-    changelog names collide with this one's: app ``X-first``'s sessions
-    changelog is app ``X``'s first-sessions changelog
-    (``X-first-sessions-changelog``). Started together, each restored the
-    other's records into its store, and compaction and tombstones of one
-    overwrote the other's sessions."""
+    """App ``X-first``'s sessions changelog is app ``X``'s first-sessions
+    changelog (``X-first-sessions-changelog``): two such apps on one cluster
+    each restore the other's records, and the compaction and tombstones of
+    one overwrite the other's. The ``X-first`` side is refused when it sees
+    any topic of app ``X`` (its own topic list: another principal's topics
+    may be hidden from it), and warned otherwise; app ``X``, which may have
+    run for long, is told at ERROR and goes on: refusing it would stop a
+    deployment that was there first."""
     app = settings.app_id
-    others = [app + _FIRST]
     if app.endswith(_FIRST):
-        others.append(app.removesuffix(_FIRST))
-    for other in others:
-        if {f"{other}-sessions.rekeyed", f"{other}-sessions.by-profile"} & existing:
-            first = min(app, other, key=len)
-            of_first = settings.model_copy(update={"app_id": first})
-            shared = changelog_topic(of_first, FIRST_SESSIONS_STORE)
+        other = app.removesuffix(_FIRST)
+        theirs = {
+            f"{other}-sessions.rekeyed",
+            f"{other}-sessions.by-profile",
+            f"{other}-sessions-changelog",
+            f"{other}-session-ids-changelog",
+        }
+        shared = f"{app}-sessions-changelog"
+        if theirs & existing:
             raise ConfigurationError(
-                f"app ids {app} and {other} share the topic {shared} (the sessions changelog "
-                f"of {first}{_FIRST}, the first-sessions changelog of {first}), and app "
-                f"{other}'s topics exist on this cluster: give this app another id "
+                f"app id {app} shares the topic {shared} with app {other} (its "
+                f"first-sessions changelog), whose topics exist on this cluster "
+                f"({', '.join(sorted(theirs & existing))}): give this app another id "
                 "(STREAM_APP_APP_ID)"
             )
+        log.warning(
+            "app id %s: its sessions changelog %s is also the first-sessions changelog "
+            "of an app with id %s; never run one on this cluster (or give this app "
+            "another id)",
+            app,
+            shared,
+            other,
+        )
+        return
+    newcomer = app + _FIRST
+    theirs = {
+        f"{newcomer}-sessions.rekeyed",
+        f"{newcomer}-sessions.by-profile",
+        f"{newcomer}-session-ids-changelog",
+        f"{newcomer}-first-sessions-changelog",
+    }
+    if theirs & existing:
+        log.error(
+            "topics of app %s exist on this cluster (%s): its sessions changelog is this "
+            "app's first-sessions changelog, %s-sessions-changelog, and each restores the "
+            "other's records. Stop app %s and give it another id",
+            newcomer,
+            ", ".join(sorted(theirs & existing)),
+            newcomer,
+            newcomer,
+        )
 
 
 async def _refuse_unwritable_creations(

@@ -194,3 +194,25 @@ def test_a_store_set_aside_that_cannot_be_deleted_is_said_and_blocks_nothing(
     monkeypatch.setattr(store_module.shutil, "rmtree", real_rmtree)
     PartitionStore(tmp_path / "sessions" / "3", resources).close()  # removes what is aside
     assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == ["3"]
+
+
+def test_a_file_or_link_with_an_aside_name_blocks_no_delete(
+    tmp_path: Path, resources: RocksDBResources
+) -> None:
+    """Renaming a store's directory onto a file or a link of its aside name
+    failed with ENOTDIR, which was raised: a corrupt store of that partition
+    could never be deleted, its task retried for ever. (A store directory that
+    was itself a link, set aside, leaves such a name.)"""
+    from stream_app.pipeline import store as store_module
+
+    sessions = tmp_path / "sessions"
+    make_store(sessions / "3", resources)
+    (sessions / "3.deleting").write_text("not a directory")
+    assert store_module.set_aside(sessions / "3") == sessions / "3.deleting.1"
+    make_store(sessions / "4", resources)
+    (sessions / "4.deleting").symlink_to(tmp_path / "elsewhere")  # dangling
+    assert store_module.set_aside(sessions / "4") == sessions / "4.deleting.1"
+    for partition in ("3", "4"):
+        for leftover in store_module.aside_of(sessions / partition):
+            store_module.remove_aside(leftover)
+    assert sorted(p.name for p in sessions.iterdir()) == []

@@ -718,15 +718,28 @@ async def test_operator_made_topics_with_one_replica_are_not_the_worker_s_to_war
     assert [r.getMessage() for r in caplog.records if "one replica" in r.getMessage()] == []
 
 
-@pytest.mark.parametrize(("app_id", "other"), [("shop-first", "shop"), ("shop", "shop-first")])
+@pytest.mark.parametrize(
+    "theirs",
+    [["shop-sessions.rekeyed", "shop-sessions.by-profile"], ["shop-session-ids-changelog"]],
+    ids=["running", "changelogs-left"],
+)
 async def test_an_app_id_whose_changelog_is_another_app_s_is_refused(
-    monkeypatch: pytest.MonkeyPatch, app_id: str, other: str
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, theirs: list[str]
 ) -> None:
     """App shop-first's sessions changelog is app shop's first-sessions
     changelog: each restored the other's records into its store, and the
-    compaction and tombstones of one overwrote the other's sessions."""
-    theirs = Settings(app_id=other)
-    existing = [topics_module.rekey_topic(theirs), topics_module.profile_topic(theirs)]
-    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(existing, {}))
-    with pytest.raises(ConfigurationError, match="share the topic shop-first-sessions-changelog"):
-        await topics_module.ensure_topics(Settings(app_id=app_id))
+    compaction and tombstones of one overwrote the other's sessions. The
+    newcomer is refused; shop, there first, is told at ERROR and goes on."""
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(theirs, {}))
+    with pytest.raises(ConfigurationError, match="shares the topic shop-first-sessions-changelog"):
+        await topics_module.ensure_topics(Settings(app_id="shop-first"))
+    newcomer = {"shop-first-sessions.rekeyed", "shop-first-session-ids-changelog"}
+    with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
+        topics_module._refuse_a_shared_changelog(Settings(app_id="shop"), newcomer)
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "Stop app shop-first and give it another id" in error.getMessage()
+    # Alone, an app id ending in -first is warned of.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
+        topics_module._refuse_a_shared_changelog(Settings(app_id="shop-first"), set())
+    assert any("never run one on this cluster" in r.getMessage() for r in caplog.records)
