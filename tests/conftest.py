@@ -3,6 +3,7 @@ so the domain tests run without Java."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import uuid
@@ -30,6 +31,20 @@ def _no_deployment_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("STREAM_APP_") or name == "KAFKA_BOOTSTRAP_SERVERS":
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """The root logger as it was before each test: the CLI's in-process runs
+    configure it (a handler on that test's stderr, INFO), and a later test's
+    logging then depended on the order the tests ran in."""
+    root = logging.getLogger()
+    client = logging.getLogger("aiokafka")
+    saved = (root.handlers[:], root.level, client.level)
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    client.setLevel(saved[2])
 
 
 @pytest.fixture(scope="session")

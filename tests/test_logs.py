@@ -5,7 +5,6 @@ group coordinator that is not ready yet is a warning."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -69,17 +68,6 @@ def test_a_line_whose_message_is_not_text_is_grouped_too() -> None:
     assert not lines.filter(again)
 
 
-@pytest.fixture
-def root_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    client = logging.getLogger("aiokafka")
-    saved = (root.handlers[:], root.level, client.level)
-    yield
-    root.handlers[:], root.level = saved[0], saved[1]
-    client.setLevel(saved[2])
-
-
-@pytest.mark.usefixtures("root_logging")
 def test_configured_logging_holds_back_an_outages_client_lines(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -135,7 +123,6 @@ def test_an_excerpt_shows_a_short_key_whole_and_a_long_one_in_part() -> None:
     assert excerpt(b"k" * 1_000_000) == f"{b'k' * 100!r}... (1000000 bytes)"
 
 
-@pytest.mark.usefixtures("root_logging")
 def test_a_bad_request_line_is_lowered_to_warning_never_raised() -> None:
     configure_logging("ERROR")
     r = _aiohttp_error(LineTooLong("/" + "a" * 9000, "8190"))
@@ -147,7 +134,6 @@ def test_a_bad_request_line_is_lowered_to_warning_never_raised() -> None:
     assert debug.levelno == logging.DEBUG
 
 
-@pytest.mark.usefixtures("root_logging")
 def test_a_coordinator_not_ready_yet_is_a_warning_and_other_lookup_failures_errors(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -165,7 +151,6 @@ def test_a_coordinator_not_ready_yet_is_a_warning_and_other_lookup_failures_erro
     assert "KafkaConnectionError" in lines[1]
 
 
-@pytest.mark.usefixtures("root_logging")
 def test_at_log_level_error_the_client_says_no_warning(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

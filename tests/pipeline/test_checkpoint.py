@@ -380,10 +380,10 @@ async def test_commit_times_each_phase_it_completes(
     assert [phase for phase in PHASES if durations[phase].seen] == list(timed)
     assert all(len(durations[phase].seen) == 1 for phase in timed)
     if failing is None:
+        # The slow call is timed in its own phase (at least its 50 ms sleep);
+        # which phase was slowest is left alone: a loaded machine can stall any.
         slowest = "commit" if exactly_once else "produce"
-        times = {phase: durations[phase].seen[0] for phase in timed}
-        assert times[slowest] >= 0.05
-        assert max(times, key=times.__getitem__) == slowest
+        assert durations[slowest].seen[0] >= 0.05
 
 
 async def test_an_empty_checkpoint_opens_no_transaction_and_commits_once(
