@@ -57,7 +57,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +69,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import aiokafka  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
+from outputs_check import EXPECTED_KINDS, wrong_outputs  # noqa: E402
 from workload import Rec, Workload, generate  # noqa: E402
 
 from stream_app.pipeline.checkpoint import PHASES  # noqa: E402
@@ -202,6 +203,12 @@ class Result:
     logged_first: float | None = None  # FIRST_CONSUMED from the contender's log
     error: str = ""
     notes: list[str] = field(default_factory=list)
+    #: The (key, kind) of every output the contender must write, checked once its
+    #: window has ended; None for the raw loops, which forward duplicates too.
+    kinds: Counter[tuple[bytes, str]] | None = None
+    #: How long to look for outputs past the expected count: longer than the
+    #: contender's commit interval, or a surplus committed later goes unseen.
+    settle_s: float = 1.0
 
     #: (unix time, CPU seconds of the tree), sampled until the first output.
     cpu_samples: list[tuple[float, float]] = field(default_factory=list)
@@ -291,10 +298,15 @@ async def observe(bootstrap: str, topics: list[str], procs: list[subprocess.Pope
 
     tasks = [asyncio.create_task(watch_first()), asyncio.create_task(sample()),
              asyncio.create_task(sample_until_first())]
+    #: Every output read, kept (not parsed) until the window has ended: parsing
+    #: them meanwhile would take CPU from the contender.
+    read: list[tuple[str, bytes | None, bytes | None]] = []
     try:
         progress = time.monotonic()
         while result.outputs < result.expected:
             batches = await reader.getmany(timeout_ms=200)
+            for tp, records in batches.items():
+                read.extend((tp.topic, r.key, r.value) for r in records)
             got = sum(len(records) for records in batches.values())
             now = time.monotonic()
             if got:
@@ -312,14 +324,18 @@ async def observe(bootstrap: str, topics: list[str], procs: list[subprocess.Pope
                 result.error = f"stalled at {result.outputs}/{result.expected} outputs"
                 return
         await tasks[0]
-        # Anything past the expected count is a correctness problem: look briefly.
-        deadline = time.monotonic() + 1.0
+        # Anything past the expected count is a correctness problem: look for it.
+        deadline = time.monotonic() + result.settle_s
         while time.monotonic() < deadline:
             batches = await reader.getmany(timeout_ms=200)
+            for tp, records in batches.items():
+                read.extend((tp.topic, r.key, r.value) for r in records)
             result.outputs += sum(len(records) for records in batches.values())
         if result.outputs != result.expected:
             # A wrong count is a wrong answer: no rate, no ratio.
             result.error = f"{result.outputs} outputs, {result.expected} expected"
+        elif result.kinds is not None:
+            result.error = wrong_outputs(read, topics, result.kinds)
     finally:
         stop.set()
         for task in tasks:
@@ -406,14 +422,13 @@ def worker_env(bootstrap: str, name: str, workdir: Path, guarantee: str, command
                                  "STREAM_APP_LOG_LEVEL": "INFO", **overrides})
 
 
-#: The outputs the workload expects, and only those: a rejection or a reopen
-#: counted in their place would end a window early, and a close rejected
-#: instead of written would pass unseen.
-EXPECTED_KINDS = ("closed", "returned", "cancelled")
-
-
 def expected_topics(d: Deployment) -> list[str]:
     return [getattr(d.topics, kind) for kind in EXPECTED_KINDS]
+
+
+def expected_kinds(work: Workload) -> Counter[tuple[bytes, str]]:
+    """The (key, kind) of every output the workload expects."""
+    return Counter((r.key, r.output) for r in work.records if r.output)
 
 
 async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse.Namespace,
@@ -442,7 +457,9 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
             if not BENCH_PYTHON.exists():
                 print(f"skipping {label}: {BENCH_PYTHON} missing (make bench creates it)")
                 continue
-            result = Result(label, total, work.expected_outputs)
+            # A surplus may be committed a commit interval after the count is reached.
+            result = Result(label, total, work.expected_outputs, kinds=expected_kinds(work),
+                            settle_s=max(1.0, 1.5 * args.quix_commit_interval + 0.5))
             argv = [str(BENCH_PYTHON), "-W", "ignore", str(ROOT / "bench" / "quix_contender.py"),
                     bootstrap, commands, sink, f"{run_id}-{name}", str(workdir / name),
                     "--commit-interval", str(args.quix_commit_interval)]
@@ -451,7 +468,7 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
             guarantee = "at_least_once" if name == "stream-app-alo" else "exactly_once"
             d = worker_env(bootstrap, f"{run_id}-{name}", workdir, guarantee, commands,
                            overrides)
-            result = Result(label, total, work.expected_outputs)
+            result = Result(label, total, work.expected_outputs, kinds=expected_kinds(work))
             argv = [python, "-m", "stream_app", "worker"]
             env, outputs = d.env(), expected_topics(d)
             if name == "engine-quix":
