@@ -22,13 +22,14 @@ def main() -> int:
 
 def remember_signals() -> None:
     """Until the worker's own handlers are in place (its imports take about a
-    second), SIGTERM is noted rather than fatal: the worker then stops at once
-    with exit 0, nothing having started that needs stopping, rather than
-    dying of the signal (143). Noted only: an exception raised wherever the
-    signal finds the process (inside a C extension's start, say) could
-    crash it."""
-    if signal.getsignal(signal.SIGTERM) is not _note:
-        signal.signal(signal.SIGTERM, _note)
+    second), SIGTERM and SIGINT are noted rather than fatal: the worker then
+    stops at once with exit 0, nothing having started that needs stopping,
+    rather than dying of the signal (143), or of a KeyboardInterrupt traceback
+    (130) for a Ctrl-C. Noted only: an exception raised wherever the signal
+    finds the process (inside a C extension's start, say) could crash it."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) is not _note:
+            signal.signal(signum, _note)
 
 
 def _note(signum: int, _frame: object) -> None:

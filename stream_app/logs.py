@@ -165,7 +165,12 @@ class JsonLinesFormatter(logging.Formatter):
         }
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc).decode()
+        try:
+            return json.dumps(doc).decode()
+        except TypeError:  # orjson refuses a lone surrogate (a path, a name not UTF-8)
+            # Before: Python's "--- Logging error ---" block, in place of the line.
+            fixed = {k: v.encode("utf-8", "backslashreplace").decode() for k, v in doc.items()}
+            return json.dumps(fixed).decode()
 
 
 def configure_logging(level: str, fmt: LogFormat = "text") -> None:
@@ -180,5 +185,7 @@ def configure_logging(level: str, fmt: LogFormat = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Python's warnings as log lines too: as JSON, not plain text among JSON lines.
+    logging.captureWarnings(True)
     # The Kafka client's own INFO lines would drown the worker's.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))

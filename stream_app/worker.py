@@ -70,16 +70,22 @@ async def run(settings: Settings, watchdog: list[threading.Timer] | None = None)
     stopping = asyncio.Event()
     engine: Engine | None = None
 
+    def arm_watchdog() -> None:
+        """End the process if the stop outlasts its bound (once)."""
+        if timers:
+            return
+        timer = threading.Timer(settings.shutdown_timeout_s, _give_up, (settings,))
+        timer.daemon = True
+        timer.start()
+        timers.append(timer)
+
     def on_signal(signum: int) -> None:
         if timers:
             return
         log.info(
             "%s: stopping (bound %.0f s)", signal.Signals(signum).name, settings.shutdown_timeout_s
         )
-        timer = threading.Timer(settings.shutdown_timeout_s, _give_up, (settings,))
-        timer.daemon = True
-        timer.start()
-        timers.append(timer)
+        arm_watchdog()
         stopping.set()
         if engine is not None:
             engine.stop()
@@ -101,6 +107,8 @@ async def run(settings: Settings, watchdog: list[threading.Timer] | None = None)
             check_session_limit(settings, layout)
             check_retention(settings, layout)
             engine = Engine(settings, layout, registry)
+            # A stop the engine begins itself (a failure) is bounded as a signalled one.
+            engine.on_stopping = arm_watchdog
             engine.check_local_state()
         except ConfigurationError as exc:
             log.error("configuration error: %s", exc)  # noqa: TRY400
@@ -212,6 +220,8 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
             return attempt.result()
         except (KafkaError, OSError) as exc:
             why = await _refusal(settings, stopping)
+            if stopping.is_set():  # told to stop during the probe: no "retrying" line
+                return None
             if why is not None:
                 # Credentials or certificates: a retry would meet the same answer.
                 raise ConfigurationError(

@@ -45,6 +45,7 @@ def _root_logging_restored() -> Iterator[None]:
     root.handlers[:] = saved[0]
     root.setLevel(saved[1])
     client.setLevel(saved[2])
+    logging.captureWarnings(False)  # configure_logging routes warnings to it
 
 
 @pytest.fixture(scope="session")

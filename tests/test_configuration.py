@@ -438,16 +438,18 @@ def test_sigterm_before_the_worker_runs_is_noted_and_stops_it_at_once(
 
     def starting(settings: object) -> int:
         os.kill(os.getpid(), signal.SIGTERM)  # noted, not fatal
+        os.kill(os.getpid(), signal.SIGINT)  # noted too: was a KeyboardInterrupt traceback
         return 0
 
     before = signal.signal(signal.SIGTERM, not_handled)  # rather than pytest dying of it
+    before_int = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(console, "early_signals", [])
     monkeypatch.setattr(cli, "run_worker", starting)
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", CLOSED_PORT)
     monkeypatch.setattr(sys, "argv", ["stream-app", "worker"])
     try:
         assert console.main() == 0
-        assert console.early_signals == [signal.SIGTERM]
+        assert console.early_signals == [signal.SIGTERM, signal.SIGINT]
         settings = Settings(bootstrap_servers=CLOSED_PORT, data_dir=tmp_path, http_port=0)
         assert asyncio.run(asyncio.wait_for(worker.run(settings), 20)) == 0
         # Its stop's watchdog ended with it: left running, it would end the
@@ -462,6 +464,7 @@ def test_sigterm_before_the_worker_runs_is_noted_and_stops_it_at_once(
         assert not [t for t in watchdogs if t.is_alive()]
     finally:
         signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGINT, before_int)
 
 
 def test_an_encrypted_tls_key_is_one_line_not_a_passphrase_prompt(tmp_path: Path) -> None:

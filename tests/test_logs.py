@@ -162,3 +162,24 @@ def test_at_log_level_error_the_client_says_no_warning(
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert "KafkaConnectionError" in lines[0]
+
+
+def test_json_lines_hold_what_orjson_refuses_and_python_s_warnings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A lone surrogate (a path or name that is not UTF-8) made orjson refuse
+    the record: Python's '--- Logging error ---' block in its place, the
+    exception's traceback lost. warnings.warn wrote plain text among the JSON."""
+    import json
+    import warnings
+
+    configure_logging("INFO", "json")
+    logging.getLogger("stream_app.test").error("cannot read %s", "/etc/r\udce9glages.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("something old", DeprecationWarning, stacklevel=1)
+    lines = capsys.readouterr().err.splitlines()
+    docs = [json.loads(line) for line in lines]  # every line one JSON object
+    assert docs[0]["message"] == "cannot read /etc/r\\udce9glages.json"
+    assert "something old" in docs[1]["message"]
+    assert docs[1]["logger"] == "py.warnings"

@@ -231,6 +231,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         #: Whether the last look found the worker cut off (_note_unheard).
         self._cut_off = False
         self._consumer: AIOKafkaConsumer | None = None
+        #: Called once, when the engine begins to stop for any reason.
+        self.on_stopping: Callable[[], None] | None = None
         #: False when the stop could not reach Kafka (see :meth:`_close`).
         self.stopped_cleanly = True
         #: The first fault that stopped the worker (see :meth:`_fail`); :meth:`run`
@@ -529,9 +531,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     # -- running ---------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask the loop to finish the current batch, commit and stop, all within
-        ``shutdown_timeout_s`` from now (see :meth:`_leave`)."""
+        ``shutdown_timeout_s`` from now (see :meth:`_leave`). The first call
+        calls :attr:`on_stopping` (the worker arms its watchdog there)."""
         if not self._stopping.is_set():
             self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
+            if self.on_stopping is not None:
+                self.on_stopping()
         self._stopping.set()
         if self._polling is not None:
             self._polling.cancel()
@@ -673,6 +678,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         finally:
             watching.cancel()
             flushing.cancel()
+            # Stopping, whatever ended the loop: a failure raised from a poll
+            # left the final commits and the leave unbounded, and the worker
+            # ready, with no watchdog (armed only on a signal) to end a hang.
+            self.stop()
             await self._close(consumer)
 
     async def _name_the_corrupt_batch(

@@ -18,6 +18,7 @@ from aiokafka.errors import (
     GroupAuthorizationFailedError,
     IllegalStateError,
     KafkaConnectionError,
+    KafkaTimeoutError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
     UnknownTopicOrPartitionError,
@@ -99,6 +100,48 @@ async def test_the_group_consumer_waits_out_a_joingroup_the_broker_holds(
     [options] = made
     assert options["session_timeout_ms"] == session_timeout_s * 1000
     assert options["request_timeout_ms"] == request_timeout_ms
+
+
+async def test_a_failing_poll_stops_the_engine_as_a_signal_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure raised from a poll closed the engine without stopping it:
+    its last commits and its leave had no bound, the worker's watchdog (armed
+    only on a signal) could not end a hang, and /readyz could still say ready."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+
+    class Consumer:
+        def __init__(self, **options: Any) -> None:
+            pass
+
+        async def start(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+        async def topics(self) -> set[str]:
+            return set(engine.input_topics)
+
+        def subscribe(self, topics: list[str], listener: object) -> None:
+            pass
+
+        def unsubscribe(self) -> None:
+            pass
+
+        async def getmany(self, timeout_ms: int, max_records: int) -> dict[Any, Any]:
+            raise KafkaTimeoutError("no broker answers")
+
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", Consumer)
+    stopping: list[bool] = []
+    engine.on_stopping = lambda: stopping.append(engine._stopping.is_set())
+    with pytest.raises(KafkaTimeoutError):
+        await engine._consume()
+    assert stopping == [False]  # called once, as the stop began
+    assert engine._stopping.is_set()
+    engine.stop()  # again: no second call
+    assert stopping == [False]
 
 
 def test_state_built_for_another_partition_count_is_refused(tmp_path: Path) -> None:
