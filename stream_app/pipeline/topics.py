@@ -153,22 +153,19 @@ def _refuse_a_shared_changelog(settings: Settings, existing: set[str]) -> None:
     run for long, is told at ERROR and goes on: refusing it would stop a
     deployment that was there first."""
     app = settings.app_id
-    if app.endswith(_FIRST):
-        other = app.removesuffix(_FIRST)
-        theirs = {
-            f"{other}-sessions.rekeyed",
-            f"{other}-sessions.by-profile",
-            f"{other}-sessions-changelog",
-            f"{other}-session-ids-changelog",
-        }
-        shared = f"{app}-sessions-changelog"
-        if theirs & existing:
-            raise ConfigurationError(
-                f"app id {app} shares the topic {shared} with app {other} (its "
-                f"first-sessions changelog), whose topics exist on this cluster "
-                f"({', '.join(sorted(theirs & existing))}): give this app another id "
-                "(STREAM_APP_APP_ID)"
-            )
+    newcomer = app.endswith(_FIRST)
+    other = app.removesuffix(_FIRST) if newcomer else app + _FIRST
+    first = settings.model_copy(update={"app_id": other if newcomer else app})
+    shared = changelog_topic(first, FIRST_SESSIONS_STORE)
+    theirs = set(internal_topics(settings.model_copy(update={"app_id": other}))) - {shared}
+    found = ", ".join(sorted(theirs & existing))
+    if newcomer and found:
+        raise ConfigurationError(
+            f"app id {app} shares the topic {shared} with app {other} (its "
+            f"first-sessions changelog), whose topics exist on this cluster "
+            f"({found}): give this app another id (STREAM_APP_APP_ID)"
+        )
+    if newcomer:
         log.warning(
             "app id %s: its sessions changelog %s is also the first-sessions changelog "
             "of an app with id %s; never run one on this cluster (or give this app "
@@ -177,23 +174,15 @@ def _refuse_a_shared_changelog(settings: Settings, existing: set[str]) -> None:
             shared,
             other,
         )
-        return
-    newcomer = app + _FIRST
-    theirs = {
-        f"{newcomer}-sessions.rekeyed",
-        f"{newcomer}-sessions.by-profile",
-        f"{newcomer}-session-ids-changelog",
-        f"{newcomer}-first-sessions-changelog",
-    }
-    if theirs & existing:
+    elif found:
         log.error(
             "topics of app %s exist on this cluster (%s): its sessions changelog is this "
-            "app's first-sessions changelog, %s-sessions-changelog, and each restores the "
-            "other's records. Stop app %s and give it another id",
-            newcomer,
-            ", ".join(sorted(theirs & existing)),
-            newcomer,
-            newcomer,
+            "app's first-sessions changelog, %s, and each restores the other's records. "
+            "Stop app %s and give it another id",
+            other,
+            found,
+            shared,
+            other,
         )
 
 
@@ -423,10 +412,6 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
             if replicas.get(name) == 1 and (name not in read_only or name in created)
         ]
         brokers = await _brokers(admin) if single else 0
-        # A topic just created and not known yet to the broker that answers
-        # DescribeConfigs has the broker's min.insync.replicas, which
-        # _refuse_unwritable_creations checked before creating it.
-        insync = {name: configs.get(name, {}).get("min.insync.replicas", "") for name in names}
     finally:
         await admin.close()
     if created:
@@ -467,7 +452,10 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
         have = replicas.get(name)  # 0 or None: the answer named none, nothing to go on
         if not have and name in created:  # not shown yet by the broker that answered
             have = settings.replication_factor
-        needed = insync[name]
+        # A topic just created and not known yet to the broker that answers
+        # DescribeConfigs has the broker's min.insync.replicas, which
+        # _refuse_unwritable_creations checked before creating it.
+        needed = configs.get(name, {}).get("min.insync.replicas", "")
         if have and needed.isdigit() and int(needed) > have:
             plural = "s" if have != 1 else ""
             problem = f"{name} ({have} replica{plural}, min.insync.replicas={needed})"
