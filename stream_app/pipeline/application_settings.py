@@ -20,7 +20,6 @@ from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import (
-    CorruptRecordException,
     KafkaConnectionError,
     KafkaTimeoutError,
     NodeNotReadyError,
@@ -33,7 +32,7 @@ from stream_app.domain.decoding import INT32_MAX
 from stream_app.errors import ConfigurationError
 from stream_app.logs import excerpt
 from stream_app.pipeline.kafka import client_options, partition_count
-from stream_app.pipeline.unreadable import UNREADABLE, read_past, undecodable_header
+from stream_app.pipeline.unreadable import MAYBE_UNREADABLE, can_read_past, read_past
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -209,11 +208,8 @@ async def _follow(
                 ready.set()
             try:
                 batches = await consumer.getmany(timeout_ms=200)
-            except UNREADABLE:
-                await _read_past_the_client(consumer, applied, registry, client_options(settings))
-                continue
-            except CorruptRecordException as exc:
-                if not undecodable_header(exc):
+            except MAYBE_UNREADABLE as exc:
+                if not can_read_past(exc):
                     raise
                 await _read_past_the_client(consumer, applied, registry, client_options(settings))
                 continue

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-from aiokafka.errors import CorruptRecordException, IllegalStateError, KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import TopicPartition
 
 from stream_app import json
@@ -86,10 +86,10 @@ from stream_app.pipeline.topics import (
     rekey_topic,
 )
 from stream_app.pipeline.unreadable import (
-    UNREADABLE,
+    MAYBE_UNREADABLE,
     RecordBatchError,
+    can_read_past,
     read_past,
-    undecodable_header,
 )
 from stream_app.settings import Settings
 
@@ -628,11 +628,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 rebalances = self._rebalances
                 try:
                     batches = await self._poll(consumer, poll_ms)
-                except UNREADABLE as exc:
-                    await self._read_past_and_commit(consumer, exc, rebalances)
-                    continue
-                except CorruptRecordException as exc:
-                    if not undecodable_header(exc):
+                except MAYBE_UNREADABLE as exc:
+                    if not can_read_past(exc):
                         await self._name_the_corrupt_batch(consumer, exc)
                         raise
                     await self._read_past_and_commit(consumer, exc, rebalances)
@@ -684,9 +681,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             self.stop()
             await self._close(consumer)
 
-    async def _name_the_corrupt_batch(
-        self, consumer: AIOKafkaConsumer, exc: CorruptRecordException
-    ) -> None:
+    async def _name_the_corrupt_batch(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
         """Say where the batch is that no client can read (its CRC does not
         match): aiokafka names its partition only, and leaves the position
         there, the offset an operator needs to decide what to do."""

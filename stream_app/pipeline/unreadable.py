@@ -90,6 +90,18 @@ log = logging.getLogger(__name__)
 UNREADABLE: Final = (UnicodeDecodeError, RecordTooLargeError)
 
 
+#: What ``getmany`` raises that may be a record a raw read passes (see
+#: :func:`can_read_past`): UNREADABLE, and ``CorruptRecordException``.
+MAYBE_UNREADABLE: Final = (*UNREADABLE, CorruptRecordException)
+
+
+def can_read_past(exc: BaseException) -> bool:
+    """Whether a raw read passes what ``getmany`` raised: any of UNREADABLE,
+    and a header name aiokafka's pure-Python reader calls corrupt
+    (:func:`undecodable_header`); not a batch whose CRC is wrong."""
+    return isinstance(exc, UNREADABLE) or undecodable_header(exc)
+
+
 def undecodable_header(exc: BaseException) -> bool:
     """Whether ``exc`` is how aiokafka's pure-Python reader (used when its C
     extension cannot load) reports a header name that is not UTF-8: a
