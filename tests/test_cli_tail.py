@@ -243,8 +243,9 @@ def test_watch_refused_by_kafka_exits_2(
     other, exit 1, where every other command says exit 2."""
     from stream_app.pipeline import kafka
 
-    async def refused(options: object) -> str:
-        return "Kafka at k:9092 refuses this client: SaslAuthenticationFailed: no"
+    async def refused(options: object) -> kafka.Unreachable:
+        why = "Kafka at k:9092 refuses this client: SaslAuthenticationFailed: no"
+        return kafka.Unreachable(why, refused=True)
 
     monkeypatch.setattr(kafka, "unreachable", refused)
     assert cli.main(["watch", "--seconds", "1"]) == cli.EXIT_USAGE

@@ -137,7 +137,7 @@ async def watch(
     from aiokafka import AIOKafkaConsumer
     from aiokafka.errors import TopicAuthorizationFailedError
 
-    from stream_app.pipeline.kafka import client_options, unreachable
+    from stream_app.pipeline.kafka import Unreachable, client_options, unreachable
 
     t = settings.topics
     topics = {kind: _Topic(kind, getattr(t, kind)) for kind in OUTPUT_KINDS}
@@ -161,9 +161,11 @@ async def watch(
     try:  # a broker that accepts connections and never answers: 40 s per probe
         problem = await asyncio.wait_for(unreachable(options), timeout=seconds)
     except TimeoutError:
-        problem = f"Kafka at {settings.bootstrap_servers} did not answer within {seconds:.0f}s"
+        problem = Unreachable(
+            f"Kafka at {settings.bootstrap_servers} did not answer within {seconds:.0f}s"
+        )
     if problem is not None:
-        return result(problem, refused=" refuses this client: " in problem)
+        return result(problem.why, refused=problem.refused)
     out(f"watching {', '.join(by_name)} (read_committed) for at most {seconds:.0f}s")
     try:
         partitions = await wait_for_partitions(options, list(by_name), deadline)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from stream_app.errors import ConfigurationError
 from stream_app.settings import Settings
@@ -122,7 +122,15 @@ async def partition_count(options: dict[str, Any], topic: str) -> int:
     return 0
 
 
-async def unreachable(options: dict[str, Any]) -> str | None:
+class Unreachable(NamedTuple):
+    """Why the brokers cannot be reached, and whether they refuse this client
+    (credentials, certificates: no retry mends it) rather than not answer."""
+
+    why: str
+    refused: bool = False
+
+
+async def unreachable(options: dict[str, Any]) -> Unreachable | None:
     """Why the brokers in ``options`` cannot be reached; None when they answer."""
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
@@ -134,8 +142,8 @@ async def unreachable(options: dict[str, Any]) -> str | None:
         servers = options.get("bootstrap_servers")
         why = await refusal(options)
         if why is not None:
-            return f"Kafka at {servers} refuses this client: {why}"
-        return f"Kafka at {servers} is not reachable ({type(exc).__name__})"
+            return Unreachable(f"Kafka at {servers} refuses this client: {why}", refused=True)
+        return Unreachable(f"Kafka at {servers} is not reachable ({type(exc).__name__})")
     await admin.close()
     return None
 
