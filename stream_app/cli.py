@@ -99,7 +99,7 @@ def package_version() -> str:
 
 
 def run_worker(settings: Settings) -> int:
-    """Run one worker until SIGTERM or SIGINT, then stop within ``shutdown_timeout_s``."""
+    """Run one worker until SIGTERM, SIGINT or SIGHUP, then stop within ``shutdown_timeout_s``."""
     import threading
 
     from stream_app.worker import run

@@ -6,6 +6,13 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import Final
+
+#: The signals that stop a worker cleanly. SIGHUP too: the terminal of a
+#: worker run in the foreground closed (an ssh session ended), where Python's
+#: default ended it with no commit; a JVM (Kafka Streams) runs its shutdown
+#: hooks on it. SIGQUIT keeps its default, a core dump asked for.
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 #: Signals that came before the worker's own handlers were in place; the
 #: worker acts on them as soon as they are (stream_app.worker.run).
@@ -22,12 +29,12 @@ def main() -> int:
 
 def remember_signals() -> None:
     """Until the worker's own handlers are in place (its imports take about a
-    second), SIGTERM and SIGINT are noted rather than fatal: the worker then
+    second), the stop signals are noted rather than fatal: the worker then
     stops at once with exit 0, nothing having started that needs stopping,
     rather than dying of the signal (143), or of a KeyboardInterrupt traceback
     (130) for a Ctrl-C. Noted only: an exception raised wherever the signal
     finds the process (inside a C extension's start, say) could crash it."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         if signal.getsignal(signum) is not _note:
             signal.signal(signum, _note)
 

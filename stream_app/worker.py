@@ -1,6 +1,6 @@
 """``stream-app worker``: topics, engine, signals and the bounded stop.
 
-Exit codes: 0 after a clean stop (SIGTERM or SIGINT); 1 when the stop did not
+Exit codes: 0 after a clean stop (SIGTERM, SIGINT or SIGHUP); 1 when the stop did not
 finish within ``shutdown_timeout_s`` (the broker is gone, say) or the engine
 failed; 2 for a configuration error. Each of these ends with one clear line.
 """
@@ -92,7 +92,7 @@ async def run(settings: Settings, watchdog: list[threading.Timer] | None = None)
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_fences)
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in console.STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     if console.early_signals:  # a SIGTERM before these handlers: stop now
         on_signal(console.early_signals[0])

@@ -299,6 +299,21 @@ def test_a_worker_waiting_on_a_broker_that_never_answers_stops_at_once(tmp_path:
     assert code == 0, output
 
 
+def test_a_closed_terminal_stops_a_worker_cleanly(tmp_path: Path) -> None:
+    """SIGHUP (the terminal of a worker run in the foreground closed) killed
+    it, with no commit, as Python's default does; it stops as on SIGTERM."""
+    code, output = signalled(
+        ["worker"],
+        {"KAFKA_BOOTSTRAP_SERVERS": CLOSED_PORT, "STREAM_APP_HTTP_PORT": "0"},
+        tmp_path,
+        signal.SIGHUP,
+        after=3,  # its handlers in place, waiting for Kafka
+    )
+    assert "SIGHUP: stopping" in output, output
+    assert "Traceback" not in output
+    assert code == 0, output
+
+
 @pytest.mark.parametrize(
     ("command", "expected"),
     # tail stops cleanly on Ctrl-C, as it promises, even before it is connected
@@ -439,17 +454,19 @@ def test_sigterm_before_the_worker_runs_is_noted_and_stops_it_at_once(
     def starting(settings: object) -> int:
         os.kill(os.getpid(), signal.SIGTERM)  # noted, not fatal
         os.kill(os.getpid(), signal.SIGINT)  # noted too: was a KeyboardInterrupt traceback
+        os.kill(os.getpid(), signal.SIGHUP)  # and a closed terminal's
         return 0
 
     before = signal.signal(signal.SIGTERM, not_handled)  # rather than pytest dying of it
     before_int = signal.getsignal(signal.SIGINT)
+    before_hup = signal.getsignal(signal.SIGHUP)
     monkeypatch.setattr(console, "early_signals", [])
     monkeypatch.setattr(cli, "run_worker", starting)
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", CLOSED_PORT)
     monkeypatch.setattr(sys, "argv", ["stream-app", "worker"])
     try:
         assert console.main() == 0
-        assert console.early_signals == [signal.SIGTERM, signal.SIGINT]
+        assert console.early_signals == [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
         settings = Settings(bootstrap_servers=CLOSED_PORT, data_dir=tmp_path, http_port=0)
         assert asyncio.run(asyncio.wait_for(worker.run(settings), 20)) == 0
         # Its stop's watchdog ended with it: left running, it would end the
@@ -465,6 +482,7 @@ def test_sigterm_before_the_worker_runs_is_noted_and_stops_it_at_once(
     finally:
         signal.signal(signal.SIGTERM, before)
         signal.signal(signal.SIGINT, before_int)
+        signal.signal(signal.SIGHUP, before_hup)
 
 
 def test_an_encrypted_tls_key_is_one_line_not_a_passphrase_prompt(tmp_path: Path) -> None:
