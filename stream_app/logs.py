@@ -4,7 +4,8 @@ JSON lines carry ``time``, ``level``, ``logger`` and ``message`` (and
 ``exception`` when there is one). Nothing the worker logs contains a secret:
 settings are never logged whole (``stream-app config`` masks them).
 
-The Kafka client's warnings and errors are let through once per
+The Kafka client logs its warnings and errors, and at ``DEBUG`` everything.
+Its warnings and errors are let through once per
 :data:`CLIENT_REPEAT_WINDOW_S` for each kind of line (see
 :class:`RepeatedClientLines`): while a broker is down, each of a worker's
 clients retries every 100 ms and aiokafka logs every attempt.
@@ -62,7 +63,7 @@ class RepeatedClientLines(logging.Filter):
             record.name != "aiokafka"
             and not record.name.startswith("aiokafka.")
             and not getattr(record, BadHttpRequests.MARK, False)
-        ):
+        ) or record.levelno < logging.WARNING:  # the client's INFO and DEBUG come only at DEBUG
             return True
         template = record.msg if isinstance(record.msg, str) else repr(type(record.msg))
         kind = (record.name, record.levelno, template)
@@ -187,5 +188,7 @@ def configure_logging(level: str, fmt: LogFormat = "text") -> None:
     root.setLevel(level)
     # Python's warnings as log lines too: as JSON, not plain text among JSON lines.
     logging.captureWarnings(True)
-    # The Kafka client's own INFO lines would drown the worker's.
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    # The Kafka client's own INFO lines would drown the worker's; at DEBUG,
+    # asked for to see into the client too, they are let through.
+    client = root.level if root.level <= logging.DEBUG else max(logging.WARNING, root.level)
+    logging.getLogger("aiokafka").setLevel(client)

@@ -183,3 +183,19 @@ def test_json_lines_hold_what_orjson_refuses_and_python_s_warnings(
     assert docs[0]["message"] == "cannot read /etc/r\\udce9glages.json"
     assert "something old" in docs[1]["message"]
     assert docs[1]["logger"] == "py.warnings"
+
+
+def test_at_log_level_debug_the_client_says_everything(capsys: pytest.CaptureFixture[str]) -> None:
+    """STREAM_APP_LOG_LEVEL=DEBUG, set to see what the Kafka client does,
+    left aiokafka at WARNING; its DEBUG lines, many alike, are not held back."""
+    configure_logging("DEBUG")
+    fetcher = logging.getLogger("aiokafka.consumer.fetcher")
+    for offset in range(3):
+        fetcher.debug("Fetch offset %s is out of range", offset)
+    fetcher.info("Fetch offset %s reset", 3)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4, lines
+    assert " DEBUG aiokafka.consumer.fetcher: Fetch offset 2 is out of range" in lines[2]
+    configure_logging("INFO")
+    fetcher.info("Fetch offset %s reset", 4)
+    assert capsys.readouterr().err == ""
