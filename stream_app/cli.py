@@ -29,7 +29,7 @@ from typing import Any, Final, NamedTuple, TextIO
 from stream_app.console import remember_signals
 from stream_app.errors import ConfigurationError
 from stream_app.logs import configure_logging
-from stream_app.settings import Settings
+from stream_app.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
 
@@ -1348,7 +1348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except ConfigurationError as exc:
-        print(f"stream-app: configuration error: {exc}", file=sys.stderr)
+        if args.command == "worker" and _json_logs_asked():
+            # One JSON line among the worker's others, for a log pipeline that
+            # parses them (the worker's later configuration errors are logged).
+            configure_logging("INFO", "json")
+            logging.getLogger("stream_app.worker").error("configuration error: %s", exc)  # noqa: TRY400 - one line
+        else:
+            print(f"stream-app: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         code = _run(settings, args)
@@ -1365,6 +1371,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # failure that could not be said is still a failure.
         return 0 if gone else EXIT_FAILED
     return code
+
+
+def _json_logs_asked() -> bool:
+    """Whether the environment asks for JSON logs, whatever else is wrong in it."""
+    return any(
+        name.upper() == f"{ENV_PREFIX}LOG_FORMAT" and value.strip().lower() == "json"
+        for name, value in os.environ.items()
+    )
 
 
 def _reader_gone(stream: TextIO) -> bool:

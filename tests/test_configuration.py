@@ -7,6 +7,7 @@ closed port, so a broker call would only show up as retries)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import select
@@ -56,6 +57,26 @@ def silent_broker() -> Iterator[str]:
         yield f"127.0.0.1:{silent.getsockname()[1]}"
     finally:
         silent.close()
+
+
+def test_a_configuration_mistake_is_a_json_line_when_json_logs_are_asked(tmp_path: Path) -> None:
+    """A worker asked for JSON logs printed a configuration mistake at start
+    as plain text, which a log pipeline parsing JSON lines drops or flags;
+    its later configuration errors were JSON lines already."""
+    env = {"stream_app_log_format": "JSON", "STREAM_APP_PARTITIONS": "abc"}
+    code, output = run(["worker"], env, tmp_path)
+    assert code == 2, output
+    doc = json.loads(one_line(output))
+    assert doc["level"] == "ERROR"
+    assert doc["logger"] == "stream_app.worker"
+    assert doc["message"].startswith("configuration error: STREAM_APP_PARTITIONS=abc: Input")
+    # What prints the settings, and a format that is itself the mistake, stay text.
+    code, output = run(["config"], env, tmp_path)
+    assert code == 2
+    assert one_line(output).startswith("stream-app: configuration error: STREAM_APP_PARTITIONS")
+    code, output = run(["worker"], {"STREAM_APP_LOG_FORMAT": "jsn"}, tmp_path)
+    assert code == 2
+    assert one_line(output).startswith("stream-app: configuration error: STREAM_APP_LOG_FORMAT")
 
 
 def signalled(
