@@ -257,6 +257,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.restore_remaining: dict[str, int] = {}
         self._joined = False
         self._rebalancing = False
+        #: Whether it owned a task when it began to stop (see :meth:`_leave`).
+        self._owned_at_stop = True
         #: Rebalances begun (revocations), for what was decided before one.
         self._rebalances = 0
         #: Tasks restarted after a failure (a commit that failed, a fence, an error).
@@ -887,6 +889,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             starter.cancel()
         await asyncio.gather(*starters, return_exceptions=True)
         async with self._lock:
+            self._owned_at_stop = bool(self._tasks)
             await self._commit(due_only=False)
             for task in list(self._tasks.values()):
                 await self._drop(task)
@@ -917,8 +920,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         was killed, ``session_timeout_s`` (30 s) later. A worker in a
         rebalance owns no task, so nothing of it is uncommitted: it waits
         until just before its bound, then stops without leaving (the group
-        drops it after the session timeout). One that owned tasks until the
-        stop and cannot leave in time has lost Kafka: its stop is not clean."""
+        drops it after the session timeout), as does one that owned none (more
+        workers than partitions) when Kafka is gone. One that owned tasks until
+        the stop and cannot leave in time has lost Kafka: its stop is not clean."""
         if self._stop_deadline is None:
             await consumer.stop()
             return
@@ -926,7 +930,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             await asyncio.wait_for(consumer.stop(), max(left, 0.0))
         except TimeoutError:
-            if self._joined and not self._rebalancing:
+            if self._joined and not self._rebalancing and self._owned_at_stop:
                 raise  # a TimeoutError is an OSError: reported by _close
             log.warning(
                 "could not leave the group in time: it is rebalancing (a worker that "

@@ -584,6 +584,26 @@ class _NeverLeaves:
         await asyncio.Event().wait()
 
 
+async def test_a_worker_that_owns_no_task_stops_cleanly_when_kafka_is_gone(
+    tmp_path: Path,
+) -> None:
+    """A worker of a group with more workers than partitions, stopped while
+    the broker was down, exited 1 ("Kafka could not be reached to confirm
+    it"), though nothing of it was uncommitted. One that owned a task did
+    lose Kafka with its transactions: its stop is not clean."""
+    for owned in (False, True):
+        engine = Engine(Settings(data_dir=tmp_path / str(owned)), TopicLayout(1, 1_048_588))
+        engine._joined = True
+        task = _FencedTask(engine.settings.topics.commands)
+        task.checkpoint = None  # its transaction committed: nothing open
+        if owned:
+            _owning(engine, task)
+        engine._stop_deadline = time.monotonic()
+        await engine._close(_NeverLeaves())  # type: ignore[arg-type]
+        assert engine.stopped_cleanly is not owned
+        assert task.closed is owned
+
+
 async def test_the_worker_joins_once_the_broker_shows_its_input_topics(tmp_path: Path) -> None:
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
     everything = set(engine.input_topics)
