@@ -616,7 +616,6 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         except BaseException:  # failed or cancelled: leave no connection open
             await consumer.stop()
             raise
-        poll_ms = max(1, int(s.checkpoint_interval_s * 1000))
         last_metrics = passed_at = counted_at = time.monotonic()
         consumed_any = False
         # Beside the loop: in an outage the loop waits on the commit round.
@@ -629,7 +628,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 # take the lock before the pass below.
                 rebalances = self._rebalances
                 try:
-                    batches = await self._poll(consumer, poll_ms)
+                    batches = await self._poll(consumer, self._poll_ms(time.monotonic()))
                 except MAYBE_UNREADABLE as exc:
                     if not can_read_past(exc):
                         await self._name_the_corrupt_batch(consumer, exc)
@@ -857,6 +856,19 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             purging.cancel()
             await asyncio.gather(purging, return_exceptions=True)
         await self.purger.close()
+
+    def _poll_ms(self, now: float) -> int:
+        """How long a poll may wait for records: the checkpoint interval, or
+        until the first open transaction falls due. A poll of a whole interval
+        begun just before one fell due committed it almost two intervals after
+        it opened (at an interval of 30 s or more, past the broker's timeout of
+        the transaction), and held a quiet stream's outputs back as long."""
+        wait = self.settings.checkpoint_interval_s
+        for task in self._tasks.values():
+            due = task.commit_due_in(now) if task.active else None
+            if due is not None and due < wait:
+                wait = due
+        return max(1, int(wait * 1000))
 
     async def _poll(
         self, consumer: AIOKafkaConsumer, timeout_ms: int

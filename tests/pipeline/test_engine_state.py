@@ -36,7 +36,7 @@ from stream_app.pipeline.checkpoint import (
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import Limits
 from stream_app.pipeline.store import RocksDBResources
-from stream_app.pipeline.tasks import Stage, Task, TaskId
+from stream_app.pipeline.tasks import Stage, Task, TaskId, transaction_timeout_ms
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.settings import RocksDBSettings, Settings
 from tests.pipeline.fakes import PartitionCounts
@@ -1393,3 +1393,52 @@ async def test_quiet_stores_are_flushed_beside_the_loop_and_a_failure_stops_noth
     assert [r.getMessage() for r in caplog.records] == [
         "flushing the stores not written lately failed"
     ]
+
+
+class _OpenTransaction:
+    closed = False
+
+
+def test_a_poll_waits_no_longer_than_the_first_open_transaction_has_left(
+    tmp_path: Path,
+) -> None:
+    """A poll of a whole checkpoint interval, begun just before a transaction
+    fell due, committed it almost two intervals after it opened: at an
+    interval of 30 s or more, past the broker's transaction timeout (60 s),
+    which aborted it."""
+    settings = Settings(data_dir=tmp_path, checkpoint_interval_s=30)
+    engine = Engine(settings, TopicLayout(2, 1_048_588))
+    tasks = []
+    for partition in (0, 1):
+        stage = Stage("commands", (settings.topics.commands,), (), build=lambda *_: None)  # type: ignore[arg-type,return-value]
+        task = Task(
+            stage,
+            partition,
+            settings=settings,
+            changelogs={},
+            state_dir=tmp_path,
+            resources=RocksDBResources(RocksDBSettings()),
+            commit_offsets=lambda _offsets: None,
+            limits=Limits(),
+            max_record_bytes=1_048_588,
+        )
+        task.active = True
+        tasks.append(task)
+    _owning(engine, *tasks)
+    assert engine._poll_ms(1000.0) == 30_000  # no transaction open
+    tasks[0].checkpoint = _OpenTransaction()  # type: ignore[assignment]
+    tasks[0]._opened_at = 1000.0
+    tasks[1].checkpoint = _OpenTransaction()  # type: ignore[assignment]
+    tasks[1]._opened_at = 1010.0
+    assert engine._poll_ms(1029.0) == 1_000  # the first falls due at 1030
+    assert engine._poll_ms(1031.0) == 1  # due: the loop commits it after this poll
+    tasks[0].checkpoint.closed = True  # sealed, in a commit round
+    assert engine._poll_ms(1031.0) == 9_000
+    tasks[1].active = False  # a task restoring takes no record
+    assert engine._poll_ms(1031.0) == 30_000
+
+
+def test_the_transaction_timeout_outlasts_a_long_checkpoint_interval() -> None:
+    assert transaction_timeout_ms(Settings()) == 60_000  # aiokafka's default
+    assert transaction_timeout_ms(Settings(checkpoint_interval_s=15)) == 60_000
+    assert transaction_timeout_ms(Settings(checkpoint_interval_s=60)) == 150_000
