@@ -453,6 +453,7 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
     """Check a command with the client and send it (or only print it, ``--dry-run``)."""
     from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
+    from stream_app import json
     from stream_app.client import (
         CommandRejectedError,
         CommandTopicMissingError,
@@ -467,6 +468,12 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
     command.setdefault("eventId", None)
     if command["eventId"] is None:
         command["eventId"] = new_event_id()
+    # How to send it again with the same eventId, as it was given.
+    same_id = (
+        f"--event-id {command['eventId']}"
+        if args.type is not None
+        else f'"eventId": {json.dumps(command["eventId"]).decode()} in the document'
+    )
     sending = False  # set once connected: from then on the command may go out
     try:
         # Checked before connecting: a mistake needs no broker to be found.
@@ -495,7 +502,7 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
     except KeyboardInterrupt:
         print(
             "stream-app send: interrupted; the command may have been sent: to send it "
-            f"again without a second effect, use its eventId {command['eventId']}",
+            f"again without a second effect, give it its eventId: {same_id}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -518,7 +525,7 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
         if not sending:  # connecting failed: nothing went out
             print(
                 f"stream-app send: not sent to Kafka at {settings.bootstrap_servers}: "
-                f"{exc!r}; retry with the same eventId {command['eventId']}",
+                f"{exc!r}; retry with the same eventId: {same_id}",
                 file=sys.stderr,
             )
             return EXIT_FAILED
@@ -527,8 +534,7 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
         print(
             f"stream-app send: the command may have been sent to Kafka at "
             f"{settings.bootstrap_servers}: {exc!r}; to send it again without a second "
-            f'effect, use its eventId {command["eventId"]} (--event-id, or "eventId" in '
-            "the document)",
+            f"effect, give it its eventId: {same_id}",
             file=sys.stderr,
         )
         return EXIT_FAILED

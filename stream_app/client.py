@@ -32,8 +32,9 @@ What the client guarantees:
 * **Idempotent retries.** Every command carries an ``eventId``: yours, or a
   random one generated when the command is built. The producer is idempotent
   with ``acks=all``, so its own retries never duplicate a record; if
-  :meth:`SessionClient.send` still raises (the broker was unreachable for
-  longer than the request timeout), send *the same command document* again:
+  :meth:`SessionClient.send` still raises (Kafka could not be reached, or
+  did not acknowledge the command within ``delivery_timeout_s``, 120 s by
+  default, as Kafka's Java producer), send *the same command document* again:
   the worker recognises its ``eventId`` and applies it once. The helpers
   (``update_session``, ``return_items``, ...) build a new command each call:
   retry them with the same ``event_id=``.
@@ -46,9 +47,11 @@ What the client guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -142,6 +145,13 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+#: Seconds a command may wait for the broker's acknowledgement, as Kafka's
+#: Java producer waits (``delivery.timeout.ms``). aiokafka's idempotent
+#: producer retries a batch it could not deliver for ever: without this bound
+#: a send, and the client's stop, waited as long as an outage lasted.
+DELIVERY_TIMEOUT_S = 120.0
+#: Seconds the stop still waits for commands whose send gave up.
+_STOP_AFTER_GIVING_UP_S = 1.0
 #: aiokafka's default max_request_size.
 _KAFKA_MAX_REQUEST = 1_048_576
 #: Past it a Decimal is no double: the workers read such a number as infinite.
@@ -484,12 +494,16 @@ class SessionClient:
         *,
         application_id: int | None = None,
         application_settings: SettingsLookup | None = None,
+        delivery_timeout_s: float = DELIVERY_TIMEOUT_S,
     ) -> None:
         self.settings = settings
         self.topic = settings.topics.commands
         self.application_id = application_id
         self.application_settings = application_settings
+        self.delivery_timeout_s = delivery_timeout_s
         self._producer: Any = None
+        #: Commands handed to the producer and not yet acknowledged: by when.
+        self._unacknowledged: dict[asyncio.Future[Any], float] = {}
 
     async def start(self) -> None:
         """Connect; raises :class:`CommandTopicMissingError` when the topic is absent."""
@@ -522,10 +536,31 @@ class SessionClient:
         self._producer = producer
 
     async def stop(self) -> None:
-        """Deliver what is pending, then disconnect."""
+        """Deliver what is pending, then disconnect. Bounded by the delivery
+        timeout of the commands still pending; past it, the producer is left
+        to the event loop's end, with a warning: those commands may or may not
+        have been written (send them again, with the same eventIds)."""
         producer, self._producer = self._producer, None
-        if producer is not None:
+        if producer is None:
+            return
+        pending = [deadline for f, deadline in self._unacknowledged.items() if not f.done()]
+        if not pending:
             await producer.stop()
+            return
+        bound = max(max(pending) - time.monotonic(), _STOP_AFTER_GIVING_UP_S)
+        stopping = asyncio.ensure_future(producer.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=bound)
+        if done:
+            stopping.result()
+            return
+        stopping.cancel()
+        await asyncio.gather(stopping, return_exceptions=True)
+        log.warning(
+            "stopped with %d command(s) Kafka at %s has not acknowledged: they may "
+            "still be written; send them again, with the same eventIds",
+            sum(not f.done() for f in self._unacknowledged),
+            self.settings.bootstrap_servers,
+        )
 
     async def __aenter__(self) -> SessionClient:
         await self.start()
@@ -556,7 +591,9 @@ class SessionClient:
         the broker has it (``acks=all``). An ``eventId`` is added when missing.
 
         Raises :class:`CommandRejectedError` (nothing sent) or an aiokafka
-        ``KafkaError`` (send the same document again to retry). The builders
+        ``KafkaError`` (send the same document again to retry):
+        ``KafkaTimeoutError`` when the broker has not acknowledged the command
+        within ``delivery_timeout_s``. The builders
         give every command an ``eventId``; a document written by hand without
         one gets a new one on each send, so give it one (:func:`new_event_id`)
         before the first try if it may be retried.
@@ -573,9 +610,22 @@ class SessionClient:
             doc["eventId"] = new_event_id()
         value = self.validate(doc)
         integration_id = str(doc["integrationId"])  # validated: a non-empty string
-        metadata = await self._producer.send_and_wait(
+        acknowledged = await self._producer.send(
             self.topic, value=value, key=integration_id.encode()
         )
+        self._unacknowledged[acknowledged] = time.monotonic() + self.delivery_timeout_s
+        acknowledged.add_done_callback(self._unacknowledged.pop)
+        # Waited for, not cancelled past the bound: aiokafka goes on trying.
+        done, _ = await asyncio.wait({acknowledged}, timeout=self.delivery_timeout_s)
+        if not done:
+            from aiokafka.errors import KafkaTimeoutError
+
+            raise KafkaTimeoutError(
+                f"{integration_id}: Kafka at {self.settings.bootstrap_servers} did not "
+                f"acknowledge the command within {self.delivery_timeout_s:g} s; it may "
+                f"still be written: send the same document again (eventId {doc['eventId']})"
+            )
+        metadata = acknowledged.result()
         log.debug(
             "sent %s %s to %s[%d]@%d",
             doc.get("type"),

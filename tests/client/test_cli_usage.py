@@ -301,7 +301,8 @@ def test_send_with_stdin_closed_is_a_usage_error() -> None:
         # exit 1 said "retry", which meets the same refusal
         (lambda: MessageSizeTooLargeError("1234567 bytes"), 2, "refuses a record this large"),
         # exit 130, the eventId lost: the command could not be sent again safely
-        (KeyboardInterrupt, 130, "use its eventId e-42"),
+        # As the command was given: JSON, here (--event-id was refused with it).
+        (KeyboardInterrupt, 130, 'give it its eventId: "eventId": "e-42" in the document'),
         # It said "not sent" and "retry", though the broker may have written it:
         # the same flags again (a new eventId) would apply it twice.
         (KafkaTimeoutError, 1, "may have been sent to Kafka at 127.0.0.1:9092: "),
@@ -335,6 +336,9 @@ def test_send_says_what_to_do_when_kafka_refuses_or_the_user_interrupts(
     args = ["send", '{"type":"reopen","integrationId":"c","eventId":"e-42"}']
     assert main(args) == code
     assert said in capsys.readouterr().err
+    if raised is KafkaTimeoutError:  # built from flags: the flag says it
+        assert main(["send", "--type", "reopen", "--integration-id", "c"]) == code
+        assert "give it its eventId: --event-id " in capsys.readouterr().err
 
 
 def test_send_that_cannot_connect_says_not_sent(

@@ -3,7 +3,10 @@ it refuses, with the reason codes and pointers the workers would give."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import time
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
@@ -258,11 +261,15 @@ class _FlakyProducer:
     def __init__(self) -> None:
         self.values: list[bytes] = []
 
-    async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> object:
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[object]:
         self.values.append(value)
+        acknowledged: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         if len(self.values) == 1:
-            raise KafkaTimeoutError
-        return SimpleNamespace(topic=topic, partition=0, offset=len(self.values))
+            acknowledged.set_exception(KafkaTimeoutError())
+        else:
+            where = SimpleNamespace(topic=topic, partition=0, offset=len(self.values))
+            acknowledged.set_result(where)
+        return acknowledged
 
 
 async def test_a_retried_send_carries_the_same_event_id() -> None:
@@ -284,10 +291,62 @@ async def test_a_retried_send_carries_the_same_event_id() -> None:
     await client.return_items("c-1", [returned_item(0)], event_id=event_id)
     assert [json.loads(value)["eventId"] for value in producer.values] == [event_id] * 2
     # A template reused for several commands must not carry the first one's id.
-    client._producer = SimpleNamespace(send_and_wait=producer.send_and_wait)
+    client._producer = SimpleNamespace(send=producer.send)
     template: dict[str, Any] = {"type": "reopen", "integrationId": "c-1"}
     await client.send(template)
     assert "eventId" not in template
+
+
+class _OutageProducer:
+    """A broker gone after the client connected: aiokafka's idempotent
+    producer retries the command's batch for as long as the outage lasts, and
+    its stop waits for it."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[object]:
+        return asyncio.get_running_loop().create_future()  # never acknowledged
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+        self.stopped = True
+
+
+async def test_a_send_kafka_never_acknowledges_raises_and_the_stop_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before, send() and then the client's stop waited as long as the outage
+    lasted: a checkout's request, or `stream-app send`, hung until Ctrl-C."""
+    client = SessionClient(Settings(), delivery_timeout_s=0.2)
+    client._producer = _OutageProducer()
+    command = reopen_command("c-1")
+    began = time.monotonic()
+    with pytest.raises(KafkaTimeoutError, match=f"eventId {command['eventId']}"):
+        await client.send(command)
+    assert time.monotonic() - began < 10
+    with caplog.at_level(logging.WARNING, logger="stream_app.client"):
+        await asyncio.wait_for(client.stop(), 10)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("stopped with 1 command(s) Kafka at 127.0.0.1:9092 has not")
+
+
+async def test_a_stop_with_nothing_pending_waits_for_the_producer() -> None:
+    """A stop with every command acknowledged is the producer's own, unbounded:
+    it has nothing left to deliver."""
+    client = SessionClient(Settings())
+    producer = _FlakyProducer()
+    producer.values.append(b"")  # no failure
+    stops: list[bool] = []
+
+    async def stop() -> None:
+        await asyncio.sleep(0.05)
+        stops.append(True)
+
+    client._producer = SimpleNamespace(send=producer.send, stop=stop)
+    await client.send(reopen_command("c-1"))
+    await client.stop()
+    assert stops == [True]
 
 
 def test_a_line_or_total_refused_in_every_application_is_refused_without_settings() -> None:
