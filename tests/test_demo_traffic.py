@@ -308,3 +308,31 @@ def test_a_failed_run_reports_one_error_not_one_per_send_in_flight(
         gc.collect()
     assert failed
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
+class _SilentProducer(_OutageProducer):
+    """A broker gone after the producer connected: aiokafka's idempotent
+    producer retries every batch for as long as the outage lasts, and its
+    stop waits for them."""
+
+    async def send(self, topic: str, value: bytes, key: bytes | None) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()  # never acknowledged
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+
+
+def test_records_kafka_never_acknowledges_fail_the_run_rather_than_hang_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, `stream-app traffic` waited out an outage that began after it
+    connected, and then its producer's stop did."""
+
+    async def no_topics(settings: Settings) -> None:
+        pass
+
+    monkeypatch.setattr("aiokafka.AIOKafkaProducer", _SilentProducer)
+    monkeypatch.setattr("stream_app.pipeline.topics.ensure_topics", no_topics)
+    monkeypatch.setattr("stream_app.client.DELIVERY_TIMEOUT_S", 0.2)
+    with pytest.raises(KafkaTimeoutError, match=r"did not acknowledge \d+ of \d+ records"):
+        asyncio.run(asyncio.wait_for(produce_traffic(Settings(), sessions=5, seed=1), 20))

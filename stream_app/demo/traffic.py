@@ -573,6 +573,32 @@ def generate(sessions: int, seed: int, prefix: str = "") -> list[tuple[bytes | N
     return generate_traffic(sessions, seed, prefix).pairs()
 
 
+#: Seconds the producer's stop waits once records were given up on.
+_STOP_AFTER_GIVING_UP_S: Final = 1.0
+
+
+async def _acknowledged(futures: list[asyncio.Future[Any]], servers: str) -> None:
+    """Wait for every record's acknowledgement; raise the first failure, or
+    ``KafkaTimeoutError`` past the client's delivery timeout (aiokafka's
+    idempotent producer retries through an outage for ever)."""
+    from aiokafka.errors import KafkaTimeoutError
+
+    from stream_app.client import DELIVERY_TIMEOUT_S
+
+    if not futures:
+        return
+    done, pending = await asyncio.wait(
+        futures, timeout=DELIVERY_TIMEOUT_S, return_when=asyncio.FIRST_EXCEPTION
+    )
+    for future in done:
+        future.result()
+    if pending:
+        raise KafkaTimeoutError(
+            f"Kafka at {servers} did not acknowledge {len(pending)} of {len(futures)} "
+            f"records within {DELIVERY_TIMEOUT_S:g} s"
+        )
+
+
 def _observe(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -608,7 +634,7 @@ async def produce_traffic(
                 if delay > 0:
                     await asyncio.sleep(delay)
             futures.append(await producer.send(topic, value=record.value, key=record.key))
-        await asyncio.gather(*futures)
+        await _acknowledged(futures, settings.bootstrap_servers)
     except BaseException:
         # The first failure ends the run and is reported; the sends still in
         # flight fail with it (a broker outage fails hundreds at once), and
@@ -617,7 +643,12 @@ async def produce_traffic(
             future.add_done_callback(_observe)
         raise
     finally:
-        await producer.stop()
+        stopping = asyncio.ensure_future(producer.stop())
+        # With records Kafka never acknowledged, the stop would wait for them.
+        bound = None if all(f.done() for f in futures) else _STOP_AFTER_GIVING_UP_S
+        if not (await asyncio.wait({stopping}, timeout=bound))[0]:
+            stopping.cancel()
+            await asyncio.gather(stopping, return_exceptions=True)
     log.info(
         "produced %d records for %d sessions to %s in %.1fs",
         len(traffic.records),
