@@ -704,7 +704,8 @@ def asyncapi_document() -> dict[str, Any]:
     by_integration_id = {
         "type": "string",
         "description": "The command's integrationId, UTF-8. Kafka's default partitioner "
-        "(murmur2) must place it: librdkafka clients set partitioner=murmur2_random.",
+        "(murmur2) must place it: librdkafka clients set partitioner=murmur2_random, "
+        "Sarama needs a murmur2 partitioner, kafka-go's Writer Murmur2Balancer.",
     }
     outputs = {
         "closed": ("talon_session_closed", "ClosedRecord"),
