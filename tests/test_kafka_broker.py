@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,37 @@ def test_a_cached_broker_is_not_fetched_again(
 
     monkeypatch.setattr(subprocess, "run", no_download)
     assert kafka_broker.fetch(tmp_path) == lib
+
+
+def test_a_damaged_cached_jar_is_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache marked complete was trusted for ever: a jar cut short (a proxy,
+    a full disk) made every later broker fail to start, until someone found
+    the cache to delete."""
+    lib = kafka_broker.jar_dir(tmp_path)
+    lib.mkdir(parents=True)
+    jar = f"kafka_2.13-{kafka_broker.KAFKA_VERSION}.jar"
+    (lib / jar).write_bytes(b"PK\x03\x04 cut short")
+    (lib / ".complete").touch()
+    commands: list[list[str]] = []
+
+    def maven(cmd: list[str], **kwargs: Any) -> None:
+        commands.append(cmd)
+        [out] = [arg.split("=", 1)[1] for arg in cmd if arg.startswith("-DoutputDirectory=")]
+        with zipfile.ZipFile(Path(out) / jar, "w") as whole:
+            whole.writestr("kafka/Kafka.class", b"")
+
+    monkeypatch.setattr(subprocess, "run", maven)
+    monkeypatch.setattr(kafka_broker.shutil, "which", lambda name: f"/bin/{name}")
+    assert kafka_broker.fetch(tmp_path) == lib
+    assert len(commands) == 1
+    assert "--strict-checksums" in commands[0]
+    zipfile.ZipFile(lib / jar).close()  # whole now
+    assert (lib / ".complete").exists()
+    assert sorted(p.name for p in lib.parent.iterdir()) == ["lib"]  # no partial left
+    assert kafka_broker.fetch(tmp_path) == lib
+    assert len(commands) == 1
 
 
 def test_cluster_ids_are_never_read_as_options() -> None:
@@ -95,10 +128,35 @@ def test_a_port_taken_before_kafka_binds_it_starts_the_broker_on_other_ports(
         return picked.pop() if picked else real_free_port()
 
     monkeypatch.setattr(kafka_broker, "free_port", racing_free_port)
-    with taken, kafka_broker.KafkaCluster(tmp_path / "broker") as cluster:
+    # Under a path Latin-1 cannot spell: Kafka read its properties as Latin-1,
+    # and kept its data in another, garbled directory.
+    workdir = tmp_path / "Größe Документы"
+    with taken, kafka_broker.KafkaCluster(workdir) as cluster:
         port = cluster.members[0].port
         assert port != taken.getsockname()[1]
         assert kafka_broker.metadata_brokers("127.0.0.1", port) == 1
+        assert (workdir / "node-1" / "log" / "meta.properties").exists()
+        assert [p.name for p in tmp_path.iterdir()] == [workdir.name]
+        # Found as this workdir's node; a second start there is refused.
+        assert kafka_broker.running_nodes(workdir) == [cluster.members[0].pid]
+        assert kafka_broker.main(["start", "--workdir", str(workdir)]) == 1
+
+
+def test_a_stale_state_file_stops_no_process_that_is_not_its_node(tmp_path: Path) -> None:
+    """A state file left by a run killed outright names pids that may since be
+    another process's: stop signalled it, and failed on another user's."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / kafka_broker.STATE_FILE).write_text(
+            json.dumps({"bootstrap_servers": "127.0.0.1:1", "pids": [other.pid, 1]})
+        )
+        assert kafka_broker.running_nodes(tmp_path) == []
+        kafka_broker.stop_from_state(tmp_path, grace=0.5)
+        assert other.poll() is None
+        assert not (tmp_path / kafka_broker.STATE_FILE).exists()
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")

@@ -40,8 +40,10 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,26 +77,58 @@ logger.state.level = WARN
 """
 
 
+def java_properties(text: str) -> str:
+    """``text`` (``name=value`` lines) as Java's ``Properties.load`` reads it
+    back: ASCII, with backslash escapes. Written as UTF-8, a data directory
+    under a path with ``ö`` was another, garbled one to Kafka, which read it
+    as Latin-1."""
+    return "".join(map(_java_escaped, text.replace("\\", "\\\\")))
+
+
+def _java_escaped(char: str) -> str:
+    if ord(char) < 0x80:
+        return char
+    units = char.encode("utf-16-be")
+    return "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
+
+
 def jar_dir(cache: Path = DEFAULT_CACHE, version: str = KAFKA_VERSION) -> Path:
     return cache / f"kafka-{version}" / "lib"
 
 
+def _damaged_jars(lib: Path) -> list[str]:
+    """The jars in ``lib`` that are not whole zip files (a cut or mangled download)."""
+    damaged = []
+    for jar in sorted(lib.glob("*.jar")):
+        try:
+            zipfile.ZipFile(jar).close()
+        except (OSError, zipfile.BadZipFile):
+            damaged.append(jar.name)
+    return damaged
+
+
 def fetch(cache: Path = DEFAULT_CACHE, version: str = KAFKA_VERSION) -> Path:
-    """Copy the broker jars into the cache unless they are already there."""
+    """Copy the broker jars into the cache unless they are already there, whole."""
     lib = jar_dir(cache, version)
     marker = lib / ".complete"
     if marker.exists():
-        return lib
+        damaged = _damaged_jars(lib)
+        if not damaged:
+            return lib
+        print(f"the cached jars in {lib} are damaged ({', '.join(damaged[:3])}): "
+              "fetching them again", file=sys.stderr)  # fmt: skip
     mvn = shutil.which("mvn")
     if mvn is None:
         raise SystemExit("Maven (mvn) is needed once to fetch the Kafka broker jars")
-    tmp = lib.with_name("lib.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    # Its own directory: two first fetches at once (make demo and make test)
+    # shared one, and each emptied it under the other.
+    tmp = Path(tempfile.mkdtemp(prefix="lib.partial-", dir=lib.parent))
     cmd = [
         mvn,
         "-q",
         "-B",
+        "--strict-checksums",  # a download that does not match its checksum fails
         "-f",
         str(POM),
         f"-Dkafka.version={version}",
@@ -103,12 +137,20 @@ def fetch(cache: Path = DEFAULT_CACHE, version: str = KAFKA_VERSION) -> Path:
         f"-DoutputDirectory={tmp}",
     ]
     print(f"fetching Apache Kafka {version} broker jars from Maven Central ...", file=sys.stderr)
-    subprocess.run(cmd, check=True, stdout=sys.stderr)
-    if not any(tmp.glob(f"kafka_2.13-{version}.jar")):
-        raise SystemExit(f"Maven did not deliver kafka_2.13-{version}.jar")
-    shutil.rmtree(lib, ignore_errors=True)
-    tmp.rename(lib)
-    marker.touch()
+    try:
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        if not any(tmp.glob(f"kafka_2.13-{version}.jar")):
+            raise SystemExit(f"Maven did not deliver kafka_2.13-{version}.jar")
+        damaged = _damaged_jars(tmp)
+        if damaged:
+            raise SystemExit(f"Maven delivered damaged jars: {', '.join(damaged[:3])}")
+        (tmp / ".complete").touch()
+        if marker.exists() and not _damaged_jars(lib):
+            return lib  # another fetch finished first
+        shutil.rmtree(lib, ignore_errors=True)
+        tmp.rename(lib)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return lib
 
 
@@ -312,9 +354,11 @@ class KafkaCluster:
             shutil.rmtree(node.data_dir, ignore_errors=True)
             node.data_dir.mkdir(parents=True)
             props = node.data_dir / "server.properties"
-            props.write_text(self._properties(node, voters))
+            props.write_text(java_properties(self._properties(node, voters)), "ascii")
             log4j = node.data_dir / "log4j2.properties"
-            log4j.write_text(_LOG4J2.format(log=node.data_dir / "server.log"))
+            log4j.write_text(
+                java_properties(_LOG4J2.format(log=node.data_dir / "server.log")), "ascii"
+            )
             jvm = [
                 java,
                 f"-Xmx{self.heap}",
@@ -492,14 +536,45 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _node_of(pid: int, workdir: Path) -> bool:
+    """Whether ``pid`` is a Kafka node of the cluster in ``workdir``. A state
+    file outlives its cluster (a run killed outright, a reboot), and its pids
+    may since be another process's: one of the user's, or another user's."""
+    if not Path("/proc/self").exists():  # no /proc to ask: trust the file
+        return _alive(pid)
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:  # gone, or not ours to look at
+        return False
+    if b"kafka.Kafka" not in args:
+        return False
+    root = workdir.resolve()
+    return any(
+        (cwd / os.fsdecode(arg)).resolve().is_relative_to(root)
+        for arg in args
+        if arg.endswith(b"server.properties")
+    )
+
+
+def running_nodes(workdir: Path) -> list[int]:
+    """The pids of the cluster's nodes in ``workdir`` that still run."""
+    state_path = workdir / STATE_FILE
+    if not state_path.exists():
+        return []
+    pids = [int(p) for p in json.loads(state_path.read_text())["pids"]]
+    return [pid for pid in pids if _node_of(pid, workdir)]
+
+
 def stop_from_state(workdir: Path, grace: float = 20.0) -> None:
-    """Stop a cluster started by another process (``start --detach``)."""
+    """Stop a cluster started by another process (``start``): only the
+    processes that are still its nodes."""
     state_path = workdir / STATE_FILE
     if not state_path.exists():
         return
-    pids = [int(p) for p in json.loads(state_path.read_text())["pids"]]
+    pids = running_nodes(workdir)
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
@@ -553,6 +628,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "fetch":
         print(fetch())
     elif args.cmd == "start":
+        running = running_nodes(args.workdir)
+        if running:
+            # Started again, it would take the running one's data directories
+            # and state file, leaving it running with no way to stop it.
+            print(
+                f"a cluster started in {args.workdir} is running (pids "
+                f"{', '.join(map(str, running))}): stop it first with "
+                f"`{Path(sys.argv[0]).name} stop --workdir {args.workdir}`",
+                file=sys.stderr,
+            )
+            return 1
         began = time.monotonic()
         cluster = KafkaCluster(
             args.workdir, nodes=args.nodes, heap=args.heap, secure=args.secure, tied=False
