@@ -12,11 +12,17 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test demo install lint bench bench-memory check-alerts clean
 
-# The venv is made again when it has no pip: one that ensurepip failed
-# (Debian's python3 without python3-venv) is left behind without it.
+# The venv is made again when it has no pip (one that ensurepip failed, as
+# Debian's python3 without python3-venv leaves it), or is not $(PYTHON)'s
+# version (PYTHON=... given later; its interpreter upgraded away).
+VERSION_OF = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+ifneq ($(call VERSION_OF,$(BIN)/python),$(call VERSION_OF,$(PYTHON)))
+$(shell rm -f $(STAMP))
+endif
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required: $(PYTHON) is older; run with PYTHON=/path/to/python3.11 or newer"; exit 1; }
-	test -x $(BIN)/pip || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
+	test -x $(BIN)/pip && test "$(call VERSION_OF,$(BIN)/python)" = "$(call VERSION_OF,$(PYTHON))" || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
@@ -62,5 +68,8 @@ bench-memory: install
 check-alerts: install
 	$(BIN)/python tools/check_alerts.py
 
+# A broker started by hand as the README says (--workdir var/kafka) is
+# stopped first: deleting its state file left it running, unfindable.
 clean:
+	-$(PYTHON) tools/kafka_broker.py stop --workdir var/kafka
 	rm -rf $(VENV) $(BENCH_VENV) var .pytest_cache .mypy_cache .ruff_cache
