@@ -53,9 +53,10 @@ def _case(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     """``value`` spelled as the choice of the field's Literal it matches, ignoring case."""
     if isinstance(value, str) and info.field_name is not None:
         annotation = model.model_fields[info.field_name].annotation
+        given = value.strip().lower()  # "INFO " or a CRLF env file's "SSL\r" too
         for kind in (annotation, *get_args(annotation)):  # Literal, or Literal | None
             for choice in get_args(kind):
-                if isinstance(choice, str) and choice.lower() == value.lower():
+                if isinstance(choice, str) and choice.lower() == given:
                     return choice
     return value
 
@@ -312,7 +313,7 @@ class Settings(BaseSettings):
     advertised_host: str | None = None
     #: Static group membership (Kafka's group.instance.id), e.g. the pod name:
     #: a restarted worker gets its partitions back without a rebalance.
-    group_instance_id: str | None = Field(default=None, min_length=1)
+    group_instance_id: str | None = None
 
     @field_validator("log_level", "log_format", "processing_guarantee", mode="before")
     @classmethod
@@ -359,10 +360,22 @@ class Settings(BaseSettings):
                 )
         return self
 
-    @field_validator("application_settings_file", mode="before")
+    @field_validator("application_settings_file", "group_instance_id", mode="before")
     @classmethod
     def _empty_path(cls, value: Any) -> Any:
         return _unset_if_empty(value)
+
+    @field_validator("group_instance_id")
+    @classmethod
+    def _instance_id(cls, value: str | None) -> str | None:
+        # The broker refuses any other at the join, as Kafka's Java client does
+        # before it: the worker retried the join for ever.
+        if value is not None and not is_kafka_name(value):
+            raise ValueError(
+                f"{value!r} is not a group instance id (1 to 249 of ASCII letters, digits, "
+                "'.', '_' and '-')"
+            )
+        return value
 
     @field_validator("data_dir", mode="before")
     @classmethod
@@ -399,9 +412,11 @@ class Settings(BaseSettings):
         """
         env = os.environ
         given = {name.upper(): value for name, value in env.items()}
+        _refuse_two_spellings(env)
+        _refuse_other_clients_names(given)
         unknown = sorted(
             name
-            for name in set(_our_variables(env)) - set(known_variables())
+            for name in set(_our_variables(env)) - set(known_variables()) - NOT_SETTINGS
             if not _service_link(name, given[name], given)
         )
         if unknown:
@@ -420,6 +435,51 @@ class Settings(BaseSettings):
                 f"{name}{_shown(name, env)}: not a JSON object; or set its fields one by "
                 f"one, as {name}__<FIELD>"
             ) from None
+
+
+#: ``STREAM_APP_`` variables that are not the worker's settings: the test
+#: suite's (README: a broker of your own for the tests).
+NOT_SETTINGS: Final = frozenset({f"{ENV_PREFIX}TEST_BOOTSTRAP_SERVERS"})
+#: Settings other Kafka clients' images read (Confluent's, Quix's), which the
+#: worker does not: with its own unset, it would connect without them.
+_OTHER_CLIENTS_SECURITY: Final = re.compile(r"KAFKA_(SECURITY_PROTOCOL|SASL_\w+|SSL_\w+)")
+
+
+def _refuse_two_spellings(env: Mapping[str, str]) -> None:
+    """Two variables that set one setting to different values: which one wins
+    depended on the environment's order, or on a rule no one reads."""
+    seen: dict[str, tuple[str, str]] = {}
+    for name, value in env.items():
+        upper = name.upper()
+        if not (upper.startswith(ENV_PREFIX) or upper == "KAFKA_BOOTSTRAP_SERVERS"):
+            continue
+        setting = f"{ENV_PREFIX}BOOTSTRAP_SERVERS" if upper == "KAFKA_BOOTSTRAP_SERVERS" else upper
+        if setting in seen and seen[setting][1] != value:
+            first = seen[setting][0]
+            shown = (
+                ""
+                if "PASSWORD" in setting or setting == f"{ENV_PREFIX}SECURITY"
+                else (f" ({_shown_value(seen[setting][1])} and {_shown_value(value)})")
+            )
+            raise ConfigurationError(
+                f"{first} and {name} both set {setting.removeprefix(ENV_PREFIX).lower()}, "
+                f"to different values{shown}: keep one"
+            )
+        seen[setting] = (name, value)
+
+
+def _refuse_other_clients_names(given: Mapping[str, str]) -> None:
+    """``KAFKA_SECURITY_PROTOCOL`` and the like with none of the worker's own
+    security settings: the worker would connect in plain text, and retry."""
+    if any(name.startswith(f"{ENV_PREFIX}SECURITY") for name in given):
+        return  # set both ways on purpose (an image's environment shared)
+    other = sorted(name for name in given if _OTHER_CLIENTS_SECURITY.fullmatch(name))
+    if other:
+        raise ConfigurationError(
+            f"{other[0]} is another client's setting; the worker reads its security from "
+            f"{ENV_PREFIX}SECURITY__PROTOCOL, {ENV_PREFIX}SECURITY__SASL_MECHANISM and the "
+            "others of README's Configuration"
+        )
 
 
 def is_kafka_name(value: str, longest: int = 249) -> bool:
@@ -585,4 +645,14 @@ def _shown(name: str, env: Mapping[str, str]) -> str:
     given = {k.upper(): v for k, v in env.items()}.get(name)
     if given is None or "PASSWORD" in name or name == f"{ENV_PREFIX}SECURITY":
         return ""
-    return f"={given[:80]}"
+    return f"={_shown_value(given)}"
+
+
+def _shown_value(value: str) -> str:
+    """``value`` for an error line: its first 80 characters, quoted when the
+    eye would miss something in it (a trailing space, a CR from an env file
+    written on Windows, which also broke the line in two)."""
+    cut = value[:80]
+    if cut != cut.strip() or not cut.isprintable():
+        return repr(cut)
+    return cut

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import ipaddress
 import logging
 import os
 import resource
@@ -101,6 +102,7 @@ async def run(settings: Settings, watchdog: list[threading.Timer] | None = None)
         nonlocal engine
         try:
             usable_state_dir(settings)
+            usable_http_host(settings)
             layout = await _wait_for_kafka(settings, stopping)
             if layout is None:
                 return 0
@@ -174,6 +176,27 @@ def advertised_url(settings: Settings, port: int) -> str:
     group's assignment, for forwarded queries)."""
     host = settings.advertised_host or socket.gethostname()
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def usable_http_host(settings: Settings) -> None:
+    """Raise :class:`ConfigurationError` when ``STREAM_APP_HTTP_HOST`` is an
+    address this machine does not have. Found only once Kafka answered, it
+    exited 1, and never while Kafka was down. (A host name is left to the
+    start of the server: resolving it here could wait on DNS.)"""
+    host = settings.http_host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError as exc:  # not this machine's, IPv6 off, link-local without its scope
+        raise ConfigurationError(
+            f"STREAM_APP_HTTP_HOST={host}: cannot serve on this address ({exc.strerror}); "
+            "0.0.0.0 serves every IPv4 address of this machine"
+        ) from None
 
 
 async def serve(settings: Settings, engine: Engine) -> WebServer | None:

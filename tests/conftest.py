@@ -25,11 +25,12 @@ EXTERNAL_BOOTSTRAP_SERVERS: Final = os.environ.get("STREAM_APP_TEST_BOOTSTRAP_SE
 
 @pytest.fixture(autouse=True)
 def _no_deployment_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test sees the shell's ``STREAM_APP_*`` or ``KAFKA_BOOTSTRAP_SERVERS``: they
-    would change ``Settings()`` (and what a subprocess inherits), so that a result
+    """No test sees the shell's ``STREAM_APP_*`` (in any case) or ``KAFKA_*``: they
+    would change ``Settings()`` (and what a subprocess inherits), or be refused
+    by it (another client's ``KAFKA_SECURITY_PROTOCOL``), so that a result
     depended on where pytest was started. A test that wants one sets it itself."""
     for name in list(os.environ):
-        if name.startswith("STREAM_APP_") or name == "KAFKA_BOOTSTRAP_SERVERS":
+        if name.upper().startswith(("STREAM_APP_", "KAFKA_")):
             monkeypatch.delenv(name)
 
 

@@ -284,3 +284,63 @@ def test_the_write_buffer_budget_is_bounded_as_a_product() -> None:
     with pytest.raises(ValidationError, match="write-buffer budget"):
         RocksDBSettings(write_buffer_mb=1024 * 1024, max_write_buffers=2**31 - 1)
     RocksDBSettings(write_buffer_mb=1024, max_write_buffers=1024)
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        # An overlay adding STREAM_APP_BOOTSTRAP_SERVERS over the base's KAFKA_...:
+        # the base's cluster won, with no word.
+        (
+            {"KAFKA_BOOTSTRAP_SERVERS": "old:9092", "STREAM_APP_BOOTSTRAP_SERVERS": "new:9092"},
+            "KAFKA_BOOTSTRAP_SERVERS and STREAM_APP_BOOTSTRAP_SERVERS both set "
+            "bootstrap_servers, to different values (old:9092 and new:9092): keep one",
+        ),
+        # The environment's order decided.
+        (
+            {"STREAM_APP_BATCH_SIZE": "10", "stream_app_batch_size": "20"},
+            "both set batch_size, to different values (10 and 20)",
+        ),
+        (
+            {"STREAM_APP_SECURITY__SASL_PASSWORD": "a", "stream_app_security__sasl_password": "b"},
+            "both set security__sasl_password, to different values: keep one",
+        ),
+        # Confluent's and Quix's images read these; the worker connected without them.
+        ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "KAFKA_SECURITY_PROTOCOL is another client's"),
+        ({"KAFKA_SASL_USERNAME": "worker"}, "reads its security from STREAM_APP_SECURITY__"),
+        # The value shown as the eye would miss it: it was "=INFO : Input should be...".
+        ({"STREAM_APP_APP_ID": "shop "}, "STREAM_APP_APP_ID='shop ': "),
+        ({"STREAM_APP_TOPICS__CLOSED": "a\rb"}, "STREAM_APP_TOPICS__CLOSED='a\\rb': "),
+        # The broker refuses any other at the join; it was retried for ever.
+        ({"STREAM_APP_GROUP_INSTANCE_ID": "pod 0"}, "'pod 0' is not a group instance id"),
+    ],
+)
+def test_settings_that_contradict_or_that_the_worker_does_not_read_are_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], said: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError) as refused:
+        Settings.from_env()
+    assert said in str(refused.value)
+    assert "\n" not in str(refused.value)
+    assert "(a and b)" not in str(refused.value)  # a password is never shown
+
+
+def test_what_an_operator_writes_loosely_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A choice with a space or a CR around it (an env file written on
+    Windows), the same value under two spellings, an empty instance id (a
+    template turning static membership off), the worker's security beside
+    another client's, and the test suite's own variable."""
+    monkeypatch.setenv("STREAM_APP_LOG_LEVEL", " warning ")
+    monkeypatch.setenv("STREAM_APP_PROCESSING_GUARANTEE", "at_least_once\r")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "k:9092")
+    monkeypatch.setenv("STREAM_APP_BOOTSTRAP_SERVERS", "k:9092")
+    monkeypatch.setenv("STREAM_APP_GROUP_INSTANCE_ID", "")
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", "PLAIN")
+    monkeypatch.setenv("STREAM_APP_SECURITY__PROTOCOL", "PLAINTEXT")
+    monkeypatch.setenv("STREAM_APP_TEST_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    settings = Settings.from_env()
+    assert (settings.log_level, settings.processing_guarantee) == ("WARNING", "at_least_once")
+    assert settings.bootstrap_servers == "k:9092"
+    assert settings.group_instance_id is None

@@ -601,6 +601,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 max(_REQUEST_TIMEOUT_MS, int(s.session_timeout_s * 1000) + 5000),
                 _REQUEST_TIMEOUT_CAP_MS,
             ),
+            # So the broker holds a JoinGroup no longer than that: a long
+            # session timeout (a static member given minutes to come back)
+            # made it outlast the capped request timeout. A member rejoins at
+            # once; only its revoked tasks' commits come first.
+            rebalance_timeout_ms=min(
+                int(s.session_timeout_s * 1000), _REQUEST_TIMEOUT_CAP_MS - 5000
+            ),
             # A member learns of a rebalance from its next heartbeat, so a worker
             # that joins or leaves moves partitions only then: Kafka's default
             # 3 s, not a third of the session timeout (10 s).

@@ -70,17 +70,21 @@ def test_bookkeeping_past_the_session_limit_keeps_a_session_within_a_third_of_a_
 
 
 @pytest.mark.parametrize(
-    ("session_timeout_s", "request_timeout_ms"), [(30, 40_000), (45, 50_000), (600, 65_000)]
+    ("session_timeout_s", "request_timeout_ms", "rebalance_timeout_ms"),
+    [(30, 40_000, 30_000), (45, 50_000, 45_000), (600, 65_000, 60_000)],
 )
 async def test_the_group_consumer_waits_out_a_joingroup_the_broker_holds(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     session_timeout_s: float,
     request_timeout_ms: int,
+    rebalance_timeout_ms: int,
 ) -> None:
     """With the shipped StatefulSet's 45 s session timeout (aiokafka's
     rebalance timeout), a JoinGroup the broker held while others rejoined
-    outlasted the 40 s request timeout: dropped, the coordinator marked dead."""
+    outlasted the 40 s request timeout: dropped, the coordinator marked dead.
+    A long session timeout (static members given minutes to come back) made
+    the rebalance timeout longer than the capped request timeout."""
     made: list[dict[str, Any]] = []
 
     class Consumer:
@@ -100,6 +104,7 @@ async def test_the_group_consumer_waits_out_a_joingroup_the_broker_holds(
     [options] = made
     assert options["session_timeout_ms"] == session_timeout_s * 1000
     assert options["request_timeout_ms"] == request_timeout_ms
+    assert options["rebalance_timeout_ms"] == rebalance_timeout_ms
 
 
 async def test_a_failing_poll_stops_the_engine_as_a_signal_does(
