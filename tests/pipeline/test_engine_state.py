@@ -1351,6 +1351,9 @@ async def test_the_main_loop_restarts_a_task_whose_store_a_query_found_corrupt(
         def commit_due(self, now: float) -> bool:
             return False  # nothing to commit: the poll is what brings the restart
 
+        def commit_due_in(self, now: float) -> float | None:
+            return None
+
     engine._tasks[_Task.id] = _Task()  # type: ignore[assignment]
     restarted = asyncio.Event()
 
