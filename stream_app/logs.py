@@ -192,3 +192,6 @@ def configure_logging(level: str, fmt: LogFormat = "text") -> None:
     # asked for to see into the client too, they are let through.
     client = root.level if root.level <= logging.DEBUG else max(logging.WARNING, root.level)
     logging.getLogger("aiokafka").setLevel(client)
+    # But never the connections' DEBUG lines: each request written out whole,
+    # a SASL PLAIN authentication's password among them.
+    logging.getLogger("aiokafka.conn").setLevel(max(logging.INFO, client))

@@ -196,6 +196,11 @@ def test_at_log_level_debug_the_client_says_everything(capsys: pytest.CaptureFix
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 4, lines
     assert " DEBUG aiokafka.consumer.fetcher: Fetch offset 2 is out of range" in lines[2]
+    # Not the connections' request dumps: a SASL PLAIN password is in one.
+    logging.getLogger("aiokafka.conn").debug(
+        "Request to %s:%d %d: %s", "broker", 9093, 3, "SaslAuthenticateRequest_v1(b'alice...')"
+    )
+    assert capsys.readouterr().err == ""
     configure_logging("INFO")
     fetcher.info("Fetch offset %s reset", 4)
     assert capsys.readouterr().err == ""
