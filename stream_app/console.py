@@ -8,11 +8,18 @@ import signal
 import sys
 from typing import Final
 
+#: SIGHUP, where there is one, unless the process started with it ignored:
+#: ``nohup`` (or ``trap '' HUP``) asked that a closed terminal not stop it.
+_HUP: Final[tuple[signal.Signals, ...]] = tuple(
+    hup
+    for hup in (getattr(signal, "SIGHUP", None),)
+    if isinstance(hup, signal.Signals) and signal.getsignal(hup) is not signal.SIG_IGN
+)
 #: The signals that stop a worker cleanly. SIGHUP too: the terminal of a
 #: worker run in the foreground closed (an ssh session ended), where Python's
 #: default ended it with no commit; a JVM (Kafka Streams) runs its shutdown
 #: hooks on it. SIGQUIT keeps its default, a core dump asked for.
-STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, *_HUP)
 
 #: Signals that came before the worker's own handlers were in place; the
 #: worker acts on them as soon as they are (stream_app.worker.run).
