@@ -473,12 +473,17 @@ def _refuse_other_clients_names(given: Mapping[str, str]) -> None:
     security settings: the worker would connect in plain text, and retry."""
     if any(name.startswith(f"{ENV_PREFIX}SECURITY") for name in given):
         return  # set both ways on purpose (an image's environment shared)
-    other = sorted(name for name in given if _OTHER_CLIENTS_SECURITY.fullmatch(name))
+    other = sorted(
+        name
+        for name, value in given.items()
+        if _OTHER_CLIENTS_SECURITY.fullmatch(name) and not _service_link(name, value, given)
+    )
     if other:
         raise ConfigurationError(
             f"{other[0]} is another client's setting; the worker reads its security from "
             f"{ENV_PREFIX}SECURITY__PROTOCOL, {ENV_PREFIX}SECURITY__SASL_MECHANISM and the "
-            "others of README's Configuration"
+            f"others of README's Configuration (set {ENV_PREFIX}SECURITY__PROTOCOL, to "
+            "PLAINTEXT too, to say which it uses)"
         )
 
 

@@ -341,6 +341,21 @@ def test_what_an_operator_writes_loosely_is_read(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("STREAM_APP_SECURITY__PROTOCOL", "PLAINTEXT")
     monkeypatch.setenv("STREAM_APP_TEST_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     settings = Settings.from_env()
+    # Kubernetes' links to a Service named kafka-ssl, with no security of ours.
+    monkeypatch.delenv("STREAM_APP_SECURITY__PROTOCOL")
+    monkeypatch.delenv("KAFKA_SASL_MECHANISM")
+    links = {
+        "KAFKA_SSL_SERVICE_HOST": "10.0.0.9",
+        "KAFKA_SSL_SERVICE_PORT": "9093",
+        "KAFKA_SSL_PORT": "tcp://10.0.0.9:9093",
+        "KAFKA_SSL_PORT_9093_TCP": "tcp://10.0.0.9:9093",
+        "KAFKA_SSL_PORT_9093_TCP_PROTO": "tcp",
+        "KAFKA_SSL_PORT_9093_TCP_PORT": "9093",
+        "KAFKA_SSL_PORT_9093_TCP_ADDR": "10.0.0.9",
+    }
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    assert Settings.from_env().security.protocol == "PLAINTEXT"
     assert (settings.log_level, settings.processing_guarantee) == ("WARNING", "at_least_once")
     assert settings.bootstrap_servers == "k:9092"
     assert settings.group_instance_id is None

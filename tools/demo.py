@@ -140,11 +140,11 @@ def _stop_leftovers() -> None:
 
 def demo_environment(bootstrap: str, data_dir: Path) -> dict[str, str]:
     """The environment of the worker, and of this process's own Settings:
-    inherited STREAM_APP_* variables are dropped, so both see the same."""
+    inherited STREAM_APP_* (in any case) and KAFKA_* variables are dropped, so
+    both see the same, and another client's KAFKA_SASL_* from the user's shell
+    is not refused."""
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("STREAM_APP_") and k != "KAFKA_BOOTSTRAP_SERVERS"
+        k: v for k, v in os.environ.items() if not k.upper().startswith(("STREAM_APP_", "KAFKA_"))
     }
     env.update(
         {
