@@ -17,10 +17,12 @@ STAMP  := $(VENV)/.installed
 # version (PYTHON=... given later; its interpreter upgraded away).
 VERSION_OF = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 ifneq ($(call VERSION_OF,$(BIN)/python),$(call VERSION_OF,$(PYTHON)))
-$(shell rm -f $(STAMP))
+OTHER_PYTHON := other-python
 endif
+.PHONY: other-python
+other-python:
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt $(OTHER_PYTHON)
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required: $(PYTHON) is older; run with PYTHON=/path/to/python3.11 or newer"; exit 1; }
 	test -x $(BIN)/pip && test "$(call VERSION_OF,$(BIN)/python)" = "$(call VERSION_OF,$(PYTHON))" || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'

@@ -145,10 +145,15 @@ def fetch(cache: Path = DEFAULT_CACHE, version: str = KAFKA_VERSION) -> Path:
         if damaged:
             raise SystemExit(f"Maven delivered damaged jars: {', '.join(damaged[:3])}")
         (tmp / ".complete").touch()
+        tmp.chmod(0o755)  # mkdtemp's 0700 would keep a cache shared by users from the others
         if marker.exists() and not _damaged_jars(lib):
             return lib  # another fetch finished first
         shutil.rmtree(lib, ignore_errors=True)
-        tmp.rename(lib)
+        try:
+            tmp.rename(lib)
+        except OSError:  # another fetch renamed its own into place meanwhile
+            if not (marker.exists() and not _damaged_jars(lib)):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return lib
@@ -533,6 +538,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # another user's: alive, and not ours to wait for
+        return False
     return True
 
 
@@ -540,8 +547,12 @@ def _node_of(pid: int, workdir: Path) -> bool:
     """Whether ``pid`` is a Kafka node of the cluster in ``workdir``. A state
     file outlives its cluster (a run killed outright, a reboot), and its pids
     may since be another process's: one of the user's, or another user's."""
-    if not Path("/proc/self").exists():  # no /proc to ask: trust the file
-        return _alive(pid)
+    root = workdir.resolve()
+    if not Path("/proc/self").exists():  # macOS: ps, without the process's directory
+        shown = subprocess.run(
+            ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, check=False
+        ).stdout
+        return "kafka.Kafka" in shown and (str(root) in shown or str(workdir) in shown)
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
@@ -549,7 +560,6 @@ def _node_of(pid: int, workdir: Path) -> bool:
         return False
     if b"kafka.Kafka" not in args:
         return False
-    root = workdir.resolve()
     return any(
         (cwd / os.fsdecode(arg)).resolve().is_relative_to(root)
         for arg in args
