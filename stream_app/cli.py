@@ -17,6 +17,7 @@ import math
 import os
 import re
 import select
+import shlex
 import signal
 import sys
 import textwrap
@@ -470,7 +471,8 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
         command["eventId"] = new_event_id()
     # How to send it again with the same eventId, as it was given.
     same_id = (
-        f"--event-id {command['eventId']}"
+        # Quoted, and with "=": an eventId may hold spaces or begin with "-".
+        f"--event-id={shlex.quote(str(command['eventId']))}"
         if args.type is not None
         else f'"eventId": {json.dumps(command["eventId"]).decode()} in the document'
     )
