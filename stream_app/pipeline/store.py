@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import weakref
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
@@ -60,6 +61,15 @@ CONSUMED_KEY: Final = b"\x00consumed"
 _RESERVED: Final = b"\x00"
 
 _MB: Final = 1024 * 1024
+
+#: RocksDB's info logs kept per database, and the size at which one is rolled.
+_LOG_FILES_KEPT: Final = 3
+_LOG_FILE_BYTES: Final = 4 * _MB
+#: What RocksDB answers a write it would hold (``no_slowdown``): Incomplete.
+_WRITE_STALL: Final = "Write stall"
+#: Seconds a write waits out a stall before it fails, and between its tries.
+_STALL_LIMIT_S: Final = 30.0
+_STALL_PAUSE_S: Final = 0.01
 
 #: The directories of the databases open in this process (see cleanup.py).
 _OPEN: Final[set[Path]] = set()
@@ -111,6 +121,10 @@ class RocksDBResources:
         options.set_max_write_buffer_number(s.max_write_buffers)
         options.set_max_open_files(s.max_open_files)
         options.set_write_buffer_manager(self.write_buffers)
+        # RocksDB's own log: each open keeps the last as LOG.old.*, up to a
+        # thousand, and every rebalance reopens every store.
+        options.set_keep_log_file_num(_LOG_FILES_KEPT)
+        options.set_max_log_file_size(_LOG_FILE_BYTES)
         table = BlockBasedOptions()
         table.set_block_cache(self.cache)
         options.set_block_based_table_factory(table)
@@ -236,8 +250,12 @@ class PartitionStore:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def _open(self) -> Rdict:
+        options = self._resources.options()
         try:
-            db = Rdict(str(self.path), self._resources.options())
+            # Given for its column family too: an existing database's were read
+            # from its OPTIONS file, with a block cache of its own (8 MiB each,
+            # outside the shared budget) and the memtable sizes it was made with.
+            db = Rdict(str(self.path), options, column_families={"default": options})
         except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
             hint = ""
             if "LOCK" in str(exc):  # RocksDB's lock on the directory (its LOCK file)
@@ -250,6 +268,10 @@ class PartitionStore:
         # The changelog is the log (module docstring). A property at run time;
         # rocksdict's stub declares it as a method.
         unlogged.disable_wal = True  # type: ignore[method-assign,assignment]
+        # A write RocksDB would hold (its memtables full until a flush ends)
+        # fails at once instead: held, it held the GIL, and a flush that never
+        # ended (a full disk) froze the whole process, its stop's watchdog too.
+        unlogged.no_slowdown = True
         db.set_write_options(unlogged)
         return db
 
@@ -299,17 +321,12 @@ class PartitionStore:
 
     def write(self, changes: Mapping[bytes, bytes | None], changelog_offset: int) -> None:
         """Apply ``changes`` (None deletes) and record ``changelog_offset``, atomically."""
-        batch = WriteBatch(raw_mode=True)
-        for key, value in changes.items():
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
-        batch.put(CHANGELOG_OFFSET_KEY, b"%d" % changelog_offset)
         self._written = True
         try:
-            self._db.write(batch)
+            self._write(changes, changelog_offset)
         except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
+            if isinstance(exc, StoreError):
+                raise
             error = _rocksdb_error(f"cannot write the store at {self.path}: {exc}", exc)
             # A damaged block that RocksDB's own compaction met (in keys no read
             # asks for) fails every write from then on: deleted at close, as
@@ -317,6 +334,36 @@ class PartitionStore:
             if isinstance(error, _CorruptedStoreError):
                 self._corrupted = True
             raise error from exc
+
+    def _write(self, changes: Mapping[bytes, bytes | None], changelog_offset: int) -> None:
+        """Write the batch, waiting out a write stall (its flushes catching up)
+        with the GIL let go, for at most :data:`_STALL_LIMIT_S`. (A batch is
+        consumed by a write, even one that fails: made again for each try.)"""
+        stalled_since: float | None = None
+        while True:
+            batch = WriteBatch(raw_mode=True)
+            for key, value in changes.items():
+                if value is None:
+                    batch.delete(key)
+                else:
+                    batch.put(key, value)
+            batch.put(CHANGELOG_OFFSET_KEY, b"%d" % changelog_offset)
+            try:
+                self._db.write(batch)
+            except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
+                if _WRITE_STALL not in str(exc):
+                    raise
+                now = time.monotonic()
+                stalled_since = now if stalled_since is None else stalled_since
+                if now - stalled_since >= _STALL_LIMIT_S:
+                    raise StoreError(
+                        f"cannot write the store at {self.path}: RocksDB has held its writes "
+                        f"for {_STALL_LIMIT_S:.0f} s, its flushes failing (is the disk full? "
+                        "the LOG file in that directory says)"
+                    ) from exc
+                time.sleep(_STALL_PAUSE_S)
+            else:
+                return
 
     def flush_if_idle(self) -> bool:
         """Begin a flush of the memtable if it holds writes and none came since

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from stream_app.errors import StoreError
+from stream_app.pipeline import store as store_module
 from stream_app.pipeline.store import (
     CHANGELOG_OFFSET_KEY,
     PartitionStore,
@@ -368,6 +370,63 @@ def test_a_write_that_rocksdb_refuses_is_a_store_error(
     with pytest.raises(StoreError, match=r"cannot close the store at .*: IO error: No space"):
         store.close()
     store.close()  # closed already: nothing to do
+
+
+class _Stalled:
+    """A database whose memtables wait on a flush: with ``no_slowdown``, RocksDB
+    answers a write it would hold with Incomplete (a flush catching up) until
+    the flush ends, or for ever (a full disk, the flush failing)."""
+
+    def __init__(self, db: Any, stalls: float) -> None:
+        self.db = db
+        self.stalls = stalls
+
+    def write(self, batch: object) -> None:
+        if self.stalls > 0:
+            self.stalls -= 1
+            raise Exception("Result incomplete: Write stall")
+        self.db.write(batch)
+
+    def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = self.db.get(key)
+        return value
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def test_a_write_waits_out_a_stall_and_fails_one_that_lasts(
+    store: PartitionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RocksDB held a stalled write inside the call, the GIL with it: a flush
+    that never ended (a full disk) froze the process, its stop's watchdog too."""
+    monkeypatch.setattr(store, "_db", _Stalled(store._db, stalls=3))
+    store.write({b"a": b"1"}, 7)
+    assert (store.get(b"a"), store.changelog_offset) == (b"1", 7)  # the whole batch, once
+    monkeypatch.setattr(store_module, "_STALL_LIMIT_S", 0.05)
+    monkeypatch.setattr(store, "_db", _Stalled(store._db.db, stalls=math.inf))
+    with pytest.raises(StoreError, match="RocksDB has held its writes for 0 s"):
+        store.write({b"b": b"2"}, 8)
+
+
+def test_a_reopened_store_uses_the_workers_shared_cache_and_buffers(tmp_path: Path) -> None:
+    """An existing database's options were read from its files: each reopened
+    store (after every rebalance and restart) had a block cache of its own,
+    8 MiB outside the shared budget, and the memtable sizes it was made with."""
+    path = tmp_path / "sessions" / "0"
+    first = PartitionStore(path, RocksDBResources(RocksDBSettings()))
+    first.write({b"a": b"1"}, 1)
+    first.close()
+    settings = RocksDBSettings(block_cache_mb=48, write_buffer_mb=4, max_write_buffers=3)
+    for _ in range(5):  # and RocksDB's own logs do not pile up, one per open
+        again = PartitionStore(path, RocksDBResources(settings))
+        assert again.get(b"a") == b"1"
+        assert again._db.property_int_value("rocksdb.block-cache-capacity") == 48 * 1024 * 1024
+        again.close()
+    options = next(path.glob("OPTIONS-*")).read_text()
+    assert "write_buffer_size=4194304" in options
+    assert "max_write_buffer_number=3" in options
+    assert len(list(path.glob("LOG*"))) <= 3
 
 
 class _CorruptCompaction:
