@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -67,9 +68,11 @@ _LOG_FILES_KEPT: Final = 3
 _LOG_FILE_BYTES: Final = 4 * _MB
 #: What RocksDB answers a write it would hold (``no_slowdown``): Incomplete.
 _WRITE_STALL: Final = "Write stall"
-#: Seconds a write waits out a stall before it fails, and between its tries.
+#: Seconds a write waits out a stall before it fails, and between its tries
+#: (doubling from the first to the most).
 _STALL_LIMIT_S: Final = 30.0
-_STALL_PAUSE_S: Final = 0.01
+_STALL_PAUSE_S: Final = 0.001
+_STALL_PAUSE_MAX_S: Final = 0.05
 
 #: The directories of the databases open in this process (see cleanup.py).
 _OPEN: Final[set[Path]] = set()
@@ -217,6 +220,14 @@ def remove_aside(aside: Path) -> None:
         )
 
 
+def _remove_beside(aside: Path) -> None:
+    """:func:`remove_aside` in a thread of its own, as the cleaner deletes: a
+    store of gigabytes took seconds to delete on the event loop, its group's
+    heartbeats and /livez held up. Cut short by the process's end, what is
+    left is removed by the next open of that store or the next cleanup."""
+    threading.Thread(target=remove_aside, args=(aside,), name="store-delete", daemon=True).start()
+
+
 class PartitionStore:
     """One store's RocksDB database for one partition."""
 
@@ -225,7 +236,7 @@ class PartitionStore:
         self._resources = resources
         # What a delete cut short (a kill during wipe) left aside.
         for leftover in aside_of(path):
-            remove_aside(leftover)
+            _remove_beside(leftover)
         path.mkdir(parents=True, exist_ok=True)
         try:
             self._db = self._open()
@@ -246,7 +257,7 @@ class PartitionStore:
         aside first: a delete cut short leaves no half a database behind."""
         aside = set_aside(self.path)
         if aside is not None:
-            remove_aside(aside)
+            _remove_beside(aside)
         self.path.mkdir(parents=True, exist_ok=True)
 
     def _open(self) -> Rdict:
@@ -340,6 +351,7 @@ class PartitionStore:
         with the GIL let go, for at most :data:`_STALL_LIMIT_S`. (A batch is
         consumed by a write, even one that fails: made again for each try.)"""
         stalled_since: float | None = None
+        pause = _STALL_PAUSE_S
         while True:
             batch = WriteBatch(raw_mode=True)
             for key, value in changes.items():
@@ -361,7 +373,10 @@ class PartitionStore:
                         f"for {_STALL_LIMIT_S:.0f} s, its flushes failing (is the disk full? "
                         "the LOG file in that directory says)"
                     ) from exc
-                time.sleep(_STALL_PAUSE_S)
+                time.sleep(pause)
+                # A flush catching up ends within milliseconds: tried again soon,
+                # then less often (each try makes the batch again).
+                pause = min(2 * pause, _STALL_PAUSE_MAX_S)
             else:
                 return
 

@@ -4,6 +4,7 @@ real files, another real process holding a lock; the clock is passed in)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -193,6 +194,9 @@ def test_a_store_set_aside_that_cannot_be_deleted_is_said_and_blocks_nothing(
     assert again == tmp_path / "sessions" / "3.deleting.1"
     monkeypatch.setattr(store_module.shutil, "rmtree", real_rmtree)
     PartitionStore(tmp_path / "sessions" / "3", resources).close()  # removes what is aside
+    for thread in threading.enumerate():  # in a thread of its own
+        if thread.name == "store-delete":
+            thread.join(timeout=10)
     assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == ["3"]
 
 

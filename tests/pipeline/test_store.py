@@ -7,6 +7,7 @@ import math
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -320,6 +321,12 @@ def test_a_store_another_process_has_open_is_not_deleted(
         held.close()
 
 
+def _deletes_done() -> None:
+    for thread in threading.enumerate():
+        if thread.name == "store-delete":
+            thread.join(timeout=10)
+
+
 def test_a_wipe_cut_short_leaves_no_half_database(
     tmp_path: Path, resources: RocksDBResources, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -332,11 +339,13 @@ def test_a_wipe_cut_short_leaves_no_half_database(
     with monkeypatch.context() as killed:
         killed.setattr("stream_app.pipeline.store.shutil.rmtree", lambda *_, **__: None)
         store.wipe()
+        _deletes_done()  # in a thread of their own
     store.close()
     aside = path.with_name("0.deleting")
     assert aside.is_dir()
     again = PartitionStore(path, resources)
     try:
+        _deletes_done()
         assert not aside.exists()
         assert contents(again) == {}
         assert again.changelog_offset is None
