@@ -550,7 +550,10 @@ def _node_of(pid: int, workdir: Path) -> bool:
     root = workdir.resolve()
     if not Path("/proc/self").exists():  # macOS: ps, without the process's directory
         shown = subprocess.run(
-            ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, check=False
+            ["ps", "-ww", "-o", "command=", "-p", str(pid)],
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout
         return "kafka.Kafka" in shown and (str(root) in shown or str(workdir) in shown)
     try:

@@ -68,9 +68,12 @@ _LOG_FILES_KEPT: Final = 3
 _LOG_FILE_BYTES: Final = 4 * _MB
 #: What RocksDB answers a write it would hold (``no_slowdown``): Incomplete.
 _WRITE_STALL: Final = "Write stall"
-#: Seconds a write waits out a stall before it fails, and between its tries
+#: A write RocksDB may pace: its delay is bounded, the write made after it.
+_PACED: Final = WriteOptions()
+_PACED.disable_wal = True  # type: ignore[method-assign,assignment]
+#: Seconds a write waits out a stop before it fails, and between its tries
 #: (doubling from the first to the most).
-_STALL_LIMIT_S: Final = 30.0
+_STALL_LIMIT_S: Final = 60.0
 _STALL_PAUSE_S: Final = 0.001
 _STALL_PAUSE_MAX_S: Final = 0.05
 
@@ -220,6 +223,18 @@ def remove_aside(aside: Path) -> None:
         )
 
 
+def _batch(changes: Mapping[bytes, bytes | None], changelog_offset: int) -> WriteBatch:
+    """``changes`` (None deletes) and the changelog offset, as one batch."""
+    batch = WriteBatch(raw_mode=True)
+    for key, value in changes.items():
+        if value is None:
+            batch.delete(key)
+        else:
+            batch.put(key, value)
+    batch.put(CHANGELOG_OFFSET_KEY, b"%d" % changelog_offset)
+    return batch
+
+
 def _remove_beside(aside: Path) -> None:
     """:func:`remove_aside` in a thread of its own, as the cleaner deletes: a
     store of gigabytes took seconds to delete on the event loop, its group's
@@ -347,38 +362,44 @@ class PartitionStore:
             raise error from exc
 
     def _write(self, changes: Mapping[bytes, bytes | None], changelog_offset: int) -> None:
-        """Write the batch, waiting out a write stall (its flushes catching up)
-        with the GIL let go, for at most :data:`_STALL_LIMIT_S`. (A batch is
+        """Write the batch. A write RocksDB would hold is refused at once
+        (``no_slowdown``). One it paces (its compactions behind) is written
+        again, waiting the delay RocksDB sets, as without the option. One it
+        has stopped (its memtables full until a flush ends) is tried again
+        with the GIL let go, until the flush ends: for good on a full disk,
+        where the flush never does, and that is a StoreError. (A batch is
         consumed by a write, even one that fails: made again for each try.)"""
         stalled_since: float | None = None
         pause = _STALL_PAUSE_S
         while True:
-            batch = WriteBatch(raw_mode=True)
-            for key, value in changes.items():
-                if value is None:
-                    batch.delete(key)
-                else:
-                    batch.put(key, value)
-            batch.put(CHANGELOG_OFFSET_KEY, b"%d" % changelog_offset)
             try:
-                self._db.write(batch)
+                self._db.write(_batch(changes, changelog_offset))
             except Exception as exc:  # rocksdict raises Exception itself for RocksDB's errors
                 if _WRITE_STALL not in str(exc):
                     raise
-                now = time.monotonic()
-                stalled_since = now if stalled_since is None else stalled_since
-                if now - stalled_since >= _STALL_LIMIT_S:
-                    raise StoreError(
-                        f"cannot write the store at {self.path}: RocksDB has held its writes "
-                        f"for {_STALL_LIMIT_S:.0f} s, its flushes failing (is the disk full? "
-                        "the LOG file in that directory says)"
-                    ) from exc
-                time.sleep(pause)
-                # A flush catching up ends within milliseconds: tried again soon,
-                # then less often (each try makes the batch again).
-                pause = min(2 * pause, _STALL_PAUSE_MAX_S)
             else:
                 return
+            if not self._db.property_int_value("rocksdb.is-write-stopped"):
+                self._db.write(_batch(changes, changelog_offset), _PACED)
+                return
+            now = time.monotonic()
+            stalled_since = now if stalled_since is None else stalled_since
+            free = shutil.disk_usage(self.path).free
+            if free < self._resources.settings.write_buffer_mb * _MB:
+                raise StoreError(
+                    f"cannot write the store at {self.path}: its disk is full ({free} bytes "
+                    "free), and RocksDB holds its writes until a flush can be written"
+                )
+            if now - stalled_since >= _STALL_LIMIT_S:
+                raise StoreError(
+                    f"cannot write the store at {self.path}: RocksDB has held its writes "
+                    f"for {_STALL_LIMIT_S:.0f} s, its flushes not ending (the LOG file in "
+                    "that directory says why)"
+                )
+            time.sleep(pause)
+            # A flush catching up ends within milliseconds: tried again soon,
+            # then less often (each try makes the batch again).
+            pause = min(2 * pause, _STALL_PAUSE_MAX_S)
 
     def flush_if_idle(self) -> bool:
         """Begin a flush of the memtable if it holds writes and none came since

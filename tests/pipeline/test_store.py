@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -382,19 +383,30 @@ def test_a_write_that_rocksdb_refuses_is_a_store_error(
 
 
 class _Stalled:
-    """A database whose memtables wait on a flush: with ``no_slowdown``, RocksDB
-    answers a write it would hold with Incomplete (a flush catching up) until
-    the flush ends, or for ever (a full disk, the flush failing)."""
+    """A database whose writes RocksDB would hold: with ``no_slowdown`` it
+    answers Incomplete, ``stalls`` times, while it has stopped writes (its
+    memtables full until a flush ends; for ever on a full disk) or, with
+    ``stopped`` false, while it paces them (its compactions behind)."""
 
-    def __init__(self, db: Any, stalls: float) -> None:
+    def __init__(self, db: Any, stalls: float, *, stopped: bool = True) -> None:
         self.db = db
         self.stalls = stalls
+        self.stopped = stopped
+        self.paced = 0
 
-    def write(self, batch: object) -> None:
+    def write(self, batch: object, write_opt: object = None) -> None:
+        if write_opt is not None:  # waits out RocksDB's delay, then writes
+            self.paced += 1
+            self.db.write(batch, write_opt)
+            return
         if self.stalls > 0:
             self.stalls -= 1
             raise Exception("Result incomplete: Write stall")
         self.db.write(batch)
+
+    def property_int_value(self, name: str) -> int:
+        assert name == "rocksdb.is-write-stopped"
+        return int(self.stopped)
 
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self.db.get(key)
@@ -404,16 +416,35 @@ class _Stalled:
         self.db.close()
 
 
-def test_a_write_waits_out_a_stall_and_fails_one_that_lasts(
+def test_a_stopped_write_is_waited_out_with_the_gil_let_go(
     store: PartitionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """RocksDB held a stalled write inside the call, the GIL with it: a flush
+    """RocksDB held a stopped write inside the call, the GIL with it: a flush
     that never ended (a full disk) froze the process, its stop's watchdog too."""
-    monkeypatch.setattr(store, "_db", _Stalled(store._db, stalls=3))
-    store.write({b"a": b"1"}, 7)
+    stalled = _Stalled(store._db, stalls=3)
+    monkeypatch.setattr(store, "_db", stalled)
+    store.write({b"a": b"1", b"gone": None}, 7)
     assert (store.get(b"a"), store.changelog_offset) == (b"1", 7)  # the whole batch, once
+    assert stalled.paced == 0
+    # Paced, not stopped: written again, waiting RocksDB's delay in the call,
+    # as without no_slowdown (tried again and again, its delay only grew).
+    paced = _Stalled(stalled.db, stalls=1, stopped=False)
+    monkeypatch.setattr(store, "_db", paced)
+    store.write({b"b": b"2"}, 8)
+    assert (store.get(b"b"), store.changelog_offset, paced.paced) == (b"2", 8, 1)
+
+
+def test_a_write_stopped_on_a_full_disk_or_for_long_is_a_store_error(
+    store: PartitionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "_db", _Stalled(store._db, stalls=math.inf))
+    full = shutil.disk_usage(store.path)._replace(free=4096)
+    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda path: full)
+    with pytest.raises(StoreError, match=r"its disk is full \(4096 bytes free\)"):
+        store.write({b"b": b"2"}, 8)
+    monkeypatch.undo()
+    monkeypatch.setattr(store, "_db", _Stalled(store._db, stalls=math.inf))
     monkeypatch.setattr(store_module, "_STALL_LIMIT_S", 0.05)
-    monkeypatch.setattr(store, "_db", _Stalled(store._db.db, stalls=math.inf))
     with pytest.raises(StoreError, match="RocksDB has held its writes for 0 s"):
         store.write({b"b": b"2"}, 8)
 
