@@ -4,7 +4,8 @@ JSON lines carry ``time``, ``level``, ``logger`` and ``message`` (and
 ``exception`` when there is one). Nothing the worker logs contains a secret:
 settings are never logged whole (``stream-app config`` masks them).
 
-The Kafka client logs its warnings and errors, and at ``DEBUG`` everything.
+The Kafka client logs its warnings and errors, and at ``DEBUG`` all but
+its connections' dumps of each request (a SASL password is in one).
 Its warnings and errors are let through once per
 :data:`CLIENT_REPEAT_WINDOW_S` for each kind of line (see
 :class:`RepeatedClientLines`): while a broker is down, each of a worker's
