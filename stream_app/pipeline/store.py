@@ -72,8 +72,10 @@ _WRITE_STALL: Final = "Write stall"
 _PACED: Final = WriteOptions()
 _PACED.disable_wal = True  # type: ignore[method-assign,assignment]
 #: Seconds a write waits out a stop before it fails, and between its tries
-#: (doubling from the first to the most).
-_STALL_LIMIT_S: Final = 60.0
+#: (doubling from the first to the most). The wait holds up the event loop
+#: (the group's heartbeats every 3 s, /livez, the round's other commits): a
+#: stop that lasts is left to the task's restart, which waits beside it.
+_STALL_LIMIT_S: Final = 5.0
 _STALL_PAUSE_S: Final = 0.001
 _STALL_PAUSE_MAX_S: Final = 0.05
 
@@ -366,8 +368,8 @@ class PartitionStore:
         (``no_slowdown``). One it paces (its compactions behind) is written
         again, waiting the delay RocksDB sets, as without the option. One it
         has stopped (its memtables full until a flush ends) is tried again
-        with the GIL let go, until the flush ends: for good on a full disk,
-        where the flush never does, and that is a StoreError. (A batch is
+        with the GIL let go, for at most :data:`_STALL_LIMIT_S`, then is a
+        StoreError (at once on a full disk, where the flush never ends). (A batch is
         consumed by a write, even one that fails: made again for each try.)"""
         stalled_since: float | None = None
         pause = _STALL_PAUSE_S
