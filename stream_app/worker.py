@@ -138,7 +138,10 @@ async def run(settings: Settings, watchdog: list[threading.Timer] | None = None)
         finally:
             await web.stop()
         if not engine.stopped_cleanly:
-            log.error("stopped, but Kafka could not be reached to confirm it")
+            log.error(
+                "stopped, but not every transaction was committed (or Kafka could not be "
+                "reached to confirm it): their records are processed again by the next owner"
+            )
             return EXIT_FAILED
         return 0
 

@@ -909,7 +909,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         await asyncio.gather(*starters, return_exceptions=True)
         async with self._lock:
             self._owned_at_stop = bool(self._tasks)
+            failed = self.aborts + self.commits_unknown
             await self._commit(due_only=False)
+            if self.aborts + self.commits_unknown > failed:
+                # Their tasks are not restarted now: the next owner processes
+                # those records again, as after a kill.
+                self.stopped_cleanly = False
             for task in list(self._tasks.values()):
                 await self._drop(task)
         await self._stop_purging()

@@ -1450,3 +1450,47 @@ def test_the_transaction_timeout_outlasts_a_long_checkpoint_interval() -> None:
     assert transaction_timeout_ms(Settings()) == 60_000  # aiokafka's default
     assert transaction_timeout_ms(Settings(checkpoint_interval_s=15)) == 60_000
     assert transaction_timeout_ms(Settings(checkpoint_interval_s=60)) == 150_000
+
+
+class _AbortedOnStop:
+    """A task whose last transaction, committed as the worker stops, is
+    aborted (a send refused with NOT_ENOUGH_REPLICAS, say)."""
+
+    def __init__(self, commands_topic: str) -> None:
+        self.id = TaskId("commands", 0)
+        self.inputs = [TopicPartition(commands_topic, 0)]
+        self.active = True
+        self.checkpoint = object()
+        self.closed = False
+
+    def commit_due(self, now: float) -> bool:
+        return False
+
+    def begin_commit(self) -> Any:
+        async def aborted() -> None:
+            raise CheckpointError("NotEnoughReplicasError: aborted")
+
+        return aborted()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_last_commit_that_fails_makes_the_stop_unclean(tmp_path: Path) -> None:
+    """The stop logged "every transaction committed" and exited 0 though its
+    last transaction was aborted (its records are the next owner's to redo)."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    task = _AbortedOnStop(settings.topics.commands)
+    _owning(engine, task)
+    engine._joined = True
+    engine.stop()
+
+    class _Leaves:
+        async def stop(self) -> None:
+            pass
+
+    await engine._close(_Leaves())  # type: ignore[arg-type]
+    assert task.closed
+    assert engine.aborts == 1
+    assert not engine.stopped_cleanly
