@@ -868,8 +868,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         """How long a poll may wait for records: the checkpoint interval, or
         until the first open transaction falls due. A poll of a whole interval
         begun just before one fell due committed it almost two intervals after
-        it opened (at an interval of 30 s or more, past the broker's timeout of
-        the transaction), and held a quiet stream's outputs back as long."""
+        it opened, and held a quiet stream's outputs back as long. (The broker
+        sees a transaction only at its commit, which sends its records: no
+        interval comes near its transaction timeout.)"""
         wait = self.settings.checkpoint_interval_s
         for task in self._tasks.values():
             due = task.commit_due_in(now) if task.active else None

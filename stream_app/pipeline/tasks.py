@@ -73,22 +73,6 @@ RestoreProgress = Callable[["TaskId", int, int], None]
 _RESTORE_FETCH_BYTES: Final = 4 * 1024 * 1024
 
 
-#: Milliseconds; aiokafka's default transaction timeout, kept as the least.
-_TRANSACTION_TIMEOUT_MIN_MS: Final = 60_000
-
-
-def transaction_timeout_ms(settings: Settings) -> int:
-    """How long the broker lets a task's transaction stay open before it
-    aborts it: 60 s, or twice the checkpoint interval and 30 s more for a
-    long one. A transaction is committed about one interval after it opened,
-    and its commit round may first wait for the one before; Kafka Streams
-    likewise refuses a commit interval above its transaction timeout. (A
-    broker refuses one above its ``transaction.max.timeout.ms``, 15 min by
-    default; the longest here is 150 s.)"""
-    longest = int(settings.checkpoint_interval_s * 2000) + 30_000
-    return max(_TRANSACTION_TIMEOUT_MIN_MS, longest)
-
-
 class RecordTooLargeError(StreamAppError):
     """An output would exceed what the topics accept: its record is rejected instead."""
 
@@ -183,7 +167,6 @@ class Task:
             enable_idempotence=True,
             acks="all",
             linger_ms=self.settings.producer_linger_ms,
-            transaction_timeout_ms=transaction_timeout_ms(self.settings),
             # A transaction's records go out as whole batches (checkpoint.py), each
             # within the smallest max.message.bytes of the topics written.
             max_batch_size=min(512 * 1024, self.max_record_bytes),
