@@ -150,8 +150,25 @@ def new_event_id() -> str:
 #: producer retries a batch it could not deliver for ever: without this bound
 #: a send, and the client's stop, waited as long as an outage lasted.
 DELIVERY_TIMEOUT_S = 120.0
-#: Seconds the stop still waits for commands whose send gave up.
-_STOP_AFTER_GIVING_UP_S = 1.0
+#: Seconds a producer's stop still waits for records whose send gave up.
+STOP_AFTER_GIVING_UP_S = 1.0
+
+
+async def stop_producer(producer: Any, bound: float | None) -> bool:
+    """``producer.stop()``, given up after ``bound`` seconds (None: no bound);
+    whether it ended. aiokafka's stop waits for every record it holds, and its
+    idempotent producer retries one it could not deliver for ever: given up,
+    the producer is left to the event loop's end."""
+    stopping = asyncio.ensure_future(producer.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=bound)
+    if done:
+        stopping.result()
+        return True
+    stopping.cancel()
+    await asyncio.gather(stopping, return_exceptions=True)
+    return False
+
+
 #: aiokafka's default max_request_size.
 _KAFKA_MAX_REQUEST = 1_048_576
 #: Past it a Decimal is no double: the workers read such a number as infinite.
@@ -547,14 +564,9 @@ class SessionClient:
         if not pending:
             await producer.stop()
             return
-        bound = max(max(pending) - time.monotonic(), _STOP_AFTER_GIVING_UP_S)
-        stopping = asyncio.ensure_future(producer.stop())
-        done, _ = await asyncio.wait({stopping}, timeout=bound)
-        if done:
-            stopping.result()
+        bound = max(max(pending) - time.monotonic(), STOP_AFTER_GIVING_UP_S)
+        if await stop_producer(producer, bound):
             return
-        stopping.cancel()
-        await asyncio.gather(stopping, return_exceptions=True)
         log.warning(
             "stopped with %d command(s) Kafka at %s has not acknowledged: they may "
             "still be written; send them again, with the same eventIds",

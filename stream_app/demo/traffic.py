@@ -573,10 +573,6 @@ def generate(sessions: int, seed: int, prefix: str = "") -> list[tuple[bytes | N
     return generate_traffic(sessions, seed, prefix).pairs()
 
 
-#: Seconds the producer's stop waits once records were given up on.
-_STOP_AFTER_GIVING_UP_S: Final = 1.0
-
-
 async def _acknowledged(futures: list[asyncio.Future[Any]], servers: str) -> None:
     """Wait for every record's acknowledgement; raise the first failure, or
     ``KafkaTimeoutError`` past the client's delivery timeout (aiokafka's
@@ -614,6 +610,7 @@ async def produce_traffic(
     """
     from aiokafka import AIOKafkaProducer
 
+    from stream_app.client import STOP_AFTER_GIVING_UP_S, stop_producer
     from stream_app.pipeline.kafka import client_options
     from stream_app.pipeline.topics import ensure_topics
 
@@ -643,12 +640,9 @@ async def produce_traffic(
             future.add_done_callback(_observe)
         raise
     finally:
-        stopping = asyncio.ensure_future(producer.stop())
         # With records Kafka never acknowledged, the stop would wait for them.
-        bound = None if all(f.done() for f in futures) else _STOP_AFTER_GIVING_UP_S
-        if not (await asyncio.wait({stopping}, timeout=bound))[0]:
-            stopping.cancel()
-            await asyncio.gather(stopping, return_exceptions=True)
+        bound = None if all(f.done() for f in futures) else STOP_AFTER_GIVING_UP_S
+        await stop_producer(producer, bound)
     log.info(
         "produced %d records for %d sessions to %s in %.1fs",
         len(traffic.records),
