@@ -458,7 +458,7 @@ def _refuse_two_spellings(env: Mapping[str, str]) -> None:
             first = seen[setting][0]
             shown = (
                 ""
-                if "PASSWORD" in setting or setting == f"{ENV_PREFIX}SECURITY"
+                if _may_hold_a_secret(setting)
                 else (f" ({_shown_value(seen[setting][1])} and {_shown_value(value)})")
             )
             raise ConfigurationError(
@@ -648,9 +648,15 @@ def _shown(name: str, env: Mapping[str, str]) -> str:
     characters), or nothing when it is not set or may hold a secret: a SASL
     password, alone or inside the whole of STREAM_APP_SECURITY given as JSON."""
     given = {k.upper(): v for k, v in env.items()}.get(name)
-    if given is None or "PASSWORD" in name or name == f"{ENV_PREFIX}SECURITY":
+    if given is None or _may_hold_a_secret(name):
         return ""
     return f"={_shown_value(given)}"
+
+
+def _may_hold_a_secret(name: str) -> bool:
+    """Whether the variable ``name`` may hold a secret: a SASL password, alone
+    or inside the whole of STREAM_APP_SECURITY given as JSON."""
+    return "PASSWORD" in name or name == f"{ENV_PREFIX}SECURITY"
 
 
 def _shown_value(value: str) -> str:
