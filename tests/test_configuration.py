@@ -279,16 +279,22 @@ def test_config_prints_the_effective_settings_with_secrets_masked(tmp_path: Path
     assert '"closed": "analytics.closed"' in output
 
 
-def test_an_unreachable_broker_is_retried_and_said_plainly(tmp_path: Path) -> None:
+def _worker_without_kafka(cwd: Path, **popen: Any) -> subprocess.Popen[str]:
+    """`stream-app worker` with no broker to reach, its output on a pipe."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "stream_app", "worker"],
         env={**base, "KAFKA_BOOTSTRAP_SERVERS": CLOSED_PORT, "STREAM_APP_HTTP_PORT": "0"},
-        cwd=tmp_path,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        **popen,
     )
+
+
+def test_an_unreachable_broker_is_retried_and_said_plainly(tmp_path: Path) -> None:
+    proc = _worker_without_kafka(tmp_path)
     deadline = time.monotonic() + 20
     seen: list[str] = []
     assert proc.stdout is not None
@@ -347,15 +353,8 @@ def test_a_worker_started_with_nohup_keeps_running_when_its_terminal_closes(
     tmp_path: Path,
 ) -> None:
     """`nohup stream-app worker &`: SIGHUP ignored is what nohup asks for."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_APP_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stream_app", "worker"],
-        env={**base, "KAFKA_BOOTSTRAP_SERVERS": CLOSED_PORT, "STREAM_APP_HTTP_PORT": "0"},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    proc = _worker_without_kafka(
+        tmp_path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)
     )
     try:
         time.sleep(3)  # its handlers in place, waiting for Kafka
