@@ -225,19 +225,26 @@ class _Store:
             raise StoreError("cannot close the store at x: IO error: No space left on device")
 
 
-async def test_a_task_closes_every_store_when_one_cannot_be_closed(tmp_path: Path) -> None:
-    stage = Stage("commands", ("commands",), ("a", "b", "c"), build=lambda *_: None)  # type: ignore[arg-type,return-value]
-    task = Task(
+def _bare_task(
+    settings: Settings, tmp_path: Path, partition: int = 0, stores: tuple[str, ...] = ()
+) -> Task:
+    """A real Task of the commands stage, never started: no producer, no processor."""
+    stage = Stage("commands", (settings.topics.commands,), stores, build=lambda *_: None)  # type: ignore[arg-type,return-value]
+    return Task(
         stage,
-        0,
-        settings=Settings(data_dir=tmp_path),
-        changelogs={"a": "a-changelog", "b": "b-changelog", "c": "c-changelog"},
+        partition,
+        settings=settings,
+        changelogs={name: f"{name}-changelog" for name in stores},
         state_dir=tmp_path,
         resources=RocksDBResources(RocksDBSettings()),
         commit_offsets=lambda _offsets: None,
         limits=Limits(),
         max_record_bytes=1_048_588,
     )
+
+
+async def test_a_task_closes_every_store_when_one_cannot_be_closed(tmp_path: Path) -> None:
+    task = _bare_task(Settings(data_dir=tmp_path), tmp_path, stores=("a", "b", "c"))
     stores = {"a": _Store(fails=False), "b": _Store(fails=True), "c": _Store(fails=False)}
     task.stores = stores  # type: ignore[assignment]
     with pytest.raises(StoreError, match="No space left"):
@@ -1415,22 +1422,9 @@ def test_a_poll_waits_no_longer_than_the_first_open_transaction_has_left(
     held back as long."""
     settings = Settings(data_dir=tmp_path, checkpoint_interval_s=30)
     engine = Engine(settings, TopicLayout(2, 1_048_588))
-    tasks = []
-    for partition in (0, 1):
-        stage = Stage("commands", (settings.topics.commands,), (), build=lambda *_: None)  # type: ignore[arg-type,return-value]
-        task = Task(
-            stage,
-            partition,
-            settings=settings,
-            changelogs={},
-            state_dir=tmp_path,
-            resources=RocksDBResources(RocksDBSettings()),
-            commit_offsets=lambda _offsets: None,
-            limits=Limits(),
-            max_record_bytes=1_048_588,
-        )
+    tasks = [_bare_task(settings, tmp_path, partition) for partition in (0, 1)]
+    for task in tasks:
         task.active = True
-        tasks.append(task)
     _owning(engine, *tasks)
     assert engine._poll_ms(1000.0) == 30_000  # no transaction open
     tasks[0].checkpoint = _OpenTransaction()  # type: ignore[assignment]
