@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import threading
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -591,3 +592,10 @@ def held_by_another_process(path: Path) -> Iterator[None]:
         yield
     finally:
         holder.communicate("", timeout=30)
+
+
+def store_deletes_done() -> None:
+    """Wait for the stores' deletes, which run in threads of their own."""
+    for thread in threading.enumerate():
+        if thread.name == "store-delete":
+            thread.join(timeout=10)

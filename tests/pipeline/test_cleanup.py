@@ -4,7 +4,6 @@ real files, another real process holding a lock; the clock is passed in)."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +15,7 @@ from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.store import PartitionStore, RocksDBResources
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.settings import RocksDBSettings, Settings
-from tests.pipeline.fakes import held_by_another_process
+from tests.pipeline.fakes import held_by_another_process, store_deletes_done
 
 DELAY_S = 600.0
 STORES = ("sessions", "session-ids")
@@ -194,9 +193,7 @@ def test_a_store_set_aside_that_cannot_be_deleted_is_said_and_blocks_nothing(
     assert again == tmp_path / "sessions" / "3.deleting.1"
     monkeypatch.setattr(store_module.shutil, "rmtree", real_rmtree)
     PartitionStore(tmp_path / "sessions" / "3", resources).close()  # removes what is aside
-    for thread in threading.enumerate():  # in a thread of its own
-        if thread.name == "store-delete":
-            thread.join(timeout=10)
+    store_deletes_done()  # in a thread of its own
     assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == ["3"]
 
 

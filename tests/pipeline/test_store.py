@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from stream_app.pipeline.store import (
     StoreOverlay,
 )
 from stream_app.settings import RocksDBSettings
-from tests.pipeline.fakes import held_by_another_process
+from tests.pipeline.fakes import held_by_another_process, store_deletes_done
 
 
 @pytest.fixture
@@ -322,12 +321,6 @@ def test_a_store_another_process_has_open_is_not_deleted(
         held.close()
 
 
-def _deletes_done() -> None:
-    for thread in threading.enumerate():
-        if thread.name == "store-delete":
-            thread.join(timeout=10)
-
-
 def test_a_wipe_cut_short_leaves_no_half_database(
     tmp_path: Path, resources: RocksDBResources, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -340,13 +333,13 @@ def test_a_wipe_cut_short_leaves_no_half_database(
     with monkeypatch.context() as killed:
         killed.setattr("stream_app.pipeline.store.shutil.rmtree", lambda *_, **__: None)
         store.wipe()
-        _deletes_done()  # in a thread of their own
+        store_deletes_done()  # in a thread of their own
     store.close()
     aside = path.with_name("0.deleting")
     assert aside.is_dir()
     again = PartitionStore(path, resources)
     try:
-        _deletes_done()
+        store_deletes_done()
         assert not aside.exists()
         assert contents(again) == {}
         assert again.changelog_offset is None
