@@ -38,9 +38,10 @@ from stream_app.settings import Settings
 log = logging.getLogger(__name__)
 
 DEFAULT = ApplicationSettings()
-#: How long a settings topic without metadata is asked for again before the
-#: worker goes on with file settings only: the worker creates it just before
-#: (``ensure_topics``), and the broker may not show it at once.
+#: How often the follower says it is still waiting for the settings topic
+#: to be shown. The worker creates it just before (``ensure_topics``), and
+#: the broker may not show it at once; the follower waits for as long as it
+#: takes, as commands must not be applied with settings it has not read.
 TOPIC_VISIBLE_WAIT_S = 10.0
 #: How often the follower's metadata, and so the settings topic's partition
 #: count, is refreshed (the engine's input topics are watched as often).
@@ -186,17 +187,8 @@ async def _follow(
     )
     try:
         await consumer.start()  # in the try: a failed or cancelled start closes it too
-        deadline = asyncio.get_running_loop().time() + TOPIC_VISIBLE_WAIT_S
-        while True:
-            count = await partition_count(client_options(settings), topic)
-            if count or asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.2)
+        count = await _shown_partitions(settings, topic)
         tps = [TopicPartition(topic, p) for p in range(count)]
-        if not tps:
-            log.warning("settings topic %s does not exist: file settings only", topic)
-            ready.set()
-            return
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
@@ -220,6 +212,33 @@ async def _follow(
             await _follow_added_partitions(consumer, topic, applied)
     finally:
         await consumer.stop()
+
+
+async def _shown_partitions(settings: Settings, topic: str) -> int:
+    """The settings topic's partition count, once the cluster shows it.
+
+    The worker has just created the topic or found it (``ensure_topics``),
+    so a topic not shown is one the broker has not caught up with: it is
+    asked for again, for as long as it takes. Before, the follower gave up
+    after 10 s and the worker applied its file settings alone for its whole
+    life, while the group's other workers applied the topic's."""
+    loop = asyncio.get_running_loop()
+    began = warned = loop.time()
+    while True:
+        count = await partition_count(client_options(settings), topic)
+        if count:
+            return count
+        now = loop.time()
+        if now - warned >= TOPIC_VISIBLE_WAIT_S:
+            warned = now
+            log.warning(
+                "settings topic %s is not shown by the cluster %.0f s after the worker "
+                "declared it: waiting for it before applying commands (a worker that has "
+                "not read the applications' settings would apply others than its group)",
+                topic,
+                now - began,
+            )
+        await asyncio.sleep(0.2 if now - began < TOPIC_VISIBLE_WAIT_S else 1.0)
 
 
 async def _follow_added_partitions(

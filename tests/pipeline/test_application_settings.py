@@ -175,6 +175,36 @@ async def test_a_settings_topic_just_created_is_followed_once_the_broker_shows_i
     assert registry.settings_for(7).flattening is False
 
 
+async def test_a_settings_topic_the_broker_shows_late_is_waited_for_not_given_up(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, a settings topic not shown within 10 s was given up for the
+    worker's whole life ("does not exist: file settings only"): that worker
+    applied its file settings alone while the rest of its group applied the
+    topic's. Now the worker is not ready until the topic is shown and read."""
+    shown = asyncio.Event()
+
+    async def partition_count(options: object, topic: str) -> int:
+        return 1 if shown.is_set() else 0
+
+    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "AIOKafkaConsumer", _SettingsConsumer)
+    monkeypatch.setattr(application_settings, "TOPIC_VISIBLE_WAIT_S", 0.3)
+    registry = ApplicationSettingsRegistry()
+    ready = asyncio.Event()
+    follower = asyncio.create_task(
+        application_settings.follow_settings_topic(Settings(), registry, ready)
+    )
+    await asyncio.sleep(1.5)  # five times the wait
+    assert not ready.is_set()
+    assert not follower.done()
+    assert "waiting for it before applying commands" in caplog.text
+    shown.set()
+    await asyncio.wait_for(ready.wait(), 5)
+    follower.cancel()
+    assert registry.settings_for(7).flattening is False
+
+
 class _PoisonedSettingsConsumer(_SettingsConsumer):
     """Its one record has a header name that is not UTF-8: aiokafka's getmany fails."""
 
