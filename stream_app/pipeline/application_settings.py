@@ -43,6 +43,9 @@ DEFAULT = ApplicationSettings()
 #: the broker may not show it at once; the follower waits for as long as it
 #: takes, as commands must not be applied with settings it has not read.
 TOPIC_VISIBLE_WAIT_S = 10.0
+#: How often a first read of the settings topic that has not reached its
+#: end says so.
+_READING_TOLD_EVERY_S: Final = 30.0
 #: How often the follower's metadata, and so the settings topic's partition
 #: count, is refreshed (the engine's input topics are watched as often).
 METADATA_MAX_AGE_MS: Final = 10_000
@@ -158,9 +161,12 @@ async def follow_settings_topic(
         ) as exc:
             if ready.is_set():
                 raise
+            # Not only an outage: a settings partition without a leader
+            # times out the same way, with the rest of Kafka answering.
             log.warning(
-                "reading the application settings: Kafka at %s is not reachable (%r): "
-                "retrying in %.0f s",
+                "reading the application settings topic %s from Kafka at %s failed (%r): "
+                "Kafka or the topic's leader is not reachable; retrying in %.0f s",
+                settings.topics.application_settings,
                 settings.bootstrap_servers,
                 exc,
                 backoff,
@@ -194,10 +200,24 @@ async def _follow(
         end = await consumer.end_offsets(tps)
         #: Per partition, the offset after the last record applied.
         applied = {tp: await consumer.position(tp) for tp in tps}
+        loop = asyncio.get_running_loop()
+        told = loop.time()
         while True:
-            if not ready.is_set() and await _caught_up(consumer, end):
-                log.info("application settings loaded")
-                ready.set()
+            if not ready.is_set():
+                if await _caught_up(consumer, end):
+                    log.info("application settings loaded")
+                    ready.set()
+                elif loop.time() - told >= _READING_TOLD_EVERY_S:
+                    # Else a fetch that stalls (a partition without a leader)
+                    # kept the worker unready without a word.
+                    told = loop.time()
+                    log.warning(
+                        "still reading the settings topic %s before applying commands: "
+                        "at offset %s of %s",
+                        topic,
+                        sum(applied.values()),
+                        sum(end.values()),
+                    )
             try:
                 batches = await consumer.getmany(timeout_ms=200)
             except MAYBE_UNREADABLE as exc:

@@ -205,6 +205,37 @@ async def test_a_settings_topic_the_broker_shows_late_is_waited_for_not_given_up
     assert registry.settings_for(7).flattening is False
 
 
+class _StalledSettingsConsumer(_SettingsConsumer):
+    """Its fetches return nothing: the partition's leader is away."""
+
+    async def getmany(self, timeout_ms: int) -> dict[object, list[object]]:
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+
+async def test_a_first_read_that_stalls_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, a fetch that stalled after the end offsets were known kept the
+    worker unready without a word until its startup probe killed it."""
+
+    async def partition_count(options: object, topic: str) -> int:
+        return 1
+
+    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "AIOKafkaConsumer", _StalledSettingsConsumer)
+    monkeypatch.setattr(application_settings, "_READING_TOLD_EVERY_S", 0.1)
+    ready = asyncio.Event()
+    follower = asyncio.create_task(
+        application_settings.follow_settings_topic(Settings(), ApplicationSettingsRegistry(), ready)
+    )
+    await asyncio.sleep(0.8)
+    follower.cancel()
+    assert not ready.is_set()
+    assert "still reading the settings topic sessions.application-settings" in caplog.text
+    assert "at offset 0 of 1" in caplog.text
+
+
 class _PoisonedSettingsConsumer(_SettingsConsumer):
     """Its one record has a header name that is not UTF-8: aiokafka's getmany fails."""
 
