@@ -261,6 +261,8 @@ class TopicLayout:
     unwritable: tuple[str, ...] = ()
     #: What compacts the command topic, if anything (check_retention warns).
     commands_compacted: str | None = None
+    #: What compacts the rejection topic, if anything (check_retention refuses).
+    rejections_compacted: str | None = None
 
 
 #: CreateTopics' answer when creations are throttled (aiokafka has no class for it).
@@ -499,6 +501,7 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
         flagged(_REPARTITION, compacts),
         tuple(unwritable),
         compacts(configs.get(settings.topics.commands, {})),
+        compacts(configs.get(settings.topics.rejected, {})),
     )
 
 
@@ -552,6 +555,19 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
             f"(kafka-configs.sh --bootstrap-server {settings.bootstrap_servers} --alter "
             "--entity-type topics --entity-name NAME --add-config "
             "cleanup.policy=delete,retention.ms=-1,retention.bytes=-1)"
+        )
+    if layout.rejections_compacted:
+        # Kafka refuses a record without a key on a compacted topic, and the
+        # rejection of a keyless command has none: its transaction failed,
+        # the task replayed it and failed again, and the partition stalled.
+        raise ConfigurationError(
+            f"the rejection topic {settings.topics.rejected} is compacted "
+            f"({layout.rejections_compacted}): Kafka refuses the rejection of a command "
+            "sent without a key there, which would stop its partition, and compaction "
+            "keeps only the newest rejection of each key. Make it delete by time "
+            f"(kafka-configs.sh --bootstrap-server {settings.bootstrap_servers} --alter "
+            f"--entity-type topics --entity-name {settings.topics.rejected} --add-config "
+            "cleanup.policy=delete)"
         )
     if layout.commands_compacted:
         # The checkout systems' topic: not the worker's to refuse.

@@ -618,6 +618,25 @@ async def test_a_compacted_command_topic_is_warned_of(
     assert (await topics_module.ensure_topics(settings)).commands_compacted is None
 
 
+async def test_a_compacted_rejection_topic_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kafka refuses a record without a key on a compacted topic: the
+    rejection of a command sent without one failed its transaction at every
+    replay, and the partition stalled for good. Compaction also kept only
+    each key's newest rejection."""
+    settings = Settings()
+    configs = {settings.topics.rejected: {"cleanup.policy": "compact,delete"}}
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(), configs))
+    layout = await topics_module.ensure_topics(settings)
+    with pytest.raises(
+        ConfigurationError,
+        match="the rejection topic sessions.rejected is "
+        r"compacted \(cleanup.policy=compact,delete\)",
+    ):
+        check_retention(settings, layout)
+    configs[settings.topics.rejected] = {"cleanup.policy": "delete"}
+    check_retention(settings, await topics_module.ensure_topics(settings))
+
+
 async def test_a_command_topic_the_worker_may_create_but_not_see_is_named(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
