@@ -17,9 +17,11 @@ send:
 Contract on crash and rebalance: the store writes and the sends of one record
 are in the same Kafka transaction under ``exactly_once`` (see
 ``checkpoint.py``), so a record is either fully applied, stored and emitted,
-or not at all; under ``at_least_once`` a crash can re-apply the commands
-after the last committed offset, and the ``eventId`` memory of each session
-then suppresses the repeats that carry an ``eventId``.
+or not at all; under ``at_least_once`` a crash can replay the commands after
+the last committed offset: a task starts past those its restored state holds
+(see ``tasks.py``), and each session's ``eventId`` memory suppresses repeats
+(a command without an ``eventId`` is remembered by where it first arrived,
+``<topic>-<partition>-<offset>``). What is not covered is in README.md.
 
 Trust boundaries. Anyone who may write the command topic is untrusted: its
 records' headers are ignored, sizes and timestamps are bounded
@@ -523,8 +525,16 @@ class CommandProcessor:
         command = self._read(record.value, origin)
         if isinstance(command, Rejection):
             if record.topic == self.rekey_topic:
-                # The worker re-keys only commands it decoded: this one is not its own.
-                problem = f"not a command the worker re-keyed ({command.reason.value})"
+                # The worker re-keys only commands it decoded: this one is not its
+                # own, and its origin may be forged, so not named as its source.
+                # Named in the details: a command limit lowered, or decoding made
+                # stricter by an upgrade, while copies were in flight refuses the
+                # worker's own, and the operator looks for it there.
+                problem = (
+                    f"not a command the worker re-keyed ({command.reason.value}: "
+                    f"{command.message}); its origin header names "
+                    f"{origin.topic}[{origin.partition}]@{origin.offset}"
+                )
                 return [self._invalid_internal(record, problem)], kind, rejected
             return [self._reject(command, origin)], kind, rejected
         kind = _COMMAND_KINDS.get(type(command), "unknown")

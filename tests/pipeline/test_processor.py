@@ -298,6 +298,27 @@ def test_stage_2_rejects_an_output_it_cannot_set_first_session_in(damage: str) -
     assert json.loads(out[0].value)["reason"] == "INVALID_INTERNAL_RECORD"
 
 
+def test_a_re_keyed_copy_refused_on_its_second_pass_names_its_origin() -> None:
+    """A lower command limit (or stricter decoding after an upgrade) may refuse
+    the re-keyed copy of a command the worker decoded. It stays an
+    INVALID_INTERNAL_RECORD at its own position (an origin header may be
+    forged), but the details now say why and where it first arrived: before,
+    only the reason's code, with the re-key topic's record purged later."""
+    p = stage1()
+    value = cmd("s1", session={"attributes": {"note": "x" * 2000}})
+    out = p.process(record(value, b"wrong", partition=2, offset=7))
+    assert [o.topic for o in out] == [REKEY]
+    p.limits = Limits(max_command_bytes=1024)
+    rekeyed = record(out[0].value, out[0].key, topic=REKEY, headers=out[0].headers)
+    (rejection,) = p.process(rekeyed)
+    doc = json.loads(rejection.value)
+    assert doc["reason"] == "INVALID_INTERNAL_RECORD"
+    assert doc["source"]["topic"] == REKEY
+    (error,) = doc["errors"]
+    assert "LIMIT_EXCEEDED: The command exceeds a limit" in error["details"]
+    assert f"its origin header names {TOPICS.commands}[2]@7" in error["details"]
+
+
 def test_duplicates_and_rejections_are_counted_and_rejections_keep_the_bytes() -> None:
     p = stage1()
     first = p.process(record(cmd("d", eventId="e1", session={"state": "closed"}), b"d"))
