@@ -548,10 +548,19 @@ def _update(
         name = EventName.REVOKED if current is _CLOSED else EventName.CANCELLED
         updated = _advanced(session, target, timestamp, event_id)
     else:
-        raise _invalid_transition(
-            pointer, f"a {current} session cannot be updated to {target or 'its current state'}"
-        )
+        raise _invalid_transition(pointer, _refused_update(current, target))
     return Applied(updated, (SessionEvent(name, event_id, timestamp),))
+
+
+def _refused_update(current: SessionState, target: SessionState | None) -> str:
+    """Why an update of a session that is not open is refused. (Before, "a
+    closed session cannot be updated to its current state" for an update
+    without a state, as if a state were what was wrong with it.)"""
+    if current is _CANCELLED:
+        return "a cancelled session accepts no update"
+    asked = f"to {target}" if target is not None else "that changes its content"
+    after = "reopen it first to change it" if current is _CLOSED else "it cannot be reopened"
+    return f"a {current} session accepts only an update to cancelled, not one {asked}: {after}"
 
 
 # --------------------------------------------------------------------------- reopen

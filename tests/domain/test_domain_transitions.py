@@ -120,6 +120,24 @@ def test_rejection_pointers_for_transitions() -> None:
     assert rejected(closed, COMMANDS["update closed"]).errors[0].pointer == "/session/state"
 
 
+def test_a_refused_update_of_a_session_not_open_says_what_it_accepts() -> None:
+    """Before, an update without a state on a closed session read "a closed
+    session cannot be updated to its current state", as if its state were
+    what was wrong with it."""
+    content = {"couponCodes": []}
+    assert rejected(session_in("closed"), update_doc(content)).errors[0].details == (
+        "a closed session accepts only an update to cancelled, not one that changes its "
+        "content: reopen it first to change it"
+    )
+    returned = rejected(session_in("partially_returned"), COMMANDS["update closed"])
+    assert returned.errors[0].details == (
+        "a partially_returned session accepts only an update to cancelled, not one to "
+        "closed: it cannot be reopened"
+    )
+    cancelled = rejected(session_in("cancelled"), update_doc(content))
+    assert cancelled.errors[0].details == "a cancelled session accepts no update"
+
+
 # --------------------------------------------------------------------------- creation
 
 
