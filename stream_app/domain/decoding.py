@@ -459,9 +459,11 @@ def _return_items(items: Any) -> tuple[ReturnItem, ...]:
         if type(item) is not dict:
             raise InvalidCommandError(_SCHEMA, base, "a returned item must be a JSON object")
         position = item.get("position")
-        if position is not None and (type(position) is not int or position < 0):
+        if position is not None and (type(position) is not int or not 0 <= position < _I64):
+            # Bounded as quantity is (and as the fast path bounds it): a
+            # position of 2^63 or more decoded and was echoed in the rejection.
             raise InvalidCommandError(
-                _SCHEMA, f"{base}/position", "position must be an integer >= 0"
+                _SCHEMA, f"{base}/position", "position must be an integer from 0 to 2^63 - 1"
             )
         sku = item.get("sku")
         if sku is not None and (type(sku) is not str or not sku):

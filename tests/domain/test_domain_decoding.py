@@ -187,6 +187,13 @@ CASES: dict[str, tuple[dict[str, Any], Reason | None, str]] = {
     "return 1001": (return_doc([{"position": 0}] * 1001), LIMIT, "/returnedCartItems"),
     "return neither": (return_doc([{"quantity": 1}]), SCHEMA, "/returnedCartItems/0"),
     "return position -1": (return_doc([{"position": -1}]), SCHEMA, "/returnedCartItems/0/position"),
+    # Before, 2^63 decoded (the fast path refused it, the rules path did not).
+    "return position 2^63": (
+        return_doc([{"position": 2**63}]),
+        SCHEMA,
+        "/returnedCartItems/0/position",
+    ),
+    "return position 2^63-1": (return_doc([{"position": 2**63 - 1}]), OK, ""),
     "return position str": (
         return_doc([{"position": "0"}]),
         SCHEMA,
