@@ -38,7 +38,8 @@ class EngineCollector(Collector):
         m = engine.metrics
         commands = CounterMetricFamily(
             "stream_app_commands",
-            "Commands processed, by type and outcome",
+            "Commands processed, by type and outcome (a command re-keyed is counted "
+            "rekeyed, then again with its outcome once its re-keyed copy is processed)",
             labels=["type", "outcome"],
         )
         # Every series from the start, at 0 until it moves: an alert on an
