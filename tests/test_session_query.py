@@ -572,13 +572,16 @@ async def test_a_raw_hash_in_the_id_is_refused_not_forwarded_as_another_id(
     assert asked == ["/v2/customer_sessions/a%23frag"]
 
 
-@pytest.mark.parametrize("owner_answers", ["redirect", "plain 200", "502"])
+@pytest.mark.parametrize(
+    "owner_answers", ["redirect", "plain 200", "502", "html 404", "json 404 of no worker"]
+)
 async def test_an_owner_that_answers_as_no_worker_does_is_a_503(
     tmp_path: Path, owner_answers: str
 ) -> None:
     """A redirect was followed, to any host, with the forwarded mark, and a
     200 in plain text from whatever answered the owner's address (a proxy,
-    another service) was relayed as the session's answer."""
+    another service) was relayed as the session's answer; so was its 404,
+    telling the client that the session did not exist."""
 
     async def answer(request: web.Request) -> web.Response:
         if request.match_info["integration_id"] == "c-2":
@@ -587,6 +590,10 @@ async def test_an_owner_that_answers_as_no_worker_does_is_a_503(
             raise web.HTTPFound("/v2/customer_sessions/c-2")
         if owner_answers == "plain 200":
             return web.Response(text="a page")
+        if owner_answers == "html 404":
+            return web.Response(status=404, text="<html>Not Found</html>", content_type="text/html")
+        if owner_answers == "json 404 of no worker":
+            return web.json_response({"error": "not found"}, status=404)
         return web.Response(status=502, text="bad gateway")  # a proxy's
 
     async with (
@@ -619,3 +626,136 @@ async def test_a_connection_that_sends_nothing_is_closed(
             writer.close()
     finally:
         await web_server.stop()
+
+
+async def _own_server(
+    tmp_path: Path, lookup: Callable[[int, str], Lookup] | Callable[..., Awaitable[Lookup]]
+) -> tuple[WebServer, TestServer]:
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    engine.session_lookup = lookup  # type: ignore[method-assign,assignment]
+    web_server = WebServer(settings, engine)
+    server = TestServer(web_server.app)
+    await server.start_server()
+    return web_server, server
+
+
+async def test_an_id_over_its_limit_is_refused_and_a_404_quotes_only_its_start(
+    tmp_path: Path,
+) -> None:
+    """A 16 KB id was hashed and looked up, and its 404 quoted it whole: an
+    answer as large as its request, which a client pipelining requests and
+    never reading made the server hold, hundreds of MB over a few hundred
+    connections."""
+    asked: list[str] = []
+
+    def unknown(_app: int, integration_id: str) -> Lookup:
+        asked.append(integration_id)
+        return Lookup(found=True)
+
+    _, server = await _own_server(tmp_path, unknown)
+    try:
+        async with ClientSession() as http:
+            async with http.get(server.make_url("/v2/customer_sessions/" + "a" * 1001)) as answer:
+                assert answer.status == 400
+                assert "at most 1000 characters" in (await answer.json())["detail"]
+            async with http.get(server.make_url("/v2/customer_sessions/" + "b" * 1000)) as answer:
+                assert answer.status == 404
+                detail = (await answer.json())["detail"]
+        assert asked == ["b" * 1000]
+        assert detail == f"no session {'b' * 100 + '...'!r} in application 1"
+    finally:
+        await server.close()
+
+
+async def test_queries_past_the_bound_in_flight_are_answered_503_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queries share the event loop with the records: without a bound, many
+    clients slowed processing down, and held the forwarding pool."""
+    monkeypatch.setattr("stream_app.web.server.MAX_QUERIES_IN_FLIGHT", 2)
+    release = asyncio.Event()
+
+    async def owner(_request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({"integrationId": "c-1"})
+
+    async with _forwarding(tmp_path, owner) as (_, server), ClientSession() as http:
+        url = server.make_url("/v2/customer_sessions/c-1")
+        held = [asyncio.create_task(http.get(url)) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        async with http.get(url) as answer:
+            assert (answer.status, answer.headers.get("Retry-After")) == (503, "1")
+            assert (await answer.json())["detail"] == "too many queries in flight on this worker"
+        release.set()
+        for task in held:
+            async with await task as answer:
+                assert answer.status == 200
+        async with http.get(url) as answer:
+            assert answer.status == 200
+
+
+async def test_a_stored_session_that_cannot_be_decoded_is_a_503_not_a_500(
+    tmp_path: Path,
+) -> None:
+    """A stored form this release cannot read (damaged, or another release's)
+    made the query fail with aiohttp's plain-text 500 and a traceback, for
+    every query of that session."""
+    _, server = await _own_server(tmp_path, lambda *_: Lookup(found=True, stored=b"{not a session"))
+    try:
+        async with (
+            ClientSession() as http,
+            http.get(server.make_url("/v2/customer_sessions/c-1")) as answer,
+        ):
+            assert (answer.status, answer.content_type) == (503, "application/json")
+            assert (await answer.json())["detail"] == "the session's stored form cannot be read"
+    finally:
+        await server.close()
+
+
+async def test_an_owner_that_never_answers_does_not_hold_the_queries_of_the_others(
+    tmp_path: Path,
+) -> None:
+    """All 32 forwarding connections went to an owner that took them and never
+    answered (a frozen pod): queries for sessions of every other owner waited
+    for one, and timed out too."""
+    release = asyncio.Event()
+    held: list[str] = []
+
+    async def frozen(request: web.Request) -> web.Response:
+        held.append(request.match_info["integration_id"])
+        await release.wait()
+        return web.json_response({"integrationId": "late"})
+
+    async def healthy(_request: web.Request) -> web.Response:
+        return web.json_response({"integrationId": "good"})
+
+    owners = []
+    for handler in (frozen, healthy):
+        app = web.Application()
+        app.router.add_get("/v2/customer_sessions/{integration_id}", handler)
+        owners.append(TestServer(app))
+    for owner in owners:
+        await owner.start_server()
+    frozen_url, healthy_url = (str(owner.make_url("")) for owner in owners)
+    lookup = lambda _app, iid: Lookup(owner=healthy_url if iid == "good" else frozen_url)  # noqa: E731
+    _, server = await _own_server(tmp_path, lookup)
+    try:
+        async with ClientSession() as http:
+            stuck = [
+                asyncio.create_task(http.get(server.make_url(f"/v2/customer_sessions/s-{n}")))
+                for n in range(40)
+            ]
+            await asyncio.sleep(0.3)
+            async with http.get(server.make_url("/v2/customer_sessions/good")) as answer:
+                assert answer.status == 200
+                assert (await answer.json())["integrationId"] == "good"
+            # Of the 32 connections, the frozen owner holds 8; the rest wait.
+            assert len(held) == 8
+            release.set()
+            for task in stuck:
+                (await task).release()
+    finally:
+        await server.close()
+        for owner in owners:
+            await owner.close()

@@ -35,10 +35,25 @@ from stream_app.web.metrics import EngineCollector
 
 #: Marks a request one worker forwarded to another: it is never forwarded again.
 FORWARDED_HEADER = "X-Stream-App-Forwarded"
-_FORWARD_TIMEOUT = ClientTimeout(total=5)
+#: A connect of its own bound: an owner whose address drops packets took the
+#: whole 5 s before, and held one of the connections below meanwhile.
+_FORWARD_TIMEOUT = ClientTimeout(total=5, sock_connect=1)
 #: Connections kept to the other workers for forwarded queries, all together:
 #: more requests wait for one (within the timeout) rather than each opening its own.
 _FORWARD_CONNECTIONS = 32
+#: Of those, to one owner: an owner that takes connections and never answers
+#: held all 32 before, and the queries for every other owner timed out too.
+_FORWARD_CONNECTIONS_PER_OWNER = 8
+#: Queries answered at once; more are answered 503 (ask again) at once. They
+#: share the event loop with the records (an id's partition is hashed in pure
+#: Python): many clients could slow processing down, not only the queries.
+MAX_QUERIES_IN_FLIGHT = 64
+#: The longest integrationId, in code points (docs/contract.md); a longer one
+#: is refused before it is hashed or forwarded.
+_MAX_ID = 1000
+#: Characters of an id a problem document quotes: an answer as large as its
+#: request, pipelined by a client that never read, was held by the server.
+_QUOTED_ID = 100
 #: Bytes of a request line. aiohttp's default, 8,190, is shorter than the query
 #: of an integrationId at its limit: 1,000 code points of up to 4 UTF-8 bytes,
 #: each percent-escaped in 3 characters, is 12,000 characters of path.
@@ -96,6 +111,7 @@ class WebServer:
         self._client: ClientSession | None = None
         #: The bound port (the setting may be 0: any free port).
         self.port = settings.http_port
+        self._queries = 0
 
     async def start(self, port: int | None = None) -> None:
         """Listen on ``port`` (the setting's by default); raises OSError when
@@ -134,6 +150,15 @@ class WebServer:
         )
 
     async def customer_session(self, request: web.Request) -> web.Response:
+        if self._queries >= MAX_QUERIES_IN_FLIGHT:
+            return _problem(503, "too many queries in flight on this worker", retry=True)
+        self._queries += 1
+        try:
+            return await self._customer_session(request)
+        finally:
+            self._queries -= 1
+
+    async def _customer_session(self, request: web.Request) -> web.Response:
         # The id from the segment as sent: yarl leaves an escape that is not
         # UTF-8 as it is, so "%FF" was looked up as the three characters of
         # another id ("%25FF").
@@ -147,6 +172,8 @@ class WebServer:
             integration_id = unquote_to_bytes(segment).decode()
         except UnicodeError:  # escaped or raw bytes that are not UTF-8
             return _problem(404, "no session has an integrationId that is not UTF-8")
+        if len(integration_id) > _MAX_ID:
+            return _problem(400, f"an integrationId is at most {_MAX_ID} characters")
         raw_app = request.query.get("applicationId")
         application_id = self.settings.default_application_id
         if raw_app is not None:
@@ -165,8 +192,15 @@ class WebServer:
                 return _problem(503, "the session's owner is moving", retry=True)
             return await self._forward(lookup.owner, request, raw_app)
         if lookup.stored is None:
-            return _problem(404, f"no session {integration_id!r} in application {application_id}")
-        document = query_document(lookup.stored)
+            shown = integration_id[:_QUOTED_ID] + (
+                "..." if len(integration_id) > _QUOTED_ID else ""
+            )
+            return _problem(404, f"no session {shown!r} in application {application_id}")
+        try:
+            document = query_document(lookup.stored)
+        except ValueError as exc:  # msgspec's DecodeError: damaged, or another release's form
+            log.warning("the stored session %r cannot be read: %s", integration_id[:100], exc)
+            return _problem(503, "the session's stored form cannot be read", retry=True)
         return web.Response(body=json.dumps(document), content_type="application/json")
 
     async def _forward(
@@ -180,7 +214,9 @@ class WebServer:
         # and raw bytes among them could not be sent on.
         query = "" if application_id is None else f"?applicationId={application_id}"
         if self._client is None:
-            connector = TCPConnector(limit=_FORWARD_CONNECTIONS)
+            connector = TCPConnector(
+                limit=_FORWARD_CONNECTIONS, limit_per_host=_FORWARD_CONNECTIONS_PER_OWNER
+            )
             self._client = ClientSession(connector=connector, timeout=_FORWARD_TIMEOUT)
         try:
             # The owner's URL is what it advertised: a worker of another
@@ -191,9 +227,8 @@ class WebServer:
             async with self._client.get(
                 url, headers={FORWARDED_HEADER: "1"}, allow_redirects=False
             ) as answer:
-                if answer.status not in _ANSWERS or (
-                    answer.status == 200 and answer.content_type != "application/json"
-                ):
+                body = await answer.read() if answer.status in _ANSWERS else b""
+                if not _a_workers_answer(answer.status, answer.content_type, body):
                     log.warning(
                         "forwarding %s to %s: answered %d %s, as no worker answers",
                         request.path_qs,
@@ -202,7 +237,6 @@ class WebServer:
                         answer.content_type,
                     )
                     return _problem(503, "the session's owner did not answer", retry=True)
-                body = await answer.read()
                 # The owner's 503 says when to ask again: `stream-app inspect`
                 # waits on it. Its type as it says (a problem document, a
                 # session, or aiohttp's own plain-text 400).
@@ -225,6 +259,28 @@ class WebServer:
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+
+def _a_workers_answer(status: int, content_type: str, body: bytes) -> bool:
+    """Whether a forwarded query's answer is one a worker gives, of those
+    that say something of the session: a session (200, JSON), or that there
+    is none (404, a problem document of that status). Before, any 404 was
+    passed on: a proxy's or another service's at the owner's address said
+    that the session did not exist. (A 400, 500 or 503 says nothing of it,
+    and is passed on as it came: aiohttp's own 400 is plain text.)"""
+    if status not in _ANSWERS:
+        return False
+    if status not in (200, 404):
+        return True
+    if content_type != "application/json":
+        return False
+    if status == 200:
+        return True
+    try:
+        problem = json.loads(body)
+    except json.JSONDecodeError:
+        return False
+    return type(problem) is dict and problem.get("status") == status
 
 
 @web.middleware
