@@ -1,4 +1,6 @@
-"""One small aiohttp server per worker, beside the engine (never on its hot path).
+"""One small aiohttp server per worker, beside the engine, on its event loop
+(queries are bounded, as they take turns with the records: see
+:data:`MAX_QUERIES_IN_FLIGHT`).
 
 * ``GET /livez``: 200 while the process runs; it never depends on restores or
   rebalances, so a long restore never gets a pod killed;
