@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import ClassVar
@@ -573,7 +574,8 @@ async def test_a_raw_hash_in_the_id_is_refused_not_forwarded_as_another_id(
 
 
 @pytest.mark.parametrize(
-    "owner_answers", ["redirect", "plain 200", "502", "html 404", "json 404 of no worker"]
+    "owner_answers",
+    ["redirect", "plain 200", "502", "html 404", "json 404 of no worker", "spring's json 404"],
 )
 async def test_an_owner_that_answers_as_no_worker_does_is_a_503(
     tmp_path: Path, owner_answers: str
@@ -594,6 +596,9 @@ async def test_an_owner_that_answers_as_no_worker_does_is_a_503(
             return web.Response(status=404, text="<html>Not Found</html>", content_type="text/html")
         if owner_answers == "json 404 of no worker":
             return web.json_response({"error": "not found"}, status=404)
+        if owner_answers == "spring's json 404":
+            doc = {"timestamp": "2026-11-28T02:40:00Z", "status": 404, "error": "Not Found"}
+            return web.json_response({**doc, "path": request.path}, status=404)
         return web.Response(status=502, text="bad gateway")  # a proxy's
 
     async with (
@@ -695,7 +700,7 @@ async def test_queries_past_the_bound_in_flight_are_answered_503_at_once(
             assert answer.status == 200
 
 
-async def test_a_stored_session_that_cannot_be_decoded_is_a_503_not_a_500(
+async def test_a_stored_session_that_cannot_be_decoded_is_a_problem_not_a_traceback(
     tmp_path: Path,
 ) -> None:
     """A stored form this release cannot read (damaged, or another release's)
@@ -707,7 +712,9 @@ async def test_a_stored_session_that_cannot_be_decoded_is_a_503_not_a_500(
             ClientSession() as http,
             http.get(server.make_url("/v2/customer_sessions/c-1")) as answer,
         ):
-            assert (answer.status, answer.content_type) == (503, "application/json")
+            # Not a 503: asking again would not mend it.
+            assert (answer.status, answer.content_type) == (500, "application/json")
+            assert "Retry-After" not in answer.headers
             assert (await answer.json())["detail"] == "the session's stored form cannot be read"
     finally:
         await server.close()
@@ -718,7 +725,9 @@ async def test_an_owner_that_never_answers_does_not_hold_the_queries_of_the_othe
 ) -> None:
     """All 32 forwarding connections went to an owner that took them and never
     answered (a frozen pod): queries for sessions of every other owner waited
-    for one, and timed out too."""
+    for one, and timed out too. Then the queries waiting for that owner held
+    the bound of queries in flight: the worker refused every query, its own
+    sessions' too."""
     release = asyncio.Event()
     held: list[str] = []
 
@@ -738,23 +747,34 @@ async def test_an_owner_that_never_answers_does_not_hold_the_queries_of_the_othe
     for owner in owners:
         await owner.start_server()
     frozen_url, healthy_url = (str(owner.make_url("")) for owner in owners)
-    lookup = lambda _app, iid: Lookup(owner=healthy_url if iid == "good" else frozen_url)  # noqa: E731
+
+    def lookup(_app: int, iid: str) -> Lookup:
+        if iid == "mine":
+            return Lookup(found=True)
+        return Lookup(owner=healthy_url if iid == "good" else frozen_url)
+
     _, server = await _own_server(tmp_path, lookup)
     try:
         async with ClientSession() as http:
             stuck = [
                 asyncio.create_task(http.get(server.make_url(f"/v2/customer_sessions/s-{n}")))
-                for n in range(40)
+                for n in range(70)
             ]
             await asyncio.sleep(0.3)
             async with http.get(server.make_url("/v2/customer_sessions/good")) as answer:
                 assert answer.status == 200
                 assert (await answer.json())["integrationId"] == "good"
-            # Of the 32 connections, the frozen owner holds 8; the rest wait.
+            async with http.get(server.make_url("/v2/customer_sessions/mine")) as answer:
+                assert answer.status == 404
+            # Of the 32 connections, the frozen owner holds 8; 8 more queries
+            # wait for one, the rest are answered at once.
             assert len(held) == 8
             release.set()
+            statuses: Counter[int] = Counter()
             for task in stuck:
-                (await task).release()
+                async with await task as answer:
+                    statuses[answer.status] += 1
+            assert statuses == {200: 16, 503: 54}
     finally:
         await server.close()
         for owner in owners:

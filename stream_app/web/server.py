@@ -46,6 +46,10 @@ _FORWARD_CONNECTIONS = 32
 #: Of those, to one owner: an owner that takes connections and never answers
 #: held all 32 before, and the queries for every other owner timed out too.
 _FORWARD_CONNECTIONS_PER_OWNER = 8
+#: Forwards to one owner at once, those waiting for a connection included;
+#: more are answered 503 at once. Waiting, they held the queries' bound
+#: below: a frozen owner made a worker refuse every query, its own too.
+_FORWARDS_PER_OWNER = 2 * _FORWARD_CONNECTIONS_PER_OWNER
 #: Queries answered at once; more are answered 503 (ask again) at once. They
 #: share the event loop with the records (an id's partition is hashed in pure
 #: Python): many clients could slow processing down, not only the queries.
@@ -114,6 +118,8 @@ class WebServer:
         #: The bound port (the setting may be 0: any free port).
         self.port = settings.http_port
         self._queries = 0
+        #: Forwards in flight, by owner URL.
+        self._forwards: dict[str, int] = {}
 
     async def start(self, port: int | None = None) -> None:
         """Listen on ``port`` (the setting's by default); raises OSError when
@@ -201,8 +207,9 @@ class WebServer:
         try:
             document = query_document(lookup.stored)
         except ValueError as exc:  # msgspec's DecodeError: damaged, or another release's form
+            # Not a 503: asking again would not mend it.
             log.warning("the stored session %r cannot be read: %s", integration_id[:100], exc)
-            return _problem(503, "the session's stored form cannot be read", retry=True)
+            return _problem(500, "the session's stored form cannot be read")
         return web.Response(body=json.dumps(document), content_type="application/json")
 
     async def _forward(
@@ -214,6 +221,19 @@ class WebServer:
         # http://host/...") is forwarded by its path too. Of the query, only
         # the applicationId checked above: other parameters mean nothing here,
         # and raw bytes among them could not be sent on.
+        if self._forwards.get(owner, 0) >= _FORWARDS_PER_OWNER:
+            return _problem(503, "the session's owner is busy or does not answer", retry=True)
+        self._forwards[owner] = self._forwards.get(owner, 0) + 1
+        try:
+            return await self._forwarded(owner, request, application_id)
+        finally:
+            left = self._forwards.pop(owner) - 1
+            if left:
+                self._forwards[owner] = left
+
+    async def _forwarded(
+        self, owner: str, request: web.Request, application_id: str | None
+    ) -> web.Response:
         query = "" if application_id is None else f"?applicationId={application_id}"
         if self._client is None:
             connector = TCPConnector(
@@ -282,7 +302,15 @@ def _a_workers_answer(status: int, content_type: str, body: bytes) -> bool:
         problem = json.loads(body)
     except json.JSONDecodeError:
         return False
-    return type(problem) is dict and problem.get("status") == status
+    # A worker's own form, as every release has written it: many services
+    # answer a JSON 404 with a "status" (Spring's, RFC 7807's).
+    return (
+        type(problem) is dict
+        and problem.keys() == {"status", "detail"}
+        and problem["status"] == status
+        and type(problem["detail"]) is str
+        and problem["detail"].startswith("no session ")
+    )
 
 
 @web.middleware
