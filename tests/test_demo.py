@@ -4,6 +4,7 @@ it fails unless every expected output arrived and the worker stopped cleanly."""
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,60 @@ def test_the_demo_fails_unless_every_expected_output_arrived_and_the_worker_stop
     assert demo.run(argparse.Namespace(sessions=50, seed=7, timeout=5.0)) == exit_status
     printed = capsys.readouterr().out
     assert ("the demo FAILED" in printed) == bool(exit_status)
+
+
+def test_an_interrupted_demo_whose_output_is_gone_still_stops_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make demo | tee log` and Ctrl-C: the interrupt ends `tee` too, and the
+    clean-up's first line failed to be written. That skipped the stops of the
+    worker and the broker, and the demo exited 1 with a traceback, not 130."""
+    stopped: list[str] = []
+
+    class Cluster(_Cluster):
+        def stop(self) -> None:
+            stopped.append("broker")
+
+    class Worker:
+        def __init__(self, env: dict[str, str], log_path: Path) -> None:
+            self.proc = _Process(running=True, status=0)
+            self.pid = 4242
+            self.log_path = demo.ROOT / "var" / "demo" / "worker.log"
+
+        def stop(self) -> None:
+            self.proc.running = False
+            stopped.append("worker")
+
+    async def produce_and_watch(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    def unwritable(*args: object, **kwargs: object) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "demo")
+    monkeypatch.setattr(demo, "_stop_leftovers", lambda: None)
+    monkeypatch.setattr(demo, "KafkaCluster", Cluster)
+    monkeypatch.setattr(demo, "ensure_topics", _topics)
+    monkeypatch.setattr(demo, "Worker", Worker)
+    monkeypatch.setattr(demo, "produce_and_watch", produce_and_watch)
+    monkeypatch.chdir(tmp_path)  # main() goes to the repository's root
+    handlers = {sig: signal.getsignal(sig) for sig in demo._HANDLED_SIGNALS}
+    try:
+        with monkeypatch.context() as broken:
+            broken.setattr("builtins.print", unwritable)
+            status = demo.main(["--sessions", "5"])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert status == 130
+    assert stopped == ["worker", "broker"]
+
+
+@pytest.mark.parametrize("bad", [["--sessions", "0"], ["--timeout", "0"], ["--timeout", "nan"]])
+def test_arguments_that_cannot_work_are_refused_before_anything_starts(
+    bad: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo, "run", lambda args: pytest.fail("the demo ran"))
+    with pytest.raises(SystemExit) as refused:
+        demo.main(bad)
+    assert refused.value.code == 2

@@ -91,3 +91,27 @@ async def test_output_topics_the_principal_may_not_describe_are_said_at_once(
     result = await asyncio.wait_for(view.watch(Settings(), seconds=30, out=lambda _: None), 25)
     assert len(asked) == 1, f"the refusal was asked again: {asked}"
     assert "does not authorize" in result.stopped_because
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"session": "oops"},
+        {"event": "talon_session_closed", "return": {"lines": [{"quantity": "2"}]}},
+        {"reason": "X", "errors": [None]},
+        {"reason": "X", "errors": "text"},
+        {"reason": "X", "source": "s"},
+    ],
+)
+def test_a_record_of_another_producer_is_shown_not_a_traceback(doc: dict[str, object]) -> None:
+    """`watch` reads the topics from their start: one record another producer
+    wrote there, of a shape the worker never writes, ended the view with a
+    traceback."""
+    kind = "rejected" if "reason" in doc else "closed"
+    assert view.shorten(kind, doc).startswith("(not as the worker writes it) {")
+
+
+def test_a_rejection_without_its_command_says_it_was_not_kept() -> None:
+    """A command too large to keep, or a tombstone, was shown as "(not JSON)"."""
+    doc = {"reason": "LIMIT_EXCEEDED", "errors": [], "source": {"topic": "c"}, "command": None}
+    assert "(command not kept)" in view.shorten("rejected", doc)

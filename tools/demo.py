@@ -56,7 +56,17 @@ _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def say(message: str) -> None:
-    print(f"==> {message}", flush=True)
+    """One line of the demo's own, or none once its output cannot be written:
+    a pipe whose reader went away (``make demo | tee log`` and Ctrl-C, which
+    ends ``tee`` too; a pager quit) or a terminal that hung up. Before, the
+    failed write of the clean-up's first line skipped the clean-up, and the
+    demo exited 1 with a traceback rather than 130."""
+    try:
+        print(f"==> {message}", flush=True)
+    except OSError:
+        for stream in (sys.stdout, sys.stderr):  # the rest goes nowhere
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 # --------------------------------------------------------------------------- worker
@@ -287,16 +297,25 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=90.0, help="longest live view in seconds (default: 90)"
     )
     args = parser.parse_args(argv)
+    # Before the broker starts: --sessions 0 failed after it and the worker
+    # had, and --timeout 0 blamed Kafka for not answering in time.
+    if args.sessions < 1:
+        parser.error("--sessions must be at least 1")
+    if not args.timeout > 0:
+        parser.error("--timeout must be more than 0 seconds")
     os.chdir(ROOT)
     signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    # Not under nohup: the terminal's hang-up is what it asked to ignore.
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _interrupt)
     try:
         return run(args)
     except KeyboardInterrupt:
         say("interrupted; everything the demo started is stopped")
         return 130
     except Exception:
-        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            traceback.print_exc()
         say("the demo failed; everything it started is stopped")
         return 1
 

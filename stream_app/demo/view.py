@@ -75,14 +75,27 @@ def pretty(doc: Any) -> str:
 
 
 def shorten(kind: str, doc: Any) -> str:
-    """One line about an output record."""
+    """One line about an output record; any record, also one of another
+    producer on these topics (``watch`` reads them from their start: such a
+    record ended the view with a traceback)."""
+    try:
+        return _shorten(kind, doc)
+    except (AttributeError, TypeError, ValueError):
+        return f"(not as the worker writes it) {repr(doc)[:100]}"
+
+
+def _shorten(kind: str, doc: Any) -> str:
     if not isinstance(doc, dict):
         return repr(doc)[:100]
     if kind == "rejected":
         errors = doc.get("errors") or [{}]
         pointer = (errors[0].get("source") or {}).get("pointer", "")
         command = doc.get("command")
-        about = command.get("integrationId", "?") if isinstance(command, dict) else "(not JSON)"
+        # The command is kept parsed only when it was JSON, kept whole.
+        if isinstance(command, dict):
+            about = str(command.get("integrationId", "?"))
+        else:
+            about = "(command not kept)" if command is None else "(no command object)"
         source = doc.get("source") or {}
         where = f"{source.get('topic')}[{source.get('partition')}]@{source.get('offset')}"
         return f"{doc.get('reason')} {pointer or '/'} {about} from {where}"
