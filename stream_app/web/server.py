@@ -215,12 +215,6 @@ class WebServer:
     async def _forward(
         self, owner: str, request: web.Request, application_id: str | None
     ) -> web.Response:
-        # The path with its escapes as it came (a plain string would be
-        # re-encoded: "%ff" would reach the owner as "%FF", another id); from
-        # the relative URL, so a target sent in absolute form ("GET
-        # http://host/...") is forwarded by its path too. Of the query, only
-        # the applicationId checked above: other parameters mean nothing here,
-        # and raw bytes among them could not be sent on.
         if self._forwards.get(owner, 0) >= _FORWARDS_PER_OWNER:
             return _problem(503, "the session's owner is busy or does not answer", retry=True)
         self._forwards[owner] = self._forwards.get(owner, 0) + 1
@@ -234,6 +228,12 @@ class WebServer:
     async def _forwarded(
         self, owner: str, request: web.Request, application_id: str | None
     ) -> web.Response:
+        # The path with its escapes as it came (a plain string would be
+        # re-encoded: "%ff" would reach the owner as "%FF", another id); from
+        # the relative URL, so a target sent in absolute form ("GET
+        # http://host/...") is forwarded by its path too. Of the query, only
+        # the applicationId checked above: other parameters mean nothing here,
+        # and raw bytes among them could not be sent on.
         query = "" if application_id is None else f"?applicationId={application_id}"
         if self._client is None:
             connector = TCPConnector(
