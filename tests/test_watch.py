@@ -101,6 +101,7 @@ async def test_output_topics_the_principal_may_not_describe_are_said_at_once(
         {"reason": "X", "errors": [None]},
         {"reason": "X", "errors": "text"},
         {"reason": "X", "source": "s"},
+        {"reason": "VALIDATION", "errors": {"sku": "must not be empty"}},
     ],
 )
 def test_a_record_of_another_producer_is_shown_not_a_traceback(doc: dict[str, object]) -> None:
@@ -108,10 +109,21 @@ def test_a_record_of_another_producer_is_shown_not_a_traceback(doc: dict[str, ob
     wrote there, of a shape the worker never writes, ended the view with a
     traceback."""
     kind = "rejected" if "reason" in doc else "closed"
-    assert view.shorten(kind, doc).startswith("(not as the worker writes it) {")
+    line = view.shorten(kind, doc)  # raised AttributeError, TypeError or KeyError
+    assert line.startswith(("(not as the worker writes it) {", "X /", "VALIDATION /")), line
 
 
 def test_a_rejection_without_its_command_says_it_was_not_kept() -> None:
     """A command too large to keep, or a tombstone, was shown as "(not JSON)"."""
     doc = {"reason": "LIMIT_EXCEEDED", "errors": [], "source": {"topic": "c"}, "command": None}
     assert "(command not kept)" in view.shorten("rejected", doc)
+
+
+def test_a_record_nested_deeper_than_repr_goes_is_shown_too() -> None:
+    """orjson reads 1,024 levels; repr() of 1,000 nested lists raised."""
+    deep: list[object] = []
+    inner = deep
+    for _ in range(1000):
+        inner.append([])
+        inner = inner[0]  # type: ignore[assignment]
+    assert view.shorten("closed", deep).startswith("[[[[")

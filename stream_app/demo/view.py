@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import reprlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -80,16 +81,28 @@ def shorten(kind: str, doc: Any) -> str:
     record ended the view with a traceback)."""
     try:
         return _shorten(kind, doc)
-    except (AttributeError, TypeError, ValueError):
-        return f"(not as the worker writes it) {repr(doc)[:100]}"
+    except Exception:  # any shape: a line, never the view's end
+        return f"(not as the worker writes it) {_SHORT.repr(doc)}"
+
+
+def _short_repr() -> reprlib.Repr:
+    """A record's repr, bounded: orjson reads 1,024 levels, more than repr()
+    can. (Python 3.11's Repr takes no arguments.)"""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 4, 100, 100
+    return short
+
+
+_SHORT: Final = _short_repr()
 
 
 def _shorten(kind: str, doc: Any) -> str:
     if not isinstance(doc, dict):
-        return repr(doc)[:100]
+        return _SHORT.repr(doc)
     if kind == "rejected":
-        errors = doc.get("errors") or [{}]
-        pointer = (errors[0].get("source") or {}).get("pointer", "")
+        errors = doc.get("errors")
+        first = errors[0] if isinstance(errors, list) and errors else {}
+        pointer = (first.get("source") or {}).get("pointer", "")
         command = doc.get("command")
         # The command is kept parsed only when it was JSON, kept whole.
         if isinstance(command, dict):
