@@ -137,6 +137,10 @@ def test_an_interrupted_demo_whose_output_is_gone_still_stops_everything(
     monkeypatch.setattr(demo, "Worker", Worker)
     monkeypatch.setattr(demo, "produce_and_watch", produce_and_watch)
     monkeypatch.chdir(tmp_path)  # main() goes to the repository's root
+    gone: list[bool] = []
+    # Not the real redirect: under `pytest -s` it sent the rest of the run's
+    # output to /dev/null.
+    monkeypatch.setattr(demo, "output_gone", lambda: gone.append(True))
     handlers = {sig: signal.getsignal(sig) for sig in demo._HANDLED_SIGNALS}
     try:
         with monkeypatch.context() as broken:
@@ -147,6 +151,7 @@ def test_an_interrupted_demo_whose_output_is_gone_still_stops_everything(
             signal.signal(sig, handler)
     assert status == 130
     assert stopped == ["worker", "broker"]
+    assert gone
 
 
 @pytest.mark.parametrize("bad", [["--sessions", "0"], ["--timeout", "0"], ["--timeout", "nan"]])

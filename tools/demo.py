@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
+import errno  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -56,17 +57,32 @@ _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def say(message: str) -> None:
-    """One line of the demo's own, or none once its output cannot be written:
-    a pipe whose reader went away (``make demo | tee log`` and Ctrl-C, which
-    ends ``tee`` too; a pager quit) or a terminal that hung up. Before, the
-    failed write of the clean-up's first line skipped the clean-up, and the
-    demo exited 1 with a traceback rather than 130."""
+    show(f"==> {message}")
+
+
+def show(text: str) -> None:
+    """Print ``text``, or nothing once the output is gone: a pipe whose reader
+    went away (``make demo | tee log`` and Ctrl-C, which ends ``tee`` too; a
+    pager quit) or a terminal that hung up. Before, the failed write of the
+    clean-up's first line skipped the clean-up, and the demo exited 1 with a
+    traceback rather than 130."""
     try:
-        print(f"==> {message}", flush=True)
-    except OSError:
-        for stream in (sys.stdout, sys.stderr):  # the rest goes nowhere
-            with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        print(text, flush=True)
+    except OSError as exc:
+        if not isinstance(exc, BrokenPipeError) and exc.errno != errno.EIO:
+            raise  # not gone (a full non-blocking pipe, say)
+        output_gone()
+
+
+def output_gone() -> None:
+    """Send the rest of the demo's standard output nowhere (its standard
+    error may still be read: ``make demo | head``)."""
+    with contextlib.suppress(OSError, ValueError):
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(nowhere, sys.stdout.fileno())
+        finally:
+            os.close(nowhere)
 
 
 # --------------------------------------------------------------------------- worker
@@ -189,14 +205,14 @@ async def produce_and_watch(
 ) -> tuple[TrafficSummary, ViewResult]:
     say(f"producing {sessions} sessions of sample traffic (seed {seed})")
     summary = await produce_traffic(settings, sessions, seed)
-    print(summary.describe(), flush=True)
+    show(summary.describe())
     say("live view of the output topics (counts are received/expected)")
     result = await watch(
         settings,
         seconds=watch_s,
         settle=15.0,
         expected=summary.expected,
-        out=lambda line: print(line, flush=True),
+        out=show,
         should_stop=worker.exited,
     )
     return summary, result
@@ -207,16 +223,16 @@ def print_summary(summary: TrafficSummary, result: ViewResult) -> None:
     for kind in OUTPUT_KINDS:
         got, want = result.counts.get(kind, 0), summary.expected.get(kind, 0)
         mark = "ok" if got == want else ("MISSING" if got < want else "EXTRA")
-        print(f"    {kind:<10} {got:>5}  expected {want:>5}  {mark}")
+        show(f"    {kind:<10} {got:>5}  expected {want:>5}  {mark}")
     total, want = result.total, sum(summary.expected.values())
-    print(f"    {'total':<10} {total:>5}  expected {want:>5}", flush=True)
+    show(f"    {'total':<10} {total:>5}  expected {want:>5}")
     for kind in ("closed", "returned", "rejected"):
         samples = result.samples.get(kind) or []
         if not samples:
             continue
         sample = min(samples, key=lambda doc: len(pretty(doc)))  # the shortest is easiest to read
         say(f"a sample record from the {kind} topic")
-        print(pretty(sample), flush=True)
+        show(pretty(sample))
 
 
 def shortfalls(summary: TrafficSummary, result: ViewResult) -> list[str]:
@@ -260,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
             failures.append(f"{worker.exited()} before it was stopped")
             say(f"{worker.exited()}; the end of its log:\n{worker.log_tail()}")
         elif failures:
-            print(worker.log_tail(), flush=True)
+            show(worker.log_tail())
     finally:
         # A second Ctrl-C must not cut the clean-up short.
         for sig in _HANDLED_SIGNALS:
