@@ -302,13 +302,13 @@ def _a_workers_answer(status: int, content_type: str, body: bytes) -> bool:
         problem = json.loads(body)
     except json.JSONDecodeError:
         return False
-    # A worker's own form, as every release has written it: many services
-    # answer a JSON 404 with a "status" (Spring's, RFC 7807's).
+    # A worker's own, as every release has worded it: many services answer
+    # a JSON 404 with a "status" (Spring's, RFC 7807's). Other fields are
+    # let be, as a later release may add some.
     return (
         type(problem) is dict
-        and problem.keys() == {"status", "detail"}
-        and problem["status"] == status
-        and type(problem["detail"]) is str
+        and problem.get("status") == status
+        and type(problem.get("detail")) is str
         and problem["detail"].startswith("no session ")
     )
 
