@@ -21,6 +21,7 @@ from typing import Any, Final
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import (
     KafkaConnectionError,
+    KafkaError,
     KafkaTimeoutError,
     NodeNotReadyError,
     RequestTimedOutError,
@@ -32,7 +33,12 @@ from stream_app.domain.decoding import INT32_MAX
 from stream_app.errors import ConfigurationError
 from stream_app.logs import excerpt
 from stream_app.pipeline.kafka import client_options, partition_count
-from stream_app.pipeline.unreadable import MAYBE_UNREADABLE, can_read_past, read_past
+from stream_app.pipeline.unreadable import (
+    MAYBE_UNREADABLE,
+    can_read_past,
+    empty_control_batch,
+    read_past,
+)
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -225,6 +231,11 @@ async def _follow(
                     raise
                 await _read_past_the_client(consumer, applied, registry, client_options(settings))
                 continue
+            except KafkaError as exc:
+                if not empty_control_batch(exc):
+                    raise
+                await _read_past_the_client(consumer, applied, registry, client_options(settings))
+                continue
             for tp, records in batches.items():
                 for record in records:
                     registry.apply_record(record.key, record.value)
@@ -308,6 +319,9 @@ async def _read_past_the_client(
     failed fetch can have moved another partition's position past records it
     then did not return."""
     for tp, offset in applied.items():
+        # Not below the log's start (records deleted since): the fetch would
+        # be refused, and the follower, and so the worker, would stop.
+        offset = max(offset, (await consumer.beginning_offsets([tp]))[tp])
         async with contextlib.aclosing(read_past(options, tp, offset)) as reading:
             async for records, after in reading:
                 for record in records:

@@ -89,6 +89,7 @@ from stream_app.pipeline.unreadable import (
     MAYBE_UNREADABLE,
     RecordBatchError,
     can_read_past,
+    empty_control_batch,
     read_past,
 )
 from stream_app.settings import Settings
@@ -643,6 +644,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     await self._read_past_and_commit(consumer, exc, rebalances)
                     continue
                 except KafkaError as exc:
+                    if empty_control_batch(exc):
+                        await self._read_past_and_commit(consumer, exc, rebalances)
+                        continue
                     refused = not_authorized(exc)
                     if refused is None:
                         raise

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from stream_app import json
 from stream_app.errors import ConfigurationError
@@ -131,6 +131,9 @@ class _SettingsConsumer:
     async def end_offsets(self, tps: list[object]) -> dict[object, int]:
         return {tp: len(self.records) for tp in tps}
 
+    async def beginning_offsets(self, tps: list[object]) -> dict[object, int]:
+        return dict.fromkeys(tps, 0)
+
     async def position(self, tp: object) -> int:
         return self.position_
 
@@ -236,8 +239,21 @@ async def test_a_first_read_that_stalls_says_so(
     assert "at offset 0 of 1" in caplog.text
 
 
+#: What aiokafka's getmany raises at a header name that is not UTF-8, and at
+#: a control batch of no records (read_committed; see unreadable.py).
+_POISONS: dict[str, Exception] = {
+    "a header name that is not UTF-8": UnicodeDecodeError(
+        "utf-8", b"\xff", 0, 1, "invalid start byte"
+    ),
+    "an empty control batch": KafkaError("Control batch did not contain any records"),
+}
+
+
 class _PoisonedSettingsConsumer(_SettingsConsumer):
-    """Its one record has a header name that is not UTF-8: aiokafka's getmany fails."""
+    """Its one record has a header name that is not UTF-8 (or another poison):
+    aiokafka's getmany fails."""
+
+    poison: Exception = _POISONS["a header name that is not UTF-8"]
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__()
@@ -245,7 +261,7 @@ class _PoisonedSettingsConsumer(_SettingsConsumer):
 
     async def getmany(self, timeout_ms: int) -> dict[object, list[object]]:
         if self.position_ < len(self.records):
-            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+            raise self.poison
         return await super().getmany(timeout_ms)
 
     def seek(self, tp: object, offset: int) -> None:
@@ -343,15 +359,19 @@ async def test_partitions_added_to_the_settings_topic_are_followed(
     assert "has 2 partitions now, 1 more" in caplog.text
 
 
+@pytest.mark.parametrize("poison", list(_POISONS))
 async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, poison: str
 ) -> None:
     """Before, the follower died on it and stopped the worker, on every start
-    of every worker, until compaction removed the record."""
+    of every worker, until compaction removed the record. (An empty control
+    batch, which Kafka's log cleaner leaves in a compacted transactional
+    topic, stopped it too.)"""
     consumers: list[_PoisonedSettingsConsumer] = []
 
     def consumer(*args: object, **kwargs: object) -> _PoisonedSettingsConsumer:
         consumers.append(_PoisonedSettingsConsumer())
+        consumers[-1].poison = _POISONS[poison]
         return consumers[-1]
 
     async def partition_count(options: object, topic: str) -> int:

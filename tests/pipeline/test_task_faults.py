@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from stream_app.errors import StoreError
 from stream_app.pipeline import engine as engine_module
@@ -466,6 +466,51 @@ async def test_the_restore_counts_down_what_is_left_of_a_compacted_changelog(
         store.close()
     assert restored == 10
     assert reported == [(5, 59), (5, 0)]
+
+
+class _EmptyControlBatchAt30(_CompactedChangelog):
+    """The same, with a control batch of no records at offset 30, on which
+    aiokafka's getmany fails (read_committed) until sought past it."""
+
+    async def getmany(self, *tps: TopicPartition, **kwargs: Any) -> dict[TopicPartition, list[Any]]:
+        if self.at <= 30 < self.at + 50:
+            raise KafkaError("Control batch did not contain any records")
+        return await super().getmany(*tps, **kwargs)
+
+
+async def test_a_restore_passes_a_control_batch_of_no_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kafka's log cleaner leaves such a batch in a compacted transactional
+    topic, which every changelog is. aiokafka's consumer fails on it, and
+    the task's start failed at every attempt: the partition never restored.
+    What the consumer cannot read is read raw, up to the changelog's end."""
+    monkeypatch.setattr(tasks_module, "AIOKafkaConsumer", _EmptyControlBatchAt30)
+    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
+    tp = TopicPartition("app-sessions-changelog", 0)
+
+    async def read_batches_at(
+        options: object, at: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        kept = [o for o in _CompactedChangelog.kept if o >= offset and o != 30][:3]
+        if not kept:
+            return [], 100
+        records = [RawRecord(at.topic, at.partition, o, 0, b"k%d" % o, b"v") for o in kept]
+        return records, kept[-1] + 1
+
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    store = PartitionStore(tmp_path / "sessions" / "0", RocksDBResources(RocksDBSettings()))
+    try:
+        restored = await tasks_module.restore(
+            Settings(), {"sessions": store}, {"sessions": tp}, "c[0]"
+        )
+        assert store.changelog_offset == 100
+        assert sorted(store.get(b"k%d" % o) is not None for o in _CompactedChangelog.kept) == (
+            [False] + [True] * 9
+        )
+    finally:
+        store.close()
+    assert restored == 9  # every record kept but the marker's offset, 30
 
 
 class _TruncatedChangelog(_CompactedChangelog):

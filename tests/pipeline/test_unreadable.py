@@ -379,3 +379,54 @@ def test_only_a_header_name_the_pure_python_reader_cannot_decode_is_read_past() 
     truncated = good[:-1]
     assert not unreadable.undecodable_header(_read_in_pure_python(truncated))
     assert not isinstance(CorruptRecordException("Invalid CRC"), unreadable.UNREADABLE)
+
+
+def test_aiokafka_fails_read_committed_on_a_control_batch_of_no_records() -> None:
+    """Pins what unreadable.empty_control_batch recognises: Kafka's log
+    cleaner leaves such a batch in a compacted transactional topic (a
+    producer's last batch, its marker removed: KAFKA-7467). aiokafka's
+    consumer raises a plain KafkaError on it, read_committed; the raw read
+    passes it, as Java's consumer does."""
+    from aiokafka.consumer.fetcher import READ_COMMITTED, PartitionRecords
+    from aiokafka.errors import KafkaError
+
+    data = encode_batch(
+        [], base_offset=10, transactional=True, control=True, producer_id=7, last_offset_delta=0
+    ) + encode_batch([A], base_offset=11, first_timestamp=T0)
+    records = PartitionRecords(TP, MemoryRecords(data), [], 10, None, None, True, READ_COMMITTED)
+    with pytest.raises(KafkaError) as raised:
+        list(records)
+    assert unreadable.empty_control_batch(raised.value)
+    assert committed_records(parse_record_batches(data, TP), 10) == ([raw(A, 11, T0)], 12)
+    assert not unreadable.empty_control_batch(KafkaError("another"))
+
+
+def _recrc(batch: bytes) -> bytes:
+    """``batch`` with its length and CRC made right again (after an edit)."""
+    length = len(batch) - 12
+    crc = calc_crc32c(batch[21:])
+    return (
+        batch[:8] + struct.pack(">i", length) + batch[12:17] + struct.pack(">I", crc) + batch[21:]
+    )
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["a negative record count", "bytes after the last record", "an offset past the batch's"],
+)
+def test_a_batch_kafka_would_refuse_is_an_error_not_records_at_other_offsets(damage: str) -> None:
+    """Only a damaged log holds one (its CRC right): it was read as fewer
+    records, or with offsets past the batch, where the consumer was then
+    sought, past records it never read."""
+    batch = encode_batch([A, C], base_offset=40, first_timestamp=T0)
+    if damage == "a negative record count":
+        batch = _recrc(batch[:57] + struct.pack(">i", -1) + batch[61:])
+    elif damage == "bytes after the last record":
+        batch = _recrc(batch + b"\x00\x00")
+    else:
+        batch = encode_batch([A, C], base_offset=40, first_timestamp=T0, last_offset_delta=0)
+    with pytest.raises(RecordBatchError):
+        parse_record_batches(batch, TP)
+    assert [
+        r.offset for r in parse_record_batches(encode_batch([A, C], base_offset=40), TP)[0].records
+    ] == [40, 41]
