@@ -519,25 +519,32 @@ async def restore(
                     "missing" if start is None else "as the store held them before",
                 )
             consumer.seek(tp, max(start or 0, begins))
+        #: Per changelog, the offset of the first record not yet in its store.
+        #: Not the consumer's position: a getmany that fails on one partition
+        #: has moved the others' past records it then did not return.
+        written = {tp: max(starts[tp] or 0, beginning[tp]) for tp in tps}
         started = time.monotonic()
         last_log = started
         remaining = {tp for tp in tps if await consumer.position(tp) < end[tp]}
         while remaining:
+            fetched = 0
             try:
                 batches = await consumer.getmany(*remaining, timeout_ms=500, max_records=5_000)
             except KafkaError as exc:
                 if not empty_control_batch(exc):
                     raise
-                passed = await _restore_past_the_client(settings, consumer, remaining, by_tp, end)
+                passed = await _restore_past_the_client(
+                    settings, consumer, remaining, by_tp, written, end
+                )
                 if passed is None:
                     raise  # not where these changelogs are read
-                total += passed
+                fetched += passed
                 batches = {}
-            fetched = 0
             for tp, records in batches.items():
                 if records:
                     changes = {r.key: r.value for r in records if r.key is not None}
-                    by_tp[tp].write(changes, records[-1].offset + 1)
+                    written[tp] = records[-1].offset + 1
+                    by_tp[tp].write(changes, written[tp])
                     fetched += len(records)
             total += fetched
             # Offsets, not records: a compacted changelog has fewer records
@@ -547,6 +554,7 @@ async def restore(
             for tp in list(remaining):
                 position = await consumer.position(tp)
                 if position >= end[tp]:
+                    written[tp] = position
                     by_tp[tp].write({}, position)
                     remaining.discard(tp)
                 else:
@@ -581,28 +589,33 @@ async def _restore_past_the_client(
     consumer: AIOKafkaConsumer,
     remaining: set[TopicPartition],
     by_tp: Mapping[TopicPartition, PartitionStore],
+    written: dict[TopicPartition, int],
     end: Mapping[TopicPartition, int],
 ) -> int | None:
-    """Records restored by reading each changelog left raw (up to its end, or
-    about ``RAW_RECORDS`` records), the consumer sought past them. aiokafka
-    fails, read_committed, on a control batch of no records, which Kafka's log
-    cleaner leaves in a compacted transactional topic (see
+    """Records restored by reading each changelog left raw from the first
+    record not in its store (up to its end, or about ``RAW_RECORDS``
+    records), the consumer sought past them. aiokafka fails, read_committed,
+    on a control batch of no records, which Kafka's log cleaner leaves in a
+    compacted transactional topic (see
     :func:`~stream_app.pipeline.unreadable.empty_control_batch`), and says
-    not of which partition; the task's start failed at every attempt. None
-    when no changelog moves: then the batch is not where they are read."""
+    not of which partition; the task's start failed at every attempt. From
+    ``written``, not the consumer's positions: the failed getmany moved the
+    partitions it drained before the failing one past records it then threw
+    away. None when no changelog moves past the consumer's position: then
+    the batch is not where they are read."""
     options = client_options(settings)
     restored = 0
     moved = False
     for tp in sorted(remaining):
-        position = start = await consumer.position(tp)
+        polled = await consumer.position(tp)
+        position = written[tp]
         async with contextlib.aclosing(read_past(options, tp, position, end=end[tp])) as reading:
             async for raws, after in reading:
                 by_tp[tp].write({r.key: r.value for r in raws if r.key is not None}, after)
                 restored += len(raws)
-                position = after
-        if position > start:
-            moved = True
-            consumer.seek(tp, position)
+                written[tp] = position = after
+        moved = moved or position > polled
+        consumer.seek(tp, position)
     return restored if moved else None
 
 

@@ -513,6 +513,86 @@ async def test_a_restore_passes_a_control_batch_of_no_records(
     assert restored == 9  # every record kept but the marker's offset, 30
 
 
+class _TwoChangelogsOneFailing:
+    """A task's two changelogs, as one producer writes them: the counter's
+    (offsets 0-2, its marker at 3) and the sessions' (records 0-4, a control
+    batch of no records at 5, records 6-9). As aiokafka's does, the failing
+    getmany first drains the counter's records, moving its position past
+    them, then fails on the sessions' batch, and returns neither."""
+
+    logs: ClassVar = {"counter": ([0, 1, 2], 4), "sessions": ([0, 1, 2, 3, 4, 6, 7, 8, 9], 10)}
+
+    def __init__(self, **options: Any) -> None:
+        self.at: dict[TopicPartition, int] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.at = dict.fromkeys(tps, 0)
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.logs[tp.topic][1] for tp in tps}
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 0)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.at[tp] = offset
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.at[tp]
+
+    async def getmany(self, *tps: TopicPartition, **kwargs: Any) -> dict[TopicPartition, list[Any]]:
+        for tp in sorted(tps):
+            if tp.topic == "counter":
+                self.at[tp] = 4  # drained, then thrown away with the failure
+            elif self.at[tp] <= 5:
+                raise KafkaError("Control batch did not contain any records")
+        return {}
+
+
+async def test_a_restore_passing_an_empty_control_batch_loses_no_other_changelog_s_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review's case: the raw read began at the consumer's positions, which
+    the failed getmany had moved past the counter's records; the counter's
+    store was left without them and recorded as caught up."""
+    monkeypatch.setattr(tasks_module, "AIOKafkaConsumer", _TwoChangelogsOneFailing)
+    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
+
+    async def read_batches_at(
+        options: object, at: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        kept, end = _TwoChangelogsOneFailing.logs[at.topic]
+        found = [o for o in kept if o >= offset]
+        if not found:
+            return [], end
+        key = at.topic[0].encode()
+        records = [RawRecord(at.topic, 0, o, 0, key + b"%d" % o, b"v") for o in found]
+        return records, end
+
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    stores = {
+        name: PartitionStore(tmp_path / name / "0", RocksDBResources(RocksDBSettings()))
+        for name in ("counter", "sessions")
+    }
+    try:
+        restored = await tasks_module.restore(
+            Settings(), stores, {name: TopicPartition(name, 0) for name in stores}, "c[0]"
+        )
+        assert [stores["counter"].get(b"c%d" % o) for o in (0, 1, 2)] == [b"v"] * 3
+        assert stores["counter"].changelog_offset == 4
+        assert stores["sessions"].changelog_offset == 10
+    finally:
+        for store in stores.values():
+            store.close()
+    assert restored == 12
+
+
 class _TruncatedChangelog(_CompactedChangelog):
     """The same, with its first 40 offsets deleted (DeleteRecords)."""
 
