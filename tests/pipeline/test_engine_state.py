@@ -18,6 +18,7 @@ from aiokafka.errors import (
     GroupAuthorizationFailedError,
     IllegalStateError,
     KafkaConnectionError,
+    KafkaError,
     KafkaTimeoutError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
@@ -105,6 +106,49 @@ async def test_the_group_consumer_waits_out_a_joingroup_the_broker_holds(
     assert options["session_timeout_ms"] == session_timeout_s * 1000
     assert options["request_timeout_ms"] == request_timeout_ms
     assert options["rebalance_timeout_ms"] == rebalance_timeout_ms
+
+
+async def test_a_poll_failing_on_a_control_batch_of_no_records_reads_past_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka's consumer fails, read_committed, on a control batch of no
+    records (Kafka's log cleaner leaves them in compacted transactional
+    topics): a plain KafkaError, which stopped the worker. It is read past
+    raw, as a header name that is not UTF-8 is."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+
+    class Consumer:
+        def __init__(self, **options: Any) -> None:
+            pass
+
+        async def start(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+        async def topics(self) -> set[str]:
+            return set(engine.input_topics)
+
+        def subscribe(self, topics: list[str], listener: object) -> None:
+            pass
+
+        def unsubscribe(self) -> None:
+            pass
+
+        async def getmany(self, timeout_ms: int, max_records: int) -> dict[Any, Any]:
+            raise KafkaError("Control batch did not contain any records")
+
+    passes: list[BaseException] = []
+
+    async def read_past_and_commit(consumer: object, exc: BaseException, rebalances: int) -> None:
+        passes.append(exc)
+        engine.stop()
+
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", Consumer)
+    monkeypatch.setattr(engine, "_read_past_and_commit", read_past_and_commit)
+    await engine._consume()
+    assert [str(exc) for exc in passes] == ["KafkaError: Control batch did not contain any records"]
 
 
 async def test_a_failing_poll_stops_the_engine_as_a_signal_does(
