@@ -525,7 +525,16 @@ async def restore(
         written = {tp: max(starts[tp] or 0, beginning[tp]) for tp in tps}
         started = time.monotonic()
         last_log = started
-        remaining = {tp for tp in tps if await consumer.position(tp) < end[tp]}
+        remaining = set()
+        for tp in tps:
+            position = await consumer.position(tp)
+            if position < end[tp]:
+                remaining.add(tp)
+            elif (recorded := by_tp[tp].changelog_offset) is not None and position > recorded:
+                # Every record past the store's offset was deleted: else the
+                # store kept its offset, and each start warned of it again.
+                written[tp] = position
+                by_tp[tp].write({}, position)
         while remaining:
             fetched = 0
             try:

@@ -600,6 +600,33 @@ class _TruncatedChangelog(_CompactedChangelog):
         return dict.fromkeys(tps, 40)
 
 
+class _WhollyDeletedChangelog(_CompactedChangelog):
+    """The same, with every offset deleted: it begins where it ends, at 100."""
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 100)
+
+
+async def test_a_store_whose_changelog_records_were_all_deleted_is_moved_to_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing was left to read, so the store kept its offset, and every later
+    start warned again of the records deleted."""
+    monkeypatch.setattr(tasks_module, "AIOKafkaConsumer", _WhollyDeletedChangelog)
+    store = PartitionStore(tmp_path / "sessions" / "0", RocksDBResources(RocksDBSettings()))
+    store.write({b"k10": b"old"}, 20)
+    tp = TopicPartition("app-sessions-changelog", 0)
+    try:
+        with caplog.at_level("WARNING", logger="stream_app.pipeline.tasks"):
+            for _ in range(2):
+                await tasks_module.restore(Settings(), {"sessions": store}, {"sessions": tp}, "c")
+        assert store.changelog_offset == 100
+    finally:
+        store.close()
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1  # the first start, not the second
+
+
 @pytest.mark.parametrize(("recorded", "said"), [(None, "missing"), (20, "as the store held")])
 async def test_a_restore_that_needs_deleted_changelog_records_says_so(
     tmp_path: Path,
