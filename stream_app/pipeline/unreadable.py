@@ -42,6 +42,12 @@ A raw read fetches one partition at a time, so the batch comes whole, and
 its records are processed (a command over the size limit, rejected as
 ``LIMIT_EXCEEDED``).
 
+And it passes a control batch of no records, which Kafka's log cleaner
+leaves in compacted transactional topics (the changelogs) and on which
+aiokafka's consumer fails, read_committed (:func:`empty_control_batch`):
+a restore reads past it from what each store holds (``tasks.restore``), the
+engine's poll and the settings follower as past an unreadable record.
+
 Contracts
 ---------
 * The same records a read_committed aiokafka consumer would deliver, in the
@@ -49,8 +55,9 @@ Contracts
   by the rule of aiokafka's fetcher (``PartitionRecords._unpack_records``);
   records below the requested offset are left out.
 * Batch CRCs are checked, as the consumer does by default. A batch that cannot
-  be parsed (corrupt, magic other than 2, a codec that is not installed)
-  raises :class:`RecordBatchError`; nothing is guessed.
+  be parsed (corrupt, magic other than 2, a codec that is not installed, a
+  count, length or offset Kafka would refuse) raises
+  :class:`RecordBatchError`; nothing is guessed.
 * ``FetchRequest`` is the class aiokafka's consumer sends: its version is
   negotiated per connection (the highest both sides support: v11 against
   Kafka 4.x, which dropped Fetch v0-v3). Versions below 4 cannot read
