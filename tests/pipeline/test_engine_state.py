@@ -108,14 +108,8 @@ async def test_the_group_consumer_waits_out_a_joingroup_the_broker_holds(
     assert options["rebalance_timeout_ms"] == rebalance_timeout_ms
 
 
-async def test_a_poll_failing_on_a_control_batch_of_no_records_reads_past_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """aiokafka's consumer fails, read_committed, on a control batch of no
-    records (Kafka's log cleaner leaves them in compacted transactional
-    topics): a plain KafkaError, which stopped the worker. It is read past
-    raw, as a header name that is not UTF-8 is."""
-    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+def _polls_failing(engine: Engine, failure: Exception) -> type:
+    """A consumer of ``engine``'s inputs whose every poll raises ``failure``."""
 
     class Consumer:
         def __init__(self, **options: Any) -> None:
@@ -137,7 +131,19 @@ async def test_a_poll_failing_on_a_control_batch_of_no_records_reads_past_it(
             pass
 
         async def getmany(self, timeout_ms: int, max_records: int) -> dict[Any, Any]:
-            raise KafkaError("Control batch did not contain any records")
+            raise failure
+
+    return Consumer
+
+
+async def test_a_poll_failing_on_a_control_batch_of_no_records_reads_past_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka's consumer fails, read_committed, on a control batch of no
+    records (Kafka's log cleaner leaves them in compacted transactional
+    topics): a plain KafkaError, which stopped the worker. It is read past
+    raw, as a header name that is not UTF-8 is."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
 
     passes: list[BaseException] = []
 
@@ -145,7 +151,8 @@ async def test_a_poll_failing_on_a_control_batch_of_no_records_reads_past_it(
         passes.append(exc)
         engine.stop()
 
-    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", Consumer)
+    failing = KafkaError("Control batch did not contain any records")
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", _polls_failing(engine, failing))
     monkeypatch.setattr(engine, "_read_past_and_commit", read_past_and_commit)
     await engine._consume()
     assert [str(exc) for exc in passes] == ["KafkaError: Control batch did not contain any records"]
@@ -160,29 +167,8 @@ async def test_a_failing_poll_stops_the_engine_as_a_signal_does(
     settings = Settings(data_dir=tmp_path)
     engine = Engine(settings, TopicLayout(1, 1_048_588))
 
-    class Consumer:
-        def __init__(self, **options: Any) -> None:
-            pass
-
-        async def start(self) -> None:
-            pass
-
-        async def stop(self) -> None:
-            pass
-
-        async def topics(self) -> set[str]:
-            return set(engine.input_topics)
-
-        def subscribe(self, topics: list[str], listener: object) -> None:
-            pass
-
-        def unsubscribe(self) -> None:
-            pass
-
-        async def getmany(self, timeout_ms: int, max_records: int) -> dict[Any, Any]:
-            raise KafkaTimeoutError("no broker answers")
-
-    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", Consumer)
+    failing = KafkaTimeoutError("no broker answers")
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", _polls_failing(engine, failing))
     stopping: list[bool] = []
     engine.on_stopping = lambda: stopping.append(engine._stopping.is_set())
     with pytest.raises(KafkaTimeoutError):
