@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,22 @@ class _Layout:
 
 async def _topics(settings: Any) -> _Layout:
     return _Layout()
+
+
+def _fake_demo(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    cluster: type,
+    worker: type,
+    produce_and_watch: Callable[..., Awaitable[Any]],
+) -> None:
+    """The demo over these stand-ins for the broker, the worker and the live view."""
+    monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "demo")
+    monkeypatch.setattr(demo, "_stop_leftovers", lambda: None)
+    monkeypatch.setattr(demo, "KafkaCluster", cluster)
+    monkeypatch.setattr(demo, "ensure_topics", _topics)
+    monkeypatch.setattr(demo, "Worker", worker)
+    monkeypatch.setattr(demo, "produce_and_watch", produce_and_watch)
 
 
 @pytest.mark.parametrize(
@@ -90,12 +107,7 @@ def test_the_demo_fails_unless_every_expected_output_arrived_and_the_worker_stop
         counts = {kind: n + change.get(kind, 0) for kind, n in summary.expected.items()}
         return summary, ViewResult(counts, {}, 1.0, "settled")
 
-    monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "demo")
-    monkeypatch.setattr(demo, "_stop_leftovers", lambda: None)
-    monkeypatch.setattr(demo, "KafkaCluster", _Cluster)
-    monkeypatch.setattr(demo, "ensure_topics", _topics)
-    monkeypatch.setattr(demo, "Worker", Worker)
-    monkeypatch.setattr(demo, "produce_and_watch", produce_and_watch)
+    _fake_demo(monkeypatch, tmp_path, _Cluster, Worker, produce_and_watch)
 
     assert demo.run(argparse.Namespace(sessions=50, seed=7, timeout=5.0)) == exit_status
     printed = capsys.readouterr().out
@@ -130,12 +142,7 @@ def test_an_interrupted_demo_whose_output_is_gone_still_stops_everything(
     def unwritable(*args: object, **kwargs: object) -> None:
         raise BrokenPipeError(32, "Broken pipe")
 
-    monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "demo")
-    monkeypatch.setattr(demo, "_stop_leftovers", lambda: None)
-    monkeypatch.setattr(demo, "KafkaCluster", Cluster)
-    monkeypatch.setattr(demo, "ensure_topics", _topics)
-    monkeypatch.setattr(demo, "Worker", Worker)
-    monkeypatch.setattr(demo, "produce_and_watch", produce_and_watch)
+    _fake_demo(monkeypatch, tmp_path, Cluster, Worker, produce_and_watch)
     monkeypatch.chdir(tmp_path)  # main() goes to the repository's root
     gone: list[bool] = []
     # Not the real redirect: under `pytest -s` it sent the rest of the run's
