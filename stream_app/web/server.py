@@ -33,6 +33,7 @@ from yarl import URL
 from stream_app import json
 from stream_app.domain import decode_session, session_document
 from stream_app.domain.decoding import INT32_MAX
+from stream_app.logs import excerpt
 from stream_app.web.metrics import EngineCollector
 
 #: Marks a request one worker forwarded to another: it is never forwarded again.
@@ -208,7 +209,9 @@ class WebServer:
             document = query_document(lookup.stored)
         except ValueError as exc:  # msgspec's DecodeError: damaged, or another release's form
             # Not a 503: asking again would not mend it.
-            log.warning("the stored session %r cannot be read: %s", integration_id[:100], exc)
+            log.warning(
+                "the stored session %s cannot be read: %s", excerpt(integration_id.encode()), exc
+            )
             return _problem(500, "the session's stored form cannot be read")
         return web.Response(body=json.dumps(document), content_type="application/json")
 
