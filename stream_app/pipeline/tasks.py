@@ -543,7 +543,7 @@ async def restore(
                 if not empty_control_batch(exc):
                     raise
                 passed = await _restore_past_the_client(
-                    settings, consumer, remaining, by_tp, written, end
+                    settings, consumer, remaining, by_tp, written, end, label
                 )
                 if passed is None:
                     raise  # not where these changelogs are read
@@ -600,6 +600,7 @@ async def _restore_past_the_client(
     by_tp: Mapping[TopicPartition, PartitionStore],
     written: dict[TopicPartition, int],
     end: Mapping[TopicPartition, int],
+    label: str,
 ) -> int | None:
     """Records restored by reading each changelog left raw from the first
     record not in its store (up to its end, or about ``RAW_RECORDS``
@@ -625,6 +626,13 @@ async def _restore_past_the_client(
                 written[tp] = position = after
         moved = moved or position > polled
         consumer.seek(tp, position)
+    if moved:
+        log.info(
+            "%s: read %d changelog records past aiokafka's consumer, which stops on the "
+            "control batch of no records that Kafka's log cleaner leaves (KAFKA-7467)",
+            label,
+            restored,
+        )
     return restored if moved else None
 
 

@@ -5,17 +5,33 @@ consumer cannot decode it, read_batches_at (stream_app.pipeline.unreadable) can.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from stream_app.pipeline.kafka import client_options
-from stream_app.pipeline.unreadable import RawRecord, read_batches_at
+from stream_app.pipeline.processor import partition_for
+from stream_app.pipeline.unreadable import RawRecord, empty_control_batch, read_batches_at
 from stream_app.settings import Settings
-from tests.integration.harness import create_topics, produce, produce_raw_batch
+from tests.conftest import EXTERNAL_BOOTSTRAP_SERVERS
+from tests.integration.harness import (
+    Deployment,
+    Worker,
+    command,
+    consume,
+    create_topics,
+    produce,
+    produce_raw_batch,
+)
 from tests.pipeline.record_batches import BatchRecord
 
 T0 = 1_760_000_000_000
@@ -160,3 +176,171 @@ def test_read_batches_at_reads_a_compressed_unreadable_batch(
         assert next_offset == offset_a + 3
 
     asyncio.run(scenario())
+
+
+async def _alter_topic(bootstrap: str, topic: str, changes: dict[str, str]) -> None:
+    """Set ``changes`` on ``topic``, keeping its other dynamic configs (AlterConfigs
+    replaces a resource's whole set: the changelog's ``cleanup.policy`` with it)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        dynamic = {
+            name: value
+            for response in described
+            for resource in response.resources
+            for name, value, _read_only, source, *_ in resource[4]
+            if source == _DYNAMIC_TOPIC_CONFIG
+        }
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {**dynamic, **changes})]
+        )
+    finally:
+        await admin.close()
+
+
+_DYNAMIC_TOPIC_CONFIG = 1
+
+
+@contextlib.asynccontextmanager
+async def _cleaner_backoff(bootstrap: str, ms: int) -> AsyncIterator[None]:
+    """The log cleaner of the project's own broker waits ``ms`` rather than 15 s
+    when it found nothing to clean, while the block runs. A broker of
+    STREAM_APP_TEST_BOOTSTRAP_SERVERS is left as it is (AlterConfigs would
+    replace its operator's dynamic broker configs): the test waits longer."""
+    if EXTERNAL_BOOTSTRAP_SERVERS:
+        yield
+        return
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        brokers = [str(b["node_id"]) for b in (await admin.describe_cluster())["brokers"]]
+        setting = {"log.cleaner.backoff.ms": str(ms)}
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.BROKER, b, setting) for b in brokers]
+        )
+        try:
+            yield
+        finally:
+            await admin.alter_configs(
+                [ConfigResource(ConfigResourceType.BROKER, b, {}) for b in brokers]
+            )
+    finally:
+        await admin.close()
+
+
+async def _abandon_a_transaction(bootstrap: str, tp: TopicPartition, transactional_id: str) -> None:
+    """A transaction left open with a record on ``tp``, then aborted by the next
+    producer of its id, as after a crash: the coordinator writes the abort marker
+    with the producer's epoch raised, so that marker is its producer's last batch
+    on ``tp``, with no data of that epoch before it."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id)
+    await producer.start()
+    await producer.begin_transaction()
+    await producer.send_and_wait(tp.topic, b"never committed", key=b"ghost", partition=tp.partition)
+    await producer.stop()  # a stop does not end the transaction
+    successor = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id)
+    await successor.start()  # InitProducerId: the open transaction is aborted
+    await successor.stop()
+
+
+async def _read_committed_fails(bootstrap: str, tp: TopicPartition) -> BaseException | None:
+    """The error that stops a read_committed consumer reading ``tp`` from its
+    start to its end, if one does."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        deadline = time.monotonic() + 20
+        while await consumer.position(tp) < end and time.monotonic() < deadline:
+            try:
+                await consumer.getmany(tp, timeout_ms=500)
+            except KafkaError as exc:
+                return exc
+        return None
+    finally:
+        await consumer.stop()
+
+
+async def test_a_restore_passes_the_empty_control_batch_the_log_cleaner_leaves(
+    deployment: Deployment, workers: Callable[..., Worker], tmp_path: Path
+) -> None:
+    """Kafka's log cleaner, compacting a changelog, keeps a producer's last
+    batch on a partition even when it removes its records (KAFKA-7467): after a
+    transaction aborted with a raised epoch (a worker killed mid-transaction,
+    whose task then wrote no more there), that batch is the abort marker's, a
+    control batch of no records. aiokafka's consumer stops on it under
+    read_committed; a worker restoring from that changelog reads past it.
+
+    The abandoned transaction has a transactional id of its own, so that the
+    worker's traffic can keep the partition changing (the cleaner needs three
+    passes over new segments) without moving that producer's last batch."""
+    t = deployment.topics
+    app_id = deployment.env()["STREAM_APP_APP_ID"]
+    partition = partition_for(b"cart-1", deployment.partitions)
+    busy = [f"busy-{i}" for i in range(200)]
+    busy = [iid for iid in busy if partition_for(iid.encode(), deployment.partitions) == partition]
+    lamp = [{"sku": "lamp", "quantity": 2, "price": 25.5}]
+    await produce(
+        deployment.bootstrap,
+        t.commands,
+        [
+            (b"cart-1", command("update", "cart-1", session={"cartItems": lamp})),
+            (b"marker-1", command("update", "marker-1", session={"state": "closed"})),
+        ],
+    )
+    first = workers(deployment)
+    marker = await consume(deployment.bootstrap, [t.closed], expect=1, timeout=90)
+    assert [o.doc()["integrationId"] for o in marker] == ["marker-1"], first.log_tail()
+
+    changelog = TopicPartition(f"{app_id}-sessions-changelog", partition)
+    await _alter_topic(
+        deployment.bootstrap,
+        changelog.topic,
+        {
+            "segment.ms": "100",
+            "min.cleanable.dirty.ratio": "0.01",
+            "delete.retention.ms": "0",
+            "min.compaction.lag.ms": "0",
+        },
+    )
+    await _abandon_a_transaction(deployment.bootstrap, changelog, f"{app_id}-crashed-elsewhere")
+    updates: Counter[str] = Counter()
+    failed: BaseException | None = None
+    async with _cleaner_backoff(deployment.bootstrap, 200):
+        deadline = time.monotonic() + 120
+        while failed is None and time.monotonic() < deadline:
+            # The worker's transactions append to the changelog: its segments roll.
+            for iid in busy:
+                updates[iid] += 1
+                value = command("update", iid, session={"attributes": {"n": updates[iid]}})
+                await produce(deployment.bootstrap, t.commands, [(iid.encode(), value)])
+            await asyncio.sleep(0.5)
+            failed = await _read_committed_fails(deployment.bootstrap, changelog)
+    assert failed is not None, "the cleaner left no empty control batch within 120 s"
+    assert empty_control_batch(failed), repr(failed)
+    assert first.stop() == 0, first.log_tail()
+
+    # An empty disk: every store is restored from its changelog.
+    second = workers(deployment, data_dir=tmp_path / "fresh-state")
+    closes = [
+        (iid.encode(), command("update", iid, session={"state": "closed"}))
+        for iid in ["cart-1", *busy]
+    ]
+    await produce(deployment.bootstrap, t.commands, closes)
+    outputs = await consume(deployment.bootstrap, [t.closed], expect=2 + len(busy), timeout=120)
+    closed = {o.doc()["integrationId"]: o.doc()["session"] for o in outputs}
+    assert closed["cart-1"]["cartItems"][0]["sku"] == "lamp", second.log_tail()
+    assert closed["cart-1"]["total"] == 51.0
+    assert {iid: closed[iid]["updateCount"] for iid in busy} == {
+        iid: updates[iid] + 1 for iid in busy
+    }
+    assert {iid: closed[iid]["attributes"] for iid in busy} == {
+        iid: {"n": updates[iid]} for iid in busy
+    }
+    assert second.stop() == 0, second.log_tail()
+    assert "(KAFKA-7467)" in second.log_path.read_text(errors="replace"), second.log_tail()
