@@ -44,6 +44,7 @@ import binascii
 import bisect
 import logging
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -134,6 +135,9 @@ COMMAND_SERIES: Final = (
 #: See :attr:`Limits.bookkeeping_bytes`: 64 eventIds of a UUID's length
 #: and a returned quantity on 1,000 lines take about a third of it.
 BOOKKEEPING_BYTES: Final = 64 * 1024
+#: At most one log line per stage-1 task in this many seconds about re-keyed
+#: commands (``stream_app_rekeyed_total`` counts each).
+REKEYED_TOLD_EVERY_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,6 +511,10 @@ class CommandProcessor:
     _decoded: OrderedDict[bytes, tuple[bytes, Session]] = field(
         default_factory=OrderedDict, repr=False
     )
+    clock: Callable[[], float] = time.monotonic
+    #: When a re-keyed command was last logged, and how many since (_tell_rekeyed).
+    _rekeyed_told_at: float | None = field(default=None, repr=False)
+    _rekeyed_untold: int = field(default=0, repr=False)
 
     def process(self, record: SourceRecord) -> list[Outgoing]:
         out, kind, outcome = self._process(record)
@@ -564,14 +572,7 @@ class CommandProcessor:
                 )
                 return [self._reject(rejection, record)], kind, rejected
             self.metrics.rekeyed += 1
-            log.info(
-                "%s[%d]@%d: key %s is not integrationId %s on this partition, re-keying",
-                record.topic,
-                record.partition,
-                record.offset,
-                excerpt(record.key),
-                excerpt(wanted_key),
-            )
+            self._tell_rekeyed(record, wanted_key)
             return [rekeyed], kind, "rekeyed"
         application_id = command.application_id or self.default_application_id
         key = session_key(application_id, command.integration_id)
@@ -626,6 +627,43 @@ class CommandProcessor:
         self.sessions[key] = encoded
         self._remember(key, encoded, new)
         return self._envelopes(session, new, outcome), kind, "applied"
+
+    def _tell_rekeyed(self, record: SourceRecord, wanted_key: bytes) -> None:
+        """Log a re-keyed command, at most once per :data:`REKEYED_TOLD_EVERY_S`
+        with how many more there were. A producer that partitions by another
+        hash (librdkafka's default) sends most commands to another partition:
+        a line each was thousands a second, and tripled stage 1's cost."""
+        now = self.clock()
+        if self._rekeyed_told_at is not None and now - self._rekeyed_told_at < REKEYED_TOLD_EVERY_S:
+            self._rekeyed_untold += 1
+            return
+        more = self._rekeyed_untold
+        self._rekeyed_told_at, self._rekeyed_untold = now, 0
+        since = (
+            f" ({more} more re-keyed on this partition since the last such line)" if more else ""
+        )
+        if record.key == wanted_key:
+            log.info(
+                "%s[%d]@%d: key %s is integrationId, but Kafka's default partitioner "
+                "(murmur2) puts it on partition %d: the producer partitions by another "
+                "hash (see the contract, section 1), re-keying%s",
+                record.topic,
+                record.partition,
+                record.offset,
+                excerpt(record.key),
+                partition_for(wanted_key, self.allocator.partitions),
+                since,
+            )
+        else:
+            log.info(
+                "%s[%d]@%d: key %s is not integrationId %s, re-keying%s",
+                record.topic,
+                record.partition,
+                record.offset,
+                excerpt(record.key),
+                excerpt(wanted_key),
+                since,
+            )
 
     def _decode(self, key: bytes, stored: bytes) -> Session:
         """The stored session, decoded: from the cache when its bytes are the ones

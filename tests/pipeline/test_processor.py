@@ -16,6 +16,7 @@ from stream_app.pipeline import processor as processor_module
 from stream_app.pipeline.processor import (
     DECODED_SESSIONS,
     ORIGIN_HEADER,
+    REKEYED_TOLD_EVERY_S,
     CommandProcessor,
     Limits,
     Outgoing,
@@ -88,6 +89,35 @@ def test_a_huge_mis_keyed_key_is_shown_in_part_in_the_log(caplog: pytest.LogCapt
     [line] = [r.getMessage() for r in caplog.records if "re-keying" in r.getMessage()]
     assert "(500000 bytes)" in line
     assert len(line) < 400
+
+
+def test_re_keyed_commands_are_logged_at_most_once_per_interval_with_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A producer that partitions by another hash (librdkafka's default) sends
+    most commands to another partition: a line each was thousands a second.
+    One line per interval, saying how many more; the metric counts each."""
+    p = stage1()
+    now = [100.0]
+    p.clock = lambda: now[0]
+    wrong = [n for n in range(100) if partition_for(f"s{n}".encode(), 4) != 2][:30]
+    with caplog.at_level("INFO", logger="stream_app.pipeline.processor"):
+        for offset, n in enumerate(wrong[:20]):
+            p.process(
+                record(cmd(f"s{n}", session={}), f"s{n}".encode(), partition=2, offset=offset)
+            )
+        now[0] += REKEYED_TOLD_EVERY_S
+        p.process(record(cmd("s1", session={}), b"other", partition=2, offset=20))
+    lines = [r.getMessage() for r in caplog.records if "re-keying" in r.getMessage()]
+    assert p.metrics.rekeyed == 21
+    first = f"s{wrong[0]}"
+    assert lines == [
+        f"{TOPICS.commands}[2]@0: key b'{first}' is integrationId, but Kafka's default "
+        f"partitioner (murmur2) puts it on partition {partition_for(first.encode(), 4)}: "
+        "the producer partitions by another hash (see the contract, section 1), re-keying",
+        f"{TOPICS.commands}[2]@20: key b'other' is not integrationId b's1', re-keying "
+        "(19 more re-keyed on this partition since the last such line)",
+    ]
 
 
 def test_a_command_whose_key_is_too_large_to_re_key_is_rejected_not_re_keyed() -> None:
