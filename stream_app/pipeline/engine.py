@@ -324,6 +324,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 # before the sessions' (Checkpoint._send_groups).
                 (SESSION_IDS_STORE, SESSIONS_STORE),
                 commands,
+                commands=True,
             ),
             Stage("profiles", (profile_topic(s),), (FIRST_SESSIONS_STORE,), profiles),
         )

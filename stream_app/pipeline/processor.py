@@ -372,9 +372,35 @@ class Metrics:
     #: rejected or rekeyed.
     commands: dict[tuple[str, str], int] = field(default_factory=dict)
     rejections: dict[str, int] = field(default_factory=dict)
+    #: What the record in hand counted in ``commands``, if anything: the task
+    #: sets None before each record (see :meth:`rejected_after_all`).
+    counted: tuple[str, str] | None = None
 
     def count(self, kind: str, outcome: str) -> None:
         self.commands[kind, outcome] = self.commands.get((kind, outcome), 0) + 1
+        self.counted = (kind, outcome)
+        if outcome == "applied":
+            self.applied += 1
+
+    def rejected_after_all(self, command: bool) -> None:
+        """The record in hand is rejected after all: its processing failed, or
+        its outputs were refused. What it counted becomes a rejection of its
+        type (counted once its rejection is made); a ``command`` that counted
+        nothing, the processor having failed, becomes one of type unknown."""
+        counted = self.counted
+        if counted is None:
+            if command:
+                self.count("unknown", "rejected")
+            return
+        kind, outcome = counted
+        self.commands[counted] -= 1
+        if outcome == "applied":
+            self.applied -= 1
+        elif outcome == "duplicate":
+            self.duplicates -= 1
+        elif outcome == "rekeyed":
+            self.rekeyed -= 1
+        self.count(kind, "rejected")
 
 
 #: Seconds; from well below a record's usual cost to a stall.
@@ -419,12 +445,15 @@ class LatencyHistogram:
         return out
 
 
-def downstream(
-    topics: TopicNames, metrics: Metrics, channel: str, integration_id: str, value: bytes
-) -> Outgoing:
-    """The downstream record of one output, keyed by integrationId, counted."""
-    metrics.emitted[channel] = metrics.emitted.get(channel, 0) + 1
+def downstream(topics: TopicNames, channel: str, integration_id: str, value: bytes) -> Outgoing:
+    """The downstream record of one output, keyed by integrationId (counted by
+    the task that sends it, see :func:`channels`)."""
     return Outgoing(getattr(topics, channel), integration_id.encode(), value)
+
+
+def channels(topics: TopicNames) -> dict[str, str]:
+    """The output channel of each downstream topic."""
+    return {getattr(topics, channel): channel for channel in _CHANNELS}
 
 
 def emit_head(channel: str, integration_id: str) -> bytes:
@@ -623,7 +652,6 @@ class CommandProcessor:
                 if session is None:  # the creation took a session id: give it back
                     self.allocator.give_back()
                 return [self._reject(rejection, origin)], kind, rejected
-        self.metrics.applied += 1
         self.sessions[key] = encoded
         self._remember(key, encoded, new)
         return self._envelopes(session, new, outcome), kind, "applied"
@@ -722,9 +750,7 @@ class CommandProcessor:
                 # Anonymous sessions are always first sessions: no profile state
                 # to consult, so they skip stage 2.
                 doc = json.dumps(output_document(event, after))
-                out.append(
-                    downstream(self.topics, self.metrics, channel, after.integration_id, doc)
-                )
+                out.append(downstream(self.topics, channel, after.integration_id, doc))
                 continue
             envelope = (
                 emit_head(channel, after.integration_id)
@@ -816,7 +842,7 @@ class ProfileProcessor:
         output, at, end = envelope.output, envelope.value_at, envelope.value_end
         first = self.first_sessions.get(key) == integration_id.encode()
         value = output[:at] + (b"true" if first else b"false") + output[end:]
-        return [downstream(self.topics, self.metrics, envelope.channel, integration_id, value)]
+        return [downstream(self.topics, envelope.channel, integration_id, value)]
 
 
 class _Envelope(NamedTuple):

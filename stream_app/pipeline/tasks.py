@@ -47,11 +47,13 @@ from stream_app.pipeline.processor import (
     Metrics,
     Outgoing,
     SourceRecord,
+    channels,
     pipeline_rejection,
     record_size,
     reject,
 )
 from stream_app.pipeline.store import PartitionStore, RocksDBResources, StoreOverlay
+from stream_app.pipeline.topics import rekey_topic
 from stream_app.pipeline.unreadable import RawRecord, empty_control_batch, read_past
 from stream_app.settings import Settings
 
@@ -88,6 +90,8 @@ class Stage:
     stores: tuple[str, ...]
     #: Builds the processor of partition p over the task's store overlays.
     build: Callable[[int, Mapping[str, StoreOverlay]], Process]
+    #: Whether its inputs are commands (counted in ``Metrics.commands``).
+    commands: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +266,9 @@ class Task:
         handled = self.handled
         observe = self._latency.observe
         max_bytes = self.max_record_bytes
+        metrics = self.metrics
+        emitted = metrics.emitted
+        channel_of = channels(self.settings.topics)
         clock = time.perf_counter
         tp: TopicPartition | None = None
         for record in records:
@@ -284,6 +291,7 @@ class Task:
             for overlay in overlays:
                 overlay.begin_record()
             failure: Exception | None = None
+            metrics.counted = None
             began = clock()
             try:
                 outgoing = process(source)
@@ -308,9 +316,12 @@ class Task:
             if failure is not None:
                 for overlay in overlays:
                     overlay.undo_record()
-                outgoing = [
-                    internal_error(self.settings, self.limits, source, failure, self.metrics)
-                ]
+                metrics.rejected_after_all(self.stage.commands)
+                outgoing = [internal_error(self.settings, self.limits, source, failure, metrics)]
+            else:
+                for out in outgoing:
+                    if (channel := channel_of.get(out.topic)) is not None:
+                        emitted[channel] = emitted.get(channel, 0) + 1
             observe(clock() - began)
             for out in outgoing:
                 if not checkpoint.add(out):  # once per topic and transaction
@@ -337,6 +348,8 @@ class Task:
             "a header name is not UTF-8",
         )
         log.warning("%s[%d]@%d: unreadable record, rejected", raw.topic, raw.partition, raw.offset)
+        if self.stage.commands:
+            self.metrics.count("unknown", "rejected")
         checkpoint = self._current()
         await checkpoint.send(
             reject(self.settings.topics, self.metrics, self.limits, rejection, source)
@@ -425,7 +438,11 @@ def internal_error(
     exc: BaseException,
     metrics: Metrics | None = None,
 ) -> Outgoing:
-    """The rejection of a record the worker could not process (a bug, or a limit)."""
+    """The rejection of a record the worker could not process (a bug, or a
+    limit). A re-keyed command's names where it first arrived, with its key,
+    as the processor's own rejections of it do."""
+    if record.topic == rekey_topic(settings):
+        record = record.origin_from_header() or record
     if isinstance(exc, RecordTooLargeError):
         rejection = pipeline_rejection(
             Reason.LIMIT_EXCEEDED, "The command's outputs exceed a limit", str(exc), "/session"

@@ -15,15 +15,24 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from stream_app import json
+from stream_app.domain import ApplicationSettings
 from stream_app.errors import StoreError
 from stream_app.pipeline import engine as engine_module
 from stream_app.pipeline import tasks as tasks_module
 from stream_app.pipeline import unreadable
 from stream_app.pipeline.engine import Engine
-from stream_app.pipeline.processor import Limits, Outgoing, SourceRecord
+from stream_app.pipeline.processor import (
+    CommandProcessor,
+    Limits,
+    Metrics,
+    Outgoing,
+    PartitionSequenceAllocator,
+    SourceRecord,
+)
 from stream_app.pipeline.store import PartitionStore, RocksDBResources
 from stream_app.pipeline.tasks import Stage, Task, TaskId
-from stream_app.pipeline.topics import TopicLayout
+from stream_app.pipeline.topics import TopicLayout, profile_topic, rekey_topic
 from stream_app.pipeline.unreadable import RawRecord
 from stream_app.settings import RocksDBSettings, Settings
 from tests.pipeline.fakes import IdleKafkaClient
@@ -61,7 +70,9 @@ class _Record:
 def _make_task(tmp_path: Path, process: Callable[[SourceRecord], list[Outgoing]]) -> Task:
     """A real Task of partition 0 with no stores, ``process`` as its processor."""
     settings = Settings(data_dir=tmp_path)
-    stage = Stage("commands", (settings.topics.commands,), (), lambda _p, _o: process)
+    stage = Stage(
+        "commands", (settings.topics.commands,), (), lambda _p, _o: process, commands=True
+    )
     task = Task(
         stage,
         0,
@@ -105,6 +116,78 @@ async def test_a_bug_in_the_processor_rejects_that_record_and_goes_on(tmp_path: 
     assert rejection.topic == task.settings.topics.rejected
     assert b"INTERNAL_ERROR" in rejection.value
     assert checkpoint.offsets == [5]
+
+
+async def test_a_bug_in_stage_1_counts_its_record_as_a_rejected_command(tmp_path: Path) -> None:
+    """The processor failed before it counted the record: stream_app_commands_total
+    left it out, while the rejections counted it."""
+    task, _ = _task(tmp_path, RuntimeError("a bug, say"))
+    await task.handle_many([_Record(task.inputs[0].topic, 5)])
+    assert task.metrics.commands == {("unknown", "rejected"): 1}
+    assert task.metrics.rejections == {"INTERNAL_ERROR": 1}
+
+
+async def test_a_re_keyed_command_whose_outputs_are_refused_is_rejected_where_it_arrived(
+    tmp_path: Path,
+) -> None:
+    """A command applied, its close too large for the topics (a limit raised
+    above theirs): its rejection named the re-key topic's position, where the
+    purger deletes it, and held its integrationId as key; the metrics counted
+    it applied and its close emitted, and a rejection too."""
+    settings = Settings(data_dir=tmp_path)
+    rekeyed = rekey_topic(settings)
+    metrics = Metrics()
+    processor = CommandProcessor(
+        topics=settings.topics,
+        rekey_topic=rekeyed,
+        profile_topic=profile_topic(settings),
+        sessions={},
+        allocator=PartitionSequenceAllocator({}, 1),
+        settings_for=lambda _app: ApplicationSettings(),
+        default_application_id=1,
+        metrics=metrics,
+    )
+    stage = Stage(
+        "commands",
+        (settings.topics.commands, rekeyed),
+        (),
+        lambda _p, _o: processor.process,
+        commands=True,
+    )
+    task = Task(
+        stage,
+        0,
+        settings=settings,
+        changelogs={},
+        state_dir=tmp_path,
+        resources=RocksDBResources(RocksDBSettings()),
+        commit_offsets=lambda offsets: None,
+        limits=Limits(),
+        max_record_bytes=600,
+        metrics=metrics,
+    )
+    task.process = stage.build(0, {})
+    checkpoint = _Checkpoint()
+    task.checkpoint = checkpoint  # type: ignore[assignment]
+    close = json.dumps({"type": "update", "integrationId": "s1", "session": {"state": "closed"}})
+    arrived = SourceRecord(settings.topics.commands, 4, 1234, 1_764_000_000_000, b"order-77", close)
+    record = _Record(rekeyed, 9)
+    record.key, record.value, record.headers = b"s1", close, (arrived.origin_header(),)
+
+    await task.handle_many([record])
+
+    [rejection] = checkpoint.sent
+    assert rejection.topic == settings.topics.rejected
+    assert rejection.key == b"order-77"
+    doc = json.loads(rejection.value)
+    assert doc["reason"] == "LIMIT_EXCEEDED"
+    assert doc["source"] == {"topic": settings.topics.commands, "partition": 4, "offset": 1234}
+    assert {series: n for series, n in metrics.commands.items() if n} == {("update", "rejected"): 1}
+    assert (metrics.applied, metrics.emitted, metrics.rejections) == (
+        0,
+        {},
+        {"LIMIT_EXCEEDED": 1},
+    )
 
 
 class _RawTask:
