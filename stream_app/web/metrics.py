@@ -122,7 +122,8 @@ class EngineCollector(Collector):
         yield rebalances
         restarts = CounterMetricFamily(
             "stream_app_task_restarts",
-            "Tasks restarted after a failure (a failed commit, a fence, a store error)",
+            "Tasks restarted after a failure (a failed commit, a store error); a fenced "
+            "task is dropped, not restarted: the worker is unready until the group moves it",
         )
         restarts.add_metric([], engine.task_restarts)
         yield restarts
