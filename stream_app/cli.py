@@ -117,16 +117,25 @@ def run_worker(settings: Settings) -> int:
 
 
 def run_traffic(
-    settings: Settings, sessions: int, seed: int, rate: float | None, prefix: str = ""
+    settings: Settings,
+    sessions: int,
+    seed: int,
+    rate: float | None,
+    prefix: str = "",
+    *,
+    yes: bool = False,
 ) -> int:
-    """Produce the demo's sample checkout traffic to the command topic."""
+    """Produce the demo's sample checkout traffic to the command topic: one
+    that holds records only with ``yes``."""
     from aiokafka.errors import KafkaError
 
     from stream_app.demo.traffic import produce_traffic
     from stream_app.errors import ConfigurationError
 
     try:
-        summary = asyncio.run(produce_traffic(settings, sessions, seed, rate, prefix))
+        summary = asyncio.run(
+            produce_traffic(settings, sessions, seed, rate, prefix, to_an_empty_topic_only=not yes)
+        )
     except ConfigurationError as exc:
         print(f"stream-app traffic: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -450,6 +459,18 @@ def _send_command(
     return _json_command(text)
 
 
+class _Interrupted(KeyboardInterrupt):
+    """A stop signal other than SIGINT, handled as a Ctrl-C (see :func:`_interrupt`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise _Interrupted(signum)
+
+
 def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     """Check a command with the client and send it (or only print it, ``--dry-run``)."""
     from aiokafka.errors import KafkaError, MessageSizeTooLargeError
@@ -494,20 +515,33 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
                 sending = True
                 return await client.send(command)
 
-        sent = asyncio.run(send())
+        # A SIGTERM (a timeout, a CI job, kubectl exec ending) as a Ctrl-C: the
+        # eventId is said, so a retry cannot apply the command twice.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            sent = asyncio.run(send())
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except CommandRejectedError as exc:
         print(f"stream-app send: not sent, the command is invalid: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CommandTopicMissingError as exc:
         print(f"stream-app send: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(
-            "stream-app send: interrupted; the command may have been sent: to send it "
-            f"again without a second effect, give it its eventId: {same_id}",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        if sending:
+            print(
+                "stream-app send: interrupted; the command may have been sent: to send it "
+                f"again without a second effect, give it its eventId: {same_id}",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"stream-app send: interrupted before connecting: not sent; retry with the "
+                f"same eventId: {same_id}",
+                file=sys.stderr,
+            )
+        return 128 + exc.signum if isinstance(exc, _Interrupted) else EXIT_INTERRUPTED
     except MessageSizeTooLargeError as exc:  # a retry meets the same refusal
         print(
             f"stream-app send: not sent, Kafka refuses a record this large: {exc!r} (see "
@@ -747,6 +781,7 @@ def _refused(settings: Settings, exc: BaseException) -> str | None:
 def run_tail(settings: Settings, args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
 
+    from stream_app.pipeline.unreadable import empty_control_batch
     from stream_app.settings import is_kafka_name
 
     topic = resolve_topic(settings, args.topic)
@@ -778,6 +813,15 @@ def run_tail(settings: Settings, args: argparse.Namespace) -> int:
         print(f"stream-app tail: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KafkaError as exc:
+        if empty_control_batch(exc):
+            print(
+                f"stream-app tail: {topic} holds a control batch of no records, which Kafka's "
+                "log cleaner leaves in a compacted topic written in transactions (KAFKA-7467), "
+                "and which the Kafka client cannot read past (the workers read past it). "
+                "Use --from-end, or Kafka's kafka-console-consumer.sh.",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         return _kafka_failed("tail", settings, exc)
     except UnicodeDecodeError as exc:  # aiokafka's, for a header name that is not UTF-8
         print(
@@ -1085,7 +1129,7 @@ def _add_inspect(sub: Any) -> None:
         "--application-id",
         type=_at_most(APPLICATION_ID_MAX),
         default=None,
-        help="default: STREAM_APP_DEFAULT_APPLICATION_ID (1)",
+        help="default: the workers' default application (their STREAM_APP_DEFAULT_APPLICATION_ID)",
     )
     inspect.add_argument(
         "--url",
@@ -1103,7 +1147,6 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     from urllib.request import ProxyHandler, build_opener, urlopen
 
     base = args.url or f"http://127.0.0.1:{settings.http_port}"
-    application_id = args.application_id or settings.default_application_id
     try:
         segment = quote(args.integration_id, safe="")
     except UnicodeEncodeError:  # bytes of the command line that are not UTF-8
@@ -1112,7 +1155,11 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    url = f"{base.rstrip('/')}/v2/customer_sessions/{segment}?applicationId={int(application_id)}"
+    url = f"{base.rstrip('/')}/v2/customer_sessions/{segment}"
+    if args.application_id is not None:
+        # Otherwise the worker's own default application id, as for `send`:
+        # this environment's may not be the workers' (a `--url` from elsewhere).
+        url += f"?applicationId={int(args.application_id)}"
     if not url.startswith(("http://", "https://")):
         print(f"stream-app inspect: error: not an http URL: {base}", file=sys.stderr)
         return EXIT_USAGE
@@ -1142,7 +1189,8 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
                 time.sleep(pause)
                 continue
             print(f"stream-app inspect: {exc.code}: {detail}", file=sys.stderr)
-            return EXIT_FAILED
+            # 400: the request itself (an id the worker refuses), as documented.
+            return EXIT_USAGE if exc.code == 400 else EXIT_FAILED
         except (URLError, OSError) as exc:
             print(f"stream-app inspect: no worker answered at {base}: {exc}", file=sys.stderr)
             return EXIT_FAILED
@@ -1303,6 +1351,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="begins every integration and profile id, so that another run against the same "
         "topics makes new sessions rather than commands for the first run's (default: none)",
     )
+    traffic.add_argument(
+        "--yes",
+        action="store_true",
+        help="send to a command topic that already holds records (refused otherwise: the "
+        "workers apply sample orders and publish them like real ones)",
+    )
     watch = sub.add_parser(
         "watch",
         help="print a live view of the output topics",
@@ -1410,7 +1464,9 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         return run_inspect(settings, args)
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "traffic":
-        return run_traffic(settings, int(args.sessions), args.seed, args.rate, args.prefix)
+        return run_traffic(
+            settings, int(args.sessions), args.seed, args.rate, args.prefix, yes=args.yes
+        )
     if args.command == "watch":
         return run_watch(settings, args.seconds, args.settle)
     if args.command == "tail":

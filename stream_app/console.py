@@ -29,9 +29,12 @@ early_signals: list[int] = []
 def main() -> int:
     if sys.argv[1:2] == ["worker"]:
         remember_signals()
-    from stream_app.cli import main as run
+    try:
+        from stream_app.cli import main as run
 
-    return run()
+        return run()
+    except KeyboardInterrupt:  # a Ctrl-C while the imports ran: no traceback
+        return 130
 
 
 def remember_signals() -> None:

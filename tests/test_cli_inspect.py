@@ -52,7 +52,30 @@ def test_inspect_asks_again_while_the_group_rebalances(
     _Worker.answers = [BUSY, BUSY, FOUND]
     assert main(["inspect", "a/b", "--url", worker]) == 0
     assert '"state": "open"' in capsys.readouterr().out
-    assert _Worker.paths == ["/v2/customer_sessions/a%2Fb?applicationId=1"] * 3
+    assert _Worker.paths == ["/v2/customer_sessions/a%2Fb"] * 3
+
+
+def test_inspect_leaves_the_application_to_the_worker_unless_given(
+    worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It sent this environment's default application id (1 when unset): from
+    a machine without the workers' environment, a session of a worker whose
+    default is 7 read as "no session in application 1"."""
+    _Worker.answers = [FOUND]
+    monkeypatch.setenv("STREAM_APP_DEFAULT_APPLICATION_ID", "3")
+    assert main(["inspect", "a", "--url", worker]) == 0
+    assert main(["inspect", "a", "--url", worker, "--application-id", "7"]) == 0
+    assert _Worker.paths == ["/v2/customer_sessions/a", "/v2/customer_sessions/a?applicationId=7"]
+
+
+def test_a_request_the_worker_refuses_is_a_usage_error(
+    worker: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 400 (an id over 1,000 characters) exited 1, which means no such session
+    or no worker answered."""
+    _Worker.answers = [(400, b'{"status":400,"detail":"the integrationId is too long"}')]
+    assert main(["inspect", "x" * 1001, "--url", worker]) == 2
+    assert "400" in capsys.readouterr().err
 
 
 def test_inspect_with_no_wait_reports_the_503(
@@ -125,7 +148,7 @@ def test_a_worker_on_this_machine_is_not_asked_through_a_proxy(
     monkeypatch.setattr(urllib.request, "_opener", None)
     _Worker.answers = [FOUND]
     assert main(["inspect", "a/b", "--url", worker]) == 0
-    assert _Worker.paths == ["/v2/customer_sessions/a%2Fb?applicationId=1"]
+    assert _Worker.paths == ["/v2/customer_sessions/a%2Fb"]
 
 
 @pytest.mark.parametrize("wait", ["nan", "inf", "-1"])

@@ -32,6 +32,26 @@ def test_tail_over_an_unreadable_record_says_so_and_exits_1(
     assert "Traceback" not in err
 
 
+async def _empty_control_batch(*args: object, **kwargs: object) -> None:
+    from aiokafka.errors import KafkaError
+
+    # What aiokafka raises, read_committed, on a control batch of no records.
+    raise KafkaError("Control batch did not contain any records")
+
+
+def test_tail_over_an_empty_control_batch_says_what_it_is(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "Kafka at ...: KafkaError(...)", which reads as an outage that a
+    retry may mend; every retry stopped at the same offset."""
+    monkeypatch.setattr(cli, "tail", _empty_control_batch)
+    assert cli.main(["tail", "commands"]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "a control batch of no records" in err
+    assert "--from-end" in err
+    assert "Traceback" not in err
+
+
 _PRINTING_TAIL = """
 import sys
 from stream_app import cli

@@ -45,6 +45,7 @@ from enum import Enum, StrEnum
 from typing import Any, Final, TypeVar
 
 from stream_app import json
+from stream_app.errors import ConfigurationError
 from stream_app.settings import Settings
 
 __all__ = [
@@ -595,18 +596,45 @@ async def _acknowledged(futures: list[asyncio.Future[Any]], servers: str) -> Non
         )
 
 
+async def records_held(settings: Settings, topic: str) -> int:
+    """Offsets between the start and the end of ``topic``'s partitions."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from stream_app.pipeline.kafka import client_options, partition_count, stop_fully
+
+    options = client_options(settings)
+    tps = [TopicPartition(topic, p) for p in range(await partition_count(options, topic))]
+    consumer = AIOKafkaConsumer(**options, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        starts = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
+    finally:
+        await stop_fully(consumer)
+    return sum(ends[tp] - starts[tp] for tp in tps)
+
+
 def _observe(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
 
 
 async def produce_traffic(
-    settings: Settings, sessions: int, seed: int, rate: float | None = None, prefix: str = ""
+    settings: Settings,
+    sessions: int,
+    seed: int,
+    rate: float | None = None,
+    prefix: str = "",
+    *,
+    to_an_empty_topic_only: bool = False,
 ) -> TrafficSummary:
     """Send the traffic to ``settings.topics.commands`` (created if missing).
 
     ``rate`` is records per second; ``None`` sends as fast as the broker takes
-    them. Per-key order holds: one idempotent producer, ``acks=all``.
+    them. Per-key order holds: one idempotent producer, ``acks=all``. With
+    ``to_an_empty_topic_only``, a command topic that holds records is
+    refused (ConfigurationError): sample orders there are applied and
+    published like real ones.
     """
     from aiokafka import AIOKafkaProducer
 
@@ -617,6 +645,13 @@ async def produce_traffic(
     traffic = generate_traffic(sessions, seed, prefix)
     await ensure_topics(settings)
     topic = settings.topics.commands
+    if to_an_empty_topic_only and (held := await records_held(settings, topic)):
+        raise ConfigurationError(
+            f"{topic} at {settings.bootstrap_servers} already holds {held:,} records. "
+            "This sends sample orders (closes, returns, cancels, bad records) that the "
+            "workers apply and publish like real ones: give --yes to send them to a topic "
+            "in use, with a --prefix so that their ids meet none of its sessions"
+        )
     producer = AIOKafkaProducer(
         **client_options(settings), acks="all", enable_idempotence=True, linger_ms=5
     )

@@ -3,10 +3,13 @@ checking commands (``--dry-run``) from JSON, stdin and flags."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
+import signal
 import subprocess
 import sys
+import threading
 from importlib.metadata import version
 from typing import Any
 
@@ -340,6 +343,75 @@ def test_send_says_what_to_do_when_kafka_refuses_or_the_user_interrupts(
         flags = ["send", "--type", "reopen", "--integration-id", "c", "--event-id", "-a b"]
         assert main(flags) == code
         assert "give it its eventId: --event-id='-a b'" in capsys.readouterr().err
+
+
+def test_send_stopped_by_sigterm_says_the_event_id_as_for_a_ctrl_c(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under `timeout`, a CI job or `kubectl exec` ending, SIGTERM killed it with
+    nothing said: its generated eventId was lost, and a run again with the same
+    flags (a new eventId) could apply the command twice."""
+    from stream_app import client
+
+    class _Slow:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        async def __aenter__(self) -> _Slow:
+            return self
+
+        async def __aexit__(self, *args: object) -> None:
+            pass
+
+        async def send(self, command: object) -> None:
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            await asyncio.sleep(30)
+
+    monkeypatch.setattr(client, "SessionClient", _Slow)
+    before = signal.getsignal(signal.SIGTERM)
+    args = ["send", '{"type":"reopen","integrationId":"c","eventId":"e-43"}']
+    assert main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "interrupted; the command may have been sent" in err
+    assert 'give it its eventId: "eventId": "e-43"' in err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_send_interrupted_before_it_connects_says_not_sent(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stream_app import client
+
+    class _Connecting:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        async def __aenter__(self) -> _Connecting:
+            raise KeyboardInterrupt
+
+        async def __aexit__(self, *args: object) -> None:
+            pass
+
+    monkeypatch.setattr(client, "SessionClient", _Connecting)
+    assert main(["send", '{"type":"reopen","integrationId":"c","eventId":"e-8"}']) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before connecting: not sent" in err
+    assert "may have been sent" not in err
+
+
+def test_a_ctrl_c_while_the_cli_is_imported_ends_it_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ctrl-C in the first fifth of a second (pydantic's import) printed a
+    KeyboardInterrupt traceback."""
+    from stream_app import cli, console
+
+    def interrupted(argv: object = None) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["stream-app", "tail", "closed"])
+    assert console.main() == 130
 
 
 def test_send_that_cannot_connect_says_not_sent(

@@ -213,6 +213,12 @@ async def test_a_small_record_limit_stops_the_worker_but_not_the_traffic(
     sent = await asyncio.to_thread(stream_app, env, "traffic", "--sessions", "20")
     assert sent.returncode == 0, sent.stderr
     assert sent.stdout.startswith(f"produced to {t.commands}: ")
+    # Sample orders go to a topic in use only with --yes: an operator's smoke
+    # test in a pod sent them to production, where they are applied as real.
+    again = await asyncio.to_thread(stream_app, env, "traffic", "--sessions", "20")
+    assert again.returncode == 2, again.stderr
+    assert f"{t.commands} at {deployment.bootstrap} already holds " in again.stderr
+    assert "give --yes" in again.stderr
     limit = "max_session_bytes 262144 is too large for the topics' record limit of 100000 bytes"
     created = await asyncio.to_thread(stream_app, env, "topics", "create")
     assert created.returncode == 2
