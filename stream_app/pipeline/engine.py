@@ -185,6 +185,23 @@ class Lookup:
     unavailable: str | None = None
 
 
+def heartbeat_s(settings: Settings) -> float:
+    """The group heartbeat's interval: Kafka's default, or a third of a
+    shorter session timeout."""
+    return min(_HEARTBEAT_S, settings.session_timeout_s / 3)
+
+
+def fenced_wait_s(settings: Settings) -> float:
+    """How long a worker whose task was fenced waits for the group to move the
+    task before it rejoins: two heartbeats, in which a member learns of a
+    rebalance. aiokafka raises the same ProducerFenced when Kafka aborted the
+    task's transaction on its timeout (a commit held past 60 s: a partition
+    under min.insync.replicas, a coordinator away); then nobody else owns the
+    task and no rebalance comes. It waited a session timeout (45 s in the
+    manifests, up to 30 min), every such task idle and the worker unready."""
+    return 2 * heartbeat_s(settings)
+
+
 class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     """Runs the two stages for one worker until :meth:`stop`."""
 
@@ -613,7 +630,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             # A member learns of a rebalance from its next heartbeat, so a worker
             # that joins or leaves moves partitions only then: Kafka's default
             # 3 s, not a third of the session timeout (10 s).
-            heartbeat_interval_ms=int(min(_HEARTBEAT_S, s.session_timeout_s / 3) * 1000),
+            heartbeat_interval_ms=int(heartbeat_s(s) * 1000),
             max_partition_fetch_bytes=2 * 1024 * 1024,
             metadata_max_age_ms=_METADATA_MAX_AGE_MS,
         )
@@ -666,11 +683,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                         passed_at = time.monotonic()
                         await self._pass_skipped(consumer)
                 now = time.monotonic()
-                if (
-                    self._fenced_since is not None
-                    and not self._rebalancing  # the group is moving them now
-                    and now - self._fenced_since > s.session_timeout_s
-                ):
+                if self._rejoin_due(now):
                     await self._rejoin()
                 if self._round is not None:
                     self._round.warn_if_slow()  # one not waited for, with no record to process
@@ -1180,7 +1193,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 raise result
 
     async def _lose(self, task: Task, exc: BaseException) -> None:
-        log.warning("%s: fenced, another worker owns this task now: dropping it (%s)", task.id, exc)
+        log.warning(
+            "%s: fenced: another worker owns this task now, or Kafka aborted its "
+            "transaction on its timeout; dropping it until the group says which (%s)",
+            task.id,
+            exc,
+        )
         await self._drop(task)
         # Until the group moves them, no task here reads them: fetched, their
         # records would be dropped, and one aiokafka cannot decode would fail
@@ -1312,10 +1330,23 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             self._failure = exc
         self.stop()
 
+    def _rejoin_due(self, now: float) -> bool:
+        """Whether a task fenced here has waited for the group long enough."""
+        return (
+            self._fenced_since is not None
+            and not self._rebalancing  # the group is moving them now
+            and now - self._fenced_since > fenced_wait_s(self.settings)
+        )
+
     async def _rejoin(self) -> None:
-        """A fenced task was never reassigned: leave and rejoin the group."""
+        """A fenced task was not reassigned (see :func:`fenced_wait_s`): leave
+        and rejoin the group."""
         assert self._consumer is not None  # noqa: S101 - consuming
-        log.warning("fenced tasks were not reassigned within the session timeout: rejoining")
+        log.warning(
+            "fenced tasks were not reassigned within %.0f s: their transactions timed "
+            "out, or this worker left the group unawares; rejoining",
+            fenced_wait_s(self.settings),
+        )
         self._fenced_since = None
         # Not ready until the new assignment: its tasks are dropped below, and
         # the join that follows may begin only at the consumer's next poll.

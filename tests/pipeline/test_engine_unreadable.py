@@ -179,9 +179,19 @@ async def test_a_fenced_task_s_inputs_are_paused_until_the_group_moves_them(
     # gone from the lag metric, the worker looked healthy and idle.
     assert not engine.ready
     assert engine.status()["fenced"] is True
-    # A session timeout later, never reassigned: the worker rejoins, and is
-    # not ready until the new assignment (it said 200 while it dropped its
-    # tasks and waited for the join, reading nothing).
+    # Two heartbeats later (6 s), never reassigned: Kafka aborted the task's
+    # transaction on its timeout, or this worker left the group unawares. It
+    # waited a session timeout (30 s by default), its partitions idle.
+    fenced_at = engine._fenced_since
+    assert fenced_at is not None
+    assert not engine._rejoin_due(fenced_at + 5.9)
+    assert engine._rejoin_due(fenced_at + 6.1)
+    assert settings.session_timeout_s == 30
+    engine._rebalancing = True  # the group is moving it now
+    assert not engine._rejoin_due(fenced_at + 60)
+    engine._rebalancing = False
+    # The worker rejoins, and is not ready until the new assignment (it said
+    # 200 while it dropped its tasks and waited for the join, reading nothing).
     await engine._rejoin()
     assert engine.status()["fenced"] is False
     assert engine.status()["rebalancing"] is True
