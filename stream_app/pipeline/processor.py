@@ -815,7 +815,9 @@ class ProfileProcessor:
     first to claim its (applicationId, profileId) at this stage. A session's
     claim and its outputs share a key, so its claim always precedes its own
     outputs; claims of *different* sessions race only when they were created on
-    different command partitions at nearly the same time (see README).
+    different command partitions at nearly the same time, or one of them by a
+    re-keyed command, whose copy comes back at a point that depends on timing
+    (see README).
 
     Envelopes are checked for the exact shape stage 1 writes (kind, channel,
     integrationId, an output whose session belongs to the record's key); any
