@@ -60,6 +60,8 @@ import urllib.request
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from decimal import Decimal
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import aiokafka  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
-from outputs_check import EXPECTED_KINDS, wrong_outputs  # noqa: E402
+from outputs_check import EXPECTED_KINDS, expected_amounts, wrong_outputs  # noqa: E402
+from quix_work import step  # noqa: E402
 from workload import Rec, Workload, generate  # noqa: E402
 
 from stream_app.pipeline.checkpoint import PHASES  # noqa: E402
@@ -169,13 +172,18 @@ def versions(kafka: str) -> str:
     if BENCH_PYTHON.exists():
         probe = subprocess.run(
             [str(BENCH_PYTHON), "-W", "ignore", "-c",
-             "import quixstreams, confluent_kafka;"
-             "print(quixstreams.__version__, confluent_kafka.libversion()[0])"],
+             "import platform, quixstreams, confluent_kafka;"
+             "print(quixstreams.__version__, confluent_kafka.libversion()[0],"
+             " platform.python_version())"],
             capture_output=True, text=True, check=False)
         if probe.returncode == 0:
-            q, rd = probe.stdout.split()
-            quix = f"{q} (librdkafka {rd})"
-    return (f"versions: python {platform.python_version()}, aiokafka {aiokafka.__version__}, "
+            q, rd, py = probe.stdout.split()
+            quix = f"{q} (librdkafka {rd}, python {py})"
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    return (f"versions: stream-app {commit or 'unknown'}, python {platform.python_version()}, "
+            f"aiokafka {aiokafka.__version__}, orjson {version('orjson')}, "
+            f"msgspec {version('msgspec')}, rocksdict {version('rocksdict')}, "
             f"quixstreams {quix}, kafka {kafka}")
 
 
@@ -206,6 +214,8 @@ class Result:
     #: The (key, kind) of every output the contender must write, checked once its
     #: window has ended; None for the raw loops, which forward duplicates too.
     kinds: Counter[tuple[bytes, str]] | None = None
+    #: The amount of each (key, kind)'s closes and returns, in order (with kinds).
+    amounts: dict[tuple[bytes, str], list[Decimal]] | None = None
     #: How long to look for outputs past the expected count: longer than the
     #: contender's commit interval, or a surplus committed later goes unseen.
     settle_s: float = 1.0
@@ -335,7 +345,7 @@ async def observe(bootstrap: str, topics: list[str], procs: list[subprocess.Pope
             # A wrong count is a wrong answer: no rate, no ratio.
             result.error = f"{result.outputs} outputs, {result.expected} expected"
         elif result.kinds is not None:
-            result.error = wrong_outputs(read, topics, result.kinds)
+            result.error = wrong_outputs(read, topics, result.kinds, result.amounts)
     finally:
         stop.set()
         for task in tasks:
@@ -443,6 +453,10 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
           f"in {time.monotonic() - began:.1f}s", flush=True)
     python = sys.executable
     results: dict[str, Result] = {}
+    kinds, amounts = expected_kinds(work), expected_amounts(work.records, step)
+    # A surplus may be committed a commit interval after the count is reached.
+    worker_settle_s = max(
+        1.0, 1.5 * float(overrides.get("STREAM_APP_CHECKPOINT_INTERVAL_S", "0.1")) + 0.5)
     for name in args.contenders:
         more: list[dict[str, str]] = []  # environments of further workers in the group
         label = LABELS[name]
@@ -458,7 +472,7 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
                 print(f"skipping {label}: {BENCH_PYTHON} missing (make bench creates it)")
                 continue
             # A surplus may be committed a commit interval after the count is reached.
-            result = Result(label, total, work.expected_outputs, kinds=expected_kinds(work),
+            result = Result(label, total, work.expected_outputs, kinds=kinds, amounts=amounts,
                             settle_s=max(1.0, 1.5 * args.quix_commit_interval + 0.5))
             argv = [str(BENCH_PYTHON), "-W", "ignore", str(ROOT / "bench" / "quix_contender.py"),
                     bootstrap, commands, sink, f"{run_id}-{name}", str(workdir / name),
@@ -468,7 +482,8 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
             guarantee = "at_least_once" if name == "stream-app-alo" else "exactly_once"
             d = worker_env(bootstrap, f"{run_id}-{name}", workdir, guarantee, commands,
                            overrides)
-            result = Result(label, total, work.expected_outputs, kinds=expected_kinds(work))
+            result = Result(label, total, work.expected_outputs, kinds=kinds, amounts=amounts,
+                            settle_s=worker_settle_s)
             argv = [python, "-m", "stream_app", "worker"]
             env, outputs = d.env(), expected_topics(d)
             if name == "engine-quix":
@@ -490,7 +505,8 @@ async def main_run(bootstrap: str, work: Workload, workdir: Path, args: argparse
         label = f"stream-app exactly_once ({other.name})"
         print(f"running {label} ...", flush=True)
         results["other"] = await run_contender(
-            bootstrap, Result(label, total, work.expected_outputs),
+            bootstrap, Result(label, total, work.expected_outputs, kinds=kinds, amounts=amounts,
+                              settle_s=worker_settle_s),
             [str(other / ".venv" / "bin" / "python"), "-m", "stream_app", "worker"],
             d.env(), expected_topics(d), workdir / "other.log", cwd=other)
     return results
@@ -785,7 +801,13 @@ def with_broker(prefix: str,
         workdir = Path(tmp)
         external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if external:
-            asyncio.run(run(external, f"external ({external})", workdir))
+            # Said, as it changes what is measured: the broker's version, its
+            # configs (group.initial.rebalance.delay.ms among them) and the
+            # data it already holds are its own.
+            print(f"KAFKA_BOOTSTRAP_SERVERS is set: using the broker at {external}, not one "
+                  f"started for this run (its version, configs and load are its own; "
+                  f"unset it for the project's broker)", flush=True)
+            asyncio.run(run(external, f"external ({external}), version not known", workdir))
             return
         with KafkaCluster(workdir / "kafka",
                           initial_rebalance_delay_ms=initial_rebalance_delay_ms) as cluster:

@@ -58,9 +58,36 @@ def quix_outputs() -> list[tuple[str, bytes | None, bytes | None]]:
     return [("quix.out", out["integrationId"].encode(), orjson.dumps(out)) for out in outputs]
 
 
+AMOUNTS = check.expected_amounts(work.records, bench_module("quix_work").step)
+
+
 def test_the_outputs_of_correct_work_pass() -> None:
-    assert check.wrong_outputs(worker_outputs(), WORKER_TOPICS, EXPECTED) == ""
-    assert check.wrong_outputs(quix_outputs(), ["quix.out"], EXPECTED) == ""
+    assert check.wrong_outputs(worker_outputs(), WORKER_TOPICS, EXPECTED, AMOUNTS) == ""
+    assert check.wrong_outputs(quix_outputs(), ["quix.out"], EXPECTED, AMOUNTS) == ""
+    assert sum(map(len, AMOUNTS.values())) > 100  # closes and returns of the workload
+
+
+def _zero(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document with its amount 0, as of a session whose state was lost."""
+    if "session" in doc and "event" in doc:
+        return {**doc, "session": {**doc["session"], "total": 0}, "return": {"value": 0}}
+    return {**doc, "total": 0, "returnedAmount": 0}
+
+
+@pytest.mark.parametrize("worker", [True, False], ids=["worker", "quix"])
+def test_outputs_of_the_right_kinds_with_wrong_amounts_fail(worker: bool) -> None:
+    """The check read kinds and keys only: every total and returned value set
+    to 0 passed, so a contender that lost its state was timed and counted."""
+    read = worker_outputs() if worker else quix_outputs()
+    topics = WORKER_TOPICS if worker else ["quix.out"]
+    last = max(
+        i
+        for i, (topic, _, value) in enumerate(read)
+        if (topic == WORKER_TOPICS[0] if worker else orjson.loads(value or b"")["kind"] == "closed")
+    )
+    topic, key, value = read[last]
+    read[last] = (topic, key, orjson.dumps(_zero(orjson.loads(value or b""))))
+    assert "carries 0, not " in check.wrong_outputs(read, topics, EXPECTED, AMOUNTS)
 
 
 def _swap_kind(doc: dict[str, Any]) -> dict[str, Any]:
