@@ -135,9 +135,10 @@ COMMAND_SERIES: Final = (
 #: See :attr:`Limits.bookkeeping_bytes`: 64 eventIds of a UUID's length
 #: and a returned quantity on 1,000 lines take about a third of it.
 BOOKKEEPING_BYTES: Final = 64 * 1024
-#: At most one log line per stage-1 task in this many seconds about re-keyed
-#: commands (``stream_app_rekeyed_total`` counts each).
-REKEYED_TOLD_EVERY_S: Final = 10.0
+#: At most one log line in this many seconds about re-keyed commands (per
+#: stage-1 task) and about rejections (per reason and worker): the metrics
+#: count each, and the rejection topic holds each.
+TOLD_EVERY_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +376,9 @@ class Metrics:
     #: What the record in hand counted in ``commands``, if anything: the task
     #: sets None before each record (see :meth:`rejected_after_all`).
     counted: tuple[str, str] | None = None
+    #: Per reason, when a rejection was last logged and how many since (reject).
+    told: dict[str, tuple[float, int]] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic
 
     def count(self, kind: str, outcome: str) -> None:
         self.commands[kind, outcome] = self.commands.get((kind, outcome), 0) + 1
@@ -657,12 +661,12 @@ class CommandProcessor:
         return self._envelopes(session, new, outcome), kind, "applied"
 
     def _tell_rekeyed(self, record: SourceRecord, wanted_key: bytes) -> None:
-        """Log a re-keyed command, at most once per :data:`REKEYED_TOLD_EVERY_S`
+        """Log a re-keyed command, at most once per :data:`TOLD_EVERY_S`
         with how many more there were. A producer that partitions by another
         hash (librdkafka's default) sends most commands to another partition:
         a line each was thousands a second, and tripled stage 1's cost."""
         now = self.clock()
-        if self._rekeyed_told_at is not None and now - self._rekeyed_told_at < REKEYED_TOLD_EVERY_S:
+        if self._rekeyed_told_at is not None and now - self._rekeyed_told_at < TOLD_EVERY_S:
             self._rekeyed_untold += 1
             return
         more = self._rekeyed_untold
@@ -774,14 +778,25 @@ def reject(
     metrics.rejected += 1
     reason = rejection.reason.value
     metrics.rejections[reason] = metrics.rejections.get(reason, 0) + 1
-    log.info(
-        "%s[%d]@%d: rejected %s: %s",
-        origin.topic,
-        origin.partition,
-        origin.offset,
-        rejection.reason,
-        rejection.message,
-    )
+    # At most a line per reason every TOLD_EVERY_S: a producer with a schema
+    # bug sent nothing but rejections, a line each, and tripled stage 1's cost.
+    now = metrics.clock()
+    told = metrics.told.get(reason)
+    if told is not None and now - told[0] < TOLD_EVERY_S:
+        metrics.told[reason] = (told[0], told[1] + 1)
+    else:
+        metrics.told[reason] = (now, 0)
+        log.info(
+            "%s[%d]@%d: rejected %s: %s%s",
+            origin.topic,
+            origin.partition,
+            origin.offset,
+            reason,
+            rejection.message,
+            f" ({told[1]} more rejected {reason} since the last such line)"
+            if told is not None and told[1]
+            else "",
+        )
     doc = rejection_document(
         rejection,
         origin.key,

@@ -347,7 +347,6 @@ class Task:
             "The Kafka client cannot read this record",
             "a header name is not UTF-8",
         )
-        log.warning("%s[%d]@%d: unreadable record, rejected", raw.topic, raw.partition, raw.offset)
         if self.stage.commands:
             self.metrics.count("unknown", "rejected")
         checkpoint = self._current()

@@ -16,7 +16,7 @@ from stream_app.pipeline import processor as processor_module
 from stream_app.pipeline.processor import (
     DECODED_SESSIONS,
     ORIGIN_HEADER,
-    REKEYED_TOLD_EVERY_S,
+    TOLD_EVERY_S,
     CommandProcessor,
     Limits,
     Outgoing,
@@ -106,7 +106,7 @@ def test_re_keyed_commands_are_logged_at_most_once_per_interval_with_a_count(
             p.process(
                 record(cmd(f"s{n}", session={}), f"s{n}".encode(), partition=2, offset=offset)
             )
-        now[0] += REKEYED_TOLD_EVERY_S
+        now[0] += TOLD_EVERY_S
         p.process(record(cmd("s1", session={}), b"other", partition=2, offset=20))
     lines = [r.getMessage() for r in caplog.records if "re-keying" in r.getMessage()]
     assert p.metrics.rekeyed == 21
@@ -118,6 +118,31 @@ def test_re_keyed_commands_are_logged_at_most_once_per_interval_with_a_count(
         f"{TOPICS.commands}[2]@20: key b'other' is not integrationId b's1', re-keying "
         "(19 more re-keyed on this partition since the last such line)",
     ]
+
+
+def test_rejections_are_logged_at_most_once_per_reason_and_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A producer with a schema bug sends nothing but rejections: a line each
+    was thousands a second. The rejection topic holds each, the metrics count
+    each; the log says one per reason per interval, and how many more."""
+    p = stage1()
+    now = [100.0]
+    p.metrics.clock = lambda: now[0]
+    with caplog.at_level("INFO", logger="stream_app.pipeline.processor"):
+        for offset in range(30):
+            p.process(record(b"not json", b"k", offset=offset))
+        p.process(record(cmd("s1", session={"cartItems": "x"}), b"s1", partition=0, offset=30))
+        now[0] += TOLD_EVERY_S
+        p.process(record(b"not json", b"k", offset=31))
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert p.metrics.rejections == {"MALFORMED_JSON": 31, "SCHEMA_VIOLATION": 1}
+    assert [line.split(": rejected ")[0] for line in lines] == [
+        f"{TOPICS.commands}[0]@0",
+        f"{TOPICS.commands}[0]@30",
+        f"{TOPICS.commands}[0]@31",
+    ]
+    assert lines[2].endswith("(29 more rejected MALFORMED_JSON since the last such line)")
 
 
 def test_a_command_whose_key_is_too_large_to_re_key_is_rejected_not_re_keyed() -> None:
