@@ -818,7 +818,8 @@ def run_tail(settings: Settings, args: argparse.Namespace) -> int:
                 f"stream-app tail: {topic} holds a control batch of no records, which Kafka's "
                 "log cleaner leaves in a compacted topic written in transactions (KAFKA-7467), "
                 "and which the Kafka client cannot read past (the workers read past it). "
-                "Use --from-end, or Kafka's kafka-console-consumer.sh.",
+                "Kafka's kafka-console-consumer.sh reads the whole topic; --from-end shows "
+                "only the records written from now on.",
                 file=sys.stderr,
             )
             return EXIT_FAILED
