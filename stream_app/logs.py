@@ -11,6 +11,12 @@ Its warnings and errors are let through once per
 :class:`RepeatedClientLines`): while a broker is down, each of a worker's
 clients retries every 100 ms and aiokafka logs every attempt.
 
+The worker's own lines that a flood of input could repeat thousands of
+times a second (a rejection, a re-keyed command, a forward to a worker that
+does not answer) are held back where they are made, once per
+:data:`HELD_BACK_WINDOW_S` for each kind (:class:`HeldBack`), the next one
+saying how many were.
+
 A malformed HTTP request (a request line over 16 KiB, say), which the HTTP
 server has already answered with 400, is logged as one warning line without a
 traceback (:class:`BadHttpRequests`), held back the same way: aiohttp logs
@@ -24,7 +30,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 from typing import Final
 
@@ -35,6 +41,41 @@ from stream_app.settings import LogFormat
 CLIENT_REPEAT_WINDOW_S: Final = 10.0
 #: Kinds of client lines remembered at most (then forgotten all at once).
 _KINDS_REMEMBERED: Final = 1000
+
+
+#: Seconds for which a repeated line of the worker's own is held back.
+HELD_BACK_WINDOW_S: Final = 10.0
+
+
+class HeldBack:
+    """One line of each kind per ``window_s``, asked where the line is made,
+    so that a line held back costs no log record. A kind is what its caller
+    says (a rejection's reason, a worker's URL); they should be few."""
+
+    def __init__(
+        self, window_s: float = HELD_BACK_WINDOW_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self._kinds: dict[Hashable, tuple[float, int]] = {}
+
+    def due(self, kind: Hashable) -> int | None:
+        """None when this line of ``kind`` is to be held back; otherwise how
+        many of its kind were held back since the last one said."""
+        now = self.clock()
+        last = self._kinds.get(kind)
+        if last is not None and now - last[0] < self.window_s:
+            self._kinds[kind] = (last[0], last[1] + 1)
+            return None
+        if len(self._kinds) >= _KINDS_REMEMBERED:
+            self._kinds.clear()
+        self._kinds[kind] = (now, 0)
+        return 0 if last is None else last[1]
+
+
+def held_back(count: int, what: str) -> str:
+    """`` (N more WHAT since the last such line)``, or nothing for none."""
+    return f" ({count} more {what} since the last such line)" if count else ""
 
 
 class RepeatedClientLines(logging.Filter):

@@ -353,6 +353,26 @@ async def test_an_owner_url_that_cannot_be_read_is_a_503_not_a_500(
         assert (await answer.json())["detail"] == "the session's owner did not answer"
 
 
+async def test_forwards_to_an_owner_that_does_not_answer_are_logged_once_per_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Until the group moves a dead worker's partitions (a session timeout),
+    every query of its sessions fails: each was a warning line."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    dead = "http://127.0.0.1:1"  # nothing listens there
+    engine.session_lookup = lambda *_: Lookup(owner=dead)  # type: ignore[method-assign]
+    web_server = WebServer(settings, engine)
+    async with TestServer(web_server.app) as server, ClientSession() as http:
+        with caplog.at_level("WARNING", logger="stream_app.web.server"):
+            for n in range(20):
+                answer = await http.get(server.make_url(f"/v2/customer_sessions/c-{n}"))
+                assert answer.status == 503
+    lines = [r.getMessage() for r in caplog.records if "forwarding" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"forwarding /v2/customer_sessions/c-0 to {dead} failed: ")
+
+
 class _Fetching:
     """A consumer whose partitions Kafka last answered at the given times (ms)."""
 

@@ -44,7 +44,6 @@ import binascii
 import bisect
 import logging
 import struct
-import time
 from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -79,7 +78,7 @@ from stream_app.domain import (
 )
 from stream_app.domain import apply as apply_command
 from stream_app.errors import StreamAppError
-from stream_app.logs import excerpt
+from stream_app.logs import HeldBack, excerpt, held_back
 from stream_app.settings import TopicNames
 
 log = logging.getLogger(__name__)
@@ -135,10 +134,6 @@ COMMAND_SERIES: Final = (
 #: See :attr:`Limits.bookkeeping_bytes`: 64 eventIds of a UUID's length
 #: and a returned quantity on 1,000 lines take about a third of it.
 BOOKKEEPING_BYTES: Final = 64 * 1024
-#: At most one log line in this many seconds about re-keyed commands (per
-#: stage-1 task) and about rejections (per reason and worker): the metrics
-#: count each, and the rejection topic holds each.
-TOLD_EVERY_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,9 +371,8 @@ class Metrics:
     #: What the record in hand counted in ``commands``, if anything: the task
     #: sets None before each record (see :meth:`rejected_after_all`).
     counted: tuple[str, str] | None = None
-    #: Per reason, when a rejection was last logged and how many since (reject).
-    told: dict[str, tuple[float, int]] = field(default_factory=dict)
-    clock: Callable[[], float] = time.monotonic
+    #: Rejections' log lines, one per reason and worker every 10 s (reject).
+    told: HeldBack = field(default_factory=HeldBack)
 
     def count(self, kind: str, outcome: str) -> None:
         self.commands[kind, outcome] = self.commands.get((kind, outcome), 0) + 1
@@ -544,10 +538,8 @@ class CommandProcessor:
     _decoded: OrderedDict[bytes, tuple[bytes, Session]] = field(
         default_factory=OrderedDict, repr=False
     )
-    clock: Callable[[], float] = time.monotonic
-    #: When a re-keyed command was last logged, and how many since (_tell_rekeyed).
-    _rekeyed_told_at: float | None = field(default=None, repr=False)
-    _rekeyed_untold: int = field(default=0, repr=False)
+    #: Re-keyed commands' log lines, one every 10 s (_tell_rekeyed).
+    told: HeldBack = field(default_factory=HeldBack, repr=False)
 
     def process(self, record: SourceRecord) -> list[Outgoing]:
         out, kind, outcome = self._process(record)
@@ -661,19 +653,14 @@ class CommandProcessor:
         return self._envelopes(session, new, outcome), kind, "applied"
 
     def _tell_rekeyed(self, record: SourceRecord, wanted_key: bytes) -> None:
-        """Log a re-keyed command, at most once per :data:`TOLD_EVERY_S`
+        """Log a re-keyed command, at most once every 10 s (:class:`HeldBack`)
         with how many more there were. A producer that partitions by another
         hash (librdkafka's default) sends most commands to another partition:
         a line each was thousands a second, and tripled stage 1's cost."""
-        now = self.clock()
-        if self._rekeyed_told_at is not None and now - self._rekeyed_told_at < TOLD_EVERY_S:
-            self._rekeyed_untold += 1
+        held = self.told.due("rekeyed")
+        if held is None:
             return
-        more = self._rekeyed_untold
-        self._rekeyed_told_at, self._rekeyed_untold = now, 0
-        since = (
-            f" ({more} more re-keyed on this partition since the last such line)" if more else ""
-        )
+        since = held_back(held, "re-keyed on this partition")
         if record.key == wanted_key:
             log.info(
                 "%s[%d]@%d: key %s is integrationId, but Kafka's default partitioner "
@@ -778,14 +765,10 @@ def reject(
     metrics.rejected += 1
     reason = rejection.reason.value
     metrics.rejections[reason] = metrics.rejections.get(reason, 0) + 1
-    # At most a line per reason every TOLD_EVERY_S: a producer with a schema
-    # bug sent nothing but rejections, a line each, and tripled stage 1's cost.
-    now = metrics.clock()
-    told = metrics.told.get(reason)
-    if told is not None and now - told[0] < TOLD_EVERY_S:
-        metrics.told[reason] = (told[0], told[1] + 1)
-    else:
-        metrics.told[reason] = (now, 0)
+    # At most a line per reason every 10 s: a producer with a schema bug sent
+    # nothing but rejections, a line each, and tripled stage 1's cost.
+    held = metrics.told.due(reason)
+    if held is not None:
         log.info(
             "%s[%d]@%d: rejected %s: %s%s",
             origin.topic,
@@ -793,9 +776,7 @@ def reject(
             origin.offset,
             reason,
             rejection.message,
-            f" ({told[1]} more rejected {reason} since the last such line)"
-            if told is not None and told[1]
-            else "",
+            held_back(held, f"rejected {reason}"),
         )
     doc = rejection_document(
         rejection,

@@ -33,7 +33,7 @@ from yarl import URL
 from stream_app import json
 from stream_app.domain import decode_session, session_document
 from stream_app.domain.decoding import INT32_MAX
-from stream_app.logs import excerpt
+from stream_app.logs import HeldBack, excerpt, held_back
 from stream_app.web.metrics import EngineCollector
 
 #: Marks a request one worker forwarded to another: it is never forwarded again.
@@ -121,6 +121,10 @@ class WebServer:
         self._queries = 0
         #: Forwards in flight, by owner URL.
         self._forwards: dict[str, int] = {}
+        #: A forward's failure is logged once per owner every 10 s: queries of
+        #: a worker that died fail until the group moves its partitions (a
+        #: session timeout), and each was a line.
+        self._told = HeldBack()
 
     async def start(self, port: int | None = None) -> None:
         """Listen on ``port`` (the setting's by default); raises OSError when
@@ -254,13 +258,15 @@ class WebServer:
             ) as answer:
                 body = await answer.read() if answer.status in _ANSWERS else b""
                 if not _a_workers_answer(answer.status, answer.content_type, body):
-                    log.warning(
-                        "forwarding %s to %s: answered %d %s, as no worker answers",
-                        request.path_qs,
-                        owner,
-                        answer.status,
-                        answer.content_type,
-                    )
+                    if (held := self._told.due(owner)) is not None:
+                        log.warning(
+                            "forwarding %s to %s: answered %d %s, as no worker answers%s",
+                            request.path_qs,
+                            owner,
+                            answer.status,
+                            answer.content_type,
+                            held_back(held, f"forwards to {owner} failed"),
+                        )
                     return _problem(503, "the session's owner did not answer", retry=True)
                 # The owner's 503 says when to ask again: `stream-app inspect`
                 # waits on it. Its type as it says (a problem document, a
@@ -272,7 +278,14 @@ class WebServer:
                 }
                 return web.Response(body=body, status=answer.status, headers=headers)
         except (ClientError, TimeoutError, ValueError) as exc:
-            log.warning("forwarding %s to %s failed: %r", request.path_qs, owner, exc)
+            if (held := self._told.due(owner)) is not None:
+                log.warning(
+                    "forwarding %s to %s failed: %r%s",
+                    request.path_qs,
+                    owner,
+                    exc,
+                    held_back(held, f"forwards to {owner} failed"),
+                )
             return _problem(503, "the session's owner did not answer", retry=True)
 
     async def _close_client(self, _app: web.Application) -> None:

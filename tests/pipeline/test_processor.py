@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from stream_app import json
 from stream_app.domain import ApplicationSettings, decode_session
+from stream_app.logs import HELD_BACK_WINDOW_S
 from stream_app.pipeline import processor as processor_module
 from stream_app.pipeline.processor import (
     DECODED_SESSIONS,
     ORIGIN_HEADER,
-    TOLD_EVERY_S,
     CommandProcessor,
     Limits,
     Outgoing,
@@ -99,14 +99,14 @@ def test_re_keyed_commands_are_logged_at_most_once_per_interval_with_a_count(
     One line per interval, saying how many more; the metric counts each."""
     p = stage1()
     now = [100.0]
-    p.clock = lambda: now[0]
+    p.told.clock = lambda: now[0]
     wrong = [n for n in range(100) if partition_for(f"s{n}".encode(), 4) != 2][:30]
     with caplog.at_level("INFO", logger="stream_app.pipeline.processor"):
         for offset, n in enumerate(wrong[:20]):
             p.process(
                 record(cmd(f"s{n}", session={}), f"s{n}".encode(), partition=2, offset=offset)
             )
-        now[0] += TOLD_EVERY_S
+        now[0] += HELD_BACK_WINDOW_S
         p.process(record(cmd("s1", session={}), b"other", partition=2, offset=20))
     lines = [r.getMessage() for r in caplog.records if "re-keying" in r.getMessage()]
     assert p.metrics.rekeyed == 21
@@ -128,12 +128,12 @@ def test_rejections_are_logged_at_most_once_per_reason_and_interval(
     each; the log says one per reason per interval, and how many more."""
     p = stage1()
     now = [100.0]
-    p.metrics.clock = lambda: now[0]
+    p.metrics.told.clock = lambda: now[0]
     with caplog.at_level("INFO", logger="stream_app.pipeline.processor"):
         for offset in range(30):
             p.process(record(b"not json", b"k", offset=offset))
         p.process(record(cmd("s1", session={"cartItems": "x"}), b"s1", partition=0, offset=30))
-        now[0] += TOLD_EVERY_S
+        now[0] += HELD_BACK_WINDOW_S
         p.process(record(b"not json", b"k", offset=31))
     lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
     assert p.metrics.rejections == {"MALFORMED_JSON": 31, "SCHEMA_VIOLATION": 1}
