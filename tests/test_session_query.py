@@ -19,6 +19,7 @@ from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.test_utils import TestServer
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.structs import TopicPartition
+from prometheus_client import generate_latest
 from yarl import URL
 
 from stream_app.domain import (
@@ -371,6 +372,9 @@ async def test_forwards_to_an_owner_that_does_not_answer_are_logged_once_per_int
     lines = [r.getMessage() for r in caplog.records if "forwarding" in r.getMessage()]
     assert len(lines) == 1
     assert lines[0].startswith(f"forwarding /v2/customer_sessions/c-0 to {dead} failed: ")
+    # Each counted, as the lines held back would not be said if none came after.
+    metrics = generate_latest(web_server.registry).decode()
+    assert "stream_app_forward_failures_total 20.0" in metrics
 
 
 class _Fetching:

@@ -769,7 +769,9 @@ def reject(
     # nothing but rejections, a line each, and tripled stage 1's cost.
     held = metrics.told.due(reason)
     if held is not None:
-        log.info(
+        log.log(
+            # A record the Kafka client cannot read at all is worth a warning.
+            logging.WARNING if rejection.reason is Reason.UNREADABLE_RECORD else logging.INFO,
             "%s[%d]@%d: rejected %s: %s%s",
             origin.topic,
             origin.partition,

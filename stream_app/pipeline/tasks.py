@@ -39,6 +39,7 @@ from aiokafka.structs import TopicPartition
 
 from stream_app.domain import Reason
 from stream_app.errors import StoreError, StreamAppError
+from stream_app.logs import held_back
 from stream_app.pipeline.checkpoint import ChangelogStore, Checkpoint, recorded_consumption
 from stream_app.pipeline.kafka import client_options, stop_fully
 from stream_app.pipeline.processor import (
@@ -300,9 +301,7 @@ class Task:
                 # engine restarts the task, which reads the record again.
                 raise
             except Exception as exc:  # a bug must not lose the record or stop the worker
-                log.exception(
-                    "%s[%d]@%d: processing failed", source.topic, source.partition, offset
-                )
+                self._tell_failure(source, exc)
                 failure = exc
             else:
                 for out in outgoing:
@@ -328,6 +327,28 @@ class Task:
                     await checkpoint.send(out)
             checkpoint.consumed(tp, offset)
             positions[tp] = handled[tp] = offset + 1
+
+    def _tell_failure(self, source: SourceRecord, exc: Exception) -> None:
+        """Log a record the processor failed on, with its traceback: the first
+        of each exception type in 10 s, then with how many more (a bug that
+        every command of a type meets logged a traceback per record). A
+        re-keyed command's line names where it first arrived too, as its
+        rejection does."""
+        held = self.metrics.told.due(("failed", type(exc).__name__))
+        if held is None:
+            return
+        origin = source.origin_from_header() if source.topic == rekey_topic(self.settings) else None
+        log.error(
+            "%s[%d]@%d%s: processing failed%s",
+            source.topic,
+            source.partition,
+            source.offset,
+            ""
+            if origin is None
+            else f" (first arrived at {origin.topic}[{origin.partition}]@{origin.offset})",
+            held_back(held, f"records failed with {type(exc).__name__}"),
+            exc_info=exc,
+        )
 
     async def handle_raw(self, raw: RawRecord) -> None:
         """A record read past the Kafka client (see ``unreadable.py``): processed

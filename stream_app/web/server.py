@@ -22,12 +22,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from yarl import URL
 
 from stream_app import json
@@ -103,6 +106,7 @@ class WebServer:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(engine))
+        self.registry.register(_ServerCollector(self))
         self.app = web.Application(middlewares=[_problems])
         self.app.router.add_get("/livez", self.livez)
         self.app.router.add_get("/readyz", self.readyz)
@@ -125,6 +129,8 @@ class WebServer:
         #: a worker that died fail until the group moves its partitions (a
         #: session timeout), and each was a line.
         self._told = HeldBack()
+        #: Forwarded queries answered 503 for want of the owner's answer.
+        self.forward_failures = 0
 
     async def start(self, port: int | None = None) -> None:
         """Listen on ``port`` (the setting's by default); raises OSError when
@@ -223,6 +229,7 @@ class WebServer:
         self, owner: str, request: web.Request, application_id: str | None
     ) -> web.Response:
         if self._forwards.get(owner, 0) >= _FORWARDS_PER_OWNER:
+            self.forward_failures += 1
             return _problem(503, "the session's owner is busy or does not answer", retry=True)
         self._forwards[owner] = self._forwards.get(owner, 0) + 1
         try:
@@ -258,6 +265,7 @@ class WebServer:
             ) as answer:
                 body = await answer.read() if answer.status in _ANSWERS else b""
                 if not _a_workers_answer(answer.status, answer.content_type, body):
+                    self.forward_failures += 1
                     if (held := self._told.due(owner)) is not None:
                         log.warning(
                             "forwarding %s to %s: answered %d %s, as no worker answers%s",
@@ -278,6 +286,7 @@ class WebServer:
                 }
                 return web.Response(body=body, status=answer.status, headers=headers)
         except (ClientError, TimeoutError, ValueError) as exc:
+            self.forward_failures += 1
             if (held := self._told.due(owner)) is not None:
                 log.warning(
                     "forwarding %s to %s failed: %r%s",
@@ -296,6 +305,22 @@ class WebServer:
     async def metrics(self, _request: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+class _ServerCollector(Collector):
+    """The HTTP server's own counters."""
+
+    def __init__(self, server: WebServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "stream_app_forward_failures",
+            "Session queries this worker forwarded to their owner that got no worker's "
+            "answer (each answered 503): the owner did not answer, answered as no worker "
+            "does, or had too many forwards in flight",
+            value=self.server.forward_failures,
         )
 
 

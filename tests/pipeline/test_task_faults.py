@@ -190,6 +190,47 @@ async def test_a_re_keyed_command_whose_outputs_are_refused_is_rejected_where_it
     )
 
 
+async def test_failures_of_one_type_log_one_traceback_per_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug that every command of a type meets logged a traceback per record,
+    thousands a second. Each record is still rejected and counted."""
+    task, checkpoint = _task(tmp_path, RuntimeError("a bug, say"))
+    now = [100.0]
+    task.metrics.told.clock = lambda: now[0]
+    with caplog.at_level("ERROR", logger="stream_app.pipeline.tasks"):
+        await task.handle_many([_Record(task.inputs[0].topic, n) for n in range(50)])
+        now[0] += 10
+        await task.handle_many([_Record(task.inputs[0].topic, 50)])
+    lines = [r for r in caplog.records if "processing failed" in r.getMessage()]
+    assert [r.getMessage() for r in lines] == [
+        f"{task.inputs[0].topic}[0]@0: processing failed",
+        f"{task.inputs[0].topic}[0]@50: processing failed "
+        "(49 more records failed with RuntimeError since the last such line)",
+    ]
+    assert all(r.exc_info is not None for r in lines)
+    assert len(checkpoint.sent) == 51
+    assert task.metrics.rejections == {"INTERNAL_ERROR": 51}
+
+
+async def test_a_re_keyed_command_s_failure_names_where_it_first_arrived(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its rejection names where it first arrived; its traceback was logged at
+    the re-key topic's position alone, which the runbook could not find."""
+    task, _ = _task(tmp_path, RuntimeError("a bug, say"))
+    arrived = SourceRecord(task.settings.topics.commands, 4, 1234, 1_764_000_000_000, b"k", b"{}")
+    record = _Record(rekey_topic(task.settings), 9)
+    record.headers = (arrived.origin_header(),)
+    with caplog.at_level("ERROR", logger="stream_app.pipeline.tasks"):
+        await task.handle_many([record])
+    [line] = [r.getMessage() for r in caplog.records if "processing failed" in r.getMessage()]
+    assert line == (
+        f"{record.topic}[0]@9 (first arrived at {task.settings.topics.commands}[4]@1234): "
+        "processing failed"
+    )
+
+
 class _RawTask:
     """Stands for an active Task in a raw read: fails, or takes what it is handed."""
 
