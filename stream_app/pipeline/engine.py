@@ -89,6 +89,7 @@ from stream_app.pipeline.unreadable import (
     MAYBE_UNREADABLE,
     RecordBatchError,
     can_read_past,
+    corrupt_batch_at,
     empty_control_batch,
     read_past,
 )
@@ -716,14 +717,19 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             try:
                 position: int | str = await asyncio.wait_for(consumer.position(tp), 1.0)
+                # aiokafka's position is where the failed fetch began, up to a
+                # fetch (2 MiB) of good batches before the corrupt one.
+                found = await asyncio.wait_for(
+                    corrupt_batch_at(client_options(self.settings), tp, int(position)), 10.0
+                )
             except Exception:  # the error below is what matters
-                position = "unknown"
+                found = None
             log.error(
                 "%s[%d]: the record batch at offset %s is corrupt (%s): no Kafka client can "
                 "read it, and the worker stops (docs/operations.md, A worker is down)",
                 tp.topic,
                 tp.partition,
-                position,
+                found if found is not None else f"{position} or after it",
                 exc,
             )
 

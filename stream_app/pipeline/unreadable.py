@@ -166,6 +166,14 @@ class RecordBatchError(StreamAppError):
     """A fetched record batch that cannot be parsed (corrupt, unknown format or codec)."""
 
 
+class CorruptBatchError(RecordBatchError):
+    """A fetched record batch whose checksum does not match: damaged on disk."""
+
+    def __init__(self, message: str, base_offset: int) -> None:
+        super().__init__(message)
+        self.base_offset = base_offset
+
+
 Header = tuple[bytes, bytes | None]
 
 
@@ -313,6 +321,36 @@ async def read_past(
         await client.close()
 
 
+#: Fetches a search for a corrupt batch reads at most: the consumer's fetch,
+#: which failed on it, is 2 MiB, as is a raw fetch.
+CORRUPT_BATCH_FETCHES: Final = 8
+
+
+async def corrupt_batch_at(options: dict[str, Any], tp: TopicPartition, offset: int) -> int | None:
+    """The base offset of the first batch of ``tp`` at or after ``offset``
+    whose checksum does not match, read raw a fetch at a time; None when
+    none is found within :data:`CORRUPT_BATCH_FETCHES` fetches. aiokafka's
+    consumer names only the partition of such a batch, and its position is
+    where the failed fetch began: up to a fetch of good batches before it."""
+    client = AIOKafkaClient(**options)
+    try:
+        await client.bootstrap()
+        position = offset
+        for _ in range(CORRUPT_BATCH_FETCHES):
+            try:
+                _, after = await read_batches_at(
+                    options, tp, position, client=client, past_unreadable=True
+                )
+            except CorruptBatchError as exc:
+                return exc.base_offset
+            if after <= position:
+                return None
+            position = after
+        return None
+    finally:
+        await client.close()
+
+
 def committed_batches(
     batches: Sequence[RecordBatch],
     offset: int,
@@ -386,7 +424,7 @@ def _parse_batch(batch: memoryview, tp: TopicPartition) -> RecordBatch:
         count,
     ) = _BATCH_HEADER.unpack_from(batch)
     if calc_crc32c(bytes(batch[_CRC_FROM:])) != crc:
-        raise RecordBatchError(f"{where}: record batch CRC mismatch")
+        raise CorruptBatchError(f"{where}: record batch CRC mismatch", base_offset)
     payload = _decompress(batch[_BATCH_HEADER.size :], attributes & _CODEC_MASK, where)
 
     def timestamp(delta: int) -> int:

@@ -387,13 +387,32 @@ async def test_a_pass_that_only_passes_skipped_markers_again_moves_nothing(
     assert task.positions == {tp: 45}
 
 
+@pytest.mark.parametrize(("corrupt", "said"), [(1300, "1300"), (None, "1234 or after it")])
 async def test_a_corrupt_batch_is_named_with_its_offset_before_the_worker_stops(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    corrupt: int | None,
+    said: str,
 ) -> None:
     """aiokafka names the partition of a batch whose CRC does not match, not
-    the offset an operator needs: it leaves its position there."""
+    the offset an operator needs; its position is where the failed fetch
+    began, up to 2 MiB of good batches before the corrupt one. The named
+    offset was that position: the runbook's reset past "the batch after it"
+    skipped good commands unrejected. A raw read finds the batch."""
     tp = TopicPartition(Settings().topics.commands, 3)
     engine, _ = _engine_reading(tmp_path)
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        if corrupt is not None and offset >= corrupt:
+            raise unreadable.CorruptBatchError("CRC mismatch", corrupt)
+        if offset >= 1400:
+            return [], offset
+        return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", ())], offset + 11
+
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
 
     class _Positioned(_Consumer):
         async def position(self, tp: TopicPartition) -> int:
@@ -406,4 +425,4 @@ async def test_a_corrupt_batch_is_named_with_its_offset_before_the_worker_stops(
             CorruptRecordException(f"Invalid CRC - {tp!r}"),
         )
     [line] = [r.getMessage() for r in caplog.records]
-    assert line.startswith(f"{tp.topic}[3]: the record batch at offset 1234 is corrupt")
+    assert line.startswith(f"{tp.topic}[3]: the record batch at offset {said} is corrupt")

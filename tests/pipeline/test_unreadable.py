@@ -179,12 +179,14 @@ def test_a_partial_batch_at_the_end_of_the_fetch_is_left_out() -> None:
     assert parse_record_batches(whole[:30], TP) == []
 
 
-def test_a_corrupt_batch_is_an_error() -> None:
-    data = bytearray(encode_batch([A, B, C]))
+def test_a_corrupt_batch_is_an_error_that_names_its_base_offset() -> None:
+    data = bytearray(encode_batch([A]) + encode_batch([A, B, C], base_offset=1))
     data[-1] ^= 0xFF
 
-    with pytest.raises(RecordBatchError, match="CRC"):
+    with pytest.raises(unreadable.CorruptBatchError, match="CRC") as raised:
         parse_record_batches(bytes(data), TP)
+    assert raised.value.base_offset == 1
+    assert isinstance(raised.value, RecordBatchError)
 
 
 def test_an_old_message_format_is_an_error() -> None:
