@@ -45,6 +45,7 @@ from aiokafka.structs import TopicPartition
 
 from stream_app import json
 from stream_app.errors import ConfigurationError, StoreError, StreamAppError
+from stream_app.logs import HeldBack, held_back
 from stream_app.pipeline.application_settings import (
     ApplicationSettingsRegistry,
     follow_settings_topic,
@@ -98,6 +99,8 @@ from stream_app.settings import Settings
 log = logging.getLogger(__name__)
 
 _METRICS_LOG_EVERY_S: Final = 30.0
+#: Seconds a corrupt batch is looked for before the worker stops on it.
+_CORRUPT_BATCH_SEARCH_S: Final = 5.0
 #: Kafka's default ``heartbeat.interval.ms``.
 _HEARTBEAT_S: Final = 3.0
 #: Of the stop's bound, left for what follows the consumer's stop (HTTP, exit).
@@ -244,6 +247,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._restarts: dict[TaskId, tuple[float, int]] = {}
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
+        #: Per-query lines, one per task every 10 s (a store that cannot be read).
+        self._told = HeldBack()
         self._fenced_since: float | None = None
         #: When each input partition was last resumed (wall-clock ms; unheard_s).
         self._resumed_ms: dict[TopicPartition, float] = {}
@@ -546,7 +551,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         except StoreError as exc:
             # Corrupt: the loop restarts the task, which restores the store
             # (_restart_corrupted). The path is for the log, not for clients.
-            log.warning("%s: a query could not read its store: %s", task.id, exc)
+            if (held := self._told.due(task.id)) is not None:
+                log.warning(
+                    "%s: a query could not read its store: %s%s",
+                    task.id,
+                    exc,
+                    held_back(held, "queries could not read it"),
+                )
             return Lookup(unavailable="the session's store cannot be read (see the worker's log)")
         return Lookup(found=True, stored=stored)
 
@@ -715,21 +726,30 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in consumer.assignment():
             if repr(tp) not in str(exc):
                 continue
+            position: int | str = "unknown"
+            found: int | None = None
             try:
-                position: int | str = await asyncio.wait_for(consumer.position(tp), 1.0)
+                position = await asyncio.wait_for(consumer.position(tp), 1.0)
                 # aiokafka's position is where the failed fetch began, up to a
-                # fetch (2 MiB) of good batches before the corrupt one.
-                found = await asyncio.wait_for(
-                    corrupt_batch_at(client_options(self.settings), tp, int(position)), 10.0
-                )
-            except Exception:  # the error below is what matters
-                found = None
+                # fetch (2 MiB) of good batches before the corrupt one. Not
+                # while stopping: the stop has its own bound.
+                if not self._stopping.is_set():
+                    found = await asyncio.wait_for(
+                        corrupt_batch_at(client_options(self.settings), tp, int(position)),
+                        _CORRUPT_BATCH_SEARCH_S,
+                    )
+            except Exception:  # noqa: S110 - the error below is what matters
+                pass
             log.error(
                 "%s[%d]: the record batch at offset %s is corrupt (%s): no Kafka client can "
                 "read it, and the worker stops (docs/operations.md, A worker is down)",
                 tp.topic,
                 tp.partition,
-                found if found is not None else f"{position} or after it",
+                found
+                if found is not None
+                else f"{position} or after it"
+                if isinstance(position, int)
+                else position,
                 exc,
             )
 

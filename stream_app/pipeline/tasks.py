@@ -28,6 +28,7 @@ import contextlib
 import functools
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,11 +331,14 @@ class Task:
 
     def _tell_failure(self, source: SourceRecord, exc: Exception) -> None:
         """Log a record the processor failed on, with its traceback: the first
-        of each exception type in 10 s, then with how many more (a bug that
-        every command of a type meets logged a traceback per record). A
+        of each exception type and place in 10 s, then with how many more (a
+        bug that every command of a type meets logged a traceback per record). A
         re-keyed command's line names where it first arrived too, as its
         rejection does."""
-        held = self.metrics.told.due(("failed", type(exc).__name__))
+        # By type and where it was raised: two bugs of one type are two kinds.
+        frames = traceback.extract_tb(exc.__traceback__)
+        raised_at = (frames[-1].filename, frames[-1].lineno) if frames else None
+        held = self.metrics.told.due(("failed", type(exc).__name__, raised_at))
         if held is None:
             return
         origin = source.origin_from_header() if source.topic == rekey_topic(self.settings) else None

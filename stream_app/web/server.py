@@ -219,9 +219,13 @@ class WebServer:
             document = query_document(lookup.stored)
         except ValueError as exc:  # msgspec's DecodeError: damaged, or another release's form
             # Not a 503: asking again would not mend it.
-            log.warning(
-                "the stored session %s cannot be read: %s", excerpt(integration_id.encode()), exc
-            )
+            if (held := self._told.due("unreadable session")) is not None:
+                log.warning(
+                    "the stored session %s cannot be read: %s%s",
+                    excerpt(integration_id.encode()),
+                    exc,
+                    held_back(held, "queries met a stored session they could not read"),
+                )
             return _problem(500, "the session's stored form cannot be read")
         return web.Response(body=json.dumps(document), content_type="application/json")
 

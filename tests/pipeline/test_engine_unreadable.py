@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import CorruptRecordException, OffsetOutOfRangeError, RecordTooLargeError
+from aiokafka.errors import (
+    CorruptRecordException,
+    IllegalStateError,
+    OffsetOutOfRangeError,
+    RecordTooLargeError,
+)
 
 from stream_app.pipeline import unreadable
 from stream_app.pipeline.checkpoint import TaskFencedError
@@ -426,3 +431,25 @@ async def test_a_corrupt_batch_is_named_with_its_offset_before_the_worker_stops(
         )
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith(f"{tp.topic}[3]: the record batch at offset {said} is corrupt")
+
+
+async def test_a_corrupt_batch_whose_position_cannot_be_had_is_still_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A position that failed (the partition revoked meanwhile) left the
+    offset unset: an UnboundLocalError stopped the worker instead of the line
+    the runbook looks for."""
+    tp = TopicPartition(Settings().topics.commands, 3)
+    engine, _ = _engine_reading(tmp_path)
+
+    class _Revoked(_Consumer):
+        async def position(self, tp: TopicPartition) -> int:
+            raise IllegalStateError("No current assignment for partition")
+
+    with caplog.at_level("ERROR", logger="stream_app.pipeline.engine"):
+        await engine._name_the_corrupt_batch(
+            _Revoked({tp}),  # type: ignore[arg-type]
+            CorruptRecordException(f"Invalid CRC - {tp!r}"),
+        )
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"{tp.topic}[3]: the record batch at offset unknown is corrupt")

@@ -213,6 +213,28 @@ async def test_failures_of_one_type_log_one_traceback_per_interval(
     assert task.metrics.rejections == {"INTERNAL_ERROR": 51}
 
 
+async def test_two_bugs_of_one_exception_type_each_log_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Held back by exception type alone, a rare bug's traceback never showed
+    while a frequent one of the same type filled each interval."""
+
+    def process(record: SourceRecord) -> list[Outgoing]:
+        if record.offset % 100:
+            raise KeyError("frequent")
+        raise KeyError("rare")
+
+    task = _make_task(tmp_path, process)
+    task.checkpoint = _Checkpoint()  # type: ignore[assignment]
+    with caplog.at_level("ERROR", logger="stream_app.pipeline.tasks"):
+        await task.handle_many([_Record(task.inputs[0].topic, n) for n in range(1, 201)])
+    lines = [r for r in caplog.records if "processing failed" in r.getMessage()]
+    assert [r.getMessage().split(":")[0] for r in lines] == [
+        f"{task.inputs[0].topic}[0]@1",
+        f"{task.inputs[0].topic}[0]@100",
+    ]
+
+
 async def test_a_re_keyed_command_s_failure_names_where_it_first_arrived(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
