@@ -12,8 +12,9 @@ Its warnings and errors are let through once per
 clients retries every 100 ms and aiokafka logs every attempt.
 
 The worker's own lines that a flood of input could repeat thousands of
-times a second (a rejection, a re-keyed command, a forward to a worker that
-does not answer) are held back where they are made, once per
+times a second (a rejection, a re-keyed command, a failed record's
+traceback, a forward to a worker that does not answer, a query of a store
+or session that cannot be read) are held back where they are made, once per
 :data:`HELD_BACK_WINDOW_S` for each kind (:class:`HeldBack`), the next one
 saying how many were.
 
