@@ -269,17 +269,11 @@ class WebServer:
             ) as answer:
                 body = await answer.read() if answer.status in _ANSWERS else b""
                 if not _a_workers_answer(answer.status, answer.content_type, body):
-                    self.forward_failures += 1
-                    if (held := self._told.due(owner)) is not None:
-                        log.warning(
-                            "forwarding %s to %s: answered %d %s, as no worker answers%s",
-                            request.path_qs,
-                            owner,
-                            answer.status,
-                            answer.content_type,
-                            held_back(held, f"forwards to {owner} failed"),
-                        )
-                    return _problem(503, "the session's owner did not answer", retry=True)
+                    return self._unanswered(
+                        request,
+                        owner,
+                        f": answered {answer.status} {answer.content_type}, as no worker answers",
+                    )
                 # The owner's 503 says when to ask again: `stream-app inspect`
                 # waits on it. Its type as it says (a problem document, a
                 # session, or aiohttp's own plain-text 400).
@@ -290,16 +284,21 @@ class WebServer:
                 }
                 return web.Response(body=body, status=answer.status, headers=headers)
         except (ClientError, TimeoutError, ValueError) as exc:
-            self.forward_failures += 1
-            if (held := self._told.due(owner)) is not None:
-                log.warning(
-                    "forwarding %s to %s failed: %r%s",
-                    request.path_qs,
-                    owner,
-                    exc,
-                    held_back(held, f"forwards to {owner} failed"),
-                )
-            return _problem(503, "the session's owner did not answer", retry=True)
+            return self._unanswered(request, owner, f" failed: {exc!r}")
+
+    def _unanswered(self, request: web.Request, owner: str, why: str) -> web.Response:
+        """A forward that got no worker's answer: counted, logged once per owner
+        every 10 s, answered 503."""
+        self.forward_failures += 1
+        if (held := self._told.due(owner)) is not None:
+            log.warning(
+                "forwarding %s to %s%s%s",
+                request.path_qs,
+                owner,
+                why,
+                held_back(held, f"forwards to {owner} failed"),
+            )
+        return _problem(503, "the session's owner did not answer", retry=True)
 
     async def _close_client(self, _app: web.Application) -> None:
         if self._client is not None:
