@@ -143,6 +143,8 @@ class Task:
         #: How long each phase of this task's commits took (checkpoint.PHASES).
         self._phases = phases or {}
         self.metrics = metrics or Metrics()
+        #: The output channel of each downstream topic (outputs are counted by it).
+        self._channel_of = channels(settings.topics)
         self._restore_progress = restore_progress
         self.exactly_once = settings.processing_guarantee == "exactly_once"
         self.stores: dict[str, PartitionStore] = {}
@@ -270,7 +272,7 @@ class Task:
         max_bytes = self.max_record_bytes
         metrics = self.metrics
         emitted = metrics.emitted
-        channel_of = channels(self.settings.topics)
+        channel_of = self._channel_of
         clock = time.perf_counter
         tp: TopicPartition | None = None
         for record in records:
