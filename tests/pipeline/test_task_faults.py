@@ -67,11 +67,23 @@ class _Record:
         self.headers: tuple[Any, ...] = ()
 
 
-def _make_task(tmp_path: Path, process: Callable[[SourceRecord], list[Outgoing]]) -> Task:
-    """A real Task of partition 0 with no stores, ``process`` as its processor."""
+def _make_task(
+    tmp_path: Path,
+    process: Callable[[SourceRecord], list[Outgoing]],
+    *,
+    inputs: tuple[str, ...] | None = None,
+    max_record_bytes: int = 1_048_588,
+    metrics: Metrics | None = None,
+) -> Task:
+    """A real Task of partition 0 of stage 1 with no stores, ``process`` as its
+    processor (its inputs the command topic unless given)."""
     settings = Settings(data_dir=tmp_path)
     stage = Stage(
-        "commands", (settings.topics.commands,), (), lambda _p, _o: process, commands=True
+        "commands",
+        inputs or (settings.topics.commands,),
+        (),
+        lambda _p, _o: process,
+        commands=True,
     )
     task = Task(
         stage,
@@ -82,7 +94,8 @@ def _make_task(tmp_path: Path, process: Callable[[SourceRecord], list[Outgoing]]
         resources=RocksDBResources(RocksDBSettings()),
         commit_offsets=lambda offsets: None,
         limits=Limits(),
-        max_record_bytes=1_048_588,
+        max_record_bytes=max_record_bytes,
+        metrics=metrics,
     )
     task.process = stage.build(0, {})
     return task
@@ -147,26 +160,13 @@ async def test_a_re_keyed_command_whose_outputs_are_refused_is_rejected_where_it
         default_application_id=1,
         metrics=metrics,
     )
-    stage = Stage(
-        "commands",
-        (settings.topics.commands, rekeyed),
-        (),
-        lambda _p, _o: processor.process,
-        commands=True,
-    )
-    task = Task(
-        stage,
-        0,
-        settings=settings,
-        changelogs={},
-        state_dir=tmp_path,
-        resources=RocksDBResources(RocksDBSettings()),
-        commit_offsets=lambda offsets: None,
-        limits=Limits(),
+    task = _make_task(
+        tmp_path,
+        processor.process,
+        inputs=(settings.topics.commands, rekeyed),
         max_record_bytes=600,
         metrics=metrics,
     )
-    task.process = stage.build(0, {})
     checkpoint = _Checkpoint()
     task.checkpoint = checkpoint  # type: ignore[assignment]
     close = json.dumps({"type": "update", "integrationId": "s1", "session": {"state": "closed"}})
