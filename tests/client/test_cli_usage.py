@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
 
@@ -298,6 +299,35 @@ def test_send_with_stdin_closed_is_a_usage_error() -> None:
     assert "no stdin" in result.stderr
 
 
+def _stand_in_client(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    connect: Callable[[], Awaitable[None]] | None = None,
+    send: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """``send``'s SessionClient, replaced: connecting awaits ``connect`` and
+    sending awaits ``send``, when given."""
+    from stream_app import client
+
+    class _Client:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        async def __aenter__(self) -> _Client:
+            if connect is not None:
+                await connect()
+            return self
+
+        async def __aexit__(self, *args: object) -> None:
+            pass
+
+        async def send(self, command: object) -> None:
+            if send is not None:
+                await send()
+
+    monkeypatch.setattr(client, "SessionClient", _Client)
+
+
 @pytest.mark.parametrize(
     ("raised", "code", "said"),
     [
@@ -320,22 +350,10 @@ def test_send_says_what_to_do_when_kafka_refuses_or_the_user_interrupts(
     code: int,
     said: str,
 ) -> None:
-    from stream_app import client
+    async def refused() -> None:
+        raise raised()
 
-    class _Client:
-        def __init__(self, *args: object) -> None:
-            pass
-
-        async def __aenter__(self) -> _Client:
-            return self
-
-        async def __aexit__(self, *args: object) -> None:
-            pass
-
-        async def send(self, command: object) -> None:
-            raise raised()
-
-    monkeypatch.setattr(client, "SessionClient", _Client)
+    _stand_in_client(monkeypatch, send=refused)
     args = ["send", '{"type":"reopen","integrationId":"c","eventId":"e-42"}']
     assert main(args) == code
     assert said in capsys.readouterr().err
@@ -351,23 +369,12 @@ def test_send_stopped_by_sigterm_says_the_event_id_as_for_a_ctrl_c(
     """Under `timeout`, a CI job or `kubectl exec` ending, SIGTERM killed it with
     nothing said: its generated eventId was lost, and a run again with the same
     flags (a new eventId) could apply the command twice."""
-    from stream_app import client
 
-    class _Slow:
-        def __init__(self, *args: object) -> None:
-            pass
+    async def slow() -> None:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        await asyncio.sleep(30)
 
-        async def __aenter__(self) -> _Slow:
-            return self
-
-        async def __aexit__(self, *args: object) -> None:
-            pass
-
-        async def send(self, command: object) -> None:
-            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
-            await asyncio.sleep(30)
-
-    monkeypatch.setattr(client, "SessionClient", _Slow)
+    _stand_in_client(monkeypatch, send=slow)
     before = signal.getsignal(signal.SIGTERM)
     args = ["send", '{"type":"reopen","integrationId":"c","eventId":"e-43"}']
     assert main(args) == 128 + signal.SIGTERM
@@ -380,19 +387,10 @@ def test_send_stopped_by_sigterm_says_the_event_id_as_for_a_ctrl_c(
 def test_send_interrupted_before_it_connects_says_not_sent(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stream_app import client
+    async def interrupted() -> None:
+        raise KeyboardInterrupt
 
-    class _Connecting:
-        def __init__(self, *args: object) -> None:
-            pass
-
-        async def __aenter__(self) -> _Connecting:
-            raise KeyboardInterrupt
-
-        async def __aexit__(self, *args: object) -> None:
-            pass
-
-    monkeypatch.setattr(client, "SessionClient", _Connecting)
+    _stand_in_client(monkeypatch, connect=interrupted)
     assert main(["send", '{"type":"reopen","integrationId":"c","eventId":"e-8"}']) == 130
     err = capsys.readouterr().err
     assert "interrupted before connecting: not sent" in err
@@ -417,19 +415,10 @@ def test_a_ctrl_c_while_the_cli_is_imported_ends_it_without_a_traceback(
 def test_send_that_cannot_connect_says_not_sent(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stream_app import client
+    async def unreachable() -> None:
+        raise KafkaConnectionError("no broker")
 
-    class _Unreachable:
-        def __init__(self, *args: object) -> None:
-            pass
-
-        async def __aenter__(self) -> _Unreachable:
-            raise KafkaConnectionError("no broker")
-
-        async def __aexit__(self, *args: object) -> None:
-            pass
-
-    monkeypatch.setattr(client, "SessionClient", _Unreachable)
+    _stand_in_client(monkeypatch, connect=unreachable)
     assert main(["send", '{"type":"reopen","integrationId":"c","eventId":"e-7"}']) == 1
     err = capsys.readouterr().err
     assert "not sent to Kafka" in err
