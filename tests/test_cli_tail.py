@@ -10,45 +10,45 @@ import sys
 import time
 
 import pytest
+from aiokafka.errors import KafkaError
 
 from stream_app import cli
 
 
-async def _unreadable(*args: object, **kwargs: object) -> None:
-    # What aiokafka raises for a record whose header name is not UTF-8.
-    raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-
-
-def test_tail_over_an_unreadable_record_says_so_and_exits_1(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [
+        # What aiokafka raises for a record whose header name is not UTF-8.
+        # Before, a traceback: operators could not look at the topic holding
+        # the record the workers rejected as UNREADABLE_RECORD.
+        (
+            UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+            ["cannot read", "UNREADABLE_RECORD"],
+        ),
+        # What aiokafka raises, read_committed, on a control batch of no
+        # records. It said "Kafka at ...: KafkaError(...)", which reads as an
+        # outage that a retry may mend; every retry stopped at the same offset.
+        (
+            KafkaError("Control batch did not contain any records"),
+            ["a control batch of no records", "kafka-console-consumer.sh reads the whole topic"],
+        ),
+    ],
+    ids=["unreadable record", "empty control batch"],
+)
+def test_tail_over_what_the_client_cannot_read_says_what_it_is_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    raised: Exception,
+    said: list[str],
 ) -> None:
-    """Before, a traceback: operators could not look at the topic holding the
-    record the workers rejected as UNREADABLE_RECORD."""
-    monkeypatch.setattr(cli, "tail", _unreadable)
+    async def tail(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(cli, "tail", tail)
     assert cli.main(["tail", "commands"]) == cli.EXIT_FAILED
     err = capsys.readouterr().err
-    assert "cannot read" in err
-    assert "UNREADABLE_RECORD" in err
-    assert "Traceback" not in err
-
-
-async def _empty_control_batch(*args: object, **kwargs: object) -> None:
-    from aiokafka.errors import KafkaError
-
-    # What aiokafka raises, read_committed, on a control batch of no records.
-    raise KafkaError("Control batch did not contain any records")
-
-
-def test_tail_over_an_empty_control_batch_says_what_it_is(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """It said "Kafka at ...: KafkaError(...)", which reads as an outage that a
-    retry may mend; every retry stopped at the same offset."""
-    monkeypatch.setattr(cli, "tail", _empty_control_batch)
-    assert cli.main(["tail", "commands"]) == cli.EXIT_FAILED
-    err = capsys.readouterr().err
-    assert "a control batch of no records" in err
-    assert "kafka-console-consumer.sh reads the whole topic" in err
+    for words in said:
+        assert words in err
     assert "Traceback" not in err
 
 
