@@ -38,6 +38,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from stream_app import json
 from stream_app.errors import ConfigurationError
 
 ENV_PREFIX = "STREAM_APP_"
@@ -413,6 +414,7 @@ class Settings(BaseSettings):
         env = os.environ
         given = {name.upper(): value for name, value in env.items()}
         _refuse_two_spellings(env)
+        _refuse_a_group_and_its_field(env)
         _refuse_other_clients_names(given)
         unknown = sorted(
             name
@@ -435,6 +437,42 @@ class Settings(BaseSettings):
                 f"{name}{_shown(name, env)}: not a JSON object; or set its fields one by "
                 f"one, as {name}__<FIELD>"
             ) from None
+
+
+def _refuse_a_group_and_its_field(env: Mapping[str, str]) -> None:
+    """A group set whole as JSON (``STREAM_APP_TOPICS``) and one of its fields
+    by its own variable (``STREAM_APP_TOPICS__COMMANDS``), to another value: the
+    field's variable won, whatever the order, so an overlay's JSON lost
+    silently to the manifests' per-field variables. Fields set in one place
+    only merge, as before."""
+    given = {name.upper(): (name, value) for name, value in env.items()}
+    for field_name, info in Settings.model_fields.items():
+        model = info.annotation
+        group = f"{ENV_PREFIX}{field_name.upper()}"
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or group not in given:
+            continue
+        try:
+            whole = json.loads(given[group][1])
+        except json.JSONDecodeError:
+            continue  # refused by the settings themselves, as not a JSON object
+        if not isinstance(whole, dict):
+            continue
+        for key, value in whole.items():
+            field = given.get(f"{group}__{str(key).upper()}")
+            if field is None:
+                continue
+            as_text = value if isinstance(value, str) else json.dumps(value).decode()
+            if as_text != field[1]:
+                setting = f"{field_name}.{str(key).lower()}"
+                shown = (
+                    ""
+                    if _may_hold_a_secret(group) or _may_hold_a_secret(field[0].upper())
+                    else f" ({_shown_value(as_text)} and {_shown_value(field[1])})"
+                )
+                raise ConfigurationError(
+                    f"{given[group][0]} and {field[0]} both set {setting}, to different "
+                    f"values{shown}: keep one"
+                )
 
 
 #: ``STREAM_APP_`` variables that are not the worker's settings: the test

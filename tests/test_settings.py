@@ -313,6 +313,30 @@ def test_the_write_buffer_budget_is_bounded_as_a_product() -> None:
         ({"STREAM_APP_TOPICS__CLOSED": "a\rb"}, "STREAM_APP_TOPICS__CLOSED='a\\rb': "),
         # The broker refuses any other at the join; it was retried for ever.
         ({"STREAM_APP_GROUP_INSTANCE_ID": "pod 0"}, "'pod 0' is not a group instance id"),
+        # An overlay's group as JSON beside the manifests' per-field variables:
+        # the field's variable won, and the worker read another topic.
+        (
+            {
+                "STREAM_APP_TOPICS": '{"commands": "orders.commands"}',
+                "STREAM_APP_TOPICS__COMMANDS": "sessions.commands",
+            },
+            "STREAM_APP_TOPICS and STREAM_APP_TOPICS__COMMANDS both set topics.commands, "
+            "to different values (orders.commands and sessions.commands): keep one",
+        ),
+        (
+            {
+                "STREAM_APP_ROCKSDB": '{"block_cache_mb": 512}',
+                "STREAM_APP_ROCKSDB__BLOCK_CACHE_MB": "32",
+            },
+            "both set rocksdb.block_cache_mb, to different values (512 and 32)",
+        ),
+        (
+            {
+                "STREAM_APP_SECURITY": '{"sasl_password": "a"}',
+                "STREAM_APP_SECURITY__SASL_PASSWORD": "b",
+            },
+            "both set security.sasl_password, to different values: keep one",
+        ),
     ],
 )
 def test_settings_that_contradict_or_that_the_worker_does_not_read_are_refused(
@@ -325,6 +349,24 @@ def test_settings_that_contradict_or_that_the_worker_does_not_read_are_refused(
     assert said in str(refused.value)
     assert "\n" not in str(refused.value)
     assert "(a and b)" not in str(refused.value)  # a password is never shown
+
+
+def test_a_group_as_json_and_its_other_fields_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a field given twice, to different values, is refused: the rest
+    of the group's JSON and the other per-field variables both count."""
+    monkeypatch.setenv("STREAM_APP_TOPICS", '{"commands": "orders.commands", "rejected": "r"}')
+    monkeypatch.setenv("STREAM_APP_TOPICS__COMMANDS", "orders.commands")
+    monkeypatch.setenv("STREAM_APP_TOPICS__CLOSED", "orders.closed")
+    monkeypatch.setenv("STREAM_APP_ROCKSDB", '{"block_cache_mb": 64}')
+    monkeypatch.setenv("STREAM_APP_ROCKSDB__BLOCK_CACHE_MB", "64")
+    settings = Settings.from_env()
+    topics = settings.topics
+    assert (topics.commands, topics.rejected, topics.closed) == (
+        "orders.commands",
+        "r",
+        "orders.closed",
+    )
+    assert settings.rocksdb.block_cache_mb == 64
 
 
 def test_what_an_operator_writes_loosely_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
