@@ -18,9 +18,7 @@ import resource
 import signal
 import socket
 import threading
-from asyncio import Task
-from collections.abc import Coroutine
-from typing import Any, Final, TypeVar
+from typing import Final
 
 from aiokafka.errors import BrokerResponseError, KafkaError, ProducerFenced
 
@@ -28,7 +26,14 @@ from stream_app import console
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
 from stream_app.pipeline.engine import Engine, usable_state_dir
-from stream_app.pipeline.kafka import client_options, not_authorized, refusal
+from stream_app.pipeline.kafka import (
+    KAFKA_RETRY_FIRST_S,
+    KAFKA_RETRY_MAX_S,
+    client_options,
+    not_authorized,
+    refusal,
+    unless_stopped,
+)
 from stream_app.pipeline.topics import (
     TopicLayout,
     check_retention,
@@ -40,16 +45,9 @@ from stream_app.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 EXIT_FAILED: Final = 1
 EXIT_CONFIGURATION: Final = 2
-#: Retries of a Kafka that does not answer at the start: the first after 1 s,
-#: doubling up to 5 s. (Up to 30 s before: a worker started during an outage
-#: waited that long after Kafka was back. Kafka's clients reconnect within
-#: reconnect.backoff.max.ms, 1 s.)
-KAFKA_RETRY_FIRST_S: Final = 1.0
-KAFKA_RETRY_MAX_S: Final = 5.0
 
 
 async def run(settings: Settings, watchdog: list[threading.Timer] | None = None) -> int:
@@ -239,7 +237,7 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
         # A broker that accepts connections and never answers holds an attempt
         # for aiokafka's request timeout (40 s): a stop meanwhile waited for it,
         # outlasted the shutdown bound and exited 1.
-        attempt = await _unless_stopped(ensure_topics(settings, worker=True), stopping)
+        attempt = await unless_stopped(ensure_topics(settings, worker=True), stopping)
         if attempt is None:
             return None
         try:
@@ -272,23 +270,8 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
 async def _refusal(settings: Settings, stopping: asyncio.Event) -> str | None:
     """Why the brokers refuse this worker (see :func:`refusal`); None, too, once
     the worker is told to stop: the probe may wait for an unanswering broker."""
-    probe = await _unless_stopped(refusal(client_options(settings)), stopping)
+    probe = await unless_stopped(refusal(client_options(settings)), stopping)
     return None if probe is None else probe.result()
-
-
-async def _unless_stopped(work: Coroutine[Any, Any, T], stopping: asyncio.Event) -> Task[T] | None:
-    """``work`` run until it ends (its task, done) or the worker is told to stop
-    (None; the work cancelled, and given a second to end)."""
-    task = asyncio.ensure_future(work)
-    stop = asyncio.ensure_future(stopping.wait())
-    try:
-        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait((task,), timeout=1.0)
-    return task if task.done() and not task.cancelled() else None
 
 
 def _quiet_fences(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

@@ -18,8 +18,8 @@ Contracts
   aborts it, if the commit fails) and closes. The group never waits on more
   than that.
 * **Fencing.** A task whose producer was fenced is dropped: another worker
-  owns it. If the group does not reassign it within a session timeout, this
-  worker leaves and rejoins the group.
+  owns it. If the group does not reassign it within two heartbeats
+  (:func:`fenced_wait_s`), this worker leaves and rejoins the group.
 * **Stop.** :meth:`Engine.stop` ends the loop: the current transactions
   commit, stores close, the consumer leaves the group. The CLI bounds the
   whole stop (``shutdown_timeout_s``).
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
 from aiokafka.structs import TopicPartition
 
 from stream_app import json
@@ -60,7 +60,14 @@ from stream_app.pipeline.checkpoint import (
     TaskFencedError,
 )
 from stream_app.pipeline.cleanup import StoreCleaner, remove
-from stream_app.pipeline.kafka import client_options, not_authorized
+from stream_app.pipeline.kafka import (
+    KAFKA_RETRY_FIRST_S,
+    KAFKA_RETRY_MAX_S,
+    client_options,
+    not_authorized,
+    refused_join,
+    unless_stopped,
+)
 from stream_app.pipeline.processor import (
     BOOKKEEPING_BYTES,
     COMMIT_BUCKETS,
@@ -648,12 +655,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         self._consumer = consumer
         try:
-            await consumer.start()
-            await self._await_input_topics(consumer)
-            consumer.subscribe(self.input_topics, listener=self)
+            started = await self._start_consumer(consumer)
+            if started:
+                consumer.subscribe(self.input_topics, listener=self)
         except BaseException:  # failed or cancelled: leave no connection open
             await consumer.stop()
             raise
+        if not started:  # told to stop first: it owns nothing
+            await consumer.stop()
+            return
         last_metrics = passed_at = counted_at = time.monotonic()
         consumed_any = False
         # Beside the loop: in an outage the loop waits on the commit round.
@@ -677,7 +687,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     if empty_control_batch(exc):
                         await self._read_past_and_commit(consumer, exc, rebalances)
                         continue
-                    refused = not_authorized(exc)
+                    refused = not_authorized(exc) or refused_join(exc, s)
                     if refused is None:
                         raise
                     self._fail(refused)
@@ -1330,6 +1340,33 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in task.inputs:
             if self._task_of.get(tp) is task:
                 del self._task_of[tp]
+
+    async def _start_consumer(self, consumer: AIOKafkaConsumer) -> bool:
+        """Start the group's consumer and wait for the input topics' metadata;
+        False when told to stop first. Both wait on Kafka: a broker that
+        accepts connections and never answers held a stop for the request
+        timeout (40-65 s), past the shutdown bound, so the worker exited 1.
+        Kafka lost since the topic check is waited for with backoff, as at the
+        other steps of the start (it was a traceback and exit 1)."""
+        backoff = KAFKA_RETRY_FIRST_S
+        while True:
+            attempt = await unless_stopped(consumer.start(), self._stopping)
+            if attempt is None:
+                return False
+            try:
+                attempt.result()
+                break
+            except KafkaConnectionError as exc:
+                log.warning(
+                    "Kafka at %s cannot be reached to join the group (%s), retrying in %.0f s",
+                    self.settings.bootstrap_servers,
+                    exc,
+                    backoff,
+                )
+            if await unless_stopped(asyncio.sleep(backoff), self._stopping) is None:
+                return False
+            backoff = min(backoff * 2, KAFKA_RETRY_MAX_S)
+        return await unless_stopped(self._await_input_topics(consumer), self._stopping) is not None
 
     async def _await_input_topics(self, consumer: AIOKafkaConsumer) -> None:
         """Wait (bounded) until the broker serves the metadata of every input

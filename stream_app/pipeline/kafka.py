@@ -5,13 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable
-from typing import Any, Final, NamedTuple, Protocol
+from collections.abc import Awaitable, Coroutine
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from stream_app.errors import ConfigurationError
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Retries of a Kafka that does not answer at the start: the first after 1 s,
+#: doubling up to 5 s. (Up to 30 s before: a worker started during an outage
+#: waited that long after Kafka was back. Kafka's clients reconnect within
+#: reconnect.backoff.max.ms, 1 s.)
+KAFKA_RETRY_FIRST_S: Final = 1.0
+KAFKA_RETRY_MAX_S: Final = 5.0
 
 
 def not_authorized(exc: BaseException | None) -> ConfigurationError | None:
@@ -37,6 +46,45 @@ def not_authorized(exc: BaseException | None) -> ConfigurationError | None:
         f"Kafka does not authorize this worker's principal: {exc}; grant it the ACLs "
         "that docs/operations.md lists (The worker's principal)"
     )
+
+
+def refused_join(exc: BaseException, settings: Settings) -> ConfigurationError | None:
+    """The configuration error to stop with when ``exc`` is the group
+    coordinator refusing this worker's join for good, else None. aiokafka
+    hands these to the waiting poll; they were a traceback and exit 1, which
+    the runbook reads as a bug of ours, at every restart."""
+    from aiokafka.errors import InconsistentGroupProtocolError, InvalidSessionTimeoutError
+
+    if isinstance(exc, InvalidSessionTimeoutError):
+        return ConfigurationError(
+            f"Kafka refuses STREAM_APP_SESSION_TIMEOUT_S={settings.session_timeout_s:g}: it is "
+            "outside the brokers' group.min.session.timeout.ms..group.max.session.timeout.ms "
+            f"({exc})"
+        )
+    if isinstance(exc, InconsistentGroupProtocolError):
+        return ConfigurationError(
+            f"the consumer group {settings.app_id} has members that are not this worker's kind "
+            "(another protocol or partition assignor): another application uses "
+            f"STREAM_APP_APP_ID={settings.app_id} as its group id ({exc})"
+        )
+    return None
+
+
+async def unless_stopped(
+    work: Coroutine[Any, Any, T], stopping: asyncio.Event
+) -> asyncio.Task[T] | None:
+    """``work`` run until it ends (its task, done) or the worker is told to stop
+    (None; the work cancelled, and given a second to end)."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,), timeout=1.0)
+    return task if task.done() and not task.cancelled() else None
 
 
 def client_options(settings: Settings) -> dict[str, Any]:

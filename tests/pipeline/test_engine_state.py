@@ -17,6 +17,8 @@ from aiokafka import TopicPartition
 from aiokafka.errors import (
     GroupAuthorizationFailedError,
     IllegalStateError,
+    InconsistentGroupProtocolError,
+    InvalidSessionTimeoutError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
@@ -70,6 +72,10 @@ def test_bookkeeping_past_the_session_limit_keeps_a_session_within_a_third_of_a_
     assert limits.bookkeeping_bytes == bookkeeping_bytes
 
 
+class _MadeOnlyError(Exception):
+    """Ends a consumer's start: only the options it was made with count."""
+
+
 @pytest.mark.parametrize(
     ("session_timeout_s", "request_timeout_ms", "rebalance_timeout_ms"),
     [(30, 40_000, 30_000), (45, 50_000, 45_000), (600, 65_000, 60_000)],
@@ -93,14 +99,14 @@ async def test_the_group_consumer_waits_out_a_joingroup_the_broker_holds(
             made.append(options)
 
         async def start(self) -> None:
-            raise KafkaConnectionError("no broker here")
+            raise _MadeOnlyError
 
         async def stop(self) -> None:
             pass
 
     monkeypatch.setattr(engine_module, "AIOKafkaConsumer", Consumer)
     settings = Settings(data_dir=tmp_path, session_timeout_s=session_timeout_s)
-    with pytest.raises(KafkaConnectionError):
+    with pytest.raises(_MadeOnlyError):
         await Engine(settings, TopicLayout(1, 1_048_588))._consume()
     [options] = made
     assert options["session_timeout_ms"] == session_timeout_s * 1000
@@ -1467,3 +1473,139 @@ def test_a_poll_waits_no_longer_than_the_first_open_transaction_has_left(
     assert engine._poll_ms(1031.0) == 9_000
     tasks[1].active = False  # a task restoring takes no record
     assert engine._poll_ms(1031.0) == 30_000
+
+
+class _GroupConsumer:
+    """Stands for the engine's group consumer: ``start`` as the class says,
+    then polls that return nothing (or raise ``join_error``) until the engine
+    stops."""
+
+    unreachable_starts: ClassVar[int] = 0
+    start_hangs: ClassVar[bool] = False
+    join_error: ClassVar[type[Exception] | None] = None
+
+    def __init__(self, **options: object) -> None:
+        self.starts = 0
+        self.subscribed = False
+        self.stopped = False
+
+    async def start(self) -> None:
+        self.starts += 1
+        if self.start_hangs:
+            await asyncio.sleep(3600)  # a broker that accepts and never answers
+        if self.starts <= self.unreachable_starts:
+            raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 9092)]")
+
+    async def topics(self) -> set[str]:
+        return {
+            "sessions.commands",
+            "stream-app-sessions.rekeyed",
+            "stream-app-sessions.by-profile",
+        }
+
+    def subscribe(self, topics: list[str], listener: object) -> None:
+        self.subscribed = True
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        if self.join_error is not None:
+            raise self.join_error
+        await asyncio.sleep(0.01)
+        return {}
+
+    def assignment(self) -> set[TopicPartition]:
+        return set()
+
+    def paused(self) -> set[TopicPartition]:
+        return set()
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+def _engine_on(
+    consumer: type[_GroupConsumer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Engine:
+    async def loaded_settings(settings: Settings, registry: object, ready: Event) -> None:
+        ready.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(engine_module, "follow_settings_topic", loaded_settings)
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", consumer)
+    monkeypatch.setattr(engine_module, "KAFKA_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(engine_module, "_TOPICS_VISIBLE_WAIT_S", 0.0)
+    return Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+
+
+async def test_kafka_lost_before_the_group_join_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lost between the topic check and the join, Kafka was a traceback and
+    exit 1, where every other step of the start waits for it."""
+
+    class Unreachable(_GroupConsumer):
+        unreachable_starts = 2
+
+    engine = _engine_on(Unreachable, tmp_path, monkeypatch)
+    running = asyncio.create_task(engine.run())
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        while engine._consumer is None or not engine._consumer.subscribed:  # type: ignore[attr-defined]
+            assert not running.done(), running
+            await asyncio.sleep(0.01)
+    consumer = engine._consumer
+    assert consumer.starts == 3  # type: ignore[attr-defined]
+    retried = [r.getMessage() for r in caplog.records if "to join the group" in r.getMessage()]
+    assert len(retried) == 2
+    assert "cannot be reached to join the group (KafkaConnectionError: Unable" in retried[0]
+    engine.stop()
+    await asyncio.wait_for(running, timeout=5)
+    assert engine.stopped_cleanly
+
+
+async def test_a_stop_while_the_group_consumer_starts_ends_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that accepts connections and never answers held the stop for
+    the request timeout, past the shutdown bound: exit 1, owning nothing."""
+
+    began = Event()
+
+    class Hanging(_GroupConsumer):
+        start_hangs = True
+
+        async def start(self) -> None:
+            began.set()
+            await super().start()
+
+    engine = _engine_on(Hanging, tmp_path, monkeypatch)
+    running = asyncio.create_task(engine.run())
+    await asyncio.wait_for(began.wait(), timeout=5)
+    engine.stop()
+    await asyncio.wait_for(running, timeout=5)
+    assert engine._consumer.stopped  # type: ignore[attr-defined]
+    assert not engine._consumer.subscribed  # type: ignore[attr-defined]
+    assert engine.stopped_cleanly
+
+
+@pytest.mark.parametrize(
+    ("refusal", "said"),
+    [
+        (
+            InvalidSessionTimeoutError,
+            "Kafka refuses STREAM_APP_SESSION_TIMEOUT_S=30: it is outside",
+        ),
+        (InconsistentGroupProtocolError, "another application uses STREAM_APP_APP_ID=stream-app"),
+    ],
+)
+async def test_a_join_the_coordinator_refuses_for_good_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: type[Exception], said: str
+) -> None:
+    """A session timeout outside the brokers' bounds, or another application
+    in the group: each restart crashed with a traceback and exit 1, which
+    the runbook reads as a bug of ours, naming no setting."""
+
+    class Refused(_GroupConsumer):
+        join_error = refusal
+
+    engine = _engine_on(Refused, tmp_path, monkeypatch)
+    with pytest.raises(ConfigurationError, match=said):
+        await asyncio.wait_for(engine.run(), timeout=5)
