@@ -38,9 +38,11 @@ class _Client:
 
     def __init__(self, **options: Any) -> None:
         self.closed = False
+        self.starts = 0
         self.made.append(self)
 
     async def start(self) -> None:
+        self.starts += 1
         self.starting.set()
         if self.never_answers:
             await asyncio.Event().wait()
@@ -93,6 +95,7 @@ async def test_a_client_whose_start_fails_or_is_cancelled_is_closed(
     monkeypatch.setattr("aiokafka.client.AIOKafkaClient", client)
     monkeypatch.setattr(engine_module, "AIOKafkaConsumer", client)
     monkeypatch.setattr(application_settings, "FIRST_READ_BACKOFF_S", 0.01)
+    monkeypatch.setattr(engine_module, "KAFKA_RETRY_FIRST_S", 0.01)
     call = _starting(Settings(data_dir=tmp_path))[starting]
     running = asyncio.ensure_future(call())
     if never_answers:
@@ -101,14 +104,15 @@ async def test_a_client_whose_start_fails_or_is_cancelled_is_closed(
         with pytest.raises(asyncio.CancelledError):
             await running
         assert len(client.made) == 1
-    elif starting == "settings follower":
-        # Until the settings are loaded, Kafka out of reach is waited for: a
-        # client per attempt, each closed.
+    elif starting in ("settings follower", "worker's consumer"):
+        # Kafka out of reach is waited for: by the settings follower until the
+        # settings are loaded, a client per attempt; by the worker's consumer
+        # until it joins, its start tried again. Each client closed.
         for _ in range(500):
-            if len(client.made) >= 3:
+            if sum(made.starts for made in client.made) >= 3:
                 break
             await asyncio.sleep(0.01)
-        assert len(client.made) >= 3
+        assert sum(made.starts for made in client.made) >= 3
         running.cancel()
         with pytest.raises(asyncio.CancelledError):
             await running
