@@ -271,11 +271,18 @@ class PartitionStore:
 
     def _delete(self) -> None:
         """Delete the database's directory and make it anew, empty. Renamed
-        aside first: a delete cut short leaves no half a database behind."""
-        aside = set_aside(self.path)
-        if aside is not None:
-            _remove_beside(aside)
-        self.path.mkdir(parents=True, exist_ok=True)
+        aside first: a delete cut short leaves no half a database behind.
+        A disk that refuses (remounted read-only after the errors that
+        corrupted the store) raises a StoreError: an OSError escaped a
+        task's close, whose other stores stayed open, and the rebalance
+        listener."""
+        try:
+            aside = set_aside(self.path)
+            if aside is not None:
+                _remove_beside(aside)
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot delete the store at {self.path}: {exc}") from exc
 
     def _open(self) -> Rdict:
         options = self._resources.options()
@@ -446,8 +453,8 @@ class PartitionStore:
             with contextlib.suppress(OSError):
                 os.utime(self.path)
         if self._corrupted:
-            log.warning("%s: corrupt, deleted: the next start restores it", self.path)
             self._delete()
+            log.warning("%s: corrupt, deleted: the next start restores it", self.path)
 
     def wipe(self) -> None:
         """Close and delete this one partition's database (it is restored again)."""

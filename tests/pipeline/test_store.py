@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import math
 import shutil
@@ -503,6 +504,31 @@ def test_a_store_whose_close_finds_it_corrupt_is_deleted(
     store._db = _CorruptCompaction(store._db)  # type: ignore[assignment]
     store.close()
     assert_opens_empty(path, resources)
+
+
+def test_a_corrupt_store_on_a_disk_that_refuses_its_delete_is_a_store_error(
+    tmp_path: Path,
+    resources: RocksDBResources,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A disk remounted read-only after the errors that corrupted the store:
+    its delete raised an OSError, which escaped the task's close (whose
+    other stores stayed open) and the rebalance listener; and the log said
+    "deleted" first."""
+    path = tmp_path / "sessions" / "0"
+    store = PartitionStore(path, resources)
+    store.write({b"a": b"1"}, 3)
+    store._db = _CorruptCompaction(store._db)  # type: ignore[assignment]
+
+    def read_only(self: Path, target: Path) -> Path:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "rename", read_only)
+    with pytest.raises(StoreError, match=r"cannot delete the store at .*: .*Read-only file system"):
+        store.close()
+    assert "deleted" not in caplog.text
+    store.close()  # closed once: nothing more to do
 
 
 class _UnreadableDisk:
