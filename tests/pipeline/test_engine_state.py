@@ -35,10 +35,11 @@ from stream_app.pipeline.checkpoint import (
     NotAuthorizedError,
     StoreWriteError,
     TaskFencedError,
+    encode_consumed,
 )
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import Limits
-from stream_app.pipeline.store import RocksDBResources
+from stream_app.pipeline.store import CONSUMED_KEY, PartitionStore, RocksDBResources
 from stream_app.pipeline.tasks import Stage, Task, TaskId
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.settings import RocksDBSettings, Settings
@@ -449,6 +450,30 @@ async def test_a_task_starts_past_what_its_restored_state_holds(
     assert consumer.sought == [(tp, start)]
     assert task.positions == {tp: start}
     assert consumer.commits == [{tp: offset} for offset in commits]
+
+
+@pytest.mark.parametrize(("guarantee", "read"), [("at_least_once", True), ("exactly_once", False)])
+def test_a_task_reads_what_its_restored_state_holds_from_its_last_store(
+    tmp_path: Path, guarantee: str, read: bool
+) -> None:
+    """The other half of the test above, with a real task and real stores:
+    ``consumed_positions`` returning nothing left every test passing, and
+    an at_least_once restart applying a session's commands again past its
+    last 64 eventIds."""
+    settings = Settings(data_dir=tmp_path, processing_guarantee=guarantee)
+    task = _bare_task(settings, tmp_path, stores=("ids", "sessions"))
+    tp = TopicPartition(settings.topics.commands, 0)
+    resources = RocksDBResources(RocksDBSettings())
+    task.stores = {
+        name: PartitionStore(tmp_path / name / "0", resources) for name in ("ids", "sessions")
+    }
+    # Where Checkpoint.seal writes it: the last store's changelog.
+    task.stores["sessions"].write({CONSUMED_KEY: encode_consumed({tp: 9})}, 3)
+    try:
+        assert task.consumed_positions() == ({tp: 9} if read else {})
+    finally:
+        for store in task.stores.values():
+            store.close()
 
 
 class _TaskRefusedItsTransactionalId(_TaskOnAFullDisk):

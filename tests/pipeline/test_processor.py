@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import msgspec
 import pytest
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given, settings
@@ -71,12 +72,15 @@ def test_mis_keyed_command_is_re_keyed_with_its_origin_and_applied_from_there() 
     assert [(o.topic, o.key) for o in out] == [(REKEY, b"s1")]
     assert p.metrics.rekeyed == 1
     assert p.sessions == {}
+    # Read back three days later (lag): the session keeps the time the command
+    # was first written, not the re-keyed copy's.
     rekeyed = record(out[0].value, out[0].key, offset=0, topic=REKEY, headers=out[0].headers)
+    rekeyed = msgspec.structs.replace(rekeyed, timestamp_ms=rekeyed.timestamp_ms + 3 * 86_400_000)
     closed = p.process(rekeyed)
     assert [o.topic for o in closed] == [TOPICS.closed]
     doc = json.loads(closed[0].value)
     assert doc["eventId"] == f"{TOPICS.commands}-2-7"  # where it first arrived
-    assert doc["occurredAt"].startswith("2025-11-24T")
+    assert doc["occurredAt"] == doc["session"]["created"] == "2025-11-24T16:00:00.007Z"
     assert out[0].headers[0][0] == ORIGIN_HEADER
 
 
@@ -255,6 +259,31 @@ def test_stage_2_marks_only_the_first_claimant_of_a_profile_first() -> None:
     }
     assert flags == {"s-1": True, "s-2": False}
     assert all(o.topic == TOPICS.closed for o in sent)
+
+
+def test_a_session_given_its_profile_late_claims_it_and_may_be_its_first() -> None:
+    """Created anonymous, then given a profile no session has claimed: its
+    claim is sent when the profile is given, so it is the profile's first
+    session; a claim sent only at creation left it false, and the test of
+    stage 2 across partitions used a profile with a first session already."""
+    p1 = stage1()
+    stage2 = ProfileProcessor(topics=TOPICS, first_sessions={})
+    sent: list[Outgoing] = []
+    commands = [
+        ("late", {"profileId": ""}),
+        ("late", {"profileId": "dana"}),
+        ("later", {"profileId": "dana", "state": "closed"}),
+        ("late", {"state": "closed"}),
+    ]
+    for n, (iid, session) in enumerate(commands):
+        for out in p1.process(record(cmd(iid, session=session), iid.encode(), offset=n)):
+            assert out.topic == PROFILES
+            sent += stage2.process(record(out.value, out.key, topic=PROFILES))
+    flags = {
+        json.loads(o.value)["integrationId"]: json.loads(o.value)["session"]["firstSession"]
+        for o in sent
+    }
+    assert flags == {"late": True, "later": False}
 
 
 def test_stage_2_writes_stage_1s_output_with_only_first_session_set() -> None:
