@@ -23,6 +23,28 @@ from tools.kafka_broker import KafkaCluster
 EXTERNAL_BOOTSTRAP_SERVERS: Final = os.environ.get("STREAM_APP_TEST_BOOTSTRAP_SERVERS", "")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--require-integration",
+        action="store_true",
+        help="fail unless tests against the real broker are among those run (make test)",
+    )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """With ``--require-integration`` (the suite's own command), a run with no
+    integration test left fails: with tests/integration missing, or its
+    conftest no longer marking them, the broker-free tests alone passed."""
+    if not session.config.getoption("--require-integration"):
+        return
+    if not any(item.get_closest_marker("integration") for item in session.items):
+        pytest.exit(
+            "--require-integration: no test against the real broker was collected "
+            "(tests/integration missing, or deselected)",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+
+
 @pytest.fixture(autouse=True)
 def _no_deployment_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees the shell's ``STREAM_APP_*`` (in any case) or ``KAFKA_*``: they
