@@ -117,8 +117,9 @@ _LEAVE_MARGIN_S: Final = 1.0
 _PASS_SKIPPED_EVERY_S: Final = 1.0
 _POSITION_WAIT_S: Final = 0.5
 #: How often the stores of partitions no longer owned are looked at (see
-#: cleanup.py); the first time one ``state_cleanup_delay_s`` after the start,
-#: when the worker's own partitions are assigned (and their stores in use).
+#: cleanup.py); the first time one ``state_cleanup_delay_s`` after the first
+#: assignment, when the worker's own partitions are assigned (and their
+#: stores in use).
 _CLEANUP_EVERY_S: Final = 60.0
 #: How often the stores not written since the last time are flushed (see
 #: RocksDBResources.flush_idle): a quiet store is flushed 10-20 s after its
@@ -873,8 +874,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         """Delete the local stores of partitions this worker has not owned for
         ``state_cleanup_delay_s`` (see cleanup.py). Not those of its tasks, also
         while they start; a store still open (a dropped task closing) is never
-        deleted, and a closed one was used at its close."""
-        if self._rebalancing:  # its stores closed now, its partitions maybe back soon
+        deleted, and a closed one was used at its close. Not before the first
+        assignment: a worker restarted in a Kafka incident (its stores closed
+        then) that could not join within the delay deleted every store it was
+        about to be given back."""
+        if not self._joined or self._rebalancing:  # its partitions maybe back soon
             return
         if self._removing is not None and self._removing.is_alive():
             return
@@ -1639,6 +1643,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             log.info("stopping: %d partition(s) assigned, no task started", len(assigned))
             return
         self._fenced_since = None
+        if not self._joined:  # the delay counts from the first assignment (_clean_up)
+            self._cleanup_at = max(
+                self._cleanup_at, time.monotonic() + self.settings.state_cleanup_delay_s
+            )
         self._joined = True
         self._rebalancing = False
         beyond = sorted(

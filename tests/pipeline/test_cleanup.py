@@ -126,6 +126,12 @@ def test_the_engine_keeps_the_stores_of_its_tasks_and_deletes_the_others(
     # A task assigned (as _begin_start registers it), its stores not open yet.
     mine = SimpleNamespace(stage=engine.stages[0], partition=1)
     engine._tasks["commands[1]"] = mine
+    # Not joined yet (a restart in a Kafka incident): the worker owns nothing,
+    # but what it had is likely to come back.
+    engine._clean_up()
+    assert engine._removing is None
+    assert len(list(engine.state_dir.glob("*/*"))) == 2 * len(stores)
+    engine._joined = True
     engine._rebalancing = True  # a rebalance: what it closed may come back at once
     engine._clean_up()
     assert engine._removing is None
@@ -138,6 +144,20 @@ def test_the_engine_keeps_the_stores_of_its_tasks_and_deletes_the_others(
     engine._removing.join(30)
     left = sorted(str(p.relative_to(engine.state_dir)) for p in engine.state_dir.glob("*/*"))
     assert left == sorted(f"{name}/1" for name in engine.stages[0].stores)
+
+
+async def test_the_cleanup_delay_counts_from_the_first_assignment(tmp_path: Path) -> None:
+    """With the delay counted from the engine's creation, a worker whose join
+    took longer (Kafka lost, the group coordinator not found) deleted every
+    store at its first poll after the join, its own among them."""
+    settings = Settings(data_dir=tmp_path, state_cleanup_delay_s=600)
+    engine = Engine(settings, TopicLayout(2, 1_048_588))
+    engine._cleanup_at = time.monotonic() - 1  # the delay passed while it tried to join
+    await engine.on_partitions_assigned(set())
+    assert engine._cleanup_at > time.monotonic() + 590
+    engine._cleanup_at = due = time.monotonic() + 5
+    await engine.on_partitions_assigned(set())  # a later assignment changes nothing
+    assert engine._cleanup_at == due
 
 
 def test_what_a_delete_cut_short_left_aside_is_deleted(
