@@ -441,10 +441,11 @@ class Settings(BaseSettings):
 
 def _refuse_a_group_and_its_field(env: Mapping[str, str]) -> None:
     """A group set whole as JSON (``STREAM_APP_TOPICS``) and one of its fields
-    by its own variable (``STREAM_APP_TOPICS__COMMANDS``), to another value: the
-    field's variable won, whatever the order, so an overlay's JSON lost
+    by its own variable (``STREAM_APP_TOPICS__COMMANDS``), to another setting:
+    the field's variable won, whatever the order, so an overlay's JSON lost
     silently to the manifests' per-field variables. Fields set in one place
-    only merge, as before."""
+    only merge, as before; two spellings of one setting (``PLAINTEXT`` and
+    ``plaintext``, ``null`` and ``""``, ``64`` and ``"64 "``) are one."""
     given = {name.upper(): (name, value) for name, value in env.items()}
     for field_name, info in Settings.model_fields.items():
         model = info.annotation
@@ -457,22 +458,44 @@ def _refuse_a_group_and_its_field(env: Mapping[str, str]) -> None:
             continue  # refused by the settings themselves, as not a JSON object
         if not isinstance(whole, dict):
             continue
+        prefix = f"{group}__"
+        merged = {
+            **whole,
+            **{
+                name.removeprefix(prefix).lower(): value
+                for name, (_, value) in given.items()
+                if name.startswith(prefix)
+            },
+        }
         for key, value in whole.items():
-            field = given.get(f"{group}__{str(key).upper()}")
-            if field is None:
+            field = given.get(f"{prefix}{str(key).upper()}")
+            if field is None or _same_setting(model, merged, key, value, field[1]):
                 continue
             as_text = value if isinstance(value, str) else json.dumps(value).decode()
-            if as_text != field[1]:
-                setting = f"{field_name}.{str(key).lower()}"
-                shown = (
-                    ""
-                    if _may_hold_a_secret(group) or _may_hold_a_secret(field[0].upper())
-                    else f" ({_shown_value(as_text)} and {_shown_value(field[1])})"
-                )
-                raise ConfigurationError(
-                    f"{given[group][0]} and {field[0]} both set {setting}, to different "
-                    f"values{shown}: keep one"
-                )
+            shown = (
+                ""
+                if "PASSWORD" in str(key).upper()
+                else f" ({_shown_value(as_text)} and {_shown_value(field[1])})"
+            )
+            raise ConfigurationError(
+                f"{given[group][0]} and {field[0]} both set {field_name}.{str(key).lower()}, "
+                f"to different values{shown}: keep one"
+            )
+
+
+def _same_setting(
+    model: type[BaseModel], merged: dict[str, Any], key: str, one: Any, other: str
+) -> bool:
+    """Whether the group ``model``'s field ``key`` reads the same with ``one``
+    (from the JSON) and ``other`` (its own variable) beside the rest of
+    ``merged``; their text when either does not validate (the settings then
+    name the error, or the JSON's value was the invalid one)."""
+    try:
+        first = getattr(model.model_validate({**merged, key: one}), key)
+        second = getattr(model.model_validate({**merged, key: other}), key)
+    except (ValidationError, TypeError, ValueError):
+        return (one if isinstance(one, str) else json.dumps(one).decode()) == other
+    return bool(first == second)
 
 
 #: ``STREAM_APP_`` variables that are not the worker's settings: the test

@@ -337,6 +337,19 @@ def test_the_write_buffer_budget_is_bounded_as_a_product() -> None:
             },
             "both set security.sasl_password, to different values: keep one",
         ),
+        # Only a password is hidden, not the rest of the security group.
+        (
+            {
+                "STREAM_APP_SECURITY": '{"protocol": "SSL"}',
+                "STREAM_APP_SECURITY__PROTOCOL": "PLAINTEXT",
+            },
+            "both set security.protocol, to different values (SSL and PLAINTEXT): keep one",
+        ),
+        # Topic names are read as written: these are two topics.
+        (
+            {"STREAM_APP_TOPICS": '{"closed": "Orders"}', "STREAM_APP_TOPICS__CLOSED": "orders"},
+            "both set topics.closed, to different values (Orders and orders)",
+        ),
     ],
 )
 def test_settings_that_contradict_or_that_the_worker_does_not_read_are_refused(
@@ -357,8 +370,12 @@ def test_a_group_as_json_and_its_other_fields_merge(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("STREAM_APP_TOPICS", '{"commands": "orders.commands", "rejected": "r"}')
     monkeypatch.setenv("STREAM_APP_TOPICS__COMMANDS", "orders.commands")
     monkeypatch.setenv("STREAM_APP_TOPICS__CLOSED", "orders.closed")
-    monkeypatch.setenv("STREAM_APP_ROCKSDB", '{"block_cache_mb": 64}')
-    monkeypatch.setenv("STREAM_APP_ROCKSDB__BLOCK_CACHE_MB", "64")
+    monkeypatch.setenv("STREAM_APP_ROCKSDB", '{"block_cache_mb": 64.0}')
+    monkeypatch.setenv("STREAM_APP_ROCKSDB__BLOCK_CACHE_MB", "64 ")
+    # Two spellings of one setting: a choice in another case, null and "".
+    monkeypatch.setenv("STREAM_APP_SECURITY", '{"protocol": "PLAINTEXT", "ssl_cafile": null}')
+    monkeypatch.setenv("STREAM_APP_SECURITY__PROTOCOL", "plaintext")
+    monkeypatch.setenv("STREAM_APP_SECURITY__SSL_CAFILE", "")
     settings = Settings.from_env()
     topics = settings.topics
     assert (topics.commands, topics.rejected, topics.closed) == (
