@@ -65,6 +65,7 @@ from stream_app.pipeline.kafka import (
     KAFKA_RETRY_MAX_S,
     client_options,
     not_authorized,
+    refusal,
     refused_join,
     unless_stopped,
 )
@@ -426,6 +427,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             return "a task of this worker was fenced: it waits for the group to move it"
         if self._waiting:
             return "a task of this worker waits for the rest of its partitions"
+        if not self._joined:
+            return "this worker has not joined the group yet"
         return "the group is rebalancing or restoring"
 
     def unheard_s(self, now_ms: float | None = None) -> float | None:
@@ -1361,6 +1364,18 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 attempt.result()
                 break
             except KafkaConnectionError as exc:
+                # aiokafka reports a refused certificate or credentials (the
+                # brokers rolled with another CA, a password rotated) as this
+                # too: told apart as the worker's own start does.
+                probe = await unless_stopped(refusal(client_options(self.settings)), self._stopping)
+                if probe is None:
+                    return False
+                why = probe.result()
+                if why is not None:
+                    raise ConfigurationError(
+                        f"Kafka at {self.settings.bootstrap_servers} refuses this worker: {why} "
+                        "(see STREAM_APP_SECURITY__*)"
+                    ) from exc
                 log.warning(
                     "Kafka at %s cannot be reached to join the group (%s), retrying in %.0f s",
                     self.settings.bootstrap_servers,

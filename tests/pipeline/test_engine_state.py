@@ -1548,13 +1548,20 @@ class _GroupConsumer:
 
 
 def _engine_on(
-    consumer: type[_GroupConsumer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    consumer: type[_GroupConsumer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    refused: str | None = None,
 ) -> Engine:
     async def loaded_settings(settings: Settings, registry: object, ready: Event) -> None:
         ready.set()
         await asyncio.sleep(3600)
 
+    async def refusal(options: object) -> str | None:
+        return refused
+
     monkeypatch.setattr(engine_module, "follow_settings_topic", loaded_settings)
+    monkeypatch.setattr(engine_module, "refusal", refusal)
     monkeypatch.setattr(engine_module, "AIOKafkaConsumer", consumer)
     monkeypatch.setattr(engine_module, "KAFKA_RETRY_FIRST_S", 0.01)
     monkeypatch.setattr(engine_module, "_TOPICS_VISIBLE_WAIT_S", 0.0)
@@ -1584,6 +1591,23 @@ async def test_kafka_lost_before_the_group_join_is_waited_for(
     engine.stop()
     await asyncio.wait_for(running, timeout=5)
     assert engine.stopped_cleanly
+
+
+async def test_kafka_refusing_the_worker_before_the_join_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka reports a certificate or credentials it refuses as a failed
+    bootstrap: retried as unreachable, the worker stayed unready until its
+    startup probe ran out (30 min), where its start names the refusal."""
+
+    class Refusing(_GroupConsumer):
+        unreachable_starts = 1
+
+    refused = "SSLCertVerificationError: certificate verify failed"
+    engine = _engine_on(Refusing, tmp_path, monkeypatch, refused=refused)
+    with pytest.raises(ConfigurationError, match=f"refuses this worker: {refused}"):
+        await asyncio.wait_for(engine.run(), timeout=5)
+    assert engine._consumer.stopped  # type: ignore[union-attr]
 
 
 async def test_a_stop_while_the_group_consumer_starts_ends_at_once(
