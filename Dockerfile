@@ -2,7 +2,11 @@
 # stage copies only that virtualenv onto a clean base and runs as a non-root user.
 #
 #   docker build -t stream-app .
-#   docker run --rm -e KAFKA_BOOTSTRAP_SERVERS=... -v state:/var/lib/stream-app stream-app
+#   docker run --rm --init --stop-timeout 30 -e KAFKA_BOOTSTRAP_SERVERS=... \
+#     -v state:/var/lib/stream-app stream-app
+#
+# --stop-timeout: above STREAM_APP_SHUTDOWN_TIMEOUT_S (10 s, Docker's default
+# too), so a stop that needs its whole bound is not killed before it logs why.
 #
 # Both stages use the same base, so the virtualenv's interpreter path
 # (/usr/local/bin/python3.11) exists in the final stage.
@@ -60,8 +64,9 @@ USER 10001:10001
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 
-# Exec form and no shell or init wrapper: the worker is PID 1, so SIGTERM reaches
-# it directly and it commits, closes its stores and exits within
-# STREAM_APP_SHUTDOWN_TIMEOUT_S. No ENTRYPOINT, so `docker run IMAGE stream-app
+# Exec form and no shell: SIGTERM reaches the worker directly (as PID 1, or
+# under `docker run --init` / compose's `init: true`, which also pass on a
+# signal sent before its handlers are in place, its first milliseconds), and it
+# commits, closes its stores and exits within STREAM_APP_SHUTDOWN_TIMEOUT_S. No ENTRYPOINT, so `docker run IMAGE stream-app
 # traffic` (and docker-compose.yml's `command:`) replace the whole command.
 CMD ["stream-app", "worker"]

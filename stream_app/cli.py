@@ -1410,6 +1410,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "worker":  # as stream_app.console does, for a call of main itself
         remember_signals()
+    elif signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # A SIGTERM as a Ctrl-C, exit 143. As a container's PID 1, with no
+        # handler, the process ignored it: `docker stop` of `traffic --rate`
+        # or `watch` waited out the grace period, then killed it.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         settings = Settings.from_env()
     except ConfigurationError as exc:
@@ -1424,8 +1429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = _run(settings, args)
         sys.stdout.flush()  # here, not at exit: a pipe's reader may be gone
-    except KeyboardInterrupt:  # Ctrl-C: the worker handles it; the others just end
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # Ctrl-C: the worker handles it; the others just end
+        return 128 + exc.signum if isinstance(exc, _Interrupted) else EXIT_INTERRUPTED
     except BrokenPipeError:
         # Python's flush at exit would fail again: the stream writes nowhere.
         gone = _reader_gone(sys.stdout)

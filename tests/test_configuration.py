@@ -388,6 +388,19 @@ def test_ctrl_c_ends_a_command_quietly(command: list[str], expected: int, tmp_pa
     assert code == expected, output
 
 
+@pytest.mark.parametrize("command", [["watch"], ["traffic", "--sessions", "1"]])
+def test_sigterm_ends_a_command_as_a_ctrl_c_does(command: list[str], tmp_path: Path) -> None:
+    """With no handler, a container's PID 1 ignores SIGTERM: `docker stop` of
+    `traffic --rate` or `watch` waited out the grace period, then killed it.
+    (Outside a container the signal's default ended it with no exit code.)"""
+    with silent_broker() as bootstrap:
+        code, output = signalled(
+            command, {"KAFKA_BOOTSTRAP_SERVERS": bootstrap}, tmp_path, signal.SIGTERM, after=2
+        )
+    assert "Traceback" not in output
+    assert code == 128 + signal.SIGTERM, output
+
+
 def test_watch_keeps_to_its_seconds_with_a_broker_that_never_answers(tmp_path: Path) -> None:
     """`watch --seconds 5` took 52 s: its first probe waited for aiokafka's
     40 s request timeout, and more, before the deadline applied."""
