@@ -19,6 +19,9 @@ VERSION_OF = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])'
 ifneq ($(call VERSION_OF,$(BIN)/python),$(call VERSION_OF,$(PYTHON)))
 OTHER_PYTHON := other-python
 endif
+ifneq ($(call VERSION_OF,.venv-bench/bin/python),$(call VERSION_OF,$(PYTHON)))
+OTHER_BENCH_PYTHON := other-python
+endif
 .PHONY: other-python
 other-python:
 
@@ -50,8 +53,9 @@ BENCH_VENV  := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS  ?=
 
-$(BENCH_STAMP): bench/requirements-quix.txt
-	test -x $(BENCH_VENV)/bin/pip || { rm -rf $(BENCH_VENV); $(PYTHON) -m venv $(BENCH_VENV); }
+# Made again as the project's venv is (above): its interpreter gone or upgraded.
+$(BENCH_STAMP): bench/requirements-quix.txt $(OTHER_BENCH_PYTHON)
+	test -x $(BENCH_VENV)/bin/pip && test "$(call VERSION_OF,$(BENCH_VENV)/bin/python)" = "$(call VERSION_OF,$(PYTHON))" || { rm -rf $(BENCH_VENV); $(PYTHON) -m venv $(BENCH_VENV); }
 	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/requirements-quix.txt
 	touch $@
 

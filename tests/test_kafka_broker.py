@@ -23,7 +23,7 @@ def test_a_cached_broker_is_not_fetched_again(
 ) -> None:
     lib = kafka_broker.jar_dir(tmp_path)
     lib.mkdir(parents=True)
-    (lib / ".complete").touch()
+    (lib / ".complete").write_text(kafka_broker._pom_digest())
 
     def no_download(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("fetch ran a download although the jars are cached")
@@ -42,25 +42,96 @@ def test_a_damaged_cached_jar_is_fetched_again(
     lib.mkdir(parents=True)
     jar = f"kafka_2.13-{kafka_broker.KAFKA_VERSION}.jar"
     (lib / jar).write_bytes(b"PK\x03\x04 cut short")
-    (lib / ".complete").touch()
-    commands: list[list[str]] = []
+    (lib / ".complete").write_text(kafka_broker._pom_digest())
 
-    def maven(cmd: list[str], **kwargs: Any) -> None:
-        commands.append(cmd)
-        [out] = [arg.split("=", 1)[1] for arg in cmd if arg.startswith("-DoutputDirectory=")]
-        with zipfile.ZipFile(Path(out) / jar, "w") as whole:
-            whole.writestr("kafka/Kafka.class", b"")
-
-    monkeypatch.setattr(subprocess, "run", maven)
-    monkeypatch.setattr(kafka_broker.shutil, "which", lambda name: f"/bin/{name}")
+    commands = _maven_delivering(jar, monkeypatch)
     assert kafka_broker.fetch(tmp_path) == lib
     assert len(commands) == 1
     assert "--strict-checksums" in commands[0]
+    assert "-U" in commands[0]  # a failure Maven cached in ~/.m2 is tried again
     zipfile.ZipFile(lib / jar).close()  # whole now
     assert (lib / ".complete").exists()
     assert sorted(p.name for p in lib.parent.iterdir()) == ["lib"]  # no partial left
     assert kafka_broker.fetch(tmp_path) == lib
     assert len(commands) == 1
+
+
+def _maven_delivering(jar: str, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Maven stood in for by one that delivers ``jar``, whole; its commands."""
+    commands: list[list[str]] = []
+
+    def maven(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        commands.append(cmd)
+        [out] = [arg.split("=", 1)[1] for arg in cmd if arg.startswith("-DoutputDirectory=")]
+        with zipfile.ZipFile(Path(out) / jar, "w") as whole:
+            whole.writestr("kafka/Kafka.class", b"")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", maven)
+    monkeypatch.setattr(kafka_broker.shutil, "which", lambda name: f"/bin/{name}")
+    return commands
+
+
+def test_jars_fetched_for_another_pom_are_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache was keyed by the Kafka version alone: a pom.xml raising a
+    dependency (log4j, say) never reached a machine that had fetched before."""
+    lib = kafka_broker.jar_dir(tmp_path)
+    lib.mkdir(parents=True)
+    jar = f"kafka_2.13-{kafka_broker.KAFKA_VERSION}.jar"
+    with zipfile.ZipFile(lib / jar, "w") as whole:
+        whole.writestr("kafka/Kafka.class", b"")
+    (lib / ".complete").touch()  # as fetched before the pom's digest was kept
+    commands = _maven_delivering(jar, monkeypatch)
+    assert kafka_broker.fetch(tmp_path) == lib
+    assert len(commands) == 1
+    assert (lib / ".complete").read_text() == kafka_broker._pom_digest()
+
+
+def test_a_maven_failure_is_said_in_a_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(subprocess, "run", failing)
+    monkeypatch.setattr(kafka_broker.shutil, "which", lambda name: f"/bin/{name}")
+    with pytest.raises(
+        SystemExit, match=r"Maven could not fetch .* \(exit 1; its errors are above\)"
+    ):
+        kafka_broker.fetch(tmp_path)
+    assert sorted(p.name for p in kafka_broker.jar_dir(tmp_path).parent.iterdir()) == []
+
+
+def test_a_start_that_fails_on_a_later_node_leaves_no_node_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node 1's JVM ran on when node 2's storage format failed (a full disk,
+    a Ctrl-C): with no state file, `stop --workdir` could not find it, and
+    the next start deleted its data under it."""
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def node(command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+        started.append(proc)
+        return proc
+
+    def storage_format(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        code = 1 if started else 0  # the second node's format fails
+        return subprocess.CompletedProcess(command, code, stdout="", stderr="No space left")
+
+    monkeypatch.setattr(kafka_broker, "fetch", lambda *args: tmp_path / "lib")
+    monkeypatch.setattr(kafka_broker, "java_command", lambda: "java")
+    monkeypatch.setattr(subprocess, "run", storage_format)
+    monkeypatch.setattr(subprocess, "Popen", node)
+    cluster = kafka_broker.KafkaCluster(tmp_path / "cluster", nodes=2, tied=False)
+    with pytest.raises(RuntimeError, match="No space left"):
+        cluster.start()
+    assert len(started) == 1
+    assert started[0].poll() is not None  # stopped
+    assert not (tmp_path / "cluster" / kafka_broker.STATE_FILE).exists()
 
 
 def test_cluster_ids_are_never_read_as_options() -> None:
@@ -231,8 +302,20 @@ def test_the_secure_broker_s_keys_are_made_with_java_home_s_keytool(
     """README: the commands use $JAVA_HOME/bin/java when JAVA_HOME is set.
     The secure broker's keys were made by the keytool on PATH: with Java
     only under JAVA_HOME, `make test`'s secure broker failed to start."""
-    home = Path(kafka_broker.java_command()).resolve().parent.parent
-    monkeypatch.setenv("JAVA_HOME", str(home))
+    # Java's own home, not the one its command's path suggests: a jenv, asdf or
+    # mise shim resolves to a directory with no bin/java.
+    settings = subprocess.run(
+        [kafka_broker.java_command(), "-XshowSettings:properties", "-version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    [home] = [
+        line.split("=", 1)[1].strip()
+        for line in settings.stderr.splitlines()
+        if line.strip().startswith("java.home =")
+    ]
+    monkeypatch.setenv("JAVA_HOME", home)
     monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
     kafka_broker._tls_material(tmp_path)
     assert (tmp_path / "ca.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")

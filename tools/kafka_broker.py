@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -107,15 +108,32 @@ def _damaged_jars(lib: Path) -> list[str]:
     return damaged
 
 
+def _pom_digest() -> str:
+    """What ``.complete`` holds: the jars are those of this pom.xml. A cache
+    keyed by the Kafka version alone kept the jars of an older pom (a raised
+    log4j version, say) on every machine that had fetched before."""
+    return hashlib.sha256(POM.read_bytes()).hexdigest()
+
+
+def _complete(lib: Path) -> bool:
+    """Whether ``lib`` holds every jar of this pom.xml, whole."""
+    marker = lib / ".complete"
+    try:
+        fetched = marker.read_text().strip()
+    except OSError:
+        return False
+    return fetched == _pom_digest() and not _damaged_jars(lib)
+
+
 def fetch(cache: Path = DEFAULT_CACHE, version: str = KAFKA_VERSION) -> Path:
-    """Copy the broker jars into the cache unless they are already there, whole."""
+    """Copy the broker jars into the cache unless they are already there,
+    whole and fetched for this pom.xml."""
     lib = jar_dir(cache, version)
     marker = lib / ".complete"
     if marker.exists():
-        damaged = _damaged_jars(lib)
-        if not damaged:
+        if _complete(lib):
             return lib
-        print(f"the cached jars in {lib} are damaged ({', '.join(damaged[:3])}): "
+        print(f"the cached jars in {lib} are damaged or of another pom.xml: "
               "fetching them again", file=sys.stderr)  # fmt: skip
     mvn = shutil.which("mvn")
     if mvn is None:
@@ -128,6 +146,10 @@ def fetch(cache: Path = DEFAULT_CACHE, version: str = KAFKA_VERSION) -> Path:
         mvn,
         "-q",
         "-B",
+        # A failed download is otherwise remembered in ~/.m2 (*.lastUpdated) and
+        # not tried again for a day, after a mirror's hiccup too. Releases
+        # already there are not fetched again.
+        "-U",
         "--strict-checksums",  # a download that does not match its checksum fails
         "-f",
         str(POM),
@@ -138,21 +160,34 @@ def fetch(cache: Path = DEFAULT_CACHE, version: str = KAFKA_VERSION) -> Path:
     ]
     print(f"fetching Apache Kafka {version} broker jars from Maven Central ...", file=sys.stderr)
     try:
-        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        fetched = subprocess.run(cmd, check=False, stdout=sys.stderr)
+        if fetched.returncode != 0:
+            raise SystemExit(
+                f"Maven could not fetch the Kafka {version} broker jars (exit "
+                f"{fetched.returncode}; its errors are above): check the network, or "
+                "the mirror in ~/.m2/settings.xml, then run again"
+            )
         if not any(tmp.glob(f"kafka_2.13-{version}.jar")):
             raise SystemExit(f"Maven did not deliver kafka_2.13-{version}.jar")
         damaged = _damaged_jars(tmp)
         if damaged:
-            raise SystemExit(f"Maven delivered damaged jars: {', '.join(damaged[:3])}")
-        (tmp / ".complete").touch()
+            # Maven checks the checksums of what it downloads, not of what its
+            # local repository already holds: a damaged copy there stays.
+            raise SystemExit(
+                f"Maven delivered damaged jars: {', '.join(damaged[:3])}. Its local "
+                "repository (~/.m2/repository unless settings.xml says otherwise) holds "
+                f"them damaged: delete them there (find ~/.m2/repository -name "
+                f"{damaged[0]}) and run again"
+            )
+        (tmp / ".complete").write_text(_pom_digest())
         tmp.chmod(0o755)  # mkdtemp's 0700 would keep a cache shared by users from the others
-        if marker.exists() and not _damaged_jars(lib):
+        if _complete(lib):
             return lib  # another fetch finished first
         shutil.rmtree(lib, ignore_errors=True)
         try:
             tmp.rename(lib)
         except OSError:  # another fetch renamed its own into place meanwhile
-            if not (marker.exists() and not _damaged_jars(lib)):
+            if not _complete(lib):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -355,6 +390,23 @@ class KafkaCluster:
         if self.secure:
             _tls_material(self.workdir)
             scram = ["--add-scram", f"SCRAM-SHA-512=[name={SCRAM_USER},password={SCRAM_PASSWORD}]"]
+        try:
+            self._launch(java, classpath, cluster_id, voters, scram)
+        except BaseException:  # a format failed, or a Ctrl-C: leave no node running
+            self.stop()
+            raise
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _launch(
+        self, java: str, classpath: str, cluster_id: str, voters: str, scram: list[str]
+    ) -> None:
+        """Format each node's storage and start its JVM; the state file names
+        every node started so far, for ``stop --workdir``."""
         for node in self.members:
             shutil.rmtree(node.data_dir, ignore_errors=True)
             node.data_dir.mkdir(parents=True)
@@ -404,13 +456,7 @@ class KafkaCluster:
                 )
             node.pid = proc.pid
             self._procs.append(proc)
-        self._write_state()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+            self._write_state()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -440,7 +486,7 @@ class KafkaCluster:
     def _write_state(self) -> None:
         state = {
             "bootstrap_servers": self.bootstrap_servers,
-            "pids": [n.pid for n in self.members],
+            "pids": [n.pid for n in self.members if n.pid is not None],
         }
         if self.secure:
             state["secure_bootstrap_servers"] = self.secure_bootstrap_servers
