@@ -29,9 +29,8 @@ from stream_app.pipeline.engine import Engine, usable_state_dir
 from stream_app.pipeline.kafka import (
     KAFKA_RETRY_FIRST_S,
     KAFKA_RETRY_MAX_S,
-    client_options,
     not_authorized,
-    refusal,
+    refused_worker,
     unless_stopped,
 )
 from stream_app.pipeline.topics import (
@@ -243,15 +242,11 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
         try:
             return attempt.result()
         except (KafkaError, OSError) as exc:
-            why = await _refusal(settings, stopping)
+            refused = await refused_worker(settings, stopping)
             if stopping.is_set():  # told to stop during the probe: no "retrying" line
                 return None
-            if why is not None:
-                # Credentials or certificates: a retry would meet the same answer.
-                raise ConfigurationError(
-                    f"Kafka at {settings.bootstrap_servers} refuses this worker: {why} "
-                    "(see STREAM_APP_SECURITY__*)"
-                ) from exc
+            if refused is not None:
+                raise refused from exc
             # A broker error is an answer (the controller moved, say); anything
             # else, no answer at all.
             if isinstance(exc, BrokerResponseError):
@@ -265,13 +260,6 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
             await asyncio.wait_for(stopping.wait(), backoff)
         backoff = min(backoff * 2, KAFKA_RETRY_MAX_S)
     return None
-
-
-async def _refusal(settings: Settings, stopping: asyncio.Event) -> str | None:
-    """Why the brokers refuse this worker (see :func:`refusal`); None, too, once
-    the worker is told to stop: the probe may wait for an unanswering broker."""
-    probe = await unless_stopped(refusal(client_options(settings)), stopping)
-    return None if probe is None else probe.result()
 
 
 def _quiet_fences(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

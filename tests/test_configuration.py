@@ -444,7 +444,7 @@ def _kafka_answers(monkeypatch: pytest.MonkeyPatch, answers: list[Exception | To
         return None
 
     monkeypatch.setattr(worker, "ensure_topics", ensure_topics)
-    monkeypatch.setattr(worker, "_refusal", no_refusal)
+    monkeypatch.setattr(worker, "refused_worker", no_refusal)
 
 
 async def test_an_unreachable_kafka_is_retried_at_most_every_few_seconds(

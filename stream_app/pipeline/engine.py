@@ -65,8 +65,8 @@ from stream_app.pipeline.kafka import (
     KAFKA_RETRY_MAX_S,
     client_options,
     not_authorized,
-    refusal,
     refused_join,
+    refused_worker,
     unless_stopped,
 )
 from stream_app.pipeline.processor import (
@@ -1367,15 +1367,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 # aiokafka reports a refused certificate or credentials (the
                 # brokers rolled with another CA, a password rotated) as this
                 # too: told apart as the worker's own start does.
-                probe = await unless_stopped(refusal(client_options(self.settings)), self._stopping)
-                if probe is None:
+                refused = await refused_worker(self.settings, self._stopping)
+                if self._stopping.is_set():
                     return False
-                why = probe.result()
-                if why is not None:
-                    raise ConfigurationError(
-                        f"Kafka at {self.settings.bootstrap_servers} refuses this worker: {why} "
-                        "(see STREAM_APP_SECURITY__*)"
-                    ) from exc
+                if refused is not None:
+                    raise refused from exc
                 log.warning(
                     "Kafka at %s cannot be reached to join the group (%s), retrying in %.0f s",
                     self.settings.bootstrap_servers,

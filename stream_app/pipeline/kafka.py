@@ -87,6 +87,21 @@ async def unless_stopped(
     return task if task.done() and not task.cancelled() else None
 
 
+async def refused_worker(settings: Settings, stopping: asyncio.Event) -> ConfigurationError | None:
+    """The configuration error to stop with when the brokers refuse this
+    worker (credentials or certificates, see :func:`refusal`: a retry would
+    meet the same answer); None when they do not, and once the worker is told
+    to stop, since the probe may wait for a broker that never answers."""
+    probe = await unless_stopped(refusal(client_options(settings)), stopping)
+    why = None if probe is None else probe.result()
+    if why is None:
+        return None
+    return ConfigurationError(
+        f"Kafka at {settings.bootstrap_servers} refuses this worker: {why} "
+        "(see STREAM_APP_SECURITY__*)"
+    )
+
+
 def client_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for aiokafka clients (admin, producer, consumer)."""
     sec = settings.security

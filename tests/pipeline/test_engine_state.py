@@ -1557,11 +1557,11 @@ def _engine_on(
         ready.set()
         await asyncio.sleep(3600)
 
-    async def refusal(options: object) -> str | None:
-        return refused
+    async def refused_worker(settings: Settings, stopping: object) -> ConfigurationError | None:
+        return None if refused is None else ConfigurationError(f"refuses this worker: {refused}")
 
     monkeypatch.setattr(engine_module, "follow_settings_topic", loaded_settings)
-    monkeypatch.setattr(engine_module, "refusal", refusal)
+    monkeypatch.setattr(engine_module, "refused_worker", refused_worker)
     monkeypatch.setattr(engine_module, "AIOKafkaConsumer", consumer)
     monkeypatch.setattr(engine_module, "KAFKA_RETRY_FIRST_S", 0.01)
     monkeypatch.setattr(engine_module, "_TOPICS_VISIBLE_WAIT_S", 0.0)

@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 import pytest
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
+from stream_app.pipeline import kafka
 from stream_app.pipeline.kafka import refusal
+from stream_app.settings import Settings
 from tests.pipeline.fakes import IdleKafkaClient
 
 
@@ -229,3 +231,28 @@ def test_a_tls_file_that_stopped_loading_is_a_configuration_error(
     monkeypatch.setattr(KafkaSecurity, "ssl_context", no_longer)
     with pytest.raises(ConfigurationError, match="holds no PEM certificate"):
         client_options(Settings())
+
+
+async def test_a_refusal_is_a_configuration_error_naming_the_brokers_and_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the worker's start and its join's retry stop with (exit 2)."""
+
+    async def refused(options: dict[str, object]) -> str | None:
+        return "SSLCertVerificationError: certificate verify failed"
+
+    monkeypatch.setattr(kafka, "refusal", refused)
+    error = await kafka.refused_worker(Settings(bootstrap_servers="k1:9093"), asyncio.Event())
+    assert str(error) == (
+        "Kafka at k1:9093 refuses this worker: SSLCertVerificationError: certificate verify "
+        "failed (see STREAM_APP_SECURITY__*)"
+    )
+
+    async def never_answered(options: dict[str, object]) -> str | None:
+        await asyncio.Event().wait()  # a broker that accepts and never answers
+        return None
+
+    monkeypatch.setattr(kafka, "refusal", never_answered)
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.05, stopped.set)
+    assert await asyncio.wait_for(kafka.refused_worker(Settings(), stopped), timeout=5) is None
