@@ -459,6 +459,8 @@ def _refuse_a_group_and_its_field(env: Mapping[str, str]) -> None:
         if not isinstance(whole, dict):
             continue
         prefix = f"{group}__"
+        # Keys in any case, as the settings read them.
+        whole = {str(key).lower(): value for key, value in whole.items()}
         merged = {
             **whole,
             **{
@@ -468,7 +470,7 @@ def _refuse_a_group_and_its_field(env: Mapping[str, str]) -> None:
             },
         }
         for key, value in whole.items():
-            field = given.get(f"{prefix}{str(key).upper()}")
+            field = given.get(f"{prefix}{key.upper()}")
             if field is None or _same_setting(model, merged, key, value, field[1]):
                 continue
             as_text = value if isinstance(value, str) else json.dumps(value).decode()
@@ -487,15 +489,29 @@ def _same_setting(
     model: type[BaseModel], merged: dict[str, Any], key: str, one: Any, other: str
 ) -> bool:
     """Whether the group ``model``'s field ``key`` reads the same with ``one``
-    (from the JSON) and ``other`` (its own variable) beside the rest of
-    ``merged``; their text when either does not validate (the settings then
-    name the error, or the JSON's value was the invalid one)."""
-    try:
-        first = getattr(model.model_validate({**merged, key: one}), key)
-        second = getattr(model.model_validate({**merged, key: other}), key)
-    except (ValidationError, TypeError, ValueError):
-        return (one if isinstance(one, str) else json.dumps(one).decode()) == other
-    return bool(first == second)
+    (from the JSON) and ``other`` (its own variable). Each is read beside the
+    rest of ``merged``, or alone when the rest does not validate (another
+    field's mistake, which the settings then name). A variable whose value
+    does not validate either way is left to the settings to name; a JSON
+    value that does not, beside one that does, is another setting."""
+    second = _field_read(model, merged, key, other)
+    if second is None:
+        return True
+    first = _field_read(model, merged, key, one)
+    return first is not None and first[0] == second[0]
+
+
+def _field_read(
+    model: type[BaseModel], merged: dict[str, Any], key: str, value: Any
+) -> tuple[Any] | None:
+    """The group ``model``'s field ``key`` as ``value`` sets it (in a
+    1-tuple: it may read as None), or None when it does not validate."""
+    for candidate in ({**merged, key: value}, {key: value}):
+        try:
+            return (getattr(model.model_validate(candidate), key),)
+        except (ValidationError, TypeError, ValueError):
+            continue
+    return None
 
 
 #: ``STREAM_APP_`` variables that are not the worker's settings: the test

@@ -332,7 +332,10 @@ def test_the_write_buffer_budget_is_bounded_as_a_product() -> None:
         ),
         (
             {
-                "STREAM_APP_SECURITY": '{"sasl_password": "a"}',
+                "STREAM_APP_SECURITY": (
+                    '{"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512", '
+                    '"sasl_username": "u", "sasl_password": "a"}'
+                ),
                 "STREAM_APP_SECURITY__SASL_PASSWORD": "b",
             },
             "both set security.sasl_password, to different values: keep one",
@@ -370,7 +373,7 @@ def test_a_group_as_json_and_its_other_fields_merge(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("STREAM_APP_TOPICS", '{"commands": "orders.commands", "rejected": "r"}')
     monkeypatch.setenv("STREAM_APP_TOPICS__COMMANDS", "orders.commands")
     monkeypatch.setenv("STREAM_APP_TOPICS__CLOSED", "orders.closed")
-    monkeypatch.setenv("STREAM_APP_ROCKSDB", '{"block_cache_mb": 64.0}')
+    monkeypatch.setenv("STREAM_APP_ROCKSDB", '{"BLOCK_CACHE_MB": 64.0}')  # keys in any case
     monkeypatch.setenv("STREAM_APP_ROCKSDB__BLOCK_CACHE_MB", "64 ")
     # Two spellings of one setting: a choice in another case, null and "".
     monkeypatch.setenv("STREAM_APP_SECURITY", '{"protocol": "PLAINTEXT", "ssl_cafile": null}')
@@ -384,6 +387,25 @@ def test_a_group_as_json_and_its_other_fields_merge(monkeypatch: pytest.MonkeyPa
         "orders.closed",
     )
     assert settings.rocksdb.block_cache_mb == 64
+
+
+def test_a_mistake_beside_a_group_and_its_field_is_named_not_the_pair(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CA file that does not exist, in the JSON beside a protocol given twice
+    the same: "both set security.protocol, to different values (SSL and ssl)"
+    named the pair, and not the mistake."""
+    monkeypatch.setenv(
+        "STREAM_APP_SECURITY", '{"protocol": "SSL", "ssl_cafile": "/nowhere/ca.pem"}'
+    )
+    monkeypatch.setenv("STREAM_APP_SECURITY__PROTOCOL", "ssl")
+    with pytest.raises(ConfigurationError, match=r"no such file: /nowhere/ca\.pem"):
+        Settings.from_env()
+    monkeypatch.setenv("STREAM_APP_SECURITY", '{"protocol": "SSL"}')
+    monkeypatch.setenv("STREAM_APP_ROCKSDB", '{"block_cache_mb": 64}')
+    monkeypatch.setenv("STREAM_APP_ROCKSDB__BLOCK_CACHE_MB", "lots")
+    with pytest.raises(ConfigurationError, match="STREAM_APP_ROCKSDB__BLOCK_CACHE_MB=lots: Input"):
+        Settings.from_env()
 
 
 def test_what_an_operator_writes_loosely_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
