@@ -27,7 +27,7 @@ from decimal import Decimal
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, NamedTuple, TextIO
 
-from stream_app.console import remember_signals
+from stream_app.console import interrupted_exit, remember_signals, take_sigterm_as_ctrl_c
 from stream_app.errors import ConfigurationError
 from stream_app.logs import configure_logging
 from stream_app.settings import ENV_PREFIX, Settings
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
-#: 128 + SIGINT, as a shell reports a command Ctrl-C ended.
-EXIT_INTERRUPTED: Final = 130
 
 DESCRIPTION: Final = """\
 Customer sessions on Kafka. Checkout systems send session commands (update,
@@ -67,8 +65,8 @@ configuration comes from the environment:
 
 exit status: 0 done; 1 Kafka could not be reached or failed (retrying may
 help); 2 bad input: usage, an invalid command, a configuration error, or
-credentials, certificates or ACLs a broker refuses; 130 interrupted (Ctrl-C), but
-for worker and tail, which stop cleanly on it (0)."""
+credentials, certificates or ACLs a broker refuses; 130 interrupted (Ctrl-C) and
+143 stopped (SIGTERM), but for worker and tail, which stop cleanly on them (0)."""
 
 #: ``tail`` accepts these short names for the configured topics.
 TOPIC_ALIASES: Final = {
@@ -459,18 +457,6 @@ def _send_command(
     return _json_command(text)
 
 
-class _Interrupted(KeyboardInterrupt):
-    """A stop signal other than SIGINT, handled as a Ctrl-C (see :func:`_interrupt`)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise _Interrupted(signum)
-
-
 def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     """Check a command with the client and send it (or only print it, ``--dry-run``)."""
     from aiokafka.errors import KafkaError, MessageSizeTooLargeError
@@ -515,20 +501,17 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
                 sending = True
                 return await client.send(command)
 
-        # A SIGTERM (a timeout, a CI job, kubectl exec ending) as a Ctrl-C: the
-        # eventId is said, so a retry cannot apply the command twice.
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-        try:
-            sent = asyncio.run(send())
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        # A SIGTERM (a timeout, a CI job, kubectl exec ending) as a Ctrl-C
+        # (main takes it so): the eventId is said, so a retry cannot apply the
+        # command twice.
+        sent = asyncio.run(send())
     except CommandRejectedError as exc:
         print(f"stream-app send: not sent, the command is invalid: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CommandTopicMissingError as exc:
         print(f"stream-app send: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         if sending:
             print(
                 "stream-app send: interrupted; the command may have been sent: to send it "
@@ -541,7 +524,7 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
                 f"same eventId: {same_id}",
                 file=sys.stderr,
             )
-        return 128 + exc.signum if isinstance(exc, _Interrupted) else EXIT_INTERRUPTED
+        return interrupted_exit()
     except MessageSizeTooLargeError as exc:  # a retry meets the same refusal
         print(
             f"stream-app send: not sent, Kafka refuses a record this large: {exc!r} (see "
@@ -1042,7 +1025,7 @@ def _add_send(sub: Any) -> None:
             "exit status: 0 sent; 1 Kafka could not be reached (retry with the printed\n"
             "eventId); 2 bad input (an invalid command is not sent, a record larger\n"
             "than Kafka takes, or credentials, certificates or ACLs Kafka refuses);\n"
-            "130 interrupted (retry with the printed eventId)."
+            "130 interrupted, 143 stopped by SIGTERM (retry with the printed eventId)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -1408,13 +1391,18 @@ def run_config(settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "worker":  # as stream_app.console does, for a call of main itself
+    # As stream_app.console does, for a call of main itself.
+    if args.command == "worker":
         remember_signals()
-    elif signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        # A SIGTERM as a Ctrl-C, exit 143. As a container's PID 1, with no
-        # handler, the process ignored it: `docker stop` of `traffic --rate`
-        # or `watch` waited out the grace period, then killed it.
-        signal.signal(signal.SIGTERM, _interrupt)
+        return _main(args)
+    restore = take_sigterm_as_ctrl_c()
+    try:
+        return _main(args)
+    finally:
+        restore()
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
     except ConfigurationError as exc:
@@ -1429,8 +1417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = _run(settings, args)
         sys.stdout.flush()  # here, not at exit: a pipe's reader may be gone
-    except KeyboardInterrupt as exc:  # Ctrl-C: the worker handles it; the others just end
-        return 128 + exc.signum if isinstance(exc, _Interrupted) else EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # Ctrl-C: the worker handles it; the others just end
+        return interrupted_exit()
     except BrokenPipeError:
         # Python's flush at exit would fail again: the stream writes nowhere.
         gone = _reader_gone(sys.stdout)

@@ -4,8 +4,10 @@ fifth of a second)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Final
 
 #: SIGHUP, where there is one, unless the process started with it ignored:
@@ -26,15 +28,60 @@ STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, *_HUP)
 early_signals: list[int] = []
 
 
+#: The SIGTERMs a command other than the worker took as a Ctrl-C
+#: (:func:`take_sigterm_as_ctrl_c`): its exit status is then 143, not 130.
+terminated: list[int] = []
+
+
 def main() -> int:
     if sys.argv[1:2] == ["worker"]:
         remember_signals()
+    else:
+        take_sigterm_as_ctrl_c()
     try:
         from stream_app.cli import main as run
 
         return run()
     except KeyboardInterrupt:  # a Ctrl-C while the imports ran: no traceback
-        return 130
+        return interrupted_exit()
+
+
+def take_sigterm_as_ctrl_c() -> Callable[[], None]:
+    """For every command but the worker: a SIGTERM (``docker stop``, a CI
+    job's timeout) takes the Ctrl-C path, and the exit status is 143. As a
+    container's PID 1, with no handler, the process ignored it, and
+    ``docker stop`` waited out its grace period. The signal is passed on as a
+    SIGINT, which ``asyncio.run`` answers by cancelling its main task: a
+    KeyboardInterrupt raised from the handler itself could land inside the
+    event loop's own code, where it hung the loop's shutdown or was lost.
+    Returns what puts the default back (for :func:`stream_app.cli.main`
+    called in a process that goes on)."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return _as_it_is  # taken so already, or the caller's own handler
+    terminated.clear()
+    signal.signal(signal.SIGTERM, _as_ctrl_c)
+    return _sigterm_default
+
+
+def _sigterm_default() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _as_it_is() -> None:
+    pass
+
+
+def _as_ctrl_c(signum: int, _frame: object) -> None:
+    terminated.append(signum)
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        # SIGINT ignored (a background job of a non-interactive shell).
+        raise KeyboardInterrupt
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def interrupted_exit() -> int:
+    """The exit status of a command interrupted: 143 for a SIGTERM, else 130."""
+    return 128 + terminated[0] if terminated else 130
 
 
 def remember_signals() -> None:
