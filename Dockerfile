@@ -66,7 +66,8 @@ STOPSIGNAL SIGTERM
 
 # Exec form and no shell: SIGTERM reaches the worker directly (as PID 1, or
 # under `docker run --init` / compose's `init: true`, which also pass on a
-# signal sent before its handlers are in place, its first milliseconds), and it
-# commits, closes its stores and exits within STREAM_APP_SHUTDOWN_TIMEOUT_S. No ENTRYPOINT, so `docker run IMAGE stream-app
-# traffic` (and docker-compose.yml's `command:`) replace the whole command.
+# signal sent before its handlers are in place, its first milliseconds), and
+# it commits, closes its stores and exits within STREAM_APP_SHUTDOWN_TIMEOUT_S.
+# No ENTRYPOINT, so `docker run IMAGE stream-app traffic` (and
+# docker-compose.yml's `command:`) replace the whole command.
 CMD ["stream-app", "worker"]
