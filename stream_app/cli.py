@@ -66,7 +66,8 @@ configuration comes from the environment:
 exit status: 0 done; 1 Kafka could not be reached or failed (retrying may
 help); 2 bad input: usage, an invalid command, a configuration error, or
 credentials, certificates or ACLs a broker refuses; 130 interrupted (Ctrl-C) and
-143 stopped (SIGTERM), but for worker and tail, which stop cleanly on them (0)."""
+143 stopped (SIGTERM), but for worker, and tail once it reads, which stop cleanly
+on them (0)."""
 
 #: ``tail`` accepts these short names for the configured topics.
 TOPIC_ALIASES: Final = {

@@ -34,16 +34,28 @@ terminated: list[int] = []
 
 
 def main() -> int:
-    if sys.argv[1:2] == ["worker"]:
+    worker = sys.argv[1:2] == ["worker"]
+    if worker:
         remember_signals()
-    else:
-        take_sigterm_as_ctrl_c()
+    elif signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # Only noted while the imports run: a KeyboardInterrupt raised inside
+        # an extension module's initialisation (orjson's) crashed the process
+        # with a segmentation fault.
+        signal.signal(signal.SIGTERM, _note_sigterm)
     try:
         from stream_app.cli import main as run
 
+        if not worker:
+            take_sigterm_as_ctrl_c()
+            if terminated:  # a SIGTERM while the imports ran: nothing started
+                return interrupted_exit()
         return run()
     except KeyboardInterrupt:  # a Ctrl-C while the imports ran: no traceback
         return interrupted_exit()
+
+
+def _note_sigterm(signum: int, _frame: object) -> None:
+    terminated.append(signum)
 
 
 def take_sigterm_as_ctrl_c() -> Callable[[], None]:
@@ -56,7 +68,11 @@ def take_sigterm_as_ctrl_c() -> Callable[[], None]:
     event loop's own code, where it hung the loop's shutdown or was lost.
     Returns what puts the default back (for :func:`stream_app.cli.main`
     called in a process that goes on)."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    current = signal.getsignal(signal.SIGTERM)
+    if current is _note_sigterm:  # console.main's, while the imports ran
+        signal.signal(signal.SIGTERM, _as_ctrl_c)
+        return _as_it_is
+    if current is not signal.SIG_DFL:
         return _as_it_is  # taken so already, or the caller's own handler
     terminated.clear()
     signal.signal(signal.SIGTERM, _as_ctrl_c)
