@@ -392,12 +392,8 @@ class KafkaCluster:
             scram = ["--add-scram", f"SCRAM-SHA-512=[name={SCRAM_USER},password={SCRAM_PASSWORD}]"]
         try:
             self._launch(java, classpath, cluster_id, voters, scram)
-        except BaseException:  # a format failed, or a Ctrl-C: leave no node running
-            self.stop()
-            raise
-        try:
             self._wait_ready()
-        except BaseException:
+        except BaseException:  # a format failed, a node did not start, a Ctrl-C
             self.stop()
             raise
         return self
