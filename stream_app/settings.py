@@ -476,11 +476,11 @@ def _refuse_a_group_and_its_field(env: Mapping[str, str]) -> None:
             as_text = value if isinstance(value, str) else json.dumps(value).decode()
             shown = (
                 ""
-                if "PASSWORD" in str(key).upper()
+                if "PASSWORD" in key.upper()
                 else f" ({_shown_value(as_text)} and {_shown_value(field[1])})"
             )
             raise ConfigurationError(
-                f"{given[group][0]} and {field[0]} both set {field_name}.{str(key).lower()}, "
+                f"{given[group][0]} and {field[0]} both set {field_name}.{key}, "
                 f"to different values{shown}: keep one"
             )
 

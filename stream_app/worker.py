@@ -44,7 +44,6 @@ from stream_app.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
-
 EXIT_FAILED: Final = 1
 EXIT_CONFIGURATION: Final = 2
 
