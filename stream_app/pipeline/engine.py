@@ -754,16 +754,18 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     )
             except Exception:  # noqa: S110 - the error below is what matters
                 pass
+            if found is not None:
+                where: int | str = found
+            elif isinstance(position, int):
+                where = f"{position} or after it"
+            else:
+                where = position
             log.error(
                 "%s[%d]: the record batch at offset %s is corrupt (%s): no Kafka client can "
                 "read it, and the worker stops (docs/operations.md, A worker is down)",
                 tp.topic,
                 tp.partition,
-                found
-                if found is not None
-                else f"{position} or after it"
-                if isinstance(position, int)
-                else position,
+                where,
                 exc,
             )
 
