@@ -1502,12 +1502,10 @@ def test_a_poll_waits_no_longer_than_the_first_open_transaction_has_left(
 
 class _GroupConsumer:
     """Stands for the engine's group consumer: ``start`` as the class says,
-    then polls that return nothing (or raise ``join_error``) until the engine
-    stops."""
+    then polls that return nothing until the engine stops."""
 
     unreachable_starts: ClassVar[int] = 0
     start_hangs: ClassVar[bool] = False
-    join_error: ClassVar[type[Exception] | None] = None
 
     def __init__(self, **options: object) -> None:
         self.starts = 0
@@ -1532,8 +1530,6 @@ class _GroupConsumer:
         self.subscribed = True
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
-        if self.join_error is not None:
-            raise self.join_error
         await asyncio.sleep(0.01)
         return {}
 
@@ -1652,9 +1648,7 @@ async def test_a_join_the_coordinator_refuses_for_good_is_a_configuration_error(
     in the group: each restart crashed with a traceback and exit 1, which
     the runbook reads as a bug of ours, naming no setting."""
 
-    class Refused(_GroupConsumer):
-        join_error = refusal
-
-    engine = _engine_on(Refused, tmp_path, monkeypatch)
+    engine = _engine_on(_GroupConsumer, tmp_path, monkeypatch)
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", _polls_failing(engine, refusal()))
     with pytest.raises(ConfigurationError, match=said):
         await asyncio.wait_for(engine.run(), timeout=5)
