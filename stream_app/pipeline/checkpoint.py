@@ -107,9 +107,7 @@ class Producer(Protocol):
 
     async def partitions_for(self, topic: str) -> set[int]: ...
 
-    async def send_offsets_to_transaction(
-        self, offsets: dict[TopicPartition, int], group_id: str
-    ) -> None: ...
+    async def send_offsets_to_transaction(self, offsets: Offsets, group_id: str) -> None: ...
 
     async def commit_transaction(self) -> None: ...
 
@@ -130,8 +128,30 @@ _PRODUCER_UNUSABLE = (ProducerFenced, IllegalOperation, AssertionError)
 #: How long a producer left unusable is given for its sends to say why.
 _SEND_OUTCOME_WAIT_S: Final = 2.0
 
+#: Offsets to commit, each with its metadata (:func:`offset_metadata`).
+Offsets = dict[TopicPartition, tuple[int, str]]
 #: Commits consumer offsets outside a transaction (at_least_once).
-OffsetCommitter = Callable[[dict[TopicPartition, int]], Awaitable[None]]
+OffsetCommitter = Callable[[Offsets], Awaitable[None]]
+
+
+def offset_metadata(partitions: int) -> str:
+    """What each committed offset says besides the offset: the partition count
+    the state was built for. Kafka keeps it with the group's offsets, so a
+    worker started after every co-partitioned topic was given more partitions
+    finds the old count there, even on an empty disk
+    (:func:`recorded_partitions`)."""
+    return json.dumps({"partitions": partitions}).decode()
+
+
+def recorded_partitions(metadata: str) -> int | None:
+    """The partition count :func:`offset_metadata` recorded; None for metadata
+    it did not write (an offset committed by a worker before it, or by hand)."""
+    try:
+        doc = json.loads(metadata)
+    except json.JSONDecodeError:
+        return None
+    found = doc.get("partitions") if isinstance(doc, dict) else None
+    return found if type(found) is int else None
 
 
 def encode_consumed(offsets: Mapping[TopicPartition, int]) -> bytes:
@@ -225,6 +245,7 @@ class Checkpoint:
         group_id: str,
         exactly_once: bool,
         commit_offsets: OffsetCommitter | None = None,
+        offset_metadata: str = "",
         phases: Mapping[str, Observer] | None = None,
     ) -> None:
         if not exactly_once and commit_offsets is None:
@@ -234,6 +255,7 @@ class Checkpoint:
         self._group_id = group_id
         self._exactly_once = exactly_once
         self._commit_offsets = commit_offsets
+        self._offset_metadata = offset_metadata
         #: Where :meth:`commit` reports how long each of its :data:`PHASES` took.
         self._phases = phases or {}
         self._in_transaction = False
@@ -346,7 +368,7 @@ class Checkpoint:
                 if self._in_transaction:
                     if self.offsets:
                         await self._producer.send_offsets_to_transaction(
-                            dict(self.offsets), self._group_id
+                            self._offsets(), self._group_id
                         )
                         began = self._observe("offsets", began)
                     committing = True
@@ -355,7 +377,7 @@ class Checkpoint:
                     self._in_transaction = False
             elif self.offsets:
                 assert self._commit_offsets is not None  # noqa: S101 - checked in __init__
-                await self._commit_offsets(dict(self.offsets))
+                await self._commit_offsets(self._offsets())
                 began = self._observe("offsets", began)
         except _PRODUCER_UNUSABLE as exc:
             refused = await self._not_authorized(exc)
@@ -395,6 +417,10 @@ class Checkpoint:
         except Exception as exc:
             raise StoreWriteError(f"{type(exc).__name__}: {exc}") from exc
         self._observe("store", began)
+
+    def _offsets(self) -> Offsets:
+        """This transaction's offsets to commit, each with the metadata."""
+        return {tp: (offset, self._offset_metadata) for tp, offset in self.offsets.items()}
 
     def _send_groups(self) -> list[list[tuple[str, int]]]:
         """The partitions written, in groups, each group's batches confirmed

@@ -58,6 +58,7 @@ from stream_app.pipeline.checkpoint import (
     NotAuthorizedError,
     StoreWriteError,
     TaskFencedError,
+    offset_metadata,
 )
 from stream_app.pipeline.cleanup import StoreCleaner, remove
 from stream_app.pipeline.kafka import (
@@ -389,7 +390,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             raise ConfigurationError(
                 f"local state in {self.state_dir} was built for {recorded} partitions, but "
                 f"the command topic {self.settings.topics.commands} has {self.partitions}: "
-                "use a new data directory (or app id) for a re-partitioned deployment"
+                "re-partitioning is a migration to a new app id (docs/operations.md, Migrate)"
             )
 
     # -- what the probes and metrics see ---------------------------------------------------
@@ -1451,6 +1452,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             commit_offsets=self._consumer.commit,
             limits=self.limits,
             max_record_bytes=self.max_record_bytes,
+            offset_metadata=offset_metadata(self.partitions),
             latency=self.latency,
             phases=self.phase_latency,
             metrics=self.metrics,
@@ -1499,7 +1501,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 positions[tp],
             )
             positions[tp] = offset
-        moved = {tp: positions[tp] for tp in ahead if positions[tp] == ahead[tp]}
+        metadata = offset_metadata(self.partitions)
+        moved = {tp: (positions[tp], metadata) for tp in ahead if positions[tp] == ahead[tp]}
         if moved:
             await consumer.commit(moved)
 

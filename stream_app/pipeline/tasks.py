@@ -41,7 +41,12 @@ from aiokafka.structs import TopicPartition
 from stream_app.domain import Reason
 from stream_app.errors import StoreError, StreamAppError
 from stream_app.logs import held_back
-from stream_app.pipeline.checkpoint import ChangelogStore, Checkpoint, recorded_consumption
+from stream_app.pipeline.checkpoint import (
+    ChangelogStore,
+    Checkpoint,
+    OffsetCommitter,
+    recorded_consumption,
+)
 from stream_app.pipeline.kafka import client_options, stop_fully
 from stream_app.pipeline.processor import (
     LatencyHistogram,
@@ -117,9 +122,10 @@ class Task:
         changelogs: Mapping[str, str],
         state_dir: Path,
         resources: RocksDBResources,
-        commit_offsets: Callable[[dict[TopicPartition, int]], Any],
+        commit_offsets: OffsetCommitter,
         limits: Limits,
         max_record_bytes: int,
+        offset_metadata: str = "",
         latency: LatencyHistogram | None = None,
         phases: Mapping[str, LatencyHistogram] | None = None,
         metrics: Metrics | None = None,
@@ -136,6 +142,8 @@ class Task:
         self._state_dir = state_dir
         self._resources = resources
         self._commit_offsets = commit_offsets
+        #: Said with each offset committed (checkpoint.offset_metadata).
+        self._offset_metadata = offset_metadata
         self.limits = limits
         #: The largest record the written topics accept (see topics.py).
         self.max_record_bytes = max_record_bytes
@@ -246,6 +254,7 @@ class Task:
                 group_id=self.settings.app_id,
                 exactly_once=self.exactly_once,
                 commit_offsets=None if self.exactly_once else self._commit_offsets,
+                offset_metadata=self._offset_metadata,
                 phases=self._phases,
             )
             self._opened_at = time.monotonic()

@@ -28,7 +28,8 @@ from aiokafka.errors import (
 )
 
 from stream_app.errors import ConfigurationError
-from stream_app.pipeline.kafka import client_options
+from stream_app.pipeline.checkpoint import recorded_partitions
+from stream_app.pipeline.kafka import client_options, not_authorized
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,43 @@ async def _described(
     return described
 
 
+async def _refuse_a_changed_partition_count(
+    admin: AIOKafkaAdminClient, settings: Settings, partitions: int
+) -> None:
+    """Refuse to start when the group's committed offsets record state built
+    for another partition count (``checkpoint.offset_metadata``).
+
+    Partitions added to every co-partitioned topic together (a changed
+    KafkaTopic label, or the answer to the check of the counts above) pass
+    that check, and a worker on an empty disk would restore the changelogs of
+    the old layout into the new one: sessions on partitions their keys no
+    longer hash to, and session ids given twice. A worker that keeps its disk
+    is refused by its layout file; this refuses the others.
+    """
+    try:
+        committed = await admin.list_consumer_group_offsets(settings.app_id)
+    except KafkaError as exc:
+        refused = not_authorized(exc)
+        if refused is not None:
+            raise refused from exc
+        raise
+    other = sorted(
+        # The command topic's named first.
+        (tp.topic != settings.topics.commands, tp.topic, tp.partition, count)
+        for tp, offset in committed.items()
+        if (count := recorded_partitions(offset.metadata)) is not None and count != partitions
+    )
+    if other:
+        _, topic, partition, count = other[0]
+        raise ConfigurationError(
+            f"group {settings.app_id} committed offsets for state built for {count} "
+            f"partitions ({topic}[{partition}] and {len(other) - 1} more), but the command "
+            f"topic {settings.topics.commands} has {partitions}: partitions were added to "
+            "the deployment's topics. The stores and the session ids depend on the count: "
+            "re-partitioning is a migration to a new app id (docs/operations.md, Migrate)"
+        )
+
+
 async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
     """Partition counts of ``names``, every one of which exists (see _described)."""
     return {name: len(partitions) for name, partitions in (await _described(admin, names)).items()}
@@ -334,12 +372,21 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
             ]
 
         mismatched = differing(counts)
+        if mismatched and settings.topics.commands not in counts:
+            # Its count above is STREAM_APP_PARTITIONS, not the deployment's.
+            raise ConfigurationError(
+                f"the command topic {settings.topics.commands} does not exist, but topics "
+                f"of this deployment do: {', '.join(mismatched)} partitions. Is "
+                "STREAM_APP_TOPICS__COMMANDS the topic the checkout systems write?"
+            )
         if mismatched:
             raise ConfigurationError(
                 f"partition counts disagree: command topic {settings.topics.commands} has "
                 f"{partitions}, but {', '.join(mismatched)}; internal topics must have the "
                 "command topic's count (re-partitioning is a migration, not a setting)"
             )
+        if worker:
+            await _refuse_a_changed_partition_count(admin, settings, partitions)
         await _refuse_unwritable_creations(
             admin, settings, [s.name for s in specs if s.name not in existing]
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from stream_app.pipeline.topics import topic_specs
 from tests.integration.harness import (
     Deployment,
     Worker,
@@ -18,6 +19,7 @@ from tests.integration.harness import (
     produce,
     topic_configs,
 )
+from tests.integration.workload import configuration_error
 
 
 def _rocksdb_files(data_dir: Path) -> list[Path]:
@@ -102,6 +104,25 @@ async def test_worker_continues_from_table_state_local_and_from_changelog(
     assert again["total"] == 25.5
     assert third.stop() == 0, third.log_tail()
     assert sum(_restored(third)) > 0, third.log_tail()  # from the changelog, this time
+
+    # Run 4: partitions added to every co-partitioned topic together (what a
+    # changed KafkaTopic label does) pass the check of the counts, and an
+    # empty data directory has no layout file to refuse them: the group's
+    # committed offsets still say what the state was built for.
+    from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+
+    co_partitioned = [
+        spec.name for spec in topic_specs(deployment.settings(), 3) if spec.co_partitioned
+    ]
+    admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_partitions(dict.fromkeys(co_partitioned, NewPartitions(4)))
+    finally:
+        await admin.close()
+    line = await configuration_error(workers(deployment, data_dir=tmp_path / "fresh-again"))
+    assert f"committed offsets for state built for 3 partitions ({t.commands}[0] and " in line
+    assert "re-partitioning is a migration to a new app id" in line
 
 
 @pytest.mark.parametrize("stop", ["sigkill", "sigterm"])

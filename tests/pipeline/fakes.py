@@ -67,6 +67,7 @@ class LogEntry:
 class _Transaction:
     number: int
     group_offsets: dict[str, dict[TopicPartition, int]] = field(default_factory=dict)
+    group_metadata: dict[str, dict[TopicPartition, str]] = field(default_factory=dict)
     partitions: set[TopicPartition] = field(default_factory=set)
     state: Literal["open", "committed", "aborted"] = "open"
 
@@ -80,6 +81,8 @@ class FakeBroker:
         self._logs: dict[TopicPartition, list[LogEntry]] = defaultdict(list)
         self._transactions: list[_Transaction] = []
         self._committed: dict[str, dict[TopicPartition, int]] = defaultdict(dict)
+        #: What each committed offset said besides the offset.
+        self.offset_metadata: dict[str, dict[TopicPartition, str]] = defaultdict(dict)
         self._owners: dict[str, FakeProducer] = {}
 
     # -- clients -----------------------------------------------------------------------------
@@ -94,9 +97,12 @@ class FakeBroker:
             self._owners[transactional_id] = producer
         return producer
 
-    def commit_offsets(self, group_id: str, offsets: Mapping[TopicPartition, int]) -> None:
+    def commit_offsets(
+        self, group_id: str, offsets: Mapping[TopicPartition, tuple[int, str]]
+    ) -> None:
         """A consumer's own offset commit (outside any transaction)."""
-        self._committed[group_id].update(offsets)
+        self._committed[group_id].update({tp: offset for tp, (offset, _) in offsets.items()})
+        self.offset_metadata[group_id].update({tp: meta for tp, (_, meta) in offsets.items()})
 
     # -- what readers see --------------------------------------------------------------------
     def committed(self, group_id: str) -> dict[TopicPartition, int]:
@@ -166,9 +172,15 @@ class FakeBroker:
         return len(self._transactions) - 1
 
     def add_offsets(
-        self, transaction: int, group_id: str, offsets: Mapping[TopicPartition, int]
+        self, transaction: int, group_id: str, offsets: Mapping[TopicPartition, tuple[int, str]]
     ) -> None:
-        self._transactions[transaction].group_offsets.setdefault(group_id, {}).update(offsets)
+        txn = self._transactions[transaction]
+        txn.group_offsets.setdefault(group_id, {}).update(
+            {tp: offset for tp, (offset, _) in offsets.items()}
+        )
+        txn.group_metadata.setdefault(group_id, {}).update(
+            {tp: metadata for tp, (_, metadata) in offsets.items()}
+        )
 
     def end(self, transaction: int, *, commit: bool) -> None:
         """Write the markers; a commit also commits the transaction's group offsets."""
@@ -183,6 +195,7 @@ class FakeBroker:
         if commit:
             for group_id, offsets in txn.group_offsets.items():
                 self._committed[group_id].update(offsets)
+                self.offset_metadata[group_id].update(txn.group_metadata[group_id])
 
     def _state(self, transaction: int) -> str:
         return self._transactions[transaction].state
@@ -347,7 +360,7 @@ class FakeProducer:
         self._drain()
 
     async def send_offsets_to_transaction(
-        self, offsets: dict[TopicPartition, int], group_id: str
+        self, offsets: dict[TopicPartition, tuple[int, str]], group_id: str
     ) -> None:
         self._enter("send_offsets_to_transaction")
         self._transactional()
@@ -490,6 +503,9 @@ class EmptyCluster:
 
     async def describe_cluster(self) -> dict[str, object]:
         return {"brokers": [{"node_id": 1, "host": "127.0.0.1", "port": 9092}]}
+
+    async def list_consumer_group_offsets(self, group_id: str) -> dict[TopicPartition, object]:
+        return {}
 
 
 class FixedRecordsConsumer:

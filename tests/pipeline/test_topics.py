@@ -18,11 +18,13 @@ from aiokafka.errors import (
     RequestTimedOutError,
 )
 from aiokafka.protocol.admin import CreateTopicsResponse_v0, CreateTopicsResponse_v3
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline import topics as topics_module
+from stream_app.pipeline.checkpoint import offset_metadata
 from stream_app.pipeline.topics import TopicLayout, check_retention, deletes_records
-from stream_app.settings import Settings
+from stream_app.settings import Settings, TopicNames
 from tests.pipeline.fakes import EmptyCluster
 
 WEEK_MS = "604800000"
@@ -762,3 +764,80 @@ async def test_an_app_id_whose_changelog_is_another_app_s_is_refused(
     with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
         topics_module._refuse_a_shared_changelog(Settings(app_id="shop-first"), set())
     assert any("never run one on this cluster" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "refused"),
+    [
+        (offset_metadata(6), True),  # the state was built for 6: now 12
+        (offset_metadata(12), False),
+        ("", False),  # committed by a worker before the count was recorded, or by hand
+        ("not ours", False),
+    ],
+)
+async def test_a_group_whose_offsets_record_another_partition_count_is_refused(
+    monkeypatch: pytest.MonkeyPatch, metadata: str, refused: bool
+) -> None:
+    """Every co-partitioned topic raised from 6 to 12 partitions together
+    passes the check of the counts; a worker on an empty disk restored the
+    6-partition changelogs into the 12-partition layout and gave session ids
+    twice. The group's offsets say what the state was built for."""
+    settings = Settings()
+    commands = TopicPartition(settings.topics.commands, 3)
+
+    class Admin(_admin_with_configs({})):  # type: ignore[misc]
+        async def describe_topics(self, names: list[str]) -> list[object]:
+            return [{"topic": name, "error_code": 0, "partitions": [{}] * 12} for name in names]
+
+        async def list_consumer_group_offsets(
+            self, group_id: str
+        ) -> dict[TopicPartition, OffsetAndMetadata]:
+            assert group_id == settings.app_id
+            rekeyed = TopicPartition(topics_module.rekey_topic(settings), 0)
+            return {
+                rekeyed: OffsetAndMetadata(5, metadata),
+                commands: OffsetAndMetadata(10, metadata),
+            }
+
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", Admin)
+    # Commands that create or list topics do not restore state: not refused.
+    assert (await topics_module.ensure_topics(settings)).partitions == 12
+    if not refused:
+        assert (await topics_module.ensure_topics(settings, worker=True)).partitions == 12
+        return
+    with pytest.raises(ConfigurationError) as raised:
+        await topics_module.ensure_topics(settings, worker=True)
+    assert str(raised.value) == (
+        f"group {settings.app_id} committed offsets for state built for 6 partitions "
+        f"({settings.topics.commands}[3] and 1 more), but the command topic "
+        f"{settings.topics.commands} has 12: partitions were added to the deployment's "
+        "topics. The stores and the session ids depend on the count: re-partitioning is a "
+        "migration to a new app id (docs/operations.md, Migrate)"
+    )
+
+
+async def test_a_mistyped_command_topic_is_named_rather_than_partition_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the deployment's topics at 12 partitions, a command topic name that
+    does not exist said "partition counts disagree: command topic ... has 6"
+    (STREAM_APP_PARTITIONS), pointing at a migration rather than the typo."""
+    settings = Settings(topics=TopicNames(commands="sessions.command"))
+    existing = [s.name for s in topics_module.topic_specs(Settings(), 12)]
+
+    class Admin(EmptyCluster):
+        async def list_topics(self) -> list[str]:
+            return existing
+
+        async def describe_topics(self, names: list[str]) -> list[object]:
+            return [{"topic": name, "error_code": 0, "partitions": [{}] * 12} for name in names]
+
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", Admin)
+    with pytest.raises(ConfigurationError) as raised:
+        await topics_module.ensure_topics(settings, worker=True)
+    message = str(raised.value)
+    assert message.startswith(
+        "the command topic sessions.command does not exist, but topics of this deployment "
+        f"do: {topics_module.rekey_topic(settings)} has 12"
+    )
+    assert message.endswith("Is STREAM_APP_TOPICS__COMMANDS the topic the checkout systems write?")
