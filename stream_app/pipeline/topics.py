@@ -148,23 +148,37 @@ def _refuse_a_shared_changelog(settings: Settings, existing: set[str]) -> None:
     """App ``X-first``'s sessions changelog is app ``X``'s first-sessions
     changelog (``X-first-sessions-changelog``): two such apps on one cluster
     each restore the other's records, and the compaction and tombstones of
-    one overwrite the other's. The ``X-first`` side is refused when it sees
-    any topic of app ``X`` (its own topic list: another principal's topics
-    may be hidden from it), and warned otherwise; app ``X``, which may have
-    run for long, is told at ERROR and goes on: refusing it would stop a
+    one overwrite the other's. An app id is checked against both its
+    neighbours (``a-first`` against ``a`` and ``a-first-first``).
+
+    The ``X-first`` side is refused when it sees any topic of app ``X`` (its
+    own topic list: another principal's topics may be hidden from it), and
+    warned otherwise. App ``X`` is refused when it sees topics of app
+    ``X-first`` and none of its own (it is the newcomer); one that has run,
+    maybe for long, is told at ERROR and goes on: refusing it would stop a
     deployment that was there first."""
     app = settings.app_id
-    newcomer = app.endswith(_FIRST)
-    other = app.removesuffix(_FIRST) if newcomer else app + _FIRST
-    first = settings.model_copy(update={"app_id": other if newcomer else app})
-    shared = changelog_topic(first, FIRST_SESSIONS_STORE)
+    if app.endswith(_FIRST):
+        _refuse_a_changelog_shared_with(settings, existing, app.removesuffix(_FIRST))
+    _refuse_a_changelog_shared_with(settings, existing, app)
+
+
+def _refuse_a_changelog_shared_with(settings: Settings, existing: set[str], first: str) -> None:
+    """:func:`_refuse_a_shared_changelog` for the pair of apps ``first`` and
+    ``first-first``, one of which is this app."""
+    app = settings.app_id
+    newcomer = app != first  # this app is the -first one
+    other = first if newcomer else first + _FIRST
+    shared = changelog_topic(settings.model_copy(update={"app_id": first}), FIRST_SESSIONS_STORE)
     theirs = set(internal_topics(settings.model_copy(update={"app_id": other}))) - {shared}
     found = ", ".join(sorted(theirs & existing))
-    if newcomer and found:
+    mine = set(internal_topics(settings)) - {shared}
+    if found and (newcomer or not mine & existing):
+        its = "first-sessions changelog" if newcomer else "sessions changelog"
         raise ConfigurationError(
             f"app id {app} shares the topic {shared} with app {other} (its "
-            f"first-sessions changelog), whose topics exist on this cluster "
-            f"({found}): give this app another id (STREAM_APP_APP_ID)"
+            f"{its}), whose topics exist on this cluster ({found}): give this app "
+            "another id (STREAM_APP_APP_ID)"
         )
     if newcomer:
         log.warning(

@@ -756,9 +756,14 @@ async def test_an_app_id_whose_changelog_is_another_app_s_is_refused(
         await topics_module.ensure_topics(Settings(app_id="shop-first"))
     newcomer = {"shop-first-sessions.rekeyed", "shop-first-session-ids-changelog"}
     with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
-        topics_module._refuse_a_shared_changelog(Settings(app_id="shop"), newcomer)
+        topics_module._refuse_a_shared_changelog(
+            Settings(app_id="shop"), {*newcomer, "shop-session-ids-changelog"}
+        )
     [error] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "Stop app shop-first and give it another id" in error.getMessage()
+    # Shop with no topic of its own yet is the newcomer: refused.
+    with pytest.raises(ConfigurationError, match="with app shop-first \\(its sessions changelog"):
+        topics_module._refuse_a_shared_changelog(Settings(app_id="shop"), newcomer)
     # Alone, an app id ending in -first is warned of.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=topics_module.__name__):
@@ -841,3 +846,16 @@ async def test_a_mistyped_command_topic_is_named_rather_than_partition_counts(
         f"do: {topics_module.rekey_topic(settings)} has 12"
     )
     assert message.endswith("Is STREAM_APP_TOPICS__COMMANDS the topic the checkout systems write?")
+
+
+async def test_an_app_id_ending_in_first_is_checked_against_both_neighbours() -> None:
+    """App a-first was checked against app a only: started after app
+    a-first-first, whose sessions changelog is its first-sessions changelog,
+    it ran with a warning about app a, and each restored the other's records."""
+    theirs = {"a-first-first-sessions.rekeyed", "a-first-first-session-ids-changelog"}
+    with pytest.raises(ConfigurationError) as raised:
+        topics_module._refuse_a_shared_changelog(Settings(app_id="a-first"), theirs)
+    assert str(raised.value).startswith(
+        "app id a-first shares the topic a-first-first-sessions-changelog with app "
+        "a-first-first (its sessions changelog), whose topics exist on this cluster"
+    )
