@@ -127,6 +127,9 @@ class ApplicationSettings:
     additional_costs: frozenset[str] | None = None
     attributes: frozenset[str] | None = None
 
+    #: The keys :meth:`from_document` reads.
+    KEYS = ("flattening", "additionalCosts", "attributes")
+
     @classmethod
     def from_document(cls, doc: object) -> ApplicationSettings:
         """Parse ``{"flattening": bool, "additionalCosts": [str], "attributes": [str]}``.

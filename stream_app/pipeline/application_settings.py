@@ -98,6 +98,7 @@ class ApplicationSettingsRegistry:
                 parsed[application_id] = ApplicationSettings.from_document(value)
             except (ValueError, ConfigurationError) as exc:
                 raise ConfigurationError(f"{path}: application {key}: {exc}") from exc
+            _warn_of_unknown_keys(value, f"{path}: application {key}")
         return cls(parsed)
 
     def settings_for(self, application_id: int) -> ApplicationSettings:
@@ -127,7 +128,8 @@ class ApplicationSettingsRegistry:
             self._from_topic.pop(application_id, None)
             return
         try:
-            parsed = ApplicationSettings.from_document(json.loads(value))
+            doc = json.loads(value)
+            parsed = ApplicationSettings.from_document(doc)
         except (ValueError, ConfigurationError) as exc:
             self._from_topic.pop(application_id, None)
             log.warning(
@@ -138,7 +140,31 @@ class ApplicationSettingsRegistry:
                 application_id,
             )
             return
+        _warn_of_unknown_keys(doc, f"application settings record key={excerpt(key)}")
         self._from_topic[application_id] = parsed
+
+
+#: Unknown keys a warning names (a record may hold thousands).
+_UNKNOWN_KEYS_SHOWN: Final = 5
+
+
+def _warn_of_unknown_keys(doc: dict[Any, Any], where: str) -> None:
+    """Unknown keys are ignored (the contract, section 7), but a document with
+    ``additional_costs`` or the settings file's own shape under one key gave
+    the application the defaults, every cost and attribute allowed, silently."""
+    unknown = sorted(str(k) for k in doc if k not in ApplicationSettings.KEYS)
+    if unknown:
+        shown = [
+            repr(k) if len(k) <= 64 else f"{k[:64]!r}..." for k in unknown[:_UNKNOWN_KEYS_SHOWN]
+        ]
+        more = len(unknown) - len(shown)
+        log.warning(
+            "%s: ignoring keys that are not settings: %s%s (the settings are %s)",
+            where,
+            ", ".join(shown),
+            f" and {more} more" if more else "",
+            ", ".join(ApplicationSettings.KEYS),
+        )
 
 
 #: Seconds between the first read's attempts while Kafka cannot be reached.

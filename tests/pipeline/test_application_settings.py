@@ -48,6 +48,36 @@ def test_topic_records_override_the_file_and_tombstones_restore_it(tmp_path: Pat
     assert registry.settings_for(7).flattening is False
 
 
+def test_keys_that_are_not_settings_are_ignored_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The settings file's own shape written to the topic, or a misspelt key,
+    gave the application the defaults (every cost and attribute allowed), and
+    nothing said so. Unknown keys are still ignored (the contract, section 7)."""
+    path = tmp_path / "apps.json"
+    path.write_text('{"7": {"flattening": false, "Attributes": ["city"]}}')
+    with caplog.at_level(logging.WARNING):
+        registry = ApplicationSettingsRegistry.load(path)
+        registry.apply_record(b"7", b'{"7": {"flattening": false}, "additional_costs": ["x"]}')
+        many = {f"k{n}": 1 for n in range(8)}
+        registry.apply_record(b"8", json.dumps({"flattening": False, **many}))
+    assert registry.settings_for(7) == DEFAULT
+    assert registry.settings_for(8).flattening is False
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: application 7: ignoring keys that are not settings: 'Attributes' "
+        "(the settings are flattening, additionalCosts, attributes)",
+        "application settings record key=b'7': ignoring keys that are not settings: "
+        "'7', 'additional_costs' (the settings are flattening, additionalCosts, attributes)",
+        "application settings record key=b'8': ignoring keys that are not settings: "
+        "'k0', 'k1', 'k2', 'k3', 'k4' and 3 more "
+        "(the settings are flattening, additionalCosts, attributes)",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        registry.apply_record(b"7", b'{"flattening": true, "attributes": ["city"]}')
+    assert caplog.records == []
+
+
 def test_a_bad_settings_record_counts_as_a_tombstone(tmp_path: Path) -> None:
     """After compaction a worker that starts sees only the bad record: the
     running ones must end where it does (before, they kept the previous
