@@ -463,6 +463,13 @@ def test_a_worker_kafka_has_not_answered_past_the_session_timeout_answers_no_que
     # resumption: aiokafka keeps the time of its last fetch across a pause.
     engine._resumed_ms[commands] = time.time() * 1000
     assert engine.unheard_s() is None
+    # Resumed after a new assignment (aiokafka forgets its fetch times then)
+    # and never answered: as old as its resumption. It was unmeasured, so the
+    # worker answered queries from its stores for ever.
+    consumer.heard = {commands: None, profiles: None}
+    engine._resumed_ms[commands] = now - 31_000
+    assert engine.unheard_s() == pytest.approx(31, abs=1)
+    assert engine.session_lookup(1, "cart-1").unavailable is not None
 
 
 def test_a_query_to_a_worker_that_is_not_ready_says_why(tmp_path: Path) -> None:

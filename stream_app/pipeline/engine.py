@@ -441,8 +441,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         stale, so it answers no query for them (:meth:`session_lookup`); its
         readiness does not depend on it (:attr:`ready`). Within the timeout the
         partitions are still its own: its stores lag, as they would under load.
-        Partitions not being fetched (paused, or none fetched yet) say nothing
-        either way."""
+        Paused partitions, not being fetched, say nothing either way; one
+        resumed and never answered since is as old as its resumption."""
         age = self._fetch_age_s(now_ms)
         return age if age is not None and age > self.settings.session_timeout_s else None
 
@@ -457,11 +457,15 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in consumer.assignment():
             if tp in paused:
                 continue
+            # aiokafka keeps the time across a pause: a partition resumed after
+            # a long restore is as old as its resumption, not its pause. It
+            # forgets it at a new assignment: a partition resumed after that
+            # and never answered (Kafka gone meanwhile) is as old as its
+            # resumption too, not unmeasured, which answered queries for ever.
             at = consumer.last_poll_timestamp(tp)
-            if at is not None:
-                # aiokafka keeps it across a pause: a partition resumed after
-                # a long restore is as old as its resumption, not its pause.
-                heard.append(max(at, self._resumed_ms.get(tp, 0.0)))
+            resumed = self._resumed_ms.get(tp)
+            if at is not None or resumed is not None:
+                heard.append(max(at or 0.0, resumed or 0.0))
         if not heard:
             return None
         now = time.time() * 1000 if now_ms is None else now_ms
