@@ -1119,8 +1119,23 @@ def _add_inspect(sub: Any) -> None:
     inspect.add_argument(
         "--url",
         default=None,
-        help="a worker's HTTP address (default: http://127.0.0.1:STREAM_APP_HTTP_PORT)",
+        help="a worker's HTTP address (default: this machine's worker, at "
+        "STREAM_APP_HTTP_HOST and STREAM_APP_HTTP_PORT)",
     )
+
+
+def _local_worker_url(settings: Settings) -> str:
+    """The worker of this machine (a pod's own), where it listens: loopback
+    for every interface, of the address family it serves (``::`` is IPv6
+    only, so 127.0.0.1 was refused there)."""
+    host = settings.http_host
+    if host in ("", "0.0.0.0"):  # noqa: S104 - matched, not bound
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "[::1]"
+    elif ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"http://{host}:{settings.http_port}"
 
 
 def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
@@ -1131,7 +1146,7 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     from urllib.parse import quote, urlsplit
     from urllib.request import ProxyHandler, build_opener, urlopen
 
-    base = args.url or f"http://127.0.0.1:{settings.http_port}"
+    base = args.url or _local_worker_url(settings)
     try:
         segment = quote(args.integration_id, safe="")
     except UnicodeEncodeError:  # bytes of the command line that are not UTF-8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -160,3 +161,31 @@ def test_a_wait_that_never_ends_or_is_none_is_a_usage_error(
         main(["inspect", "a", "--wait", wait])
     assert stopped.value.code == 2
     assert ">= 0 and finite" in capsys.readouterr().err
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    """Bound as asyncio (so the worker) binds ``::``: IPv6 only."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+def test_inspect_finds_this_machine_s_worker_where_it_listens(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker serving on ``::`` (README: IPv6 clusters) is IPv6 only:
+    inspect asked 127.0.0.1 and said no worker answered."""
+    server = _IPv6Server(("::", 0), _Worker)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("STREAM_APP_HTTP_HOST", "::")
+        monkeypatch.setenv("STREAM_APP_HTTP_PORT", str(server.server_address[1]))
+        _Worker.answers = [FOUND]
+        assert main(["inspect", "a/b"]) == 0
+        assert '"state": "open"' in capsys.readouterr().out
+    finally:
+        server.shutdown()
+        server.server_close()
