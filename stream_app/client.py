@@ -147,8 +147,10 @@ def new_event_id() -> str:
 
 #: Seconds a command may wait for the broker's acknowledgement, as Kafka's
 #: Java producer waits (``delivery.timeout.ms``). aiokafka's idempotent
-#: producer retries a batch it could not deliver for ever: without this bound
-#: a send, and the client's stop, waited as long as an outage lasted.
+#: producer retries a batch it could not deliver for ever while its partition
+#: has a leader (one without a leader past the request timeout, 40 s, fails
+#: with NotLeaderForPartitionError): without this bound a send, and the
+#: client's stop, waited as long as an outage lasted.
 DELIVERY_TIMEOUT_S = 120.0
 #: Seconds a producer's stop still waits for records whose send gave up.
 STOP_AFTER_GIVING_UP_S = 1.0
@@ -521,22 +523,31 @@ class SessionClient:
         self._producer: Any = None
         #: Commands handed to the producer and not yet acknowledged: by when.
         self._unacknowledged: dict[asyncio.Future[Any], float] = {}
+        #: Held while a producer whose send failed is replaced (_renew).
+        self._renewing = asyncio.Lock()
+        #: The stops of producers replaced, each bounded as :meth:`stop` is.
+        self._retiring: set[asyncio.Task[bool]] = set()
 
     async def start(self) -> None:
         """Connect; raises :class:`CommandTopicMissingError` when the topic is absent."""
-        from aiokafka import AIOKafkaProducer
-
         from stream_app.pipeline.kafka import client_options, partition_count
 
-        options = client_options(self.settings)
-        if not await partition_count(options, self.topic):
+        if not await partition_count(client_options(self.settings), self.topic):
             raise CommandTopicMissingError(
                 f"the command topic {self.topic} does not exist at "
                 f"{self.settings.bootstrap_servers}: create it with `stream-app topics create` "
                 "(or start a worker, which creates it)"
             )
+        self._producer = await self._open_producer()
+
+    async def _open_producer(self) -> Any:
+        """A started idempotent producer of this client's settings."""
+        from aiokafka import AIOKafkaProducer
+
+        from stream_app.pipeline.kafka import client_options
+
         producer = AIOKafkaProducer(
-            **options,
+            **client_options(self.settings),
             enable_idempotence=True,
             acks="all",
             linger_ms=self.settings.producer_linger_ms,
@@ -550,7 +561,29 @@ class SessionClient:
         except BaseException:
             await producer.stop()  # its connections, and no "Unclosed" at exit
             raise
-        self._producer = producer
+        return producer
+
+    async def _renew(self, failed: Any) -> None:
+        """Replace ``failed``, a producer a batch of which failed.
+
+        aiokafka's idempotent producer numbers a partition's batches; one it
+        gives up (no leader past the request timeout) or the broker refuses
+        keeps its numbers, so every later batch of that partition was
+        refused as out of order, not retried, for the client's life
+        (aio-libs/aiokafka#1017), and a retry never succeeded. A new
+        producer has a new producer id and numbers from 0. The old one is
+        stopped in the background, as :meth:`stop` bounds a stop."""
+        async with self._renewing:
+            if self._producer is not failed:  # renewed by another send meanwhile
+                return
+            try:
+                self._producer = await self._open_producer()
+            except Exception as exc:  # the send's own error is what the caller hears of
+                log.warning("could not replace the producer after a failed send: %r", exc)
+                return
+        retiring = asyncio.create_task(stop_producer(failed, self.delivery_timeout_s))
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
 
     async def stop(self) -> None:
         """Deliver what is pending, then disconnect. Bounded by the delivery
@@ -558,6 +591,8 @@ class SessionClient:
         to the event loop's end, with a warning: those commands may or may not
         have been written (send them again, with the same eventIds)."""
         producer, self._producer = self._producer, None
+        if self._retiring:
+            await asyncio.gather(*self._retiring)
         if producer is None:
             return
         pending = [deadline for f, deadline in self._unacknowledged.items() if not f.done()]
@@ -615,16 +650,15 @@ class SessionClient:
         with :func:`new_event_id` before the first try), or build the command
         (:func:`update_command`, ...) and send that document again.
         """
-        if self._producer is None:
+        producer = self._producer
+        if producer is None:
             raise RuntimeError("the client is not started")
         doc = dict(command)
         if doc.get("eventId") is None:
             doc["eventId"] = new_event_id()
         value = self.validate(doc)
         integration_id = str(doc["integrationId"])  # validated: a non-empty string
-        acknowledged = await self._producer.send(
-            self.topic, value=value, key=integration_id.encode()
-        )
+        acknowledged = await producer.send(self.topic, value=value, key=integration_id.encode())
         self._unacknowledged[acknowledged] = time.monotonic() + self.delivery_timeout_s
         acknowledged.add_done_callback(self._unacknowledged.pop)
         # Waited for, not cancelled past the bound: aiokafka goes on trying.
@@ -637,6 +671,10 @@ class SessionClient:
                 f"acknowledge the command within {self.delivery_timeout_s:g} s; it may "
                 f"still be written: send the same document again (eventId {doc['eventId']})"
             )
+        failure = acknowledged.exception()
+        if failure is not None:
+            await self._renew(producer)
+            raise failure
         metadata = acknowledged.result()
         log.debug(
             "sent %s %s to %s[%d]@%d",

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, OutOfOrderSequenceNumber
 
 from stream_app import json
 from stream_app.client import (
@@ -256,10 +256,12 @@ def test_money_beyond_64_bits_is_a_rejection_and_infinity_a_value_error() -> Non
 
 
 class _FlakyProducer:
-    """Fails its first send after the broker has the record (a timeout), then works."""
+    """Fails its first send after the broker has the record (a timeout), then
+    works; ``values`` may be shared with the producer that replaces it."""
 
-    def __init__(self) -> None:
-        self.values: list[bytes] = []
+    def __init__(self, values: list[bytes] | None = None) -> None:
+        self.values: list[bytes] = [] if values is None else values
+        self.stopped = False
 
     async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[object]:
         self.values.append(value)
@@ -271,6 +273,22 @@ class _FlakyProducer:
             acknowledged.set_result(where)
         return acknowledged
 
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+def _renewed_by(client: SessionClient, values: list[bytes]) -> list[_FlakyProducer]:
+    """Have ``client`` replace a failed producer with a working one writing to
+    ``values``; returns the replacements made."""
+    made: list[_FlakyProducer] = []
+
+    async def open_producer() -> _FlakyProducer:
+        made.append(_FlakyProducer(values))
+        return made[-1]
+
+    client._open_producer = open_producer  # type: ignore[method-assign]
+    return made
+
 
 async def test_a_retried_send_carries_the_same_event_id() -> None:
     """'Send the same document again' holds for built documents (each has an
@@ -278,6 +296,7 @@ async def test_a_retried_send_carries_the_same_event_id() -> None:
     same event_id. A hand-written document is not changed by send()."""
     client = SessionClient(Settings())
     client._producer = producer = _FlakyProducer()
+    _renewed_by(client, producer.values)
     command = reopen_command("c-1")
     with pytest.raises(KafkaTimeoutError):
         await client.send(command)
@@ -285,6 +304,7 @@ async def test_a_retried_send_carries_the_same_event_id() -> None:
     first, second = (json.loads(value)["eventId"] for value in producer.values)
     assert first == second == sent.event_id == command["eventId"]
     client._producer = producer = _FlakyProducer()
+    _renewed_by(client, producer.values)
     event_id = new_event_id()
     with pytest.raises(KafkaTimeoutError):
         await client.return_items("c-1", [returned_item(0)], event_id=event_id)
@@ -295,6 +315,37 @@ async def test_a_retried_send_carries_the_same_event_id() -> None:
     template: dict[str, Any] = {"type": "reopen", "integrationId": "c-1"}
     await client.send(template)
     assert "eventId" not in template
+
+
+async def test_a_producer_whose_send_failed_is_replaced() -> None:
+    """aiokafka's idempotent producer keeps the sequence numbers of a batch it
+    gave up (no leader past its request timeout): every later batch of that
+    partition was refused as out of order, not retried, so the retry the
+    docs ask for never succeeded while the client lived."""
+    client = SessionClient(Settings())
+    failed = _FlakyProducer()
+    made = _renewed_by(client, [b"earlier"])  # whose sends all work
+    client._producer = failed
+
+    async def failing_send(topic: str, value: bytes, key: bytes) -> asyncio.Future[object]:
+        acknowledged: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        acknowledged.set_exception(OutOfOrderSequenceNumber())
+        return acknowledged
+
+    failed.send = failing_send  # type: ignore[method-assign]
+    command = reopen_command("c-1")
+    # Two sends failing at once replace the producer once.
+    outcomes = await asyncio.gather(
+        client.send(command), client.send(reopen_command("c-2")), return_exceptions=True
+    )
+    assert all(isinstance(o, OutOfOrderSequenceNumber) for o in outcomes)
+    assert len(made) == 1
+    assert client._producer is made[0]
+    sent = await client.send(command)  # the retry goes through
+    assert sent.event_id == command["eventId"]
+    await client.stop()
+    assert failed.stopped
+    assert made[0].stopped
 
 
 class _OutageProducer:
