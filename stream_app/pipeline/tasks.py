@@ -503,7 +503,9 @@ async def restore(
     Reads from the offset the store recorded (nothing is discarded). When a
     store's offset lies past its changelog's end (the topic was recreated),
     every store of the task is wiped and read from the beginning: the task's
-    stores hold one state together (the sessions and their id counter).
+    stores hold one state together (the sessions and their id counter). Past
+    only the last stable offset (a transaction still open), it raises a
+    StreamAppError, and the engine starts the task again later.
     """
     consumer = AIOKafkaConsumer(
         **client_options(settings),
@@ -531,6 +533,17 @@ async def restore(
             start = starts[tp]
             if start is not None and start > end[tp]:
                 end[tp] = await _wait_for_end(consumer, tp, start)
+                if start > end[tp] and await _high_watermark(settings, tp) >= start:
+                    # read_committed ends at the first record of a transaction
+                    # still open (a killed exactly_once worker's, left to time
+                    # out when its successor runs at_least_once, which fences
+                    # nothing): the records are there. Wiping threw away state
+                    # ahead of the inputs' offsets, session-id counters included.
+                    raise StreamAppError(
+                        f"store {store.path} is at changelog offset {start}, past the last "
+                        f"stable offset {end[tp]} of {tp.topic}[{tp.partition}]: a "
+                        "transaction is still open on it; waiting for it to end"
+                    )
                 if start > end[tp]:
                     log.warning(
                         "%s: store %s is at changelog offset %d, past the end %d of %s[%d] "
@@ -686,6 +699,23 @@ async def _restore_past_the_client(
             restored,
         )
     return restored if moved else None
+
+
+async def _high_watermark(settings: Settings, tp: TopicPartition) -> int:
+    """The end of ``tp`` including records of transactions still open, where a
+    read_committed end stops at the first of them."""
+    consumer = AIOKafkaConsumer(
+        **client_options(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_uncommitted",
+    )
+    try:
+        await consumer.start()
+        end: int = (await consumer.end_offsets([tp]))[tp]
+        return end
+    finally:
+        await consumer.stop()
 
 
 async def _wait_for_end(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int) -> int:

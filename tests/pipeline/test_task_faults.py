@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from stream_app import json
 from stream_app.domain import ApplicationSettings
-from stream_app.errors import StoreError
+from stream_app.errors import StoreError, StreamAppError
 from stream_app.pipeline import engine as engine_module
 from stream_app.pipeline import tasks as tasks_module
 from stream_app.pipeline import unreadable
@@ -911,4 +911,44 @@ async def test_one_recreated_changelog_rebuilds_every_store_of_the_task(
         assert wiped == ["sessions", "session-ids"]
     finally:
         sessions.close()
+        ids.close()
+
+
+class _OpenTransaction(_TwoChangelogs):
+    """Both changelogs hold 100 records, but a transaction left open at offset
+    60 (a killed exactly_once worker's, when its successor runs at_least_once
+    and so fences nothing) holds a read_committed end there."""
+
+    logs: ClassVar = {tp: [b"p0"] * 100 for tp in _TwoChangelogs.logs}
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.committed = options["isolation_level"] == "read_committed"
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 60 if self.committed else 100)
+
+
+async def test_a_changelog_held_back_by_an_open_transaction_is_waited_for_not_wiped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taken for a recreated topic: every store of the task was wiped and
+    restored up to the held-back end, so the session-id counter went back
+    from 100 to 60 and the next sessions got ids given before."""
+    monkeypatch.setattr(tasks_module, "AIOKafkaConsumer", _OpenTransaction)
+    monkeypatch.setattr(tasks_module, "_OFFSET_AHEAD_GRACE_S", 0.0)
+    resources = RocksDBResources(RocksDBSettings())
+    ids = PartitionStore(tmp_path / "session-ids" / "0", resources)
+    ids.write({b"p0": b"100"}, 100)
+    try:
+        with pytest.raises(StreamAppError, match="a transaction is still open on it"):
+            await tasks_module.restore(
+                Settings(),
+                {"session-ids": ids},
+                {"session-ids": TopicPartition("app-session-ids-changelog", 0)},
+                "commands[0]",
+            )
+        assert ids.get(b"p0") == b"100"
+        assert ids.changelog_offset == 100
+    finally:
         ids.close()
