@@ -390,7 +390,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             raise ConfigurationError(
                 f"local state in {self.state_dir} was built for {recorded} partitions, but "
                 f"the command topic {self.settings.topics.commands} has {self.partitions}: "
-                "re-partitioning is a migration to a new app id (docs/operations.md, Migrate)"
+                "re-partitioning is a migration to a new app id (docs/operations.md, "
+                "Migrate). If the topics were deleted and made again (a development "
+                f"broker started afresh), remove {self.state_dir}"
             )
 
     # -- what the probes and metrics see ---------------------------------------------------

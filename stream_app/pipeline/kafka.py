@@ -185,6 +185,41 @@ async def partition_count(options: dict[str, Any], topic: str) -> int:
     return 0
 
 
+async def committed_offsets(options: dict[str, Any], group_id: str) -> dict[Any, tuple[int, str]]:
+    """Every offset ``group_id`` has committed, with its metadata, by
+    TopicPartition. Raises the Kafka error the group's coordinator answers.
+
+    Not aiokafka's ``list_consumer_group_offsets``: it reads only the errors of
+    partitions, and a coordinator still loading the group's offsets, or one
+    that moved, answers with an error for the whole request and no partition:
+    that read as a group with no offsets at all."""
+    from aiokafka.client import AIOKafkaClient, CoordinationType
+    from aiokafka.errors import for_code
+    from aiokafka.protocol.commit import OffsetFetchRequest
+    from aiokafka.structs import TopicPartition
+
+    client = AIOKafkaClient(**options)
+    try:
+        await client.bootstrap()  # in the try: a failed or cancelled start closes it too
+        coordinator = await client.coordinator_lookup(CoordinationType.GROUP, group_id)
+        response = await client.send(coordinator, OffsetFetchRequest(group_id, None))
+    finally:
+        await client.close()
+    code = getattr(response, "error_code", 0)  # the whole request's (v2 and later)
+    if code:
+        raise for_code(code)(f"fetching the committed offsets of group {group_id}")
+    offsets: dict[Any, tuple[int, str]] = {}
+    for topic, partitions in response.topics:
+        for partition, offset, metadata, partition_code in partitions:
+            if partition_code:
+                raise for_code(partition_code)(
+                    f"fetching the committed offset of group {group_id} for {topic}[{partition}]"
+                )
+            if offset >= 0:
+                offsets[TopicPartition(topic, partition)] = (offset, metadata or "")
+    return offsets
+
+
 class Unreachable(NamedTuple):
     """Why the brokers cannot be reached, and whether they refuse this client
     (credentials, certificates: no retry mends it) rather than not answer."""

@@ -29,7 +29,7 @@ from aiokafka.errors import (
 
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.checkpoint import recorded_partitions
-from stream_app.pipeline.kafka import client_options, not_authorized
+from stream_app.pipeline.kafka import client_options, committed_offsets, not_authorized
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,17 @@ def _refuse_a_shared_changelog(settings: Settings, existing: set[str]) -> None:
     _refuse_a_changelog_shared_with(settings, existing, app)
 
 
+def _only_of(settings: Settings, app: str) -> set[str]:
+    """The internal topics of app id ``app`` that no other app id names: not
+    its first-sessions changelog (app ``app-first``'s sessions changelog),
+    nor, for an id ending in ``-first``, its sessions changelog."""
+    of_app = settings.model_copy(update={"app_id": app})
+    shared = {changelog_topic(of_app, FIRST_SESSIONS_STORE)}
+    if app.endswith(_FIRST):
+        shared.add(changelog_topic(of_app, SESSIONS_STORE))
+    return set(internal_topics(of_app)) - shared
+
+
 def _refuse_a_changelog_shared_with(settings: Settings, existing: set[str], first: str) -> None:
     """:func:`_refuse_a_shared_changelog` for the pair of apps ``first`` and
     ``first-first``, one of which is this app."""
@@ -170,9 +181,8 @@ def _refuse_a_changelog_shared_with(settings: Settings, existing: set[str], firs
     newcomer = app != first  # this app is the -first one
     other = first if newcomer else first + _FIRST
     shared = changelog_topic(settings.model_copy(update={"app_id": first}), FIRST_SESSIONS_STORE)
-    theirs = set(internal_topics(settings.model_copy(update={"app_id": other}))) - {shared}
-    found = ", ".join(sorted(theirs & existing))
-    mine = set(internal_topics(settings)) - {shared}
+    found = ", ".join(sorted(_only_of(settings, other) & existing))
+    mine = _only_of(settings, app)
     if found and (newcomer or not mine & existing):
         its = "first-sessions changelog" if newcomer else "sessions changelog"
         raise ConfigurationError(
@@ -246,9 +256,7 @@ async def _described(
     return described
 
 
-async def _refuse_a_changed_partition_count(
-    admin: AIOKafkaAdminClient, settings: Settings, partitions: int
-) -> None:
+async def _refuse_a_changed_partition_count(settings: Settings, partitions: int) -> None:
     """Refuse to start when the group's committed offsets record state built
     for another partition count (``checkpoint.offset_metadata``).
 
@@ -260,17 +268,21 @@ async def _refuse_a_changed_partition_count(
     is refused by its layout file; this refuses the others.
     """
     try:
-        committed = await admin.list_consumer_group_offsets(settings.app_id)
+        committed = await committed_offsets(client_options(settings), settings.app_id)
     except KafkaError as exc:
         refused = not_authorized(exc)
         if refused is not None:
             raise refused from exc
         raise
+    inputs = {settings.topics.commands, rekey_topic(settings), profile_topic(settings)}
     other = sorted(
-        # The command topic's named first.
+        # The command topic's named first. Only the worker's inputs: offsets
+        # left for a topic it no longer reads say nothing of its state.
         (tp.topic != settings.topics.commands, tp.topic, tp.partition, count)
-        for tp, offset in committed.items()
-        if (count := recorded_partitions(offset.metadata)) is not None and count != partitions
+        for tp, (_, metadata) in committed.items()
+        if tp.topic in inputs
+        and (count := recorded_partitions(metadata)) is not None
+        and count != partitions
     )
     if other:
         _, topic, partition, count = other[0]
@@ -400,7 +412,7 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
                 "command topic's count (re-partitioning is a migration, not a setting)"
             )
         if worker:
-            await _refuse_a_changed_partition_count(admin, settings, partitions)
+            await _refuse_a_changed_partition_count(settings, partitions)
         await _refuse_unwritable_creations(
             admin, settings, [s.name for s in specs if s.name not in existing]
         )

@@ -504,9 +504,6 @@ class EmptyCluster:
     async def describe_cluster(self) -> dict[str, object]:
         return {"brokers": [{"node_id": 1, "host": "127.0.0.1", "port": 9092}]}
 
-    async def list_consumer_group_offsets(self, group_id: str) -> dict[TopicPartition, object]:
-        return {}
-
 
 class FixedRecordsConsumer:
     """Stands for an AIOKafkaConsumer assigned partitions that hold

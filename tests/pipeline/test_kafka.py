@@ -215,6 +215,70 @@ def test_a_topic_is_looked_up_without_creating_it(monkeypatch: pytest.MonkeyPatc
     assert request.build(MetadataRequest_v5).allow_auto_topic_creation is False
 
 
+class _OffsetsClient(IdleKafkaClient):
+    """aiokafka's client, whose group coordinator answers an OffsetFetch with
+    ``error_code`` for the whole request, or with ``topics``."""
+
+    error_code = 0
+    topics: ClassVar[list[Any]] = []
+
+    async def coordinator_lookup(self, coordinator_type: int, key: str) -> int:
+        return 2
+
+    async def send(self, node_id: int, request: Any) -> Any:
+        assert node_id == 2
+        return SimpleNamespace(error_code=self.error_code, topics=self.topics)
+
+
+@pytest.mark.parametrize(
+    ("error_code", "raised"),
+    [(14, "GroupLoadInProgressError"), (16, "NotCoordinatorForGroupError"), (30, None)],
+)
+def test_a_group_s_offsets_the_coordinator_cannot_give_are_an_error_not_none(
+    monkeypatch: pytest.MonkeyPatch, error_code: int, raised: str | None
+) -> None:
+    """aiokafka's list_consumer_group_offsets reads only the partitions'
+    errors: a coordinator still loading the group's offsets answered with no
+    partition, read as a group with no offsets, and the worker's check of
+    the partition count it records passed."""
+    import aiokafka.client
+    from aiokafka.errors import GroupAuthorizationFailedError, KafkaError
+
+    from stream_app.pipeline.kafka import committed_offsets, not_authorized
+
+    monkeypatch.setattr(aiokafka.client, "AIOKafkaClient", _OffsetsClient)
+    monkeypatch.setattr(_OffsetsClient, "error_code", error_code)
+    with pytest.raises(KafkaError) as caught:
+        asyncio.run(committed_offsets({}, "app"))
+    if raised is None:  # no Describe on the group: stops the worker (exit 2)
+        assert isinstance(caught.value, GroupAuthorizationFailedError)
+        assert not_authorized(caught.value) is not None
+    else:  # retried, as any Kafka error of the start
+        assert type(caught.value).__name__ == raised
+        assert caught.value.retriable
+
+
+def test_a_group_s_committed_offsets_come_with_their_metadata(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import aiokafka.client
+    from aiokafka.errors import UnknownTopicOrPartitionError
+    from aiokafka.structs import TopicPartition
+
+    from stream_app.pipeline.kafka import committed_offsets
+
+    monkeypatch.setattr(aiokafka.client, "AIOKafkaClient", _OffsetsClient)
+    answer = [("c", [(0, 10, '{"partitions":6}', 0), (1, -1, "", 0), (2, 4, None, 0)])]
+    monkeypatch.setattr(_OffsetsClient, "topics", answer)
+    assert asyncio.run(committed_offsets({}, "app")) == {
+        TopicPartition("c", 0): (10, '{"partitions":6}'),
+        TopicPartition("c", 2): (4, ""),
+    }
+    monkeypatch.setattr(_OffsetsClient, "topics", [("c", [(0, -1, "", 3)])])
+    with pytest.raises(UnknownTopicOrPartitionError, match=r"for c\[0\]"):
+        asyncio.run(committed_offsets({}, "app"))
+
+
 def test_a_tls_file_that_stopped_loading_is_a_configuration_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -18,7 +18,7 @@ from aiokafka.errors import (
     RequestTimedOutError,
 )
 from aiokafka.protocol.admin import CreateTopicsResponse_v0, CreateTopicsResponse_v3
-from aiokafka.structs import OffsetAndMetadata, TopicPartition
+from aiokafka.structs import TopicPartition
 
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline import topics as topics_module
@@ -190,6 +190,17 @@ def test_the_internal_topics_are_created_to_keep_what_is_not_yet_processed() -> 
         # Whatever the broker's log.retention.* defaults are.
         for broker_default in ({}, {"retention.ms": WEEK_MS, "retention.bytes": "1073741824"}):
             assert deletes_records({**broker_default, **config}) is None
+
+
+@pytest.fixture(autouse=True)
+def _no_committed_offsets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's start reads its group's offsets (kafka.committed_offsets):
+    these clusters have none."""
+
+    async def none(options: object, group_id: str) -> dict[TopicPartition, tuple[int, str]]:
+        return {}
+
+    monkeypatch.setattr(topics_module, "committed_offsets", none)
 
 
 def _admin_with_configs(configs: dict[str, dict[str, str]]) -> type:
@@ -794,17 +805,17 @@ async def test_a_group_whose_offsets_record_another_partition_count_is_refused(
         async def describe_topics(self, names: list[str]) -> list[object]:
             return [{"topic": name, "error_code": 0, "partitions": [{}] * 12} for name in names]
 
-        async def list_consumer_group_offsets(
-            self, group_id: str
-        ) -> dict[TopicPartition, OffsetAndMetadata]:
-            assert group_id == settings.app_id
-            rekeyed = TopicPartition(topics_module.rekey_topic(settings), 0)
-            return {
-                rekeyed: OffsetAndMetadata(5, metadata),
-                commands: OffsetAndMetadata(10, metadata),
-            }
+    async def committed(options: object, group_id: str) -> dict[TopicPartition, tuple[int, str]]:
+        assert group_id == settings.app_id
+        return {
+            TopicPartition(topics_module.rekey_topic(settings), 0): (5, metadata),
+            commands: (10, metadata),
+            # A topic the worker no longer reads (a former command topic).
+            TopicPartition("sessions.commands-old", 0): (7, offset_metadata(3)),
+        }
 
     monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", Admin)
+    monkeypatch.setattr(topics_module, "committed_offsets", committed)
     # Commands that create or list topics do not restore state: not refused.
     assert (await topics_module.ensure_topics(settings)).partitions == 12
     if not refused:
@@ -859,3 +870,11 @@ async def test_an_app_id_ending_in_first_is_checked_against_both_neighbours() ->
         "app id a-first shares the topic a-first-first-sessions-changelog with app "
         "a-first-first (its sessions changelog), whose topics exist on this cluster"
     )
+    # App a shares nothing with a running a-first-first, whose sessions
+    # changelog is named as app a-first's first-sessions changelog would be.
+    running = {
+        *theirs,
+        "a-first-first-sessions-changelog",
+        "a-first-first-first-sessions-changelog",
+    }
+    topics_module._refuse_a_shared_changelog(Settings(app_id="a"), running)
