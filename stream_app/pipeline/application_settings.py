@@ -73,6 +73,8 @@ class ApplicationSettingsRegistry:
     def __init__(self, from_file: dict[int, ApplicationSettings] | None = None) -> None:
         self._from_file = dict(from_file or {})
         self._from_topic: dict[int, ApplicationSettings] = {}
+        #: The sets of unknown keys already named (see _warn_of_unknown_keys).
+        self._told: set[frozenset[str]] = set()
 
     @classmethod
     def load(cls, path: Path | None) -> ApplicationSettingsRegistry:
@@ -84,7 +86,7 @@ class ApplicationSettingsRegistry:
             raise ConfigurationError(f"cannot read application settings {path}: {exc}") from exc
         if not isinstance(doc, dict):
             raise ConfigurationError(f"{path}: expected an object keyed by applicationId")
-        parsed: dict[int, ApplicationSettings] = {}
+        registry = cls()
         for key, value in doc.items():
             # As the topic's keys: "07", " 7" or "1_0" were read as 7 and 10,
             # a later one silently replacing an earlier ("7" and "07").
@@ -95,11 +97,11 @@ class ApplicationSettingsRegistry:
                     f"(1..{INT32_MAX}, no sign, spaces or leading zeros)"
                 )
             try:
-                parsed[application_id] = ApplicationSettings.from_document(value)
+                registry._from_file[application_id] = ApplicationSettings.from_document(value)
             except (ValueError, ConfigurationError) as exc:
                 raise ConfigurationError(f"{path}: application {key}: {exc}") from exc
-            _warn_of_unknown_keys(value, f"{path}: application {key}")
-        return cls(parsed)
+            registry._warn_of_unknown_keys(value, f"{path}: application {key}")
+        return registry
 
     def settings_for(self, application_id: int) -> ApplicationSettings:
         found = self._from_topic.get(application_id)
@@ -140,31 +142,39 @@ class ApplicationSettingsRegistry:
                 application_id,
             )
             return
-        _warn_of_unknown_keys(doc, f"application settings record key={excerpt(key)}")
+        self._warn_of_unknown_keys(doc, f"application settings record key={excerpt(key)}")
         self._from_topic[application_id] = parsed
 
-
-#: Unknown keys a warning names (a record may hold thousands).
-_UNKNOWN_KEYS_SHOWN: Final = 5
-
-
-def _warn_of_unknown_keys(doc: dict[Any, Any], where: str) -> None:
-    """Unknown keys are ignored (the contract, section 7), but a document with
-    ``additional_costs`` or the settings file's own shape under one key gave
-    the application the defaults, every cost and attribute allowed, silently."""
-    unknown = sorted(str(k) for k in doc if k not in ApplicationSettings.KEYS)
-    if unknown:
+    def _warn_of_unknown_keys(self, doc: dict[Any, Any], where: str) -> None:
+        """Unknown keys are ignored (the contract, section 7), but a document
+        with ``additional_costs`` or the settings file's own shape under one
+        key gave the application the defaults, every cost and attribute
+        allowed, silently. Each set of unknown keys is named once: documents
+        that carry more than settings on purpose, for thousands of
+        applications, are not a line each at every start."""
+        unknown = sorted(str(k) for k in doc if k not in ApplicationSettings.KEYS)
+        if not unknown or frozenset(unknown) in self._told:
+            return
+        if len(self._told) < _UNKNOWN_KEY_SETS_TOLD:
+            self._told.add(frozenset(unknown))
         shown = [
             repr(k) if len(k) <= 64 else f"{k[:64]!r}..." for k in unknown[:_UNKNOWN_KEYS_SHOWN]
         ]
         more = len(unknown) - len(shown)
         log.warning(
-            "%s: ignoring keys that are not settings: %s%s (the settings are %s)",
+            "%s: ignoring keys that are not settings: %s%s (the settings are %s; "
+            "documents with just these unknown keys are not named again)",
             where,
             ", ".join(shown),
             f" and {more} more" if more else "",
             ", ".join(ApplicationSettings.KEYS),
         )
+
+
+#: Unknown keys a warning names (a record may hold thousands).
+_UNKNOWN_KEYS_SHOWN: Final = 5
+#: Sets of unknown keys remembered as named (past it, each is named again).
+_UNKNOWN_KEY_SETS_TOLD: Final = 1000
 
 
 #: Seconds between the first read's attempts while Kafka cannot be reached.
