@@ -523,8 +523,8 @@ class SessionClient:
         self._producer: Any = None
         #: Commands handed to the producer and not yet acknowledged: by when.
         self._unacknowledged: dict[asyncio.Future[Any], float] = {}
-        #: Held while a producer whose send failed is replaced (_renew).
-        self._renewing = asyncio.Lock()
+        #: The replacement of a producer whose send failed (_renew), if one runs.
+        self._renewing: asyncio.Task[None] | None = None
         #: The stops of producers replaced, each bounded as :meth:`stop` is.
         self._retiring: set[asyncio.Task[bool]] = set()
 
@@ -563,24 +563,37 @@ class SessionClient:
             raise
         return producer
 
-    async def _renew(self, failed: Any) -> None:
-        """Replace ``failed``, a producer a batch of which failed.
+    def _renew(self, failed: Any) -> None:
+        """Have ``failed``, a producer a send of which failed, replaced.
 
         aiokafka's idempotent producer numbers a partition's batches; one it
         gives up (no leader past the request timeout) or the broker refuses
         keeps its numbers, so every later batch of that partition was
         refused as out of order, not retried, for the client's life
         (aio-libs/aiokafka#1017), and a retry never succeeded. A new
-        producer has a new producer id and numbers from 0. The old one is
-        stopped in the background, as :meth:`stop` bounds a stop."""
-        async with self._renewing:
-            if self._producer is not failed:  # renewed by another send meanwhile
-                return
-            try:
-                self._producer = await self._open_producer()
-            except Exception as exc:  # the send's own error is what the caller hears of
-                log.warning("could not replace the producer after a failed send: %r", exc)
-                return
+        producer has a new producer id and numbers from 0.
+
+        In the background: the failed send raises at once, and sends failing
+        meanwhile start no second replacement (against brokers that do not
+        answer, each took up to a request timeout per address, one after
+        another). Sends go on through ``failed`` until it is replaced."""
+        if self._producer is not failed or self._renewing is not None:
+            return
+        self._renewing = asyncio.create_task(self._replace(failed))
+
+    async def _replace(self, failed: Any) -> None:
+        try:
+            producer = await self._open_producer()
+        except Exception as exc:  # a later failed send tries again
+            log.warning("could not replace the producer after a failed send: %r", exc)
+            return
+        finally:
+            self._renewing = None
+        if self._producer is not failed:  # stopped meanwhile
+            await producer.stop()
+            return
+        self._producer = producer
+        # Bounded as stop() bounds a stop: its sends may still be pending.
         retiring = asyncio.create_task(stop_producer(failed, self.delivery_timeout_s))
         self._retiring.add(retiring)
         retiring.add_done_callback(self._retiring.discard)
@@ -591,6 +604,10 @@ class SessionClient:
         to the event loop's end, with a warning: those commands may or may not
         have been written (send them again, with the same eventIds)."""
         producer, self._producer = self._producer, None
+        if self._renewing is not None:
+            # Cancelled: a producer it was starting is stopped (_open_producer).
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
         if self._retiring:
             await asyncio.gather(*self._retiring)
         if producer is None:
@@ -673,7 +690,7 @@ class SessionClient:
             )
         failure = acknowledged.exception()
         if failure is not None:
-            await self._renew(producer)
+            self._renew(producer)
             raise failure
         metadata = acknowledged.result()
         log.debug(

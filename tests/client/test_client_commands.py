@@ -339,6 +339,8 @@ async def test_a_producer_whose_send_failed_is_replaced() -> None:
         client.send(command), client.send(reopen_command("c-2")), return_exceptions=True
     )
     assert all(isinstance(o, OutOfOrderSequenceNumber) for o in outcomes)
+    if client._renewing is not None:  # in the background: maybe still running
+        await client._renewing
     assert len(made) == 1
     assert client._producer is made[0]
     sent = await client.send(command)  # the retry goes through
@@ -346,6 +348,32 @@ async def test_a_producer_whose_send_failed_is_replaced() -> None:
     await client.stop()
     assert failed.stopped
     assert made[0].stopped
+
+
+async def test_a_send_that_failed_does_not_wait_for_the_replacement_nor_does_stop() -> None:
+    """A replacement against brokers that do not answer took up to a request
+    timeout per address, and each failed send waited for one, one after
+    another; a stop meanwhile left the new producer running."""
+    client = SessionClient(Settings())
+    client._producer = failed = _FlakyProducer()
+    opening = asyncio.Event()
+
+    async def open_producer() -> _FlakyProducer:
+        opening.set()
+        await asyncio.Event().wait()  # Kafka does not answer
+        raise AssertionError("never reached")
+
+    client._open_producer = open_producer  # type: ignore[method-assign]
+    with pytest.raises(KafkaTimeoutError):
+        await asyncio.wait_for(client.send(reopen_command("c-1")), 5)
+    await asyncio.wait_for(opening.wait(), 5)
+    # Sends go on through the failed producer meanwhile (its other partitions work).
+    assert (await client.send(reopen_command("c-2"))).offset == 2
+    await asyncio.wait_for(client.stop(), 5)
+    assert client._renewing is None
+    assert failed.stopped
+    with pytest.raises(RuntimeError, match="not started"):
+        await client.send(reopen_command("c-3"))
 
 
 class _OutageProducer:
