@@ -256,6 +256,11 @@ async def _described(
     return described
 
 
+#: Lookups of the group's coordinator that a not-yet-available one is given.
+_COORDINATOR_ATTEMPTS: Final = 20
+_COORDINATOR_PAUSE_S: Final = 0.25
+
+
 async def _refuse_a_changed_partition_count(settings: Settings, partitions: int) -> None:
     """Refuse to start when the group's committed offsets record state built
     for another partition count (``checkpoint.offset_metadata``).
@@ -267,13 +272,21 @@ async def _refuse_a_changed_partition_count(settings: Settings, partitions: int)
     longer hash to, and session ids given twice. A worker that keeps its disk
     is refused by its layout file; this refuses the others.
     """
-    try:
-        committed = await committed_offsets(client_options(settings), settings.app_id)
-    except KafkaError as exc:
-        refused = not_authorized(exc)
-        if refused is not None:
-            raise refused from exc
-        raise
+    for attempt in range(_COORDINATOR_ATTEMPTS):
+        try:
+            committed = await committed_offsets(client_options(settings), settings.app_id)
+            break
+        except KafkaError as exc:
+            refused = not_authorized(exc)
+            if refused is not None:
+                raise refused from exc
+            # A new cluster makes its offsets topic at the first group's
+            # lookup, and answers "not available" meanwhile: asked again
+            # quietly, as a consumer's join does, before the start's backoff
+            # says anything.
+            if not exc.retriable or attempt == _COORDINATOR_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(_COORDINATOR_PAUSE_S)
     inputs = {settings.topics.commands, rekey_topic(settings), profile_topic(settings)}
     other = sorted(
         # The command topic's named first. Only the worker's inputs: offsets

@@ -878,3 +878,36 @@ async def test_an_app_id_ending_in_first_is_checked_against_both_neighbours() ->
         "a-first-first-first-sessions-changelog",
     }
     topics_module._refuse_a_shared_changelog(Settings(app_id="a"), running)
+
+
+async def test_a_coordinator_not_yet_available_is_asked_again_quietly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new cluster makes its offsets topic at the first group lookup and
+    answers "not available" meanwhile: every first start of a worker on a
+    fresh broker (the demo's) logged a retry at WARNING."""
+    from aiokafka.errors import CoordinatorNotAvailableError, GroupAuthorizationFailedError
+
+    answers: list[Exception | None] = [CoordinatorNotAvailableError(), None]
+
+    async def committed(options: object, group_id: str) -> dict[TopicPartition, tuple[int, str]]:
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+        return {}
+
+    monkeypatch.setattr(topics_module, "committed_offsets", committed)
+    monkeypatch.setattr(topics_module, "_COORDINATOR_PAUSE_S", 0.0)
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _admin_with_configs({}))
+    with caplog.at_level(logging.INFO, logger=topics_module.__name__):
+        await topics_module.ensure_topics(Settings(), worker=True)
+    assert answers == []
+    assert "Coordinator" not in caplog.text
+    # Not retried: a refusal (exit 2), or still unavailable after the attempts.
+    answers[:] = [GroupAuthorizationFailedError()]
+    with pytest.raises(ConfigurationError, match="does not authorize"):
+        await topics_module.ensure_topics(Settings(), worker=True)
+    answers[:] = [CoordinatorNotAvailableError()] * topics_module._COORDINATOR_ATTEMPTS
+    with pytest.raises(CoordinatorNotAvailableError):
+        await topics_module.ensure_topics(Settings(), worker=True)
+    assert answers == []
