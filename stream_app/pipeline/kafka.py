@@ -194,20 +194,23 @@ async def committed_offsets(options: dict[str, Any], group_id: str) -> dict[Any,
     that moved, answers with an error for the whole request and no partition:
     that read as a group with no offsets at all."""
     from aiokafka.client import AIOKafkaClient, CoordinationType
-    from aiokafka.errors import for_code
+    from aiokafka.errors import GroupAuthorizationFailedError, for_code
     from aiokafka.protocol.commit import OffsetFetchRequest
     from aiokafka.structs import TopicPartition
 
     client = AIOKafkaClient(**options)
     try:
         await client.bootstrap()  # in the try: a failed or cancelled start closes it too
-        coordinator = await client.coordinator_lookup(CoordinationType.GROUP, group_id)
+        try:
+            coordinator = await client.coordinator_lookup(CoordinationType.GROUP, group_id)
+        except GroupAuthorizationFailedError as exc:  # aiokafka's names no group
+            raise GroupAuthorizationFailedError(group_id) from exc
         response = await client.send(coordinator, OffsetFetchRequest(group_id, None))
     finally:
         await client.close()
     code = getattr(response, "error_code", 0)  # the whole request's (v2 and later)
     if code:
-        raise for_code(code)(f"fetching the committed offsets of group {group_id}")
+        raise for_code(code)(group_id)  # named as the consumer's join names it
     offsets: dict[Any, tuple[int, str]] = {}
     for topic, partitions in response.topics:
         for partition, offset, metadata, partition_code in partitions:

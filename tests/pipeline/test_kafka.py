@@ -221,8 +221,11 @@ class _OffsetsClient(IdleKafkaClient):
 
     error_code = 0
     topics: ClassVar[list[Any]] = []
+    lookup_error: ClassVar[Exception | None] = None
 
     async def coordinator_lookup(self, coordinator_type: int, key: str) -> int:
+        if self.lookup_error is not None:
+            raise self.lookup_error
         return 2
 
     async def send(self, node_id: int, request: Any) -> Any:
@@ -256,6 +259,11 @@ def test_a_group_s_offsets_the_coordinator_cannot_give_are_an_error_not_none(
     else:  # retried, as any Kafka error of the start
         assert type(caught.value).__name__ == raised
         assert caught.value.retriable
+    assert str(caught.value).endswith(": app")  # the group, as the consumer's join names it
+    # Refused at the coordinator's lookup, which aiokafka raises naming nothing.
+    monkeypatch.setattr(_OffsetsClient, "lookup_error", GroupAuthorizationFailedError())
+    with pytest.raises(GroupAuthorizationFailedError, match=r": app$"):
+        asyncio.run(committed_offsets({}, "app"))
 
 
 def test_a_group_s_committed_offsets_come_with_their_metadata(
