@@ -544,7 +544,7 @@ class SessionClient:
         """A started idempotent producer of this client's settings."""
         from aiokafka import AIOKafkaProducer
 
-        from stream_app.pipeline.kafka import client_options
+        from stream_app.pipeline.kafka import client_options, stop_fully
 
         producer = AIOKafkaProducer(
             **client_options(self.settings),
@@ -559,7 +559,9 @@ class SessionClient:
         try:
             await producer.start()
         except BaseException:
-            await producer.stop()  # its connections, and no "Unclosed" at exit
+            # Its connections, and no "Unclosed" at exit; carried to its end
+            # when this start was cancelled (a stop) and is cancelled again.
+            await stop_fully(producer)
             raise
         return producer
 
@@ -602,29 +604,36 @@ class SessionClient:
         """Deliver what is pending, then disconnect. Bounded by the delivery
         timeout of the commands still pending; past it, the producer is left
         to the event loop's end, with a warning: those commands may or may not
-        have been written (send them again, with the same eventIds)."""
+        have been written (send them again, with the same eventIds). Producers
+        replaced after a failed send (:meth:`_renew`) are stopped within the
+        same bound."""
         producer, self._producer = self._producer, None
-        if self._renewing is not None:
-            # Cancelled: a producer it was starting is stopped (_open_producer).
-            self._renewing.cancel()
-            await asyncio.gather(self._renewing, return_exceptions=True)
-        if self._retiring:
-            await asyncio.gather(*self._retiring)
-        if producer is None:
-            return
+        renewing, self._renewing = self._renewing, None
+        if renewing is not None:  # cancelled once: it stops what it was starting
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
         pending = [deadline for f, deadline in self._unacknowledged.items() if not f.done()]
-        if not pending:
-            await producer.stop()
+        if not pending:  # nothing left to deliver: their own stops
+            await asyncio.gather(*self._retiring)
+            if producer is not None:
+                await producer.stop()
             return
         bound = max(max(pending) - time.monotonic(), STOP_AFTER_GIVING_UP_S)
-        if await stop_producer(producer, bound):
-            return
-        log.warning(
-            "stopped with %d command(s) Kafka at %s has not acknowledged: they may "
-            "still be written; send them again, with the same eventIds",
-            sum(not f.done() for f in self._unacknowledged),
-            self.settings.bootstrap_servers,
-        )
+        stops = set(self._retiring)
+        if producer is not None:
+            stops.add(asyncio.ensure_future(stop_producer(producer, bound)))
+        _, unfinished = await asyncio.wait(stops, timeout=bound) if stops else (set(), set())
+        for stopping in unfinished:  # its producer left to the event loop's end
+            stopping.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        left = sum(not f.done() for f in self._unacknowledged)
+        if left:
+            log.warning(
+                "stopped with %d command(s) Kafka at %s has not acknowledged: they may "
+                "still be written; send them again, with the same eventIds",
+                left,
+                self.settings.bootstrap_servers,
+            )
 
     async def __aenter__(self) -> SessionClient:
         await self.start()

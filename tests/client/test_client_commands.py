@@ -376,6 +376,36 @@ async def test_a_send_that_failed_does_not_wait_for_the_replacement_nor_does_sto
         await client.send(reopen_command("c-3"))
 
 
+async def test_a_replaced_producer_holding_a_command_is_stopped_within_the_bound_and_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A producer replaced after a failed send was stopped with a bound of
+    its own, from its replacement: stop() waited past the commands' delivery
+    timeout, and said nothing of the command it still held."""
+    client = SessionClient(Settings(), delivery_timeout_s=1.0)
+    old = _OutageProducer()  # holds what it is given, and never stops
+
+    async def send(topic: str, value: bytes, key: bytes) -> asyncio.Future[object]:
+        acknowledged: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        if key == b"c-2":
+            acknowledged.set_exception(OutOfOrderSequenceNumber())
+        return acknowledged
+
+    old.send = send  # type: ignore[method-assign]
+    client._producer = old
+    _renewed_by(client, [b"earlier"])
+    held = asyncio.ensure_future(client.send(reopen_command("c-1")))
+    await asyncio.sleep(0.1)
+    with pytest.raises(OutOfOrderSequenceNumber):
+        await client.send(reopen_command("c-2"))
+    with pytest.raises(KafkaTimeoutError):
+        await held
+    with caplog.at_level(logging.WARNING, logger="stream_app.client"):
+        await asyncio.wait_for(client.stop(), 10)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("stopped with 1 command(s) Kafka at 127.0.0.1:9092 has not")
+
+
 class _OutageProducer:
     """A broker gone after the client connected: aiokafka's idempotent
     producer retries the command's batch for as long as the outage lasts, and
