@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -19,9 +20,12 @@ from typing import Any, Final
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
+    GroupCoordinatorNotAvailableError,
+    GroupLoadInProgressError,
     KafkaError,
     LeaderNotAvailableError,
     NoError,
+    NotCoordinatorForGroupError,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
     for_code,
@@ -256,9 +260,15 @@ async def _described(
     return described
 
 
-#: Lookups of the group's coordinator that a not-yet-available one is given.
-_COORDINATOR_ATTEMPTS: Final = 20
+#: How long a group coordinator not yet available, loading or moving is
+#: asked again before the start's backoff says so, and how often.
+_COORDINATOR_QUIET_S: Final = 5.0
 _COORDINATOR_PAUSE_S: Final = 0.25
+_COORDINATOR_MOVING: Final = (
+    GroupCoordinatorNotAvailableError,
+    GroupLoadInProgressError,
+    NotCoordinatorForGroupError,
+)
 
 
 async def _refuse_a_changed_partition_count(settings: Settings, partitions: int) -> None:
@@ -272,7 +282,8 @@ async def _refuse_a_changed_partition_count(settings: Settings, partitions: int)
     longer hash to, and session ids given twice. A worker that keeps its disk
     is refused by its layout file; this refuses the others.
     """
-    for attempt in range(_COORDINATOR_ATTEMPTS):
+    deadline = time.monotonic() + _COORDINATOR_QUIET_S
+    while True:
         try:
             committed = await committed_offsets(client_options(settings), settings.app_id)
             break
@@ -282,9 +293,10 @@ async def _refuse_a_changed_partition_count(settings: Settings, partitions: int)
                 raise refused from exc
             # A new cluster makes its offsets topic at the first group's
             # lookup, and answers "not available" meanwhile: asked again
-            # quietly, as a consumer's join does, before the start's backoff
-            # says anything.
-            if not exc.retriable or attempt == _COORDINATOR_ATTEMPTS - 1:
+            # quietly for a few seconds, as a consumer's join does, before
+            # the start's backoff says anything. Not a timeout or a lost
+            # connection: the backoff says those at once.
+            if not isinstance(exc, _COORDINATOR_MOVING) or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(_COORDINATOR_PAUSE_S)
     inputs = {settings.topics.commands, rekey_topic(settings), profile_topic(settings)}

@@ -886,7 +886,11 @@ async def test_a_coordinator_not_yet_available_is_asked_again_quietly(
     """A new cluster makes its offsets topic at the first group lookup and
     answers "not available" meanwhile: every first start of a worker on a
     fresh broker (the demo's) logged a retry at WARNING."""
-    from aiokafka.errors import CoordinatorNotAvailableError, GroupAuthorizationFailedError
+    from aiokafka.errors import (
+        CoordinatorNotAvailableError,
+        GroupAuthorizationFailedError,
+        KafkaConnectionError,
+    )
 
     answers: list[Exception | None] = [CoordinatorNotAvailableError(), None]
 
@@ -903,11 +907,17 @@ async def test_a_coordinator_not_yet_available_is_asked_again_quietly(
         await topics_module.ensure_topics(Settings(), worker=True)
     assert answers == []
     assert "Coordinator" not in caplog.text
-    # Not retried: a refusal (exit 2), or still unavailable after the attempts.
+    # Not retried here: a refusal (exit 2); a timeout or a lost connection
+    # (each attempt can take a request timeout: the start's backoff says so at
+    # once); a coordinator still unavailable past a few seconds.
     answers[:] = [GroupAuthorizationFailedError()]
     with pytest.raises(ConfigurationError, match="does not authorize"):
         await topics_module.ensure_topics(Settings(), worker=True)
-    answers[:] = [CoordinatorNotAvailableError()] * topics_module._COORDINATOR_ATTEMPTS
+    for error in (RequestTimedOutError(), KafkaConnectionError()):
+        answers[:] = [error, None]
+        with pytest.raises(type(error)):
+            await topics_module.ensure_topics(Settings(), worker=True)
+    monkeypatch.setattr(topics_module, "_COORDINATOR_QUIET_S", 0.0)
+    answers[:] = [CoordinatorNotAvailableError(), None]
     with pytest.raises(CoordinatorNotAvailableError):
         await topics_module.ensure_topics(Settings(), worker=True)
-    assert answers == []
