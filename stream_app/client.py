@@ -607,16 +607,20 @@ class SessionClient:
         have been written (send them again, with the same eventIds). Producers
         replaced after a failed send (:meth:`_renew`) are stopped within the
         same bound."""
+        from stream_app.pipeline.kafka import stop_fully
+
         producer, self._producer = self._producer, None
         renewing, self._renewing = self._renewing, None
         if renewing is not None:  # cancelled once: it stops what it was starting
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
+        if producer is None and not self._retiring:  # never started, or stopped already
+            return
         pending = [deadline for f, deadline in self._unacknowledged.items() if not f.done()]
         if not pending:  # nothing left to deliver: their own stops
             await asyncio.gather(*self._retiring)
             if producer is not None:
-                await producer.stop()
+                await stop_fully(producer)  # a cancelled stop() does not cut it short
             return
         bound = max(max(pending) - time.monotonic(), STOP_AFTER_GIVING_UP_S)
         stops = set(self._retiring)
@@ -627,6 +631,7 @@ class SessionClient:
             stopping.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
         left = sum(not f.done() for f in self._unacknowledged)
+        self._unacknowledged.clear()  # said once: not again by a later stop()
         if left:
             log.warning(
                 "stopped with %d command(s) Kafka at %s has not acknowledged: they may "
@@ -686,7 +691,7 @@ class SessionClient:
         integration_id = str(doc["integrationId"])  # validated: a non-empty string
         acknowledged = await producer.send(self.topic, value=value, key=integration_id.encode())
         self._unacknowledged[acknowledged] = time.monotonic() + self.delivery_timeout_s
-        acknowledged.add_done_callback(self._unacknowledged.pop)
+        acknowledged.add_done_callback(lambda done: self._unacknowledged.pop(done, None))
         # Waited for, not cancelled past the bound: aiokafka goes on trying.
         done, _ = await asyncio.wait({acknowledged}, timeout=self.delivery_timeout_s)
         if not done:

@@ -404,6 +404,11 @@ async def test_a_replaced_producer_holding_a_command_is_stopped_within_the_bound
         await asyncio.wait_for(client.stop(), 10)
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith("stopped with 1 command(s) Kafka at 127.0.0.1:9092 has not")
+    # Said once: a second stop() has nothing more to say.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stream_app.client"):
+        await asyncio.wait_for(client.stop(), 10)
+    assert caplog.records == []
 
 
 class _OutageProducer:
