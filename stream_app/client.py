@@ -584,6 +584,8 @@ class SessionClient:
         self._renewing = asyncio.create_task(self._replace(failed))
 
     async def _replace(self, failed: Any) -> None:
+        from stream_app.pipeline.kafka import stop_fully
+
         try:
             producer = await self._open_producer()
         except Exception as exc:  # a later failed send tries again
@@ -592,7 +594,7 @@ class SessionClient:
         finally:
             self._renewing = None
         if self._producer is not failed:  # stopped meanwhile
-            await producer.stop()
+            await stop_fully(producer)
             return
         self._producer = producer
         # Bounded as stop() bounds a stop: its sends may still be pending.
