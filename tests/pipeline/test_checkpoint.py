@@ -83,6 +83,9 @@ BATCH_CHANGES: dict[str, list[tuple[bytes, bytes | None]]] = {
 #: ... and leaves the stores so.
 AFTER = {SESSIONS: {b"a": b"a3", b"c": b"c1", b"d": b"d1"}, IDS: {b"p0": b"2"}}
 
+#: What each offset commit says besides the offset (checkpoint.offset_metadata).
+OFFSET_METADATA = '{"partitions":1}'
+
 OUTPUT_AND_CHANGELOG_PARTITIONS = (
     *CHANGELOGS.values(),
     *(TopicPartition(CLOSED, p) for p in range(3)),
@@ -121,10 +124,11 @@ class Rig:
             group_id=GROUP,
             exactly_once=self.exactly_once,
             commit_offsets=commit_offsets,
+            offset_metadata=OFFSET_METADATA,
             phases=phases,
         )
 
-    async def commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+    async def commit_offsets(self, offsets: dict[TopicPartition, tuple[int, str]]) -> None:
         self.broker.commit_offsets(GROUP, offsets)
 
     async def seed(self) -> None:
@@ -251,6 +255,18 @@ async def make_rig(
     yield make
     for store in opened:
         store.close()
+
+
+@pytest.mark.parametrize("exactly_once", [True, False])
+async def test_the_offsets_committed_say_the_partition_count_either_way(
+    make_rig: RigFactory, exactly_once: bool
+) -> None:
+    """A worker's start reads it back (topics.py): partitions added to every
+    co-partitioned topic together are refused, also on an empty disk."""
+    rig = await make_rig(exactly_once=exactly_once)
+    await rig.process_and_commit(rig.checkpoint())
+    assert rig.broker.committed(GROUP) == {INPUT: 5}
+    assert rig.broker.offset_metadata[GROUP] == {INPUT: OFFSET_METADATA}
 
 
 # -- exactly_once: the happy path --------------------------------------------------------------
