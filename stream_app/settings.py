@@ -170,8 +170,9 @@ class KafkaSecurity(BaseModel):
         if not tls and any(path for _, path in files):
             raise ValueError(f"TLS files are given but the protocol is {self.protocol}")
         for name, path in files:
-            if path is not None and not path.is_file():
-                raise ValueError(f"{ENV_PREFIX}SECURITY__{name}: no such file: {path}")
+            problem = None if path is None else _not_a_readable_file(path)
+            if problem is not None:
+                raise ValueError(f"{ENV_PREFIX}SECURITY__{name}: {problem}")
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError(f"{ENV_PREFIX}SECURITY__SSL_KEYFILE needs SSL_CERTFILE")
         if tls:
@@ -401,8 +402,9 @@ class Settings(BaseSettings):
     @field_validator("application_settings_file")
     @classmethod
     def _settings_file_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"no such file: {value}")
+        problem = None if value is None else _not_a_readable_file(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @classmethod
@@ -574,6 +576,19 @@ def _unset_if_empty(value: Any) -> Any:
     """An optional variable set to "" (a template's empty value) as unset: a
     path was read as ".", and refused as "no such file: ."."""
     return None if value == "" else value
+
+
+def _not_a_readable_file(path: Path) -> str | None:
+    """Why ``path`` is no file to read, or None. ``Path.is_file`` raises what
+    is not a missing file (a directory the process may not enter, a name too
+    long) on Python 3.11: every command ended in a traceback, exit 1, rather
+    than this one line and exit 2."""
+    try:
+        if path.is_file():
+            return None
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return f"no such file: {path}"
 
 
 def _host_problem(host: str) -> str | None:

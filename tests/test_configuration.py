@@ -150,6 +150,19 @@ def one_line(output: str) -> str:
             {"STREAM_APP_APPLICATION_SETTINGS_FILE": "/no/settings.json"},
             "STREAM_APP_APPLICATION_SETTINGS_FILE=/no/settings.json: no such file",
         ),
+        # A file the process cannot look at (a name too long; as for a directory
+        # it may not enter): Path.is_file raised, a traceback and exit 1.
+        (
+            {
+                "STREAM_APP_SECURITY__PROTOCOL": "ssl",
+                "STREAM_APP_SECURITY__SSL_CAFILE": f"/{'x' * 300}/ca.crt",
+            },
+            f"STREAM_APP_SECURITY__SSL_CAFILE: cannot read /{'x' * 300}/ca.crt: File name too long",
+        ),
+        (
+            {"STREAM_APP_APPLICATION_SETTINGS_FILE": f"/{'x' * 300}/s.json"},
+            f"cannot read /{'x' * 300}/s.json: File name too long",
+        ),
         # A whole nested setting that is not JSON: a traceback and exit 1 before.
         ({"STREAM_APP_TOPICS": "x"}, "STREAM_APP_TOPICS=x: not a JSON object; or set"),
         ({"STREAM_APP_ROCKSDB": "{bad"}, "STREAM_APP_ROCKSDB={bad: not a JSON object"),
