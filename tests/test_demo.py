@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,18 @@ class _Layout:
 
 async def _topics(settings: Any) -> _Layout:
     return _Layout()
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Iterator[None]:
+    """demo.main() ignores SIGINT, SIGTERM and SIGHUP while it cleans up, and
+    leaves them so (its process ends there). In the test process that outlived
+    the test: a later test's subprocess inherited SIGTERM ignored, and
+    test_configuration's SIGTERM tests timed out when they ran after these."""
+    handlers = {sig: signal.getsignal(sig) for sig in demo._HANDLED_SIGNALS}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 def _fake_demo(
@@ -148,14 +160,9 @@ def test_an_interrupted_demo_whose_output_is_gone_still_stops_everything(
     # Not the real redirect: under `pytest -s` it sent the rest of the run's
     # output to /dev/null.
     monkeypatch.setattr(demo, "output_gone", lambda: gone.append(True))
-    handlers = {sig: signal.getsignal(sig) for sig in demo._HANDLED_SIGNALS}
-    try:
-        with monkeypatch.context() as broken:
-            broken.setattr("builtins.print", unwritable)
-            status = demo.main(["--sessions", "5"])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    with monkeypatch.context() as broken:  # the handlers: _signal_handlers_restored
+        broken.setattr("builtins.print", unwritable)
+        status = demo.main(["--sessions", "5"])
     assert status == 130
     assert stopped == ["worker", "broker"]
     assert gone
