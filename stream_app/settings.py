@@ -203,10 +203,18 @@ class KafkaSecurity(BaseModel):
                     password=lambda: b"",
                 )
             except (ssl.SSLError, OSError) as exc:
+                # Without a key file the key must be in the certificate's file:
+                # a certificate alone read as a key that does not load.
+                where = (
+                    ""
+                    if self.ssl_keyfile
+                    else f"; no {ENV_PREFIX}SECURITY__SSL_KEYFILE is set, so the key must be "
+                    "in that file: set it to the key's file"
+                )
                 raise ValueError(
                     f"{ENV_PREFIX}SECURITY__SSL_CERTFILE and SSL_KEYFILE: {self.ssl_certfile} "
                     "and its key do not load as a PEM certificate with an unencrypted "
-                    f"private key ({exc})"
+                    f"private key ({exc}){where}"
                 ) from None
         return context
 

@@ -217,7 +217,13 @@ def test_tls_files_that_do_not_load_are_one_line_and_exit_2(tmp_path: Path) -> N
     env = {"STREAM_APP_SECURITY__PROTOCOL": "SSL", "STREAM_APP_SECURITY__SSL_CERTFILE": str(bad)}
     code, output = run(["worker"], env, tmp_path)
     assert code == 2, output
-    assert "STREAM_APP_SECURITY__SSL_CERTFILE and SSL_KEYFILE" in one_line(output)
+    line = one_line(output)
+    assert "STREAM_APP_SECURITY__SSL_CERTFILE and SSL_KEYFILE" in line
+    # A certificate without its key read as a key that does not load.
+    assert line.endswith(
+        "no STREAM_APP_SECURITY__SSL_KEYFILE is set, so the key must be in that file: set "
+        "it to the key's file"
+    )
 
 
 def test_a_data_dir_that_cannot_be_used_is_reported_before_any_broker_call(
