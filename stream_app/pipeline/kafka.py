@@ -6,10 +6,13 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Coroutine
-from typing import Any, Final, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeVar
 
 from stream_app.errors import ConfigurationError
 from stream_app.settings import Settings
+
+if TYPE_CHECKING:  # for the annotations: this module imports aiokafka where it uses it
+    from aiokafka.structs import TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +188,9 @@ async def partition_count(options: dict[str, Any], topic: str) -> int:
     return 0
 
 
-async def committed_offsets(options: dict[str, Any], group_id: str) -> dict[Any, tuple[int, str]]:
+async def committed_offsets(
+    options: dict[str, Any], group_id: str
+) -> dict[TopicPartition, tuple[int, str]]:
     """Every offset ``group_id`` has committed, with its metadata, by
     TopicPartition. Raises the Kafka error the group's coordinator answers.
 
@@ -211,7 +216,7 @@ async def committed_offsets(options: dict[str, Any], group_id: str) -> dict[Any,
     code = getattr(response, "error_code", 0)  # the whole request's (v2 and later)
     if code:
         raise for_code(code)(group_id)  # named as the consumer's join names it
-    offsets: dict[Any, tuple[int, str]] = {}
+    offsets: dict[TopicPartition, tuple[int, str]] = {}
     for topic, partitions in response.topics:
         for partition, offset, metadata, partition_code in partitions:
             if partition_code:
