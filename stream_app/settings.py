@@ -423,6 +423,7 @@ class Settings(BaseSettings):
         """
         env = os.environ
         given = {name.upper(): value for name, value in env.items()}
+        _refuse_undecodable(env)
         _refuse_two_spellings(env)
         _refuse_a_group_and_its_field(env)
         _refuse_other_clients_names(given)
@@ -446,6 +447,28 @@ class Settings(BaseSettings):
             raise ConfigurationError(
                 f"{name}{_shown(name, env)}: not a JSON object; or set its fields one by "
                 f"one, as {name}__<FIELD>"
+            ) from None
+
+
+def _refuse_undecodable(env: Mapping[str, str]) -> None:
+    """A setting whose bytes are not UTF-8 (``\\xff`` in a data directory's
+    name, a SASL user name in Latin-1): Python hands it over with lone
+    surrogates, which no Kafka request, RocksDB path or JSON line can carry,
+    so it failed later, with a traceback (``stream-app config``) or on the
+    first connection."""
+    for name, value in sorted(env.items()):
+        upper = name.upper()
+        if not (upper.startswith(ENV_PREFIX) or upper == "KAFKA_BOOTSTRAP_SERVERS"):
+            continue
+        raw = value.encode(errors="surrogateescape")
+        try:
+            raw.decode()
+        except UnicodeDecodeError as exc:
+            shown = raw[:80].decode(errors="backslashreplace")
+            shown = "" if _may_hold_a_secret(upper) else f"={shown}"
+            raise ConfigurationError(
+                f"{name}{shown}: not UTF-8 (byte {raw[exc.start]:#04x} at offset "
+                f"{exc.start}); settings are read as UTF-8 text"
             ) from None
 
 

@@ -202,6 +202,27 @@ def test_a_configuration_mistake_is_one_line_and_exit_2(
         assert "hunter2" not in output
 
 
+def test_a_setting_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A data directory named with a Latin-1 byte passed validation; `config`
+    then died in its JSON with a traceback, and a SASL user name in Latin-1
+    failed only at the first connection."""
+    latin1 = os.fsdecode(b"caf\xe9")  # as Python reads that byte from the environment
+    data_dir = str(tmp_path / latin1)
+    for command in (["worker"], ["config"]):
+        code, output = run(command, {"STREAM_APP_DATA_DIR": data_dir}, tmp_path)
+        assert code == 2, output
+        assert one_line(output).endswith(
+            f"STREAM_APP_DATA_DIR={tmp_path}/caf\\xe9: not UTF-8 (byte 0xe9 at offset "
+            f"{len(str(tmp_path)) + 4}); settings are read as UTF-8 text"
+        )
+        assert "Traceback" not in output
+    secret = {"STREAM_APP_SECURITY__SASL_PASSWORD": os.fsdecode(b"hunter2\xe9")}
+    code, output = run(["config"], secret, tmp_path)
+    assert code == 2, output
+    assert "STREAM_APP_SECURITY__SASL_PASSWORD: not UTF-8 (byte 0xe9 at offset 7)" in output
+    assert "hunter2" not in output
+
+
 def test_tls_files_that_do_not_load_are_one_line_and_exit_2(tmp_path: Path) -> None:
     """Files that exist but hold no PEM certificate failed in the first
     client's ssl.create_default_context: a traceback and exit 1."""
