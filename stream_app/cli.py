@@ -577,29 +577,76 @@ def resolve_topic(settings: Settings, name: str) -> str:
 
 def _shown_record(record: Any, *, metadata: bool) -> str:
     """A record as tail prints it: its value as JSON, or in base64 when it is
-    not JSON or JSON that cannot be written again (nested past the 254 levels
-    orjson writes: a traceback before, and at every rerun, on that record)."""
+    not JSON or JSON that cannot be written again (nested past what Python
+    writes: a traceback before, and at every rerun, on that record)."""
     from stream_app.demo.view import pretty
 
+    document = _record_document(record, metadata=metadata)
     try:
-        return pretty(_record_document(record, metadata=metadata))
-    except TypeError:  # orjson.JSONEncodeError
+        return pretty(document)
+    except TypeError:  # orjson.JSONEncodeError: past 64 bits, a lone surrogate, 254 levels
+        pass
+    try:
+        return _pretty_exactly(document)
+    except (ValueError, RecursionError):
         return pretty(_record_document(record, metadata=metadata, raw=True))
 
 
-def _record_document(record: Any, *, metadata: bool, raw: bool = False) -> Any:
+def _pretty_exactly(document: Any) -> str:
+    """``document`` indented as :func:`~stream_app.demo.view.pretty` does, by
+    Python's own writer, which takes what orjson does not: integers of any
+    size, lone surrogates (escaped, as no terminal can show one) and deeper
+    nesting."""
+    import json as exact_json
+
+    text = exact_json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return exact_json.dumps(document, indent=2, allow_nan=False)
+    return text
+
+
+#: An integer of 20 digits or more (or a string of them: read again exactly,
+#: that costs nothing but time): past 64 bits, where orjson reads a double.
+_LONG_INTEGER: Final = re.compile(rb"\d{20}")
+
+
+def _json_value(raw: bytes) -> Any:
+    """``raw`` read as JSON, exactly as it was written: by orjson, unless it
+    would change it (an integer past 64 bits, read as a double: what the
+    producer wrote looked changed) or refuses JSON that Python's reader takes
+    (a lone surrogate escape, ``"\\ud800"``). _UNREADABLE when it is not JSON."""
     from stream_app import json
 
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    else:
+        if not _LONG_INTEGER.search(raw):
+            return value
+    import json as exact_json
+
+    try:
+        return exact_json.loads(raw.decode(), parse_constant=_not_json, parse_float=_finite)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return _UNREADABLE
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"{text} is past the largest double")
+    return number
+
+
+def _record_document(record: Any, *, metadata: bool, raw: bool = False) -> Any:
     value: Any
     if record.value is None:
         value = None
-    elif raw:
+    elif raw or (value := _json_value(record.value)) is _UNREADABLE:
         value = {"valueBase64": base64.b64encode(record.value).decode("ascii")}
-    else:
-        try:
-            value = json.loads(record.value)
-        except json.JSONDecodeError:
-            value = {"valueBase64": base64.b64encode(record.value).decode("ascii")}
     if not metadata:
         return value
     shown: dict[str, Any] = {

@@ -88,20 +88,53 @@ def test_tail_into_a_reader_that_stops_early_exits_quietly() -> None:
 def test_a_record_nested_past_what_can_be_written_again_is_shown_in_base64() -> None:
     """Valid JSON nested 300 levels (a command's ignored field may nest 1,024)
     parses, but orjson writes at most 254: tail failed with a traceback on it,
-    and again at every rerun."""
+    and again at every rerun. Python's writer takes 300; 1,020 is past it."""
     from types import SimpleNamespace
 
-    deep = b'{"type":"reopen","integrationId":"c","meta":' + b"[" * 300 + b"]" * 300 + b"}"
+    def nested(depth: int) -> bytes:
+        return b'{"type":"reopen","integrationId":"c","meta":' + b"[" * depth + b"]" * depth + b"}"
+
     record = SimpleNamespace(
-        topic="sessions.commands", partition=0, offset=7, timestamp=0, key=b"c", value=deep
+        topic="sessions.commands", partition=0, offset=7, timestamp=0, key=b"c", value=nested(300)
     )
     shown = cli._shown_record(record, metadata=True)
     assert '"offset": 7' in shown
-    assert '"valueBase64"' in shown
+    assert '"meta": [\n' in shown
+    deeper = cli._shown_record(
+        SimpleNamespace(**{**vars(record), "value": nested(1020)}), metadata=True
+    )
+    assert '"offset": 7' in deeper
+    assert '"valueBase64"' in deeper
     plain = cli._shown_record(
         SimpleNamespace(**{**vars(record), "value": b'{"a": 1}'}), metadata=False
     )
     assert plain == '{\n  "a": 1\n}'
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        # orjson reads an integer past 64 bits as a double: tail showed
+        # 1.2345678901234568e+29 for what the producer wrote.
+        (
+            b'{"id":123456789012345678901234567890,"n":-18446744073709551616,"s":"caf\xc3\xa9"}',
+            '{\n  "id": 123456789012345678901234567890,\n  "n": -18446744073709551616,\n'
+            '  "s": "caf\u00e9"\n}',
+        ),
+        # Valid JSON that orjson refuses: it was shown in base64.
+        (b'["\\ud800", 2]', '[\n  "\\ud800",\n  2\n]'),
+        # Unchanged: what no JSON number can be, and what no JSON text is.
+        (b"[1e400]", '{\n  "valueBase64": "WzFlNDAwXQ=="\n}'),
+        (b"[NaN]", '{\n  "valueBase64": "W05hTl0="\n}'),
+        (b'"\xff"', '{\n  "valueBase64": "Iv8i"\n}'),
+    ],
+    ids=["past 64 bits", "lone surrogate", "past a double", "NaN", "not UTF-8"],
+)
+def test_a_value_is_shown_as_it_was_written(value: bytes, shown: str) -> None:
+    from types import SimpleNamespace
+
+    record = SimpleNamespace(topic="t", partition=0, offset=0, timestamp=0, key=None, value=value)
+    assert cli._shown_record(record, metadata=False) == shown
 
 
 @pytest.mark.parametrize("topic", ["", "a b", "x" * 250, "\udcff"])
