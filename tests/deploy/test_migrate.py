@@ -14,6 +14,7 @@ import base64
 import copy
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -420,6 +421,37 @@ def test_keda_scales_each_statefulset_on_its_own_lag(each: Rendering) -> None:
 def test_each_principal_covers_its_app_id(each: Rendering) -> None:
     assert len(transactional_ids(each)) == 2 * 12
     assert acl_problems(each) == []
+
+
+@pytest.mark.parametrize(
+    ("component", "kinds"),
+    [("keda", {"ScaledObject", "TriggerAuthentication"}), ("service-monitor", {"ServiceMonitor"})],
+)
+def test_a_copy_builds_on_prod_without_an_optional_component(
+    tmp_path: Path, component: str, kinds: set[str]
+) -> None:
+    """Operations says to drop a component line without KEDA or the Prometheus
+    Operator; prod-v2 then failed to build on prod: its untargeted patches of
+    the component's resources found nothing to patch."""
+    copied = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copied)
+    prod = copied / "overlays" / PROD / "kustomization.yaml"
+    text = prod.read_text()
+    assert f"  - ../../components/{component}\n" in text
+    prod.write_text(text.replace(f"  - ../../components/{component}\n", ""))
+    if component == "keda":  # as docs/operations.md (Migrate, KEDA) says
+        v2 = copied / "overlays" / V2 / "kustomization.yaml"
+        text = v2.read_text()
+        block = re.search(r"\nsecretGenerator:\n(  .*\n|    .*\n)*", text)
+        assert block is not None
+        v2.write_text(text.replace(block.group(0), "\n"))
+    pair = [Rendering(name, kustomize(copied / "overlays" / name)) for name in (PROD, V2)]
+    assert not any(r.of_kind(kind) for r in pair for kind in kinds)
+    assert name_clashes(pair) == []
+    unselected = "0 ServiceMonitors select them"
+    assert [p for p in selection_problems(pair) if unselected not in p] == []
+    for each in pair:
+        assert credential_problems(each) == []
 
 
 def test_no_principal_covers_the_others_app_id(pair: list[Rendering]) -> None:
