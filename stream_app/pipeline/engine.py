@@ -1597,6 +1597,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         await asyncio.gather(*starters, return_exceptions=True)
         async with self._lock:
             await self._finish_round()
+            # Asked again: a task restarted while this waited for the lock (by
+            # the main loop, whose _restart held it, or by the round that just
+            # failed) is not the one counted above. Left out, it went on: its
+            # starter failed the worker on a seek of a partition no longer
+            # assigned, or, started already, answered queries from a stale
+            # store for a partition another worker owned.
+            gone |= {i for i, task in self._tasks.items() if not revoked.isdisjoint(task.inputs)}
             # A round that failed restarted its tasks: their starters must not
             # take a first step (the transactional id) before _drop stops them.
             for task_id in gone:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from asyncio import Event
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -783,6 +784,95 @@ async def test_a_task_restarted_as_its_partition_is_revoked_never_starts(
     assert engine._starting == {}
     assert _StartRecordingTask.started == []
     assert failing.closed
+
+
+class _SlowToCloseTask(_StartRecordingTask):
+    """A task whose producer takes a while to stop (broker trouble) and to start."""
+
+    made: ClassVar[list[_SlowToCloseTask]] = []
+
+    def __init__(self, stage: Stage, partition: int, **_: object) -> None:
+        super().__init__(stage, partition)
+        self.made.append(self)
+
+    async def start(self) -> int:
+        await asyncio.sleep(0.05)  # InitProducerId
+        return await super().start()
+
+    async def close(self) -> None:
+        await asyncio.sleep(0.1)
+        await super().close()
+
+    def consumed_positions(self) -> dict[TopicPartition, int]:
+        return {}
+
+    def activate(self, positions: object) -> None:
+        self.active = True
+
+
+class _StrictlyAssignedConsumer:
+    """Refuses, as aiokafka does, to seek or resume a partition not assigned."""
+
+    def __init__(self, assigned: set[TopicPartition]) -> None:
+        self.assigned = assigned
+
+    def _check(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            if tp not in self.assigned:
+                raise IllegalStateError(f"No current assignment for partition {tp}")
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self._check(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self._check(partitions)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._check([tp])
+
+    async def committed(self, tp: TopicPartition) -> int:
+        return 0
+
+    async def commit(self, offsets: object) -> None:
+        pass
+
+
+async def test_a_task_restarting_as_a_rebalance_begins_is_revoked_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The main loop restarts a task after a failed commit, and the group
+    rebalances while the old task's producer stops. The revocation counted its
+    tasks before it waited for the restart: the new task escaped it, and its
+    starter failed the whole worker seeking a partition another worker then
+    owned (or, started already, went on answering queries from a stale store)."""
+    monkeypatch.setattr(engine_module, "Task", _SlowToCloseTask)
+    _SlowToCloseTask.made = []
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    failing = _SlowToCloseTask(engine.stages[0], 0)
+    failing.active = True
+    consumer = _StrictlyAssignedConsumer(set(failing.inputs))
+    engine._consumer = consumer  # type: ignore[assignment]
+    _owning(engine, failing)
+
+    async def main_loop() -> None:
+        async with engine._lock:  # as the loop's restart of a task holds it
+            await engine._restart(failing, CheckpointError("KafkaTimeoutError"))  # type: ignore[arg-type]
+
+    restarting = asyncio.create_task(main_loop())
+    await asyncio.sleep(0.02)  # the old task's close under way
+    await engine.on_partitions_revoked(set(failing.inputs))
+    consumer.assigned = set()  # the partition is another worker's now
+    await engine.on_partitions_assigned(set())
+    await restarting
+    await asyncio.sleep(0.2)
+    assert engine._failure is None
+    assert engine._tasks == {}
+    assert engine._starting == {}
+    [old, new] = _SlowToCloseTask.made
+    assert old is failing
+    assert old.closed
+    assert new.closed
+    assert not new.active
 
 
 class _TaskTimedOutOnRevocation(_FencedTask):
