@@ -245,6 +245,28 @@ async def test_a_second_worker_on_a_host_serves_on_a_free_port_unless_one_was_se
         taken.close()
 
 
+async def test_a_host_of_several_addresses_serves_on_one_port_on_each(tmp_path: Path) -> None:
+    """``""`` (every interface) with any free port bound IPv4 and IPv6 on a
+    port each, in either order: half the time the port advertised was the
+    IPv6 one, and IPv4 peers' forwarded queries were refused."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    for _ in range(8):  # the order of the addresses is the system's: either, each time
+        web_server = WebServer(Settings(data_dir=tmp_path, http_host="", http_port=0), engine)
+        await web_server.start()
+        try:
+            addresses = web_server._runner.addresses if web_server._runner else []
+            families = {len(address) for address in addresses}  # IPv6: 4 items
+            assert families == {2, 4}, f"this machine binds {addresses}, not IPv4 and IPv6"
+            assert {address[1] for address in addresses} == {web_server.port}
+            async with (
+                ClientSession() as http,
+                http.get(f"http://127.0.0.1:{web_server.port}/livez") as answer,
+            ):
+                assert answer.status == 200
+        finally:
+            await web_server.stop()
+
+
 async def test_ids_are_read_from_the_segment_as_sent(tmp_path: Path) -> None:
     """Braces are valid in an integrationId; aiohttp's default route pattern
     refused them (a text/plain 404 before the engine was asked). An escape that

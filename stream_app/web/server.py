@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -75,6 +76,8 @@ KEEPALIVE_S = 15.0
 #: Seconds a stop waits for requests in progress (a forward waits up to 5 s
 #: for its owner): within the worker's shutdown bound, after the engine's.
 _STOP_WAIT_S = 0.5
+#: How many times a free port is sought that every address of the host has free.
+_SAME_PORT_TRIES: Final = 5
 #: What a worker answers a query with (a session, a problem document, or
 #: aiohttp's own 400 and 500).
 _ANSWERS: Final = frozenset({200, 400, 404, 500, 503})
@@ -145,12 +148,36 @@ class WebServer:
             )
             await self._runner.setup()
         port = self.settings.http_port if port is None else port
+        site = await self._listen(port)
+        tries = 0
+        while port == 0 and len(ports := self._bound_ports()) > 1:
+            # A host of several addresses ("" or localhost: IPv4 and IPv6)
+            # got a free port on each, not one port: the port advertised (the
+            # first) refused the other family's peers, so queries forwarded to
+            # this worker failed. Bound again on that one port everywhere.
+            await site.stop()
+            tries += 1
+            if tries > _SAME_PORT_TRIES:
+                raise OSError(errno.EADDRINUSE, "no port is free on every address of the host")
+            try:
+                site = await self._listen(ports[0])
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                site = await self._listen(0)  # taken on another address: another one
+        self.port = self._bound_ports()[0]
+        log.info("serving /livez /readyz /metrics on %s:%d", self.settings.http_host, self.port)
+
+    async def _listen(self, port: int) -> web.TCPSite:
+        assert self._runner is not None  # noqa: S101 - set up by start
         site = web.TCPSite(self._runner, self.settings.http_host, port)
         await site.start()
-        for address in self._runner.addresses:
-            self.port = int(address[1])
-            break
-        log.info("serving /livez /readyz /metrics on %s:%d", self.settings.http_host, self.port)
+        return site
+
+    def _bound_ports(self) -> list[int]:
+        """The ports listened on, in the order of the addresses, each once."""
+        assert self._runner is not None  # noqa: S101 - set up by start
+        return list(dict.fromkeys(int(address[1]) for address in self._runner.addresses))
 
     async def stop(self) -> None:
         if self._runner is not None:
