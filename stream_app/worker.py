@@ -18,7 +18,7 @@ import resource
 import signal
 import socket
 import threading
-from typing import Final
+from typing import Any, Final
 
 from aiokafka.errors import BrokerResponseError, KafkaError, ProducerFenced
 
@@ -179,23 +179,79 @@ def advertised_url(settings: Settings, port: int) -> str:
 
 def usable_http_host(settings: Settings) -> None:
     """Raise :class:`ConfigurationError` when ``STREAM_APP_HTTP_HOST`` is an
-    address this machine does not have. Found only once Kafka answered, it
-    exited 1, and never while Kafka was down. (A host name is left to the
-    start of the server: resolving it here could wait on DNS.)"""
+    address this machine does not have, or a name no resolver knows. Found
+    only once Kafka answered, it exited 1 (as a port taken does), and never
+    while Kafka was down. A name the resolver does not answer for in
+    :data:`_RESOLVE_S` is left to the start of the server."""
     host = settings.http_host
+    if not host:
+        return  # every interface
+    candidates: list[tuple[int, tuple[Any, ...]]]
     try:
-        address = ipaddress.ip_address(host)
+        ipaddress.ip_address(host)
+        candidates = [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, 0))]
     except ValueError:
-        return
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((host, 0))
-    except OSError as exc:  # not this machine's, IPv6 off, link-local without its scope
+        resolved = _resolve(host)
+        if resolved is None:
+            return
+        candidates = resolved
+    failures: list[str] = []
+    for family, address in candidates:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind(address)
+        except OSError as exc:  # not this machine's, IPv6 off, link-local without its scope
+            shown = "" if address[0] == host else f" {address[0]}"
+            failures.append(f"{shown} ({exc.strerror})")
+    # A name of several addresses serves on those it can (asyncio passes over
+    # an address of a family that is off, as ::1 where IPv6 is): refused
+    # when it can serve on none.
+    if failures and len(failures) == len(candidates):
         raise ConfigurationError(
-            f"STREAM_APP_HTTP_HOST={host}: cannot serve on this address ({exc.strerror}); "
-            "0.0.0.0 serves every IPv4 address of this machine"
-        ) from None
+            f"STREAM_APP_HTTP_HOST={host}: cannot serve on this address"
+            f"{','.join(failures)}; 0.0.0.0 serves every IPv4 address of this machine"
+        )
+
+
+#: Seconds the start waits for the resolver to answer for a host name.
+_RESOLVE_S: Final = 2.0
+
+
+def _resolve(host: str) -> list[tuple[int, tuple[Any, ...]]] | None:
+    """The (family, address with port 0) ``host`` names; None when the
+    resolver does not answer in time or says to try again (DNS not ready
+    yet: the server's start resolves it again). A name it does not know is a
+    :class:`ConfigurationError`. On a thread: a resolver that does not answer
+    must not hold the start past its bound."""
+    answer: list[list[tuple[int, tuple[Any, ...]]] | OSError] = []
+
+    def ask() -> None:
+        try:
+            infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            answer.append(list(dict.fromkeys((info[0], info[4]) for info in infos)))
+        except OSError as exc:
+            answer.append(exc)
+
+    thread = threading.Thread(target=ask, name="resolve-http-host", daemon=True)
+    thread.start()
+    thread.join(_RESOLVE_S)
+    if not answer:
+        return None
+    found = answer[0]
+    if isinstance(found, socket.gaierror) and found.errno in _UNKNOWN_NAME:
+        raise ConfigurationError(
+            f"STREAM_APP_HTTP_HOST={host}: no such host ({found.strerror}); 0.0.0.0 serves "
+            "every IPv4 address of this machine"
+        )
+    return None if isinstance(found, OSError) else found
+
+
+#: What getaddrinfo says of a name that no resolver knows (not: try again).
+_UNKNOWN_NAME: Final = frozenset(
+    code
+    for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None))
+    if code is not None
+)
 
 
 async def serve(settings: Settings, engine: Engine) -> WebServer | None:

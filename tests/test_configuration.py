@@ -223,6 +223,57 @@ def test_a_setting_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path) -> No
     assert "hunter2" not in output
 
 
+def test_an_http_host_name_is_checked_before_any_broker_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name was left to the server's start, once Kafka answered: a name no
+    resolver knows, or another machine's, exited 1 (read as a port taken) and
+    never while Kafka was down. An address given as such was checked."""
+    from stream_app import worker
+    from stream_app.errors import ConfigurationError
+    from stream_app.settings import Settings
+
+    answers: dict[str, Any] = {
+        "unknown.invalid": socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+        "not-yet.example": socket.gaierror(socket.EAI_AGAIN, "Temporary failure"),
+        "silent.example": socket.gaierror(socket.EAI_AGAIN, "Temporary failure"),
+        "elsewhere.example": [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 0))],
+        "here.example": [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 0)),  # as ::1, IPv6 off
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0)),
+        ],
+    }
+    silent = threading.Event()
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> Any:
+        if host == "silent.example":
+            silent.wait(30)
+        answer = answers[host]
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(worker, "_RESOLVE_S", 0.2)
+
+    def check(host: str) -> None:
+        worker.usable_http_host(Settings(data_dir=tmp_path, http_host=host))
+
+    with pytest.raises(ConfigurationError, match=r"=unknown.invalid: no such host \(Name or"):
+        check("unknown.invalid")
+    with pytest.raises(
+        ConfigurationError,
+        match=r"=elsewhere.example: cannot serve on this address 192.0.2.1 \(Cannot assign",
+    ):
+        check("elsewhere.example")
+    check("here.example")  # serves on the address it can
+    check("not-yet.example")  # left to the server's start, which resolves it again
+    try:
+        check("silent.example")  # likewise, after _RESOLVE_S
+    finally:
+        silent.set()
+
+
 def test_tls_files_that_do_not_load_are_one_line_and_exit_2(tmp_path: Path) -> None:
     """Files that exist but hold no PEM certificate failed in the first
     client's ssl.create_default_context: a traceback and exit 1."""
