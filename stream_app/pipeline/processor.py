@@ -111,8 +111,15 @@ MAX_SESSION_ID: Final = 2**31 - 1
 
 #: Decoded sessions a stage-1 processor keeps (one per partition): the
 #: sessions in flight, whose next command usually follows within a few
-#: hundred records, skip decoding their stored form. About 5 KB each.
+#: hundred records, skip decoding their stored form.
 DECODED_SESSIONS: Final = 512
+#: ... and the most stored bytes they may come to, with a session's objects
+#: taking about five times its stored bytes: 512 KiB is about 3 MiB in all per
+#: partition, some 400 sessions of a 6-line cart. Bounded by count alone, 512
+#: carts of 400 lines held about 170 MiB per partition, past a pod's limit.
+DECODED_BYTES: Final = 512 * 1024
+#: A session stored in more bytes than this is decoded each time, not kept.
+DECODED_SESSION_BYTES: Final = DECODED_BYTES // 8
 
 _COMMAND_KINDS: Final[dict[type, str]] = {
     UpdateCommand: "update",
@@ -538,6 +545,8 @@ class CommandProcessor:
     _decoded: OrderedDict[bytes, tuple[bytes, Session]] = field(
         default_factory=OrderedDict, repr=False
     )
+    #: The stored bytes of the sessions in _decoded.
+    _decoded_bytes: int = field(default=0, repr=False)
     #: Re-keyed commands' log lines, one every 10 s (_tell_rekeyed).
     told: HeldBack = field(default_factory=HeldBack, repr=False)
 
@@ -696,13 +705,20 @@ class CommandProcessor:
 
     def _remember(self, key: bytes, stored: bytes, session: Session) -> None:
         decoded = self._decoded
-        if key in decoded:
-            decoded.move_to_end(key)
-        elif len(decoded) >= DECODED_SESSIONS:
+        size = len(stored)
+        held = decoded.pop(key, None)  # put back last, as the most recent
+        if held is not None:
+            self._decoded_bytes -= len(held[0])
+        if size > DECODED_SESSION_BYTES:
+            return
+        while decoded and (
+            len(decoded) >= DECODED_SESSIONS or self._decoded_bytes + size > DECODED_BYTES
+        ):
             # The least recently stored or read. (A dict's first key, after many
             # deletions at its front, is found by a scan past their slots.)
-            decoded.popitem(last=False)
+            self._decoded_bytes -= len(decoded.popitem(last=False)[1][0])
         decoded[key] = (stored, session)
+        self._decoded_bytes += size
 
     def _read(self, raw: bytes | None, origin: SourceRecord) -> Command | Rejection:
         """The command in a record, or why there is none (timestamp, size, decoding)."""

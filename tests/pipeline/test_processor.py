@@ -16,6 +16,8 @@ from stream_app.domain import ApplicationSettings, decode_session
 from stream_app.logs import HELD_BACK_WINDOW_S
 from stream_app.pipeline import processor as processor_module
 from stream_app.pipeline.processor import (
+    DECODED_BYTES,
+    DECODED_SESSION_BYTES,
     DECODED_SESSIONS,
     ORIGIN_HEADER,
     CommandProcessor,
@@ -450,6 +452,32 @@ def test_the_decoded_session_cache_keeps_the_most_recently_used_sessions() -> No
     assert iids[0] in cached  # used again, so kept
     assert not {iids[1], iids[2], iids[3]} & set(cached)  # the least recently used
     assert iids[4] in cached
+
+
+def test_the_decoded_session_cache_is_bounded_in_bytes() -> None:
+    """Bounded by count alone, 512 carts of 400 lines held about 170 MiB per
+    partition (a worker's six: past a pod's memory limit, again after each
+    restart). The sessions kept come to at most DECODED_BYTES stored bytes,
+    and a session larger than DECODED_SESSION_BYTES is not kept at all."""
+    p = stage1()
+    lines = [{"sku": f"SKU-{n:04d}", "quantity": 1, "price": 10} for n in range(150)]
+    stored_size = 0
+    for offset in range(80):
+        iid = f"big-{offset}"
+        p.process(record(cmd(iid, session={"cartItems": lines}), iid.encode(), offset=offset))
+        stored_size = max(stored_size, *(len(v) for v in p.sessions.values()))
+        held = sum(len(stored) for stored, _ in p._decoded.values())
+        assert held <= DECODED_BYTES
+    assert DECODED_BYTES // 80 < stored_size <= DECODED_SESSION_BYTES  # 80 would not fit
+    assert 0 < len(p._decoded) < 80
+    assert p._decoded_bytes == sum(len(stored) for stored, _ in p._decoded.values())
+    huge = [{"sku": f"SKU-{n:04d}-{'x' * 60}", "quantity": 1, "price": 10} for n in range(1000)]
+    p.process(record(cmd("huge", session={"cartItems": huge}), b"huge", offset=100))
+    assert max(len(v) for v in p.sessions.values()) > DECODED_SESSION_BYTES
+    assert not any(key.endswith(b"huge") for key in p._decoded)
+    # Used again, still right, decoded from its stored form.
+    out = p.process(record(cmd("huge", session={"state": "closed"}), b"huge", offset=101))
+    assert json.loads(out[0].value)["session"]["total"] == 10000
 
 
 @settings(deadline=None)  # a loaded machine stalls any example
