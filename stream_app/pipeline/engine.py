@@ -1052,7 +1052,18 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             task = self._task_of.get(tp)
             if task is None or not task.active:
                 continue  # not ours (any more), or not started: its owner reads it again
-            await self._guarded(task, task.handle_many(records))
+            while True:
+                taken: list[int] = []
+                if not await self._guarded(task, _handle(task, records, taken)):
+                    break
+                if taken[0] == len(records):
+                    break
+                # Its transaction's outputs reached TRANSACTION_BYTES: a round
+                # begins (after the one in flight, if any) before the rest.
+                records = records[taken[0] :]
+                await self._commit(due_only=True)
+                if self._tasks.get(task.id) is not task or not task.active:
+                    break  # restarted by the round that ended: it reads them again
 
     async def _guarded(self, task: Task, work: Awaitable[object]) -> bool:
         """Await ``work`` of ``task``; whether it succeeded. A task fenced is
@@ -1754,6 +1765,11 @@ def _unusable_state_dir(settings: Settings, why: OSError) -> ConfigurationError:
         f"STREAM_APP_DATA_DIR={settings.data_dir}: cannot use the state directory "
         f"{settings.data_dir / settings.app_id}: {why}"
     )
+
+
+async def _handle(task: Task, records: list[Any], taken: list[int]) -> None:
+    """``task.handle_many(records)``, how many it took appended to ``taken``."""
+    taken.append(await task.handle_many(records))
 
 
 async def _first(*aws: Any) -> None:

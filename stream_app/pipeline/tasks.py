@@ -29,7 +29,7 @@ import functools
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -82,6 +82,14 @@ RestoreProgress = Callable[["TaskId", int, int], None]
 #: and 5,000 records per poll gave 102k records/s and a 243 MB peak; 8 MiB,
 #: 113k/s and 348 MB; 8 MiB and 20,000 records, 118k/s and 356 MB.
 _RESTORE_FETCH_BYTES: Final = 4 * 1024 * 1024
+
+#: The output bytes past which a transaction takes no more records: the rest
+#: of the fetched batch waits for the next one, which a commit round begins.
+#: A command of a few bytes can write a session of 250 KB (a close of a large
+#: cart): 5,000 of them in one poll held over 700 MiB until the commit, and the
+#: worker was OOM-killed again at each restart. About as much again is held
+#: in the stores' changes. A whole bench transaction writes about 2 MiB.
+TRANSACTION_BYTES: Final = 8 * 1024 * 1024
 
 
 class RecordTooLargeError(StreamAppError):
@@ -170,6 +178,8 @@ class Task:
         self.committed: dict[TopicPartition, int] = {}
         self.active = False
         self._opened_at = 0.0
+        #: Bytes of the outputs in the open transaction.
+        self._output_bytes = 0
 
     @property
     def transactional_id(self) -> str:
@@ -258,15 +268,18 @@ class Task:
                 phases=self._phases,
             )
             self._opened_at = time.monotonic()
+            self._output_bytes = 0
         return self.checkpoint
 
     async def handle(self, record: Any) -> None:
         """Process one consumed record inside the current transaction."""
         await self.handle_many((record,))
 
-    async def handle_many(self, records: Iterable[Any]) -> None:
+    async def handle_many(self, records: Sequence[Any]) -> int:
         """Process consumed records of this task, in order, inside the current
-        transaction (the engine's hot loop: one call per fetched batch).
+        transaction (the engine's hot loop: one call per fetched batch). Returns
+        how many were taken: all, unless the transaction's outputs reached
+        :data:`TRANSACTION_BYTES` first (then it is due: :meth:`commit_due`).
 
         A record the processor fails on becomes an INTERNAL_ERROR rejection of
         that record alone: what it wrote is taken back, the worker goes on.
@@ -283,8 +296,9 @@ class Task:
         emitted = metrics.emitted
         channel_of = self._channel_of
         clock = time.perf_counter
+        output_bytes = self._output_bytes
         tp: TopicPartition | None = None
-        for record in records:
+        for taken, record in enumerate(records, 1):
             if tp is None or record.topic != tp.topic or record.partition != tp.partition:
                 tp = TopicPartition(record.topic, record.partition)
             offset = record.offset
@@ -318,6 +332,7 @@ class Task:
             else:
                 for out in outgoing:
                     size = record_size(out)
+                    output_bytes += size
                     if size > max_bytes:
                         failure = RecordTooLargeError(
                             f"an output to {out.topic} would be {size} bytes; "
@@ -339,6 +354,11 @@ class Task:
                     await checkpoint.send(out)
             checkpoint.consumed(tp, offset)
             positions[tp] = handled[tp] = offset + 1
+            if output_bytes >= TRANSACTION_BYTES:
+                self._output_bytes = output_bytes
+                return taken
+        self._output_bytes = output_bytes
+        return len(records)
 
     def _tell_failure(self, source: SourceRecord, exc: Exception) -> None:
         """Log a record the processor failed on, with its traceback: the first
@@ -396,7 +416,7 @@ class Task:
         c = self.checkpoint
         if c is None or c.closed:
             return False
-        if c.records >= self.settings.batch_size:
+        if c.records >= self.settings.batch_size or self._output_bytes >= TRANSACTION_BYTES:
             return True
         return now - self._opened_at >= self.settings.checkpoint_interval_s
 

@@ -44,6 +44,8 @@ class _Checkpoint:
     def __init__(self) -> None:
         self.sent: list[Outgoing] = []
         self.offsets: list[int] = []
+        self.closed = False
+        self.records = 0
 
     def add(self, out: Outgoing) -> bool:
         self.sent.append(out)
@@ -54,6 +56,7 @@ class _Checkpoint:
 
     def consumed(self, tp: TopicPartition, offset: int) -> None:
         self.offsets.append(offset)
+        self.records += 1
 
 
 class _Record:
@@ -251,6 +254,71 @@ async def test_a_re_keyed_command_s_failure_names_where_it_first_arrived(
         f"{record.topic}[0]@9 (first arrived at {task.settings.topics.commands}[4]@1234): "
         "processing failed"
     )
+
+
+async def test_a_transaction_takes_no_more_records_once_its_outputs_reach_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close of a few bytes writes its whole session: 5,000 closes of large
+    carts in one poll held over 700 MiB until their one commit. Past
+    TRANSACTION_BYTES of outputs the task stops, due, and says how many it took."""
+    monkeypatch.setattr(tasks_module, "TRANSACTION_BYTES", 10_000)
+
+    def process(record: SourceRecord) -> list[Outgoing]:
+        return [Outgoing("sessions.closed", record.key, b"x" * 3_000)]
+
+    task = _make_task(tmp_path, process)
+    checkpoint = _Checkpoint()
+    task.checkpoint = checkpoint  # type: ignore[assignment]
+    records = [_Record(task.inputs[0].topic, n) for n in range(10)]
+    assert not task.commit_due(0.0)
+    assert await task.handle_many(records) == 4  # 4 x ~3 KB: past 10,000
+    assert checkpoint.offsets == [0, 1, 2, 3]
+    assert task.commit_due(0.0)
+    task._output_bytes = 0  # as the next transaction begins (Task._current)
+    assert await task.handle_many(records[4:]) == 4
+    task._output_bytes = 0
+    assert await task.handle_many(records[8:]) == 2  # the rest, under the bound
+    assert not task.commit_due(0.0)
+
+
+class _FillingTask:
+    """Stands for an active Task whose transaction fills after 3 records."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.id = TaskId("commands", tp.partition)
+        self.inputs = [tp]
+        self.active = True
+        self.checkpoint: object | None = None
+        self.calls: list[list[int]] = []
+        self.commits: list[int] = []
+
+    async def handle_many(self, records: list[Any]) -> int:
+        self.calls.append([r.offset for r in records])
+        self.checkpoint = object()
+        return min(3, len(records))
+
+    def commit_due(self, now: float) -> bool:
+        return self.checkpoint is not None
+
+    def begin_commit(self) -> Any:
+        self.commits.append(self.calls[-1][0])
+        self.checkpoint = None
+        return asyncio.sleep(0)
+
+
+async def test_the_engine_commits_a_full_transaction_before_the_rest_of_the_batch(
+    tmp_path: Path,
+) -> None:
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    tp = TopicPartition(engine.settings.topics.commands, 0)
+    task = _FillingTask(tp)
+    engine._tasks[task.id] = task  # type: ignore[assignment]
+    engine._task_of[tp] = task  # type: ignore[assignment]
+    await engine._process({tp: [_Record(tp.topic, n) for n in range(8)]})
+    assert task.calls == [list(range(8)), [3, 4, 5, 6, 7], [6, 7]]
+    assert task.commits == [0, 3]  # a round after each full transaction, before the rest
+    await engine._finish_round()
 
 
 class _RawTask:
