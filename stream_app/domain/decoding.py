@@ -238,20 +238,26 @@ _ITEM_ATTRIBUTES_LEVEL: Final = 5  # /session/cartItems/<n>/attributes
 _CONTAINERS: Final = frozenset((dict, list))
 
 
-def _crossing(value: dict[str, Any] | list[Any], pointer: str, level: int) -> str | None:
-    """The pointer of the first container in ``value`` (which is at ``level``) past the limit.
+def _crossing(value: dict[str, Any] | list[Any], level: int) -> str | None:
+    """The pointer, from ``value`` (which is at ``level``), of the first
+    container in it past the limit.
 
     Depth first in document order; never descends past the limit, so the
-    recursion is at most :data:`MAX_COMMAND_DEPTH` frames deep.
+    recursion is at most :data:`MAX_COMMAND_DEPTH` frames deep. The pointer
+    is written only for the container found: written for every container
+    passed, a command of 86,000 empty arrays took 40 ms to check, 400 times
+    its decoding, at every resend.
     """
-    if level > MAX_COMMAND_DEPTH:
-        return pointer
+    deeper = level + 1
     members = value.items() if type(value) is dict else enumerate(value)
     for key, member in members:
         if type(member) in _CONTAINERS:
-            found = _crossing(member, f"{pointer}/{pointer_token(str(key))}", level + 1)
-            if found is not None:
-                return found
+            if deeper > MAX_COMMAND_DEPTH:
+                return f"/{pointer_token(str(key))}"
+            if member:  # an empty one nests no deeper
+                found = _crossing(member, deeper)
+                if found is not None:
+                    return f"/{pointer_token(str(key))}{found}"
     return None
 
 
@@ -261,11 +267,11 @@ def _require_depth(value: dict[str, Any], pointer: str, level: int) -> None:
     Callers test first whether ``value`` holds any array or object at all
     (the common case is flat), so this runs only for nested values.
     """
-    crossing = _crossing(value, pointer, level)
+    crossing = _crossing(value, level)
     if crossing is not None:
         raise InvalidCommandError(
             _LIMIT,
-            crossing,
+            f"{pointer}{crossing}",
             f"arrays and objects may nest at most {MAX_COMMAND_DEPTH} levels deep in a "
             f"command (the command object is level 1); this one is level {MAX_COMMAND_DEPTH + 1}",
         )
