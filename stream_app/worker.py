@@ -283,6 +283,10 @@ async def serve(settings: Settings, engine: Engine) -> WebServer | None:
     return web
 
 
+#: Seconds a start-up attempt waits for Kafka's answer before saying so.
+_UNANSWERED_S: Final = 10.0
+
+
 async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicLayout | None:
     """Declare the topics, retrying an unreachable broker with backoff until it
     answers (or the worker is told to stop: None)."""
@@ -291,7 +295,22 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
         # A broker that accepts connections and never answers holds an attempt
         # for aiokafka's request timeout (40 s): a stop meanwhile waited for it,
         # outlasted the shutdown bound and exited 1.
-        attempt = await unless_stopped(ensure_topics(settings, worker=True), stopping)
+        # Said while an attempt waits: a broker behind an address that drops
+        # packets (a wrong IP, a NetworkPolicy) answers nothing, and the
+        # attempt's failure comes only after the request timeout (40 s), with
+        # nothing from the worker before it.
+        waiting = asyncio.get_running_loop().call_later(
+            _UNANSWERED_S,
+            log.warning,
+            "Kafka at %s has not answered in %.0f s (an address that drops packets?): "
+            "still waiting",
+            settings.bootstrap_servers,
+            _UNANSWERED_S,
+        )
+        try:
+            attempt = await unless_stopped(ensure_topics(settings, worker=True), stopping)
+        finally:
+            waiting.cancel()
         if attempt is None:
             return None
         try:

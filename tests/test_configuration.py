@@ -6,6 +6,7 @@ closed port, so a broker call would only show up as retries)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -569,6 +570,34 @@ async def test_an_unreachable_kafka_is_retried_at_most_every_few_seconds(
     assert layout == TopicLayout(6, 1_048_588)
     assert waits == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
     assert len(caplog.records) == failures
+
+
+async def test_a_broker_that_does_not_answer_is_said_so_while_the_worker_waits(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An address that drops packets held each attempt for the request timeout
+    (40 s): the worker said nothing until it failed, about 50 s in."""
+    from stream_app import worker
+    from stream_app.pipeline.topics import TopicLayout
+    from stream_app.settings import Settings
+
+    async def silent(settings: Settings, *, worker: bool = False) -> TopicLayout:
+        await asyncio.sleep(0.3)  # then it answers
+        return TopicLayout(6, 1_048_588)
+
+    monkeypatch.setattr(worker, "ensure_topics", silent)
+    monkeypatch.setattr(worker, "_UNANSWERED_S", 0.1)
+    with caplog.at_level("WARNING", logger="stream_app.worker"):
+        layout = await worker._wait_for_kafka(Settings(bootstrap_servers="k:9092"), Event())
+    assert layout == TopicLayout(6, 1_048_588)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Kafka at k:9092 has not answered in 0 s (an address that drops packets?): still waiting"
+    ]
+    caplog.clear()
+    monkeypatch.setattr(worker, "_UNANSWERED_S", 5.0)
+    await worker._wait_for_kafka(Settings(bootstrap_servers="k:9092"), Event())
+    await asyncio.sleep(0.1)
+    assert caplog.records == []  # answered in time: nothing said, nothing said later
 
 
 async def test_a_broker_that_answers_with_a_retriable_error_is_retried_and_said_so(
