@@ -261,7 +261,7 @@ def _inexact(text: str, name: str, value: str) -> str:
     )
 
 
-def _exactly(value: str) -> Any:
+def _exactly(value: str | bytes) -> Any:
     """``value`` read as JSON with its numbers as Decimal; _UNREADABLE when the
     standard library cannot (NaN, nesting deeper than it reads)."""
     import json as exact_json
@@ -306,32 +306,55 @@ def _not_json(constant: str) -> Any:
 
 def _same_numbers(parsed: Any, exact: Any) -> bool:
     """Whether ``parsed`` (as a command carries it) holds the numbers of
-    ``exact`` (the same JSON, its numbers as Decimal) exactly. (Nested too
-    deep to compare: the workers refuse it past 29 levels anyway.)"""
+    ``exact`` (the same JSON, its numbers as Decimal) exactly."""
+    return _changed_number(parsed, exact) is None
+
+
+class _Changed(NamedTuple):
+    """A number of a command's JSON that the command, as read, carries as another."""
+
+    #: JSON pointer to it.
+    pointer: str
+    #: As written (a Decimal).
+    written: Any
+    #: As the command carries it, and the workers read it.
+    read: Any
+
+
+def _changed_number(parsed: Any, exact: Any) -> _Changed | None:
+    """The first number of ``exact`` (a JSON document, its numbers as Decimal)
+    that ``parsed`` (the same document as a command carries it) does not hold
+    exactly, if any. (Nested too deep to compare: the workers refuse it past
+    29 levels anyway.)"""
     try:
-        return _same(parsed, exact)
+        return _changed(parsed, exact, "")
     except RecursionError:
-        return True
+        return None
 
 
-def _same(parsed: Any, exact: Any) -> bool:
+def _changed(parsed: Any, exact: Any, pointer: str) -> _Changed | None:
     if isinstance(exact, Decimal):
         from stream_app.domain.numbers import to_decimal
 
-        return type(parsed) in (int, float) and to_decimal(parsed) == exact
+        if type(parsed) in (int, float) and to_decimal(parsed) == exact:
+            return None
+        return _Changed(pointer, exact, parsed)
     if isinstance(exact, list):
-        return (
-            isinstance(parsed, list)
-            and len(parsed) == len(exact)
-            and all(_same(p, e) for p, e in zip(parsed, exact, strict=True))
-        )
+        if not isinstance(parsed, list) or len(parsed) != len(exact):
+            return _Changed(pointer, exact, parsed)
+        for index, (p, e) in enumerate(zip(parsed, exact, strict=True)):
+            if (changed := _changed(p, e, f"{pointer}/{index}")) is not None:
+                return changed
+        return None
     if isinstance(exact, dict):
-        return (
-            isinstance(parsed, dict)
-            and parsed.keys() == exact.keys()
-            and all(_same(parsed[k], v) for k, v in exact.items())
-        )
-    return True
+        if not isinstance(parsed, dict) or parsed.keys() != exact.keys():
+            return _Changed(pointer, exact, parsed)
+        for key, value in exact.items():
+            step = key.replace("~", "~0").replace("/", "~1")
+            if (changed := _changed(parsed[key], value, f"{pointer}/{step}")) is not None:
+                return changed
+        return None
+    return None
 
 
 def _returned(text: str) -> dict[str, Any]:
@@ -423,6 +446,19 @@ def _json_command(text: str | bytes) -> dict[str, Any]:
         raise UsageError(f"the command is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise UsageError("the command must be a JSON object")
+    # Refused, as the flags refuse them: orjson reads 24 digits, or
+    # 0.1000000000000000000001, as the nearest double, and the command
+    # carried that number in silence.
+    exact = _exactly(text)
+    changed = None if exact is _UNREADABLE else _changed_number(doc, exact)
+    if changed is not None:
+        # An attribute may be text; an amount or a quantity may not.
+        attribute = "/attributes/" in changed.pointer
+        raise UsageError(
+            f"{changed.written} at {changed.pointer or '/'} cannot travel exactly as a JSON "
+            f"number: the workers would read {changed.read!r}; round it first"
+            + (" (or, to send it as text, quote it)" if attribute else "")
+        )
     return doc
 
 
@@ -474,6 +510,8 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
     from stream_app.pipeline.kafka import not_authorized
 
     command = _send_command(args, stdin or sys.stdin, settings.max_command_bytes)
+    # Generated here or by the flags' builders: the user does not know it yet.
+    generated = args.event_id is None if args.type is not None else command.get("eventId") is None
     command.setdefault("eventId", None)
     if command["eventId"] is None:
         command["eventId"] = new_event_id()
@@ -500,6 +538,16 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
             nonlocal sending
             async with SessionClient(settings) as client:
                 sending = True
+                if generated:
+                    # Said before the command can go out: a process killed
+                    # (`docker stop` past its grace period) says nothing more,
+                    # and a rerun with a new eventId would apply it twice.
+                    print(
+                        f"stream-app send: sending it with a new eventId; to send it again "
+                        f"without a second effect, give it its eventId: {same_id}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 return await client.send(command)
 
         # A SIGTERM (a timeout, a CI job, kubectl exec ending) as a Ctrl-C
@@ -908,7 +956,7 @@ async def create_topics(
     await admin.start()
     try:
         before = set(await admin.list_topics())
-        layout = await ensure_topics(settings)
+        layout = await ensure_topics(settings, declaring=True)
         # Created either way; said now rather than by the first worker, after
         # the table that shows the topics' configs.
         refused = None
@@ -1187,7 +1235,7 @@ def _local_worker_url(settings: Settings) -> str:
 
 def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     """GET the session from a worker and print it as indented JSON."""
-    from http.client import InvalidURL
+    from http.client import HTTPException, InvalidURL
     from ipaddress import ip_address
     from urllib.error import HTTPError, URLError
     from urllib.parse import quote, urlsplit
@@ -1230,7 +1278,13 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
                 body = answer.read()
             break
         except HTTPError as exc:
-            detail = exc.read().decode("utf-8", "replace")
+            try:
+                detail = exc.read().decode("utf-8", "replace")
+            except HTTPException as cut:  # IncompleteRead: the answer cut short
+                return _not_a_worker(base, cut)
+            except OSError as lost:  # a timeout, a reset: as for the body of a 200
+                print(f"stream-app inspect: no worker answered at {base}: {lost}", file=sys.stderr)
+                return EXIT_FAILED
             pause = _retry_after(exc.headers.get("Retry-After")) if exc.code == 503 else None
             if pause is not None and args.wait > 0 and time.monotonic() + pause <= deadline:
                 time.sleep(pause)
@@ -1244,6 +1298,8 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
         except (ValueError, InvalidURL) as exc:  # a space, a control character
             print(f"stream-app inspect: error: not a URL: {base} ({exc})", file=sys.stderr)
             return EXIT_USAGE
+        except HTTPException as exc:  # not HTTP (an SSH banner), or an answer cut short
+            return _not_a_worker(base, exc)
     from stream_app import json
     from stream_app.demo.view import pretty
 
@@ -1254,6 +1310,18 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(shown)
     return 0
+
+
+def _not_a_worker(base: str, exc: BaseException) -> int:
+    """Say that what answered at ``base`` is no worker, as ``exc`` shows (one
+    line: a status line that is not HTTP holds its CR LF, and may be 64 KiB)."""
+    shown = repr(exc)
+    if len(shown) > 200:
+        shown = shown[:200] + "..."
+    print(
+        f"stream-app inspect: {base} answered, but not as a worker does: {shown}", file=sys.stderr
+    )
+    return EXIT_FAILED
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -602,13 +602,14 @@ class SessionClient:
         self._retiring.add(retiring)
         retiring.add_done_callback(self._retiring.discard)
 
-    async def stop(self) -> None:
+    async def stop(self, *, giving_up: bool = False) -> None:
         """Deliver what is pending, then disconnect. Bounded by the delivery
-        timeout of the commands still pending; past it, the producer is left
-        to the event loop's end, with a warning: those commands may or may not
-        have been written (send them again, with the same eventIds). Producers
-        replaced after a failed send (:meth:`_renew`) are stopped within the
-        same bound."""
+        timeout of the commands still pending, or, ``giving_up``, by
+        ``STOP_AFTER_GIVING_UP_S``; past it, the producer is left to the event
+        loop's end, with a warning: those commands may or may not have been
+        written (send them again, with the same eventIds). Producers replaced
+        after a failed send (:meth:`_renew`) are stopped within the same
+        bound. ``async with`` left by a cancellation stops so, giving up."""
         from stream_app.pipeline.kafka import stop_fully
 
         producer, self._producer = self._producer, None
@@ -624,7 +625,11 @@ class SessionClient:
             if producer is not None:
                 await stop_fully(producer)  # a cancelled stop() does not cut it short
             return
-        bound = max(max(pending) - time.monotonic(), STOP_AFTER_GIVING_UP_S)
+        bound = (
+            STOP_AFTER_GIVING_UP_S
+            if giving_up
+            else max(max(pending) - time.monotonic(), STOP_AFTER_GIVING_UP_S)
+        )
         stops = set(self._retiring)
         if producer is not None:
             stops.add(asyncio.ensure_future(stop_producer(producer, bound)))
@@ -652,7 +657,14 @@ class SessionClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.stop()
+        # Cancelled (a Ctrl-C or SIGTERM under asyncio.run, the caller's
+        # timeout): whoever cancelled wants it to end now. Waiting out the
+        # pending commands' delivery timeout held `stream-app send` for up to
+        # 120 s after one Ctrl-C, and `docker stop` killed it meanwhile.
+        cancelled = exc_type is not None and issubclass(
+            exc_type, (asyncio.CancelledError, KeyboardInterrupt)
+        )
+        await self.stop(giving_up=cancelled)
 
     def _application(self, application_id: int | None) -> int | None:
         return self.application_id if application_id is None else application_id

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import socketserver
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -189,3 +191,50 @@ def test_inspect_finds_this_machine_s_worker_where_it_listens(
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Answer(socketserver.StreamRequestHandler):
+    """Reads the request's head and answers :attr:`answer`, as it is, then closes."""
+
+    answer: ClassVar[bytes] = b""
+
+    def handle(self) -> None:
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+            pass
+        # OSError: the client stopped reading (a line too long).
+        with contextlib.suppress(OSError):
+            self.wfile.write(self.answer)
+
+
+_CUT_SHORT = b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"in'
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"SSH-2.0-OpenSSH_9.6\r\n", id="not-http"),
+        pytest.param(b"HTTP/1.1 200 OK\r\n" + _CUT_SHORT, id="cut-short"),
+        pytest.param(b"HTTP/1.1 404 Not Found\r\n" + _CUT_SHORT, id="error-cut-short"),
+        pytest.param(b"HTTP/1.1 503 Busy\r\nRetry-After: 0\r\n" + _CUT_SHORT, id="503-cut-short"),
+        pytest.param(b"HTTP/1.1 200 " + b"x" * 70_000 + b"\r\n\r\n", id="line-too-long"),
+        pytest.param(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", id="headers"),
+    ],
+)
+def test_inspect_of_an_answer_that_is_not_http_is_one_line(
+    answer: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An address that answers something else than HTTP (an SSH banner), or
+    cuts its answer short: an http.client traceback (BadStatusLine,
+    IncompleteRead, LineTooLong), from the body of an error answer too."""
+    _Answer.answer = answer
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Answer) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            assert main(["inspect", "cart-1", "--url", url, "--wait", "5"]) == 1
+        finally:
+            server.shutdown()
+    err = capsys.readouterr().err
+    assert err.startswith(f"stream-app inspect: {url} answered, but not as a worker does: ")
+    assert err.count("\n") == 1
+    assert len(err) < 400

@@ -4,6 +4,7 @@ stand-in admin client)."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import aiokafka.admin
@@ -13,6 +14,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.protocol.admin import CreateTopicsResponse_v3
 
 from stream_app import cli
+from stream_app.errors import ConfigurationError
 from stream_app.pipeline import topics as topics_module
 from stream_app.pipeline.topics import changelog_topic, profile_topic, rekey_topic
 from stream_app.settings import Settings
@@ -148,3 +150,73 @@ def test_a_topic_a_worker_would_refuse_is_shown_then_named(
     # its last line: a logging handler an earlier test left may write before it
     assert err.splitlines()[-1].startswith("stream-app topics create: ")
     assert changelog in err.splitlines()[-1]
+
+
+class _Refusing(_Cluster):
+    """CreateTopics answers :attr:`error` (its code) for the topic to create."""
+
+    error = 29
+
+    async def create_topics(self, new: list[NewTopic]) -> object:
+        return CreateTopicsResponse_v3(
+            throttle_time_ms=0, topic_errors=[(new[0].name, self.error, "refused")]
+        )
+
+
+@pytest.mark.parametrize(
+    ("error", "name"),
+    [(29, "TopicAuthorizationFailedError"), (31, "ClusterAuthorizationFailedError")],
+)
+def test_topics_create_refused_creation_says_what_its_principal_lacks(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: int, name: str
+) -> None:
+    """It told the operator to run `stream-app topics create` with a principal
+    that may (the command just refused), and spoke of "this worker's
+    principal"."""
+    monkeypatch.setattr(_Refusing, "error", error)
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _Refusing)
+    monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", _Refusing)
+    assert cli.run_topics_create(SETTINGS, None) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    said = err.splitlines()[-1]
+    assert said.startswith(
+        f"stream-app topics create: cannot create the topics: {NEW_CHANGELOG}: {name} (refused). "
+        "This principal may not create topics: grant it Create (on the cluster, or on these "
+        "topics), or run `stream-app topics create` with a principal that has it."
+    )
+    assert "worker" not in said
+    assert "with a principal that may" not in said
+
+
+def test_topics_create_refused_for_a_setting_says_to_fix_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(_Refusing, "error", 38)  # INVALID_REPLICATION_FACTOR
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _Refusing)
+    monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", _Refusing)
+    assert cli.run_topics_create(SETTINGS, None) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"stream-app topics create: cannot create the topics: {NEW_CHANGELOG}: "
+        "InvalidReplicationFactorError (refused). Fix the setting the broker names."
+    )
+
+
+def test_a_worker_refused_creation_is_told_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's principal has no Create, by design: an operator creates
+    the topics (docs/operations.md, The worker's principal)."""
+
+    async def no_offsets(settings: Settings, partitions: int) -> None:
+        pass
+
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _Refusing)
+    monkeypatch.setattr(topics_module, "_refuse_a_changed_partition_count", no_offsets)
+    with pytest.raises(ConfigurationError) as refused:
+        asyncio.run(topics_module.ensure_topics(SETTINGS, worker=True))
+    assert str(refused.value) == (
+        f"cannot create the topics: {NEW_CHANGELOG}: TopicAuthorizationFailedError (refused). "
+        "Have an operator create them (stream-app topics create, with a principal that may), "
+        "or fix the setting the broker names. (A topic that exists, but that this worker's "
+        "principal may not see, is refused the same way: grant it the ACLs docs/operations.md "
+        "lists.)"
+    )

@@ -20,6 +20,7 @@ from typing import Any, Final
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
     GroupCoordinatorNotAvailableError,
     GroupLoadInProgressError,
     KafkaError,
@@ -367,12 +368,16 @@ RACE_ATTEMPTS = 10
 RACE_PAUSE_S = 1.0
 
 
-async def ensure_topics(settings: Settings, *, worker: bool = False) -> TopicLayout:
+async def ensure_topics(
+    settings: Settings, *, worker: bool = False, declaring: bool = False
+) -> TopicLayout:
     """Create the missing topics; return the partition count and record limit.
 
     ``worker``: the caller is a worker, which says at WARNING that it had to
     create the command topic (``stream-app topics create`` and ``traffic``
-    mean to).
+    mean to). ``declaring``: the caller is ``stream-app topics create``,
+    whose principal is told what it lacks to create the topics, not to have
+    them created by that same command.
 
     Raises ConfigurationError when an existing co-partitioned topic disagrees
     with the command topic's count. (:func:`check_session_limit` checks the
@@ -381,12 +386,12 @@ async def ensure_topics(settings: Settings, *, worker: bool = False) -> TopicLay
     """
     for _ in range(RACE_ATTEMPTS - 1):
         try:
-            return await _ensure_topics(settings, worker=worker)
+            return await _ensure_topics(settings, worker=worker, declaring=declaring)
         except (TopicAlreadyExistsError, LeaderNotAvailableError) as exc:
             log.info("topics being created meanwhile (%s): looking again", exc)
             await asyncio.sleep(RACE_PAUSE_S)
     try:
-        return await _ensure_topics(settings, worker=worker)
+        return await _ensure_topics(settings, worker=worker, declaring=declaring)
     except TopicAlreadyExistsError:
         # Still there to CreateTopics and still not listed: no race, but a
         # principal that may create topics and not describe this one.
@@ -396,7 +401,7 @@ async def ensure_topics(settings: Settings, *, worker: bool = False) -> TopicLay
         ) from None
 
 
-async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
+async def _ensure_topics(settings: Settings, *, worker: bool, declaring: bool) -> TopicLayout:
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
@@ -443,6 +448,8 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
         )
         created: list[str] = []
         refused: list[str] = []
+        # Of those refused: for want of an ACL, and for anything else.
+        unauthorized = otherwise = False
         raced: list[str] = []
         for spec in specs:
             if spec.name in existing:
@@ -473,6 +480,27 @@ async def _ensure_topics(settings: Settings, *, worker: bool) -> TopicLayout:
                     raced.append(spec.name)
                 else:
                     refused.append(f"{spec.name}: {error.__name__} ({detail or error.description})")
+                    if error in (TopicAuthorizationFailedError, ClusterAuthorizationFailedError):
+                        unauthorized = True
+                    else:
+                        otherwise = True
+        if refused and declaring:
+            # Not the worker's advice, to run `stream-app topics create` with a
+            # principal that may, nor of "this worker's principal": that
+            # command is the one refused, and its principal no worker's.
+            advice = []
+            if unauthorized:
+                advice.append(
+                    "This principal may not create topics: grant it Create (on the cluster, "
+                    "or on these topics), or run `stream-app topics create` with a principal "
+                    "that has it. (A topic that exists, but that this principal may not "
+                    "describe, is refused the same way: grant it Describe on the topic.)"
+                )
+            if otherwise:
+                advice.append("Fix the setting the broker names.")
+            raise ConfigurationError(
+                f"cannot create the topics: {'; '.join(refused)}. {' '.join(advice)}"
+            )
         if refused:
             raise ConfigurationError(
                 f"cannot create the topics: {'; '.join(refused)}. Have an operator create "
