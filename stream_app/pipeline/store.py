@@ -486,6 +486,9 @@ class StoreOverlay(MutableMapping[bytes, bytes]):
         self.committing: dict[bytes, bytes | None] = {}
         #: Values the current record replaced (see :meth:`begin_record`).
         self._undo: dict[bytes, bytes | _Absent | None] = {}
+        #: Bytes written into ``changes`` since it began (each write counted,
+        #: a key written twice twice): what the open transaction holds, at most.
+        self.written = 0
 
     def get(self, key: bytes, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
         changes = self.changes
@@ -509,6 +512,7 @@ class StoreOverlay(MutableMapping[bytes, bytes]):
     def __setitem__(self, key: bytes, value: bytes) -> None:
         self._remember(key)
         self.changes[key] = value
+        self.written += len(value)
 
     def __delitem__(self, key: bytes) -> None:
         if key not in self:
@@ -541,6 +545,7 @@ class StoreOverlay(MutableMapping[bytes, bytes]):
         frozen, self.changes = self.changes, {}
         self.committing = frozen
         self._undo.clear()
+        self.written = 0
         return frozen
 
     def release(self) -> None:
@@ -564,6 +569,7 @@ class StoreOverlay(MutableMapping[bytes, bytes]):
         self.changes.clear()
         self.committing = {}
         self._undo.clear()
+        self.written = 0
 
 
 class _Absent:

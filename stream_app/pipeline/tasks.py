@@ -83,13 +83,14 @@ RestoreProgress = Callable[["TaskId", int, int], None]
 #: 113k/s and 348 MB; 8 MiB and 20,000 records, 118k/s and 356 MB.
 _RESTORE_FETCH_BYTES: Final = 4 * 1024 * 1024
 
-#: The output bytes past which a transaction takes no more records: the rest
-#: of the fetched batch waits for the next one, which a commit round begins.
-#: A command of a few bytes can write a session of 250 KB (a close of a large
-#: cart): 5,000 of them in one poll held over 700 MiB until the commit, and the
-#: worker was OOM-killed again at each restart. About as much again is held
-#: in the stores' changes. A whole bench transaction writes about 2 MiB.
-TRANSACTION_BYTES: Final = 8 * 1024 * 1024
+#: The bytes (outputs and store writes) past which a transaction takes no
+#: more records: the rest of the fetched batch waits for the next one, which a
+#: commit round begins. A command of a few bytes can write a session of 250 KB
+#: (a close of a large cart, an update of one line), and each to the store
+#: too: 5,000 of them in one poll held over 700 MiB until the commit, and the
+#: worker was OOM-killed again at each restart. A whole transaction of 5,000
+#: bench commands holds about 8 MiB.
+TRANSACTION_BYTES: Final = 16 * 1024 * 1024
 
 
 class RecordTooLargeError(StreamAppError):
@@ -178,7 +179,8 @@ class Task:
         self.committed: dict[TopicPartition, int] = {}
         self.active = False
         self._opened_at = 0.0
-        #: Bytes of the outputs in the open transaction.
+        #: Bytes of the outputs in the open transaction (its store writes are
+        #: counted by the overlays: StoreOverlay.written).
         self._output_bytes = 0
 
     @property
@@ -296,7 +298,7 @@ class Task:
         emitted = metrics.emitted
         channel_of = self._channel_of
         clock = time.perf_counter
-        output_bytes = self._output_bytes
+        output_bytes = 0  # the open transaction's, from when it is opened below
         tp: TopicPartition | None = None
         for taken, record in enumerate(records, 1):
             if tp is None or record.topic != tp.topic or record.partition != tp.partition:
@@ -305,7 +307,8 @@ class Task:
             if offset < positions.get(tp, 0):
                 continue  # delivered again after a seek: already processed
             if checkpoint is None:
-                checkpoint = self._current()
+                checkpoint = self._current()  # a new transaction counts from 0
+                output_bytes = self._output_bytes
             source = SourceRecord(
                 record.topic,
                 record.partition,
@@ -354,10 +357,14 @@ class Task:
                     await checkpoint.send(out)
             checkpoint.consumed(tp, offset)
             positions[tp] = handled[tp] = offset + 1
-            if output_bytes >= TRANSACTION_BYTES:
+            held = output_bytes
+            for overlay in overlays:
+                held += overlay.written
+            if held >= TRANSACTION_BYTES:
                 self._output_bytes = output_bytes
                 return taken
-        self._output_bytes = output_bytes
+        if checkpoint is not None:
+            self._output_bytes = output_bytes
         return len(records)
 
     def _tell_failure(self, source: SourceRecord, exc: Exception) -> None:
@@ -416,9 +423,13 @@ class Task:
         c = self.checkpoint
         if c is None or c.closed:
             return False
-        if c.records >= self.settings.batch_size or self._output_bytes >= TRANSACTION_BYTES:
+        if c.records >= self.settings.batch_size or self._held_bytes() >= TRANSACTION_BYTES:
             return True
         return now - self._opened_at >= self.settings.checkpoint_interval_s
+
+    def _held_bytes(self) -> int:
+        """What the open transaction holds: its outputs and its store writes."""
+        return self._output_bytes + sum(overlay.written for overlay in self.overlays.values())
 
     def commit_due_in(self, now: float) -> float | None:
         """Seconds until the open transaction falls due by time (0 once it

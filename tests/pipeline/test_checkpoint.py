@@ -28,6 +28,7 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from stream_app.errors import ConfigurationError
+from stream_app.pipeline import tasks as tasks_module
 from stream_app.pipeline.checkpoint import (
     PHASES,
     ChangelogStore,
@@ -853,6 +854,46 @@ async def on_revoked(task: Task) -> None:
 
 def reopened(state_dir: Path, resources: RocksDBResources) -> PartitionStore:
     return PartitionStore(state_dir / SESSIONS / "0", resources)
+
+
+async def test_each_transaction_takes_records_up_to_its_byte_bound(
+    tmp_path: Path, resources: RocksDBResources, broker: FakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close of a few bytes writes a whole session, to an output and to the
+    store: one poll of such records held hundreds of MiB until the commit.
+    Past TRANSACTION_BYTES a transaction takes no more, and the next one
+    counts from nothing (it once kept the first one's count: one record each)."""
+    monkeypatch.setattr(tasks_module, "TRANSACTION_BYTES", 200)
+    task = started_task(tmp_path, resources, broker)
+    records = [command(offset, b"k%d" % (offset % 3)) for offset in range(60)]
+    takes = []
+    rest = records
+    while rest:
+        taken = await task.handle_many(rest)
+        takes.append(taken)
+        rest = rest[taken:]
+        if rest:
+            assert task.commit_due(0.0)  # by its bytes, not its age
+        await task.commit()
+    assert len(takes) > 2
+    assert all(taken == takes[0] > 1 for taken in takes[:-1])
+    assert sum(takes) == 60
+    assert len(broker.committed_records(CLOSED)) == 60
+    assert broker.committed(GROUP) == {INPUT: 60}
+    # Store writes count too: an update emits nothing, and writes its session.
+    overlay = task.overlays[SESSIONS]
+
+    def writes_only(record: SourceRecord) -> list[Outgoing]:
+        overlay[record.key or b""] = b"x" * 90
+        return []
+
+    task.process = writes_only
+    more = [command(offset, b"k") for offset in range(60, 70)]
+    assert await task.handle_many(more) == 3  # 270 bytes written: past 200
+    assert task.commit_due(0.0)
+    await task.commit()
+    assert await task.handle_many(more[3:]) == 3
+    await on_revoked(task)
 
 
 async def test_revocation_mid_batch_commits_what_was_processed(

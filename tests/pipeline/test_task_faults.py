@@ -256,32 +256,6 @@ async def test_a_re_keyed_command_s_failure_names_where_it_first_arrived(
     )
 
 
-async def test_a_transaction_takes_no_more_records_once_its_outputs_reach_the_bound(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A close of a few bytes writes its whole session: 5,000 closes of large
-    carts in one poll held over 700 MiB until their one commit. Past
-    TRANSACTION_BYTES of outputs the task stops, due, and says how many it took."""
-    monkeypatch.setattr(tasks_module, "TRANSACTION_BYTES", 10_000)
-
-    def process(record: SourceRecord) -> list[Outgoing]:
-        return [Outgoing("sessions.closed", record.key, b"x" * 3_000)]
-
-    task = _make_task(tmp_path, process)
-    checkpoint = _Checkpoint()
-    task.checkpoint = checkpoint  # type: ignore[assignment]
-    records = [_Record(task.inputs[0].topic, n) for n in range(10)]
-    assert not task.commit_due(0.0)
-    assert await task.handle_many(records) == 4  # 4 x ~3 KB: past 10,000
-    assert checkpoint.offsets == [0, 1, 2, 3]
-    assert task.commit_due(0.0)
-    task._output_bytes = 0  # as the next transaction begins (Task._current)
-    assert await task.handle_many(records[4:]) == 4
-    task._output_bytes = 0
-    assert await task.handle_many(records[8:]) == 2  # the rest, under the bound
-    assert not task.commit_due(0.0)
-
-
 class _FillingTask:
     """Stands for an active Task whose transaction fills after 3 records."""
 
