@@ -454,7 +454,7 @@ def test_the_decoded_session_cache_keeps_the_most_recently_used_sessions() -> No
     assert iids[4] in cached
 
 
-def test_the_decoded_session_cache_is_bounded_in_bytes() -> None:
+def test_the_decoded_session_cache_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Bounded by count alone, 512 carts of 400 lines held about 170 MiB per
     partition (a worker's six: past a pod's memory limit, again after each
     restart). The sessions kept come to at most DECODED_BYTES stored bytes,
@@ -462,21 +462,24 @@ def test_the_decoded_session_cache_is_bounded_in_bytes() -> None:
     p = stage1()
     lines = [{"sku": f"SKU-{n:04d}", "quantity": 1, "price": 10} for n in range(150)]
     stored_size = 0
-    for offset in range(80):
+    for offset in range(160):
         iid = f"big-{offset}"
         p.process(record(cmd(iid, session={"cartItems": lines}), iid.encode(), offset=offset))
         stored_size = max(stored_size, *(len(v) for v in p.sessions.values()))
         held = sum(len(stored) for stored, _ in p._decoded.values())
         assert held <= DECODED_BYTES
-    assert DECODED_BYTES // 80 < stored_size <= DECODED_SESSION_BYTES  # 80 would not fit
-    assert 0 < len(p._decoded) < 80
+    assert DECODED_BYTES // 160 < stored_size <= DECODED_SESSION_BYTES  # 160 would not fit
+    assert 0 < len(p._decoded) < 160
     assert p._decoded_bytes == sum(len(stored) for stored, _ in p._decoded.values())
+    # The default session limit keeps sessions under DECODED_SESSION_BYTES:
+    # a lower bound shows one past it.
+    monkeypatch.setattr(processor_module, "DECODED_SESSION_BYTES", 50_000)
     huge = [{"sku": f"SKU-{n:04d}-{'x' * 60}", "quantity": 1, "price": 10} for n in range(1000)]
-    p.process(record(cmd("huge", session={"cartItems": huge}), b"huge", offset=100))
-    assert max(len(v) for v in p.sessions.values()) > DECODED_SESSION_BYTES
+    p.process(record(cmd("huge", session={"cartItems": huge}), b"huge", offset=200))
+    assert max(len(v) for v in p.sessions.values()) > 50_000
     assert not any(key.endswith(b"huge") for key in p._decoded)
     # Used again, still right, decoded from its stored form.
-    out = p.process(record(cmd("huge", session={"state": "closed"}), b"huge", offset=101))
+    out = p.process(record(cmd("huge", session={"state": "closed"}), b"huge", offset=201))
     assert json.loads(out[0].value)["session"]["total"] == 10000
 
 
