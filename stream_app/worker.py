@@ -195,21 +195,23 @@ def usable_http_host(settings: Settings) -> None:
         if resolved is None:
             return
         candidates = resolved
-    failures: list[str] = []
     for family, address in candidates:
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.bind(address)
-        except OSError as exc:  # not this machine's, IPv6 off, link-local without its scope
-            shown = "" if address[0] == host else f" {address[0]}"
-            failures.append(f"{shown} ({exc.strerror})")
-    # A name of several addresses serves on those it can (asyncio passes over
-    # an address of a family that is off, as ::1 where IPv6 is): refused
-    # when it can serve on none.
-    if failures and len(failures) == len(candidates):
+                try:
+                    probe.bind(address)
+                    continue
+                except OSError as exc:  # not this machine's, IPv6 disabled, no scope
+                    failure = exc
+        except OSError as exc:  # a family this machine has not
+            if len(candidates) > 1:
+                continue  # asyncio's server passes over it too
+            failure = exc
+        # The server binds every address of the name, and fails on any one.
+        shown = "" if address[0] == host else f" {address[0]}"
         raise ConfigurationError(
-            f"STREAM_APP_HTTP_HOST={host}: cannot serve on this address"
-            f"{','.join(failures)}; 0.0.0.0 serves every IPv4 address of this machine"
+            f"STREAM_APP_HTTP_HOST={host}: cannot serve on this address{shown} "
+            f"({failure.strerror}); 0.0.0.0 serves every IPv4 address of this machine"
         )
 
 
@@ -302,10 +304,10 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
         waiting = asyncio.get_running_loop().call_later(
             _UNANSWERED_S,
             log.warning,
-            "Kafka at %s has not answered in %.0f s (an address that drops packets?): "
-            "still waiting",
-            settings.bootstrap_servers,
+            "waited %.0f s for Kafka at %s to answer, or to have the topics ready (an "
+            "address that drops packets?): still waiting",
             _UNANSWERED_S,
+            settings.bootstrap_servers,
         )
         try:
             attempt = await unless_stopped(ensure_topics(settings, worker=True), stopping)
