@@ -655,9 +655,10 @@ def _pretty_exactly(document: Any) -> str:
     return text
 
 
-#: An integer of 20 digits or more (or a string of them: read again exactly,
-#: that costs nothing but time): past 64 bits, where orjson reads a double.
-_LONG_INTEGER: Final = re.compile(rb"\d{20}")
+#: An integer of 19 digits or more (or a string of them: read again exactly,
+#: that costs nothing but time): below -2**63 or past 2**64 - 1, where orjson
+#: reads a double; -9223372036854775809 has 19 digits.
+_LONG_INTEGER: Final = re.compile(rb"\d{19}")
 
 
 def _json_value(raw: bytes) -> Any:

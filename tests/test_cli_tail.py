@@ -121,6 +121,11 @@ def test_a_record_nested_past_what_can_be_written_again_is_shown_in_base64() -> 
             '{\n  "id": 123456789012345678901234567890,\n  "n": -18446744073709551616,\n'
             '  "s": "caf\u00e9"\n}',
         ),
+        # 19 digits, one below -2**63: orjson reads a double there too.
+        (
+            b"[-9223372036854775809, 9223372036854775807]",
+            "[\n  -9223372036854775809,\n  9223372036854775807\n]",
+        ),
         # Valid JSON that orjson refuses: it was shown in base64.
         (b'["\\ud800", 2]', '[\n  "\\ud800",\n  2\n]'),
         # Unchanged: what no JSON number can be, and what no JSON text is.
@@ -128,7 +133,7 @@ def test_a_record_nested_past_what_can_be_written_again_is_shown_in_base64() -> 
         (b"[NaN]", '{\n  "valueBase64": "W05hTl0="\n}'),
         (b'"\xff"', '{\n  "valueBase64": "Iv8i"\n}'),
     ],
-    ids=["past 64 bits", "lone surrogate", "past a double", "NaN", "not UTF-8"],
+    ids=["past 64 bits", "below -2**63", "lone surrogate", "past a double", "NaN", "not UTF-8"],
 )
 def test_a_value_is_shown_as_it_was_written(value: bytes, shown: str) -> None:
     from types import SimpleNamespace
