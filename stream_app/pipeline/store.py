@@ -486,8 +486,9 @@ class StoreOverlay(MutableMapping[bytes, bytes]):
         self.committing: dict[bytes, bytes | None] = {}
         #: Values the current record replaced (see :meth:`begin_record`).
         self._undo: dict[bytes, bytes | _Absent | None] = {}
-        #: Bytes written into ``changes`` since it began (each write counted,
-        #: a key written twice twice): what the open transaction holds, at most.
+        #: Bytes of the values in ``changes`` (each key's newest): what the open
+        #: transaction holds of this store. (A record taken back by
+        #: :meth:`undo_record` still counts: an upper bound.)
         self.written = 0
 
     def get(self, key: bytes, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
@@ -511,8 +512,12 @@ class StoreOverlay(MutableMapping[bytes, bytes]):
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
         self._remember(key)
-        self.changes[key] = value
-        self.written += len(value)
+        changes = self.changes
+        # A session updated 5,000 times is one changelog record: counted per
+        # write, a transaction of such updates was cut every few dozen records.
+        replaced = changes.get(key)
+        changes[key] = value
+        self.written += len(value) - (0 if replaced is None else len(replaced))
 
     def __delitem__(self, key: bytes) -> None:
         if key not in self:

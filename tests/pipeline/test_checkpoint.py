@@ -888,11 +888,16 @@ async def test_each_transaction_takes_records_up_to_its_byte_bound(
         return []
 
     task.process = writes_only
-    more = [command(offset, b"k") for offset in range(60, 70)]
+    more = [command(offset, b"k%d" % offset) for offset in range(60, 70)]
     assert await task.handle_many(more) == 3  # 270 bytes written: past 200
     assert task.commit_due(0.0)
     await task.commit()
     assert await task.handle_many(more[3:]) == 3
+    await task.commit()
+    # One key written again and again is one changelog record: counted once.
+    again = [command(offset, b"same") for offset in range(70, 90)]
+    assert await task.handle_many(again) == 20
+    assert not task.commit_due(0.0)
     await on_revoked(task)
 
 
