@@ -120,9 +120,6 @@ DECODED_SESSIONS: Final = 512
 #: (Sessions in flight past it are decoded each time: round-robin updates of
 #: 300 sessions of 30 lines took 33 instead of 15 us at half this bound.)
 DECODED_BYTES: Final = 1024 * 1024
-#: A session stored in more bytes than this is decoded each time, not kept:
-#: one past the default session limit (256 KiB), by its bookkeeping.
-DECODED_SESSION_BYTES: Final = DECODED_BYTES // 4
 
 _COMMAND_KINDS: Final[dict[type, str]] = {
     UpdateCommand: "update",
@@ -712,8 +709,8 @@ class CommandProcessor:
         held = decoded.pop(key, None)  # put back last, as the most recent
         if held is not None:
             self._decoded_bytes -= len(held[0])
-        if size > DECODED_SESSION_BYTES:
-            return
+        if size > DECODED_BYTES:
+            return  # past any session limit the topics allow: never kept
         while decoded and (
             len(decoded) >= DECODED_SESSIONS or self._decoded_bytes + size > DECODED_BYTES
         ):
