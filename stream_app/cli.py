@@ -357,6 +357,33 @@ def _changed(parsed: Any, exact: Any, pointer: str) -> _Changed | None:
     return None
 
 
+#: The fields of a cart item holding numbers the workers read.
+_ITEM_NUMBERS: Final = ("quantity", "price", "weight", "height", "width", "length")
+_ITEM_MAPS: Final = ("attributes", "additionalCosts")
+
+
+def _read(doc: Any) -> Any:
+    """What of a command's numbers the workers read (every other field they
+    pass over, so it may hold any number), in the command's own shape, so
+    that a JSON pointer into it points into the command."""
+    if not isinstance(doc, dict):
+        return doc
+    read = {key: doc[key] for key in ("applicationId", "returnedCartItems") if key in doc}
+    session = doc.get("session")
+    if isinstance(session, dict):
+        kept = {key: session[key] for key in ("additionalCosts", "attributes") if key in session}
+        items = session.get("cartItems")
+        if isinstance(items, list):
+            kept["cartItems"] = [
+                {key: item[key] for key in (*_ITEM_NUMBERS, *_ITEM_MAPS) if key in item}
+                if isinstance(item, dict)
+                else item
+                for item in items
+            ]
+        read["session"] = kept
+    return read
+
+
 def _returned(text: str) -> dict[str, Any]:
     """``POSITION[:QUANTITY]`` or ``SKU[:QUANTITY]``: digits name a position."""
     from stream_app.client import returned_item
@@ -450,7 +477,7 @@ def _json_command(text: str | bytes) -> dict[str, Any]:
     # 0.1000000000000000000001, as the nearest double, and the command
     # carried that number in silence.
     exact = _exactly(text)
-    changed = None if exact is _UNREADABLE else _changed_number(doc, exact)
+    changed = None if exact is _UNREADABLE else _changed_number(_read(doc), _read(exact))
     if changed is not None:
         # An attribute may be text; an amount or a quantity may not.
         attribute = "/attributes/" in changed.pointer
@@ -536,7 +563,7 @@ def run_send(settings: Settings, args: argparse.Namespace, stdin: TextIO | None 
 
         async def send() -> Any:
             nonlocal sending
-            async with SessionClient(settings) as client:
+            async with SessionClient(settings, give_up_when_cancelled=True) as client:
                 sending = True
                 if generated:
                     # Said before the command can go out: a process killed
@@ -1315,7 +1342,17 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
 
 def _not_a_worker(base: str, exc: BaseException) -> int:
     """Say that what answered at ``base`` is no worker, as ``exc`` shows (one
-    line: a status line that is not HTTP holds its CR LF, and may be 64 KiB)."""
+    line: a status line that is not HTTP holds its CR LF, and may be 64 KiB),
+    or that its answer was cut short (a worker stopping mid-reply)."""
+    from http.client import IncompleteRead
+
+    if isinstance(exc, IncompleteRead):
+        print(
+            f"stream-app inspect: the answer from {base} was cut short (the worker stopped?): "
+            f"{len(exc.partial)} bytes read; ask again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     shown = repr(exc)
     if len(shown) > 200:
         shown = shown[:200] + "..."

@@ -514,12 +514,16 @@ class SessionClient:
         application_id: int | None = None,
         application_settings: SettingsLookup | None = None,
         delivery_timeout_s: float = DELIVERY_TIMEOUT_S,
+        give_up_when_cancelled: bool = False,
     ) -> None:
         self.settings = settings
         self.topic = settings.topics.commands
         self.application_id = application_id
         self.application_settings = application_settings
         self.delivery_timeout_s = delivery_timeout_s
+        #: ``async with`` left by a cancellation stops as :meth:`stop` with
+        #: ``giving_up`` does, rather than waiting for what is pending.
+        self.give_up_when_cancelled = give_up_when_cancelled
         self._producer: Any = None
         #: Commands handed to the producer and not yet acknowledged: by when.
         self._unacknowledged: dict[asyncio.Future[Any], float] = {}
@@ -609,7 +613,8 @@ class SessionClient:
         loop's end, with a warning: those commands may or may not have been
         written (send them again, with the same eventIds). Producers replaced
         after a failed send (:meth:`_renew`) are stopped within the same
-        bound. ``async with`` left by a cancellation stops so, giving up."""
+        bound. ``async with`` left by a cancellation stops so, giving up,
+        when the client was made with ``give_up_when_cancelled``."""
         from stream_app.pipeline.kafka import stop_fully
 
         producer, self._producer = self._producer, None
@@ -657,14 +662,15 @@ class SessionClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # Cancelled (a Ctrl-C or SIGTERM under asyncio.run, the caller's
-        # timeout): whoever cancelled wants it to end now. Waiting out the
-        # pending commands' delivery timeout held `stream-app send` for up to
-        # 120 s after one Ctrl-C, and `docker stop` killed it meanwhile.
+        # Cancelled (a Ctrl-C or SIGTERM under asyncio.run): a command-line
+        # tool wants to end now (waiting out the delivery timeout held
+        # `stream-app send` for up to 120 s after one Ctrl-C, and `docker
+        # stop` killed it meanwhile); a service's handler cancelled by its
+        # caller still wants its commands delivered, so it is asked for.
         cancelled = exc_type is not None and issubclass(
             exc_type, (asyncio.CancelledError, KeyboardInterrupt)
         )
-        await self.stop(giving_up=cancelled)
+        await self.stop(giving_up=cancelled and self.give_up_when_cancelled)
 
     def _application(self, application_id: int | None) -> int | None:
         return self.application_id if application_id is None else application_id

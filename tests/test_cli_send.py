@@ -104,7 +104,7 @@ def _stand_in_client(
     from stream_app import client
 
     class _Client:
-        def __init__(self, *args: object) -> None:
+        def __init__(self, *args: object, **kwargs: object) -> None:
             pass
 
         async def __aenter__(self) -> _Client:
@@ -219,3 +219,10 @@ def test_a_json_command_whose_numbers_it_carries_exactly_is_sent(
         "tenth": 0.1,
     }
     assert sent["cartItems"][0]["price"] == 19.99
+    # Fields the workers pass over may hold any number: they were refused.
+    ignored = (
+        '{"type":"update","integrationId":"c1","eventId":"e","trace":{"spanId":'
+        '123456789012345678901234},"session":{"state":"open","sentAt":1764000000.1234567891,'
+        '"cartItems":[{"sku":"S","quantity":1,"price":1,"discount":0.1000000000000000000001}]}}'
+    )
+    assert main(["send", "--dry-run", ignored]) == 0, capsys.readouterr().err

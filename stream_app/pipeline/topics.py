@@ -395,9 +395,10 @@ async def ensure_topics(
     except TopicAlreadyExistsError:
         # Still there to CreateTopics and still not listed: no race, but a
         # principal that may create topics and not describe this one.
+        whose = "this principal" if declaring else "this worker's principal"
         raise ConfigurationError(
             f"Kafka says the command topic {settings.topics.commands} exists, but does not "
-            "show it to this worker's principal: grant it Describe (and Read) on the topic"
+            f"show it to {whose}: grant it Describe (and Read) on the topic"
         ) from None
 
 

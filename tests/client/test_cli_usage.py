@@ -310,7 +310,7 @@ def _stand_in_client(
     from stream_app import client
 
     class _Client:
-        def __init__(self, *args: object) -> None:
+        def __init__(self, *args: object, **kwargs: object) -> None:
             pass
 
         async def __aenter__(self) -> _Client:

@@ -621,3 +621,56 @@ def test_a_total_the_stored_session_decides_is_left_to_the_worker() -> None:
         Reason.LIMIT_EXCEEDED,
         "/session/total",
     )
+
+
+class _SlowToAcknowledge:
+    """Acknowledges each command after ``delay`` seconds (a leader election)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.pending: set[asyncio.Future[Any]] = set()
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[Any]:
+        acknowledged: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        where = SimpleNamespace(topic=topic, partition=0, offset=7)
+        asyncio.get_running_loop().call_later(
+            self.delay, lambda: acknowledged.done() or acknowledged.set_result(where)
+        )
+        self.pending.add(acknowledged)
+        return acknowledged
+
+    async def stop(self) -> None:
+        await asyncio.wait(self.pending)
+
+
+@pytest.mark.parametrize("give_up", [False, True])
+async def test_a_cancelled_block_gives_up_on_delivery_only_when_asked_to(
+    monkeypatch: pytest.MonkeyPatch, give_up: bool
+) -> None:
+    """A service's handler cancelled by its caller still wants its command
+    delivered: leaving ``async with`` by any cancellation gave it up after a
+    second. ``stream-app send`` asks to give up: a Ctrl-C ends it at once."""
+    from stream_app import client as client_module
+
+    monkeypatch.setattr(client_module, "STOP_AFTER_GIVING_UP_S", 0.05)
+    producer = _SlowToAcknowledge(0.5)
+
+    async def start(self: SessionClient) -> None:
+        self._producer = producer
+
+    monkeypatch.setattr(SessionClient, "start", start)
+    sent: list[asyncio.Future[Any]] = []
+
+    async def serve() -> None:
+        async with SessionClient(Settings(), give_up_when_cancelled=give_up) as client:
+            sent.append(asyncio.ensure_future(client.send(reopen_command("c-1"))))
+            await asyncio.sleep(0.01)  # handed to the producer
+            await asyncio.Event().wait()  # until cancelled
+
+    serving = asyncio.ensure_future(serve())
+    await asyncio.sleep(0.05)
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
+    acknowledged = all(f.done() for f in producer.pending)
+    assert acknowledged is not give_up
+    await asyncio.gather(*sent, return_exceptions=True)
