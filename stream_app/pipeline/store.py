@@ -487,8 +487,8 @@ class StoreOverlay(MutableMapping[bytes, bytes]):
         #: Values the current record replaced (see :meth:`begin_record`).
         self._undo: dict[bytes, bytes | _Absent | None] = {}
         #: Bytes of the values in ``changes`` (each key's newest): what the open
-        #: transaction holds of this store. (A record taken back by
-        #: :meth:`undo_record` still counts: an upper bound.)
+        #: transaction holds of this store. (A key deleted still counts its
+        #: last value: an upper bound, never below what ``changes`` holds.)
         self.written = 0
 
     def get(self, key: bytes, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
@@ -535,11 +535,18 @@ class StoreOverlay(MutableMapping[bytes, bytes]):
 
     def undo_record(self) -> None:
         """Take back the writes since :meth:`begin_record` (a record that failed)."""
+        changes = self.changes
         for key, previous in self._undo.items():
+            taken_back = changes.get(key)
             if isinstance(previous, _Absent):
-                self.changes.pop(key, None)
+                changes.pop(key, None)
+                restored = None
             else:
-                self.changes[key] = previous
+                changes[key] = restored = previous
+            # As __setitem__ counts: the value back in place of the one undone.
+            self.written += (0 if restored is None else len(restored)) - (
+                0 if taken_back is None else len(taken_back)
+            )
         self._undo.clear()
 
     def freeze(self) -> dict[bytes, bytes | None]:

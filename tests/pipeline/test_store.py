@@ -701,6 +701,28 @@ def test_undo_record_takes_back_exactly_one_records_writes(
     assert contents(store) == {b"stored": b"s1", b"other": b"o1"}
 
 
+def test_the_bytes_written_follow_each_keys_newest_value_through_undo(
+    overlay: StoreOverlay,
+) -> None:
+    """The transaction's byte bound reads ``written``. Counted per write, one
+    key updated 5,000 times cut transactions every few dozen records; then a
+    failed record that shrank a key, taken back, left the count below what
+    the overlay held (negative, after a few), and the bound never cut."""
+    overlay[b"a"] = b"x" * 300
+    overlay[b"a"] = b"x" * 200
+    overlay[b"b"] = b"y" * 50
+    assert overlay.written == 250
+    for _ in range(5):
+        overlay.begin_record()
+        overlay[b"a"] = b"z"  # a record that fails, after shrinking a
+        overlay[b"c"] = b"w" * 10
+        overlay.undo_record()
+    assert overlay.written == 250
+    assert overlay.written >= sum(len(v or b"") for v in overlay.changes.values())
+    overlay.freeze()
+    assert overlay.written == 0
+
+
 def test_undo_record_of_a_record_that_only_touched_rocksdb_keys(overlay: StoreOverlay) -> None:
     overlay.begin_record()
     overlay[b"stored"] = b"s2"
