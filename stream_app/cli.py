@@ -359,7 +359,6 @@ def _changed(parsed: Any, exact: Any, pointer: str) -> _Changed | None:
 
 #: The fields of a cart item holding numbers the workers read.
 _ITEM_NUMBERS: Final = ("quantity", "price", "weight", "height", "width", "length")
-_ITEM_MAPS: Final = ("attributes", "additionalCosts")
 
 
 def _read(doc: Any) -> Any:
@@ -368,20 +367,45 @@ def _read(doc: Any) -> Any:
     that a JSON pointer into it points into the command."""
     if not isinstance(doc, dict):
         return doc
-    read = {key: doc[key] for key in ("applicationId", "returnedCartItems") if key in doc}
+    read: dict[str, Any] = {key: doc[key] for key in ("applicationId",) if key in doc}
     session = doc.get("session")
-    if isinstance(session, dict):
-        kept = {key: session[key] for key in ("additionalCosts", "attributes") if key in session}
+    if doc.get("type") == "update" and isinstance(session, dict):
+        kept = _with_costs(
+            {key: session[key] for key in ("attributes",) if key in session}, session
+        )
         items = session.get("cartItems")
         if isinstance(items, list):
-            kept["cartItems"] = [
-                {key: item[key] for key in (*_ITEM_NUMBERS, *_ITEM_MAPS) if key in item}
-                if isinstance(item, dict)
-                else item
-                for item in items
-            ]
+            kept["cartItems"] = [_read_item(item) for item in items]
         read["session"] = kept
+    returned = doc.get("returnedCartItems")
+    if doc.get("type") == "return" and isinstance(returned, list):
+        read["returnedCartItems"] = [
+            {k: entry[k] for k in ("position", "quantity") if k in entry}
+            if isinstance(entry, dict)
+            else entry
+            for entry in returned
+        ]
     return read
+
+
+def _read_item(item: Any) -> Any:
+    if not isinstance(item, dict):
+        return item
+    kept = {key: item[key] for key in (*_ITEM_NUMBERS, "attributes") if key in item}
+    return _with_costs(kept, item)
+
+
+def _with_costs(kept: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+    """``kept`` with ``owner``'s additional costs, of which only the price is read."""
+    costs = owner.get("additionalCosts")
+    if isinstance(costs, dict):
+        kept["additionalCosts"] = {
+            name: {"price": cost["price"]} if isinstance(cost, dict) and "price" in cost else cost
+            for name, cost in costs.items()
+        }
+    elif "additionalCosts" in owner:
+        kept["additionalCosts"] = costs
+    return kept
 
 
 def _returned(text: str) -> dict[str, Any]:
@@ -485,6 +509,15 @@ def _json_command(text: str | bytes) -> dict[str, Any]:
             f"{changed.written} at {changed.pointer or '/'} cannot travel exactly as a JSON "
             f"number: the workers would read {changed.read!r}; round it first"
             + (" (or, to send it as text, quote it)" if attribute else "")
+        )
+    passed_over = None if exact is _UNREADABLE else _changed_number(doc, exact)
+    if passed_over is not None:
+        # The command goes out written again: a field no worker reads keeps
+        # the number as read, which the commands topic then shows.
+        print(
+            f"stream-app send: note: {passed_over.written} at {passed_over.pointer} goes out "
+            f"as {passed_over.read!r}, as JSON numbers are read (the workers do not read it)",
+            file=sys.stderr,
         )
     return doc
 

@@ -226,3 +226,28 @@ def test_a_json_command_whose_numbers_it_carries_exactly_is_sent(
         '"cartItems":[{"sku":"S","quantity":1,"price":1,"discount":0.1000000000000000000001}]}}'
     )
     assert main(["send", "--dry-run", ignored]) == 0, capsys.readouterr().err
+    # It says so, once, as the command goes out with the number as read.
+    err = capsys.readouterr().err
+    assert err == (
+        "stream-app send: note: 123456789012345678901234 at /trace/spanId goes out as "
+        "1.2345678901234569e+23, as JSON numbers are read (the workers do not read it)\n"
+    )
+    for passed_over in (
+        '{"type":"return","integrationId":"c1","eventId":"e","returnedCartItems":'
+        '[{"position":0,"orderLineId":123456789012345678901234}]}',
+        '{"type":"update","integrationId":"c1","eventId":"e","session":{"additionalCosts":'
+        '{"shipping":{"price":1,"carrierRef":123456789012345678901234}}}}',
+        '{"type":"reopen","integrationId":"c1","eventId":"e","session":{"attributes":'
+        '{"ref":123456789012345678901234}}}',
+    ):
+        assert main(["send", "--dry-run", passed_over]) == 0, capsys.readouterr().err
+        assert "goes out as" in capsys.readouterr().err
+    # A number the workers read, in a return or an item's cost, is refused.
+    for read in (
+        '{"type":"return","integrationId":"c1","eventId":"e","returnedCartItems":'
+        '[{"position":0,"quantity":1.0000000000000000000001}]}',
+        '{"type":"update","integrationId":"c1","eventId":"e","session":{"cartItems":[{"sku":"S",'
+        '"quantity":1,"price":1,"additionalCosts":{"fee":{"price":0.1000000000000000000001}}}]}}',
+    ):
+        assert main(["send", "--dry-run", read]) == 2
+        assert "cannot travel exactly" in capsys.readouterr().err
