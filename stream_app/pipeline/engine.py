@@ -1058,8 +1058,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     break
                 if taken[0] == len(records):
                     break
-                # Its transaction's outputs reached TRANSACTION_BYTES: a round
-                # begins (after the one in flight, if any) before the rest.
+                # Its transaction's outputs and store writes reached
+                # TRANSACTION_BYTES: a round begins (after the one in flight,
+                # if any) before the rest.
                 records = records[taken[0] :]
                 await self._commit(due_only=True)
                 if self._tasks.get(task.id) is not task or not task.active:

@@ -280,8 +280,9 @@ class Task:
     async def handle_many(self, records: Sequence[Any]) -> int:
         """Process consumed records of this task, in order, inside the current
         transaction (the engine's hot loop: one call per fetched batch). Returns
-        how many were taken: all, unless the transaction's outputs reached
-        :data:`TRANSACTION_BYTES` first (then it is due: :meth:`commit_due`).
+        how many were taken: all, unless the transaction's outputs and store
+        writes reached :data:`TRANSACTION_BYTES` first (then it is due:
+        :meth:`commit_due`).
 
         A record the processor fails on becomes an INTERNAL_ERROR rejection of
         that record alone: what it wrote is taken back, the worker goes on.
