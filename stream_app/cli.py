@@ -349,8 +349,10 @@ def _changed(parsed: Any, exact: Any, pointer: str) -> _Changed | None:
     if isinstance(exact, dict):
         if not isinstance(parsed, dict) or parsed.keys() != exact.keys():
             return _Changed(pointer, exact, parsed)
+        from stream_app.domain.rejections import pointer_token
+
         for key, value in exact.items():
-            step = key.replace("~", "~0").replace("/", "~1")
+            step = pointer_token(key)
             if (changed := _changed(parsed[key], value, f"{pointer}/{step}")) is not None:
                 return changed
         return None
