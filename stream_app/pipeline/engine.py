@@ -1150,6 +1150,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                         async for raws, resume in reading:
                             for raw in raws:
                                 await task.handle_raw(raw)
+                                if task.full():
+                                    # As _process does: a pass reads up to
+                                    # 5,000 records per input, each a close
+                                    # that may write a whole session.
+                                    await self._commit(due_only=True)
+                                    if self._tasks.get(task.id) is not task or not task.active:
+                                        return  # restarted by the round: it reads them again
                             task.positions[tp] = max(task.positions.get(tp, 0), resume)
                             found = found or not all(raw.readable() for raw in raws)
                 except RecordBatchError as unparsed:
@@ -1165,11 +1172,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         for task in list(self._tasks.values()):
             if self._tasks.get(task.id) is not task or not task.active:
                 continue  # not started, or dropped meanwhile by a round a restart above ended
-            if await self._guarded(task, read(task)):
+            if not await self._guarded(task, read(task)):
+                moved = True
+            elif self._tasks.get(task.id) is not task or not task.active:
+                moved = True  # restarted by a round of the pass: its start seeks
+            else:
                 for tp in task.inputs:
                     consumer.seek(tp, task.positions.get(tp, 0))
-            else:
-                moved = True
         if not found and not moved and rebalances == self._rebalances:
             # (After a rebalance, the failed fetch is gone with the partitions
             # it was for, or fetched again for their new tasks: poll again.)

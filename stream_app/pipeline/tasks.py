@@ -414,9 +414,9 @@ class Task:
         if self.stage.commands:
             self.metrics.count("unknown", "rejected")
         checkpoint = self._current()
-        await checkpoint.send(
-            reject(self.settings.topics, self.metrics, self.limits, rejection, source)
-        )
+        out = reject(self.settings.topics, self.metrics, self.limits, rejection, source)
+        await checkpoint.send(out)
+        self._output_bytes += record_size(out)
         checkpoint.consumed(tp, raw.offset)
         self.positions[tp] = self.handled[tp] = raw.offset + 1
 
@@ -427,6 +427,11 @@ class Task:
         if c.records >= self.settings.batch_size or self._held_bytes() >= TRANSACTION_BYTES:
             return True
         return now - self._opened_at >= self.settings.checkpoint_interval_s
+
+    def full(self) -> bool:
+        """Whether the open transaction holds :data:`TRANSACTION_BYTES` (the
+        raw read past the client asks after each record it hands over)."""
+        return self.checkpoint is not None and self._held_bytes() >= TRANSACTION_BYTES
 
     def _held_bytes(self) -> int:
         """What the open transaction holds: its outputs and its store writes."""

@@ -52,6 +52,7 @@ from stream_app.pipeline.store import (
 )
 from stream_app.pipeline.tasks import Stage, Task
 from stream_app.pipeline.topics import SESSION_IDS_STORE, SESSIONS_STORE, TopicLayout
+from stream_app.pipeline.unreadable import RawRecord
 from stream_app.settings import RocksDBSettings, Settings
 from tests.pipeline.fakes import FailingWriteStore, FakeBroker, FakeProducer
 
@@ -898,6 +899,11 @@ async def test_each_transaction_takes_records_up_to_its_byte_bound(
     again = [command(offset, b"same") for offset in range(70, 90)]
     assert await task.handle_many(again) == 20
     assert not task.commit_due(0.0)
+    assert not task.full()
+    # A record read past the client, rejected, counts its rejection too.
+    unreadable = RawRecord(INPUT.topic, INPUT.partition, 90, 0, b"k", b"{}", ((b"\xff", b""),))
+    await task.handle_raw(unreadable)
+    assert task.full()
     await on_revoked(task)
 
 

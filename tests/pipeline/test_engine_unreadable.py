@@ -55,6 +55,9 @@ class _Task:
         (self.processed if raw.readable() else self.rejected).append(raw.offset)
         self.positions[tp] = self.handled[tp] = raw.offset + 1
 
+    def full(self) -> bool:
+        return False
+
     async def close(self) -> None:
         self.closed = True
 

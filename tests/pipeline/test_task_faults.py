@@ -318,6 +318,9 @@ class _RawTask:
         tp = TopicPartition(raw.topic, raw.partition)
         self.positions[tp] = self.handled[tp] = raw.offset + 1
 
+    def full(self) -> bool:
+        return False
+
     async def close(self) -> None:
         self.active = False
 
@@ -380,6 +383,60 @@ async def test_a_task_that_fails_in_a_raw_read_is_restarted_and_the_others_go_on
     assert restarted == [failing]
     assert working.processed == [0, 1, 2]
     assert consumer.sought == {working.inputs[0]: 3}
+
+
+class _FillingRawTask(_RawTask):
+    """Its transaction is full after every second record handed to it."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        super().__init__(tp, None)
+        self.checkpoint: object | None = None
+        self.commits: list[int] = []
+
+    async def handle_raw(self, raw: RawRecord) -> None:
+        await super().handle_raw(raw)
+        self.checkpoint = object()
+
+    def full(self) -> bool:
+        return self.checkpoint is not None and len(self.processed) % 2 == 0
+
+    def commit_due(self, now: float) -> bool:
+        return self.full()
+
+    def begin_commit(self) -> Any:
+        self.commits.append(self.processed[-1])
+        self.checkpoint = None
+        return asyncio.sleep(0)
+
+
+async def test_a_raw_read_commits_a_full_transaction_before_it_reads_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass reads up to 5,000 records per input into the task's transaction,
+    past its byte bound: a backlog of large closes behind an unreadable record
+    held them all until the pass ended."""
+    commands = Settings().topics.commands
+    task = _FillingRawTask(TopicPartition(commands, 0))
+    engine = _engine_owning(tmp_path, task)
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        if offset >= 6:
+            return [], offset
+        headers = ((b"\xff", b"x"),) if offset == 0 else ()
+        return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
+
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
+    consumer = _Consumer()
+    await engine._read_past_the_client(
+        consumer, UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"), engine._rebalances
+    )  # type: ignore[arg-type]
+    await engine._finish_round()
+    assert task.processed == [0, 1, 2, 3, 4, 5]
+    assert task.commits == [1, 3, 5]  # a round after each full transaction, in the pass
+    assert consumer.sought == {task.inputs[0]: 6}
 
 
 class _UnreadableStoreTask(_RawTask):
