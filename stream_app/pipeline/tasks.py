@@ -348,6 +348,8 @@ class Task:
                     overlay.undo_record()
                 metrics.rejected_after_all(self.stage.commands)
                 outgoing = [internal_error(self.settings, self.limits, source, failure, metrics)]
+                # Counted too: it carries the command, up to a quarter of a record.
+                output_bytes += record_size(outgoing[0])
             else:
                 for out in outgoing:
                     if (channel := channel_of.get(out.topic)) is not None:

@@ -900,8 +900,18 @@ async def test_each_transaction_takes_records_up_to_its_byte_bound(
     assert await task.handle_many(again) == 20
     assert not task.commit_due(0.0)
     assert not task.full()
+    # A record the processor fails on counts its INTERNAL_ERROR rejection.
+    await task.commit()
+
+    def fails(record: SourceRecord) -> list[Outgoing]:
+        raise RuntimeError("a bug, say")
+
+    task.process = fails
+    assert await task.handle_many([command(90, b"k", b"x" * 150)]) == 1
+    assert task.full()
+    await task.commit()
     # A record read past the client, rejected, counts its rejection too.
-    unreadable = RawRecord(INPUT.topic, INPUT.partition, 90, 0, b"k", b"{}", ((b"\xff", b""),))
+    unreadable = RawRecord(INPUT.topic, INPUT.partition, 91, 0, b"k", b"{}", ((b"\xff", b""),))
     await task.handle_raw(unreadable)
     assert task.full()
     await on_revoked(task)
