@@ -44,8 +44,6 @@ class _Checkpoint:
     def __init__(self) -> None:
         self.sent: list[Outgoing] = []
         self.offsets: list[int] = []
-        self.closed = False
-        self.records = 0
 
     def add(self, out: Outgoing) -> bool:
         self.sent.append(out)
@@ -56,7 +54,6 @@ class _Checkpoint:
 
     def consumed(self, tp: TopicPartition, offset: int) -> None:
         self.offsets.append(offset)
-        self.records += 1
 
 
 class _Record:
