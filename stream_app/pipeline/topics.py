@@ -252,8 +252,10 @@ async def _described(
         if not code and entry.get("partitions"):
             described[entry["topic"]] = entry["partitions"]
         elif strict and code == TopicAuthorizationFailedError.errno:
+            # "This principal": `stream-app topics create` and `tail` ask too.
             raise ConfigurationError(
-                f"Kafka does not authorize this worker's principal to describe {entry['topic']}"
+                f"Kafka does not authorize this principal to describe {entry['topic']}: grant "
+                "it Describe on the topic"
             )
     missing = [name for name in names if name not in described]
     if strict and missing:

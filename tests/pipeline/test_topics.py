@@ -921,3 +921,18 @@ async def test_a_coordinator_not_yet_available_is_asked_again_quietly(
     answers[:] = [CoordinatorNotAvailableError(), None]
     with pytest.raises(CoordinatorNotAvailableError):
         await topics_module.ensure_topics(Settings(), worker=True)
+
+
+async def test_a_topic_this_principal_may_not_describe_says_what_to_grant() -> None:
+    """It spoke of "this worker's principal" to `stream-app topics create`."""
+
+    class Refusing:
+        async def describe_topics(self, names: list[str]) -> list[object]:
+            return [{"topic": name, "error_code": 29, "partitions": []} for name in names]
+
+    with pytest.raises(ConfigurationError) as refused:
+        await topics_module._described(Refusing(), ["sessions.closed"])  # type: ignore[arg-type]
+    assert str(refused.value) == (
+        "Kafka does not authorize this principal to describe sessions.closed: grant it "
+        "Describe on the topic"
+    )
