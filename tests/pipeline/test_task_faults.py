@@ -345,6 +345,30 @@ class _Consumer:
         return dict.fromkeys(tps, self.log_start)
 
 
+async def _raw_pass(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, *, end: int, unreadable_at: int
+) -> _Consumer:
+    """One raw pass of ``engine`` past the client over inputs holding records
+    0 to ``end`` - 1, the one at ``unreadable_at`` with a header name that is
+    not UTF-8; returns the consumer it seeks."""
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        if offset >= end:
+            return [], offset
+        headers = ((b"\xff", b"x"),) if offset == unreadable_at else ()
+        return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
+
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
+    consumer = _Consumer()
+    await engine._read_past_the_client(
+        consumer, UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"), engine._rebalances
+    )  # type: ignore[arg-type]
+    return consumer
+
+
 async def test_a_task_that_fails_in_a_raw_read_is_restarted_and_the_others_go_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -362,21 +386,7 @@ async def test_a_task_that_fails_in_a_raw_read_is_restarted_and_the_others_go_on
         restarted.append(task)
 
     monkeypatch.setattr(engine, "_restart", restart)
-
-    async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int, **client: object
-    ) -> tuple[list[RawRecord], int]:
-        if offset >= 3:
-            return [], offset
-        headers = ((b"\xff", b"x"),) if offset == 2 else ()
-        return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
-
-    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
-    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
-    consumer = _Consumer()
-    await engine._read_past_the_client(
-        consumer, UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"), engine._rebalances
-    )  # type: ignore[arg-type]
+    consumer = await _raw_pass(engine, monkeypatch, end=3, unreadable_at=2)
     assert restarted == [failing]
     assert working.processed == [0, 1, 2]
     assert consumer.sought == {working.inputs[0]: 3}
@@ -415,21 +425,7 @@ async def test_a_raw_read_commits_a_full_transaction_before_it_reads_on(
     commands = Settings().topics.commands
     task = _FillingRawTask(TopicPartition(commands, 0))
     engine = _engine_owning(tmp_path, task)
-
-    async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int, **client: object
-    ) -> tuple[list[RawRecord], int]:
-        if offset >= 6:
-            return [], offset
-        headers = ((b"\xff", b"x"),) if offset == 0 else ()
-        return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
-
-    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
-    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
-    consumer = _Consumer()
-    await engine._read_past_the_client(
-        consumer, UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"), engine._rebalances
-    )  # type: ignore[arg-type]
+    consumer = await _raw_pass(engine, monkeypatch, end=6, unreadable_at=0)
     await engine._finish_round()
     assert task.processed == [0, 1, 2, 3, 4, 5]
     assert task.commits == [1, 3, 5]  # a round after each full transaction, in the pass
