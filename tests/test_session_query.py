@@ -232,11 +232,7 @@ async def test_a_second_worker_on_a_host_serves_on_a_free_port_unless_one_was_se
         assert unset is not None
         try:
             assert unset.port not in (0, 8080)
-            async with (
-                ClientSession() as http,
-                http.get(f"http://127.0.0.1:{unset.port}/livez") as answer,
-            ):
-                assert answer.status == 200
+            assert await _livez_status(unset.port) == 200
         finally:
             await unset.stop()
         chosen = Settings(data_dir=tmp_path, http_host="127.0.0.1", http_port=8080)
@@ -258,13 +254,15 @@ async def test_a_host_of_several_addresses_serves_on_one_port_on_each(tmp_path: 
             families = {len(address) for address in addresses}  # IPv6: 4 items
             assert families == {2, 4}, f"this machine binds {addresses}, not IPv4 and IPv6"
             assert {address[1] for address in addresses} == {web_server.port}
-            async with (
-                ClientSession() as http,
-                http.get(f"http://127.0.0.1:{web_server.port}/livez") as answer,
-            ):
-                assert answer.status == 200
+            assert await _livez_status(web_server.port) == 200
         finally:
             await web_server.stop()
+
+
+async def _livez_status(port: int) -> int:
+    """The status a GET of /livez on 127.0.0.1:``port`` is answered with (over IPv4)."""
+    async with ClientSession() as http, http.get(f"http://127.0.0.1:{port}/livez") as answer:
+        return answer.status
 
 
 async def test_ids_are_read_from_the_segment_as_sent(tmp_path: Path) -> None:
