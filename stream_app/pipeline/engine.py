@@ -1058,13 +1058,21 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     break
                 if taken[0] == len(records):
                     break
-                # Its transaction's outputs and store writes reached
-                # TRANSACTION_BYTES: a round begins (after the one in flight,
-                # if any) before the rest.
                 records = records[taken[0] :]
-                await self._commit(due_only=True)
-                if self._tasks.get(task.id) is not task or not task.active:
+                if not await self._commit_full(task):
                     break  # restarted by the round that ended: it reads them again
+
+    async def _commit_full(self, task: Task) -> bool:
+        """Begin a commit round (after the one in flight, if any) for ``task``,
+        whose transaction's outputs and store writes reached TRANSACTION_BYTES
+        before the rest of its records; whether it is still this worker's
+        running task, not restarted by the round that ended."""
+        await self._commit(due_only=True)
+        return self._running(task)
+
+    def _running(self, task: Task) -> bool:
+        """Whether ``task`` is still the active task of its id."""
+        return self._tasks.get(task.id) is task and task.active
 
     async def _guarded(self, task: Task, work: Awaitable[object]) -> bool:
         """Await ``work`` of ``task``; whether it succeeded. A task fenced is
@@ -1150,13 +1158,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                         async for raws, resume in reading:
                             for raw in raws:
                                 await task.handle_raw(raw)
-                                if task.full():
-                                    # As _process does: a pass reads up to
-                                    # 5,000 records per input, each a close
-                                    # that may write a whole session.
-                                    await self._commit(due_only=True)
-                                    if self._tasks.get(task.id) is not task or not task.active:
-                                        return  # restarted by the round: it reads them again
+                                # As _process does: a pass reads up to 5,000
+                                # records per input, each a close that may
+                                # write a whole session.
+                                if task.full() and not await self._commit_full(task):
+                                    return  # restarted by the round: it reads them again
                             task.positions[tp] = max(task.positions.get(tp, 0), resume)
                             found = found or not all(raw.readable() for raw in raws)
                 except RecordBatchError as unparsed:
@@ -1170,11 +1176,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 )
 
         for task in list(self._tasks.values()):
-            if self._tasks.get(task.id) is not task or not task.active:
+            if not self._running(task):
                 continue  # not started, or dropped meanwhile by a round a restart above ended
             if not await self._guarded(task, read(task)):
                 moved = True
-            elif self._tasks.get(task.id) is not task or not task.active:
+            elif not self._running(task):
                 moved = True  # restarted by a round of the pass: its start seeks
             else:
                 for tp in task.inputs:
