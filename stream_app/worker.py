@@ -188,8 +188,8 @@ def usable_http_host(settings: Settings) -> None:
         return  # every interface
     candidates: list[tuple[int, tuple[Any, ...]]]
     try:
-        ipaddress.ip_address(host)
-        candidates = [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, 0))]
+        version = ipaddress.ip_address(host).version
+        candidates = [(socket.AF_INET6 if version == 6 else socket.AF_INET, (host, 0))]
     except ValueError:
         resolved = _resolve(host)
         if resolved is None:
