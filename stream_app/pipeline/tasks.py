@@ -360,7 +360,7 @@ class Task:
                     await checkpoint.send(out)
             checkpoint.consumed(tp, offset)
             positions[tp] = handled[tp] = offset + 1
-            held = output_bytes
+            held = output_bytes  # _held_bytes, inline: the count is local until the end
             for overlay in overlays:
                 held += overlay.written
             if held >= TRANSACTION_BYTES:
@@ -426,7 +426,7 @@ class Task:
         c = self.checkpoint
         if c is None or c.closed:
             return False
-        if c.records >= self.settings.batch_size or self._held_bytes() >= TRANSACTION_BYTES:
+        if c.records >= self.settings.batch_size or self.full():
             return True
         return now - self._opened_at >= self.settings.checkpoint_interval_s
 
