@@ -84,7 +84,7 @@ from stream_app.pipeline.processor import (
 )
 from stream_app.pipeline.purge import purger
 from stream_app.pipeline.store import RocksDBResources, StoreOverlay
-from stream_app.pipeline.tasks import Process, Stage, Task, TaskId
+from stream_app.pipeline.tasks import TRANSACTION_BYTES, Process, Stage, Task, TaskId
 from stream_app.pipeline.topics import (
     FIRST_SESSIONS_STORE,
     SESSION_IDS_STORE,
@@ -1054,7 +1054,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue  # not ours (any more), or not started: its owner reads it again
             while True:
                 taken: list[int] = []
-                if not await self._guarded(task, _handle(task, records, taken)):
+                limit = TRANSACTION_BYTES - self._held_bytes() + task.held_bytes()
+                if not await self._guarded(task, _handle(task, records, limit, taken)):
                     break
                 if taken[0] == len(records):
                     break
@@ -1062,11 +1063,16 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 if not await self._commit_full(task):
                     break  # restarted by the round that ended: it reads them again
 
+    def _held_bytes(self) -> int:
+        """What the open transactions of all tasks hold (outputs and store
+        writes): past TRANSACTION_BYTES, a commit round is due."""
+        return sum(task.held_bytes() for task in self._tasks.values())
+
     async def _commit_full(self, task: Task) -> bool:
-        """Begin a commit round (after the one in flight, if any) for ``task``,
-        whose transaction's outputs and store writes reached TRANSACTION_BYTES
-        before the rest of its records; whether it is still this worker's
-        running task, not restarted by the round that ended."""
+        """Begin a commit round (after the one in flight, if any) now that the
+        open transactions hold TRANSACTION_BYTES, before the rest of ``task``'s
+        records; whether it is still this worker's running task, not restarted
+        by the round that ended."""
         await self._commit(due_only=True)
         return self._running(task)
 
@@ -1161,7 +1167,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                                 # As _process does: a pass reads up to 5,000
                                 # records per input, each a close that may
                                 # write a whole session.
-                                if task.full() and not await self._commit_full(task):
+                                full = self._held_bytes() >= TRANSACTION_BYTES
+                                if full and not await self._commit_full(task):
                                     return  # restarted by the round: it reads them again
                             task.positions[tp] = max(task.positions.get(tp, 0), resume)
                             found = found or not all(raw.readable() for raw in raws)
@@ -1205,7 +1212,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         if self._round is not None and self._round.commits.done():
             await self._finish_round()
         now = time.monotonic()
-        if due_only and not any(task.commit_due(now) for task in self._tasks.values()):
+        if (
+            due_only
+            and not any(task.commit_due(now) for task in self._tasks.values())
+            and self._held_bytes() < TRANSACTION_BYTES
+        ):
             return
         await self._finish_round()
         due = [t for t in self._tasks.values() if t.active and t.checkpoint is not None]
@@ -1783,9 +1794,9 @@ def _unusable_state_dir(settings: Settings, why: OSError) -> ConfigurationError:
     )
 
 
-async def _handle(task: Task, records: list[Any], taken: list[int]) -> None:
-    """``task.handle_many(records)``, how many it took appended to ``taken``."""
-    taken.append(await task.handle_many(records))
+async def _handle(task: Task, records: list[Any], limit: int, taken: list[int]) -> None:
+    """``task.handle_many(records, limit)``, how many it took appended to ``taken``."""
+    taken.append(await task.handle_many(records, limit))
 
 
 async def _first(*aws: Any) -> None:

@@ -83,13 +83,15 @@ RestoreProgress = Callable[["TaskId", int, int], None]
 #: 113k/s and 348 MB; 8 MiB and 20,000 records, 118k/s and 356 MB.
 _RESTORE_FETCH_BYTES: Final = 4 * 1024 * 1024
 
-#: The bytes (outputs and store writes) past which a transaction takes no
-#: more records: the rest of the fetched batch waits for the next one, which a
-#: commit round begins. A command of a few bytes can write a session of 250 KB
-#: (a close of a large cart, an update of one line), and each to the store
-#: too: 5,000 of them in one poll held over 700 MiB until the commit, and the
-#: worker was OOM-killed again at each restart. A whole transaction of 5,000
-#: bench commands holds about 8 MiB.
+#: The bytes (outputs and store writes) that a worker's open transactions
+#: hold together past which they take no more records: the rest of the fetched
+#: batch waits for the next ones, which a commit round begins. A command of a
+#: few bytes can write a session of 250 KB (a close of a large cart, an update
+#: of one line), and each to the store too: 5,000 of them in one poll held over
+#: 700 MiB until the commit, and the worker was OOM-killed again at each
+#: restart. A bound per task still let twelve tasks hold twelve times it (and
+#: as much again in the round in flight). A whole transaction of 5,000 bench
+#: commands holds about 8 MiB.
 TRANSACTION_BYTES: Final = 16 * 1024 * 1024
 
 
@@ -277,12 +279,13 @@ class Task:
         """Process one consumed record inside the current transaction."""
         await self.handle_many((record,))
 
-    async def handle_many(self, records: Sequence[Any]) -> int:
+    async def handle_many(self, records: Sequence[Any], limit: int = TRANSACTION_BYTES) -> int:
         """Process consumed records of this task, in order, inside the current
         transaction (the engine's hot loop: one call per fetched batch). Returns
         how many were taken: all, unless the transaction's outputs and store
-        writes reached :data:`TRANSACTION_BYTES` first (then it is due:
-        :meth:`commit_due`).
+        writes (:meth:`held_bytes`) reached ``limit`` first, which the engine
+        sets to what the worker's other open transactions leave of
+        :data:`TRANSACTION_BYTES`. The first record is always taken.
 
         A record the processor fails on becomes an INTERNAL_ERROR rejection of
         that record alone: what it wrote is taken back, the worker goes on.
@@ -360,10 +363,10 @@ class Task:
                     await checkpoint.send(out)
             checkpoint.consumed(tp, offset)
             positions[tp] = handled[tp] = offset + 1
-            held = output_bytes  # _held_bytes, inline: the count is local until the end
+            held = output_bytes  # held_bytes, inline: the count is local until the end
             for overlay in overlays:
                 held += overlay.written
-            if held >= TRANSACTION_BYTES:
+            if held >= limit:
                 self._output_bytes = output_bytes
                 return taken
         if checkpoint is not None:
@@ -426,17 +429,15 @@ class Task:
         c = self.checkpoint
         if c is None or c.closed:
             return False
-        if c.records >= self.settings.batch_size or self.full():
+        if c.records >= self.settings.batch_size:
             return True
         return now - self._opened_at >= self.settings.checkpoint_interval_s
 
-    def full(self) -> bool:
-        """Whether the open transaction holds :data:`TRANSACTION_BYTES` (the
-        raw read past the client asks after each record it hands over)."""
-        return self.checkpoint is not None and self._held_bytes() >= TRANSACTION_BYTES
-
-    def _held_bytes(self) -> int:
-        """What the open transaction holds: its outputs and its store writes."""
+    def held_bytes(self) -> int:
+        """What the open transaction holds: its outputs and its store writes
+        (the engine bounds their sum over its tasks by :data:`TRANSACTION_BYTES`)."""
+        if self.checkpoint is None:
+            return 0
         return self._output_bytes + sum(overlay.written for overlay in self.overlays.values())
 
     def commit_due_in(self, now: float) -> float | None:

@@ -28,7 +28,6 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from stream_app.errors import ConfigurationError
-from stream_app.pipeline import tasks as tasks_module
 from stream_app.pipeline.checkpoint import (
     PHASES,
     ChangelogStore,
@@ -858,24 +857,26 @@ def reopened(state_dir: Path, resources: RocksDBResources) -> PartitionStore:
 
 
 async def test_each_transaction_takes_records_up_to_its_byte_bound(
-    tmp_path: Path, resources: RocksDBResources, broker: FakeBroker, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, resources: RocksDBResources, broker: FakeBroker
 ) -> None:
     """A close of a few bytes writes a whole session, to an output and to the
     store: one poll of such records held hundreds of MiB until the commit.
-    Past TRANSACTION_BYTES a transaction takes no more, and the next one
-    counts from nothing (it once kept the first one's count: one record each)."""
-    monkeypatch.setattr(tasks_module, "TRANSACTION_BYTES", 200)
+    Past its limit (what the engine's other transactions leave of
+    TRANSACTION_BYTES) a transaction takes no more, and the next one counts
+    from nothing (it once kept the first one's count: one record each)."""
     task = started_task(tmp_path, resources, broker)
     records = [command(offset, b"k%d" % (offset % 3)) for offset in range(60)]
     takes = []
     rest = records
     while rest:
-        taken = await task.handle_many(rest)
+        taken = await task.handle_many(rest, 200)
         takes.append(taken)
         rest = rest[taken:]
         if rest:
-            assert task.commit_due(0.0)  # by its bytes, not its age
+            assert task.held_bytes() >= 200
+            assert not task.commit_due(0.0)  # by bytes, the engine's call: its sum
         await task.commit()
+        assert task.held_bytes() == 0
     assert len(takes) > 2
     assert all(taken == takes[0] > 1 for taken in takes[:-1])
     assert sum(takes) == 60
@@ -890,30 +891,31 @@ async def test_each_transaction_takes_records_up_to_its_byte_bound(
 
     task.process = writes_only
     more = [command(offset, b"k%d" % offset) for offset in range(60, 70)]
-    assert await task.handle_many(more) == 3  # 270 bytes written: past 200
-    assert task.commit_due(0.0)
+    assert await task.handle_many(more, 200) == 3  # 270 bytes written: past 200
+    assert task.held_bytes() == 270
     await task.commit()
-    assert await task.handle_many(more[3:]) == 3
+    assert await task.handle_many(more[3:], 200) == 3
     await task.commit()
     # One key written again and again is one changelog record: counted once.
     again = [command(offset, b"same") for offset in range(70, 90)]
-    assert await task.handle_many(again) == 20
-    assert not task.commit_due(0.0)
-    assert not task.full()
-    # A record the processor fails on counts its INTERNAL_ERROR rejection.
+    assert await task.handle_many(again, 200) == 20
+    assert task.held_bytes() == 90
+    # The first record is taken whatever the limit: the batch goes on.
+    assert await task.handle_many([command(90, b"k")], 0) == 1
     await task.commit()
+    # A record the processor fails on counts its INTERNAL_ERROR rejection.
 
     def fails(record: SourceRecord) -> list[Outgoing]:
         raise RuntimeError("a bug, say")
 
     task.process = fails
-    assert await task.handle_many([command(90, b"k", b"x" * 150)]) == 1
-    assert task.full()
+    assert await task.handle_many([command(91, b"k", b"x" * 150)], 200) == 1
+    assert task.held_bytes() >= 200
     await task.commit()
     # A record read past the client, rejected, counts its rejection too.
-    unreadable = RawRecord(INPUT.topic, INPUT.partition, 91, 0, b"k", b"{}", ((b"\xff", b""),))
+    unreadable = RawRecord(INPUT.topic, INPUT.partition, 92, 0, b"k", b"{}", ((b"\xff", b""),))
     await task.handle_raw(unreadable)
-    assert task.full()
+    assert task.held_bytes() >= 200
     await on_revoked(task)
 
 

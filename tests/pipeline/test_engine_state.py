@@ -1123,10 +1123,13 @@ class _TaskRefusedAnOutputTopic:
         self.active = True
         self.checkpoint = None
 
-    async def handle_many(self, records: object) -> None:
+    async def handle_many(self, records: object, limit: int) -> None:
         # Checkpoint.send asks for the partitions of an output topic the principal
         # may not describe: aiokafka's client raises this.
         raise TopicAuthorizationFailedError("sessions.rejected")
+
+    def held_bytes(self) -> int:
+        return 0
 
     async def close(self) -> None:
         pass
@@ -1515,6 +1518,9 @@ async def test_the_main_loop_restarts_a_task_whose_store_a_query_found_corrupt(
 
         def commit_due_in(self, now: float) -> float | None:
             return None
+
+        def held_bytes(self) -> int:
+            return 0
 
     engine._tasks[_Task.id] = _Task()  # type: ignore[assignment]
     restarted = asyncio.Event()

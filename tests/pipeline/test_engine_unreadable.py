@@ -55,8 +55,8 @@ class _Task:
         (self.processed if raw.readable() else self.rejected).append(raw.offset)
         self.positions[tp] = self.handled[tp] = raw.offset + 1
 
-    def full(self) -> bool:
-        return False
+    def held_bytes(self) -> int:
+        return 0
 
     async def close(self) -> None:
         self.closed = True

@@ -31,7 +31,7 @@ from stream_app.pipeline.processor import (
     SourceRecord,
 )
 from stream_app.pipeline.store import PartitionStore, RocksDBResources
-from stream_app.pipeline.tasks import Stage, Task, TaskId
+from stream_app.pipeline.tasks import TRANSACTION_BYTES, Stage, Task, TaskId
 from stream_app.pipeline.topics import TopicLayout, profile_topic, rekey_topic
 from stream_app.pipeline.unreadable import RawRecord
 from stream_app.settings import RocksDBSettings, Settings
@@ -254,41 +254,83 @@ async def test_a_re_keyed_command_s_failure_names_where_it_first_arrived(
 
 
 class _FillingTask:
-    """Stands for an active Task whose transaction fills after 3 records."""
+    """Stands for an active Task each of whose records holds 3/10 of
+    TRANSACTION_BYTES: it takes records as Task does, until it holds its limit."""
+
+    EACH = TRANSACTION_BYTES * 3 // 10
 
     def __init__(self, tp: TopicPartition) -> None:
         self.id = TaskId("commands", tp.partition)
         self.inputs = [tp]
         self.active = True
         self.checkpoint: object | None = None
+        self.held = 0
         self.calls: list[list[int]] = []
+        self.limits: list[int] = []
         self.commits: list[int] = []
 
-    async def handle_many(self, records: list[Any]) -> int:
+    async def handle_many(self, records: list[Any], limit: int = TRANSACTION_BYTES) -> int:
         self.calls.append([r.offset for r in records])
+        self.limits.append(limit)
         self.checkpoint = object()
-        return min(3, len(records))
+        for taken, _ in enumerate(records, 1):
+            self.held += self.EACH
+            if self.held >= limit:
+                return taken
+        return len(records)
+
+    def held_bytes(self) -> int:
+        return self.held
 
     def commit_due(self, now: float) -> bool:
-        return self.checkpoint is not None
+        return False  # by its bytes: the engine's sum over its tasks
 
     def begin_commit(self) -> Any:
         self.commits.append(self.calls[-1][0])
-        self.checkpoint = None
+        self.checkpoint, self.held = None, 0
         return asyncio.sleep(0)
+
+
+def _engine_of_filling(tmp_path: Path, partitions: int) -> tuple[Engine, list[_FillingTask]]:
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(partitions, 1_048_588))
+    tasks = [
+        _FillingTask(TopicPartition(engine.settings.topics.commands, p)) for p in range(partitions)
+    ]
+    for task in tasks:
+        engine._tasks[task.id] = task  # type: ignore[assignment]
+        engine._task_of[task.inputs[0]] = task  # type: ignore[assignment]
+    return engine, tasks
 
 
 async def test_the_engine_commits_a_full_transaction_before_the_rest_of_the_batch(
     tmp_path: Path,
 ) -> None:
-    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
-    tp = TopicPartition(engine.settings.topics.commands, 0)
-    task = _FillingTask(tp)
-    engine._tasks[task.id] = task  # type: ignore[assignment]
-    engine._task_of[tp] = task  # type: ignore[assignment]
-    await engine._process({tp: [_Record(tp.topic, n) for n in range(8)]})
-    assert task.calls == [list(range(8)), [3, 4, 5, 6, 7], [6, 7]]
-    assert task.commits == [0, 3]  # a round after each full transaction, before the rest
+    engine, [task] = _engine_of_filling(tmp_path, 1)
+    tp = task.inputs[0]
+    await engine._process({tp: [_Record(tp.topic, n) for n in range(10)]})
+    assert task.calls == [list(range(10)), [4, 5, 6, 7, 8, 9], [8, 9]]
+    assert task.commits == [0, 4]  # a round after each full transaction, before the rest
+    assert task.held == 2 * _FillingTask.EACH
+    await engine._finish_round()
+
+
+async def test_the_tasks_of_a_worker_share_one_byte_bound(tmp_path: Path) -> None:
+    """Twelve tasks each held up to 16 MiB, and as much again in the round in
+    flight: a backlog of large closes on every partition could hold 384 MiB."""
+    engine, [first, second] = _engine_of_filling(tmp_path, 2)
+    tp0, tp1 = first.inputs[0], second.inputs[0]
+    await engine._process(
+        {
+            tp0: [_Record(tp0.topic, n) for n in range(5)],
+            tp1: [_Record(tp1.topic, n) for n in range(5)],
+        }
+    )
+    assert first.calls == [[0, 1, 2, 3, 4], [4]]
+    # The second is left what the first holds after its round: 3/10 of it.
+    assert second.limits[0] == TRANSACTION_BYTES - _FillingTask.EACH
+    assert second.calls == [[0, 1, 2, 3, 4], [3, 4]]
+    assert first.commits == [0, 4]  # sealed with the second's round too
+    assert second.commits == [0]
     await engine._finish_round()
 
 
@@ -315,8 +357,8 @@ class _RawTask:
         tp = TopicPartition(raw.topic, raw.partition)
         self.positions[tp] = self.handled[tp] = raw.offset + 1
 
-    def full(self) -> bool:
-        return False
+    def held_bytes(self) -> int:
+        return 0
 
     async def close(self) -> None:
         self.active = False
@@ -404,11 +446,12 @@ class _FillingRawTask(_RawTask):
         await super().handle_raw(raw)
         self.checkpoint = object()
 
-    def full(self) -> bool:
-        return self.checkpoint is not None and len(self.processed) % 2 == 0
+    def held_bytes(self) -> int:
+        full = self.checkpoint is not None and len(self.processed) % 2 == 0
+        return TRANSACTION_BYTES if full else 0
 
     def commit_due(self, now: float) -> bool:
-        return self.full()
+        return False  # by its bytes: the engine's sum over its tasks
 
     def begin_commit(self) -> Any:
         self.commits.append(self.processed[-1])
@@ -433,7 +476,7 @@ async def test_a_raw_read_commits_a_full_transaction_before_it_reads_on(
 
 
 class _UnreadableStoreTask(_RawTask):
-    async def handle_many(self, records: object) -> None:
+    async def handle_many(self, records: object, limit: int) -> None:
         raise StoreError("cannot read the store at x: IO error")
 
 
