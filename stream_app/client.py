@@ -64,6 +64,7 @@ import msgspec
 from stream_app import json
 from stream_app.domain import (
     ApplicationSettings,
+    Command,
     CommandContext,
     Reason,
     Rejected,
@@ -453,6 +454,22 @@ def validate_command(
     for commands without ``applicationId``; ``max_command_bytes`` their limit
     on the size of a command record.
     """
+    return _checked(
+        command,
+        application_settings,
+        default_application_id=default_application_id,
+        max_command_bytes=max_command_bytes,
+    )[0]
+
+
+def _checked(
+    command: Mapping[str, Any] | bytes,
+    application_settings: SettingsLookup | None,
+    *,
+    default_application_id: int,
+    max_command_bytes: int | None,
+) -> tuple[bytes, Command]:
+    """:func:`validate_command`'s record value, and the command the workers read in it."""
     try:
         raw = command if isinstance(command, bytes) else json.dumps(_plain(command))
     except (json.JSONEncodeError, ValueError) as exc:
@@ -491,7 +508,7 @@ def validate_command(
         rejection = _settings_rejection(decoded, settings, application_id)
         if rejection is not None:
             raise CommandRejectedError(rejection, command)
-    return raw
+    return raw, decoded
 
 
 # --------------------------------------------------------------------------- sending
@@ -677,7 +694,10 @@ class SessionClient:
 
     def validate(self, command: Mapping[str, Any]) -> bytes:
         """:func:`validate_command` with this client's settings."""
-        return validate_command(
+        return self._checked(command)[0]
+
+    def _checked(self, command: Mapping[str, Any]) -> tuple[bytes, Command]:
+        return _checked(
             command,
             self.application_settings,
             default_application_id=self.settings.default_application_id,
@@ -694,21 +714,34 @@ class SessionClient:
         within ``delivery_timeout_s``. The builders
         give every command an ``eventId``; a document written by hand without
         one gets a new one on each send, so give it one (:func:`new_event_id`)
-        before the first try if it may be retried.
+        before the first try if it may be retried. After a failed send, the
+        producer is replaced, and sends wait (up to the delivery timeout) until
+        the old one has delivered or given up what it held, so that the
+        commands of a session stay in the order they were sent.
 
         The helpers below build a new command, with a new ``eventId``, on every
         call: to retry one of them, pass the same ``event_id`` each time (chosen
         with :func:`new_event_id` before the first try), or build the command
         (:func:`update_command`, ...) and send that document again.
         """
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             raise RuntimeError("the client is not started")
         doc = dict(command)
         if doc.get("eventId") is None:
             doc["eventId"] = new_event_id()
-        value = self.validate(doc)
-        integration_id = str(doc["integrationId"])  # validated: a non-empty string
+        value, decoded = self._checked(doc)
+        # As the workers read it: ``str()`` of a str enum member is its name.
+        integration_id = decoded.integration_id
+        if self._retiring:
+            # Producers replaced after a failed send (_renew) may still hold
+            # earlier commands: sent through the new producer meanwhile, a
+            # close overtook an update of its session held in the old one,
+            # which the worker then rejected on a closed session. Their stops
+            # are bounded by the delivery timeout.
+            await asyncio.wait(set(self._retiring))
+        producer = self._producer
+        if producer is None:
+            raise RuntimeError("the client is stopped")
         acknowledged = await producer.send(self.topic, value=value, key=integration_id.encode())
         self._unacknowledged[acknowledged] = time.monotonic() + self.delivery_timeout_s
         acknowledged.add_done_callback(lambda done: self._unacknowledged.pop(done, None))

@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from decimal import Decimal
+from enum import Enum
 from types import SimpleNamespace
 from typing import Any
 
@@ -409,6 +410,84 @@ async def test_a_replaced_producer_holding_a_command_is_stopped_within_the_bound
     with caplog.at_level(logging.WARNING, logger="stream_app.client"):
         await asyncio.wait_for(client.stop(), 10)
     assert caplog.records == []
+
+
+class _SlowLeaderProducer:
+    """Holds what it is given for the keys in ``held`` (their partition's
+    leader slow to answer) until it is stopped; writes the rest at once to
+    ``written``, shared with the producer that replaces it."""
+
+    def __init__(self, written: list[str], held: set[bytes] = frozenset()) -> None:
+        self.written = written
+        self.held = held
+        self.holding: list[tuple[asyncio.Future[object], str]] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[object]:
+        acknowledged: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        event_id = json.loads(value)["eventId"]
+        if key == b"refused":
+            acknowledged.set_exception(OutOfOrderSequenceNumber())
+        elif key in self.held:
+            self.holding.append((acknowledged, event_id))
+        else:
+            self._write(acknowledged, event_id)
+        return acknowledged
+
+    def _write(self, acknowledged: asyncio.Future[object], event_id: str) -> None:
+        self.written.append(event_id)
+        acknowledged.set_result(SimpleNamespace(topic="t", partition=0, offset=len(self.written)))
+
+    async def stop(self) -> None:
+        await asyncio.sleep(0.2)  # the leader answers at last
+        for acknowledged, event_id in self.holding:
+            self._write(acknowledged, event_id)
+
+
+async def test_a_session_s_commands_keep_their_order_across_a_producer_replacement() -> None:
+    """A failed send (of any session) replaces the producer; the old one
+    went on delivering what it held while new sends went out through the
+    new one: a close overtook its session's update, which the worker then
+    rejected on a closed session, and both sends had succeeded."""
+    written: list[str] = []
+    client = SessionClient(Settings(), delivery_timeout_s=5)
+    client._producer = _SlowLeaderProducer(written, held={b"cart-1"})
+
+    async def open_producer() -> _SlowLeaderProducer:
+        return _SlowLeaderProducer(written)
+
+    client._open_producer = open_producer  # type: ignore[method-assign]
+    update = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="first")))
+    await asyncio.sleep(0.01)
+    with pytest.raises(OutOfOrderSequenceNumber):
+        await client.send(reopen_command("refused"))
+    await asyncio.sleep(0.01)  # replaced
+    close = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="second")))
+    await asyncio.wait_for(asyncio.gather(update, close), 5)
+    assert written == ["first", "second"]
+    await client.stop()
+
+
+async def test_a_command_is_keyed_by_the_integration_id_the_workers_read() -> None:
+    """``str()`` of a str enum member is its name: a command for ``Cart.A``
+    went to the partition of the key "Cart.A", and the worker re-keyed it
+    to "cart-1"'s, out of order with the session's other commands."""
+
+    class Cart(str, Enum):  # noqa: UP042 - not StrEnum: the str() of this kind is its name
+        A = "cart-1"
+
+    written: list[bytes] = []
+
+    async def send(topic: str, value: bytes, key: bytes) -> asyncio.Future[object]:
+        written.append(key)
+        acknowledged: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        acknowledged.set_result(SimpleNamespace(topic=topic, partition=3, offset=0))
+        return acknowledged
+
+    client = SessionClient(Settings())
+    client._producer = SimpleNamespace(send=send)
+    sent = await client.send(reopen_command(Cart.A))
+    assert written == [b"cart-1"]
+    assert sent.integration_id == "cart-1"
 
 
 class _OutageProducer:
