@@ -3,9 +3,9 @@
 ``decode_command(raw)`` turns record bytes into a command or a rejection;
 ``apply(session, command, context)`` returns the outcome: ``Applied`` (new
 session and events), ``Duplicate`` or ``Rejected``. ``wire`` holds the
-stored and emitted forms. The behaviour contract is
-``shared/spec/customer-sessions.md``; the rules we chose where it is silent
-are listed in the docstrings of ``decoding``, ``transitions`` and ``numbers``.
+stored and emitted forms. The behaviour contract is ``docs/contract.md``;
+the docstrings of ``decoding``, ``transitions`` and ``numbers`` say how
+each rule is carried out.
 """
 
 from __future__ import annotations

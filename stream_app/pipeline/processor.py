@@ -164,7 +164,9 @@ class Limits:
     #: ``state`` alone) may take it: each adds remembered eventIds and returned
     #: quantities, so a session at its limit could otherwise never be
     #: returned, cancelled or reopened. The worker lowers it so that a stored
-    #: session stays within a third of the topics' record limit.
+    #: session stays within a third of the topics' record limit, and refuses
+    #: to start when that leaves less than a quarter of ``max_session_bytes``
+    #: (``largest_session_bytes`` in ``topics``).
     bookkeeping_bytes: int = BOOKKEEPING_BYTES
     #: How much of the original key and value a rejection keeps (then: a prefix).
     max_original_bytes: int = 256 * 1024

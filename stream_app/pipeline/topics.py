@@ -35,6 +35,7 @@ from aiokafka.errors import (
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.checkpoint import recorded_partitions
 from stream_app.pipeline.kafka import client_options, committed_offsets, not_authorized
+from stream_app.pipeline.processor import BOOKKEEPING_BYTES
 from stream_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -638,14 +639,32 @@ def check_session_limit(settings: Settings, layout: TopicLayout) -> None:
     """Raise ConfigurationError when a stored session could make an output larger
     than the topics take. The worker's check: a producer of commands does not
     need it."""
-    # A stored session becomes an output document (field names, computed totals),
-    # at most about twice its stored size; leave room for that and the envelope.
-    if settings.max_session_bytes * 3 > layout.max_record_bytes:
+    most = largest_session_bytes(layout.max_record_bytes)
+    if settings.max_session_bytes > most:
         raise ConfigurationError(
             f"max_session_bytes {settings.max_session_bytes} is too large for the topics' "
-            f"record limit of {layout.max_record_bytes} bytes (max.message.bytes): it may "
-            f"be at most a third of it, {layout.max_record_bytes // 3}"
+            f"record limit of {layout.max_record_bytes} bytes (max.message.bytes): with "
+            f"what a return, cancel or reopen may add past it (a quarter of it, at most "
+            f"{BOOKKEEPING_BYTES}), a stored session may take at most a third of that "
+            f"limit, so it may be at most {most}"
         )
+
+
+def largest_session_bytes(max_record_bytes: int) -> int:
+    """The largest ``max_session_bytes`` the topics' record limit allows.
+
+    A stored session becomes an output document (field names, computed
+    totals), at most about twice its stored size: with room for that and the
+    envelope, a session takes at most a third of the limit, including the
+    allowance past ``max_session_bytes`` of a return, a cancel or a reopen
+    (``Limits.bookkeeping_bytes``). Without a quarter of the session limit
+    (or BOOKKEEPING_BYTES) of it, a closed session at its limit took none of
+    them: its revenue could never be corrected.
+    """
+    third = max_record_bytes // 3
+    if third - BOOKKEEPING_BYTES >= 4 * BOOKKEEPING_BYTES:
+        return third - BOOKKEEPING_BYTES
+    return third * 4 // 5  # s + s // 4 <= third
 
 
 def check_retention(settings: Settings, layout: TopicLayout) -> None:

@@ -223,7 +223,7 @@ async def test_a_small_record_limit_stops_the_worker_but_not_the_traffic(
     created = await asyncio.to_thread(stream_app, env, "topics", "create")
     assert created.returncode == 2
     assert limit in created.stderr
-    assert "it may be at most a third of it, 33333" in created.stderr
+    assert "so it may be at most 26666" in created.stderr
 
     refused = workers(deployment)
     refused.expect_exit(2)
@@ -231,7 +231,7 @@ async def test_a_small_record_limit_stops_the_worker_but_not_the_traffic(
     assert f"configuration error: {limit}" in refused.log_tail()
 
     expected = generate_traffic(20, seed=1).summary.expected
-    worker = workers(deployment, env={**env, "STREAM_APP_MAX_SESSION_BYTES": "33333"})
+    worker = workers(deployment, env={**env, "STREAM_APP_MAX_SESSION_BYTES": "26666"})
     async with OutputReader(deployment.bootstrap, t) as reader:
         await reader.wait_for(sum(expected.values()), timeout=120, alive=[worker])
         await reader.poll(1.0, alive=[worker])

@@ -40,10 +40,10 @@ from stream_app.pipeline.checkpoint import (
     offset_metadata,
 )
 from stream_app.pipeline.engine import Engine
-from stream_app.pipeline.processor import Limits
+from stream_app.pipeline.processor import BOOKKEEPING_BYTES, Limits
 from stream_app.pipeline.store import CONSUMED_KEY, PartitionStore, RocksDBResources
 from stream_app.pipeline.tasks import Stage, Task, TaskId
-from stream_app.pipeline.topics import TopicLayout
+from stream_app.pipeline.topics import TopicLayout, check_session_limit, largest_session_bytes
 from stream_app.settings import RocksDBSettings, Settings
 from tests.pipeline.fakes import PartitionCounts
 
@@ -63,16 +63,25 @@ def test_state_directory_is_created_with_its_parents(tmp_path: Path) -> None:
     assert (tmp_path / "not" / "there" / "yet" / "shop").is_dir()
 
 
-@pytest.mark.parametrize(
-    ("max_session_bytes", "bookkeeping_bytes"),
-    [(256 * 1024, 64 * 1024), (340_000, 1_048_588 // 3 - 340_000), (1_048_588 // 3, 0)],
-)
-def test_bookkeeping_past_the_session_limit_keeps_a_session_within_a_third_of_a_record(
-    tmp_path: Path, max_session_bytes: int, bookkeeping_bytes: int
+@pytest.mark.parametrize("max_record_bytes", [100_000, 262_144, 786_432, 1_048_588, 8 << 20])
+def test_a_session_limit_the_worker_takes_leaves_room_to_return_cancel_or_reopen(
+    tmp_path: Path, max_record_bytes: int
 ) -> None:
-    settings = Settings(data_dir=tmp_path, max_session_bytes=max_session_bytes)
-    limits = Engine(settings, TopicLayout(1, 1_048_588)).limits
-    assert limits.bookkeeping_bytes == bookkeeping_bytes
+    """A stored session stays within a third of a record, with the allowance
+    of a return, a cancel or a reopen past the session limit. A limit of a
+    third of the record limit was taken, with no allowance left: a closed
+    session at its limit took none of them, and the revenue counted at its
+    close could never be corrected."""
+    layout = TopicLayout(1, max_record_bytes)
+    most = largest_session_bytes(max_record_bytes)
+    for max_session_bytes in (1024, most // 2, most):
+        settings = Settings(data_dir=tmp_path, max_session_bytes=max_session_bytes)
+        check_session_limit(settings, layout)
+        allowance = Engine(settings, layout).limits.bookkeeping_bytes
+        assert allowance >= min(BOOKKEEPING_BYTES, max_session_bytes // 4)
+        assert (max_session_bytes + allowance) * 3 <= max_record_bytes
+    with pytest.raises(ConfigurationError, match=f"so it may be at most {most}$"):
+        check_session_limit(Settings(data_dir=tmp_path, max_session_bytes=most + 1), layout)
 
 
 class _MadeOnlyError(Exception):
