@@ -59,8 +59,14 @@ class CommitOutcomeUnknownError(CheckpointError):
 class TaskFencedError(CheckpointError):
     """Another worker has taken this task over (its producer was fenced).
 
-    Nothing of the transaction is visible; the task is no longer ours.
+    Nothing of the transaction is visible, unless ``committing``: fenced as
+    its commit was retried, which the new owner may have completed. The task
+    is no longer ours either way.
     """
+
+    def __init__(self, cause: str, *, committing: bool = False) -> None:
+        super().__init__(cause)
+        self.committing = committing
 
 
 class NotAuthorizedError(CheckpointError):
@@ -390,7 +396,7 @@ class Checkpoint:
             cause = self._fence_cause(exc)
             if committing:  # a retry of a commit made can meet the new owner's fence
                 cause += " (the commit was sent: it may have been made)"
-            raise TaskFencedError(cause) from exc
+            raise TaskFencedError(cause, committing=committing) from exc
         except (KafkaError, OSError) as exc:
             refused = await self._not_authorized(exc)
             await self._fail()

@@ -1250,6 +1250,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         except CommitOutcomeUnknownError:
             self.commits_unknown += 1
             raise
+        except TaskFencedError as exc:
+            # Fenced as its commit was retried: the new owner may have made it.
+            if exc.committing:
+                self.commits_unknown += 1
+            else:
+                self.aborts += 1
+            raise
         except CheckpointError:
             self.aborts += 1
             raise
@@ -1662,9 +1669,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             # A worker paused past its session timeout learns it here:
             # its successor's producer took over the transactional id.
             log.warning(
-                "%s: fenced, another worker owns this task now: its open "
-                "transaction is aborted (%s)",
+                "%s: fenced, another worker owns this task now: its open transaction %s (%s)",
                 task.id,
+                "may or may not have been committed" if exc.committing else "is aborted",
                 exc,
             )
         except NotAuthorizedError as exc:
