@@ -542,8 +542,9 @@ class SessionClient:
         #: ``giving_up`` does, rather than waiting for what is pending.
         self.give_up_when_cancelled = give_up_when_cancelled
         self._producer: Any = None
-        #: Commands handed to the producer and not yet acknowledged: by when.
-        self._unacknowledged: dict[asyncio.Future[Any], float] = {}
+        #: Commands handed to a producer and not yet acknowledged: by when,
+        #: their key, and the producer.
+        self._unacknowledged: dict[asyncio.Future[Any], tuple[float, bytes, Any]] = {}
         #: The replacement of a producer whose send failed (_renew), if one runs.
         self._renewing: asyncio.Task[None] | None = None
         #: The stops of producers replaced, each bounded as :meth:`stop` is.
@@ -641,7 +642,7 @@ class SessionClient:
             await asyncio.gather(renewing, return_exceptions=True)
         if producer is None and not self._retiring:  # never started, or stopped already
             return
-        pending = [deadline for f, deadline in self._unacknowledged.items() if not f.done()]
+        pending = [deadline for f, (deadline, _, _) in self._unacknowledged.items() if not f.done()]
         if not pending:  # nothing left to deliver: their own stops
             await asyncio.gather(*self._retiring)
             if producer is not None:
@@ -715,38 +716,29 @@ class SessionClient:
         give every command an ``eventId``; a document written by hand without
         one gets a new one on each send, so give it one (:func:`new_event_id`)
         before the first try if it may be retried. After a failed send, the
-        producer is replaced, and sends wait (up to the delivery timeout) until
-        the old one has delivered or given up what it held, so that the
-        commands of a session stay in the order they were sent.
+        producer is replaced; a send waits (within its delivery timeout) until
+        the old one has delivered or given up what it held of the same
+        session, so that a session's commands stay in the order they were sent.
 
         The helpers below build a new command, with a new ``eventId``, on every
         call: to retry one of them, pass the same ``event_id`` each time (chosen
         with :func:`new_event_id` before the first try), or build the command
         (:func:`update_command`, ...) and send that document again.
         """
-        if self._producer is None:
-            raise RuntimeError("the client is not started")
         doc = dict(command)
         if doc.get("eventId") is None:
             doc["eventId"] = new_event_id()
         value, decoded = self._checked(doc)
         # As the workers read it: ``str()`` of a str enum member is its name.
         integration_id = decoded.integration_id
-        if self._retiring:
-            # Producers replaced after a failed send (_renew) may still hold
-            # earlier commands: sent through the new producer meanwhile, a
-            # close overtook an update of its session held in the old one,
-            # which the worker then rejected on a closed session. Their stops
-            # are bounded by the delivery timeout.
-            await asyncio.wait(set(self._retiring))
-        producer = self._producer
-        if producer is None:
-            raise RuntimeError("the client is stopped")
-        acknowledged = await producer.send(self.topic, value=value, key=integration_id.encode())
-        self._unacknowledged[acknowledged] = time.monotonic() + self.delivery_timeout_s
+        key = integration_id.encode()
+        deadline = time.monotonic() + self.delivery_timeout_s
+        producer = await self._after_earlier(key, deadline, doc["eventId"])
+        acknowledged = await producer.send(self.topic, value=value, key=key)
+        self._unacknowledged[acknowledged] = (deadline, key, producer)
         acknowledged.add_done_callback(lambda done: self._unacknowledged.pop(done, None))
         # Waited for, not cancelled past the bound: aiokafka goes on trying.
-        done, _ = await asyncio.wait({acknowledged}, timeout=self.delivery_timeout_s)
+        done, _ = await asyncio.wait({acknowledged}, timeout=max(deadline - time.monotonic(), 0))
         if not done:
             from aiokafka.errors import KafkaTimeoutError
 
@@ -771,6 +763,37 @@ class SessionClient:
         return SentCommand(
             integration_id, str(doc["eventId"]), metadata.topic, metadata.partition, metadata.offset
         )
+
+    async def _after_earlier(self, key: bytes, deadline: float, event_id: object) -> Any:
+        """The producer to send a command of ``key`` through, once the commands
+        of that session still held by producers replaced after a failed send
+        (:meth:`_renew`) are delivered or given up: sent through the new
+        producer meanwhile, a close overtook an update of its session held
+        in the old one, which the worker then rejected on a closed session.
+        Raises ``KafkaTimeoutError`` (nothing sent) past ``deadline``."""
+        while True:
+            producer = self._producer
+            if producer is None:
+                raise RuntimeError("the client is not started, or stopped")
+            if not self._retiring:  # no replaced producer holds anything
+                return producer
+            earlier = [
+                f
+                for f, (_, held, by) in self._unacknowledged.items()
+                if held == key and by is not producer and not f.done()
+            ]
+            if not earlier:
+                return producer
+            await asyncio.wait(earlier, timeout=max(deadline - time.monotonic(), 0))
+            if not all(f.done() for f in earlier):
+                from aiokafka.errors import KafkaTimeoutError
+
+                raise KafkaTimeoutError(
+                    f"{key.decode()}: not sent: an earlier command of this session, held by "
+                    f"a producer replaced after a failed send, was not acknowledged within "
+                    f"{self.delivery_timeout_s:g} s; send the same document again "
+                    f"(eventId {event_id})"
+                )
 
     async def update_session(
         self, integration_id: str, *, event_id: str | None = None, **session: Any

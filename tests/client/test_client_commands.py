@@ -462,9 +462,42 @@ async def test_a_session_s_commands_keep_their_order_across_a_producer_replaceme
         await client.send(reopen_command("refused"))
     await asyncio.sleep(0.01)  # replaced
     close = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="second")))
+    # Another session's command does not wait for the old producer.
+    await asyncio.wait_for(client.send(reopen_command("cart-2", event_id="other")), 5)
+    assert written == ["other"]
     await asyncio.wait_for(asyncio.gather(update, close), 5)
-    assert written == ["first", "second"]
+    assert written == ["other", "first", "second"]
     await client.stop()
+
+
+async def test_a_command_behind_one_a_replaced_producer_never_delivers_is_not_sent() -> None:
+    """Within its one delivery timeout, waiting included: the wait for the
+    old producer's stop took a timeout of its own before the send's."""
+    written: list[str] = []
+    client = SessionClient(Settings(), delivery_timeout_s=0.5)
+    old = _SlowLeaderProducer(written, held={b"cart-1"})
+    client._producer = old
+
+    async def never_stops() -> None:
+        await asyncio.Event().wait()
+
+    old.stop = never_stops  # type: ignore[method-assign]
+
+    async def open_producer() -> _SlowLeaderProducer:
+        return _SlowLeaderProducer(written)
+
+    client._open_producer = open_producer  # type: ignore[method-assign]
+    update = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="first")))
+    await asyncio.sleep(0.01)
+    with pytest.raises(OutOfOrderSequenceNumber):
+        await client.send(reopen_command("refused"))
+    await asyncio.sleep(0.01)  # replaced
+    with pytest.raises(KafkaTimeoutError, match="not sent: an earlier command of this session"):
+        await client.send(reopen_command("cart-1", event_id="second"))
+    with pytest.raises(KafkaTimeoutError):
+        await update
+    assert written == []
+    await asyncio.wait_for(client.stop(giving_up=True), 10)
 
 
 async def test_a_command_is_keyed_by_the_integration_id_the_workers_read() -> None:
