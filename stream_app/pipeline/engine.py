@@ -1289,11 +1289,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             elif isinstance(result, BaseException):
                 raise result
 
-    async def _lose(self, task: Task, exc: BaseException) -> None:
+    async def _lose(self, task: Task, exc: TaskFencedError) -> None:
         log.warning(
             "%s: fenced: another worker owns this task now, or Kafka aborted its "
-            "transaction on its timeout; dropping it until the group says which (%s)",
+            "transaction on its timeout%s; dropping it until the group says which (%s)",
             task.id,
+            # Its commit retried, as _revoke says it.
+            ": its transaction may or may not have been committed" if exc.committing else "",
             exc,
         )
         await self._drop(task)

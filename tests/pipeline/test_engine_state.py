@@ -717,6 +717,16 @@ class _FencedTask:
             committing=self.committing,
         )
 
+    def begin_commit(self) -> Any:
+        self.checkpoint = None
+        return self.commit()
+
+    def commit_due(self, now: float) -> bool:
+        return True
+
+    def held_bytes(self) -> int:
+        return 0
+
     async def close(self) -> None:
         self.closed = True
 
@@ -743,6 +753,27 @@ async def test_a_task_found_fenced_on_revocation_says_so(
     assert line.startswith(
         f"commands[0]: fenced, another worker owns this task now: its open transaction {said}"
     )
+    assert (engine.aborts, engine.commits_unknown) == ((0, 1) if committing else (1, 0))
+
+
+@pytest.mark.parametrize("committing", [False, True])
+async def test_a_task_found_fenced_in_a_commit_round_says_whether_it_may_have_committed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, committing: bool
+) -> None:
+    """A worker paused past its session timeout mid-round: the retry of its
+    commit meets the fence of a successor that may have completed it."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    task = _FencedTask(settings.topics.commands, committing=committing)
+    _owning(engine, task)
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        await engine._commit(due_only=False)
+    assert task.closed
+    assert engine._tasks == {}
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line.startswith("commands[0]: fenced: another worker owns this task now")
+    said = "its transaction may or may not have been committed"
+    assert (said in line) == committing
     assert (engine.aborts, engine.commits_unknown) == ((0, 1) if committing else (1, 0))
 
 

@@ -437,10 +437,11 @@ async def test_a_task_that_fails_in_a_raw_read_is_restarted_and_the_others_go_on
 class _FillingRawTask(_RawTask):
     """Its transaction is full after every second record handed to it."""
 
-    def __init__(self, tp: TopicPartition) -> None:
+    def __init__(self, tp: TopicPartition, fill: int = TRANSACTION_BYTES) -> None:
         super().__init__(tp, None)
         self.checkpoint: object | None = None
         self.commits: list[int] = []
+        self.fill = fill
 
     async def handle_raw(self, raw: RawRecord) -> None:
         await super().handle_raw(raw)
@@ -448,7 +449,7 @@ class _FillingRawTask(_RawTask):
 
     def held_bytes(self) -> int:
         full = self.checkpoint is not None and len(self.processed) % 2 == 0
-        return TRANSACTION_BYTES if full else 0
+        return self.fill if full else 0
 
     def commit_due(self, now: float) -> bool:
         return False  # by its bytes: the engine's sum over its tasks
@@ -473,6 +474,31 @@ async def test_a_raw_read_commits_a_full_transaction_before_it_reads_on(
     assert task.processed == [0, 1, 2, 3, 4, 5]
     assert task.commits == [1, 3, 5]  # a round after each full transaction, in the pass
     assert consumer.sought == {task.inputs[0]: 6}
+
+
+class _HoldingRawTask(_RawTask):
+    """Stands for a task whose open transaction holds half of TRANSACTION_BYTES."""
+
+    def held_bytes(self) -> int:
+        return TRANSACTION_BYTES // 2
+
+    def commit_due(self, now: float) -> bool:
+        return False
+
+
+async def test_a_raw_read_bounds_the_bytes_of_all_the_tasks_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the main loop does: a task whose own transaction holds half the
+    bound fills it with another's."""
+    commands = Settings().topics.commands
+    task = _FillingRawTask(TopicPartition(commands, 0), fill=TRANSACTION_BYTES // 2)
+    other = _HoldingRawTask(TopicPartition(commands, 1), None)
+    engine = _engine_owning(tmp_path, task, other)
+    await _raw_pass(engine, monkeypatch, end=6, unreadable_at=0)
+    await engine._finish_round()
+    assert task.commits == [1, 3, 5]
+    assert other.processed == [0, 1, 2, 3, 4, 5]
 
 
 class _UnreadableStoreTask(_RawTask):
