@@ -21,6 +21,7 @@ from stream_app.errors import StoreError, StreamAppError
 from stream_app.pipeline import engine as engine_module
 from stream_app.pipeline import tasks as tasks_module
 from stream_app.pipeline import unreadable
+from stream_app.pipeline.checkpoint import TaskFencedError
 from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import (
     CommandProcessor,
@@ -590,7 +591,7 @@ async def test_a_task_the_round_in_flight_finds_fenced_is_not_restarted(
 
     async def finish_round() -> None:
         if rounds.pop() if rounds else False:
-            await engine._lose(task, RuntimeError("fenced"))  # type: ignore[arg-type]
+            await engine._lose(task, TaskFencedError("fenced"))
 
     started: list[object] = []
     monkeypatch.setattr(engine, "_finish_round", finish_round)
