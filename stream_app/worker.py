@@ -108,10 +108,10 @@ async def run(settings: Settings, watchdog: list[threading.Timer] | None = None)
             # A stop the engine begins itself (a failure) is bounded as a signalled one.
             engine.on_stopping = arm_watchdog
             engine.check_local_state()
+            web = await serve(settings, engine)
         except ConfigurationError as exc:
             log.error("configuration error: %s", exc)  # noqa: TRY400
             return EXIT_CONFIGURATION
-        web = await serve(settings, engine)
         if web is None:
             return EXIT_FAILED
         engine.assignor.url = advertised_url(settings, web.port)
@@ -262,15 +262,29 @@ async def serve(settings: Settings, engine: Engine) -> WebServer | None:
     A second worker on one host, both on the default port, found it taken and
     exited 1. Left unset, the port is 8080 when free and any free port
     otherwise (the group's assignment advertises the port bound); a port set
-    explicitly is that port or nothing."""
-    web = WebServer(settings, engine)
+    explicitly is that port or nothing.
+
+    Raises ConfigurationError for a port that would not survive a restart of
+    a static member (``group_instance_id``): it gets its assignment back
+    without a rebalance, with the address it advertised before, and the
+    other workers forwarded its sessions to a port nothing served, for good.
+    """
     port = settings.http_port
+    static = settings.group_instance_id is not None
+    if static and port == 0:
+        raise ConfigurationError(_STATIC_PORT.format("STREAM_APP_HTTP_PORT is 0 (any free port)"))
+    web = WebServer(settings, engine)
     try:
         try:
             await web.start()
         except OSError as exc:
             if "http_port" in settings.model_fields_set or exc.errno != errno.EADDRINUSE:
                 raise
+            if static:
+                await web.stop()
+                raise ConfigurationError(
+                    _STATIC_PORT.format(f"port {port} is taken (another worker on this host?)")
+                ) from None
             log.warning(
                 "port %d is taken (another worker on this host?): serving HTTP on a free port "
                 "instead; set STREAM_APP_HTTP_PORT to choose one",
@@ -284,6 +298,13 @@ async def serve(settings: Settings, engine: Engine) -> WebServer | None:
         return None
     return web
 
+
+#: Why a static member does not serve HTTP on any free port.
+_STATIC_PORT: Final = (
+    "{}: with STREAM_APP_GROUP_INSTANCE_ID set, a worker restarted within the session "
+    "timeout keeps the HTTP address it advertised, and the other workers forward its "
+    "sessions there: set STREAM_APP_HTTP_PORT to a port free on this host that it keeps"
+)
 
 #: Seconds a start-up attempt waits for Kafka's answer before saying so.
 _UNANSWERED_S: Final = 10.0

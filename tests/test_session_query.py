@@ -33,7 +33,7 @@ from stream_app.domain import (
     encode_session,
     session_document,
 )
-from stream_app.errors import StoreError
+from stream_app.errors import ConfigurationError, StoreError
 from stream_app.pipeline.engine import Engine, Lookup
 from stream_app.pipeline.processor import partition_for, session_key
 from stream_app.pipeline.tasks import TaskId
@@ -237,6 +237,14 @@ async def test_a_second_worker_on_a_host_serves_on_a_free_port_unless_one_was_se
             await unset.stop()
         chosen = Settings(data_dir=tmp_path, http_host="127.0.0.1", http_port=8080)
         assert await serve(chosen, engine) is None
+        # A static member restarted keeps the address it advertised: the
+        # others forwarded its sessions to the free port it had before.
+        static = Settings(data_dir=tmp_path, http_host="127.0.0.1", group_instance_id="w-b")
+        with pytest.raises(ConfigurationError, match="port 8080 is taken"):
+            await serve(static, engine)
+        anywhere = static.model_copy(update={"http_port": 0})
+        with pytest.raises(ConfigurationError, match="STREAM_APP_HTTP_PORT is 0"):
+            await serve(anywhere, engine)
     finally:
         taken.close()
 
