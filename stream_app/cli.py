@@ -1443,7 +1443,8 @@ def _add_tail(sub: Any) -> None:
         "--max-records",
         type=_positive(int),
         metavar="N",
-        help="stop after N records",
+        help="stop after N records: the first N from where it starts (the start of the "
+        "topic, or with --from-end the next N to come), not the last N as tail(1)",
     )
     tail_parser.add_argument(
         "--metadata",
