@@ -547,13 +547,17 @@ class SessionClient:
         self._unacknowledged: dict[asyncio.Future[Any], tuple[float, bytes, Any]] = {}
         #: The replacement of a producer whose send failed (_renew), if one runs.
         self._renewing: asyncio.Task[None] | None = None
-        #: The stops of producers replaced, each bounded as :meth:`stop` is.
-        self._retiring: set[asyncio.Task[bool]] = set()
+        #: The stops of producers replaced, each bounded as :meth:`stop` is,
+        #: by producer, while they run.
+        self._retiring: dict[Any, asyncio.Task[bool]] = {}
+        #: Set by :meth:`stop`: sends waiting for a replaced producer end.
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         """Connect; raises :class:`CommandTopicMissingError` when the topic is absent."""
         from stream_app.pipeline.kafka import client_options, partition_count
 
+        self._stopping.clear()
         if not await partition_count(client_options(self.settings), self.topic):
             raise CommandTopicMissingError(
                 f"the command topic {self.topic} does not exist at "
@@ -621,8 +625,8 @@ class SessionClient:
         self._producer = producer
         # Bounded as stop() bounds a stop: its sends may still be pending.
         retiring = asyncio.create_task(stop_producer(failed, self.delivery_timeout_s))
-        self._retiring.add(retiring)
-        retiring.add_done_callback(self._retiring.discard)
+        self._retiring[failed] = retiring
+        retiring.add_done_callback(lambda _: self._retiring.pop(failed, None))
 
     async def stop(self, *, giving_up: bool = False) -> None:
         """Deliver what is pending, then disconnect. Bounded by the delivery
@@ -636,6 +640,7 @@ class SessionClient:
         from stream_app.pipeline.kafka import stop_fully
 
         producer, self._producer = self._producer, None
+        self._stopping.set()
         renewing, self._renewing = self._renewing, None
         if renewing is not None:  # cancelled once: it stops what it was starting
             renewing.cancel()
@@ -644,7 +649,7 @@ class SessionClient:
             return
         pending = [deadline for f, (deadline, _, _) in self._unacknowledged.items() if not f.done()]
         if not pending:  # nothing left to deliver: their own stops
-            await asyncio.gather(*self._retiring)
+            await asyncio.gather(*self._retiring.values())
             if producer is not None:
                 await stop_fully(producer)  # a cancelled stop() does not cut it short
             return
@@ -653,7 +658,7 @@ class SessionClient:
             if giving_up
             else max(max(pending) - time.monotonic(), STOP_AFTER_GIVING_UP_S)
         )
-        stops = set(self._retiring)
+        stops = set(self._retiring.values())
         if producer is not None:
             stops.add(asyncio.ensure_future(stop_producer(producer, bound)))
         _, unfinished = await asyncio.wait(stops, timeout=bound) if stops else (set(), set())
@@ -765,27 +770,32 @@ class SessionClient:
         )
 
     async def _after_earlier(self, key: bytes, deadline: float, event_id: object) -> Any:
-        """The producer to send a command of ``key`` through, once the commands
-        of that session still held by producers replaced after a failed send
-        (:meth:`_renew`) are delivered or given up: sent through the new
-        producer meanwhile, a close overtook an update of its session held
-        in the old one, which the worker then rejected on a closed session.
-        Raises ``KafkaTimeoutError`` (nothing sent) past ``deadline``."""
+        """The producer to send a command of ``key`` through, once no producer
+        replaced after a failed send (:meth:`_renew`) and still stopping holds
+        an earlier command of that session: sent through the new producer
+        meanwhile, a close overtook an update of its session held in the old
+        one, which the worker then rejected on a closed session. (A stop that
+        gave up leaves its commands to the event loop's end: their sends have
+        raised, "it may still be written".) Raises ``KafkaTimeoutError``
+        (nothing sent) past ``deadline``, and RuntimeError once stopped."""
         while True:
             producer = self._producer
             if producer is None:
                 raise RuntimeError("the client is not started, or stopped")
             if not self._retiring:  # no replaced producer holds anything
                 return producer
-            earlier = [
-                f
-                for f, (_, held, by) in self._unacknowledged.items()
-                if held == key and by is not producer and not f.done()
-            ]
+            # Its earlier commands still held by a replaced producer, and those
+            # producers' stops.
+            earlier: list[asyncio.Future[Any]] = []
+            stops: set[asyncio.Task[bool]] = set()
+            for f, (_, held, by) in self._unacknowledged.items():
+                if held == key and not f.done() and (stop := self._retiring.get(by)) is not None:
+                    earlier.append(f)
+                    stops.add(stop)
             if not earlier:
                 return producer
-            await asyncio.wait(earlier, timeout=max(deadline - time.monotonic(), 0))
-            if not all(f.done() for f in earlier):
+            left = deadline - time.monotonic()
+            if left <= 0:
                 from aiokafka.errors import KafkaTimeoutError
 
                 raise KafkaTimeoutError(
@@ -794,6 +804,17 @@ class SessionClient:
                     f"{self.delivery_timeout_s:g} s; send the same document again "
                     f"(eventId {event_id})"
                 )
+            # Until one of them ends, or a stop of theirs, or the client's (which
+            # gives up on them).
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait(
+                    [*earlier, *stops, stopping],
+                    timeout=left,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                stopping.cancel()
 
     async def update_session(
         self, integration_id: str, *, event_id: str | None = None, **session: Any

@@ -470,11 +470,43 @@ async def test_a_session_s_commands_keep_their_order_across_a_producer_replaceme
     await client.stop()
 
 
-async def test_a_command_behind_one_a_replaced_producer_never_delivers_is_not_sent() -> None:
+async def test_a_command_behind_one_a_replaced_producer_still_holds_is_not_sent() -> None:
     """Within its one delivery timeout, waiting included: the wait for the
     old producer's stop took a timeout of its own before the send's."""
     written: list[str] = []
-    client = SessionClient(Settings(), delivery_timeout_s=0.5)
+    client = SessionClient(Settings(), delivery_timeout_s=60)
+    old = _SlowLeaderProducer(written, held={b"cart-1"})
+    client._producer = old
+
+    async def never_stops() -> None:
+        await asyncio.Event().wait()
+
+    old.stop = never_stops  # type: ignore[method-assign]
+
+    async def open_producer() -> _SlowLeaderProducer:
+        return _SlowLeaderProducer(written)
+
+    client._open_producer = open_producer  # type: ignore[method-assign]
+    update = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="first")))
+    await asyncio.sleep(0.01)
+    with pytest.raises(OutOfOrderSequenceNumber):
+        await client.send(reopen_command("refused"))
+    await asyncio.sleep(0.01)  # replaced; its stop bounded by 60 s
+    client.delivery_timeout_s = 0.5  # this send's bound ends before the old stop's
+    with pytest.raises(KafkaTimeoutError, match="not sent: an earlier command of this session"):
+        await client.send(reopen_command("cart-1", event_id="second"))
+    assert written == []
+    update.cancel()
+    await asyncio.gather(update, return_exceptions=True)
+    await asyncio.wait_for(client.stop(giving_up=True), 10)
+
+
+async def test_a_stop_ends_a_send_waiting_behind_a_replaced_producer() -> None:
+    """The stop gives up on the old producer's commands, which then never
+    end: the send waiting for them slept out its whole delivery timeout (120 s
+    by default), holding a service's shutdown."""
+    written: list[str] = []
+    client = SessionClient(Settings(), delivery_timeout_s=60)
     old = _SlowLeaderProducer(written, held={b"cart-1"})
     client._producer = old
 
@@ -492,12 +524,14 @@ async def test_a_command_behind_one_a_replaced_producer_never_delivers_is_not_se
     with pytest.raises(OutOfOrderSequenceNumber):
         await client.send(reopen_command("refused"))
     await asyncio.sleep(0.01)  # replaced
-    with pytest.raises(KafkaTimeoutError, match="not sent: an earlier command of this session"):
-        await client.send(reopen_command("cart-1", event_id="second"))
-    with pytest.raises(KafkaTimeoutError):
-        await update
-    assert written == []
+    waiting = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="second")))
+    await asyncio.sleep(0.01)
     await asyncio.wait_for(client.stop(giving_up=True), 10)
+    with pytest.raises(RuntimeError, match="stopped"):
+        await asyncio.wait_for(waiting, 10)
+    assert written == []
+    update.cancel()
+    await asyncio.gather(update, return_exceptions=True)
 
 
 async def test_a_command_is_keyed_by_the_integration_id_the_workers_read() -> None:
