@@ -1580,12 +1580,12 @@ def run_config(settings: Settings) -> int:
     data directory checked (not created)."""
     from stream_app.pipeline.application_settings import ApplicationSettingsRegistry
     from stream_app.pipeline.engine import usable_state_dir
-    from stream_app.worker import usable_http_host
+    from stream_app.worker import usable_http_address
 
     try:
         ApplicationSettingsRegistry.load(settings.application_settings_file)
         usable_state_dir(settings, create=False)
-        usable_http_host(settings)
+        usable_http_address(settings)
     except ConfigurationError as exc:
         print(f"stream-app: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -98,7 +98,7 @@ async def run(settings: Settings, watchdog: list[threading.Timer] | None = None)
         nonlocal engine
         try:
             usable_state_dir(settings)
-            usable_http_host(settings)
+            usable_http_address(settings)
             layout = await _wait_for_kafka(settings, stopping)
             if layout is None:
                 return 0
@@ -177,12 +177,15 @@ def advertised_url(settings: Settings, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def usable_http_host(settings: Settings) -> None:
+def usable_http_address(settings: Settings) -> None:
     """Raise :class:`ConfigurationError` when ``STREAM_APP_HTTP_HOST`` is an
-    address this machine does not have, or a name no resolver knows. Found
+    address this machine does not have, or a name no resolver knows, or when
+    ``STREAM_APP_HTTP_PORT`` is 0 for a static member (:func:`serve`). Found
     only once Kafka answered, it exited 1 (as a port taken does), and never
     while Kafka was down. A name the resolver does not answer for in
     :data:`_RESOLVE_S` is left to the start of the server."""
+    if settings.group_instance_id is not None and settings.http_port == 0:
+        raise ConfigurationError(_STATIC_PORT.format("STREAM_APP_HTTP_PORT is 0 (any free port)"))
     host = settings.http_host
     if not host:
         return  # every interface
@@ -264,15 +267,14 @@ async def serve(settings: Settings, engine: Engine) -> WebServer | None:
     otherwise (the group's assignment advertises the port bound); a port set
     explicitly is that port or nothing.
 
-    Raises ConfigurationError for a port that would not survive a restart of
-    a static member (``group_instance_id``): it gets its assignment back
-    without a rebalance, with the address it advertised before, and the
-    other workers forwarded its sessions to a port nothing served, for good.
+    Raises ConfigurationError instead of serving on a free port for a static
+    member (``group_instance_id``), whose port must survive a restart: it
+    gets its assignment back without a rebalance, with the address it
+    advertised before, and the other workers forwarded its sessions to a
+    port nothing served, for good (port 0: :func:`usable_http_address`).
     """
     port = settings.http_port
     static = settings.group_instance_id is not None
-    if static and port == 0:
-        raise ConfigurationError(_STATIC_PORT.format("STREAM_APP_HTTP_PORT is 0 (any free port)"))
     web = WebServer(settings, engine)
     try:
         try:

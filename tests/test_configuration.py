@@ -182,6 +182,11 @@ def one_line(output: str) -> str:
         ({"STREAM_APP_GROUP_INSTANCE_ID": "pod/0"}, "=pod/0: 'pod/0' is not a group instance"),
         # Found only once Kafka answered, with exit 1; never during an outage.
         ({"STREAM_APP_HTTP_HOST": "192.0.2.1"}, "=192.0.2.1: cannot serve on this address"),
+        # Likewise: a static member's port must survive a restart (worker.serve).
+        (
+            {"STREAM_APP_GROUP_INSTANCE_ID": "w-b", "STREAM_APP_HTTP_PORT": "0"},
+            "STREAM_APP_HTTP_PORT is 0 (any free port): with STREAM_APP_GROUP_INSTANCE_ID set",
+        ),
         # aiokafka read these only as its first client started: a traceback, exit 1.
         (
             {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:abc"},
@@ -261,7 +266,7 @@ def test_an_http_host_name_is_checked_before_any_broker_call(
     monkeypatch.setattr(worker, "_RESOLVE_S", 0.2)
 
     def check(host: str) -> None:
-        worker.usable_http_host(Settings(data_dir=tmp_path, http_host=host))
+        worker.usable_http_address(Settings(data_dir=tmp_path, http_host=host))
 
     with pytest.raises(ConfigurationError, match=r"=unknown.invalid: no such host \(Name or"):
         check("unknown.invalid")

@@ -242,9 +242,6 @@ async def test_a_second_worker_on_a_host_serves_on_a_free_port_unless_one_was_se
         static = Settings(data_dir=tmp_path, http_host="127.0.0.1", group_instance_id="w-b")
         with pytest.raises(ConfigurationError, match="port 8080 is taken"):
             await serve(static, engine)
-        anywhere = static.model_copy(update={"http_port": 0})
-        with pytest.raises(ConfigurationError, match="STREAM_APP_HTTP_PORT is 0"):
-            await serve(anywhere, engine)
     finally:
         taken.close()
 
