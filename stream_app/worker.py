@@ -274,7 +274,6 @@ async def serve(settings: Settings, engine: Engine) -> WebServer | None:
     port nothing served, for good (port 0: :func:`usable_http_address`).
     """
     port = settings.http_port
-    static = settings.group_instance_id is not None
     web = WebServer(settings, engine)
     try:
         try:
@@ -282,7 +281,7 @@ async def serve(settings: Settings, engine: Engine) -> WebServer | None:
         except OSError as exc:
             if "http_port" in settings.model_fields_set or exc.errno != errno.EADDRINUSE:
                 raise
-            if static:
+            if settings.group_instance_id is not None:
                 await web.stop()
                 raise ConfigurationError(
                     _STATIC_PORT.format(f"port {port} is taken (another worker on this host?)")
