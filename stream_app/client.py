@@ -554,8 +554,9 @@ class SessionClient:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        """Connect; raises :class:`CommandTopicMissingError` when the topic is absent."""
-        from stream_app.pipeline.kafka import client_options, partition_count
+        """Connect; raises :class:`CommandTopicMissingError` when the topic is
+        absent, and RuntimeError when :meth:`stop` was called meanwhile."""
+        from stream_app.pipeline.kafka import client_options, partition_count, stop_fully
 
         self._stopping.clear()
         if not await partition_count(client_options(self.settings), self.topic):
@@ -564,7 +565,13 @@ class SessionClient:
                 f"{self.settings.bootstrap_servers}: create it with `stream-app topics create` "
                 "(or start a worker, which creates it)"
             )
-        self._producer = await self._open_producer()
+        producer = await self._open_producer()
+        if self._stopping.is_set():
+            # Started after all, the client ran with the stop's signal set: a
+            # send waiting behind a replaced producer spun the event loop.
+            await stop_fully(producer)
+            raise RuntimeError("the client was stopped while it started")
+        self._producer = producer
 
     async def _open_producer(self) -> Any:
         """A started idempotent producer of this client's settings."""

@@ -534,6 +534,35 @@ async def test_a_stop_ends_a_send_waiting_behind_a_replaced_producer() -> None:
     await asyncio.gather(update, return_exceptions=True)
 
 
+async def test_a_client_stopped_while_it_starts_is_not_left_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stop found nothing started and returned; the start then went on
+    and left a client running with the stop's signal set, on which a send
+    waiting behind a replaced producer spun the event loop."""
+    from stream_app.pipeline import kafka
+
+    async def slow_count(*args: object) -> int:
+        await asyncio.sleep(0.05)
+        return 6
+
+    monkeypatch.setattr(kafka, "partition_count", slow_count)
+    client = SessionClient(Settings())
+    opened = _FlakyProducer()
+
+    async def open_producer() -> _FlakyProducer:
+        return opened
+
+    client._open_producer = open_producer  # type: ignore[method-assign]
+    starting = asyncio.ensure_future(client.start())
+    await asyncio.sleep(0.01)
+    await client.stop()
+    with pytest.raises(RuntimeError, match="stopped while it started"):
+        await asyncio.wait_for(starting, 5)
+    assert opened.stopped
+    assert client._producer is None
+
+
 async def test_a_command_is_keyed_by_the_integration_id_the_workers_read() -> None:
     """``str()`` of a str enum member is its name: a command for ``Cart.A``
     went to the partition of the key "Cart.A", and the worker re-keyed it
