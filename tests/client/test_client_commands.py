@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaTimeoutError, OutOfOrderSequenceNumber
 from stream_app import json
 from stream_app.client import (
     CommandRejectedError,
+    SentCommand,
     SessionClient,
     cancel_command,
     cart_item,
@@ -443,6 +444,35 @@ class _SlowLeaderProducer:
             self._write(acknowledged, event_id)
 
 
+async def _replaced_holding_cart_1(
+    client: SessionClient, written: list[str], *, stops: bool = True
+) -> asyncio.Future[SentCommand]:
+    """Have ``client``'s producer hold a command of cart-1 (eventId "first"),
+    then be replaced after a failed send of another session; returns the
+    send of "first". The old producer delivers it when it stops (or, without
+    ``stops``, never stops); its replacement writes at once to ``written``."""
+    old = _SlowLeaderProducer(written, held={b"cart-1"})
+    client._producer = old
+    if not stops:
+
+        async def never_stops() -> None:
+            await asyncio.Event().wait()
+
+        old.stop = never_stops  # type: ignore[method-assign]
+
+    async def open_producer() -> _SlowLeaderProducer:
+        return _SlowLeaderProducer(written)
+
+    client._open_producer = open_producer  # type: ignore[method-assign]
+    first = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="first")))
+    await asyncio.sleep(0.01)
+    with pytest.raises(OutOfOrderSequenceNumber):
+        await client.send(reopen_command("refused"))
+    await asyncio.sleep(0.01)  # replaced
+    assert client._producer is not old
+    return first
+
+
 async def test_a_session_s_commands_keep_their_order_across_a_producer_replacement() -> None:
     """A failed send (of any session) replaces the producer; the old one
     went on delivering what it held while new sends went out through the
@@ -450,17 +480,7 @@ async def test_a_session_s_commands_keep_their_order_across_a_producer_replaceme
     rejected on a closed session, and both sends had succeeded."""
     written: list[str] = []
     client = SessionClient(Settings(), delivery_timeout_s=5)
-    client._producer = _SlowLeaderProducer(written, held={b"cart-1"})
-
-    async def open_producer() -> _SlowLeaderProducer:
-        return _SlowLeaderProducer(written)
-
-    client._open_producer = open_producer  # type: ignore[method-assign]
-    update = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="first")))
-    await asyncio.sleep(0.01)
-    with pytest.raises(OutOfOrderSequenceNumber):
-        await client.send(reopen_command("refused"))
-    await asyncio.sleep(0.01)  # replaced
+    update = await _replaced_holding_cart_1(client, written)
     close = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="second")))
     # Another session's command does not wait for the old producer.
     await asyncio.wait_for(client.send(reopen_command("cart-2", event_id="other")), 5)
@@ -475,23 +495,7 @@ async def test_a_command_behind_one_a_replaced_producer_still_holds_is_not_sent(
     old producer's stop took a timeout of its own before the send's."""
     written: list[str] = []
     client = SessionClient(Settings(), delivery_timeout_s=60)
-    old = _SlowLeaderProducer(written, held={b"cart-1"})
-    client._producer = old
-
-    async def never_stops() -> None:
-        await asyncio.Event().wait()
-
-    old.stop = never_stops  # type: ignore[method-assign]
-
-    async def open_producer() -> _SlowLeaderProducer:
-        return _SlowLeaderProducer(written)
-
-    client._open_producer = open_producer  # type: ignore[method-assign]
-    update = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="first")))
-    await asyncio.sleep(0.01)
-    with pytest.raises(OutOfOrderSequenceNumber):
-        await client.send(reopen_command("refused"))
-    await asyncio.sleep(0.01)  # replaced; its stop bounded by 60 s
+    update = await _replaced_holding_cart_1(client, written, stops=False)  # stop bound: 60 s
     client.delivery_timeout_s = 0.5  # this send's bound ends before the old stop's
     with pytest.raises(KafkaTimeoutError, match="not sent: an earlier command of this session"):
         await client.send(reopen_command("cart-1", event_id="second"))
@@ -507,23 +511,7 @@ async def test_a_stop_ends_a_send_waiting_behind_a_replaced_producer() -> None:
     by default), holding a service's shutdown."""
     written: list[str] = []
     client = SessionClient(Settings(), delivery_timeout_s=60)
-    old = _SlowLeaderProducer(written, held={b"cart-1"})
-    client._producer = old
-
-    async def never_stops() -> None:
-        await asyncio.Event().wait()
-
-    old.stop = never_stops  # type: ignore[method-assign]
-
-    async def open_producer() -> _SlowLeaderProducer:
-        return _SlowLeaderProducer(written)
-
-    client._open_producer = open_producer  # type: ignore[method-assign]
-    update = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="first")))
-    await asyncio.sleep(0.01)
-    with pytest.raises(OutOfOrderSequenceNumber):
-        await client.send(reopen_command("refused"))
-    await asyncio.sleep(0.01)  # replaced
+    update = await _replaced_holding_cart_1(client, written, stops=False)
     waiting = asyncio.ensure_future(client.send(reopen_command("cart-1", event_id="second")))
     await asyncio.sleep(0.01)
     await asyncio.wait_for(client.stop(giving_up=True), 10)
