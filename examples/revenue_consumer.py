@@ -89,7 +89,9 @@ deletes records without that sign: an output topic must not compact.
 Several copies each count everything. A figure is each topic read to its
 end as found at the start, not one snapshot of all four: a reopen committed
 just after its close can be counted without it; ``--follow`` prints figures
-along the way, with the same caveat. A long-running job would keep the
+along the way, with the same caveat, and stops (exit 1, with a message)
+when the topics gain partitions, whose records it would not read. A
+long-running job would keep the
 figures, the seen output keys and the offsets together in its own store,
 per partition, and resume from them.
 
@@ -112,6 +114,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from decimal import MAX_PREC, Context, Decimal, Inexact, InvalidOperation, localcontext
@@ -120,6 +123,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import OffsetOutOfRangeError
+
+#: How often ``--follow`` looks for partitions added to the topics it reads.
+PARTITIONS_CHECKED_EVERY_S = 10.0
 
 CLOSED = "talon_session_closed"
 RETURNED = "talon_session_partially_returned"
@@ -263,7 +269,20 @@ async def consume(
             consumer.seek(tp, 0)
         # read_committed: the end is the last stable offset (no open transaction).
         ends = None if follow else await consumer.end_offsets(partitions)
+        checked = time.monotonic()
         while not stop.is_set():
+            if follow and time.monotonic() - checked >= PARTITIONS_CHECKED_EVERY_S:
+                # Partitions added to an output topic (a KafkaTopic raised,
+                # kafka-topics --alter) take the sessions whose keys hash to
+                # them: a figure without them would be too low, silently.
+                checked = time.monotonic()
+                now = await _partitions(bootstrap_servers, topics)
+                if set(now) != set(partitions):
+                    raise SystemExit(
+                        f"revenue_consumer: {', '.join(topics)} now have {len(now)} "
+                        f"partitions, not {len(partitions)}: the figure would miss the new "
+                        "ones; run it again (it reads from the beginning)"
+                    )
             if ends is not None and all(
                 [await consumer.position(tp) >= ends[tp] for tp in partitions]
             ):

@@ -317,3 +317,23 @@ async def test_a_one_shot_run_stopped_before_the_end_prints_no_figure(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "stopped before the end: no figure" in captured.err
+
+
+async def test_a_follow_stops_when_the_topics_gain_partitions(
+    example: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--follow`` assigned the partitions it found at start: closes of the
+    sessions whose keys hash to partitions added later were never read, and
+    the figure it printed stayed too low, with no warning."""
+    first = example.TopicPartition("sessions.closed", 0)
+    found = [[first], [first, example.TopicPartition("sessions.closed", 1)]]
+
+    async def partitions(bootstrap_servers: str, topics: list[str]) -> list[Any]:
+        return found.pop(0) if len(found) > 1 else found[0]
+
+    monkeypatch.setattr(example, "AIOKafkaConsumer", _Topics)
+    monkeypatch.setattr(example, "_partitions", partitions)
+    monkeypatch.setattr(example, "PARTITIONS_CHECKED_EVERY_S", 0.0)
+    ledger = example.RevenueLedger()
+    with pytest.raises(SystemExit, match="now have 2 partitions, not 1"):
+        await example.consume("k:9092", [first.topic], ledger, follow=True, out=print)
