@@ -1266,7 +1266,8 @@ def _add_inspect(sub: Any) -> None:
         default=10.0,
         metavar="SECONDS",
         help="while the group rebalances or restores the worker answers 503 with "
-        "Retry-After; ask again for up to this long (default: 10; 0 asks once)",
+        "Retry-After (and a worker stopping may cut its answer short); ask again for up "
+        "to this long (default: 10; 0 asks once)",
     )
     inspect.add_argument(
         "--application-id",
@@ -1298,7 +1299,7 @@ def _local_worker_url(settings: Settings) -> str:
 
 def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     """GET the session from a worker and print it as indented JSON."""
-    from http.client import HTTPException, InvalidURL
+    from http.client import HTTPException, IncompleteRead, InvalidURL
     from ipaddress import ip_address
     from urllib.error import HTTPError, URLError
     from urllib.parse import quote, urlsplit
@@ -1335,6 +1336,14 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
     # answered for it (a corporate proxy's 502); others as urllib does.
     get = build_opener(ProxyHandler({})).open if loopback else urlopen
     deadline = time.monotonic() + args.wait
+
+    def again(pause: float | None) -> bool:
+        """Whether to ask again after ``pause`` seconds (slept), within --wait."""
+        if pause is None or args.wait <= 0 or time.monotonic() + pause > deadline:
+            return False
+        time.sleep(pause)
+        return True
+
     while True:
         try:
             with get(url, timeout=10) as answer:
@@ -1344,13 +1353,13 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
             try:
                 detail = exc.read().decode("utf-8", "replace")
             except HTTPException as cut:  # IncompleteRead: the answer cut short
+                if again(_CUT_SHORT_PAUSE_S if isinstance(cut, IncompleteRead) else None):
+                    continue
                 return _not_a_worker(base, cut)
             except OSError as lost:  # a timeout, a reset: as for the body of a 200
                 print(f"stream-app inspect: no worker answered at {base}: {lost}", file=sys.stderr)
                 return EXIT_FAILED
-            pause = _retry_after(exc.headers.get("Retry-After")) if exc.code == 503 else None
-            if pause is not None and args.wait > 0 and time.monotonic() + pause <= deadline:
-                time.sleep(pause)
+            if again(_retry_after(exc.headers.get("Retry-After")) if exc.code == 503 else None):
                 continue
             print(f"stream-app inspect: {exc.code}: {detail}", file=sys.stderr)
             # 400: the request itself (an id the worker refuses), as documented.
@@ -1362,6 +1371,10 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
             print(f"stream-app inspect: error: not a URL: {base} ({exc})", file=sys.stderr)
             return EXIT_USAGE
         except HTTPException as exc:  # not HTTP (an SSH banner), or an answer cut short
+            # A worker stopping mid-reply (a rolling restart): asked again, as
+            # a 503 is, within --wait.
+            if again(_CUT_SHORT_PAUSE_S if isinstance(exc, IncompleteRead) else None):
+                continue
             return _not_a_worker(base, exc)
     from stream_app import json
     from stream_app.demo.view import pretty
@@ -1373,6 +1386,10 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(shown)
     return 0
+
+
+#: The pause before asking again after an answer cut short (``inspect --wait``).
+_CUT_SHORT_PAUSE_S: Final = 0.5
 
 
 def _not_a_worker(base: str, exc: BaseException) -> int:

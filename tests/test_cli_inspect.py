@@ -231,7 +231,8 @@ def test_inspect_of_an_answer_that_is_not_http_is_one_line(
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_address[1]}"
         try:
-            assert main(["inspect", "cart-1", "--url", url, "--wait", "5"]) == 1
+            # An answer cut short is asked again within --wait (below), then said.
+            assert main(["inspect", "cart-1", "--url", url, "--wait", "1"]) == 1
         finally:
             server.shutdown()
     err = capsys.readouterr().err
@@ -241,3 +242,34 @@ def test_inspect_of_an_answer_that_is_not_http_is_one_line(
         assert err.startswith(f"stream-app inspect: {url} answered, but not as a worker does: ")
     assert err.count("\n") == 1
     assert len(err) < 400
+
+
+class _StoppingWorker(socketserver.StreamRequestHandler):
+    """Cuts its first answer short (a worker stopping mid-reply), then answers."""
+
+    answers: ClassVar[list[bytes]] = []
+
+    def handle(self) -> None:
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+            pass
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        with contextlib.suppress(OSError):
+            self.wfile.write(answer)
+
+
+def test_inspect_asks_again_after_an_answer_cut_short(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A worker stopping mid-reply in a rolling restart: --wait asked again
+    for a 503 but gave up at once on an answer cut short."""
+    found = FOUND[1]
+    whole = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(found), found)
+    _StoppingWorker.answers = [b"HTTP/1.1 200 OK\r\n" + _CUT_SHORT, whole]
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _StoppingWorker) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            assert main(["inspect", "cart-1", "--url", url, "--wait", "5"]) == 0
+        finally:
+            server.shutdown()
+    assert '"state": "open"' in capsys.readouterr().out
