@@ -1346,24 +1346,14 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
 
     while True:
         try:
-            with get(url, timeout=10) as answer:
-                body = answer.read()
-            break
-        except HTTPError as exc:
             try:
-                detail = exc.read().decode("utf-8", "replace")
-            except HTTPException as cut:  # IncompleteRead: the answer cut short
-                if again(_CUT_SHORT_PAUSE_S if isinstance(cut, IncompleteRead) else None):
-                    continue
-                return _not_a_worker(base, cut)
-            except OSError as lost:  # a timeout, a reset: as for the body of a 200
-                print(f"stream-app inspect: no worker answered at {base}: {lost}", file=sys.stderr)
-                return EXIT_FAILED
-            if again(_retry_after(exc.headers.get("Retry-After")) if exc.code == 503 else None):
-                continue
-            print(f"stream-app inspect: {exc.code}: {detail}", file=sys.stderr)
-            # 400: the request itself (an id the worker refuses), as documented.
-            return EXIT_USAGE if exc.code == 400 else EXIT_FAILED
+                with get(url, timeout=10) as answer:
+                    body = answer.read()
+                break
+            except HTTPError as exc:
+                # Its body read as a 200's is: cut short, or lost, as below.
+                status, detail = exc.code, exc.read().decode("utf-8", "replace")
+                retry_after = exc.headers.get("Retry-After")
         except (URLError, OSError) as exc:
             print(f"stream-app inspect: no worker answered at {base}: {exc}", file=sys.stderr)
             return EXIT_FAILED
@@ -1376,6 +1366,11 @@ def run_inspect(settings: Settings, args: argparse.Namespace) -> int:
             if again(_CUT_SHORT_PAUSE_S if isinstance(exc, IncompleteRead) else None):
                 continue
             return _not_a_worker(base, exc)
+        if again(_retry_after(retry_after) if status == 503 else None):
+            continue
+        print(f"stream-app inspect: {status}: {detail}", file=sys.stderr)
+        # 400: the request itself (an id the worker refuses), as documented.
+        return EXIT_USAGE if status == 400 else EXIT_FAILED
     from stream_app import json
     from stream_app.demo.view import pretty
 
