@@ -194,16 +194,31 @@ def test_inspect_finds_this_machine_s_worker_where_it_listens(
 
 
 class _Answer(socketserver.StreamRequestHandler):
-    """Reads the request's head and answers :attr:`answer`, as it is, then closes."""
+    """Reads the request's head and answers the next of :attr:`answers` (the
+    last, again and again), as it is, then closes."""
 
-    answer: ClassVar[bytes] = b""
+    answers: ClassVar[list[bytes]] = []
 
     def handle(self) -> None:
         while self.rfile.readline() not in (b"\r\n", b"\n", b""):
             pass
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         # OSError: the client stopped reading (a line too long).
         with contextlib.suppress(OSError):
-            self.wfile.write(self.answer)
+            self.wfile.write(answer)
+
+
+def _inspect_answered(answers: list[bytes], wait: str) -> tuple[int, str]:
+    """``stream-app inspect cart-1 --wait WAIT`` of a server answering
+    ``answers`` (see _Answer); its exit status and URL."""
+    _Answer.answers = answers
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Answer) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            return main(["inspect", "cart-1", "--url", url, "--wait", wait]), url
+        finally:
+            server.shutdown()
 
 
 _CUT_SHORT = b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"in'
@@ -226,15 +241,9 @@ def test_inspect_of_an_answer_that_is_not_http_is_one_line(
     """An address that answers something else than HTTP (an SSH banner), or
     cuts its answer short: an http.client traceback (BadStatusLine,
     IncompleteRead, LineTooLong), from the body of an error answer too."""
-    _Answer.answer = answer
-    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Answer) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        try:
-            # An answer cut short is asked again within --wait (below), then said.
-            assert main(["inspect", "cart-1", "--url", url, "--wait", "1"]) == 1
-        finally:
-            server.shutdown()
+    # An answer cut short is asked again within --wait (below), then said.
+    status, url = _inspect_answered([answer], "1")
+    assert status == 1
     err = capsys.readouterr().err
     if answer.endswith(_CUT_SHORT):  # a worker stopping mid-reply, not another server
         assert err.startswith(f"stream-app inspect: the answer from {url} was cut short ")
@@ -244,19 +253,6 @@ def test_inspect_of_an_answer_that_is_not_http_is_one_line(
     assert len(err) < 400
 
 
-class _StoppingWorker(socketserver.StreamRequestHandler):
-    """Cuts its first answer short (a worker stopping mid-reply), then answers."""
-
-    answers: ClassVar[list[bytes]] = []
-
-    def handle(self) -> None:
-        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-            pass
-        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        with contextlib.suppress(OSError):
-            self.wfile.write(answer)
-
-
 def test_inspect_asks_again_after_an_answer_cut_short(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -264,12 +260,6 @@ def test_inspect_asks_again_after_an_answer_cut_short(
     for a 503 but gave up at once on an answer cut short."""
     found = FOUND[1]
     whole = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(found), found)
-    _StoppingWorker.answers = [b"HTTP/1.1 200 OK\r\n" + _CUT_SHORT, whole]
-    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _StoppingWorker) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        try:
-            assert main(["inspect", "cart-1", "--url", url, "--wait", "5"]) == 0
-        finally:
-            server.shutdown()
+    # A worker stopping cuts its first answer short; then it answers.
+    assert _inspect_answered([b"HTTP/1.1 200 OK\r\n" + _CUT_SHORT, whole], "5")[0] == 0
     assert '"state": "open"' in capsys.readouterr().out
