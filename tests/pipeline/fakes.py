@@ -43,6 +43,7 @@ from aiokafka.errors import IllegalOperation, ProducerFenced
 from aiokafka.structs import RecordMetadata, TopicPartition
 
 from stream_app.pipeline.store import PartitionStore, RocksDBResources
+from stream_app.pipeline.unreadable import RawRecord
 
 Marker = Literal["commit", "abort"]
 
@@ -612,3 +613,18 @@ def store_deletes_done() -> None:
     for thread in threading.enumerate():
         if thread.name == "store-delete":
             thread.join(timeout=10)
+
+
+def single_record_batches(bad: int, end: int) -> object:
+    """A log of ``end`` records written one per batch (a producer with no
+    linger), the one at ``bad`` with a header name that is not UTF-8."""
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        if offset >= end:
+            return [], offset
+        headers = ((b"\xff\xfe", b"x"),) if offset == bad else ()
+        return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
+
+    return read_batches_at

@@ -21,7 +21,7 @@ from stream_app.pipeline.tasks import TaskId
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.pipeline.unreadable import RAW_RECORDS, UNREADABLE, RawRecord
 from stream_app.settings import Settings
-from tests.pipeline.fakes import IdleKafkaClient
+from tests.pipeline.fakes import IdleKafkaClient, single_record_batches
 
 
 @pytest.fixture(autouse=True)
@@ -99,21 +99,6 @@ class _Consumer:
         return None
 
 
-def _single_record_batches(bad: int, end: int) -> object:
-    """A log of ``end`` records written one per batch (a producer with no
-    linger), the one at ``bad`` with a header name that is not UTF-8."""
-
-    async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int, **client: object
-    ) -> tuple[list[RawRecord], int]:
-        if offset >= end:
-            return [], offset
-        headers = ((b"\xff\xfe", b"x"),) if offset == bad else ()
-        return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
-
-    return read_batches_at
-
-
 async def test_a_record_more_batches_ahead_than_one_pass_reads_is_reached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,7 +117,7 @@ async def test_a_record_more_batches_ahead_than_one_pass_reads_is_reached(
     engine._task_of[tp] = task  # type: ignore[assignment]
     consumer = _Consumer({tp})
     bad = 2 * RAW_RECORDS + 10
-    monkeypatch.setattr(unreadable, "read_batches_at", _single_record_batches(bad, bad + 50))
+    monkeypatch.setattr(unreadable, "read_batches_at", single_record_batches(bad, bad + 50))
 
     for sought in (RAW_RECORDS, 2 * RAW_RECORDS):
         await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
@@ -158,7 +143,7 @@ async def test_a_pass_that_moves_no_input_raises_what_the_consumer_raised(
     task.positions[tp] = task.handled[tp] = 200
     engine._tasks[task.id] = task  # type: ignore[assignment]
     engine._task_of[tp] = task  # type: ignore[assignment]
-    monkeypatch.setattr(unreadable, "read_batches_at", _single_record_batches(bad=150, end=200))
+    monkeypatch.setattr(unreadable, "read_batches_at", single_record_batches(bad=150, end=200))
     with pytest.raises(UnicodeDecodeError):
         await engine._read_past_the_client(_Consumer({tp}), _POISON, engine._rebalances)  # type: ignore[arg-type]
 
@@ -226,7 +211,7 @@ async def test_a_position_below_the_log_start_is_read_from_the_start(
     engine, [task] = _engine_reading(tmp_path, tp)
     consumer = _Consumer({tp})
     consumer.log_start = 100
-    single = _single_record_batches(bad=105, end=120)
+    single = single_record_batches(bad=105, end=120)
 
     async def read_batches_at(
         options: object, tp: TopicPartition, offset: int, **client: object
@@ -251,7 +236,7 @@ async def test_an_input_the_raw_read_cannot_parse_is_left_to_the_client(
     commands = Settings().topics.commands
     old, new = TopicPartition(commands, 0), TopicPartition(commands, 1)
     engine, [old_task, new_task] = _engine_reading(tmp_path, old, new)
-    single = _single_record_batches(bad=3, end=10)
+    single = single_record_batches(bad=3, end=10)
 
     async def read_batches_at(
         options: object, tp: TopicPartition, offset: int, **client: object
@@ -337,7 +322,7 @@ async def test_a_pass_asks_for_every_input_s_log_start_at_once(
     commands = Settings().topics.commands
     tps = [TopicPartition(commands, p) for p in range(2)]
     engine, tasks = _engine_reading(tmp_path, *tps)
-    monkeypatch.setattr(unreadable, "read_batches_at", _single_record_batches(bad=3, end=5))
+    monkeypatch.setattr(unreadable, "read_batches_at", single_record_batches(bad=3, end=5))
     consumer = _Consumer(set(tps))
     await engine._read_past_the_client(consumer, _POISON, engine._rebalances)  # type: ignore[arg-type]
     assert consumer.asked == [tps]
@@ -366,7 +351,7 @@ async def test_a_batch_too_large_to_fetch_is_read_raw_from_the_last_record_proce
     engine, [task] = _engine_reading(tmp_path, tp)
     task.handled[tp] = 40
     task.positions[tp] = 41
-    monkeypatch.setattr(unreadable, "read_batches_at", _single_record_batches(bad=-1, end=60))
+    monkeypatch.setattr(unreadable, "read_batches_at", single_record_batches(bad=-1, end=60))
     consumer = _Consumer({tp})
     await engine._read_past_the_client(consumer, too_large, engine._rebalances)  # type: ignore[arg-type]
     assert task.processed == list(range(40, 60))

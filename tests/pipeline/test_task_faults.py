@@ -36,7 +36,7 @@ from stream_app.pipeline.tasks import TRANSACTION_BYTES, Stage, Task, TaskId
 from stream_app.pipeline.topics import TopicLayout, profile_topic, rekey_topic
 from stream_app.pipeline.unreadable import RawRecord
 from stream_app.settings import RocksDBSettings, Settings
-from tests.pipeline.fakes import IdleKafkaClient
+from tests.pipeline.fakes import IdleKafkaClient, single_record_batches
 
 
 class _Checkpoint:
@@ -395,15 +395,9 @@ async def _raw_pass(
     0 to ``end`` - 1, the one at ``unreadable_at`` with a header name that is
     not UTF-8; returns the consumer it seeks."""
 
-    async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int, **client: object
-    ) -> tuple[list[RawRecord], int]:
-        if offset >= end:
-            return [], offset
-        headers = ((b"\xff", b"x"),) if offset == unreadable_at else ()
-        return [RawRecord(tp.topic, tp.partition, offset, 0, b"k", b"{}", headers)], offset + 1
-
-    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    monkeypatch.setattr(
+        unreadable, "read_batches_at", single_record_batches(bad=unreadable_at, end=end)
+    )
     monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
     consumer = _Consumer()
     await engine._read_past_the_client(
