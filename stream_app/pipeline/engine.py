@@ -228,6 +228,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.settings = settings
         self.partitions = layout.partitions
         self.max_record_bytes = layout.max_record_bytes
+        self.output_partitions = layout.output_partitions
+        #: The downstream topics holding records when a task first read the
+        #: command topic from its start, and whether that was said
+        #: (_tell_reprocessing).
+        self._outputs_held: asyncio.Future[list[str]] | None = None
+        self._told_reprocessing = False
         self.limits = Limits(
             max_command_bytes=settings.max_command_bytes,
             max_session_bytes=settings.max_session_bytes,
@@ -1559,6 +1565,58 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         if moved:
             await consumer.commit(moved)
 
+    async def _tell_reprocessing(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, begins: int
+    ) -> None:
+        """Warn, once, that the group has no committed offset for a command
+        partition that holds records while the downstream topics hold outputs
+        already: a new or mistyped app id (or offsets the group lost) reads the
+        command topic from its start and publishes every output again. Kafka
+        Streams says nothing of it; its operators find out downstream.
+
+        The outputs are looked at once, by the first task to need it; each
+        other such task waits for that look before it processes, so that the
+        outputs it finds are none of this worker's."""
+        try:
+            if (await consumer.end_offsets([tp]))[tp] <= begins:
+                return  # nothing to read again here
+        except KafkaError as exc:  # a warning's check: never a reason not to start
+            log.debug("could not tell whether %s[%d] holds records: %r", *tp, exc)
+            return
+        if self._outputs_held is None:
+            self._outputs_held = asyncio.ensure_future(self._outputs_holding_records(consumer))
+        held = await asyncio.shield(self._outputs_held)
+        if held and not self._told_reprocessing:
+            self._told_reprocessing = True
+            log.warning(
+                "group %s has no committed offset for %s[%d]: reading it from its start, "
+                "while %s already hold outputs. If another app id made them (a changed or "
+                "mistyped STREAM_APP_APP_ID), or this group's offsets expired, every output "
+                "is published again; on purpose, a new app id writes its own output topics "
+                "(docs/operations.md, Migrate)",
+                self.settings.app_id,
+                tp.topic,
+                tp.partition,
+                ", ".join(held),
+            )
+
+    async def _outputs_holding_records(self, consumer: AIOKafkaConsumer) -> list[str]:
+        """The downstream topics that hold records (none, if Kafka cannot say)."""
+        outputs = [
+            TopicPartition(topic, partition)
+            for topic, count in sorted(self.output_partitions.items())
+            for partition in range(count)
+        ]
+        if not outputs:
+            return []
+        try:
+            ends = await consumer.end_offsets(outputs)
+            starts = await consumer.beginning_offsets(outputs)
+        except KafkaError as exc:
+            log.debug("could not tell whether outputs exist already: %r", exc)
+            return []
+        return sorted({o.topic for o in outputs if ends[o] > starts[o]})
+
     def _restore_progress(self, task_id: TaskId, restored: int, remaining: int) -> None:
         self.restored_records += restored
         if remaining:
@@ -1581,6 +1639,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                         committed = await consumer.committed(tp)
                         if committed is None:
                             committed = (await consumer.beginning_offsets([tp]))[tp]
+                            if tp.topic == self.settings.topics.commands:
+                                await self._tell_reprocessing(consumer, tp, committed)
                         positions[tp] = committed
                     await self._past_what_the_state_holds(consumer, task, positions)
                     break

@@ -356,6 +356,8 @@ class TopicLayout:
     commands_compacted: str | None = None
     #: What compacts the rejection topic, if anything (check_retention refuses).
     rejections_compacted: str | None = None
+    #: The partition count of each downstream topic the broker described.
+    output_partitions: Mapping[str, int] = field(default_factory=dict)
 
 
 #: CreateTopics' answer when creations are throttled (aiokafka has no class for it).
@@ -532,9 +534,15 @@ async def _ensure_topics(settings: Settings, *, worker: bool, declaring: bool) -
         # refused only when this start created them (see check_retention).
         read_only = {settings.topics.commands, settings.topics.application_settings}
         written = [s.name for s in specs if s.name not in read_only]
+        described = await _described(admin, names, strict=False)
         replicas = {
             name: min((len(p.get("replicas", ())) for p in partitions), default=0)
-            for name, partitions in (await _described(admin, names, strict=False)).items()
+            for name, partitions in described.items()
+        }
+        t = settings.topics
+        outputs = {t.closed, t.returned, t.cancelled, t.reopened}
+        output_partitions = {
+            name: len(partitions) for name, partitions in described.items() if name in outputs
         }
         # Not of the topics an operator made for the worker to read: Kafka
         # Streams says nothing of its source topics' replicas either.
@@ -632,6 +640,7 @@ async def _ensure_topics(settings: Settings, *, worker: bool, declaring: bool) -
         tuple(unwritable),
         compacts(configs.get(settings.topics.commands, {})),
         compacts(configs.get(settings.topics.rejected, {})),
+        output_partitions,
     )
 
 

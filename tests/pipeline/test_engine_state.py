@@ -466,6 +466,101 @@ async def test_a_task_starts_past_what_its_restored_state_holds(
     assert consumer.commits == [{tp: (offset, offset_metadata(1))} for offset in commits]
 
 
+class _TaskOfANewGroup(_TaskWhoseStateHoldsMore):
+    def __init__(self, tp: TopicPartition) -> None:
+        super().__init__(tp)
+        self.id = TaskId("commands", tp.partition)
+
+    def consumed_positions(self) -> dict[TopicPartition, int]:
+        return {}
+
+
+class _NewGroupConsumer(_Consumer):
+    """A group with no committed offsets; every log begins at 0 and ends at
+    ``ends``' offset (0 if not named)."""
+
+    def __init__(self, ends: dict[TopicPartition, int]) -> None:
+        self.ends = ends
+
+    async def committed(self, tp: TopicPartition) -> None:
+        return None
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 0)
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.ends.get(tp, 0) for tp in tps}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("commands_end", "closed_end", "warned"),
+    [
+        (5, 3, True),  # a new or mistyped app id, beside another's outputs
+        (0, 3, False),  # an empty command partition: nothing published again
+        (5, 0, False),  # a first deployment: no outputs yet
+    ],
+)
+async def test_a_group_reading_commands_again_beside_outputs_is_warned_once(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    commands_end: int,
+    closed_end: int,
+    warned: bool,
+) -> None:
+    """A changed STREAM_APP_APP_ID published every output again, unsaid."""
+    settings = Settings(data_dir=tmp_path)
+    topics = settings.topics
+    layout = TopicLayout(2, 1_048_588, output_partitions={topics.closed: 2, topics.returned: 2})
+    engine = Engine(settings, layout)
+    inputs = [TopicPartition(topics.commands, partition) for partition in (0, 1)]
+    ends = dict.fromkeys(inputs, commands_end)
+    ends[TopicPartition(topics.closed, 1)] = closed_end
+    engine._consumer = _NewGroupConsumer(ends)  # type: ignore[assignment]
+    tasks = [_TaskOfANewGroup(tp) for tp in inputs]
+    _owning(engine, *tasks)
+    with caplog.at_level("INFO", logger="stream_app.pipeline.engine"):
+        for task in tasks:
+            await engine._start(task)  # type: ignore[arg-type]
+    assert all(task.positions == {tp: 0} for task, tp in zip(tasks, inputs, strict=True))
+    said = [r for r in caplog.records if "no committed offset" in r.getMessage()]
+    assert len(said) == (1 if warned else 0)
+    if warned:
+        assert said[0].levelname == "WARNING"
+        line = said[0].getMessage()
+        assert f"group {settings.app_id} " in line
+        assert f"{topics.commands}[0]" in line
+        assert f"while {topics.closed} already hold outputs" in line
+
+
+async def test_outputs_a_first_deployment_makes_as_its_tasks_start_are_not_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its tasks start together: the first to start found its partner tasks'
+    outputs and warned (three times, on a dev broker) of its own deployment."""
+    settings = Settings(data_dir=tmp_path)
+    topics = settings.topics
+    engine = Engine(settings, TopicLayout(3, 1_048_588, output_partitions={topics.closed: 1}))
+    inputs = [TopicPartition(topics.commands, partition) for partition in range(3)]
+    tasks = [_TaskOfANewGroup(tp) for tp in inputs]
+
+    class Consumer(_NewGroupConsumer):
+        async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+            await asyncio.sleep(0)  # each answer a moment later: the tasks interleave
+            # Outputs once a task processes (is active).
+            made = 3 if any(task.active for task in tasks) else 0
+            return {tp: 5 if tp.topic == topics.commands else made for tp in tps}
+
+    engine._consumer = Consumer({})  # type: ignore[assignment]
+    _owning(engine, *tasks)
+    with caplog.at_level("INFO", logger="stream_app.pipeline.engine"):
+        await asyncio.gather(*(engine._start(task) for task in tasks))  # type: ignore[arg-type]
+    assert all(task.active for task in tasks)
+    assert [r for r in caplog.records if "no committed offset" in r.getMessage()] == []
+
+
 @pytest.mark.parametrize(("guarantee", "read"), [("at_least_once", True), ("exactly_once", False)])
 def test_a_task_reads_what_its_restored_state_holds_from_its_last_store(
     tmp_path: Path, guarantee: str, read: bool

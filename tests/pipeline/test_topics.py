@@ -178,6 +178,27 @@ async def test_topics_created_with_one_replica_on_a_cluster_of_several_are_warne
         assert lines == []
 
 
+async def test_the_layout_has_each_downstream_topic_s_partition_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """For the engine's look at outputs already there (_tell_reprocessing)."""
+    settings = Settings()
+    closed = settings.topics.closed
+
+    class Cluster(_admin_answering(0, 3)):  # type: ignore[misc]
+        async def describe_topics(self, names: list[str]) -> list[object]:
+            def partitions(name: str) -> list[dict[str, object]]:
+                count = 3 if name == closed else 6
+                return [{"partition": p, "replicas": [1]} for p in range(count)]
+
+            return [{"topic": n, "error_code": 0, "partitions": partitions(n)} for n in names]
+
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", Cluster)
+    layout = await topics_module.ensure_topics(settings)
+    t = settings.topics
+    assert layout.output_partitions == {closed: 3, t.returned: 6, t.cancelled: 6, t.reopened: 6}
+
+
 def test_the_internal_topics_are_created_to_keep_what_is_not_yet_processed() -> None:
     """As Kafka Streams creates its repartition topics: records are kept for
     ever, and the worker purges what it has processed (see purge.py)."""
