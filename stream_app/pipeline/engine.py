@@ -1612,7 +1612,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             ends = await consumer.end_offsets(outputs)
             starts = await consumer.beginning_offsets(outputs)
-        except KafkaError as exc:
+        except Exception as exc:  # shared by the tasks' starts: one that raised would
+            # fail each of them, and each retry, for good
             log.debug("could not tell whether outputs exist already: %r", exc)
             return []
         return sorted({o.topic for o in outputs if ends[o] > starts[o]})

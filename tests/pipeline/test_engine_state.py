@@ -561,6 +561,30 @@ async def test_outputs_a_first_deployment_makes_as_its_tasks_start_are_not_warne
     assert [r for r in caplog.records if "no committed offset" in r.getMessage()] == []
 
 
+async def test_tasks_start_when_the_outputs_cannot_be_looked_at(tmp_path: Path) -> None:
+    """The look is shared by the tasks that start together: an error it kept
+    failed each of their starts, and each retry, for good."""
+    settings = Settings(data_dir=tmp_path)
+    topics = settings.topics
+    engine = Engine(settings, TopicLayout(2, 1_048_588, output_partitions={topics.closed: 1}))
+    inputs = [TopicPartition(topics.commands, partition) for partition in range(2)]
+
+    class Consumer(_NewGroupConsumer):
+        async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+            if any(tp.topic == topics.closed for tp in tps):
+                raise OSError("the connection was lost")
+            return await super().end_offsets(tps)
+
+    engine._consumer = Consumer(dict.fromkeys(inputs, 5))  # type: ignore[assignment]
+    tasks = [_TaskOfANewGroup(tp) for tp in inputs]
+    _owning(engine, *tasks)
+    await asyncio.wait_for(
+        asyncio.gather(*(engine._start(task) for task in tasks)),  # type: ignore[arg-type]
+        timeout=5,
+    )
+    assert all(task.active for task in tasks)
+
+
 @pytest.mark.parametrize(("guarantee", "read"), [("at_least_once", True), ("exactly_once", False)])
 def test_a_task_reads_what_its_restored_state_holds_from_its_last_store(
     tmp_path: Path, guarantee: str, read: bool
