@@ -680,9 +680,14 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
     """Raise ConfigurationError when a topic whose every key's last record the
     worker needs (a store's changelog, the settings topic) deletes records by
     time or size; warn when an internal topic does (see ``expiring``). The
-    worker's check: a producer of commands does not need it."""
+    worker's check: a producer of commands does not need it.
+
+    Every refusal and warning is said at once: an operator checking a
+    release with ``stream-app topics create`` (docs/operations.md, Upgrade)
+    fixed one topic per run before."""
+    refusals: list[str] = []
     if layout.deleting:
-        raise ConfigurationError(
+        refusals.append(
             f"{'; '.join(layout.deleting)}: these topics would delete records the worker "
             "needs, a changelog being its store's only copy and the settings topic every "
             "application's settings, so a restore would silently lose sessions or settings. "
@@ -694,7 +699,7 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
     if layout.unwritable:
         # A transactional producer retries NOT_ENOUGH_REPLICAS for ever: the
         # worker would stay up and ready and write nothing.
-        raise ConfigurationError(
+        refusals.append(
             f"{'; '.join(layout.unwritable)}: Kafka refuses every write to these topics, "
             "which have fewer replicas than min.insync.replicas asks (the broker's default "
             "applies to the topics the worker creates). Set STREAM_APP_REPLICATION_FACTOR "
@@ -704,7 +709,7 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
             "--add-config min.insync.replicas=N)"
         )
     if layout.compacting:
-        raise ConfigurationError(
+        refusals.append(
             f"{'; '.join(layout.compacting)}: compaction keeps only each key's newest "
             "record, so a backlog would lose commands and outputs the workers have not "
             "processed yet (a session's earlier commands, a profile's earlier outputs). "
@@ -717,7 +722,7 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
         # Kafka refuses a record without a key on a compacted topic, and the
         # rejection of a keyless command has none: its transaction failed,
         # the task replayed it and failed again, and the partition stalled.
-        raise ConfigurationError(
+        refusals.append(
             f"the rejection topic {settings.topics.rejected} is compacted "
             f"({layout.rejections_compacted}): Kafka refuses the rejection of a command "
             "sent without a key there, which would stop its partition, and compaction "
@@ -747,6 +752,12 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
             "--entity-name NAME --add-config retention.ms=-1,retention.bytes=-1)",
             "; ".join(layout.expiring),
             settings.bootstrap_servers,
+        )
+    if len(refusals) == 1:
+        raise ConfigurationError(refusals[0])
+    if refusals:
+        raise ConfigurationError(
+            " ".join(f"({n}) {refusal}." for n, refusal in enumerate(refusals, 1))
         )
 
 

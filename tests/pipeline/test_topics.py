@@ -671,6 +671,34 @@ async def test_a_compacted_rejection_topic_is_refused(monkeypatch: pytest.Monkey
     check_retention(settings, await topics_module.ensure_topics(settings))
 
 
+async def test_every_refusal_and_warning_of_the_topics_is_said_in_one_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Upgrade section has an operator run `topics create` to learn what a
+    release refuses: it named one refusal per run, and no warning until the
+    last refusal was fixed."""
+    settings = Settings()
+    t = settings.topics
+    by_profile, rekeyed = topics_module.profile_topic(settings), topics_module.rekey_topic(settings)
+    configs = {
+        by_profile: {"cleanup.policy": "compact"},
+        rekeyed: {"cleanup.policy": "delete", "retention.ms": "604800000"},
+        t.rejected: {"cleanup.policy": "compact"},
+        t.commands: {"cleanup.policy": "compact"},
+    }
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(), configs))
+    layout = await topics_module.ensure_topics(settings)
+    caplog.clear()
+    with caplog.at_level("WARNING"), pytest.raises(ConfigurationError) as raised:
+        check_retention(settings, layout)
+    message = str(raised.value)
+    assert message.startswith(f"(1) {by_profile} (cleanup.policy=compact): ")
+    assert f"(2) the rejection topic {t.rejected} is compacted" in message
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"the command topic {t.commands} is compacted" in w for w in warnings)
+    assert any(w.startswith(f"{rekeyed} (cleanup.policy=delete") for w in warnings)
+
+
 async def test_a_command_topic_the_worker_may_create_but_not_see_is_named(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
