@@ -68,6 +68,7 @@ from stream_app.pipeline.kafka import (
     not_authorized,
     refused_join,
     refused_worker,
+    stop_fully,
     unless_stopped,
 )
 from stream_app.pipeline.processor import (
@@ -128,6 +129,9 @@ _CLEANUP_EVERY_S: Final = 60.0
 #: last write.
 _FLUSH_IDLE_EVERY_S: Final = 10.0
 _LAYOUT_FILE: Final = "layout.json"
+
+#: How long the look at a new group's outputs may hold the start (_tell_reprocessing).
+_REPROCESSING_LOOK_S: Final = 5.0
 #: How often the consumer refreshes its metadata (aiokafka's default: 5
 #: minutes). A group whose leader assigned while an input topic had no
 #: metadata yet rebalances once a refresh shows it: until then its tasks
@@ -229,11 +233,6 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.partitions = layout.partitions
         self.max_record_bytes = layout.max_record_bytes
         self.output_partitions = layout.output_partitions
-        #: The downstream topics holding records when a task first read the
-        #: command topic from its start, and whether that was said
-        #: (_tell_reprocessing).
-        self._outputs_held: asyncio.Future[list[str]] | None = None
-        self._told_reprocessing = False
         self.limits = Limits(
             max_command_bytes=settings.max_command_bytes,
             max_session_bytes=settings.max_session_bytes,
@@ -674,6 +673,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             started = await self._start_consumer(consumer)
             if started:
+                # Before this worker processes: the outputs it finds are not its own.
+                await unless_stopped(self._tell_reprocessing(consumer), self._stopping)
                 consumer.subscribe(self.input_topics, listener=self)
         except BaseException:  # failed or cancelled: leave no connection open
             await consumer.stop()
@@ -745,6 +746,70 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             # ready, with no watchdog (armed only on a signal) to end a hang.
             self.stop()
             await self._close(consumer)
+
+    async def _tell_reprocessing(self, consumer: AIOKafkaConsumer) -> None:
+        """Warn when the group has committed no offset on the command topic
+        while the downstream topics hold records already: a new or mistyped
+        app id, or a group whose offsets expired, reads the command topic from
+        its start and publishes every output again. Kafka Streams says nothing
+        of it; its operators find out downstream.
+
+        Looked at before the worker joins the group, so that the outputs it
+        finds are not its own; the offsets are asked again after the outputs,
+        as another worker of a new group may have begun meanwhile (under
+        exactly_once an output commits with its offsets). Any failure, or a
+        look longer than ``_REPROCESSING_LOOK_S``, says nothing."""
+        try:
+            async with asyncio.timeout(_REPROCESSING_LOOK_S):
+                if await self._commands_committed(consumer):
+                    return  # the usual start: not looked further
+                outputs = [
+                    TopicPartition(topic, partition)
+                    for topic, count in sorted(self.output_partitions.items())
+                    for partition in range(count)
+                ]
+                # Ever written, not only holding records now: outputs deleted
+                # by their retention were still read downstream.
+                ends = await self._ends_of(outputs) if outputs else {}
+                written = sorted({tp.topic for tp, end in ends.items() if end > 0})
+                if not written or await self._commands_committed(consumer):
+                    return
+        except Exception as exc:  # a warning's look: nothing to stop for
+            log.debug("could not tell whether the outputs are another group's: %r", exc)
+            return
+        # Under at_least_once a restored store records where its task had read to.
+        restored = self.settings.processing_guarantee == "at_least_once"
+        log.warning(
+            "group %s has committed no offset on the command topic %s: it reads it from "
+            "its start%s, while %s already hold outputs. If another app id wrote them (a "
+            "changed or mistyped STREAM_APP_APP_ID), or this group's offsets expired, "
+            "every output is published again; on purpose, a new app id writes its own "
+            "output topics (docs/operations.md, Migrate)",
+            self.settings.app_id,
+            self.settings.topics.commands,
+            " (or from where its restored stores say)" if restored else "",
+            ", ".join(written),
+        )
+
+    async def _ends_of(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where ``partitions`` end, asked by a consumer of its own: the group's
+        consumer keeps metadata of the topics it subscribes to only, and its
+        ``end_offsets`` of others waited for metadata until it timed out."""
+        reader = AIOKafkaConsumer(**client_options(self.settings), enable_auto_commit=False)
+        try:
+            await reader.start()
+            ends: dict[TopicPartition, int] = await reader.end_offsets(partitions)
+        finally:
+            await stop_fully(reader)
+        return ends
+
+    async def _commands_committed(self, consumer: AIOKafkaConsumer) -> bool:
+        """Whether the group has committed an offset on any command partition."""
+        for partition in range(self.partitions):
+            tp = TopicPartition(self.settings.topics.commands, partition)
+            if await consumer.committed(tp) is not None:
+                return True
+        return False
 
     async def _name_the_corrupt_batch(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
         """Say where the batch is that no client can read (its CRC does not
@@ -1565,59 +1630,6 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         if moved:
             await consumer.commit(moved)
 
-    async def _tell_reprocessing(
-        self, consumer: AIOKafkaConsumer, tp: TopicPartition, begins: int
-    ) -> None:
-        """Warn, once, that the group has no committed offset for a command
-        partition that holds records while the downstream topics hold outputs
-        already: a new or mistyped app id (or offsets the group lost) reads the
-        command topic from its start and publishes every output again. Kafka
-        Streams says nothing of it; its operators find out downstream.
-
-        The outputs are looked at once, by the first task to need it; each
-        other such task waits for that look before it processes, so that the
-        outputs it finds are none of this worker's."""
-        try:
-            if (await consumer.end_offsets([tp]))[tp] <= begins:
-                return  # nothing to read again here
-        except KafkaError as exc:  # a warning's check: never a reason not to start
-            log.debug("could not tell whether %s[%d] holds records: %r", *tp, exc)
-            return
-        if self._outputs_held is None:
-            self._outputs_held = asyncio.ensure_future(self._outputs_holding_records(consumer))
-        held = await asyncio.shield(self._outputs_held)
-        if held and not self._told_reprocessing:
-            self._told_reprocessing = True
-            log.warning(
-                "group %s has no committed offset for %s[%d]: reading it from its start, "
-                "while %s already hold outputs. If another app id made them (a changed or "
-                "mistyped STREAM_APP_APP_ID), or this group's offsets expired, every output "
-                "is published again; on purpose, a new app id writes its own output topics "
-                "(docs/operations.md, Migrate)",
-                self.settings.app_id,
-                tp.topic,
-                tp.partition,
-                ", ".join(held),
-            )
-
-    async def _outputs_holding_records(self, consumer: AIOKafkaConsumer) -> list[str]:
-        """The downstream topics that hold records (none, if Kafka cannot say)."""
-        outputs = [
-            TopicPartition(topic, partition)
-            for topic, count in sorted(self.output_partitions.items())
-            for partition in range(count)
-        ]
-        if not outputs:
-            return []
-        try:
-            ends = await consumer.end_offsets(outputs)
-            starts = await consumer.beginning_offsets(outputs)
-        except Exception as exc:  # shared by the tasks' starts: one that raised would
-            # fail each of them, and each retry, for good
-            log.debug("could not tell whether outputs exist already: %r", exc)
-            return []
-        return sorted({o.topic for o in outputs if ends[o] > starts[o]})
-
     def _restore_progress(self, task_id: TaskId, restored: int, remaining: int) -> None:
         self.restored_records += restored
         if remaining:
@@ -1640,8 +1652,6 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                         committed = await consumer.committed(tp)
                         if committed is None:
                             committed = (await consumer.beginning_offsets([tp]))[tp]
-                            if tp.topic == self.settings.topics.commands:
-                                await self._tell_reprocessing(consumer, tp, committed)
                         positions[tp] = committed
                     await self._past_what_the_state_holds(consumer, task, positions)
                     break

@@ -466,123 +466,103 @@ async def test_a_task_starts_past_what_its_restored_state_holds(
     assert consumer.commits == [{tp: (offset, offset_metadata(1))} for offset in commits]
 
 
-class _TaskOfANewGroup(_TaskWhoseStateHoldsMore):
-    def __init__(self, tp: TopicPartition) -> None:
-        super().__init__(tp)
-        self.id = TaskId("commands", tp.partition)
+class _OffsetsConsumer:
+    """A consumer of a group that has committed on the command partitions of
+    ``committed`` (after ``commits_after`` questions, if not None), beside
+    output partitions whose logs end at ``ends``' offsets (0 if not named;
+    the engine's ``_ends_of`` is made to ask it)."""
 
-    def consumed_positions(self) -> dict[TopicPartition, int]:
-        return {}
+    def __init__(
+        self,
+        ends: dict[TopicPartition, int],
+        committed: set[int] = frozenset(),  # type: ignore[assignment]
+        commits_after: int | None = None,
+    ) -> None:
+        self.ends, self.partitions, self.commits_after = ends, committed, commits_after
+        self.asked = 0
+        self.looked = False
 
-
-class _NewGroupConsumer(_Consumer):
-    """A group with no committed offsets; every log begins at 0 and ends at
-    ``ends``' offset (0 if not named)."""
-
-    def __init__(self, ends: dict[TopicPartition, int]) -> None:
-        self.ends = ends
-
-    async def committed(self, tp: TopicPartition) -> None:
-        return None
-
-    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-        return dict.fromkeys(tps, 0)
+    async def committed(self, tp: TopicPartition) -> int | None:
+        self.asked += 1
+        if self.commits_after is not None and self.asked > self.commits_after:
+            return 7
+        return 7 if tp.partition in self.partitions else None
 
     async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        self.looked = True
         return {tp: self.ends.get(tp, 0) for tp in tps}
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        pass
 
 
 @pytest.mark.parametrize(
-    ("commands_end", "closed_end", "warned"),
+    ("committed", "closed_end", "guarantee", "warned"),
     [
-        (5, 3, True),  # a new or mistyped app id, beside another's outputs
-        (0, 3, False),  # an empty command partition: nothing published again
-        (5, 0, False),  # a first deployment: no outputs yet
+        (set(), 3, "exactly_once", True),  # a new or mistyped app id, beside another's outputs
+        (set(), 3, "at_least_once", True),
+        (set(), 0, "exactly_once", False),  # a first deployment: no outputs yet
+        ({1}, 3, "exactly_once", False),  # a partition never committed on: not a new group
     ],
 )
-async def test_a_group_reading_commands_again_beside_outputs_is_warned_once(
+async def test_a_new_group_beside_outputs_already_written_is_warned_of(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    commands_end: int,
+    committed: set[int],
     closed_end: int,
+    guarantee: str,
     warned: bool,
 ) -> None:
     """A changed STREAM_APP_APP_ID published every output again, unsaid."""
-    settings = Settings(data_dir=tmp_path)
+    settings = Settings(data_dir=tmp_path, processing_guarantee=guarantee)
     topics = settings.topics
     layout = TopicLayout(2, 1_048_588, output_partitions={topics.closed: 2, topics.returned: 2})
     engine = Engine(settings, layout)
-    inputs = [TopicPartition(topics.commands, partition) for partition in (0, 1)]
-    ends = dict.fromkeys(inputs, commands_end)
-    ends[TopicPartition(topics.closed, 1)] = closed_end
-    engine._consumer = _NewGroupConsumer(ends)  # type: ignore[assignment]
-    tasks = [_TaskOfANewGroup(tp) for tp in inputs]
-    _owning(engine, *tasks)
+    consumer = _OffsetsConsumer({TopicPartition(topics.closed, 1): closed_end}, committed)
+    engine._ends_of = consumer.end_offsets  # type: ignore[method-assign]
     with caplog.at_level("INFO", logger="stream_app.pipeline.engine"):
-        for task in tasks:
-            await engine._start(task)  # type: ignore[arg-type]
-    assert all(task.positions == {tp: 0} for task, tp in zip(tasks, inputs, strict=True))
-    said = [r for r in caplog.records if "no committed offset" in r.getMessage()]
+        await engine._tell_reprocessing(consumer)  # type: ignore[arg-type]
+    said = [r for r in caplog.records if "committed no offset" in r.getMessage()]
     assert len(said) == (1 if warned else 0)
+    if committed:
+        assert not consumer.looked  # the usual start asks no more
     if warned:
         assert said[0].levelname == "WARNING"
         line = said[0].getMessage()
-        assert f"group {settings.app_id} " in line
-        assert f"{topics.commands}[0]" in line
+        assert f"group {settings.app_id} has committed no offset on the command topic " in line
         assert f"while {topics.closed} already hold outputs" in line
+        assert ("from where its restored stores say" in line) == (guarantee == "at_least_once")
 
 
-async def test_outputs_a_first_deployment_makes_as_its_tasks_start_are_not_warned_of(
+async def test_a_first_deployment_s_own_first_outputs_are_not_warned_of(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Its tasks start together: the first to start found its partner tasks'
-    outputs and warned (three times, on a dev broker) of its own deployment."""
-    settings = Settings(data_dir=tmp_path)
-    topics = settings.topics
-    engine = Engine(settings, TopicLayout(3, 1_048_588, output_partitions={topics.closed: 1}))
-    inputs = [TopicPartition(topics.commands, partition) for partition in range(3)]
-    tasks = [_TaskOfANewGroup(tp) for tp in inputs]
-
-    class Consumer(_NewGroupConsumer):
-        async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-            await asyncio.sleep(0)  # each answer a moment later: the tasks interleave
-            # Outputs once a task processes (is active).
-            made = 3 if any(task.active for task in tasks) else 0
-            return {tp: 5 if tp.topic == topics.commands else made for tp in tps}
-
-    engine._consumer = Consumer({})  # type: ignore[assignment]
-    _owning(engine, *tasks)
-    with caplog.at_level("INFO", logger="stream_app.pipeline.engine"):
-        await asyncio.gather(*(engine._start(task) for task in tasks))  # type: ignore[arg-type]
-    assert all(task.active for task in tasks)
-    assert [r for r in caplog.records if "no committed offset" in r.getMessage()] == []
-
-
-async def test_tasks_start_when_the_outputs_cannot_be_looked_at(tmp_path: Path) -> None:
-    """The look is shared by the tasks that start together: an error it kept
-    failed each of their starts, and each retry, for good."""
+    """Its first commit lands between the two looks at the offsets: the
+    outputs found are its own."""
     settings = Settings(data_dir=tmp_path)
     topics = settings.topics
     engine = Engine(settings, TopicLayout(2, 1_048_588, output_partitions={topics.closed: 1}))
-    inputs = [TopicPartition(topics.commands, partition) for partition in range(2)]
+    consumer = _OffsetsConsumer({TopicPartition(topics.closed, 0): 3}, commits_after=2)
+    engine._ends_of = consumer.end_offsets  # type: ignore[method-assign]
+    with caplog.at_level("INFO", logger="stream_app.pipeline.engine"):
+        await engine._tell_reprocessing(consumer)  # type: ignore[arg-type]
+    assert consumer.looked
+    assert [r for r in caplog.records if "committed no offset" in r.getMessage()] == []
 
-    class Consumer(_NewGroupConsumer):
+
+async def test_a_look_at_the_outputs_that_fails_says_nothing_and_raises_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    topics = settings.topics
+    engine = Engine(settings, TopicLayout(2, 1_048_588, output_partitions={topics.closed: 1}))
+
+    class Lost(_OffsetsConsumer):
         async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-            if any(tp.topic == topics.closed for tp in tps):
-                raise OSError("the connection was lost")
-            return await super().end_offsets(tps)
+            raise OSError("the connection was lost")
 
-    engine._consumer = Consumer(dict.fromkeys(inputs, 5))  # type: ignore[assignment]
-    tasks = [_TaskOfANewGroup(tp) for tp in inputs]
-    _owning(engine, *tasks)
-    await asyncio.wait_for(
-        asyncio.gather(*(engine._start(task) for task in tasks)),  # type: ignore[arg-type]
-        timeout=5,
-    )
-    assert all(task.active for task in tasks)
+    lost = Lost({})
+    engine._ends_of = lost.end_offsets  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        await engine._tell_reprocessing(lost)  # type: ignore[arg-type]
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize(("guarantee", "read"), [("at_least_once", True), ("exactly_once", False)])
@@ -1831,6 +1811,38 @@ def _engine_on(
     monkeypatch.setattr(engine_module, "KAFKA_RETRY_FIRST_S", 0.01)
     monkeypatch.setattr(engine_module, "_TOPICS_VISIBLE_WAIT_S", 0.0)
     return Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+
+
+async def test_a_new_group_s_outputs_are_looked_at_before_the_worker_joins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Looked at beside the processing, the outputs a new app id's worker had
+    just written itself (and committed offsets with) hid the warning on a
+    dev broker; looked at by each task as it started, a task's partners'
+    outputs made a false one."""
+
+    class Looked(_GroupConsumer):
+        asked: ClassVar[list[bool]] = []
+
+        async def committed(self, tp: TopicPartition) -> int | None:
+            self.asked.append(self.subscribed)
+            return None
+
+    async def another_s_outputs(tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 3)
+
+    engine = _engine_on(Looked, tmp_path, monkeypatch)
+    engine.output_partitions = {engine.settings.topics.closed: 1}
+    engine._ends_of = another_s_outputs  # type: ignore[method-assign]
+    running = asyncio.create_task(engine.run())
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        while engine._consumer is None or not engine._consumer.subscribed:  # type: ignore[attr-defined]
+            assert not running.done(), running
+            await asyncio.sleep(0.01)
+    engine.stop()
+    await asyncio.wait_for(running, timeout=5)
+    assert Looked.asked == [False, False]  # before, and again after, the outputs
+    assert any("has committed no offset" in r.getMessage() for r in caplog.records)
 
 
 async def test_kafka_lost_before_the_group_join_is_waited_for(
