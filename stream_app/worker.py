@@ -364,14 +364,25 @@ def _quiet_fences(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -
     """A fenced producer fails every future it still holds, and aiokafka keeps some
     of them to itself; the engine has already logged the fence once per task. So
     it does with a refused operation (a missing ACL), which stops the worker with
-    one configuration error."""
+    one configuration error, and when its sender ends on an unexpected error
+    (a connection closed as it looked for its coordinator): aiokafka logs that
+    once, the task's transaction fails and restarts, and each batch the
+    producer held was a traceback at ERROR minutes later, when the old
+    producer was collected."""
     exc = context.get("exception")
-    if isinstance(exc, ProducerFenced) or (
-        isinstance(exc, BaseException) and not_authorized(exc) is not None
+    if (
+        isinstance(exc, ProducerFenced)
+        or (isinstance(exc, BaseException) and not_authorized(exc) is not None)
+        or (isinstance(exc, KafkaError) and _SENDER_ENDED in str(exc))
     ):
         log.debug("after a fence or a refusal: %s", context.get("message"))
         return
     loop.default_exception_handler(context)
+
+
+#: What aiokafka fails a producer's batches with when its sender routine ends
+#: on an unexpected error (aiokafka/producer/sender.py).
+_SENDER_ENDED: Final = "Unexpected error during batch delivery"
 
 
 def _give_up(settings: Settings) -> None:

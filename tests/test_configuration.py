@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from aiokafka.errors import KafkaError
 
 if TYPE_CHECKING:
     from stream_app.pipeline.topics import TopicLayout
@@ -860,3 +861,29 @@ def test_the_worker_raises_its_open_files_limit_to_the_hard_one() -> None:
     soft, hard = (int(n) for n in probe.stdout.split())
     assert soft > 64
     assert soft == hard or hard < 0  # RLIM_INFINITY: a bounded number instead
+
+
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [
+        # aiokafka fails each batch its producer held with this when its
+        # sender ends: the task restarts; each was a traceback at ERROR.
+        (KafkaError("Unexpected error during batch delivery"), False),
+        (KafkaError("something else"), True),
+        (ValueError("ours"), True),
+    ],
+)
+def test_batches_of_a_producer_whose_sender_ended_are_no_tracebacks(
+    caplog: pytest.LogCaptureFixture, error: Exception, logged: bool
+) -> None:
+    from stream_app import worker
+
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level("ERROR", logger="asyncio"):
+            context = {"message": "Future exception was never retrieved", "exception": error}
+            worker._quiet_fences(loop, context)
+    finally:
+        loop.close()
+    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelname == "ERROR"]
+    assert len(errors) == (1 if logged else 0)
