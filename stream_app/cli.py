@@ -1009,8 +1009,7 @@ async def create_topics(
 
     from stream_app.pipeline.kafka import client_options
     from stream_app.pipeline.topics import (
-        check_retention,
-        check_session_limit,
+        check_topics,
         ensure_topics,
         topic_specs,
     )
@@ -1024,8 +1023,7 @@ async def create_topics(
         # the table that shows the topics' configs.
         refused = None
         try:
-            check_session_limit(settings, layout)
-            check_retention(settings, layout)
+            check_topics(settings, layout)
         except ConfigurationError as exc:
             refused = exc
         specs = topic_specs(settings, layout.partitions)

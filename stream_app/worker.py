@@ -35,8 +35,7 @@ from stream_app.pipeline.kafka import (
 )
 from stream_app.pipeline.topics import (
     TopicLayout,
-    check_retention,
-    check_session_limit,
+    check_topics,
     ensure_topics,
 )
 from stream_app.settings import Settings
@@ -102,8 +101,7 @@ async def run(settings: Settings, watchdog: list[threading.Timer] | None = None)
             layout = await _wait_for_kafka(settings, stopping)
             if layout is None:
                 return 0
-            check_session_limit(settings, layout)
-            check_retention(settings, layout)
+            check_topics(settings, layout)
             engine = Engine(settings, layout, registry)
             # A stop the engine begins itself (a failure) is bounded as a signalled one.
             engine.on_stopping = arm_watchdog

@@ -644,19 +644,44 @@ async def _ensure_topics(settings: Settings, *, worker: bool, declaring: bool) -
     )
 
 
+def check_topics(settings: Settings, layout: TopicLayout) -> None:
+    """:func:`check_session_limit` and :func:`check_retention` together: every
+    refusal of both in one ConfigurationError, after every warning. An
+    operator checking a release with ``stream-app topics create``
+    (docs/operations.md, Upgrade) fixed one topic per run before."""
+    limit = _session_limit_refusal(settings, layout)
+    _refuse(([limit] if limit else []) + _retention_refusals(settings, layout))
+
+
 def check_session_limit(settings: Settings, layout: TopicLayout) -> None:
     """Raise ConfigurationError when a stored session could make an output larger
     than the topics take. The worker's check: a producer of commands does not
     need it."""
+    limit = _session_limit_refusal(settings, layout)
+    _refuse([limit] if limit else [])
+
+
+def _refuse(refusals: list[str]) -> None:
+    """Raise ConfigurationError of ``refusals``, numbered if several."""
+    if len(refusals) == 1:
+        raise ConfigurationError(refusals[0])
+    if refusals:
+        raise ConfigurationError(
+            " ".join(f"({n}) {refusal}." for n, refusal in enumerate(refusals, 1))
+        )
+
+
+def _session_limit_refusal(settings: Settings, layout: TopicLayout) -> str | None:
     most = largest_session_bytes(layout.max_record_bytes)
     if settings.max_session_bytes > most:
-        raise ConfigurationError(
+        return (
             f"max_session_bytes {settings.max_session_bytes} is too large for the topics' "
             f"record limit of {layout.max_record_bytes} bytes (max.message.bytes): with "
             f"what a return, cancel or reopen may add past it (a quarter of it, at most "
             f"{BOOKKEEPING_BYTES}), a stored session may take at most a third of that "
             f"limit, so it may be at most {most}"
         )
+    return None
 
 
 def largest_session_bytes(max_record_bytes: int) -> int:
@@ -680,11 +705,13 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
     """Raise ConfigurationError when a topic whose every key's last record the
     worker needs (a store's changelog, the settings topic) deletes records by
     time or size; warn when an internal topic does (see ``expiring``). The
-    worker's check: a producer of commands does not need it.
+    worker's check: a producer of commands does not need it. Every refusal
+    is named, after every warning."""
+    _refuse(_retention_refusals(settings, layout))
 
-    Every refusal and warning is said at once: an operator checking a
-    release with ``stream-app topics create`` (docs/operations.md, Upgrade)
-    fixed one topic per run before."""
+
+def _retention_refusals(settings: Settings, layout: TopicLayout) -> list[str]:
+    """What :func:`check_retention` refuses; its warnings said."""
     refusals: list[str] = []
     if layout.deleting:
         refusals.append(
@@ -753,12 +780,7 @@ def check_retention(settings: Settings, layout: TopicLayout) -> None:
             "; ".join(layout.expiring),
             settings.bootstrap_servers,
         )
-    if len(refusals) == 1:
-        raise ConfigurationError(refusals[0])
-    if refusals:
-        raise ConfigurationError(
-            " ".join(f"({n}) {refusal}." for n, refusal in enumerate(refusals, 1))
-        )
+    return refusals
 
 
 def _cleanup_policy(config: Mapping[str, str], policy: str) -> str | None:

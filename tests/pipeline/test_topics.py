@@ -699,6 +699,18 @@ async def test_every_refusal_and_warning_of_the_topics_is_said_in_one_run(
     assert any(w.startswith(f"{rekeyed} (cleanup.policy=delete") for w in warnings)
 
 
+def test_a_session_limit_the_topics_cannot_take_is_named_with_the_other_refusals() -> None:
+    """Checked first and raised alone, it hid every retention refusal and
+    warning of the same run."""
+    settings = Settings(max_session_bytes=200_000)
+    layout = TopicLayout(6, 262_144, rejections_compacted="cleanup.policy=compact")
+    with pytest.raises(ConfigurationError) as raised:
+        topics_module.check_topics(settings, layout)
+    message = str(raised.value)
+    assert message.startswith("(1) max_session_bytes 200000 is too large")
+    assert f"(2) the rejection topic {settings.topics.rejected} is compacted" in message
+
+
 async def test_a_command_topic_the_worker_may_create_but_not_see_is_named(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
