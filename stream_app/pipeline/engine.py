@@ -65,6 +65,7 @@ from stream_app.pipeline.kafka import (
     KAFKA_RETRY_FIRST_S,
     KAFKA_RETRY_MAX_S,
     client_options,
+    committed_offsets,
     not_authorized,
     refused_join,
     refused_worker,
@@ -761,7 +762,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         look longer than ``_REPROCESSING_LOOK_S``, says nothing."""
         try:
             async with asyncio.timeout(_REPROCESSING_LOOK_S):
-                if await self._commands_committed(consumer):
+                if await self._commands_committed():
                     return  # the usual start: not looked further
                 outputs = [
                     TopicPartition(topic, partition)
@@ -772,7 +773,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 # by their retention were still read downstream.
                 ends = await self._ends_of(outputs) if outputs else {}
                 written = sorted({tp.topic for tp, end in ends.items() if end > 0})
-                if not written or await self._commands_committed(consumer):
+                if not written or await self._commands_committed():
                     return
         except Exception as exc:  # a warning's look: nothing to stop for
             log.debug("could not tell whether the outputs are another group's: %r", exc)
@@ -782,9 +783,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         log.warning(
             "group %s has committed no offset on the command topic %s: it reads it from "
             "its start%s, while %s already hold outputs. If another app id wrote them (a "
-            "changed or mistyped STREAM_APP_APP_ID), or this group's offsets expired, "
-            "every output is published again; on purpose, a new app id writes its own "
-            "output topics (docs/operations.md, Migrate)",
+            "changed or mistyped STREAM_APP_APP_ID), every output is published again (on "
+            "purpose, a new app id writes its own output topics: docs/operations.md, "
+            "Migrate); if this group's offsets expired, some may be (README, Starting a "
+            "task)",
             self.settings.app_id,
             self.settings.topics.commands,
             " (or from where its restored stores say)" if restored else "",
@@ -803,13 +805,27 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             await stop_fully(reader)
         return ends
 
-    async def _commands_committed(self, consumer: AIOKafkaConsumer) -> bool:
-        """Whether the group has committed an offset on any command partition."""
-        for partition in range(self.partitions):
-            tp = TopicPartition(self.settings.topics.commands, partition)
-            if await consumer.committed(tp) is not None:
-                return True
-        return False
+    async def _commands_committed(self) -> bool:
+        """Whether the group has committed an offset on any command partition
+        (one request; a coordinator loading or moved raises, see
+        :meth:`_committed`)."""
+        committed = await committed_offsets(client_options(self.settings), self.settings.app_id)
+        return any(tp.topic == self.settings.topics.commands for tp in committed)
+
+    async def _committed(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+        """The group's committed offset of ``tp``, None if it has none. aiokafka's
+        ``committed`` reads a coordinator's error for the whole request (one
+        loading the group's offsets after a failover, or one that moved) as no
+        offset: a task took it for a partition never committed on and read it
+        from its start, under exactly_once publishing every output of it again.
+        So a None is asked again of :func:`committed_offsets`, which raises
+        such an error (the start retries), on a client of its own: only for
+        partitions without one, so not on a usual start."""
+        offset: int | None = await consumer.committed(tp)
+        if offset is None:
+            found = await committed_offsets(client_options(self.settings), self.settings.app_id)
+            offset = found[tp][0] if tp in found else None
+        return offset
 
     async def _name_the_corrupt_batch(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
         """Say where the batch is that no client can read (its CRC does not
@@ -1649,7 +1665,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     restored = await task.start()
                     positions: dict[TopicPartition, int] = {}
                     for tp in task.inputs:
-                        committed = await consumer.committed(tp)
+                        committed = await self._committed(consumer, tp)
                         if committed is None:
                             committed = (await consumer.beginning_offsets([tp]))[tp]
                         positions[tp] = committed

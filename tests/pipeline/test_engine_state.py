@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import (
+    CoordinatorLoadInProgressError,
     GroupAuthorizationFailedError,
     IllegalStateError,
     InconsistentGroupProtocolError,
@@ -466,27 +467,42 @@ async def test_a_task_starts_past_what_its_restored_state_holds(
     assert consumer.commits == [{tp: (offset, offset_metadata(1))} for offset in commits]
 
 
-class _OffsetsConsumer:
-    """A consumer of a group that has committed on the command partitions of
-    ``committed`` (after ``commits_after`` questions, if not None), beside
-    output partitions whose logs end at ``ends``' offsets (0 if not named;
-    the engine's ``_ends_of`` is made to ask it)."""
+class _Offsets:
+    """A group that has committed on the command partitions of ``committed``
+    (after ``commits_after`` questions, if not None), or whose coordinator
+    answers ``error``, beside output partitions whose logs end at ``ends``'
+    offsets (0 if not named). Installed as the engine's committed_offsets
+    and ``_ends_of``."""
 
     def __init__(
         self,
         ends: dict[TopicPartition, int],
         committed: set[int] = frozenset(),  # type: ignore[assignment]
         commits_after: int | None = None,
+        error: Exception | None = None,
     ) -> None:
         self.ends, self.partitions, self.commits_after = ends, committed, commits_after
+        self.error = error
         self.asked = 0
         self.looked = False
 
-    async def committed(self, tp: TopicPartition) -> int | None:
-        self.asked += 1
-        if self.commits_after is not None and self.asked > self.commits_after:
-            return 7
-        return 7 if tp.partition in self.partitions else None
+    def install(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        commands = engine.settings.topics.commands
+
+        async def committed_offsets(
+            options: object, group_id: str
+        ) -> dict[TopicPartition, tuple[int, str]]:
+            assert group_id == engine.settings.app_id
+            self.asked += 1
+            if self.error is not None:
+                raise self.error
+            partitions = set(self.partitions)
+            if self.commits_after is not None and self.asked > self.commits_after:
+                partitions.add(0)
+            return {TopicPartition(commands, p): (7, "") for p in partitions}
+
+        monkeypatch.setattr(engine_module, "committed_offsets", committed_offsets)
+        engine._ends_of = self.end_offsets  # type: ignore[method-assign]
 
     async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         self.looked = True
@@ -494,18 +510,23 @@ class _OffsetsConsumer:
 
 
 @pytest.mark.parametrize(
-    ("committed", "closed_end", "guarantee", "warned"),
+    ("committed", "error", "closed_end", "guarantee", "warned"),
     [
-        (set(), 3, "exactly_once", True),  # a new or mistyped app id, beside another's outputs
-        (set(), 3, "at_least_once", True),
-        (set(), 0, "exactly_once", False),  # a first deployment: no outputs yet
-        ({1}, 3, "exactly_once", False),  # a partition never committed on: not a new group
+        # a new or mistyped app id, beside another's outputs
+        (set(), None, 3, "exactly_once", True),
+        (set(), None, 3, "at_least_once", True),
+        (set(), None, 0, "exactly_once", False),  # a first deployment: no outputs yet
+        ({1}, None, 3, "exactly_once", False),  # a partition never committed on: not a new group
+        # aiokafka's committed() read this as no offset on any partition
+        (set(), CoordinatorLoadInProgressError(), 3, "exactly_once", False),
     ],
 )
 async def test_a_new_group_beside_outputs_already_written_is_warned_of(
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     committed: set[int],
+    error: Exception | None,
     closed_end: int,
     guarantee: str,
     warned: bool,
@@ -515,14 +536,14 @@ async def test_a_new_group_beside_outputs_already_written_is_warned_of(
     topics = settings.topics
     layout = TopicLayout(2, 1_048_588, output_partitions={topics.closed: 2, topics.returned: 2})
     engine = Engine(settings, layout)
-    consumer = _OffsetsConsumer({TopicPartition(topics.closed, 1): closed_end}, committed)
-    engine._ends_of = consumer.end_offsets  # type: ignore[method-assign]
+    group = _Offsets({TopicPartition(topics.closed, 1): closed_end}, committed, error=error)
+    group.install(engine, monkeypatch)
     with caplog.at_level("INFO", logger="stream_app.pipeline.engine"):
-        await engine._tell_reprocessing(consumer)  # type: ignore[arg-type]
+        await engine._tell_reprocessing(_Consumer())  # type: ignore[arg-type]
     said = [r for r in caplog.records if "committed no offset" in r.getMessage()]
     assert len(said) == (1 if warned else 0)
-    if committed:
-        assert not consumer.looked  # the usual start asks no more
+    if committed or error:
+        assert not group.looked  # the usual start asks no more
     if warned:
         assert said[0].levelname == "WARNING"
         line = said[0].getMessage()
@@ -532,37 +553,92 @@ async def test_a_new_group_beside_outputs_already_written_is_warned_of(
 
 
 async def test_a_first_deployment_s_own_first_outputs_are_not_warned_of(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Its first commit lands between the two looks at the offsets: the
-    outputs found are its own."""
+    """Another worker's first commit lands between the two looks at the
+    offsets: the outputs found are the deployment's own."""
     settings = Settings(data_dir=tmp_path)
     topics = settings.topics
     engine = Engine(settings, TopicLayout(2, 1_048_588, output_partitions={topics.closed: 1}))
-    consumer = _OffsetsConsumer({TopicPartition(topics.closed, 0): 3}, commits_after=2)
-    engine._ends_of = consumer.end_offsets  # type: ignore[method-assign]
+    group = _Offsets({TopicPartition(topics.closed, 0): 3}, commits_after=1)
+    group.install(engine, monkeypatch)
     with caplog.at_level("INFO", logger="stream_app.pipeline.engine"):
-        await engine._tell_reprocessing(consumer)  # type: ignore[arg-type]
-    assert consumer.looked
+        await engine._tell_reprocessing(_Consumer())  # type: ignore[arg-type]
+    assert group.looked
     assert [r for r in caplog.records if "committed no offset" in r.getMessage()] == []
 
 
 async def test_a_look_at_the_outputs_that_fails_says_nothing_and_raises_nothing(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = Settings(data_dir=tmp_path)
     topics = settings.topics
     engine = Engine(settings, TopicLayout(2, 1_048_588, output_partitions={topics.closed: 1}))
 
-    class Lost(_OffsetsConsumer):
+    class Lost(_Offsets):
         async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
             raise OSError("the connection was lost")
 
-    lost = Lost({})
-    engine._ends_of = lost.end_offsets  # type: ignore[method-assign]
+    Lost({}).install(engine, monkeypatch)
     with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
-        await engine._tell_reprocessing(lost)  # type: ignore[arg-type]
+        await engine._tell_reprocessing(_Consumer())  # type: ignore[arg-type]
     assert caplog.records == []
+
+
+class _LoadingCoordinatorConsumer(_CommittedConsumer):
+    """aiokafka's consumer, whose committed() reads a coordinator's error for
+    the whole request (loading the group's offsets) as no offset."""
+
+    async def committed(self, tp: TopicPartition) -> None:
+        return None
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 0)
+
+    def resume(self, *partitions: object) -> None:
+        pass
+
+
+async def test_a_task_started_while_the_coordinator_loads_waits_for_its_offsets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It read the partition from its start: after a coordinator failover, a
+    task under exactly_once published every output of its partition again."""
+    settings = Settings(data_dir=tmp_path)
+    engine = Engine(settings, TopicLayout(1, 1_048_588))
+    tp = TopicPartition(settings.topics.commands, 0)
+    answers: list[Exception | dict[TopicPartition, tuple[int, str]]] = [
+        CoordinatorLoadInProgressError(settings.app_id),
+        {tp: (12, "")},
+    ]
+
+    async def committed_offsets(
+        options: object, group_id: str
+    ) -> dict[TopicPartition, tuple[int, str]]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(engine_module, "committed_offsets", committed_offsets)
+    consumer = _LoadingCoordinatorConsumer(committed=0, end=20)
+    engine._consumer = consumer  # type: ignore[assignment]
+    task = _TaskOfAStart(tp)
+    _owning(engine, task)
+    with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
+        await asyncio.wait_for(engine._start(task), timeout=5)  # type: ignore[arg-type]
+    assert task.positions == {tp: 12}
+    assert consumer.sought == [(tp, 12)]
+    [retried] = [r.getMessage() for r in caplog.records if "could not start" in r.getMessage()]
+    assert "LoadInProgressError" in retried
+
+
+class _TaskOfAStart(_TaskWhoseStateHoldsMore):
+    def consumed_positions(self) -> dict[TopicPartition, int]:
+        return {}
+
+    async def close(self) -> None:
+        pass
 
 
 @pytest.mark.parametrize(("guarantee", "read"), [("at_least_once", True), ("exactly_once", False)])
@@ -1821,19 +1897,20 @@ async def test_a_new_group_s_outputs_are_looked_at_before_the_worker_joins(
     dev broker; looked at by each task as it started, a task's partners'
     outputs made a false one."""
 
-    class Looked(_GroupConsumer):
-        asked: ClassVar[list[bool]] = []
-
-        async def committed(self, tp: TopicPartition) -> int | None:
-            self.asked.append(self.subscribed)
-            return None
-
-    async def another_s_outputs(tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-        return dict.fromkeys(tps, 3)
-
-    engine = _engine_on(Looked, tmp_path, monkeypatch)
+    engine = _engine_on(_GroupConsumer, tmp_path, monkeypatch)
     engine.output_partitions = {engine.settings.topics.closed: 1}
-    engine._ends_of = another_s_outputs  # type: ignore[method-assign]
+    group = _Offsets({TopicPartition(engine.settings.topics.closed, 0): 3})
+    group.install(engine, monkeypatch)
+    asked: list[bool] = []
+    looking = engine_module.committed_offsets
+
+    async def committed_offsets(
+        options: object, group_id: str
+    ) -> dict[TopicPartition, tuple[int, str]]:
+        asked.append(engine._consumer.subscribed)  # type: ignore[union-attr]
+        return await looking(options, group_id)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(engine_module, "committed_offsets", committed_offsets)
     running = asyncio.create_task(engine.run())
     with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
         while engine._consumer is None or not engine._consumer.subscribed:  # type: ignore[attr-defined]
@@ -1841,7 +1918,7 @@ async def test_a_new_group_s_outputs_are_looked_at_before_the_worker_joins(
             await asyncio.sleep(0.01)
     engine.stop()
     await asyncio.wait_for(running, timeout=5)
-    assert Looked.asked == [False, False]  # before, and again after, the outputs
+    assert asked == [False, False]  # before, and again after, the outputs
     assert any("has committed no offset" in r.getMessage() for r in caplog.records)
 
 
