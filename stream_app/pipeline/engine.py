@@ -64,8 +64,8 @@ from stream_app.pipeline.cleanup import StoreCleaner, remove
 from stream_app.pipeline.kafka import (
     KAFKA_RETRY_FIRST_S,
     KAFKA_RETRY_MAX_S,
+    GroupOffsets,
     client_options,
-    committed_offsets,
     not_authorized,
     refused_join,
     refused_worker,
@@ -234,6 +234,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.partitions = layout.partitions
         self.max_record_bytes = layout.max_record_bytes
         self.output_partitions = layout.output_partitions
+        #: Reads the group's committed offsets where aiokafka's consumer cannot
+        #: (see _committed); made at the first need.
+        self._offsets: GroupOffsets | None = None
         self.limits = Limits(
             max_command_bytes=settings.max_command_bytes,
             max_session_bytes=settings.max_session_bytes,
@@ -809,7 +812,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         """Whether the group has committed an offset on any command partition
         (one request; a coordinator loading or moved raises, see
         :meth:`_committed`)."""
-        committed = await committed_offsets(client_options(self.settings), self.settings.app_id)
+        committed = await self._group_offsets().read(self.settings.app_id)
         return any(tp.topic == self.settings.topics.commands for tp in committed)
 
     async def _committed(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
@@ -818,14 +821,20 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         loading the group's offsets after a failover, or one that moved) as no
         offset: a task took it for a partition never committed on and read it
         from its start, under exactly_once publishing every output of it again.
-        So a None is asked again of :func:`committed_offsets`, which raises
-        such an error (the start retries), on a client of its own: only for
-        partitions without one, so not on a usual start."""
+        So a None is asked again of :class:`GroupOffsets`, which raises such
+        an error (the start retries): one request on a client the worker
+        keeps, as a re-key partition that never had a record has none on
+        every start."""
         offset: int | None = await consumer.committed(tp)
         if offset is None:
-            found = await committed_offsets(client_options(self.settings), self.settings.app_id)
+            found = await self._group_offsets().read(self.settings.app_id)
             offset = found[tp][0] if tp in found else None
         return offset
+
+    def _group_offsets(self) -> GroupOffsets:
+        if self._offsets is None:
+            self._offsets = GroupOffsets(client_options(self.settings))
+        return self._offsets
 
     async def _name_the_corrupt_batch(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
         """Say where the batch is that no client can read (its CRC does not
@@ -1090,6 +1099,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 log.warning("could not leave the group in time after %s: %r", self._failure, exc)
             else:
                 log.warning("could not leave the group (is Kafka reachable?): %r", exc)
+        if self._offsets is not None:
+            with contextlib.suppress(Exception):  # stopping: it is gone either way
+                await self._offsets.close()
         self.log_metrics()
         if self.stopped_cleanly:
             log.info("stopped: every transaction committed, stores closed")

@@ -192,40 +192,67 @@ async def committed_offsets(
     options: dict[str, Any], group_id: str
 ) -> dict[TopicPartition, tuple[int, str]]:
     """Every offset ``group_id`` has committed, with its metadata, by
-    TopicPartition. Raises the Kafka error the group's coordinator answers.
-
-    Not aiokafka's ``list_consumer_group_offsets``: it reads only the errors of
-    partitions, and a coordinator still loading the group's offsets, or one
-    that moved, answers with an error for the whole request and no partition:
-    that read as a group with no offsets at all."""
-    from aiokafka.client import AIOKafkaClient, CoordinationType
-    from aiokafka.errors import GroupAuthorizationFailedError, for_code
-    from aiokafka.protocol.commit import OffsetFetchRequest
-    from aiokafka.structs import TopicPartition
-
-    client = AIOKafkaClient(**options)
+    TopicPartition, asked on a client of its own (see :class:`GroupOffsets`)."""
+    reader = GroupOffsets(options)
     try:
-        await client.bootstrap()  # in the try: a failed or cancelled start closes it too
+        return await reader.read(group_id)
+    finally:
+        await reader.close()
+
+
+class GroupOffsets:
+    """Reads a group's committed offsets, on one client kept open until
+    :meth:`close`. Raises the Kafka error the group's coordinator answers.
+
+    Not aiokafka's ``list_consumer_group_offsets`` nor the consumer's
+    ``committed``: they read only the errors of partitions, and a coordinator
+    still loading the group's offsets, or one that moved, answers with an
+    error for the whole request and no partition: that read as a group with
+    no offsets at all."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._options = options
+        self._client: Any = None
+
+    async def read(self, group_id: str) -> dict[TopicPartition, tuple[int, str]]:
+        from aiokafka.client import AIOKafkaClient, CoordinationType
+        from aiokafka.errors import GroupAuthorizationFailedError, for_code
+        from aiokafka.protocol.commit import OffsetFetchRequest
+        from aiokafka.structs import TopicPartition
+
+        if self._client is None:
+            client = AIOKafkaClient(**self._options)
+            try:
+                await client.bootstrap()
+            except BaseException:  # a failed or cancelled start leaves no connection open
+                await client.close()
+                raise
+            self._client = client
+        client = self._client
         try:
             coordinator = await client.coordinator_lookup(CoordinationType.GROUP, group_id)
         except GroupAuthorizationFailedError as exc:  # aiokafka's names no group
             raise GroupAuthorizationFailedError(group_id) from exc
         response = await client.send(coordinator, OffsetFetchRequest(group_id, None))
-    finally:
-        await client.close()
-    code = getattr(response, "error_code", 0)  # the whole request's (v2 and later)
-    if code:
-        raise for_code(code)(group_id)  # named as the consumer's join names it
-    offsets: dict[TopicPartition, tuple[int, str]] = {}
-    for topic, partitions in response.topics:
-        for partition, offset, metadata, partition_code in partitions:
-            if partition_code:
-                raise for_code(partition_code)(
-                    f"fetching the committed offset of group {group_id} for {topic}[{partition}]"
-                )
-            if offset >= 0:
-                offsets[TopicPartition(topic, partition)] = (offset, metadata or "")
-    return offsets
+        code = getattr(response, "error_code", 0)  # the whole request's (v2 and later)
+        if code:
+            raise for_code(code)(group_id)  # named as the consumer's join names it
+        offsets: dict[TopicPartition, tuple[int, str]] = {}
+        for topic, partitions in response.topics:
+            for partition, offset, metadata, partition_code in partitions:
+                if partition_code:
+                    raise for_code(partition_code)(
+                        f"fetching the committed offset of group {group_id} for "
+                        f"{topic}[{partition}]"
+                    )
+                if offset >= 0:
+                    offsets[TopicPartition(topic, partition)] = (offset, metadata or "")
+        return offsets
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
 
 
 class Unreachable(NamedTuple):

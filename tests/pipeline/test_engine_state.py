@@ -486,23 +486,24 @@ class _Offsets:
         self.asked = 0
         self.looked = False
 
-    def install(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-        commands = engine.settings.topics.commands
-
-        async def committed_offsets(
-            options: object, group_id: str
-        ) -> dict[TopicPartition, tuple[int, str]]:
-            assert group_id == engine.settings.app_id
-            self.asked += 1
-            if self.error is not None:
-                raise self.error
-            partitions = set(self.partitions)
-            if self.commits_after is not None and self.asked > self.commits_after:
-                partitions.add(0)
-            return {TopicPartition(commands, p): (7, "") for p in partitions}
-
-        monkeypatch.setattr(engine_module, "committed_offsets", committed_offsets)
+    def install(self, engine: Engine) -> None:
+        self.engine = engine
+        engine._offsets = self  # type: ignore[assignment]
         engine._ends_of = self.end_offsets  # type: ignore[method-assign]
+
+    async def read(self, group_id: str) -> dict[TopicPartition, tuple[int, str]]:
+        assert group_id == self.engine.settings.app_id
+        self.asked += 1
+        if self.error is not None:
+            raise self.error
+        partitions = set(self.partitions)
+        if self.commits_after is not None and self.asked > self.commits_after:
+            partitions.add(0)
+        commands = self.engine.settings.topics.commands
+        return {TopicPartition(commands, p): (7, "") for p in partitions}
+
+    async def close(self) -> None:
+        pass
 
     async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         self.looked = True
@@ -537,7 +538,7 @@ async def test_a_new_group_beside_outputs_already_written_is_warned_of(
     layout = TopicLayout(2, 1_048_588, output_partitions={topics.closed: 2, topics.returned: 2})
     engine = Engine(settings, layout)
     group = _Offsets({TopicPartition(topics.closed, 1): closed_end}, committed, error=error)
-    group.install(engine, monkeypatch)
+    group.install(engine)
     with caplog.at_level("INFO", logger="stream_app.pipeline.engine"):
         await engine._tell_reprocessing(_Consumer())  # type: ignore[arg-type]
     said = [r for r in caplog.records if "committed no offset" in r.getMessage()]
@@ -561,7 +562,7 @@ async def test_a_first_deployment_s_own_first_outputs_are_not_warned_of(
     topics = settings.topics
     engine = Engine(settings, TopicLayout(2, 1_048_588, output_partitions={topics.closed: 1}))
     group = _Offsets({TopicPartition(topics.closed, 0): 3}, commits_after=1)
-    group.install(engine, monkeypatch)
+    group.install(engine)
     with caplog.at_level("INFO", logger="stream_app.pipeline.engine"):
         await engine._tell_reprocessing(_Consumer())  # type: ignore[arg-type]
     assert group.looked
@@ -579,7 +580,7 @@ async def test_a_look_at_the_outputs_that_fails_says_nothing_and_raises_nothing(
         async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
             raise OSError("the connection was lost")
 
-    Lost({}).install(engine, monkeypatch)
+    Lost({}).install(engine)
     with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
         await engine._tell_reprocessing(_Consumer())  # type: ignore[arg-type]
     assert caplog.records == []
@@ -612,15 +613,14 @@ async def test_a_task_started_while_the_coordinator_loads_waits_for_its_offsets(
         {tp: (12, "")},
     ]
 
-    async def committed_offsets(
-        options: object, group_id: str
-    ) -> dict[TopicPartition, tuple[int, str]]:
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+    class Loading:
+        async def read(self, group_id: str) -> dict[TopicPartition, tuple[int, str]]:
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
 
-    monkeypatch.setattr(engine_module, "committed_offsets", committed_offsets)
+    engine._offsets = Loading()  # type: ignore[assignment]
     consumer = _LoadingCoordinatorConsumer(committed=0, end=20)
     engine._consumer = consumer  # type: ignore[assignment]
     task = _TaskOfAStart(tp)
@@ -1900,17 +1900,15 @@ async def test_a_new_group_s_outputs_are_looked_at_before_the_worker_joins(
     engine = _engine_on(_GroupConsumer, tmp_path, monkeypatch)
     engine.output_partitions = {engine.settings.topics.closed: 1}
     group = _Offsets({TopicPartition(engine.settings.topics.closed, 0): 3})
-    group.install(engine, monkeypatch)
+    group.install(engine)
     asked: list[bool] = []
-    looking = engine_module.committed_offsets
+    looking = group.read
 
-    async def committed_offsets(
-        options: object, group_id: str
-    ) -> dict[TopicPartition, tuple[int, str]]:
+    async def read(group_id: str) -> dict[TopicPartition, tuple[int, str]]:
         asked.append(engine._consumer.subscribed)  # type: ignore[union-attr]
-        return await looking(options, group_id)  # type: ignore[no-any-return]
+        return await looking(group_id)
 
-    monkeypatch.setattr(engine_module, "committed_offsets", committed_offsets)
+    group.read = read  # type: ignore[method-assign]
     running = asyncio.create_task(engine.run())
     with caplog.at_level("WARNING", logger="stream_app.pipeline.engine"):
         while engine._consumer is None or not engine._consumer.subscribed:  # type: ignore[attr-defined]

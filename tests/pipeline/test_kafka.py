@@ -287,6 +287,35 @@ def test_a_group_s_committed_offsets_come_with_their_metadata(
         asyncio.run(committed_offsets({}, "app"))
 
 
+async def test_the_worker_s_group_offsets_are_read_on_one_client_kept_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each task whose re-key partition never had a record asks on every
+    start: a client each was a burst of connections, and SCRAM handshakes,
+    at every rebalance."""
+    import aiokafka.client
+    from aiokafka.errors import GroupLoadInProgressError
+    from aiokafka.structs import TopicPartition
+
+    from stream_app.pipeline.kafka import GroupOffsets
+
+    class Client(_OffsetsClient):
+        made = closed = 0
+
+    monkeypatch.setattr(aiokafka.client, "AIOKafkaClient", Client)
+    monkeypatch.setattr(Client, "topics", [("c", [(0, 10, "", 0)])])
+    reader = GroupOffsets({})
+    monkeypatch.setattr(Client, "error_code", 14)  # loading: raised, asked again later
+    with pytest.raises(GroupLoadInProgressError):
+        await reader.read("app")
+    monkeypatch.setattr(Client, "error_code", 0)
+    answers = await asyncio.gather(*(reader.read("app") for _ in range(12)))
+    assert answers == [{TopicPartition("c", 0): (10, "")}] * 12
+    assert (Client.made, Client.closed) == (1, 0)
+    await reader.close()
+    assert Client.closed == 1
+
+
 def test_a_tls_file_that_stopped_loading_is_a_configuration_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
