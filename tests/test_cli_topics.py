@@ -152,6 +152,20 @@ def test_a_topic_a_worker_would_refuse_is_shown_then_named(
     assert changelog in err.splitlines()[-1]
 
 
+def test_every_refusal_is_named_in_one_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The session limit, checked first, was said alone: the changelog's
+    retention only in a second run (docs/operations.md, Upgrade)."""
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _DeletingChangelog)
+    monkeypatch.setattr(aiokafka.admin, "AIOKafkaAdminClient", _DeletingChangelog)
+    settings = SETTINGS.model_copy(update={"max_session_bytes": 400_000})
+    assert cli.run_topics_create(settings, None) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "(1) max_session_bytes 400000 is too large" in last
+    assert f"(2) {changelog_topic(SETTINGS, 'sessions')} (cleanup.policy=delete" in last
+
+
 class _Refusing(_Cluster):
     """CreateTopics answers :attr:`error` (its code) for the topic to create."""
 
