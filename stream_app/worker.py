@@ -373,7 +373,7 @@ def _quiet_fences(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -
         or (isinstance(exc, BaseException) and not_authorized(exc) is not None)
         or (isinstance(exc, KafkaError) and _SENDER_ENDED in str(exc))
     ):
-        log.debug("after a fence or a refusal: %s", context.get("message"))
+        log.debug("after a fence, a refusal or an ended sender: %s", context.get("message"))
         return
     loop.default_exception_handler(context)
 

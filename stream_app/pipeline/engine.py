@@ -754,9 +754,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _tell_reprocessing(self, consumer: AIOKafkaConsumer) -> None:
         """Warn when the group has committed no offset on the command topic
         while the downstream topics hold records already: a new or mistyped
-        app id, or a group whose offsets expired, reads the command topic from
-        its start and publishes every output again. Kafka Streams says nothing
-        of it; its operators find out downstream.
+        app id reads the command topic from its start and publishes every
+        output again (a group whose offsets expired, some). Kafka Streams says
+        nothing of it; its operators find out downstream.
 
         Looked at before the worker joins the group, so that the outputs it
         finds are not its own; the offsets are asked again after the outputs,
