@@ -586,6 +586,14 @@ async def test_a_look_at_the_outputs_that_fails_says_nothing_and_raises_nothing(
     assert caplog.records == []
 
 
+class _TaskOfAStart(_TaskWhoseStateHoldsMore):
+    def consumed_positions(self) -> dict[TopicPartition, int]:
+        return {}
+
+    async def close(self) -> None:
+        pass
+
+
 class _LoadingCoordinatorConsumer(_CommittedConsumer):
     """aiokafka's consumer, whose committed() reads a coordinator's error for
     the whole request (loading the group's offsets) as no offset."""
@@ -631,14 +639,6 @@ async def test_a_task_started_while_the_coordinator_loads_waits_for_its_offsets(
     assert consumer.sought == [(tp, 12)]
     [retried] = [r.getMessage() for r in caplog.records if "could not start" in r.getMessage()]
     assert "LoadInProgressError" in retried
-
-
-class _TaskOfAStart(_TaskWhoseStateHoldsMore):
-    def consumed_positions(self) -> dict[TopicPartition, int]:
-        return {}
-
-    async def close(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize(("guarantee", "read"), [("at_least_once", True), ("exactly_once", False)])
