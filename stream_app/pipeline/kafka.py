@@ -213,22 +213,34 @@ class GroupOffsets:
     def __init__(self, options: dict[str, Any]) -> None:
         self._options = options
         self._client: Any = None
+        #: Held while the client is made: the task starts after an assignment
+        #: read together, and each made a client of its own.
+        self._making = asyncio.Lock()
+
+    async def _started(self) -> Any:
+        from aiokafka.client import AIOKafkaClient
+
+        async with self._making:
+            if self._client is None:
+                client = AIOKafkaClient(**self._options)
+                bootstrapping = asyncio.ensure_future(client.bootstrap())
+                try:
+                    await asyncio.shield(bootstrapping)
+                except BaseException:
+                    # Closed once the bootstrap has ended: cancelled, aiokafka's
+                    # leaves its bootstrap connection open (an ERROR at exit).
+                    bootstrapping.add_done_callback(lambda done: _close_after(client, done))
+                    raise
+                self._client = client
+            return self._client
 
     async def read(self, group_id: str) -> dict[TopicPartition, tuple[int, str]]:
-        from aiokafka.client import AIOKafkaClient, CoordinationType
+        from aiokafka.client import CoordinationType
         from aiokafka.errors import GroupAuthorizationFailedError, for_code
         from aiokafka.protocol.commit import OffsetFetchRequest
         from aiokafka.structs import TopicPartition
 
-        if self._client is None:
-            client = AIOKafkaClient(**self._options)
-            try:
-                await client.bootstrap()
-            except BaseException:  # a failed or cancelled start leaves no connection open
-                await client.close()
-                raise
-            self._client = client
-        client = self._client
+        client = await self._started()
         try:
             coordinator = await client.coordinator_lookup(CoordinationType.GROUP, group_id)
         except GroupAuthorizationFailedError as exc:  # aiokafka's names no group
@@ -253,6 +265,15 @@ class GroupOffsets:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+
+
+def _close_after(client: Any, bootstrap: asyncio.Future[None]) -> None:
+    """Close ``client``, whose ``bootstrap`` failed or was given up on."""
+    if not bootstrap.cancelled():
+        bootstrap.exception()  # said by the caller that gave up, if anyone
+    closing = asyncio.ensure_future(client.close())
+    _STOPPING.add(closing)
+    closing.add_done_callback(_stopped)
 
 
 class Unreachable(NamedTuple):

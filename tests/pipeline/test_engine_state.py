@@ -485,6 +485,7 @@ class _Offsets:
         self.error = error
         self.asked = 0
         self.looked = False
+        self.closed = False
 
     def install(self, engine: Engine) -> None:
         self.engine = engine
@@ -503,7 +504,7 @@ class _Offsets:
         return {TopicPartition(commands, p): (7, "") for p in partitions}
 
     async def close(self) -> None:
-        pass
+        self.closed = True
 
     async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         self.looked = True
@@ -1917,6 +1918,7 @@ async def test_a_new_group_s_outputs_are_looked_at_before_the_worker_joins(
     engine.stop()
     await asyncio.wait_for(running, timeout=5)
     assert asked == [False, False]  # before, and again after, the outputs
+    assert group.closed  # its client is the worker's until it stops
     assert any("has committed no offset" in r.getMessage() for r in caplog.records)
 
 

@@ -302,17 +302,49 @@ async def test_the_worker_s_group_offsets_are_read_on_one_client_kept_open(
     class Client(_OffsetsClient):
         made = closed = 0
 
+        async def bootstrap(self) -> None:
+            await asyncio.sleep(0.01)  # the first reads come together, as task starts do
+
     monkeypatch.setattr(aiokafka.client, "AIOKafkaClient", Client)
     monkeypatch.setattr(Client, "topics", [("c", [(0, 10, "", 0)])])
     reader = GroupOffsets({})
+    answers = await asyncio.gather(*(reader.read("app") for _ in range(12)))
+    assert answers == [{TopicPartition("c", 0): (10, "")}] * 12
     monkeypatch.setattr(Client, "error_code", 14)  # loading: raised, asked again later
     with pytest.raises(GroupLoadInProgressError):
         await reader.read("app")
     monkeypatch.setattr(Client, "error_code", 0)
-    answers = await asyncio.gather(*(reader.read("app") for _ in range(12)))
-    assert answers == [{TopicPartition("c", 0): (10, "")}] * 12
+    assert await reader.read("app") == {TopicPartition("c", 0): (10, "")}
     assert (Client.made, Client.closed) == (1, 0)
     await reader.close()
+    assert Client.closed == 1
+
+
+async def test_a_read_given_up_during_its_bootstrap_closes_the_client_once_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiokafka's bootstrap, cancelled, leaves its connection open: the look
+    at a new group's outputs, cut at its bound, was an ERROR at exit."""
+    import aiokafka.client
+
+    from stream_app.pipeline.kafka import GroupOffsets
+
+    answered = asyncio.Event()
+
+    class Client(_OffsetsClient):
+        made = closed = 0
+
+        async def bootstrap(self) -> None:
+            await answered.wait()  # a slow broker
+
+    monkeypatch.setattr(aiokafka.client, "AIOKafkaClient", Client)
+    reader = GroupOffsets({})
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(reader.read("app"), 0.05)
+    assert (Client.made, Client.closed) == (1, 0)  # its bootstrap goes on
+    answered.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
     assert Client.closed == 1
 
 
