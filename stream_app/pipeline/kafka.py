@@ -144,10 +144,15 @@ async def stop_fully(client: _Stoppable) -> None:
     background tasks and connections stay open for the life of the process.
     Here the stop goes on in the background, and the cancellation is passed
     on at once, as the caller (a task dropped, a worker stopping) expects."""
-    stopping = asyncio.ensure_future(client.stop())
+    await asyncio.shield(_stop_in_background(client.stop()))
+
+
+def _stop_in_background(stop: Awaitable[None]) -> asyncio.Future[None]:
+    """``stop`` run to its end whoever awaits it, its failure logged."""
+    stopping = asyncio.ensure_future(stop)
     _STOPPING.add(stopping)
     stopping.add_done_callback(_stopped)
-    await asyncio.shield(stopping)
+    return stopping
 
 
 def _stopped(stopping: asyncio.Future[None]) -> None:
@@ -271,9 +276,7 @@ def _close_after(client: Any, bootstrap: asyncio.Future[None]) -> None:
     """Close ``client``, whose ``bootstrap`` failed or was given up on."""
     if not bootstrap.cancelled():
         bootstrap.exception()  # said by the caller that gave up, if anyone
-    closing = asyncio.ensure_future(client.close())
-    _STOPPING.add(closing)
-    closing.add_done_callback(_stopped)
+    _stop_in_background(client.close())
 
 
 class Unreachable(NamedTuple):
