@@ -240,7 +240,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.limits = Limits(
             max_command_bytes=settings.max_command_bytes,
             max_session_bytes=settings.max_session_bytes,
-            # A stored session within a third of the record limit (check_session_limit).
+            # A stored session within a third of the record limit (topics.check_topics).
             bookkeeping_bytes=max(
                 0,
                 min(BOOKKEEPING_BYTES, layout.max_record_bytes // 3 - settings.max_session_bytes),

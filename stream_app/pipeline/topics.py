@@ -385,7 +385,7 @@ async def ensure_topics(
     them created by that same command.
 
     Raises ConfigurationError when an existing co-partitioned topic disagrees
-    with the command topic's count. (:func:`check_session_limit` checks the
+    with the command topic's count. (:func:`check_topics` checks the
     record limit against the configured session size.) Another client
     creating the topics meanwhile is waited for, about RACE_ATTEMPTS seconds.
     """
@@ -645,20 +645,14 @@ async def _ensure_topics(settings: Settings, *, worker: bool, declaring: bool) -
 
 
 def check_topics(settings: Settings, layout: TopicLayout) -> None:
-    """:func:`check_session_limit` and :func:`check_retention` together: every
-    refusal of both in one ConfigurationError, after every warning. An
-    operator checking a release with ``stream-app topics create``
-    (docs/operations.md, Upgrade) fixed one topic per run before."""
+    """Raise ConfigurationError when a stored session could make an output
+    larger than the topics take (:func:`_session_limit_refusal`), or for what
+    :func:`check_retention` refuses: every refusal of both in one error,
+    after every warning. An operator checking a release with ``stream-app
+    topics create`` (docs/operations.md, Upgrade) fixed one topic per run
+    before. The worker's check: a producer of commands does not need it."""
     limit = _session_limit_refusal(settings, layout)
     _refuse(([limit] if limit else []) + _retention_refusals(settings, layout))
-
-
-def check_session_limit(settings: Settings, layout: TopicLayout) -> None:
-    """Raise ConfigurationError when a stored session could make an output larger
-    than the topics take. The worker's check: a producer of commands does not
-    need it."""
-    limit = _session_limit_refusal(settings, layout)
-    _refuse([limit] if limit else [])
 
 
 def _refuse(refusals: list[str]) -> None:

@@ -44,7 +44,7 @@ from stream_app.pipeline.engine import Engine
 from stream_app.pipeline.processor import BOOKKEEPING_BYTES, Limits
 from stream_app.pipeline.store import CONSUMED_KEY, PartitionStore, RocksDBResources
 from stream_app.pipeline.tasks import Stage, Task, TaskId
-from stream_app.pipeline.topics import TopicLayout, check_session_limit, largest_session_bytes
+from stream_app.pipeline.topics import TopicLayout, check_topics, largest_session_bytes
 from stream_app.settings import RocksDBSettings, Settings
 from tests.pipeline.fakes import PartitionCounts
 
@@ -77,12 +77,12 @@ def test_a_session_limit_the_worker_takes_leaves_room_to_return_cancel_or_reopen
     most = largest_session_bytes(max_record_bytes)
     for max_session_bytes in (1024, most // 2, most):
         settings = Settings(data_dir=tmp_path, max_session_bytes=max_session_bytes)
-        check_session_limit(settings, layout)
+        check_topics(settings, layout)
         allowance = Engine(settings, layout).limits.bookkeeping_bytes
         assert allowance >= min(BOOKKEEPING_BYTES, max_session_bytes // 4)
         assert (max_session_bytes + allowance) * 3 <= max_record_bytes
     with pytest.raises(ConfigurationError, match=f"so it may be at most {most}$"):
-        check_session_limit(Settings(data_dir=tmp_path, max_session_bytes=most + 1), layout)
+        check_topics(Settings(data_dir=tmp_path, max_session_bytes=most + 1), layout)
 
 
 class _MadeOnlyError(Exception):
