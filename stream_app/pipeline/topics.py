@@ -358,6 +358,9 @@ class TopicLayout:
     rejections_compacted: str | None = None
     #: The partition count of each downstream topic the broker described.
     output_partitions: Mapping[str, int] = field(default_factory=dict)
+    #: The topics the worker writes whose max.message.bytes is
+    #: ``max_record_bytes`` (none when no config was described).
+    max_record_topics: tuple[str, ...] = ()
 
 
 #: CreateTopics' answer when creations are throttled (aiokafka has no class for it).
@@ -613,11 +616,12 @@ async def _ensure_topics(settings: Settings, *, worker: bool, declaring: bool) -
             "lower their min.insync.replicas",
             "; ".join(unwritable_read),
         )
-    limits = [
-        int(c["max.message.bytes"])
+    limits = {
+        n: int(c["max.message.bytes"])
         for n in written
         if "max.message.bytes" in (c := configs.get(n, {}))
-    ]
+    }
+    max_record_bytes = min(limits.values(), default=_KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
 
     def flagged(
         config: Mapping[str, str], why: Callable[[Mapping[str, str]], str | None]
@@ -632,7 +636,7 @@ async def _ensure_topics(settings: Settings, *, worker: bool, declaring: bool) -
 
     return TopicLayout(
         partitions,
-        min(limits, default=_KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
+        max_record_bytes,
         flagged(_COMPACTED, deletes_records),
         flagged(_REPARTITION, deletes_records),
         configs,
@@ -641,6 +645,7 @@ async def _ensure_topics(settings: Settings, *, worker: bool, declaring: bool) -
         compacts(configs.get(settings.topics.commands, {})),
         compacts(configs.get(settings.topics.rejected, {})),
         output_partitions,
+        tuple(n for n, limit in limits.items() if limit == max_record_bytes),
     )
 
 
@@ -668,9 +673,11 @@ def _refuse(refusals: list[str]) -> None:
 def _session_limit_refusal(settings: Settings, layout: TopicLayout) -> str | None:
     most = largest_session_bytes(layout.max_record_bytes)
     if settings.max_session_bytes > most:
+        # An operator raises the limit of the topics named, not of every topic.
+        of = f" of {', '.join(layout.max_record_topics)}" if layout.max_record_topics else ""
         return (
             f"max_session_bytes {settings.max_session_bytes} is too large for the topics' "
-            f"record limit of {layout.max_record_bytes} bytes (max.message.bytes): with "
+            f"record limit of {layout.max_record_bytes} bytes (max.message.bytes{of}): with "
             f"what a return, cancel or reopen may add past it (a quarter of it, at most "
             f"{BOOKKEEPING_BYTES}), a stored session may take at most a third of that "
             f"limit, so it may be at most {most}"

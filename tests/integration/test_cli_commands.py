@@ -224,6 +224,7 @@ async def test_a_small_record_limit_stops_the_worker_but_not_the_traffic(
     assert created.returncode == 2
     assert limit in created.stderr
     assert "so it may be at most 26666" in created.stderr
+    assert f"(max.message.bytes of {t.rejected})" in created.stderr
 
     refused = workers(deployment)
     refused.expect_exit(2)

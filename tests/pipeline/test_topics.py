@@ -485,6 +485,26 @@ async def test_the_record_limit_is_that_of_the_topics_the_worker_writes(
     assert (await topics_module.ensure_topics(settings)).max_record_bytes == 900_000
 
 
+async def test_a_session_limit_the_topics_cannot_take_names_the_topic_that_limits_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The refusal named the smallest limit and not the topic that has it:
+    an operator had to describe every topic the worker writes to find it."""
+    settings = Settings(max_session_bytes=262_144)
+    configs = {name: {"max.message.bytes": "1048588"} for name in _every_topic()}
+    configs[settings.topics.returned] = {"max.message.bytes": "100000"}
+    configs[settings.topics.cancelled] = {"max.message.bytes": "100000"}
+    monkeypatch.setattr(topics_module, "AIOKafkaAdminClient", _cluster(_every_topic(), configs))
+    layout = await topics_module.ensure_topics(settings)
+    with pytest.raises(ConfigurationError) as raised:
+        topics_module.check_topics(settings, layout)
+    assert "record limit of 100000 bytes (max.message.bytes of " in str(raised.value)
+    named = str(raised.value).split("(max.message.bytes of ")[1].split(")")[0]
+    assert sorted(named.split(", ")) == sorted(
+        [settings.topics.returned, settings.topics.cancelled]
+    )
+
+
 def _creating_cluster(
     replicas: int,
     *,
