@@ -234,8 +234,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self.partitions = layout.partitions
         self.max_record_bytes = layout.max_record_bytes
         self.output_partitions = layout.output_partitions
-        #: Reads the group's committed offsets where aiokafka's consumer cannot
-        #: (see _committed); made at the first need.
+        #: Reads the group's committed offsets, where aiokafka's consumer
+        #: cannot (see _start); made at the first need.
         self._offsets: GroupOffsets | None = None
         self.limits = Limits(
             max_command_bytes=settings.max_command_bytes,
@@ -811,25 +811,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _commands_committed(self) -> bool:
         """Whether the group has committed an offset on any command partition
         (one request; a coordinator loading or moved raises, see
-        :meth:`_committed`)."""
+        :meth:`_start`)."""
         committed = await self._group_offsets().read(self.settings.app_id)
         return any(tp.topic == self.settings.topics.commands for tp in committed)
-
-    async def _committed(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
-        """The group's committed offset of ``tp``, None if it has none. aiokafka's
-        ``committed`` reads a coordinator's error for the whole request (one
-        loading the group's offsets after a failover, or one that moved) as no
-        offset: a task took it for a partition never committed on and read it
-        from its start, under exactly_once publishing every output of it again.
-        So a None is asked again of :class:`GroupOffsets`, which raises such
-        an error (the start retries): one request on a client the worker
-        keeps, as a re-key partition that never had a record has none on
-        every start."""
-        offset: int | None = await consumer.committed(tp)
-        if offset is None:
-            found = await self._group_offsets().read(self.settings.app_id)
-            offset = found[tp][0] if tp in found else None
-        return offset
 
     def _group_offsets(self) -> GroupOffsets:
         if self._offsets is None:
@@ -1675,12 +1659,21 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             while True:
                 try:
                     restored = await task.start()
+                    # Not the consumer's committed(): it reads a coordinator's
+                    # error for the whole request (one loading the group's
+                    # offsets after a failover, or one that moved) as no
+                    # offset, and a task took its partition for one never
+                    # committed on: read from its start, under exactly_once
+                    # every output of it published again. GroupOffsets raises
+                    # that error (the start retries), in one request for all
+                    # the task's inputs on a client the worker keeps.
+                    found = await self._group_offsets().read(self.settings.app_id)
                     positions: dict[TopicPartition, int] = {}
                     for tp in task.inputs:
-                        committed = await self._committed(consumer, tp)
-                        if committed is None:
-                            committed = (await consumer.beginning_offsets([tp]))[tp]
-                        positions[tp] = committed
+                        if tp in found:
+                            positions[tp] = found[tp][0]
+                        else:
+                            positions[tp] = (await consumer.beginning_offsets([tp]))[tp]
                     await self._past_what_the_state_holds(consumer, task, positions)
                     break
                 except (KafkaError, OSError, StreamAppError) as exc:

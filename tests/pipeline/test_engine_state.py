@@ -58,6 +58,20 @@ def _owning(engine: Engine, *tasks: Any) -> Engine:
     return engine
 
 
+class _Group:
+    """Stands for the engine's GroupOffsets: a group that has committed
+    ``offsets`` (the offset of each input partition)."""
+
+    def __init__(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        self.offsets = offsets or {}
+
+    def install(self, engine: Engine) -> None:
+        engine._offsets = self  # type: ignore[assignment]
+
+    async def read(self, group_id: str) -> dict[TopicPartition, tuple[int, str]]:
+        return {tp: (offset, "") for tp, offset in self.offsets.items()}
+
+
 def test_state_directory_is_created_with_its_parents(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "not" / "there" / "yet", app_id="shop")
     Engine(settings, TopicLayout(4, 1_048_588)).check_local_state()
@@ -395,6 +409,7 @@ async def test_a_task_whose_restore_hits_a_full_disk_is_retried_not_the_worker_s
     """Its other tasks go on meanwhile (docs/operations.md, A task cannot start)."""
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
     engine._consumer = _Consumer()  # type: ignore[assignment]
+    _Group().install(engine)
     task = _TaskOnAFullDisk()
     _owning(engine, task)
     await engine._start(task)  # type: ignore[arg-type]
@@ -424,14 +439,11 @@ class _TaskWhoseStateHoldsMore:
         self.active, self.positions = True, positions
 
 
-class _CommittedConsumer(_Consumer):
-    def __init__(self, committed: int, end: int) -> None:
-        self.offset, self.end = committed, end
+class _SeekingConsumer(_Consumer):
+    def __init__(self, end: int) -> None:
+        self.end = end
         self.sought: list[tuple[TopicPartition, int]] = []
         self.commits: list[dict[TopicPartition, int]] = []
-
-    async def committed(self, tp: TopicPartition) -> int:
-        return self.offset
 
     async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         return dict.fromkeys(tps, self.end)
@@ -455,9 +467,10 @@ async def test_a_task_starts_past_what_its_restored_state_holds(
     tmp_path: Path, committed: int, end: int, start: int, commits: list[int]
 ) -> None:
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
-    consumer = _CommittedConsumer(committed, end)
+    consumer = _SeekingConsumer(end)
     engine._consumer = consumer  # type: ignore[assignment]
     tp = TopicPartition(engine.settings.topics.commands, 0)
+    _Group({tp: committed}).install(engine)
     task = _TaskWhoseStateHoldsMore(tp)
     _owning(engine, task)
     await engine._start(task)  # type: ignore[arg-type]
@@ -595,18 +608,13 @@ class _TaskOfAStart(_TaskWhoseStateHoldsMore):
         pass
 
 
-class _LoadingCoordinatorConsumer(_CommittedConsumer):
-    """aiokafka's consumer, whose committed() reads a coordinator's error for
-    the whole request (loading the group's offsets) as no offset."""
-
-    async def committed(self, tp: TopicPartition) -> None:
-        return None
+class _BeginningConsumer(_SeekingConsumer):
+    """aiokafka's consumer, of partitions whose logs begin at offset 0. It has
+    no committed(): aiokafka's read a coordinator's error for the whole
+    request (loading the group's offsets) as no offset."""
 
     async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         return dict.fromkeys(tps, 0)
-
-    def resume(self, *partitions: object) -> None:
-        pass
 
 
 async def test_a_task_started_while_the_coordinator_loads_waits_for_its_offsets(
@@ -630,7 +638,7 @@ async def test_a_task_started_while_the_coordinator_loads_waits_for_its_offsets(
             return answer
 
     engine._offsets = Loading()  # type: ignore[assignment]
-    consumer = _LoadingCoordinatorConsumer(committed=0, end=20)
+    consumer = _BeginningConsumer(end=20)
     engine._consumer = consumer  # type: ignore[assignment]
     task = _TaskOfAStart(tp)
     _owning(engine, task)
