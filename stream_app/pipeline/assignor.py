@@ -187,16 +187,23 @@ def sticky_shares(partitions: int, had: Mapping[str, list[int]]) -> dict[str, li
 
 
 def _name_shared_urls(urls: Mapping[str, str]) -> None:
-    """Say, at ERROR, which members advertise one URL: each takes every
+    """Say, at WARNING, which members advertise one URL: each takes every
     partition of the routing map that names it for its own, and answers the
-    queries of those it does not hold 503 ("moving") for ever."""
+    queries of those it does not hold 503 ("moving"). A worker killed while
+    it joined and restarted at its address does it until the group drops its
+    former self; workers given one address (a Service's name) for ever, and
+    each says so at ERROR once it has lasted past the session timeout
+    (``Engine._watch_the_url``)."""
     advertised = Counter(url for url in urls.values() if url)
     shared = sorted(url for url, count in advertised.items() if count > 1)
     for url in shared:
-        log.error(
+        log.warning(
             "group members %s all advertise %s: session queries for their partitions "
-            "cannot be routed. Give each worker its own STREAM_APP_ADVERTISED_HOST (or "
-            "port): its own host name, not a Service's",
+            "cannot be routed until the group drops all but one. A worker restarted at "
+            "that address before the group dropped its former self: the group does "
+            "within STREAM_APP_SESSION_TIMEOUT_S. Workers that share one address: give "
+            "each its own STREAM_APP_ADVERTISED_HOST (or port), its own host name, not a "
+            "Service's",
             ", ".join(sorted(member for member, mine in urls.items() if mine == url)),
             url,
         )

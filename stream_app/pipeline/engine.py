@@ -114,6 +114,10 @@ _METRICS_LOG_EVERY_S: Final = 30.0
 _CORRUPT_BATCH_SEARCH_S: Final = 5.0
 #: Kafka's default ``heartbeat.interval.ms``.
 _HEARTBEAT_S: Final = 3.0
+#: How long past the session timeout another member may advertise this
+#: worker's URL before the worker says so at ERROR (see _watch_the_url): a
+#: dead member's expiry, then the rebalance it begins.
+_URL_SHARED_GRACE_S: Final = 15.0
 #: Of the stop's bound, left for what follows the consumer's stop (HTTP, exit).
 _LEAVE_MARGIN_S: Final = 1.0
 #: How often the tasks' positions are moved past what the consumer skipped
@@ -316,6 +320,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         #: Sticky assignment that also tells every worker who owns which
         #: partition; its URL is set by the worker once HTTP is up.
         self.assignor = RoutingAssignor(url="")
+        #: Says at ERROR that other members advertise this worker's URL, if
+        #: no assignment has ended it by then (see :meth:`_watch_the_url`).
+        self._url_shared: asyncio.TimerHandle | None = None
         #: Deletes processed records from the re-key and by-profile topics.
         self.purger = purger(settings)
         self._purging: asyncio.Task[None] | None = None
@@ -1052,6 +1059,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         return batches
 
     async def _close(self, consumer: AIOKafkaConsumer) -> None:
+        self._unwatch_the_url()
         if self._purging is not None:
             self._purging.cancel()  # nothing to wait for before the last commits
         starters = list(self._starting.values())
@@ -1729,6 +1737,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         """Commit (or abort) and close every task of a revoked partition."""
         self._rebalancing = True
         self._rebalances += 1
+        self._unwatch_the_url()  # the assignment that follows looks again
         gone = {self._task_of[tp].id for tp in revoked if tp in self._task_of}
         starters = [self._starting[i] for i in gone if i in self._starting]
         for starter in starters:
@@ -1835,6 +1844,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 )
             )
             return
+        self._watch_the_url(assigned)
         wanted = {
             (self._stage_of[tp.topic], tp.partition)
             for tp in assigned
@@ -1864,6 +1874,45 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             if task_id not in self._tasks:
                 self._begin_start(stage, partition)
         log.info("assigned %d task(s)", started)
+
+    def _watch_the_url(self, assigned: set[TopicPartition]) -> None:
+        """When the routing map gives this worker's URL to partitions it was
+        not assigned, another member advertises it: a worker restarted at
+        this address before the group dropped its former self (which the
+        group does within the session timeout, and the rebalance then
+        mends), or workers that share one address (a Service's name), whose
+        session queries are then answered 503 for ever. Only the second
+        outlasts the session timeout: said at ERROR if no assignment has
+        come by then. The group's leader names the members at WARNING."""
+        self._unwatch_the_url()
+        url = self.assignor.url
+        others = sorted(
+            (topic, partition)
+            for topic, owners in self.assignor.routes.items()
+            for partition, owner in owners.items()
+            if owner == url and TopicPartition(topic, partition) not in assigned
+        )
+        if url and others:
+            named = ", ".join(f"{topic}[{partition}]" for topic, partition in others[:3])
+            self._url_shared = asyncio.get_running_loop().call_later(
+                self.settings.session_timeout_s + _URL_SHARED_GRACE_S,
+                log.error,
+                "other group members advertise this worker's URL %s, for %d partitions "
+                "(%s%s), and have for longer than STREAM_APP_SESSION_TIMEOUT_S (%.0f s), so "
+                "they are not a restarted worker's former self: session queries for their "
+                "partitions cannot be routed. Give each worker its own "
+                "STREAM_APP_ADVERTISED_HOST (or port): its own host name, not a Service's",
+                url,
+                len(others),
+                named,
+                ", …" if len(others) > 3 else "",
+                self.settings.session_timeout_s,
+            )
+
+    def _unwatch_the_url(self) -> None:
+        if self._url_shared is not None:
+            self._url_shared.cancel()
+            self._url_shared = None
 
 
 def usable_state_dir(settings: Settings, *, create: bool = True) -> Path:

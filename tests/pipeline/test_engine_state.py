@@ -2018,3 +2018,50 @@ async def test_a_join_the_coordinator_refuses_for_good_is_a_configuration_error(
     monkeypatch.setattr(engine_module, "AIOKafkaConsumer", _polls_failing(engine, refusal()))
     with pytest.raises(ConfigurationError, match=said):
         await asyncio.wait_for(engine.run(), timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("url", "routed", "mended", "said"),
+    [
+        # workers given one address: other members hold partitions 1 and 2 under it
+        ("http://x", {0: "http://x", 1: "http://x", 2: "http://x"}, None, True),
+        # a worker restarted at its address while its former self was a member:
+        # the group drops it, and the rebalance revokes before the bound
+        ("http://x", {0: "http://x", 1: "http://x"}, "revoked", False),
+        ("http://x", {0: "http://x", 1: "http://y"}, None, False),  # its own URL alone
+        ("", {0: "", 1: ""}, None, False),  # no HTTP server: nothing advertised
+    ],
+)
+async def test_a_url_other_members_advertise_is_an_error_once_it_outlasts_the_session_timeout(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    url: str,
+    routed: dict[int, str],
+    mended: str | None,
+    said: bool,
+) -> None:
+    """The group's leader said at ERROR that members shared an address, and
+    the runbook called it a misconfiguration with 503s for ever, when a
+    worker killed while it joined had been restarted at its address: the
+    group drops the dead member within the session timeout."""
+    monkeypatch.setattr(engine_module, "_URL_SHARED_GRACE_S", 0.05 - 6.0)
+    engine = Engine(Settings(data_dir=tmp_path, session_timeout_s=6.0), TopicLayout(3, 1_048_588))
+    engine.assignor.url = url
+    commands = engine.settings.topics.commands
+    engine.assignor.routes = {commands: routed}
+    with caplog.at_level("ERROR", logger="stream_app.pipeline.engine"):
+        engine._watch_the_url({TopicPartition(commands, 0)})
+        if mended == "revoked":
+            await engine.on_partitions_revoked(set())
+        await asyncio.sleep(0.2)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    if said:
+        [error] = errors
+        assert error.startswith(
+            f"other group members advertise this worker's URL {url}, for 2 partitions "
+            f"({commands}[1], {commands}[2])"
+        )
+        assert "STREAM_APP_ADVERTISED_HOST" in error
+    else:
+        assert errors == []
