@@ -69,6 +69,7 @@ from stream_app.pipeline.kafka import (
     not_authorized,
     refused_join,
     refused_worker,
+    start_fully,
     stop_fully,
     unless_stopped,
 )
@@ -809,7 +810,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         ``end_offsets`` of others waited for metadata until it timed out."""
         reader = AIOKafkaConsumer(**client_options(self.settings), enable_auto_commit=False)
         try:
-            await reader.start()
+            await start_fully(reader)
             ends: dict[TopicPartition, int] = await reader.end_offsets(partitions)
         finally:
             await stop_fully(reader)

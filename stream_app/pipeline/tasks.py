@@ -47,7 +47,7 @@ from stream_app.pipeline.checkpoint import (
     OffsetCommitter,
     recorded_consumption,
 )
-from stream_app.pipeline.kafka import client_options, stop_fully
+from stream_app.pipeline.kafka import client_options, start_fully, stop_fully
 from stream_app.pipeline.processor import (
     LatencyHistogram,
     Limits,
@@ -562,7 +562,7 @@ async def restore(
     try:
         # Inside the try: a start that fails or is cancelled (the task dropped,
         # the worker stopping) must not leave the consumer's connections open.
-        await consumer.start()
+        await start_fully(consumer)
         tps = [changelogs[name] for name in stores]
         consumer.assign(tps)
         end = await consumer.end_offsets(tps)
@@ -751,11 +751,11 @@ async def _high_watermark(settings: Settings, tp: TopicPartition) -> int:
         isolation_level="read_uncommitted",
     )
     try:
-        await consumer.start()
+        await start_fully(consumer)
         end: int = (await consumer.end_offsets([tp]))[tp]
         return end
     finally:
-        await consumer.stop()
+        await stop_fully(consumer)
 
 
 async def _wait_for_end(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int) -> int:
