@@ -139,8 +139,9 @@ class _Startable(_Stoppable, Protocol):
 #: that they are not collected while they run).
 _STOPPING: set[asyncio.Future[None]] = set()
 
-#: Starts of :func:`start_fully` not ended yet, by client.
-_STARTING: dict[object, asyncio.Future[None]] = {}
+#: Starts of :func:`start_fully` not ended yet, by ``id`` of their client
+#: (kept alive by its start meanwhile; a client need not be hashable).
+_STARTING: dict[int, asyncio.Future[None]] = {}
 
 
 async def start_fully(client: _Startable) -> None:
@@ -156,8 +157,8 @@ async def start_fully(client: _Startable) -> None:
     Not for a transactional producer: its start is the fence, and one that
     went on after its task was revoked could fence the task's next owner."""
     starting = asyncio.ensure_future(client.start())
-    _STARTING[client] = starting
-    starting.add_done_callback(lambda _: _STARTING.pop(client, None))
+    _STARTING[id(client)] = starting
+    starting.add_done_callback(lambda _: _STARTING.pop(id(client), None))
     await asyncio.shield(starting)
 
 
@@ -173,7 +174,7 @@ async def stop_fully(client: _Stoppable) -> None:
     A start of :func:`start_fully` still going on (its caller was cancelled)
     ends first, up to aiokafka's request timeout: that stop is not waited
     for, or a cancelled task start would hold its revocation as long."""
-    starting = _STARTING.get(client)
+    starting = _STARTING.get(id(client))
     if starting is not None:
         _stop_in_background(_stop_once_started(client, starting))
         return
