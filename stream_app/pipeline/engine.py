@@ -115,9 +115,9 @@ _METRICS_LOG_EVERY_S: Final = 30.0
 _CORRUPT_BATCH_SEARCH_S: Final = 5.0
 #: Kafka's default ``heartbeat.interval.ms``.
 _HEARTBEAT_S: Final = 3.0
-#: How long past the session timeout another member may advertise this
-#: worker's URL before the worker says so at ERROR (see _watch_the_url): a
-#: dead member's expiry, then the rebalance it begins.
+#: How long past the session timeout a look at whether another member still
+#: advertises this worker's URL waits (see _watch_the_url): a dead member's
+#: expiry, then the rebalance it begins.
 _URL_SHARED_GRACE_S: Final = 15.0
 #: Of the stop's bound, left for what follows the consumer's stop (HTTP, exit).
 _LEAVE_MARGIN_S: Final = 1.0
@@ -1884,7 +1884,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         mends), or workers that share one address (a Service's name), whose
         session queries are then answered 503 for ever. Only the second
         outlasts the session timeout: said at ERROR if no assignment has
-        come by then. The group's leader names the members at WARNING."""
+        come after two (:meth:`_say_the_url_shared`). The group's leader
+        names the members at WARNING."""
         self._unwatch_the_url()
         url = self.assignor.url
         others = sorted(
@@ -1894,21 +1895,37 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             if owner == url and TopicPartition(topic, partition) not in assigned
         )
         if url and others:
-            named = ", ".join(f"{topic}[{partition}]" for topic, partition in others[:3])
-            self._url_shared = asyncio.get_running_loop().call_later(
-                self.settings.session_timeout_s + _URL_SHARED_GRACE_S,
-                log.error,
-                "other group members advertise this worker's URL %s, for %d partitions "
-                "(%s%s), and have for longer than STREAM_APP_SESSION_TIMEOUT_S (%.0f s), so "
-                "they are not a restarted worker's former self: session queries for their "
-                "partitions cannot be routed. Give each worker its own "
-                "STREAM_APP_ADVERTISED_HOST (or port): its own host name, not a Service's",
-                url,
-                len(others),
-                named,
-                ", …" if len(others) > 3 else "",
-                self.settings.session_timeout_s,
-            )
+            self._look_at_the_url_later(others, 1)
+
+    def _look_at_the_url_later(self, others: list[tuple[str, int]], looks: int) -> None:
+        self._url_shared = asyncio.get_running_loop().call_later(
+            self.settings.session_timeout_s + _URL_SHARED_GRACE_S,
+            self._say_the_url_shared,
+            others,
+            looks,
+        )
+
+    def _say_the_url_shared(self, others: list[tuple[str, int]], looks: int) -> None:
+        """Say at ERROR what :meth:`_watch_the_url` watches for, at its second
+        look: after one session timeout, a dead former self may still be a
+        member (its coordinator moved, whose load of the group gives every
+        member a new session timeout; a former self with a longer one)."""
+        if looks < 2:
+            self._look_at_the_url_later(others, looks + 1)
+            return
+        self._url_shared = None
+        log.error(
+            "other group members advertise this worker's URL %s, for %d partitions (%s%s), "
+            "and have for more than twice STREAM_APP_SESSION_TIMEOUT_S (%.0f s), so they "
+            "are not a restarted worker's former self: session queries for their "
+            "partitions cannot be routed. Give each worker its own "
+            "STREAM_APP_ADVERTISED_HOST (or port): its own host name, not a Service's",
+            self.assignor.url,
+            len(others),
+            ", ".join(f"{topic}[{partition}]" for topic, partition in others[:3]),
+            ", …" if len(others) > 3 else "",
+            self.settings.session_timeout_s,
+        )
 
     def _unwatch_the_url(self) -> None:
         if self._url_shared is not None:

@@ -2028,11 +2028,13 @@ async def test_a_join_the_coordinator_refuses_for_good_is_a_configuration_error(
         # a worker restarted at its address while its former self was a member:
         # the group drops it, and the rebalance revokes before the bound
         ("http://x", {0: "http://x", 1: "http://x"}, "revoked", False),
+        # ... or after one session timeout (its coordinator moved, say)
+        ("http://x", {0: "http://x", 1: "http://x"}, "revoked later", False),
         ("http://x", {0: "http://x", 1: "http://y"}, None, False),  # its own URL alone
         ("", {0: "", 1: ""}, None, False),  # no HTTP server: nothing advertised
     ],
 )
-async def test_a_url_other_members_advertise_is_an_error_once_it_outlasts_the_session_timeout(
+async def test_a_url_other_members_advertise_is_an_error_once_it_outlasts_two_session_timeouts(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -2045,7 +2047,7 @@ async def test_a_url_other_members_advertise_is_an_error_once_it_outlasts_the_se
     the runbook called it a misconfiguration with 503s for ever, when a
     worker killed while it joined had been restarted at its address: the
     group drops the dead member within the session timeout."""
-    monkeypatch.setattr(engine_module, "_URL_SHARED_GRACE_S", 0.05 - 6.0)
+    monkeypatch.setattr(engine_module, "_URL_SHARED_GRACE_S", 0.2 - 6.0)  # a look each 0.2 s
     engine = Engine(Settings(data_dir=tmp_path, session_timeout_s=6.0), TopicLayout(3, 1_048_588))
     engine.assignor.url = url
     commands = engine.settings.topics.commands
@@ -2054,7 +2056,10 @@ async def test_a_url_other_members_advertise_is_an_error_once_it_outlasts_the_se
         engine._watch_the_url({TopicPartition(commands, 0)})
         if mended == "revoked":
             await engine.on_partitions_revoked(set())
-        await asyncio.sleep(0.2)
+        if mended == "revoked later":
+            await asyncio.sleep(0.3)  # past the first look
+            await engine.on_partitions_revoked(set())
+        await asyncio.sleep(0.8)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     if said:
         [error] = errors
