@@ -192,7 +192,7 @@ def _name_shared_urls(urls: Mapping[str, str]) -> None:
     queries of those it does not hold 503 ("moving"). A worker killed while
     it joined and restarted at its address does it until the group drops its
     former self; workers given one address (a Service's name) for ever, and
-    each says so at ERROR once it has lasted past the session timeout
+    each says so at ERROR once it has lasted past two session timeouts
     (``Engine._watch_the_url``)."""
     advertised = Counter(url for url in urls.values() if url)
     shared = sorted(url for url, count in advertised.items() if count > 1)

@@ -146,7 +146,8 @@ _STARTING: dict[int, asyncio.Future[None]] = {}
 
 async def start_fully(client: _Startable) -> None:
     """``client.start()``, carried to its end even when the caller is
-    cancelled; a :func:`stop_fully` of the client waits for it.
+    cancelled; a :func:`stop_fully` of the client then stops it once the
+    start has ended.
 
     aiokafka's consumer, cancelled in its start, leaves the connection its
     bootstrap had open: ``ERROR asyncio: Unclosed AIOKafkaConnection`` when
