@@ -115,9 +115,9 @@ _METRICS_LOG_EVERY_S: Final = 30.0
 _CORRUPT_BATCH_SEARCH_S: Final = 5.0
 #: Kafka's default ``heartbeat.interval.ms``.
 _HEARTBEAT_S: Final = 3.0
-#: How long past the session timeout a look at whether another member still
-#: advertises this worker's URL waits (see _watch_the_url): a dead member's
-#: expiry, then the rebalance it begins.
+#: Added to the session timeout, twice, before another member that still
+#: advertises this worker's URL is said at ERROR (see _watch_the_url): a dead
+#: member's expiry, then the rebalance it begins.
 _URL_SHARED_GRACE_S: Final = 15.0
 #: Of the stop's bound, left for what follows the consumer's stop (HTTP, exit).
 _LEAVE_MARGIN_S: Final = 1.0
@@ -1884,8 +1884,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         mends), or workers that share one address (a Service's name), whose
         session queries are then answered 503 for ever. Only the second
         outlasts the session timeout: said at ERROR if no assignment has
-        come after two (:meth:`_say_the_url_shared`). The group's leader
-        names the members at WARNING."""
+        come after two of them. The group's leader names the members at
+        WARNING."""
         self._unwatch_the_url()
         url = self.assignor.url
         others = sorted(
@@ -1895,24 +1895,16 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             if owner == url and TopicPartition(topic, partition) not in assigned
         )
         if url and others:
-            self._look_at_the_url_later(others, 1)
+            # Twice: a dead former self may outlast one session timeout (its
+            # coordinator moved, whose load of the group gives every member a
+            # new one; a former self that ran with a longer one).
+            self._url_shared = asyncio.get_running_loop().call_later(
+                2 * (self.settings.session_timeout_s + _URL_SHARED_GRACE_S),
+                self._say_the_url_shared,
+                others,
+            )
 
-    def _look_at_the_url_later(self, others: list[tuple[str, int]], looks: int) -> None:
-        self._url_shared = asyncio.get_running_loop().call_later(
-            self.settings.session_timeout_s + _URL_SHARED_GRACE_S,
-            self._say_the_url_shared,
-            others,
-            looks,
-        )
-
-    def _say_the_url_shared(self, others: list[tuple[str, int]], looks: int) -> None:
-        """Say at ERROR what :meth:`_watch_the_url` watches for, at its second
-        look: after one session timeout, a dead former self may still be a
-        member (its coordinator moved, whose load of the group gives every
-        member a new session timeout; a former self with a longer one)."""
-        if looks < 2:
-            self._look_at_the_url_later(others, looks + 1)
-            return
+    def _say_the_url_shared(self, others: list[tuple[str, int]]) -> None:
         self._url_shared = None
         log.error(
             "other group members advertise this worker's URL %s, for %d partitions (%s%s), "

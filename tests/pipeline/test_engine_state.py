@@ -2047,7 +2047,7 @@ async def test_a_url_other_members_advertise_is_an_error_once_it_outlasts_two_se
     the runbook called it a misconfiguration with 503s for ever, when a
     worker killed while it joined had been restarted at its address: the
     group drops the dead member within the session timeout."""
-    monkeypatch.setattr(engine_module, "_URL_SHARED_GRACE_S", 0.4 - 6.0)  # a look each 0.4 s
+    monkeypatch.setattr(engine_module, "_URL_SHARED_GRACE_S", 0.4 - 6.0)  # the ERROR at 0.8 s
     engine = Engine(Settings(data_dir=tmp_path, session_timeout_s=6.0), TopicLayout(3, 1_048_588))
     engine.assignor.url = url
     commands = engine.settings.topics.commands
@@ -2057,7 +2057,7 @@ async def test_a_url_other_members_advertise_is_an_error_once_it_outlasts_two_se
         if mended == "revoked":
             await engine.on_partitions_revoked(set())
         if mended == "revoked later":
-            await asyncio.sleep(0.6)  # past the first look, 0.2 s before the second
+            await asyncio.sleep(0.6)  # past one timeout and grace, 0.2 s before the ERROR
             await engine.on_partitions_revoked(set())
         await asyncio.sleep(1.2)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
