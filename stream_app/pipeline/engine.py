@@ -250,6 +250,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 0,
                 min(BOOKKEEPING_BYTES, layout.max_record_bytes // 3 - settings.max_session_bytes),
             ),
+            max_stored_bytes=layout.max_record_bytes // 3,
             # A rejection holds the original in base64 (4/3) and its parsed echo.
             max_original_bytes=layout.max_record_bytes // 4,
             # Room for the record's own overhead in its batch.

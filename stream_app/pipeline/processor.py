@@ -168,6 +168,12 @@ class Limits:
     #: to start when that leaves less than a quarter of ``max_session_bytes``
     #: (``largest_session_bytes`` in ``topics``).
     bookkeeping_bytes: int = BOOKKEEPING_BYTES
+    #: The most any stored session may take: a third of the topics' record
+    #: limit (shown: Kafka's default). A session whose content a higher
+    #: ``max_session_bytes``, lowered since, let past the limit takes the
+    #: allowance above past its content, up to this: from the lowered limit,
+    #: it could never be returned, cancelled or reopened again.
+    max_stored_bytes: int = 1_048_588 // 3
     #: How much of the original key and value a rejection keeps (then: a prefix).
     max_original_bytes: int = 256 * 1024
     #: The most a record the worker writes for a command (a rejection, a
@@ -648,7 +654,13 @@ class CommandProcessor:
         if len(encoded) > self.limits.max_session_bytes:
             limit = self.limits.max_session_bytes
             if _bookkeeping(command, session, new):
-                limit += self.limits.bookkeeping_bytes
+                # Past the larger of the limit and the session's content: a
+                # higher limit, lowered since, may have stored more content.
+                held = limit if session is None else max(limit, len(_content(session)))
+                limit = max(
+                    limit + self.limits.bookkeeping_bytes,
+                    min(held + self.limits.bookkeeping_bytes, self.limits.max_stored_bytes),
+                )
             if len(encoded) > limit:
                 rejection = pipeline_rejection(
                     Reason.LIMIT_EXCEEDED,

@@ -92,9 +92,13 @@ def test_a_session_limit_the_worker_takes_leaves_room_to_return_cancel_or_reopen
     for max_session_bytes in (1024, most // 2, most):
         settings = Settings(data_dir=tmp_path, max_session_bytes=max_session_bytes)
         check_topics(settings, layout)
-        allowance = Engine(settings, layout).limits.bookkeeping_bytes
+        limits = Engine(settings, layout).limits
+        allowance = limits.bookkeeping_bytes
         assert allowance >= min(BOOKKEEPING_BYTES, max_session_bytes // 4)
         assert (max_session_bytes + allowance) * 3 <= max_record_bytes
+        # Nor past a third when a lowered limit left more content stored.
+        assert max_session_bytes + allowance <= limits.max_stored_bytes
+        assert limits.max_stored_bytes * 3 <= max_record_bytes
     with pytest.raises(ConfigurationError, match=f"so it may be at most {most}$"):
         check_topics(Settings(data_dir=tmp_path, max_session_bytes=most + 1), layout)
 

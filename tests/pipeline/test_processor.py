@@ -587,6 +587,49 @@ def test_past_its_size_limit_a_session_takes_no_content_and_bounded_bookkeeping(
     assert reasons == [None] * 3 + ["LIMIT_EXCEEDED"] * 3
 
 
+def test_a_session_stored_under_a_higher_limit_can_still_be_returned_and_cancelled() -> None:
+    """An operator lowered the session limit: the allowance was counted from
+    the lowered limit, so a closed session stored past it under the old one
+    was refused every return, cancel and reopen for good, its revenue never
+    corrected. Counted from its content now, up to a third of the record
+    limit (``max_stored_bytes``); no content is taken."""
+    session = _AtItsLimit()
+    lowered = Limits(max_session_bytes=2048, bookkeeping_bytes=512, max_stored_bytes=4096 + 1536)
+    session.processor = dataclasses.replace(session.processor, limits=lowered)
+    returned = {
+        "type": "return",
+        "integrationId": "c1",
+        "eventId": "e4",
+        "returnedCartItems": [{"position": 0, "quantity": 1}],
+    }
+    steps = [
+        cmd("c1", eventId="e1", session={"state": "closed"}),
+        json.dumps({"type": "reopen", "integrationId": "c1", "eventId": "e2"}),
+        cmd("c1", eventId="e3", session={"state": "closed"}),
+        json.dumps(returned),
+        cmd("c1", eventId="e5", session={"state": "cancelled"}),
+    ]
+    assert [session.reason(value) for value in steps] == [None] * 5
+    [stored] = session.processor.sessions.values()
+    assert decode_session(stored).state == "cancelled"
+    # No content past the lowered limit; bookkeeping up to max_stored_bytes.
+    other = _AtItsLimit()
+    other.processor = dataclasses.replace(other.processor, limits=lowered)
+    assert other.reason(cmd("c1", session={"attributes": {"m": "y"}})) == "LIMIT_EXCEEDED"
+    reasons = [
+        other.reason(cmd("c1", eventId=f"{n:0255d}", session={"state": "open"})) for n in range(8)
+    ]
+    # 512 bytes past the content (just under 4,096) take one such eventId.
+    assert reasons == [None] + ["LIMIT_EXCEEDED"] * 7
+    capped = _AtItsLimit()
+    capped.processor = dataclasses.replace(
+        capped.processor, limits=dataclasses.replace(lowered, max_stored_bytes=4096)
+    )
+    assert capped.reason(cmd("c1", eventId="9" * 255, session={"state": "open"})) == (
+        "LIMIT_EXCEEDED"
+    )
+
+
 @pytest.mark.parametrize("state", ["closed", "partially_returned"])
 def test_a_cancel_that_re_sends_the_session_at_its_limit_is_applied(state: str) -> None:
     """Many integrations send the whole session with its new state. On a
