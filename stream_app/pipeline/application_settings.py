@@ -31,7 +31,7 @@ from stream_app import json
 from stream_app.domain import ApplicationSettings
 from stream_app.domain.decoding import INT32_MAX
 from stream_app.errors import ConfigurationError
-from stream_app.logs import excerpt
+from stream_app.logs import HeldBack, excerpt, held_back
 from stream_app.pipeline.kafka import client_options, partition_count
 from stream_app.pipeline.unreadable import (
     MAYBE_UNREADABLE,
@@ -75,6 +75,14 @@ class ApplicationSettingsRegistry:
         self._from_topic: dict[int, ApplicationSettings] = {}
         #: The sets of unknown keys already named (see _warn_of_unknown_keys).
         self._told: set[frozenset[str]] = set()
+        #: A record that is not settings is a line at most every 10 s per kind:
+        #: compaction keeps each key, so thousands of them were as many lines
+        #: at every start of every worker.
+        self._ignored = HeldBack()
+        #: Records ignored for their key, and the applications whose newest
+        #: record is not a settings document: said in full once loaded.
+        self.keys_ignored = 0
+        self.not_documents: set[int] = set()
 
     @classmethod
     def load(cls, path: Path | None) -> ApplicationSettingsRegistry:
@@ -122,10 +130,16 @@ class ApplicationSettingsRegistry:
         """
         application_id = plain_application_id(key or b"")
         if application_id is None:
-            log.warning(
-                "ignoring application settings record key=%s: not an applicationId", excerpt(key)
-            )
+            self.keys_ignored += 1
+            held = self._ignored.due("key")
+            if held is not None:
+                log.warning(
+                    "ignoring application settings record key=%s: not an applicationId%s",
+                    excerpt(key),
+                    held_back(held, "such records"),
+                )
             return
+        self.not_documents.discard(application_id)
         if value is None:
             self._from_topic.pop(application_id, None)
             return
@@ -134,16 +148,36 @@ class ApplicationSettingsRegistry:
             parsed = ApplicationSettings.from_document(doc)
         except (ValueError, ConfigurationError) as exc:
             self._from_topic.pop(application_id, None)
-            log.warning(
-                "application settings record key=%s is not a settings document (%s): "
-                "application %d falls back to the settings file or the defaults",
-                excerpt(key),
-                exc,
-                application_id,
-            )
+            self.not_documents.add(application_id)
+            held = self._ignored.due("document")
+            if held is not None:
+                log.warning(
+                    "application settings record key=%s is not a settings document (%s): "
+                    "application %d falls back to the settings file or the defaults%s",
+                    excerpt(key),
+                    exc,
+                    application_id,
+                    held_back(held, "records that are not settings documents"),
+                )
             return
         self._warn_of_unknown_keys(doc, f"application settings record key={excerpt(key)}")
         self._from_topic[application_id] = parsed
+
+    def ignored(self) -> str | None:
+        """What the records read so far left out, in one line, or None."""
+        said = []
+        if self.keys_ignored:
+            said.append(f"{self.keys_ignored} records whose key is not an applicationId")
+        if self.not_documents:
+            ids = sorted(self.not_documents)
+            shown = ", ".join(map(str, ids[:_UNKNOWN_KEYS_SHOWN]))
+            more = len(ids) - _UNKNOWN_KEYS_SHOWN
+            said.append(
+                f"the newest records of {len(ids)} applications ({shown}"
+                f"{f' and {more} more' if more > 0 else ''}), which are not settings "
+                "documents: those applications take the settings file's or the defaults"
+            )
+        return "; ".join(said) or None
 
     def _warn_of_unknown_keys(self, doc: dict[Any, Any], where: str) -> None:
         """Unknown keys are ignored (the contract, section 7), but a document
@@ -248,6 +282,9 @@ async def _follow(
             if not ready.is_set():
                 if await _caught_up(consumer, end):
                     log.info("application settings loaded")
+                    ignored = registry.ignored()
+                    if ignored is not None:
+                        log.warning("the application settings topic %s: ignored %s", topic, ignored)
                     ready.set()
                 elif loop.time() - told >= _READING_TOLD_EVERY_S:
                     # Else a fetch that stalls (a partition without a leader)

@@ -217,6 +217,47 @@ async def test_a_settings_topic_just_created_is_followed_once_the_broker_shows_i
     assert registry.settings_for(7).flattening is False
 
 
+class _FloodedSettingsConsumer(_SettingsConsumer):
+    """2,000 records whose key is not an applicationId, and 2,000 applications
+    whose record is not a settings document, two of them set right later."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__()
+        self.records = [(b"app-%d" % n, b"{}") for n in range(2000)]
+        self.records += [(b"%d" % n, b"{broken") for n in range(1, 2001)]
+        self.records += [(b"5", b'{"flattening": false}'), (b"7", b'{"flattening": false}')]
+
+
+async def test_records_that_are_not_settings_are_a_line_per_kind_and_one_summary(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Compaction keeps every key: such records were a WARNING each, at every
+    start of every worker (4,000 lines here). Now one of each kind, then what
+    was ignored in one line once the settings are loaded."""
+
+    async def partition_count(options: object, topic: str) -> int:
+        return 1
+
+    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "AIOKafkaConsumer", _FloodedSettingsConsumer)
+    registry = ApplicationSettingsRegistry()
+    with caplog.at_level(logging.WARNING):
+        follower = await _followed(registry)
+        follower.cancel()
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("ignoring application settings record key=")
+    assert "is not a settings document" in lines[1]
+    assert lines[2] == (
+        "the application settings topic sessions.application-settings: ignored 2000 records "
+        "whose key is not an applicationId; the newest records of 1998 applications "
+        "(1, 2, 3, 4, 6 and 1993 more), which are not settings documents: those "
+        "applications take the settings file's or the defaults"
+    )
+    assert registry.settings_for(5).flattening is False
+    assert registry.settings_for(6) == DEFAULT
+
+
 async def test_a_settings_topic_the_broker_shows_late_is_waited_for_not_given_up(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
