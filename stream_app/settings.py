@@ -391,7 +391,17 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_data_dir(cls, value: Any) -> Any:
         # "" was the working directory: in a container, not the volume.
-        return DEFAULT_DATA_DIR if value == "" else value
+        if value == "":
+            return DEFAULT_DATA_DIR
+        # "/var/lib/stream-app " or a CRLF env file's "...\r" was taken as
+        # given: the stores were kept beside the volume, lost with the container.
+        if isinstance(value, str) and (value != value.strip() or not value.isprintable()):
+            raise ValueError(
+                "begins or ends with white space, or holds a control character (a line "
+                "of an env file written on Windows?): the stores would be kept in "
+                "another directory than the one meant"
+            )
+        return value
 
     @field_validator("http_host", "advertised_host")
     @classmethod

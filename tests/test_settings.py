@@ -278,6 +278,18 @@ def test_an_empty_data_dir_is_the_default_one(monkeypatch: pytest.MonkeyPatch) -
     assert Settings.from_env().data_dir == Path("var/stream-app")
 
 
+@pytest.mark.parametrize("value", [" ", "/var/lib/stream-app ", "/var/lib/stream-app\r", "\tdata"])
+def test_a_data_dir_with_white_space_around_it_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """It was taken as given, as no other setting is: the stores were kept in
+    a directory beside the mounted volume, and a recreated container restored
+    every store from its changelog."""
+    monkeypatch.setenv("STREAM_APP_DATA_DIR", value)
+    with pytest.raises(ConfigurationError, match=r"STREAM_APP_DATA_DIR=.*white space"):
+        Settings.from_env()
+
+
 def test_the_write_buffer_budget_is_bounded_as_a_product() -> None:
     """Each within its bound, their product overflowed RocksDB's integer in
     the engine's constructor: a traceback, after Kafka was reached."""
