@@ -299,7 +299,9 @@ class Settings(BaseSettings):
     #: kept before it is deleted (Kafka Streams' state.cleanup.delay.ms: 10 min).
     #: Kept, a partition coming back restores only what it missed.
     state_cleanup_delay_s: float = Field(default=600.0, ge=0, le=2_592_000, allow_inf_nan=False)
-    #: How long the producers wait to fill a batch before sending it.
+    #: How long the client's producers (``stream-app send``, the Python client)
+    #: wait to fill a batch. The worker's send each transaction's batches whole
+    #: at its commit (``checkpoint``), so no linger applies to them.
     producer_linger_ms: int = Field(default=5, ge=0, le=1000)
     #: On SIGTERM: commit, close and exit within this bound; past it the worker
     #: exits non-zero (its uncommitted work is redone by the next owner). At
