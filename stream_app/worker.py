@@ -30,8 +30,8 @@ from stream_app.pipeline.kafka import (
     KAFKA_RETRY_FIRST_S,
     KAFKA_RETRY_MAX_S,
     not_authorized,
-    refused_worker,
     unless_stopped,
+    worker_probe,
 )
 from stream_app.pipeline.topics import (
     TopicLayout,
@@ -338,17 +338,18 @@ async def _wait_for_kafka(settings: Settings, stopping: asyncio.Event) -> TopicL
         try:
             return attempt.result()
         except (KafkaError, OSError) as exc:
-            refused = await refused_worker(settings, stopping)
+            found = await worker_probe(settings, stopping)
             if stopping.is_set():  # told to stop during the probe: no "retrying" line
                 return None
-            if refused is not None:
-                raise refused from exc
+            if found.refused is not None:
+                raise found.refused from exc
             # A broker error is an answer (the controller moved, say); anything
             # else, no answer at all.
             if isinstance(exc, BrokerResponseError):
                 what = f"answered {exc}"
             else:
-                what = f"is not reachable ({type(exc).__name__})"
+                hint = "" if found.hint is None else f": {found.hint}"
+                what = f"is not reachable ({type(exc).__name__}){hint}"
             log.warning(
                 "Kafka at %s %s: retrying in %.0f s", settings.bootstrap_servers, what, backoff
             )

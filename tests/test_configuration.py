@@ -530,10 +530,16 @@ def test_watch_says_the_broker_is_unreachable(tmp_path: Path) -> None:
     assert "Traceback" not in output
 
 
-def _kafka_answers(monkeypatch: pytest.MonkeyPatch, answers: list[Exception | TopicLayout]) -> None:
+def _kafka_answers(
+    monkeypatch: pytest.MonkeyPatch,
+    answers: list[Exception | TopicLayout],
+    hint: str | None = None,
+) -> None:
     """The worker's start-up topic declarations answered, in turn, by ``answers``
-    (an exception is raised), and no broker refusing its credentials."""
+    (an exception is raised), and no broker refusing its credentials (the
+    probe gives ``hint``)."""
     from stream_app import worker
+    from stream_app.pipeline.kafka import WorkerProbe
     from stream_app.settings import Settings
 
     async def ensure_topics(settings: Settings, *, worker: bool = False) -> TopicLayout:
@@ -543,11 +549,11 @@ def _kafka_answers(monkeypatch: pytest.MonkeyPatch, answers: list[Exception | To
             raise answer
         return answer
 
-    async def no_refusal(settings: Settings, stopping: object) -> None:
-        return None
+    async def no_refusal(settings: Settings, stopping: object) -> WorkerProbe:
+        return WorkerProbe(hint=hint)
 
     monkeypatch.setattr(worker, "ensure_topics", ensure_topics)
-    monkeypatch.setattr(worker, "refused_worker", no_refusal)
+    monkeypatch.setattr(worker, "worker_probe", no_refusal)
 
 
 async def test_an_unreachable_kafka_is_retried_at_most_every_few_seconds(
@@ -581,6 +587,30 @@ async def test_an_unreachable_kafka_is_retried_at_most_every_few_seconds(
     assert layout == TopicLayout(6, 1_048_588)
     assert waits == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
     assert len(caplog.records) == failures
+
+
+async def test_the_probe_s_hint_is_in_the_unreachable_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TLS worker at a PLAINTEXT listener said only "not reachable"."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from stream_app import worker
+    from stream_app.pipeline.topics import TopicLayout
+    from stream_app.settings import Settings
+
+    answers: list[Exception | TopicLayout] = [
+        KafkaConnectionError("Unable to bootstrap from [('k', 9093, <AddressFamily.AF_INET: 2>)]"),
+        TopicLayout(6, 1_048_588),
+    ]
+    _kafka_answers(monkeypatch, answers, hint="closed in the TLS handshake")
+    with caplog.at_level("WARNING", logger="stream_app.worker"):
+        await worker._wait_for_kafka(Settings(bootstrap_servers="k:9093"), Event())
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line == (
+        "Kafka at k:9093 is not reachable (KafkaConnectionError): closed in the TLS "
+        "handshake: retrying in 1 s"
+    )
 
 
 async def test_a_broker_that_does_not_answer_is_said_so_while_the_worker_waits(

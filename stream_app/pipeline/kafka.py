@@ -95,13 +95,31 @@ async def refused_worker(settings: Settings, stopping: asyncio.Event) -> Configu
     worker (credentials or certificates, see :func:`refusal`: a retry would
     meet the same answer); None when they do not, and once the worker is told
     to stop, since the probe may wait for a broker that never answers."""
-    probe = await unless_stopped(refusal(client_options(settings)), stopping)
-    why = None if probe is None else probe.result()
-    if why is None:
-        return None
-    return ConfigurationError(
-        f"Kafka at {settings.bootstrap_servers} refuses this worker: {why} "
-        "(see STREAM_APP_SECURITY__*)"
+    return (await worker_probe(settings, stopping)).refused
+
+
+class WorkerProbe(NamedTuple):
+    """What :func:`probe` found for a worker: the configuration error to stop
+    with, or a hint for its line saying that Kafka is not reachable."""
+
+    refused: ConfigurationError | None = None
+    hint: str | None = None
+
+
+async def worker_probe(settings: Settings, stopping: asyncio.Event) -> WorkerProbe:
+    """:func:`probe` for a worker; nothing once it is told to stop, since the
+    probe may wait for a broker that never answers."""
+    attempt = await unless_stopped(probe(client_options(settings)), stopping)
+    if attempt is None:
+        return WorkerProbe()
+    found = attempt.result()
+    if found.refused is None:
+        return WorkerProbe(hint=found.hint)
+    return WorkerProbe(
+        ConfigurationError(
+            f"Kafka at {settings.bootstrap_servers} refuses this worker: {found.refused} "
+            "(see STREAM_APP_SECURITY__*)"
+        )
     )
 
 
@@ -358,6 +376,29 @@ async def refusal(options: dict[str, Any], timeout_s: float = 10.0) -> str | Non
     broker's that the configured CA does not sign. aiokafka logs these as it
     meets them, then reports only that it could not bootstrap; this connects
     to each bootstrap server once, as the client does, to tell them apart."""
+    return (await probe(options, timeout_s)).refused
+
+
+class Probe(NamedTuple):
+    """What one connection to each bootstrap server said (see :func:`refusal`)."""
+
+    #: Why they refuse this client: no retry mends it.
+    refused: str | None = None
+    #: Why none could be reached, when the way they failed suggests it.
+    hint: str | None = None
+
+
+#: A TLS client at a PLAINTEXT listener: the broker reads the ClientHello as
+#: a request of about 369 MB, over its bound, and drops the connection. Not
+#: a refusal: a proxy whose brokers are away may drop connections too.
+_CUT_IN_HANDSHAKE: Final = (
+    "each closed the connection in the TLS handshake, as a PLAINTEXT or "
+    "SASL_PLAINTEXT listener does (check the port, and STREAM_APP_SECURITY__PROTOCOL)"
+)
+
+
+async def probe(options: dict[str, Any], timeout_s: float = 10.0) -> Probe:
+    """:func:`refusal`, with a hint when no server let the client in."""
     from aiokafka.conn import collect_hosts, create_conn
     from aiokafka.errors import (
         AuthenticationFailedError,
@@ -378,6 +419,8 @@ async def refusal(options: dict[str, Any], timeout_s: float = 10.0) -> str | Non
     )
     connection = {k: v for k, v in options.items() if k != "bootstrap_servers"}
     found: str | None = None
+    tls = str(options.get("security_protocol", "")).endswith("SSL")
+    cut: list[bool] = []  # per server that failed otherwise: cut in the TLS handshake
     try:
         async with asyncio.timeout(timeout_s):
             for host, port, _family in collect_hosts(options["bootstrap_servers"], False):
@@ -393,14 +436,17 @@ async def refusal(options: dict[str, Any], timeout_s: float = 10.0) -> str | Non
                     # one after it (TLS 1.3), as the cause of a closed connection.
                     cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
                     found = found or _refused_connection(cause)
+                    cut.append(tls and isinstance(exc, ConnectionResetError | ssl.SSLEOFError))
                     continue
                 conn.close()
                 # One broker lets it in: another that does not yet (a new user's
                 # credentials reach each broker in turn) will.
-                return None
+                return Probe()
     except TimeoutError:
         pass  # the servers not tried yet do not answer: what the others said stands
-    return found
+    if found is None and cut and all(cut):
+        return Probe(hint=_CUT_IN_HANDSHAKE)
+    return Probe(found)
 
 
 #: The first two bytes of a TLS record: an alert, a handshake (TLS 1.0-1.3).

@@ -13,7 +13,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
 from stream_app.pipeline import kafka
-from stream_app.pipeline.kafka import refusal
+from stream_app.pipeline.kafka import Probe, probe, refusal
 from stream_app.settings import Settings
 from tests.pipeline.fakes import IdleKafkaClient
 
@@ -107,6 +107,28 @@ def test_a_broker_that_cannot_be_reached_is_not_a_refusal(
     )
     assert _refusal("k1:9093,k2:9093,k3:9093,k4:9093") is None
     assert tried == ["k1:9093", "k2:9093", "k3:9093", "k4:9093"]
+
+
+def test_a_tls_client_at_a_plaintext_listener_gets_a_hint_not_a_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker reads the ClientHello as a request over its bound and drops
+    the connection: the worker said only that Kafka was not reachable, for
+    ever, and the runbook sent the operator to the network. A hint now; not
+    a refusal, as a proxy whose brokers are away may drop connections too."""
+    reset = ConnectionResetError()
+    eof = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    eof.reason = "UNEXPECTED_EOF_WHILE_READING"
+    _connecting(monkeypatch, reset, eof)
+    found = asyncio.run(probe({"bootstrap_servers": "k1:9093,k2:9093", "security_protocol": "SSL"}))
+    assert found.refused is None
+    assert "PLAINTEXT" in (found.hint or "")
+    # Not when one server failed otherwise, nor without TLS.
+    _connecting(monkeypatch, reset, ConnectionRefusedError(111, "Connect call failed"))
+    mixed = {"bootstrap_servers": "k1:9093,k2:9093", "security_protocol": "SASL_SSL"}
+    assert asyncio.run(probe(mixed)) == Probe()
+    _connecting(monkeypatch, reset)
+    assert asyncio.run(probe({"bootstrap_servers": "k1:9092"})) == Probe()
 
 
 def test_a_refusing_server_decides_when_none_lets_the_client_in(
@@ -371,21 +393,21 @@ async def test_a_refusal_is_a_configuration_error_naming_the_brokers_and_why(
 ) -> None:
     """What the worker's start and its join's retry stop with (exit 2)."""
 
-    async def refused(options: dict[str, object]) -> str | None:
-        return "SSLCertVerificationError: certificate verify failed"
+    async def refused(options: dict[str, object]) -> Probe:
+        return Probe("SSLCertVerificationError: certificate verify failed")
 
-    monkeypatch.setattr(kafka, "refusal", refused)
+    monkeypatch.setattr(kafka, "probe", refused)
     error = await kafka.refused_worker(Settings(bootstrap_servers="k1:9093"), asyncio.Event())
     assert str(error) == (
         "Kafka at k1:9093 refuses this worker: SSLCertVerificationError: certificate verify "
         "failed (see STREAM_APP_SECURITY__*)"
     )
 
-    async def never_answered(options: dict[str, object]) -> str | None:
+    async def never_answered(options: dict[str, object]) -> Probe:
         await asyncio.Event().wait()  # a broker that accepts and never answers
-        return None
+        return Probe()
 
-    monkeypatch.setattr(kafka, "refusal", never_answered)
+    monkeypatch.setattr(kafka, "probe", never_answered)
     stopped = asyncio.Event()
     asyncio.get_running_loop().call_later(0.05, stopped.set)
     assert await asyncio.wait_for(kafka.refused_worker(Settings(), stopped), timeout=5) is None
