@@ -528,6 +528,16 @@ def _content(session: Session) -> bytes:
 _CONTENT: Final = msgspec.json.Encoder()
 
 
+def _content_bytes(session: Session) -> int:
+    """The size of what ``session`` holds, without what is recorded of it
+    (:func:`_content`, with no returned quantities either): never more than
+    ``max_session_bytes`` unless a higher limit, lowered since, stored it."""
+    items = session.cart_items
+    if any(item.returned_quantity for item in items):
+        items = tuple(msgspec.structs.replace(item, returned_quantity=0) for item in items)
+    return len(_content(msgspec.structs.replace(session, cart_items=items)))
+
+
 def session_key(application_id: int, integration_id: str) -> bytes:
     return b"%d\x1f%s" % (application_id, integration_id.encode())
 
@@ -656,7 +666,7 @@ class CommandProcessor:
             if _bookkeeping(command, session, new):
                 # Past the larger of the limit and the session's content: a
                 # higher limit, lowered since, may have stored more content.
-                held = limit if session is None else max(limit, len(_content(session)))
+                held = limit if session is None else max(limit, _content_bytes(session))
                 limit = max(
                     limit + self.limits.bookkeeping_bytes,
                     min(held + self.limits.bookkeeping_bytes, self.limits.max_stored_bytes),

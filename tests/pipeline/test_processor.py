@@ -26,6 +26,7 @@ from stream_app.pipeline.processor import (
     ProfileProcessor,
     SessionIdSpaceExhaustedError,
     SourceRecord,
+    _content,
     murmur2,
     partition_for,
 )
@@ -628,6 +629,53 @@ def test_a_session_stored_under_a_higher_limit_can_still_be_returned_and_cancell
     assert capped.reason(cmd("c1", eventId="9" * 255, session={"state": "open"})) == (
         "LIMIT_EXCEEDED"
     )
+
+
+def test_with_the_limit_never_lowered_returned_quantities_take_no_more_allowance() -> None:
+    """Returned quantities are recorded, not content: counted as content, the
+    returns of a session at its limit raised its allowance past limit +
+    bookkeeping_bytes with no limit ever lowered. The same commands are judged
+    the same whatever ``max_stored_bytes`` allows."""
+    assert _returns_accepted(4096 + 1024) == _returns_accepted(16_384) > 0
+
+
+def _returns_accepted(max_stored_bytes: int) -> int:
+    """How many one-line returns with long eventIds a closed session at its
+    limit of 4,096 bytes takes, 10 of its 40 lines of huge quantities returned."""
+    limits = Limits(
+        max_session_bytes=4096, bookkeeping_bytes=1024, max_stored_bytes=max_stored_bytes
+    )
+    p = dataclasses.replace(
+        stage1(), limits=limits, settings_for=lambda _app: ApplicationSettings(flattening=False)
+    )
+    offsets = iter(range(1, 10_000))
+
+    def reason(value: bytes) -> str | None:
+        out = p.process(record(value, b"c1", offset=next(offsets)))
+        return json.loads(out[0].value).get("reason") if out else None
+
+    def returned(event_id: str, *positions: int) -> bytes:
+        lines = [{"position": n} for n in positions]
+        return json.dumps(
+            {
+                "type": "return",
+                "integrationId": "c1",
+                "eventId": event_id,
+                "returnedCartItems": lines,
+            }
+        )
+
+    cart = [{"sku": f"s{n}", "quantity": 2**63 - 2, "price": 0} for n in range(40)]
+    assert reason(cmd("c1", session={"cartItems": cart})) is None
+    for n in range(4096, 0, -8):  # the largest padding taken: the session at its limit
+        if reason(cmd("c1", session={"attributes": {"n": "x" * n}})) is None:
+            break
+    assert reason(cmd("c1", eventId="e0", session={"state": "closed"})) is None
+    assert reason(returned("r", *range(10))) is None
+    [stored] = p.sessions.values()
+    assert len(_content(decode_session(stored))) > 4096  # returned quantities counted in
+    reasons = [reason(returned(f"{n:064d}", 10 + n)) for n in range(30)]
+    return reasons.count(None)
 
 
 @pytest.mark.parametrize("state", ["closed", "partially_returned"])
