@@ -83,6 +83,15 @@ class ApplicationSettingsRegistry:
         #: record is not a settings document: said in full once loaded.
         self.keys_ignored = 0
         self.not_documents: set[int] = set()
+        #: Until the topic is first read to its end, when a flood of such
+        #: records is one line: then each application's is named.
+        self.loading = True
+
+    def read_from_start(self) -> None:
+        """The topic is read again from its start: what was ignored is counted
+        again (a first read cut short by an outage counted it twice)."""
+        self.keys_ignored = 0
+        self.not_documents.clear()
 
     @classmethod
     def load(cls, path: Path | None) -> ApplicationSettingsRegistry:
@@ -149,7 +158,7 @@ class ApplicationSettingsRegistry:
         except (ValueError, ConfigurationError) as exc:
             self._from_topic.pop(application_id, None)
             self.not_documents.add(application_id)
-            held = self._ignored.due("document")
+            held = self._ignored.due("document" if self.loading else application_id)
             if held is not None:
                 log.warning(
                     "application settings record key=%s is not a settings document (%s): "
@@ -167,13 +176,14 @@ class ApplicationSettingsRegistry:
         """What the records read so far left out, in one line, or None."""
         said = []
         if self.keys_ignored:
-            said.append(f"{self.keys_ignored} records whose key is not an applicationId")
+            n = self.keys_ignored
+            said.append(f"{n} record{'s' * (n != 1)} whose key is not an applicationId")
         if self.not_documents:
             ids = sorted(self.not_documents)
             shown = ", ".join(map(str, ids[:_UNKNOWN_KEYS_SHOWN]))
             more = len(ids) - _UNKNOWN_KEYS_SHOWN
             said.append(
-                f"the newest records of {len(ids)} applications ({shown}"
+                f"the newest records of {len(ids)} application{'s' * (len(ids) != 1)} ({shown}"
                 f"{f' and {more} more' if more > 0 else ''}), which are not settings "
                 "documents: those applications take the settings file's or the defaults"
             )
@@ -273,6 +283,8 @@ async def _follow(
         tps = [TopicPartition(topic, p) for p in range(count)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        if not ready.is_set():
+            registry.read_from_start()
         end = await consumer.end_offsets(tps)
         #: Per partition, the offset after the last record applied.
         applied = {tp: await consumer.position(tp) for tp in tps}
@@ -285,6 +297,7 @@ async def _follow(
                     ignored = registry.ignored()
                     if ignored is not None:
                         log.warning("the application settings topic %s: ignored %s", topic, ignored)
+                    registry.loading = False
                     ready.set()
                 elif loop.time() - told >= _READING_TOLD_EVERY_S:
                     # Else a fetch that stalls (a partition without a leader)

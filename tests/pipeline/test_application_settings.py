@@ -258,6 +258,36 @@ async def test_records_that_are_not_settings_are_a_line_per_kind_and_one_summary
     assert registry.settings_for(6) == DEFAULT
 
 
+def test_once_loaded_each_application_s_bad_document_is_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Held back as one kind, a second application's broken document written
+    with the first's was never named: it fell back to the defaults unsaid."""
+    registry = ApplicationSettingsRegistry()
+    registry.loading = False
+    with caplog.at_level(logging.WARNING):
+        registry.apply_record(b"5", b"{broken")
+        registry.apply_record(b"7", b"{broken")
+        registry.apply_record(b"7", b"{broken")  # the same application again: held back
+    named = [r.getMessage().split(": application ")[1][:2] for r in caplog.records]
+    assert named == ["5 ", "7 "]
+
+
+def test_a_first_read_begun_again_counts_what_it_ignores_once() -> None:
+    """A first read cut short by an outage reads the topic from its start
+    again: the summary counted the records read before the outage twice."""
+    registry = ApplicationSettingsRegistry()
+    for _ in range(2):
+        registry.read_from_start()
+        registry.apply_record(b"07", b"{}")
+        registry.apply_record(b"3", b"{broken")
+    assert registry.ignored() == (
+        "1 record whose key is not an applicationId; the newest records of 1 "
+        "application (3), which are not settings documents: those applications take "
+        "the settings file's or the defaults"
+    )
+
+
 async def test_a_settings_topic_the_broker_shows_late_is_waited_for_not_given_up(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
