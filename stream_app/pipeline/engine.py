@@ -105,6 +105,7 @@ from stream_app.pipeline.unreadable import (
     corrupt_batch_at,
     empty_control_batch,
     read_past,
+    undecompressable,
 )
 from stream_app.settings import Settings
 
@@ -723,6 +724,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                         raise
                     self._fail(refused)
                     break
+                except Exception as exc:
+                    if not undecompressable(exc):
+                        raise
+                    await self._read_past_and_commit(consumer, exc, rebalances)
+                    continue
                 if batches is None:
                     break  # told to stop
                 if batches and not consumed_any:
@@ -1252,7 +1258,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 task.positions[tp] = position = max(handled, begins)
                 try:
                     async with contextlib.aclosing(
-                        read_past(options, tp, position, end=end)
+                        read_past(options, tp, position, end=end, whole=True)
                     ) as reading:
                         async for raws, resume in reading:
                             for raw in raws:

@@ -414,7 +414,7 @@ class Task:
         rejection = pipeline_rejection(
             Reason.UNREADABLE_RECORD,
             "The Kafka client cannot read this record",
-            "a header name is not UTF-8",
+            raw.problem or "a header name is not UTF-8",
         )
         if self.stage.commands:
             self.metrics.count("unknown", "rejected")

@@ -67,8 +67,10 @@ Contracts
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
 import struct
+import zlib
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -126,6 +128,20 @@ def empty_control_batch(exc: BaseException) -> bool:
     return type(exc) is KafkaError and _EMPTY_CONTROL_BATCH in str(exc)
 
 
+def undecompressable(exc: BaseException) -> bool:
+    """Whether ``exc`` is aiokafka's consumer failing to decompress a batch that
+    Kafka stored: a gzip payload with bytes after it (``BadGzipFile``, or
+    ``EOFError`` when they look like a gzip member), an lz4 frame with bytes
+    after it or two snappy streams in one batch (cramjam's
+    ``DecompressionError``). Kafka's own reader takes these; no Kafka client
+    writes them. A raw read rejects such a batch whole (``whole`` in
+    :func:`parse_record_batches`)."""
+    kind = type(exc)
+    return isinstance(exc, gzip.BadGzipFile | EOFError | zlib.error) or (
+        kind.__name__ == "DecompressionError" and kind.__module__.startswith("cramjam")
+    )
+
+
 def undecodable_header(exc: BaseException) -> bool:
     """Whether ``exc`` is how aiokafka's pure-Python reader (used when its C
     extension cannot load) reports a header name that is not UTF-8: a
@@ -166,6 +182,11 @@ class RecordBatchError(StreamAppError):
     """A fetched record batch that cannot be parsed (corrupt, unknown format or codec)."""
 
 
+class CodecMissingError(RecordBatchError):
+    """A fetched record batch compressed with a codec that is not installed:
+    this machine's to mend, not the batch's fault."""
+
+
 class CorruptBatchError(RecordBatchError):
     """A fetched record batch whose checksum does not match: damaged on disk."""
 
@@ -188,9 +209,14 @@ class RawRecord:
     key: bytes | None
     value: bytes | None
     headers: tuple[Header, ...] = ()
+    #: Set for a whole batch that cannot be read (see :func:`parse_record_batches`):
+    #: why; the record stands for the batch, its value the batch's bytes.
+    problem: str | None = None
 
     def readable(self) -> bool:
         """Whether aiokafka's consumer can decode this record: every header name is UTF-8."""
+        if self.problem is not None:
+            return False
         try:
             self.decoded_headers()
         except UnicodeDecodeError:
@@ -242,6 +268,7 @@ async def read_batches_at(
     max_bytes: int = _DEFAULT_MAX_BYTES,
     client: AIOKafkaClient | None = None,
     past_unreadable: bool = False,
+    whole: bool = False,
 ) -> tuple[list[RawRecord], int]:
     """The committed records of ``tp`` at or after ``offset`` in the first fetch
     that has any, up to and including the first batch that holds a record
@@ -261,7 +288,9 @@ async def read_batches_at(
     aiokafka's :class:`~aiokafka.errors.KafkaError` when the broker refuses
     the fetch (after retrying errors it marks as retriable). Fetches with
     ``client`` when given (bootstrapped, left open), else with its own; with
-    ``past_unreadable``, returns every committed record of the fetch.
+    ``past_unreadable``, returns every committed record of the fetch; with
+    ``whole``, a batch that cannot be parsed as :func:`parse_record_batches`
+    says.
     """
     own = client is None
     if client is None:
@@ -272,7 +301,7 @@ async def read_batches_at(
         position = offset
         while True:
             message_set, aborted = await _fetch(client, tp, position, max_bytes)
-            batches = parse_record_batches(message_set, tp)
+            batches = parse_record_batches(message_set, tp, whole=whole)
             if not batches:
                 return [], position
             found: list[RawRecord] = []
@@ -291,14 +320,21 @@ async def read_batches_at(
 
 
 async def read_past(
-    options: dict[str, Any], tp: TopicPartition, offset: int, *, end: int | None = None
+    options: dict[str, Any],
+    tp: TopicPartition,
+    offset: int,
+    *,
+    end: int | None = None,
+    whole: bool = False,
 ) -> AsyncGenerator[tuple[list[RawRecord], int], None]:
     """The records of ``tp`` from ``offset``, read raw a fetch at a time
     (:func:`read_batches_at`, over one client), each fetch's with the offset
     right after it, no further than ``end`` (a last stable offset), the end of
     the log or about :data:`RAW_RECORDS` records: past every unreadable
-    record on the way. What reads past the client after aiokafka failed on a
-    fetch. (Close it with ``contextlib.aclosing`` when not read to its end.)"""
+    record on the way, and with ``whole`` past every batch that cannot be
+    parsed (:func:`parse_record_batches`). What reads past the client after
+    aiokafka failed on a fetch. (Close it with ``contextlib.aclosing`` when
+    not read to its end.)"""
     if end is not None and offset >= end:
         return  # caught up: no connection (a pass asks every input)
     client = AIOKafkaClient(**options)
@@ -310,7 +346,7 @@ async def read_past(
             if end is not None and position >= end:
                 return
             raws, resume = await read_batches_at(
-                options, tp, position, client=client, past_unreadable=True
+                options, tp, position, client=client, past_unreadable=True, whole=whole
             )
             if not raws and resume <= position:
                 return
@@ -380,9 +416,22 @@ def committed_batches(
         yield [record for record in batch.records if record.offset >= offset], position
 
 
-def parse_record_batches(message_set: bytes, tp: TopicPartition) -> list[RecordBatch]:
+def parse_record_batches(
+    message_set: bytes, tp: TopicPartition, *, whole: bool = False
+) -> list[RecordBatch]:
     """Every complete batch of a fetched message set; a trailing partial batch
-    (the broker cuts the set at its size limit) is left out."""
+    (the broker cuts the set at its size limit) is left out.
+
+    With ``whole``, a batch whose checksum matches but whose records cannot be
+    read (a payload that does not decompress, records whose offsets disagree
+    with the batch's header, lengths that do not add up) is one record at its
+    base offset whose ``problem`` says why, its value the batch's bytes: a
+    rejection by its position. Kafka 4.1 stores such batches when a writer
+    builds them by hand (raw Produce requests); no Kafka client writes them,
+    and aiokafka's consumer fails on the payloads (or, on such offsets,
+    drops records unseen). A batch of another magic, or one compressed with
+    a codec that is not installed, is not rejected: it raises as without
+    ``whole``."""
     data = memoryview(message_set)
     batches: list[RecordBatch] = []
     pos = 0
@@ -397,12 +446,12 @@ def parse_record_batches(message_set: bytes, tp: TopicPartition) -> list[RecordB
         end = pos + _LOG_OVERHEAD + length
         if end > len(data):
             break
-        batches.append(_parse_batch(data[pos:end], tp))
+        batches.append(_parse_batch(data[pos:end], tp, whole=whole))
         pos = end
     return batches
 
 
-def _parse_batch(batch: memoryview, tp: TopicPartition) -> RecordBatch:
+def _parse_batch(batch: memoryview, tp: TopicPartition, *, whole: bool = False) -> RecordBatch:
     magic = batch[_MAGIC_AT]
     (base_offset,) = struct.unpack_from(">q", batch)
     where = f"{tp.topic}[{tp.partition}]@{base_offset}"
@@ -425,6 +474,59 @@ def _parse_batch(batch: memoryview, tp: TopicPartition) -> RecordBatch:
     ) = _BATCH_HEADER.unpack_from(batch)
     if calc_crc32c(bytes(batch[_CRC_FROM:])) != crc:
         raise CorruptBatchError(f"{where}: record batch CRC mismatch", base_offset)
+    try:
+        records = _parse_records(
+            batch,
+            tp,
+            base_offset,
+            attributes,
+            last_offset_delta,
+            first_timestamp,
+            max_timestamp,
+            count,
+            where,
+        )
+    except CodecMissingError:
+        raise
+    except RecordBatchError as exc:
+        if not whole:
+            raise
+        records = [
+            RawRecord(
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=base_offset,
+                timestamp_ms=int(first_timestamp),
+                key=None,
+                value=bytes(batch),
+                problem=(
+                    f"the record batch at offsets {base_offset}.."
+                    f"{base_offset + last_offset_delta} is rejected whole: {exc}"
+                ),
+            )
+        ]
+    return RecordBatch(
+        base_offset=base_offset,
+        last_offset_delta=last_offset_delta,
+        producer_id=producer_id,
+        transactional=bool(attributes & _TRANSACTIONAL),
+        control=bool(attributes & _CONTROL),
+        records=tuple(records),
+    )
+
+
+def _parse_records(
+    batch: memoryview,
+    tp: TopicPartition,
+    base_offset: int,
+    attributes: int,
+    last_offset_delta: int,
+    first_timestamp: int,
+    max_timestamp: int,
+    count: int,
+    where: str,
+) -> list[RawRecord]:
+    """The records of a batch whose header is read and checksum checked."""
     payload = _decompress(batch[_BATCH_HEADER.size :], attributes & _CODEC_MASK, where)
 
     def timestamp(delta: int) -> int:
@@ -446,17 +548,16 @@ def _parse_batch(batch: memoryview, tp: TopicPartition) -> RecordBatch:
                 f"{where}: a record's offset delta {record.offset - base_offset} is outside "
                 f"the batch's 0..{last_offset_delta}"
             )
+        if records and record.offset <= records[-1].offset:
+            # aiokafka's consumer drops such a record unseen.
+            raise RecordBatchError(
+                f"{where}: a record's offset delta {record.offset - base_offset} does not "
+                f"follow the one before it, {records[-1].offset - base_offset}"
+            )
         records.append(record)
     if pos != len(payload):
         raise RecordBatchError(f"{where}: {len(payload) - pos} bytes after the batch's records")
-    return RecordBatch(
-        base_offset=base_offset,
-        last_offset_delta=last_offset_delta,
-        producer_id=producer_id,
-        transactional=bool(attributes & _TRANSACTIONAL),
-        control=bool(attributes & _CONTROL),
-        records=tuple(records),
-    )
+    return records
 
 
 def _decompress(payload: memoryview, codec_id: int, where: str) -> bytes:
@@ -472,7 +573,7 @@ def _decompress(payload: memoryview, codec_id: int, where: str) -> bytes:
         raise RecordBatchError(f"{where}: unknown compression codec {codec_id}")
     name, available, decode = codecs[codec_id]
     if not available():
-        raise RecordBatchError(f"{where}: the {name} codec is not installed")
+        raise CodecMissingError(f"{where}: the {name} codec is not installed")
     try:
         return bytes(decode(bytes(payload)))
     except Exception as exc:  # each codec library raises its own errors

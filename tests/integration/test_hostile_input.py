@@ -65,7 +65,7 @@ from tests.integration.harness import (
     produce_tracked,
     topic_configs,
 )
-from tests.pipeline.record_batches import GZIP, BatchRecord
+from tests.pipeline.record_batches import GZIP, BatchRecord, recrc
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -1562,6 +1562,45 @@ async def test_a_header_name_that_is_not_utf8(live: Live, compression: int) -> N
     assert seen.closed(bad) == []
     assert (live.commands, p, base) not in seen.rejections
     assert (live.commands, p, base + 2) not in seen.rejections
+
+
+async def test_a_batch_whose_payload_has_bytes_after_it(live: Live) -> None:
+    """Kafka 4.1 stores a gzip payload followed by other bytes (its own reader
+    ignores them); aiokafka's consumer fails on it, and every worker that took
+    the partition stopped on it, at every start. Now rejected whole as
+    UNREADABLE_RECORD by its base offset, with its bytes; the closes around it
+    are applied."""
+    p = 1
+    before, inside, after = (live.iid("payload", p) for _ in range(3))
+    await produce_raw_batch(
+        live.d.bootstrap, live.commands, p, [BatchRecord(before.encode(), close(before))]
+    )
+    base = await produce_raw_batch(
+        live.d.bootstrap,
+        live.commands,
+        p,
+        [BatchRecord(inside.encode(), close(inside))],
+        compression=GZIP,
+        edit=lambda batch: recrc(batch + b"JUNKJUNK"),
+    )
+    await produce_raw_batch(
+        live.d.bootstrap, live.commands, p, [BatchRecord(after.encode(), close(after))]
+    )
+    bad = Sent(live.commands, p, base, None, None)
+    canaries = await live.canaries(direct=(p,))
+    seen = await live.settle(
+        canaries, lambda s: s.has_closed(*canaries, before, after) and s.has_rejections(bad)
+    )
+    live.assert_alive()
+    live.assert_canaries(seen, canaries)
+    [(_, doc)] = seen.rejections[bad.position]
+    assert doc["reason"] == "UNREADABLE_RECORD", doc
+    assert "is rejected whole" in doc["errors"][0]["details"], doc["errors"]
+    assert doc["keyBase64"] is None
+    assert b"JUNKJUNK" in base64.b64decode(doc["valueBase64"])
+    assert len(seen.closed(before)) == 1
+    assert len(seen.closed(after)) == 1
+    assert seen.closed(inside) == []
 
 
 # --------------------------------------------------------------------------- restart

@@ -120,3 +120,13 @@ def control_batch(
         producer_id=producer_id,
         producer_epoch=producer_epoch,
     )
+
+
+def recrc(batch: bytes) -> bytes:
+    """``batch`` with its length and CRC made right again (after an edit): what
+    a writer who builds batches by hand sends, and Kafka checks."""
+    length = len(batch) - 12
+    crc = calc_crc32c(batch[21:])
+    return (
+        batch[:8] + struct.pack(">i", length) + batch[12:17] + struct.pack(">I", crc) + batch[21:]
+    )

@@ -26,7 +26,7 @@ from stream_app.pipeline.unreadable import (
     parse_record_batches,
 )
 from tests.pipeline.fakes import IdleKafkaClient
-from tests.pipeline.record_batches import GZIP, BatchRecord, control_batch, encode_batch
+from tests.pipeline.record_batches import GZIP, BatchRecord, control_batch, encode_batch, recrc
 
 TP = TopicPartition("commands", 2)
 BAD_NAME = b"\xff\xfe"
@@ -209,6 +209,9 @@ def test_a_codec_that_is_not_installed_is_an_error(monkeypatch: pytest.MonkeyPat
 
     with pytest.raises(RecordBatchError, match="snappy codec is not installed"):
         parse_record_batches(bytes(data), TP)
+    # Not the batch's fault, so not rejected with it: this machine's to mend.
+    with pytest.raises(RecordBatchError, match="snappy codec is not installed"):
+        parse_record_batches(bytes(data), TP, whole=True)
 
 
 _bytes = st.binary(max_size=40)
@@ -403,15 +406,6 @@ def test_aiokafka_fails_read_committed_on_a_control_batch_of_no_records() -> Non
     assert not unreadable.empty_control_batch(KafkaError("another"))
 
 
-def _recrc(batch: bytes) -> bytes:
-    """``batch`` with its length and CRC made right again (after an edit)."""
-    length = len(batch) - 12
-    crc = calc_crc32c(batch[21:])
-    return (
-        batch[:8] + struct.pack(">i", length) + batch[12:17] + struct.pack(">I", crc) + batch[21:]
-    )
-
-
 @pytest.mark.parametrize(
     "damage",
     ["a negative record count", "bytes after the last record", "an offset past the batch's"],
@@ -422,9 +416,9 @@ def test_a_batch_kafka_would_refuse_is_an_error_not_records_at_other_offsets(dam
     sought, past records it never read."""
     batch = encode_batch([A, C], base_offset=40, first_timestamp=T0)
     if damage == "a negative record count":
-        batch = _recrc(batch[:57] + struct.pack(">i", -1) + batch[61:])
+        batch = recrc(batch[:57] + struct.pack(">i", -1) + batch[61:])
     elif damage == "bytes after the last record":
-        batch = _recrc(batch + b"\x00\x00")
+        batch = recrc(batch + b"\x00\x00")
     else:
         batch = encode_batch([A, C], base_offset=40, first_timestamp=T0, last_offset_delta=0)
     with pytest.raises(RecordBatchError):
@@ -432,3 +426,67 @@ def test_a_batch_kafka_would_refuse_is_an_error_not_records_at_other_offsets(dam
     assert [
         r.offset for r in parse_record_batches(encode_batch([A, C], base_offset=40), TP)[0].records
     ] == [40, 41]
+
+
+def _hand_built(damage: str) -> bytes:
+    """A batch at offset 40 whose CRC matches and which no Kafka client writes,
+    as Kafka 4.1 stores it from a raw Produce request."""
+    if damage == "gzip with bytes after it":
+        return recrc(encode_batch([A, C], base_offset=40, compression=GZIP) + b"JUNKJUNK")
+    if damage == "an offset behind the one before":
+        # The second record's delta 1 (varint 02) made 0 (varint 00): the same length.
+        good = encode_batch([A, C], base_offset=40)
+        second = good.rindex(b"\x02\x02c")  # its offset delta, then its key's length and key
+        return recrc(good[:second] + b"\x00" + good[second + 1 :])
+    if damage == "an unknown codec":
+        data = bytearray(encode_batch([A, C], base_offset=40))
+        (attributes,) = struct.unpack_from(">h", data, 21)
+        struct.pack_into(">h", data, 21, attributes | 5)
+        return recrc(bytes(data))
+    return encode_batch([A, C], base_offset=40, last_offset_delta=0)  # an offset past the batch's
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "gzip with bytes after it",
+        "an offset behind the one before",
+        "an unknown codec",
+        "an offset past the batch's",
+    ],
+)
+def test_whole_a_batch_that_cannot_be_read_is_one_record_at_its_base_offset(damage: str) -> None:
+    """Kafka stores these from a writer who builds batches by hand; aiokafka's
+    consumer fails on the payload (every worker stopped, at every start) or
+    drops records unseen. The engine's raw read rejects such a batch whole, by
+    its position, with its bytes; restores and the settings keep raising."""
+    batch = _hand_built(damage)
+    with pytest.raises(RecordBatchError):
+        parse_record_batches(batch, TP)
+    [parsed] = parse_record_batches(batch + encode_batch([C], base_offset=42), TP, whole=True)[:1]
+    [record] = parsed.records
+    assert record.offset == 40
+    assert record.value == batch
+    assert record.key is None
+    assert not record.readable()
+    assert record.problem is not None
+    last = 40 if damage == "an offset past the batch's" else 41  # as its header says
+    assert record.problem.startswith(f"the record batch at offsets 40..{last} is rejected whole: ")
+    assert parsed.next_offset == last + 1
+    # The batch after it is read as any.
+    after = parse_record_batches(batch + encode_batch([C], base_offset=42), TP, whole=True)[1]
+    assert [r.offset for r in after.records] == [42]
+
+
+def test_aiokafka_fails_on_a_batch_whose_payload_has_bytes_after_it() -> None:
+    """Pins what the engine reads past with a raw read (``undecompressable``)."""
+    batch = MemoryRecords(_hand_built("gzip with bytes after it")).next_batch()
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - whatever aiokafka raises
+        list(batch)
+    assert unreadable.undecompressable(raised.value)
+    lz4 = pytest.raises(Exception)  # noqa: PT011 - cramjam's own error type
+    with lz4 as failed:
+        aiokafka.codec.lz4_decode(aiokafka.codec.lz4_encode(b"x" * 100) + b"\x00" * 4)
+    assert unreadable.undecompressable(failed.value)
+    assert not unreadable.undecompressable(ValueError("another"))
+    assert not unreadable.undecompressable(CorruptRecordException("crc"))
