@@ -100,10 +100,12 @@ from stream_app.pipeline.topics import (
 )
 from stream_app.pipeline.unreadable import (
     MAYBE_UNREADABLE,
+    OffsetsOutOfOrderError,
     RecordBatchError,
     can_read_past,
     corrupt_batch_at,
     empty_control_batch,
+    offsets_out_of_order,
     read_past,
     undecompressable,
 )
@@ -735,6 +737,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     consumed_any = True
                     log.info("first records consumed (unix time %.6f)", time.time())
                 async with self._lock:
+                    lying = await _out_of_order(consumer, batches)
+                    if lying is not None:
+                        # Read raw from the last record processed: the honest
+                        # records of the poll are processed, the lying batch
+                        # rejected whole; every input sought past them.
+                        await self._read_past_the_client(consumer, lying, rebalances)
+                        await self._commit(due_only=True)
+                        continue
                     await self._process(batches)
                     await self._commit(due_only=True)
                     await self._restart_corrupted()
@@ -1959,6 +1969,27 @@ def _unusable_state_dir(settings: Settings, why: OSError) -> ConfigurationError:
         f"STREAM_APP_DATA_DIR={settings.data_dir}: cannot use the state directory "
         f"{settings.data_dir / settings.app_id}: {why}"
     )
+
+
+async def _out_of_order(
+    consumer: AIOKafkaConsumer, batches: Mapping[TopicPartition, list[Any]]
+) -> OffsetsOutOfOrderError | None:
+    """What a poll's records say of a batch whose offsets lie
+    (:func:`~stream_app.pipeline.unreadable.offsets_out_of_order`), or None.
+    A false alarm costs a raw read of the records, processed as any."""
+    for tp, records in batches.items():
+        try:
+            position = await consumer.position(tp)
+        except IllegalStateError:
+            continue  # revoked meanwhile: its records are not processed
+        offsets = [record.offset for record in records]
+        if offsets_out_of_order(offsets, position):
+            return OffsetsOutOfOrderError(
+                f"{tp.topic}[{tp.partition}]: the Kafka client handed over records at offsets "
+                f"{offsets[:3]}...{offsets[-3:]} and reads next at {position}: a record batch "
+                "whose offsets disagree with its header"
+            )
+    return None
 
 
 async def _handle(task: Task, records: list[Any], limit: int, taken: list[int]) -> None:

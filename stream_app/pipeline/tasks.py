@@ -40,7 +40,7 @@ from aiokafka.structs import TopicPartition
 
 from stream_app.domain import Reason
 from stream_app.errors import StoreError, StreamAppError
-from stream_app.logs import held_back
+from stream_app.logs import HeldBack, held_back
 from stream_app.pipeline.checkpoint import (
     ChangelogStore,
     Checkpoint,
@@ -184,6 +184,8 @@ class Task:
         #: Bytes of the outputs in the open transaction (its store writes are
         #: counted by the overlays: StoreOverlay.written).
         self._output_bytes = 0
+        #: Records below what was processed: one line per 10 s (_tell_behind).
+        self._behind = HeldBack()
 
     @property
     def transactional_id(self) -> str:
@@ -309,6 +311,7 @@ class Task:
                 tp = TopicPartition(record.topic, record.partition)
             offset = record.offset
             if offset < positions.get(tp, 0):
+                self._tell_behind(tp, offset, positions[tp])
                 continue  # delivered again after a seek: already processed
             if checkpoint is None:
                 checkpoint = self._current()  # a new transaction counts from 0
@@ -397,6 +400,24 @@ class Task:
             held_back(held, f"records failed with {type(exc).__name__}"),
             exc_info=exc,
         )
+
+    def _tell_behind(self, tp: TopicPartition, offset: int, position: int) -> None:
+        """Say that a record below what was processed is skipped, at most once
+        every 10 s. The Kafka client hands none over after a seek; one record
+        that claimed an offset past its batch (a batch built by hand, the last
+        of a poll: the engine's check of each poll cannot see past it) made
+        the records up to that offset look processed."""
+        held = self._behind.due(tp)
+        if held is not None:
+            log.warning(
+                "%s[%d]@%d: skipped, below offset %d already processed (a record batch "
+                "whose offsets disagree with its header?)%s",
+                tp.topic,
+                tp.partition,
+                offset,
+                position,
+                held_back(held, "such records"),
+            )
 
     async def handle_raw(self, raw: RawRecord) -> None:
         """A record read past the Kafka client (see ``unreadable.py``): processed

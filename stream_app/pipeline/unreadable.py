@@ -69,10 +69,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import operator
 import struct
 import zlib
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Final
 
 import aiokafka.codec as codec
@@ -139,6 +141,25 @@ def undecompressable(exc: BaseException) -> bool:
     kind = type(exc)
     return isinstance(exc, gzip.BadGzipFile | EOFError | zlib.error) or (
         kind.__name__ == "DecompressionError" and kind.__module__.startswith("cramjam")
+    )
+
+
+class OffsetsOutOfOrderError(StreamAppError):
+    """Records the Kafka client handed over at offsets no honest batch gives:
+    not increasing, or past where the client says it reads next. A batch
+    built by hand whose records' offsets disagree with its header does it
+    (Kafka 4.1 stores one, uncompressed): the worker skipped, unrejected, the
+    commands up to the offset a record claimed. Raised only when a raw read
+    (which rejects such a batch whole) cannot move past it either."""
+
+
+def offsets_out_of_order(offsets: list[int], position: int) -> bool:
+    """Whether ``offsets``, a poll's records of one partition in order, are
+    not what the Kafka client gives from honest batches: strictly increasing,
+    each below ``position``, where it reads next (the end of the last batch
+    it read, or the offset after the last record when the poll was cut)."""
+    return bool(offsets) and (
+        offsets[-1] >= position or not all(map(operator.lt, offsets, islice(offsets, 1, None)))
     )
 
 

@@ -350,14 +350,21 @@ async def produce_raw_batch(
     timestamp_ms: int | None = None,
     compression: int = 0,
     edit: Callable[[bytes], bytes] | None = None,
+    offset_deltas: Sequence[int] | None = None,
 ) -> int:
     """Write ``records`` as one v2 record batch, bytes exactly as given (header
     names need not be UTF-8, which no client producer allows), and return the
     offset of its first record. ``timestamp_ms`` is the batch's first timestamp
     (default: now); ``compression`` 0 (none) or 1 (gzip); ``edit`` changes the
-    encoded batch before it is sent (a batch no client writes)."""
+    encoded batch before it is sent, and ``offset_deltas`` gives the records
+    other offsets than their places (batches no client writes)."""
     first_timestamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-    batch = encode_batch(records, first_timestamp=first_timestamp, compression=compression)
+    batch = encode_batch(
+        records,
+        first_timestamp=first_timestamp,
+        compression=compression,
+        offset_deltas=offset_deltas,
+    )
     if edit is not None:
         batch = edit(batch)
     tp = TopicPartition(topic, partition)

@@ -1603,6 +1603,45 @@ async def test_a_batch_whose_payload_has_bytes_after_it(live: Live) -> None:
     assert seen.closed(inside) == []
 
 
+async def test_a_batch_whose_offsets_disagree_with_its_header(live: Live) -> None:
+    """Kafka 4.1 stores an uncompressed batch of two records whose second
+    claims offset delta 50 while the header says 1. The Kafka client hands it
+    over at base + 50, and the worker skipped, unrejected, the commands up to
+    it. Now the poll's offsets give it away: the partition is read raw, the
+    batch rejected whole by its base offset, and the commands after it
+    applied. (A delta that repeats, the client drops unseen: not covered.)"""
+    p = 0
+    deltas = (0, 50)
+    before, first, second, *after = (live.iid("lie", p) for _ in range(6))
+    await produce_raw_batch(
+        live.d.bootstrap, live.commands, p, [BatchRecord(before.encode(), close(before))]
+    )
+    base = await produce_raw_batch(
+        live.d.bootstrap,
+        live.commands,
+        p,
+        [BatchRecord(iid.encode(), close(iid)) for iid in (first, second)],
+        offset_deltas=deltas,
+    )
+    for iid in after:
+        await produce_raw_batch(
+            live.d.bootstrap, live.commands, p, [BatchRecord(iid.encode(), close(iid))]
+        )
+    bad = Sent(live.commands, p, base, None, None)
+    canaries = await live.canaries(direct=(p,))
+    seen = await live.settle(
+        canaries, lambda s: s.has_closed(*canaries, before, *after) and s.has_rejections(bad)
+    )
+    live.assert_alive()
+    live.assert_canaries(seen, canaries)
+    [(_, doc)] = seen.rejections[bad.position]
+    assert doc["reason"] == "UNREADABLE_RECORD", doc
+    assert "is rejected whole" in doc["errors"][0]["details"], doc["errors"]
+    for iid in (before, *after):
+        assert len(seen.closed(iid)) == 1, iid
+    assert seen.closed(first) == seen.closed(second) == []
+
+
 # --------------------------------------------------------------------------- restart
 
 

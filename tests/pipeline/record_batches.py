@@ -71,9 +71,12 @@ def encode_batch(
     base_sequence: int = -1,
     last_offset_delta: int | None = None,
     partition_leader_epoch: int = -1,
+    offset_deltas: Sequence[int] | None = None,
 ) -> bytes:
-    """One batch; ``last_offset_delta`` defaults to the last record's index."""
-    payload = b"".join(encode_record(r, i) for i, r in enumerate(records))
+    """One batch; ``last_offset_delta`` defaults to the last record's index,
+    each record's offset delta (``offset_deltas``) to its index."""
+    deltas = range(len(records)) if offset_deltas is None else offset_deltas
+    payload = b"".join(encode_record(r, d) for r, d in zip(records, deltas, strict=True))
     if compression == GZIP:
         payload = gzip_encode(payload)
     elif compression:

@@ -490,3 +490,22 @@ def test_aiokafka_fails_on_a_batch_whose_payload_has_bytes_after_it() -> None:
     assert unreadable.undecompressable(failed.value)
     assert not unreadable.undecompressable(ValueError("another"))
     assert not unreadable.undecompressable(CorruptRecordException("crc"))
+
+
+@pytest.mark.parametrize(
+    ("offsets", "position", "out_of_order"),
+    [
+        ([], 0, False),
+        ([1, 2, 3], 4, False),
+        ([1, 2, 3], 9, False),  # the last batch ends past its last record (compaction)
+        ([1, 5, 9], 10, False),  # gaps: markers, aborted records, compaction
+        ([1, 51, 3, 4], 5, True),  # a record that claimed an offset ahead of its batch
+        ([1, 51], 3, True),  # the same as the poll's last: the client reads next at 3
+        ([1, 1, 2], 3, True),
+        ([1, 2, 3], 3, True),
+    ],
+)
+def test_a_poll_s_offsets_show_a_batch_whose_offsets_lie(
+    offsets: list[int], position: int, out_of_order: bool
+) -> None:
+    assert unreadable.offsets_out_of_order(offsets, position) is out_of_order
