@@ -443,8 +443,11 @@ class Task:
         out = reject(self.settings.topics, self.metrics, self.limits, rejection, source)
         await checkpoint.send(out)
         self._output_bytes += record_size(out)
-        checkpoint.consumed(tp, raw.offset)
-        self.positions[tp] = self.handled[tp] = raw.offset + 1
+        # A batch rejected whole is consumed to its end: from inside it, the
+        # client would hand over its records at the offsets they claim.
+        last = raw.offset if raw.last_offset is None else max(raw.offset, raw.last_offset)
+        checkpoint.consumed(tp, last)
+        self.positions[tp] = self.handled[tp] = last + 1
 
     def commit_due(self, now: float) -> bool:
         c = self.checkpoint

@@ -73,7 +73,7 @@ import operator
 import struct
 import zlib
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any, Final
 
@@ -108,9 +108,19 @@ MAYBE_UNREADABLE: Final = (*UNREADABLE, CorruptRecordException)
 
 def can_read_past(exc: BaseException) -> bool:
     """Whether a raw read passes what ``getmany`` raised: any of UNREADABLE,
-    and a header name aiokafka's pure-Python reader calls corrupt
-    (:func:`undecodable_header`); not a batch whose CRC is wrong."""
-    return isinstance(exc, UNREADABLE) or undecodable_header(exc)
+    and a ``CorruptRecordException`` other than the fetcher's checksum
+    mismatch: a header name aiokafka's pure-Python reader calls corrupt
+    (:func:`undecodable_header`), or bytes left after a batch's records (an
+    lz4 payload followed by a second frame, which Kafka stores and the raw
+    read rejects whole). Not a batch whose CRC is wrong: the raw read checks
+    it too, and cannot pass it either."""
+    return isinstance(exc, UNREADABLE) or (
+        isinstance(exc, CorruptRecordException) and _CRC_MISMATCH not in str(exc)
+    )
+
+
+#: What aiokafka's fetcher says of a batch whose CRC is wrong.
+_CRC_MISMATCH: Final = "Invalid CRC"
 
 
 #: What aiokafka's consumer raises, read_committed, at a control batch that
@@ -135,11 +145,13 @@ def undecompressable(exc: BaseException) -> bool:
     Kafka stored: a gzip payload with bytes after it (``BadGzipFile``, or
     ``EOFError`` when they look like a gzip member), an lz4 frame with bytes
     after it or two snappy streams in one batch (cramjam's
-    ``DecompressionError``). Kafka's own reader takes these; no Kafka client
+    ``DecompressionError``), a snappy stream with 1-3 bytes after it
+    (``struct.error``). Kafka's own reader takes these; no Kafka client
     writes them. A raw read rejects such a batch whole (``whole`` in
     :func:`parse_record_batches`)."""
     kind = type(exc)
-    return isinstance(exc, gzip.BadGzipFile | EOFError | zlib.error) or (
+    # struct.error: a snappy stream in xerial's framing with a few bytes after it.
+    return isinstance(exc, gzip.BadGzipFile | EOFError | zlib.error | struct.error) or (
         kind.__name__ == "DecompressionError" and kind.__module__.startswith("cramjam")
     )
 
@@ -233,6 +245,8 @@ class RawRecord:
     #: Set for a whole batch that cannot be read (see :func:`parse_record_batches`):
     #: why; the record stands for the batch, its value the batch's bytes.
     problem: str | None = None
+    #: With ``problem``, the batch's last offset, which its rejection consumes.
+    last_offset: int | None = None
 
     def readable(self) -> bool:
         """Whether aiokafka's consumer can decode this record: every header name is UTF-8."""
@@ -434,6 +448,13 @@ def committed_batches(
         if batch.control or (batch.transactional and batch.producer_id in aborted_producers):
             yield [], position
             continue
+        if len(batch.records) == 1 and batch.records[0].problem is not None:
+            # A batch rejected whole, read from inside it (its first records
+            # processed before the client gave it away): the rest of it is.
+            whole = batch.records[0]
+            inside = batch.next_offset > offset
+            yield [replace(whole, offset=max(whole.offset, offset))] if inside else [], position
+            continue
         yield [record for record in batch.records if record.offset >= offset], position
 
 
@@ -520,6 +541,7 @@ def _parse_batch(batch: memoryview, tp: TopicPartition, *, whole: bool = False) 
                 timestamp_ms=int(first_timestamp),
                 key=None,
                 value=bytes(batch),
+                last_offset=base_offset + last_offset_delta,
                 problem=(
                     f"the record batch at offsets {base_offset}.."
                     f"{base_offset + last_offset_delta} is rejected whole: {exc}"

@@ -27,6 +27,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from stream_app import json
 from stream_app.errors import ConfigurationError
 from stream_app.pipeline.checkpoint import (
     PHASES,
@@ -918,6 +919,25 @@ async def test_each_transaction_takes_records_up_to_its_byte_bound(
     unreadable = RawRecord(INPUT.topic, INPUT.partition, 92, 0, b"k", b"{}", ((b"\xff", b""),))
     await task.handle_raw(unreadable)
     assert task.held_bytes() >= 200
+    await on_revoked(task)
+
+
+async def test_a_batch_rejected_whole_is_consumed_to_its_end(
+    tmp_path: Path, resources: RocksDBResources, broker: FakeBroker
+) -> None:
+    """Its rejection committed the batch's base offset + 1: a task that
+    started again there was handed the batch's other records by the client,
+    at the offsets they claim, and applied part of a batch rejected whole."""
+    task = started_task(tmp_path, resources, broker)
+    whole = RawRecord(
+        INPUT.topic, INPUT.partition, 5, 0, None, b"batch", problem="lies", last_offset=9
+    )
+    await task.handle_raw(whole)
+    assert task.positions[INPUT] == task.handled[INPUT] == 10
+    await task.commit()
+    assert broker.committed(GROUP) == {INPUT: 10}
+    [rejected] = broker.committed_records(REJECTED)
+    assert json.loads(rejected[1] or b"")["errors"][0]["details"] == "lies"
     await on_revoked(task)
 
 

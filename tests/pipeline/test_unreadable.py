@@ -509,3 +509,47 @@ def test_a_poll_s_offsets_show_a_batch_whose_offsets_lie(
     offsets: list[int], position: int, out_of_order: bool
 ) -> None:
     assert unreadable.offsets_out_of_order(offsets, position) is out_of_order
+
+
+def test_a_batch_rejected_whole_and_read_from_inside_it_is_rejected_from_there() -> None:
+    """A poll cut after a lying batch's first record processed it; the raw
+    read then began inside the batch, left the whole-batch record at its base
+    offset out, and the rest of the batch was neither applied nor rejected."""
+    batch = _hand_built("an offset behind the one before")  # offsets 40..41
+    batches = parse_record_batches(batch, TP, whole=True)
+    [(inside, after)] = list(committed_batches(batches, 41))
+    [record] = inside
+    assert (record.offset, record.last_offset, after) == (41, 41, 42)
+    assert record.problem is not None
+    assert list(committed_batches(batches, 42)) == [([], 42)]
+
+
+def _recompressed(codec_id: int, compress: Callable[[bytes], bytes]) -> bytes:
+    """A batch of record A at offset 40 whose payload ``compress`` gives, and
+    flagged with ``codec_id``, its CRC right."""
+    plain = bytearray(encode_batch([A], base_offset=40))
+    (attributes,) = struct.unpack_from(">h", plain, 21)
+    struct.pack_into(">h", plain, 21, attributes | codec_id)
+    return recrc(bytes(plain[:61]) + compress(bytes(plain[61:])))
+
+
+def test_what_aiokafka_raises_on_payloads_kafka_stores_is_read_past() -> None:
+    """Two more shapes Kafka's readers take and aiokafka's consumer fails on:
+    an lz4 payload followed by a second frame (aiokafka decodes both, then
+    finds bytes after the records: CorruptRecordException), and a snappy
+    stream in xerial's framing with bytes after it (struct.error). Both
+    stopped every worker; the raw read rejects either whole."""
+    codec = aiokafka.codec
+    lz4 = _recompressed(3, lambda p: codec.lz4_encode(p) + codec.lz4_encode(b"x"))
+    with pytest.raises(CorruptRecordException) as raised:
+        list(MemoryRecords(lz4).next_batch())
+    assert unreadable.can_read_past(raised.value)
+    snappy = _recompressed(2, lambda p: codec.snappy_encode(p) + b"\x00\x01")
+    with pytest.raises(Exception) as failed:  # noqa: PT011 - struct.error, from aiokafka's framing
+        list(MemoryRecords(snappy).next_batch())
+    assert unreadable.undecompressable(failed.value)
+    for batch in (lz4, snappy):
+        [parsed] = parse_record_batches(batch, TP, whole=True)
+        assert parsed.records[0].problem is not None
+    # The fetcher's checksum mismatch is not read past: the raw read fails on it too.
+    assert not unreadable.can_read_past(CorruptRecordException(f"Invalid CRC - {TP}"))
