@@ -96,7 +96,7 @@ log = logging.getLogger(__name__)
 
 #: What ``AIOKafkaConsumer.getmany`` raises for records it cannot hand over and
 #: a raw read may: a header name that is not UTF-8 (``UnicodeDecodeError`` is
-#: a ValueError; see also :func:`undecodable_header`) and a batch cut short
+#: a ValueError; see also :func:`can_read_past`) and a batch cut short
 #: (``RecordTooLargeError``, see the module docstring).
 UNREADABLE: Final = (UnicodeDecodeError, RecordTooLargeError)
 
@@ -109,11 +109,11 @@ MAYBE_UNREADABLE: Final = (*UNREADABLE, CorruptRecordException)
 def can_read_past(exc: BaseException) -> bool:
     """Whether a raw read passes what ``getmany`` raised: any of UNREADABLE,
     and a ``CorruptRecordException`` other than the fetcher's checksum
-    mismatch: a header name aiokafka's pure-Python reader calls corrupt
-    (:func:`undecodable_header`), or bytes left after a batch's records (an
-    lz4 payload followed by a second frame, which Kafka stores and the raw
-    read rejects whole). Not a batch whose CRC is wrong: the raw read checks
-    it too, and cannot pass it either."""
+    mismatch: a header name that is not UTF-8, which aiokafka's pure-Python
+    reader (used when its C extension cannot load) reports so, or bytes left
+    after a batch's records (an lz4 payload followed by a second frame, which
+    Kafka stores and the raw read rejects whole). Not a batch whose CRC is
+    wrong: the raw read checks it too, and cannot pass it either."""
     return isinstance(exc, UNREADABLE) or (
         isinstance(exc, CorruptRecordException) and _CRC_MISMATCH not in str(exc)
     )
@@ -173,15 +173,6 @@ def offsets_out_of_order(offsets: list[int], position: int) -> bool:
     return bool(offsets) and (
         offsets[-1] >= position or not all(map(operator.lt, offsets, islice(offsets, 1, None)))
     )
-
-
-def undecodable_header(exc: BaseException) -> bool:
-    """Whether ``exc`` is how aiokafka's pure-Python reader (used when its C
-    extension cannot load) reports a header name that is not UTF-8: a
-    ``CorruptRecordException`` caused by the ``UnicodeDecodeError``. Any other
-    one is a batch really corrupt (its CRC), which a raw read cannot pass
-    either: the worker stops on it, naming it, as Kafka Streams does."""
-    return isinstance(exc, CorruptRecordException) and isinstance(exc.__cause__, UnicodeDecodeError)
 
 
 #: isolation_level of a FetchRequest: 1 = read_committed.
