@@ -108,19 +108,22 @@ MAYBE_UNREADABLE: Final = (*UNREADABLE, CorruptRecordException)
 
 def can_read_past(exc: BaseException) -> bool:
     """Whether a raw read passes what ``getmany`` raised: any of UNREADABLE,
-    and a ``CorruptRecordException`` other than the fetcher's checksum
-    mismatch: a header name that is not UTF-8, which aiokafka's pure-Python
-    reader (used when its C extension cannot load) reports so, or bytes left
-    after a batch's records (an lz4 payload followed by a second frame, which
-    Kafka stores and the raw read rejects whole). Not a batch whose CRC is
-    wrong: the raw read checks it too, and cannot pass it either."""
-    return isinstance(exc, UNREADABLE) or (
-        isinstance(exc, CorruptRecordException) and _CRC_MISMATCH not in str(exc)
-    )
+    and two kinds of ``CorruptRecordException`` of a batch whose checksum matches: a
+    header name that is not UTF-8, which aiokafka's pure-Python reader (used
+    when its C extension cannot load) reports so, and bytes left after a
+    batch's records (an lz4 payload followed by a second frame, which Kafka
+    stores and the raw read rejects whole). Not any other: a batch whose CRC
+    is wrong, or damage the CRC does not cover (a batch length of 0), which
+    the raw read cannot pass either; the worker names it and stops."""
+    if isinstance(exc, UNREADABLE):
+        return True
+    if not isinstance(exc, CorruptRecordException):
+        return False
+    return isinstance(exc.__cause__, UnicodeDecodeError) or _BYTES_LEFT in str(exc)
 
 
-#: What aiokafka's fetcher says of a batch whose CRC is wrong.
-_CRC_MISMATCH: Final = "Invalid CRC"
+#: How aiokafka's batch reader says that bytes are left after a batch's records.
+_BYTES_LEFT: Final = "unconsumed bytes after all records consumed"
 
 
 #: What aiokafka's consumer raises, read_committed, at a control batch that
@@ -400,8 +403,9 @@ async def corrupt_batch_at(options: dict[str, Any], tp: TopicPartition, offset: 
         position = offset
         for _ in range(CORRUPT_BATCH_FETCHES):
             try:
+                # whole: a batch rejected whole before it does not hide it.
                 _, after = await read_batches_at(
-                    options, tp, position, client=client, past_unreadable=True
+                    options, tp, position, client=client, past_unreadable=True, whole=True
                 )
             except CorruptBatchError as exc:
                 return exc.base_offset
@@ -440,11 +444,21 @@ def committed_batches(
             yield [], position
             continue
         if len(batch.records) == 1 and batch.records[0].problem is not None:
-            # A batch rejected whole, read from inside it (its first records
-            # processed before the client gave it away): the rest of it is.
             whole = batch.records[0]
-            inside = batch.next_offset > offset
-            yield [replace(whole, offset=max(whole.offset, offset))] if inside else [], position
+            if batch.next_offset <= offset:
+                yield [], position
+                continue
+            if offset > whole.offset:
+                # Read from inside it: its first records were processed
+                # before the client gave it away. The rest of it is rejected.
+                problem = (whole.problem or "").replace(
+                    _REJECTED_WHOLE,
+                    f" is rejected from offset {offset} on (the records before it were "
+                    "processed): ",
+                    1,
+                )
+                whole = replace(whole, offset=offset, problem=problem)
+            yield [whole], position
             continue
         yield [record for record in batch.records if record.offset >= offset], position
 
@@ -471,6 +485,8 @@ def parse_record_batches(
     while len(data) - pos >= _BATCH_HEADER.size:
         (length,) = struct.unpack_from(">i", data, pos + 8)
         if length < _BATCH_HEADER.size - _LOG_OVERHEAD:
+            if whole and batches:
+                break  # as a batch whose CRC is wrong, below
             (base_offset,) = struct.unpack_from(">q", data, pos)
             raise RecordBatchError(
                 f"{tp.topic}[{tp.partition}]@{base_offset}: batch length {length} is "
@@ -479,7 +495,14 @@ def parse_record_batches(
         end = pos + _LOG_OVERHEAD + length
         if end > len(data):
             break
-        batches.append(_parse_batch(data[pos:end], tp, whole=whole))
+        try:
+            batches.append(_parse_batch(data[pos:end], tp, whole=whole))
+        except CorruptBatchError:
+            if not whole or not batches:
+                raise
+            # The batches before it are read past; the client meets it at the
+            # next poll, and the worker names it and stops.
+            break
         pos = end
     return batches
 
@@ -535,7 +558,7 @@ def _parse_batch(batch: memoryview, tp: TopicPartition, *, whole: bool = False) 
                 last_offset=base_offset + last_offset_delta,
                 problem=(
                     f"the record batch at offsets {base_offset}.."
-                    f"{base_offset + last_offset_delta} is rejected whole: {exc}"
+                    f"{base_offset + last_offset_delta}{_REJECTED_WHOLE}{exc}"
                 ),
             )
         ]
@@ -547,6 +570,10 @@ def _parse_batch(batch: memoryview, tp: TopicPartition, *, whole: bool = False) 
         control=bool(attributes & _CONTROL),
         records=tuple(records),
     )
+
+
+#: What a batch's rejection says between its offsets and why.
+_REJECTED_WHOLE: Final = " is rejected whole: "
 
 
 def _parse_records(

@@ -381,6 +381,10 @@ def test_a_header_name_the_pure_python_reader_cannot_decode_is_read_past() -> No
     assert unreadable.can_read_past(raised)
     assert not unreadable.can_read_past(CorruptRecordException(f"Invalid CRC - {TP}"))
     assert not isinstance(CorruptRecordException("Invalid CRC"), unreadable.UNREADABLE)
+    # Nor damage the checksum does not cover (zeroed bytes: a batch length of
+    # 0). Read past, the raw read dropped the fetch, and the worker looped.
+    zeroed = CorruptRecordException("Record size is less than the minimum record overhead (14)")
+    assert not unreadable.can_read_past(zeroed)
 
 
 def test_aiokafka_fails_read_committed_on_a_control_batch_of_no_records() -> None:
@@ -517,7 +521,13 @@ def test_a_batch_rejected_whole_and_read_from_inside_it_is_rejected_from_there()
     [(inside, after)] = list(committed_batches(batches, 41))
     [record] = inside
     assert (record.offset, record.last_offset, after) == (41, 41, 42)
+    # Not "rejected whole": offset 40 was processed (replaying the rejection
+    # would apply it again).
     assert record.problem is not None
+    assert record.problem.startswith(
+        "the record batch at offsets 40..41 is rejected from offset 41 on (the records "
+        "before it were processed): "
+    )
     assert list(committed_batches(batches, 42)) == [([], 42)]
 
 
@@ -550,3 +560,44 @@ def test_what_aiokafka_raises_on_payloads_kafka_stores_is_read_past() -> None:
         assert parsed.records[0].problem is not None
     # The fetcher's checksum mismatch is not read past: the raw read fails on it too.
     assert not unreadable.can_read_past(CorruptRecordException(f"Invalid CRC - {TP}"))
+
+
+@pytest.mark.parametrize("damage", ["a CRC that does not match", "a batch length of 0"])
+def test_whole_the_batches_before_a_damaged_one_are_read_past(damage: str) -> None:
+    """A fetch of a batch rejected whole, then a damaged one: the whole fetch
+    raised, the raw read moved nothing on that input, and the worker polled,
+    failed and read again, never naming the damaged batch. Now the batches
+    before it are read, and the client meets it at the next poll."""
+    first = _hand_built("gzip with bytes after it")  # offsets 40..41
+    if damage == "a CRC that does not match":
+        bad = bytearray(encode_batch([C], base_offset=42))
+        bad[-1] ^= 0xFF
+        damaged = bytes(bad)
+    else:
+        damaged = encode_batch([C], base_offset=42)[:8] + b"\x00" * 53
+    [parsed] = parse_record_batches(first + damaged, TP, whole=True)
+    assert parsed.next_offset == 42
+    with pytest.raises(RecordBatchError):
+        parse_record_batches(first + damaged, TP)
+    with pytest.raises(RecordBatchError):  # first in the fetch: nothing to read past
+        parse_record_batches(damaged, TP, whole=True)
+
+
+async def test_a_corrupt_batch_is_found_behind_a_batch_rejected_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The search for the batch to name read strictly: a batch the engine
+    rejects whole, in front of it, failed the search, and the worker said only
+    where the failed fetch began."""
+    bad = bytearray(encode_batch([C], base_offset=42))
+    bad[-1] ^= 0xFF
+    log = {40: _hand_built("gzip with bytes after it") + bytes(bad), 42: bytes(bad)}
+
+    async def fetch(
+        client: object, tp: TopicPartition, offset: int, max_bytes: int
+    ) -> tuple[bytes, list[tuple[int, int]]]:
+        return log.get(offset, b""), []
+
+    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
+    monkeypatch.setattr(unreadable, "_fetch", fetch)
+    assert await unreadable.corrupt_batch_at({}, TP, 40) == 42
