@@ -478,7 +478,9 @@ def parse_record_batches(
     and aiokafka's consumer fails on the payloads (or, on such offsets,
     drops records unseen). A batch of another magic, or one compressed with
     a codec that is not installed, is not rejected: it raises as without
-    ``whole``."""
+    ``whole``. A damaged batch (its CRC, or a length of 0) raises too, but
+    only when it comes first: after other batches, the fetch ends before it,
+    so that what precedes it is read and the client meets it next."""
     data = memoryview(message_set)
     batches: list[RecordBatch] = []
     pos = 0
