@@ -8,6 +8,7 @@ offsets the group has committed, and what RocksDB holds.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -938,6 +939,28 @@ async def test_a_batch_rejected_whole_is_consumed_to_its_end(
     assert broker.committed(GROUP) == {INPUT: 10}
     [rejected] = broker.committed_records(REJECTED)
     assert json.loads(rejected[1] or b"")["errors"][0]["details"] == "lies"
+    await on_revoked(task)
+
+
+async def test_a_record_below_what_was_processed_is_skipped_and_said(
+    tmp_path: Path,
+    resources: RocksDBResources,
+    broker: FakeBroker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The Kafka client hands none over after a seek. A record that claimed an
+    offset past its batch, the last of a poll, made the records after it look
+    processed: they were skipped without a word."""
+    task = started_task(tmp_path, resources, broker)
+    await task.handle_many([command(0, b"k1"), command(50, b"k2")])  # 50: the lie
+    with caplog.at_level(logging.WARNING, logger="stream_app.pipeline.tasks"):
+        await task.handle_many([command(offset, b"k3") for offset in range(2, 6)])
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line == (
+        f"{INPUT.topic}[{INPUT.partition}]@2: skipped, below offset 51 already processed "
+        "(a record batch whose offsets disagree with its header?)"
+    )
+    assert task.positions[INPUT] == 51
     await on_revoked(task)
 
 
