@@ -187,6 +187,11 @@ class _SettingsConsumer:
         return {TopicPartition("settings", 0): records}
 
 
+async def _one_partition(options: object, topic: str) -> int:
+    """``partition_count`` of a settings topic of one partition."""
+    return 1
+
+
 async def _followed(registry: ApplicationSettingsRegistry) -> asyncio.Task[None]:
     """The settings follower (over the stand-ins patched in), once it has read
     the topic to its end."""
@@ -235,10 +240,7 @@ async def test_records_that_are_not_settings_are_a_line_per_kind_and_one_summary
     start of every worker (4,000 lines here). Now one of each kind, then what
     was ignored in one line once the settings are loaded."""
 
-    async def partition_count(options: object, topic: str) -> int:
-        return 1
-
-    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "partition_count", _one_partition)
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", _FloodedSettingsConsumer)
     registry = ApplicationSettingsRegistry()
     with caplog.at_level(logging.WARNING):
@@ -332,10 +334,7 @@ async def test_a_first_read_that_stalls_says_so(
     """Before, a fetch that stalled after the end offsets were known kept the
     worker unready without a word until its startup probe killed it."""
 
-    async def partition_count(options: object, topic: str) -> int:
-        return 1
-
-    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "partition_count", _one_partition)
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", _StalledSettingsConsumer)
     monkeypatch.setattr(application_settings, "_READING_TOLD_EVERY_S", 0.1)
     ready = asyncio.Event()
@@ -447,10 +446,7 @@ async def test_partitions_added_to_the_settings_topic_are_followed(
         consumers.append(_GrowingSettingsConsumer())
         return consumers[-1]
 
-    async def partition_count(options: object, topic: str) -> int:
-        return 1
-
-    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "partition_count", _one_partition)
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", consumer)
     registry = ApplicationSettingsRegistry()
     with caplog.at_level(logging.WARNING):
@@ -484,9 +480,6 @@ async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
         consumers[-1].poison = _POISONS[poison]
         return consumers[-1]
 
-    async def partition_count(options: object, topic: str) -> int:
-        return 1
-
     async def read_batches_at(
         options: object, tp: TopicPartition, offset: int, **client: object
     ) -> tuple[list[RawRecord], int]:
@@ -497,7 +490,7 @@ async def test_a_settings_record_the_client_cannot_read_is_read_raw_and_applied(
         )
         return [record], offset + 1
 
-    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "partition_count", _one_partition)
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", consumer)
     monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
     registry = ApplicationSettingsRegistry()
@@ -552,11 +545,8 @@ async def test_kafka_out_of_reach_before_the_settings_are_loaded_is_waited_for(
             if failures:
                 raise failures.pop(0)
 
-    async def partition_count(options: object, topic: str) -> int:
-        return 1
-
     monkeypatch.setattr(application_settings, "FIRST_READ_BACKOFF_S", 0.01)
-    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "partition_count", _one_partition)
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", _Reaching)
     registry = ApplicationSettingsRegistry()
     follower = await _followed(registry)
@@ -577,10 +567,7 @@ async def test_once_the_settings_are_loaded_a_failure_ends_the_follower(
                 raise KafkaTimeoutError
             return await super().getmany(timeout_ms)
 
-    async def partition_count(options: object, topic: str) -> int:
-        return 1
-
-    monkeypatch.setattr(application_settings, "partition_count", partition_count)
+    monkeypatch.setattr(application_settings, "partition_count", _one_partition)
     monkeypatch.setattr(application_settings, "AIOKafkaConsumer", _Failing)
     follower = await _followed(ApplicationSettingsRegistry())
     with pytest.raises(KafkaTimeoutError):

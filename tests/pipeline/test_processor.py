@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import pytest
@@ -557,25 +557,29 @@ class _AtItsLimit:
         return json.loads(out[0].value).get("reason") if out else None
 
 
+#: Commands that change no content of c1, only what is recorded of it.
+_CLOSE_REOPEN_RETURN_CANCEL: Final = (
+    cmd("c1", eventId="e1", session={"state": "closed"}),
+    json.dumps({"type": "reopen", "integrationId": "c1", "eventId": "e2"}),
+    cmd("c1", eventId="e3", session={"state": "closed"}),
+    json.dumps(
+        {
+            "type": "return",
+            "integrationId": "c1",
+            "eventId": "e4",
+            "returnedCartItems": [{"position": 0, "quantity": 1}],
+        }
+    ),
+    cmd("c1", eventId="e5", session={"state": "cancelled"}),
+)
+
+
 def test_a_session_at_its_size_limit_can_still_be_returned_cancelled_and_reopened() -> None:
     """Each of these adds to the stored session (an eventId remembered, a
     returned quantity), and each was rejected with LIMIT_EXCEEDED: a closed
     session at its limit could never be returned, cancelled or reopened."""
     session = _AtItsLimit()
-    returned = {
-        "type": "return",
-        "integrationId": "c1",
-        "eventId": "e4",
-        "returnedCartItems": [{"position": 0, "quantity": 1}],
-    }
-    steps = [
-        cmd("c1", eventId="e1", session={"state": "closed"}),
-        json.dumps({"type": "reopen", "integrationId": "c1", "eventId": "e2"}),
-        cmd("c1", eventId="e3", session={"state": "closed"}),
-        json.dumps(returned),
-        cmd("c1", eventId="e5", session={"state": "cancelled"}),
-    ]
-    assert [session.reason(value) for value in steps] == [None] * 5
+    assert [session.reason(value) for value in _CLOSE_REOPEN_RETURN_CANCEL] == [None] * 5
 
 
 def test_past_its_size_limit_a_session_takes_no_content_and_bounded_bookkeeping() -> None:
@@ -597,20 +601,7 @@ def test_a_session_stored_under_a_higher_limit_can_still_be_returned_and_cancell
     session = _AtItsLimit()
     lowered = Limits(max_session_bytes=2048, bookkeeping_bytes=512, max_stored_bytes=4096 + 1536)
     session.processor = dataclasses.replace(session.processor, limits=lowered)
-    returned = {
-        "type": "return",
-        "integrationId": "c1",
-        "eventId": "e4",
-        "returnedCartItems": [{"position": 0, "quantity": 1}],
-    }
-    steps = [
-        cmd("c1", eventId="e1", session={"state": "closed"}),
-        json.dumps({"type": "reopen", "integrationId": "c1", "eventId": "e2"}),
-        cmd("c1", eventId="e3", session={"state": "closed"}),
-        json.dumps(returned),
-        cmd("c1", eventId="e5", session={"state": "cancelled"}),
-    ]
-    assert [session.reason(value) for value in steps] == [None] * 5
+    assert [session.reason(value) for value in _CLOSE_REOPEN_RETURN_CANCEL] == [None] * 5
     [stored] = session.processor.sessions.values()
     assert decode_session(stored).state == "cancelled"
     # No content past the lowered limit; bookkeeping up to max_stored_bytes.
