@@ -72,14 +72,21 @@ def _root_logging_restored() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Bootstrap servers of a real Kafka broker: ``STREAM_APP_TEST_BOOTSTRAP_SERVERS``
-    when set, otherwise the project's own KRaft broker, started once per session."""
+def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster | None]:
+    """The project's own KRaft broker, started once per session; None when
+    ``STREAM_APP_TEST_BOOTSTRAP_SERVERS`` names another."""
     if EXTERNAL_BOOTSTRAP_SERVERS:
-        yield EXTERNAL_BOOTSTRAP_SERVERS
+        yield None
         return
     with KafkaCluster(tmp_path_factory.mktemp("kafka")) as cluster:
-        yield cluster.bootstrap_servers
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(own_kafka: KafkaCluster | None) -> str:
+    """Bootstrap servers of a real Kafka broker: ``STREAM_APP_TEST_BOOTSTRAP_SERVERS``
+    when set, otherwise the project's own KRaft broker."""
+    return EXTERNAL_BOOTSTRAP_SERVERS if own_kafka is None else own_kafka.bootstrap_servers
 
 
 @pytest.fixture

@@ -100,6 +100,7 @@ from stream_app.pipeline.topics import (
 )
 from stream_app.pipeline.unreadable import (
     MAYBE_UNREADABLE,
+    CorruptBatchError,
     OffsetsOutOfOrderError,
     RecordBatchError,
     can_read_past,
@@ -713,6 +714,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     batches = await self._poll(consumer, self._poll_ms(time.monotonic()))
                 except MAYBE_UNREADABLE as exc:
                     if not can_read_past(exc):
+                        if await self._read_up_to_the_corrupt_batch(consumer, exc, rebalances):
+                            continue  # poll again: the client meets the batch first now
                         await self._name_the_corrupt_batch(consumer, exc)
                         raise
                     await self._read_past_and_commit(consumer, exc, rebalances)
@@ -845,41 +848,72 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             self._offsets = GroupOffsets(client_options(self.settings))
         return self._offsets
 
+    async def _read_up_to_the_corrupt_batch(
+        self, consumer: AIOKafkaConsumer, exc: Exception, rebalances: int
+    ) -> bool:
+        """Whether the records before a batch no client can read (its CRC does
+        not match) were read raw and processed, so that the poll is tried again.
+
+        aiokafka fails the whole fetch that holds such a batch: the records
+        before it in the fetch, up to 2 MiB of them, were never processed, and
+        the worker stopped at every start with the group's offset before them.
+        An operator's reset past the batch then passed them unrejected. A raw
+        pass (:meth:`_read_past_and_commit`) reads every input from its last
+        record processed; the fetch it parses ends before a damaged batch. Once
+        a pass no longer moves the damaged batch's partition, the batch is
+        first at the position: the worker names it and stops, with only the
+        batch itself left for the operator. Other inputs moving do not count:
+        a partition with traffic would have kept the worker in raw passes."""
+        tp = _partition_named(consumer, exc)
+        task = None if tp is None else self._task_of.get(tp)
+        if tp is None or task is None or not self._running(task):
+            return False
+        before = task.positions.get(tp, 0)
+        try:
+            await self._read_past_and_commit(consumer, exc, rebalances)
+        except Exception as again:
+            if again is not exc:
+                raise
+            return False  # the pass moved nothing at all
+        if rebalances != self._rebalances or not self._running(task):
+            return True  # the partition moved, or its task restarts and reads it again
+        return task.positions.get(tp, 0) > before
+
     async def _name_the_corrupt_batch(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
         """Say where the batch is that no client can read (its CRC does not
         match): aiokafka names its partition only, and leaves the position
         there, the offset an operator needs to decide what to do."""
-        for tp in consumer.assignment():
-            if repr(tp) not in str(exc):
-                continue
-            position: int | str = "unknown"
-            found: int | None = None
-            try:
-                position = await asyncio.wait_for(consumer.position(tp), 1.0)
-                # aiokafka's position is where the failed fetch began, up to a
-                # fetch (2 MiB) of good batches before the corrupt one. Not
-                # while stopping: the stop has its own bound.
-                if not self._stopping.is_set():
-                    found = await asyncio.wait_for(
-                        corrupt_batch_at(client_options(self.settings), tp, int(position)),
-                        _CORRUPT_BATCH_SEARCH_S,
-                    )
-            except Exception:  # noqa: S110 - the error below is what matters
-                pass
-            if found is not None:
-                where: int | str = found
-            elif isinstance(position, int):
-                where = f"{position} or after it"
-            else:
-                where = position
-            log.error(
-                "%s[%d]: the record batch at offset %s is corrupt (%s): no Kafka client can "
-                "read it, and the worker stops (docs/operations.md, A worker is down)",
-                tp.topic,
-                tp.partition,
-                where,
-                exc,
-            )
+        tp = _partition_named(consumer, exc)
+        if tp is None:
+            return
+        position: int | str = "unknown"
+        found: int | None = None
+        try:
+            position = await asyncio.wait_for(consumer.position(tp), 1.0)
+            # aiokafka's position is where the failed fetch began, up to a
+            # fetch (2 MiB) of good batches before the corrupt one. Not
+            # while stopping: the stop has its own bound.
+            if not self._stopping.is_set():
+                found = await asyncio.wait_for(
+                    corrupt_batch_at(client_options(self.settings), tp, int(position)),
+                    _CORRUPT_BATCH_SEARCH_S,
+                )
+        except Exception:  # noqa: S110 - the error below is what matters
+            pass
+        if found is not None:
+            where: int | str = found
+        elif isinstance(position, int):
+            where = f"{position} or after it"
+        else:
+            where = position
+        log.error(
+            "%s[%d]: the record batch at offset %s is corrupt (%s): no Kafka client can "
+            "read it, and the worker stops (docs/operations.md, A worker is down)",
+            tp.topic,
+            tp.partition,
+            where,
+            exc,
+        )
 
     async def _flush_quiet_stores(self) -> None:
         # A flush is not worth the worker: the next write says more.
@@ -1281,6 +1315,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                                     return  # restarted by the round: it reads them again
                             task.positions[tp] = max(task.positions.get(tp, 0), resume)
                             found = found or not all(raw.readable() for raw in raws)
+                except CorruptBatchError:
+                    pass  # first at the position: the client meets it, the worker names it
                 except RecordBatchError as unparsed:
                     # Records this parser does not read (old message formats,
                     # say) where aiokafka may: not this input's to pass, then.
@@ -1969,6 +2005,11 @@ def _unusable_state_dir(settings: Settings, why: OSError) -> ConfigurationError:
         f"STREAM_APP_DATA_DIR={settings.data_dir}: cannot use the state directory "
         f"{settings.data_dir / settings.app_id}: {why}"
     )
+
+
+def _partition_named(consumer: AIOKafkaConsumer, exc: Exception) -> TopicPartition | None:
+    """The assigned partition aiokafka's error names (``Invalid CRC - <tp>``)."""
+    return next((tp for tp in consumer.assignment() if repr(tp) in str(exc)), None)
 
 
 async def _out_of_order(

@@ -10,12 +10,27 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import Deployment, Worker, create_topics
+from tools.kafka_broker import KafkaCluster
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration/" in str(item.path):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def kafka_on_disk(
+    own_kafka: KafkaCluster | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[KafkaCluster]:
+    """A broker whose log files a test can damage, as a disk does: the
+    session's own, or, when the tests use another broker, one started for
+    the test."""
+    if own_kafka is not None:
+        yield own_kafka
+        return
+    with KafkaCluster(tmp_path_factory.mktemp("kafka-on-disk")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

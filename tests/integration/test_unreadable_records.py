@@ -29,10 +29,12 @@ from tests.integration.harness import (
     command,
     consume,
     create_topics,
+    partition_offsets,
     produce,
     produce_raw_batch,
 )
 from tests.pipeline.record_batches import BatchRecord
+from tools.kafka_broker import KafkaCluster
 
 T0 = 1_760_000_000_000
 A = BatchRecord(b"a", b'{"type":"a"}', ((b"trace", b"1"),))
@@ -346,3 +348,78 @@ async def test_a_restore_passes_the_empty_control_batch_the_log_cleaner_leaves(
     }
     assert second.stop() == 0, second.log_tail()
     assert "(KAFKA-7467)" in second.log_path.read_text(errors="replace"), second.log_tail()
+
+
+def _damage(log_dir: Path, tp: TopicPartition, needle: bytes) -> None:
+    """Flip the last bit of ``needle`` in ``tp``'s one log segment, in place,
+    as a broker's disk damages a batch: its CRC no longer matches. The broker
+    serves the file as it is (it checks no CRC on a fetch)."""
+    [segment] = (log_dir / f"{tp.topic}-{tp.partition}").glob("*.log")
+    data = bytearray(segment.read_bytes())
+    at = data.find(needle)
+    assert data.count(needle) == 1, f"{needle!r} is not once in {segment}"
+    with segment.open("r+b") as f:
+        f.seek(at + len(needle) - 1)
+        f.write(bytes([data[at + len(needle) - 1] ^ 1]))
+
+
+async def _commit_offset(bootstrap: str, group: str, tp: TopicPartition, offset: int) -> None:
+    """What ``kafka-consumer-groups.sh --reset-offsets --to-offset`` does for
+    one partition of a group that has no member."""
+    # Not auto-committing: its stop would commit the position it fetched from.
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        await consumer.commit({tp: offset})
+    finally:
+        await consumer.stop()
+
+
+async def test_a_checksum_damaged_batch_loses_only_itself(
+    kafka_on_disk: KafkaCluster,
+    unique_name: Callable[[str], str],
+    workers: Callable[..., Worker],
+    tmp_path: Path,
+) -> None:
+    """A command batch damaged on the broker's disk: no client can read it, and
+    aiokafka fails the whole fetch that holds it. The worker stopped at once,
+    at every start, with the ten good commands before it never applied and no
+    offset committed; the runbook's reset past the batch then lost them too
+    (a black-box run found it). Now the worker applies and commits what
+    precedes the batch before it stops and names it, and after the reset only
+    the damaged batch's command is missing."""
+    [node] = kafka_on_disk.members
+    d = Deployment(kafka_on_disk.bootstrap_servers, unique_name("it"), tmp_path / "state")
+    t = d.topics
+    await create_topics(d.bootstrap, [t.commands], d.partitions)
+    ids = [f"crc-cart-{n:03d}" for n in range(200)]
+    ids = [iid for iid in ids if partition_for(iid.encode(), d.partitions) == 0][:20]
+    tp = TopicPartition(t.commands, 0)
+    for iid in ids:  # a batch each
+        value = command("update", iid, session={"state": "closed"})
+        await produce(d.bootstrap, t.commands, [(iid.encode(), value)], partition=0)
+    _damage(node.data_dir / "log", tp, b'"integrationId":"%s"' % ids[10].encode())
+
+    first = workers(d)
+    first.expect_exit(1)
+    await asyncio.to_thread(first.proc.wait, 120)
+    log = first.log_path.read_text(errors="replace")
+    assert f"{t.commands}[0]: the record batch at offset 10 is corrupt" in log, first.log_tail()
+    closed = await consume(d.bootstrap, [t.closed], expect=10, timeout=60, settle=2)
+    assert sorted(o.doc()["integrationId"] for o in closed) == ids[:10]
+    offsets = await partition_offsets(d.bootstrap, d.env()["STREAM_APP_APP_ID"], [t.commands])
+    assert offsets[tp][1] == 10
+
+    # The runbook: the group moved past the batch (one record), the worker started again.
+    await _commit_offset(d.bootstrap, d.env()["STREAM_APP_APP_ID"], tp, 11)
+    second = workers(d)
+    closed = await consume(d.bootstrap, [t.closed], expect=19, timeout=90, settle=2)
+    assert sorted(o.doc()["integrationId"] for o in closed) == ids[:10] + ids[11:], (
+        second.log_tail()
+    )
+    assert second.stop() == 0, second.log_tail()
+    rejected = await consume(d.bootstrap, [t.rejected], expect=0, timeout=5)
+    assert rejected == []

@@ -17,6 +17,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import (
     CoordinatorLoadInProgressError,
+    CorruptRecordException,
     GroupAuthorizationFailedError,
     IllegalStateError,
     InconsistentGroupProtocolError,
@@ -193,6 +194,34 @@ async def test_a_poll_failing_on_a_control_batch_of_no_records_reads_past_it(
     monkeypatch.setattr(engine, "_read_past_and_commit", read_past_and_commit)
     await engine._consume()
     assert [str(exc) for exc in passes] == ["KafkaError: Control batch did not contain any records"]
+
+
+async def test_a_poll_failing_on_a_corrupt_batch_reads_up_to_it_before_the_worker_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose CRC does not match failed the poll: the worker named it
+    and stopped at once, and the records before it in the failed fetch were
+    never processed. Now the poll is tried again while raw passes move its
+    partition; then the batch is named and the worker stops."""
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    failing = CorruptRecordException("Invalid CRC - TopicPartition(topic='c', partition=0)")
+    passes: list[BaseException] = []
+    named: list[BaseException] = []
+
+    async def read_up_to(consumer: object, exc: BaseException, rebalances: int) -> bool:
+        passes.append(exc)
+        return len(passes) < 3  # two passes move the partition, the third does not
+
+    async def name(consumer: object, exc: BaseException) -> None:
+        named.append(exc)
+
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", _polls_failing(engine, failing))
+    monkeypatch.setattr(engine, "_read_up_to_the_corrupt_batch", read_up_to)
+    monkeypatch.setattr(engine, "_name_the_corrupt_batch", name)
+    with pytest.raises(CorruptRecordException):
+        await engine._consume()
+    assert passes == [failing] * 3
+    assert named == [failing]
 
 
 async def test_a_failing_poll_stops_the_engine_as_a_signal_does(

@@ -441,3 +441,105 @@ async def test_a_corrupt_batch_whose_position_cannot_be_had_is_still_named(
         )
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith(f"{tp.topic}[3]: the record batch at offset unknown is corrupt")
+
+
+def _crc_failing_at(corrupt: int, tp: TopicPartition, end: int = 10_000) -> object:
+    """A log of single-record batches whose batch at ``corrupt`` of ``tp`` has
+    a CRC that does not match: a fetch from below it ends before it (as
+    parse_record_batches reads it), a fetch from it raises."""
+
+    async def read_batches_at(
+        options: object, at: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        if at == tp and offset >= corrupt:
+            raise unreadable.CorruptBatchError(f"{at}@{corrupt}: CRC mismatch", corrupt)
+        if offset >= end:
+            return [], offset
+        return [RawRecord(at.topic, at.partition, offset, 0, b"k", b"{}", ())], offset + 1
+
+    return read_batches_at
+
+
+def _commits_counted(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    commits: list[bool] = []
+
+    async def commit(*, due_only: bool) -> None:
+        commits.append(due_only)
+
+    monkeypatch.setattr(engine, "_commit", commit)
+    return commits
+
+
+async def test_the_records_before_a_corrupt_batch_are_processed_before_the_worker_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiokafka fails the whole fetch that holds a batch whose CRC does not
+    match: the records before it in the fetch were never processed, the worker
+    stopped at every start, and the runbook's reset past the batch passed them
+    unrejected (found by a black-box run: ten commands before the batch lost).
+    Now they are read raw and processed; the worker stops once the batch is
+    first at the partition's position."""
+    tp = TopicPartition(Settings().topics.commands, 3)
+    engine, [task] = _engine_reading(tmp_path, tp)
+    task.positions = {tp: 1234}
+    task.handled = {tp: 1234}
+    monkeypatch.setattr(unreadable, "read_batches_at", _crc_failing_at(1300, tp))
+    commits = _commits_counted(engine, monkeypatch)
+    consumer = _Consumer({tp})
+    crc = CorruptRecordException(f"Invalid CRC - {tp!r}")
+
+    with caplog.at_level("WARNING"):
+        assert await engine._read_up_to_the_corrupt_batch(consumer, crc, engine._rebalances)  # type: ignore[arg-type]
+        assert task.processed == list(range(1234, 1300))
+        assert consumer.sought == {tp: 1300}
+        assert commits == [True]  # committed as any poll's records are
+        # The next poll fails at the batch itself: nothing more to read.
+        assert not await engine._read_up_to_the_corrupt_batch(consumer, crc, engine._rebalances)  # type: ignore[arg-type]
+    assert task.processed == list(range(1234, 1300))
+    assert task.rejected == []
+    assert caplog.records == []  # the stop names the batch, not the raw read
+
+
+async def test_traffic_on_other_inputs_does_not_keep_a_worker_from_stopping_on_a_corrupt_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another input's new records move every raw pass: counted as moving, the
+    worker would poll, fail on the batch and read raw again for as long as
+    that partition had traffic, without ever naming the batch."""
+    commands = Settings().topics.commands
+    corrupt_tp, busy_tp = TopicPartition(commands, 3), TopicPartition(commands, 4)
+    engine, [corrupt_task, busy_task] = _engine_reading(tmp_path, corrupt_tp, busy_tp)
+    corrupt_task.positions = {corrupt_tp: 1300}
+    corrupt_task.handled = {corrupt_tp: 1300}
+    log_end = [50]
+
+    failing = _crc_failing_at(1300, corrupt_tp)
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        if tp == busy_tp and offset >= log_end[0]:
+            return [], offset
+        return await failing(options, tp, offset)  # type: ignore[operator, no-any-return]
+
+    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    _commits_counted(engine, monkeypatch)
+    consumer = _Consumer({corrupt_tp, busy_tp})
+    crc = CorruptRecordException(f"Invalid CRC - {corrupt_tp!r}")
+    assert not await engine._read_up_to_the_corrupt_batch(consumer, crc, engine._rebalances)  # type: ignore[arg-type]
+    assert busy_task.processed == list(range(50))  # read and processed all the same
+    assert consumer.sought == {corrupt_tp: 1300, busy_tp: 50}
+
+
+async def test_a_corrupt_batch_on_no_partition_of_this_worker_is_not_read_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error that names no assigned partition (revoked meanwhile): the
+    worker stops as before, with no raw pass."""
+    commands = Settings().topics.commands
+    tp = TopicPartition(commands, 0)
+    engine, [task] = _engine_reading(tmp_path, tp)
+    monkeypatch.setattr(unreadable, "read_batches_at", _crc_failing_at(10, tp))
+    crc = CorruptRecordException(f"Invalid CRC - {TopicPartition(commands, 5)!r}")
+    assert not await engine._read_up_to_the_corrupt_batch(_Consumer({tp}), crc, engine._rebalances)  # type: ignore[arg-type]
+    assert task.processed == []
