@@ -714,9 +714,12 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     batches = await self._poll(consumer, self._poll_ms(time.monotonic()))
                 except MAYBE_UNREADABLE as exc:
                     if not can_read_past(exc):
-                        if await self._read_up_to_the_corrupt_batch(consumer, exc, rebalances):
+                        damaged = await self._damaged_input(consumer, exc)
+                        if damaged is not None and await self._read_up_to_the_corrupt_batch(
+                            consumer, exc, rebalances, damaged
+                        ):
                             continue  # poll again: the client meets the batch first now
-                        await self._name_the_corrupt_batch(consumer, exc)
+                        await self._name_the_corrupt_batch(consumer, exc, damaged)
                         raise
                     await self._read_past_and_commit(consumer, exc, rebalances)
                     continue
@@ -848,8 +851,41 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             self._offsets = GroupOffsets(client_options(self.settings))
         return self._offsets
 
+    async def _damaged_input(
+        self, consumer: AIOKafkaConsumer, exc: Exception
+    ) -> TopicPartition | None:
+        """The input that holds the batch no client can read: the one aiokafka's
+        error names (``Invalid CRC - <partition>``), or, for an error that names
+        none (a batch's length damaged: ``less than the minimum record
+        overhead``), the first found holding a damaged batch, read raw from
+        each active input's last record processed."""
+        named = _partition_named(consumer, exc)
+        if named is not None or self._stopping.is_set():
+            return named
+        options = client_options(self.settings)
+        inputs = [
+            (tp, task.handled.get(tp, 0))
+            for task in self._tasks.values()
+            if self._running(task)
+            for tp in task.inputs
+        ]
+
+        async def search(tp: TopicPartition, offset: int) -> int | None:
+            with contextlib.suppress(Exception):  # not found, then: the stop says so
+                return await corrupt_batch_at(options, tp, offset)
+            return None
+
+        try:
+            found = await asyncio.wait_for(
+                asyncio.gather(*(search(tp, offset) for tp, offset in inputs)),
+                _CORRUPT_BATCH_SEARCH_S,
+            )
+        except TimeoutError:
+            return None
+        return next((tp for (tp, _), at in zip(inputs, found, strict=True) if at is not None), None)
+
     async def _read_up_to_the_corrupt_batch(
-        self, consumer: AIOKafkaConsumer, exc: Exception, rebalances: int
+        self, consumer: AIOKafkaConsumer, exc: Exception, rebalances: int, tp: TopicPartition
     ) -> bool:
         """Whether the records before a batch no client can read (its CRC does
         not match) were read raw and processed, so that the poll is tried again.
@@ -864,9 +900,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         first at the position: the worker names it and stops, with only the
         batch itself left for the operator. Other inputs moving do not count:
         a partition with traffic would have kept the worker in raw passes."""
-        tp = _partition_named(consumer, exc)
-        task = None if tp is None else self._task_of.get(tp)
-        if tp is None or task is None or not self._running(task):
+        task = self._task_of.get(tp)
+        if task is None or not self._running(task):
             return False
         before = task.positions.get(tp, 0)
         try:
@@ -879,12 +914,20 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             return True  # the partition moved, or its task restarts and reads it again
         return task.positions.get(tp, 0) > before
 
-    async def _name_the_corrupt_batch(self, consumer: AIOKafkaConsumer, exc: Exception) -> None:
+    async def _name_the_corrupt_batch(
+        self, consumer: AIOKafkaConsumer, exc: Exception, tp: TopicPartition | None
+    ) -> None:
         """Say where the batch is that no client can read (its CRC does not
-        match): aiokafka names its partition only, and leaves the position
-        there, the offset an operator needs to decide what to do."""
-        tp = _partition_named(consumer, exc)
+        match) on ``tp`` (:meth:`_damaged_input`): aiokafka names its partition
+        at most, and leaves the position there, the offset an operator needs
+        to decide what to do."""
         if tp is None:
+            log.error(
+                "a record batch is corrupt (%s), on a partition the worker could not find: "
+                "no Kafka client can read it, and the worker stops (docs/operations.md, "
+                "A worker is down)",
+                exc,
+            )
             return
         position: int | str = "unknown"
         found: int | None = None

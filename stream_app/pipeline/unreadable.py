@@ -113,8 +113,9 @@ def can_read_past(exc: BaseException) -> bool:
     when its C extension cannot load) reports so, and bytes left after a
     batch's records (an lz4 payload followed by a second frame, which Kafka
     stores and the raw read rejects whole). Not any other: a batch whose CRC
-    is wrong, or damage the CRC does not cover (a batch length of 0), which
-    the raw read cannot pass either; the worker names it and stops."""
+    is wrong, or damage the CRC does not cover (a batch length of 0, a magic
+    byte), which the raw read cannot pass either; the worker processes what
+    precedes it, names it and stops."""
     if isinstance(exc, UNREADABLE):
         return True
     if not isinstance(exc, CorruptRecordException):
@@ -198,6 +199,11 @@ _BATCH_HEADER: Final = struct.Struct(">qiibIhiqqqhii")
 _LOG_OVERHEAD: Final = 12  # BaseOffset + Length: the bytes Length does not count
 _CRC_FROM: Final = 21  # the CRC covers Attributes to the end of the batch
 _MAGIC_AT: Final = 16
+#: A message of magic 0 or 1: its CRC (after Offset and Length) covers Magic
+#: to the end; it is at least 14 bytes long (CRC, Magic, Attributes, the key's
+#: and the value's lengths), as aiokafka's reader checks.
+_LEGACY_CRC_AT: Final = 12
+_LEGACY_MIN_LENGTH: Final = 14
 _CODEC_MASK: Final = 0x07
 _TIMESTAMP_TYPE_LOG_APPEND: Final = 0x08
 _TRANSACTIONAL: Final = 0x10
@@ -396,7 +402,9 @@ async def corrupt_batch_at(options: dict[str, Any], tp: TopicPartition, offset: 
     whose checksum does not match, read raw a fetch at a time; None when
     none is found within :data:`CORRUPT_BATCH_FETCHES` fetches. aiokafka's
     consumer names only the partition of such a batch, and its position is
-    where the failed fetch began: up to a fetch of good batches before it."""
+    where the failed fetch began: up to a fetch of good batches before it.
+    A base offset below the offset the damaged fetch was read from is damage
+    too (a zeroed header says 0): that offset is the answer then."""
     client = AIOKafkaClient(**options)
     try:
         await client.bootstrap()
@@ -408,7 +416,7 @@ async def corrupt_batch_at(options: dict[str, Any], tp: TopicPartition, offset: 
                     options, tp, position, client=client, past_unreadable=True, whole=True
                 )
             except CorruptBatchError as exc:
-                return exc.base_offset
+                return max(exc.base_offset, position)
             if after <= position:
                 return None
             position = after
@@ -478,9 +486,10 @@ def parse_record_batches(
     and aiokafka's consumer fails on the payloads (or, on such offsets,
     drops records unseen). A batch of another magic, or one compressed with
     a codec that is not installed, is not rejected: it raises as without
-    ``whole``. A damaged batch (its CRC, or a length of 0) raises too, but
-    only when it comes first: after other batches, the fetch ends before it,
-    so that what precedes it is read and the client meets it next."""
+    ``whole``. A damaged batch (its CRC, its magic byte, or a length below
+    any message's) raises :class:`CorruptBatchError` too, but only when it
+    comes first: after other batches, the fetch ends before it, so that what
+    precedes it is read and the client meets it next."""
     data = memoryview(message_set)
     batches: list[RecordBatch] = []
     pos = 0
@@ -490,10 +499,13 @@ def parse_record_batches(
             if whole and batches:
                 break  # as a batch whose CRC is wrong, below
             (base_offset,) = struct.unpack_from(">q", data, pos)
-            raise RecordBatchError(
-                f"{tp.topic}[{tp.partition}]@{base_offset}: batch length {length} is "
-                "shorter than a batch header"
-            )
+            where = f"{tp.topic}[{tp.partition}]@{base_offset}"
+            problem = f"{where}: batch length {length} is shorter than a batch header"
+            if length < _LEGACY_MIN_LENGTH:
+                # Shorter than any message of any format: damage the CRC
+                # does not cover (aiokafka: "less than the minimum record overhead").
+                raise CorruptBatchError(problem, base_offset)
+            raise RecordBatchError(problem)
         end = pos + _LOG_OVERHEAD + length
         if end > len(data):
             break
@@ -509,11 +521,24 @@ def parse_record_batches(
     return batches
 
 
+def _legacy_crc_matches(batch: memoryview) -> bool:
+    """Whether a magic 0 or 1 message's CRC (CRC-32 of Magic onwards) matches."""
+    (crc,) = struct.unpack_from(">I", batch, _LEGACY_CRC_AT)
+    return batch[_MAGIC_AT] in (0, 1) and zlib.crc32(batch[_MAGIC_AT:]) == crc
+
+
 def _parse_batch(batch: memoryview, tp: TopicPartition, *, whole: bool = False) -> RecordBatch:
     magic = batch[_MAGIC_AT]
     (base_offset,) = struct.unpack_from(">q", batch)
     where = f"{tp.topic}[{tp.partition}]@{base_offset}"
     if magic != 2:
+        if not _legacy_crc_matches(batch):
+            # A damaged magic byte (the CRC of magic 2 does not cover it), or
+            # damage from the header's leader epoch on: aiokafka reads it as a
+            # message of an old format whose CRC does not match.
+            raise CorruptBatchError(
+                f"{where}: record batch CRC mismatch (its magic byte reads {magic})", base_offset
+            )
         raise RecordBatchError(f"{where}: record batch magic {magic}, only magic 2 is parsed")
     (
         _,

@@ -208,14 +208,20 @@ async def test_a_poll_failing_on_a_corrupt_batch_reads_up_to_it_before_the_worke
     passes: list[BaseException] = []
     named: list[BaseException] = []
 
-    async def read_up_to(consumer: object, exc: BaseException, rebalances: int) -> bool:
+    async def damaged_input(consumer: object, exc: BaseException) -> TopicPartition:
+        return TopicPartition("c", 0)
+
+    async def read_up_to(
+        consumer: object, exc: BaseException, rebalances: int, tp: TopicPartition
+    ) -> bool:
         passes.append(exc)
         return len(passes) < 3  # two passes move the partition, the third does not
 
-    async def name(consumer: object, exc: BaseException) -> None:
+    async def name(consumer: object, exc: BaseException, tp: TopicPartition | None) -> None:
         named.append(exc)
 
     monkeypatch.setattr(engine_module, "AIOKafkaConsumer", _polls_failing(engine, failing))
+    monkeypatch.setattr(engine, "_damaged_input", damaged_input)
     monkeypatch.setattr(engine, "_read_up_to_the_corrupt_batch", read_up_to)
     monkeypatch.setattr(engine, "_name_the_corrupt_batch", name)
     with pytest.raises(CorruptRecordException):

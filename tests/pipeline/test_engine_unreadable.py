@@ -416,6 +416,7 @@ async def test_a_corrupt_batch_is_named_with_its_offset_before_the_worker_stops(
         await engine._name_the_corrupt_batch(
             consumer,  # type: ignore[arg-type]
             CorruptRecordException(f"Invalid CRC - {tp!r}"),
+            tp,
         )
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith(f"{tp.topic}[3]: the record batch at offset {said} is corrupt")
@@ -438,6 +439,7 @@ async def test_a_corrupt_batch_whose_position_cannot_be_had_is_still_named(
         await engine._name_the_corrupt_batch(
             _Revoked({tp}),  # type: ignore[arg-type]
             CorruptRecordException(f"Invalid CRC - {tp!r}"),
+            tp,
         )
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith(f"{tp.topic}[3]: the record batch at offset unknown is corrupt")
@@ -489,12 +491,12 @@ async def test_the_records_before_a_corrupt_batch_are_processed_before_the_worke
     crc = CorruptRecordException(f"Invalid CRC - {tp!r}")
 
     with caplog.at_level("WARNING"):
-        assert await engine._read_up_to_the_corrupt_batch(consumer, crc, engine._rebalances)  # type: ignore[arg-type]
+        assert await engine._read_up_to_the_corrupt_batch(consumer, crc, engine._rebalances, tp)  # type: ignore[arg-type]
         assert task.processed == list(range(1234, 1300))
         assert consumer.sought == {tp: 1300}
         assert commits == [True]  # committed as any poll's records are
         # The next poll fails at the batch itself: nothing more to read.
-        assert not await engine._read_up_to_the_corrupt_batch(consumer, crc, engine._rebalances)  # type: ignore[arg-type]
+        assert not await engine._read_up_to_the_corrupt_batch(consumer, crc, engine._rebalances, tp)  # type: ignore[arg-type]
     assert task.processed == list(range(1234, 1300))
     assert task.rejected == []
     assert caplog.records == []  # the stop names the batch, not the raw read
@@ -526,20 +528,38 @@ async def test_traffic_on_other_inputs_does_not_keep_a_worker_from_stopping_on_a
     _commits_counted(engine, monkeypatch)
     consumer = _Consumer({corrupt_tp, busy_tp})
     crc = CorruptRecordException(f"Invalid CRC - {corrupt_tp!r}")
-    assert not await engine._read_up_to_the_corrupt_batch(consumer, crc, engine._rebalances)  # type: ignore[arg-type]
+    assert not await engine._read_up_to_the_corrupt_batch(
+        consumer,  # type: ignore[arg-type]
+        crc,
+        engine._rebalances,
+        corrupt_tp,
+    )
     assert busy_task.processed == list(range(50))  # read and processed all the same
     assert consumer.sought == {corrupt_tp: 1300, busy_tp: 50}
 
 
-async def test_a_corrupt_batch_on_no_partition_of_this_worker_is_not_read_for(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_damaged_batch_aiokafka_names_no_partition_of_is_found_raw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An error that names no assigned partition (revoked meanwhile): the
-    worker stops as before, with no raw pass."""
+    """A batch whose length is damaged (zeroed): aiokafka's error ("less than
+    the minimum record overhead") names no partition. The worker read nothing
+    raw and stopped with a bare traceback, no partition or offset for the
+    operator. The damaged batch is now looked for on every active input."""
     commands = Settings().topics.commands
-    tp = TopicPartition(commands, 0)
-    engine, [task] = _engine_reading(tmp_path, tp)
-    monkeypatch.setattr(unreadable, "read_batches_at", _crc_failing_at(10, tp))
-    crc = CorruptRecordException(f"Invalid CRC - {TopicPartition(commands, 5)!r}")
-    assert not await engine._read_up_to_the_corrupt_batch(_Consumer({tp}), crc, engine._rebalances)  # type: ignore[arg-type]
-    assert task.processed == []
+    quiet, damaged = TopicPartition(commands, 0), TopicPartition(commands, 1)
+    engine, _ = _engine_reading(tmp_path, quiet, damaged)
+    # A fetch of one batch each: within the search's fetches (CORRUPT_BATCH_FETCHES).
+    monkeypatch.setattr(unreadable, "read_batches_at", _crc_failing_at(5, damaged, end=60))
+    consumer = _Consumer({quiet, damaged})
+    overhead = CorruptRecordException("Record size is less than the minimum record overhead (14)")
+    assert await engine._damaged_input(consumer, overhead) == damaged  # type: ignore[arg-type]
+    # Named by aiokafka: no search.
+    crc = CorruptRecordException(f"Invalid CRC - {quiet!r}")
+    assert await engine._damaged_input(consumer, crc) == quiet  # type: ignore[arg-type]
+
+    monkeypatch.setattr(unreadable, "read_batches_at", _crc_failing_at(10_000, damaged, end=60))
+    assert await engine._damaged_input(consumer, overhead) is None  # type: ignore[arg-type]
+    with caplog.at_level("ERROR", logger="stream_app.pipeline.engine"):
+        await engine._name_the_corrupt_batch(consumer, overhead, None)  # type: ignore[arg-type]
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("a record batch is corrupt ([Error 2] CorruptRecordException: Record")
