@@ -106,6 +106,7 @@ from stream_app.pipeline.unreadable import (
     can_read_past,
     corrupt_batch_at,
     empty_control_batch,
+    misread,
     offsets_out_of_order,
     read_past,
     undecompressable,
@@ -714,12 +715,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     batches = await self._poll(consumer, self._poll_ms(time.monotonic()))
                 except MAYBE_UNREADABLE as exc:
                     if not can_read_past(exc):
-                        damaged = await self._damaged_input(consumer, exc)
-                        if damaged is not None and await self._read_up_to_the_corrupt_batch(
-                            consumer, exc, rebalances, damaged
-                        ):
+                        damage = await self._read_up_to_damage(consumer, exc, rebalances)
+                        if damage is None:
                             continue  # poll again: the client meets the batch first now
-                        await self._name_the_corrupt_batch(consumer, exc, damaged)
+                        await self._name_the_corrupt_batch(consumer, exc, damage)
                         raise
                     await self._read_past_and_commit(consumer, exc, rebalances)
                     continue
@@ -733,10 +732,17 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     self._fail(refused)
                     break
                 except Exception as exc:
-                    if not undecompressable(exc):
+                    if undecompressable(exc):
+                        await self._read_past_and_commit(consumer, exc, rebalances)
+                        continue
+                    if not misread(exc):
                         raise
-                    await self._read_past_and_commit(consumer, exc, rebalances)
-                    continue
+                    damage = await self._read_up_to_damage(consumer, exc, rebalances)
+                    if damage is None:
+                        continue
+                    if damage.tp is not None:
+                        await self._name_the_corrupt_batch(consumer, exc, damage)
+                    raise
                 if batches is None:
                     break  # told to stop
                 if batches and not consumed_any:
@@ -851,76 +857,65 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             self._offsets = GroupOffsets(client_options(self.settings))
         return self._offsets
 
-    async def _damaged_input(
-        self, consumer: AIOKafkaConsumer, exc: Exception
-    ) -> TopicPartition | None:
-        """The input that holds the batch no client can read: the one aiokafka's
-        error names (``Invalid CRC - <partition>``), or, for an error that names
-        none (a batch's length damaged: ``less than the minimum record
-        overhead``), the first found holding a damaged batch, read raw from
-        each active input's last record processed."""
-        named = _partition_named(consumer, exc)
-        if named is not None or self._stopping.is_set():
-            return named
-        options = client_options(self.settings)
-        inputs = [
-            (tp, task.handled.get(tp, 0))
-            for task in self._tasks.values()
-            if self._running(task)
-            for tp in task.inputs
-        ]
-
-        async def search(tp: TopicPartition, offset: int) -> int | None:
-            with contextlib.suppress(Exception):  # not found, then: the stop says so
-                return await corrupt_batch_at(options, tp, offset)
-            return None
-
-        try:
-            found = await asyncio.wait_for(
-                asyncio.gather(*(search(tp, offset) for tp, offset in inputs)),
-                _CORRUPT_BATCH_SEARCH_S,
-            )
-        except TimeoutError:
-            return None
-        return next((tp for (tp, _), at in zip(inputs, found, strict=True) if at is not None), None)
-
-    async def _read_up_to_the_corrupt_batch(
-        self, consumer: AIOKafkaConsumer, exc: Exception, rebalances: int, tp: TopicPartition
-    ) -> bool:
-        """Whether the records before a batch no client can read (its CRC does
-        not match) were read raw and processed, so that the poll is tried again.
+    async def _read_up_to_damage(
+        self, consumer: AIOKafkaConsumer, exc: Exception, rebalances: int
+    ) -> _Damage | None:
+        """Read raw what precedes a batch no client can read (damaged on a
+        broker's disk): None when the poll is to be tried again, else the
+        batch the worker names as it stops.
 
         aiokafka fails the whole fetch that holds such a batch: the records
         before it in the fetch, up to 2 MiB of them, were never processed, and
         the worker stopped at every start with the group's offset before them.
         An operator's reset past the batch then passed them unrejected. A raw
         pass (:meth:`_read_past_and_commit`) reads every input from its last
-        record processed; the fetch it parses ends before a damaged batch. Once
-        a pass no longer moves the damaged batch's partition, the batch is
-        first at the position: the worker names it and stops, with only the
-        batch itself left for the operator. Other inputs moving do not count:
-        a partition with traffic would have kept the worker in raw passes."""
-        task = self._task_of.get(tp)
-        if task is None or not self._running(task):
-            return False
-        before = task.positions.get(tp, 0)
+        record processed; the fetch it parses ends before a damaged batch, and
+        the next one meets it. The worker stops once the pass meets it on the
+        partition aiokafka's error names (``Invalid CRC - <partition>``), or no
+        longer moves that partition: other inputs moving do not count, or a
+        partition with traffic would keep the worker in raw passes.
+
+        An error that names no partition (a damaged length: ``less than the
+        minimum record overhead``; a damaged magic byte, a ``SystemError`` of
+        aiokafka's reader) is the damage the pass meets on any input. A pass
+        that meets none but moves polls again, as for a record read past:
+        aiokafka fails on some batches whose CRC matches (a hand-built
+        record's attributes byte) that the raw read reads."""
+        named = _partition_named(consumer, exc)
+        task = None if named is None else self._task_of.get(named)
+        if named is not None and (task is None or not self._running(task)):
+            return _Damage(named, None)
+        before = 0 if named is None or task is None else task.positions.get(named, 0)
+        met: dict[TopicPartition, int] = {}
         try:
-            await self._read_past_and_commit(consumer, exc, rebalances)
+            await self._read_past_and_commit(consumer, exc, rebalances, met)
+            moved = True
         except Exception as again:
             if again is not exc:
                 raise
-            return False  # the pass moved nothing at all
-        if rebalances != self._rebalances or not self._running(task):
-            return True  # the partition moved, or its task restarts and reads it again
-        return task.positions.get(tp, 0) > before
+            moved = False  # the pass moved nothing at all
+        if named is None or task is None:
+            if met:
+                tp, offset = next(iter(met.items()))
+                return _Damage(tp, offset)
+            return None if moved else _Damage(None, None)
+        if named in met:
+            return _Damage(named, met[named])
+        if moved and (
+            rebalances != self._rebalances  # the partition moved, or its task
+            or not self._running(task)  # restarts and reads it again
+            or task.positions.get(named, 0) > before
+        ):
+            return None
+        return _Damage(named, None)
 
     async def _name_the_corrupt_batch(
-        self, consumer: AIOKafkaConsumer, exc: Exception, tp: TopicPartition | None
+        self, consumer: AIOKafkaConsumer, exc: Exception, damage: _Damage
     ) -> None:
-        """Say where the batch is that no client can read (its CRC does not
-        match) on ``tp`` (:meth:`_damaged_input`): aiokafka names its partition
-        at most, and leaves the position there, the offset an operator needs
-        to decide what to do."""
+        """Say where the batch is that no client can read (:meth:`_read_up_to_damage`):
+        aiokafka names its partition at most, and leaves the position where its
+        failed fetch began, not the offset an operator needs to decide what to do."""
+        tp = damage.tp
         if tp is None:
             log.error(
                 "a record batch is corrupt (%s), on a partition the worker could not find: "
@@ -930,13 +925,13 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             )
             return
         position: int | str = "unknown"
-        found: int | None = None
+        found = damage.offset
         try:
             position = await asyncio.wait_for(consumer.position(tp), 1.0)
             # aiokafka's position is where the failed fetch began, up to a
             # fetch (2 MiB) of good batches before the corrupt one. Not
             # while stopping: the stop has its own bound.
-            if not self._stopping.is_set():
+            if found is None and not self._stopping.is_set():
                 found = await asyncio.wait_for(
                     corrupt_batch_at(client_options(self.settings), tp, int(position)),
                     _CORRUPT_BATCH_SEARCH_S,
@@ -1287,17 +1282,25 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         return False
 
     async def _read_past_and_commit(
-        self, consumer: AIOKafkaConsumer, exc: Exception, rebalances: int
+        self,
+        consumer: AIOKafkaConsumer,
+        exc: Exception,
+        rebalances: int,
+        damaged: dict[TopicPartition, int] | None = None,
     ) -> None:
         """:meth:`_read_past_the_client`, then commit what it processed as any
         poll's records are: a backlog of unreadable records, pass after pass,
         held every output and offset of the worker back."""
         async with self._lock:
-            await self._read_past_the_client(consumer, exc, rebalances)
+            await self._read_past_the_client(consumer, exc, rebalances, damaged)
             await self._commit(due_only=True)
 
     async def _read_past_the_client(
-        self, consumer: AIOKafkaConsumer, exc: Exception, rebalances: int
+        self,
+        consumer: AIOKafkaConsumer,
+        exc: Exception,
+        rebalances: int,
+        damaged: dict[TopicPartition, int] | None = None,
     ) -> None:
         """aiokafka could not decode a fetched record and says not which; polling
         again does not tell either (the failed fetch stays buffered, empty). So
@@ -1315,7 +1318,11 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         starts where this one stopped. Only a pass that moves nothing raises
         ``exc``: then what aiokafka cannot decode is not where these inputs
         are read. A task that fails in the pass is dropped or restarted as in
-        :meth:`_process`, and counts as moved: it reads its inputs again."""
+        :meth:`_process`, and counts as moved: it reads its inputs again.
+
+        ``damaged`` is given the inputs whose read met a batch damaged on a
+        broker's disk, with its offset (:class:`CorruptBatchError`'s ``at``):
+        each read ends there."""
         options = client_options(self.settings)
         found = moved = False
         # A committed offset older than the log's start (the workers were down
@@ -1358,8 +1365,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                                     return  # restarted by the round: it reads them again
                             task.positions[tp] = max(task.positions.get(tp, 0), resume)
                             found = found or not all(raw.readable() for raw in raws)
-                except CorruptBatchError:
-                    pass  # first at the position: the client meets it, the worker names it
+                except CorruptBatchError as damage:
+                    # The client meets it too: the worker names it (_read_up_to_damage).
+                    if damaged is not None:
+                        damaged[tp] = damage.at
                 except RecordBatchError as unparsed:
                     # Records this parser does not read (old message formats,
                     # say) where aiokafka may: not this input's to pass, then.
@@ -2048,6 +2057,16 @@ def _unusable_state_dir(settings: Settings, why: OSError) -> ConfigurationError:
         f"STREAM_APP_DATA_DIR={settings.data_dir}: cannot use the state directory "
         f"{settings.data_dir / settings.app_id}: {why}"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Damage:
+    """A batch no client can read, which the worker names as it stops."""
+
+    #: None: on no input the worker could find.
+    tp: TopicPartition | None
+    #: None: not met by a raw read; looked for from the consumer's position.
+    offset: int | None
 
 
 def _partition_named(consumer: AIOKafkaConsumer, exc: Exception) -> TopicPartition | None:

@@ -160,6 +160,14 @@ def undecompressable(exc: BaseException) -> bool:
     )
 
 
+def misread(exc: BaseException) -> bool:
+    """Whether ``exc`` is aiokafka's record reader failing on bytes it cannot
+    make sense of other than by :class:`CorruptRecordException`: a batch whose
+    magic byte was damaged, read by its C extension (``SystemError``: a
+    negative size passed to ``PyBytes_FromStringAndSize``)."""
+    return isinstance(exc, SystemError)
+
+
 class OffsetsOutOfOrderError(StreamAppError):
     """Records the Kafka client handed over at offsets no honest batch gives:
     not increasing, or past where the client says it reads next. A batch
@@ -226,6 +234,10 @@ class CorruptBatchError(RecordBatchError):
     def __init__(self, message: str, base_offset: int) -> None:
         super().__init__(message)
         self.base_offset = base_offset
+        #: Where the batch is: its base offset, or, when that is below the
+        #: offset of the fetch that met it (damage that zeroed the header
+        #: says 0), that offset (set by :func:`read_batches_at`).
+        self.at = base_offset
 
 
 Header = tuple[bytes, bytes | None]
@@ -335,8 +347,12 @@ async def read_batches_at(
             await client.bootstrap()
         position = offset
         while True:
-            message_set, aborted = await _fetch(client, tp, position, max_bytes)
-            batches = parse_record_batches(message_set, tp, whole=whole)
+            try:
+                message_set, aborted = await _fetch(client, tp, position, max_bytes)
+                batches = parse_record_batches(message_set, tp, whole=whole)
+            except CorruptBatchError as exc:
+                exc.at = max(exc.base_offset, position)
+                raise
             if not batches:
                 return [], position
             found: list[RawRecord] = []
@@ -416,7 +432,7 @@ async def corrupt_batch_at(options: dict[str, Any], tp: TopicPartition, offset: 
                     options, tp, position, client=client, past_unreadable=True, whole=True
                 )
             except CorruptBatchError as exc:
-                return max(exc.base_offset, position)
+                return exc.at
             if after <= position:
                 return None
             position = after
@@ -501,9 +517,13 @@ def parse_record_batches(
             (base_offset,) = struct.unpack_from(">q", data, pos)
             where = f"{tp.topic}[{tp.partition}]@{base_offset}"
             problem = f"{where}: batch length {length} is shorter than a batch header"
-            if length < _LEGACY_MIN_LENGTH:
-                # Shorter than any message of any format: damage the CRC
-                # does not cover (aiokafka: "less than the minimum record overhead").
+            end = pos + _LOG_OVERHEAD + length
+            if length < _LEGACY_MIN_LENGTH or (
+                end <= len(data) and not _legacy_crc_matches(data[pos:end])
+            ):
+                # Shorter than any message of any format (aiokafka: "less than
+                # the minimum record overhead"), or not a message of an old
+                # format either: damage the CRC does not cover.
                 raise CorruptBatchError(problem, base_offset)
             raise RecordBatchError(problem)
         end = pos + _LOG_OVERHEAD + length
@@ -772,6 +792,14 @@ async def _fetch(
                     )
                     return bytes(part_data[-1] or b""), _aborted(response.API_VERSION, part_data)
                 failure = error_type(f"fetch of {tp.topic}[{tp.partition}]@{offset}")
+                if error_type is CorruptRecordException:
+                    # The broker cannot read its own log there (a batch length
+                    # below any message's): it answers a fetch at the batch so.
+                    raise CorruptBatchError(
+                        f"{tp.topic}[{tp.partition}]@{offset}: the broker cannot read the "
+                        f"batch there ({failure})",
+                        offset,
+                    )
                 if not error_type.retriable:
                     raise failure
         log.debug("%s[%d]@%d: fetch failed (%r), retrying", tp.topic, tp.partition, offset, failure)

@@ -41,7 +41,7 @@ from stream_app.pipeline.checkpoint import (
     encode_consumed,
     offset_metadata,
 )
-from stream_app.pipeline.engine import Engine
+from stream_app.pipeline.engine import Engine, _Damage
 from stream_app.pipeline.processor import BOOKKEEPING_BYTES, Limits
 from stream_app.pipeline.store import CONSUMED_KEY, PartitionStore, RocksDBResources
 from stream_app.pipeline.tasks import Stage, Task, TaskId
@@ -196,38 +196,55 @@ async def test_a_poll_failing_on_a_control_batch_of_no_records_reads_past_it(
     assert [str(exc) for exc in passes] == ["KafkaError: Control batch did not contain any records"]
 
 
+@pytest.mark.parametrize(
+    "failing",
+    [
+        CorruptRecordException("Invalid CRC - TopicPartition(topic='c', partition=0)"),
+        # aiokafka's C reader on a damaged magic byte: it was a bare traceback.
+        SystemError("Negative size passed to PyBytes_FromStringAndSize"),
+    ],
+)
 async def test_a_poll_failing_on_a_corrupt_batch_reads_up_to_it_before_the_worker_stops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: Exception
 ) -> None:
     """A batch whose CRC does not match failed the poll: the worker named it
     and stopped at once, and the records before it in the failed fetch were
     never processed. Now the poll is tried again while raw passes move its
     partition; then the batch is named and the worker stops."""
     engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
-    failing = CorruptRecordException("Invalid CRC - TopicPartition(topic='c', partition=0)")
     passes: list[BaseException] = []
     named: list[BaseException] = []
 
-    async def damaged_input(consumer: object, exc: BaseException) -> TopicPartition:
-        return TopicPartition("c", 0)
-
-    async def read_up_to(
-        consumer: object, exc: BaseException, rebalances: int, tp: TopicPartition
-    ) -> bool:
+    async def read_up_to(consumer: object, exc: BaseException, rebalances: int) -> _Damage | None:
         passes.append(exc)
-        return len(passes) < 3  # two passes move the partition, the third does not
+        # Two passes move the partition, the third meets the batch.
+        return None if len(passes) < 3 else _Damage(TopicPartition("c", 0), 7)
 
-    async def name(consumer: object, exc: BaseException, tp: TopicPartition | None) -> None:
+    async def name(consumer: object, exc: BaseException, damage: _Damage) -> None:
         named.append(exc)
 
     monkeypatch.setattr(engine_module, "AIOKafkaConsumer", _polls_failing(engine, failing))
-    monkeypatch.setattr(engine, "_damaged_input", damaged_input)
-    monkeypatch.setattr(engine, "_read_up_to_the_corrupt_batch", read_up_to)
+    monkeypatch.setattr(engine, "_read_up_to_damage", read_up_to)
     monkeypatch.setattr(engine, "_name_the_corrupt_batch", name)
-    with pytest.raises(CorruptRecordException):
+    with pytest.raises(type(failing)):
         await engine._consume()
     assert passes == [failing] * 3
     assert named == [failing]
+
+
+async def test_any_other_failure_of_a_poll_reads_nothing_raw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
+    failing = RuntimeError("not a record the client misread")
+
+    async def read_up_to(consumer: object, exc: BaseException, rebalances: int) -> None:
+        raise AssertionError("read raw")
+
+    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", _polls_failing(engine, failing))
+    monkeypatch.setattr(engine, "_read_up_to_damage", read_up_to)
+    with pytest.raises(RuntimeError):
+        await engine._consume()
 
 
 async def test_a_failing_poll_stops_the_engine_as_a_signal_does(

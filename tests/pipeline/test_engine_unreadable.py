@@ -16,7 +16,7 @@ from aiokafka.errors import (
 
 from stream_app.pipeline import unreadable
 from stream_app.pipeline.checkpoint import TaskFencedError
-from stream_app.pipeline.engine import Engine
+from stream_app.pipeline.engine import Engine, _Damage
 from stream_app.pipeline.tasks import TaskId
 from stream_app.pipeline.topics import TopicLayout
 from stream_app.pipeline.unreadable import RAW_RECORDS, UNREADABLE, RawRecord
@@ -416,7 +416,7 @@ async def test_a_corrupt_batch_is_named_with_its_offset_before_the_worker_stops(
         await engine._name_the_corrupt_batch(
             consumer,  # type: ignore[arg-type]
             CorruptRecordException(f"Invalid CRC - {tp!r}"),
-            tp,
+            _Damage(tp, None),
         )
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith(f"{tp.topic}[3]: the record batch at offset {said} is corrupt")
@@ -439,7 +439,7 @@ async def test_a_corrupt_batch_whose_position_cannot_be_had_is_still_named(
         await engine._name_the_corrupt_batch(
             _Revoked({tp}),  # type: ignore[arg-type]
             CorruptRecordException(f"Invalid CRC - {tp!r}"),
-            tp,
+            _Damage(tp, None),
         )
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith(f"{tp.topic}[3]: the record batch at offset unknown is corrupt")
@@ -479,8 +479,8 @@ async def test_the_records_before_a_corrupt_batch_are_processed_before_the_worke
     match: the records before it in the fetch were never processed, the worker
     stopped at every start, and the runbook's reset past the batch passed them
     unrejected (found by a black-box run: ten commands before the batch lost).
-    Now they are read raw and processed; the worker stops once the batch is
-    first at the partition's position."""
+    Now they are read raw and processed; the worker stops once the raw read
+    meets the batch, and names it there."""
     tp = TopicPartition(Settings().topics.commands, 3)
     engine, [task] = _engine_reading(tmp_path, tp)
     task.positions = {tp: 1234}
@@ -491,15 +491,31 @@ async def test_the_records_before_a_corrupt_batch_are_processed_before_the_worke
     crc = CorruptRecordException(f"Invalid CRC - {tp!r}")
 
     with caplog.at_level("WARNING"):
-        assert await engine._read_up_to_the_corrupt_batch(consumer, crc, engine._rebalances, tp)  # type: ignore[arg-type]
-        assert task.processed == list(range(1234, 1300))
-        assert consumer.sought == {tp: 1300}
-        assert commits == [True]  # committed as any poll's records are
-        # The next poll fails at the batch itself: nothing more to read.
-        assert not await engine._read_up_to_the_corrupt_batch(consumer, crc, engine._rebalances, tp)  # type: ignore[arg-type]
+        damage = await engine._read_up_to_damage(consumer, crc, engine._rebalances)  # type: ignore[arg-type]
+    assert damage == _Damage(tp, 1300)
     assert task.processed == list(range(1234, 1300))
     assert task.rejected == []
+    assert consumer.sought == {tp: 1300}
+    assert commits == [True]  # committed as any poll's records are
     assert caplog.records == []  # the stop names the batch, not the raw read
+
+
+async def test_a_pass_that_moves_the_named_partition_short_of_the_batch_polls_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch further ahead than one pass reads (RAW_RECORDS): the poll is
+    tried again, and the next pass goes on from there."""
+    tp = TopicPartition(Settings().topics.commands, 3)
+    engine, [task] = _engine_reading(tmp_path, tp)
+    monkeypatch.setattr(unreadable, "read_batches_at", _crc_failing_at(RAW_RECORDS + 10, tp))
+    _commits_counted(engine, monkeypatch)
+    consumer = _Consumer({tp})
+    crc = CorruptRecordException(f"Invalid CRC - {tp!r}")
+    assert await engine._read_up_to_damage(consumer, crc, engine._rebalances) is None  # type: ignore[arg-type]
+    assert consumer.sought == {tp: RAW_RECORDS}
+    damage = await engine._read_up_to_damage(consumer, crc, engine._rebalances)  # type: ignore[arg-type]
+    assert damage == _Damage(tp, RAW_RECORDS + 10)
+    assert task.processed == list(range(RAW_RECORDS + 10))
 
 
 async def test_traffic_on_other_inputs_does_not_keep_a_worker_from_stopping_on_a_corrupt_batch(
@@ -513,53 +529,62 @@ async def test_traffic_on_other_inputs_does_not_keep_a_worker_from_stopping_on_a
     engine, [corrupt_task, busy_task] = _engine_reading(tmp_path, corrupt_tp, busy_tp)
     corrupt_task.positions = {corrupt_tp: 1300}
     corrupt_task.handled = {corrupt_tp: 1300}
-    log_end = [50]
-
-    failing = _crc_failing_at(1300, corrupt_tp)
-
-    async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int, **client: object
-    ) -> tuple[list[RawRecord], int]:
-        if tp == busy_tp and offset >= log_end[0]:
-            return [], offset
-        return await failing(options, tp, offset)  # type: ignore[operator, no-any-return]
-
-    monkeypatch.setattr(unreadable, "read_batches_at", read_batches_at)
+    failing = _crc_failing_at(1300, corrupt_tp, end=50)
+    monkeypatch.setattr(unreadable, "read_batches_at", failing)
     _commits_counted(engine, monkeypatch)
     consumer = _Consumer({corrupt_tp, busy_tp})
     crc = CorruptRecordException(f"Invalid CRC - {corrupt_tp!r}")
-    assert not await engine._read_up_to_the_corrupt_batch(
-        consumer,  # type: ignore[arg-type]
-        crc,
-        engine._rebalances,
-        corrupt_tp,
-    )
+    damage = await engine._read_up_to_damage(consumer, crc, engine._rebalances)  # type: ignore[arg-type]
+    assert damage == _Damage(corrupt_tp, 1300)
     assert busy_task.processed == list(range(50))  # read and processed all the same
     assert consumer.sought == {corrupt_tp: 1300, busy_tp: 50}
 
 
-async def test_a_damaged_batch_aiokafka_names_no_partition_of_is_found_raw(
+async def test_damage_aiokafka_names_no_partition_of_is_found_by_the_raw_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A batch whose length is damaged (zeroed): aiokafka's error ("less than
     the minimum record overhead") names no partition. The worker read nothing
     raw and stopped with a bare traceback, no partition or offset for the
-    operator. The damaged batch is now looked for on every active input."""
+    operator. The raw pass meets the damage on whichever input holds it."""
     commands = Settings().topics.commands
     quiet, damaged = TopicPartition(commands, 0), TopicPartition(commands, 1)
-    engine, _ = _engine_reading(tmp_path, quiet, damaged)
-    # A fetch of one batch each: within the search's fetches (CORRUPT_BATCH_FETCHES).
-    monkeypatch.setattr(unreadable, "read_batches_at", _crc_failing_at(5, damaged, end=60))
+    engine, [quiet_task, damaged_task] = _engine_reading(tmp_path, quiet, damaged)
+    monkeypatch.setattr(unreadable, "read_batches_at", _crc_failing_at(40, damaged, end=60))
+    _commits_counted(engine, monkeypatch)
     consumer = _Consumer({quiet, damaged})
     overhead = CorruptRecordException("Record size is less than the minimum record overhead (14)")
-    assert await engine._damaged_input(consumer, overhead) == damaged  # type: ignore[arg-type]
-    # Named by aiokafka: no search.
-    crc = CorruptRecordException(f"Invalid CRC - {quiet!r}")
-    assert await engine._damaged_input(consumer, crc) == quiet  # type: ignore[arg-type]
+    damage = await engine._read_up_to_damage(consumer, overhead, engine._rebalances)  # type: ignore[arg-type]
+    assert damage == _Damage(damaged, 40)
+    assert damaged_task.processed == list(range(40))
+    assert quiet_task.processed == list(range(60))
 
+    damage = await engine._read_up_to_damage(consumer, overhead, engine._rebalances)  # type: ignore[arg-type]
+    assert damage == _Damage(damaged, 40)  # met again, first at the position
+    # No damage there after all: read on, then nothing met and nothing moved.
     monkeypatch.setattr(unreadable, "read_batches_at", _crc_failing_at(10_000, damaged, end=60))
-    assert await engine._damaged_input(consumer, overhead) is None  # type: ignore[arg-type]
+    assert await engine._read_up_to_damage(consumer, overhead, engine._rebalances) is None  # type: ignore[arg-type]
+    assert damaged_task.processed == list(range(60))
+    damage = await engine._read_up_to_damage(consumer, overhead, engine._rebalances)  # type: ignore[arg-type]
+    assert damage == _Damage(None, None)
     with caplog.at_level("ERROR", logger="stream_app.pipeline.engine"):
-        await engine._name_the_corrupt_batch(consumer, overhead, None)  # type: ignore[arg-type]
+        await engine._name_the_corrupt_batch(consumer, overhead, damage)  # type: ignore[arg-type]
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith("a record batch is corrupt ([Error 2] CorruptRecordException: Record")
+
+
+async def test_a_batch_aiokafka_misreads_although_its_crc_matches_is_read_past(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hand-built record whose attributes byte is 0x80 or more: Kafka stores
+    it (it ignores the byte), aiokafka's reader fails with an error that names
+    no partition, and the worker stopped for good; the raw read reads it. A
+    pass that moves and meets no damage polls again, as for a record read
+    past."""
+    tp = TopicPartition(Settings().topics.commands, 0)
+    engine, [task] = _engine_reading(tmp_path, tp)
+    monkeypatch.setattr(unreadable, "read_batches_at", _crc_failing_at(10_000, tp, end=30))
+    _commits_counted(engine, monkeypatch)
+    misread = CorruptRecordException("Can't read 11 bytes from pos 70")
+    assert await engine._read_up_to_damage(_Consumer({tp}), misread, engine._rebalances) is None  # type: ignore[arg-type]
+    assert task.processed == list(range(30))

@@ -8,10 +8,11 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import aiokafka.codec
 import pytest
-from aiokafka.errors import CorruptRecordException
+from aiokafka.errors import CorruptRecordException, OffsetOutOfRangeError
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
 from aiokafka.structs import TopicPartition
@@ -383,9 +384,15 @@ def test_a_batch_length_shorter_than_a_header_is_a_record_batch_error(length: in
     struct.pack_into(">i", data, 8, length)
     with pytest.raises(RecordBatchError, match=rf"@7: batch length {length} is shorter") as raised:
         parse_record_batches(bytes(data), TP)
-    # Shorter than a message of any format: damage (aiokafka's error names no
-    # partition; the worker looks for the batch raw). 20 may be an old format's.
-    assert isinstance(raised.value, unreadable.CorruptBatchError) == (length < 14)
+    # Damage: shorter than a message of any format (aiokafka's error names no
+    # partition), or not an old format's message either.
+    assert isinstance(raised.value, unreadable.CorruptBatchError)
+
+
+def test_a_short_message_of_an_old_format_is_not_damage() -> None:
+    with pytest.raises(RecordBatchError, match="batch length 26 is shorter") as raised:
+        parse_record_batches(_legacy_message(3, b"four") + _legacy_message(4, b"five"), TP)
+    assert not isinstance(raised.value, unreadable.CorruptBatchError)
 
 
 def _read_in_pure_python(batch: bytes) -> Exception:
@@ -650,3 +657,55 @@ async def test_a_batch_whose_header_was_zeroed_is_named_where_its_read_began(
     monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
     monkeypatch.setattr(unreadable, "_fetch", fetch)
     assert await unreadable.corrupt_batch_at({}, TP, 40) == 42
+
+
+async def test_a_zeroed_batch_behind_a_marker_is_named_at_its_own_offset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read passes a marker on its own, then meets the damage: the offset
+    named was where the search began, the marker's."""
+    marker = control_batch(22, 7, commit=True)
+    zeroed = bytes(61) + encode_batch([C], base_offset=24)[61:]
+    log = {22: marker + zeroed, 23: zeroed}
+
+    async def fetch(
+        client: object, tp: TopicPartition, offset: int, max_bytes: int
+    ) -> tuple[bytes, list[tuple[int, int]]]:
+        return log.get(offset, b""), []
+
+    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
+    monkeypatch.setattr(unreadable, "_fetch", fetch)
+    assert await unreadable.corrupt_batch_at({}, TP, 22) == 23
+
+
+class _Leader:
+    """Stands for a client whose partition leader answers every fetch with
+    ``error_code``."""
+
+    def __init__(self, error_code: int) -> None:
+        self.error_code = error_code
+        self.cluster = self
+
+    async def add_topic(self, topic: str) -> None:
+        pass
+
+    async def force_metadata_update(self) -> None:
+        pass
+
+    def leader_for_partition(self, tp: TopicPartition) -> int:
+        return 1
+
+    async def send(self, node: int, request: object) -> object:
+        partition = (TP.partition, self.error_code, 0, 0, 0, [], b"")
+        return SimpleNamespace(API_VERSION=5, topics=[(TP.topic, [partition])])
+
+
+async def test_a_fetch_the_broker_cannot_serve_from_its_log_is_a_damaged_batch() -> None:
+    """A batch whose length is damaged in the broker's own log: Kafka answers
+    a fetch at it CORRUPT_MESSAGE. The raw read raised a KafkaError, the search
+    for the batch found nothing, and the worker said it could not find it."""
+    with pytest.raises(unreadable.CorruptBatchError, match="the broker cannot read") as raised:
+        await unreadable._fetch(_Leader(2), TP, 42, 1024)
+    assert raised.value.at == 42
+    with pytest.raises(OffsetOutOfRangeError):  # any other error as it was
+        await unreadable._fetch(_Leader(1), TP, 42, 1024)
