@@ -1603,6 +1603,38 @@ async def test_a_batch_whose_payload_has_bytes_after_it(live: Live) -> None:
     assert seen.closed(inside) == []
 
 
+def _first_record_attributes(batch: bytes, value: int) -> bytes:
+    """``batch`` (uncompressed) with its first record's attributes byte, which
+    Kafka reads and ignores, set to ``value``, and its CRC made right."""
+    at = 61  # the batch header; then the record's length, a varint
+    while batch[at] & 0x80:
+        at += 1
+    return recrc(batch[: at + 1] + bytes([value]) + batch[at + 2 :])
+
+
+async def test_a_record_whose_attributes_aiokafka_cannot_read(live: Live) -> None:
+    """A record attributes byte of 0x80 or more, its batch's CRC right: Kafka
+    stores it, and aiokafka's reader fails on it with an error that names no
+    partition ("Can't read ... bytes"). Every worker that took the partition
+    stopped on it, at every start. The raw read reads it: the command is
+    applied, as are the closes around it."""
+    p = 0
+    before, inside, after = (live.iid("attributes", p) for _ in range(3))
+    for iid in (before, inside, after):
+        await produce_raw_batch(
+            live.d.bootstrap,
+            live.commands,
+            p,
+            [BatchRecord(iid.encode(), close(iid))],
+            edit=(lambda batch: _first_record_attributes(batch, 0x80)) if iid == inside else None,
+        )
+    canaries = await live.canaries(direct=(p,))
+    seen = await live.settle(canaries, lambda s: s.has_closed(*canaries, before, inside, after))
+    live.assert_alive()
+    live.assert_canaries(seen, canaries)
+    assert [len(seen.closed(iid)) for iid in (before, inside, after)] == [1, 1, 1]
+
+
 async def test_a_batch_whose_offsets_disagree_with_its_header(live: Live) -> None:
     """Kafka 4.1 stores an uncompressed batch of two records whose second
     claims offset delta 50 while the header says 1. The Kafka client hands it
