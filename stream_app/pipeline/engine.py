@@ -40,7 +40,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+)
 from aiokafka.structs import TopicPartition
 
 from stream_app import json
@@ -702,6 +707,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         last_metrics = passed_at = counted_at = time.monotonic()
         consumed_any = False
+        corrupt_answers = _CorruptAnswers()
+        _FETCHER_LOG.addFilter(corrupt_answers)
         # Beside the loop: in an outage the loop waits on the commit round.
         watching = asyncio.create_task(self._watch_unheard())
         # Beside it too: a rebalance or an outage holds the loop up.
@@ -739,6 +746,14 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                         raise
                     damage = await self._read_up_to_damage(consumer, exc, rebalances)
                     if damage is None:
+                        held = self._told.due("misread")
+                        if held is not None:
+                            log.warning(
+                                "the Kafka client failed reading a fetch (%r): every input "
+                                "was read raw past it%s",
+                                exc,
+                                held_back(held, "such failures"),
+                            )
                         continue
                     if damage.tp is not None:
                         await self._name_the_corrupt_batch(consumer, exc, damage)
@@ -748,6 +763,17 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 if batches and not consumed_any:
                     consumed_any = True
                     log.info("first records consumed (unix time %.6f)", time.time())
+                if corrupt_answers.seen():
+                    # Kafka cannot read its log where a fetch began: the
+                    # client says so in a warning alone, and fetches there
+                    # again and again. The raw pass meets it, and processes
+                    # this poll's records (dropped here: every input is sought).
+                    failure = CorruptRecordException(_CANNOT_READ_ITS_LOG)
+                    damage = await self._read_up_to_damage(consumer, failure, rebalances)
+                    if damage is not None:
+                        await self._name_the_corrupt_batch(consumer, failure, damage)
+                        raise failure
+                    continue
                 async with self._lock:
                     lying = await _out_of_order(consumer, batches)
                     if lying is not None:
@@ -780,6 +806,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     counted_at = now
                     self._check_partition_counts(consumer)
         finally:
+            _FETCHER_LOG.removeFilter(corrupt_answers)
             watching.cancel()
             flushing.cancel()
             # Stopping, whatever ended the loop: a failure raised from a poll
@@ -2057,6 +2084,37 @@ def _unusable_state_dir(settings: Settings, why: OSError) -> ConfigurationError:
         f"STREAM_APP_DATA_DIR={settings.data_dir}: cannot use the state directory "
         f"{settings.data_dir / settings.app_id}: {why}"
     )
+
+
+#: aiokafka's fetcher: its only word of a fetch Kafka answered with an
+#: error it does not handle (CORRUPT_MESSAGE, say) is a warning there.
+_FETCHER_LOG: Final = logging.getLogger("aiokafka.consumer.fetcher")
+_CANNOT_READ_ITS_LOG: Final = (
+    "Kafka answered a fetch CORRUPT_MESSAGE: it cannot read its own log there"
+)
+
+
+class _CorruptAnswers(logging.Filter):
+    """Notes aiokafka's fetcher warning that Kafka answered a fetch
+    CORRUPT_MESSAGE (the broker cannot read a batch of its log, a length
+    damaged on its disk): the consumer neither raises nor names the
+    partition, and fetches the same offset again at once, for good."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Unexpected error while fetching data: %s" and record.args == (
+            "CorruptRecordException",
+        ):
+            self._seen = True
+        return True  # logged all the same
+
+    def seen(self) -> bool:
+        """Whether it was said since the last time this was asked."""
+        seen, self._seen = self._seen, False
+        return seen
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -423,3 +424,59 @@ async def test_a_checksum_damaged_batch_loses_only_itself(
     assert second.stop() == 0, second.log_tail()
     rejected = await consume(d.bootstrap, [t.rejected], expect=0, timeout=5)
     assert rejected == []
+
+
+def _zero_length(log_dir: Path, tp: TopicPartition, index: int) -> None:
+    """Zero the length field of ``tp``'s batch number ``index`` (from 0) in its
+    one log segment, as a disk's zeroed bytes would: Kafka can no longer read
+    its log from there, and answers a fetch at that batch CORRUPT_MESSAGE."""
+    [segment] = (log_dir / f"{tp.topic}-{tp.partition}").glob("*.log")
+    data = segment.read_bytes()
+    at = 0
+    for _ in range(index):
+        (length,) = struct.unpack_from(">i", data, at + 8)
+        at += 12 + length
+    with segment.open("r+b") as f:
+        f.seek(at + 8)
+        f.write(bytes(4))
+
+
+async def test_a_batch_whose_length_is_damaged_stops_every_worker_rather_than_stall(
+    kafka_on_disk: KafkaCluster,
+    unique_name: Callable[[str], str],
+    workers: Callable[..., Worker],
+    tmp_path: Path,
+) -> None:
+    """A batch whose length reads 0: aiokafka fails the fetch that holds it
+    naming no partition, and a fetch at it Kafka answers CORRUPT_MESSAGE, on
+    which aiokafka only warns and fetches again. The first worker processes
+    what precedes it and stops on it; the next one, starting at the batch,
+    stalled silently for good. Now it stops on it too, naming it."""
+    [node] = kafka_on_disk.members
+    d = Deployment(kafka_on_disk.bootstrap_servers, unique_name("it"), tmp_path / "state")
+    t = d.topics
+    await create_topics(d.bootstrap, [t.commands], d.partitions)
+    ids = [f"len-cart-{n:03d}" for n in range(200)]
+    ids = [iid for iid in ids if partition_for(iid.encode(), d.partitions) == 0][:20]
+    tp = TopicPartition(t.commands, 0)
+    for iid in ids:  # a batch each
+        value = command("update", iid, session={"state": "closed"})
+        await produce(d.bootstrap, t.commands, [(iid.encode(), value)], partition=0)
+    _zero_length(node.data_dir / "log", tp, 10)
+    named = f"{t.commands}[0]: the record batch at offset 10 is corrupt"
+
+    first = workers(d)
+    first.expect_exit(1)
+    await asyncio.to_thread(first.proc.wait, 120)
+    assert named in first.log_path.read_text(errors="replace"), first.log_tail()
+    closed = await consume(d.bootstrap, [t.closed], expect=10, timeout=60, settle=2)
+    assert sorted(o.doc()["integrationId"] for o in closed) == ids[:10]
+    offsets = await partition_offsets(d.bootstrap, d.env()["STREAM_APP_APP_ID"], [t.commands])
+    assert offsets[tp][1] == 10
+
+    second = workers(d)
+    second.expect_exit(1)
+    await asyncio.to_thread(second.proc.wait, 120)
+    log = second.log_path.read_text(errors="replace")
+    assert named in log, second.log_tail()
+    assert "CORRUPT_MESSAGE" in log, second.log_tail()
