@@ -113,6 +113,7 @@ from stream_app.pipeline.unreadable import (
     empty_control_batch,
     misread,
     offsets_out_of_order,
+    read_batches_at,
     read_past,
     undecompressable,
 )
@@ -123,6 +124,11 @@ log = logging.getLogger(__name__)
 _METRICS_LOG_EVERY_S: Final = 30.0
 #: Seconds a corrupt batch is looked for before the worker stops on it.
 _CORRUPT_BATCH_SEARCH_S: Final = 5.0
+#: Seconds an input may go unanswered by Kafka, while it answers others,
+#: before a raw fetch asks whether Kafka cannot read its log there; and how
+#: often that is looked at.
+_UNANSWERED_S: Final = 15.0
+_UNANSWERED_CHECK_EVERY_S: Final = 5.0
 #: Kafka's default ``heartbeat.interval.ms``.
 _HEARTBEAT_S: Final = 3.0
 #: Added to the session timeout, twice, before another member that still
@@ -705,10 +711,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         if not started:  # told to stop first: it owns nothing
             await consumer.stop()
             return
-        last_metrics = passed_at = counted_at = time.monotonic()
+        last_metrics = passed_at = counted_at = unanswered_at = time.monotonic()
         consumed_any = False
-        corrupt_answers = _CorruptAnswers()
-        _FETCHER_LOG.addFilter(corrupt_answers)
         # Beside the loop: in an outage the loop waits on the commit round.
         watching = asyncio.create_task(self._watch_unheard())
         # Beside it too: a rebalance or an outage holds the loop up.
@@ -763,17 +767,6 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 if batches and not consumed_any:
                     consumed_any = True
                     log.info("first records consumed (unix time %.6f)", time.time())
-                if corrupt_answers.seen():
-                    # Kafka cannot read its log where a fetch began: the
-                    # client says so in a warning alone, and fetches there
-                    # again and again. The raw pass meets it, and processes
-                    # this poll's records (dropped here: every input is sought).
-                    failure = CorruptRecordException(_CANNOT_READ_ITS_LOG)
-                    damage = await self._read_up_to_damage(consumer, failure, rebalances)
-                    if damage is not None:
-                        await self._name_the_corrupt_batch(consumer, failure, damage)
-                        raise failure
-                    continue
                 async with self._lock:
                     lying = await _out_of_order(consumer, batches)
                     if lying is not None:
@@ -792,6 +785,9 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 now = time.monotonic()
                 if self._rejoin_due(now):
                     await self._rejoin()
+                if now - unanswered_at >= _UNANSWERED_CHECK_EVERY_S:
+                    unanswered_at = now
+                    await self._stop_on_unanswered_damage(consumer)
                 if self._round is not None:
                     self._round.warn_if_slow()  # one not waited for, with no record to process
                 if now - last_metrics >= _METRICS_LOG_EVERY_S:
@@ -806,7 +802,6 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                     counted_at = now
                     self._check_partition_counts(consumer)
         finally:
-            _FETCHER_LOG.removeFilter(corrupt_answers)
             watching.cancel()
             flushing.cancel()
             # Stopping, whatever ended the loop: a failure raised from a poll
@@ -935,6 +930,46 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         ):
             return None
         return _Damage(named, None)
+
+    async def _stop_on_unanswered_damage(self, consumer: AIOKafkaConsumer) -> None:
+        """Stop the worker, naming the batch, when Kafka cannot read its own
+        log where the consumer fetches one of its inputs.
+
+        A batch whose length is damaged on a broker's disk: a fetch from below
+        it fails in the client (:meth:`_read_up_to_damage`), but Kafka answers
+        a fetch at it CORRUPT_MESSAGE, and aiokafka's consumer then logs a
+        warning and fetches there again, for good. The worker that stopped on
+        the batch left the group's offset there: every start after it stalled
+        silently, Ready. Such an input is one Kafka has not answered for
+        :data:`_UNANSWERED_S` while it answers others; a raw fetch at its
+        position says whether that is the damage (:class:`CorruptBatchError`)."""
+        now_ms = time.time() * 1000
+        paused = consumer.paused()
+        ages: dict[TopicPartition, float] = {}
+        for tp in consumer.assignment():
+            owner = self._task_of.get(tp)
+            if tp not in paused and owner is not None and self._running(owner):
+                answered = consumer.last_poll_timestamp(tp) or 0.0
+                ages[tp] = now_ms - max(answered, self._resumed_ms.get(tp, 0.0))
+        limit = _UNANSWERED_S * 1000
+        if not ages or min(ages.values()) >= limit:
+            return  # nothing read, or Kafka answers none of them: not this
+        options = client_options(self.settings)
+        for tp, age in ages.items():
+            owner = self._task_of.get(tp)
+            if age < limit or owner is None or not self._running(owner):
+                continue
+            try:
+                await asyncio.wait_for(
+                    read_batches_at(options, tp, owner.positions.get(tp, 0), whole=True),
+                    _CORRUPT_BATCH_SEARCH_S,
+                )
+            except CorruptBatchError as damage:
+                failure = CorruptRecordException(f"{_CANNOT_READ_ITS_LOG} ({tp!r})")
+                await self._name_the_corrupt_batch(consumer, failure, _Damage(tp, damage.at))
+                raise failure from damage
+            except Exception as exc:  # not the damage: the client says the rest
+                log.debug("%s[%d]: a raw fetch failed: %r", tp.topic, tp.partition, exc)
 
     async def _name_the_corrupt_batch(
         self, consumer: AIOKafkaConsumer, exc: Exception, damage: _Damage
@@ -2086,35 +2121,10 @@ def _unusable_state_dir(settings: Settings, why: OSError) -> ConfigurationError:
     )
 
 
-#: aiokafka's fetcher: its only word of a fetch Kafka answered with an
-#: error it does not handle (CORRUPT_MESSAGE, say) is a warning there.
-_FETCHER_LOG: Final = logging.getLogger("aiokafka.consumer.fetcher")
+#: The failure a worker stops with on a partition Kafka answers CORRUPT_MESSAGE.
 _CANNOT_READ_ITS_LOG: Final = (
     "Kafka answered a fetch CORRUPT_MESSAGE: it cannot read its own log there"
 )
-
-
-class _CorruptAnswers(logging.Filter):
-    """Notes aiokafka's fetcher warning that Kafka answered a fetch
-    CORRUPT_MESSAGE (the broker cannot read a batch of its log, a length
-    damaged on its disk): the consumer neither raises nor names the
-    partition, and fetches the same offset again at once, for good."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seen = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == "Unexpected error while fetching data: %s" and record.args == (
-            "CorruptRecordException",
-        ):
-            self._seen = True
-        return True  # logged all the same
-
-    def seen(self) -> bool:
-        """Whether it was said since the last time this was asked."""
-        seen, self._seen = self._seen, False
-        return seen
 
 
 @dataclass(frozen=True, slots=True)

@@ -232,68 +232,6 @@ async def test_a_poll_failing_on_a_corrupt_batch_reads_up_to_it_before_the_worke
     assert named == [failing]
 
 
-async def test_a_fetch_kafka_answers_corrupt_message_stops_the_worker_rather_than_stall(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A batch whose length is damaged in the broker's log: Kafka answers a
-    fetch at it CORRUPT_MESSAGE, and aiokafka's consumer only warns and
-    fetches there again, for good. The worker that stopped on the batch left
-    the group's offset there: every start after it stalled silently, Ready.
-    Now the warning sends the worker to the raw read, which meets the batch."""
-    engine = Engine(Settings(data_dir=tmp_path), TopicLayout(1, 1_048_588))
-    polls = []
-
-    class Consumer:
-        def __init__(self, **options: Any) -> None:
-            pass
-
-        async def start(self) -> None:
-            pass
-
-        async def stop(self) -> None:
-            pass
-
-        async def topics(self) -> set[str]:
-            return set(engine.input_topics)
-
-        def subscribe(self, topics: list[str], listener: object) -> None:
-            pass
-
-        def unsubscribe(self) -> None:
-            pass
-
-        async def getmany(self, timeout_ms: int, max_records: int) -> dict[Any, Any]:
-            polls.append(1)
-            # As aiokafka's fetcher says it, in the background: another error first.
-            error = {1: "UnknownServerError", 2: "CorruptRecordException"}.get(len(polls))
-            if error is not None:
-                logging.getLogger("aiokafka.consumer.fetcher").warning(
-                    "Unexpected error while fetching data: %s", error
-                )
-            return {}
-
-    passes: list[BaseException] = []
-
-    async def read_up_to(consumer: object, exc: BaseException, rebalances: int) -> _Damage | None:
-        passes.append(exc)
-        return _Damage(TopicPartition("c", 0), 10)
-
-    async def name(consumer: object, exc: BaseException, damage: _Damage) -> None:
-        pass
-
-    monkeypatch.setattr(engine_module, "AIOKafkaConsumer", Consumer)
-    monkeypatch.setattr(engine, "_read_up_to_damage", read_up_to)
-    monkeypatch.setattr(engine, "_name_the_corrupt_batch", name)
-    with pytest.raises(CorruptRecordException, match="CORRUPT_MESSAGE"):
-        await engine._consume()
-    assert len(polls) == 2
-    assert [str(exc) for exc in passes] == [
-        "[Error 2] CorruptRecordException: Kafka answered a fetch CORRUPT_MESSAGE: it cannot "
-        "read its own log there"
-    ]
-    assert logging.getLogger("aiokafka.consumer.fetcher").filters == []  # taken off
-
-
 async def test_any_other_failure_of_a_poll_reads_nothing_raw(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@ name that is not UTF-8), with the raw reads served from memory."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
+from stream_app.pipeline import engine as engine_module
 from stream_app.pipeline import unreadable
 from stream_app.pipeline.checkpoint import TaskFencedError
 from stream_app.pipeline.engine import Engine, _Damage
@@ -588,3 +590,67 @@ async def test_a_batch_aiokafka_misreads_although_its_crc_matches_is_read_past(
     misread = CorruptRecordException("Can't read 11 bytes from pos 70")
     assert await engine._read_up_to_damage(_Consumer({tp}), misread, engine._rebalances) is None  # type: ignore[arg-type]
     assert task.processed == list(range(30))
+
+
+class _Answered(_Consumer):
+    """A consumer Kafka last answered for each partition at ``answered_ms``."""
+
+    def __init__(self, answered_ms: dict[TopicPartition, float]) -> None:
+        super().__init__(set(answered_ms))
+        self.answered_ms = answered_ms
+
+    def last_poll_timestamp(self, tp: TopicPartition) -> int | None:
+        return int(self.answered_ms[tp])
+
+
+async def test_an_input_kafka_answers_corrupt_message_stops_the_worker_rather_than_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch whose length is damaged in the broker's log: Kafka answers a
+    fetch at it CORRUPT_MESSAGE, and aiokafka's consumer only warns and
+    fetches there again, for good. The worker that stopped on the batch left
+    the group's offset there: every start after it stalled silently, Ready.
+    An input Kafka has not answered for a while, as it answers the others, is
+    now read raw at its position; the damage met there stops the worker."""
+    commands = Settings().topics.commands
+    stuck, fine = TopicPartition(commands, 0), TopicPartition(commands, 1)
+    engine, [stuck_task, _] = _engine_reading(tmp_path, stuck, fine)
+    stuck_task.positions = {stuck: 10}
+    now_ms = time.time() * 1000
+    fetched: list[tuple[TopicPartition, int]] = []
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        fetched.append((tp, offset))
+        damage = unreadable.CorruptBatchError(f"{tp}@{offset}: the broker cannot read", offset)
+        raise damage
+
+    monkeypatch.setattr(engine_module, "read_batches_at", read_batches_at)
+    # Answered lately, both: nothing to ask.
+    await engine._stop_on_unanswered_damage(_Answered({stuck: now_ms, fine: now_ms}))  # type: ignore[arg-type]
+    # Neither answered for a minute (Kafka gone): not this.
+    old = now_ms - 60_000
+    await engine._stop_on_unanswered_damage(_Answered({stuck: old, fine: old}))  # type: ignore[arg-type]
+    assert fetched == []
+
+    consumer = _Answered({stuck: old, fine: now_ms})
+    with (
+        caplog.at_level("ERROR", logger="stream_app.pipeline.engine"),
+        pytest.raises(CorruptRecordException, match="CORRUPT_MESSAGE"),
+    ):
+        await engine._stop_on_unanswered_damage(consumer)  # type: ignore[arg-type]
+    assert fetched == [(stuck, 10)]
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"{commands}[0]: the record batch at offset 10 is corrupt")
+
+
+async def test_an_input_unanswered_for_another_reason_is_left_to_the_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands = Settings().topics.commands
+    slow, fine = TopicPartition(commands, 0), TopicPartition(commands, 1)
+    engine, _ = _engine_reading(tmp_path, slow, fine)
+    now_ms = time.time() * 1000
+    monkeypatch.setattr(engine_module, "read_batches_at", single_record_batches(bad=-1, end=5))
+    await engine._stop_on_unanswered_damage(_Answered({slow: now_ms - 60_000, fine: now_ms}))  # type: ignore[arg-type]
