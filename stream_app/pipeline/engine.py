@@ -293,6 +293,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         self._fenced_since: float | None = None
         #: When each input partition was last resumed (wall-clock ms; unheard_s).
         self._resumed_ms: dict[TopicPartition, float] = {}
+        #: When each input last had a raw fetch of _stop_on_unanswered_damage
+        #: (time.monotonic()): one unanswered for another reason (its leader
+        #: gone) is asked again only after _UNANSWERED_S.
+        self._asked_raw: dict[TopicPartition, float] = {}
         #: Whether the last look found the worker cut off (_note_unheard).
         self._cut_off = False
         self._consumer: AIOKafkaConsumer | None = None
@@ -786,8 +790,8 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
                 if self._rejoin_due(now):
                     await self._rejoin()
                 if now - unanswered_at >= _UNANSWERED_CHECK_EVERY_S:
-                    unanswered_at = now
                     await self._stop_on_unanswered_damage(consumer)
+                    unanswered_at = time.monotonic()
                 if self._round is not None:
                     self._round.warn_if_slow()  # one not waited for, with no record to process
                 if now - last_metrics >= _METRICS_LOG_EVERY_S:
@@ -954,22 +958,41 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         limit = _UNANSWERED_S * 1000
         if not ages or min(ages.values()) >= limit:
             return  # nothing read, or Kafka answers none of them: not this
+        now = time.monotonic()
+        stale = [
+            tp
+            for tp, age in ages.items()
+            if age >= limit and now - self._asked_raw.get(tp, -_UNANSWERED_S) >= _UNANSWERED_S
+        ]
+        if not stale:
+            return
         options = client_options(self.settings)
-        for tp, age in ages.items():
-            owner = self._task_of.get(tp)
-            if age < limit or owner is None or not self._running(owner):
-                continue
+
+        async def ask(tp: TopicPartition, offset: int) -> int | None:
+            """Where the damage is, if that is what the input's fetch meets."""
+            self._asked_raw[tp] = time.monotonic()
             try:
-                await asyncio.wait_for(
-                    read_batches_at(options, tp, owner.positions.get(tp, 0), whole=True),
-                    _CORRUPT_BATCH_SEARCH_S,
-                )
+                await read_batches_at(options, tp, offset, whole=True)
             except CorruptBatchError as damage:
-                failure = CorruptRecordException(f"{_CANNOT_READ_ITS_LOG} ({tp!r})")
-                await self._name_the_corrupt_batch(consumer, failure, _Damage(tp, damage.at))
-                raise failure from damage
+                return damage.at
             except Exception as exc:  # not the damage: the client says the rest
                 log.debug("%s[%d]: a raw fetch failed: %r", tp.topic, tp.partition, exc)
+            return None
+
+        # At once, and bounded together: a leader that hangs holds the loop
+        # (commits, polls) once, not once per input it leads.
+        asked = [
+            asyncio.ensure_future(ask(tp, self._task_of[tp].positions.get(tp, 0))) for tp in stale
+        ]
+        _, pending = await asyncio.wait(asked, timeout=_CORRUPT_BATCH_SEARCH_S)
+        for unanswered in pending:
+            unanswered.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)  # their clients closed
+        for tp, answer in zip(stale, asked, strict=True):
+            if answer not in pending and answer.result() is not None:
+                failure = CorruptRecordException(f"{_CANNOT_READ_ITS_LOG} ({tp!r})")
+                await self._name_the_corrupt_batch(consumer, failure, _Damage(tp, answer.result()))
+                raise failure
 
     async def _name_the_corrupt_batch(
         self, consumer: AIOKafkaConsumer, exc: Exception, damage: _Damage

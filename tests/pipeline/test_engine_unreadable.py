@@ -3,6 +3,7 @@ name that is not UTF-8), with the raw reads served from memory."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import (
     CorruptRecordException,
     IllegalStateError,
+    KafkaError,
     OffsetOutOfRangeError,
     RecordTooLargeError,
 )
@@ -648,9 +650,30 @@ async def test_an_input_kafka_answers_corrupt_message_stops_the_worker_rather_th
 async def test_an_input_unanswered_for_another_reason_is_left_to_the_client(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Inputs whose leader hangs or is gone: asked at once, under one bound
+    (one after another, each up to 5 s, they held the loop, its polls and
+    commits, 20 s at every look for four such inputs), and not again until
+    they have gone unanswered another while."""
     commands = Settings().topics.commands
-    slow, fine = TopicPartition(commands, 0), TopicPartition(commands, 1)
-    engine, _ = _engine_reading(tmp_path, slow, fine)
+    hung, gone, fine = (TopicPartition(commands, p) for p in range(3))
+    engine, _ = _engine_reading(tmp_path, hung, gone, fine)
     now_ms = time.time() * 1000
-    monkeypatch.setattr(engine_module, "read_batches_at", single_record_batches(bad=-1, end=5))
-    await engine._stop_on_unanswered_damage(_Answered({slow: now_ms - 60_000, fine: now_ms}))  # type: ignore[arg-type]
+    asked: list[TopicPartition] = []
+
+    async def read_batches_at(
+        options: object, tp: TopicPartition, offset: int, **client: object
+    ) -> tuple[list[RawRecord], int]:
+        asked.append(tp)
+        if tp == gone:
+            raise KafkaError(f"no leader known for {tp}")
+        await asyncio.Event().wait()  # hangs
+        raise AssertionError("answered")
+
+    monkeypatch.setattr(engine_module, "read_batches_at", read_batches_at)
+    monkeypatch.setattr(engine_module, "_CORRUPT_BATCH_SEARCH_S", 0.05)
+    old = now_ms - 60_000
+    consumer = _Answered({hung: old, gone: old, fine: now_ms})
+    await engine._stop_on_unanswered_damage(consumer)  # type: ignore[arg-type]
+    assert sorted(asked) == [hung, gone]
+    await engine._stop_on_unanswered_damage(consumer)  # type: ignore[arg-type]
+    assert sorted(asked) == [hung, gone]  # not asked again so soon
