@@ -110,10 +110,10 @@ from stream_app.pipeline.unreadable import (
     RecordBatchError,
     can_read_past,
     corrupt_batch_at,
+    corrupt_message_at,
     empty_control_batch,
     misread,
     offsets_out_of_order,
-    read_batches_at,
     read_past,
     undecompressable,
 )
@@ -945,8 +945,10 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         warning and fetches there again, for good. The worker that stopped on
         the batch left the group's offset there: every start after it stalled
         silently, Ready. Such an input is one Kafka has not answered for
-        :data:`_UNANSWERED_S` while it answers others; a raw fetch at its
-        position says whether that is the damage (:class:`CorruptBatchError`)."""
+        :data:`_UNANSWERED_S` while it answers others (or one whose records
+        the consumer holds, a backlog's, which it does not fetch meanwhile);
+        a fetch of one batch at its position, not parsed, says whether Kafka
+        cannot read its log there (:func:`corrupt_message_at`)."""
         now_ms = time.time() * 1000
         paused = consumer.paused()
         ages: dict[TopicPartition, float] = {}
@@ -966,32 +968,40 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         ]
         if not stale:
             return
-        options = client_options(self.settings)
+        try:  # the client the task starts read offsets with: made already
+            client = await asyncio.wait_for(self._group_offsets().client(), _CORRUPT_BATCH_SEARCH_S)
+        except Exception as exc:  # Kafka out of reach: the client says so
+            log.debug("no client to ask the unanswered inputs with: %r", exc)
+            return
 
-        async def ask(tp: TopicPartition, offset: int) -> int | None:
-            """Where the damage is, if that is what the input's fetch meets."""
+        async def ask(tp: TopicPartition, offset: int) -> bool:
+            """Whether Kafka cannot read its log at the input's position."""
             self._asked_raw[tp] = time.monotonic()
             try:
-                await read_batches_at(options, tp, offset, whole=True)
-            except CorruptBatchError as damage:
-                return damage.at
+                return await corrupt_message_at(client, tp, offset)
             except Exception as exc:  # not the damage: the client says the rest
                 log.debug("%s[%d]: a raw fetch failed: %r", tp.topic, tp.partition, exc)
-            return None
+            return False
 
         # At once, and bounded together: a leader that hangs holds the loop
-        # (commits, polls) once, not once per input it leads.
-        asked = [
-            asyncio.ensure_future(ask(tp, self._task_of[tp].positions.get(tp, 0))) for tp in stale
-        ]
-        _, pending = await asyncio.wait(asked, timeout=_CORRUPT_BATCH_SEARCH_S)
-        for unanswered in pending:
-            unanswered.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)  # their clients closed
+        # (commits, polls) once, not once per input it leads; a stop, not at all.
+        positions = {tp: self._task_of[tp].positions.get(tp, 0) for tp in stale}
+        asked = [asyncio.ensure_future(ask(tp, positions[tp])) for tp in stale]
+        every = asyncio.ensure_future(asyncio.wait(asked))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait(
+            [every, stopping],
+            timeout=_CORRUPT_BATCH_SEARCH_S,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        pending = [answer for answer in asked if not answer.done()]
+        for waiting in (*pending, every, stopping):
+            waiting.cancel()
+        await asyncio.gather(*pending, every, stopping, return_exceptions=True)
         for tp, answer in zip(stale, asked, strict=True):
-            if answer not in pending and answer.result() is not None:
+            if answer not in pending and answer.result():
                 failure = CorruptRecordException(f"{_CANNOT_READ_ITS_LOG} ({tp!r})")
-                await self._name_the_corrupt_batch(consumer, failure, _Damage(tp, answer.result()))
+                await self._name_the_corrupt_batch(consumer, failure, _Damage(tp, positions[tp]))
                 raise failure
 
     async def _name_the_corrupt_batch(

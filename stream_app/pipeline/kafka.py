@@ -284,6 +284,12 @@ class GroupOffsets:
         #: read together, and each made a client of its own.
         self._making = asyncio.Lock()
 
+    async def client(self) -> Any:
+        """The kept client, bootstrapped: the engine's raw asks of an input
+        share it (a client of their own, cancelled while it bootstrapped,
+        left its connection open)."""
+        return await self._started()
+
     async def _started(self) -> Any:
         from aiokafka.client import AIOKafkaClient
 

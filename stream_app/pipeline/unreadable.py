@@ -408,6 +408,19 @@ async def read_past(
         await client.close()
 
 
+async def corrupt_message_at(client: AIOKafkaClient, tp: TopicPartition, offset: int) -> bool:
+    """Whether Kafka answers a fetch of ``tp`` at ``offset`` CORRUPT_MESSAGE:
+    it cannot read its own log there (a batch length damaged on its disk),
+    which aiokafka's consumer only logs, fetching there again for good. One
+    fetch of the least Kafka sends (one batch), not parsed; ``client`` is
+    bootstrapped and left open."""
+    try:
+        await _fetch(client, tp, offset, 1)
+    except CorruptBatchError:
+        return True
+    return False
+
+
 #: Fetches a search for a corrupt batch reads at most: the consumer's fetch,
 #: which failed on it, is 2 MiB, as is a raw fetch.
 CORRUPT_BATCH_FETCHES: Final = 8

@@ -605,6 +605,13 @@ class _Answered(_Consumer):
         return int(self.answered_ms[tp])
 
 
+class _Offsets:
+    """Stands for the engine's GroupOffsets: its kept client."""
+
+    async def client(self) -> object:
+        return "the kept client"
+
+
 async def test_an_input_kafka_answers_corrupt_message_stops_the_worker_rather_than_stall(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -613,28 +620,26 @@ async def test_an_input_kafka_answers_corrupt_message_stops_the_worker_rather_th
     fetches there again, for good. The worker that stopped on the batch left
     the group's offset there: every start after it stalled silently, Ready.
     An input Kafka has not answered for a while, as it answers the others, is
-    now read raw at its position; the damage met there stops the worker."""
+    now asked at its position; that answer stops the worker."""
     commands = Settings().topics.commands
     stuck, fine = TopicPartition(commands, 0), TopicPartition(commands, 1)
     engine, [stuck_task, _] = _engine_reading(tmp_path, stuck, fine)
     stuck_task.positions = {stuck: 10}
+    monkeypatch.setattr(engine, "_group_offsets", _Offsets)
     now_ms = time.time() * 1000
-    fetched: list[tuple[TopicPartition, int]] = []
+    asked: list[tuple[object, TopicPartition, int]] = []
 
-    async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int, **client: object
-    ) -> tuple[list[RawRecord], int]:
-        fetched.append((tp, offset))
-        damage = unreadable.CorruptBatchError(f"{tp}@{offset}: the broker cannot read", offset)
-        raise damage
+    async def corrupt_message_at(client: object, tp: TopicPartition, offset: int) -> bool:
+        asked.append((client, tp, offset))
+        return True
 
-    monkeypatch.setattr(engine_module, "read_batches_at", read_batches_at)
+    monkeypatch.setattr(engine_module, "corrupt_message_at", corrupt_message_at)
     # Answered lately, both: nothing to ask.
     await engine._stop_on_unanswered_damage(_Answered({stuck: now_ms, fine: now_ms}))  # type: ignore[arg-type]
     # Neither answered for a minute (Kafka gone): not this.
     old = now_ms - 60_000
     await engine._stop_on_unanswered_damage(_Answered({stuck: old, fine: old}))  # type: ignore[arg-type]
-    assert fetched == []
+    assert asked == []
 
     consumer = _Answered({stuck: old, fine: now_ms})
     with (
@@ -642,7 +647,7 @@ async def test_an_input_kafka_answers_corrupt_message_stops_the_worker_rather_th
         pytest.raises(CorruptRecordException, match="CORRUPT_MESSAGE"),
     ):
         await engine._stop_on_unanswered_damage(consumer)  # type: ignore[arg-type]
-    assert fetched == [(stuck, 10)]
+    assert asked == [("the kept client", stuck, 10)]
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith(f"{commands}[0]: the record batch at offset 10 is corrupt")
 
@@ -650,30 +655,36 @@ async def test_an_input_kafka_answers_corrupt_message_stops_the_worker_rather_th
 async def test_an_input_unanswered_for_another_reason_is_left_to_the_client(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Inputs whose leader hangs or is gone: asked at once, under one bound
-    (one after another, each up to 5 s, they held the loop, its polls and
-    commits, 20 s at every look for four such inputs), and not again until
-    they have gone unanswered another while."""
+    """Inputs whose leader hangs or is gone, or whose records the consumer
+    holds (a backlog's): asked at once, under one bound (one after another,
+    each up to 5 s, they held the loop, its polls and commits, 20 s at every
+    look for four such inputs), and not again until they have gone
+    unanswered another while. A stop ends the look at once."""
     commands = Settings().topics.commands
-    hung, gone, fine = (TopicPartition(commands, p) for p in range(3))
-    engine, _ = _engine_reading(tmp_path, hung, gone, fine)
+    hung, gone, held, fine = (TopicPartition(commands, p) for p in range(4))
+    engine, _ = _engine_reading(tmp_path, hung, gone, held, fine)
+    monkeypatch.setattr(engine, "_group_offsets", _Offsets)
     now_ms = time.time() * 1000
     asked: list[TopicPartition] = []
 
-    async def read_batches_at(
-        options: object, tp: TopicPartition, offset: int, **client: object
-    ) -> tuple[list[RawRecord], int]:
+    async def corrupt_message_at(client: object, tp: TopicPartition, offset: int) -> bool:
         asked.append(tp)
         if tp == gone:
             raise KafkaError(f"no leader known for {tp}")
-        await asyncio.Event().wait()  # hangs
-        raise AssertionError("answered")
+        if tp == hung:
+            await asyncio.Event().wait()
+        return False
 
-    monkeypatch.setattr(engine_module, "read_batches_at", read_batches_at)
+    monkeypatch.setattr(engine_module, "corrupt_message_at", corrupt_message_at)
     monkeypatch.setattr(engine_module, "_CORRUPT_BATCH_SEARCH_S", 0.05)
     old = now_ms - 60_000
-    consumer = _Answered({hung: old, gone: old, fine: now_ms})
+    consumer = _Answered({hung: old, gone: old, held: old, fine: now_ms})
     await engine._stop_on_unanswered_damage(consumer)  # type: ignore[arg-type]
-    assert sorted(asked) == [hung, gone]
+    assert sorted(asked) == [hung, gone, held]
     await engine._stop_on_unanswered_damage(consumer)  # type: ignore[arg-type]
-    assert sorted(asked) == [hung, gone]  # not asked again so soon
+    assert sorted(asked) == [hung, gone, held]  # not asked again so soon
+
+    monkeypatch.setattr(engine_module, "_CORRUPT_BATCH_SEARCH_S", 3600.0)
+    engine._asked_raw.clear()
+    engine.stop()
+    await engine._stop_on_unanswered_damage(consumer)  # not the hour: the stop ends it
