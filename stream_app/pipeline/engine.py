@@ -493,23 +493,30 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         if consumer is None or not self._joined:
             return None
         paused = consumer.paused()
-        heard: list[float] = []
-        for tp in consumer.assignment():
-            if tp in paused:
-                continue
-            # aiokafka keeps the time across a pause: a partition resumed after
-            # a long restore is as old as its resumption, not its pause. It
-            # forgets it at a new assignment: a partition resumed after that
-            # and never answered (Kafka gone meanwhile) is as old as its
-            # resumption too, not unmeasured, which answered queries for ever.
-            at = consumer.last_poll_timestamp(tp)
-            resumed = self._resumed_ms.get(tp)
-            if at is not None or resumed is not None:
-                heard.append(max(at or 0.0, resumed or 0.0))
+        heard = [
+            at
+            for tp in consumer.assignment()
+            if tp not in paused and (at := self._answered_ms(consumer, tp)) is not None
+        ]
         if not heard:
             return None
         now = time.time() * 1000 if now_ms is None else now_ms
         return (now - max(heard)) / 1000
+
+    def _answered_ms(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> float | None:
+        """When Kafka last answered a fetch of ``tp`` without an error (unix
+        ms), or, if later, when its task resumed it; None when neither is known.
+
+        aiokafka keeps the time across a pause: a partition resumed after a
+        long restore is as old as its resumption, not its pause. It forgets it
+        at a new assignment: a partition resumed after that and never answered
+        (Kafka gone meanwhile) is as old as its resumption too, not unmeasured,
+        which answered queries for ever."""
+        at = consumer.last_poll_timestamp(tp)
+        resumed = self._resumed_ms.get(tp)
+        if at is None and resumed is None:
+            return None
+        return max(at or 0.0, resumed or 0.0)
 
     def status(self) -> dict[str, Any]:
         unheard = self.unheard_s()
@@ -955,8 +962,7 @@ class Engine(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in consumer.assignment():
             owner = self._task_of.get(tp)
             if tp not in paused and owner is not None and self._running(owner):
-                answered = consumer.last_poll_timestamp(tp) or 0.0
-                ages[tp] = now_ms - max(answered, self._resumed_ms.get(tp, 0.0))
+                ages[tp] = now_ms - (self._answered_ms(consumer, tp) or 0.0)
         limit = _UNANSWERED_S * 1000
         if not ages or min(ages.values()) >= limit:
             return  # nothing read, or Kafka answers none of them: not this
