@@ -379,6 +379,43 @@ async def _commit_offset(bootstrap: str, group: str, tp: TopicPartition, offset:
         await consumer.stop()
 
 
+async def _twenty_closes(
+    kafka: KafkaCluster, name: str, tmp_path: Path, prefix: str
+) -> tuple[Deployment, list[str], TopicPartition]:
+    """A deployment named ``name`` on ``kafka`` whose command partition 0
+    holds 20 closes of new sessions, a batch each."""
+    d = Deployment(kafka.bootstrap_servers, name, tmp_path / "state")
+    t = d.topics
+    await create_topics(d.bootstrap, [t.commands], d.partitions)
+    ids = [f"{prefix}-cart-{n:03d}" for n in range(200)]
+    ids = [iid for iid in ids if partition_for(iid.encode(), d.partitions) == 0][:20]
+    for iid in ids:
+        value = command("update", iid, session={"state": "closed"})
+        await produce(d.bootstrap, t.commands, [(iid.encode(), value)], partition=0)
+    return d, ids, TopicPartition(t.commands, 0)
+
+
+_NAMED_AT_10 = "%s[0]: the record batch at offset 10 is corrupt"
+
+
+async def _the_first_ten_applied_then_stopped(
+    d: Deployment, ids: list[str], workers: Callable[..., Worker]
+) -> None:
+    """A worker over :func:`_twenty_closes` whose batch at offset 10 is
+    damaged: it applies and commits the ten closes before it, then stops on
+    it (exit 1), naming it."""
+    t = d.topics
+    first = workers(d)
+    first.expect_exit(1)
+    await asyncio.to_thread(first.proc.wait, 120)
+    log = first.log_path.read_text(errors="replace")
+    assert _NAMED_AT_10 % t.commands in log, first.log_tail()
+    closed = await consume(d.bootstrap, [t.closed], expect=10, timeout=60, settle=2)
+    assert sorted(o.doc()["integrationId"] for o in closed) == ids[:10]
+    offsets = await partition_offsets(d.bootstrap, d.env()["STREAM_APP_APP_ID"], [t.commands])
+    assert offsets[TopicPartition(t.commands, 0)][1] == 10
+
+
 async def test_a_checksum_damaged_batch_loses_only_itself(
     kafka_on_disk: KafkaCluster,
     unique_name: Callable[[str], str],
@@ -392,27 +429,11 @@ async def test_a_checksum_damaged_batch_loses_only_itself(
     (a black-box run found it). Now the worker applies and commits what
     precedes the batch before it stops and names it, and after the reset only
     the damaged batch's command is missing."""
-    [node] = kafka_on_disk.members
-    d = Deployment(kafka_on_disk.bootstrap_servers, unique_name("it"), tmp_path / "state")
+    d, ids, tp = await _twenty_closes(kafka_on_disk, unique_name("it"), tmp_path, "crc")
     t = d.topics
-    await create_topics(d.bootstrap, [t.commands], d.partitions)
-    ids = [f"crc-cart-{n:03d}" for n in range(200)]
-    ids = [iid for iid in ids if partition_for(iid.encode(), d.partitions) == 0][:20]
-    tp = TopicPartition(t.commands, 0)
-    for iid in ids:  # a batch each
-        value = command("update", iid, session={"state": "closed"})
-        await produce(d.bootstrap, t.commands, [(iid.encode(), value)], partition=0)
+    [node] = kafka_on_disk.members
     _damage(node.data_dir / "log", tp, b'"integrationId":"%s"' % ids[10].encode())
-
-    first = workers(d)
-    first.expect_exit(1)
-    await asyncio.to_thread(first.proc.wait, 120)
-    log = first.log_path.read_text(errors="replace")
-    assert f"{t.commands}[0]: the record batch at offset 10 is corrupt" in log, first.log_tail()
-    closed = await consume(d.bootstrap, [t.closed], expect=10, timeout=60, settle=2)
-    assert sorted(o.doc()["integrationId"] for o in closed) == ids[:10]
-    offsets = await partition_offsets(d.bootstrap, d.env()["STREAM_APP_APP_ID"], [t.commands])
-    assert offsets[tp][1] == 10
+    await _the_first_ten_applied_then_stopped(d, ids, workers)
 
     # The runbook: the group moved past the batch (one record), the worker started again.
     await _commit_offset(d.bootstrap, d.env()["STREAM_APP_APP_ID"], tp, 11)
@@ -452,31 +473,14 @@ async def test_a_batch_whose_length_is_damaged_stops_every_worker_rather_than_st
     which aiokafka only warns and fetches again. The first worker processes
     what precedes it and stops on it; the next one, starting at the batch,
     stalled silently for good. Now it stops on it too, naming it."""
+    d, ids, tp = await _twenty_closes(kafka_on_disk, unique_name("it"), tmp_path, "len")
     [node] = kafka_on_disk.members
-    d = Deployment(kafka_on_disk.bootstrap_servers, unique_name("it"), tmp_path / "state")
-    t = d.topics
-    await create_topics(d.bootstrap, [t.commands], d.partitions)
-    ids = [f"len-cart-{n:03d}" for n in range(200)]
-    ids = [iid for iid in ids if partition_for(iid.encode(), d.partitions) == 0][:20]
-    tp = TopicPartition(t.commands, 0)
-    for iid in ids:  # a batch each
-        value = command("update", iid, session={"state": "closed"})
-        await produce(d.bootstrap, t.commands, [(iid.encode(), value)], partition=0)
     _zero_length(node.data_dir / "log", tp, 10)
-    named = f"{t.commands}[0]: the record batch at offset 10 is corrupt"
-
-    first = workers(d)
-    first.expect_exit(1)
-    await asyncio.to_thread(first.proc.wait, 120)
-    assert named in first.log_path.read_text(errors="replace"), first.log_tail()
-    closed = await consume(d.bootstrap, [t.closed], expect=10, timeout=60, settle=2)
-    assert sorted(o.doc()["integrationId"] for o in closed) == ids[:10]
-    offsets = await partition_offsets(d.bootstrap, d.env()["STREAM_APP_APP_ID"], [t.commands])
-    assert offsets[tp][1] == 10
+    await _the_first_ten_applied_then_stopped(d, ids, workers)
 
     second = workers(d)
     second.expect_exit(1)
     await asyncio.to_thread(second.proc.wait, 120)
     log = second.log_path.read_text(errors="replace")
-    assert named in log, second.log_tail()
+    assert _NAMED_AT_10 % tp.topic in log, second.log_tail()
     assert "CORRUPT_MESSAGE" in log, second.log_tail()

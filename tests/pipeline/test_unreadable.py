@@ -620,6 +620,19 @@ def test_whole_the_batches_before_a_damaged_one_are_read_past(damage: str) -> No
         parse_record_batches(damaged, TP, whole=True)
 
 
+def _serve(monkeypatch: pytest.MonkeyPatch, log: dict[int, bytes]) -> None:
+    """Raw fetches answered from ``log``: the bytes a fetch at an offset gets
+    (none for any other offset), with no aborted transactions."""
+
+    async def fetch(
+        client: object, tp: TopicPartition, offset: int, max_bytes: int
+    ) -> tuple[bytes, list[tuple[int, int]]]:
+        return log.get(offset, b""), []
+
+    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
+    monkeypatch.setattr(unreadable, "_fetch", fetch)
+
+
 async def test_a_corrupt_batch_is_found_behind_a_batch_rejected_whole(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -629,14 +642,7 @@ async def test_a_corrupt_batch_is_found_behind_a_batch_rejected_whole(
     bad = bytearray(encode_batch([C], base_offset=42))
     bad[-1] ^= 0xFF
     log = {40: _hand_built("gzip with bytes after it") + bytes(bad), 42: bytes(bad)}
-
-    async def fetch(
-        client: object, tp: TopicPartition, offset: int, max_bytes: int
-    ) -> tuple[bytes, list[tuple[int, int]]]:
-        return log.get(offset, b""), []
-
-    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
-    monkeypatch.setattr(unreadable, "_fetch", fetch)
+    _serve(monkeypatch, log)
     assert await unreadable.corrupt_batch_at({}, TP, 40) == 42
 
 
@@ -648,14 +654,7 @@ async def test_a_batch_whose_header_was_zeroed_is_named_where_its_read_began(
     good = encode_batch([A, B], base_offset=40)
     zeroed = bytes(61) + encode_batch([C], base_offset=43)[61:]
     log = {40: good + zeroed, 42: zeroed}
-
-    async def fetch(
-        client: object, tp: TopicPartition, offset: int, max_bytes: int
-    ) -> tuple[bytes, list[tuple[int, int]]]:
-        return log.get(offset, b""), []
-
-    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
-    monkeypatch.setattr(unreadable, "_fetch", fetch)
+    _serve(monkeypatch, log)
     assert await unreadable.corrupt_batch_at({}, TP, 40) == 42
 
 
@@ -667,14 +666,7 @@ async def test_a_zeroed_batch_behind_a_marker_is_named_at_its_own_offset(
     marker = control_batch(22, 7, commit=True)
     zeroed = bytes(61) + encode_batch([C], base_offset=24)[61:]
     log = {22: marker + zeroed, 23: zeroed}
-
-    async def fetch(
-        client: object, tp: TopicPartition, offset: int, max_bytes: int
-    ) -> tuple[bytes, list[tuple[int, int]]]:
-        return log.get(offset, b""), []
-
-    monkeypatch.setattr(unreadable, "AIOKafkaClient", IdleKafkaClient)
-    monkeypatch.setattr(unreadable, "_fetch", fetch)
+    _serve(monkeypatch, log)
     assert await unreadable.corrupt_batch_at({}, TP, 22) == 23
 
 
